@@ -1,0 +1,20 @@
+"""sparsec: a compiler for pruned and sparse neural networks.
+
+The public API (``load``, ``capture``, ``inspect``, ``prune``, ``compile``, ``run``,
+``validate``) lives in ``sparsec.api`` and is imported lazily, so that importing sparsec (and
+``sparsec --help``) stays fast.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_API = ("load", "capture", "inspect", "prune", "compile", "run", "validate")
+__all__ = [*_API, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        from sparsec import api
+        return getattr(api, name)
+    raise AttributeError(f"module 'sparsec' has no attribute {name!r}")

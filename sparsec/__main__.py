@@ -1,0 +1,5 @@
+import sys
+
+from sparsec.cli import main
+
+sys.exit(main())

@@ -1,0 +1,73 @@
+"""The core op set: which operators the IR accepts and how the dependency analysis reads each.
+
+Ops follow ONNX semantics (default domain). Each op has a *kind* that tells the dependency
+analysis how the axes of its inputs and outputs line up (see ``sparsec.analysis.depgraph``):
+
+* ``unary``     output axis i is input-0 axis i (same shape), other inputs are scalars/options
+* ``broadcast`` numpy broadcasting between all inputs and the output
+* ``conv``, ``gemm``, ``matmul``   weight ops: they start and end channel groups
+* ``channel_norm``  per-channel normalization over axis 1 with per-channel parameters (BN, IN)
+* ``axis_norm`` normalization over trailing axes (LayerNorm, ...): the normalized axes are coupled
+  through statistics, so they cannot be pruned exactly
+* ``pool``      N and C preserved, spatial axes change
+* ``reduce``    kept axes pass through, reduced axes are consumed
+* ``softmax``   the softmax axis is coupled through the normalizer, other axes pass through
+* ``reshape``   axes are matched by size segments; only 1:1 segments pass through
+* ``transpose`` axes permuted
+* ``pad``       unpadded axes pass through
+* ``shape``     reads the shape of its input at run time
+* ``opaque``    accepted by the IR and the back ends, but the dependency analysis has no rule yet:
+  every axis it touches is frozen (never pruned wrongly)
+
+An op that is not in this table is unsupported: loading a model that uses it fails with a list of
+every such op at once.
+"""
+
+from __future__ import annotations
+
+_KINDS: dict[str, tuple[str, ...]] = {
+    "unary": (
+        "Abs", "Acos", "Asin", "Atan", "Cast", "Ceil", "Celu", "Clip", "Cos", "Dropout", "Elu",
+        "Erf", "Exp", "Floor", "Gelu", "HardSigmoid", "HardSwish", "Identity", "IsInf", "IsNaN",
+        "LeakyRelu", "Log", "Mish", "Neg", "Not", "Reciprocal", "Relu", "Round", "Selu",
+        "Sigmoid", "Sign", "Sin", "Softplus", "Softsign", "Sqrt", "Tan", "Tanh", "ThresholdedRelu",
+    ),
+    "broadcast": (
+        "Add", "And", "BitShift", "Div", "Equal", "Greater", "GreaterOrEqual", "Less",
+        "LessOrEqual", "Max", "Mean", "Min", "Mod", "Mul", "Or", "Pow", "PRelu", "Sub", "Sum",
+        "Where", "Xor",
+    ),
+    "conv": ("Conv",),
+    "gemm": ("Gemm",),
+    "matmul": ("MatMul",),
+    "channel_norm": ("BatchNormalization", "InstanceNormalization"),
+    "axis_norm": ("LayerNormalization", "RMSNormalization", "GroupNormalization",
+                  "LpNormalization", "MeanVarianceNormalization"),
+    "pool": ("AveragePool", "GlobalAveragePool", "GlobalLpPool", "GlobalMaxPool", "LpPool",
+             "MaxPool"),
+    "reduce": ("ArgMax", "ArgMin", "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp",
+               "ReduceMax", "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSum",
+               "ReduceSumSquare"),
+    "softmax": ("Softmax", "LogSoftmax", "Hardmax"),
+    "reshape": ("Flatten", "Reshape", "Squeeze", "Unsqueeze"),
+    "transpose": ("Transpose",),
+    "pad": ("Pad",),
+    "shape": ("Shape", "Size"),
+    "opaque": (
+        "Concat", "ConstantOfShape", "CumSum", "DepthToSpace", "Einsum", "Expand", "Gather",
+        "GatherElements", "GatherND", "Range", "Resize", "ScatterElements", "ScatterND", "Slice",
+        "SpaceToDepth", "Split", "Tile", "TopK", "Trilu", "Upsample",
+    ),
+}
+
+OP_KIND: dict[str, str] = {op: kind for kind, ops in _KINDS.items() for op in ops}
+CORE_OPS: frozenset[str] = frozenset(OP_KIND)
+
+
+def op_kind(op_type: str) -> str:
+    """Dependency-analysis kind of a core op (``KeyError`` for ops outside the core set)."""
+    return OP_KIND[op_type]
+
+
+def is_supported(op_type: str, domain: str = "") -> bool:
+    return domain in ("", "ai.onnx") and op_type in CORE_OPS

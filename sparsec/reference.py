@@ -1,0 +1,91 @@
+"""The reference runtime: ONNX Runtime running a graph, plus input generation and comparisons.
+
+Every numeric claim sparsec makes (a pass is exact, a pruned model costs X, a compiled library
+matches) is a comparison against this module's ``run``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from sparsec.ir.graph import Graph
+
+
+def session(model, threads: int = 0):
+    """An ONNX Runtime CPU session for a Graph or an ONNX ModelProto."""
+    import onnxruntime as ort
+
+    from sparsec.ir.onnx_io import to_onnx
+
+    proto = to_onnx(model) if isinstance(model, Graph) else model
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def run(model, inputs: dict[str, np.ndarray], threads: int = 0) -> list[np.ndarray]:
+    """Outputs of ``model`` (Graph or ModelProto) on ``inputs``, in graph output order."""
+    return session(model, threads).run(None, inputs)
+
+
+def random_feeds(signature: list[dict], seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded inputs for a signature ``[{"name", "shape", "dtype"}, ...]``: N(0, 1) floats;
+    integers in [0, 2) and all-true booleans, which are valid token ids, type ids and attention
+    masks for any vocabulary."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in signature:
+        shape, dt = tuple(spec["shape"]), np.dtype(spec["dtype"])
+        if dt.kind == "f":
+            feeds[spec["name"]] = rng.standard_normal(shape).astype(dt)
+        elif dt.kind == "b":
+            feeds[spec["name"]] = np.ones(shape, dtype=dt)
+        else:
+            feeds[spec["name"]] = rng.integers(0, 2, size=shape).astype(dt)
+    return feeds
+
+
+def signature(graph: Graph, names: list[str]) -> list[dict]:
+    """``[{"name", "shape", "dtype"}, ...]`` of the named tensors (inputs or outputs)."""
+    return [{"name": n, "shape": list(graph.shape(n)), "dtype": graph.values[n].dtype}
+            for n in names]
+
+
+def random_inputs(graph: Graph, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded inputs for every graph input (see ``random_feeds``)."""
+    return random_feeds(signature(graph, graph.inputs), seed)
+
+
+@dataclass
+class Fidelity:
+    """How close outputs are to a reference: worst over all outputs."""
+
+    max_abs_err: float
+    max_rel_err: float
+    cosine: float
+
+    def as_dict(self) -> dict:
+        return {"max_abs_err": self.max_abs_err, "max_rel_err": self.max_rel_err,
+                "cosine": self.cosine}
+
+
+def compare(reference: list[np.ndarray], actual: list[np.ndarray]) -> Fidelity:
+    """Max absolute / relative error and the lowest cosine similarity over paired outputs."""
+    abs_err, rel_err, cos = 0.0, 0.0, 1.0
+    for ref, out in zip(reference, actual):
+        r = np.asarray(ref, dtype=np.float64).ravel()
+        o = np.asarray(out, dtype=np.float64).ravel()
+        if r.shape != o.shape:
+            return Fidelity(float("inf"), float("inf"), 0.0)
+        if r.size == 0:
+            continue
+        diff = np.abs(r - o)
+        abs_err = max(abs_err, float(diff.max()))
+        rel_err = max(rel_err, float(diff.max() / max(np.abs(r).max(), 1e-12)))
+        denom = np.linalg.norm(r) * np.linalg.norm(o)
+        cos = min(cos, float(r @ o / denom) if denom > 0 else float(np.array_equal(r, o)))
+    return Fidelity(abs_err, rel_err, cos)

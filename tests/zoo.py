@@ -1,0 +1,285 @@
+"""Test models: hand-built ONNX graphs (exact control over structure), small torch modules
+(captured with torch.export) and ``transformers`` models from small configs (random weights).
+
+Every builder returns an ``onnx.ModelProto`` with static input shapes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from sparsec.frontends.torch import export_onnx
+
+F = TensorProto.FLOAT
+
+
+def _rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def make_model(nodes, inputs, outputs, inits: dict[str, np.ndarray], opset: int = 17):
+    g = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info(n, F, s) for n, s in inputs],
+        [helper.make_tensor_value_info(n, F, None) for n in outputs],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 10
+    return m
+
+
+# ------------------------------------------------------------------ hand-built ONNX graphs
+def conv_bn_relu_conv(c_in=3, c=8, c_out=6, seed=0) -> onnx.ModelProto:
+    """conv -> BatchNorm -> relu -> conv (BN kept as a node, not folded)."""
+    r = _rng(seed)
+    inits = {
+        "w1": r.standard_normal((c, c_in, 3, 3)), "b1": r.standard_normal(c),
+        "s": r.uniform(0.5, 1.5, c), "bb": r.standard_normal(c),
+        "m": r.standard_normal(c) * 0.1, "v": r.uniform(0.5, 1.5, c),
+        "w2": r.standard_normal((c_out, c, 1, 1)),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c1", "s", "bb", "m", "v"], ["n1"]),
+        helper.make_node("Relu", ["n1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["y"]),
+    ]
+    return make_model(nodes, [("x", [1, c_in, 8, 8])], ["y"], inits)
+
+
+def gemm_mlp(seed=0) -> onnx.ModelProto:
+    """Gemm(transB) -> relu -> Gemm(transB=0) -> tanh -> Gemm."""
+    r = _rng(seed)
+    inits = {"w1": r.standard_normal((32, 16)), "b1": r.standard_normal(32),
+             "w2": r.standard_normal((32, 24)), "b2": r.standard_normal(24),
+             "w3": r.standard_normal((5, 24)), "b3": r.standard_normal(5)}
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["h1"], transB=1),
+        helper.make_node("Relu", ["h1"], ["a1"]),
+        helper.make_node("Gemm", ["a1", "w2", "b2"], ["h2"]),
+        helper.make_node("Tanh", ["h2"], ["a2"]),
+        helper.make_node("Gemm", ["a2", "w3", "b3"], ["y"], transB=1),
+    ]
+    return make_model(nodes, [("x", [4, 16])], ["y"], inits)
+
+
+def matmul_add_mlp(seed=0) -> onnx.ModelProto:
+    """MatMul + Add (bias) -> Gelu-by-Erf -> MatMul + Add on a [B, S, D] input."""
+    r = _rng(seed)
+    inits = {"w1": r.standard_normal((16, 40)), "b1": r.standard_normal(40),
+             "w2": r.standard_normal((40, 16)), "b2": r.standard_normal(16),
+             "half": np.array(0.5), "one": np.array(1.0), "rs2": np.array(1 / np.sqrt(2))}
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["m1"]),
+        helper.make_node("Add", ["m1", "b1"], ["h"]),
+        helper.make_node("Mul", ["h", "rs2"], ["hs"]),
+        helper.make_node("Erf", ["hs"], ["e"]),
+        helper.make_node("Add", ["e", "one"], ["e1"]),
+        helper.make_node("Mul", ["h", "e1"], ["he"]),
+        helper.make_node("Mul", ["he", "half"], ["g"]),
+        helper.make_node("MatMul", ["g", "w2"], ["m2"]),
+        helper.make_node("Add", ["m2", "b2"], ["y"]),
+    ]
+    return make_model(nodes, [("x", [2, 5, 16])], ["y"], inits)
+
+
+def residual_convs(seed=0) -> onnx.ModelProto:
+    """stem conv -> relu -> [conv -> relu -> conv] + skip -> relu -> conv head."""
+    r = _rng(seed)
+    c = 8
+    inits = {"ws": r.standard_normal((c, 3, 3, 3)), "w1": r.standard_normal((c, c, 3, 3)),
+             "w2": r.standard_normal((c, c, 3, 3)), "b2": r.standard_normal(c),
+             "wh": r.standard_normal((4, c, 1, 1))}
+    nodes = [
+        helper.make_node("Conv", ["x", "ws"], ["s"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["s"], ["sr"]),
+        helper.make_node("Conv", ["sr", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c2", "sr"], ["sum"]),
+        helper.make_node("Relu", ["sum"], ["out"]),
+        helper.make_node("Conv", ["out", "wh"], ["y"]),
+    ]
+    return make_model(nodes, [("x", [1, 3, 6, 6])], ["y"], inits)
+
+
+def grouped_and_depthwise(seed=0) -> onnx.ModelProto:
+    """conv -> depthwise conv (channels pass through) -> grouped conv (frozen) -> conv."""
+    r = _rng(seed)
+    inits = {"w0": r.standard_normal((8, 3, 1, 1)), "wd": r.standard_normal((8, 1, 3, 3)),
+             "bd": r.standard_normal(8), "wg": r.standard_normal((8, 4, 1, 1)),
+             "w3": r.standard_normal((5, 8, 1, 1))}
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["c0"]),
+        helper.make_node("Relu", ["c0"], ["r0"]),
+        helper.make_node("Conv", ["r0", "wd", "bd"], ["d"], group=8, pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["d"], ["rd"]),
+        helper.make_node("Conv", ["rd", "wg"], ["gc"], group=2),
+        helper.make_node("Relu", ["gc"], ["rg"]),
+        helper.make_node("Conv", ["rg", "w3"], ["y"]),
+    ]
+    return make_model(nodes, [("x", [1, 3, 6, 6])], ["y"], inits)
+
+
+def layernorm_ffn(seed=0) -> onnx.ModelProto:
+    """LayerNorm -> MatMul (expand) -> relu -> MatMul (project) + residual: hidden frozen."""
+    r = _rng(seed)
+    inits = {"g": r.uniform(0.5, 1.5, 12), "b": r.standard_normal(12),
+             "w1": r.standard_normal((12, 30)), "w2": r.standard_normal((30, 12))}
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "g", "b"], ["n"], axis=-1),
+        helper.make_node("MatMul", ["n", "w1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["a"]),
+        helper.make_node("MatMul", ["a", "w2"], ["p"]),
+        helper.make_node("Add", ["p", "x"], ["y"]),
+    ]
+    return make_model(nodes, [("x", [1, 4, 12])], ["y"], inits)
+
+
+def concat_branches(seed=0) -> onnx.ModelProto:
+    """Two conv branches concatenated on channels (no rule yet: frozen)."""
+    r = _rng(seed)
+    inits = {"wa": r.standard_normal((4, 3, 1, 1)), "wb": r.standard_normal((6, 3, 1, 1)),
+             "wc": r.standard_normal((2, 10, 1, 1))}
+    nodes = [
+        helper.make_node("Conv", ["x", "wa"], ["a"]),
+        helper.make_node("Conv", ["x", "wb"], ["b"]),
+        helper.make_node("Concat", ["a", "b"], ["cat"], axis=1),
+        helper.make_node("Relu", ["cat"], ["r"]),
+        helper.make_node("Conv", ["r", "wc"], ["y"]),
+    ]
+    return make_model(nodes, [("x", [1, 3, 4, 4])], ["y"], inits)
+
+
+HAND_BUILT = {
+    "conv_bn_relu_conv": conv_bn_relu_conv, "gemm_mlp": gemm_mlp,
+    "matmul_add_mlp": matmul_add_mlp, "residual_convs": residual_convs,
+    "grouped_and_depthwise": grouped_and_depthwise, "layernorm_ffn": layernorm_ffn,
+    "concat_branches": concat_branches,
+}
+
+
+# ------------------------------------------------------------------ torch modules
+class TorchMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(20, 48), nn.Linear(48, 32), nn.Linear(32, 6)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(nn.functional.gelu(self.fc1(x)))))
+
+
+class TorchResCNN(nn.Module):
+    def __init__(self, c=12):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.down = nn.Conv2d(c, 2 * c, 3, stride=2, padding=1)
+        self.fc = nn.Linear(2 * c, 7)
+        for bn in (self.bn1, self.bn2):  # non-trivial running statistics
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        s = torch.relu(self.stem(x))
+        y = torch.relu(self.bn1(self.conv1(s)))
+        y = torch.relu(self.bn2(self.conv2(y)) + s)
+        y = torch.relu(self.down(y))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
+
+
+class TorchDepthwise(nn.Module):
+    """MobileNet-style: pointwise expand -> depthwise -> ReLU6 -> pointwise project."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand = nn.Conv2d(4, 16, 1)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.project = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.project(nn.functional.relu6(self.dw(torch.relu(self.expand(x))))) + x
+
+
+class TorchChannelsLast(nn.Module):
+    """conv -> permute to channels-last -> linear over channels -> sigmoid."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 10, 3, padding=1)
+        self.fc = nn.Linear(10, 4)
+
+    def forward(self, x):
+        return torch.sigmoid(self.fc(torch.relu(self.conv(x)).permute(0, 2, 3, 1)))
+
+
+TORCH_MODULES = {
+    "torch_mlp": (TorchMLP, (torch.randn(3, 20),)),
+    "torch_rescnn": (TorchResCNN, (torch.randn(1, 3, 10, 10),)),
+    "torch_depthwise": (TorchDepthwise, (torch.randn(1, 4, 6, 6),)),
+    "torch_channels_last": (TorchChannelsLast, (torch.randn(2, 3, 5, 5),)),
+}
+
+
+def torch_model(name: str) -> tuple[nn.Module, tuple]:
+    torch.manual_seed(0)
+    cls, example = TORCH_MODULES[name]
+    return cls().eval(), example
+
+
+# ------------------------------------------------------------------ transformers models
+def transformers_model(name: str) -> tuple[nn.Module, tuple]:
+    """Small random-weight models from transformers configs (no hub access)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if name == "hf_resnet":
+        cfg = tf.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                              layer_type="basic", num_labels=5)
+        return tf.ResNetForImageClassification(cfg).eval(), (torch.randn(1, 3, 32, 32),)
+    if name == "hf_mobilenetv2":
+        cfg = tf.MobileNetV2Config(depth_multiplier=0.25, image_size=32, num_labels=5)
+        return tf.MobileNetV2ForImageClassification(cfg).eval(), (torch.randn(1, 3, 32, 32),)
+    if name == "hf_vit":
+        cfg = tf.ViTConfig(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, intermediate_size=64, num_labels=5)
+        return tf.ViTForImageClassification(cfg).eval(), (torch.randn(1, 3, 16, 16),)
+    if name == "hf_bert":
+        cfg = tf.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, intermediate_size=64,
+                            max_position_embeddings=32)
+        ids = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(0))
+        return _LastHidden(tf.BertModel(cfg).eval()), (ids,)
+    raise KeyError(name)
+
+
+class _LastHidden(nn.Module):
+    """Wraps a transformers encoder so that it returns one tensor."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids).last_hidden_state
+
+
+TRANSFORMERS = ("hf_resnet", "hf_mobilenetv2", "hf_vit", "hf_bert")
+
+
+def build(name: str) -> onnx.ModelProto:
+    """Any zoo model by name, as ONNX."""
+    if name in HAND_BUILT:
+        return HAND_BUILT[name]()
+    if name in TORCH_MODULES:
+        module, example = torch_model(name)
+    else:
+        module, example = transformers_model(name)
+    return export_onnx(module, example)
+
+
+ALL = (*HAND_BUILT, *TORCH_MODULES, *TRANSFORMERS)
