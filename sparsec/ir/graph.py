@@ -6,6 +6,8 @@ numpy arrays in ``Graph.initializers``. Analysis and passes are written against 
 frontends produce it and back ends consume it.
 
 The graph is a plain container: passes copy it (``Graph.copy``) and edit the copy, never the input.
+Weights loaded from ONNX are read-only numpy views; the surgery replaces arrays
+(``set_initializer``) rather than writing into them.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Read-only analyses of a Graph: dependency groups (``depgraph``) and cost (``cost``)."""

@@ -1,0 +1,35 @@
+"""Cost model: parameters and multiply-accumulates per op, from static shapes."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from sparsec.ir.graph import Graph, Node
+
+
+def node_macs(graph: Graph, n: Node) -> int:
+    """Multiply-accumulates of one node (0 for ops that are not Conv/Gemm/MatMul)."""
+    if n.op_type == "Conv":
+        w = graph.shape(n.inputs[1])  # [O, I/g, k...]
+        return math.prod(graph.shape(n.outputs[0])) * math.prod(w[1:])
+    if n.op_type == "Gemm":
+        a = graph.shape(n.inputs[0])
+        k = a[0] if int(n.attr("transA", 0)) else a[1]
+        return math.prod(graph.shape(n.outputs[0])) * k
+    if n.op_type == "MatMul":
+        return math.prod(graph.shape(n.outputs[0])) * graph.shape(n.inputs[0])[-1]
+    return 0
+
+
+@dataclass(frozen=True)
+class Cost:
+    params: int
+    macs: int
+
+    def as_dict(self) -> dict:
+        return {"params": self.params, "macs": self.macs}
+
+
+def cost(graph: Graph) -> Cost:
+    return Cost(graph.param_count(), sum(node_macs(graph, n) for n in graph.nodes))

@@ -1,0 +1,90 @@
+"""Pass manager: runs passes in order and records what each one did and what it cost.
+
+Each pass declares whether it is exact. After every pass the manager runs the graph before and
+after it on the calibration inputs with the reference runtime (ONNX Runtime): an exact pass that
+moves outputs beyond ``EXACT_REL_TOL`` is a bug and raises; a lossy pass gets its measured
+fidelity (cosine similarity, max error) recorded in its ``PassResult``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+
+from sparsec import reference
+from sparsec.analysis.cost import Cost, cost
+from sparsec.ir.graph import Graph
+
+EXACT_REL_TOL = 1e-4
+
+Log = Callable[[str], None]
+
+
+class Pass(Protocol):
+    name: str
+    exact: bool
+
+    def run(self, graph: Graph) -> tuple[Graph, dict]:
+        """Return a new graph (never edit ``graph``) and a dict of details for the report."""
+        ...
+
+
+@dataclass
+class PassResult:
+    name: str
+    exact: bool
+    before: Cost
+    after: Cost
+    details: dict
+    fidelity: reference.Fidelity
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "exact": self.exact, "before": self.before.as_dict(),
+                "after": self.after.as_dict(), "details": self.details,
+                "fidelity": self.fidelity.as_dict(), "seconds": round(self.seconds, 3)}
+
+
+@dataclass
+class PassManager:
+    passes: list[Pass]
+    calibration: list[dict[str, np.ndarray]] = field(default_factory=list)
+    log: Log = lambda msg: None
+
+    def run(self, graph: Graph) -> tuple[Graph, list[PassResult]]:
+        calib = self.calibration or [reference.random_inputs(graph, seed=0)]
+        outputs = [reference.run(graph, feeds) for feeds in calib]
+        results = []
+        for p in self.passes:
+            start = time.perf_counter()
+            before = cost(graph)
+            new, details = p.run(graph)
+            new_outputs = [reference.run(new, feeds) for feeds in calib]
+            fid = _worst(outputs, new_outputs)
+            if p.exact and not fid.max_rel_err <= EXACT_REL_TOL:
+                raise RuntimeError(f"internal error: pass {p.name} is declared exact but moved "
+                                   f"outputs by {fid.max_rel_err:.3g} (relative)")
+            res = PassResult(p.name, p.exact, before, cost(new), details, fid,
+                             time.perf_counter() - start)
+            results.append(res)
+            self.log(_summary(res))
+            graph, outputs = new, new_outputs
+        return graph, results
+
+
+def _worst(ref: list[list[np.ndarray]], new: list[list[np.ndarray]]) -> reference.Fidelity:
+    fids = [reference.compare(r, n) for r, n in zip(ref, new)]
+    return reference.Fidelity(max(f.max_abs_err for f in fids), max(f.max_rel_err for f in fids),
+                              min(f.cosine for f in fids))
+
+
+def _summary(r: PassResult) -> str:
+    def pct(a: int, b: int) -> str:
+        return f"{100.0 * (b - a) / a:+.1f}%" if a else "n/a"
+    kind = "exact" if r.exact else f"lossy, cosine {r.fidelity.cosine:.5f}"
+    return (f"pass {r.name}: params {r.before.params:,} -> {r.after.params:,} "
+            f"({pct(r.before.params, r.after.params)}), MACs {r.before.macs:,} -> "
+            f"{r.after.macs:,} ({pct(r.before.macs, r.after.macs)}), {kind}, {r.seconds:.2f}s")

@@ -1,0 +1,156 @@
+"""Pruning: ratio 0 is the identity, zero groups prune exactly, real pruning shrinks models
+and stays runnable in ONNX Runtime, and the pass manager reports what each pass did."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zoo
+
+import sparsec
+from sparsec import reference
+from sparsec.analysis.cost import cost
+from sparsec.analysis.depgraph import DependencyGraph
+from sparsec.frontends.onnx import load_onnx
+from sparsec.passes.dead_channels import RemoveDeadChannels
+from sparsec.passes.magnitude import MagnitudePrune
+from sparsec.passes.manager import PassManager
+from sparsec.passes.surgery import apply_plan
+
+PRUNABLE = [n for n in zoo.ALL if n not in ("grouped_and_depthwise", "concat_branches")]
+
+
+def outputs(graph, seed=0):
+    return reference.run(graph, reference.random_inputs(graph, seed))
+
+
+@pytest.mark.parametrize("name", zoo.ALL)
+def test_ratio_zero_is_identity(zoo_models, name):
+    g = load_onnx(zoo_models(name))
+    result = sparsec.prune(g, ratio=0.0)
+    assert result.graph.op_histogram() == g.op_histogram()
+    assert result.graph.initializers.keys() == g.initializers.keys()
+    for k, v in g.initializers.items():
+        np.testing.assert_array_equal(result.graph.initializers[k], v)
+    assert result.fidelity.max_abs_err == 0.0 and result.passes == []
+
+
+def zero_whole_groups(graph, ratio):
+    """Zero every parameter slice of the first floor(size*ratio) channels of each prunable
+    group (in place on a copy); returns the copy and the expected kept channels."""
+    g = graph.copy()
+    dg = DependencyGraph(g)
+    expected = {}
+    for grp in dg.groups:
+        n = int(np.floor(grp.size * ratio))
+        if not grp.prunable or n == 0:
+            continue
+        dead = np.arange(0, grp.size, 2)[:n]  # spread out, not only a prefix
+        for param, axis in grp.params:
+            arr = g.initializers[param]
+            idx = [slice(None)] * arr.ndim
+            idx[axis] = dead
+            arr[tuple(idx)] = 0.0
+        expected[grp.id] = grp.size - n
+    return g, expected
+
+
+@pytest.mark.parametrize("name", PRUNABLE)
+def test_pruning_zero_groups_is_exact(zoo_models, name):
+    g, expected = zero_whole_groups(load_onnx(zoo_models(name)), 0.25)
+    assert expected, "model has prunable groups"
+    pruned, _ = MagnitudePrune(0.25).run(g)
+    assert cost(pruned).params < cost(g).params
+    for seed in range(2):
+        for a, b in zip(outputs(g, seed), outputs(pruned, seed)):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(a).max()))
+
+
+@pytest.mark.parametrize("name", ["conv_bn_relu_conv", "gemm_mlp", "torch_mlp",
+                                  "residual_convs", "torch_rescnn", "hf_resnet", "hf_bert"])
+def test_remove_dead_channels_is_exact_and_removes_them(zoo_models, name):
+    """Only the producer side is zero here: consumers still read the (zero) channel."""
+    g = load_onnx(zoo_models(name)).copy()
+    dg = DependencyGraph(g)
+    killed = 0
+    for grp in dg.groups:
+        if not grp.prunable:
+            continue
+        consumers = set(grp.consumer_params)
+        for param, axis in grp.params:
+            if (param, axis) in consumers:
+                continue
+            arr = g.initializers[param]
+            idx = [slice(None)] * arr.ndim
+            idx[axis] = [1]
+            # BatchNorm variance must stay positive; zero means/shifts/weights
+            arr[tuple(idx)] = 1.0 if param.endswith(("v", "running_var")) else 0.0
+        killed += 1
+    pm = PassManager([RemoveDeadChannels()])  # raises if outputs move: the pass claims exact
+    pruned, [res] = pm.run(g)
+    assert res.exact and res.fidelity.max_rel_err <= 1e-4
+    # (models whose path maps 0 to 0 op by op; an Erf-decomposed GELU adds 1.0 and is not)
+    assert res.details["channels_removed"] >= 1
+    assert cost(pruned).params < cost(g).params
+
+
+@pytest.mark.parametrize("name", PRUNABLE)
+def test_magnitude_prune_shrinks_and_runs(zoo_models, name):
+    g = load_onnx(zoo_models(name))
+    result = sparsec.prune(g, ratio=0.5)
+    [res] = result.passes
+    assert not res.exact and res.name == "magnitude-prune"
+    assert result.after.params < result.before.params
+    assert result.after.macs <= result.before.macs
+    assert res.details["channels_removed"] > 0
+    # outputs keep their shapes, the pruned graph runs in ONNX Runtime, fidelity is measured
+    out = outputs(result.graph)
+    assert [o.shape for o in out] == [o.shape for o in outputs(g)]
+    assert np.isfinite(result.fidelity.cosine) and -1.0 <= result.fidelity.cosine <= 1.0
+    for grp in DependencyGraph(g).groups:
+        if grp.prunable:
+            pruned_sizes = {result.graph.initializers[p].shape[a] for p, a in grp.params}
+            assert pruned_sizes == {grp.size - grp.size // 2}
+
+
+def test_magnitude_keeps_the_largest_channels():
+    g = load_onnx(zoo.gemm_mlp()).copy()  # loaded weights are read-only; a copy is ours
+    dg = DependencyGraph(g)
+    grp = next(x for x in dg.groups if x.size == 32)
+    w1 = g.initializers["w1"]
+    w1 *= 1e-3
+    w1[[3, 17, 30]] *= 1e6      # these three rows dominate the group's L2 norm
+    pruned, details = MagnitudePrune(0.9).run(g)
+    assert pruned.initializers["w1"].shape == (4, 16)
+    kept = [i for i in range(32) if any(np.allclose(pruned.initializers["w1"][j], w1[i])
+                                        for j in range(4))]
+    assert {3, 17, 30} <= set(kept)
+    assert details["pruned_groups"] == 2 and details["channels_removed"] == 28 + 21
+    assert grp.size == 32
+
+
+def test_apply_plan_refuses_frozen_groups():
+    g = load_onnx(zoo.concat_branches())
+    dg = DependencyGraph(g)
+    with pytest.raises(ValueError, match="frozen"):
+        apply_plan(g, dg, {0: np.array([0, 1])})
+
+
+def test_prune_never_edits_its_input(zoo_models):
+    g = load_onnx(zoo_models("residual_convs"))
+    snapshot = {k: v.copy() for k, v in g.initializers.items()}
+    sparsec.prune(g, ratio=0.5)
+    for k, v in snapshot.items():
+        np.testing.assert_array_equal(g.initializers[k], v)
+
+
+def test_pass_report_counts(zoo_models):
+    g = load_onnx(zoo_models("torch_mlp"))
+    result = sparsec.prune(g, ratio=0.5)
+    rep = result.report()
+    [p] = rep["passes"]
+    assert p["before"]["params"] == cost(g).params
+    assert p["after"]["params"] == result.after.params
+    # fc1 48 -> 24, fc2 32 -> 16: params 20*48+48 + 48*32+32 + 32*6+6 -> 20*24+24+24*16+16+16*6+6
+    assert p["after"]["params"] == 20 * 24 + 24 + 24 * 16 + 16 + 16 * 6 + 6
+    assert p["after"]["macs"] == 3 * (20 * 24 + 24 * 16 + 16 * 6)
