@@ -92,3 +92,19 @@ def test_transformers_models_have_expected_groups(zoo_models):
         assert any("Reshape splits" in r for x in gs for r in x.frozen)   # attention heads
     mb = DependencyGraph(load_onnx(zoo_models("hf_mobilenetv2"))).groups
     assert sum(x.prunable for x in mb) >= 10
+
+
+def test_identity_gather_from_flatten_is_followed_and_rewritten(zoo_models):
+    """torch's flatten after adaptive pooling exports as Reshape -> Gather(arange) -> Reshape;
+    the Gather is an identity on channels, and pruning re-makes its index."""
+    from conftest import EXAMPLES
+    from sparsec.passes.magnitude import MagnitudePrune
+
+    g = load_onnx(EXAMPLES / "digits_cnn.onnx")
+    assert "Gather" in g.op_histogram()
+    wide = next(x for x in DependencyGraph(g).groups if ("wide.0.weight", 0) in x.params)
+    assert wide.prunable and any(e.what.startswith("arange:") for e in wide.edits)
+    pruned, _ = MagnitudePrune(0.5).run(g)
+    gather = next(n for n in pruned.nodes if n.op_type == "Gather")
+    idx = pruned.initializers[gather.inputs[1]]
+    assert idx.size == 32 and (idx.ravel() == range(32)).all()

@@ -35,7 +35,9 @@ Dim = tuple[str, str, int]  # ("t" | "p", tensor name, axis)
 @dataclass(frozen=True)
 class Edit:
     """A non-slicing change pruning a group needs: set ``node``'s ``what`` to the kept count.
-    ``what`` is ``"group"`` (Conv attribute) or ``"reshape:<param>:<index>"``."""
+    ``what`` is ``"group"`` (Conv attribute), ``"reshape:<param>:<index>"`` (a literal entry of a
+    Reshape target) or ``"arange:<param>:<axis>"`` (an identity Gather index, re-made as
+    ``arange(kept)`` along that axis)."""
 
     node: str
     what: str
@@ -392,6 +394,32 @@ def _pad(dg: DependencyGraph, n: Node) -> None:
             dg.couple(x, axis, y, axis)
 
 
+def _gather(dg: DependencyGraph, n: Node) -> None:
+    data, idx, y = n.inputs[0], n.inputs[1], n.outputs[0]
+    rank, ishape = len(dg.graph.shape(data)), dg.graph.shape(idx)
+    axis = int(n.attr("axis", 0)) % rank
+    for ax in range(rank):
+        if ax != axis:
+            dg.couple(data, ax, y, ax if ax < axis else ax + len(ishape) - 1)
+    size = dg.graph.shape(data)[axis]
+    const = dg.const(idx)
+    if const is None:
+        for pos in range(len(ishape)):
+            dg.couple(idx, pos, y, axis + pos)
+        dg.freeze(dg.dim(data, axis), "Gather indexes this axis")
+        return
+    long_axes = [pos for pos, d in enumerate(ishape) if d != 1]
+    if (size > 1 and const.size == size and len(long_axes) == 1
+            and np.array_equal(const.ravel(), np.arange(size))):
+        pos = long_axes[0]
+        dg.couple(data, axis, y, axis + pos)
+        dg.edit(y, axis + pos, Edit(n.name, f"arange:{idx}:{pos}"))
+    else:
+        dg.freeze(dg.dim(data, axis), "Gather indexes this axis")
+        for pos in range(len(ishape)):
+            dg.freeze(dg.dim(y, axis + pos), "Gather indexes this axis")
+
+
 def _shape(dg: DependencyGraph, n: Node) -> None:
     dg.freeze_all(n.inputs[0], f"its shape is read at run time ({n.op_type})")
 
@@ -406,6 +434,6 @@ _RULES = {
     "unary": _unary, "broadcast": _broadcast, "conv": _conv, "gemm": _gemm, "matmul": _matmul,
     "channel_norm": _channel_norm, "axis_norm": _axis_norm, "pool": _pool, "reduce": _reduce,
     "softmax": _softmax, "reshape": _reshape, "transpose": _transpose, "pad": _pad,
-    "shape": _shape, "opaque": _opaque,
+    "gather": _gather, "shape": _shape, "opaque": _opaque,
 }
 assert set(_RULES) == set(ops.OP_KIND.values())

@@ -15,6 +15,8 @@ analysis how the axes of its inputs and outputs line up (see ``sparsec.analysis.
 * ``reshape``   axes are matched by size segments; only 1:1 segments pass through
 * ``transpose`` axes permuted
 * ``pad``       unpadded axes pass through
+* ``gather``    non-indexed axes pass through; an index that is a constant ``arange`` (exporters
+  write flatten this way) is an identity on the indexed axis
 * ``shape``     reads the shape of its input at run time
 * ``opaque``    accepted by the IR and the back ends, but the dependency analysis has no rule yet:
   every axis it touches is frozen (never pruned wrongly)
@@ -52,9 +54,10 @@ _KINDS: dict[str, tuple[str, ...]] = {
     "reshape": ("Flatten", "Reshape", "Squeeze", "Unsqueeze"),
     "transpose": ("Transpose",),
     "pad": ("Pad",),
+    "gather": ("Gather",),
     "shape": ("Shape", "Size"),
     "opaque": (
-        "Concat", "ConstantOfShape", "CumSum", "DepthToSpace", "Einsum", "Expand", "Gather",
+        "Concat", "ConstantOfShape", "CumSum", "DepthToSpace", "Einsum", "Expand",
         "GatherElements", "GatherND", "Range", "Resize", "ScatterElements", "ScatterND", "Slice",
         "SpaceToDepth", "Split", "Tile", "TopK", "Trilu", "Upsample",
     ),

@@ -34,13 +34,22 @@ def apply_plan(graph: Graph, dg: DependencyGraph, plan: Plan) -> Graph:
         for param, axis in group.params:
             out.set_initializer(param, np.take(out.initializers[param], keep, axis=axis))
         for edit in group.edits:
-            if edit.what == "group":
+            kind, _, rest = edit.what.partition(":")
+            if kind == "group":
                 nodes[edit.node].attrs["group"] = int(keep.size)
-            else:
-                _, param, index = edit.what.split(":")
+            elif kind == "reshape":
+                param, index = rest.rsplit(":", 1)
                 target = out.initializers[param].copy()
                 target[int(index)] = keep.size
                 out.set_initializer(param, target)
+            elif kind == "arange":
+                param, axis = rest.rsplit(":", 1)
+                old = out.initializers[param]
+                shape = list(old.shape)
+                shape[int(axis)] = keep.size
+                out.set_initializer(param, np.arange(keep.size, dtype=old.dtype).reshape(shape))
+            else:
+                raise ValueError(f"unknown edit {edit.what}")
     return reinfer_shapes(out)
 
 

@@ -1,0 +1,265 @@
+"""The Python API. The CLI is the same thing: each CLI flag is one keyword here.
+
+    import sparsec
+    g = sparsec.load("model.onnx")                      # or sparsec.capture(module, (x,))
+    result = sparsec.prune(g, "small.onnx", ratio=0.3)  # pruned ONNX + per-pass report
+    sparsec.compile("model.onnx", "build/model", target="host", ratio=0.3)
+    sparsec.validate("build/model")                     # library vs ONNX Runtime
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from sparsec import reference
+from sparsec.analysis.cost import Cost, cost
+from sparsec.analysis.depgraph import DependencyGraph
+from sparsec.errors import BadOptionError, ValidationError
+from sparsec.frontends.onnx import InputShapes, load_onnx, parse_input_shapes
+from sparsec.ir.graph import Graph
+from sparsec.ir.onnx_io import to_onnx
+from sparsec.package import (FORMAT, LIBRARY, MANIFEST, MODEL, Package, atomic_write_bytes,
+                             check_writable_dir, check_writable_file, read_calibration, sha256,
+                             staging_dir, write_json)
+from sparsec.reference import signature
+from sparsec.passes.dead_channels import RemoveDeadChannels
+from sparsec.passes.magnitude import MagnitudePrune
+from sparsec.passes.manager import PassManager, PassResult
+
+Log = Callable[[str], None]
+ModelLike = Any  # path, onnx.ModelProto, sparsec Graph, or torch.nn.Module (with example_inputs)
+
+
+def _quiet(msg: str) -> None:
+    pass
+
+
+def version() -> str:
+    try:
+        return metadata.version("sparsec")
+    except metadata.PackageNotFoundError:
+        return "0.1.0"
+
+
+def _dist_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+# ----------------------------------------------------------------------------- loading
+def load(model: ModelLike, input_shapes: InputShapes | str | None = None,
+         example_inputs: Sequence[Any] | None = None) -> Graph:
+    """Any supported model form -> a static-shaped Graph (the input is never modified)."""
+    if isinstance(input_shapes, str):
+        input_shapes = parse_input_shapes(input_shapes)
+    if isinstance(model, Graph):
+        return model
+    if isinstance(model, (str, os.PathLike)) or type(model).__name__ == "ModelProto":
+        return load_onnx(model, input_shapes)
+    if hasattr(model, "forward") and hasattr(model, "parameters"):
+        if example_inputs is None:
+            raise BadOptionError("a torch module needs example_inputs to be captured")
+        from sparsec.frontends.torch import capture
+        return capture(model, example_inputs)
+    raise BadOptionError(f"cannot load a model from a {type(model).__name__}")
+
+
+def capture(module, example_inputs: Sequence[Any]) -> Graph:
+    """Capture a torch.nn.Module with torch.export at the example inputs' shapes."""
+    from sparsec.frontends.torch import capture as _capture
+    return _capture(module, example_inputs)
+
+
+def inspect(model: ModelLike, input_shapes: InputShapes | str | None = None) -> dict:
+    """Op histogram, parameters, MACs and channel groups (frozen ones with their reasons)."""
+    graph = load(model, input_shapes)
+    dg = DependencyGraph(graph)
+    c = cost(graph)
+    return {
+        "name": graph.name,
+        "inputs": signature(graph, graph.inputs),
+        "outputs": signature(graph, graph.outputs),
+        "ops": graph.op_histogram(),
+        "params": c.params,
+        "macs": c.macs,
+        "groups": [g.as_dict() for g in dg.groups],
+        "prunable_groups": sum(g.prunable for g in dg.groups),
+        "frozen_groups": sum(not g.prunable for g in dg.groups),
+    }
+
+
+# ----------------------------------------------------------------------------- pruning
+@dataclass
+class PruneResult:
+    graph: Graph
+    passes: list[PassResult]
+    before: Cost
+    after: Cost
+    fidelity: reference.Fidelity
+    output: Path | None = None
+
+    def report(self) -> dict:
+        return {"before": self.before.as_dict(), "after": self.after.as_dict(),
+                "fidelity": self.fidelity.as_dict(),
+                "passes": [p.as_dict() for p in self.passes]}
+
+
+def _check_ratio(ratio: float) -> float:
+    try:
+        ratio = float(ratio)
+    except (TypeError, ValueError):
+        raise BadOptionError(f"ratio must be a number in [0, 1), got {ratio!r}") from None
+    if not 0.0 <= ratio < 1.0:
+        raise BadOptionError(f"ratio must be in [0, 1), got {ratio}")
+    return ratio
+
+
+def _calibration(graph: Graph, calibration) -> list[dict[str, np.ndarray]]:
+    if calibration is None:
+        return [reference.random_inputs(graph, seed=s) for s in range(2)]
+    if isinstance(calibration, (str, os.PathLike)):
+        return read_calibration(calibration, signature(graph, graph.inputs))
+    if isinstance(calibration, dict):
+        return [calibration]
+    return list(calibration)
+
+
+def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: float = 0.0,
+          input_shapes: InputShapes | str | None = None, calibration=None,
+          remove_dead: bool = False, example_inputs: Sequence[Any] | None = None,
+          log: Log = _quiet) -> PruneResult:
+    """Prune channel groups by L2 magnitude at a uniform ``ratio``; optionally write ONNX.
+
+    ``calibration``: inputs to measure fidelity on (an .npz path, a dict, or a list of dicts);
+    seeded random inputs by default. Ratio 0 leaves the model unchanged.
+    """
+    ratio = _check_ratio(ratio)
+    if output is not None:
+        check_writable_file(output, model if isinstance(model, (str, os.PathLike)) else None)
+    graph = load(model, input_shapes, example_inputs)
+    calib = _calibration(graph, calibration)
+    passes = ([RemoveDeadChannels()] if remove_dead else []) + (
+        [MagnitudePrune(ratio)] if ratio > 0 else [])
+    pruned, results = PassManager(passes, calib, log).run(graph)
+    fid = reference.compare(*(
+        [o for feeds in calib for o in reference.run(g, feeds)] for g in (graph, pruned)))
+    result = PruneResult(pruned, results, cost(graph), cost(pruned), fid)
+    if output is not None:
+        atomic_write_bytes(output, to_onnx(pruned).SerializeToString())
+        result.output = Path(output)
+    return result
+
+
+# ----------------------------------------------------------------------------- compiling
+def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "host",
+            ratio: float = 0.0, input_shapes: InputShapes | str | None = None,
+            calibration=None, remove_dead: bool = False,
+            example_inputs: Sequence[Any] | None = None, command: Sequence[str] | None = None,
+            log: Log = _quiet) -> dict:
+    """Prune, compile for ``target`` and write a package directory; returns its manifest."""
+    from sparsec.targets import resolve_target
+
+    spec = resolve_target(target)
+    _check_ratio(ratio)
+    check_writable_dir(output_dir)
+    result = prune(model, ratio=ratio, input_shapes=input_shapes, calibration=calibration,
+                   remove_dead=remove_dead, example_inputs=example_inputs, log=log)
+    graph = result.graph
+    from sparsec.targets.host import compile_onnx
+
+    with staging_dir(output_dir) as tmp:
+        proto = to_onnx(graph)
+        (tmp / MODEL).write_bytes(proto.SerializeToString())
+        log(f"compiling for {spec.name} with TVM ...")
+        facts = compile_onnx(proto, spec, tmp / LIBRARY, log=log)
+        source = (str(model) if isinstance(model, (str, os.PathLike))
+                  else f"<{type(model).__name__}>")
+        manifest = {
+            "format": FORMAT,
+            "sparsec_version": version(),
+            "versions": {name: _dist_version(name) for name in
+                         ("apache-tvm", "onnx", "onnxruntime", "numpy", "torch")},
+            "target": {"name": spec.name, "tvm": spec.tvm_target},
+            "command": list(command) if command is not None else ["sparsec.compile(...)"],
+            "source": {"model": source, "sha256": sha256(model) if isinstance(
+                model, (str, os.PathLike)) else None},
+            "inputs": signature(graph, graph.inputs),
+            "outputs": signature(graph, graph.outputs),
+            "files": {name: sha256(tmp / name) for name in (LIBRARY, MODEL)},
+            "prune": result.report(),
+            "compile": facts,
+        }
+        write_json(tmp / MANIFEST, manifest)
+    log(f"wrote {output_dir}")
+    return manifest
+
+
+# ----------------------------------------------------------------------------- running
+def _runner(pkg: Package):
+    from sparsec.targets.host import load_library
+    return load_library(pkg.path / LIBRARY, [i["name"] for i in pkg.inputs])
+
+
+def run(package_dir: str | os.PathLike, inputs: dict[str, np.ndarray] | str | os.PathLike
+        ) -> dict[str, np.ndarray]:
+    """Run a compiled package on ``inputs`` (dict or .npz path); outputs keyed by name."""
+    pkg = Package.load(package_dir)
+    feeds = inputs if isinstance(inputs, dict) else pkg.read_inputs(inputs)
+    outs = _runner(pkg).run(feeds)
+    return {spec["name"]: out for spec, out in zip(pkg.outputs, outs)}
+
+
+@dataclass
+class ValidationReport:
+    ok: bool
+    outputs: list[dict] = field(default_factory=list)
+    rtol: float = 1e-4
+    atol: float = 1e-5
+
+    @property
+    def max_abs_err(self) -> float:
+        return max((o["max_abs_err"] for o in self.outputs), default=0.0)
+
+
+def validate(package_dir: str | os.PathLike, inputs=None, *, rtol: float = 1e-4,
+             atol: float = 1e-5, seed: int = 0, check: bool = False) -> ValidationReport:
+    """Compiled library vs ONNX Runtime on the package's pruned ONNX model.
+
+    An output matches when max|lib - ort| <= atol + rtol * max|ort|. With ``check=True`` a
+    mismatch raises ``ValidationError`` (the CLI's non-zero exit)."""
+    import onnx
+
+    pkg = Package.load(package_dir)
+    model = onnx.load(str(pkg.path / MODEL))
+    if inputs is None:
+        feeds = reference.random_feeds(pkg.inputs, seed)
+    else:
+        feeds = inputs if isinstance(inputs, dict) else pkg.read_inputs(inputs)
+    expected = reference.run(model, feeds)
+    actual = _runner(pkg).run(feeds)
+    report = ValidationReport(ok=True, rtol=rtol, atol=atol)
+    for spec, ref, out in zip(pkg.outputs, expected, actual):
+        fid = reference.compare([ref], [out])
+        bound = atol + rtol * float(np.abs(ref).max(initial=0.0))
+        ok = fid.max_abs_err <= bound
+        report.ok &= ok
+        report.outputs.append({"name": spec["name"], "max_abs_err": fid.max_abs_err,
+                               "bound": bound, "cosine": fid.cosine, "ok": ok})
+    if check and not report.ok:
+        worst = max(report.outputs, key=lambda o: o["max_abs_err"] - o["bound"])
+        raise ValidationError(f"output '{worst['name']}' differs from ONNX Runtime: max abs err "
+                              f"{worst['max_abs_err']:.3g} > bound {worst['bound']:.3g}")
+    return report
+
+
+def argv() -> list[str]:
+    return ["sparsec", *sys.argv[1:]]

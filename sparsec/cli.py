@@ -1,0 +1,235 @@
+"""``sparsec`` command line. Each flag maps to one keyword of the Python API (``sparsec.api``).
+
+This module imports only the standard library at load time: ``sparsec --help`` must answer fast,
+so numpy, onnx, torch and TVM are imported inside the commands that need them.
+
+Exit codes: 0 success, 2 usage, 3-10 the ``SparsecError`` kinds (see ``sparsec.errors``),
+70 internal error (a bug: run with ``--debug`` for the traceback), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from sparsec.errors import SparsecError
+
+INTERNAL_ERROR = 70
+
+
+def _log(args) -> "callable":
+    if args.quiet:
+        return lambda msg: None
+    return lambda msg: print(msg, file=sys.stderr, flush=True)
+
+
+def _fmt(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:g}"
+
+
+def _table(rows: list[list[str]]) -> str:
+    """Plain-text table; columns whose cells all look numeric are right-aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    numeric = [all(r[i].lstrip("+-").replace(",", "").replace(".", "").rstrip("%").isdigit()
+                   for r in rows[1:]) for i in range(len(widths))]
+    lines = ["  ".join((c.rjust(w) if numeric[i] else c.ljust(w)).rstrip() if i == len(r) - 1
+                       else (c.rjust(w) if numeric[i] else c.ljust(w))
+                       for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_inspect(args) -> int:
+    from sparsec import api
+
+    info = api.inspect(args.model, args.input_shapes)
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return 0
+    print(f"model {args.model}: {_fmt(info['params'])} params, {_fmt(info['macs'])} MACs")
+    for kind in ("inputs", "outputs"):
+        for v in info[kind]:
+            print(f"  {kind[:-1]:6} {v['name']} {v['dtype']}{v['shape']}")
+    print("ops: " + ", ".join(f"{k} x{v}" for k, v in info["ops"].items()))
+    print(f"channel groups: {len(info['groups'])} ({info['prunable_groups']} prunable, "
+          f"{info['frozen_groups']} frozen)")
+    rows = [["group", "size", "sources", "status"]]
+    for g in info["groups"]:
+        src = ", ".join(g["sources"][:2]) + (" ..." if len(g["sources"]) > 2 else "")
+        status = "prunable" if g["prunable"] else "frozen: " + "; ".join(g["frozen"][:2])
+        rows.append([str(g["id"]), str(g["size"]), src, status])
+    if len(rows) > 1:
+        print(_table(rows))
+    return 0
+
+
+def _prune_table(result) -> str:
+    b, a = result.before, result.after
+    pct = lambda x, y: f"{100.0 * (y - x) / x:+.1f}%" if x else "n/a"  # noqa: E731
+    rows = [["", "before", "after", "change"],
+            ["params", f"{b.params:,}", f"{a.params:,}", pct(b.params, a.params)],
+            ["MACs", f"{b.macs:,}", f"{a.macs:,}", pct(b.macs, a.macs)]]
+    f = result.fidelity
+    return (_table(rows) + f"\nfidelity vs original: cosine {f.cosine:.6f}, max abs err "
+            f"{f.max_abs_err:.3g}, max rel err {f.max_rel_err:.3g}")
+
+
+def cmd_prune(args) -> int:
+    from sparsec import api
+
+    result = api.prune(args.model, args.output, ratio=args.ratio, input_shapes=args.input_shapes,
+                       calibration=args.calib, remove_dead=args.remove_dead, log=_log(args))
+    print(_prune_table(result))
+    print(f"wrote {result.output}")
+    return 0
+
+
+def cmd_compile(args) -> int:
+    from sparsec import api
+
+    manifest = api.compile(args.model, args.output, target=args.target, ratio=args.ratio,
+                           input_shapes=args.input_shapes, calibration=args.calib,
+                           remove_dead=args.remove_dead, command=api.argv(), log=_log(args))
+    p = manifest["prune"]
+    print(f"compiled {args.model} for {manifest['target']['name']} -> {args.output}")
+    print(f"  params {p['before']['params']:,} -> {p['after']['params']:,}, "
+          f"MACs {p['before']['macs']:,} -> {p['after']['macs']:,}, "
+          f"cosine vs original {p['fidelity']['cosine']:.6f}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from sparsec import api
+    from sparsec.package import atomic_write_bytes, check_writable_file
+
+    if args.outputs:
+        check_writable_file(args.outputs)
+    outputs = api.run(args.package, args.inputs)
+    for name, arr in outputs.items():
+        print(f"{name}: {arr.dtype}{list(arr.shape)} mean {float(arr.mean()):.6g} "
+              f"min {float(arr.min()):.6g} max {float(arr.max()):.6g}")
+    if args.outputs:
+        import io
+
+        import numpy as np
+        buf = io.BytesIO()
+        np.savez(buf, **outputs)
+        atomic_write_bytes(args.outputs, buf.getvalue())
+        print(f"wrote {args.outputs}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from sparsec import api
+
+    report = api.validate(args.package, args.inputs, rtol=args.rtol, atol=args.atol,
+                          seed=args.seed)
+    for o in report.outputs:
+        print(f"{'ok  ' if o['ok'] else 'FAIL'} {o['name']}: max abs err {o['max_abs_err']:.3g} "
+              f"(bound {o['bound']:.3g}), cosine {o['cosine']:.6f}")
+    if not report.ok:
+        print(f"validation failed: max abs err {report.max_abs_err:.3g}", file=sys.stderr)
+        return 10
+    print("library matches ONNX Runtime")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+def _ratio(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"ratio must be a number, got '{text}'") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sparsec",
+        description="Compiler for pruned and sparse neural networks: prune ONNX / PyTorch models "
+                    "by dependency-aware channel groups and compile them with Apache TVM.")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def model_args(sp, ratio: bool):
+        sp.add_argument("model", help="ONNX model file")
+        sp.add_argument("--input-shapes", metavar="NAME:D1xD2,...",
+                        help="fix dynamic input dimensions, e.g. input_ids:1x128")
+        if ratio:
+            sp.add_argument("--ratio", type=_ratio, default=0.0,
+                            help="fraction of channels to remove from every prunable group, "
+                                 "in [0, 1) (default 0: no pruning)")
+            sp.add_argument("--calib", metavar="X.npz",
+                            help="calibration inputs (by input name) used to measure fidelity; "
+                                 "default: seeded random inputs")
+            sp.add_argument("--remove-dead", action="store_true",
+                            help="first remove channels that provably carry zero (exact)")
+
+    sp = sub.add_parser("inspect", help="ops, params, MACs and channel groups of a model")
+    model_args(sp, ratio=False)
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.set_defaults(func=cmd_inspect)
+
+    sp = sub.add_parser("prune", help="prune a model and write the pruned ONNX")
+    model_args(sp, ratio=True)
+    sp.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
+    sp.set_defaults(func=cmd_prune)
+
+    sp = sub.add_parser("compile", help="prune + compile + package for a target")
+    model_args(sp, ratio=True)
+    sp.add_argument("-o", "--output", required=True, metavar="DIR", help="package directory")
+    sp.add_argument("--target", default="host", help="target to compile for (default: host)")
+    sp.set_defaults(func=cmd_compile)
+
+    sp = sub.add_parser("run", help="run a compiled package on inputs")
+    sp.add_argument("package", metavar="DIR")
+    sp.add_argument("--inputs", required=True, metavar="X.npz", help="arrays keyed by input name")
+    sp.add_argument("--outputs", metavar="Y.npz", help="write the outputs here")
+    sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("validate", help="compiled library vs ONNX Runtime on the pruned model")
+    sp.add_argument("package", metavar="DIR")
+    sp.add_argument("--inputs", metavar="X.npz", help="inputs (default: seeded random)")
+    sp.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance (of max |ref|)")
+    sp.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    sp.set_defaults(func=cmd_validate)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from sparsec import __version__
+        print(f"sparsec {__version__}")
+        return 0
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except SparsecError as e:
+        print(f"sparsec: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("sparsec: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug in sparsec: keep the user's screen clean unless --debug
+        if args.debug:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"sparsec: internal error: {type(e).__name__}: {first[:300]} "
+              f"(re-run with --debug for the traceback)", file=sys.stderr)
+        return INTERNAL_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""The compiled package on disk: a directory holding the library, the pruned ONNX model and
+``manifest.json``. Outputs are written atomically (temp file or directory + rename), so a failed
+run never leaves a half-written output behind."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from sparsec.errors import BadOptionError, InputNotFoundError, InvalidModelError, OutputError
+
+MANIFEST = "manifest.json"
+LIBRARY = "model.so"
+MODEL = "model.onnx"
+FORMAT = "sparsec-package/1"
+
+
+def sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_writable_file(path: str | os.PathLike, source: str | os.PathLike | None = None) -> Path:
+    """Fail early (before any heavy work) if ``path`` cannot be written as a file."""
+    p = Path(path)
+    if source is not None and Path(source).exists() and p.exists() and p.samefile(source):
+        raise OutputError(f"refusing to overwrite the input model {p}")
+    if p.is_dir():
+        raise OutputError(f"output {p} is a directory")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"output directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"output directory {parent} is not writable")
+    return p
+
+
+def check_writable_dir(path: str | os.PathLike) -> Path:
+    """A package directory may be created, or replace an earlier sparsec package, nothing else."""
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"parent directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"directory {parent} is not writable")
+    if p.exists() and (not p.is_dir() or (any(p.iterdir()) and not (p / MANIFEST).is_file())):
+        raise OutputError(f"{p} exists and is not a sparsec package; remove it or choose another "
+                          f"output path")
+    return p
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent if str(p.parent) else ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def staging_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """A temp directory beside ``final`` that replaces it when the block succeeds."""
+    final = Path(final)
+    parent = final.parent if str(final.parent) else Path(".")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=parent))
+    try:
+        yield tmp
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=parent))
+            os.replace(final, old / "pkg")
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+@dataclass
+class Package:
+    """A compiled package directory, checked on load."""
+
+    path: Path
+    manifest: dict
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Package":
+        p = Path(path)
+        if not p.exists():
+            raise InputNotFoundError(f"package not found: {p}")
+        mf = p / MANIFEST
+        if not p.is_dir() or not mf.is_file():
+            raise InvalidModelError(f"{p} is not a sparsec package (no {MANIFEST})")
+        try:
+            manifest = json.loads(mf.read_text())
+            assert manifest.get("format") == FORMAT
+        except Exception:
+            raise InvalidModelError(f"{mf} is not a sparsec manifest") from None
+        for name, digest in manifest.get("files", {}).items():
+            f = p / name
+            if not f.is_file():
+                raise InvalidModelError(f"package {p} is missing {name}")
+            if sha256(f) != digest:
+                raise InvalidModelError(f"package {p}: {name} does not match its manifest hash")
+        return cls(p, manifest)
+
+    @property
+    def inputs(self) -> list[dict]:
+        return self.manifest["inputs"]
+
+    @property
+    def outputs(self) -> list[dict]:
+        return self.manifest["outputs"]
+
+    def read_inputs(self, npz: str | os.PathLike) -> dict[str, np.ndarray]:
+        return read_npz_inputs(npz, self.inputs)
+
+
+def _load_npz(path: str | os.PathLike) -> tuple[Path, dict[str, np.ndarray]]:
+    p = Path(path)
+    if not p.is_file():
+        raise InputNotFoundError(f"inputs file not found: {p}")
+    try:
+        with np.load(p, allow_pickle=False) as data:
+            return p, {k: data[k] for k in data.files}
+    except Exception:
+        raise InvalidModelError(f"{p} is not a readable .npz file") from None
+
+
+def _checked(p: Path, arrays: dict[str, np.ndarray], signature: list[dict], stacked: bool
+             ) -> list[dict[str, np.ndarray]]:
+    batches: list[dict[str, np.ndarray]] = []
+    for spec in signature:
+        name, shape = spec["name"], list(spec["shape"])
+        if name not in arrays:
+            raise BadOptionError(f"{p} has no array '{name}' (has: {', '.join(arrays) or '-'})")
+        arr = arrays[name].astype(spec["dtype"], copy=False)
+        if list(arr.shape) == shape:
+            items = [arr]
+        elif stacked and list(arr.shape[1:]) == shape:
+            items = list(arr)
+        else:
+            want = f"{shape}" + (f" or [N, *{shape}]" if stacked else "")
+            raise BadOptionError(f"input '{name}' has shape {list(arr.shape)}, the model "
+                                 f"expects {want}")
+        if batches and len(items) != len(batches):
+            raise BadOptionError(f"{p}: inputs stack different numbers of samples")
+        batches = batches or [{} for _ in items]
+        for feeds, item in zip(batches, items):
+            feeds[name] = item
+    return batches
+
+
+def read_npz_inputs(npz: str | os.PathLike, signature: list[dict]) -> dict[str, np.ndarray]:
+    """One set of inputs from an ``.npz`` keyed by input name, checked against ``signature``."""
+    p, arrays = _load_npz(npz)
+    return _checked(p, arrays, signature, stacked=False)[0]
+
+
+def read_calibration(npz: str | os.PathLike, signature: list[dict]) -> list[dict[str, np.ndarray]]:
+    """Calibration batches: each array is one input, or several stacked on a leading axis."""
+    p, arrays = _load_npz(npz)
+    return _checked(p, arrays, signature, stacked=True)

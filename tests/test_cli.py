@@ -1,0 +1,167 @@
+"""The command line: every bad input gets one clear line, its own exit code, no traceback, no
+half-written output, and the input file untouched. ``--help`` stays light."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+import zoo
+from conftest import EXAMPLES
+
+from sparsec.errors import (BadOptionError, DynamicShapeError, InputNotFoundError,
+                            InvalidModelError, OutputError, UnknownTargetError,
+                            UnsupportedOpError, ValidationError)
+
+
+def sparsec(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sparsec", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def assert_clean_error(proc, code: int, *fragments: str):
+    assert proc.returncode == code, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("sparsec: error: ")
+    assert "Traceback" not in proc.stderr + proc.stdout
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_exit_codes_are_distinct():
+    codes = [c.exit_code for c in (InputNotFoundError, InvalidModelError, UnsupportedOpError,
+                                   BadOptionError, DynamicShapeError, UnknownTargetError,
+                                   OutputError, ValidationError)]
+    assert len(set(codes)) == len(codes) and 0 not in codes and 2 not in codes
+
+
+def test_help_is_light():
+    code = ("import sys, sparsec, sparsec.cli; sparsec.cli.build_parser().format_help(); "
+            "heavy = {'torch', 'tvm', 'onnx', 'onnxruntime', 'numpy', 'networkx'} & "
+            "set(sys.modules); print(sorted(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    proc = sparsec("--help")
+    assert proc.returncode == 0 and "compile" in proc.stdout and "validate" in proc.stdout
+
+
+def test_missing_file(tmp_path):
+    proc = sparsec("prune", tmp_path / "nope.onnx", "-o", tmp_path / "out.onnx", "--ratio", "0.3")
+    assert_clean_error(proc, 3, "not found", "nope.onnx")
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_not_an_onnx_file(tmp_path):
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"\x00garbage\xff" * 100)
+    before = digest(bad)
+    proc = sparsec("inspect", bad)
+    assert_clean_error(proc, 4, "not a valid ONNX model")
+    assert digest(bad) == before
+
+
+def test_unsupported_ops_listed_at_once(tmp_path):
+    nodes = [onnx.helper.make_node("NonMaxSuppression", ["x"], ["a"]),
+             onnx.helper.make_node("Hypot", ["a"], ["b"], domain="com.example"),
+             onnx.helper.make_node("Relu", ["b"], ["y"])]
+    path = tmp_path / "unsupported.onnx"
+    onnx.save(zoo.make_model(nodes, [("x", [2, 4])], ["y"], {}), str(path))
+    before = digest(path)
+    out = tmp_path / "pkg"
+    proc = sparsec("compile", path, "-o", out, "--ratio", "0.3")
+    assert_clean_error(proc, 5, "NonMaxSuppression", "com.example::Hypot")
+    assert digest(path) == before
+    assert not out.exists() and os.listdir(tmp_path) == ["unsupported.onnx"]
+
+
+@pytest.mark.parametrize("ratio", ["1.0", "-0.1", "7"])
+def test_ratio_outside_range(tmp_path, ratio):
+    out = tmp_path / "out.onnx"
+    proc = sparsec("prune", EXAMPLES / "digits_mlp.onnx", "-o", out, "--ratio", ratio)
+    assert_clean_error(proc, 6, "ratio must be in [0, 1)")
+    assert not out.exists()
+
+
+def test_ratio_not_a_number_is_a_usage_error(tmp_path):
+    proc = sparsec("prune", EXAMPLES / "digits_mlp.onnx", "-o", tmp_path / "o.onnx",
+                   "--ratio", "half")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_dynamic_shape_needs_input_shapes(tmp_path):
+    m = zoo.gemm_mlp()
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    path = tmp_path / "dyn.onnx"
+    onnx.save(m, str(path))
+    proc = sparsec("inspect", path)
+    assert_clean_error(proc, 7, "dynamic input shape", "--input-shapes")
+    proc = sparsec("inspect", path, "--input-shapes", "x:3x16", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["inputs"][0]["shape"] == [3, 16]
+
+
+def test_unknown_target(tmp_path):
+    out = tmp_path / "pkg"
+    proc = sparsec("compile", EXAMPLES / "digits_mlp.onnx", "--target", "z80", "-o", out)
+    assert_clean_error(proc, 8, "unknown target 'z80'", "host")
+    assert not out.exists()
+
+
+def test_unwritable_outputs(tmp_path):
+    model = EXAMPLES / "digits_mlp.onnx"
+    before = digest(model)
+    proc = sparsec("prune", model, "-o", tmp_path / "missing" / "out.onnx", "--ratio", "0.3")
+    assert_clean_error(proc, 9, "does not exist")
+    proc = sparsec("prune", model, "-o", tmp_path, "--ratio", "0.3")
+    assert_clean_error(proc, 9, "is a directory")
+    proc = sparsec("prune", model, "-o", model, "--ratio", "0.3")
+    assert_clean_error(proc, 9, "overwrite the input")
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("mine")
+    proc = sparsec("compile", model, "-o", occupied)
+    assert_clean_error(proc, 9, "not a sparsec package")
+    assert os.listdir(occupied) == ["notes.txt"]
+    assert digest(model) == before
+
+
+def test_prune_writes_model_and_table(tmp_path):
+    out = tmp_path / "small.onnx"
+    model = EXAMPLES / "digits_mlp.onnx"
+    before = digest(model)
+    proc = sparsec("prune", model, "-o", out, "--ratio", "0.5", "--calib",
+                   EXAMPLES / "digits_calib.npz")
+    assert proc.returncode == 0, proc.stderr
+    assert "params" in proc.stdout and "MACs" in proc.stdout and "cosine" in proc.stdout
+    assert "pass magnitude-prune" in proc.stderr           # progress, silenced by -q
+    assert digest(model) == before
+    pruned = onnx.load(str(out))
+    shapes = {t.name: list(t.dims) for t in pruned.graph.initializer}
+    assert shapes["net.1.weight"] == [128, 64] and shapes["net.3.weight"] == [64, 128]
+    assert sorted(os.listdir(tmp_path)) == ["small.onnx"]   # no temp files left behind
+    quiet = sparsec("-q", "prune", model, "-o", out, "--ratio", "0.5")
+    assert quiet.returncode == 0 and quiet.stderr == ""
+
+
+def test_inspect_reports_groups_and_reasons():
+    proc = sparsec("inspect", EXAMPLES / "digits_cnn.onnx", "--json")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["params"] > 50_000 and info["macs"] > 1_000_000
+    assert info["ops"]["Conv"] == 6
+    assert info["prunable_groups"] >= 3
+    frozen = [g for g in info["groups"] if not g["prunable"]]
+    assert frozen and all(g["frozen"] for g in frozen)
+    text = sparsec("inspect", EXAMPLES / "digits_cnn.onnx")
+    assert "channel groups" in text.stdout and "frozen: graph output" in text.stdout
