@@ -79,6 +79,9 @@ def staging_dir(final: str | os.PathLike) -> Iterator[Path]:
     final = Path(final)
     parent = final.parent if str(final.parent) else Path(".")
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; a package is an ordinary directory
     try:
         yield tmp
         if final.exists():

@@ -1,0 +1,128 @@
+"""`sparsec compile` + `run` + `validate` end to end: real pruning, real TVM, checked against
+ONNX Runtime. Compiles are shared per module (each takes seconds)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from conftest import EXAMPLES
+from test_cli import assert_clean_error, digest, sparsec
+
+from sparsec import reference
+from sparsec.package import sha256
+
+MODELS = {"cnn": EXAMPLES / "digits_cnn.onnx", "mlp": EXAMPLES / "digits_mlp.onnx"}
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pkgs")
+    out = {}
+    for name, model in MODELS.items():
+        before = digest(model)
+        pkg = root / name
+        proc = sparsec("compile", model, "--target", "host", "--ratio", "0.3", "-o", pkg,
+                       "--calib", EXAMPLES / "digits_calib.npz")
+        assert proc.returncode == 0, proc.stderr
+        assert digest(model) == before
+        out[name] = pkg
+    return out
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_compile_then_validate(packages, name):
+    proc = sparsec("validate", packages[name])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "library matches ONNX Runtime" in proc.stdout
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_package_contents_and_manifest(packages, name):
+    pkg = packages[name]
+    assert sorted(os.listdir(pkg)) == ["manifest.json", "model.onnx", "model.so"]
+    m = json.loads((pkg / "manifest.json").read_text())
+    assert m["sparsec_version"] and m["versions"]["apache-tvm"].startswith("0.27")
+    assert m["target"]["name"] == "host" and m["target"]["tvm"]["kind"] == "llvm"
+    assert m["command"][:2] == ["sparsec", "compile"] and "--ratio" in m["command"]
+    assert m["source"]["sha256"] == sha256(MODELS[name])
+    assert m["files"] == {f: sha256(pkg / f) for f in ("model.so", "model.onnx")}
+    assert m["inputs"] == [{"name": "image", "shape": [1, 1, 8, 8], "dtype": "float32"}]
+    assert m["outputs"][0]["shape"] == [1, 10]
+    [p] = m["prune"]["passes"]
+    assert p["name"] == "magnitude-prune" and p["exact"] is False
+    assert p["after"]["params"] < p["before"]["params"]
+    assert p["after"]["macs"] < p["before"]["macs"]
+    # pruned ONNX in the package is what the pass report describes
+    pruned = onnx.load(str(pkg / "model.onnx"))
+    n_params = sum(int(np.prod(t.dims)) for t in pruned.graph.initializer
+                   if t.data_type == onnx.TensorProto.FLOAT)
+    assert n_params == p["after"]["params"]
+    # the heavy ops went to scheduled kernels, not TVM's unscheduled default
+    kernels = m["compile"]["kernels"]
+    heavy = "conv2d_nchw_packed" if name == "cnn" else "dense_packed"
+    assert kernels.get(heavy, 0) >= (5 if name == "cnn" else 3)
+
+
+def test_run_matches_onnxruntime_on_real_inputs(packages, tmp_path):
+    pkg = packages["cnn"]
+    test = np.load(EXAMPLES / "digits_test.npz")
+    images = test["image"][:, None]                       # [N, 1, 1, 8, 8]
+    pruned = onnx.load(str(pkg / "model.onnx"))
+    x = tmp_path / "x.npz"
+    np.savez(x, image=images[3])
+    y = tmp_path / "y.npz"
+    proc = sparsec("run", pkg, "--inputs", x, "--outputs", y)
+    assert proc.returncode == 0, proc.stderr
+    got = np.load(y)["linear"]
+    want = reference.run(pruned, {"image": images[3]})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    proc = sparsec("validate", pkg, "--inputs", x)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_run_rejects_wrong_inputs(packages, tmp_path):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, image=np.zeros((2, 2), np.float32))
+    assert_clean_error(sparsec("run", packages["mlp"], "--inputs", bad), 6, "expects [1, 1, 8, 8]")
+    np.savez(bad, pixels=np.zeros((1, 1, 8, 8), np.float32))
+    assert_clean_error(sparsec("run", packages["mlp"], "--inputs", bad), 6, "no array 'image'")
+    assert_clean_error(sparsec("run", tmp_path / "nope", "--inputs", bad), 3)
+    assert_clean_error(sparsec("validate", EXAMPLES), 4, "not a sparsec package")
+
+
+def test_validate_fails_when_library_and_model_disagree(packages, tmp_path):
+    """Swap in a differently pruned model.onnx (hashes updated): validate must catch it."""
+    pkg = tmp_path / "tampered"
+    shutil.copytree(packages["mlp"], pkg)
+    proc = sparsec("-q", "prune", MODELS["mlp"], "-o", pkg / "model.onnx", "--ratio", "0.6")
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((pkg / "manifest.json").read_text())
+    m["files"]["model.onnx"] = sha256(pkg / "model.onnx")
+    (pkg / "manifest.json").write_text(json.dumps(m))
+    proc = sparsec("validate", pkg)
+    assert proc.returncode == 10
+    assert "FAIL" in proc.stdout and "max abs err" in proc.stderr
+
+
+def test_corrupted_package_is_refused(packages, tmp_path):
+    pkg = tmp_path / "corrupt"
+    shutil.copytree(packages["mlp"], pkg)
+    with open(pkg / "model.so", "ab") as f:
+        f.write(b"\0")
+    assert_clean_error(sparsec("validate", pkg), 4, "does not match its manifest hash")
+
+
+def test_recompile_replaces_package_atomically(packages, tmp_path):
+    pkg = tmp_path / "pkg"
+    shutil.copytree(packages["mlp"], pkg)
+    old = json.loads((pkg / "manifest.json").read_text())
+    proc = sparsec("-q", "compile", MODELS["mlp"], "-o", pkg, "--ratio", "0.5")
+    assert proc.returncode == 0, proc.stderr
+    new = json.loads((pkg / "manifest.json").read_text())
+    assert new["prune"]["after"]["params"] < old["prune"]["after"]["params"]
+    assert sorted(os.listdir(tmp_path)) == ["pkg"]       # no staging or backup dirs left
