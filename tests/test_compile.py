@@ -126,3 +126,16 @@ def test_recompile_replaces_package_atomically(packages, tmp_path):
     new = json.loads((pkg / "manifest.json").read_text())
     assert new["prune"]["after"]["params"] < old["prune"]["after"]["params"]
     assert sorted(os.listdir(tmp_path)) == ["pkg"]       # no staging or backup dirs left
+
+
+def test_same_input_and_flags_give_identical_artifacts(packages, tmp_path):
+    again = tmp_path / "mlp"
+    proc = sparsec("compile", MODELS["mlp"], "--target", "host", "--ratio", "0.3", "-o", again,
+                   "--calib", EXAMPLES / "digits_calib.npz")
+    assert proc.returncode == 0, proc.stderr
+    first = json.loads((packages["mlp"] / "manifest.json").read_text())
+    second = json.loads((again / "manifest.json").read_text())
+    assert first["files"] == second["files"]              # model.so and model.onnx hashes
+    for m in (first, second):
+        m.pop("command")
+    assert first == second
