@@ -1,0 +1,181 @@
+"""CPU back end: static-shaped ONNX model -> shared library with baked-in weights, and a runner.
+
+Pipeline (compare ``tvm/relax/backend/cpu_generic/pipeline.py``, the "zero" default):
+  from_onnx -> SparsecKernelRewrite (our kernels, weights packed) -> DeadCodeElimination
+  -> LegalizeOps -> AnnotateTIROpPattern -> FoldConstant -> FuseOps -> FuseTIR
+  -> SparsecFallbackSchedule (every PrimFunc not already scheduled)
+  -> the default dataflow-lowering and finalization passes -> LLVM.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from sparsec.targets import TargetSpec
+from sparsec.targets.kernels import FALLBACK
+from sparsec.targets.kernels.common import STRATEGY_ATTR
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnx
+    from tvm import ir
+
+def graph_input_names(model: "onnx.ModelProto") -> list[str]:
+    """Graph inputs that are not initializers, in graph order (the VM ``main`` order)."""
+    init = {t.name for t in model.graph.initializer}
+    return [v.name for v in model.graph.input if v.name not in init]
+
+
+def _input_dtypes(model: "onnx.ModelProto") -> dict[str, str]:
+    from sparsec.ir.onnx_io import tensor_dtype
+
+    init = {t.name for t in model.graph.initializer}
+    return {v.name: tensor_dtype(v.type.tensor_type.elem_type)
+            for v in model.graph.input if v.name not in init}
+
+
+def _count_strategies(mod: "ir.IRModule") -> dict[str, int]:
+    """Kernel calls in the Relax functions, per strategy of the PrimFunc they call."""
+    from tvm import relax, tirx
+
+    counts: Counter[str] = Counter()
+
+    def visit(expr) -> None:
+        if (isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.call_tir"
+                and isinstance(expr.args[0], relax.GlobalVar)):
+            func = mod[expr.args[0]]
+            if isinstance(func, tirx.PrimFunc):
+                attrs = func.attrs or {}
+                counts[str(attrs[STRATEGY_ATTR]) if STRATEGY_ATTR in attrs else FALLBACK] += 1
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return dict(sorted(counts.items()))
+
+
+def build_pipeline(target: "object", cores: int, decisions: list[dict],
+                   counts: dict[str, int]):
+    """The Relax pipeline with our kernels and schedules (see module docstring)."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    from sparsec.targets.kernels.fallback import fallback_pass
+    from sparsec.targets.kernels.rewrite import rewrite_pass
+
+    @tvm.transform.module_pass(opt_level=0, name="SparsecRecordKernels")
+    def record(mod: "ir.IRModule", _ctx) -> "ir.IRModule":
+        counts.update(_count_strategies(mod))
+        return mod
+
+    @tvm.transform.module_pass(opt_level=0, name="SparsecPipeline")
+    def _pipeline(mod: "ir.IRModule", _ctx) -> "ir.IRModule":
+        with target:
+            seq = tvm.transform.Sequential(
+                [rewrite_pass(cores, decisions), relax.transform.DeadCodeElimination()]
+                + cpu.library_dispatch_passes(target)
+                + cpu.legalize_passes(target)
+                + [fallback_pass(target), record]
+                + cpu.dataflow_lower_passes(target)
+                + cpu.finalize_passes(target)
+            )
+            return seq(mod)
+
+    return _pipeline
+
+
+def import_onnx(model: "onnx.ModelProto") -> "ir.IRModule":
+    """ONNX -> Relax with weights as constants; ``main`` takes the graph inputs in order."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    return from_onnx(model, dtype_dict=_input_dtypes(model), keep_params_in_input=False)
+
+
+def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | Path,
+                 log: Callable[[str], None] = print) -> dict:
+    """Compile a static-shaped ONNX model to a shared library at ``lib_path``.
+
+    Weights are baked into the library. The library is written to a temporary file in the
+    same directory and moved into place, so ``lib_path`` is never half written. Returns facts
+    for the manifest: TVM version, target dict, kernel calls per strategy, the per-op strategy
+    decisions (with the cost rule's estimates), and the input/output names in call order.
+    """
+    import tvm
+
+    lib_path = Path(lib_path)
+    tvm_target = tvm.target.Target(dict(target.tvm_target))
+    cores = int(target.tvm_target.get("num-cores", os.cpu_count() or 1))
+    log(f"importing ONNX graph ({len(model.graph.node)} nodes) into Relax")
+    mod = import_onnx(model)
+    decisions: list[dict] = []
+    counts: dict[str, int] = {}
+    log(f"compiling for {target.name} ({target.description})")
+    ex = tvm.compile(mod, target=tvm_target,
+                     relax_pipeline=build_pipeline(tvm_target, cores, decisions, counts))
+    lib_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{lib_path.stem}.", suffix=".tmp.so",
+                               dir=lib_path.parent)
+    os.close(fd)
+    try:
+        ex.export_library(tmp)
+        os.replace(tmp, lib_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    log(f"wrote {lib_path} ({lib_path.stat().st_size} bytes); kernels: {counts}")
+    return {
+        "tvm_version": tvm.__version__,
+        "target": dict(target.tvm_target),
+        "kernels": counts,
+        "decisions": decisions,
+        "inputs": graph_input_names(model),
+        "outputs": [o.name for o in model.graph.output],
+    }
+
+
+class Runner:
+    """A compiled library loaded into a Relax VM on the CPU."""
+
+    def __init__(self, lib_path: str | Path, input_names: Sequence[str]) -> None:
+        import tvm
+        from tvm import relax
+
+        self.lib_path = Path(lib_path)
+        self.input_names = list(input_names)
+        self._dev = tvm.cpu()
+        self._vm = relax.VirtualMachine(tvm.runtime.load_module(str(self.lib_path)), self._dev)
+        self._main = self._vm["main"]
+
+    def run(self, inputs: dict[str, "np.ndarray"]) -> list["np.ndarray"]:
+        """Run once; ``inputs`` keyed by ONNX input name; outputs in ONNX graph order."""
+        import numpy as np
+        import tvm
+
+        missing = [n for n in self.input_names if n not in inputs]
+        if missing:
+            raise KeyError(f"missing input(s): {', '.join(missing)}")
+        args = [tvm.runtime.tensor(np.ascontiguousarray(inputs[n]), self._dev)
+                for n in self.input_names]
+        result = self._main(*args)
+        return [t.numpy() for t in _flatten(result)]
+
+
+def _flatten(value) -> list:
+    import tvm
+
+    if isinstance(value, tvm.runtime.Tensor):
+        return [value]
+    out: list = []
+    for item in value:
+        out.extend(_flatten(item))
+    return out
+
+
+def load_library(lib_path: str | Path, input_names: Sequence[str]) -> Runner:
+    """Load a library written by :func:`compile_onnx`; ``input_names`` as it reported them."""
+    return Runner(lib_path, input_names)

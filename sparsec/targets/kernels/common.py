@@ -1,0 +1,39 @@
+"""Helpers shared by the hand-scheduled kernels."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tvm import s_tir, tirx
+
+#: Attribute that DLight and our fallback pass read to leave a PrimFunc alone.
+SCHEDULED_ATTR = "tirx.is_scheduled"
+#: Attribute naming the sparsec strategy that produced a PrimFunc (counted for the manifest).
+STRATEGY_ATTR = "sparsec.strategy"
+#: ``op_pattern`` value of ``kOpaque``: FuseOps never fuses anything into an opaque function,
+#: so a pre-scheduled kernel keeps its schedule (FuseTIR would otherwise merge bodies).
+OPAQUE_PATTERN = 8
+
+#: fp32 lanes of one AVX2 ymm register.
+VEC_LANES = 8
+
+
+def pick_row_tile(extent: int, prefer: tuple[int, ...] = (4, 6, 5, 3, 2, 1)) -> int:
+    """First tile size in ``prefer`` that divides ``extent`` (so the tile needs no predicate)."""
+    for t in prefer:
+        if t <= extent and extent % t == 0:
+            return t
+    return 1
+
+
+def finish(sch: "s_tir.Schedule", strategy: str) -> "tirx.PrimFunc":
+    """The scheduled PrimFunc, marked so that nothing schedules or fuses it again."""
+    func = sch.mod["main"]
+    if "global_symbol" in func.attrs:
+        func = func.without_attr("global_symbol")
+    return (
+        func.with_attr(SCHEDULED_ATTR, True)
+        .with_attr("op_pattern", OPAQUE_PATTERN)
+        .with_attr(STRATEGY_ATTR, strategy)
+    )

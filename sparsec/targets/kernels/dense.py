@@ -1,0 +1,101 @@
+"""``dense_packed``: Y[M, N] = X[M, K] @ W[K, N] (+ bias, relu) with a constant, pre-packed W.
+
+Packing: W is rewritten at compile time to ``[ceil(N/16), K, 16]`` (zero padded), so the 16
+output channels of one block are contiguous for every k: the micro-kernel reads them as two
+aligned 8-lane vectors while it walks k.
+
+Schedule (per output tile of ``MI x 16``; ``MI`` divides M, 4 when it can):
+  for nb in parallel(ceil(N/16)):          # independent column panels, one W panel each
+    for mo in M/MI:
+      acc[MI, 16] = 0                      # local -> lives in MI*2 ymm registers
+      for ko in K/KU: for ki in unroll(KU): for mi in unroll(MI): for ni in vectorize(16):
+        acc[mi, ni] += X[mo*MI+mi, k] * Wp[nb, k, ni]     # broadcast x FMA
+      Y[rows, cols] = epilogue(acc)        # write-back, masked where N % 16 != 0
+A 4x16 tile holds 8 accumulators, leaving registers for the 2 W vectors and the broadcasts of
+AVX2's 16; wider tiles spill (measured: 8x16 and 2x16 are both slower on znver3).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from sparsec.targets.kernels.common import finish, pick_row_tile
+
+if TYPE_CHECKING:
+    import numpy as np
+    from tvm import tirx
+
+NAME = "dense_packed"
+LANES = 16  # output channels per packed block: two fp32 ymm vectors
+ROW_TILES = (4, 6, 5, 3, 2, 1)
+K_UNROLL = 4
+
+
+def pack_weight(w_kn: "np.ndarray", lanes: int = LANES) -> "np.ndarray":
+    """[K, N] -> [ceil(N/lanes), K, lanes], zero padded on N."""
+    import numpy as np
+
+    k, n = w_kn.shape
+    nb = -(-n // lanes)
+    padded = np.zeros((k, nb * lanes), dtype=w_kn.dtype)
+    padded[:, :n] = w_kn
+    return np.ascontiguousarray(padded.reshape(k, nb, lanes).transpose(1, 0, 2))
+
+
+def build(m: int, k: int, n: int, dtype: str = "float32", bias: bool = False,
+          relu: bool = False, residual: bool = False, lanes: int = LANES,
+          rows: tuple[int, ...] = ROW_TILES) -> "tirx.PrimFunc":
+    """The scheduled PrimFunc ``(X[M,K], Wp[NB,K,lanes] [, B[N]] [, R[M,N]], Y[M,N])``.
+
+    ``lanes`` is the packed block width; ``rows`` the preferred row-tile sizes (first that
+    divides M wins)."""
+    from tvm import s_tir, te, tirx
+
+    nb = -(-n // lanes)
+    x = te.placeholder((m, k), dtype, name="X")
+    w = te.placeholder((nb, k, lanes), dtype, name="Wp")
+    b = te.placeholder((n,), dtype, name="B") if bias else None
+    res = te.placeholder((m, n), dtype, name="R") if residual else None
+    r = te.reduce_axis((0, k), name="k")
+    acc = te.compute(
+        (m, nb, lanes), lambda i, jb, jl: te.sum(x[i, r] * w[jb, r, jl], axis=r), name="acc"
+    )
+
+    def epilogue(i, j):
+        v = acc[i, j // lanes, j % lanes]
+        if b is not None:
+            v = v + b[j]
+        if res is not None:
+            v = v + res[i, j]
+        if relu:
+            v = tirx.max(v, tirx.const(0, dtype))
+        return v
+
+    y = te.compute((m, n), epilogue, name="Y")
+    args = [x, w] + [t for t in (b, res) if t is not None] + [y]
+    sch = s_tir.Schedule(te.create_prim_func(args))
+
+    mi_size = pick_row_tile(m, rows)
+    ku = K_UNROLL if k % K_UNROLL == 0 else 1
+    blk = sch.get_sblock("acc")
+    i, jb, jl, kk = sch.get_loops(blk)
+    mo, mi = sch.split(i, [None, mi_size])
+    ko, ki = sch.split(kk, [None, ku])
+    sch.reorder(jb, mo, ko, ki, mi, jl)
+    sch.set_scope(blk, 0, "local")
+    out = sch.get_sblock("Y")
+    sch.reverse_compute_at(out, mo)
+    oj = sch.get_loops(out)[-1]
+    if n % lanes == 0:
+        _, oj_in = sch.split(oj, [None, lanes])
+        sch.vectorize(oj_in)
+    sch.vectorize(jl)
+    sch.unroll(mi)
+    sch.unroll(ki)
+    if nb >= 2 * 2 or m // mi_size == 1:
+        sch.parallel(jb)
+    else:  # few column panels (small N): parallelise over row tiles too
+        sch.parallel(sch.fuse(jb, mo))
+    # decompose last: vectorize/unroll need the reduction block still whole.
+    sch.decompose_reduction(blk, ko)
+    return finish(sch, NAME)

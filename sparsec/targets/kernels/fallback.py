@@ -1,0 +1,152 @@
+"""``fallback``: a generic CPU schedule for every PrimFunc our strategies did not produce.
+
+These are the legalized + fused Relax ops (bias adds, pooling, softmax, depthwise conv, ...).
+Per function, in order:
+1. DLight's CPU rules (``GEMV``, ``Reduction``), the maintained library schedules, when one
+   matches;
+2. otherwise our loop-nest rule, block by block: fuse the leading spatial loops into one parallel
+   loop; move the innermost spatial loop below the reduction loops (so reductions accumulate
+   into a vector) and vectorize it when its extent is a constant;
+3. on any schedule error the function is left unscheduled (correct, only slower).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from sparsec.targets.kernels.common import SCHEDULED_ATTR, STRATEGY_ATTR
+
+if TYPE_CHECKING:
+    from tvm import ir, s_tir, tirx
+    from tvm.target import Target
+
+NAME = "fallback"
+MAX_VECTOR = 16  # split wider innermost loops so the vector body stays a few ymm registers
+MIN_PARALLEL = 2048  # iterations below which threading costs more than it saves
+
+
+def _is_scheduled(func: "tirx.PrimFunc") -> bool:
+    return func.attrs is not None and SCHEDULED_ATTR in func.attrs and bool(
+        func.attrs[SCHEDULED_ATTR])
+
+
+def _const_extent(sch: "s_tir.Schedule", loop: "s_tir.schedule.LoopRV") -> int | None:
+    from tvm import tirx
+
+    ext = sch.get(loop).extent
+    return int(ext.value) if isinstance(ext, tirx.IntImm) else None
+
+
+def _schedule_block(sch: "s_tir.Schedule", block: "s_tir.schedule.SBlockRV") -> None:
+    """Parallel outer spatial loops + vectorized innermost spatial loop for one block."""
+    from tvm import tirx
+
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    iter_vars = sch.get(block).iter_vars
+    if len(iter_vars) != len(loops):
+        return  # not the one-loop-per-block-var form that legalized ops come in
+    # LegalizeOps/FuseTIR emit trivial bindings: loop i drives block var i.
+    kinds = ["R" if iv.iter_type == tirx.IterVar.CommReduce else
+             "S" if iv.iter_type == tirx.IterVar.DataPar else "O" for iv in iter_vars]
+    if "O" in kinds:
+        return
+
+    spatial = [lp for lp, k in zip(loops, kinds) if k == "S"]
+    reduce = [lp for lp, k in zip(loops, kinds) if k == "R"]
+    if not spatial:
+        return
+    inner = spatial[-1]
+    inner_ext = _const_extent(sch, inner)
+    outer = spatial[:-1]
+    if reduce:
+        sch.reorder(*outer, *reduce, inner)
+    total = 1
+    for lp in spatial:
+        total *= _const_extent(sch, lp) or 1
+    if total >= MIN_PARALLEL:
+        if outer:
+            par = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+            sch.parallel(par)
+        elif inner_ext is not None and inner_ext > MAX_VECTOR:
+            par, inner = sch.split(inner, [None, MAX_VECTOR])
+            sch.parallel(par)
+            inner_ext = MAX_VECTOR
+    if inner_ext is not None and inner_ext > 1:
+        if inner_ext > MAX_VECTOR and inner_ext % MAX_VECTOR == 0:
+            _, inner = sch.split(inner, [None, MAX_VECTOR])
+        if inner_ext <= MAX_VECTOR or inner_ext % MAX_VECTOR == 0:
+            try:
+                sch.vectorize(inner)
+            except Exception:  # noqa: BLE001 - e.g. a data-dependent index; stay scalar
+                pass
+    if reduce:
+        sch.decompose_reduction(block, reduce[0])
+
+
+def schedule_generic(func: "tirx.PrimFunc") -> "tirx.PrimFunc | None":
+    """Our loop-nest rule applied to every block of ``func``; None when it does not apply."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    try:
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    except s_tir.ScheduleError:  # no root block: not a TE/legalized function
+        return None
+    if not blocks:
+        return None
+    for block in blocks:
+        try:  # each primitive is atomic, so a failure leaves a valid, partly scheduled block
+            _schedule_block(sch, block)
+        except Exception:  # noqa: BLE001
+            continue
+    return sch.mod["main"]
+
+
+def schedule_function(func: "tirx.PrimFunc", target: "Target") -> "tirx.PrimFunc":
+    """Best available generic schedule for ``func`` (unchanged on failure), marked scheduled."""
+    from tvm.s_tir import dlight
+
+    scheduled = None
+    try:
+        with target:
+            mod = dlight.ApplyDefaultSchedule(dlight.cpu.GEMV(), dlight.cpu.Reduction())(
+                _as_module(func))
+        candidate = mod["main"]
+        if _is_scheduled(candidate):
+            scheduled = candidate
+    except Exception:  # noqa: BLE001 - a library rule that does not fit: try ours
+        scheduled = None
+    if scheduled is None:
+        try:
+            scheduled = schedule_generic(func)
+        except Exception:  # noqa: BLE001 - leave it unscheduled rather than fail the build
+            scheduled = None
+    if scheduled is None:
+        scheduled = func
+    return scheduled.with_attr(SCHEDULED_ATTR, True).with_attr(STRATEGY_ATTR, NAME)
+
+
+def _as_module(func: "tirx.PrimFunc") -> "ir.IRModule":
+    from tvm import ir
+
+    return ir.IRModule({"main": func})
+
+
+def fallback_pass(target: "Target"):
+    """Module pass: ``schedule_function`` on every PrimFunc not yet scheduled."""
+    import tvm
+    from tvm import tirx
+
+    @tvm.transform.module_pass(opt_level=0, name="SparsecFallbackSchedule")
+    def _pass(mod: "ir.IRModule", _ctx) -> "ir.IRModule":
+        updates = {}
+        for gv, func in mod.functions_items():
+            if isinstance(func, tirx.PrimFunc) and not _is_scheduled(func):
+                updates[gv] = schedule_function(func, target)
+        for gv, func in updates.items():
+            mod[gv] = func
+        return mod
+
+    return _pass

@@ -1,0 +1,371 @@
+"""Relax pass: replace heavy ops with calls to our pre-scheduled kernels.
+
+Runs on the module ``from_onnx`` produces, before legalization. For every ``R.matmul`` and
+``R.nn.conv2d`` the registry's cost rule picks a strategy (see ``kernels/__init__.py``). A chosen
+kernel becomes ``R.call_tir(kernel, [x, packed_weight(, bias)])`` where the weight was packed in
+numpy and baked in as a constant. A following ``add(., constant per-channel bias)`` and
+``nn.relu``, with optionally an ``add`` of a same-shape tensor (a skip connection) before it,
+each the only user of the previous value, are folded into the kernel's write-back (the
+epilogue), and their bindings become aliases of the kernel output.
+
+Kernels are marked ``tirx.is_scheduled`` and ``op_pattern = kOpaque``, so FuseOps/FuseTIR leave
+them whole and the fallback scheduler skips them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+from sparsec.targets import kernels
+from sparsec.targets.kernels import conv2d, dense
+
+if TYPE_CHECKING:
+    import numpy as np
+    from tvm import ir, relax
+
+SUPPORTED_DTYPES = ("float32",)
+
+
+@dataclass
+class Plan:
+    """What to emit for one heavy-op binding."""
+
+    strategy: str
+    emit: Callable[..., "relax.Expr"]  # (bb, args, bias, relu, residual) -> expr
+    bias: "np.ndarray | None" = None
+    residual: Any = None  # a same-shape tensor added before the relu (skip connection)
+    relu: bool = False
+    info: dict = field(default_factory=dict)
+
+
+def _static_shape(expr: "relax.Expr") -> tuple[int, ...] | None:
+    from tvm import relax, tirx
+
+    ty = getattr(expr, "ty", None)  # TVM 0.27: Relax types replaced struct_info
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return None
+    shape = getattr(ty.shape, "values", None)
+    if shape is None or not all(isinstance(d, tirx.IntImm) for d in shape):
+        return None
+    return tuple(int(d.value) for d in shape)
+
+
+def _dtype(expr: "relax.Expr") -> str:
+    return str(expr.ty.dtype)
+
+
+class _Analysis:
+    """Bindings and use counts of one Relax function, and constant folding of weight views."""
+
+    def __init__(self, func: "relax.Function") -> None:
+        from tvm import relax
+
+        self.bindings: dict[Any, Any] = {}
+        self.order: list[Any] = []
+        self.uses: dict[Any, int] = {}
+        for block in func.body.blocks:
+            for b in block.bindings:
+                if isinstance(b, relax.VarBinding):
+                    self.bindings[b.var] = b.value
+                    self.order.append(b.var)
+                for v in relax.analysis.free_vars(b.value if isinstance(
+                        b, relax.VarBinding) else b.var):
+                    self.uses[v] = self.uses.get(v, 0) + 1
+        for v in relax.analysis.free_vars(func.body.body):
+            self.uses[v] = self.uses.get(v, 0) + 1
+        self.users: dict[Any, list[Any]] = {}
+        for var, value in self.bindings.items():
+            for v in relax.analysis.free_vars(value):
+                self.users.setdefault(v, []).append(var)
+
+    def const(self, expr: "relax.Expr") -> "np.ndarray | None":
+        """The value of ``expr`` when it is a constant or a transpose/reshape of one."""
+        import tvm
+        from tvm import relax
+
+        while isinstance(expr, relax.Var) and expr in self.bindings:
+            expr = self.bindings[expr]
+        if isinstance(expr, tvm.ir.expr.GenericConst):
+            return expr.value.numpy()
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm_op_type()):
+            name = expr.op.name
+            if name == "relax.permute_dims":
+                base = self.const(expr.args[0])
+                if base is None:
+                    return None
+                axes = expr.attrs.axes
+                return base.transpose(None if axes is None else [int(a) for a in axes])
+            if name == "relax.reshape":
+                base = self.const(expr.args[0])
+                shape = _static_shape(expr)
+                return None if base is None or shape is None else base.reshape(shape)
+        return None
+
+    def single_user(self, var: Any) -> tuple[Any, Any] | None:
+        """(binding var, call) of the only use of ``var``, if it has exactly one."""
+        if self.uses.get(var, 0) != 1 or len(self.users.get(var, [])) != 1:
+            return None
+        user = self.users[var][0]
+        return user, self.bindings[user]
+
+
+def tvm_op_type():
+    import tvm
+
+    return tvm.ir.Op
+
+
+# --------------------------------------------------------------------------- matching
+
+
+def _match_dense(a: _Analysis, call: "relax.Call") -> tuple[Plan, dict] | None:
+    x, w_expr = call.args
+    w = a.const(w_expr)
+    xs, out = _static_shape(x), _static_shape(call)
+    if w is None or w.ndim != 2 or xs is None or out is None or len(xs) < 2:
+        return None
+    if _dtype(x) not in SUPPORTED_DTYPES or str(w.dtype) != _dtype(x) or _dtype(call) != _dtype(x):
+        return None
+    if a.const(x) is not None:
+        return None  # constant-only: FoldConstant's job
+    k, n = w.shape
+    m = 1
+    for d in xs[:-1]:
+        m *= d
+    packed = dense.pack_weight(w)
+    dtype = _dtype(x)
+
+    def emit(bb: "relax.BlockBuilder", args: list, bias, relu: bool, residual
+             ) -> "relax.Expr":
+        from tvm import relax
+
+        func = dense.build(m, k, n, dtype, bias=bias is not None, relu=relu,
+                           residual=residual is not None)
+        gv = bb.add_func(func, dense.NAME)
+        x2 = args[0] if len(xs) == 2 else bb.emit(relax.op.reshape(args[0], (m, k)))
+        call_args = [x2, relax.const(packed)] + ([relax.const(bias)] if bias is not None else [])
+        if residual is not None:
+            call_args.append(residual if len(xs) == 2 else bb.emit(
+                relax.op.reshape(residual, (m, n))))
+        y = relax.call_tir(gv, call_args, relax.TensorType((m, n), dtype))
+        if len(xs) == 2:
+            return y
+        return relax.op.reshape(bb.emit(y), out)
+
+    info = {"op": "matmul", "shape": {"M": m, "K": k, "N": n}}
+    return Plan(dense.NAME, emit, info=info), {"macs": m * k * n}
+
+
+def _match_conv(a: _Analysis, call: "relax.Call") -> tuple[Plan, dict] | None:
+    x, w_expr = call.args
+    at = call.attrs
+    w = a.const(w_expr)
+    xs, out = _static_shape(x), _static_shape(call)
+    if w is None or w.ndim != 4 or xs is None or out is None or len(xs) != 4:
+        return None
+    if (str(at.data_layout), str(at.kernel_layout)) != ("NCHW", "OIHW") or int(at.groups) != 1:
+        return None
+    if str(at.out_layout) not in ("NCHW", ""):
+        return None
+    if _dtype(x) not in SUPPORTED_DTYPES or str(w.dtype) != _dtype(x) or _dtype(call) != _dtype(x):
+        return None
+    if w.shape[1] != xs[1]:
+        return None
+    pad = [int(p) for p in at.padding]
+    if len(pad) == 2:
+        pad = pad * 2
+    shape = conv2d.ConvShape(
+        n=xs[0], ic=xs[1], h=xs[2], w=xs[3], oc=w.shape[0], kh=w.shape[2], kw=w.shape[3],
+        stride=tuple(int(s) for s in at.strides), padding=tuple(pad),
+        dilation=tuple(int(d) for d in at.dilation))
+    if (shape.n, shape.oc) + shape.out_hw != out:
+        return None
+    packed = conv2d.pack_weight(w)
+    dtype = _dtype(x)
+
+    def emit(bb: "relax.BlockBuilder", args: list, bias, relu: bool, residual
+             ) -> "relax.Expr":
+        from tvm import relax
+
+        func = conv2d.build(shape, dtype, bias=bias is not None, relu=relu,
+                            residual=residual is not None)
+        gv = bb.add_func(func, conv2d.NAME)
+        call_args = [args[0], relax.const(packed)] + (
+            [relax.const(bias)] if bias is not None else []) + (
+            [residual] if residual is not None else [])
+        return relax.call_tir(gv, call_args, relax.TensorType(out, dtype))
+
+    macs = out[0] * out[1] * out[2] * out[3] * shape.ic * shape.kh * shape.kw
+    info = {"op": "conv2d", "shape": {"in": list(xs), "weight": list(w.shape), "out": list(out),
+                                      "stride": list(shape.stride), "pad": list(shape.padding)}}
+    return Plan(conv2d.NAME, emit, info=info), {"macs": macs}
+
+
+_MATCHERS = {"relax.matmul": _match_dense, "relax.nn.conv2d": _match_conv}
+
+
+def _channel_bias(a: _Analysis, heavy_var: Any, add_call: "relax.Call", channel_axis: int
+                  ) -> "np.ndarray | None":
+    """The per-output-channel bias vector if ``add_call`` is ``heavy + const`` that keeps the
+    heavy op's shape, else None."""
+    lhs, rhs = add_call.args
+    other = rhs if lhs.same_as(heavy_var) else lhs if rhs.same_as(heavy_var) else None
+    if other is None:
+        return None
+    c = a.const(other)
+    out = _static_shape(heavy_var)
+    if c is None or out is None or _static_shape(add_call) != out or str(c.dtype) != _dtype(
+            heavy_var):
+        return None
+    rank = len(out)
+    axis = channel_axis % rank
+    if c.ndim > rank:
+        return None
+    full = (1,) * (rank - c.ndim) + c.shape
+    if any(d != 1 for i, d in enumerate(full) if i != axis) or full[axis] not in (1, out[axis]):
+        return None
+    vec = c.reshape(-1)
+    if vec.size == 1:
+        import numpy as np
+
+        vec = np.full((out[axis],), vec[0], dtype=c.dtype)
+    return vec
+
+
+def _residual(a: _Analysis, heavy_var: Any, tail: Any, add_call: "relax.Call",
+              params: set) -> Any:
+    """The other operand of ``add_call`` when it is ``tail + r`` with ``r`` a non-constant tensor
+    of the same shape that already exists where the heavy op is computed, else None."""
+    lhs, rhs = add_call.args
+    other = rhs if lhs.same_as(tail) else lhs if rhs.same_as(tail) else None
+    if other is None or other.same_as(tail) or a.const(other) is not None:
+        return None
+    out = _static_shape(heavy_var)
+    if out is None or _static_shape(other) != out or _static_shape(add_call) != out or _dtype(
+            other) != _dtype(heavy_var):
+        return None
+    if other in params:
+        return other
+    if other in a.bindings and a.order.index(other) < a.order.index(heavy_var):
+        return other
+    return None
+
+
+def plan_function(func: "relax.Function", cores: int) -> tuple[dict, dict, list[dict]]:
+    """Choose a strategy for each heavy op; returns (plans by var, aliases, decisions)."""
+    from tvm import relax
+
+    a = _Analysis(func)
+    params = set(func.params)
+    plans: dict[Any, Plan] = {}
+    aliases: dict[Any, Any] = {}
+    decisions: list[dict] = []
+    for var in a.order:
+        call = a.bindings[var]
+        if not isinstance(call, relax.Call) or not isinstance(call.op, tvm_op_type()):
+            continue
+        matcher = _MATCHERS.get(call.op.name)
+        if matcher is None:
+            continue
+        try:
+            matched = matcher(a, call)
+        except Exception:  # noqa: BLE001 - odd attrs: let the generic path handle it
+            matched = None
+        macs = matched[1]["macs"] if matched else 0
+        name, why = kernels.choose(call.op.name, macs, cores,
+                                   lambda s: matched is not None and matched[0].strategy == s)
+        decision = {"op": call.op.name.removeprefix("relax."), **why}
+        if matched is None or name != matched[0].strategy:
+            decisions.append(decision)
+            continue
+        plan = matched[0]
+        decision.update(plan.info)
+        plans[var] = plan
+        # epilogue: + per-channel bias, then relu, each the single user of the previous value
+        channel_axis = 1 if plan.strategy == conv2d.NAME else -1
+        tail = var
+        nxt = a.single_user(tail)
+        if nxt and isinstance(nxt[1], relax.Call) and getattr(nxt[1].op, "name", "") == \
+                "relax.add":
+            bias = _channel_bias(a, tail, nxt[1], channel_axis)
+            if bias is not None:
+                plan.bias = bias
+                aliases[nxt[0]] = var
+                tail = nxt[0]
+                nxt = a.single_user(tail)
+        if nxt and isinstance(nxt[1], relax.Call) and getattr(nxt[1].op, "name", "") == \
+                "relax.add":
+            res = _residual(a, var, tail, nxt[1], params)
+            if res is not None:
+                plan.residual = res
+                aliases[nxt[0]] = var
+                tail = nxt[0]
+                nxt = a.single_user(tail)
+        if nxt and isinstance(nxt[1], relax.Call) and getattr(nxt[1].op, "name", "") == \
+                "relax.nn.relu":
+            plan.relu = True
+            aliases[nxt[0]] = var
+        decision["epilogue"] = [e for e, on in (("bias", plan.bias is not None),
+                                                ("residual", plan.residual is not None),
+                                                ("relu", plan.relu)) if on]
+        decisions.append(decision)
+    return plans, aliases, decisions
+
+
+def _make_mutator():
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class KernelRewriter(relax.PyExprMutator):
+        """Emits planned kernels; turns folded epilogue bindings into aliases."""
+
+        def __init__(self, mod: "ir.IRModule", plans: dict, aliases: dict) -> None:
+            super().__init__(mod)
+            self.plans = plans
+            self.aliases = aliases
+            self._binding = None
+
+        def visit_var_binding_(self, binding: "relax.VarBinding") -> None:
+            self._binding = binding
+            super().visit_var_binding_(binding)
+            self._binding = None
+
+        def visit_call_(self, call: "relax.Call") -> "relax.Expr":
+            b = self._binding
+            if b is not None and b.value.same_as(call):
+                if b.var in self.aliases:
+                    return self.visit_expr(self.aliases[b.var])
+                plan = self.plans.get(b.var)
+                if plan is not None:
+                    args = [self.visit_expr(x) for x in call.args]
+                    residual = (self.visit_expr(plan.residual) if plan.residual is not None
+                                else None)
+                    return plan.emit(self.builder_, args, plan.bias, plan.relu, residual)
+            return super().visit_call_(call)
+
+    return KernelRewriter
+
+
+def rewrite_pass(cores: int, decisions_out: list[dict]):
+    """Module pass running :func:`plan_function` + the rewriter on every Relax function."""
+    import tvm
+    from tvm import relax
+
+    @tvm.transform.module_pass(opt_level=0, name="SparsecKernelRewrite")
+    def _pass(mod: "ir.IRModule", _ctx) -> "ir.IRModule":
+        mutator_cls = _make_mutator()
+        work = [(gv, f) for gv, f in mod.functions_items() if isinstance(f, relax.Function)]
+        all_plans: dict = {}
+        all_aliases: dict = {}
+        for _, func in work:
+            plans, aliases, decisions = plan_function(func, cores)
+            all_plans.update(plans)
+            all_aliases.update(aliases)
+            decisions_out.extend(decisions)
+        mutator = mutator_cls(mod, all_plans, all_aliases)
+        for gv, func in work:
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+        return mutator.builder_.get()
+
+    return _pass

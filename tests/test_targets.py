@@ -1,0 +1,324 @@
+"""CPU back end: targets, hand-scheduled kernels and end-to-end compile/run, against real TVM
+and ONNX Runtime (no mocks)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("tvm")
+
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from sparsec.errors import SparsecError, UnknownTargetError  # noqa: E402
+from sparsec.targets import KNOWN_TARGETS, TargetSpec, resolve_target  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+RTOL = ATOL = 1e-4
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def make_model(nodes, inputs, outputs, inits: dict[str, np.ndarray]) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes, "t",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outputs],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10  # onnxruntime 1.31 refuses onnx 1.23's default IR version
+    return model
+
+
+def random_feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    init = {t.name for t in model.graph.initializer}
+    return {vi.name: rng.standard_normal([d.dim_value for d in vi.type.tensor_type.shape.dim]
+                                         ).astype(np.float32)
+            for vi in model.graph.input if vi.name not in init}
+
+
+def run_ort(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+@pytest.fixture(scope="module")
+def host() -> TargetSpec:
+    return resolve_target("host")
+
+
+def compile_and_run(model, host, tmp_path, feeds=None, name="m"):
+    from sparsec.targets.host import compile_onnx, load_library
+
+    lib = tmp_path / f"{name}.so"
+    logs: list[str] = []
+    facts = compile_onnx(model, host, lib, log=logs.append)
+    assert lib.is_file() and logs
+    feeds = feeds if feeds is not None else random_feeds(model)
+    outs = load_library(lib, facts["inputs"]).run(feeds)
+    return facts, feeds, outs
+
+
+def assert_matches_ort(model, feeds, outs) -> None:
+    ref = run_ort(model, feeds)
+    assert len(outs) == len(ref)
+    for got, want in zip(outs, ref):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def test_unknown_target_lists_known_names():
+    with pytest.raises(UnknownTargetError) as info:
+        resolve_target("nope")
+    msg = str(info.value)
+    assert "unknown target 'nope'" in msg
+    for name in KNOWN_TARGETS:
+        assert name in msg
+    assert isinstance(info.value, SparsecError) and info.value.exit_code == 8
+
+
+def test_known_targets_resolve():
+    assert KNOWN_TARGETS == ("host", "x86-avx2", "llvm")
+    for name in KNOWN_TARGETS:
+        spec = resolve_target(name)
+        assert spec.name == name and spec.description
+        assert spec.tvm_target["kind"] == "llvm"
+        assert spec.tvm_target["num-cores"] == os.cpu_count()
+    assert resolve_target("host").tvm_target["mcpu"]  # detected, e.g. "znver4"
+    assert resolve_target("x86-avx2").tvm_target["mcpu"] == "haswell"
+
+
+def test_targets_module_imports_nothing_heavy():
+    code = ("import sys, sparsec.targets; "
+            "heavy = [m for m in ('tvm', 'onnx', 'numpy') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO)
+
+
+# --------------------------------------------------------------------------- dense
+
+
+def dense_model(form: str, m: int, k: int, n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    w_kn = rng.standard_normal((k, n)) / np.sqrt(k)
+    b = rng.standard_normal(n)
+    if form == "matmul":
+        return make_model([helper.make_node("MatMul", ["x", "w"], ["y"])],
+                          [("x", [m, k])], [("y", [m, n])], {"w": w_kn})
+    if form == "gemm_transb":  # Gemm(transB=1) -> permute_dims(W) + matmul + add
+        return make_model([helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)],
+                          [("x", [m, k])], [("y", [m, n])], {"w": w_kn.T.copy(), "b": b})
+    if form == "matmul_add_relu":
+        return make_model([helper.make_node("MatMul", ["x", "w"], ["h"]),
+                           helper.make_node("Add", ["h", "b"], ["a"]),
+                           helper.make_node("Relu", ["a"], ["y"])],
+                          [("x", [m, k])], [("y", [m, n])], {"w": w_kn, "b": b})
+    if form == "rank3":  # [B, S, K] @ [K, N]: leading dims flattened into M
+        return make_model([helper.make_node("MatMul", ["x", "w"], ["h"]),
+                           helper.make_node("Add", ["h", "b"], ["y"])],
+                          [("x", [2, m, k])], [("y", [2, m, n])], {"w": w_kn, "b": b})
+    raise ValueError(form)
+
+
+@pytest.mark.parametrize("form,m,k,n", [
+    ("matmul", 32, 64, 48),
+    ("matmul", 1, 40, 45),      # GEMV, odd N
+    ("matmul", 3, 17, 45),      # odd everything
+    ("matmul", 128, 32, 16),
+    ("gemm_transb", 8, 24, 45),
+    ("gemm_transb", 7, 33, 5),  # M prime, N < 16
+    ("matmul_add_relu", 5, 20, 33),
+    ("rank3", 3, 16, 20),
+])
+def test_dense_packed_numerics(form, m, k, n, host, tmp_path):
+    model = dense_model(form, m, k, n)
+    facts, feeds, outs = compile_and_run(model, host, tmp_path)
+    assert facts["kernels"].get("dense_packed") == 1, facts["kernels"]
+    x = feeds["x"].astype(np.float64)
+    inits = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    w = inits["w"].T if form == "gemm_transb" else inits["w"]
+    want = x @ w + inits.get("b", 0.0)
+    if form == "matmul_add_relu":
+        want = np.maximum(want, 0)
+    np.testing.assert_allclose(outs[0], want, rtol=RTOL, atol=ATOL)
+    assert_matches_ort(model, feeds, outs)
+    if form in ("gemm_transb", "matmul_add_relu"):  # bias (and relu) folded into the kernel
+        dense = [d for d in facts["decisions"] if d["chosen"] == "dense_packed"]
+        assert dense[0]["epilogue"][0] == "bias"
+        assert facts["kernels"] == {"dense_packed": 1}
+
+
+def test_dense_kernel_keeps_schedule_next_to_fusible_ops(host, tmp_path):
+    """A non-folded elementwise op after the kernel must not be fused into it (the kernel is
+    opaque to FuseOps), and its own function gets the fallback schedule."""
+    rng = np.random.default_rng(3)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["h"]),
+                        helper.make_node("Sigmoid", ["h"], ["y"])],
+                       [("x", [4, 16])], [("y", [4, 24])], {"w": rng.standard_normal((16, 24))})
+    facts, feeds, outs = compile_and_run(model, host, tmp_path)
+    assert facts["kernels"] == {"dense_packed": 1, "fallback": 1}
+    assert_matches_ort(model, feeds, outs)
+
+
+# --------------------------------------------------------------------------- conv
+
+
+def conv_model(n, c, h, w, oc, k, stride, pad, dil=1, group=1, bias=True, relu=False, seed=0):
+    rng = np.random.default_rng(seed)
+    inits = {"w": rng.standard_normal((oc, c // group, k, k)) / np.sqrt(k * k * c / group)}
+    ins = ["x", "w"]
+    if bias:
+        inits["b"] = rng.standard_normal(oc)
+        ins.append("b")
+    nodes = [helper.make_node("Conv", ins, ["c"], pads=[pad] * 4, strides=[stride] * 2,
+                              dilations=[dil] * 2, group=group, kernel_shape=[k, k])]
+    nodes.append(helper.make_node("Relu" if relu else "Identity", ["c"], ["y"]))
+    oh = (h + 2 * pad - dil * (k - 1) - 1) // stride + 1
+    ow = (w + 2 * pad - dil * (k - 1) - 1) // stride + 1
+    return make_model(nodes, [("x", [n, c, h, w])], [("y", [n, oc, oh, ow])], inits)
+
+
+@pytest.mark.parametrize("args", [
+    dict(n=1, c=16, h=14, w=14, oc=32, k=3, stride=1, pad=1, relu=True),
+    dict(n=1, c=3, h=17, w=19, oc=45, k=3, stride=2, pad=1),           # odd C/OC/W, stride 2
+    dict(n=2, c=5, h=9, w=11, oc=7, k=1, stride=1, pad=0, bias=False),  # 1x1, batch 2
+    dict(n=1, c=8, h=13, w=13, oc=20, k=1, stride=2, pad=0),            # 1x1 stride 2
+    dict(n=1, c=6, h=10, w=10, oc=16, k=3, stride=1, pad=2, dil=2),     # dilation
+    dict(n=1, c=4, h=12, w=12, oc=9, k=5, stride=1, pad=0, relu=True),  # no padding, 5x5
+])
+def test_conv2d_packed_numerics(args, host, tmp_path):
+    model = conv_model(**args)
+    facts, feeds, outs = compile_and_run(model, host, tmp_path)
+    assert facts["kernels"].get("conv2d_nchw_packed") == 1, facts["kernels"]
+    assert_matches_ort(model, feeds, outs)
+
+
+def test_depthwise_conv_uses_fallback(host, tmp_path):
+    model = conv_model(n=1, c=12, h=15, w=15, oc=12, k=3, stride=1, pad=1, group=12, relu=True)
+    facts, feeds, outs = compile_and_run(model, host, tmp_path)
+    assert "conv2d_nchw_packed" not in facts["kernels"]
+    assert facts["kernels"].get("fallback", 0) >= 1
+    conv = [d for d in facts["decisions"] if d["op"] == "nn.conv2d"]
+    assert conv and conv[0]["chosen"] == "fallback"
+    assert_matches_ort(model, feeds, outs)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def small_cnn(seed: int = 0) -> onnx.ModelProto:
+    """conv(3->13, s2)+relu, residual block (conv+relu, conv, add, relu), depthwise conv,
+    max pool, global average pool, flatten, Gemm(->10), softmax."""
+    rng = np.random.default_rng(seed)
+    inits = {
+        "w1": rng.standard_normal((13, 3, 3, 3)) / 5, "b1": rng.standard_normal(13) * 0.1,
+        "w2": rng.standard_normal((13, 13, 3, 3)) / 10, "b2": rng.standard_normal(13) * 0.1,
+        "w3": rng.standard_normal((13, 13, 3, 3)) / 10, "b3": rng.standard_normal(13) * 0.1,
+        "wd": rng.standard_normal((13, 1, 3, 3)) / 3,
+        "fw": rng.standard_normal((10, 13)) / 4, "fb": rng.standard_normal(10) * 0.1,
+    }
+    n = helper.make_node
+    nodes = [
+        n("Conv", ["x", "w1", "b1"], ["c1"], pads=[1] * 4, strides=[2, 2]),
+        n("Relu", ["c1"], ["r1"]),
+        n("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1] * 4),
+        n("Relu", ["c2"], ["r2"]),
+        n("Conv", ["r2", "w3", "b3"], ["c3"], pads=[1] * 4),
+        n("Add", ["c3", "r1"], ["s"]),
+        n("Relu", ["s"], ["r3"]),
+        n("Conv", ["r3", "wd"], ["d"], pads=[1] * 4, group=13),
+        n("MaxPool", ["d"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+        n("GlobalAveragePool", ["p"], ["g"]),
+        n("Flatten", ["g"], ["f"]),
+        n("Gemm", ["f", "fw", "fb"], ["logits"], transB=1),
+        n("Softmax", ["logits"], ["y"], axis=-1),
+    ]
+    return make_model(nodes, [("x", [2, 3, 24, 24])], [("y", [2, 10])], inits)
+
+
+def small_mlp(seed: int = 0) -> onnx.ModelProto:
+    """Gemm(64->45)+relu, MatMul(45->31)+Add+Tanh, Gemm(31->10); two outputs."""
+    rng = np.random.default_rng(seed)
+    inits = {"w1": rng.standard_normal((45, 64)) / 8, "b1": rng.standard_normal(45) * 0.1,
+             "w2": rng.standard_normal((45, 31)) / 7, "b2": rng.standard_normal(31) * 0.1,
+             "w3": rng.standard_normal((10, 31)) / 6, "b3": rng.standard_normal(10) * 0.1}
+    n = helper.make_node
+    nodes = [n("Gemm", ["x", "w1", "b1"], ["h1"], transB=1), n("Relu", ["h1"], ["a1"]),
+             n("MatMul", ["a1", "w2"], ["h2"]), n("Add", ["h2", "b2"], ["h2b"]),
+             n("Tanh", ["h2b"], ["a2"]), n("Gemm", ["a2", "w3", "b3"], ["y"], transB=1)]
+    return make_model(nodes, [("x", [5, 64])], [("y", [5, 10]), ("a2", [5, 31])], inits)
+
+
+def test_end_to_end_cnn(host, tmp_path):
+    model = small_cnn()
+    facts, feeds, outs = compile_and_run(model, host, tmp_path, name="cnn")
+    assert facts["kernels"]["conv2d_nchw_packed"] == 3
+    assert facts["kernels"]["dense_packed"] == 1
+    assert facts["kernels"]["fallback"] >= 1
+    chosen = [(d["op"], d["chosen"]) for d in facts["decisions"]]
+    assert chosen.count(("conv2d", "conv2d_nchw_packed")) == 3
+    assert ("nn.conv2d", "fallback") in chosen  # the depthwise one
+    epilogues = [d.get("epilogue") for d in facts["decisions"] if d["op"] == "conv2d"]
+    # conv+bias+relu, conv+bias+relu, conv+bias+skip-add+relu folded into the kernels
+    assert epilogues == [["bias", "relu"], ["bias", "relu"], ["bias", "residual", "relu"]]
+    for d in facts["decisions"]:  # the cost rule's estimates are reported for every choice
+        assert d["chosen"] in d["candidates"]
+        assert d["candidates"][d["chosen"]] == min(d["candidates"].values())
+    assert facts["inputs"] == ["x"] and facts["outputs"] == ["y"]
+    assert facts["target"] == host.tvm_target and facts["tvm_version"]
+    assert_matches_ort(model, feeds, outs)
+
+
+def test_end_to_end_mlp_two_inputs_and_outputs(host, tmp_path):
+    from sparsec.targets.host import load_library
+
+    mlp = small_mlp()
+    # a second graph input, listed first, to check the name -> VM argument order
+    g = mlp.graph
+    g.node.append(helper.make_node("Mul", ["y", "scale"], ["ys"]))
+    g.input.insert(0, helper.make_tensor_value_info("scale", TensorProto.FLOAT, [5, 10]))
+    g.output.append(helper.make_tensor_value_info("ys", TensorProto.FLOAT, [5, 10]))
+    facts, feeds, outs = compile_and_run(mlp, host, tmp_path, name="mlp")
+    assert facts["inputs"] == ["scale", "x"]
+    assert facts["outputs"] == ["y", "a2", "ys"]
+    assert facts["kernels"]["dense_packed"] == 3
+    assert_matches_ort(mlp, feeds, outs)
+    # the dict order of the feeds does not matter
+    runner = load_library(tmp_path / "mlp.so", facts["inputs"])
+    again = runner.run({"x": feeds["x"], "scale": feeds["scale"]})
+    for a, b in zip(again, outs):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(KeyError, match="scale"):
+        runner.run({"x": feeds["x"]})
+
+
+def test_compile_writes_atomically(host, tmp_path):
+    from sparsec.targets.host import compile_onnx
+
+    out = tmp_path / "lib" / "model.so"
+    compile_onnx(dense_model("matmul", 2, 8, 8), host, out, log=lambda s: None)
+    assert [p.name for p in out.parent.iterdir()] == ["model.so"]
+
+
+@pytest.mark.parametrize("target", ["x86-avx2", "llvm"])
+def test_other_targets_compile_and_run(target, tmp_path):
+    model = small_mlp()
+    facts, feeds, outs = compile_and_run(model, resolve_target(target), tmp_path)
+    assert facts["target"] == resolve_target(target).tvm_target
+    assert_matches_ort(model, feeds, outs)
