@@ -179,7 +179,6 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
     with staging_dir(output_dir) as tmp:
         proto = to_onnx(graph)
         (tmp / MODEL).write_bytes(proto.SerializeToString())
-        log(f"compiling for {spec.name} with TVM ...")
         facts = compile_onnx(proto, spec, tmp / LIBRARY, log=log)
         source = (str(model) if isinstance(model, (str, os.PathLike))
                   else f"<{type(model).__name__}>")

@@ -32,6 +32,18 @@ def sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def _check_parent(p: Path) -> None:
+    """The nearest existing ancestor of ``p`` must be a writable directory (missing directories
+    in between are created when the output is written)."""
+    ancestor = p.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputError(f"cannot write {p}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK):
+        raise OutputError(f"cannot write {p}: directory {ancestor} is not writable")
+
+
 def check_writable_file(path: str | os.PathLike, source: str | os.PathLike | None = None) -> Path:
     """Fail early (before any heavy work) if ``path`` cannot be written as a file."""
     p = Path(path)
@@ -39,22 +51,14 @@ def check_writable_file(path: str | os.PathLike, source: str | os.PathLike | Non
         raise OutputError(f"refusing to overwrite the input model {p}")
     if p.is_dir():
         raise OutputError(f"output {p} is a directory")
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"output directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"output directory {parent} is not writable")
+    _check_parent(p)
     return p
 
 
 def check_writable_dir(path: str | os.PathLike) -> Path:
     """A package directory may be created, or replace an earlier sparsec package, nothing else."""
     p = Path(path)
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"parent directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"directory {parent} is not writable")
+    _check_parent(p)
     if p.exists() and (not p.is_dir() or (any(p.iterdir()) and not (p / MANIFEST).is_file())):
         raise OutputError(f"{p} exists and is not a sparsec package; remove it or choose another "
                           f"output path")
@@ -63,7 +67,8 @@ def check_writable_dir(path: str | os.PathLike) -> Path:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     p = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent if str(p.parent) else ".")
+    p.absolute().parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.absolute().parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -77,7 +82,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def staging_dir(final: str | os.PathLike) -> Iterator[Path]:
     """A temp directory beside ``final`` that replaces it when the block succeeds."""
     final = Path(final)
-    parent = final.parent if str(final.parent) else Path(".")
+    parent = final.absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=parent))
     umask = os.umask(0)
     os.umask(umask)

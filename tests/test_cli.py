@@ -121,8 +121,10 @@ def test_unknown_target(tmp_path):
 def test_unwritable_outputs(tmp_path):
     model = EXAMPLES / "digits_mlp.onnx"
     before = digest(model)
-    proc = sparsec("prune", model, "-o", tmp_path / "missing" / "out.onnx", "--ratio", "0.3")
-    assert_clean_error(proc, 9, "does not exist")
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("not a directory")
+    proc = sparsec("prune", model, "-o", a_file / "sub" / "out.onnx", "--ratio", "0.3")
+    assert_clean_error(proc, 9, "is not a directory")
     proc = sparsec("prune", model, "-o", tmp_path, "--ratio", "0.3")
     assert_clean_error(proc, 9, "is a directory")
     proc = sparsec("prune", model, "-o", model, "--ratio", "0.3")
@@ -134,6 +136,14 @@ def test_unwritable_outputs(tmp_path):
     assert_clean_error(proc, 9, "not a sparsec package")
     assert os.listdir(occupied) == ["notes.txt"]
     assert digest(model) == before
+    assert sorted(os.listdir(tmp_path)) == ["file.txt", "occupied"]
+
+
+def test_missing_output_directories_are_created(tmp_path):
+    out = tmp_path / "build" / "deep" / "small.onnx"
+    proc = sparsec("-q", "prune", EXAMPLES / "digits_mlp.onnx", "-o", out, "--ratio", "0.3")
+    assert proc.returncode == 0, proc.stderr
+    assert onnx.load(str(out)).graph.node
 
 
 def test_prune_writes_model_and_table(tmp_path):

@@ -9,7 +9,9 @@ Pipeline (compare ``tvm/relax/backend/cpu_generic/pipeline.py``, the "zero" defa
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -23,6 +25,25 @@ if TYPE_CHECKING:
     import numpy as np
     import onnx
     from tvm import ir
+
+@contextlib.contextmanager
+def native_stderr_to(log: Callable[[str], None]):
+    """Route what native code (TVM's C++ logging) writes to fd 2 through ``log``, so that its
+    warnings are progress messages (silenced by ``-q``) rather than stray lines on the terminal."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            for line in sink.read().decode(errors="replace").splitlines():
+                if line.strip():
+                    log(f"tvm: {line.strip()}")
+
 
 def graph_input_names(model: "onnx.ModelProto") -> list[str]:
     """Graph inputs that are not initializers, in graph order (the VM ``main`` order)."""
@@ -115,8 +136,9 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
     decisions: list[dict] = []
     counts: dict[str, int] = {}
     log(f"compiling for {target.name} ({target.description})")
-    ex = tvm.compile(mod, target=tvm_target,
-                     relax_pipeline=build_pipeline(tvm_target, cores, decisions, counts))
+    with native_stderr_to(log):
+        ex = tvm.compile(mod, target=tvm_target,
+                         relax_pipeline=build_pipeline(tvm_target, cores, decisions, counts))
     lib_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{lib_path.stem}.", suffix=".tmp.so",
                                dir=lib_path.parent)
@@ -127,7 +149,7 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    log(f"wrote {lib_path} ({lib_path.stat().st_size} bytes); kernels: {counts}")
+    log(f"library {lib_path.stat().st_size:,} bytes; kernels: {counts}")
     return {
         "tvm_version": tvm.__version__,
         "target": dict(target.tvm_target),
