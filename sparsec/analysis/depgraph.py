@@ -50,7 +50,7 @@ class Group:
     id: int
     size: int
     dims: list[Dim]
-    sources: list[str]                       # weight-op nodes whose output channels this is
+    sources: list[str]                       # weights whose output channels these are
     params: list[tuple[str, int]]            # (initializer, axis) slices removed with the group
     consumer_params: list[tuple[str, int]] = field(default_factory=list)  # input-channel slices
     edits: list[Edit] = field(default_factory=list)
@@ -73,7 +73,7 @@ class DependencyGraph:
         self.graph = graph
         self.nx = nx.Graph()
         self._frozen: dict[Dim, list[str]] = {}
-        self._sources: dict[Dim, list[str]] = {}
+        self._sources: set[Dim] = set()
         self._edits: dict[Dim, list[Edit]] = {}
         self._consumers: set[Dim] = set()
         for name in graph.inputs:
@@ -113,8 +113,9 @@ class DependencyGraph:
             for axis in range(len(self.graph.shape(name))):
                 self.freeze(self.dim(name, axis), reason)
 
-    def source(self, name: str, axis: int, node: Node) -> None:
-        self._sources.setdefault(self.dim(name, axis), []).append(node.name)
+    def source(self, name: str, axis: int) -> None:
+        """Mark a weight axis that *produces* channels (Conv/Gemm/MatMul output features)."""
+        self._sources.add(self.dim(name, axis))
 
     def consumer(self, name: str, axis: int) -> None:
         """Mark a weight axis that *reads* the channel (a Conv/Gemm/MatMul input-channel axis)."""
@@ -145,7 +146,7 @@ class DependencyGraph:
                 id=len(groups),
                 size=min(sizes),
                 dims=comp,
-                sources=sorted({s for d in comp for s in self._sources.get(d, [])}),
+                sources=sorted({d[1] for d in comp if d in self._sources}),
                 params=[(d[1], d[2]) for d in comp if d[0] == "p"],
                 consumer_params=[(d[1], d[2]) for d in comp if d in self._consumers],
                 edits=sorted({e for d in comp for e in self._edits.get(d, [])},
@@ -181,7 +182,8 @@ def _broadcast(dg: DependencyGraph, n: Node) -> None:
         shape = dg.graph.shape(name)
         offset = len(out_shape) - len(shape)
         for axis, size in enumerate(shape):
-            if size == out_shape[axis + offset] and not (size == 1 and out_shape[axis + offset] != 1):
+            out_size = out_shape[axis + offset]
+            if size == out_size and not (size == 1 and out_size != 1):
                 dg.couple(name, axis, out, axis + offset)
 
 
@@ -198,7 +200,7 @@ def _conv(dg: DependencyGraph, n: Node) -> None:
     cin, cout = dg.graph.shape(x)[1], dg.graph.shape(y)[1]
     if group == 1:
         dg.couple(y, 1, w, 0)
-        dg.source(w, 0, n)
+        dg.source(w, 0)
         dg.couple(x, 1, w, 1)
         dg.consumer(w, 1)
     elif group == cin == cout and dg.graph.shape(w)[1] == 1:  # depthwise: channels pass through
@@ -209,7 +211,7 @@ def _conv(dg: DependencyGraph, n: Node) -> None:
         dg.freeze(dg.dim(x, 1), f"grouped convolution (group={group})")
         dg.freeze(dg.dim(y, 1), f"grouped convolution (group={group})")
         dg.couple(y, 1, w, 0)
-        dg.source(w, 0, n)
+        dg.source(w, 0)
     if b:
         dg.couple(y, 1, b, 0)
 
@@ -226,7 +228,7 @@ def _gemm(dg: DependencyGraph, n: Node) -> None:
         dg.couple(a, 1, w, 1 if trans_b else 0)
         dg.consumer(w, 1 if trans_b else 0)
         dg.couple(y, 1, w, 0 if trans_b else 1)
-        dg.source(w, 0 if trans_b else 1, n)
+        dg.source(w, 0 if trans_b else 1)
     if c:
         c_shape = dg.graph.shape(c)
         out_shape = dg.graph.shape(y)
@@ -249,7 +251,7 @@ def _matmul(dg: DependencyGraph, n: Node) -> None:
     dg.couple(a, -1, w, 0)
     dg.consumer(w, 0)
     dg.couple(y, -1, w, 1)
-    dg.source(w, 1, n)
+    dg.source(w, 1)
 
 
 def _channel_norm(dg: DependencyGraph, n: Node) -> None:

@@ -1,1 +1,2 @@
-"""Frontends lower models to the sparsec IR: ``onnx`` (files, protos) and ``torch`` (torch.export)."""
+"""Frontends lower models to the sparsec IR: ``onnx`` (files, protos) and ``torch``
+(torch.export capture)."""

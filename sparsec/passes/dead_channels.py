@@ -63,4 +63,5 @@ class RemoveDeadChannels:
             if dead.any() and not dead.all():
                 plan[g.id] = np.flatnonzero(~dead)
         removed = sum(dg.groups[i].size - len(k) for i, k in plan.items())
-        return apply_plan(graph, dg, plan), {"pruned_groups": len(plan), "channels_removed": removed}
+        details = {"pruned_groups": len(plan), "channels_removed": removed}
+        return apply_plan(graph, dg, plan), details
