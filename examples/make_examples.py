@@ -6,7 +6,7 @@ Trains two small models on scikit-learn's 8x8 digits (seeded, CPU, ~20 s) and ex
 sparsec's own torch capture path:
   digits_cnn.onnx   residual CNN (conv-bn-relu blocks with skip adds, global pool, linear head)
   digits_mlp.onnx   MLP 64-256-128-10 (Gemm -> ReLU -> Gemm chain)
-  digits_calib.npz  64 held-out images for calibration/validation, stacked on a leading axis
+  digits_calib.npz  64 training images for calibration, stacked on a leading axis
   digits_test.npz   the held-out images and labels (for accuracy)
 """
 
@@ -91,7 +91,7 @@ def main() -> None:
         proto = export_onnx(model, example, input_names=["image"])
         proto.ir_version = 10
         onnx.save(proto, HERE / f"{name}.onnx")
-    np.savez(HERE / "digits_calib.npz", image=images[test_idx[:64]][:, None])
+    np.savez(HERE / "digits_calib.npz", image=images[train_idx[:64]][:, None])  # not test data
     np.savez(HERE / "digits_test.npz", image=images[test_idx], label=labels[test_idx])
 
 

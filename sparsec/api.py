@@ -31,7 +31,7 @@ from sparsec.package import (FORMAT, LIBRARY, MANIFEST, MODEL, Package, atomic_w
 from sparsec.reference import signature
 from sparsec.passes.dead_channels import RemoveDeadChannels
 from sparsec.passes.magnitude import MagnitudePrune
-from sparsec.passes.manager import PassManager, PassResult
+from sparsec.passes.manager import PassContext, PassManager, PassResult
 
 Log = Callable[[str], None]
 ModelLike = Any  # path, onnx.ModelProto, sparsec Graph, or torch.nn.Module (with example_inputs)
@@ -134,24 +134,30 @@ def _calibration(graph: Graph, calibration) -> list[dict[str, np.ndarray]]:
 
 
 def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: float = 0.0,
-          input_shapes: InputShapes | str | None = None, calibration=None,
-          remove_dead: bool = False, example_inputs: Sequence[Any] | None = None,
-          log: Log = _quiet) -> PruneResult:
+          reconstruct: bool = False, input_shapes: InputShapes | str | None = None,
+          calibration=None, remove_dead: bool = False,
+          example_inputs: Sequence[Any] | None = None, log: Log = _quiet) -> PruneResult:
     """Prune channel groups by L2 magnitude at a uniform ``ratio``; optionally write ONNX.
 
-    ``calibration``: inputs to measure fidelity on (an .npz path, a dict, or a list of dicts);
-    seeded random inputs by default. Ratio 0 leaves the model unchanged.
+    ``reconstruct``: refit the consumers of removed channels by least squares on calibration
+    data. ``calibration``: inputs to fit and measure on (an .npz path, a dict, or a list of
+    dicts; every 4th batch is held out for the fidelity figures); seeded random inputs by
+    default. Ratio 0 leaves the model unchanged.
     """
     ratio = _check_ratio(ratio)
     if output is not None:
         check_writable_file(output, model if isinstance(model, (str, os.PathLike)) else None)
     graph = load(model, input_shapes, example_inputs)
     calib = _calibration(graph, calibration)
+    if reconstruct and calibration is None and ratio > 0:
+        log("warning: reconstructing on random inputs; give calibration data (--calib) "
+            "drawn from the real input distribution")
     passes = ([RemoveDeadChannels()] if remove_dead else []) + (
-        [MagnitudePrune(ratio)] if ratio > 0 else [])
+        [MagnitudePrune(ratio, reconstruct=reconstruct)] if ratio > 0 else [])
     pruned, results = PassManager(passes, calib, log).run(graph)
-    fid = reference.compare(*(
-        [o for feeds in calib for o in reference.run(g, feeds)] for g in (graph, pruned)))
+    holdout = PassContext.split(calib).holdout
+    fid = reference.compare(*([o for outs in reference.run_batches(g, holdout) for o in outs]
+                              for g in (graph, pruned)))
     result = PruneResult(pruned, results, cost(graph), cost(pruned), fid)
     if output is not None:
         atomic_write_bytes(output, to_onnx(pruned).SerializeToString())
@@ -161,7 +167,8 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
 
 # ----------------------------------------------------------------------------- compiling
 def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "host",
-            ratio: float = 0.0, input_shapes: InputShapes | str | None = None,
+            ratio: float = 0.0, reconstruct: bool = False,
+            input_shapes: InputShapes | str | None = None,
             calibration=None, remove_dead: bool = False,
             example_inputs: Sequence[Any] | None = None, command: Sequence[str] | None = None,
             log: Log = _quiet) -> dict:
@@ -171,8 +178,9 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
     spec = resolve_target(target)
     _check_ratio(ratio)
     check_writable_dir(output_dir)
-    result = prune(model, ratio=ratio, input_shapes=input_shapes, calibration=calibration,
-                   remove_dead=remove_dead, example_inputs=example_inputs, log=log)
+    result = prune(model, ratio=ratio, reconstruct=reconstruct, input_shapes=input_shapes,
+                   calibration=calibration, remove_dead=remove_dead,
+                   example_inputs=example_inputs, log=log)
     graph = result.graph
     from sparsec.targets.host import compile_onnx
 

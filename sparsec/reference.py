@@ -32,6 +32,31 @@ def run(model, inputs: dict[str, np.ndarray], threads: int = 0) -> list[np.ndarr
     return session(model, threads).run(None, inputs)
 
 
+def run_batches(model, batches: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
+    """Outputs for each batch of inputs, one session for all of them."""
+    sess = session(model)
+    return [sess.run(None, feeds) for feeds in batches]
+
+
+def activations(graph: Graph, batches: list[dict[str, np.ndarray]], names: list[str]
+                ) -> dict[str, list[np.ndarray]]:
+    """Values of (intermediate) tensors ``names`` of ``graph``, one array per input batch."""
+    from onnx import helper
+
+    from sparsec.ir.onnx_io import elem_type, to_onnx
+
+    proto = to_onnx(graph)
+    present = {o.name for o in proto.graph.output}
+    for name in names:
+        if name not in present:
+            v = graph.values[name]
+            proto.graph.output.append(
+                helper.make_tensor_value_info(name, elem_type(v.dtype), list(v.shape)))
+    sess = session(proto)
+    per_batch = [sess.run(names, feeds) for feeds in batches]
+    return {name: [vals[i] for vals in per_batch] for i, name in enumerate(names)}
+
+
 def random_feeds(signature: list[dict], seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded inputs for a signature ``[{"name", "shape", "dtype"}, ...]``: N(0, 1) floats;
     integers in [0, 2) and all-true booleans, which are valid token ids, type ids and attention

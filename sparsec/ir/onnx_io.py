@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import AttributeProto, TensorProto, helper, numpy_helper
+from onnx import AttributeProto, helper, numpy_helper
 
 from sparsec.ir.graph import Graph, Node, Value
 
@@ -19,11 +19,13 @@ from sparsec.ir.graph import Graph, Node, Value
 MAX_IR_VERSION = 10
 
 
-def _np_dtype(elem_type: int) -> str:
-    return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).name
+def tensor_dtype(onnx_type: int) -> str:
+    """ONNX element type -> numpy dtype name."""
+    return np.dtype(helper.tensor_dtype_to_np_dtype(onnx_type)).name
 
 
-def _elem_type(dtype: str) -> int:
+def elem_type(dtype: str) -> int:
+    """numpy dtype name -> ONNX element type."""
     return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
 
 
@@ -91,7 +93,7 @@ def from_onnx(model: onnx.ModelProto) -> Graph:
         if shape is None or not vi.type.tensor_type.elem_type:
             missing.append(name)
             continue
-        values[name] = Value(name, shape, _np_dtype(vi.type.tensor_type.elem_type))
+        values[name] = Value(name, shape, tensor_dtype(vi.type.tensor_type.elem_type))
     if missing:
         raise ValueError(f"shapes unknown for {len(missing)} tensor(s): {', '.join(missing[:5])}")
     return Graph(
@@ -113,7 +115,7 @@ def to_onnx(graph: Graph, *, with_value_info: bool = True) -> onnx.ModelProto:
 
     def vinfo(name: str) -> onnx.ValueInfoProto:
         v = graph.values[name]
-        return helper.make_tensor_value_info(name, _elem_type(v.dtype), list(v.shape))
+        return helper.make_tensor_value_info(name, elem_type(v.dtype), list(v.shape))
 
     nodes = []
     for n in graph.nodes:
@@ -142,9 +144,4 @@ def to_onnx(graph: Graph, *, with_value_info: bool = True) -> onnx.ModelProto:
     return model
 
 
-def tensor_dtype(elem_type: int) -> str:
-    """ONNX element type -> numpy dtype name (exposed for frontends)."""
-    return _np_dtype(elem_type)
-
-
-__all__ = ["from_onnx", "to_onnx", "value_infos", "tensor_dtype", "MAX_IR_VERSION", "TensorProto"]
+__all__ = ["from_onnx", "to_onnx", "value_infos", "tensor_dtype", "elem_type", "MAX_IR_VERSION"]

@@ -14,6 +14,7 @@ import numpy as np
 
 from sparsec.analysis.depgraph import DependencyGraph, Group
 from sparsec.ir.graph import Graph
+from sparsec.passes.manager import PassContext
 from sparsec.passes.surgery import apply_plan
 
 # Ops that keep an all-zero channel all-zero (f(0) == 0, or linear in the channel).
@@ -53,7 +54,7 @@ class RemoveDeadChannels:
     name: str = "remove-dead-channels"
     exact: bool = True
 
-    def run(self, graph: Graph) -> tuple[Graph, dict]:
+    def run(self, graph: Graph, ctx: PassContext | None = None) -> tuple[Graph, dict]:
         dg = DependencyGraph(graph)
         plan = {}
         for g in dg.groups:

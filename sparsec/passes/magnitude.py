@@ -4,6 +4,9 @@ A channel's importance is the L2 norm of everything that would be removed with i
 every parameter in the group (producer weights, biases, norm parameters and the consumers'
 input-channel weights), as in DepGraph's group-level magnitude criterion. Every prunable group
 loses ``floor(size * ratio)`` channels (uniform ratio); frozen groups are left alone.
+
+With ``reconstruct=True`` the consumers of the removed channels are then refit by least squares
+on the calibration data (``sparsec.passes.reconstruct``).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import numpy as np
 
 from sparsec.analysis.depgraph import DependencyGraph, Group
 from sparsec.ir.graph import Graph
+from sparsec.passes.manager import PassContext
+from sparsec.passes.reconstruct import RIDGE, refit_consumers
 from sparsec.passes.surgery import apply_plan
 
 
@@ -35,10 +40,12 @@ def keep_top(scores: np.ndarray, n_keep: int) -> np.ndarray:
 @dataclass
 class MagnitudePrune:
     ratio: float
+    reconstruct: bool = False
+    ridge: float = RIDGE
     name: str = "magnitude-prune"
     exact: bool = False
 
-    def run(self, graph: Graph) -> tuple[Graph, dict]:
+    def run(self, graph: Graph, ctx: PassContext | None = None) -> tuple[Graph, dict]:
         dg = DependencyGraph(graph)
         plan = {}
         removed = total = 0
@@ -55,4 +62,10 @@ class MagnitudePrune:
                    "prunable_groups": sum(g.prunable for g in dg.groups),
                    "pruned_groups": len(plan), "channels_removed": removed,
                    "channels_in_prunable_groups": total}
-        return apply_plan(graph, dg, plan), details
+        pruned = apply_plan(graph, dg, plan)
+        if self.reconstruct:
+            if ctx is None:
+                raise ValueError("reconstruction needs calibration data (a PassContext)")
+            pruned, info = refit_consumers(graph, pruned, dg, plan, ctx.fit, self.ridge)
+            details["reconstructed"] = info["refit"]
+        return pruned, details

@@ -1,9 +1,13 @@
 """Pass manager: runs passes in order and records what each one did and what it cost.
 
 Each pass declares whether it is exact. After every pass the manager runs the graph before and
-after it on the calibration inputs with the reference runtime (ONNX Runtime): an exact pass that
-moves outputs beyond ``EXACT_REL_TOL`` is a bug and raises; a lossy pass gets its measured
-fidelity (cosine similarity, max error) recorded in its ``PassResult``.
+after it with the reference runtime (ONNX Runtime): an exact pass that moves outputs beyond
+``EXACT_REL_TOL`` is a bug and raises; a lossy pass gets its measured fidelity (cosine
+similarity, max error) recorded in its ``PassResult``.
+
+Calibration batches are split (``PassContext``): passes fit to ``ctx.fit`` (e.g. least-squares
+reconstruction), fidelity is measured on the held-out ``ctx.holdout``, so a pass that overfits its
+calibration data cannot report its own training error.
 """
 
 from __future__ import annotations
@@ -23,12 +27,42 @@ EXACT_REL_TOL = 1e-4
 Log = Callable[[str], None]
 
 
+Feeds = dict[str, np.ndarray]
+
+
+@dataclass
+class PassContext:
+    """Calibration data for passes: ``fit`` to learn from, ``holdout`` to report on."""
+
+    fit: list[Feeds]
+    holdout: list[Feeds]
+
+    @property
+    def held_out(self) -> bool:
+        return self.fit is not self.holdout
+
+    @classmethod
+    def split(cls, batches: list[Feeds], every: int = 4) -> "PassContext":
+        """Every ``every``-th batch is held out; with fewer than ``every`` batches there is
+        nothing to spare and both roles use all of them."""
+        if len(batches) < every:
+            return cls(batches, batches)
+        return cls([b for i, b in enumerate(batches) if i % every != every - 1],
+                    batches[every - 1::every])
+
+    def describe(self) -> str:
+        if self.held_out:
+            return f"{len(self.holdout)} held-out calibration batches"
+        return f"{len(self.holdout)} calibration batches (too few to hold any out)"
+
+
 class Pass(Protocol):
     name: str
     exact: bool
 
-    def run(self, graph: Graph) -> tuple[Graph, dict]:
-        """Return a new graph (never edit ``graph``) and a dict of details for the report."""
+    def run(self, graph: Graph, ctx: PassContext | None = None) -> tuple[Graph, dict]:
+        """Return a new graph (never edit ``graph``) and a dict of details for the report.
+        Passes that learn from data read ``ctx.fit`` (and refuse to run without a context)."""
         ...
 
 
@@ -40,13 +74,14 @@ class PassResult:
     after: Cost
     details: dict
     fidelity: reference.Fidelity
+    measured_on: str
     seconds: float
 
     def as_dict(self) -> dict:
         """Report entry; wall time is left out so that artifacts are reproducible."""
         return {"name": self.name, "exact": self.exact, "before": self.before.as_dict(),
                 "after": self.after.as_dict(), "details": self.details,
-                "fidelity": self.fidelity.as_dict()}
+                "fidelity": {**self.fidelity.as_dict(), "measured_on": self.measured_on}}
 
 
 @dataclass
@@ -56,19 +91,19 @@ class PassManager:
     log: Log = lambda msg: None
 
     def run(self, graph: Graph) -> tuple[Graph, list[PassResult]]:
-        calib = self.calibration or [reference.random_inputs(graph, seed=0)]
-        outputs = [reference.run(graph, feeds) for feeds in calib]
+        ctx = PassContext.split(self.calibration or [reference.random_inputs(graph, seed=0)])
+        outputs = reference.run_batches(graph, ctx.holdout)
         results = []
         for p in self.passes:
             start = time.perf_counter()
             before = cost(graph)
-            new, details = p.run(graph)
-            new_outputs = [reference.run(new, feeds) for feeds in calib]
+            new, details = p.run(graph, ctx)
+            new_outputs = reference.run_batches(new, ctx.holdout)
             fid = _worst(outputs, new_outputs)
             if p.exact and not fid.max_rel_err <= EXACT_REL_TOL:
                 raise RuntimeError(f"internal error: pass {p.name} is declared exact but moved "
                                    f"outputs by {fid.max_rel_err:.3g} (relative)")
-            res = PassResult(p.name, p.exact, before, cost(new), details, fid,
+            res = PassResult(p.name, p.exact, before, cost(new), details, fid, ctx.describe(),
                              time.perf_counter() - start)
             results.append(res)
             self.log(_summary(res))

@@ -1,0 +1,191 @@
+"""Least-squares reconstruction of the consumers of pruned channels (lossy repair, no retraining).
+
+After channels are removed, each weight op that *read* them (a Conv, Gemm or MatMul whose input
+channels shrank) is refit so that, on calibration data, its output in the pruned model matches
+its output in the original model, as in "Channel Pruning for Accelerating Very Deep Neural
+Networks" (He et al., 2017):
+
+    W', b' = argmin || [X_pruned, 1] [W'; b'] - Y_original ||^2 + ridge
+
+``X_pruned`` is what the op actually receives in the pruned model (im2col patches for a conv),
+``Y_original`` its output in the original model, restricted to the output channels it keeps.
+Consumers are refit in topological order, each on activations of the model with the earlier
+refits applied, so errors do not pile up. The intercept ``b'`` is the bias compensation of FLAP
+(the removed channels' mean contribution), folded into the op's bias (a MatMul's is the
+following Add of a bias vector, when there is one).
+
+Only weight *values* change here; structure (which slices exist) is the applier's business.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sparsec import reference
+from sparsec.analysis.depgraph import DependencyGraph
+from sparsec.ir.graph import Graph, Node
+
+MAX_ROWS = 40_000          # rows of the least-squares system kept (seeded subsample)
+# Ridge, relative to the mean diagonal of A^T A. Calibration sets are small, so the refit must
+# not chase them: on the digits models (64 calibration images, held-out test accuracy)
+# 1e-3 beat 1e-8..1e-4 at every ratio and tied 1e-2 (CNN at 50 %: 95.0 % at 1e-8, 97.0 % here).
+RIDGE = 1e-3
+
+
+def _im2col(x: np.ndarray, node: Node, kernel: tuple[int, int]) -> np.ndarray:
+    """[B, C, H, W] -> [B*OH*OW, C*kh*kw] patches for an NCHW Conv's attributes."""
+    kh, kw = kernel
+    pt, pl, pb, pr = node.attr("pads", [0, 0, 0, 0])
+    sh, sw = node.attr("strides", [1, 1])
+    dh, dw = node.attr("dilations", [1, 1])
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    b, c, h, w = xp.shape
+    oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    cols = np.empty((b, oh, ow, c, kh, kw), dtype=np.float64)
+    for i in range(kh):
+        for j in range(kw):
+            patch = xp[:, :, i * dh: i * dh + sh * (oh - 1) + 1: sh,
+                       j * dw: j * dw + sw * (ow - 1) + 1: sw]
+            cols[..., i, j] = patch.transpose(0, 2, 3, 1)
+    return cols.reshape(b * oh * ow, c * kh * kw)
+
+
+def _solve(a: np.ndarray, y: np.ndarray, intercept: bool, seed: int, ridge: float
+           ) -> np.ndarray:
+    """Ridge least squares; returns theta [K(+1), N]."""
+    if a.shape[0] > MAX_ROWS:
+        rows = np.sort(np.random.default_rng(seed).choice(a.shape[0], MAX_ROWS, replace=False))
+        a, y = a[rows], y[rows]
+    if intercept:
+        a = np.hstack([a, np.ones((a.shape[0], 1))])
+    gram = a.T @ a
+    lam = ridge * max(float(np.mean(np.diag(gram))), 1e-12)
+    return np.linalg.lstsq(gram + lam * np.eye(gram.shape[0]), a.T @ y, rcond=None)[0]
+
+
+def _consumer_axis(node: Node) -> int:
+    """Axis of the node's weight (input 1) that reads input channels."""
+    if node.op_type == "Conv":
+        return 1
+    if node.op_type == "Gemm":
+        return 1 if int(node.attr("transB", 0)) else 0
+    return 0  # MatMul [K, N]
+
+
+def _output_axis(node: Node) -> int:
+    return 1 - _consumer_axis(node) if node.op_type != "Conv" else 0
+
+
+def refit_consumers(original: Graph, pruned: Graph, dg: DependencyGraph,
+                    plan: dict[int, np.ndarray], batches: list[dict[str, np.ndarray]],
+                    ridge: float = RIDGE) -> tuple[Graph, dict]:
+    """Refit every Conv/Gemm/MatMul of ``pruned`` whose input channels ``plan`` removed."""
+    keep_of: dict[tuple[str, int], np.ndarray] = {}
+    for gid, keep in plan.items():
+        for param_axis in dg.groups[gid].params:
+            keep_of[param_axis] = np.asarray(keep)
+    uses = original.consumers()
+    targets = [n for n in original.nodes if n.op_type in ("Conv", "Gemm", "MatMul")
+               and len(n.inputs) > 1 and (n.inputs[1], _consumer_axis(n)) in keep_of
+               and _refittable(original, n, uses)]
+    if not targets:
+        return pruned, {"refit": []}
+    y_orig = reference.activations(original, batches, [n.outputs[0] for n in targets])
+    graph = pruned.copy()
+    nodes = {n.name: n for n in graph.nodes}
+    users = graph.consumers()
+    refit = []
+    for i, target in enumerate(targets):
+        node = nodes[target.name]
+        x = reference.activations(graph, batches, [node.inputs[0]])[node.inputs[0]]
+        out_axis = _output_axis(node)
+        n_out = original.shape(target.inputs[1])[out_axis]
+        out_keep = keep_of.get((target.inputs[1], out_axis), np.arange(n_out))
+        err = _refit(graph, node, users, np.concatenate(x), np.concatenate(
+            y_orig[target.outputs[0]]), out_keep, seed=i, ridge=ridge)
+        refit.append({"node": node.name, "weight": node.inputs[1], **err})
+    return graph, {"refit": refit}
+
+
+def _refittable(graph: Graph, n: Node, uses: dict[str, list[Node]]) -> bool:
+    """Shapes and attributes the refit handles; weights and biases tied to another op are left
+    alone (refitting them for one user would change the other)."""
+    if n.inputs[1] not in graph.initializers:
+        return False
+    if any(len(uses.get(p, [])) > 1 for p in n.inputs[1:] if p):
+        return False
+    if n.op_type == "Conv":
+        return (int(n.attr("group", 1)) == 1 and len(graph.shape(n.inputs[0])) == 4
+                and n.attr("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET"))
+    if n.op_type == "Gemm":
+        return (not int(n.attr("transA", 0)) and float(n.attr("alpha", 1.0)) == 1.0
+                and float(n.attr("beta", 1.0)) == 1.0)
+    return graph.initializers[n.inputs[1]].ndim == 2
+
+
+def _refit(graph: Graph, node: Node, users: dict[str, list[Node]], x: np.ndarray,
+           y: np.ndarray, out_keep: np.ndarray, seed: int, ridge: float) -> dict:
+    """Solve for the node's new weights (and intercept) and write them into ``graph``."""
+    w = graph.initializers[node.inputs[1]]
+    x = x.astype(np.float64)
+    y = y.astype(np.float64)
+    if node.op_type == "Conv":
+        kh, kw = w.shape[2:]
+        a = _im2col(x, node, (kh, kw))
+        target = y[:, out_keep].transpose(0, 2, 3, 1).reshape(-1, len(out_keep))
+    else:
+        a = x.reshape(-1, x.shape[-1])
+        target = np.take(y, out_keep, axis=-1).reshape(-1, len(out_keep))
+    bias_name = _bias_slot(graph, node, users, len(out_keep))
+    if node.op_type == "MatMul" and bias_name is not None:
+        # the intercept replaces the following Add's bias: match the original output after it
+        target = target + graph.initializers[bias_name].astype(np.float64)
+    theta = _solve(a, target, intercept=bias_name is not None, seed=seed, ridge=ridge)
+    old = (a @ _as_matrix(node, w)).astype(np.float64)
+    if bias_name is not None and bias_name in graph.initializers:
+        old = old + graph.initializers[bias_name].astype(np.float64)
+    coef = theta[:-1] if bias_name is not None else theta
+    if node.op_type == "Conv":
+        new_w = coef.T.reshape(w.shape)
+    elif node.op_type == "Gemm" and int(node.attr("transB", 0)):
+        new_w = coef.T
+    else:
+        new_w = coef
+    graph.set_initializer(node.inputs[1], new_w.astype(w.dtype))
+    if bias_name is not None:
+        graph.set_initializer(bias_name, theta[-1].astype(w.dtype))
+    new = a @ coef + (theta[-1] if bias_name is not None else 0.0)
+    scale = max(float(np.sqrt(np.mean(target ** 2))), 1e-12)
+    return {"rel_rmse_before": float(np.sqrt(np.mean((old - target) ** 2)) / scale),
+            "rel_rmse_after": float(np.sqrt(np.mean((new - target) ** 2)) / scale)}
+
+
+def _as_matrix(node: Node, w: np.ndarray) -> np.ndarray:
+    """The node's weight as the [K, N] matrix that multiplies ``a`` (im2col rows for a conv)."""
+    if node.op_type == "Conv":
+        return w.reshape(w.shape[0], -1).T
+    if node.op_type == "Gemm" and int(node.attr("transB", 0)):
+        return w.T
+    return w
+
+
+def _bias_slot(graph: Graph, node: Node, users: dict[str, list[Node]], n_out: int) -> str | None:
+    """Name of the bias vector the intercept goes into (created for a Conv/Gemm without one);
+    ``None`` when there is no per-output-channel bias to fold it into."""
+    if node.op_type in ("Conv", "Gemm"):
+        if len(node.inputs) > 2 and node.inputs[2]:
+            b = node.inputs[2]
+            ok = b in graph.initializers and graph.initializers[b].shape == (n_out,)
+            return b if ok else None
+        name = f"{node.inputs[1]}__bias"
+        graph.set_initializer(name, np.zeros(n_out, dtype=graph.initializers[node.inputs[1]].dtype))
+        node.inputs[2:] = [name]
+        return name
+    # MatMul: fold into a following Add of a bias vector, if it is the only user
+    after = users.get(node.outputs[0], [])
+    if len(after) == 1 and after[0].op_type == "Add":
+        other = [i for i in after[0].inputs if i != node.outputs[0]]
+        if (len(other) == 1 and other[0] in graph.initializers
+                and graph.initializers[other[0]].shape == (n_out,)):
+            return other[0]
+    return None
