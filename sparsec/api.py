@@ -91,7 +91,7 @@ def inspect(model: ModelLike, input_shapes: InputShapes | str | None = None) -> 
         "ops": graph.op_histogram(),
         "params": c.params,
         "macs": c.macs,
-        "groups": [g.as_dict() for g in dg.groups],
+        "groups": [g.as_dict(graph) for g in dg.groups],
         "prunable_groups": sum(g.prunable for g in dg.groups),
         "frozen_groups": sum(not g.prunable for g in dg.groups),
     }

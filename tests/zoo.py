@@ -154,11 +154,103 @@ def concat_branches(seed=0) -> onnx.ModelProto:
     return make_model(nodes, [("x", [1, 3, 4, 4])], ["y"], inits)
 
 
+def nested_concat(seed=0) -> onnx.ModelProto:
+    """concat(concat(conv a, conv b), conv c) -> relu -> conv: three groups at offsets."""
+    r = _rng(seed)
+    inits = {"wa": r.standard_normal((4, 3, 1, 1)), "wb": r.standard_normal((6, 3, 3, 3)),
+             "wc": r.standard_normal((5, 3, 1, 1)), "bc": r.standard_normal(5),
+             "wh": r.standard_normal((2, 15, 1, 1))}
+    nodes = [
+        helper.make_node("Conv", ["x", "wa"], ["a"]),
+        helper.make_node("Conv", ["x", "wb"], ["b"], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["x", "wc", "bc"], ["c"]),
+        helper.make_node("Concat", ["a", "b"], ["ab"], axis=1),
+        helper.make_node("Concat", ["ab", "c"], ["abc"], axis=1),
+        helper.make_node("Relu", ["abc"], ["r"]),
+        helper.make_node("Conv", ["r", "wh"], ["y"]),
+    ]
+    return make_model(nodes, [("x", [1, 3, 5, 5])], ["y"], inits)
+
+
+def split_branches(seed=0) -> onnx.ModelProto:
+    """conv (12) -> Split [5, 7] -> two convs to 4 channels -> Add."""
+    r = _rng(seed)
+    inits = {"w": r.standard_normal((12, 3, 3, 3)), "sizes": np.array([5, 7]),
+             "wp": r.standard_normal((4, 5, 1, 1)), "wq": r.standard_normal((4, 7, 1, 1))}
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["rc"]),
+        helper.make_node("Split", ["rc", "sizes"], ["p", "q"], axis=1),
+        helper.make_node("Conv", ["p", "wp"], ["pp"]),
+        helper.make_node("Conv", ["q", "wq"], ["qq"]),
+        helper.make_node("Add", ["pp", "qq"], ["y"]),
+    ]
+    m = make_model(nodes, [("x", [1, 3, 4, 4])], ["y"], {k: v for k, v in inits.items()
+                                                          if k != "sizes"})
+    m.graph.initializer.append(numpy_helper.from_array(inits["sizes"].astype(np.int64), "sizes"))
+    return m
+
+
+def slice_and_full(seed=0) -> onnx.ModelProto:
+    """conv (10) read whole by one conv and as channels [2:8] by another: three segments."""
+    r = _rng(seed)
+    inits = {"w": r.standard_normal((10, 3, 1, 1)), "wf": r.standard_normal((4, 10, 1, 1)),
+             "ws": r.standard_normal((4, 6, 3, 3))}
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"]),
+        helper.make_node("Relu", ["c"], ["rc"]),
+        helper.make_node("Slice", ["rc", "starts", "ends", "axes"], ["s"]),
+        helper.make_node("Conv", ["s", "ws"], ["ss"], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["rc", "wf"], ["ff"]),
+        helper.make_node("Add", ["ss", "ff"], ["y"]),
+    ]
+    m = make_model(nodes, [("x", [1, 3, 4, 4])], ["y"], inits)
+    for name, v in (("starts", [2]), ("ends", [8]), ("axes", [1])):
+        m.graph.initializer.append(numpy_helper.from_array(np.array(v, np.int64), name))
+    return m
+
+
+def conv_flatten_linear(seed=0) -> onnx.ModelProto:
+    """conv (6 channels, 4x4) -> relu -> Flatten -> Gemm: each channel is 16 features."""
+    r = _rng(seed)
+    inits = {"w": r.standard_normal((6, 2, 3, 3)), "b": r.standard_normal(6),
+             "fc": r.standard_normal((5, 96)), "fb": r.standard_normal(5)}
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Flatten", ["r"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc", "fb"], ["y"], transB=1),
+    ]
+    return make_model(nodes, [("x", [2, 2, 4, 4])], ["y"], inits)
+
+
+def squeeze_excite(seed=0) -> onnx.ModelProto:
+    """conv (8) -> relu -> x * sigmoid(conv(relu(conv(GAP(x))))) -> conv: broadcast multiply."""
+    r = _rng(seed)
+    inits = {"w": r.standard_normal((8, 3, 3, 3)), "w1": r.standard_normal((3, 8, 1, 1)),
+             "b1": r.standard_normal(3), "w2": r.standard_normal((8, 3, 1, 1)),
+             "b2": r.standard_normal(8), "wh": r.standard_normal((2, 8, 1, 1))}
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["xr"]),
+        helper.make_node("GlobalAveragePool", ["xr"], ["g"]),
+        helper.make_node("Conv", ["g", "w1", "b1"], ["s1"]),
+        helper.make_node("Relu", ["s1"], ["s1r"]),
+        helper.make_node("Conv", ["s1r", "w2", "b2"], ["s2"]),
+        helper.make_node("Sigmoid", ["s2"], ["gate"]),
+        helper.make_node("Mul", ["xr", "gate"], ["scaled"]),
+        helper.make_node("Conv", ["scaled", "wh"], ["y"]),
+    ]
+    return make_model(nodes, [("x", [1, 3, 5, 5])], ["y"], inits)
+
+
 HAND_BUILT = {
     "conv_bn_relu_conv": conv_bn_relu_conv, "gemm_mlp": gemm_mlp,
     "matmul_add_mlp": matmul_add_mlp, "residual_convs": residual_convs,
     "grouped_and_depthwise": grouped_and_depthwise, "layernorm_ffn": layernorm_ffn,
-    "concat_branches": concat_branches,
+    "concat_branches": concat_branches, "nested_concat": nested_concat,
+    "split_branches": split_branches, "slice_and_full": slice_and_full,
+    "conv_flatten_linear": conv_flatten_linear, "squeeze_excite": squeeze_excite,
 }
 
 

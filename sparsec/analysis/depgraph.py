@@ -1,27 +1,35 @@
 """Dependency graph and channel groups (the DepGraph idea, on the sparsec IR).
 
-Every axis of every tensor and weight is a node ``(kind, name, axis)`` of an undirected networkx
-graph, ``kind`` being ``"t"`` (activation) or ``"p"`` (parameter). An edge says "these two axes
-are the same index space": removing index i from one requires removing index i from the other.
-Op rules (one per op kind, see ``sparsec.ir.ops``) add the edges. The connected components are
-then exactly the sets of slices that must be removed together; a component that contains the
-output-channel axis of a weight op (a *source*: Conv/Gemm/MatMul output features) is a channel
-group.
+Op rules state which elements of which axes are the same index space, as *links*: "channel i
+of this run of axis A is channel i of that run of axis B", where a run starts at some offset
+and each of its channels spans ``block`` consecutive elements. Plain elementwise coupling is a
+link of two whole axes; Concat, Split and Slice link an axis to an offset range of another;
+a flatten that merges channels with trailing spatial axes links each channel to a block of
+H*W features.
 
-A group is *frozen*, with a reason, when any of its axes touches something the analysis cannot
-prune exactly-structurally: a graph input or output, an op without a rule, a normalization whose
+Every axis is then cut at the boundaries of every run that touches it, and cuts propagate
+through links until nothing changes. The segments between cuts are the nodes of an undirected
+networkx graph, links its edges (weighted by how many elements one channel covers on each side).
+A connected component that contains the output-channel axis of a weight op (a *source*:
+Conv/Gemm/MatMul output features) is a channel group: its channels must be removed together,
+from every member segment.
+
+A group is *frozen*, with a reason, when any of its segments touches something the analysis
+cannot prune structurally: a graph input or output, an op without a rule, a normalization whose
 statistics run over the axis, a reshape that splits the axis, a grouped convolution, ... Frozen
 groups are reported and never pruned: the analysis may be conservative, never wrong.
 
-Edits other than slicing that pruning a group requires (a depthwise conv's ``group`` attribute,
-a literal entry of a Reshape's target shape) are recorded with the group, so that one applier
-(``sparsec.passes.surgery``) can do all the surgery.
+Everything pruning changes besides slicing weights (Reshape/Slice/Split constants, depthwise
+``group`` attributes, arange indices) follows from the kept indices of each axis, and is redone
+by the one applier (``sparsec.passes.surgery``).
 """
 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import networkx as nx
 import numpy as np
@@ -33,48 +41,76 @@ Dim = tuple[str, str, int]  # ("t" | "p", tensor name, axis)
 
 
 @dataclass(frozen=True)
-class Edit:
-    """A non-slicing change pruning a group needs: set ``node``'s ``what`` to the kept count.
-    ``what`` is ``"group"`` (Conv attribute), ``"reshape:<param>:<index>"`` (a literal entry of a
-    Reshape target) or ``"arange:<param>:<axis>"`` (an identity Gather index, re-made as
-    ``arange(kept)`` along that axis)."""
+class Member:
+    """A group's share of one axis: elements ``start .. start + channels * block`` of
+    ``name``'s ``axis``; group channel ``c`` is elements ``start + c*block .. + block``."""
 
-    node: str
-    what: str
+    kind: str
+    name: str
+    axis: int
+    start: int
+    block: int
+
+    @property
+    def dim(self) -> Dim:
+        return (self.kind, self.name, self.axis)
 
 
 @dataclass
 class Group:
-    """Axes that must be pruned together, all of ``size`` channels, index-aligned."""
+    """Slices that must be pruned together: ``size`` channels, index-aligned in every member."""
 
     id: int
     size: int
-    dims: list[Dim]
+    members: list[Member]
     sources: list[str]                       # weights whose output channels these are
-    params: list[tuple[str, int]]            # (initializer, axis) slices removed with the group
-    consumer_params: list[tuple[str, int]] = field(default_factory=list)  # input-channel slices
-    edits: list[Edit] = field(default_factory=list)
     frozen: list[str] = field(default_factory=list)
+    consumers: list[Member] = field(default_factory=list)  # weight slices that *read* them
 
     @property
     def prunable(self) -> bool:
         return not self.frozen and self.size > 1
 
-    def as_dict(self) -> dict:
+    @property
+    def params(self) -> list[Member]:
+        return [m for m in self.members if m.kind == "p"]
+
+    @property
+    def tensors(self) -> list[Member]:
+        return [m for m in self.members if m.kind == "t"]
+
+    def describe(self, m: Member, graph: Graph) -> str:
+        full = graph.shape(m.name)[m.axis]
+        span = self.size * m.block
+        where = "" if span == full else f" [{m.start}:{m.start + span}]"
+        step = "" if m.block == 1 else f" x{m.block}"
+        return f"{m.name}[axis {m.axis}{where}{step}]"
+
+    def as_dict(self, graph: Graph) -> dict:
         return {"id": self.id, "size": self.size, "sources": self.sources,
-                "params": [f"{p}[axis {a}]" for p, a in self.params],
+                "params": [self.describe(m, graph) for m in self.params],
                 "prunable": self.prunable, "frozen": self.frozen}
 
 
+@dataclass(frozen=True)
+class _Link:
+    a: Dim
+    a_start: int
+    a_block: int
+    b: Dim
+    b_start: int
+    b_block: int
+    channels: int
+
+
 class DependencyGraph:
-    """Builds the axis graph of ``graph`` and its channel groups (``self.groups``)."""
+    """Builds the segment graph of ``graph`` and its channel groups (``self.groups``)."""
 
     def __init__(self, graph: Graph):
         self.graph = graph
-        self.nx = nx.Graph()
-        self._frozen: dict[Dim, list[str]] = {}
+        self._links: list[_Link] = []
+        self._frozen: dict[Dim, list[str]] = defaultdict(list)
         self._sources: set[Dim] = set()
-        self._edits: dict[Dim, list[Edit]] = {}
         self._consumers: set[Dim] = set()
         for name in graph.inputs:
             self.freeze_all(name, "graph input")
@@ -82,31 +118,42 @@ class DependencyGraph:
             self.freeze_all(name, "graph output")
         for node in graph.nodes:
             _RULES[ops.op_kind(node.op_type)](self, node)
-        self.groups = self._collect_groups()
+        self.nx = nx.Graph()
+        self.groups = self._collect_groups(self._segment())
 
     # ------------------------------------------------------------- rule helpers
     def dim(self, name: str, axis: int) -> Dim:
         rank = len(self.graph.shape(name))
-        axis = axis + rank if axis < 0 else axis
-        d: Dim = ("p" if self.graph.is_param(name) else "t", name, axis)
-        self.nx.add_node(d)
-        return d
+        return ("p" if self.graph.is_param(name) else "t", name, axis + rank if axis < 0 else axis)
 
-    def couple(self, a: str, a_axis: int, b: str, b_axis: int) -> None:
+    def size(self, d: Dim) -> int:
+        return self.graph.shape(d[1])[d[2]]
+
+    def link(self, a: str, a_axis: int, b: str, b_axis: int, *, channels: int | None = None,
+             a_start: int = 0, b_start: int = 0, a_block: int = 1, b_block: int = 1) -> None:
+        """Channel i of ``a``'s run is channel i of ``b``'s run (see the module docstring).
+        Without ``channels`` the two whole axes are linked one to one."""
         if not a or not b:
             return
         da, db = self.dim(a, a_axis), self.dim(b, b_axis)
-        if self.graph.shape(a)[da[2]] != self.graph.shape(b)[db[2]]:
-            self.freeze(da, "axis sizes disagree")
-            self.freeze(db, "axis sizes disagree")
-            return
-        self.nx.add_edge(da, db)
+        if channels is None:
+            if self.size(da) != self.size(db):
+                self.freeze(da, "axis sizes disagree")
+                self.freeze(db, "axis sizes disagree")
+                return
+            channels = self.size(da)
+        if channels > 0:
+            self._links.append(_Link(da, a_start, a_block, db, b_start, b_block, channels))
+
+    couple = link  # whole-axis one-to-one coupling reads better at most call sites
 
     def freeze(self, d: Dim, reason: str) -> None:
-        self.nx.add_node(d)
-        reasons = self._frozen.setdefault(d, [])
-        if reason not in reasons:
-            reasons.append(reason)
+        if reason not in self._frozen[d]:
+            self._frozen[d].append(reason)
+
+    def freeze_axis(self, name: str, axis: int, reason: str) -> None:
+        if name:
+            self.freeze(self.dim(name, axis), reason)
 
     def freeze_all(self, name: str, reason: str) -> None:
         if name:
@@ -118,46 +165,97 @@ class DependencyGraph:
         self._sources.add(self.dim(name, axis))
 
     def consumer(self, name: str, axis: int) -> None:
-        """Mark a weight axis that *reads* the channel (a Conv/Gemm/MatMul input-channel axis)."""
+        """Mark a weight axis that *reads* channels (a Conv/Gemm/MatMul input-channel axis)."""
         self._consumers.add(self.dim(name, axis))
-
-    def edit(self, name: str, axis: int, edit: Edit) -> None:
-        self._edits.setdefault(self.dim(name, axis), []).append(edit)
 
     def const(self, name: str) -> np.ndarray | None:
         return self.graph.initializers.get(name) if name else None
 
-    # ------------------------------------------------------------- groups
-    def _collect_groups(self) -> list[Group]:
-        groups = []
-        comps = [sorted(c) for c in nx.connected_components(self.nx)]
-        comps = [c for c in comps if any(d in self._sources for d in c)]
-        for comp in sorted(comps):
-            sizes = {self.graph.shape(d[1])[d[2]] for d in comp}
-            frozen = []
-            for d in comp:
-                for r in self._frozen.get(d, []):
-                    msg = f"{r} ({d[1]})"
-                    if msg not in frozen:
-                        frozen.append(msg)
-            if len(sizes) != 1:
-                frozen.append("axis sizes disagree")
-            groups.append(Group(
-                id=len(groups),
-                size=min(sizes),
-                dims=comp,
-                sources=sorted({d[1] for d in comp if d in self._sources}),
-                params=[(d[1], d[2]) for d in comp if d[0] == "p"],
-                consumer_params=[(d[1], d[2]) for d in comp if d in self._consumers],
-                edits=sorted({e for d in comp for e in self._edits.get(d, [])},
-                             key=lambda e: (e.node, e.what)),
-                frozen=frozen,
-            ))
+    # ------------------------------------------------------------- segmentation
+    def _segment(self) -> dict[Dim, list[int]]:
+        """Cut every axis at run boundaries until the cuts agree across all links."""
+        cuts: dict[Dim, set[int]] = defaultdict(set)
+        touching: dict[Dim, list[_Link]] = defaultdict(list)
+        for ln in self._links:
+            for d, start, block in ((ln.a, ln.a_start, ln.a_block), (ln.b, ln.b_start, ln.b_block)):
+                cuts[d].update({0, self.size(d), start, start + ln.channels * block})
+                touching[d].append(ln)
+        work = list(cuts)
+        while work:
+            d = work.pop()
+            for ln in touching[d]:
+                for src, s0, sb, dst, t0, tb in ((ln.a, ln.a_start, ln.a_block, ln.b, ln.b_start,
+                                                  ln.b_block),
+                                                 (ln.b, ln.b_start, ln.b_block, ln.a, ln.a_start,
+                                                  ln.a_block)):
+                    if src != d:
+                        continue
+                    end = s0 + ln.channels * sb
+                    for p in [c for c in cuts[src] if s0 < c < end]:
+                        if (p - s0) % sb:
+                            self.freeze(src, "cut inside a channel block")
+                            self.freeze(dst, "cut inside a channel block")
+                            continue
+                        q = t0 + (p - s0) // sb * tb
+                        if q not in cuts[dst]:
+                            cuts[dst].add(q)
+                            work.append(dst)
+        return {d: sorted(c) for d, c in cuts.items()}
+
+    def _collect_groups(self, cuts: dict[Dim, list[int]]) -> list[Group]:
+        # one node per segment (dim, start, stop); edges carry elements-per-channel ratios
+        for ln in self._links:
+            a_end = ln.a_start + ln.channels * ln.a_block
+            bounds = [c for c in cuts[ln.a] if ln.a_start <= c <= a_end]
+            for lo, hi in zip(bounds, bounds[1:]):
+                if (lo - ln.a_start) % ln.a_block or (hi - lo) % ln.a_block:
+                    continue  # frozen above: cut inside a block
+                b_lo = ln.b_start + (lo - ln.a_start) // ln.a_block * ln.b_block
+                b_hi = b_lo + (hi - lo) // ln.a_block * ln.b_block
+                # per group channel, the b side covers `ratio` times the a side's elements
+                self.nx.add_edge((ln.a, lo, hi), (ln.b, b_lo, b_hi), a=(ln.a, lo, hi),
+                                 ratio=Fraction(ln.b_block, ln.a_block))
+        groups: list[Group] = []
+        comps = [c for c in nx.connected_components(self.nx)
+                 if any(seg[0] in self._sources for seg in c)]
+        for comp in sorted((sorted(c) for c in comps)):
+            groups.append(self._group(len(groups), comp))
         return groups
+
+    def _group(self, gid: int, comp: list) -> Group:
+        # elements per group channel of every segment, relative to the first one
+        root = comp[0]
+        scale = {root: Fraction(1)}
+        for u, v in nx.bfs_edges(self.nx, root):
+            edge = self.nx.edges[u, v]
+            scale[v] = scale[u] * (edge["ratio"] if edge["a"] == u else 1 / edge["ratio"])
+        frozen: list[str] = []
+        unit = min(scale.values())
+        blocks = {seg: scale[seg] / unit for seg in comp}
+        if any(b.denominator != 1 for b in blocks.values()):
+            frozen.append("channel blocks of different sizes meet")
+        sizes = {(seg[2] - seg[1]) / blocks[seg] for seg in comp}
+        if len(sizes) != 1:
+            frozen.append("axis sizes disagree")
+        for seg in comp:
+            for r in self._frozen.get(seg[0], []):
+                msg = f"{r} ({seg[0][1]})"
+                if msg not in frozen:
+                    frozen.append(msg)
+        members = [Member(seg[0][0], seg[0][1], seg[0][2], seg[1], int(blocks[seg]))
+                   for seg in comp]
+        return Group(
+            id=gid,
+            size=int(min(sizes)),
+            members=members,
+            sources=sorted({seg[0][1] for seg in comp if seg[0] in self._sources}),
+            frozen=frozen,
+            consumers=[m for m in members if m.dim in self._consumers],
+        )
 
     def group_of(self, name: str, axis: int) -> Group | None:
         d = self.dim(name, axis)
-        return next((g for g in self.groups if d in g.dims), None)
+        return next((g for g in self.groups if any(m.dim == d for m in g.members)), None)
 
 
 # ----------------------------------------------------------------- op rules
@@ -206,10 +304,9 @@ def _conv(dg: DependencyGraph, n: Node) -> None:
     elif group == cin == cout and dg.graph.shape(w)[1] == 1:  # depthwise: channels pass through
         dg.couple(x, 1, y, 1)
         dg.couple(y, 1, w, 0)
-        dg.edit(y, 1, Edit(n.name, "group"))
     else:
-        dg.freeze(dg.dim(x, 1), f"grouped convolution (group={group})")
-        dg.freeze(dg.dim(y, 1), f"grouped convolution (group={group})")
+        dg.freeze_axis(x, 1, f"grouped convolution (group={group})")
+        dg.freeze_axis(y, 1, f"grouped convolution (group={group})")
         dg.couple(y, 1, w, 0)
         dg.source(w, 0)
     if b:
@@ -272,7 +369,7 @@ def _axis_norm(dg: DependencyGraph, n: Node) -> None:
     reason = f"{n.op_type} statistics run over this axis"
     _identity(dg, x, y)
     for axis in range(first, rank):
-        dg.freeze(dg.dim(x, axis), reason)
+        dg.freeze_axis(x, axis, reason)
     for p in n.inputs[1:]:
         if p:
             dg.freeze_all(p, reason)
@@ -312,7 +409,7 @@ def _reduce(dg: DependencyGraph, n: Node) -> None:
     out_axis = 0
     for axis in range(rank):
         if axis in axes:
-            dg.freeze(dg.dim(x, axis), f"{n.op_type} reduces over this axis")
+            dg.freeze_axis(x, axis, f"{n.op_type} reduces over this axis")
             out_axis += keepdims
             continue
         dg.couple(x, axis, y, out_axis)
@@ -324,7 +421,7 @@ def _softmax(dg: DependencyGraph, n: Node) -> None:
     rank = len(dg.graph.shape(x))
     axis = int(n.attr("axis", -1)) % rank
     _identity(dg, x, y)
-    dg.freeze(dg.dim(x, axis), f"{n.op_type} normalizes over this axis")
+    dg.freeze_axis(x, axis, f"{n.op_type} normalizes over this axis")
 
 
 def _reshape_segments(src: tuple[int, ...], dst: tuple[int, ...]):
@@ -350,28 +447,39 @@ def _reshape_segments(src: tuple[int, ...], dst: tuple[int, ...]):
 
 
 def _reshape(dg: DependencyGraph, n: Node) -> None:
+    """Axes pass through 1:1; an axis merged as the *outer* part with trailing axes (conv ->
+    flatten -> linear) links each channel to a block of features. Trailing axes merged that way
+    are frozen (their size is baked into the block); anything else split or merged is frozen."""
     x, y = n.inputs[0], n.outputs[0]
     src, dst = dg.graph.shape(x), dg.graph.shape(y)
-    target = None
-    if n.op_type == "Reshape":
-        target = dg.const(n.inputs[1])
-        if target is None:
-            dg.freeze_all(x, "Reshape target shape is computed at run time")
-            dg.freeze_all(y, "Reshape target shape is computed at run time")
-            return
+    if n.op_type == "Reshape" and dg.const(n.inputs[1]) is None:
+        dg.freeze_all(x, "Reshape target shape is computed at run time")
+        dg.freeze_all(y, "Reshape target shape is computed at run time")
+        return
     if math.prod(src) != math.prod(dst):
         dg.freeze_all(x, "reshape changes the element count")
         return
+    why = f"{n.op_type} splits or merges this axis"
     for s_axes, d_axes in _reshape_segments(src, dst):
         if len(s_axes) == 1 and len(d_axes) == 1:
             dg.couple(x, s_axes[0], y, d_axes[0])
-            if target is not None and int(target[d_axes[0]]) > 0:
-                dg.edit(y, d_axes[0], Edit(n.name, f"reshape:{n.inputs[1]}:{d_axes[0]}"))
-        else:
-            for axis in s_axes:
-                dg.freeze(dg.dim(x, axis), f"{n.op_type} splits or merges this axis")
-            for axis in d_axes:
-                dg.freeze(dg.dim(y, axis), f"{n.op_type} splits or merges this axis")
+            continue
+        if len(d_axes) == 1:  # merge: the outer source axis maps to blocks of the target axis
+            inner = math.prod(src[a] for a in s_axes[1:])
+            dg.link(x, s_axes[0], y, d_axes[0], channels=src[s_axes[0]], b_block=inner)
+            for axis in s_axes[1:]:
+                dg.freeze_axis(x, axis, f"merged into a wider axis by {n.op_type}")
+            continue
+        if len(s_axes) == 1:  # split: blocks of the source axis become the outer target axis
+            inner = math.prod(dst[a] for a in d_axes[1:])
+            dg.link(y, d_axes[0], x, s_axes[0], channels=dst[d_axes[0]], b_block=inner)
+            for axis in d_axes[1:]:
+                dg.freeze_axis(y, axis, f"split out of a wider axis by {n.op_type}")
+            continue
+        for axis in s_axes:
+            dg.freeze_axis(x, axis, why)
+        for axis in d_axes:
+            dg.freeze_axis(y, axis, why)
 
 
 def _transpose(dg: DependencyGraph, n: Node) -> None:
@@ -408,18 +516,99 @@ def _gather(dg: DependencyGraph, n: Node) -> None:
     if const is None:
         for pos in range(len(ishape)):
             dg.couple(idx, pos, y, axis + pos)
-        dg.freeze(dg.dim(data, axis), "Gather indexes this axis")
+        dg.freeze_axis(data, axis, "Gather indexes this axis")
         return
     long_axes = [pos for pos, d in enumerate(ishape) if d != 1]
     if (size > 1 and const.size == size and len(long_axes) == 1
             and np.array_equal(const.ravel(), np.arange(size))):
-        pos = long_axes[0]
-        dg.couple(data, axis, y, axis + pos)
-        dg.edit(y, axis + pos, Edit(n.name, f"arange:{idx}:{pos}"))
+        dg.couple(data, axis, y, axis + long_axes[0])  # identity: the index is rebuilt
     else:
-        dg.freeze(dg.dim(data, axis), "Gather indexes this axis")
+        dg.freeze_axis(data, axis, "Gather indexes this axis")
         for pos in range(len(ishape)):
-            dg.freeze(dg.dim(y, axis + pos), "Gather indexes this axis")
+            dg.freeze_axis(y, axis + pos, "Gather indexes this axis")
+
+
+def _concat(dg: DependencyGraph, n: Node) -> None:
+    y = n.outputs[0]
+    rank = len(dg.graph.shape(y))
+    axis = int(n.attr("axis")) % rank
+    offset = 0
+    for x in n.inputs:
+        size = dg.graph.shape(x)[axis]
+        for ax in range(rank):
+            if ax == axis:
+                dg.link(x, ax, y, ax, channels=size, b_start=offset)
+            else:
+                dg.couple(x, ax, y, ax)
+        offset += size
+
+
+def _split_sizes(dg: DependencyGraph, n: Node) -> list[int] | None:
+    if len(n.inputs) > 1 and n.inputs[1]:
+        const = dg.const(n.inputs[1])
+        return None if const is None else [int(s) for s in const]
+    if n.attr("split") is not None:
+        return [int(s) for s in n.attr("split")]
+    return [dg.graph.shape(o)[int(n.attr("axis", 0)) % len(dg.graph.shape(o))]
+            for o in n.outputs]
+
+
+def _split(dg: DependencyGraph, n: Node) -> None:
+    x = n.inputs[0]
+    rank = len(dg.graph.shape(x))
+    axis = int(n.attr("axis", 0)) % rank
+    sizes = _split_sizes(dg, n)
+    if sizes is None:
+        for name in [x, *n.outputs]:
+            dg.freeze_all(name, "Split sizes are computed at run time")
+        return
+    offset = 0
+    for y, size in zip(n.outputs, sizes):
+        for ax in range(rank):
+            if ax == axis:
+                dg.link(y, ax, x, ax, channels=size, b_start=offset)
+            else:
+                dg.couple(x, ax, y, ax)
+        offset += size
+
+
+def slice_ranges(dg_or_graph, n: Node) -> dict[int, tuple[int, int, int]] | None:
+    """{axis: (start, stop, step)} of a Slice with constant, clamped bounds; None if computed."""
+    graph = dg_or_graph.graph if isinstance(dg_or_graph, DependencyGraph) else dg_or_graph
+    shape = graph.shape(n.inputs[0])
+    consts = [graph.initializers.get(i) if i else None for i in n.inputs[1:]]
+    if len(consts) < 2 or consts[0] is None or consts[1] is None:
+        return None
+    starts, ends = consts[0], consts[1]
+    axes = consts[2] if len(consts) > 2 and consts[2] is not None else np.arange(len(starts))
+    steps = consts[3] if len(consts) > 3 and consts[3] is not None else np.ones(len(starts))
+    if (len(consts) > 2 and n.inputs[3] and consts[2] is None) or (
+            len(consts) > 3 and n.inputs[4] and consts[3] is None):
+        return None
+    out = {}
+    for s, e, a, st in zip(starts, ends, axes, steps):
+        a = int(a) % len(shape)
+        out[a] = tuple(int(v) for v in slice(int(s), int(e), int(st)).indices(shape[a]))
+    return out
+
+
+def _slice(dg: DependencyGraph, n: Node) -> None:
+    x, y = n.inputs[0], n.outputs[0]
+    ranges = slice_ranges(dg, n)
+    if ranges is None:
+        dg.freeze_all(x, "Slice bounds are computed at run time")
+        dg.freeze_all(y, "Slice bounds are computed at run time")
+        return
+    for ax in range(len(dg.graph.shape(x))):
+        if ax not in ranges:
+            dg.couple(x, ax, y, ax)
+            continue
+        start, stop, step = ranges[ax]
+        if step != 1:
+            dg.freeze_axis(x, ax, "strided Slice")
+            dg.freeze_axis(y, ax, "strided Slice")
+        else:
+            dg.link(y, ax, x, ax, channels=max(stop - start, 0), b_start=start)
 
 
 def _shape(dg: DependencyGraph, n: Node) -> None:
@@ -436,6 +625,7 @@ _RULES = {
     "unary": _unary, "broadcast": _broadcast, "conv": _conv, "gemm": _gemm, "matmul": _matmul,
     "channel_norm": _channel_norm, "axis_norm": _axis_norm, "pool": _pool, "reduce": _reduce,
     "softmax": _softmax, "reshape": _reshape, "transpose": _transpose, "pad": _pad,
-    "gather": _gather, "shape": _shape, "opaque": _opaque,
+    "gather": _gather, "concat": _concat, "split": _split, "slice": _slice, "shape": _shape,
+    "opaque": _opaque,
 }
 assert set(_RULES) == set(ops.OP_KIND.values())

@@ -17,6 +17,7 @@ analysis how the axes of its inputs and outputs line up (see ``sparsec.analysis.
 * ``pad``       unpadded axes pass through
 * ``gather``    non-indexed axes pass through; an index that is a constant ``arange`` (exporters
   write flatten this way) is an identity on the indexed axis
+* ``concat``, ``split``, ``slice``   the axis they cut maps to offset ranges of the other side
 * ``shape``     reads the shape of its input at run time
 * ``opaque``    accepted by the IR and the back ends, but the dependency analysis has no rule yet:
   every axis it touches is frozen (never pruned wrongly)
@@ -55,11 +56,14 @@ _KINDS: dict[str, tuple[str, ...]] = {
     "transpose": ("Transpose",),
     "pad": ("Pad",),
     "gather": ("Gather",),
+    "concat": ("Concat",),
+    "split": ("Split",),
+    "slice": ("Slice",),
     "shape": ("Shape", "Size"),
     "opaque": (
-        "Concat", "ConstantOfShape", "CumSum", "DepthToSpace", "Einsum", "Expand",
-        "GatherElements", "GatherND", "Range", "Resize", "ScatterElements", "ScatterND", "Slice",
-        "SpaceToDepth", "Split", "Tile", "TopK", "Trilu", "Upsample",
+        "ConstantOfShape", "CumSum", "DepthToSpace", "Einsum", "Expand", "GatherElements",
+        "GatherND", "Range", "Resize", "ScatterElements", "ScatterND", "SpaceToDepth", "Tile",
+        "TopK", "Trilu", "Upsample",
     ),
 }
 

@@ -14,16 +14,19 @@ import numpy as np
 
 from sparsec.analysis.depgraph import DependencyGraph, Group
 from sparsec.ir.graph import Graph
+from sparsec.passes.magnitude import member_slices
 from sparsec.passes.manager import PassContext
 from sparsec.passes.surgery import apply_plan
 
 # Ops that keep an all-zero channel all-zero (f(0) == 0, or linear in the channel).
 ZERO_PRESERVING = frozenset({
-    "Abs", "Add", "AveragePool", "BatchNormalization", "Ceil", "Celu", "Conv", "Dropout", "Elu",
+    "Abs", "Add", "AveragePool", "BatchNormalization", "Ceil", "Celu", "Concat", "Conv",
+    "Dropout", "Elu",
     "Erf", "Flatten", "Floor", "Gelu", "Gemm", "GlobalAveragePool", "GlobalMaxPool",
     "HardSwish", "Identity", "InstanceNormalization", "LeakyRelu", "MatMul", "MaxPool",
     "Mish", "Mul", "Neg", "PRelu", "Relu", "Reshape", "Round", "Selu", "Sign", "Sin",
-    "Softsign", "Sqrt", "Squeeze", "Sub", "Sum", "Tan", "Tanh", "Transpose", "Unsqueeze",
+    "Slice", "Softsign", "Split", "Sqrt", "Squeeze", "Sub", "Sum", "Tan", "Tanh", "Transpose",
+    "Unsqueeze",
 })
 # ...provided every input is in the group (Add(x, 1.0) with a broadcast scalar is not).
 ADDITIVE = frozenset({"Add", "Sub", "Sum"})
@@ -32,20 +35,18 @@ ADDITIVE = frozenset({"Add", "Sub", "Sum"})
 def dead_channels(graph: Graph, group: Group) -> np.ndarray:
     """Boolean mask of the group's channels that provably carry zero."""
     users = graph.consumers()
-    members = {name for _, name, _ in group.dims}
-    tensors = {name for kind, name, _ in group.dims if kind == "t"}
+    members = {m.name for m in group.members}
+    tensors = {m.name for m in group.tensors}
     for node in (n for t in tensors for n in users.get(t, [])):
         if node.op_type not in ZERO_PRESERVING or (
                 node.op_type in ADDITIVE and not all(i in members for i in node.inputs)):
             return np.zeros(group.size, dtype=bool)
     bn_vars = {n.inputs[4] for n in graph.nodes if n.op_type == "BatchNormalization"}
     dead = np.ones(group.size, dtype=bool)
-    consumer = set(group.consumer_params)
-    for param, axis in group.params:
-        if (param, axis) in consumer or param in bn_vars:
+    for m in group.params:
+        if m in group.consumers or m.name in bn_vars:
             continue
-        w = np.moveaxis(graph.initializers[param], axis, 0).reshape(group.size, -1)
-        dead &= ~np.any(w != 0, axis=1)
+        dead &= ~np.any(member_slices(graph, group, m) != 0, axis=1)
     return dead
 
 

@@ -22,12 +22,18 @@ from sparsec.passes.reconstruct import RIDGE, refit_consumers
 from sparsec.passes.surgery import apply_plan
 
 
+def member_slices(graph: Graph, group: Group, member) -> np.ndarray:
+    """A weight member's elements as [group channel, everything else]."""
+    w = np.moveaxis(graph.initializers[member.name], member.axis, 0)
+    span = w[member.start: member.start + group.size * member.block]
+    return span.reshape(group.size, -1)
+
+
 def group_l2(graph: Graph, group: Group) -> np.ndarray:
     """Per-channel L2 norm over all parameter slices in the group."""
     sq = np.zeros(group.size, dtype=np.float64)
-    for param, axis in group.params:
-        w = np.moveaxis(graph.initializers[param].astype(np.float64), axis, 0)
-        sq += (w.reshape(group.size, -1) ** 2).sum(axis=1)
+    for m in group.params:
+        sq += (member_slices(graph, group, m).astype(np.float64) ** 2).sum(axis=1)
     return np.sqrt(sq)
 
 

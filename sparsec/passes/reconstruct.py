@@ -24,6 +24,7 @@ import numpy as np
 from sparsec import reference
 from sparsec.analysis.depgraph import DependencyGraph
 from sparsec.ir.graph import Graph, Node
+from sparsec.passes.surgery import axis_keep
 
 MAX_ROWS = 40_000          # rows of the least-squares system kept (seeded subsample)
 # Ridge, relative to the mean diagonal of A^T A. Calibration sets are small, so the refit must
@@ -80,10 +81,7 @@ def refit_consumers(original: Graph, pruned: Graph, dg: DependencyGraph,
                     plan: dict[int, np.ndarray], batches: list[dict[str, np.ndarray]],
                     ridge: float = RIDGE) -> tuple[Graph, dict]:
     """Refit every Conv/Gemm/MatMul of ``pruned`` whose input channels ``plan`` removed."""
-    keep_of: dict[tuple[str, int], np.ndarray] = {}
-    for gid, keep in plan.items():
-        for param_axis in dg.groups[gid].params:
-            keep_of[param_axis] = np.asarray(keep)
+    keep_of = axis_keep(original, dg, plan)
     uses = original.consumers()
     targets = [n for n in original.nodes if n.op_type in ("Conv", "Gemm", "MatMul")
                and len(n.inputs) > 1 and (n.inputs[1], _consumer_axis(n)) in keep_of

@@ -1,56 +1,144 @@
-"""The one applier: removes channel-group slices from a Graph. Nothing else edits weights.
+"""The one applier: removes channel-group slices from a Graph. Nothing else changes structure.
 
 A plan maps group ids (of a ``DependencyGraph`` built on the same graph) to the channel indices
-to keep. ``apply_plan`` slices every parameter axis in each group, makes the group's recorded
-edits (depthwise ``group`` attributes, literal Reshape sizes), then re-derives every tensor shape
-with ONNX shape inference. The input graph is not touched.
+to keep. ``axis_keep`` turns it into the kept element indices of every axis that shrinks (a
+group's channel can be a block of elements, and one axis can hold several groups side by side,
+e.g. a Concat output). ``apply_plan`` slices every weight along those axes, re-derives the
+constants that depend on sizes (Reshape targets, Slice bounds, Split sizes, depthwise ``group``,
+identity Gather indices), then re-infers every tensor shape. The input graph is not touched.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import numpy as np
 
-from sparsec.analysis.depgraph import DependencyGraph
-from sparsec.ir.graph import Graph
+from sparsec.analysis.depgraph import DependencyGraph, slice_ranges
+from sparsec.ir.graph import Graph, Node
 
 Plan = dict[int, np.ndarray]
+AxisKeep = dict[tuple[str, int], np.ndarray]
 
 
-def apply_plan(graph: Graph, dg: DependencyGraph, plan: Plan) -> Graph:
-    """Copy of ``graph`` with, for every group in ``plan``, only the kept channels."""
-    assert dg.graph is graph, "plan must come from a dependency graph of this graph"
-    out = graph.copy()
-    nodes = {n.name: n for n in out.nodes}
+def axis_keep(graph: Graph, dg: DependencyGraph, plan: Plan) -> AxisKeep:
+    """Kept element indices of every (tensor or weight, axis) that the plan shrinks."""
+    dropped: dict[tuple[str, int], list[np.ndarray]] = defaultdict(list)
     for gid, keep in sorted(plan.items()):
         group = dg.groups[gid]
-        keep = np.asarray(sorted(int(i) for i in keep), dtype=np.int64)
+        keep = np.unique(np.asarray(keep, dtype=np.int64))
         if group.frozen:
             raise ValueError(f"group {gid} is frozen: {group.frozen[0]}")
         if keep.size == 0 or keep[0] < 0 or keep[-1] >= group.size:
             raise ValueError(f"group {gid}: kept indices must be a non-empty subset of "
                              f"0..{group.size - 1}")
-        if keep.size == group.size:
-            continue
-        for param, axis in group.params:
-            out.set_initializer(param, np.take(out.initializers[param], keep, axis=axis))
-        for edit in group.edits:
-            kind, _, rest = edit.what.partition(":")
-            if kind == "group":
-                nodes[edit.node].attrs["group"] = int(keep.size)
-            elif kind == "reshape":
-                param, index = rest.rsplit(":", 1)
-                target = out.initializers[param].copy()
-                target[int(index)] = keep.size
-                out.set_initializer(param, target)
-            elif kind == "arange":
-                param, axis = rest.rsplit(":", 1)
-                old = out.initializers[param]
-                shape = list(old.shape)
-                shape[int(axis)] = keep.size
-                out.set_initializer(param, np.arange(keep.size, dtype=old.dtype).reshape(shape))
-            else:
-                raise ValueError(f"unknown edit {edit.what}")
+        drop = np.setdiff1d(np.arange(group.size), keep)
+        for m in group.members:
+            elems = m.start + drop[:, None] * m.block + np.arange(m.block)[None, :]
+            dropped[(m.name, m.axis)].append(elems.ravel())
+    return {key: np.setdiff1d(np.arange(graph.shape(key[0])[key[1]]), np.concatenate(parts))
+            for key, parts in dropped.items() if any(p.size for p in parts)}
+
+
+def apply_plan(graph: Graph, dg: DependencyGraph, plan: Plan) -> Graph:
+    """Copy of ``graph`` with, for every group in ``plan``, only the kept channels."""
+    assert dg.graph is graph, "plan must come from a dependency graph of this graph"
+    keep = axis_keep(graph, dg, plan)
+    out = graph.copy()
+    for (name, axis), kept in sorted(keep.items()):
+        if name in out.initializers:
+            out.set_initializer(name, np.take(out.initializers[name], kept, axis=axis))
+    uses = out.consumers()
+    for node in out.nodes:
+        _FIXUPS.get(node.op_type, _no_fixup)(out, graph, node, keep, uses)
     return reinfer_shapes(out)
+
+
+# ---------------------------------------------------------------- size-dependent constants
+def _set_const(graph: Graph, node: Node, slot: int, value: np.ndarray,
+               uses: dict[str, list[Node]]) -> None:
+    """Give ``node`` input ``slot`` a new constant value, copying it first if it is shared."""
+    name = node.inputs[slot]
+    if len(uses.get(name, [])) > 1:
+        name = f"{name}__{node.name}"
+        node.inputs[slot] = name
+    graph.set_initializer(name, value)
+
+
+def _no_fixup(*_args) -> None:
+    pass
+
+
+def _conv(out: Graph, orig: Graph, node: Node, keep: AxisKeep, uses) -> None:
+    if int(node.attr("group", 1)) > 1 and (node.inputs[0], 1) in keep:  # depthwise (the rule
+        node.attrs["group"] = int(keep[(node.inputs[0], 1)].size)        # lets no other kind)
+
+
+def _reshape(out: Graph, orig: Graph, node: Node, keep: AxisKeep, uses) -> None:
+    y = node.outputs[0]
+    target = out.initializers[node.inputs[1]].copy()
+    changed = False
+    for d in range(len(orig.shape(y))):
+        if (y, d) in keep and target[d] > 0:
+            target[d] = keep[(y, d)].size
+            changed = True
+    if changed:
+        _set_const(out, node, 1, target, uses)
+
+
+def _gather(out: Graph, orig: Graph, node: Node, keep: AxisKeep, uses) -> None:
+    data, idx = node.inputs[0], node.inputs[1]
+    axis = int(node.attr("axis", 0)) % len(orig.shape(data))
+    if (data, axis) not in keep or idx not in out.initializers:
+        return
+    old = out.initializers[idx]
+    shape = [keep[(data, axis)].size if d != 1 else 1 for d in old.shape]
+    _set_const(out, node, 1, np.arange(keep[(data, axis)].size, dtype=old.dtype).reshape(shape),
+               uses)
+
+
+def _slice(out: Graph, orig: Graph, node: Node, keep: AxisKeep, uses) -> None:
+    x = node.inputs[0]
+    ranges = slice_ranges(orig, node)
+    if not ranges or not any((x, ax) in keep for ax in ranges):
+        return
+    starts = out.initializers[node.inputs[1]].copy()
+    ends = out.initializers[node.inputs[2]].copy()
+    axes_name = node.inputs[3] if len(node.inputs) > 3 else ""
+    axes = out.initializers[axes_name] if axes_name else np.arange(len(starts))
+    rank = len(orig.shape(x))
+    for k, a in enumerate(axes):
+        a = int(a) % rank
+        if (x, a) in keep:
+            start, stop, _ = ranges[a]
+            kept = keep[(x, a)]
+            starts[k] = np.searchsorted(kept, start)
+            ends[k] = np.searchsorted(kept, stop)
+    _set_const(out, node, 1, starts, uses)
+    _set_const(out, node, 2, ends, uses)
+
+
+def _split(out: Graph, orig: Graph, node: Node, keep: AxisKeep, uses) -> None:
+    x = node.inputs[0]
+    rank = len(orig.shape(x))
+    axis = int(node.attr("axis", 0)) % rank
+    if (x, axis) not in keep:
+        return
+    sizes = np.array([keep[(y, axis)].size if (y, axis) in keep else orig.shape(y)[axis]
+                      for y in node.outputs], dtype=np.int64)
+    if len(node.inputs) > 1 and node.inputs[1]:
+        _set_const(out, node, 1, sizes, uses)
+    elif "split" in node.attrs:
+        node.attrs["split"] = [int(s) for s in sizes]
+    else:  # equal split by num_outputs: make the sizes explicit
+        node.attrs.pop("num_outputs", None)
+        name = f"{node.name}__split"
+        out.set_initializer(name, sizes)
+        node.inputs[1:] = [name]
+
+
+_FIXUPS = {"Conv": _conv, "Reshape": _reshape, "Gather": _gather, "Slice": _slice,
+           "Split": _split}
 
 
 def reinfer_shapes(graph: Graph) -> Graph:
