@@ -133,11 +133,30 @@ def _calibration(graph: Graph, calibration) -> list[dict[str, np.ndarray]]:
     return list(calibration)
 
 
+def _check_patterns(graph: Graph, layer_ratios: dict[str, float], ignore: Sequence[str]) -> None:
+    """Every layer pattern must name at least one channel group (a typo is an error)."""
+    from fnmatch import fnmatchcase
+
+    for pat, r in layer_ratios.items():
+        _check_ratio(r)
+    sources = sorted({s for g in DependencyGraph(graph).groups if g.prunable for s in g.sources})
+    for pat in [*layer_ratios, *ignore]:
+        if not any(fnmatchcase(s, pat) for s in sources):
+            shown = ", ".join(sources[:6]) + (" ..." if len(sources) > 6 else "")
+            raise BadOptionError(f"layer pattern '{pat}' matches no prunable channel group "
+                                 f"(group sources: {shown or 'none'})")
+
+
 def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: float = 0.0,
-          reconstruct: bool = False, input_shapes: InputShapes | str | None = None,
+          reconstruct: bool = False, round_to: int = 1,
+          layer_ratios: dict[str, float] | None = None, ignore: Sequence[str] = (),
+          input_shapes: InputShapes | str | None = None,
           calibration=None, remove_dead: bool = False,
           example_inputs: Sequence[Any] | None = None, log: Log = _quiet) -> PruneResult:
     """Prune channel groups by L2 magnitude at a uniform ``ratio``; optionally write ONNX.
+
+    ``layer_ratios`` {glob over group source weights: ratio} overrides the ratio per group;
+    ``ignore`` globs leave groups whole; ``round_to`` makes kept channel counts multiples.
 
     ``reconstruct``: refit the consumers of removed channels by least squares on calibration
     data. ``calibration``: inputs to fit and measure on (an .npz path, a dict, or a list of
@@ -145,15 +164,21 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
     default. Ratio 0 leaves the model unchanged.
     """
     ratio = _check_ratio(ratio)
+    layer_ratios = dict(layer_ratios or {})
+    if int(round_to) < 1:
+        raise BadOptionError(f"round_to must be a positive integer, got {round_to}")
     if output is not None:
         check_writable_file(output, model if isinstance(model, (str, os.PathLike)) else None)
     graph = load(model, input_shapes, example_inputs)
+    _check_patterns(graph, layer_ratios, ignore)
     calib = _calibration(graph, calibration)
     if reconstruct and calibration is None and ratio > 0:
         log("warning: reconstructing on random inputs; give calibration data (--calib) "
             "drawn from the real input distribution")
+    prunes = ratio > 0 or any(r > 0 for r in layer_ratios.values())
     passes = ([RemoveDeadChannels()] if remove_dead else []) + (
-        [MagnitudePrune(ratio, reconstruct=reconstruct)] if ratio > 0 else [])
+        [MagnitudePrune(ratio, reconstruct=reconstruct, round_to=int(round_to),
+                        layer_ratios=layer_ratios, ignore=list(ignore))] if prunes else [])
     pruned, results = PassManager(passes, calib, log).run(graph)
     holdout = PassContext.split(calib).holdout
     fid = reference.compare(*([o for outs in reference.run_batches(g, holdout) for o in outs]
@@ -167,7 +192,8 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
 
 # ----------------------------------------------------------------------------- compiling
 def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "host",
-            ratio: float = 0.0, reconstruct: bool = False,
+            ratio: float = 0.0, reconstruct: bool = False, round_to: int = 1,
+            layer_ratios: dict[str, float] | None = None, ignore: Sequence[str] = (),
             input_shapes: InputShapes | str | None = None,
             calibration=None, remove_dead: bool = False,
             example_inputs: Sequence[Any] | None = None, command: Sequence[str] | None = None,
@@ -178,7 +204,8 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
     spec = resolve_target(target)
     _check_ratio(ratio)
     check_writable_dir(output_dir)
-    result = prune(model, ratio=ratio, reconstruct=reconstruct, input_shapes=input_shapes,
+    result = prune(model, ratio=ratio, reconstruct=reconstruct, round_to=round_to,
+                   layer_ratios=layer_ratios, ignore=ignore, input_shapes=input_shapes,
                    calibration=calibration, remove_dead=remove_dead,
                    example_inputs=example_inputs, log=log)
     graph = result.graph

@@ -80,12 +80,18 @@ def _prune_table(result) -> str:
             f"{f.max_abs_err:.3g}, max rel err {f.max_rel_err:.3g}")
 
 
+def _prune_kwargs(args) -> dict:
+    """The pruning flags shared by `prune` and `compile`, as API keywords."""
+    return {"ratio": args.ratio, "reconstruct": args.reconstruct, "round_to": args.round_to,
+            "layer_ratios": dict(args.layer_ratio), "ignore": args.ignore,
+            "input_shapes": args.input_shapes, "calibration": args.calib,
+            "remove_dead": args.remove_dead}
+
+
 def cmd_prune(args) -> int:
     from sparsec import api
 
-    result = api.prune(args.model, args.output, ratio=args.ratio, reconstruct=args.reconstruct,
-                       input_shapes=args.input_shapes, calibration=args.calib,
-                       remove_dead=args.remove_dead, log=_log(args))
+    result = api.prune(args.model, args.output, **_prune_kwargs(args), log=_log(args))
     print(_prune_table(result))
     print(f"wrote {result.output}")
     return 0
@@ -94,10 +100,8 @@ def cmd_prune(args) -> int:
 def cmd_compile(args) -> int:
     from sparsec import api
 
-    manifest = api.compile(args.model, args.output, target=args.target, ratio=args.ratio,
-                           reconstruct=args.reconstruct, input_shapes=args.input_shapes,
-                           calibration=args.calib,
-                           remove_dead=args.remove_dead, command=api.argv(), log=_log(args))
+    manifest = api.compile(args.model, args.output, target=args.target, **_prune_kwargs(args),
+                           command=api.argv(), log=_log(args))
     p = manifest["prune"]
     print(f"compiled {args.model} for {manifest['target']['name']} -> {args.output}")
     print(f"  params {p['before']['params']:,} -> {p['after']['params']:,}, "
@@ -150,6 +154,13 @@ def _ratio(text: str) -> float:
         raise argparse.ArgumentTypeError(f"ratio must be a number, got '{text}'") from None
 
 
+def _layer_ratio(text: str) -> tuple[str, float]:
+    pattern, sep, ratio = text.rpartition("=")
+    if not sep or not pattern:
+        raise argparse.ArgumentTypeError(f"expected PATTERN=RATIO, got '{text}'")
+    return pattern, _ratio(ratio)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sparsec",
@@ -168,6 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--ratio", type=_ratio, default=0.0,
                             help="fraction of channels to remove from every prunable group, "
                                  "in [0, 1) (default 0: no pruning)")
+            sp.add_argument("--layer-ratio", action="append", default=[], type=_layer_ratio,
+                            metavar="PATTERN=R",
+                            help="ratio for the groups whose source weights match a glob (as "
+                                 "`inspect` lists them), e.g. 'block1.*=0.5'; repeatable, first "
+                                 "match wins")
+            sp.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
+                            help="leave groups whose source weights match this glob whole; "
+                                 "repeatable")
+            sp.add_argument("--round-to", type=int, default=1, metavar="N",
+                            help="keep a multiple of N channels in every group (default 1)")
             sp.add_argument("--reconstruct", action="store_true",
                             help="refit the layers that read removed channels by least squares "
                                  "on the calibration data (recovers most of the accuracy)")

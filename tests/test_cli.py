@@ -175,3 +175,16 @@ def test_inspect_reports_groups_and_reasons():
     assert frozen and all(g["frozen"] for g in frozen)
     text = sparsec("inspect", EXAMPLES / "digits_cnn.onnx")
     assert "channel groups" in text.stdout and "frozen: graph output" in text.stdout
+
+
+def test_layer_flags(tmp_path):
+    model, out = EXAMPLES / "digits_cnn.onnx", tmp_path / "o.onnx"
+    proc = sparsec("-q", "prune", model, "-o", out, "--ratio", "0.5", "--ignore", "wide.*",
+                   "--layer-ratio", "block1.*=0.25", "--round-to", "8")
+    assert proc.returncode == 0, proc.stderr
+    shapes = {t.name: list(t.dims) for t in onnx.load(str(out)).graph.initializer}
+    assert shapes["wide.0.weight"][0] == 64 and shapes["stem.0.weight"][0] == 24
+    assert_clean_error(sparsec("prune", model, "-o", out, "--ignore", "wdie.*"), 6,
+                       "matches no prunable channel group", "wide.0.weight")
+    bad = sparsec("prune", model, "-o", out, "--layer-ratio", "block1")
+    assert bad.returncode == 2 and "PATTERN=RATIO" in bad.stderr

@@ -159,3 +159,45 @@ def test_pass_report_counts(zoo_models):
     # fc1 48 -> 24, fc2 32 -> 16: params 20*48+48 + 48*32+32 + 32*6+6 -> 20*24+24+24*16+16+16*6+6
     assert p["after"]["params"] == 20 * 24 + 24 + 24 * 16 + 16 + 16 * 6 + 6
     assert p["after"]["macs"] == 3 * (20 * 24 + 24 * 16 + 16 * 6)
+
+
+@pytest.mark.parametrize("size, ratio, round_to, kept", [
+    (32, 0.3, 1, 23), (32, 0.3, 8, 24), (32, 0.3, 16, 16), (32, 0.9, 8, 8), (6, 0.5, 8, 3),
+    (64, 0.0, 16, 64), (10, 0.95, 1, 1)])
+def test_kept_count_rounding(size, ratio, round_to, kept):
+    from sparsec.passes.magnitude import kept_count
+
+    assert kept_count(size, ratio, round_to) == kept
+
+
+def test_layer_ratios_ignore_and_round_to(zoo_models):
+    from conftest import EXAMPLES
+
+    g = load_onnx(EXAMPLES / "digits_cnn.onnx")
+    result = sparsec.prune(g, ratio=0.5, round_to=8, ignore=["wide.*"],
+                           layer_ratios={"block1.conv1.*": 0.25, "block1.*": 0.75})
+    w = result.graph.initializers
+    assert w["wide.0.weight"].shape[0] == 64              # ignored: whole
+    assert w["block1.conv1.weight"].shape[0] == 24        # first match: 32 * 0.75 kept = 24
+    assert w["block2.conv1.weight"].shape[0] == 16        # global 0.5
+    assert w["stem.0.weight"].shape[0] == 8               # trunk matches block1.* (conv2): 0.75
+    [p] = result.report()["passes"]
+    assert p["details"]["ignored_groups"] == 1 and p["details"]["round_to"] == 8
+
+
+def test_layer_ratio_alone_prunes(zoo_models):
+    g = load_onnx(zoo_models("gemm_mlp"))
+    result = sparsec.prune(g, layer_ratios={"w1": 0.5})
+    assert result.graph.initializers["w1"].shape == (16, 16)
+    assert result.graph.initializers["w2"].shape == (16, 24)  # its consumer, not its group
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"ignore": ["nope.*"]}, "matches no prunable channel group"),
+    ({"layer_ratios": {"w1": 1.0}}, "ratio must be in"),
+    ({"round_to": 0}, "round_to must be a positive integer")])
+def test_bad_layer_options(zoo_models, kwargs, message):
+    from sparsec.errors import BadOptionError
+
+    with pytest.raises(BadOptionError, match=message):
+        sparsec.prune(load_onnx(zoo_models("gemm_mlp")), ratio=0.3, **kwargs)

@@ -5,13 +5,19 @@ every parameter in the group (producer weights, biases, norm parameters and the 
 input-channel weights), as in DepGraph's group-level magnitude criterion. Every prunable group
 loses ``floor(size * ratio)`` channels (uniform ratio); frozen groups are left alone.
 
+Per-group choices: ``layer_ratios`` maps glob patterns over a group's source weight names
+(``"block1.*"``, as ``sparsec inspect`` lists them) to a ratio of their own (first match wins);
+groups whose sources match an ``ignore`` pattern are left whole; ``round_to`` rounds every kept
+count to a multiple (vector width / kernel block), never below one multiple.
+
 With ``reconstruct=True`` the consumers of the removed channels are then refit by least squares
 on the calibration data (``sparsec.passes.reconstruct``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 
 import numpy as np
 
@@ -37,6 +43,16 @@ def group_l2(graph: Graph, group: Group) -> np.ndarray:
     return np.sqrt(sq)
 
 
+def kept_count(size: int, ratio: float, round_to: int = 1) -> int:
+    """Channels a group of ``size`` keeps at ``ratio``: at least one, a multiple of
+    ``round_to`` where the group is big enough for one."""
+    keep = size - int(np.floor(size * ratio))
+    if round_to > 1 and size >= round_to:
+        keep = int(round(keep / round_to)) * round_to
+        keep = min(max(keep, round_to), size)
+    return max(keep, 1)
+
+
 def keep_top(scores: np.ndarray, n_keep: int) -> np.ndarray:
     """Indices of the ``n_keep`` highest scores, ascending; ties go to the lower index."""
     order = np.argsort(-scores, kind="stable")
@@ -48,23 +64,41 @@ class MagnitudePrune:
     ratio: float
     reconstruct: bool = False
     ridge: float = RIDGE
+    round_to: int = 1
+    layer_ratios: dict[str, float] = field(default_factory=dict)
+    ignore: list[str] = field(default_factory=list)
     name: str = "magnitude-prune"
     exact: bool = False
+
+    def ratio_for(self, sources: list[str]) -> float | None:
+        """This group's ratio: ``None`` if ignored, else the first matching override or the
+        global ratio."""
+        if any(fnmatchcase(s, pat) for s in sources for pat in self.ignore):
+            return None
+        for pat, ratio in self.layer_ratios.items():
+            if any(fnmatchcase(s, pat) for s in sources):
+                return ratio
+        return self.ratio
 
     def run(self, graph: Graph, ctx: PassContext | None = None) -> tuple[Graph, dict]:
         dg = DependencyGraph(graph)
         plan = {}
-        removed = total = 0
+        removed = total = ignored = 0
         for g in dg.groups:
             if not g.prunable:
                 continue
-            n_drop = min(int(np.floor(g.size * self.ratio)), g.size - 1)
-            total += g.size
-            if n_drop == 0:
+            ratio = self.ratio_for(g.sources)
+            if ratio is None:
+                ignored += 1
                 continue
-            plan[g.id] = keep_top(group_l2(graph, g), g.size - n_drop)
-            removed += n_drop
-        details = {"ratio": self.ratio, "groups": len(dg.groups),
+            total += g.size
+            n_keep = kept_count(g.size, ratio, self.round_to)
+            if n_keep == g.size:
+                continue
+            plan[g.id] = keep_top(group_l2(graph, g), n_keep)
+            removed += g.size - n_keep
+        details = {"ratio": self.ratio, "round_to": self.round_to, "ignored_groups": ignored,
+                   "groups": len(dg.groups),
                    "prunable_groups": sum(g.prunable for g in dg.groups),
                    "pruned_groups": len(plan), "channels_removed": removed,
                    "channels_in_prunable_groups": total}
