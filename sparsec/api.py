@@ -30,7 +30,8 @@ from sparsec.package import (FORMAT, LIBRARY, MANIFEST, MODEL, Package, atomic_w
                              staging_dir, write_json)
 from sparsec.reference import signature
 from sparsec.passes.dead_channels import RemoveDeadChannels
-from sparsec.passes.magnitude import MagnitudePrune
+from sparsec.passes.channel_prune import ChannelPrune
+from sparsec.passes.criteria import CRITERIA, NEEDS_DATA
 from sparsec.passes.manager import PassContext, PassManager, PassResult
 
 Log = Callable[[str], None]
@@ -137,7 +138,7 @@ def _check_patterns(graph: Graph, layer_ratios: dict[str, float], ignore: Sequen
     """Every layer pattern must name at least one channel group (a typo is an error)."""
     from fnmatch import fnmatchcase
 
-    for pat, r in layer_ratios.items():
+    for r in layer_ratios.values():
         _check_ratio(r)
     sources = sorted({s for g in DependencyGraph(graph).groups if g.prunable for s in g.sources})
     for pat in [*layer_ratios, *ignore]:
@@ -148,7 +149,7 @@ def _check_patterns(graph: Graph, layer_ratios: dict[str, float], ignore: Sequen
 
 
 def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: float = 0.0,
-          reconstruct: bool = False, round_to: int = 1,
+          criterion: str = "l2", reconstruct: bool = False, round_to: int = 1,
           layer_ratios: dict[str, float] | None = None, ignore: Sequence[str] = (),
           input_shapes: InputShapes | str | None = None,
           calibration=None, remove_dead: bool = False,
@@ -158,13 +159,16 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
     ``layer_ratios`` {glob over group source weights: ratio} overrides the ratio per group;
     ``ignore`` globs leave groups whole; ``round_to`` makes kept channel counts multiples.
 
-    ``reconstruct``: refit the consumers of removed channels by least squares on calibration
-    data. ``calibration``: inputs to fit and measure on (an .npz path, a dict, or a list of
-    dicts; every 4th batch is held out for the fidelity figures); seeded random inputs by
-    default. Ratio 0 leaves the model unchanged.
+    ``criterion``: ``"l2"`` (weight magnitude) or ``"wanda"`` (|W| x activation norm on the
+    calibration data). ``reconstruct``: refit the consumers of removed channels by least
+    squares on calibration data. ``calibration``: inputs to fit and measure on (an .npz path,
+    a dict, or a list of dicts; every 4th batch is held out for the fidelity figures); seeded
+    random inputs by default. Ratio 0 leaves the model unchanged.
     """
     ratio = _check_ratio(ratio)
     layer_ratios = dict(layer_ratios or {})
+    if criterion not in CRITERIA:
+        raise BadOptionError(f"unknown criterion '{criterion}' (known: {', '.join(CRITERIA)})")
     if int(round_to) < 1:
         raise BadOptionError(f"round_to must be a positive integer, got {round_to}")
     if output is not None:
@@ -172,12 +176,13 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
     graph = load(model, input_shapes, example_inputs)
     _check_patterns(graph, layer_ratios, ignore)
     calib = _calibration(graph, calibration)
-    if reconstruct and calibration is None and ratio > 0:
-        log("warning: reconstructing on random inputs; give calibration data (--calib) "
-            "drawn from the real input distribution")
+    if (reconstruct or criterion in NEEDS_DATA) and calibration is None and ratio > 0:
+        log("warning: fitting to random inputs; give calibration data (--calib) drawn from "
+            "the real input distribution")
     prunes = ratio > 0 or any(r > 0 for r in layer_ratios.values())
     passes = ([RemoveDeadChannels()] if remove_dead else []) + (
-        [MagnitudePrune(ratio, reconstruct=reconstruct, round_to=int(round_to),
+        [ChannelPrune(ratio, criterion=criterion, reconstruct=reconstruct,
+                      round_to=int(round_to),
                         layer_ratios=layer_ratios, ignore=list(ignore))] if prunes else [])
     pruned, results = PassManager(passes, calib, log).run(graph)
     holdout = PassContext.split(calib).holdout
@@ -192,7 +197,8 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
 
 # ----------------------------------------------------------------------------- compiling
 def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "host",
-            ratio: float = 0.0, reconstruct: bool = False, round_to: int = 1,
+            ratio: float = 0.0, criterion: str = "l2", reconstruct: bool = False,
+            round_to: int = 1,
             layer_ratios: dict[str, float] | None = None, ignore: Sequence[str] = (),
             input_shapes: InputShapes | str | None = None,
             calibration=None, remove_dead: bool = False,
@@ -204,7 +210,8 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
     spec = resolve_target(target)
     _check_ratio(ratio)
     check_writable_dir(output_dir)
-    result = prune(model, ratio=ratio, reconstruct=reconstruct, round_to=round_to,
+    result = prune(model, ratio=ratio, criterion=criterion, reconstruct=reconstruct,
+                   round_to=round_to,
                    layer_ratios=layer_ratios, ignore=ignore, input_shapes=input_shapes,
                    calibration=calibration, remove_dead=remove_dead,
                    example_inputs=example_inputs, log=log)

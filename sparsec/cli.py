@@ -82,7 +82,8 @@ def _prune_table(result) -> str:
 
 def _prune_kwargs(args) -> dict:
     """The pruning flags shared by `prune` and `compile`, as API keywords."""
-    return {"ratio": args.ratio, "reconstruct": args.reconstruct, "round_to": args.round_to,
+    return {"ratio": args.ratio, "criterion": args.criterion, "reconstruct": args.reconstruct,
+            "round_to": args.round_to,
             "layer_ratios": dict(args.layer_ratio), "ignore": args.ignore,
             "input_shapes": args.input_shapes, "calibration": args.calib,
             "remove_dead": args.remove_dead}
@@ -179,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--ratio", type=_ratio, default=0.0,
                             help="fraction of channels to remove from every prunable group, "
                                  "in [0, 1) (default 0: no pruning)")
+            sp.add_argument("--criterion", default="l2", choices=("l2", "wanda"),
+                            help="channel importance: l2 weight magnitude (default) or wanda "
+                                 "(|W| x activation norm on the calibration data)")
             sp.add_argument("--layer-ratio", action="append", default=[], type=_layer_ratio,
                             metavar="PATTERN=R",
                             help="ratio for the groups whose source weights match a glob (as "

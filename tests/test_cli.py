@@ -154,7 +154,7 @@ def test_prune_writes_model_and_table(tmp_path):
                    EXAMPLES / "digits_calib.npz")
     assert proc.returncode == 0, proc.stderr
     assert "params" in proc.stdout and "MACs" in proc.stdout and "cosine" in proc.stdout
-    assert "pass magnitude-prune" in proc.stderr           # progress, silenced by -q
+    assert "pass channel-prune" in proc.stderr           # progress, silenced by -q
     assert digest(model) == before
     pruned = onnx.load(str(out))
     shapes = {t.name: list(t.dims) for t in pruned.graph.initializer}

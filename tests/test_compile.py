@@ -54,7 +54,7 @@ def test_package_contents_and_manifest(packages, name):
     assert m["inputs"] == [{"name": "image", "shape": [1, 1, 8, 8], "dtype": "float32"}]
     assert m["outputs"][0]["shape"] == [1, 10]
     [p] = m["prune"]["passes"]
-    assert p["name"] == "magnitude-prune" and p["exact"] is False
+    assert p["name"] == "channel-prune" and p["exact"] is False
     assert p["after"]["params"] < p["before"]["params"]
     assert p["after"]["macs"] < p["before"]["macs"]
     # pruned ONNX in the package is what the pass report describes

@@ -110,13 +110,13 @@ def test_identity_gather_from_flatten_is_followed_and_rewritten(zoo_models):
     """torch's flatten after adaptive pooling exports as Reshape -> Gather(arange) -> Reshape;
     the Gather is an identity on channels, and pruning re-makes its index."""
     from conftest import EXAMPLES
-    from sparsec.passes.magnitude import MagnitudePrune
+    from sparsec.passes.channel_prune import ChannelPrune
 
     g = load_onnx(EXAMPLES / "digits_cnn.onnx")
     assert "Gather" in g.op_histogram()
     wide = next(x for x in DependencyGraph(g).groups if ("wide.0.weight", 0) in params(x))
     assert wide.prunable
-    pruned, _ = MagnitudePrune(0.5).run(g)
+    pruned, _ = ChannelPrune(0.5).run(g)
     gather = next(n for n in pruned.nodes if n.op_type == "Gather")
     idx = pruned.initializers[gather.inputs[1]]
     assert idx.size == 32 and (idx.ravel() == range(32)).all()

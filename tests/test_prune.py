@@ -13,7 +13,7 @@ from sparsec.analysis.cost import cost
 from sparsec.analysis.depgraph import DependencyGraph
 from sparsec.frontends.onnx import load_onnx
 from sparsec.passes.dead_channels import RemoveDeadChannels
-from sparsec.passes.magnitude import MagnitudePrune
+from sparsec.passes.channel_prune import ChannelPrune
 from sparsec.passes.manager import PassManager
 from sparsec.passes.surgery import apply_plan
 
@@ -65,7 +65,7 @@ def zero_whole_groups(graph, ratio):
 def test_pruning_zero_groups_is_exact(zoo_models, name):
     g, expected = zero_whole_groups(load_onnx(zoo_models(name)), 0.25)
     assert expected, "model has prunable groups"
-    pruned, _ = MagnitudePrune(0.25).run(g)
+    pruned, _ = ChannelPrune(0.25).run(g)
     assert cost(pruned).params < cost(g).params
     for seed in range(2):
         for a, b in zip(outputs(g, seed), outputs(pruned, seed)):
@@ -102,7 +102,7 @@ def test_magnitude_prune_shrinks_and_runs(zoo_models, name):
     g = load_onnx(zoo_models(name))
     result = sparsec.prune(g, ratio=0.5)
     [res] = result.passes
-    assert not res.exact and res.name == "magnitude-prune"
+    assert not res.exact and res.name == "channel-prune"
     assert result.after.params < result.before.params
     assert result.after.macs <= result.before.macs
     assert res.details["channels_removed"] > 0
@@ -124,7 +124,7 @@ def test_magnitude_keeps_the_largest_channels():
     w1 = g.initializers["w1"]
     w1 *= 1e-3
     w1[[3, 17, 30]] *= 1e6      # these three rows dominate the group's L2 norm
-    pruned, details = MagnitudePrune(0.9).run(g)
+    pruned, details = ChannelPrune(0.9).run(g)
     assert pruned.initializers["w1"].shape == (4, 16)
     kept = [i for i in range(32) if any(np.allclose(pruned.initializers["w1"][j], w1[i])
                                         for j in range(4))]
@@ -165,7 +165,7 @@ def test_pass_report_counts(zoo_models):
     (32, 0.3, 1, 23), (32, 0.3, 8, 24), (32, 0.3, 16, 16), (32, 0.9, 8, 8), (6, 0.5, 8, 3),
     (64, 0.0, 16, 64), (10, 0.95, 1, 1)])
 def test_kept_count_rounding(size, ratio, round_to, kept):
-    from sparsec.passes.magnitude import kept_count
+    from sparsec.passes.channel_prune import kept_count
 
     assert kept_count(size, ratio, round_to) == kept
 
@@ -201,3 +201,26 @@ def test_bad_layer_options(zoo_models, kwargs, message):
 
     with pytest.raises(BadOptionError, match=message):
         sparsec.prune(load_onnx(zoo_models("gemm_mlp")), ratio=0.3, **kwargs)
+
+
+def test_wanda_drops_a_dead_channel_that_l2_keeps(zoo_models):
+    """Hidden channel 5 has the largest weights but a bias that keeps it below zero, so ReLU
+    silences it on real inputs: magnitude keeps it, the activation-aware criterion drops it."""
+    from sparsec.passes.manager import PassContext
+
+    g = load_onnx(zoo_models("gemm_mlp")).copy()
+    g.initializers["w1"][5] *= 50.0                    # large producer weights ...
+    g.initializers["b1"][5] = -1e4                      # ... but never active after ReLU
+    g.initializers["w2"][5] *= 50.0                     # and large consumer weights
+    ctx = PassContext.split([reference.random_inputs(g, seed=s) for s in range(8)])
+    keep_l2, _ = ChannelPrune(0.5).run(g, ctx)
+    keep_wanda, details = ChannelPrune(0.5, criterion="wanda").run(g, ctx)
+    row5 = g.initializers["w1"][5]
+    has_row5 = lambda p: any(np.array_equal(r, row5) for r in p.initializers["w1"])  # noqa: E731
+    assert has_row5(keep_l2) and not has_row5(keep_wanda)
+    assert details["criterion"] == "wanda"
+
+
+def test_wanda_needs_calibration(zoo_models):
+    with pytest.raises(ValueError, match="calibration"):
+        ChannelPrune(0.5, criterion="wanda").run(load_onnx(zoo_models("gemm_mlp")))

@@ -13,7 +13,7 @@ from test_quality import accuracy
 import sparsec
 from sparsec import reference
 from sparsec.frontends.onnx import load_onnx
-from sparsec.passes.magnitude import MagnitudePrune
+from sparsec.passes.channel_prune import ChannelPrune
 from sparsec.passes.manager import PassContext, PassManager
 
 
@@ -52,12 +52,12 @@ def low_rank_conv_chain(pads, strides, dilations) -> onnx.ModelProto:
 def test_refit_is_exact_when_kept_channels_span_the_pruned_ones(model):
     g = load_onnx(model)
     calib = batches(g)
-    exact = MagnitudePrune(0.5, reconstruct=True, ridge=1e-12)   # no ridge bias: pure algebra
+    exact = ChannelPrune(0.5, reconstruct=True, ridge=1e-12)   # no ridge bias: pure algebra
     pruned, [res] = PassManager([exact], calib).run(g)
     [refit] = res.details["reconstructed"]
     assert refit["rel_rmse_before"] > 0.05 and refit["rel_rmse_after"] < 1e-6
     assert res.fidelity.max_rel_err < 1e-4 and res.fidelity.cosine > 0.999999
-    without, [raw] = PassManager([MagnitudePrune(0.5)], calib).run(g)
+    without, [raw] = PassManager([ChannelPrune(0.5)], calib).run(g)
     assert raw.fidelity.max_rel_err > 0.05       # pruning alone really did lose information
 
 
@@ -66,12 +66,12 @@ def test_refit_is_exact_when_kept_channels_span_the_pruned_ones(model):
 def test_refit_lowers_every_layer_error(zoo_models, name):
     g = load_onnx(zoo_models(name))
     calib = batches(g)
-    pruned, [res] = PassManager([MagnitudePrune(0.5, reconstruct=True)], calib).run(g)
+    pruned, [res] = PassManager([ChannelPrune(0.5, reconstruct=True)], calib).run(g)
     refits = res.details["reconstructed"]
     assert refits
     for r in refits:
         assert r["rel_rmse_after"] <= r["rel_rmse_before"] + 1e-9, r
-    _, [raw] = PassManager([MagnitudePrune(0.5)], calib).run(g)
+    _, [raw] = PassManager([ChannelPrune(0.5)], calib).run(g)
     assert res.fidelity.cosine >= raw.fidelity.cosine - 1e-6
     assert "held-out" in res.as_dict()["fidelity"]["measured_on"]
     # the same structure was removed; only weight values (and added biases) differ
@@ -81,14 +81,14 @@ def test_refit_lowers_every_layer_error(zoo_models, name):
 
 def test_no_pruning_means_nothing_to_refit(zoo_models):
     g = load_onnx(zoo_models("gemm_mlp"))
-    pruned, details = MagnitudePrune(0.01, reconstruct=True).run(g, PassContext.split(batches(g)))
+    pruned, details = ChannelPrune(0.01, reconstruct=True).run(g, PassContext.split(batches(g)))
     assert details["channels_removed"] == 0 and details["reconstructed"] == []
 
 
 def test_reconstruction_needs_calibration(zoo_models):
     g = load_onnx(zoo_models("gemm_mlp"))
     with pytest.raises(ValueError, match="calibration"):
-        MagnitudePrune(0.5, reconstruct=True).run(g)
+        ChannelPrune(0.5, reconstruct=True).run(g)
 
 
 def test_calibration_split_holds_out_every_fourth_batch():

@@ -14,7 +14,7 @@ import numpy as np
 
 from sparsec.analysis.depgraph import DependencyGraph, Group
 from sparsec.ir.graph import Graph
-from sparsec.passes.magnitude import member_slices
+from sparsec.passes.criteria import member_slices
 from sparsec.passes.manager import PassContext
 from sparsec.passes.surgery import apply_plan
 

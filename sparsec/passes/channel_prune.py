@@ -1,9 +1,8 @@
-"""Magnitude channel-group pruning (lossy): remove the lowest-L2 channels of every group.
+"""Channel-group pruning (lossy): remove the least important channels of every group.
 
-A channel's importance is the L2 norm of everything that would be removed with it: its slice of
-every parameter in the group (producer weights, biases, norm parameters and the consumers'
-input-channel weights), as in DepGraph's group-level magnitude criterion. Every prunable group
-loses ``floor(size * ratio)`` channels (uniform ratio); frozen groups are left alone.
+Importance comes from a criterion (``sparsec.passes.criteria``: ``l2`` magnitude by default,
+or activation-aware ``wanda`` on calibration data). Every prunable group loses
+``floor(size * ratio)`` channels (uniform ratio); frozen groups are left alone.
 
 Per-group choices: ``layer_ratios`` maps glob patterns over a group's source weight names
 (``"block1.*"``, as ``sparsec inspect`` lists them) to a ratio of their own (first match wins);
@@ -21,26 +20,12 @@ from fnmatch import fnmatchcase
 
 import numpy as np
 
-from sparsec.analysis.depgraph import DependencyGraph, Group
+from sparsec.analysis.depgraph import DependencyGraph
 from sparsec.ir.graph import Graph
+from sparsec.passes import criteria
 from sparsec.passes.manager import PassContext
 from sparsec.passes.reconstruct import RIDGE, refit_consumers
 from sparsec.passes.surgery import apply_plan
-
-
-def member_slices(graph: Graph, group: Group, member) -> np.ndarray:
-    """A weight member's elements as [group channel, everything else]."""
-    w = np.moveaxis(graph.initializers[member.name], member.axis, 0)
-    span = w[member.start: member.start + group.size * member.block]
-    return span.reshape(group.size, -1)
-
-
-def group_l2(graph: Graph, group: Group) -> np.ndarray:
-    """Per-channel L2 norm over all parameter slices in the group."""
-    sq = np.zeros(group.size, dtype=np.float64)
-    for m in group.params:
-        sq += (member_slices(graph, group, m).astype(np.float64) ** 2).sum(axis=1)
-    return np.sqrt(sq)
 
 
 def kept_count(size: int, ratio: float, round_to: int = 1) -> int:
@@ -60,14 +45,15 @@ def keep_top(scores: np.ndarray, n_keep: int) -> np.ndarray:
 
 
 @dataclass
-class MagnitudePrune:
+class ChannelPrune:
     ratio: float
+    criterion: str = "l2"
     reconstruct: bool = False
     ridge: float = RIDGE
     round_to: int = 1
     layer_ratios: dict[str, float] = field(default_factory=dict)
     ignore: list[str] = field(default_factory=list)
-    name: str = "magnitude-prune"
+    name: str = "channel-prune"
     exact: bool = False
 
     def ratio_for(self, sources: list[str]) -> float | None:
@@ -81,7 +67,12 @@ class MagnitudePrune:
         return self.ratio
 
     def run(self, graph: Graph, ctx: PassContext | None = None) -> tuple[Graph, dict]:
+        if (self.criterion in criteria.NEEDS_DATA or self.reconstruct) and ctx is None:
+            raise ValueError(f"criterion '{self.criterion}' / reconstruction needs calibration "
+                             f"data (a PassContext)")
         dg = DependencyGraph(graph)
+        norms = (criteria.activation_norms(graph, [g for g in dg.groups if g.prunable], ctx.fit)
+                 if self.criterion == "wanda" else {})
         plan = {}
         removed = total = ignored = 0
         for g in dg.groups:
@@ -95,17 +86,17 @@ class MagnitudePrune:
             n_keep = kept_count(g.size, ratio, self.round_to)
             if n_keep == g.size:
                 continue
-            plan[g.id] = keep_top(group_l2(graph, g), n_keep)
+            scores = (criteria.wanda(graph, g, norms) if self.criterion == "wanda"
+                      else criteria.l2(graph, g))
+            plan[g.id] = keep_top(scores, n_keep)
             removed += g.size - n_keep
-        details = {"ratio": self.ratio, "round_to": self.round_to, "ignored_groups": ignored,
-                   "groups": len(dg.groups),
+        details = {"criterion": self.criterion, "ratio": self.ratio, "round_to": self.round_to,
+                   "ignored_groups": ignored, "groups": len(dg.groups),
                    "prunable_groups": sum(g.prunable for g in dg.groups),
                    "pruned_groups": len(plan), "channels_removed": removed,
                    "channels_in_prunable_groups": total}
         pruned = apply_plan(graph, dg, plan)
         if self.reconstruct:
-            if ctx is None:
-                raise ValueError("reconstruction needs calibration data (a PassContext)")
             pruned, info = refit_consumers(graph, pruned, dg, plan, ctx.fit, self.ridge)
             details["reconstructed"] = info["refit"]
         return pruned, details
