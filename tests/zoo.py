@@ -346,7 +346,44 @@ def transformers_model(name: str) -> tuple[nn.Module, tuple]:
                             max_position_embeddings=32)
         ids = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(0))
         return _LastHidden(tf.BertModel(cfg).eval()), (ids,)
+    if name == "hf_convnext":
+        cfg = tf.ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=5,
+                                image_size=32)
+        return tf.ConvNextForImageClassification(cfg).eval(), (torch.randn(1, 3, 32, 32),)
+    if name == "hf_regnet":
+        cfg = tf.RegNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                              groups_width=4, num_labels=5)
+        return tf.RegNetForImageClassification(cfg).eval(), (torch.randn(1, 3, 32, 32),)
+    if name == "hf_efficientnet":
+        cfg = tf.EfficientNetConfig(image_size=32, width_coefficient=0.25, depth_coefficient=0.25,
+                                    hidden_dim=320, num_labels=5)
+        return tf.EfficientNetForImageClassification(cfg).eval(), (torch.randn(1, 3, 32, 32),)
+    if name == "hf_swin":
+        cfg = tf.SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1],
+                            num_heads=[1, 2], window_size=4, num_labels=5)
+        return tf.SwinForImageClassification(cfg).eval(), (torch.randn(1, 3, 32, 32),)
+    ids = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(0))
+    if name == "hf_gpt2":
+        cfg = tf.GPT2Config(vocab_size=100, n_positions=16, n_embd=32, n_layer=2, n_head=2,
+                            bos_token_id=0, eos_token_id=0)
+        return _Logits(tf.GPT2LMHeadModel(cfg).eval()), (ids,)
+    if name == "hf_llama_gqa":
+        cfg = tf.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=32)
+        return _Logits(tf.LlamaForCausalLM(cfg).eval()), (ids,)
     raise KeyError(name)
+
+
+class _Logits(nn.Module):
+    """Wraps a transformers language model so that it returns its logits."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids).logits
 
 
 class _LastHidden(nn.Module):
@@ -361,6 +398,9 @@ class _LastHidden(nn.Module):
 
 
 TRANSFORMERS = ("hf_resnet", "hf_mobilenetv2", "hf_vit", "hf_bert")
+# more architectures for the pruning acceptance test (not in every parametrized IR test)
+TRANSFORMERS_MORE = ("hf_convnext", "hf_regnet", "hf_efficientnet", "hf_swin", "hf_gpt2",
+                     "hf_llama_gqa")
 
 
 def build(name: str) -> onnx.ModelProto:
