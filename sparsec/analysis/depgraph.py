@@ -528,19 +528,22 @@ def _gather(dg: DependencyGraph, n: Node) -> None:
             dg.freeze_axis(y, axis + pos, "Gather indexes this axis")
 
 
+def _part_of(dg: DependencyGraph, part: str, whole: str, axis: int, offset: int) -> None:
+    """``part`` is elements ``offset ..`` of ``whole`` along ``axis``; other axes are equal."""
+    for ax in range(len(dg.graph.shape(whole))):
+        if ax == axis:
+            dg.link(part, ax, whole, ax, channels=dg.graph.shape(part)[ax], b_start=offset)
+        else:
+            dg.couple(part, ax, whole, ax)
+
+
 def _concat(dg: DependencyGraph, n: Node) -> None:
     y = n.outputs[0]
-    rank = len(dg.graph.shape(y))
-    axis = int(n.attr("axis")) % rank
+    axis = int(n.attr("axis")) % len(dg.graph.shape(y))
     offset = 0
     for x in n.inputs:
-        size = dg.graph.shape(x)[axis]
-        for ax in range(rank):
-            if ax == axis:
-                dg.link(x, ax, y, ax, channels=size, b_start=offset)
-            else:
-                dg.couple(x, ax, y, ax)
-        offset += size
+        _part_of(dg, x, y, axis, offset)
+        offset += dg.graph.shape(x)[axis]
 
 
 def _split_sizes(dg: DependencyGraph, n: Node) -> list[int] | None:
@@ -564,11 +567,7 @@ def _split(dg: DependencyGraph, n: Node) -> None:
         return
     offset = 0
     for y, size in zip(n.outputs, sizes):
-        for ax in range(rank):
-            if ax == axis:
-                dg.link(y, ax, x, ax, channels=size, b_start=offset)
-            else:
-                dg.couple(x, ax, y, ax)
+        _part_of(dg, y, x, axis, offset)
         offset += size
 
 
