@@ -173,3 +173,18 @@ def test_torch_module_compiles_through_the_same_api(tmp_path):
     with torch.no_grad():
         want = module(*example).numpy()
     np.testing.assert_allclose(next(iter(out.values())), want, rtol=1e-4, atol=1e-4)
+
+
+def test_dynamic_model_compiles_with_input_shapes(tmp_path):
+    import zoo
+
+    m = zoo.gemm_mlp()
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    path = tmp_path / "dyn.onnx"
+    onnx.save(m, str(path))
+    proc = sparsec("-q", "compile", path, "-o", tmp_path / "pkg", "--ratio", "0.5",
+                   "--input-shapes", "x:3x16")
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((tmp_path / "pkg" / "manifest.json").read_text())
+    assert manifest["inputs"][0]["shape"] == [3, 16] and manifest["outputs"][0]["shape"] == [3, 5]
+    assert sparsec("validate", tmp_path / "pkg").returncode == 0
