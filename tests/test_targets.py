@@ -209,6 +209,72 @@ def test_conv2d_packed_numerics(args, host, tmp_path):
     assert_matches_ort(model, feeds, outs)
 
 
+@pytest.mark.parametrize("args", [
+    dict(n=1, c=16, h=16, w=16, oc=16, k=3, stride=1, pad=1, relu=True),  # small map
+    dict(n=1, c=45, h=16, w=16, oc=45, k=3, stride=1, pad=1),             # odd C/OC
+    dict(n=2, c=3, h=33, w=31, oc=24, k=3, stride=2, pad=1, relu=True),   # stem, odd H/W, s2
+    dict(n=1, c=5, h=20, w=31, oc=7, k=3, stride=2, pad=2, dil=2),        # s2 + dilation
+    dict(n=1, c=8, h=16, w=16, oc=20, k=1, stride=2, pad=0, bias=False),  # 1x1 s2, 8 lanes
+    dict(n=1, c=7, h=9, w=8, oc=13, k=5, stride=1, pad=2),                # 5x5, odd OH
+])
+def test_conv2d_width_vectorized_numerics(args, host, tmp_path):
+    """Small maps whose output width is whole vectors take the width-vectorized variant."""
+    model = conv_model(**args)
+    facts, feeds, outs = compile_and_run(model, host, tmp_path)
+    assert facts["kernels"].get("conv2d_nchw_packed") == 1, facts["kernels"]
+    conv = [d for d in facts["decisions"] if d["chosen"] == "conv2d_nchw_packed"]
+    assert conv[0]["shape"]["variant"] == "width_vectorized"
+    assert_matches_ort(model, feeds, outs)
+
+
+@pytest.mark.parametrize("c,hw", [(24, 16), (45, 8), (32, 32)])
+def test_residual_block_width_vectorized(c, hw, host, tmp_path):
+    """conv+relu, conv + skip add + relu at small maps and odd channel counts: both convs take
+    the width-vectorized variant with bias/residual/relu folded into the write-back."""
+    rng = np.random.default_rng(c)
+    inits = {"w1": rng.standard_normal((c, c, 3, 3)) / np.sqrt(9 * c),
+             "b1": rng.standard_normal(c) * 0.1,
+             "w2": rng.standard_normal((c, c, 3, 3)) / np.sqrt(9 * c),
+             "b2": rng.standard_normal(c) * 0.1}
+    n = helper.make_node
+    nodes = [n("Conv", ["x", "w1", "b1"], ["c1"], pads=[1] * 4), n("Relu", ["c1"], ["r1"]),
+             n("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1] * 4), n("Add", ["c2", "x"], ["s"]),
+             n("Relu", ["s"], ["y"])]
+    model = make_model(nodes, [("x", [1, c, hw, hw])], [("y", [1, c, hw, hw])], inits)
+    facts, feeds, outs = compile_and_run(model, host, tmp_path)
+    assert facts["kernels"] == {"conv2d_nchw_packed": 2}, facts["kernels"]
+    convs = [d for d in facts["decisions"] if d["op"] == "conv2d"]
+    assert [d["shape"]["variant"] for d in convs] == ["width_vectorized"] * 2
+    assert [d["epilogue"] for d in convs] == [["bias", "relu"], ["bias", "residual", "relu"]]
+    assert_matches_ort(model, feeds, outs)
+
+
+def test_runner_accepts_unaligned_and_noncontiguous_inputs(host, tmp_path):
+    """Inputs are borrowed when 64-byte aligned, copied otherwise; outputs never alias them."""
+    from sparsec.targets.host import compile_onnx, load_library
+
+    model = conv_model(n=1, c=4, h=8, w=8, oc=4, k=1, stride=1, pad=0, bias=False)
+    lib = tmp_path / "m.so"
+    facts = compile_onnx(model, host, lib, log=lambda s: None)
+    runner = load_library(lib, facts["inputs"])
+    x = random_feeds(model)["x"]
+    want = run_ort(model, {"x": x})[0]
+    def at_offset(extra: int) -> np.ndarray:  # a copy of x starting ``extra`` floats past 64
+        buf = np.empty(x.size + 32, np.float32)
+        off = (-buf.ctypes.data % 64) // 4 + extra
+        view = buf[off:off + x.size].reshape(x.shape)
+        view[...] = x
+        return view
+
+    aligned, unaligned = at_offset(0), at_offset(1)
+    assert aligned.ctypes.data % 64 == 0 and unaligned.ctypes.data % 64 != 0
+    noncontig = np.asfortranarray(x)
+    for arr in (aligned, unaligned, noncontig):
+        got = runner.run({"x": arr})[0]
+        np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+        assert not np.shares_memory(got, arr)
+
+
 def test_depthwise_conv_uses_fallback(host, tmp_path):
     model = conv_model(n=1, c=12, h=15, w=15, oc=12, k=3, stride=1, pad=1, group=12, relu=True)
     facts, feeds, outs = compile_and_run(model, host, tmp_path)

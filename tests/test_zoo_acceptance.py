@@ -6,7 +6,6 @@ today (frozen groups carry their reasons: see `sparsec inspect`)."""
 from __future__ import annotations
 
 import pytest
-import zoo
 
 import sparsec
 from sparsec import reference

@@ -21,6 +21,12 @@ from sparsec.targets import TargetSpec
 from sparsec.targets.kernels import FALLBACK
 from sparsec.targets.kernels.common import STRATEGY_ATTR
 
+# TVM pins its worker threads to cores by default but not the calling thread, which the OS then
+# sometimes runs on a worker's core: every parallel kernel serialises (measured ~2x for whole
+# runs, in bursts, on a 2-core VM). Unpinned threads avoid that. TVM reads this when its thread
+# pool starts (compiling may already start it: FoldConstant runs kernels), so set it on import.
+os.environ.setdefault("TVM_BIND_THREADS", "0")
+
 if TYPE_CHECKING:
     import numpy as np
     import onnx
@@ -176,15 +182,32 @@ class Runner:
     def run(self, inputs: dict[str, "np.ndarray"]) -> list["np.ndarray"]:
         """Run once; ``inputs`` keyed by ONNX input name; outputs in ONNX graph order."""
         import numpy as np
-        import tvm
 
         missing = [n for n in self.input_names if n not in inputs]
         if missing:
             raise KeyError(f"missing input(s): {', '.join(missing)}")
-        args = [tvm.runtime.tensor(np.ascontiguousarray(inputs[n]), self._dev)
-                for n in self.input_names]
+        args = [_to_tvm(np.ascontiguousarray(inputs[n]), self._dev) for n in self.input_names]
         result = self._main(*args)
-        return [t.numpy() for t in _flatten(result)]
+        # DLPack view + numpy copy: the result owns its memory (never a view of an input or a
+        # baked-in constant) at a fraction of ``Tensor.numpy()``'s per-call cost
+        return [np.from_dlpack(t).copy() for t in _flatten(result)]
+
+
+#: byte alignment TVM requires of a tensor it borrows through DLPack
+_ALIGN = 64
+
+
+def _to_tvm(arr: "np.ndarray", dev) -> "object":
+    """``arr`` as a TVM tensor: borrowed without a copy when it is aligned (kernels never write
+    their inputs), else copied into a fresh aligned tensor."""
+    import tvm
+
+    if arr.ctypes.data % _ALIGN == 0 and arr.flags.c_contiguous and arr.dtype.isnative:
+        try:
+            return tvm.runtime.from_dlpack(arr)
+        except Exception:  # noqa: BLE001 - e.g. a dtype DLPack cannot express: copy instead
+            pass
+    return tvm.runtime.tensor(arr, dev)
 
 
 def _flatten(value) -> list:

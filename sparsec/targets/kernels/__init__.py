@@ -35,7 +35,9 @@ STRATEGIES: tuple[StrategyInfo, ...] = (
                  "constant W packed [N/16,K,16]; 4x16 register tile; N panels in parallel"),
     StrategyInfo("conv2d_nchw_packed", "relax.nn.conv2d", 0.40,
                  "NCHW groups=1, constant W packed [OC/16,IC,KH,KW,16]; (T pixels x 16 oc) "
-                 "register tile; (n, oc-block, oh) in parallel"),
+                 "register tile; (n, oc-block, oh) in parallel. Small maps whose output width "
+                 "is whole 16/8-lane vectors: width-vectorized variant, W packed "
+                 "[OC/t,IC,KH,KW,t], (t oc x rows x OW) tile, stride phases for stride > 1"),
     StrategyInfo(FALLBACK, "*", 0.02,
                  "LegalizeOps + FuseOps, then DLight CPU rules or a parallel+vectorize schedule"),
 )

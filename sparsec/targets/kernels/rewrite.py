@@ -181,15 +181,17 @@ def _match_conv(a: _Analysis, call: "relax.Call") -> tuple[Plan, dict] | None:
         dilation=tuple(int(d) for d in at.dilation))
     if (shape.n, shape.oc) + shape.out_hw != out:
         return None
-    packed = conv2d.pack_weight(w)
+    wplan = conv2d.plan_wvec(shape)
+    packed = conv2d.pack_weight(w, wplan.oct if wplan else conv2d.LANES)
     dtype = _dtype(x)
 
     def emit(bb: "relax.BlockBuilder", args: list, bias, relu: bool, residual
              ) -> "relax.Expr":
         from tvm import relax
 
-        func = conv2d.build(shape, dtype, bias=bias is not None, relu=relu,
-                            residual=residual is not None)
+        flags = dict(bias=bias is not None, relu=relu, residual=residual is not None)
+        func = (conv2d.build_wvec(shape, wplan, dtype, **flags) if wplan
+                else conv2d.build(shape, dtype, **flags))
         gv = bb.add_func(func, conv2d.NAME)
         call_args = [args[0], relax.const(packed)] + (
             [relax.const(bias)] if bias is not None else []) + (
@@ -198,7 +200,8 @@ def _match_conv(a: _Analysis, call: "relax.Call") -> tuple[Plan, dict] | None:
 
     macs = out[0] * out[1] * out[2] * out[3] * shape.ic * shape.kh * shape.kw
     info = {"op": "conv2d", "shape": {"in": list(xs), "weight": list(w.shape), "out": list(out),
-                                      "stride": list(shape.stride), "pad": list(shape.padding)}}
+                                      "stride": list(shape.stride), "pad": list(shape.padding),
+                                      "variant": "width_vectorized" if wplan else "oc_blocked"}}
     return Plan(conv2d.NAME, emit, info=info), {"macs": macs}
 
 

@@ -1,0 +1,112 @@
+"""Per-kernel profile of a sparsec-compiled model on the host CPU.
+
+Run from the repo root:  PYTHONPATH=. python benchmarks/profile_host.py [--model cnn|cnn50|...]
+
+Runs the model once through the Relax VM with an instrument that records every kernel call
+(symbol and arguments), then times each call on its own with TVM's ``time_evaluator`` (median of
+several repeats) and prints a table sorted by time, plus the whole-model time for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _models():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_host as b
+
+    cnn = b.residual_cnn()
+    return {
+        "cnn": lambda: cnn,
+        "cnn50": lambda: b.pruned(cnn, 0.5),
+        "gemm": b.gemm_model,
+        "conv": b.conv_model,
+        "ffn": b.ffn_model,
+    }
+
+
+def profile(model, repeats: int = 7, number: int = 50) -> list[dict]:
+    import tvm
+
+    from sparsec.targets import resolve_target
+    from sparsec.targets.host import compile_onnx, load_library
+
+    with tempfile.TemporaryDirectory() as tmp:
+        lib = Path(tmp) / "m.so"
+        facts = compile_onnx(model, resolve_target("host"), lib, log=lambda s: None)
+        runner = load_library(lib, facts["inputs"])
+        rng = np.random.default_rng(0)
+        feeds = {}
+        for vi in model.graph.input:
+            if vi.name in facts["inputs"]:
+                shape = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+                feeds[vi.name] = rng.standard_normal(shape).astype(np.float32)
+
+        calls: list[tuple[str, list]] = []
+
+        def instrument(func, symbol, before, ret, *args):
+            if before and not str(symbol).startswith("vm.builtin"):
+                calls.append((str(symbol), list(args)))
+            return 0
+
+        runner.run(feeds)
+        whole = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(number):
+                runner.run(feeds)
+            whole.append((time.perf_counter() - t0) / number * 1e3)
+        runner._vm.set_instrument(instrument)
+        runner.run(feeds)
+        runner._vm.set_instrument(None)
+
+        mod = tvm.runtime.load_module(str(lib)).imports[0]  # the compiled kernels
+        rows = []
+        for sym, args in calls:
+            try:
+                fn = mod.get_function(sym)
+            except Exception:  # noqa: BLE001
+                fn = None
+            if fn is None:
+                rows.append({"kernel": sym, "ms": float("nan"), "args": ""})
+                continue
+            tensors = [a for a in args if isinstance(a, tvm.runtime.Tensor)]
+            copies = [tvm.runtime.tensor(a.numpy()) for a in tensors]
+            te = mod.time_evaluator(sym, tvm.cpu(), number=number, repeat=repeats)
+            res = te(*copies)
+            rows.append({"kernel": sym, "ms": statistics.median(res.results) * 1e3,
+                         "args": " ".join("x".join(map(str, a.shape)) for a in copies)})
+        # the VM's whole-call overhead (copies in/out, allocation) is the rest
+        return rows, statistics.median(whole)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="cnn", choices=list(_models()))
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    sys.path.insert(0, str(REPO))
+    rows, whole = profile(_models()[args.model]())
+    total = sum(r["ms"] for r in rows if r["ms"] == r["ms"])
+    print(f"{'kernel':40s} {'ms':>8s} {'%':>6s}  shapes")
+    for r in rows:
+        print(f"{r['kernel']:40s} {r['ms']:8.4f} {100 * r['ms'] / whole:5.1f}%  {r['args']}")
+    print(f"{'sum of kernels':40s} {total:8.4f}")
+    print(f"{'whole Runner.run':40s} {whole:8.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
