@@ -25,14 +25,25 @@ from sparsec.errors import BadOptionError, ValidationError
 from sparsec.frontends.onnx import InputShapes, load_onnx, parse_input_shapes
 from sparsec.ir.graph import Graph
 from sparsec.ir.onnx_io import to_onnx
-from sparsec.package import (FORMAT, LIBRARY, MANIFEST, MODEL, Package, atomic_write_bytes,
-                             check_writable_dir, check_writable_file, read_calibration, sha256,
-                             staging_dir, write_json)
-from sparsec.reference import signature
-from sparsec.passes.dead_channels import RemoveDeadChannels
+from sparsec.package import (
+    FORMAT,
+    LIBRARY,
+    MANIFEST,
+    MODEL,
+    Package,
+    atomic_write_bytes,
+    check_writable_dir,
+    check_writable_file,
+    read_calibration,
+    sha256,
+    staging_dir,
+    write_json,
+)
 from sparsec.passes.channel_prune import ChannelPrune
 from sparsec.passes.criteria import CRITERIA, NEEDS_DATA
-from sparsec.passes.manager import PassContext, PassManager, PassResult
+from sparsec.passes.dead_channels import RemoveDeadChannels
+from sparsec.passes.manager import PassManager, PassResult
+from sparsec.reference import signature
 
 Log = Callable[[str], None]
 ModelLike = Any  # path, onnx.ModelProto, sparsec Graph, or torch.nn.Module (with example_inputs)
@@ -154,7 +165,7 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
           input_shapes: InputShapes | str | None = None,
           calibration=None, remove_dead: bool = False,
           example_inputs: Sequence[Any] | None = None, log: Log = _quiet) -> PruneResult:
-    """Prune channel groups by L2 magnitude at a uniform ``ratio``; optionally write ONNX.
+    """Prune the least important channels of every channel group; optionally write ONNX.
 
     ``layer_ratios`` {glob over group source weights: ratio} overrides the ratio per group;
     ``ignore`` globs leave groups whole; ``round_to`` makes kept channel counts multiples.
@@ -179,16 +190,14 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
     if (reconstruct or criterion in NEEDS_DATA) and calibration is None and ratio > 0:
         log("warning: fitting to random inputs; give calibration data (--calib) drawn from "
             "the real input distribution")
-    prunes = ratio > 0 or any(r > 0 for r in layer_ratios.values())
-    passes = ([RemoveDeadChannels()] if remove_dead else []) + (
-        [ChannelPrune(ratio, criterion=criterion, reconstruct=reconstruct,
-                      round_to=int(round_to),
-                        layer_ratios=layer_ratios, ignore=list(ignore))] if prunes else [])
-    pruned, results = PassManager(passes, calib, log).run(graph)
-    holdout = PassContext.split(calib).holdout
-    fid = reference.compare(*([o for outs in reference.run_batches(g, holdout) for o in outs]
-                              for g in (graph, pruned)))
-    result = PruneResult(pruned, results, cost(graph), cost(pruned), fid)
+    passes: list = [RemoveDeadChannels()] if remove_dead else []
+    if ratio > 0 or any(r > 0 for r in layer_ratios.values()):
+        passes.append(ChannelPrune(ratio, criterion=criterion, reconstruct=reconstruct,
+                                   round_to=int(round_to), layer_ratios=layer_ratios,
+                                   ignore=list(ignore)))
+    manager = PassManager(passes, calib, log)
+    pruned, results = manager.run(graph)
+    result = PruneResult(pruned, results, cost(graph), cost(pruned), manager.fidelity)
     if output is not None:
         atomic_write_bytes(output, to_onnx(pruned).SerializeToString())
         result.output = Path(output)

@@ -67,12 +67,11 @@ class ChannelPrune:
         return self.ratio
 
     def run(self, graph: Graph, ctx: PassContext | None = None) -> tuple[Graph, dict]:
-        if (self.criterion in criteria.NEEDS_DATA or self.reconstruct) and ctx is None:
-            raise ValueError(f"criterion '{self.criterion}' / reconstruction needs calibration "
-                             f"data (a PassContext)")
+        if self.reconstruct and ctx is None:
+            raise ValueError("reconstruction needs calibration data (a PassContext)")
         dg = DependencyGraph(graph)
-        norms = (criteria.activation_norms(graph, [g for g in dg.groups if g.prunable], ctx.fit)
-                 if self.criterion == "wanda" else {})
+        score = criteria.make_scorer(self.criterion, graph, [g for g in dg.groups if g.prunable],
+                                     ctx.fit if ctx is not None else None)
         plan = {}
         removed = total = ignored = 0
         for g in dg.groups:
@@ -86,9 +85,7 @@ class ChannelPrune:
             n_keep = kept_count(g.size, ratio, self.round_to)
             if n_keep == g.size:
                 continue
-            scores = (criteria.wanda(graph, g, norms) if self.criterion == "wanda"
-                      else criteria.l2(graph, g))
-            plan[g.id] = keep_top(scores, n_keep)
+            plan[g.id] = keep_top(score(g), n_keep)
             removed += g.size - n_keep
         details = {"criterion": self.criterion, "ratio": self.ratio, "round_to": self.round_to,
                    "ignored_groups": ignored, "groups": len(dg.groups),

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from typing import Callable
+
 from sparsec import reference
 from sparsec.analysis.depgraph import Group, Member
 from sparsec.ir.graph import Graph, Node
@@ -47,10 +49,9 @@ def _reader(graph: Graph, weight: str, users: dict[str, list[Node]]) -> tuple[st
     return None
 
 
-def activation_norms(graph: Graph, groups: list[Group], batches: list[dict]
-                     ) -> dict[tuple[str, int], np.ndarray]:
+def activation_norms(graph: Graph, groups: list[Group], batches: list[dict],
+                     users: dict[str, list[Node]]) -> dict[tuple[str, int], np.ndarray]:
     """||X|| per element of the channel axis of every tensor the groups' consumers read."""
-    users = graph.consumers()
     wanted = {r for g in groups for m in g.consumers if (r := _reader(graph, m.name, users))}
     names = sorted({x for x, _ in wanted})
     acts = reference.activations(graph, batches, names) if names else {}
@@ -62,9 +63,9 @@ def activation_norms(graph: Graph, groups: list[Group], batches: list[dict]
     return norms
 
 
-def wanda(graph: Graph, group: Group, norms: dict[tuple[str, int], np.ndarray]) -> np.ndarray:
+def wanda(graph: Graph, group: Group, norms: dict[tuple[str, int], np.ndarray],
+          users: dict[str, list[Node]]) -> np.ndarray:
     """Sum over the group's consumer weights of |W| times the channel's activation norm."""
-    users = graph.consumers()
     score = np.zeros(group.size, dtype=np.float64)
     found = False
     for m in group.consumers:
@@ -77,3 +78,18 @@ def wanda(graph: Graph, group: Group, norms: dict[tuple[str, int], np.ndarray]) 
         w = w[m.start: m.start + group.size * m.block].reshape(group.size * m.block, -1)
         score += (w.sum(axis=1) * span).reshape(group.size, m.block).sum(axis=1)
     return score if found else l2(graph, group)  # nothing reads it through a weight: magnitude
+
+
+def make_scorer(criterion: str, graph: Graph, groups: list[Group],
+                batches: list[dict] | None) -> Callable[[Group], np.ndarray]:
+    """Per-channel scores of a group under ``criterion``; data-driven criteria collect their
+    activations once, here, for all ``groups``."""
+    if criterion == "l2":
+        return lambda group: l2(graph, group)
+    if criterion == "wanda":
+        if batches is None:
+            raise ValueError("criterion 'wanda' needs calibration data")
+        users = graph.consumers()
+        norms = activation_norms(graph, groups, batches, users)
+        return lambda group: wanda(graph, group, norms, users)
+    raise ValueError(f"unknown criterion '{criterion}' (known: {', '.join(CRITERIA)})")

@@ -89,10 +89,12 @@ class PassManager:
     passes: list[Pass]
     calibration: list[dict[str, np.ndarray]] = field(default_factory=list)
     log: Log = lambda msg: None
+    #: after ``run``: the final graph vs the input graph, on the held-out calibration batches
+    fidelity: reference.Fidelity | None = None
 
     def run(self, graph: Graph) -> tuple[Graph, list[PassResult]]:
         ctx = PassContext.split(self.calibration or [reference.random_inputs(graph, seed=0)])
-        outputs = reference.run_batches(graph, ctx.holdout)
+        outputs = initial = reference.run_batches(graph, ctx.holdout)
         results = []
         for p in self.passes:
             start = time.perf_counter()
@@ -108,6 +110,7 @@ class PassManager:
             results.append(res)
             self.log(_summary(res))
             graph, outputs = new, new_outputs
+        self.fidelity = _worst(initial, outputs)
         return graph, results
 
 
