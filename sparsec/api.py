@@ -151,6 +151,8 @@ def _check_patterns(graph: Graph, layer_ratios: dict[str, float], ignore: Sequen
 
     for r in layer_ratios.values():
         _check_ratio(r)
+    if not layer_ratios and not ignore:
+        return
     sources = sorted({s for g in DependencyGraph(graph).groups if g.prunable for s in g.sources})
     for pat in [*layer_ratios, *ignore]:
         if not any(fnmatchcase(s, pat) for s in sources):
