@@ -1,15 +1,15 @@
 """sparsec: a compiler for pruned and sparse neural networks.
 
-The public API (``load``, ``capture``, ``inspect``, ``prune``, ``compile``, ``run``,
-``validate``) lives in ``sparsec.api`` and is imported lazily, so that importing sparsec (and
-``sparsec --help``) stays fast.
+The public API (``load``, ``capture``, ``inspect``, ``prune``, ``prune_module``,
+``compile``, ``run``, ``validate``) lives in ``sparsec.api`` and is imported lazily, so that
+importing sparsec (and ``sparsec --help``) stays fast.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-_API = ("load", "capture", "inspect", "prune", "compile", "run", "validate")
+_API = ("load", "capture", "inspect", "prune", "prune_module", "compile", "run", "validate")
 __all__ = [*_API, "__version__"]
 
 

@@ -315,3 +315,70 @@ def validate(package_dir: str | os.PathLike, inputs=None, *, rtol: float = 1e-4,
 
 def argv() -> list[str]:
     return ["sparsec", *sys.argv[1:]]
+
+
+# ----------------------------------------------------------------------------- torch modules
+def _created_bias(module, name: str) -> str | None:
+    """``conv.bias`` for ``conv.weight__bias``, the bias reconstruction gives a bias-less layer."""
+    if not name.endswith("__bias"):
+        return None
+    owner = name[: -len("__bias")].rpartition(".")[0]
+    try:
+        has_slot = "bias" in module.get_submodule(owner)._parameters
+    except AttributeError:
+        return None
+    return f"{owner}.bias" if has_slot else None
+
+
+def prune_module(module, example_inputs: Sequence[Any], *, ratio: float = 0.0,
+                 criterion: str = "l2", reconstruct: bool = False, round_to: int = 1,
+                 layer_ratios: dict[str, float] | None = None, ignore: Sequence[str] = (),
+                 calibration=None, remove_dead: bool = False, log: Log = _quiet):
+    """Prune a ``torch.nn.Module``: returns ``(pruned_module, PruneResult)``.
+
+    The module is captured with the FX frontend (``sparsec.frontends.fx``), so the IR's weights
+    carry the module's own parameter and buffer names; the pruned (and, with ``reconstruct``,
+    refit) arrays are written back into a deep copy of the module, and layer attributes
+    (``out_channels``, ``in_features``, ``groups``, ``num_features``) are made to match their
+    weights. The result runs, trains, and computes what the pruned IR computes. Calibration
+    arrays are keyed by the forward arguments' names. The input module is not modified.
+    """
+    from sparsec.frontends.fx import capture_fx
+
+    graph = capture_fx(module, example_inputs)
+    result = prune(graph, ratio=ratio, criterion=criterion, reconstruct=reconstruct,
+                   round_to=round_to, layer_ratios=layer_ratios, ignore=ignore,
+                   calibration=calibration, remove_dead=remove_dead, log=log)
+    return write_back(module, result.graph), result
+
+
+def write_back(module, graph: Graph):
+    """A deep copy of ``module`` holding ``graph``'s weights (matched by state_dict name)."""
+    import copy
+
+    import torch
+
+    new = copy.deepcopy(module)
+    state = {**dict(new.named_parameters()), **dict(new.named_buffers())}
+    for name, arr in graph.initializers.items():
+        target = name if name in state else _created_bias(new, name)
+        if target is None:
+            continue                                   # a constant the lowering introduced
+        owner_name, _, leaf = target.rpartition(".")
+        owner = new.get_submodule(owner_name)
+        value = torch.from_numpy(np.array(arr)).to(
+            state[target].dtype if target in state else torch.float32)
+        if leaf in owner._parameters:
+            setattr(owner, leaf, torch.nn.Parameter(value))
+        else:
+            owner._buffers[leaf] = value
+    groups = {n.inputs[1]: int(n.attr("group", 1)) for n in graph.nodes if n.op_type == "Conv"}
+    for name, m in new.named_modules():
+        if isinstance(m, torch.nn.modules.conv._ConvNd):
+            m.groups = groups.get(f"{name}.weight", m.groups)
+            m.out_channels, m.in_channels = m.weight.shape[0], m.weight.shape[1] * m.groups
+        elif isinstance(m, torch.nn.Linear):
+            m.out_features, m.in_features = m.weight.shape
+        elif isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.num_features = (m.running_mean if m.running_mean is not None else m.weight).shape[0]
+    return new
