@@ -1,6 +1,6 @@
 """Regenerate the bundled example models (run from the repo root; needs scikit-learn).
 
-    python examples/make_examples.py
+    pip install -e ".[examples]" && python examples/make_examples.py
 
 Trains two small models on scikit-learn's 8x8 digits (seeded, CPU, ~20 s) and exports them with
 sparsec's own torch capture path:
@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from sklearn.datasets import load_digits
 from torch import nn
 
 from sparsec.frontends.torch import export_onnx
@@ -74,6 +73,8 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int) -> nn
 
 
 def main() -> None:
+    from sklearn.datasets import load_digits  # only to regenerate; the models import without it
+
     torch.manual_seed(0)
     digits = load_digits()
     images = (digits.images / 16.0).astype(np.float32)[:, None]  # [N, 1, 8, 8] in [0, 1]
