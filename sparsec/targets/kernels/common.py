@@ -27,6 +27,28 @@ def pick_row_tile(extent: int, prefer: tuple[int, ...] = (4, 6, 5, 3, 2, 1)) -> 
     return 1
 
 
+def epilogue_func(inputs: list, value, shape: tuple[int, ...], dtype: str, bias=None,
+                  residual=None, relu: bool = False, channel_axis: int = 1) -> "tirx.PrimFunc":
+    """The kernel's output stage ``Y = relu(value + bias[channel] + residual)`` (each part
+    optional) and the unscheduled PrimFunc over ``inputs + [bias] + [residual] + [Y]``;
+    ``value(*index)`` reads the accumulator for an output index."""
+    from tvm import te, tirx
+
+    def compute(*index):
+        v = value(*index)
+        if bias is not None:
+            v = v + bias[index[channel_axis]]
+        if residual is not None:
+            v = v + residual[index]
+        if relu:
+            v = tirx.max(v, tirx.const(0, dtype))
+        return v
+
+    y = te.compute(shape, compute, name="Y")
+    args = list(inputs) + [t for t in (bias, residual) if t is not None] + [y]
+    return te.create_prim_func(args)
+
+
 def finish(sch: "s_tir.Schedule", strategy: str) -> "tirx.PrimFunc":
     """The scheduled PrimFunc, marked so that nothing schedules or fuses it again."""
     func = sch.mod["main"]

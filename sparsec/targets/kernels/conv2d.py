@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sparsec.targets.kernels.common import finish
+from sparsec.targets.kernels.common import epilogue_func, finish
 
 if TYPE_CHECKING:
     import numpy as np
@@ -174,19 +174,9 @@ def build(s: ConvShape, dtype: str = "float32", bias: bool = False,
         name="acc",
     )
 
-    def epilogue(n, c, i, j):
-        v = acc[n, c // LANES, i, j, c % LANES]
-        if b is not None:
-            v = v + b[c]
-        if res is not None:
-            v = v + res[n, c, i, j]
-        if relu:
-            v = tirx.max(v, tirx.const(0, dtype))
-        return v
-
-    y = te.compute((s.n, s.oc, oh, ow), epilogue, name="Y")
-    args = [x, w] + [t for t in (b, res) if t is not None] + [y]
-    sch = s_tir.Schedule(te.create_prim_func(args))
+    sch = s_tir.Schedule(epilogue_func(
+        [x, w], lambda n, c, i, j: acc[n, c // LANES, i, j, c % LANES], (s.n, s.oc, oh, ow),
+        dtype, b, res, relu))
 
     blk = sch.get_sblock("acc")
     n, cb, i, j, cl, kc, ky, kx = sch.get_loops(blk)
@@ -284,19 +274,9 @@ def build_wvec(s: ConvShape, plan: WidthPlan, dtype: str = "float32", bias: bool
                                        axis=[rc, ry, rx]),
         name="acc")
 
-    def epilogue(n, c, i, j):
-        v = acc[n, c // oct_, c % oct_, i, j]
-        if b is not None:
-            v = v + b[c]
-        if res is not None:
-            v = v + res[n, c, i, j]
-        if relu:
-            v = tirx.max(v, zero)
-        return v
-
-    y = te.compute((s.n, s.oc, oh, ow), epilogue, name="Y")
-    args = [x, w] + [t for t in (b, res) if t is not None] + [y]
-    sch = s_tir.Schedule(te.create_prim_func(args))
+    sch = s_tir.Schedule(epilogue_func(
+        [x, w], lambda n, c, i, j: acc[n, c // oct_, c % oct_, i, j], (s.n, s.oc, oh, ow),
+        dtype, b, res, relu))
 
     blk = sch.get_sblock("acc")
     n, cb, cl, i, j, kc, ky, kx = sch.get_loops(blk)

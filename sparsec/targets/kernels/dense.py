@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sparsec.targets.kernels.common import finish, pick_row_tile
+from sparsec.targets.kernels.common import epilogue_func, finish, pick_row_tile
 
 if TYPE_CHECKING:
     import numpy as np
@@ -49,7 +49,7 @@ def build(m: int, k: int, n: int, dtype: str = "float32", bias: bool = False,
 
     ``lanes`` is the packed block width; ``rows`` the preferred row-tile sizes (first that
     divides M wins)."""
-    from tvm import s_tir, te, tirx
+    from tvm import s_tir, te
 
     nb = -(-n // lanes)
     x = te.placeholder((m, k), dtype, name="X")
@@ -61,19 +61,8 @@ def build(m: int, k: int, n: int, dtype: str = "float32", bias: bool = False,
         (m, nb, lanes), lambda i, jb, jl: te.sum(x[i, r] * w[jb, r, jl], axis=r), name="acc"
     )
 
-    def epilogue(i, j):
-        v = acc[i, j // lanes, j % lanes]
-        if b is not None:
-            v = v + b[j]
-        if res is not None:
-            v = v + res[i, j]
-        if relu:
-            v = tirx.max(v, tirx.const(0, dtype))
-        return v
-
-    y = te.compute((m, n), epilogue, name="Y")
-    args = [x, w] + [t for t in (b, res) if t is not None] + [y]
-    sch = s_tir.Schedule(te.create_prim_func(args))
+    sch = s_tir.Schedule(epilogue_func(
+        [x, w], lambda i, j: acc[i, j // lanes, j % lanes], (m, n), dtype, b, res, relu))
 
     mi_size = pick_row_tile(m, rows)
     ku = K_UNROLL if k % K_UNROLL == 0 else 1

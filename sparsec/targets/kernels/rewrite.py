@@ -288,25 +288,18 @@ def plan_function(func: "relax.Function", cores: int) -> tuple[dict, dict, list[
         # epilogue: + per-channel bias, then relu, each the single user of the previous value
         channel_axis = 1 if plan.strategy == conv2d.NAME else -1
         tail = var
-        nxt = a.single_user(tail)
-        if nxt and isinstance(nxt[1], relax.Call) and getattr(nxt[1].op, "name", "") == \
-                "relax.add":
-            bias = _channel_bias(a, tail, nxt[1], channel_axis)
-            if bias is not None:
-                plan.bias = bias
-                aliases[nxt[0]] = var
-                tail = nxt[0]
-                nxt = a.single_user(tail)
-        if nxt and isinstance(nxt[1], relax.Call) and getattr(nxt[1].op, "name", "") == \
-                "relax.add":
-            res = _residual(a, var, tail, nxt[1], params)
-            if res is not None:
-                plan.residual = res
-                aliases[nxt[0]] = var
-                tail = nxt[0]
-                nxt = a.single_user(tail)
-        if nxt and isinstance(nxt[1], relax.Call) and getattr(nxt[1].op, "name", "") == \
-                "relax.nn.relu":
+        nxt = _single_user_call(a, tail, "relax.add")
+        if nxt and (bias := _channel_bias(a, tail, nxt[1], channel_axis)) is not None:
+            plan.bias = bias
+            aliases[nxt[0]] = var
+            tail = nxt[0]
+        nxt = _single_user_call(a, tail, "relax.add")
+        if nxt and (res := _residual(a, var, tail, nxt[1], params)) is not None:
+            plan.residual = res
+            aliases[nxt[0]] = var
+            tail = nxt[0]
+        nxt = _single_user_call(a, tail, "relax.nn.relu")
+        if nxt:
             plan.relu = True
             aliases[nxt[0]] = var
         decision["epilogue"] = [e for e, on in (("bias", plan.bias is not None),
@@ -314,6 +307,16 @@ def plan_function(func: "relax.Function", cores: int) -> tuple[dict, dict, list[
                                                 ("relu", plan.relu)) if on]
         decisions.append(decision)
     return plans, aliases, decisions
+
+
+def _single_user_call(a: _Analysis, var: Any, op_name: str) -> tuple[Any, Any] | None:
+    """(binding var, call) of ``var``'s only user when that user is a call of ``op_name``."""
+    from tvm import relax
+
+    nxt = a.single_user(var)
+    if nxt and isinstance(nxt[1], relax.Call) and getattr(nxt[1].op, "name", "") == op_name:
+        return nxt
+    return None
 
 
 def _make_mutator():
