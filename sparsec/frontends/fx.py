@@ -27,8 +27,9 @@ OPSET = 20  # Gelu needs opset 20
 
 
 class _Lowering:
-    def __init__(self, ep):
-        self.ep = ep
+    """State of one lowering: the IR being built and the FX-name -> IR-name map."""
+
+    def __init__(self):
         self.nodes: list[Node] = []
         self.inits: dict[str, np.ndarray] = {}
         self.values: dict[str, Value] = {}
@@ -245,7 +246,7 @@ def lower_exported(ep) -> Graph:
                           if n.op == "call_function" and str(n.target) not in LOWERINGS)
     if unsupported:
         raise UnsupportedOpError(dict(unsupported))
-    lw = _Lowering(ep)
+    lw = _Lowering()
     inputs, outputs = [], []
     for node in ep.graph.nodes:
         if node.op == "placeholder":

@@ -30,7 +30,7 @@ from sparsec.targets.kernels.common import epilogue_func, finish
 
 if TYPE_CHECKING:
     import numpy as np
-    from tvm import tirx
+    from tvm import s_tir, tirx
 
 NAME = "conv2d_nchw_packed"
 LANES = 16
@@ -132,10 +132,36 @@ def pack_weight(w_oihw: "np.ndarray", lanes: int = LANES) -> "np.ndarray":
     )
 
 
+def _zero_pad(x, s: ConvShape, hp: int, wp: int, pt: int, pl: int, dtype: str):
+    """Stage "pad": X zero-padded to [N, IC, hp, wp], the data starting at (pt, pl)."""
+    from tvm import te, tirx
+
+    zero = tirx.const(0, dtype)
+    return te.compute(
+        (s.n, s.ic, hp, wp),
+        lambda n, c, i, j: tirx.if_then_else(
+            tirx.all(i >= pt, i < s.h + pt, j >= pl, j < s.w + pl),
+            x[n, c, i - pt, j - pl], zero),
+        name="pad")
+
+
+def _schedule_pad(sch: "s_tir.Schedule") -> None:
+    """The "pad" stage: (n, c) in parallel, the innermost axis vectorised where TVM accepts it
+    (the bounds test is a select that LLVM vectorises)."""
+    from tvm import s_tir
+
+    loops = sch.get_loops(sch.get_sblock("pad"))
+    sch.parallel(sch.fuse(loops[0], loops[1]))
+    try:
+        sch.vectorize(loops[-1])
+    except s_tir.ScheduleError:
+        pass
+
+
 def build(s: ConvShape, dtype: str = "float32", bias: bool = False,
           relu: bool = False, residual: bool = False) -> "tirx.PrimFunc":
     """The scheduled PrimFunc ``(X, Wp[OCB,IC,KH,KW,16] [, B[OC]] [, R[N,OC,OH,OW]], Y)``."""
-    from tvm import s_tir, te, tirx
+    from tvm import s_tir, te
 
     (sh, sw), (dh, dw) = s.stride, s.dilation
     pt, pl, pb, pr = s.padding
@@ -152,17 +178,7 @@ def build(s: ConvShape, dtype: str = "float32", bias: bool = False,
     b = te.placeholder((s.oc,), dtype, name="B") if bias else None
     res = te.placeholder((s.n, s.oc, oh, ow), dtype, name="R") if residual else None
     needs_pad = (hp, wp) != (s.h, s.w)
-    if needs_pad:
-        zero = tirx.const(0, dtype)
-        xp = te.compute(
-            (s.n, s.ic, hp, wp),
-            lambda n, c, i, j: tirx.if_then_else(
-                tirx.all(i >= pt, i < s.h + pt, j >= pl, j < s.w + pl),
-                x[n, c, i - pt, j - pl], zero),
-            name="pad",
-        )
-    else:
-        xp = x
+    xp = _zero_pad(x, s, hp, wp, pt, pl, dtype) if needs_pad else x
     rc = te.reduce_axis((0, s.ic), name="rc")
     ry = te.reduce_axis((0, s.kh), name="ry")
     rx = te.reduce_axis((0, s.kw), name="rx")
@@ -190,13 +206,7 @@ def build(s: ConvShape, dtype: str = "float32", bias: bool = False,
     sch.unroll(kx)
     sch.parallel(sch.fuse(n, cb, i))
     if needs_pad:
-        pad = sch.get_sblock("pad")
-        pn, pc, _, pj = sch.get_loops(pad)
-        sch.parallel(sch.fuse(pn, pc))
-        try:  # the bounds test is a select; LLVM vectorises it when TVM accepts the loop
-            sch.vectorize(pj)
-        except s_tir.ScheduleError:
-            pass
+        _schedule_pad(sch)
     sch.decompose_reduction(blk, kc)
     return finish(sch, NAME)
 
@@ -244,12 +254,7 @@ def build_wvec(s: ConvShape, plan: WidthPlan, dtype: str = "float32", bias: bool
         def xin(n, c, i, j):  # padded-input element (i, j), through its stride phase
             return xp[n, c, i % sh, j % sw, i // sh, j // sw]
     elif needs_pad:
-        xp = te.compute(
-            (s.n, s.ic, hp, wp),
-            lambda n, c, i, j: tirx.if_then_else(
-                tirx.all(i >= pt, i < s.h + pt, j >= pl, j < s.w + pl),
-                x[n, c, i - pt, j - pl], zero),
-            name="pad")
+        xp = _zero_pad(x, s, hp, wp, pt, pl, dtype)
 
         def xin(n, c, i, j):
             return xp[n, c, i, j]
@@ -296,12 +301,6 @@ def build_wvec(s: ConvShape, plan: WidthPlan, dtype: str = "float32", bias: bool
     sch.unroll(kx)
     sch.parallel(sch.fuse(n, cb, io))
     if needs_pad:
-        pad = sch.get_sblock("pad")
-        ploops = sch.get_loops(pad)
-        sch.parallel(sch.fuse(ploops[0], ploops[1]))
-        try:
-            sch.vectorize(ploops[-1])
-        except s_tir.ScheduleError:
-            pass
+        _schedule_pad(sch)
     sch.decompose_reduction(blk, kc)
     return finish(sch, NAME)
