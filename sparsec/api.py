@@ -381,4 +381,10 @@ def write_back(module, graph: Graph):
             m.out_features, m.in_features = m.weight.shape
         elif isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.num_features = (m.running_mean if m.running_mean is not None else m.weight).shape[0]
+        elif isinstance(m, torch.nn.LayerNorm) and m.weight is not None:
+            m.normalized_shape = tuple(m.weight.shape)
+        elif isinstance(m, torch.nn.Embedding):
+            m.num_embeddings, m.embedding_dim = m.weight.shape
+        elif type(m).__name__ == "Conv1D" and hasattr(m, "nf"):   # transformers' GPT-2 linear
+            m.nf = m.weight.shape[1]
     return new

@@ -11,6 +11,7 @@ import zoo
 from sparsec import reference
 from sparsec.errors import BadOptionError, DynamicShapeError, UnsupportedOpError
 from sparsec.frontends.onnx import load_onnx, parse_input_shapes
+from sparsec.frontends.fx import capture_fx
 from sparsec.frontends.torch import capture
 from sparsec.ir.onnx_io import to_onnx
 
@@ -115,11 +116,14 @@ def test_torch_capture_matches_module_and_names_parameters():
     assert g.param_count() <= sum(p.numel() for p in module.parameters())
 
 
-def test_torch_capture_restores_training_mode():
-    module, example = zoo.torch_model("torch_mlp")
+@pytest.mark.parametrize("frontend", [capture, capture_fx])
+def test_torch_capture_restores_each_submodules_mode(frontend):
+    module, example = zoo.torch_model("torch_rescnn")
     module.train()
-    capture(module, example)
-    assert module.training is True
+    frozen = next(m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    frozen.eval()                           # a mixed-mode module, as in a wrapped HF model
+    frontend(module, example)
+    assert module.training is True and frozen.training is False
 
 
 def test_capture_and_onnx_frontend_give_the_same_ir(zoo_files):

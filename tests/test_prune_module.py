@@ -46,18 +46,6 @@ def test_fx_lowering_matches_torch_and_keeps_names(name):
     assert {k for k in g.initializers if "__" not in k} <= names
 
 
-def assert_consistent(module):
-    """Every layer's attributes describe its weights."""
-    for m in module.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            assert m.weight.shape[:2] == (m.out_channels, m.in_channels // m.groups)
-            assert m.bias is None or m.bias.shape == (m.out_channels,)
-        elif isinstance(m, torch.nn.Linear):
-            assert m.weight.shape == (m.out_features, m.in_features)
-        elif isinstance(m, torch.nn.BatchNorm2d):
-            assert m.weight.shape == m.running_mean.shape == (m.num_features,)
-
-
 @pytest.mark.parametrize("name", MODULES)
 @pytest.mark.parametrize("reconstruct", [False, True])
 def test_pruned_module_computes_the_pruned_graph(name, reconstruct):
@@ -66,7 +54,7 @@ def test_pruned_module_computes_the_pruned_graph(name, reconstruct):
     pruned, result = sparsec.prune_module(module, example, ratio=0.5, reconstruct=reconstruct)
     assert result.after.params < result.before.params
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in module.parameters())
-    assert_consistent(pruned)
+    zoo.assert_consistent(pruned)
     with torch.no_grad():
         got = pruned(*example).numpy()
     want = reference.run(result.graph, {result.graph.inputs[0]: example[0].numpy()})[0]

@@ -415,3 +415,22 @@ def build(name: str) -> onnx.ModelProto:
 
 
 ALL = (*HAND_BUILT, *TORCH_MODULES, *TRANSFORMERS)
+
+
+def assert_consistent(module: nn.Module) -> None:
+    """Every layer's attributes describe its weights (what a pruned torch module must keep)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            assert m.weight.shape[:2] == (m.out_channels, m.in_channels // m.groups)
+            assert m.bias is None or m.bias.shape == (m.out_channels,)
+        elif isinstance(m, nn.Linear):
+            assert m.weight.shape == (m.out_features, m.in_features)
+            assert m.bias is None or m.bias.shape == (m.out_features,)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            assert m.weight.shape == m.running_mean.shape == (m.num_features,)
+        elif isinstance(m, nn.LayerNorm) and m.weight is not None:
+            assert tuple(m.weight.shape) == tuple(m.normalized_shape)
+        elif isinstance(m, nn.Embedding):
+            assert m.weight.shape == (m.num_embeddings, m.embedding_dim)
+        elif type(m).__name__ == "Conv1D":          # transformers' GPT-2 linear: [in, out]
+            assert m.weight.shape[1] == m.nf == m.bias.shape[0]

@@ -7,9 +7,14 @@ structure: every weight and buffer becomes an initializer named exactly as in th
 with transB=1) and BatchNorm stays a node. That is what lets a pruning plan computed on the IR
 be written back into the module (``sparsec.api.prune_module``).
 
-It covers the ops of CNN and MLP models (convolution, linear, batch norm, activations, pooling,
-elementwise arithmetic, flatten/view/permute/cat/mean); anything else is refused with the full
-list of unsupported ops, and ``sparsec.capture`` (the ONNX path) remains the broad frontend.
+It covers CNN, MLP and transformer models: convolution, linear/addmm, batch/layer norm,
+activations, pooling, elementwise arithmetic, view/permute/cat/split/slice/select, embeddings and
+scaled-dot-product attention. Everything computed from buffers and constants alone (position
+ids, causal masks, rotary tables) is evaluated once with torch and becomes a constant; parameters
+are never folded, so every weight keeps its state_dict name. In-place ops (``add_``) are lowered
+functionally, and later uses of the mutated tensor see the new value. Anything else is refused
+with the full list of unsupported ops; ``sparsec.capture`` (the ONNX path) stays the broad
+frontend for compiling.
 """
 
 from __future__ import annotations
@@ -65,6 +70,8 @@ class _Lowering:
 
 def _meta(node) -> tuple[tuple[int, ...], str]:
     val = node.meta.get("val")
+    if isinstance(val, (list, tuple)) and val:   # a multi-output op: each output has its own
+        return (), str(val[0].dtype).replace("torch.", "")
     if val is None or not hasattr(val, "shape"):
         raise InvalidModelError(f"torch.export gave no tensor metadata for {node.name}")
     return tuple(int(d) for d in val.shape), str(val.dtype).replace("torch.", "")
@@ -166,8 +173,10 @@ def _permute(lw: _Lowering, node, out, shape, dtype) -> None:
 
 def _cat(lw: _Lowering, node, out, shape, dtype) -> None:
     dim = int(node.args[1]) if len(node.args) > 1 else 0
-    lw.emit("Concat", [lw.tensor(t) for t in node.args[0]], out, shape, dtype,
-            axis=dim % len(shape))
+    # torch lets a 1-D empty tensor join any concat (an empty cache, say): drop it
+    parts = [lw.tensor(t) for t in node.args[0]]
+    parts = [p for p in parts if lw.values[p].shape != (0,)]
+    lw.emit("Concat", parts, out, shape, dtype, axis=dim % len(shape))
 
 
 def _mean(lw: _Lowering, node, out, shape, dtype) -> None:
@@ -201,6 +210,197 @@ def _pool(op: str):
     return lower
 
 
+def _conv2d_padding(lw: _Lowering, node, out: str, shape, dtype) -> None:
+    """conv2d with padding='same' / 'valid' (torch pads 'same' with the odd element last)."""
+    defaults = [None, None, None, [1, 1], "valid", [1, 1], 1]
+    x, w, b, stride, padding, dilation, groups = [*node.args, *defaults[len(node.args):]]
+    kernel = lw.values[lw.tensor(w)].shape[2:]
+    dil = _pairs(dilation)
+    if padding == "same":
+        total = [d * (k - 1) for d, k in zip(dil, kernel)]
+        pads = [t // 2 for t in total] + [t - t // 2 for t in total]
+    else:
+        pads = [0, 0, 0, 0]
+    inputs = [lw.tensor(x), lw.tensor(w)] + ([lw.tensor(b)] if b is not None else [])
+    lw.emit("Conv", inputs, out, shape, dtype, strides=_pairs(stride), pads=pads,
+            dilations=dil, group=int(groups), kernel_shape=list(kernel))
+
+
+def _addmm(lw: _Lowering, node, out: str, shape, dtype) -> None:
+    bias, x, w = (lw.tensor(a) for a in node.args[:3])
+    beta, alpha = float(node.kwargs.get("beta", 1)), float(node.kwargs.get("alpha", 1))
+    lw.emit("Gemm", [x, w, bias], out, shape, dtype, alpha=alpha, beta=beta)
+
+
+def _matmul_op(lw: _Lowering, node, out: str, shape, dtype) -> None:
+    lw.emit("MatMul", [lw.tensor(node.args[0]), lw.tensor(node.args[1])], out, shape, dtype)
+
+
+def _layer_norm(lw: _Lowering, node, out: str, shape, dtype) -> None:
+    args = [*node.args, None, None, 1e-5][:5]
+    x, normalized, w, b, eps = args
+    n = len(normalized)
+    width = list(shape[-n:])
+    inputs = [lw.tensor(x),
+              lw.tensor(w) if w is not None else lw.const("ln_scale", np.ones(width)),
+              lw.tensor(b) if b is not None else lw.const("ln_bias", np.zeros(width))]
+    lw.emit("LayerNormalization", inputs, out, shape, dtype, axis=-n, epsilon=float(eps))
+
+
+def _embedding(lw: _Lowering, node, out: str, shape, dtype) -> None:
+    lw.emit("Gather", [lw.tensor(node.args[0]), lw.tensor(node.args[1])], out, shape, dtype,
+            axis=0)
+
+
+def _index(lw: _Lowering, node, out: str, shape, dtype) -> None:
+    """``x[idx]`` with one index tensor (e.g. a relative-position table read by a buffer)."""
+    x, indices = node.args[:2]
+    used = [(axis, i) for axis, i in enumerate(indices) if i is not None]
+    if len(used) != 1:
+        raise UnsupportedOpError({f"{node.target} with {len(used)} index tensors": 1})
+    axis, idx = used[0]
+    lw.emit("Gather", [lw.tensor(x), lw.tensor(idx)], out, shape, dtype, axis=axis)
+
+
+def _select(lw: _Lowering, node, out: str, shape, dtype) -> None:
+    x, dim, index = node.args[:3]
+    rank = len(lw.values[lw.tensor(x)].shape)
+    size = lw.values[lw.tensor(x)].shape[int(dim) % rank]
+    lw.emit("Gather", [lw.tensor(x), lw.const("index", int(index) % size, "int64")], out, shape,
+            dtype, axis=int(dim) % rank)
+
+
+def _slice(lw: _Lowering, node, out: str, shape, dtype) -> None:
+    defaults = [None, 0, None, None, 1]
+    x, dim, start, end, step = [*node.args, *defaults[len(node.args):]]
+    xs = lw.values[lw.tensor(x)].shape
+    dim = int(dim) % len(xs)
+    start, stop, step = slice(start, end, step).indices(xs[dim])
+    lw.emit("Slice", [lw.tensor(x), lw.const("starts", [start], "int64"),
+                      lw.const("ends", [stop], "int64"), lw.const("axes", [dim], "int64"),
+                      lw.const("steps", [step], "int64")], out, shape, dtype)
+
+
+def _split(lw: _Lowering, node, out: str, shape, dtype) -> None:
+    """Split into ``out__0``, ``out__1``, ... (``getitem`` picks one)."""
+    x = lw.tensor(node.args[0])
+    xs = lw.values[x].shape
+    dim = int(node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % len(xs)
+    parts = [tuple(int(d) for d in v.shape) for v in node.meta["val"]]
+    outs = [f"{out}__{i}" for i in range(len(parts))]
+    lw.nodes.append(Node("Split", [x, lw.const("split", [p[dim] for p in parts], "int64")],
+                         outs, {"axis": dim}, name=f"Split_{out}"))
+    for name, part in zip(outs, parts):
+        lw.values[name] = Value(name, part, dtype)
+
+
+def _transpose(lw: _Lowering, node, out: str, shape, dtype) -> None:
+    rank = len(shape)
+    perm = list(range(rank))
+    a, b = int(node.args[1]) % rank, int(node.args[2]) % rank
+    perm[a], perm[b] = perm[b], perm[a]
+    lw.emit("Transpose", [lw.tensor(node.args[0])], out, shape, dtype, perm=perm)
+
+
+def _t(lw: _Lowering, node, out: str, shape, dtype) -> None:
+    lw.emit("Transpose", [lw.tensor(node.args[0])], out, shape, dtype,
+            perm=list(reversed(range(len(shape)))))
+
+
+def _unsqueeze(lw: _Lowering, node, out: str, shape, dtype) -> None:
+    lw.emit("Unsqueeze", [lw.tensor(node.args[0]),
+                          lw.const("axes", [int(node.args[1]) % len(shape)], "int64")],
+            out, shape, dtype)
+
+
+def _expand(lw: _Lowering, node, out: str, shape, dtype) -> None:
+    lw.emit("Expand", [lw.tensor(node.args[0]), lw.const("shape", list(shape), "int64")], out,
+            shape, dtype)
+
+
+def _pad(lw: _Lowering, node, out: str, shape, dtype) -> None:
+    x, pad = lw.tensor(node.args[0]), [int(p) for p in node.args[1]]
+    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+    value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
+    if mode != "constant":
+        raise UnsupportedOpError({f"{node.target} in mode '{mode}'": 1})
+    rank = len(shape)
+    begin, end = [0] * rank, [0] * rank
+    for k in range(len(pad) // 2):         # torch lists the last axis first
+        begin[rank - 1 - k], end[rank - 1 - k] = pad[2 * k], pad[2 * k + 1]
+    lw.emit("Pad", [x, lw.const("pads", begin + end, "int64"),
+                    lw.const("value", value or 0.0, dtype)], out, shape, dtype, mode="constant")
+
+
+def _pow(lw: _Lowering, node, out: str, shape, dtype) -> None:
+    x = lw.tensor(node.args[0])
+    lw.emit("Pow", [x, lw.const("exponent", node.args[1], dtype)], out, shape, dtype)
+
+
+def _rsqrt(lw: _Lowering, node, out: str, shape, dtype) -> None:
+    root = lw.emit("Sqrt", [lw.tensor(node.args[0])], lw.fresh(out), shape, dtype)
+    lw.emit("Reciprocal", [root], out, shape, dtype)
+
+
+def _softmax(lw: _Lowering, node, out: str, shape, dtype) -> None:
+    lw.emit("Softmax", [lw.tensor(node.args[0])], out, shape, dtype,
+            axis=int(node.args[1]) % len(shape))
+
+
+def _cast(lw: _Lowering, node, out: str, shape, dtype) -> None:
+    x = lw.tensor(node.args[0])
+    if lw.values[x].dtype == dtype:
+        lw.emit("Identity", [x], out, shape, dtype)
+    else:
+        from sparsec.ir.onnx_io import elem_type
+        lw.emit("Cast", [x], out, shape, dtype, to=elem_type(dtype))
+
+
+def _adaptive_avg_pool1d(lw: _Lowering, node, out: str, shape, dtype) -> None:
+    if list(node.args[1]) != [1]:
+        raise UnsupportedOpError({f"{node.target} to a size other than 1": 1})
+    lw.emit("ReduceMean", [lw.tensor(node.args[0]), lw.const("axes", [-1], "int64")], out, shape,
+            dtype, keepdims=1)
+
+
+def _sdpa(lw: _Lowering, node, out: str, shape, dtype) -> None:
+    """softmax(q @ k^T * scale + mask) @ v, with the mask made additive (a constant bool mask
+    becomes 0 / float-min at lowering time)."""
+    import torch
+
+    names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal"]
+    a = {**dict(zip(names, node.args)), **node.kwargs}
+    if a.get("enable_gqa"):
+        raise UnsupportedOpError({f"{node.target} with enable_gqa": 1})
+    q, k, v = (lw.tensor(a[key]) for key in ("query", "key", "value"))
+    qs, ks = lw.values[q].shape, lw.values[k].shape
+    scale = a.get("scale") or 1.0 / math.sqrt(qs[-1])
+    perm = list(range(len(ks)))
+    perm[-1], perm[-2] = perm[-2], perm[-1]
+    kt = lw.emit("Transpose", [k], lw.fresh(out), tuple(ks[i] for i in perm), dtype, perm=perm)
+    score_shape = (*qs[:-1], ks[-2])
+    s = lw.emit("MatMul", [q, kt], lw.fresh(out), score_shape, dtype)
+    s = lw.emit("Mul", [s, lw.const("scale", scale, dtype)], lw.fresh(out), score_shape, dtype)
+    mask = a.get("attn_mask")
+    minimum = float(torch.finfo(getattr(torch, dtype)).min)
+    if a.get("is_causal"):
+        tri = np.triu(np.full((qs[-2], ks[-2]), minimum), k=1)
+        s = lw.emit("Add", [s, lw.const("causal", tri, dtype)], lw.fresh(out), score_shape, dtype)
+    if mask is not None:
+        m = lw.tensor(mask)
+        if lw.values[m].dtype == "bool":
+            const = lw.inits.get(m)
+            if const is not None:
+                m = lw.const("mask", np.where(const, 0.0, minimum), dtype)
+            else:
+                m = lw.emit("Where", [m, lw.const("zero", 0.0, dtype),
+                                      lw.const("min", minimum, dtype)], lw.fresh(out),
+                            lw.values[m].shape, dtype)
+        s = lw.emit("Add", [s, m], lw.fresh(out), score_shape, dtype)
+    p = lw.emit("Softmax", [s], lw.fresh(out), score_shape, dtype, axis=-1)
+    lw.emit("MatMul", [p, v], out, shape, dtype)
+
+
 def _identity(lw: _Lowering, node, out, shape, dtype) -> None:
     lw.emit("Identity", [lw.tensor(node.args[0])], out, shape, dtype)
 
@@ -219,6 +419,11 @@ LOWERINGS: dict[str, Callable] = {
     "aten.relu6.default": _clip(0.0, 6.0),
     "aten.hardtanh.default": _clip(-1.0, 1.0),
     "aten.add.Tensor": _binary("Add"),
+    "aten.add_.Tensor": _binary("Add"),
+    "aten.mul_.Tensor": _binary("Mul"),
+    "aten.dropout_.default": _identity,
+    "aten.detach_.default": _identity,
+    "aten.lift_fresh_copy.default": _identity,
     "aten.sub.Tensor": _binary("Sub"),
     "aten.mul.Tensor": _binary("Mul"),
     "aten.div.Tensor": _binary("Div"),
@@ -234,42 +439,127 @@ LOWERINGS: dict[str, Callable] = {
     "aten.dropout.default": _identity,
     "aten.contiguous.default": _identity,
     "aten.clone.default": _identity,
+    "aten.alias.default": _identity,
+    "aten.detach.default": _identity,
+    "aten.conv2d.padding": _conv2d_padding,
+    "aten.addmm.default": _addmm,
+    "aten.matmul.default": _matmul_op,
+    "aten.bmm.default": _matmul_op,
+    "aten.mm.default": _matmul_op,
+    "aten.layer_norm.default": _layer_norm,
+    "aten.embedding.default": _embedding,
+    "aten.index.Tensor": _index,
+    "aten.select.int": _select,
+    "aten.slice.Tensor": _slice,
+    "aten.split.Tensor": _split,
+    "aten.split_with_sizes.default": _split,
+    "aten.transpose.int": _transpose,
+    "aten.t.default": _t,
+    "aten.unsqueeze.default": _unsqueeze,
+    "aten.expand.default": _expand,
+    "aten._unsafe_view.default": _reshape,
+    "aten.squeeze.dim": _reshape,
+    "aten.pad.default": _pad,
+    "aten.pow.Tensor_Scalar": _pow,
+    "aten.rsqrt.default": _rsqrt,
+    "aten.sqrt.default": _unary("Sqrt"),
+    "aten.neg.default": _unary("Neg"),
+    "aten.exp.default": _unary("Exp"),
+    "aten.erf.default": _unary("Erf"),
+    "aten.hardsigmoid.default": _unary("HardSigmoid", alpha=1 / 6, beta=0.5),
+    "aten.softmax.int": _softmax,
+    "aten._softmax.default": _softmax,
+    "aten.to.dtype": _cast,
+    "aten.to.dtype_layout": _cast,
+    "aten.to.device": _cast,
+    "aten._to_copy.default": _cast,
+    "aten.type_as.default": _cast,
+    "aten.adaptive_avg_pool1d.default": _adaptive_avg_pool1d,
+    "aten.scaled_dot_product_attention.default": _sdpa,
 }
+
+# ops that only check metadata: nothing to lower
+_NO_OUTPUT = {"aten._assert_tensor_metadata.default", "aten._assert_scalar.default",
+              "aten.sym_constrain_range_for_size.default"}
+# getitem picks one output of a multi-output op (Split)
+_GETITEM = "<built-in function getitem>"
+
+
+def _fold(node, consts: dict[str, Any]):
+    """Evaluate ``node`` with torch if every tensor it reads is a known constant, else None."""
+    import torch
+    from torch.fx.node import map_arg
+
+    tensors = []
+    map_arg((node.args, node.kwargs), tensors.append)
+    if not all(t.name in consts for t in tensors):
+        return None
+    args, kwargs = map_arg((node.args, node.kwargs), lambda t: consts[t.name])
+    with torch.no_grad():
+        return node.target(*args, **kwargs)
 
 
 def lower_exported(ep) -> Graph:
     """An ``ExportedProgram`` -> Graph whose initializers carry the state_dict names."""
+    import torch
+
     sig = ep.graph_signature
-    lifted = {**sig.inputs_to_parameters, **sig.inputs_to_buffers,
+    params = dict(sig.inputs_to_parameters)
+    lifted = {**params, **sig.inputs_to_buffers,
               **getattr(sig, "inputs_to_lifted_tensor_constants", {})}
-    unsupported = Counter(str(n.target) for n in ep.graph.nodes
-                          if n.op == "call_function" and str(n.target) not in LOWERINGS)
-    if unsupported:
-        raise UnsupportedOpError(dict(unsupported))
     lw = _Lowering()
+    consts: dict[str, Any] = {}   # fx name -> torch value, for everything not fed by inputs
+    unsupported: Counter = Counter()
     inputs, outputs = [], []
+
+    def materialize(name: str, value) -> None:
+        arr = value.detach().cpu().numpy().copy()
+        lw.inits[name] = arr
+        lw.values[name] = Value(name, tuple(arr.shape), arr.dtype.name)
+        lw.names[name] = name
+
     for node in ep.graph.nodes:
         if node.op == "placeholder":
-            shape, dtype = _meta(node)
             if node.name in lifted:
                 fqn = lifted[node.name]
                 src = ep.state_dict.get(fqn, ep.constants.get(fqn) if ep.constants else None)
-                arr = src.detach().cpu().numpy().copy()
-                lw.inits[fqn] = arr
-                lw.values[fqn] = Value(fqn, tuple(arr.shape), arr.dtype.name)
+                materialize(fqn, src)
                 lw.names[node.name] = fqn
+                if node.name not in params:
+                    consts[node.name] = src
             else:
+                shape, dtype = _meta(node)
                 lw.names[node.name] = node.name
                 lw.values[node.name] = Value(node.name, shape, dtype)
                 inputs.append(node.name)
         elif node.op == "call_function":
+            target = str(node.target)
+            if target in _NO_OUTPUT:
+                continue
+            folded = _fold(node, consts)
+            if folded is not None:
+                consts[node.name] = folded
+                if isinstance(folded, torch.Tensor):
+                    materialize(node.name, folded)
+                continue
+            if target not in LOWERINGS and target != _GETITEM:
+                unsupported[target] += 1
+            if unsupported:
+                continue  # keep scanning for the full list, lower nothing more
+            if target == _GETITEM:
+                lw.names[node.name] = f"{lw.tensor(node.args[0])}__{int(node.args[1])}"
+                continue
             shape, dtype = _meta(node)
             lw.names[node.name] = node.name
-            LOWERINGS[str(node.target)](lw, node, node.name, shape, dtype)
-        elif node.op == "output":
+            LOWERINGS[target](lw, node, node.name, shape, dtype)
+            if target.split(".")[1].endswith("_"):   # in place: later readers see the result
+                lw.names[node.args[0].name] = node.name
+        elif node.op == "output" and not unsupported:
             outputs = [lw.tensor(a) for a in node.args[0]]
-    used = {i for n in lw.nodes for i in n.inputs}
-    unused = {k for k in lw.inits if k not in used}  # e.g. BatchNorm's num_batches_tracked
+    if unsupported:
+        raise UnsupportedOpError(dict(unsupported))
+    used = {i for n in lw.nodes for i in n.inputs} | set(outputs)
+    unused = {k for k in lw.inits if k not in used}  # BatchNorm's num_batches_tracked, folds
     return Graph(name="model", inputs=inputs, outputs=outputs, nodes=lw.nodes,
                  initializers={k: v for k, v in lw.inits.items() if k not in unused},
                  values={k: v for k, v in lw.values.items() if k not in unused},

@@ -21,12 +21,15 @@ from sparsec.ir.graph import Graph
 
 @contextlib.contextmanager
 def _eval_mode(module):
-    was_training = module.training
+    """Eval mode for the capture; afterwards every submodule gets back its *own* mode
+    (``module.train(was)`` would force one mode on all of them)."""
+    modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
         yield module
     finally:
-        module.train(was_training)
+        for m, was_training in modes:
+            m.training = was_training
 
 
 def export_onnx(module, example_inputs: Sequence[Any], input_names: Sequence[str] | None = None):
