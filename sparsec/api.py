@@ -40,7 +40,7 @@ from sparsec.package import (
     write_json,
 )
 from sparsec.passes.channel_prune import ChannelPrune
-from sparsec.passes.criteria import CRITERIA, NEEDS_DATA
+from sparsec.passes.criteria import CRITERIA, NEEDS_DATA, NEEDS_TORCH
 from sparsec.passes.dead_channels import RemoveDeadChannels
 from sparsec.passes.manager import PassManager, PassResult
 from sparsec.reference import signature
@@ -136,13 +136,54 @@ def _check_ratio(ratio: float) -> float:
 
 
 def _calibration(graph: Graph, calibration) -> list[dict[str, np.ndarray]]:
+    """Calibration batches as feeds: an .npz path, one dict, or any iterable (a list, a torch
+    DataLoader, a generator) of dicts keyed by input name, of arrays/tensors (one input), or of
+    tuples whose first items are the inputs in order (labels after them are ignored)."""
     if calibration is None:
         return [reference.random_inputs(graph, seed=s) for s in range(2)]
     if isinstance(calibration, (str, os.PathLike)):
         return read_calibration(calibration, signature(graph, graph.inputs))
     if isinstance(calibration, dict):
-        return [calibration]
-    return list(calibration)
+        calibration = [calibration]
+    batches = []
+    for item in calibration:
+        if not isinstance(item, dict):
+            items = list(item) if isinstance(item, (tuple, list)) else [item]
+            if len(items) < len(graph.inputs):
+                raise BadOptionError(f"a calibration batch has {len(items)} item(s), the model "
+                                     f"takes {len(graph.inputs)} input(s)")
+            item = dict(zip(graph.inputs, items))
+        batches.extend(_chunks(graph, item))
+    if not batches:
+        raise BadOptionError("the calibration data is empty")
+    return batches
+
+
+def _chunks(graph: Graph, item: dict) -> list[dict[str, np.ndarray]]:
+    """One calibration item as feeds of the model's static shapes: a batch larger than the
+    model's (a DataLoader of 32 for a model captured at batch 1) is cut into model batches."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for name in graph.inputs:
+        if name not in item:
+            raise BadOptionError(f"a calibration batch has no input '{name}' "
+                                 f"(has: {', '.join(item) or '-'})")
+        value = item[name]
+        if hasattr(value, "detach"):                   # a torch tensor
+            value = value.detach().cpu().numpy()
+        want = graph.shape(name)
+        arr = np.asarray(value).astype(graph.value(name).dtype, copy=False)
+        if arr.shape == want:
+            parts[name] = [arr]
+        elif (arr.ndim == len(want) and arr.shape[1:] == want[1:] and want[0] > 0
+              and arr.shape[0] % want[0] == 0):
+            parts[name] = np.split(arr, arr.shape[0] // want[0])
+        else:
+            raise BadOptionError(f"calibration input '{name}' has shape {list(arr.shape)}, "
+                                 f"the model expects {list(want)} (or a multiple of its batch)")
+    counts = {len(v) for v in parts.values()}
+    if len(counts) != 1:
+        raise BadOptionError("calibration inputs of one batch hold different numbers of samples")
+    return [{k: v[i] for k, v in parts.items()} for i in range(counts.pop())]
 
 
 def _check_patterns(graph: Graph, layer_ratios: dict[str, float], ignore: Sequence[str]) -> None:
@@ -166,14 +207,16 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
           layer_ratios: dict[str, float] | None = None, ignore: Sequence[str] = (),
           input_shapes: InputShapes | str | None = None,
           calibration=None, remove_dead: bool = False,
-          example_inputs: Sequence[Any] | None = None, log: Log = _quiet) -> PruneResult:
+          example_inputs: Sequence[Any] | None = None, scores=None,
+          log: Log = _quiet) -> PruneResult:
     """Prune the least important channels of every channel group; optionally write ONNX.
 
     ``layer_ratios`` {glob over group source weights: ratio} overrides the ratio per group;
     ``ignore`` globs leave groups whole; ``round_to`` makes kept channel counts multiples.
 
-    ``criterion``: ``"l2"`` (weight magnitude) or ``"wanda"`` (|W| x activation norm on the
-    calibration data). ``reconstruct``: refit the consumers of removed channels by least
+    ``criterion``: ``"l2"`` / ``"l1"`` (weight magnitude), ``"activation"`` (activation norm
+    on the calibration data), ``"wanda"`` (|W| x activation norm) or, for torch modules through
+    ``prune_module``, ``"taylor"`` (gradients; ``scores`` carries them in). ``reconstruct``: refit the consumers of removed channels by least
     squares on calibration data. ``calibration``: inputs to fit and measure on (an .npz path,
     a dict, or a list of dicts; every 4th batch is held out for the fidelity figures); seeded
     random inputs by default. Ratio 0 leaves the model unchanged.
@@ -182,6 +225,9 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
     layer_ratios = dict(layer_ratios or {})
     if criterion not in CRITERIA:
         raise BadOptionError(f"unknown criterion '{criterion}' (known: {', '.join(CRITERIA)})")
+    if criterion in NEEDS_TORCH and scores is None:
+        raise BadOptionError(f"criterion '{criterion}' needs gradients, which only a torch "
+                             f"module gives: use sparsec.prune_module(module, ...)")
     if int(round_to) < 1:
         raise BadOptionError(f"round_to must be a positive integer, got {round_to}")
     if output is not None:
@@ -196,7 +242,7 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
     if ratio > 0 or any(r > 0 for r in layer_ratios.values()):
         passes.append(ChannelPrune(ratio, criterion=criterion, reconstruct=reconstruct,
                                    round_to=int(round_to), layer_ratios=layer_ratios,
-                                   ignore=list(ignore)))
+                                   ignore=list(ignore), scores=scores))
     manager = PassManager(passes, calib, log)
     pruned, results = manager.run(graph)
     result = PruneResult(pruned, results, cost(graph), cost(pruned), manager.fidelity)
@@ -333,7 +379,8 @@ def _created_bias(module, name: str) -> str | None:
 def prune_module(module, example_inputs: Sequence[Any], *, ratio: float = 0.0,
                  criterion: str = "l2", reconstruct: bool = False, round_to: int = 1,
                  layer_ratios: dict[str, float] | None = None, ignore: Sequence[str] = (),
-                 calibration=None, remove_dead: bool = False, log: Log = _quiet):
+                 calibration=None, remove_dead: bool = False, loss_fn=None,
+                 log: Log = _quiet):
     """Prune a ``torch.nn.Module``: returns ``(pruned_module, PruneResult)``.
 
     The module is captured with the FX frontend (``sparsec.frontends.fx``), so the IR's weights
@@ -341,14 +388,31 @@ def prune_module(module, example_inputs: Sequence[Any], *, ratio: float = 0.0,
     refit) arrays are written back into a deep copy of the module, and layer attributes
     (``out_channels``, ``in_features``, ``groups``, ``num_features``) are made to match their
     weights. The result runs, trains, and computes what the pruned IR computes. Calibration
-    arrays are keyed by the forward arguments' names. The input module is not modified.
+    batches are dicts keyed by the forward arguments' names, or tensors / tuples in argument
+    order (a DataLoader works). The input module is not modified.
+
+    ``criterion="taylor"`` ranks channels by first-order Taylor importance from the module's
+    gradients on the calibration batches (the fit share of them, see ``PassContext``);
+    ``loss_fn(output) -> scalar`` is the loss to differentiate, by default the cross-entropy
+    against the model's own predictions.
     """
     from sparsec.frontends.fx import capture_fx
+    from sparsec.passes.criteria import taylor_scores
+    from sparsec.passes.manager import PassContext
 
     graph = capture_fx(module, example_inputs)
+    scores = None
+    if criterion in NEEDS_TORCH and ratio + sum((layer_ratios or {}).values()) > 0:
+        if remove_dead:
+            raise BadOptionError("criterion 'taylor' scores the captured module: do not "
+                                 "combine it with remove_dead")
+        calib = _calibration(graph, calibration)
+        calibration = calib if calibration is not None else None  # an iterator is read once
+        groups = [g for g in DependencyGraph(graph).groups if g.prunable]
+        scores = taylor_scores(module, graph, groups, PassContext.split(calib).fit, loss_fn)
     result = prune(graph, ratio=ratio, criterion=criterion, reconstruct=reconstruct,
                    round_to=round_to, layer_ratios=layer_ratios, ignore=ignore,
-                   calibration=calibration, remove_dead=remove_dead, log=log)
+                   calibration=calibration, remove_dead=remove_dead, scores=scores, log=log)
     return write_back(module, result.graph), result
 
 
@@ -381,6 +445,10 @@ def write_back(module, graph: Graph):
             m.out_features, m.in_features = m.weight.shape
         elif isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.num_features = (m.running_mean if m.running_mean is not None else m.weight).shape[0]
+        elif isinstance(m, torch.nn.GroupNorm) and m.weight is not None:
+            per_group = m.num_channels // m.num_groups
+            m.num_channels = m.weight.shape[0]
+            m.num_groups = m.num_channels // per_group
         elif isinstance(m, torch.nn.LayerNorm) and m.weight is not None:
             m.normalized_shape = tuple(m.weight.shape)
         elif isinstance(m, torch.nn.Embedding):

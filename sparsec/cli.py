@@ -180,9 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--ratio", type=_ratio, default=0.0,
                             help="fraction of channels to remove from every prunable group, "
                                  "in [0, 1) (default 0: no pruning)")
-            sp.add_argument("--criterion", default="l2", choices=("l2", "wanda"),
-                            help="channel importance: l2 weight magnitude (default) or wanda "
-                                 "(|W| x activation norm on the calibration data)")
+            sp.add_argument("--criterion", default="l2",
+                            choices=("l2", "l1", "activation", "wanda"),
+                            help="channel importance: l2 (default) or l1 weight magnitude; "
+                                 "activation (activation norm) or wanda (|W| x activation norm) "
+                                 "on the calibration data. (taylor needs gradients: "
+                                 "sparsec.prune_module in Python)")
             sp.add_argument("--layer-ratio", action="append", default=[], type=_layer_ratio,
                             metavar="PATTERN=R",
                             help="ratio for the groups whose source weights match a glob (as "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import zoo
 
 from sparsec.analysis.depgraph import DependencyGraph
+from sparsec.frontends.fx import capture_fx
 from sparsec.frontends.onnx import load_onnx
 
 
@@ -54,13 +55,14 @@ def test_residual_add_couples_both_branches():
     assert inner is not trunk and params(inner) == {("w1", 0), ("w2", 1)}
 
 
-def test_depthwise_passes_channels_and_grouped_conv_is_frozen():
+def test_depthwise_and_grouped_convs_prune_whole_conv_groups():
     _, gs = groups(zoo.grouped_and_depthwise())
     first = next(g for g in gs if ("w0", 0) in params(g))
-    # the grouped conv reads channel c through weight column c % (C/g): not index-aligned,
-    # so its weights are not in the group, and the group is frozen at its input
-    assert params(first) == {("w0", 0), ("wd", 0), ("bd", 0)}
-    assert not first.prunable and any("grouped convolution" in r for r in first.frozen)
+    # depthwise passes channels through; the group=2 conv maps input block g (4 channels) to
+    # output block g, so the group counts conv groups: 2 channels of 4 elements each
+    assert params(first) == {("w0", 0), ("wd", 0), ("bd", 0), ("wg", 0), ("w3", 1)}
+    assert first.prunable and first.size == 2
+    assert {m.name: m.block for m in first.params}["wg"] == 4
 
 
 def test_layernorm_freezes_hidden_but_not_ffn():
@@ -74,15 +76,15 @@ def test_layernorm_freezes_hidden_but_not_ffn():
 
 def test_unknown_rule_freezes_instead_of_guessing():
     nodes = [zoo.helper.make_node("Conv", ["x", "w"], ["c"]),
-             zoo.helper.make_node("DepthToSpace", ["c"], ["d"], blocksize=2),
+             zoo.helper.make_node("SpaceToDepth", ["c"], ["d"], blocksize=2),
              zoo.helper.make_node("Conv", ["d", "w2"], ["y"])]
     r = zoo.np.random.default_rng(0)
     m = zoo.make_model(nodes, [("x", [1, 3, 4, 4])], ["y"],
                        {"w": r.standard_normal((8, 3, 1, 1)),
-                        "w2": r.standard_normal((2, 2, 1, 1))})
+                        "w2": r.standard_normal((2, 32, 1, 1))})
     _, gs = groups(m)
     first = next(g for g in gs if ("w", 0) in params(g))
-    assert not first.prunable and any("DepthToSpace has no dependency rule" in r
+    assert not first.prunable and any("SpaceToDepth has no dependency rule" in r
                                       for r in first.frozen)
 
 
@@ -162,3 +164,29 @@ def test_squeeze_excite_couples_the_gate_with_the_gated_channels():
     assert {("w", 0), ("w2", 0), ("b2", 0), ("w1", 1), ("wh", 1)} <= params(main)
     squeeze = next(x for x in gs if ("w1", 0) in params(x))
     assert squeeze.prunable and params(squeeze) == {("w1", 0), ("b1", 0), ("w2", 1)}
+
+
+def test_group_norm_and_pixel_shuffle_prune_in_blocks_dcr_is_frozen():
+    g, gs = groups(zoo.group_norm_shuffle())
+    by_source = {grp.sources[0]: grp for grp in gs}
+    gn = by_source["w"]           # 8 channels in 4 norm groups: 4 channels of 2 elements
+    assert gn.prunable and gn.size == 4
+    assert {m.name: m.block for m in gn.params} == {"w": 2, "s": 2, "b": 2, "w1": 2, "w3": 2}
+    crd = by_source["w1"]         # CRD pixel shuffle: output channel c is a block of r*r = 4
+    assert crd.prunable and crd.size == 2 and {m.name: m.block for m in crd.params} == \
+        {"w1": 4, "w2": 1}
+    dcr = by_source["w3"]
+    assert not dcr.prunable and any("DCR" in r for r in dcr.frozen)
+
+
+def test_channel_shuffle_is_frozen_but_its_neighbours_prune():
+    module, example = zoo.torch_model("torch_groups_shuffles")
+    gs = DependencyGraph(capture_fx(module, example)).groups
+    by_source = {grp.sources[0]: grp for grp in gs}
+    assert not by_source["side.weight"].prunable            # the strided channel permutation
+    assert any("Reshape" in r for r in by_source["side.weight"].frozen)
+    stem = by_source["stem.weight"]        # GroupNorm(4, 16) + conv with groups=4 (4 -> 8)
+    assert stem.prunable and stem.size == 4
+    blocks = {m.name: m.block for m in stem.params}
+    assert blocks["stem.weight"] == blocks["gn.weight"] == 4 and blocks["grouped.weight"] == 8
+    assert by_source["up.weight"].prunable and by_source["up.weight"].size == 2

@@ -4,6 +4,7 @@ weights, they train, and the original module is untouched."""
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import numpy as np
@@ -97,3 +98,54 @@ def test_unsupported_aten_ops_are_listed():
 
     with pytest.raises(UnsupportedOpError, match="aten.sort.*aten.cumsum|aten.cumsum.*aten.sort"):
         capture_fx(Sorts(), (torch.randn(2, 5),))
+
+
+def test_taylor_drops_a_channel_the_loss_does_not_see():
+    """fc1's channel 3 has the largest weights, but fc2 reads it with zeros: removing it cannot
+    change the loss. Magnitude keeps it; first-order Taylor scores it 0 and drops it."""
+    module, (x,) = zoo.torch_model("torch_mlp")
+    with torch.no_grad():
+        module.fc1.weight[3] *= 20.0
+        module.fc2.weight[:, 3] = 0.0
+    batches = [torch.randn(6, 20, generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    row = module.fc1.weight[3].detach().clone()
+    kept = {}
+    for criterion in ("l2", "taylor"):
+        pruned, result = sparsec.prune_module(module, (x,), ratio=0.5, criterion=criterion,
+                                              calibration=batches)
+        kept[criterion] = any(torch.equal(r, row) for r in pruned.fc1.weight.detach())
+        zoo.assert_consistent(pruned)
+    assert kept == {"l2": True, "taylor": False}
+    assert module.fc1.weight.grad is None                # gradients came from a copy
+
+
+def test_taylor_scores_are_the_mean_squared_first_order_change():
+    from sparsec.analysis.depgraph import DependencyGraph
+    from sparsec.passes.criteria import taylor_scores
+
+    module, (x,) = zoo.torch_model("torch_mlp")
+    g = capture_fx(module, (x,))
+    grp = next(gr for gr in DependencyGraph(g).groups if gr.sources == ["fc1.weight"])
+    batches = [{"x": torch.randn(5, 20, generator=torch.Generator().manual_seed(s)).numpy()}
+               for s in range(3)]
+    loss_fn = lambda y: (y ** 2).sum()                                      # noqa: E731
+    got = taylor_scores(module, g, [grp], batches, loss_fn)[("fc1.weight",)]
+    want = np.zeros(48)
+    for b in batches:                     # channel c: fc1 row c, fc1 bias c, fc2 column c
+        m = copy.deepcopy(module)
+        loss_fn(m(torch.from_numpy(b["x"]))).backward()
+        s = ((m.fc1.weight * m.fc1.weight.grad).sum(1) + m.fc1.bias * m.fc1.bias.grad
+             + (m.fc2.weight * m.fc2.weight.grad).sum(0))
+        want += s.detach().double().numpy() ** 2
+    np.testing.assert_allclose(got, want / 3, rtol=1e-6)
+
+
+def test_calibration_from_a_dataloader_of_labelled_batches():
+    module, example = digits_cnn()
+    data = torch.utils.data.TensorDataset(torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    batches = iter(loader)                                  # an iterator: read exactly once
+    pruned, result = sparsec.prune_module(module, example, ratio=0.5, reconstruct=True,
+                                          criterion="taylor", calibration=batches)
+    assert result.passes[-1].details["reconstructed"]
+    assert result.passes[-1].measured_on == "8 held-out calibration batches"  # 32 samples, batch 1

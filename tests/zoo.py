@@ -244,7 +244,31 @@ def squeeze_excite(seed=0) -> onnx.ModelProto:
     return make_model(nodes, [("x", [1, 3, 5, 5])], ["y"], inits)
 
 
+def group_norm_shuffle(seed=0) -> onnx.ModelProto:
+    """conv (8) -> GroupNormalization (4 groups, opset 21) -> relu -> conv (8) -> DepthToSpace
+    CRD (2 channels of 2x2 blocks) -> conv; and a DCR DepthToSpace branch (frozen)."""
+    r = _rng(seed)
+    inits = {"w": r.standard_normal((8, 3, 3, 3)), "s": r.uniform(0.5, 1.5, 8),
+             "b": r.standard_normal(8), "w1": r.standard_normal((8, 8, 1, 1)),
+             "w2": r.standard_normal((3, 2, 1, 1)), "w3": r.standard_normal((4, 8, 1, 1)),
+             "w4": r.standard_normal((3, 1, 1, 1))}
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("GroupNormalization", ["c", "s", "b"], ["n"], num_groups=4),
+        helper.make_node("Relu", ["n"], ["r"]),
+        helper.make_node("Conv", ["r", "w1"], ["c1"]),
+        helper.make_node("DepthToSpace", ["c1"], ["d"], blocksize=2, mode="CRD"),
+        helper.make_node("Conv", ["d", "w2"], ["y1"]),
+        helper.make_node("Conv", ["r", "w3"], ["c3"]),
+        helper.make_node("DepthToSpace", ["c3"], ["d3"], blocksize=2, mode="DCR"),
+        helper.make_node("Conv", ["d3", "w4"], ["y2"]),
+        helper.make_node("Add", ["y1", "y2"], ["y"]),
+    ]
+    return make_model(nodes, [("x", [1, 3, 4, 4])], ["y"], inits, opset=21)
+
+
 HAND_BUILT = {
+    "group_norm_shuffle": group_norm_shuffle,
     "conv_bn_relu_conv": conv_bn_relu_conv, "gemm_mlp": gemm_mlp,
     "matmul_add_mlp": matmul_add_mlp, "residual_convs": residual_convs,
     "grouped_and_depthwise": grouped_and_depthwise, "layernorm_ffn": layernorm_ffn,
@@ -309,7 +333,36 @@ class TorchChannelsLast(nn.Module):
         return torch.sigmoid(self.fc(torch.relu(self.conv(x)).permute(0, 2, 3, 1)))
 
 
+class TorchGroupsAndShuffles(nn.Module):
+    """GroupNorm, a grouped conv with a channel multiplier, pixel shuffle, and a ShuffleNet
+    channel shuffle (a strided permutation of channels: frozen, never pruned wrongly)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.gn = nn.GroupNorm(4, 16)
+        self.grouped = nn.Conv2d(16, 32, 3, padding=1, groups=4)   # 4 in -> 8 out per group
+        self.up = nn.Conv2d(32, 8, 1)
+        self.ps = nn.PixelShuffle(2)                               # 8 -> 2 channels, 2x size
+        self.head = nn.Conv2d(2, 4, 1)
+        self.side = nn.Conv2d(16, 8, 1)
+        self.mix = nn.Conv2d(8, 4, 1)
+        with torch.no_grad():
+            self.gn.weight.uniform_(0.5, 1.5)
+            self.gn.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        s = torch.relu(self.gn(self.stem(x)))
+        y = self.head(self.ps(self.up(torch.relu(self.grouped(s)))))
+        z = self.side(s)                                           # channel shuffle, 2 groups
+        n, c, h, w = z.shape
+        z = z.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        z = self.mix(torch.relu(z))
+        return y + nn.functional.interpolate(z, scale_factor=2.0, mode="nearest")
+
+
 TORCH_MODULES = {
+    "torch_groups_shuffles": (TorchGroupsAndShuffles, (torch.randn(1, 3, 6, 6),)),
     "torch_mlp": (TorchMLP, (torch.randn(3, 20),)),
     "torch_rescnn": (TorchResCNN, (torch.randn(1, 3, 10, 10),)),
     "torch_depthwise": (TorchDepthwise, (torch.randn(1, 4, 6, 6),)),
@@ -428,6 +481,8 @@ def assert_consistent(module: nn.Module) -> None:
             assert m.bias is None or m.bias.shape == (m.out_features,)
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
             assert m.weight.shape == m.running_mean.shape == (m.num_features,)
+        elif isinstance(m, nn.GroupNorm):
+            assert m.weight.shape == (m.num_channels,) and m.num_channels % m.num_groups == 0
         elif isinstance(m, nn.LayerNorm) and m.weight is not None:
             assert tuple(m.weight.shape) == tuple(m.normalized_shape)
         elif isinstance(m, nn.Embedding):

@@ -37,7 +37,7 @@ import numpy as np
 from sparsec.ir import ops
 from sparsec.ir.graph import Graph, Node
 
-Dim = tuple[str, str, int]  # ("t" | "p", tensor name, axis)
+Dim = tuple[str, str, int]  # ("t" | "p" | "v", tensor name, axis)
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,7 @@ class DependencyGraph:
         self._frozen: dict[Dim, list[str]] = defaultdict(list)
         self._sources: set[Dim] = set()
         self._consumers: set[Dim] = set()
+        self._virtual: dict[str, int] = {}
         for name in graph.inputs:
             self.freeze_all(name, "graph input")
         for name in graph.outputs:
@@ -123,11 +124,20 @@ class DependencyGraph:
 
     # ------------------------------------------------------------- rule helpers
     def dim(self, name: str, axis: int) -> Dim:
+        if name in self._virtual:
+            return ("v", name, 0)
         rank = len(self.graph.shape(name))
         return ("p" if self.graph.is_param(name) else "t", name, axis + rank if axis < 0 else axis)
 
     def size(self, d: Dim) -> int:
-        return self.graph.shape(d[1])[d[2]]
+        return self._virtual[d[1]] if d[0] == "v" else self.graph.shape(d[1])[d[2]]
+
+    def virtual(self, name: str, size: int) -> str:
+        """A 1-D index space that exists in no tensor: e.g. the groups of a grouped conv, linked
+        to blocks of its channels so that channels go only a whole group at a time. Its kept
+        indices (``surgery.axis_keep``) give the new group count."""
+        self._virtual[name] = size
+        return name
 
     def link(self, a: str, a_axis: int, b: str, b_axis: int, *, channels: int | None = None,
              a_start: int = 0, b_start: int = 0, a_block: int = 1, b_block: int = 1) -> None:
@@ -296,19 +306,16 @@ def _conv(dg: DependencyGraph, n: Node) -> None:
         return
     group = int(n.attr("group", 1))
     cin, cout = dg.graph.shape(x)[1], dg.graph.shape(y)[1]
+    dg.couple(y, 1, w, 0)
     if group == 1:
-        dg.couple(y, 1, w, 0)
         dg.source(w, 0)
         dg.couple(x, 1, w, 1)
         dg.consumer(w, 1)
-    elif group == cin == cout and dg.graph.shape(w)[1] == 1:  # depthwise: channels pass through
-        dg.couple(x, 1, y, 1)
-        dg.couple(y, 1, w, 0)
-    else:
-        dg.freeze_axis(x, 1, f"grouped convolution (group={group})")
-        dg.freeze_axis(y, 1, f"grouped convolution (group={group})")
-        dg.couple(y, 1, w, 0)
-        dg.source(w, 0)
+    else:  # grouped / depthwise: conv group g maps input block g to output block g, so
+        # channels go a whole conv group at a time (one channel each when depthwise)
+        groups = dg.virtual(f"{y}#groups", group)
+        dg.link(groups, 0, x, 1, channels=group, b_block=cin // group)
+        dg.link(groups, 0, y, 1, channels=group, b_block=cout // group)
     if b:
         dg.couple(y, 1, b, 0)
 
@@ -376,6 +383,45 @@ def _axis_norm(dg: DependencyGraph, n: Node) -> None:
             p_rank = len(dg.graph.shape(p))
             for axis in range(p_rank):
                 dg.couple(p, axis, y, axis + rank - p_rank)
+
+
+def _group_norm(dg: DependencyGraph, n: Node) -> None:
+    """GroupNormalization: statistics run over blocks of C/G channels, so channels go a whole
+    norm group at a time (the other groups' statistics stay the same)."""
+    x, y = n.inputs[0], n.outputs[0]
+    c, g = dg.graph.shape(x)[1], int(n.attr("num_groups"))
+    _identity(dg, x, y)
+    groups = dg.virtual(f"{y}#groups", g)
+    dg.link(groups, 0, x, 1, channels=g, b_block=c // g)
+    for p in n.inputs[1:3]:
+        if p:   # opset 18: one scale per group; opset 21: one per channel
+            dg.couple(p, 0, groups if dg.graph.shape(p)[0] == g else y, 0 if
+                      dg.graph.shape(p)[0] == g else 1)
+
+
+def _depth_to_space(dg: DependencyGraph, n: Node) -> None:
+    """CRD mode: output channel c is input channels c*r*r .. (c+1)*r*r (a block); DCR mode
+    interleaves channels with a stride, which no block link expresses."""
+    x, y = n.inputs[0], n.outputs[0]
+    dg.couple(x, 0, y, 0)
+    r = int(n.attr("blocksize"))
+    mode = n.attr("mode", "DCR")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode == "CRD":
+        dg.link(y, 1, x, 1, channels=dg.graph.shape(y)[1], b_block=r * r)
+    else:
+        dg.freeze_axis(x, 1, "DepthToSpace in DCR mode interleaves channels")
+        dg.freeze_axis(y, 1, "DepthToSpace in DCR mode interleaves channels")
+
+
+def _resize(dg: DependencyGraph, n: Node) -> None:
+    """Resize/Upsample: axes it leaves the same size (batch, channels) pass through."""
+    x, y = n.inputs[0], n.outputs[0]
+    for axis, (a, b) in enumerate(zip(dg.graph.shape(x), dg.graph.shape(y))):
+        if a == b:
+            dg.couple(x, axis, y, axis)
+        else:
+            dg.freeze_axis(x, axis, f"{n.op_type} rescales this axis")
 
 
 def _pool(dg: DependencyGraph, n: Node) -> None:
@@ -447,9 +493,9 @@ def _reshape_segments(src: tuple[int, ...], dst: tuple[int, ...]):
 
 
 def _reshape(dg: DependencyGraph, n: Node) -> None:
-    """Axes pass through 1:1; an axis merged as the *outer* part with trailing axes (conv ->
-    flatten -> linear) links each channel to a block of features. Trailing axes merged that way
-    are frozen (their size is baked into the block); anything else split or merged is frozen."""
+    """Axes pass through 1:1. Where axes are split or merged, the outermost axes of the two
+    sides are linked channel-to-block (see below); the inner axes are frozen (their sizes are
+    baked into the block)."""
     x, y = n.inputs[0], n.outputs[0]
     src, dst = dg.graph.shape(x), dg.graph.shape(y)
     if n.op_type == "Reshape" and dg.const(n.inputs[1]) is None:
@@ -464,22 +510,23 @@ def _reshape(dg: DependencyGraph, n: Node) -> None:
         if len(s_axes) == 1 and len(d_axes) == 1:
             dg.couple(x, s_axes[0], y, d_axes[0])
             continue
-        if len(d_axes) == 1:  # merge: the outer source axis maps to blocks of the target axis
-            inner = math.prod(src[a] for a in s_axes[1:])
-            dg.link(x, s_axes[0], y, d_axes[0], channels=src[s_axes[0]], b_block=inner)
-            for axis in s_axes[1:]:
-                dg.freeze_axis(x, axis, f"merged into a wider axis by {n.op_type}")
-            continue
-        if len(s_axes) == 1:  # split: blocks of the source axis become the outer target axis
-            inner = math.prod(dst[a] for a in d_axes[1:])
-            dg.link(y, d_axes[0], x, s_axes[0], channels=dst[d_axes[0]], b_block=inner)
-            for axis in d_axes[1:]:
-                dg.freeze_axis(y, axis, f"split out of a wider axis by {n.op_type}")
-            continue
-        for axis in s_axes:
-            dg.freeze_axis(x, axis, why)
-        for axis in d_axes:
-            dg.freeze_axis(y, axis, why)
+        # In row-major order the outermost axis of a run indexes contiguous blocks: when one
+        # side's outer axis divides the other's, each of its channels is a block of the other
+        # (merge: conv -> flatten -> linear; split: head splits; both: GroupNorm's [N, G, -1]).
+        s0, d0 = s_axes[0], d_axes[0]
+        if src[s0] % dst[d0] == 0:
+            dg.link(y, d0, x, s0, channels=dst[d0], b_block=src[s0] // dst[d0])
+        elif dst[d0] % src[s0] == 0:
+            dg.link(x, s0, y, d0, channels=src[s0], b_block=dst[d0] // src[s0])
+        else:
+            dg.freeze_axis(x, s0, why)
+            dg.freeze_axis(y, d0, why)
+        for axis in s_axes[1:]:
+            dg.freeze_axis(x, axis, f"merged into a wider axis by {n.op_type}" if
+                           len(d_axes) == 1 else why)
+        for axis in d_axes[1:]:
+            dg.freeze_axis(y, axis, f"split out of a wider axis by {n.op_type}" if
+                           len(s_axes) == 1 else why)
 
 
 def _transpose(dg: DependencyGraph, n: Node) -> None:
@@ -625,6 +672,7 @@ _RULES = {
     "channel_norm": _channel_norm, "axis_norm": _axis_norm, "pool": _pool, "reduce": _reduce,
     "softmax": _softmax, "reshape": _reshape, "transpose": _transpose, "pad": _pad,
     "gather": _gather, "concat": _concat, "split": _split, "slice": _slice, "shape": _shape,
+    "group_norm": _group_norm, "depth_to_space": _depth_to_space, "resize": _resize,
     "opaque": _opaque,
 }
 assert set(_RULES) == set(ops.OP_KIND.values())

@@ -247,6 +247,42 @@ def _layer_norm(lw: _Lowering, node, out: str, shape, dtype) -> None:
     lw.emit("LayerNormalization", inputs, out, shape, dtype, axis=-n, epsilon=float(eps))
 
 
+def _group_norm(lw: _Lowering, node, out: str, shape, dtype) -> None:
+    """As torch's ONNX exporter writes it: [N, G, -1] -> InstanceNorm -> back -> scale, shift.
+    The dependency analysis reads the [N, G, -1] view as blocks of C/G channels."""
+    x, groups, w, b, eps = [*node.args, None, None, 1e-5][:5]
+    groups = int(groups)
+    n, c = shape[0], shape[1]
+    flat = (n, groups, math.prod(shape) // (n * groups))
+    v = lw.emit("Reshape", [lw.tensor(x), lw.const("shape", [0, groups, -1], "int64")],
+                lw.fresh(out), flat, dtype)
+    v = lw.emit("InstanceNormalization", [v, lw.const("ones", np.ones(groups), dtype),
+                                          lw.const("zeros", np.zeros(groups), dtype)],
+                lw.fresh(out), flat, dtype, epsilon=float(eps))
+    y = lw.emit("Reshape", [v, lw.const("shape", list(shape), "int64")],
+                out if w is None and b is None else lw.fresh(out), shape, dtype)
+    trailing = list(range(1, len(shape) - 1))      # [C] -> [C, 1, 1]
+    for k, (p, op) in enumerate(((w, "Mul"), (b, "Add"))):
+        if p is None:
+            continue
+        pv = lw.emit("Unsqueeze", [lw.tensor(p), lw.const("axes", trailing, "int64")],
+                     lw.fresh(out), (c, *[1] * len(trailing)), dtype)
+        last = k == 1 or b is None
+        y = lw.emit(op, [y, pv], out if last else lw.fresh(out), shape, dtype)
+
+
+def _pixel_shuffle(lw: _Lowering, node, out: str, shape, dtype) -> None:
+    lw.emit("DepthToSpace", [lw.tensor(node.args[0])], out, shape, dtype,
+            blocksize=int(node.args[1]), mode="CRD")
+
+
+def _upsample_nearest(lw: _Lowering, node, out: str, shape, dtype) -> None:
+    x = lw.tensor(node.args[0])
+    lw.emit("Resize", [x, "", "", lw.const("sizes", list(shape), "int64")], out, shape, dtype,
+            mode="nearest", coordinate_transformation_mode="asymmetric",
+            nearest_mode="floor")
+
+
 def _embedding(lw: _Lowering, node, out: str, shape, dtype) -> None:
     lw.emit("Gather", [lw.tensor(node.args[0]), lw.tensor(node.args[1])], out, shape, dtype,
             axis=0)
@@ -476,6 +512,9 @@ LOWERINGS: dict[str, Callable] = {
     "aten.type_as.default": _cast,
     "aten.adaptive_avg_pool1d.default": _adaptive_avg_pool1d,
     "aten.scaled_dot_product_attention.default": _sdpa,
+    "aten.group_norm.default": _group_norm,
+    "aten.pixel_shuffle.default": _pixel_shuffle,
+    "aten.upsample_nearest2d.vec": _upsample_nearest,
 }
 
 # ops that only check metadata: nothing to lower

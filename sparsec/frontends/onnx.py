@@ -119,8 +119,10 @@ def _fill_shapes_with_onnxruntime(model: onnx.ModelProto) -> onnx.ModelProto:
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     probe.ir_version = min(probe.ir_version, MAX_IR_VERSION)
+    declared = {o.name: o for o in model.graph.output}
     for name in missing:
-        probe.graph.output.append(onnx.ValueInfoProto(name=name))
+        if name not in declared:
+            probe.graph.output.append(onnx.ValueInfoProto(name=name))
     sess = reference.session(probe)
     feeds = {}
     for vi in model.graph.input:
@@ -131,8 +133,12 @@ def _fill_shapes_with_onnxruntime(model: onnx.ModelProto) -> onnx.ModelProto:
                                   dtype=tensor_dtype(tt.elem_type))
     outs = sess.run(missing, feeds)
     for name, arr in zip(missing, outs):
-        model.graph.value_info.append(onnx.helper.make_tensor_value_info(
-            name, onnx.helper.np_dtype_to_tensor_dtype(arr.dtype), list(arr.shape)))
+        info = onnx.helper.make_tensor_value_info(
+            name, onnx.helper.np_dtype_to_tensor_dtype(arr.dtype), list(arr.shape))
+        if name in declared:                     # a graph output declared without a shape
+            declared[name].CopyFrom(info)
+        else:
+            model.graph.value_info.append(info)
     return model
 
 

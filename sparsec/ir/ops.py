@@ -9,6 +9,10 @@ analysis how the axes of its inputs and outputs line up (see ``sparsec.analysis.
 * ``channel_norm``  per-channel normalization over axis 1 with per-channel parameters (BN, IN)
 * ``axis_norm`` normalization over trailing axes (LayerNorm, ...): the normalized axes are coupled
   through statistics, so they cannot be pruned exactly
+* ``group_norm``  statistics over blocks of C/G channels: channels go a whole group at a time
+* ``depth_to_space``  (pixel shuffle) CRD mode maps each output channel to a block of r*r
+  input channels; DCR mode interleaves them (frozen)
+* ``resize``    axes that keep their size (N, C) pass through; rescaled axes do not
 * ``pool``      N and C preserved, spatial axes change
 * ``reduce``    kept axes pass through, reduced axes are consumed
 * ``softmax``   the softmax axis is coupled through the normalizer, other axes pass through
@@ -44,8 +48,11 @@ _KINDS: dict[str, tuple[str, ...]] = {
     "gemm": ("Gemm",),
     "matmul": ("MatMul",),
     "channel_norm": ("BatchNormalization", "InstanceNormalization"),
-    "axis_norm": ("LayerNormalization", "RMSNormalization", "GroupNormalization",
-                  "LpNormalization", "MeanVarianceNormalization"),
+    "axis_norm": ("LayerNormalization", "RMSNormalization", "LpNormalization",
+                  "MeanVarianceNormalization"),
+    "group_norm": ("GroupNormalization",),
+    "depth_to_space": ("DepthToSpace",),
+    "resize": ("Resize", "Upsample"),
     "pool": ("AveragePool", "GlobalAveragePool", "GlobalLpPool", "GlobalMaxPool", "LpPool",
              "MaxPool"),
     "reduce": ("ArgMax", "ArgMin", "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp",
@@ -61,9 +68,9 @@ _KINDS: dict[str, tuple[str, ...]] = {
     "slice": ("Slice",),
     "shape": ("Shape", "Size"),
     "opaque": (
-        "ConstantOfShape", "CumSum", "DepthToSpace", "Einsum", "Expand", "GatherElements",
-        "GatherND", "Range", "Resize", "ScatterElements", "ScatterND", "SpaceToDepth", "Tile",
-        "TopK", "Trilu", "Upsample",
+        "ConstantOfShape", "CumSum", "Einsum", "Expand", "GatherElements",
+        "GatherND", "Range", "ScatterElements", "ScatterND", "SpaceToDepth", "Tile",
+        "TopK", "Trilu",
     ),
 }
 

@@ -1,7 +1,8 @@
 """Channel-group pruning (lossy): remove the least important channels of every group.
 
 Importance comes from a criterion (``sparsec.passes.criteria``: ``l2`` magnitude by default,
-or activation-aware ``wanda`` on calibration data). Every prunable group loses
+``l1``, activation-based ``activation`` and ``wanda`` on calibration data, or ``taylor`` from a
+torch module's gradients, precomputed and passed in as ``scores``). Every prunable group loses
 ``floor(size * ratio)`` channels (uniform ratio); frozen groups are left alone.
 
 Per-group choices: ``layer_ratios`` maps glob patterns over a group's source weight names
@@ -53,6 +54,7 @@ class ChannelPrune:
     round_to: int = 1
     layer_ratios: dict[str, float] = field(default_factory=dict)
     ignore: list[str] = field(default_factory=list)
+    scores: criteria.Scores | None = None
     name: str = "channel-prune"
     exact: bool = False
 
@@ -71,7 +73,7 @@ class ChannelPrune:
             raise ValueError("reconstruction needs calibration data (a PassContext)")
         dg = DependencyGraph(graph)
         score = criteria.make_scorer(self.criterion, graph, [g for g in dg.groups if g.prunable],
-                                     ctx.fit if ctx is not None else None)
+                                     ctx.fit if ctx is not None else None, self.scores)
         plan = {}
         removed = total = ignored = 0
         for g in dg.groups:

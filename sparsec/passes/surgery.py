@@ -4,8 +4,9 @@ A plan maps group ids (of a ``DependencyGraph`` built on the same graph) to the 
 to keep. ``axis_keep`` turns it into the kept element indices of every axis that shrinks (a
 group's channel can be a block of elements, and one axis can hold several groups side by side,
 e.g. a Concat output). ``apply_plan`` slices every weight along those axes, re-derives the
-constants that depend on sizes (Reshape targets, Slice bounds, Split sizes, depthwise ``group``,
-identity Gather indices), then re-infers every tensor shape. The input graph is not touched.
+constants that depend on sizes (Reshape targets, Slice bounds, Split sizes, conv ``group`` and
+GroupNorm ``num_groups``, identity Gather indices), then re-infers every tensor shape. The input
+graph is not touched.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ AxisKeep = dict[tuple[str, int], np.ndarray]
 def axis_keep(graph: Graph, dg: DependencyGraph, plan: Plan) -> AxisKeep:
     """Kept element indices of every (tensor or weight, axis) that the plan shrinks."""
     dropped: dict[tuple[str, int], list[np.ndarray]] = defaultdict(list)
+    sizes: dict[tuple[str, int], int] = {}
     for gid, keep in sorted(plan.items()):
         group = dg.groups[gid]
         keep = np.unique(np.asarray(keep, dtype=np.int64))
@@ -36,7 +38,8 @@ def axis_keep(graph: Graph, dg: DependencyGraph, plan: Plan) -> AxisKeep:
         for m in group.members:
             elems = m.start + drop[:, None] * m.block + np.arange(m.block)[None, :]
             dropped[(m.name, m.axis)].append(elems.ravel())
-    return {key: np.setdiff1d(np.arange(graph.shape(key[0])[key[1]]), np.concatenate(parts))
+            sizes[(m.name, m.axis)] = dg.size(m.dim)
+    return {key: np.setdiff1d(np.arange(sizes[key]), np.concatenate(parts))
             for key, parts in dropped.items() if any(p.size for p in parts)}
 
 
@@ -69,9 +72,19 @@ def _no_fixup(*_args) -> None:
     pass
 
 
+def _groups(node: Node, attr: str, keep: AxisKeep) -> None:
+    """Grouped conv / GroupNorm: the group count is what the analysis' virtual axis kept."""
+    kept = keep.get((f"{node.outputs[0]}#groups", 0))
+    if kept is not None:
+        node.attrs[attr] = int(kept.size)
+
+
 def _conv(out: Graph, orig: Graph, node: Node, keep: AxisKeep, uses) -> None:
-    if int(node.attr("group", 1)) > 1 and (node.inputs[0], 1) in keep:  # depthwise (the rule
-        node.attrs["group"] = int(keep[(node.inputs[0], 1)].size)        # lets no other kind)
+    _groups(node, "group", keep)
+
+
+def _group_norm(out: Graph, orig: Graph, node: Node, keep: AxisKeep, uses) -> None:
+    _groups(node, "num_groups", keep)
 
 
 def _reshape(out: Graph, orig: Graph, node: Node, keep: AxisKeep, uses) -> None:
@@ -137,8 +150,20 @@ def _split(out: Graph, orig: Graph, node: Node, keep: AxisKeep, uses) -> None:
         node.inputs[1:] = [name]
 
 
+def _resize(out: Graph, orig: Graph, node: Node, keep: AxisKeep, uses) -> None:
+    """An explicit ``sizes`` input names the channel count: follow the kept channels."""
+    y = node.outputs[0]
+    if len(node.inputs) < 4 or node.inputs[3] not in out.initializers:
+        return
+    sizes = out.initializers[node.inputs[3]].copy()
+    for d in range(len(sizes)):
+        if (y, d) in keep:
+            sizes[d] = keep[(y, d)].size
+    _set_const(out, node, 3, sizes, uses)
+
+
 _FIXUPS = {"Conv": _conv, "Reshape": _reshape, "Gather": _gather, "Slice": _slice,
-           "Split": _split}
+           "Split": _split, "GroupNormalization": _group_norm, "Resize": _resize}
 
 
 def reinfer_shapes(graph: Graph) -> Graph:
