@@ -203,7 +203,7 @@ def _check_patterns(graph: Graph, layer_ratios: dict[str, float], ignore: Sequen
 
 
 def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: float = 0.0,
-          criterion: str = "l2", reconstruct: bool = False, round_to: int = 1,
+          criterion: str = "l2", reconstruct: bool = False, round_to: int | None = None,
           layer_ratios: dict[str, float] | None = None, ignore: Sequence[str] = (),
           input_shapes: InputShapes | str | None = None,
           calibration=None, remove_dead: bool = False,
@@ -212,14 +212,17 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
     """Prune the least important channels of every channel group; optionally write ONNX.
 
     ``layer_ratios`` {glob over group source weights: ratio} overrides the ratio per group;
-    ``ignore`` globs leave groups whole; ``round_to`` makes kept channel counts multiples.
+    ``ignore`` globs leave groups whole; ``round_to`` rounds kept channel counts up to a
+    multiple (none by default here; ``compile`` takes it from the target).
 
     ``criterion``: ``"l2"`` / ``"l1"`` (weight magnitude), ``"activation"`` (activation norm
     on the calibration data), ``"wanda"`` (|W| x activation norm) or, for torch modules through
-    ``prune_module``, ``"taylor"`` (gradients; ``scores`` carries them in). ``reconstruct``: refit the consumers of removed channels by least
-    squares on calibration data. ``calibration``: inputs to fit and measure on (an .npz path,
-    a dict, or a list of dicts; every 4th batch is held out for the fidelity figures); seeded
-    random inputs by default. Ratio 0 leaves the model unchanged.
+    ``prune_module``, ``"taylor"`` (gradients; ``scores`` carries them in).
+
+    ``reconstruct``: refit the consumers of removed channels by least squares on calibration
+    data. ``calibration``: inputs to fit and measure on (an .npz path, a dict, or any iterable
+    of batches, see ``_calibration``; every 4th batch is held out for the fidelity figures);
+    seeded random inputs by default. Ratio 0 leaves the model unchanged.
     """
     ratio = _check_ratio(ratio)
     layer_ratios = dict(layer_ratios or {})
@@ -228,6 +231,7 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
     if criterion in NEEDS_TORCH and scores is None:
         raise BadOptionError(f"criterion '{criterion}' needs gradients, which only a torch "
                              f"module gives: use sparsec.prune_module(module, ...)")
+    round_to = 1 if round_to is None else round_to
     if int(round_to) < 1:
         raise BadOptionError(f"round_to must be a positive integer, got {round_to}")
     if output is not None:
@@ -255,16 +259,19 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
 # ----------------------------------------------------------------------------- compiling
 def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "host",
             ratio: float = 0.0, criterion: str = "l2", reconstruct: bool = False,
-            round_to: int = 1,
+            round_to: int | None = None,
             layer_ratios: dict[str, float] | None = None, ignore: Sequence[str] = (),
             input_shapes: InputShapes | str | None = None,
             calibration=None, remove_dead: bool = False,
             example_inputs: Sequence[Any] | None = None, command: Sequence[str] | None = None,
             log: Log = _quiet) -> dict:
-    """Prune, compile for ``target`` and write a package directory; returns its manifest."""
+    """Prune, compile for ``target`` and write a package directory; returns its manifest.
+    ``round_to`` defaults to the target's channel multiple (``TargetSpec.channel_multiple``)."""
     from sparsec.targets import resolve_target
 
     spec = resolve_target(target)
+    if round_to is None:
+        round_to = spec.channel_multiple
     _check_ratio(ratio)
     check_writable_dir(output_dir)
     result = prune(model, ratio=ratio, criterion=criterion, reconstruct=reconstruct,
@@ -377,7 +384,7 @@ def _created_bias(module, name: str) -> str | None:
 
 
 def prune_module(module, example_inputs: Sequence[Any], *, ratio: float = 0.0,
-                 criterion: str = "l2", reconstruct: bool = False, round_to: int = 1,
+                 criterion: str = "l2", reconstruct: bool = False, round_to: int | None = None,
                  layer_ratios: dict[str, float] | None = None, ignore: Sequence[str] = (),
                  calibration=None, remove_dead: bool = False, loss_fn=None,
                  log: Log = _quiet):

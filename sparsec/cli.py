@@ -194,8 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
                             help="leave groups whose source weights match this glob whole; "
                                  "repeatable")
-            sp.add_argument("--round-to", type=int, default=1, metavar="N",
-                            help="keep a multiple of N channels in every group (default 1)")
+            sp.add_argument("--round-to", type=int, default=None, metavar="N",
+                            help="round kept channel counts up to a multiple of N (compile: "
+                                 "the target's channel multiple by default, 8 on x86; "
+                                 "prune: 1)")
             sp.add_argument("--reconstruct", action="store_true",
                             help="refit the layers that read removed channels by least squares "
                                  "on the calibration data (recovers most of the accuracy)")

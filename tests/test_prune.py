@@ -165,8 +165,8 @@ def test_pass_report_counts(zoo_models):
 
 
 @pytest.mark.parametrize("size, ratio, round_to, kept", [
-    (32, 0.3, 1, 23), (32, 0.3, 8, 24), (32, 0.3, 16, 16), (32, 0.9, 8, 8), (6, 0.5, 8, 3),
-    (64, 0.0, 16, 64), (10, 0.95, 1, 1)])
+    (32, 0.3, 1, 23), (32, 0.3, 8, 24), (32, 0.3, 16, 32), (32, 0.5, 16, 16), (32, 0.9, 8, 8),
+    (6, 0.5, 8, 3), (64, 0.0, 16, 64), (10, 0.95, 1, 1), (45, 0.5, 8, 24), (40, 0.1, 8, 40)])
 def test_kept_count_rounding(size, ratio, round_to, kept):
     from sparsec.passes.channel_prune import kept_count
 

@@ -31,7 +31,7 @@ EXPECTED = {
     "hf_vit": 2,            # hidden: LayerNorm; heads: attention MatMul (issue 4)
     "hf_bert": 2,           # same
     "hf_convnext": 2,       # hidden: LayerNorm
-    "hf_regnet": 5,         # grouped convolutions
+    "hf_regnet": 7,         # grouped convs prune whole conv groups
     "hf_efficientnet": 22,  # squeeze-excite and depthwise blocks all pass
     "hf_swin": 2,           # LayerNorm, window attention
     "hf_gpt2": 2,           # LayerNorm, attention

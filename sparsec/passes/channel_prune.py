@@ -8,7 +8,7 @@ torch module's gradients, precomputed and passed in as ``scores``). Every prunab
 Per-group choices: ``layer_ratios`` maps glob patterns over a group's source weight names
 (``"block1.*"``, as ``sparsec inspect`` lists them) to a ratio of their own (first match wins);
 groups whose sources match an ``ignore`` pattern are left whole; ``round_to`` rounds every kept
-count to a multiple (vector width / kernel block), never below one multiple.
+count up to a multiple (the target's channel block: ``TargetSpec.channel_multiple``).
 
 With ``reconstruct=True`` the consumers of the removed channels are then refit by least squares
 on the calibration data (``sparsec.passes.reconstruct``).
@@ -30,13 +30,13 @@ from sparsec.passes.surgery import apply_plan
 
 
 def kept_count(size: int, ratio: float, round_to: int = 1) -> int:
-    """Channels a group of ``size`` keeps at ``ratio``: at least one, a multiple of
-    ``round_to`` where the group is big enough for one."""
-    keep = size - int(np.floor(size * ratio))
+    """Channels a group of ``size`` keeps at ``ratio``: at least one, rounded *up* to a
+    multiple of ``round_to`` (never more removed than the ratio asks; a group smaller than
+    one multiple keeps its share unrounded)."""
+    keep = max(size - int(np.floor(size * ratio)), 1)
     if round_to > 1 and size >= round_to:
-        keep = int(round(keep / round_to)) * round_to
-        keep = min(max(keep, round_to), size)
-    return max(keep, 1)
+        keep = min(-(-keep // round_to) * round_to, size)
+    return keep
 
 
 def keep_top(scores: np.ndarray, n_keep: int) -> np.ndarray:
