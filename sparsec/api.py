@@ -204,6 +204,7 @@ def _check_patterns(graph: Graph, layer_ratios: dict[str, float], ignore: Sequen
 
 def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: float = 0.0,
           criterion: str = "l2", reconstruct: bool = False, round_to: int | None = None,
+          head_ratio: float | None = None,
           layer_ratios: dict[str, float] | None = None, ignore: Sequence[str] = (),
           input_shapes: InputShapes | str | None = None,
           calibration=None, remove_dead: bool = False,
@@ -212,6 +213,7 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
     """Prune the least important channels of every channel group; optionally write ONNX.
 
     ``layer_ratios`` {glob over group source weights: ratio} overrides the ratio per group;
+    ``head_ratio`` is the ratio for attention-head groups (default: ``ratio``);
     ``ignore`` globs leave groups whole; ``round_to`` rounds kept channel counts up to a
     multiple (none by default here; ``compile`` takes it from the target).
 
@@ -225,6 +227,7 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
     seeded random inputs by default. Ratio 0 leaves the model unchanged.
     """
     ratio = _check_ratio(ratio)
+    head_ratio = None if head_ratio is None else _check_ratio(head_ratio)
     layer_ratios = dict(layer_ratios or {})
     if criterion not in CRITERIA:
         raise BadOptionError(f"unknown criterion '{criterion}' (known: {', '.join(CRITERIA)})")
@@ -243,10 +246,11 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
         log("warning: fitting to random inputs; give calibration data (--calib) drawn from "
             "the real input distribution")
     passes: list = [RemoveDeadChannels()] if remove_dead else []
-    if ratio > 0 or any(r > 0 for r in layer_ratios.values()):
+    if ratio > 0 or (head_ratio or 0) > 0 or any(r > 0 for r in layer_ratios.values()):
         passes.append(ChannelPrune(ratio, criterion=criterion, reconstruct=reconstruct,
                                    round_to=int(round_to), layer_ratios=layer_ratios,
-                                   ignore=list(ignore), scores=scores))
+                                   ignore=list(ignore), scores=scores,
+                                   head_ratio=head_ratio))
     manager = PassManager(passes, calib, log)
     pruned, results = manager.run(graph)
     result = PruneResult(pruned, results, cost(graph), cost(pruned), manager.fidelity)
@@ -259,7 +263,7 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
 # ----------------------------------------------------------------------------- compiling
 def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "host",
             ratio: float = 0.0, criterion: str = "l2", reconstruct: bool = False,
-            round_to: int | None = None,
+            round_to: int | None = None, head_ratio: float | None = None,
             layer_ratios: dict[str, float] | None = None, ignore: Sequence[str] = (),
             input_shapes: InputShapes | str | None = None,
             calibration=None, remove_dead: bool = False,
@@ -275,7 +279,7 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
     _check_ratio(ratio)
     check_writable_dir(output_dir)
     result = prune(model, ratio=ratio, criterion=criterion, reconstruct=reconstruct,
-                   round_to=round_to,
+                   round_to=round_to, head_ratio=head_ratio,
                    layer_ratios=layer_ratios, ignore=ignore, input_shapes=input_shapes,
                    calibration=calibration, remove_dead=remove_dead,
                    example_inputs=example_inputs, log=log)
@@ -385,6 +389,7 @@ def _created_bias(module, name: str) -> str | None:
 
 def prune_module(module, example_inputs: Sequence[Any], *, ratio: float = 0.0,
                  criterion: str = "l2", reconstruct: bool = False, round_to: int | None = None,
+                 head_ratio: float | None = None,
                  layer_ratios: dict[str, float] | None = None, ignore: Sequence[str] = (),
                  calibration=None, remove_dead: bool = False, loss_fn=None,
                  log: Log = _quiet):
@@ -409,7 +414,8 @@ def prune_module(module, example_inputs: Sequence[Any], *, ratio: float = 0.0,
 
     graph = capture_fx(module, example_inputs)
     scores = None
-    if criterion in NEEDS_TORCH and ratio + sum((layer_ratios or {}).values()) > 0:
+    if criterion in NEEDS_TORCH and ratio + (head_ratio or 0) + sum(
+            (layer_ratios or {}).values()) > 0:
         if remove_dead:
             raise BadOptionError("criterion 'taylor' scores the captured module: do not "
                                  "combine it with remove_dead")
@@ -418,7 +424,8 @@ def prune_module(module, example_inputs: Sequence[Any], *, ratio: float = 0.0,
         groups = [g for g in DependencyGraph(graph).groups if g.prunable]
         scores = taylor_scores(module, graph, groups, PassContext.split(calib).fit, loss_fn)
     result = prune(graph, ratio=ratio, criterion=criterion, reconstruct=reconstruct,
-                   round_to=round_to, layer_ratios=layer_ratios, ignore=ignore,
+                   round_to=round_to, head_ratio=head_ratio, layer_ratios=layer_ratios,
+                   ignore=ignore,
                    calibration=calibration, remove_dead=remove_dead, scores=scores, log=log)
     return write_back(module, result.graph), result
 
@@ -462,4 +469,41 @@ def write_back(module, graph: Graph):
             m.num_embeddings, m.embedding_dim = m.weight.shape
         elif type(m).__name__ == "Conv1D" and hasattr(m, "nf"):   # transformers' GPT-2 linear
             m.nf = m.weight.shape[1]
+    for m in new.modules():
+        _heads_follow_weights(m)
     return new
+
+
+def _out_features(layer) -> int | None:
+    w = getattr(layer, "weight", None)
+    if w is None:
+        return None
+    return w.shape[1] if type(layer).__name__ == "Conv1D" else w.shape[0]
+
+
+def _heads_follow_weights(m) -> None:
+    """Attention modules (transformers' naming): head counts follow the projections' widths.
+    Their forward passes size heads by ``head_dim`` (views with -1), so these attributes are
+    bookkeeping, except GPT-2's ``split_size`` which splits the fused QKV projection."""
+    head_dim = getattr(m, "head_dim", None) or getattr(m, "attention_head_size", None)
+    if not isinstance(head_dim, int) or head_dim <= 0:
+        return
+    q = next((getattr(m, n) for n in ("q_proj", "query", "q") if hasattr(m, n)), None)
+    k = next((getattr(m, n) for n in ("k_proj", "key", "k") if hasattr(m, n)), None)
+    if hasattr(m, "c_attn") and hasattr(m, "split_size"):             # fused QKV (GPT-2)
+        width = _out_features(m.c_attn) // 3
+        m.split_size = width
+        q_heads, kv_heads = width // head_dim, None
+    elif q is not None:
+        q_heads = _out_features(q) // head_dim
+        kv_heads = _out_features(k) // head_dim if k is not None else None
+        if hasattr(m, "all_head_size"):
+            m.all_head_size = q_heads * head_dim
+    else:
+        return
+    for attr in ("num_heads", "num_attention_heads"):
+        if isinstance(getattr(m, attr, None), int):
+            setattr(m, attr, q_heads)
+    if kv_heads is not None and isinstance(getattr(m, "num_key_value_heads", None), int):
+        m.num_key_value_heads = kv_heads
+

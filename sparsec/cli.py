@@ -83,7 +83,7 @@ def _prune_table(result) -> str:
 def _prune_kwargs(args) -> dict:
     """The pruning flags shared by `prune` and `compile`, as API keywords."""
     return {"ratio": args.ratio, "criterion": args.criterion, "reconstruct": args.reconstruct,
-            "round_to": args.round_to,
+            "round_to": args.round_to, "head_ratio": args.head_ratio,
             "layer_ratios": dict(args.layer_ratio), "ignore": args.ignore,
             "input_shapes": args.input_shapes, "calibration": args.calib,
             "remove_dead": args.remove_dead}
@@ -186,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
                                  "activation (activation norm) or wanda (|W| x activation norm) "
                                  "on the calibration data. (taylor needs gradients: "
                                  "sparsec.prune_module in Python)")
+            sp.add_argument("--head-ratio", type=_ratio, default=None, metavar="R",
+                            help="fraction of attention heads to remove (whole heads across "
+                                 "Q/K/V/O; with GQA a KV head and its query heads); default: "
+                                 "--ratio")
             sp.add_argument("--layer-ratio", action="append", default=[], type=_layer_ratio,
                             metavar="PATTERN=R",
                             help="ratio for the groups whose source weights match a glob (as "

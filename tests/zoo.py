@@ -489,3 +489,9 @@ def assert_consistent(module: nn.Module) -> None:
             assert m.weight.shape == (m.num_embeddings, m.embedding_dim)
         elif type(m).__name__ == "Conv1D":          # transformers' GPT-2 linear: [in, out]
             assert m.weight.shape[1] == m.nf == m.bias.shape[0]
+        head_dim = getattr(m, "head_dim", None)
+        if isinstance(head_dim, int) and hasattr(m, "c_attn"):           # fused QKV
+            assert m.c_attn.nf == 3 * m.split_size == 3 * m.num_heads * head_dim
+        elif isinstance(head_dim, int) and hasattr(m, "q_proj"):
+            heads = getattr(m, "num_heads", None) or getattr(m, "num_attention_heads", None)
+            assert heads is None or m.q_proj.out_features == heads * head_dim

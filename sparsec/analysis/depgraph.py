@@ -66,6 +66,7 @@ class Group:
     sources: list[str]                       # weights whose output channels these are
     frozen: list[str] = field(default_factory=list)
     consumers: list[Member] = field(default_factory=list)  # weight slices that *read* them
+    kind: str = "channels"                   # or "heads": it runs through attention's batch axes
 
     @property
     def prunable(self) -> bool:
@@ -87,7 +88,7 @@ class Group:
         return f"{m.name}[axis {m.axis}{where}{step}]"
 
     def as_dict(self, graph: Graph) -> dict:
-        return {"id": self.id, "size": self.size, "sources": self.sources,
+        return {"id": self.id, "kind": self.kind, "size": self.size, "sources": self.sources,
                 "params": [self.describe(m, graph) for m in self.params],
                 "prunable": self.prunable, "frozen": self.frozen}
 
@@ -113,6 +114,7 @@ class DependencyGraph:
         self._sources: set[Dim] = set()
         self._consumers: set[Dim] = set()
         self._virtual: dict[str, int] = {}
+        self._heads: set[Dim] = set()
         for name in graph.inputs:
             self.freeze_all(name, "graph input")
         for name in graph.outputs:
@@ -173,6 +175,10 @@ class DependencyGraph:
     def source(self, name: str, axis: int) -> None:
         """Mark a weight axis that *produces* channels (Conv/Gemm/MatMul output features)."""
         self._sources.add(self.dim(name, axis))
+
+    def head_axis(self, name: str, axis: int) -> None:
+        """Mark a batch axis of an activation MatMul: its group is attention heads."""
+        self._heads.add(self.dim(name, axis))
 
     def consumer(self, name: str, axis: int) -> None:
         """Mark a weight axis that *reads* channels (a Conv/Gemm/MatMul input-channel axis)."""
@@ -261,6 +267,7 @@ class DependencyGraph:
             sources=sorted({seg[0][1] for seg in comp if seg[0] in self._sources}),
             frozen=frozen,
             consumers=[m for m in members if m.dim in self._consumers],
+            kind="heads" if any(seg[0] in self._heads for seg in comp) else "channels",
         )
 
     def group_of(self, name: str, axis: int) -> Group | None:
@@ -345,6 +352,9 @@ def _gemm(dg: DependencyGraph, n: Node) -> None:
 def _matmul(dg: DependencyGraph, n: Node) -> None:
     a, w, y = n.inputs[0], n.inputs[1], n.outputs[0]
     wv = dg.const(w)
+    if wv is None and dg.const(a) is None:
+        _batched_matmul(dg, a, w, y)
+        return
     if wv is None or wv.ndim != 2 or dg.const(a) is not None:
         for name in (a, w, y):
             dg.freeze_all(name, "MatMul without a constant 2-D right operand")
@@ -356,6 +366,42 @@ def _matmul(dg: DependencyGraph, n: Node) -> None:
     dg.consumer(w, 0)
     dg.couple(y, -1, w, 1)
     dg.source(w, 1)
+
+
+def _batched_matmul(dg: DependencyGraph, a: str, b: str, y: str) -> None:
+    """A @ B of two activations (attention scores and context): batch axes pass through (the
+    heads axis among them), rows of A and columns of B are Y's, and A's columns are B's rows
+    (removing a contraction index from both removes one term of each sum). Batch axes wider
+    than one are *head* axes. The inner axes (head_dim of Q/K and of V) are frozen: a torch
+    module sizes its heads by a ``head_dim`` attribute, so only whole heads go."""
+    sa, sb, sy = dg.graph.shape(a), dg.graph.shape(b), dg.graph.shape(y)
+    if len(sa) < 2 or len(sb) < 2:
+        for name in (a, b, y):
+            dg.freeze_all(name, "MatMul of 1-D activations")
+        return
+    for name, shape in ((a, sa), (b, sb)):
+        for axis in range(len(shape) - 2):
+            out_axis = axis + len(sy) - len(shape)
+            if shape[axis] == sy[out_axis]:
+                dg.couple(name, axis, y, out_axis)
+                if shape[axis] > 1:
+                    dg.head_axis(y, out_axis)
+    dg.couple(a, -2, y, -2)
+    dg.couple(b, -1, y, -1)
+    dg.couple(a, -1, b, -2)
+    reason = "attention head_dim (only whole heads are pruned)"
+    dg.freeze_axis(a, -1, reason)
+    dg.freeze_axis(b, -1, reason)
+
+
+def _expand(dg: DependencyGraph, n: Node) -> None:
+    """Expand broadcasts axes of size 1; every other axis passes through (numpy alignment)."""
+    x, y = n.inputs[0], n.outputs[0]
+    sx, sy = dg.graph.shape(x), dg.graph.shape(y)
+    for axis, size in enumerate(sx):
+        out_axis = axis + len(sy) - len(sx)
+        if size == sy[out_axis] and not (size == 1 and sy[out_axis] != 1):
+            dg.couple(x, axis, y, out_axis)
 
 
 def _channel_norm(dg: DependencyGraph, n: Node) -> None:
@@ -673,6 +719,7 @@ _RULES = {
     "softmax": _softmax, "reshape": _reshape, "transpose": _transpose, "pad": _pad,
     "gather": _gather, "concat": _concat, "split": _split, "slice": _slice, "shape": _shape,
     "group_norm": _group_norm, "depth_to_space": _depth_to_space, "resize": _resize,
+    "expand": _expand,
     "opaque": _opaque,
 }
 assert set(_RULES) == set(ops.OP_KIND.values())

@@ -5,7 +5,9 @@ analysis how the axes of its inputs and outputs line up (see ``sparsec.analysis.
 
 * ``unary``     output axis i is input-0 axis i (same shape), other inputs are scalars/options
 * ``broadcast`` numpy broadcasting between all inputs and the output
-* ``conv``, ``gemm``, ``matmul``   weight ops: they start and end channel groups
+* ``conv``, ``gemm``, ``matmul``   weight ops: they start and end channel groups; a MatMul of
+  two activations (attention) passes its batch axes through: those are the *heads*
+* ``expand``    broadcast axes of size 1; the others pass through
 * ``channel_norm``  per-channel normalization over axis 1 with per-channel parameters (BN, IN)
 * ``axis_norm`` normalization over trailing axes (LayerNorm, ...): the normalized axes are coupled
   through statistics, so they cannot be pruned exactly
@@ -53,6 +55,7 @@ _KINDS: dict[str, tuple[str, ...]] = {
     "group_norm": ("GroupNormalization",),
     "depth_to_space": ("DepthToSpace",),
     "resize": ("Resize", "Upsample"),
+    "expand": ("Expand",),
     "pool": ("AveragePool", "GlobalAveragePool", "GlobalLpPool", "GlobalMaxPool", "LpPool",
              "MaxPool"),
     "reduce": ("ArgMax", "ArgMin", "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp",
@@ -68,7 +71,7 @@ _KINDS: dict[str, tuple[str, ...]] = {
     "slice": ("Slice",),
     "shape": ("Shape", "Size"),
     "opaque": (
-        "ConstantOfShape", "CumSum", "Einsum", "Expand", "GatherElements",
+        "ConstantOfShape", "CumSum", "Einsum", "GatherElements",
         "GatherND", "Range", "ScatterElements", "ScatterND", "SpaceToDepth", "Tile",
         "TopK", "Trilu",
     ),

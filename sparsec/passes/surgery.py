@@ -99,6 +99,22 @@ def _reshape(out: Graph, orig: Graph, node: Node, keep: AxisKeep, uses) -> None:
         _set_const(out, node, 1, target, uses)
 
 
+def _expand(out: Graph, orig: Graph, node: Node, keep: AxisKeep, uses) -> None:
+    """The target shape names the sizes of the axes that pass through (GQA's KV heads)."""
+    y = node.outputs[0]
+    if node.inputs[1] not in out.initializers:
+        return
+    target = out.initializers[node.inputs[1]].copy()
+    offset = len(orig.shape(y)) - len(target)
+    changed = False
+    for d in range(len(target)):
+        if (y, d + offset) in keep and target[d] == orig.shape(y)[d + offset]:
+            target[d] = keep[(y, d + offset)].size
+            changed = True
+    if changed:
+        _set_const(out, node, 1, target, uses)
+
+
 def _gather(out: Graph, orig: Graph, node: Node, keep: AxisKeep, uses) -> None:
     data, idx = node.inputs[0], node.inputs[1]
     axis = int(node.attr("axis", 0)) % len(orig.shape(data))
@@ -163,7 +179,8 @@ def _resize(out: Graph, orig: Graph, node: Node, keep: AxisKeep, uses) -> None:
 
 
 _FIXUPS = {"Conv": _conv, "Reshape": _reshape, "Gather": _gather, "Slice": _slice,
-           "Split": _split, "GroupNormalization": _group_norm, "Resize": _resize}
+           "Split": _split, "GroupNormalization": _group_norm, "Resize": _resize,
+           "Expand": _expand}
 
 
 def reinfer_shapes(graph: Graph) -> Graph:
