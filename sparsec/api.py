@@ -42,6 +42,7 @@ from sparsec.package import (
 from sparsec.passes.channel_prune import ChannelPrune
 from sparsec.passes.criteria import CRITERIA, NEEDS_DATA, NEEDS_TORCH
 from sparsec.passes.dead_channels import RemoveDeadChannels
+from sparsec.passes.layer_removal import RemoveLayers, find_layers
 from sparsec.passes.manager import PassManager, PassResult
 from sparsec.reference import signature
 
@@ -204,7 +205,7 @@ def _check_patterns(graph: Graph, layer_ratios: dict[str, float], ignore: Sequen
 
 def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: float = 0.0,
           criterion: str = "l2", reconstruct: bool = False, round_to: int | None = None,
-          head_ratio: float | None = None,
+          head_ratio: float | None = None, remove_layers: int = 0,
           layer_ratios: dict[str, float] | None = None, ignore: Sequence[str] = (),
           input_shapes: InputShapes | str | None = None,
           calibration=None, remove_dead: bool = False,
@@ -214,6 +215,8 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
 
     ``layer_ratios`` {glob over group source weights: ratio} overrides the ratio per group;
     ``head_ratio`` is the ratio for attention-head groups (default: ``ratio``);
+    ``remove_layers`` drops that many consecutive residual layers first (the run whose input and
+    output hidden states are closest in angle on the calibration data);
     ``ignore`` globs leave groups whole; ``round_to`` rounds kept channel counts up to a
     multiple (none by default here; ``compile`` takes it from the target).
 
@@ -242,10 +245,19 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
     graph = load(model, input_shapes, example_inputs)
     _check_patterns(graph, layer_ratios, ignore)
     calib = _calibration(graph, calibration)
-    if (reconstruct or criterion in NEEDS_DATA) and calibration is None and ratio > 0:
+    if ((reconstruct or criterion in NEEDS_DATA) and ratio > 0 or remove_layers) \
+            and calibration is None:
         log("warning: fitting to random inputs; give calibration data (--calib) drawn from "
             "the real input distribution")
+    if int(remove_layers) < 0:
+        raise BadOptionError(f"remove_layers must be >= 0, got {remove_layers}")
     passes: list = [RemoveDeadChannels()] if remove_dead else []
+    if remove_layers:
+        found = len(find_layers(graph))
+        if int(remove_layers) >= found:
+            raise BadOptionError(f"cannot remove {remove_layers} layers: the model has {found} "
+                                 f"removable residual layers")
+        passes.append(RemoveLayers(int(remove_layers)))
     if ratio > 0 or (head_ratio or 0) > 0 or any(r > 0 for r in layer_ratios.values()):
         passes.append(ChannelPrune(ratio, criterion=criterion, reconstruct=reconstruct,
                                    round_to=int(round_to), layer_ratios=layer_ratios,
@@ -264,6 +276,7 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
 def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "host",
             ratio: float = 0.0, criterion: str = "l2", reconstruct: bool = False,
             round_to: int | None = None, head_ratio: float | None = None,
+            remove_layers: int = 0,
             layer_ratios: dict[str, float] | None = None, ignore: Sequence[str] = (),
             input_shapes: InputShapes | str | None = None,
             calibration=None, remove_dead: bool = False,
@@ -279,7 +292,7 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
     _check_ratio(ratio)
     check_writable_dir(output_dir)
     result = prune(model, ratio=ratio, criterion=criterion, reconstruct=reconstruct,
-                   round_to=round_to, head_ratio=head_ratio,
+                   round_to=round_to, head_ratio=head_ratio, remove_layers=remove_layers,
                    layer_ratios=layer_ratios, ignore=ignore, input_shapes=input_shapes,
                    calibration=calibration, remove_dead=remove_dead,
                    example_inputs=example_inputs, log=log)

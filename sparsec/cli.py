@@ -84,6 +84,7 @@ def _prune_kwargs(args) -> dict:
     """The pruning flags shared by `prune` and `compile`, as API keywords."""
     return {"ratio": args.ratio, "criterion": args.criterion, "reconstruct": args.reconstruct,
             "round_to": args.round_to, "head_ratio": args.head_ratio,
+            "remove_layers": args.remove_layers,
             "layer_ratios": dict(args.layer_ratio), "ignore": args.ignore,
             "input_shapes": args.input_shapes, "calibration": args.calib,
             "remove_dead": args.remove_dead}
@@ -181,15 +182,19 @@ def build_parser() -> argparse.ArgumentParser:
                             help="fraction of channels to remove from every prunable group, "
                                  "in [0, 1) (default 0: no pruning)")
             sp.add_argument("--criterion", default="l2",
-                            choices=("l2", "l1", "activation", "wanda"),
+                            choices=("l2", "l1", "activation", "wanda", "fluctuation"),
                             help="channel importance: l2 (default) or l1 weight magnitude; "
-                                 "activation (activation norm) or wanda (|W| x activation norm) "
-                                 "on the calibration data. (taylor needs gradients: "
-                                 "sparsec.prune_module in Python)")
+                                 "on the calibration data: activation (activation norm), wanda "
+                                 "(|W| x activation norm), fluctuation (activation variance x "
+                                 "W^2, FLAP). (taylor: sparsec.prune_module in Python)")
             sp.add_argument("--head-ratio", type=_ratio, default=None, metavar="R",
                             help="fraction of attention heads to remove (whole heads across "
                                  "Q/K/V/O; with GQA a KV head and its query heads); default: "
                                  "--ratio")
+            sp.add_argument("--remove-layers", type=int, default=0, metavar="N",
+                            help="first remove the N consecutive residual layers that change "
+                                 "the hidden state least (angular distance on the "
+                                 "calibration data)")
             sp.add_argument("--layer-ratio", action="append", default=[], type=_layer_ratio,
                             metavar="PATTERN=R",
                             help="ratio for the groups whose source weights match a glob (as "

@@ -292,10 +292,17 @@ def _index(lw: _Lowering, node, out: str, shape, dtype) -> None:
     """``x[idx]`` with one index tensor (e.g. a relative-position table read by a buffer)."""
     x, indices = node.args[:2]
     used = [(axis, i) for axis, i in enumerate(indices) if i is not None]
-    if len(used) != 1:
-        raise UnsupportedOpError({f"{node.target} with {len(used)} index tensors": 1})
-    axis, idx = used[0]
-    lw.emit("Gather", [lw.tensor(x), lw.tensor(idx)], out, shape, dtype, axis=axis)
+    if len(used) == 1:
+        axis, idx = used[0]
+        lw.emit("Gather", [lw.tensor(x), lw.tensor(idx)], out, shape, dtype, axis=axis)
+        return
+    # x[i0, i1, ...] on the leading axes with constant indices (e.g. a padding mask read at
+    # [batch, key] positions): one GatherND over the broadcast index tuples
+    consts = [lw.inits.get(lw.tensor(i)) for _, i in used]
+    if [a for a, _ in used] != list(range(len(used))) or any(c is None for c in consts):
+        raise UnsupportedOpError({f"{node.target} with {len(used)} computed index tensors": 1})
+    tuples = np.stack(np.broadcast_arrays(*consts), axis=-1).astype(np.int64)
+    lw.emit("GatherND", [lw.tensor(x), lw.const("indices", tuples, "int64")], out, shape, dtype)
 
 
 def _select(lw: _Lowering, node, out: str, shape, dtype) -> None:
@@ -437,6 +444,68 @@ def _sdpa(lw: _Lowering, node, out: str, shape, dtype) -> None:
     lw.emit("MatMul", [p, v], out, shape, dtype)
 
 
+def _reduce(op: str):
+    def lower(lw: _Lowering, node, out, shape, dtype) -> None:
+        x = lw.tensor(node.args[0])
+        rank = len(lw.values[x].shape)
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keep = bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
+        dims = list(range(rank)) if dims is None else (
+            [dims] if isinstance(dims, int) else list(dims))
+        lw.emit(op, [x, lw.const("axes", [int(d) % rank for d in dims], "int64")], out, shape,
+                dtype, keepdims=int(keep))
+    return lower
+
+
+def _vector_norm(lw: _Lowering, node, out, shape, dtype) -> None:
+    order = node.args[1] if len(node.args) > 1 else node.kwargs.get("ord", 2)
+    if order != 2:
+        raise UnsupportedOpError({f"{node.target} with ord={order}": 1})
+    x = lw.tensor(node.args[0])
+    rank = len(lw.values[x].shape)
+    dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    keep = bool(node.args[3] if len(node.args) > 3 else node.kwargs.get("keepdim", False))
+    dims = list(range(rank)) if dims is None else ([dims] if isinstance(dims, int) else dims)
+    lw.emit("ReduceL2", [x, lw.const("axes", [int(d) % rank for d in dims], "int64")], out,
+            shape, dtype, keepdims=int(keep))
+
+
+def _clamp(lw: _Lowering, node, out, shape, dtype) -> None:
+    x = lw.tensor(node.args[0])
+    target = str(node.target)
+    lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
+    hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
+    if "clamp_max" in target:
+        lo, hi = None, lo
+    bounds = [lw.const("min", lo, dtype) if lo is not None else "",
+              lw.const("max", hi, dtype) if hi is not None else ""]
+    lw.emit("Clip", [x, *bounds], out, shape, dtype)
+
+
+def _compare(op: str):
+    def lower(lw: _Lowering, node, out, shape, dtype) -> None:
+        a, b = node.args[:2]
+        ref = lw.tensor(a) if hasattr(a, "name") else lw.tensor(b)
+        lw.emit(op, [lw.operand(a, ref), lw.operand(b, ref)], out, shape, dtype)
+    return lower
+
+
+def _expand_as(lw: _Lowering, node, out, shape, dtype) -> None:
+    lw.emit("Expand", [lw.tensor(node.args[0]), lw.const("shape", list(shape), "int64")], out,
+            shape, dtype)
+
+
+def _filled(value):
+    """``new_ones`` / ``zeros_like`` / ...: a constant of the output's shape (only the shape of
+    the tensor argument matters, and shapes are static)."""
+    def lower(lw: _Lowering, node, out, shape, dtype) -> None:
+        fill = value if value is not None else node.args[-1]
+        arr = np.full(shape, fill, dtype=np.dtype("bool" if dtype == "bool" else dtype))
+        lw.inits[out] = arr
+        lw.values[out] = Value(out, tuple(shape), arr.dtype.name)
+    return lower
+
+
 def _identity(lw: _Lowering, node, out, shape, dtype) -> None:
     lw.emit("Identity", [lw.tensor(node.args[0])], out, shape, dtype)
 
@@ -515,6 +584,27 @@ LOWERINGS: dict[str, Callable] = {
     "aten.group_norm.default": _group_norm,
     "aten.pixel_shuffle.default": _pixel_shuffle,
     "aten.upsample_nearest2d.vec": _upsample_nearest,
+    "aten.sum.dim_IntList": _reduce("ReduceSum"),
+    "aten.amax.default": _reduce("ReduceMax"),
+    "aten.linalg_vector_norm.default": _vector_norm,
+    "aten.clamp.default": _clamp,
+    "aten.clamp_min.default": _clamp,
+    "aten.clamp_max.default": _clamp,
+    "aten.__and__.Tensor": _compare("And"),
+    "aten.bitwise_and.Tensor": _compare("And"),
+    "aten.__or__.Tensor": _compare("Or"),
+    "aten.eq.Scalar": _compare("Equal"),
+    "aten.eq.Tensor": _compare("Equal"),
+    "aten.gt.Scalar": _compare("Greater"),
+    "aten.ge.Scalar": _compare("GreaterOrEqual"),
+    "aten.lt.Scalar": _compare("Less"),
+    "aten.le.Scalar": _compare("LessOrEqual"),
+    "aten.expand_as.default": _expand_as,
+    "aten.new_ones.default": _filled(1),
+    "aten.new_zeros.default": _filled(0),
+    "aten.ones_like.default": _filled(1),
+    "aten.zeros_like.default": _filled(0),
+    "aten.full_like.default": _filled(None),
 }
 
 # ops that only check metadata: nothing to lower

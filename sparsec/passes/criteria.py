@@ -8,6 +8,9 @@
 * ``wanda``: activation-aware (Wanda, "A Simple and Effective Pruning Approach for LLMs", taken
   to channels): channel c scores sum_i |W[i, c]| * ||X_c|| over every weight that reads the
   channel. It estimates how much the channel contributes to the next layers' outputs.
+* ``fluctuation`` (FLAP, "Fluctuation-based Adaptive Structured Pruning for LLMs"): the
+  variance of the channel's activations times the squared norm of the weights that read it:
+  what the channel adds beyond its mean, which reconstruction's intercept restores anyway.
 * ``taylor`` (torch modules only): first-order Taylor expansion of the loss (Molchanov et al.,
   "Importance Estimation for Neural Network Pruning"): per calibration batch, the change of the
   loss when the channel is removed is estimated as sum over its weights of w * dL/dw; a
@@ -26,8 +29,8 @@ from sparsec import reference
 from sparsec.analysis.depgraph import Group, Member
 from sparsec.ir.graph import Graph, Node
 
-CRITERIA = ("l2", "l1", "activation", "wanda", "taylor")
-NEEDS_DATA = frozenset({"activation", "wanda", "taylor"})
+CRITERIA = ("l2", "l1", "activation", "wanda", "fluctuation", "taylor")
+NEEDS_DATA = frozenset({"activation", "wanda", "fluctuation", "taylor"})
 NEEDS_TORCH = frozenset({"taylor"})  # gradients come from the module
 
 
@@ -66,37 +69,48 @@ def _reader(graph: Graph, weight: str, users: dict[str, list[Node]]) -> tuple[st
     return None
 
 
-def activation_norms(graph: Graph, groups: list[Group], batches: list[dict],
-                     users: dict[str, list[Node]]) -> dict[tuple[str, int], np.ndarray]:
-    """||X|| per element of the channel axis of every tensor the groups' consumers read."""
+def activation_stats(graph: Graph, groups: list[Group], batches: list[dict],
+                     users: dict[str, list[Node]]) -> dict[tuple[str, int], dict]:
+    """Per element of the channel axis of every tensor the groups' consumers read: the norm
+    ||X|| and the variance over samples and positions, on calibration data."""
     wanted = {r for g in groups for m in g.consumers if (r := _reader(graph, m.name, users))}
     names = sorted({x for x, _ in wanted})
     acts = reference.activations(graph, batches, names) if names else {}
-    norms = {}
+    stats = {}
     for x, axis in wanted:
-        sq = sum((np.moveaxis(a.astype(np.float64), axis, 0).reshape(a.shape[axis], -1) ** 2)
-                 .sum(axis=1) for a in acts[x])
-        norms[(x, axis)] = np.sqrt(sq)
-    return norms
+        flat = [np.moveaxis(a.astype(np.float64), axis, 0).reshape(a.shape[axis], -1)
+                for a in acts[x]]
+        n = sum(f.shape[1] for f in flat)
+        total = sum(f.sum(axis=1) for f in flat)
+        sq = sum((f ** 2).sum(axis=1) for f in flat)
+        stats[(x, axis)] = {"norm": np.sqrt(sq), "var": np.maximum(sq / n - (total / n) ** 2, 0)}
+    return stats
 
 
-def wanda(graph: Graph, group: Group, norms: dict[tuple[str, int], np.ndarray],
-          users: dict[str, list[Node]], weighted: bool = True) -> np.ndarray:
-    """Sum over the group's consumer weights of |W| times the channel's activation norm
-    (``weighted=False``: the activation norm alone, once per reading tensor)."""
+def consumer_score(graph: Graph, group: Group, stats: dict, users: dict[str, list[Node]],
+                   kind: str = "wanda") -> np.ndarray:
+    """Score channels by how their consumers read them, summed over the group's consumers:
+    ``wanda`` ||X_c|| * sum_i |W[i, c]|; ``activation`` ||X_c|| (once per reading tensor);
+    ``fluctuation`` (FLAP) Var(X_c) * sum_i W[i, c]^2: what a channel contributes beyond its
+    mean, which bias compensation / reconstruction restores."""
     score = np.zeros(group.size, dtype=np.float64)
     seen = set()
     for m in group.consumers:
         reader = _reader(graph, m.name, users)
-        if reader is None or reader not in norms or (not weighted and reader in seen):
+        if reader is None or reader not in stats or (kind == "activation" and reader in seen):
             continue
         seen.add(reader)
-        span = norms[reader][m.start: m.start + group.size * m.block]
-        if weighted:
-            w = np.abs(np.moveaxis(graph.initializers[m.name].astype(np.float64), m.axis, 0))
-            span = span * w[m.start: m.start + group.size * m.block].reshape(
-                group.size * m.block, -1).sum(axis=1)
-        score += span.reshape(group.size, m.block).sum(axis=1)
+        span = slice(m.start, m.start + group.size * m.block)
+        if kind == "activation":
+            per_elem = stats[reader]["norm"][span]
+        else:
+            w = np.moveaxis(graph.initializers[m.name].astype(np.float64), m.axis, 0)[span]
+            w = w.reshape(group.size * m.block, -1)
+            if kind == "wanda":
+                per_elem = stats[reader]["norm"][span] * np.abs(w).sum(axis=1)
+            else:
+                per_elem = stats[reader]["var"][span] * (w ** 2).sum(axis=1)
+        score += per_elem.reshape(group.size, m.block).sum(axis=1)
     return score if seen else l2(graph, group)  # nothing reads it through a weight: magnitude
 
 
@@ -171,11 +185,10 @@ def make_scorer(criterion: str, graph: Graph, groups: list[Group], batches: list
                 raise ValueError(f"no Taylor scores for the group of {group.sources[0]}")
             return got
         return lookup
-    if criterion in ("wanda", "activation"):
+    if criterion in ("wanda", "activation", "fluctuation"):
         if batches is None:
             raise ValueError(f"criterion '{criterion}' needs calibration data")
         users = graph.consumers()
-        norms = activation_norms(graph, groups, batches, users)
-        weighted = criterion == "wanda"
-        return lambda group: wanda(graph, group, norms, users, weighted)
+        stats = activation_stats(graph, groups, batches, users)
+        return lambda group: consumer_score(graph, group, stats, users, criterion)
     raise ValueError(f"unknown criterion '{criterion}' (known: {', '.join(CRITERIA)})")

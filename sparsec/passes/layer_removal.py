@@ -1,0 +1,169 @@
+"""Layer removal (lossy): drop the run of residual layers that changes the hidden state least.
+
+"The Unreasonable Ineffectiveness of the Deeper Layers" (Gromov et al.): score every run of n
+consecutive layers by the angular distance between the hidden state entering the run and the
+one leaving it, arccos(cos(h_in, h_out)) / pi averaged over positions, on calibration data;
+remove the run with the smallest distance.
+
+Finding layers needs no names. The *trunk* is the chain of tensors that every path from the main
+input (the input most of the graph depends on) to the output passes through: the dominators of
+the output. Side inputs such as attention masks join every layer and do not count, since paths
+start at the main input. Between consecutive trunk tensors lie segments; a segment with more
+than one path (a residual add) is a *residual block*, and single-path segments after it (a
+post-norm LayerNorm) belong to it. A *layer* starts at a block that contains attention (a MatMul
+of two activations) and takes the attention-free blocks that follow (the FFN); without attention
+anywhere (a ResNet) every block is a layer.
+
+Removing a run rewires the readers of the run's output to its input (the two have the same
+shape) and drops what nothing reads any more.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import networkx as nx
+import numpy as np
+
+from sparsec import reference
+from sparsec.ir.graph import Graph
+from sparsec.passes.manager import PassContext
+
+
+@dataclass(frozen=True)
+class Layer:
+    start: str          # trunk tensor entering the layer
+    end: str            # trunk tensor leaving it
+    nodes: frozenset    # names of the nodes inside (for reports and tests)
+
+
+def _main_input(graph: Graph) -> str:
+    users = graph.consumers()
+
+    def reach(name: str) -> int:
+        seen, todo = set(), [name]
+        while todo:
+            for node in users.get(todo.pop(), []):
+                if node.name not in seen:
+                    seen.add(node.name)
+                    todo.extend(o for o in node.outputs if o)
+        return len(seen)
+    return max(graph.inputs, key=reach)
+
+
+def find_layers(graph: Graph) -> list[Layer]:
+    """Residual layers along the trunk, in order (see the module docstring)."""
+    if not graph.inputs or len(graph.outputs) != 1:
+        return []
+    dag = nx.DiGraph()
+    for node in graph.nodes:
+        for i in node.inputs:
+            if i and i not in graph.initializers:
+                for o in node.outputs:
+                    if o:
+                        dag.add_edge(i, o, node=node.name)
+    source, sink = _main_input(graph), graph.outputs[0]
+    if source not in dag or sink not in dag or not nx.has_path(dag, source, sink):
+        return []
+    reach = nx.descendants(dag, source) | {source}
+    sub = dag.subgraph(n for n in reach if n == sink or nx.has_path(dag, n, sink))
+    idom = nx.immediate_dominators(sub, source)
+    trunk = [sink]
+    while trunk[-1] != source:
+        trunk.append(idom[trunk[-1]])
+    trunk.reverse()
+    producers = graph.producers()
+    attention = {n.name for n in graph.nodes if n.op_type == "MatMul"
+                 and all(i not in graph.initializers for i in n.inputs[:2])}
+    shape = {t: graph.shape(t) for t in trunk}
+    segments = []   # (start, end, node names, residual?, has attention?)
+    for a, b in zip(trunk, trunk[1:]):
+        between = nx.descendants(sub, a) & nx.ancestors(sub, b)
+        names = {producers[t].name for t in between | {b} if t in producers}
+        paths = sub.out_degree(a) > 1 or len(between) > 0 and any(
+            sub.in_degree(t) > 1 for t in between | {b})
+        segments.append((a, b, names, paths, bool(names & attention)))
+    blocks: list[list] = []
+    for seg in segments:
+        if seg[3] or not blocks:
+            blocks.append([seg])
+        else:
+            blocks[-1].append(seg)      # a norm after the residual add belongs to its block
+    blocks = [b for b in blocks if b[0][3]]
+    if blocks:                          # the head after the last block is no part of it
+        while not blocks[-1][-1][3]:
+            blocks[-1].pop()
+    any_attention = any(s[4] for b in blocks for s in b)
+    layers: list[list] = []
+    for b in blocks:
+        starts_layer = not any_attention or any(s[4] for s in b) or not layers
+        if starts_layer:
+            layers.append(list(b))
+        else:
+            layers[-1].extend(b)
+    out = []
+    for segs in layers:
+        start, end = segs[0][0], segs[-1][1]
+        if shape[start] != shape[end]:
+            continue
+        out.append(Layer(start, end, frozenset(n for s in segs for n in s[2])))
+    return out
+
+
+def angular_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over positions of arccos(cos(a, b)) / pi, vectors along the last axis."""
+    a = a.reshape(-1, a.shape[-1]).astype(np.float64)
+    b = b.reshape(-1, b.shape[-1]).astype(np.float64)
+    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1),
+                                      1e-12)
+    return float(np.mean(np.arccos(np.clip(cos, -1.0, 1.0)) / np.pi))
+
+
+def remove_run(graph: Graph, start: str, end: str) -> Graph:
+    """Readers of ``end`` read ``start`` instead; nodes nothing reads any more are dropped."""
+    out = graph.copy()
+    for node in out.nodes:
+        node.inputs = [start if i == end else i for i in node.inputs]
+    if end in out.outputs:
+        out.outputs = [start if o == end else o for o in out.outputs]
+    needed = set(out.outputs)
+    keep = []
+    for node in reversed(out.nodes):
+        if any(o in needed for o in node.outputs):
+            keep.append(node)
+            needed.update(i for i in node.inputs if i)
+    out.nodes = list(reversed(keep))
+    for name in [k for k in out.initializers if k not in needed]:
+        del out.initializers[name]
+    out.values = {k: v for k, v in out.values.items()
+                  if k in needed or k in out.inputs or any(k in n.outputs for n in out.nodes)}
+    return out
+
+
+@dataclass
+class RemoveLayers:
+    """Remove the ``count`` consecutive layers whose run has the smallest angular distance."""
+
+    count: int
+    name: str = "remove-layers"
+    exact: bool = False
+
+    def run(self, graph: Graph, ctx: PassContext | None = None) -> tuple[Graph, dict]:
+        if ctx is None:
+            raise ValueError("layer removal needs calibration data (a PassContext)")
+        layers = find_layers(graph)
+        if self.count >= len(layers):
+            raise ValueError(f"cannot remove {self.count} of the {len(layers)} residual layers "
+                             f"found")
+        trunk = sorted({t for lay in layers for t in (lay.start, lay.end)})
+        acts = reference.activations(graph, ctx.fit, trunk)
+        scores = []
+        for i in range(len(layers) - self.count + 1):
+            a, b = layers[i].start, layers[i + self.count - 1].end
+            scores.append(np.mean([angular_distance(x, y) for x, y in zip(acts[a], acts[b])]))
+        best = int(np.argmin(scores))
+        run = layers[best: best + self.count]
+        pruned = remove_run(graph, run[0].start, run[-1].end)
+        return pruned, {"layers_found": len(layers), "removed": [best + k for k in
+                                                                  range(self.count)],
+                        "angular_distance": [round(float(s), 6) for s in scores]}

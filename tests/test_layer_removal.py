@@ -1,0 +1,63 @@
+"""Layer removal: residual layers are found along the trunk (no names needed, masks ignored),
+a layer whose residual branches are zero is removed exactly, and the run with the smallest
+angular distance is the one removed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zoo
+
+import sparsec
+from sparsec import reference
+from sparsec.errors import BadOptionError
+from sparsec.frontends.fx import capture_fx
+from sparsec.frontends.onnx import load_onnx
+from sparsec.passes.layer_removal import angular_distance, find_layers
+
+
+@pytest.mark.parametrize("name, layers", [("hf_gpt2", 2), ("hf_bert", 2), ("hf_llama_gqa", 2),
+                                          ("hf_vit", 2), ("hf_resnet", 1)])
+def test_layers_are_found_through_both_frontends(zoo_models, name, layers):
+    module, example = zoo.transformers_model(name)
+    for g in (capture_fx(module, example), load_onnx(zoo_models(name))):
+        found = find_layers(g)
+        assert len(found) == layers
+        assert all(g.shape(x.start) == g.shape(x.end) for x in found)
+        assert all(a.end == b.start for a, b in zip(found, found[1:]))    # consecutive
+
+
+def test_an_identity_layer_is_the_one_removed_and_exactly():
+    """GPT-2 is pre-norm: zero layer 1's attention and MLP output projections and the layer
+    adds nothing; its angular distance is 0, it is chosen, and removing it is exact."""
+    module, (ids,) = zoo.transformers_model("hf_gpt2")
+    g = capture_fx(module, (ids,)).copy()
+    for name in [k for k in g.initializers if ".h.1." in k and "c_proj" in k]:
+        g.initializers[name][...] = 0.0
+    calib = [{"input_ids": np.random.default_rng(s).integers(0, 100, (1, 8))} for s in range(4)]
+    result = sparsec.prune(g, remove_layers=1, calibration=calib)
+    details = result.passes[0].details
+    assert details["removed"] == [1] and details["angular_distance"][1] == 0.0
+    assert not any(".h.1." in k for k in result.graph.initializers)
+    assert result.after.params < result.before.params
+    feeds = {"input_ids": ids.numpy()}
+    np.testing.assert_allclose(reference.run(result.graph, feeds)[0], reference.run(g, feeds)[0],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_removing_a_layer_keeps_bert_runnable_with_its_mask_input(zoo_models):
+    g = load_onnx(zoo_models("hf_bert"))
+    result = sparsec.prune(g, remove_layers=1)
+    assert result.passes[0].details["layers_found"] == 2
+    assert result.graph.op_histogram()["Softmax"] == g.op_histogram()["Softmax"] // 2
+    out = reference.run(result.graph, reference.random_inputs(result.graph))
+    assert out[0].shape == reference.run(g, reference.random_inputs(g))[0].shape
+    with pytest.raises(BadOptionError, match="2 removable residual layers"):
+        sparsec.prune(g, remove_layers=2)
+
+
+def test_angular_distance():
+    a = np.array([[1.0, 0.0], [0.0, 2.0]])
+    assert angular_distance(a, a) == 0.0
+    assert angular_distance(a, -a) == pytest.approx(1.0)
+    assert angular_distance(a, np.array([[0.0, 1.0], [3.0, 0.0]])) == pytest.approx(0.5)
