@@ -149,3 +149,10 @@ def test_calibration_from_a_dataloader_of_labelled_batches():
                                           criterion="taylor", calibration=batches)
     assert result.passes[-1].details["reconstructed"]
     assert result.passes[-1].measured_on == "8 held-out calibration batches"  # 32 samples, batch 1
+
+
+def test_fx_lowering_drops_what_no_output_reads():
+    module, example = zoo.transformers_model("hf_bert")       # returns last_hidden_state only
+    g = capture_fx(module, example)
+    assert not any("pooler" in k for k in g.initializers)
+    assert any("pooler" in k for k in module.state_dict())

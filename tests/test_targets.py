@@ -388,3 +388,27 @@ def test_other_targets_compile_and_run(target, tmp_path):
     facts, feeds, outs = compile_and_run(model, resolve_target(target), tmp_path)
     assert facts["target"] == resolve_target(target).tvm_target
     assert_matches_ort(model, feeds, outs)
+
+
+def test_bool_mask_kernels_compile_and_match(host, tmp_path):
+    """A kernel that writes a bool tensor (attention padding masks do) stays scalar: TVM 0.27
+    refuses vectorized bool stores. The mask is an output, so it is a real bool buffer."""
+    nodes = [helper.make_node("Greater", ["x", "zero"], ["pos"]),
+             helper.make_node("Less", ["x", "one"], ["small"]),
+             helper.make_node("And", ["pos", "small"], ["both"]),
+             helper.make_node("Expand", ["both", "shape"], ["mask"]),     # [4, 64] -> [2, 4, 64]
+             helper.make_node("Where", ["mask", "x", "zero"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "masks", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 64]),
+         helper.make_tensor_value_info("mask", TensorProto.BOOL, [2, 4, 64])],
+        [numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+         numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+         numpy_helper.from_array(np.array([2, 4, 64], np.int64), "shape")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    feeds = {"x": np.random.default_rng(0).uniform(-1, 2, (4, 64)).astype(np.float32)}
+    _, _, outs = compile_and_run(model, host, tmp_path, feeds, name="masks")
+    ref = run_ort(model, feeds)
+    np.testing.assert_array_equal(outs[1], ref[1])
+    np.testing.assert_allclose(outs[0], ref[0])

@@ -687,11 +687,18 @@ def lower_exported(ep) -> Graph:
             outputs = [lw.tensor(a) for a in node.args[0]]
     if unsupported:
         raise UnsupportedOpError(dict(unsupported))
+    needed, nodes = set(outputs), []
+    for node in reversed(lw.nodes):       # drop what no output reads (e.g. an unused pooler)
+        if any(o in needed for o in node.outputs):
+            nodes.append(node)
+            needed.update(i for i in node.inputs if i)
+    lw.nodes = nodes[::-1]
     used = {i for n in lw.nodes for i in n.inputs} | set(outputs)
-    unused = {k for k in lw.inits if k not in used}  # BatchNorm's num_batches_tracked, folds
+    # unused initializers: BatchNorm's num_batches_tracked, folded intermediates, dead code
+    inits = {k: v for k, v in lw.inits.items() if k in used}
+    live = used | set(inputs) | {o for n in lw.nodes for o in n.outputs}
     return Graph(name="model", inputs=inputs, outputs=outputs, nodes=lw.nodes,
-                 initializers={k: v for k, v in lw.inits.items() if k not in unused},
-                 values={k: v for k, v in lw.values.items() if k not in unused},
+                 initializers=inits, values={k: v for k, v in lw.values.items() if k in live},
                  opsets={"": OPSET}, producer="sparsec.fx")
 
 

@@ -73,7 +73,11 @@ def _schedule_block(sch: "s_tir.Schedule", block: "s_tir.schedule.SBlockRV") -> 
             par, inner = sch.split(inner, [None, MAX_VECTOR])
             sch.parallel(par)
             inner_ext = MAX_VECTOR
-    if inner_ext is not None and inner_ext > 1:
+    # TVM 0.27 lowers a vectorized store into a bool buffer as int8 lanes and then refuses it
+    # (dtype mismatch on BufferStore): masks stay scalar
+    touches_bool = any(str(r.buffer.dtype) == "bool"
+                       for r in [*sch.get(block).reads, *sch.get(block).writes])
+    if inner_ext is not None and inner_ext > 1 and not touches_bool:
         if inner_ext > MAX_VECTOR and inner_ext % MAX_VECTOR == 0:
             _, inner = sch.split(inner, [None, MAX_VECTOR])
         if inner_ext <= MAX_VECTOR or inner_ext % MAX_VECTOR == 0:
