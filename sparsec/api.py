@@ -205,7 +205,7 @@ def _check_patterns(graph: Graph, layer_ratios: dict[str, float], ignore: Sequen
 
 def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: float = 0.0,
           criterion: str = "l2", reconstruct: bool = False, round_to: int | None = None,
-          head_ratio: float | None = None, remove_layers: int = 0,
+          head_ratio: float | None = None, remove_layers: int = 0, sensitivity: bool = False,
           layer_ratios: dict[str, float] | None = None, ignore: Sequence[str] = (),
           input_shapes: InputShapes | str | None = None,
           calibration=None, remove_dead: bool = False,
@@ -215,6 +215,8 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
 
     ``layer_ratios`` {glob over group source weights: ratio} overrides the ratio per group;
     ``head_ratio`` is the ratio for attention-head groups (default: ``ratio``);
+    ``sensitivity`` spreads each ratio over the model by measured cost instead of applying it
+    in every group (see ``sparsec.passes.allocation``);
     ``remove_layers`` drops that many consecutive residual layers first (the run whose input and
     output hidden states are closest in angle on the calibration data);
     ``ignore`` globs leave groups whole; ``round_to`` rounds kept channel counts up to a
@@ -244,25 +246,24 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
         check_writable_file(output, model if isinstance(model, (str, os.PathLike)) else None)
     graph = load(model, input_shapes, example_inputs)
     _check_patterns(graph, layer_ratios, ignore)
+    if int(remove_layers) < 0:
+        raise BadOptionError(f"remove_layers must be >= 0, got {remove_layers}")
+    if remove_layers and int(remove_layers) >= (found := len(find_layers(graph))):
+        raise BadOptionError(f"cannot remove {remove_layers} layers: the model has {found} "
+                             f"removable residual layers")
     calib = _calibration(graph, calibration)
     if ((reconstruct or criterion in NEEDS_DATA) and ratio > 0 or remove_layers) \
             and calibration is None:
         log("warning: fitting to random inputs; give calibration data (--calib) drawn from "
             "the real input distribution")
-    if int(remove_layers) < 0:
-        raise BadOptionError(f"remove_layers must be >= 0, got {remove_layers}")
     passes: list = [RemoveDeadChannels()] if remove_dead else []
     if remove_layers:
-        found = len(find_layers(graph))
-        if int(remove_layers) >= found:
-            raise BadOptionError(f"cannot remove {remove_layers} layers: the model has {found} "
-                                 f"removable residual layers")
         passes.append(RemoveLayers(int(remove_layers)))
     if ratio > 0 or (head_ratio or 0) > 0 or any(r > 0 for r in layer_ratios.values()):
         passes.append(ChannelPrune(ratio, criterion=criterion, reconstruct=reconstruct,
                                    round_to=int(round_to), layer_ratios=layer_ratios,
                                    ignore=list(ignore), scores=scores,
-                                   head_ratio=head_ratio))
+                                   head_ratio=head_ratio, sensitivity=bool(sensitivity)))
     manager = PassManager(passes, calib, log)
     pruned, results = manager.run(graph)
     result = PruneResult(pruned, results, cost(graph), cost(pruned), manager.fidelity)
@@ -276,7 +277,7 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
 def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "host",
             ratio: float = 0.0, criterion: str = "l2", reconstruct: bool = False,
             round_to: int | None = None, head_ratio: float | None = None,
-            remove_layers: int = 0,
+            remove_layers: int = 0, sensitivity: bool = False,
             layer_ratios: dict[str, float] | None = None, ignore: Sequence[str] = (),
             input_shapes: InputShapes | str | None = None,
             calibration=None, remove_dead: bool = False,
@@ -293,6 +294,7 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
     check_writable_dir(output_dir)
     result = prune(model, ratio=ratio, criterion=criterion, reconstruct=reconstruct,
                    round_to=round_to, head_ratio=head_ratio, remove_layers=remove_layers,
+                   sensitivity=sensitivity,
                    layer_ratios=layer_ratios, ignore=ignore, input_shapes=input_shapes,
                    calibration=calibration, remove_dead=remove_dead,
                    example_inputs=example_inputs, log=log)
@@ -402,7 +404,7 @@ def _created_bias(module, name: str) -> str | None:
 
 def prune_module(module, example_inputs: Sequence[Any], *, ratio: float = 0.0,
                  criterion: str = "l2", reconstruct: bool = False, round_to: int | None = None,
-                 head_ratio: float | None = None,
+                 head_ratio: float | None = None, sensitivity: bool = False,
                  layer_ratios: dict[str, float] | None = None, ignore: Sequence[str] = (),
                  calibration=None, remove_dead: bool = False, loss_fn=None,
                  log: Log = _quiet):
@@ -437,8 +439,8 @@ def prune_module(module, example_inputs: Sequence[Any], *, ratio: float = 0.0,
         groups = [g for g in DependencyGraph(graph).groups if g.prunable]
         scores = taylor_scores(module, graph, groups, PassContext.split(calib).fit, loss_fn)
     result = prune(graph, ratio=ratio, criterion=criterion, reconstruct=reconstruct,
-                   round_to=round_to, head_ratio=head_ratio, layer_ratios=layer_ratios,
-                   ignore=ignore,
+                   round_to=round_to, head_ratio=head_ratio, sensitivity=sensitivity,
+                   layer_ratios=layer_ratios, ignore=ignore,
                    calibration=calibration, remove_dead=remove_dead, scores=scores, log=log)
     return write_back(module, result.graph), result
 

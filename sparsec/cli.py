@@ -84,7 +84,7 @@ def _prune_kwargs(args) -> dict:
     """The pruning flags shared by `prune` and `compile`, as API keywords."""
     return {"ratio": args.ratio, "criterion": args.criterion, "reconstruct": args.reconstruct,
             "round_to": args.round_to, "head_ratio": args.head_ratio,
-            "remove_layers": args.remove_layers,
+            "remove_layers": args.remove_layers, "sensitivity": args.sensitivity,
             "layer_ratios": dict(args.layer_ratio), "ignore": args.ignore,
             "input_shapes": args.input_shapes, "calibration": args.calib,
             "remove_dead": args.remove_dead}
@@ -191,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
                             help="fraction of attention heads to remove (whole heads across "
                                  "Q/K/V/O; with GQA a KV head and its query heads); default: "
                                  "--ratio")
+            sp.add_argument("--sensitivity", action="store_true",
+                            help="spread each ratio over the model by measured cost (prune "
+                                 "each group alone at a few widths on the calibration data) "
+                                 "instead of applying it in every group")
             sp.add_argument("--remove-layers", type=int, default=0, metavar="N",
                             help="first remove the N consecutive residual layers that change "
                                  "the hidden state least (angular distance on the "

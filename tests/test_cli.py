@@ -15,9 +15,11 @@ import pytest
 import zoo
 from conftest import EXAMPLES
 
+from sparsec import reference
 from sparsec.errors import (BadOptionError, DynamicShapeError, InputNotFoundError,
                             InvalidModelError, OutputError, UnknownTargetError,
                             UnsupportedOpError, ValidationError)
+from sparsec.frontends.onnx import load_onnx
 
 
 def sparsec(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -188,3 +190,17 @@ def test_layer_flags(tmp_path):
                        "matches no prunable channel group", "wide.0.weight")
     bad = sparsec("prune", model, "-o", out, "--layer-ratio", "block1")
     assert bad.returncode == 2 and "PATTERN=RATIO" in bad.stderr
+
+
+def test_transformer_flags(zoo_files, tmp_path):
+    model, out = zoo_files("hf_bert"), tmp_path / "b.onnx"
+    proc = sparsec("-q", "prune", model, "-o", out, "--ratio", "0.25", "--head-ratio", "0.5",
+                   "--remove-layers", "1", "--sensitivity", "--criterion", "fluctuation")
+    assert proc.returncode == 0, proc.stderr
+    pruned = onnx.load(str(out))
+    ops = [n.op_type for n in pruned.graph.node]
+    assert ops.count("Softmax") == 1                          # one of two layers left
+    feeds = reference.random_inputs(load_onnx(out))
+    assert reference.run(pruned, feeds)[0].shape == (1, 8, 32)
+    assert_clean_error(sparsec("prune", model, "-o", out, "--remove-layers", "2"), 6,
+                       "2 removable residual layers")

@@ -247,3 +247,41 @@ def test_taylor_needs_a_torch_module(zoo_models):
 
     with pytest.raises(BadOptionError, match="prune_module"):
         sparsec.prune(load_onnx(zoo_models("gemm_mlp")), ratio=0.5, criterion="taylor")
+
+
+def two_hidden_layers(seed=0):
+    """x -> W1 (16) -> relu -> W2 (16) -> relu -> W3: W2 is tiny and b2 large, so what the
+    first hidden layer carries barely reaches the output, while the second layer's does."""
+    from onnx import helper
+
+    r = np.random.default_rng(seed)
+    inits = {"w1": r.standard_normal((8, 16)), "b1": r.standard_normal(16),
+             "w2": r.standard_normal((16, 16)) * 1e-3, "b2": r.uniform(1.0, 2.0, 16),
+             "w3": r.standard_normal((16, 4)), "b3": np.zeros(4)}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h1"]),
+             helper.make_node("Add", ["h1", "b1"], ["a1"]),
+             helper.make_node("Relu", ["a1"], ["r1"]),
+             helper.make_node("MatMul", ["r1", "w2"], ["h2"]),
+             helper.make_node("Add", ["h2", "b2"], ["a2"]),
+             helper.make_node("Relu", ["a2"], ["r2"]),
+             helper.make_node("MatMul", ["r2", "w3"], ["h3"]),
+             helper.make_node("Add", ["h3", "b3"], ["y"])]
+    return zoo.make_model(nodes, [("x", [32, 8])], ["y"], inits)
+
+
+def test_sensitivity_moves_pruning_to_where_it_costs_least():
+    from sparsec.passes.manager import PassContext
+
+    g = load_onnx(two_hidden_layers())
+    ctx = PassContext.split([reference.random_inputs(g, seed=s) for s in range(8)])
+    uniform, _ = ChannelPrune(0.25).run(g, ctx)
+    spread, details = ChannelPrune(0.25, sensitivity=True).run(g, ctx)
+    assert details["sensitivity"] and details["channels_removed"] == 8          # same budget
+    assert uniform.initializers["w1"].shape[1] == uniform.initializers["w2"].shape[1] == 12
+    assert spread.initializers["w1"].shape[1] < spread.initializers["w2"].shape[1]
+    ref = reference.run_batches(g, ctx.holdout)
+
+    def err(model):
+        out = reference.run_batches(model, ctx.holdout)
+        return sum(float(np.sum((o[0] - r[0]) ** 2)) for o, r in zip(out, ref))
+    assert err(spread) < err(uniform)

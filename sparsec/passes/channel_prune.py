@@ -9,6 +9,9 @@ Attention heads are groups too (``Group.kind == "heads"``: whole heads across Q,
 with grouped-query attention a KV head and its query heads); ``head_ratio`` gives them a ratio
 of their own.
 
+With ``sensitivity=True`` the ratio holds per kind of group over the whole model rather than in
+every group: each group's width comes from its measured cost (``sparsec.passes.allocation``).
+
 Per-group choices: ``layer_ratios`` maps glob patterns over a group's source weight names
 (``"block1.*"``, as ``sparsec inspect`` lists them) to a ratio of their own (first match wins);
 groups whose sources match an ``ignore`` pattern are left whole; ``round_to`` rounds every kept
@@ -28,6 +31,7 @@ import numpy as np
 from sparsec.analysis.depgraph import DependencyGraph
 from sparsec.ir.graph import Graph
 from sparsec.passes import criteria
+from sparsec.passes.allocation import sensitivity_keeps
 from sparsec.passes.manager import PassContext
 from sparsec.passes.reconstruct import RIDGE, refit_consumers
 from sparsec.passes.surgery import apply_plan
@@ -60,6 +64,7 @@ class ChannelPrune:
     ignore: list[str] = field(default_factory=list)
     scores: criteria.Scores | None = None
     head_ratio: float | None = None
+    sensitivity: bool = False
     name: str = "channel-prune"
     exact: bool = False
 
@@ -81,24 +86,32 @@ class ChannelPrune:
         dg = DependencyGraph(graph)
         score = criteria.make_scorer(self.criterion, graph, [g for g in dg.groups if g.prunable],
                                      ctx.fit if ctx is not None else None, self.scores)
-        plan = {}
-        removed = total = ignored = heads = 0
-        for g in dg.groups:
-            if not g.prunable:
-                continue
-            ratio = self.ratio_for(g.sources, g.kind)
-            if ratio is None:
-                ignored += 1
-                continue
-            total += g.size
+        chosen = [(g, r) for g in dg.groups if g.prunable
+                  and (r := self.ratio_for(g.sources, g.kind)) is not None]
+        ignored = sum(g.prunable for g in dg.groups) - len(chosen)
+        scores = {g.id: score(g) for g, _ in chosen}
+
+        def keep_for(g, ratio: float) -> int:
             # round_to is a vector-width multiple of channels; a head is already head_dim wide
-            n_keep = kept_count(g.size, ratio, self.round_to if g.kind == "channels" else 1)
+            return kept_count(g.size, ratio, self.round_to if g.kind == "channels" else 1)
+
+        keeps = {g.id: keep_for(g, r) for g, r in chosen}
+        if self.sensitivity:
+            if ctx is None:
+                raise ValueError("sensitivity allocation needs calibration data (a PassContext)")
+            keeps.update(sensitivity_keeps(graph, dg, chosen, scores, ctx.fit, keep_for))
+        plan = {}
+        removed = total = heads = 0
+        for g, _ in chosen:
+            total += g.size
+            n_keep = keeps[g.id]
             if n_keep == g.size:
                 continue
-            plan[g.id] = keep_top(score(g), n_keep)
+            plan[g.id] = keep_top(scores[g.id], n_keep)
             removed += g.size - n_keep
             heads += (g.size - n_keep) if g.kind == "heads" else 0
         details = {"criterion": self.criterion, "ratio": self.ratio, "round_to": self.round_to,
+                   "sensitivity": self.sensitivity,
                    "ignored_groups": ignored, "groups": len(dg.groups),
                    "prunable_groups": sum(g.prunable for g in dg.groups),
                    "pruned_groups": len(plan), "channels_removed": removed,
