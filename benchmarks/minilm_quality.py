@@ -132,6 +132,8 @@ VARIANTS = [  # name -> prune_module keywords
 GRAPH_VARIANTS = [  # structure changes a torch module cannot take yet: pruned as a graph
     ("1 layer removed", {"remove_layers": 1}),
     ("2 layers removed", {"remove_layers": 2}),
+    ("1 layer replaced by a linear map", {"remove_layers": 1, "replace_linear": True}),
+    ("2 layers replaced by a linear map", {"remove_layers": 2, "replace_linear": True}),
 ]
 
 

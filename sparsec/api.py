@@ -205,7 +205,8 @@ def _check_patterns(graph: Graph, layer_ratios: dict[str, float], ignore: Sequen
 
 def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: float = 0.0,
           criterion: str = "l2", reconstruct: bool = False, round_to: int | None = None,
-          head_ratio: float | None = None, remove_layers: int = 0, sensitivity: bool = False,
+          head_ratio: float | None = None, remove_layers: int = 0, replace_linear: bool = False,
+          sensitivity: bool = False,
           layer_ratios: dict[str, float] | None = None, ignore: Sequence[str] = (),
           input_shapes: InputShapes | str | None = None,
           calibration=None, remove_dead: bool = False,
@@ -217,7 +218,8 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
     ``head_ratio`` is the ratio for attention-head groups (default: ``ratio``);
     ``sensitivity`` spreads each ratio over the model by measured cost instead of applying it
     in every group (see ``sparsec.passes.allocation``);
-    ``remove_layers`` drops that many consecutive residual layers first (the run whose input and
+    ``remove_layers`` drops that many consecutive residual layers first (``replace_linear``: a
+    least-squares linear map stands in for them, ReplaceMe) (the run whose input and
     output hidden states are closest in angle on the calibration data);
     ``ignore`` globs leave groups whole; ``round_to`` rounds kept channel counts up to a
     multiple (none by default here; ``compile`` takes it from the target).
@@ -258,7 +260,7 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
             "the real input distribution")
     passes: list = [RemoveDeadChannels()] if remove_dead else []
     if remove_layers:
-        passes.append(RemoveLayers(int(remove_layers)))
+        passes.append(RemoveLayers(int(remove_layers), replace_linear=bool(replace_linear)))
     if ratio > 0 or (head_ratio or 0) > 0 or any(r > 0 for r in layer_ratios.values()):
         passes.append(ChannelPrune(ratio, criterion=criterion, reconstruct=reconstruct,
                                    round_to=int(round_to), layer_ratios=layer_ratios,
@@ -277,7 +279,7 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
 def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "host",
             ratio: float = 0.0, criterion: str = "l2", reconstruct: bool = False,
             round_to: int | None = None, head_ratio: float | None = None,
-            remove_layers: int = 0, sensitivity: bool = False,
+            remove_layers: int = 0, replace_linear: bool = False, sensitivity: bool = False,
             layer_ratios: dict[str, float] | None = None, ignore: Sequence[str] = (),
             input_shapes: InputShapes | str | None = None,
             calibration=None, remove_dead: bool = False,
@@ -294,7 +296,7 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
     check_writable_dir(output_dir)
     result = prune(model, ratio=ratio, criterion=criterion, reconstruct=reconstruct,
                    round_to=round_to, head_ratio=head_ratio, remove_layers=remove_layers,
-                   sensitivity=sensitivity,
+                   replace_linear=replace_linear, sensitivity=sensitivity,
                    layer_ratios=layer_ratios, ignore=ignore, input_shapes=input_shapes,
                    calibration=calibration, remove_dead=remove_dead,
                    example_inputs=example_inputs, log=log)

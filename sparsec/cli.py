@@ -85,6 +85,7 @@ def _prune_kwargs(args) -> dict:
     return {"ratio": args.ratio, "criterion": args.criterion, "reconstruct": args.reconstruct,
             "round_to": args.round_to, "head_ratio": args.head_ratio,
             "remove_layers": args.remove_layers, "sensitivity": args.sensitivity,
+            "replace_linear": args.replace_linear,
             "layer_ratios": dict(args.layer_ratio), "ignore": args.ignore,
             "input_shapes": args.input_shapes, "calibration": args.calib,
             "remove_dead": args.remove_dead}
@@ -199,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
                             help="first remove the N consecutive residual layers that change "
                                  "the hidden state least (angular distance on the "
                                  "calibration data)")
+            sp.add_argument("--replace-linear", action="store_true",
+                            help="with --remove-layers: a linear map fitted on the calibration "
+                                 "data stands in for the removed layers (ReplaceMe)")
             sp.add_argument("--layer-ratio", action="append", default=[], type=_layer_ratio,
                             metavar="PATTERN=R",
                             help="ratio for the groups whose source weights match a glob (as "

@@ -61,3 +61,24 @@ def test_angular_distance():
     assert angular_distance(a, a) == 0.0
     assert angular_distance(a, -a) == pytest.approx(1.0)
     assert angular_distance(a, np.array([[0.0, 1.0], [3.0, 0.0]])) == pytest.approx(0.5)
+
+
+def test_fit_linear_recovers_a_linear_map():
+    from sparsec.passes.layer_removal import fit_linear
+
+    rng = np.random.default_rng(0)
+    t = rng.standard_normal((6, 6))
+    h_in = [rng.standard_normal((3, 10, 6)) for _ in range(4)]
+    got = fit_linear(h_in, [h @ t for h in h_in], ridge=0.0)
+    np.testing.assert_allclose(got, t, atol=1e-8)
+
+
+def test_linear_replacement_beats_plain_removal_on_held_out_data(zoo_models):
+    g = load_onnx(zoo_models("hf_vit"))
+    calib = [reference.random_inputs(g, seed=s) for s in range(8)]
+    plain = sparsec.prune(g, remove_layers=1, calibration=calib)
+    linear = sparsec.prune(g, remove_layers=1, replace_linear=True, calibration=calib)
+    assert linear.graph.op_histogram()["MatMul"] == plain.graph.op_histogram()["MatMul"] + 1
+    assert linear.fidelity.max_abs_err < plain.fidelity.max_abs_err
+    out = reference.run(linear.graph, calib[0])
+    assert out[0].shape == reference.run(g, calib[0])[0].shape

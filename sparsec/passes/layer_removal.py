@@ -15,7 +15,9 @@ of two activations) and takes the attention-free blocks that follow (the FFN); w
 anywhere (a ResNet) every block is a layer.
 
 Removing a run rewires the readers of the run's output to its input (the two have the same
-shape) and drops what nothing reads any more.
+shape) and drops what nothing reads any more. With ``replace_linear`` (ReplaceMe, "Network
+Simplification via Layer Pruning and Linear Transformations") the readers get ``input @ T``
+instead, T fitted by least squares on the calibration data: one d x d MatMul for the whole run.
 """
 
 from __future__ import annotations
@@ -121,11 +123,41 @@ def angular_distance(a: np.ndarray, b: np.ndarray) -> float:
 
 def remove_run(graph: Graph, start: str, end: str) -> Graph:
     """Readers of ``end`` read ``start`` instead; nodes nothing reads any more are dropped."""
+    return _rewire(graph, end, start)
+
+
+def fit_linear(h_in: list[np.ndarray], h_out: list[np.ndarray], ridge: float = 1e-3
+               ) -> np.ndarray:
+    """T minimizing ||H_in T - H_out||^2 + ridge * mean(diag(H_in^T H_in)) ||T||^2 over all
+    positions (vectors along the last axis): ReplaceMe's linear stand-in for removed layers."""
+    a = np.concatenate([x.reshape(-1, x.shape[-1]) for x in h_in]).astype(np.float64)
+    b = np.concatenate([y.reshape(-1, y.shape[-1]) for y in h_out]).astype(np.float64)
+    gram = a.T @ a
+    gram[np.diag_indices_from(gram)] += ridge * max(float(np.mean(np.diag(gram))), 1e-12)
+    return np.linalg.solve(gram, a.T @ b)
+
+
+def replace_run(graph: Graph, start: str, end: str, transform: np.ndarray) -> Graph:
+    """Readers of ``end`` read ``start @ transform`` instead (one MatMul for the whole run)."""
+    from sparsec.ir.graph import Node, Value
+
+    mapped, weight = f"{end}__linear", f"{end}__linear_weight"
+    out = graph.copy()
+    out.set_initializer(weight, transform.astype(graph.value(start).dtype))
+    out.values[mapped] = Value(mapped, graph.shape(end), graph.value(end).dtype)
+    first = next(k for k, n in enumerate(out.nodes) if end in n.outputs) + 1
+    out.nodes.insert(first, Node("MatMul", [start, weight], [mapped], {},
+                                 name=f"MatMul_{mapped}"))
+    return _rewire(out, end, mapped)
+
+
+def _rewire(graph: Graph, old: str, new: str) -> Graph:
+    """Readers (and graph outputs) of ``old`` read ``new``; then drop the dead code."""
     out = graph.copy()
     for node in out.nodes:
-        node.inputs = [start if i == end else i for i in node.inputs]
-    if end in out.outputs:
-        out.outputs = [start if o == end else o for o in out.outputs]
+        if new not in node.outputs:
+            node.inputs = [new if i == old else i for i in node.inputs]
+    out.outputs = [new if o == old else o for o in out.outputs]
     needed = set(out.outputs)
     keep = []
     for node in reversed(out.nodes):
@@ -135,16 +167,19 @@ def remove_run(graph: Graph, start: str, end: str) -> Graph:
     out.nodes = list(reversed(keep))
     for name in [k for k in out.initializers if k not in needed]:
         del out.initializers[name]
+    produced = {o for n in out.nodes for o in n.outputs}
     out.values = {k: v for k, v in out.values.items()
-                  if k in needed or k in out.inputs or any(k in n.outputs for n in out.nodes)}
+                  if k in needed or k in produced or k in out.inputs}
     return out
 
 
 @dataclass
 class RemoveLayers:
-    """Remove the ``count`` consecutive layers whose run has the smallest angular distance."""
+    """Remove the ``count`` consecutive layers whose run has the smallest angular distance;
+    with ``replace_linear`` a least-squares linear map stands in for them (ReplaceMe)."""
 
     count: int
+    replace_linear: bool = False
     name: str = "remove-layers"
     exact: bool = False
 
@@ -163,7 +198,11 @@ class RemoveLayers:
             scores.append(np.mean([angular_distance(x, y) for x, y in zip(acts[a], acts[b])]))
         best = int(np.argmin(scores))
         run = layers[best: best + self.count]
-        pruned = remove_run(graph, run[0].start, run[-1].end)
+        if self.replace_linear:
+            a, b = run[0].start, run[-1].end
+            pruned = replace_run(graph, a, b, fit_linear(acts[a], acts[b]))
+        else:
+            pruned = remove_run(graph, run[0].start, run[-1].end)
         return pruned, {"layers_found": len(layers), "removed": [best + k for k in
                                                                   range(self.count)],
                         "angular_distance": [round(float(s), 6) for s in scores]}
