@@ -218,14 +218,15 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
     ``head_ratio`` is the ratio for attention-head groups (default: ``ratio``);
     ``sensitivity`` spreads each ratio over the model by measured cost instead of applying it
     in every group (see ``sparsec.passes.allocation``);
-    ``remove_layers`` drops that many consecutive residual layers first (``replace_linear``: a
-    least-squares linear map stands in for them, ReplaceMe) (the run whose input and
-    output hidden states are closest in angle on the calibration data);
+    ``remove_layers`` first drops that many consecutive residual layers, the run whose input
+    and output hidden states are closest in angle on the calibration data (with
+    ``replace_linear`` a least-squares linear map stands in for them, as in ReplaceMe);
     ``ignore`` globs leave groups whole; ``round_to`` rounds kept channel counts up to a
     multiple (none by default here; ``compile`` takes it from the target).
 
-    ``criterion``: ``"l2"`` / ``"l1"`` (weight magnitude), ``"activation"`` (activation norm
-    on the calibration data), ``"wanda"`` (|W| x activation norm) or, for torch modules through
+    ``criterion``: ``"l2"`` / ``"l1"`` (weight magnitude); on the calibration data
+    ``"activation"`` (activation norm), ``"wanda"`` (|W| x activation norm) or
+    ``"fluctuation"`` (activation variance x W^2, FLAP); or, for torch modules through
     ``prune_module``, ``"taylor"`` (gradients; ``scores`` carries them in).
 
     ``reconstruct``: refit the consumers of removed channels by least squares on calibration

@@ -8,7 +8,8 @@ embeddings at cosine 0.998, while doing it in the last layer drops them to 0.947
 few levels around the target ratio (0, r/2, r, 3r/2, 2r of its channels, by the criterion's
 ranking): the relative squared error of the model's outputs. Groups of one kind and target ratio
 then share one budget, the channels that ratio removes from all of them together, spent
-greedily on the cheapest next step (distortion added per channel removed). This assumes the
+greedily on the cheapest next step (distortion added per channel removed; the last step may
+overshoot the budget by part of one level). This assumes the
 costs of different groups add up, which holds for small perturbations; reconstruction, when
 asked for, runs afterwards on the final plan.
 """
