@@ -156,3 +156,25 @@ def test_fx_lowering_drops_what_no_output_reads():
     g = capture_fx(module, example)
     assert not any("pooler" in k for k in g.initializers)
     assert any("pooler" in k for k in module.state_dict())
+
+
+def test_fx_in_place_ops_and_dunder_ops():
+    """``x.add_(y)`` is seen by later readers of x; ``a & b`` leaves a as it was."""
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            pos, small = x > 0, x < 1
+            both = pos & small
+            h = self.fc(x)
+            h.add_(x)                                   # in place
+            return torch.where(both, h, 0.0) + pos.float()
+
+    m = M().eval()
+    x = torch.randn(3, 4)
+    g = capture_fx(m, (x,))
+    with torch.no_grad():
+        want = m(x).numpy()
+    np.testing.assert_allclose(reference.run(g, {g.inputs[0]: x.numpy()})[0], want, atol=1e-6)

@@ -490,6 +490,14 @@ def _compare(op: str):
     return lower
 
 
+def _where(lw: _Lowering, node, out, shape, dtype) -> None:
+    cond, a, b = node.args[:3]
+    ref = next(lw.tensor(t) for t in (a, b) if hasattr(t, "name"))  \
+        if any(hasattr(t, "name") for t in (a, b)) else None
+    values = [lw.operand(t, ref) if ref else lw.const("value", t, dtype) for t in (a, b)]
+    lw.emit("Where", [lw.tensor(cond), *values], out, shape, dtype)
+
+
 def _expand_as(lw: _Lowering, node, out, shape, dtype) -> None:
     lw.emit("Expand", [lw.tensor(node.args[0]), lw.const("shape", list(shape), "int64")], out,
             shape, dtype)
@@ -600,6 +608,9 @@ LOWERINGS: dict[str, Callable] = {
     "aten.lt.Scalar": _compare("Less"),
     "aten.le.Scalar": _compare("LessOrEqual"),
     "aten.expand_as.default": _expand_as,
+    "aten.where.self": _where,
+    "aten.where.ScalarOther": _where,
+    "aten.where.ScalarSelf": _where,
     "aten.new_ones.default": _filled(1),
     "aten.new_zeros.default": _filled(0),
     "aten.ones_like.default": _filled(1),
@@ -612,6 +623,12 @@ _NO_OUTPUT = {"aten._assert_tensor_metadata.default", "aten._assert_scalar.defau
               "aten.sym_constrain_range_for_size.default"}
 # getitem picks one output of a multi-output op (Split)
 _GETITEM = "<built-in function getitem>"
+
+
+def _in_place(target: str) -> bool:
+    """``aten.add_.Tensor`` mutates its first argument; ``aten.__and__.Tensor`` does not."""
+    op = target.split(".")[1] if target.count(".") >= 2 else ""
+    return op.endswith("_") and not op.startswith("__")
 
 
 def _fold(node, consts: dict[str, Any]):
@@ -681,7 +698,7 @@ def lower_exported(ep) -> Graph:
             shape, dtype = _meta(node)
             lw.names[node.name] = node.name
             LOWERINGS[target](lw, node, node.name, shape, dtype)
-            if target.split(".")[1].endswith("_"):   # in place: later readers see the result
+            if _in_place(target):                  # later readers see the result
                 lw.names[node.args[0].name] = node.name
         elif node.op == "output" and not unsupported:
             outputs = [lw.tensor(a) for a in node.args[0]]
