@@ -408,6 +408,7 @@ def _created_bias(module, name: str) -> str | None:
 def prune_module(module, example_inputs: Sequence[Any], *, ratio: float = 0.0,
                  criterion: str = "l2", reconstruct: bool = False, round_to: int | None = None,
                  head_ratio: float | None = None, sensitivity: bool = False,
+                 remove_layers: int = 0,
                  layer_ratios: dict[str, float] | None = None, ignore: Sequence[str] = (),
                  calibration=None, remove_dead: bool = False, loss_fn=None,
                  log: Log = _quiet):
@@ -424,7 +425,9 @@ def prune_module(module, example_inputs: Sequence[Any], *, ratio: float = 0.0,
     ``criterion="taylor"`` ranks channels by first-order Taylor importance from the module's
     gradients on the calibration batches (the fit share of them, see ``PassContext``);
     ``loss_fn(output) -> scalar`` is the loss to differentiate, by default the cross-entropy
-    against the model's own predictions.
+    against the model's own predictions. ``remove_layers`` deletes the chosen layers from their
+    ``ModuleList``. The pruned module is checked against the pruned graph in ONNX Runtime on the
+    example inputs (``ValidationError`` if its code cannot follow the new sizes).
     """
     from sparsec.frontends.fx import capture_fx
     from sparsec.passes.criteria import taylor_scores
@@ -443,18 +446,48 @@ def prune_module(module, example_inputs: Sequence[Any], *, ratio: float = 0.0,
         scores = taylor_scores(module, graph, groups, PassContext.split(calib).fit, loss_fn)
     result = prune(graph, ratio=ratio, criterion=criterion, reconstruct=reconstruct,
                    round_to=round_to, head_ratio=head_ratio, sensitivity=sensitivity,
+                   remove_layers=remove_layers,
                    layer_ratios=layer_ratios, ignore=ignore,
                    calibration=calibration, remove_dead=remove_dead, scores=scores, log=log)
-    return write_back(module, result.graph), result
+    pruned = write_back(module, result.graph, drop_layers=bool(remove_layers))
+    _check_write_back(pruned, result.graph, example_inputs)
+    return pruned, result
 
 
-def write_back(module, graph: Graph):
-    """A deep copy of ``module`` holding ``graph``'s weights (matched by state_dict name)."""
+def _check_write_back(pruned, graph: Graph, example_inputs: Sequence[Any]) -> None:
+    """The pruned module must compute what the pruned graph computes (ONNX Runtime) on the
+    example inputs; a module whose code hard-wires a size the weights no longer have fails."""
+    import torch
+
+    from sparsec.errors import ValidationError
+    from sparsec.passes.criteria import _first_tensor
+
+    feeds = {name: np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x)
+             for name, x in zip(graph.inputs, example_inputs)}
+    want = reference.run(graph, feeds)[0]
+    try:
+        with torch.no_grad():
+            got = _first_tensor(pruned(*example_inputs)).detach().cpu().numpy()
+    except Exception as e:  # noqa: BLE001 - any failure means the module cannot take the plan
+        raise ValidationError(f"the pruned module does not run: {str(e).splitlines()[0]}") \
+            from None
+    bound = 1e-4 * max(float(np.abs(want).max(initial=0.0)), 1.0)
+    if got.shape != want.shape or float(np.abs(got - want).max()) > bound:
+        raise ValidationError("the pruned module does not compute what the pruned graph "
+                              "computes (its code fixes a size or structure the pruning "
+                              "changed)")
+
+
+def write_back(module, graph: Graph, drop_layers: bool = False):
+    """A deep copy of ``module`` holding ``graph``'s weights (matched by state_dict name);
+    with ``drop_layers``, layers whose weights all left the graph leave their ModuleList."""
     import copy
 
     import torch
 
     new = copy.deepcopy(module)
+    if drop_layers:
+        _drop_removed_layers(new, graph)
     state = {**dict(new.named_parameters()), **dict(new.named_buffers())}
     for name, arr in graph.initializers.items():
         target = name if name in state else _created_bias(new, name)
@@ -490,6 +523,26 @@ def write_back(module, graph: Graph):
     for m in new.modules():
         _heads_follow_weights(m)
     return new
+
+
+def _drop_removed_layers(module, graph: Graph) -> None:
+    """Layer removal, written back: an entry of a ``ModuleList`` none of whose parameters is
+    in the graph any more (and that had some) is deleted from its list."""
+    import torch
+
+    for list_name, seq in list(module.named_modules()):
+        if not isinstance(seq, torch.nn.ModuleList):
+            continue
+        keep = []
+        for i, layer in enumerate(seq):
+            names = [f"{list_name}.{i}.{p}" for p, _ in layer.named_parameters()]
+            if names and not any(n in graph.initializers for n in names):
+                continue
+            keep.append(layer)
+        if len(keep) < len(seq):
+            owner_name, _, leaf = list_name.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            setattr(owner, leaf, torch.nn.ModuleList(keep))
 
 
 def _out_features(layer) -> int | None:

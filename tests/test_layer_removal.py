@@ -82,3 +82,18 @@ def test_linear_replacement_beats_plain_removal_on_held_out_data(zoo_models):
     assert linear.fidelity.max_abs_err < plain.fidelity.max_abs_err
     out = reference.run(linear.graph, calib[0])
     assert out[0].shape == reference.run(g, calib[0])[0].shape
+
+
+@pytest.mark.parametrize("name, layer_list", [("hf_gpt2", "model.transformer.h"),
+                                              ("hf_llama_gqa", "model.model.layers")])
+def test_torch_modules_lose_the_removed_layer(name, layer_list):
+    import torch
+
+    module, example = zoo.transformers_model(name)
+    pruned, result = sparsec.prune_module(module, example, remove_layers=1)
+    assert len(pruned.get_submodule(layer_list)) == 1
+    assert len(module.get_submodule(layer_list)) == 2                 # the input is untouched
+    with torch.no_grad():
+        got = pruned(*example)
+    want = reference.run(result.graph, {result.graph.inputs[0]: example[0].numpy()})[0]
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-5)

@@ -8,11 +8,11 @@ remove the run with the smallest distance.
 Finding layers needs no names. The *trunk* is the chain of tensors that every path from the main
 input (the input most of the graph depends on) to the output passes through: the dominators of
 the output. Side inputs such as attention masks join every layer and do not count, since paths
-start at the main input. Between consecutive trunk tensors lie segments; a segment with more
-than one path (a residual add) is a *residual block*, and single-path segments after it (a
-post-norm LayerNorm) belong to it. A *layer* starts at a block that contains attention (a MatMul
-of two activations) and takes the attention-free blocks that follow (the FFN); without attention
-anywhere (a ResNet) every block is a layer.
+start at the main input. Between consecutive trunk tensors lie segments; a segment that ends in
+an Add reading its start (the skip connection) is a *residual block*, and the other segments
+after it (a post-norm LayerNorm) belong to it. A *layer* starts at a block that contains
+attention (a MatMul of two activations) and takes the attention-free blocks that follow (the
+FFN); without attention anywhere (a ResNet) every block is a layer.
 
 Removing a run rewires the readers of the run's output to its input (the two have the same
 shape) and drops what nothing reads any more. With ``replace_linear`` (ReplaceMe, "Network
@@ -82,9 +82,12 @@ def find_layers(graph: Graph) -> list[Layer]:
     for a, b in zip(trunk, trunk[1:]):
         between = nx.descendants(sub, a) & nx.ancestors(sub, b)
         names = {producers[t].name for t in between | {b} if t in producers}
-        paths = sub.out_degree(a) > 1 or len(between) > 0 and any(
-            sub.in_degree(t) > 1 for t in between | {b})
-        segments.append((a, b, names, paths, bool(names & attention)))
+        # residual: the segment ends in an Add that reads its start (the skip connection);
+        # a norm also has two paths (x and its statistics) but ends in a Mul / Div
+        end = producers.get(b)
+        residual = bool(between) and end is not None and end.op_type == "Add" \
+            and a in end.inputs
+        segments.append((a, b, names, residual, bool(names & attention)))
     blocks: list[list] = []
     for seg in segments:
         if seg[3] or not blocks:
