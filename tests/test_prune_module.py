@@ -178,3 +178,24 @@ def test_fx_in_place_ops_and_dunder_ops():
     with torch.no_grad():
         want = m(x).numpy()
     np.testing.assert_allclose(reference.run(g, {g.inputs[0]: x.numpy()})[0], want, atol=1e-6)
+
+
+def test_fx_norms_with_explicit_and_default_arguments():
+    """layer_norm / group_norm called with weight but no bias or eps, and with eps by keyword."""
+    class Norms(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.rand(8) + 0.5)
+
+        def forward(self, x):
+            a = torch.nn.functional.layer_norm(x.flatten(2).transpose(1, 2), (8,), self.w)
+            b = torch.nn.functional.group_norm(x, 2, self.w, eps=1e-3)
+            return a.sum() + b.sum(dim=(2, 3))
+
+    m = Norms().eval()
+    x = torch.randn(2, 8, 3, 3)
+    g = capture_fx(m, (x,))
+    with torch.no_grad():
+        want = m(x).numpy()
+    np.testing.assert_allclose(reference.run(g, {g.inputs[0]: x.numpy()})[0], want, rtol=1e-5,
+                               atol=1e-5)

@@ -237,8 +237,9 @@ def _matmul_op(lw: _Lowering, node, out: str, shape, dtype) -> None:
 
 
 def _layer_norm(lw: _Lowering, node, out: str, shape, dtype) -> None:
-    args = [*node.args, None, None, 1e-5][:5]
-    x, normalized, w, b, eps = args
+    defaults = [None, None, None, None, 1e-5]   # layer_norm(x, shape, weight, bias, eps)
+    x, normalized, w, b, eps = [*node.args, *defaults[len(node.args):]][:5]
+    eps = node.kwargs.get("eps", eps)
     n = len(normalized)
     width = list(shape[-n:])
     inputs = [lw.tensor(x),
@@ -250,7 +251,9 @@ def _layer_norm(lw: _Lowering, node, out: str, shape, dtype) -> None:
 def _group_norm(lw: _Lowering, node, out: str, shape, dtype) -> None:
     """As torch's ONNX exporter writes it: [N, G, -1] -> InstanceNorm -> back -> scale, shift.
     The dependency analysis reads the [N, G, -1] view as blocks of C/G channels."""
-    x, groups, w, b, eps = [*node.args, None, None, 1e-5][:5]
+    defaults = [None, None, None, None, 1e-5]   # group_norm(x, groups, weight, bias, eps)
+    x, groups, w, b, eps = [*node.args, *defaults[len(node.args):]][:5]
+    eps = node.kwargs.get("eps", eps)
     groups = int(groups)
     n, c = shape[0], shape[1]
     flat = (n, groups, math.prod(shape) // (n * groups))
@@ -593,6 +596,8 @@ LOWERINGS: dict[str, Callable] = {
     "aten.pixel_shuffle.default": _pixel_shuffle,
     "aten.upsample_nearest2d.vec": _upsample_nearest,
     "aten.sum.dim_IntList": _reduce("ReduceSum"),
+    "aten.sum.default": _reduce("ReduceSum"),
+    "aten.mean.default": _reduce("ReduceMean"),
     "aten.amax.default": _reduce("ReduceMax"),
     "aten.linalg_vector_norm.default": _vector_norm,
     "aten.clamp.default": _clamp,
