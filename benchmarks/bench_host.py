@@ -279,10 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": {"tvm": tvm.__version__, "onnxruntime": onnxruntime.__version__},
         "results": rows,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    _write(RESULTS / "host.json", json.dumps(report, indent=2) + "\n")
-    _write(RESULTS / "host.md", _markdown(report))
-    print(_markdown(report))
+    publish("host", report, _markdown(report))
     return 0
 
 
@@ -314,6 +311,14 @@ def _markdown(report: dict) -> str:
                          f"{dense['ort_ms'] / small['ort_ms']:.2f}x | "
                          f"{dense['sparsec_ms'] / small['sparsec_ms']:.2f}x |")
     return "\n".join(lines) + "\n"
+
+
+def publish(stem: str, data, markdown: str) -> None:
+    """Write results/STEM.json and results/STEM.md (atomically) and print the markdown."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    _write(RESULTS / f"{stem}.json", json.dumps(data, indent=2) + "\n")
+    _write(RESULTS / f"{stem}.md", markdown.rstrip("\n") + "\n")
+    print(markdown)
 
 
 def _write(path: Path, text: str) -> None:

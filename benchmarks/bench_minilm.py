@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_host import (RESULTS, _write, interleaved_medians, macs, ort_runner,  # noqa: E402
+from bench_host import (interleaved_medians, macs, ort_runner, publish,  # noqa: E402
                         sparsec_runner)
 from minilm_quality import (BATCH, CALIB_MODULES, load_minilm, packed,  # noqa: E402
                             sentences)
@@ -83,10 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['sparsec_ms']:.2f} | {dense['ort_ms'] / r['ort_ms']:.2f}x | "
                      f"{dense['sparsec_ms'] / r['sparsec_ms']:.2f}x | "
                      f"{r['sparsec_ms'] / r['ort_ms']:.2f}x |")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    _write(RESULTS / "minilm_latency.json", json.dumps(rows, indent=2) + "\n")
-    _write(RESULTS / "minilm_latency.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    publish("minilm_latency", rows, "\n".join(lines))
     return 0
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_host import (RESULTS, _write, interleaved_medians, macs, ort_runner,  # noqa: E402
+from bench_host import (interleaved_medians, macs, ort_runner, publish,  # noqa: E402
                         residual_cnn, sparsec_runner)
 
 
@@ -52,17 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         r["sparsec_ms"], r["ort_ms"] = times[f"{r['key']} sparsec"], times[f"{r['key']} ort"]
         print(json.dumps(r), flush=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    _write(RESULTS / "round_to.json", json.dumps({"threads": args.threads, "rows": rows},
-                                                 indent=2) + "\n")
     lines = ["# Kept channel counts: round_to 1 / 8 / 16 (residual CNN, 1x3x64x64)", "",
              "| ratio | round_to | conv widths | MACs | sparsec ms | ONNX Runtime ms |",
              "|---:|---:|---|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['ratio']} | {r['round_to']} | {r['conv_widths']} | "
                      f"{r['macs'] / 1e6:.1f}M | {r['sparsec_ms']:.3f} | {r['ort_ms']:.3f} |")
-    _write(RESULTS / "round_to.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    publish("round_to", {"threads": args.threads, "rows": rows}, "\n".join(lines))
     return 0
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_host import RESULTS, _write  # noqa: E402
+from bench_host import publish  # noqa: E402
 
 SEQ = 32
 BATCH = 8
@@ -173,8 +173,6 @@ def main() -> int:
                      "cosine": float(cos.mean()), "min_cosine": float(cos.min()),
                      "removed": result.passes[0].details["removed"]})
         print(json.dumps(rows[-1]), flush=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    _write(RESULTS / "minilm.json", json.dumps(rows, indent=2) + "\n")
     lines = [f"all-MiniLM-L6-v2, sequence {SEQ}, {len(calib) * BATCH} packed calibration "
              f"sequences and {len(test) * BATCH} evaluation sentences (disjoint), no training.",
              "",
@@ -183,8 +181,7 @@ def main() -> int:
     for r in rows:
         lines.append(f"| {r['variant']} | {r['params']:,} | {r['cosine']:.4f} | "
                      f"{r['min_cosine']:.4f} |")
-    _write(RESULTS / "minilm.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    publish("minilm", rows, "\n".join(lines))
     return 0
 
 

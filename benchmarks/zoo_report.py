@@ -18,7 +18,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_host import RESULTS, _write  # noqa: E402
+from bench_host import publish  # noqa: E402
 
 
 def _reasons(groups) -> str:
@@ -37,6 +37,7 @@ def main() -> int:
     from sparsec.analysis.depgraph import DependencyGraph
     from sparsec.frontends.fx import capture_fx
     from sparsec.frontends.onnx import load_onnx
+    from sparsec.frontends.torch import first_tensor
 
     rows = []
     for name in (*zoo.TRANSFORMERS, *zoo.TRANSFORMERS_MORE):
@@ -54,7 +55,7 @@ def main() -> int:
                     pruned, result = sparsec.prune_module(module, example, ratio=0.5)
                     with torch.no_grad():
                         got = pruned(*example)
-                    got = (got.logits if hasattr(got, "logits") else got).numpy()
+                    got = first_tensor(got).numpy()
                     want = reference.run(result.graph,
                                          {result.graph.inputs[0]: example[0].numpy()})[0]
                     ok = bool(np.allclose(got, want, rtol=1e-4, atol=1e-5))
@@ -67,8 +68,6 @@ def main() -> int:
                 row[path] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:200]}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    _write(RESULTS / "zoo.json", json.dumps(rows, indent=2) + "\n")
     lines = ["| model | ONNX path | torch path | prunable / frozen groups | params at 0.5 "
              "(torch path) | what stays frozen (groups) |", "|---|---|---|---:|---:|---|"]
     for r in rows:
@@ -78,8 +77,7 @@ def main() -> int:
                      f"{'ok' if t['ok'] else 'FAIL'} | {t.get('prunable', '-')} / "
                      f"{t.get('frozen', '-')} | {p[0]:,} -> {p[1]:,} | "
                      f"{t.get('frozen_reasons') or t.get('error', '')} |")
-    _write(RESULTS / "zoo.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    publish("zoo", rows, "\n".join(lines))
     return 0
 
 

@@ -460,14 +460,14 @@ def _check_write_back(pruned, graph: Graph, example_inputs: Sequence[Any]) -> No
     import torch
 
     from sparsec.errors import ValidationError
-    from sparsec.passes.criteria import _first_tensor
+    from sparsec.frontends.torch import first_tensor
 
     feeds = {name: np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x)
              for name, x in zip(graph.inputs, example_inputs)}
     want = reference.run(graph, feeds)[0]
     try:
         with torch.no_grad():
-            got = _first_tensor(pruned(*example_inputs)).detach().cpu().numpy()
+            got = first_tensor(pruned(*example_inputs)).detach().cpu().numpy()
     except Exception as e:  # noqa: BLE001 - any failure means the module cannot take the plan
         raise ValidationError(f"the pruned module does not run: {str(e).splitlines()[0]}") \
             from None

@@ -179,15 +179,6 @@ def _cat(lw: _Lowering, node, out, shape, dtype) -> None:
     lw.emit("Concat", parts, out, shape, dtype, axis=dim % len(shape))
 
 
-def _mean(lw: _Lowering, node, out, shape, dtype) -> None:
-    x = lw.tensor(node.args[0])
-    rank = len(lw.values[x].shape)
-    axes = [int(d) % rank for d in node.args[1]]
-    keep = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
-    lw.emit("ReduceMean", [x, lw.const("axes", axes, "int64")], out, shape, dtype,
-            keepdims=int(keep))
-
-
 def _adaptive_avg_pool2d(lw: _Lowering, node, out, shape, dtype) -> None:
     if list(node.args[1]) != [1, 1]:
         raise UnsupportedOpError({f"{node.target} to a size other than 1x1": 1})
@@ -447,16 +438,18 @@ def _sdpa(lw: _Lowering, node, out: str, shape, dtype) -> None:
     lw.emit("MatMul", [p, v], out, shape, dtype)
 
 
-def _reduce(op: str):
+def _reduce(op: str, dim_at: int = 1):
+    """Reductions: dims at argument ``dim_at`` (None: all), keepdim right after them."""
     def lower(lw: _Lowering, node, out, shape, dtype) -> None:
         x = lw.tensor(node.args[0])
         rank = len(lw.values[x].shape)
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        keep = bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
+        args = list(node.args)
+        dims = args[dim_at] if len(args) > dim_at else node.kwargs.get("dim")
+        keep = args[dim_at + 1] if len(args) > dim_at + 1 else node.kwargs.get("keepdim", False)
         dims = list(range(rank)) if dims is None else (
             [dims] if isinstance(dims, int) else list(dims))
         lw.emit(op, [x, lw.const("axes", [int(d) % rank for d in dims], "int64")], out, shape,
-                dtype, keepdims=int(keep))
+                dtype, keepdims=int(bool(keep)))
     return lower
 
 
@@ -464,13 +457,7 @@ def _vector_norm(lw: _Lowering, node, out, shape, dtype) -> None:
     order = node.args[1] if len(node.args) > 1 else node.kwargs.get("ord", 2)
     if order != 2:
         raise UnsupportedOpError({f"{node.target} with ord={order}": 1})
-    x = lw.tensor(node.args[0])
-    rank = len(lw.values[x].shape)
-    dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
-    keep = bool(node.args[3] if len(node.args) > 3 else node.kwargs.get("keepdim", False))
-    dims = list(range(rank)) if dims is None else ([dims] if isinstance(dims, int) else dims)
-    lw.emit("ReduceL2", [x, lw.const("axes", [int(d) % rank for d in dims], "int64")], out,
-            shape, dtype, keepdims=int(keep))
+    _reduce("ReduceL2", dim_at=2)(lw, node, out, shape, dtype)
 
 
 def _clamp(lw: _Lowering, node, out, shape, dtype) -> None:
@@ -485,25 +472,10 @@ def _clamp(lw: _Lowering, node, out, shape, dtype) -> None:
     lw.emit("Clip", [x, *bounds], out, shape, dtype)
 
 
-def _compare(op: str):
-    def lower(lw: _Lowering, node, out, shape, dtype) -> None:
-        a, b = node.args[:2]
-        ref = lw.tensor(a) if hasattr(a, "name") else lw.tensor(b)
-        lw.emit(op, [lw.operand(a, ref), lw.operand(b, ref)], out, shape, dtype)
-    return lower
-
-
 def _where(lw: _Lowering, node, out, shape, dtype) -> None:
-    cond, a, b = node.args[:3]
-    ref = next(lw.tensor(t) for t in (a, b) if hasattr(t, "name"))  \
-        if any(hasattr(t, "name") for t in (a, b)) else None
-    values = [lw.operand(t, ref) if ref else lw.const("value", t, dtype) for t in (a, b)]
+    cond, a, b = node.args[:3]            # a Python scalar takes the result's dtype
+    values = [lw.tensor(t) if hasattr(t, "name") else lw.const("value", t, dtype) for t in (a, b)]
     lw.emit("Where", [lw.tensor(cond), *values], out, shape, dtype)
-
-
-def _expand_as(lw: _Lowering, node, out, shape, dtype) -> None:
-    lw.emit("Expand", [lw.tensor(node.args[0]), lw.const("shape", list(shape), "int64")], out,
-            shape, dtype)
 
 
 def _filled(value):
@@ -548,7 +520,7 @@ LOWERINGS: dict[str, Callable] = {
     "aten.reshape.default": _reshape,
     "aten.permute.default": _permute,
     "aten.cat.default": _cat,
-    "aten.mean.dim": _mean,
+    "aten.mean.dim": _reduce("ReduceMean"),
     "aten.adaptive_avg_pool2d.default": _adaptive_avg_pool2d,
     "aten.max_pool2d.default": _pool("MaxPool"),
     "aten.avg_pool2d.default": _pool("AveragePool"),
@@ -603,16 +575,16 @@ LOWERINGS: dict[str, Callable] = {
     "aten.clamp.default": _clamp,
     "aten.clamp_min.default": _clamp,
     "aten.clamp_max.default": _clamp,
-    "aten.__and__.Tensor": _compare("And"),
-    "aten.bitwise_and.Tensor": _compare("And"),
-    "aten.__or__.Tensor": _compare("Or"),
-    "aten.eq.Scalar": _compare("Equal"),
-    "aten.eq.Tensor": _compare("Equal"),
-    "aten.gt.Scalar": _compare("Greater"),
-    "aten.ge.Scalar": _compare("GreaterOrEqual"),
-    "aten.lt.Scalar": _compare("Less"),
-    "aten.le.Scalar": _compare("LessOrEqual"),
-    "aten.expand_as.default": _expand_as,
+    "aten.__and__.Tensor": _binary("And"),
+    "aten.bitwise_and.Tensor": _binary("And"),
+    "aten.__or__.Tensor": _binary("Or"),
+    "aten.eq.Scalar": _binary("Equal"),
+    "aten.eq.Tensor": _binary("Equal"),
+    "aten.gt.Scalar": _binary("Greater"),
+    "aten.ge.Scalar": _binary("GreaterOrEqual"),
+    "aten.lt.Scalar": _binary("Less"),
+    "aten.le.Scalar": _binary("LessOrEqual"),
+    "aten.expand_as.default": _expand,
     "aten.where.self": _where,
     "aten.where.ScalarOther": _where,
     "aten.where.ScalarSelf": _where,

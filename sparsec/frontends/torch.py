@@ -32,6 +32,16 @@ def _eval_mode(module):
             m.training = was_training
 
 
+def first_tensor(out):
+    """A module's main output tensor: ``.logits`` of a transformers output, else the first
+    tensor of a tuple/list, else ``out`` itself."""
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)):
+        return first_tensor(out[0])
+    return out
+
+
 def export_onnx(module, example_inputs: Sequence[Any], input_names: Sequence[str] | None = None):
     """torch.export + the dynamo ONNX exporter -> ``onnx.ModelProto`` (module left untouched)."""
     import torch

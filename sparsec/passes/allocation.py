@@ -21,6 +21,7 @@ import numpy as np
 from sparsec import reference
 from sparsec.analysis.depgraph import DependencyGraph, Group
 from sparsec.ir.graph import Graph
+from sparsec.passes.criteria import keep_top
 from sparsec.passes.surgery import apply_plan
 
 #: levels tried per group, as multiples of the target ratio (capped below 1)
@@ -57,8 +58,7 @@ def sensitivity_keeps(graph: Graph, dg: DependencyGraph, chosen: list[tuple[Grou
                 kept = keep_for(g, min(ratio * level, 0.95))
                 if kept >= opts[-1][0]:
                     continue
-                order = np.argsort(-scores[g.id], kind="stable")
-                plan = {g.id: np.sort(order[:kept])}
+                plan = {g.id: keep_top(scores[g.id], kept)}
                 out = reference.run_batches(apply_plan(graph, dg, plan), batches)
                 opts.append((kept, _distortion(base, out)))
             options[g.id] = opts

@@ -47,12 +47,6 @@ def kept_count(size: int, ratio: float, round_to: int = 1) -> int:
     return keep
 
 
-def keep_top(scores: np.ndarray, n_keep: int) -> np.ndarray:
-    """Indices of the ``n_keep`` highest scores, ascending; ties go to the lower index."""
-    order = np.argsort(-scores, kind="stable")
-    return np.sort(order[:n_keep])
-
-
 @dataclass
 class ChannelPrune:
     ratio: float
@@ -107,7 +101,7 @@ class ChannelPrune:
             n_keep = keeps[g.id]
             if n_keep == g.size:
                 continue
-            plan[g.id] = keep_top(scores[g.id], n_keep)
+            plan[g.id] = criteria.keep_top(scores[g.id], n_keep)
             removed += g.size - n_keep
             heads += (g.size - n_keep) if g.kind == "heads" else 0
         details = {"criterion": self.criterion, "ratio": self.ratio, "round_to": self.round_to,

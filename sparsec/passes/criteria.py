@@ -117,6 +117,12 @@ def consumer_score(graph: Graph, group: Group, stats: dict, users: dict[str, lis
 Scores = dict[tuple[str, ...], np.ndarray]   # group sources -> per-channel scores
 
 
+def keep_top(scores: np.ndarray, n_keep: int) -> np.ndarray:
+    """Indices of the ``n_keep`` highest scores, ascending; ties go to the lower index."""
+    order = np.argsort(-scores, kind="stable")
+    return np.sort(order[:n_keep])
+
+
 def taylor_scores(module, graph: Graph, groups: list[Group], batches: list[dict],
                   loss_fn: Callable | None = None) -> Scores:
     """First-order Taylor importance of every group's channels, from the module's gradients.
@@ -129,6 +135,8 @@ def taylor_scores(module, graph: Graph, groups: list[Group], batches: list[dict]
 
     import torch
 
+    from sparsec.frontends.torch import first_tensor
+
     model = copy.deepcopy(module).eval()
     params = dict(model.named_parameters())
     for p in params.values():
@@ -138,7 +146,7 @@ def taylor_scores(module, graph: Graph, groups: list[Group], batches: list[dict]
     for batch in batches:
         model.zero_grad(set_to_none=True)
         out = model(*(torch.from_numpy(np.asarray(batch[n])) for n in graph.inputs))
-        loss_fn(_first_tensor(out)).backward()
+        loss_fn(first_tensor(out)).backward()
         wg = {name: (p.detach() * p.grad).double().numpy()
               for name, p in params.items() if p.grad is not None}
         for g in groups:
@@ -148,14 +156,6 @@ def taylor_scores(module, graph: Graph, groups: list[Group], batches: list[dict]
                     s += member_slices(graph, g, m, wg[m.name]).sum(axis=1)
             totals[tuple(g.sources)] += s ** 2
     return {k: v / max(len(batches), 1) for k, v in totals.items()}
-
-
-def _first_tensor(out):
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, (tuple, list)):
-        return _first_tensor(out[0])
-    return out
 
 
 def _self_distillation_loss(logits):

@@ -39,20 +39,6 @@ class Layer:
     nodes: frozenset    # names of the nodes inside (for reports and tests)
 
 
-def _main_input(graph: Graph) -> str:
-    users = graph.consumers()
-
-    def reach(name: str) -> int:
-        seen, todo = set(), [name]
-        while todo:
-            for node in users.get(todo.pop(), []):
-                if node.name not in seen:
-                    seen.add(node.name)
-                    todo.extend(o for o in node.outputs if o)
-        return len(seen)
-    return max(graph.inputs, key=reach)
-
-
 def find_layers(graph: Graph) -> list[Layer]:
     """Residual layers along the trunk, in order (see the module docstring)."""
     if not graph.inputs or len(graph.outputs) != 1:
@@ -63,12 +49,14 @@ def find_layers(graph: Graph) -> list[Layer]:
             if i and i not in graph.initializers:
                 for o in node.outputs:
                     if o:
-                        dag.add_edge(i, o, node=node.name)
-    source, sink = _main_input(graph), graph.outputs[0]
-    if source not in dag or sink not in dag or not nx.has_path(dag, source, sink):
+                        dag.add_edge(i, o)
+    sink = graph.outputs[0]
+    # the main input: the one most of the graph depends on
+    source = max((i for i in graph.inputs if i in dag),
+                 key=lambda i: len(nx.descendants(dag, i)), default=None)
+    if source is None or sink not in dag or not nx.has_path(dag, source, sink):
         return []
-    reach = nx.descendants(dag, source) | {source}
-    sub = dag.subgraph(n for n in reach if n == sink or nx.has_path(dag, n, sink))
+    sub = dag.subgraph((nx.descendants(dag, source) & nx.ancestors(dag, sink)) | {source, sink})
     idom = nx.immediate_dominators(sub, source)
     trunk = [sink]
     while trunk[-1] != source:
@@ -77,7 +65,6 @@ def find_layers(graph: Graph) -> list[Layer]:
     producers = graph.producers()
     attention = {n.name for n in graph.nodes if n.op_type == "MatMul"
                  and all(i not in graph.initializers for i in n.inputs[:2])}
-    shape = {t: graph.shape(t) for t in trunk}
     segments = []   # (start, end, node names, residual?, has attention?)
     for a, b in zip(trunk, trunk[1:]):
         between = nx.descendants(sub, a) & nx.ancestors(sub, b)
@@ -109,7 +96,7 @@ def find_layers(graph: Graph) -> list[Layer]:
     out = []
     for segs in layers:
         start, end = segs[0][0], segs[-1][1]
-        if shape[start] != shape[end]:
+        if graph.shape(start) != graph.shape(end):
             continue
         out.append(Layer(start, end, frozenset(n for s in segs for n in s[2])))
     return out

@@ -87,32 +87,29 @@ def _group_norm(out: Graph, orig: Graph, node: Node, keep: AxisKeep, uses) -> No
     _groups(node, "num_groups", keep)
 
 
-def _reshape(out: Graph, orig: Graph, node: Node, keep: AxisKeep, uses) -> None:
-    y = node.outputs[0]
-    target = out.initializers[node.inputs[1]].copy()
-    changed = False
-    for d in range(len(orig.shape(y))):
-        if (y, d) in keep and target[d] > 0:
-            target[d] = keep[(y, d)].size
-            changed = True
-    if changed:
-        _set_const(out, node, 1, target, uses)
+def _sizes_at(slot: int):
+    """Input ``slot`` is a constant naming the output's sizes (aligned right: Reshape targets,
+    Expand shapes incl. GQA's KV-head count, Resize ``sizes``): each entry that is the literal
+    size of an axis that shrank (not -1, 0 or a broadcast 1) becomes the kept count."""
+    def fixup(out: Graph, orig: Graph, node: Node, keep: AxisKeep, uses) -> None:
+        _sizes_follow(out, orig, node, keep, uses, slot)
+    return fixup
 
 
-def _expand(out: Graph, orig: Graph, node: Node, keep: AxisKeep, uses) -> None:
-    """The target shape names the sizes of the axes that pass through (GQA's KV heads)."""
+def _sizes_follow(out: Graph, orig: Graph, node: Node, keep: AxisKeep, uses, slot: int) -> None:
     y = node.outputs[0]
-    if node.inputs[1] not in out.initializers:
+    if len(node.inputs) <= slot or node.inputs[slot] not in out.initializers:
         return
-    target = out.initializers[node.inputs[1]].copy()
+    target = out.initializers[node.inputs[slot]].copy()
     offset = len(orig.shape(y)) - len(target)
     changed = False
     for d in range(len(target)):
-        if (y, d + offset) in keep and target[d] == orig.shape(y)[d + offset]:
-            target[d] = keep[(y, d + offset)].size
+        axis = d + offset
+        if (y, axis) in keep and target[d] == orig.shape(y)[axis]:
+            target[d] = keep[(y, axis)].size
             changed = True
     if changed:
-        _set_const(out, node, 1, target, uses)
+        _set_const(out, node, slot, target, uses)
 
 
 def _gather(out: Graph, orig: Graph, node: Node, keep: AxisKeep, uses) -> None:
@@ -166,21 +163,9 @@ def _split(out: Graph, orig: Graph, node: Node, keep: AxisKeep, uses) -> None:
         node.inputs[1:] = [name]
 
 
-def _resize(out: Graph, orig: Graph, node: Node, keep: AxisKeep, uses) -> None:
-    """An explicit ``sizes`` input names the channel count: follow the kept channels."""
-    y = node.outputs[0]
-    if len(node.inputs) < 4 or node.inputs[3] not in out.initializers:
-        return
-    sizes = out.initializers[node.inputs[3]].copy()
-    for d in range(len(sizes)):
-        if (y, d) in keep:
-            sizes[d] = keep[(y, d)].size
-    _set_const(out, node, 3, sizes, uses)
-
-
-_FIXUPS = {"Conv": _conv, "Reshape": _reshape, "Gather": _gather, "Slice": _slice,
-           "Split": _split, "GroupNormalization": _group_norm, "Resize": _resize,
-           "Expand": _expand}
+_FIXUPS = {"Conv": _conv, "Reshape": _sizes_at(1), "Expand": _sizes_at(1),
+           "Resize": _sizes_at(3), "Gather": _gather, "Slice": _slice, "Split": _split,
+           "GroupNormalization": _group_norm}
 
 
 def reinfer_shapes(graph: Graph) -> Graph:
