@@ -42,7 +42,8 @@ from sparsec.package import (
 from sparsec.passes.channel_prune import ChannelPrune
 from sparsec.passes.criteria import CRITERIA, NEEDS_DATA, NEEDS_TORCH
 from sparsec.passes.dead_channels import RemoveDeadChannels
-from sparsec.passes.layer_removal import RemoveLayers, find_layers
+from sparsec.passes.ffn_fusion import FuseFFN
+from sparsec.passes.layer_removal import RemoveAttention, RemoveLayers, find_blocks, find_layers
 from sparsec.passes.manager import PassManager, PassResult
 from sparsec.reference import signature
 
@@ -203,10 +204,30 @@ def _check_patterns(graph: Graph, layer_ratios: dict[str, float], ignore: Sequen
                                  f"(group sources: {shown or 'none'})")
 
 
+def _check_structure(graph: Graph, remove_layers: int, remove_attention: int,
+                     fuse_ffn: int) -> None:
+    """Bad layer-removal / attention-removal / FFN-fusion counts fail before any work."""
+    for name, n in (("remove_layers", remove_layers), ("remove_attention", remove_attention),
+                    ("fuse_ffn", fuse_ffn)):
+        if int(n) < 0:
+            raise BadOptionError(f"{name} must be >= 0, got {n}")
+    if remove_layers and int(remove_layers) >= (found := len(find_layers(graph))):
+        raise BadOptionError(f"cannot remove {remove_layers} layers: the model has {found} "
+                             f"removable residual layers")
+    blocks = find_blocks(graph)
+    if remove_attention and int(remove_attention) > (found := sum(b.attention for b in blocks)):
+        raise BadOptionError(f"cannot remove {remove_attention} attention blocks: the model has "
+                             f"{found}")
+    if fuse_ffn == 1 or (fuse_ffn and int(fuse_ffn) > len(blocks) - int(remove_attention)):
+        raise BadOptionError(f"fuse_ffn needs 2 or more consecutive FFN blocks, and the model "
+                             f"has {len(blocks) - int(remove_attention)} residual blocks left "
+                             f"after attention removal; got {fuse_ffn}")
+
+
 def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: float = 0.0,
           criterion: str = "l2", reconstruct: bool = False, round_to: int | None = None,
           head_ratio: float | None = None, remove_layers: int = 0, replace_linear: bool = False,
-          sensitivity: bool = False,
+          remove_attention: int = 0, fuse_ffn: int = 0, sensitivity: bool = False,
           layer_ratios: dict[str, float] | None = None, ignore: Sequence[str] = (),
           input_shapes: InputShapes | str | None = None,
           calibration=None, remove_dead: bool = False,
@@ -221,6 +242,10 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
     ``remove_layers`` first drops that many consecutive residual layers, the run whose input
     and output hidden states are closest in angle on the calibration data (with
     ``replace_linear`` a least-squares linear map stands in for them, as in ReplaceMe);
+    ``remove_attention`` then drops that many attention blocks (each on its own, the ones
+    closest in angle; with ``fuse_ffn`` only those between two FFN blocks), keeping their FFNs; ``fuse_ffn`` fuses that many consecutive FFN blocks
+    into one wider FFN evaluated on the run's input (the run whose fused model stays closest to
+    the original; see ``sparsec.passes.ffn_fusion``);
     ``ignore`` globs leave groups whole; ``round_to`` rounds kept channel counts up to a
     multiple (none by default here; ``compile`` takes it from the target).
 
@@ -249,19 +274,19 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
         check_writable_file(output, model if isinstance(model, (str, os.PathLike)) else None)
     graph = load(model, input_shapes, example_inputs)
     _check_patterns(graph, layer_ratios, ignore)
-    if int(remove_layers) < 0:
-        raise BadOptionError(f"remove_layers must be >= 0, got {remove_layers}")
-    if remove_layers and int(remove_layers) >= (found := len(find_layers(graph))):
-        raise BadOptionError(f"cannot remove {remove_layers} layers: the model has {found} "
-                             f"removable residual layers")
+    _check_structure(graph, remove_layers, remove_attention, fuse_ffn)
     calib = _calibration(graph, calibration)
-    if ((reconstruct or criterion in NEEDS_DATA) and ratio > 0 or remove_layers) \
-            and calibration is None:
+    if ((reconstruct or criterion in NEEDS_DATA) and ratio > 0 or remove_layers
+            or remove_attention or fuse_ffn) and calibration is None:
         log("warning: fitting to random inputs; give calibration data (--calib) drawn from "
             "the real input distribution")
     passes: list = [RemoveDeadChannels()] if remove_dead else []
     if remove_layers:
         passes.append(RemoveLayers(int(remove_layers), replace_linear=bool(replace_linear)))
+    if remove_attention:
+        passes.append(RemoveAttention(int(remove_attention), between_ffns=bool(fuse_ffn)))
+    if fuse_ffn:
+        passes.append(FuseFFN(int(fuse_ffn)))
     if ratio > 0 or (head_ratio or 0) > 0 or any(r > 0 for r in layer_ratios.values()):
         passes.append(ChannelPrune(ratio, criterion=criterion, reconstruct=reconstruct,
                                    round_to=int(round_to), layer_ratios=layer_ratios,
@@ -280,7 +305,8 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
 def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "host",
             ratio: float = 0.0, criterion: str = "l2", reconstruct: bool = False,
             round_to: int | None = None, head_ratio: float | None = None,
-            remove_layers: int = 0, replace_linear: bool = False, sensitivity: bool = False,
+            remove_layers: int = 0, replace_linear: bool = False, remove_attention: int = 0,
+            fuse_ffn: int = 0, sensitivity: bool = False,
             layer_ratios: dict[str, float] | None = None, ignore: Sequence[str] = (),
             input_shapes: InputShapes | str | None = None,
             calibration=None, remove_dead: bool = False,
@@ -297,7 +323,8 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
     check_writable_dir(output_dir)
     result = prune(model, ratio=ratio, criterion=criterion, reconstruct=reconstruct,
                    round_to=round_to, head_ratio=head_ratio, remove_layers=remove_layers,
-                   replace_linear=replace_linear, sensitivity=sensitivity,
+                   replace_linear=replace_linear, remove_attention=remove_attention,
+                   fuse_ffn=fuse_ffn, sensitivity=sensitivity,
                    layer_ratios=layer_ratios, ignore=ignore, input_shapes=input_shapes,
                    calibration=calibration, remove_dead=remove_dead,
                    example_inputs=example_inputs, log=log)

@@ -86,6 +86,7 @@ def _prune_kwargs(args) -> dict:
             "round_to": args.round_to, "head_ratio": args.head_ratio,
             "remove_layers": args.remove_layers, "sensitivity": args.sensitivity,
             "replace_linear": args.replace_linear,
+            "remove_attention": args.remove_attention, "fuse_ffn": args.fuse_ffn,
             "layer_ratios": dict(args.layer_ratio), "ignore": args.ignore,
             "input_shapes": args.input_shapes, "calibration": args.calib,
             "remove_dead": args.remove_dead}
@@ -203,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--replace-linear", action="store_true",
                             help="with --remove-layers: a linear map fitted on the calibration "
                                  "data stands in for the removed layers (ReplaceMe)")
+            sp.add_argument("--remove-attention", type=int, default=0, metavar="N",
+                            help="remove the N attention blocks that change the hidden state "
+                                 "least (their FFN blocks stay)")
+            sp.add_argument("--fuse-ffn", type=int, default=0, metavar="N",
+                            help="fuse N consecutive FFN blocks into one wider FFN on the run's "
+                                 "input (after --remove-attention, or in models with FFN runs)")
             sp.add_argument("--layer-ratio", action="append", default=[], type=_layer_ratio,
                             metavar="PATTERN=R",
                             help="ratio for the groups whose source weights match a glob (as "

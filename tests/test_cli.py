@@ -204,3 +204,17 @@ def test_transformer_flags(zoo_files, tmp_path):
     assert reference.run(pruned, feeds)[0].shape == (1, 8, 32)
     assert_clean_error(sparsec("prune", model, "-o", out, "--remove-layers", "2"), 6,
                        "2 removable residual layers")
+
+
+def test_attention_removal_and_ffn_fusion_flags(zoo_files, tmp_path):
+    model, out = zoo_files("hf_bert"), tmp_path / "f.onnx"
+    proc = sparsec("prune", model, "-o", out, "--remove-attention", "1", "--fuse-ffn", "2")
+    assert proc.returncode == 0, proc.stderr
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert ops.count("Softmax") == 1 and ops.count("LayerNormalization") == 5 - 2
+    assert reference.run(onnx.load(str(out)), reference.random_inputs(load_onnx(out)))[0].shape \
+        == (1, 8, 32)
+    out.unlink()
+    assert_clean_error(sparsec("prune", model, "-o", out, "--fuse-ffn", "2"), 6,
+                       "no run of 2 consecutive FFN blocks")
+    assert not out.exists()

@@ -139,6 +139,38 @@ def layernorm_ffn(seed=0) -> onnx.ModelProto:
     return make_model(nodes, [("x", [1, 4, 12])], ["y"], inits)
 
 
+def ffn_stack(seed=0, blocks=3, d=12, hidden=(24, 20, 28)) -> onnx.ModelProto:
+    """Pre-norm residual FFN blocks back to back (an MLP stack, no attention): LayerNorm ->
+    MatMul + bias -> GELU by Erf -> MatMul + bias -> + skip; then a linear head."""
+    r = _rng(seed)
+    inits = {"half": np.array(0.5), "one": np.array(1.0), "rs2": np.array(1 / np.sqrt(2)),
+             "head": r.standard_normal((d, 5))}
+    nodes, x = [], "x"
+    for k in range(blocks):
+        h = hidden[k % len(hidden)]
+        inits.update({f"g{k}": r.uniform(0.5, 1.5, d), f"be{k}": r.standard_normal(d) * 0.1,
+                      f"w{k}a": r.standard_normal((d, h)) / np.sqrt(d),
+                      f"b{k}a": r.standard_normal(h) * 0.1,
+                      f"w{k}b": r.standard_normal((h, d)) / np.sqrt(h),
+                      f"b{k}b": r.standard_normal(d) * 0.1})
+        nodes += [
+            helper.make_node("LayerNormalization", [x, f"g{k}", f"be{k}"], [f"n{k}"], axis=-1),
+            helper.make_node("MatMul", [f"n{k}", f"w{k}a"], [f"m{k}"]),
+            helper.make_node("Add", [f"m{k}", f"b{k}a"], [f"u{k}"]),
+            helper.make_node("Mul", [f"u{k}", "rs2"], [f"s{k}"]),
+            helper.make_node("Erf", [f"s{k}"], [f"e{k}"]),
+            helper.make_node("Add", [f"e{k}", "one"], [f"e{k}1"]),
+            helper.make_node("Mul", [f"u{k}", f"e{k}1"], [f"p{k}"]),
+            helper.make_node("Mul", [f"p{k}", "half"], [f"a{k}"]),
+            helper.make_node("MatMul", [f"a{k}", f"w{k}b"], [f"o{k}"]),
+            helper.make_node("Add", [f"o{k}", f"b{k}b"], [f"f{k}"]),
+            helper.make_node("Add", [x, f"f{k}"], [f"x{k + 1}"]),
+        ]
+        x = f"x{k + 1}"
+    nodes.append(helper.make_node("MatMul", [x, "head"], ["y"]))
+    return make_model(nodes, [("x", [2, 4, d])], ["y"], inits)
+
+
 def concat_branches(seed=0) -> onnx.ModelProto:
     """Two conv branches concatenated on channels (no rule yet: frozen)."""
     r = _rng(seed)
@@ -275,6 +307,7 @@ HAND_BUILT = {
     "concat_branches": concat_branches, "nested_concat": nested_concat,
     "split_branches": split_branches, "slice_and_full": slice_and_full,
     "conv_flatten_linear": conv_flatten_linear, "squeeze_excite": squeeze_excite,
+    "ffn_stack": ffn_stack,
 }
 
 

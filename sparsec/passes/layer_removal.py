@@ -18,6 +18,9 @@ Removing a run rewires the readers of the run's output to its input (the two hav
 shape) and drops what nothing reads any more. With ``replace_linear`` (ReplaceMe, "Network
 Simplification via Layer Pruning and Linear Transformations") the readers get ``input @ T``
 instead, T fitted by least squares on the calibration data: one d x d MatMul for the whole run.
+
+Attention removal (``RemoveAttention``) works on single blocks: the attention blocks whose input
+and output are closest in angle go, the FFN blocks stay.
 """
 
 from __future__ import annotations
@@ -28,8 +31,20 @@ import networkx as nx
 import numpy as np
 
 from sparsec import reference
+from sparsec.errors import BadOptionError
 from sparsec.ir.graph import Graph
 from sparsec.passes.manager import PassContext
+
+
+@dataclass(frozen=True)
+class Block:
+    """One residual block on the trunk: ``start`` -> branch -> skip Add (``add``) -> any
+    post-norm -> ``end``. In a pre-norm model ``add == end``."""
+    start: str
+    add: str            # output of the skip-connection Add
+    end: str
+    nodes: frozenset    # names of the nodes inside
+    attention: bool     # whether the branch multiplies two activations (attention)
 
 
 @dataclass(frozen=True)
@@ -39,8 +54,8 @@ class Layer:
     nodes: frozenset    # names of the nodes inside (for reports and tests)
 
 
-def find_layers(graph: Graph) -> list[Layer]:
-    """Residual layers along the trunk, in order (see the module docstring)."""
+def find_blocks(graph: Graph) -> list[Block]:
+    """Residual blocks along the trunk, in order (see the module docstring)."""
     if not graph.inputs or len(graph.outputs) != 1:
         return []
     dag = nx.DiGraph()
@@ -65,7 +80,7 @@ def find_layers(graph: Graph) -> list[Layer]:
     producers = graph.producers()
     attention = {n.name for n in graph.nodes if n.op_type == "MatMul"
                  and all(i not in graph.initializers for i in n.inputs[:2])}
-    segments = []   # (start, end, node names, residual?, has attention?)
+    segments = []   # (start, end, node names, residual?)
     for a, b in zip(trunk, trunk[1:]):
         between = nx.descendants(sub, a) & nx.ancestors(sub, b)
         names = {producers[t].name for t in between | {b} if t in producers}
@@ -74,7 +89,7 @@ def find_layers(graph: Graph) -> list[Layer]:
         end = producers.get(b)
         residual = bool(between) and end is not None and end.op_type == "Add" \
             and a in end.inputs
-        segments.append((a, b, names, residual, bool(names & attention)))
+        segments.append((a, b, names, residual))
     blocks: list[list] = []
     for seg in segments:
         if seg[3] or not blocks:
@@ -85,20 +100,30 @@ def find_layers(graph: Graph) -> list[Layer]:
     if blocks:                          # the head after the last block is no part of it
         while not blocks[-1][-1][3]:
             blocks[-1].pop()
-    any_attention = any(s[4] for b in blocks for s in b)
-    layers: list[list] = []
-    for b in blocks:
-        starts_layer = not any_attention or any(s[4] for s in b) or not layers
-        if starts_layer:
-            layers.append(list(b))
-        else:
-            layers[-1].extend(b)
     out = []
-    for segs in layers:
-        start, end = segs[0][0], segs[-1][1]
+    for segs in blocks:
+        nodes = frozenset(n for s in segs for n in s[2])
+        out.append(Block(segs[0][0], segs[0][1], segs[-1][1], nodes, bool(nodes & attention)))
+    return out
+
+
+def find_layers(graph: Graph) -> list[Layer]:
+    """Residual layers along the trunk, in order: an attention block and the attention-free
+    blocks after it (every block is a layer when there is no attention)."""
+    blocks = find_blocks(graph)
+    any_attention = any(b.attention for b in blocks)
+    layers: list[list[Block]] = []
+    for b in blocks:
+        if not any_attention or b.attention or not layers:
+            layers.append([b])
+        else:
+            layers[-1].append(b)
+    out = []
+    for run in layers:
+        start, end = run[0].start, run[-1].end
         if graph.shape(start) != graph.shape(end):
             continue
-        out.append(Layer(start, end, frozenset(n for s in segs for n in s[2])))
+        out.append(Layer(start, end, frozenset().union(*(b.nodes for b in run))))
     return out
 
 
@@ -196,3 +221,39 @@ class RemoveLayers:
         return pruned, {"layers_found": len(layers), "removed": [best + k for k in
                                                                   range(self.count)],
                         "angular_distance": [round(float(s), 6) for s in scores]}
+
+
+@dataclass
+class RemoveAttention:
+    """Remove the ``count`` attention blocks whose input and output hidden states are closest
+    in angle, each on its own ("What Matters in Transformers? Not All Attention is Needed",
+    He et al.): the FFN blocks stay, and runs of them can then be fused (``FuseFFN``). With
+    ``between_ffns`` only attention blocks that follow an attention-free block are candidates:
+    removing one of those is what makes two FFN blocks consecutive."""
+
+    count: int
+    between_ffns: bool = False
+    name: str = "remove-attention"
+    exact: bool = False
+
+    def run(self, graph: Graph, ctx: PassContext | None = None) -> tuple[Graph, dict]:
+        if ctx is None:
+            raise ValueError("attention removal needs calibration data (a PassContext)")
+        found = find_blocks(graph)
+        blocks = [b for k, b in enumerate(found)
+                  if b.attention and graph.shape(b.start) == graph.shape(b.end)
+                  and (not self.between_ffns or (k > 0 and not found[k - 1].attention))]
+        if self.count > len(blocks):
+            where = " that follow an FFN block" if self.between_ffns else ""
+            raise BadOptionError(f"cannot remove {self.count} attention blocks: the model has "
+                                 f"{len(blocks)}{where}")
+        names = sorted({t for b in blocks for t in (b.start, b.end)})
+        acts = reference.activations(graph, ctx.fit, names)
+        scores = [float(np.mean([angular_distance(x, y) for x, y in
+                                 zip(acts[b.start], acts[b.end])])) for b in blocks]
+        chosen = sorted(np.argsort(scores, kind="stable")[: self.count].tolist())
+        pruned = graph
+        for k in chosen:
+            pruned = remove_run(pruned, blocks[k].start, blocks[k].end)
+        return pruned, {"attention_blocks": len(blocks), "removed": chosen,
+                        "angular_distance": [round(s, 6) for s in scores]}
