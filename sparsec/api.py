@@ -42,7 +42,7 @@ from sparsec.package import (
 from sparsec.passes.channel_prune import ChannelPrune
 from sparsec.passes.criteria import CRITERIA, NEEDS_DATA, NEEDS_TORCH
 from sparsec.passes.dead_channels import RemoveDeadChannels
-from sparsec.passes.ffn_fusion import FuseFFN
+from sparsec.passes.ffn_fusion import FuseFFN, fusible_runs
 from sparsec.passes.layer_removal import RemoveAttention, RemoveLayers, find_blocks, find_layers
 from sparsec.passes.manager import PassManager, PassResult
 from sparsec.reference import signature
@@ -222,6 +222,8 @@ def _check_structure(graph: Graph, remove_layers: int, remove_attention: int,
         raise BadOptionError(f"fuse_ffn needs 2 or more consecutive FFN blocks, and the model "
                              f"has {len(blocks) - int(remove_attention)} residual blocks left "
                              f"after attention removal; got {fuse_ffn}")
+    if fuse_ffn and not remove_attention and not remove_layers:
+        fusible_runs(graph, blocks, int(fuse_ffn))      # fails now, not after calibration
 
 
 def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: float = 0.0,

@@ -264,6 +264,21 @@ def fusible(graph: Graph, blocks: list[Block]) -> list[FFN] | None:
     return ffns
 
 
+def fusible_runs(graph: Graph, blocks: list[Block], count: int, first: int | None = None
+                 ) -> dict[int, list[FFN]]:
+    """{first block index: FFNs} of every run of ``count`` blocks that can be fused (only the
+    run starting at ``first`` when given); BadOptionError when there is none."""
+    starts = range(len(blocks)) if first is None else [first]
+    runs = {i: ffns for i in starts if i + count <= len(blocks)
+            and (ffns := fusible(graph, blocks[i: i + count])) is not None}
+    if not runs:
+        kinds = "".join("A" if b.attention else "F" for b in blocks)
+        raise BadOptionError(f"no run of {count} consecutive FFN blocks to fuse (blocks: "
+                             f"{kinds or 'none'}, A = attention); remove attention blocks "
+                             f"first (remove_attention)")
+    return runs
+
+
 def gemm_count(graph: Graph) -> int:
     """MatMul / Gemm nodes with a constant weight."""
     return sum(1 for n in graph.nodes if n.op_type in ("MatMul", "Gemm")
@@ -375,14 +390,7 @@ class FuseFFN:
         if self.count < 2:
             raise ValueError(f"FFN fusion needs a run of at least 2 blocks, got {self.count}")
         blocks = find_blocks(graph)
-        starts = range(len(blocks)) if self.first is None else [self.first]
-        runs = {i: ffns for i in starts if i + self.count <= len(blocks)
-                and (ffns := fusible(graph, blocks[i: i + self.count])) is not None}
-        if not runs:
-            kinds = "".join("A" if b.attention else "F" for b in blocks)
-            raise BadOptionError(f"no run of {self.count} consecutive FFN blocks to fuse (blocks: "
-                             f"{kinds or 'none'}, A = attention); remove attention blocks "
-                             f"first (remove_attention)")
+        runs = fusible_runs(graph, blocks, self.count, self.first)
         ref = reference.activations(graph, ctx.fit, list(graph.outputs))
         scores, fused = {}, {}
         for i, ffns in runs.items():
