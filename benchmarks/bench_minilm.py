@@ -19,8 +19,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_host import (interleaved_medians, macs, ort_runner, publish,  # noqa: E402
                         sparsec_runner)
-from minilm_quality import (BATCH, CALIB_MODULES, load_minilm, packed,  # noqa: E402
-                            sentences)
+from minilm_quality import (BATCH, CALIB_MODULES, last_two_fused, load_minilm,  # noqa: E402
+                            packed, sentences)
 
 SEQ = 128
 VARIANTS = [
@@ -31,6 +31,8 @@ VARIANTS = [
                                              "reconstruct": True, "sensitivity": True}),
     ("1 layer removed", {"remove_layers": 1}),
     ("2 layers removed", {"remove_layers": 2}),
+    ("last attention block removed", lambda: last_two_fused()[:1]),
+    ("last attention removed, last 2 FFNs fused", last_two_fused),
 ]
 
 
@@ -44,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     import sparsec
     from sparsec.frontends.fx import capture_fx
     from sparsec.ir.onnx_io import to_onnx
+    from sparsec.passes.manager import PassManager
 
     module, tok = load_minilm()
     enc = tok(["a sentence to time the encoder with"], padding="max_length", max_length=SEQ,
@@ -60,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     rows, engines = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, kw in VARIANTS:
-            g = sparsec.prune(graph, calibration=calib[:32], **kw).graph if kw else graph
+            if callable(kw):                    # a list of passes
+                g = PassManager(kw(), calib[:32]).run(graph)[0]
+            else:
+                g = sparsec.prune(graph, calibration=calib[:32], **kw).graph if kw else graph
             model = to_onnx(g)
             run, facts, compile_s = sparsec_runner(model, Path(tmp), f"v{len(rows)}")
             ort = ort_runner(model, args.threads)

@@ -45,6 +45,7 @@ from sparsec.passes.dead_channels import RemoveDeadChannels
 from sparsec.passes.ffn_fusion import FuseFFN, fusible_runs
 from sparsec.passes.layer_removal import RemoveAttention, RemoveLayers, find_blocks, find_layers
 from sparsec.passes.manager import PassManager, PassResult
+from sparsec.passes.reorder import ReorderChannels
 from sparsec.reference import signature
 
 Log = Callable[[str], None]
@@ -230,6 +231,7 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
           criterion: str = "l2", reconstruct: bool = False, round_to: int | None = None,
           head_ratio: float | None = None, remove_layers: int = 0, replace_linear: bool = False,
           remove_attention: int = 0, fuse_ffn: int = 0, sensitivity: bool = False,
+          reorder: bool = False,
           layer_ratios: dict[str, float] | None = None, ignore: Sequence[str] = (),
           input_shapes: InputShapes | str | None = None,
           calibration=None, remove_dead: bool = False,
@@ -245,9 +247,12 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
     and output hidden states are closest in angle on the calibration data (with
     ``replace_linear`` a least-squares linear map stands in for them, as in ReplaceMe);
     ``remove_attention`` then drops that many attention blocks (each on its own, the ones
-    closest in angle; with ``fuse_ffn`` only those between two FFN blocks), keeping their FFNs; ``fuse_ffn`` fuses that many consecutive FFN blocks
-    into one wider FFN evaluated on the run's input (the run whose fused model stays closest to
-    the original; see ``sparsec.passes.ffn_fusion``);
+    closest in angle; with ``fuse_ffn`` only those between two FFN blocks), keeping their
+    FFNs; ``fuse_ffn`` fuses that many consecutive FFN blocks into one wider FFN evaluated on
+    the run's input (the run whose fused model stays closest to the original; see
+    ``sparsec.passes.ffn_fusion``);
+    ``reorder`` finally permutes channel groups so nonzero weights cluster into dense 4x4
+    blocks (exact; see ``sparsec.passes.reorder``);
     ``ignore`` globs leave groups whole; ``round_to`` rounds kept channel counts up to a
     multiple (none by default here; ``compile`` takes it from the target).
 
@@ -294,6 +299,8 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
                                    round_to=int(round_to), layer_ratios=layer_ratios,
                                    ignore=list(ignore), scores=scores,
                                    head_ratio=head_ratio, sensitivity=bool(sensitivity)))
+    if reorder:
+        passes.append(ReorderChannels())
     manager = PassManager(passes, calib, log)
     pruned, results = manager.run(graph)
     result = PruneResult(pruned, results, cost(graph), cost(pruned), manager.fidelity)
@@ -308,7 +315,7 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
             ratio: float = 0.0, criterion: str = "l2", reconstruct: bool = False,
             round_to: int | None = None, head_ratio: float | None = None,
             remove_layers: int = 0, replace_linear: bool = False, remove_attention: int = 0,
-            fuse_ffn: int = 0, sensitivity: bool = False,
+            fuse_ffn: int = 0, sensitivity: bool = False, reorder: bool = False,
             layer_ratios: dict[str, float] | None = None, ignore: Sequence[str] = (),
             input_shapes: InputShapes | str | None = None,
             calibration=None, remove_dead: bool = False,
@@ -326,7 +333,7 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
     result = prune(model, ratio=ratio, criterion=criterion, reconstruct=reconstruct,
                    round_to=round_to, head_ratio=head_ratio, remove_layers=remove_layers,
                    replace_linear=replace_linear, remove_attention=remove_attention,
-                   fuse_ffn=fuse_ffn, sensitivity=sensitivity,
+                   fuse_ffn=fuse_ffn, sensitivity=sensitivity, reorder=reorder,
                    layer_ratios=layer_ratios, ignore=ignore, input_shapes=input_shapes,
                    calibration=calibration, remove_dead=remove_dead,
                    example_inputs=example_inputs, log=log)
@@ -572,6 +579,24 @@ def _drop_removed_layers(module, graph: Graph) -> None:
             owner_name, _, leaf = list_name.rpartition(".")
             owner = module.get_submodule(owner_name) if owner_name else module
             setattr(owner, leaf, torch.nn.ModuleList(keep))
+            _renumber_layers(module, keep, len(seq),
+                             [i for i, layer in enumerate(seq) if layer in keep])
+
+
+def _renumber_layers(module, kept: list, old_count: int, kept_index: list[int]) -> None:
+    """After layers left a list: ``layer_idx`` attributes (transformers' KV-cache slots) count
+    from 0 again, and a ``config`` that counted the old layers counts the new ones."""
+    for new, layer in enumerate(kept):
+        for m in layer.modules():
+            if isinstance(getattr(m, "layer_idx", None), int):
+                m.layer_idx = new
+    configs = {id(c): c for m in module.modules() if (c := getattr(m, "config", None))
+               is not None and getattr(c, "num_hidden_layers", None) == old_count}
+    for c in configs.values():
+        c.num_hidden_layers = len(kept)
+        types = getattr(c, "layer_types", None)
+        if isinstance(types, list) and len(types) == old_count:
+            c.layer_types = [types[i] for i in kept_index]
 
 
 def _out_features(layer) -> int | None:

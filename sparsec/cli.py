@@ -87,6 +87,7 @@ def _prune_kwargs(args) -> dict:
             "remove_layers": args.remove_layers, "sensitivity": args.sensitivity,
             "replace_linear": args.replace_linear,
             "remove_attention": args.remove_attention, "fuse_ffn": args.fuse_ffn,
+            "reorder": args.reorder,
             "layer_ratios": dict(args.layer_ratio), "ignore": args.ignore,
             "input_shapes": args.input_shapes, "calibration": args.calib,
             "remove_dead": args.remove_dead}
@@ -210,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--fuse-ffn", type=int, default=0, metavar="N",
                             help="fuse N consecutive FFN blocks into one wider FFN on the run's "
                                  "input (after --remove-attention, or in models with FFN runs)")
+            sp.add_argument("--reorder", action="store_true",
+                            help="permute channels so nonzero weights cluster into dense 4x4 "
+                                 "blocks (exact; for models whose weights are sparse)")
             sp.add_argument("--layer-ratio", action="append", default=[], type=_layer_ratio,
                             metavar="PATTERN=R",
                             help="ratio for the groups whose source weights match a glob (as "

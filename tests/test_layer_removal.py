@@ -97,3 +97,22 @@ def test_torch_modules_lose_the_removed_layer(name, layer_list):
         got = pruned(*example)
     want = reference.run(result.graph, {result.graph.inputs[0]: example[0].numpy()})[0]
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["hf_gpt2", "hf_llama_gqa"])
+def test_torch_layer_removal_renumbers_cache_slots_and_config(name):
+    """The layers left count from 0 (``layer_idx`` is the KV-cache slot) and the config says
+    how many there are, so cached decoding computes what a full forward computes."""
+    import torch
+
+    module, (ids,) = zoo.transformers_model(name)
+    pruned, _ = sparsec.prune_module(module, (ids,), remove_layers=1)
+    lm = pruned.model
+    assert lm.config.num_hidden_layers == 1 and module.model.config.num_hidden_layers == 2
+    assert [m.layer_idx for m in lm.modules() if isinstance(getattr(m, "layer_idx", None),
+                                                            int)] == [0]
+    with torch.no_grad():
+        past = lm(ids[:, :-1], use_cache=True).past_key_values
+        step = lm(ids[:, -1:], past_key_values=past, use_cache=True).logits[:, -1]
+        full = lm(ids).logits[:, -1]
+    np.testing.assert_allclose(step.numpy(), full.numpy(), rtol=1e-4, atol=1e-5)

@@ -267,8 +267,9 @@ def fusible(graph: Graph, blocks: list[Block]) -> list[FFN] | None:
 def fusible_runs(graph: Graph, blocks: list[Block], count: int, first: int | None = None
                  ) -> dict[int, list[FFN]]:
     """{first block index: FFNs} of every run of ``count`` blocks that can be fused (only the
-    run starting at ``first`` when given); BadOptionError when there is none."""
-    starts = range(len(blocks)) if first is None else [first]
+    run starting at ``first`` when given, negative from the end); BadOptionError when there is
+    none."""
+    starts = range(len(blocks)) if first is None else [first % max(len(blocks), 1)]
     runs = {i: ffns for i in starts if i + count <= len(blocks)
             and (ffns := fusible(graph, blocks[i: i + count])) is not None}
     if not runs:

@@ -229,10 +229,12 @@ class RemoveAttention:
     in angle, each on its own ("What Matters in Transformers? Not All Attention is Needed",
     He et al.): the FFN blocks stay, and runs of them can then be fused (``FuseFFN``). With
     ``between_ffns`` only attention blocks that follow an attention-free block are candidates:
-    removing one of those is what makes two FFN blocks consecutive."""
+    removing one of those is what makes two FFN blocks consecutive. ``which`` (indices into
+    the candidates, negative from the end) picks the blocks instead of the angular distance."""
 
     count: int
     between_ffns: bool = False
+    which: list[int] | None = None
     name: str = "remove-attention"
     exact: bool = False
 
@@ -251,7 +253,8 @@ class RemoveAttention:
         acts = reference.activations(graph, ctx.fit, names)
         scores = [float(np.mean([angular_distance(x, y) for x, y in
                                  zip(acts[b.start], acts[b.end])])) for b in blocks]
-        chosen = sorted(np.argsort(scores, kind="stable")[: self.count].tolist())
+        chosen = sorted(np.argsort(scores, kind="stable")[: self.count].tolist()
+                        if self.which is None else [k % len(blocks) for k in self.which])
         pruned = graph
         for k in chosen:
             pruned = remove_run(pruned, blocks[k].start, blocks[k].end)

@@ -57,6 +57,32 @@ def apply_plan(graph: Graph, dg: DependencyGraph, plan: Plan) -> Graph:
     return reinfer_shapes(out)
 
 
+Order = dict[int, np.ndarray]
+
+
+def apply_order(graph: Graph, dg: DependencyGraph, order: Order) -> Graph:
+    """Copy of ``graph`` with each listed group's channels in a new order: channel ``j`` of the
+    result is channel ``order[gid][j]`` of the input. Every member weight is permuted the same
+    way, so the function the graph computes is unchanged; sizes do not change, so no constant
+    needs a fixup (Slice / Split offsets never cross a group, whose channels are one run)."""
+    assert dg.graph is graph, "order must come from a dependency graph of this graph"
+    index: dict[tuple[str, int], np.ndarray] = {}
+    for gid, perm in sorted(order.items()):
+        group, perm = dg.groups[gid], np.asarray(perm, dtype=np.int64)
+        if group.frozen:
+            raise ValueError(f"group {gid} is frozen: {group.frozen[0]}")
+        if not np.array_equal(np.sort(perm), np.arange(group.size)):
+            raise ValueError(f"group {gid}: an order must be a permutation of 0..{group.size - 1}")
+        for m in group.params:
+            idx = index.setdefault((m.name, m.axis), np.arange(dg.size(m.dim)))
+            span = slice(m.start, m.start + group.size * m.block)
+            idx[span] = (m.start + perm[:, None] * m.block + np.arange(m.block)).ravel()
+    out = graph.copy()
+    for (name, axis), idx in sorted(index.items()):
+        out.set_initializer(name, np.take(out.initializers[name], idx, axis=axis))
+    return out
+
+
 # ---------------------------------------------------------------- size-dependent constants
 def _set_const(graph: Graph, node: Node, slot: int, value: np.ndarray,
                uses: dict[str, list[Node]]) -> None:
