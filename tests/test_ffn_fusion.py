@@ -137,3 +137,19 @@ def test_impossible_structure_options_fail_with_one_clear_error(zoo_models):
         sparsec.prune(g, remove_attention=3)
     with pytest.raises(BadOptionError, match=">= 0"):
         sparsec.prune(g, remove_attention=-1)
+
+
+def test_fusing_twice_keeps_names_apart():
+    """Fuse blocks 0-1 of ffn_stack, then the fused block with block 2: all three in one FFN,
+    equal to fusing the three at once (fusion of a parallel form is associative)."""
+    g = load_onnx(zoo.ffn_stack())
+    blocks = find_blocks(g)
+    once = fuse_run(g, blocks, fusible(g, blocks))
+    twice = fuse_run(g, blocks[:2], fusible(g, blocks[:2]))
+    blocks2 = find_blocks(twice)
+    assert len(blocks2) == 2
+    twice = fuse_run(twice, blocks2, fusible(twice, blocks2))
+    assert gemm_count(twice) == gemm_count(once) == 3
+    feeds = reference.random_inputs(g, seed=4)
+    np.testing.assert_allclose(_outputs(twice, feeds), _outputs(once, feeds), rtol=1e-5,
+                               atol=1e-5)

@@ -306,6 +306,9 @@ def fuse_run(graph: Graph, blocks: list[Block], ffns: list[FFN], prefix: str = "
              ) -> Graph:
     """One FFN of the summed width on the run's input in place of the run (module docstring)."""
     out = graph.copy()
+    base, k = prefix, 1
+    while any(v.startswith(f"{prefix}.") for v in graph.values):     # fused before: new names
+        prefix, k = f"{base}{k}", k + 1
     x0, dtype = blocks[0].start, graph.value(blocks[0].start).dtype
     d, width = graph.shape(x0)[-1], sum(f.width for f in ffns)
     new: list[Node] = []
