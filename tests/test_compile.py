@@ -188,3 +188,16 @@ def test_dynamic_model_compiles_with_input_shapes(tmp_path):
     manifest = json.loads((tmp_path / "pkg" / "manifest.json").read_text())
     assert manifest["inputs"][0]["shape"] == [3, 16] and manifest["outputs"][0]["shape"] == [3, 5]
     assert sparsec("validate", tmp_path / "pkg").returncode == 0
+
+
+def test_structure_passes_compile_and_validate(zoo_files, tmp_path):
+    """Attention removal + FFN fusion + channel pruning + reordering, compiled: the fused FFN's
+    wide GEMMs get the packed kernel and the library matches ONNX Runtime."""
+    import sparsec
+
+    manifest = sparsec.compile(zoo_files("hf_bert"), tmp_path / "pkg", ratio=0.25,
+                               remove_attention=1, fuse_ffn=2, reorder=True)
+    names = [p["name"] for p in manifest["prune"]["passes"]]
+    assert names == ["remove-attention", "fuse-ffn", "channel-prune", "reorder-channels"]
+    assert manifest["compile"]["kernels"].get("dense_packed", 0) >= 2
+    assert sparsec.validate(tmp_path / "pkg").ok
