@@ -180,8 +180,9 @@ def main() -> int:
     dicts = [{"input_ids": i.numpy(), "attention_mask": m.numpy()} for i, m in calib]
     from sparsec.passes.manager import PassManager
 
-    for name, kw in GRAPH_VARIANTS + [("FFN fusion of the last 2 blocks (last attention "
-                                       "block removed)", last_two_fused)]:
+    for name, kw in GRAPH_VARIANTS + [
+            ("last attention block removed", lambda: last_two_fused()[:1]),
+            ("FFN fusion of the last 2 blocks (last attention block removed)", last_two_fused)]:
         if callable(kw):
             pruned, passes = PassManager(kw(), dicts).run(graph)
         else:
