@@ -45,7 +45,9 @@ from sparsec.passes.dead_channels import RemoveDeadChannels
 from sparsec.passes.ffn_fusion import FuseFFN, fusible_runs
 from sparsec.passes.layer_removal import RemoveAttention, RemoveLayers, find_blocks, find_layers
 from sparsec.passes.manager import PassManager, PassResult
-from sparsec.passes.reorder import ReorderChannels
+from sparsec.passes.reorder import ReorderChannels, weight_matrices
+from sparsec.passes.sparsify import CRITERIA as SPARSITY_CRITERIA
+from sparsec.passes.sparsify import Sparsify, parse_pattern
 from sparsec.reference import signature
 
 Log = Callable[[str], None]
@@ -198,8 +200,10 @@ def _check_patterns(graph: Graph, layer_ratios: dict[str, float], ignore: Sequen
     if not layer_ratios and not ignore:
         return
     sources = sorted({s for g in DependencyGraph(graph).groups if g.prunable for s in g.sources})
+    weights = sorted(weight_matrices(graph))       # --ignore also spares weights from sparsity
     for pat in [*layer_ratios, *ignore]:
-        if not any(fnmatchcase(s, pat) for s in sources):
+        if not any(fnmatchcase(s, pat) for s in sources) and not (
+                pat in ignore and any(fnmatchcase(w, pat) for w in weights)):
             shown = ", ".join(sources[:6]) + (" ..." if len(sources) > 6 else "")
             raise BadOptionError(f"layer pattern '{pat}' matches no prunable channel group "
                                  f"(group sources: {shown or 'none'})")
@@ -227,11 +231,32 @@ def _check_structure(graph: Graph, remove_layers: int, remove_attention: int,
         fusible_runs(graph, blocks, int(fuse_ffn))      # fails now, not after calibration
 
 
+def _check_sparsity(sparsity: float, pattern: str, criterion: str, lamp: bool):
+    """(pattern kind, numbers) of a valid sparsification request; BadOptionError otherwise."""
+    try:
+        kind, nums = parse_pattern(pattern)
+    except ValueError as e:
+        raise BadOptionError(str(e)) from None
+    if not 0.0 <= float(sparsity) < 1.0:
+        raise BadOptionError(f"sparsity must be in [0, 1), got {sparsity}")
+    if criterion not in SPARSITY_CRITERIA:
+        raise BadOptionError(f"unknown sparsity criterion '{criterion}' (known: "
+                             f"{', '.join(SPARSITY_CRITERIA)})")
+    if kind == "nm" and sparsity and abs(sparsity - (1 - nums[0] / nums[1])) > 1e-9:
+        raise BadOptionError(f"pattern {pattern} fixes sparsity at {1 - nums[0] / nums[1]:g}; "
+                             f"leave sparsity out")
+    if kind == "nm" and lamp:
+        raise BadOptionError("lamp allocation applies to unstructured and block patterns, "
+                             "not N:M")
+    return kind, nums
+
+
 def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: float = 0.0,
           criterion: str = "l2", reconstruct: bool = False, round_to: int | None = None,
           head_ratio: float | None = None, remove_layers: int = 0, replace_linear: bool = False,
           remove_attention: int = 0, fuse_ffn: int = 0, sensitivity: bool = False,
-          reorder: bool = False,
+          sparsity: float = 0.0, sparsity_pattern: str = "unstructured",
+          sparsity_criterion: str = "magnitude", lamp: bool = False, reorder: bool = False,
           layer_ratios: dict[str, float] | None = None, ignore: Sequence[str] = (),
           input_shapes: InputShapes | str | None = None,
           calibration=None, remove_dead: bool = False,
@@ -251,6 +276,10 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
     FFNs; ``fuse_ffn`` fuses that many consecutive FFN blocks into one wider FFN evaluated on
     the run's input (the run whose fused model stays closest to the original; see
     ``sparsec.passes.ffn_fusion``);
+    ``sparsity`` zeros that share of the remaining weights in ``sparsity_pattern``
+    (``"unstructured"``, blocks ``"RxC"`` or ``"N:M"``, which fixes the share itself) by
+    ``sparsity_criterion`` (``"magnitude"`` or ``"wanda"``), the same share in every layer or,
+    with ``lamp``, layer-adaptive (see ``sparsec.passes.sparsify``);
     ``reorder`` finally permutes channel groups so nonzero weights cluster into dense 4x4
     blocks (exact; see ``sparsec.passes.reorder``);
     ``ignore`` globs leave groups whole; ``round_to`` rounds kept channel counts up to a
@@ -282,9 +311,11 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
     graph = load(model, input_shapes, example_inputs)
     _check_patterns(graph, layer_ratios, ignore)
     _check_structure(graph, remove_layers, remove_attention, fuse_ffn)
+    kind, nm = _check_sparsity(sparsity, sparsity_pattern, sparsity_criterion, lamp)
     calib = _calibration(graph, calibration)
     if ((reconstruct or criterion in NEEDS_DATA) and ratio > 0 or remove_layers
-            or remove_attention or fuse_ffn) and calibration is None:
+            or remove_attention or fuse_ffn or sparsity_criterion == "wanda") \
+            and calibration is None:
         log("warning: fitting to random inputs; give calibration data (--calib) drawn from "
             "the real input distribution")
     passes: list = [RemoveDeadChannels()] if remove_dead else []
@@ -299,6 +330,10 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
                                    round_to=int(round_to), layer_ratios=layer_ratios,
                                    ignore=list(ignore), scores=scores,
                                    head_ratio=head_ratio, sensitivity=bool(sensitivity)))
+    if sparsity > 0 or kind == "nm":
+        passes.append(Sparsify(float(sparsity) or 1 - nm[0] / nm[1], sparsity_pattern,
+                               sparsity_criterion, "lamp" if lamp else "uniform",
+                               ignore=list(ignore)))
     if reorder:
         passes.append(ReorderChannels())
     manager = PassManager(passes, calib, log)
@@ -315,7 +350,9 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
             ratio: float = 0.0, criterion: str = "l2", reconstruct: bool = False,
             round_to: int | None = None, head_ratio: float | None = None,
             remove_layers: int = 0, replace_linear: bool = False, remove_attention: int = 0,
-            fuse_ffn: int = 0, sensitivity: bool = False, reorder: bool = False,
+            fuse_ffn: int = 0, sensitivity: bool = False, sparsity: float = 0.0,
+            sparsity_pattern: str = "unstructured", sparsity_criterion: str = "magnitude",
+            lamp: bool = False, reorder: bool = False,
             layer_ratios: dict[str, float] | None = None, ignore: Sequence[str] = (),
             input_shapes: InputShapes | str | None = None,
             calibration=None, remove_dead: bool = False,
@@ -333,7 +370,9 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
     result = prune(model, ratio=ratio, criterion=criterion, reconstruct=reconstruct,
                    round_to=round_to, head_ratio=head_ratio, remove_layers=remove_layers,
                    replace_linear=replace_linear, remove_attention=remove_attention,
-                   fuse_ffn=fuse_ffn, sensitivity=sensitivity, reorder=reorder,
+                   fuse_ffn=fuse_ffn, sensitivity=sensitivity, sparsity=sparsity,
+                   sparsity_pattern=sparsity_pattern, sparsity_criterion=sparsity_criterion,
+                   lamp=lamp, reorder=reorder,
                    layer_ratios=layer_ratios, ignore=ignore, input_shapes=input_shapes,
                    calibration=calibration, remove_dead=remove_dead,
                    example_inputs=example_inputs, log=log)

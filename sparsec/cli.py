@@ -87,7 +87,9 @@ def _prune_kwargs(args) -> dict:
             "remove_layers": args.remove_layers, "sensitivity": args.sensitivity,
             "replace_linear": args.replace_linear,
             "remove_attention": args.remove_attention, "fuse_ffn": args.fuse_ffn,
-            "reorder": args.reorder,
+            "reorder": args.reorder, "sparsity": args.sparsity,
+            "sparsity_pattern": args.sparsity_pattern,
+            "sparsity_criterion": args.sparsity_criterion, "lamp": args.lamp,
             "layer_ratios": dict(args.layer_ratio), "ignore": args.ignore,
             "input_shapes": args.input_shapes, "calibration": args.calib,
             "remove_dead": args.remove_dead}
@@ -211,6 +213,18 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--fuse-ffn", type=int, default=0, metavar="N",
                             help="fuse N consecutive FFN blocks into one wider FFN on the run's "
                                  "input (after --remove-attention, or in models with FFN runs)")
+            sp.add_argument("--sparsity", type=_ratio, default=0.0, metavar="S",
+                            help="zero this share of the remaining weights (see "
+                                 "--sparsity-pattern)")
+            sp.add_argument("--sparsity-pattern", default="unstructured", metavar="P",
+                            help="unstructured, RxC blocks (e.g. 4x4) or N:M (e.g. 2:4, which "
+                                 "fixes the share); default unstructured")
+            sp.add_argument("--sparsity-criterion", default="magnitude",
+                            choices=["magnitude", "wanda"],
+                            help="|W|, or |W| x input activation norm on the calibration data")
+            sp.add_argument("--lamp", action="store_true",
+                            help="layer-adaptive sparsity (LAMP scores, one global threshold) "
+                                 "instead of the same share in every layer")
             sp.add_argument("--reorder", action="store_true",
                             help="permute channels so nonzero weights cluster into dense 4x4 "
                                  "blocks (exact; for models whose weights are sparse)")
@@ -220,8 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "`inspect` lists them), e.g. 'block1.*=0.5'; repeatable, first "
                                  "match wins")
             sp.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
-                            help="leave groups whose source weights match this glob whole; "
-                                 "repeatable")
+                            help="leave groups whose source weights match this glob whole "
+                                 "(and matching weights dense under --sparsity); repeatable")
             sp.add_argument("--round-to", type=int, default=None, metavar="N",
                             help="round kept channel counts up to a multiple of N (compile: "
                                  "the target's channel multiple by default, 8 on x86; "

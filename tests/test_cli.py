@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import onnx
+from onnx import numpy_helper
 import pytest
 import zoo
 from conftest import EXAMPLES
@@ -218,3 +219,15 @@ def test_attention_removal_and_ffn_fusion_flags(zoo_files, tmp_path):
     assert_clean_error(sparsec("prune", model, "-o", out, "--fuse-ffn", "2"), 6,
                        "no run of 2 consecutive FFN blocks")
     assert not out.exists()
+
+
+def test_sparsity_flags(zoo_files, tmp_path):
+    model, out = zoo_files("torch_rescnn"), tmp_path / "s.onnx"
+    proc = sparsec("prune", model, "-o", out, "--sparsity", "0.5", "--sparsity-pattern", "4x4",
+                   "--lamp", "--reorder")
+    assert proc.returncode == 0, proc.stderr
+    weights = [numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer]
+    conv = [w for w in weights if w.ndim == 4]
+    assert sum(int((w == 0).sum()) for w in conv) > 0.4 * sum(w.size for w in conv)
+    assert_clean_error(sparsec("prune", model, "-o", out, "--sparsity-pattern", "3:2"), 6,
+                       "unknown sparsity pattern")

@@ -1,0 +1,192 @@
+"""Weight sparsification (lossy): zero the least important weights in a pattern kernels can use.
+
+Every MatMul / Gemm / Conv weight is read as a matrix [output channels, input channels, taps]
+(``reorder.weight_matrices`` gives the axes). Importance is ``magnitude`` |W| or ``wanda``
+|W| * ||X_in|| (Wanda, Sun et al.: the norm of the input channel over the calibration data),
+and the pattern is one of
+
+* ``unstructured``  each output row keeps its top (1 - s) share (Wanda's per-output
+  comparison group);
+* ``RxC``           blocks of R output x C input channels (all taps) go whole, lowest summed
+  importance first, s of the layer's blocks (edge blocks may be partial);
+* ``N:M``           in every run of M consecutive input channels (per output channel and tap)
+  the top N stay: sparsity 1 - N/M whatever s says (2:4 is what sparse tensor cores take).
+
+``allocation="lamp"`` (Lee et al., layer-adaptive magnitude pruning) replaces the same s in every
+layer by one global threshold on LAMP scores: a unit's squared importance divided by the sum of
+those of the units at least as important in its layer. Layers then keep what they need and the
+total is still s (counted in weights). It applies to unstructured and block patterns.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+
+import numpy as np
+
+from sparsec import reference
+from sparsec.ir.graph import Graph
+from sparsec.passes.manager import PassContext
+from sparsec.passes.reorder import weight_matrices
+
+CRITERIA = ("magnitude", "wanda")
+ALLOCATIONS = ("uniform", "lamp")
+
+
+def parse_pattern(text: str) -> tuple[str, tuple[int, int] | None]:
+    """"unstructured" | "RxC" (block) | "N:M" -> (kind, numbers); ValueError otherwise."""
+    if text == "unstructured":
+        return "unstructured", None
+    if m := re.fullmatch(r"(\d+)x(\d+)", text):
+        r, c = int(m[1]), int(m[2])
+        if r >= 1 and c >= 1:
+            return "block", (r, c)
+    if m := re.fullmatch(r"(\d+):(\d+)", text):
+        n, k = int(m[1]), int(m[2])
+        if 1 <= n < k:
+            return "nm", (n, k)
+    raise ValueError(f"unknown sparsity pattern '{text}' (use unstructured, RxC such as 4x4, "
+                     f"or N:M such as 2:4)")
+
+
+def _view(w: np.ndarray, axes: tuple[int, int]) -> np.ndarray:
+    m = np.moveaxis(w, axes, (0, 1))
+    return m.reshape(m.shape[0], m.shape[1], -1)
+
+
+def _unview(m: np.ndarray, like: np.ndarray, axes: tuple[int, int]) -> np.ndarray:
+    moved = np.moveaxis(like, axes, (0, 1))
+    return np.moveaxis(m.reshape(moved.shape), (0, 1), axes)
+
+
+def _block_sums(s: np.ndarray, r: int, c: int) -> np.ndarray:
+    """[out, in, taps] -> summed over r x c x taps blocks: [ceil(out/r), ceil(in/c)]."""
+    o, i = s.shape[:2]
+    s = np.pad(s.sum(axis=2), ((0, -o % r), (0, -i % c)))
+    return s.reshape(s.shape[0] // r, r, s.shape[1] // c, c).sum(axis=(1, 3))
+
+
+def _expand(block_mask: np.ndarray, r: int, c: int, shape) -> np.ndarray:
+    full = np.kron(block_mask, np.ones((r, c), dtype=bool))[: shape[0], : shape[1]]
+    return np.broadcast_to(full[:, :, None], shape)
+
+
+def _lamp(units: np.ndarray) -> np.ndarray:
+    """LAMP score of every unit (flat): s_u^2 / sum of s_v^2 over v at least as important."""
+    sq = units.ravel().astype(np.float64) ** 2
+    order = np.argsort(sq, kind="stable")
+    tail = np.cumsum(sq[order][::-1])[::-1]
+    out = np.empty_like(sq)
+    out[order] = sq[order] / np.maximum(tail, 1e-300)
+    return out.reshape(units.shape)
+
+
+@dataclass
+class Sparsify:
+    """Zero weights in ``pattern`` until ``sparsity`` of them are zero (module docstring)."""
+
+    sparsity: float
+    pattern: str = "unstructured"
+    criterion: str = "magnitude"
+    allocation: str = "uniform"
+    ignore: list[str] = field(default_factory=list)
+    name: str = "sparsify"
+    exact: bool = False
+
+    def run(self, graph: Graph, ctx: PassContext | None = None) -> tuple[Graph, dict]:
+        kind, nums = parse_pattern(self.pattern)
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"unknown sparsity criterion '{self.criterion}'")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"unknown allocation '{self.allocation}'")
+        weights = {w: axes for w, axes in weight_matrices(graph).items()
+                   if not any(fnmatchcase(w, p) for p in self.ignore)}
+        scores = self._scores(graph, weights, ctx)
+        masks, skipped = {}, []
+        if kind == "nm":
+            n, m = nums
+            for w, s in scores.items():
+                if s.shape[1] % m:
+                    skipped.append(w)
+                    continue
+                g = s.reshape(s.shape[0], s.shape[1] // m, m, s.shape[2])
+                rank = np.argsort(np.argsort(-g, axis=2, kind="stable"), axis=2)
+                masks[w] = (rank < n).reshape(s.shape)
+        elif self.allocation == "lamp":
+            masks = self._lamp_masks(scores, kind, nums)
+        else:
+            for w, s in scores.items():
+                masks[w] = self._uniform_mask(s, kind, nums, self.sparsity)
+        out = graph.copy()
+        layers = {}
+        for w, mask in masks.items():
+            arr = graph.initializers[w]
+            kept = _unview(mask, arr, weights[w])
+            out.set_initializer(w, np.where(kept, arr, np.zeros((), arr.dtype)).astype(arr.dtype))
+            layers[w] = round(1.0 - float(mask.mean()), 4)
+        total = sum(graph.initializers[w].size for w in masks)
+        zeros = sum(int((out.initializers[w] == 0).sum()) for w in masks)
+        return out, {"pattern": self.pattern, "criterion": self.criterion,
+                     "allocation": self.allocation if kind != "nm" else "fixed by N:M",
+                     "target": self.sparsity if kind != "nm" else 1 - nums[0] / nums[1],
+                     "achieved": round(zeros / max(total, 1), 4), "layers": layers,
+                     "skipped": skipped}
+
+    def _scores(self, graph: Graph, weights, ctx) -> dict[str, np.ndarray]:
+        scores = {w: np.abs(_view(graph.initializers[w], axes)).astype(np.float64)
+                  for w, axes in weights.items()}
+        if self.criterion == "wanda":
+            if ctx is None:
+                raise ValueError("wanda sparsification needs calibration data")
+            readers = {}
+            for n in graph.nodes:
+                if len(n.inputs) > 1 and n.inputs[1] in weights:
+                    x = n.inputs[0]
+                    axis = len(graph.shape(x)) - 1 if n.op_type == "MatMul" else 1
+                    readers[n.inputs[1]] = (x, axis)
+            acts = reference.activations(graph, ctx.fit, sorted({x for x, _ in
+                                                                 readers.values()}))
+            for w, (x, axis) in readers.items():
+                sq = sum((np.moveaxis(a.astype(np.float64), axis, 0) ** 2)
+                         .reshape(a.shape[axis], -1).sum(axis=1) for a in acts[x])
+                norm = np.sqrt(sq)
+                if norm.size == scores[w].shape[1]:      # grouped convs: left to magnitude
+                    scores[w] = scores[w] * norm[None, :, None]
+        return scores
+
+    @staticmethod
+    def _uniform_mask(s: np.ndarray, kind: str, nums, sparsity: float) -> np.ndarray:
+        if kind == "unstructured":
+            flat = s.reshape(s.shape[0], -1)
+            n_drop = int(round(sparsity * flat.shape[1]))
+            rank = np.argsort(np.argsort(flat, axis=1, kind="stable"), axis=1)
+            return (rank >= n_drop).reshape(s.shape)
+        r, c = nums
+        b = _block_sums(s, r, c)
+        n_drop = int(round(sparsity * b.size))
+        rank = np.argsort(np.argsort(b.ravel(), kind="stable"), kind="stable")
+        return _expand((rank >= n_drop).reshape(b.shape), r, c, s.shape)
+
+    def _lamp_masks(self, scores, kind: str, nums) -> dict[str, np.ndarray]:
+        units, lamp, sizes = {}, [], []
+        for w, s in scores.items():
+            u = s if kind == "unstructured" else np.sqrt(_block_sums(s ** 2, *nums))
+            per = np.ones(u.shape) if kind == "unstructured" else _block_sums(
+                np.ones(s.shape), *nums)
+            units[w] = u
+            lamp.append(_lamp(u).ravel())
+            sizes.append(per.ravel())
+        allv, alls = np.concatenate(lamp), np.concatenate(sizes)
+        order = np.argsort(allv, kind="stable")
+        budget = self.sparsity * alls.sum()
+        n_drop = int(np.searchsorted(np.cumsum(alls[order]), budget, side="right"))
+        drop = np.zeros(allv.size, dtype=bool)
+        drop[order[:n_drop]] = True
+        masks, at = {}, 0
+        for w, u in units.items():
+            keep = ~drop[at: at + u.size].reshape(u.shape)
+            at += u.size
+            masks[w] = keep if kind == "unstructured" else _expand(keep, *nums, scores[w].shape)
+        return masks
