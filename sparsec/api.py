@@ -291,8 +291,9 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
     ``prune_module``, ``"taylor"`` (gradients; ``scores`` carries them in).
 
     ``reconstruct``: refit the consumers of removed channels by least squares on calibration
-    data. ``calibration``: inputs to fit and measure on (an .npz path, a dict, or any iterable
-    of batches, see ``_calibration``; every 4th batch is held out for the fidelity figures);
+    data (and, with ``sparsity``, the weights each sparsified layer keeps). ``calibration``:
+    inputs to fit and measure on (an .npz path, a dict, or any iterable of batches, see
+    ``_calibration``; every 4th batch is held out for the fidelity figures);
     seeded random inputs by default. Ratio 0 leaves the model unchanged.
     """
     ratio = _check_ratio(ratio)
@@ -314,7 +315,8 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
     kind, nm = _check_sparsity(sparsity, sparsity_pattern, sparsity_criterion, lamp)
     calib = _calibration(graph, calibration)
     if ((reconstruct or criterion in NEEDS_DATA) and ratio > 0 or remove_layers
-            or remove_attention or fuse_ffn or sparsity_criterion == "wanda") \
+            or remove_attention or fuse_ffn or (sparsity or kind == "nm") and (
+                sparsity_criterion == "wanda" or reconstruct)) \
             and calibration is None:
         log("warning: fitting to random inputs; give calibration data (--calib) drawn from "
             "the real input distribution")
@@ -333,7 +335,7 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
     if sparsity > 0 or kind == "nm":
         passes.append(Sparsify(float(sparsity) or 1 - nm[0] / nm[1], sparsity_pattern,
                                sparsity_criterion, "lamp" if lamp else "uniform",
-                               ignore=list(ignore)))
+                               ignore=list(ignore), reconstruct=bool(reconstruct)))
     if reorder:
         passes.append(ReorderChannels())
     manager = PassManager(passes, calib, log)

@@ -82,27 +82,40 @@ def refit_consumers(original: Graph, pruned: Graph, dg: DependencyGraph,
                     ridge: float = RIDGE) -> tuple[Graph, dict]:
     """Refit every Conv/Gemm/MatMul of ``pruned`` whose input channels ``plan`` removed."""
     keep_of = axis_keep(original, dg, plan)
+
+    def fit(graph, node, users, x, y, seed):
+        out_axis = _output_axis(node)
+        n_out = original.shape(node.inputs[1])[out_axis]
+        out_keep = keep_of.get((node.inputs[1], out_axis), np.arange(n_out))
+        return _refit(graph, node, users, x, y, out_keep, seed=seed, ridge=ridge)
+
+    graph, refit = refit_in_order(
+        original, pruned, lambda n: (n.inputs[1], _consumer_axis(n)) in keep_of, fit, batches)
+    return graph, {"refit": refit}
+
+
+def refit_in_order(original: Graph, changed: Graph, select, fit,
+                   batches: list[dict[str, np.ndarray]]) -> tuple[Graph, list[dict]]:
+    """For every refittable Conv/Gemm/MatMul that ``select(node)`` picks, in graph order:
+    ``fit(graph, node, users, x, y, seed)`` rewrites its weights from what it receives in
+    ``changed`` with the earlier refits applied (x) and its output in ``original`` (y)."""
     uses = original.consumers()
     targets = [n for n in original.nodes if n.op_type in ("Conv", "Gemm", "MatMul")
-               and len(n.inputs) > 1 and (n.inputs[1], _consumer_axis(n)) in keep_of
-               and _refittable(original, n, uses)]
+               and len(n.inputs) > 1 and select(n) and _refittable(original, n, uses)]
     if not targets:
-        return pruned, {"refit": []}
+        return changed, []
     y_orig = reference.activations(original, batches, [n.outputs[0] for n in targets])
-    graph = pruned.copy()
+    graph = changed.copy()
     nodes = {n.name: n for n in graph.nodes}
     users = graph.consumers()
-    refit = []
+    report = []
     for i, target in enumerate(targets):
         node = nodes[target.name]
         x = reference.activations(graph, batches, [node.inputs[0]])[node.inputs[0]]
-        out_axis = _output_axis(node)
-        n_out = original.shape(target.inputs[1])[out_axis]
-        out_keep = keep_of.get((target.inputs[1], out_axis), np.arange(n_out))
-        err = _refit(graph, node, users, np.concatenate(x), np.concatenate(
-            y_orig[target.outputs[0]]), out_keep, seed=i, ridge=ridge)
-        refit.append({"node": node.name, "weight": node.inputs[1], **err})
-    return graph, {"refit": refit}
+        err = fit(graph, node, users, np.concatenate(x), np.concatenate(
+            y_orig[target.outputs[0]]), i)
+        report.append({"node": node.name, "weight": node.inputs[1], **err})
+    return graph, report
 
 
 def _refittable(graph: Graph, n: Node, uses: dict[str, list[Node]]) -> bool:
@@ -143,13 +156,7 @@ def _refit(graph: Graph, node: Node, users: dict[str, list[Node]], x: np.ndarray
     if bias_name is not None and bias_name in graph.initializers:
         old = old + graph.initializers[bias_name].astype(np.float64)
     coef = theta[:-1] if bias_name is not None else theta
-    if node.op_type == "Conv":
-        new_w = coef.T.reshape(w.shape)
-    elif node.op_type == "Gemm" and int(node.attr("transB", 0)):
-        new_w = coef.T
-    else:
-        new_w = coef
-    graph.set_initializer(node.inputs[1], new_w.astype(w.dtype))
+    graph.set_initializer(node.inputs[1], _from_matrix(node, coef, w))
     if bias_name is not None:
         graph.set_initializer(bias_name, theta[-1].astype(w.dtype))
     new = a @ coef + (theta[-1] if bias_name is not None else 0.0)
@@ -165,6 +172,15 @@ def _as_matrix(node: Node, w: np.ndarray) -> np.ndarray:
     if node.op_type == "Gemm" and int(node.attr("transB", 0)):
         return w.T
     return w
+
+
+def _from_matrix(node: Node, mat: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """Inverse of ``_as_matrix``: [K, N] back into the weight's own layout and dtype."""
+    if node.op_type == "Conv":
+        return mat.T.reshape(like.shape).astype(like.dtype)
+    if node.op_type == "Gemm" and int(node.attr("transB", 0)):
+        return mat.T.astype(like.dtype)
+    return mat.astype(like.dtype)
 
 
 def _bias_slot(graph: Graph, node: Node, users: dict[str, list[Node]], n_out: int) -> str | None:

@@ -16,6 +16,12 @@ and the pattern is one of
 layer by one global threshold on LAMP scores: a unit's squared importance divided by the sum of
 those of the units at least as important in its layer. Layers then keep what they need and the
 total is still s (counted in weights). It applies to unstructured and block patterns.
+
+``reconstruct`` then refits the weights that remain, layer by layer in graph order, as
+SparseGPT does with its second-order update but solved directly: each output channel's kept
+weights (and the bias) are the ridge least-squares fit, on calibration data, of the original
+layer's output from what the layer receives in the sparse model so far (``reconstruct.py``
+does the same for channel pruning's consumers). Zeros stay zeros.
 """
 
 from __future__ import annotations
@@ -27,8 +33,10 @@ from fnmatch import fnmatchcase
 import numpy as np
 
 from sparsec import reference
-from sparsec.ir.graph import Graph
+from sparsec.ir.graph import Graph, Node
 from sparsec.passes.manager import PassContext
+from sparsec.passes.reconstruct import (MAX_ROWS, RIDGE, _as_matrix, _bias_slot,
+                                        _from_matrix, _im2col, refit_in_order)
 from sparsec.passes.reorder import weight_matrices
 
 CRITERIA = ("magnitude", "wanda")
@@ -92,6 +100,7 @@ class Sparsify:
     criterion: str = "magnitude"
     allocation: str = "uniform"
     ignore: list[str] = field(default_factory=list)
+    reconstruct: bool = False
     name: str = "sparsify"
     exact: bool = False
 
@@ -126,9 +135,14 @@ class Sparsify:
             kept = _unview(mask, arr, weights[w])
             out.set_initializer(w, np.where(kept, arr, np.zeros((), arr.dtype)).astype(arr.dtype))
             layers[w] = round(1.0 - float(mask.mean()), 4)
+        refit = []
+        if self.reconstruct:
+            if ctx is None:
+                raise ValueError("reconstruction needs calibration data")
+            out, refit = refit_sparse(graph, out, set(masks), ctx.fit)
         total = sum(graph.initializers[w].size for w in masks)
         zeros = sum(int((out.initializers[w] == 0).sum()) for w in masks)
-        return out, {"pattern": self.pattern, "criterion": self.criterion,
+        return out, {"refit": refit, "pattern": self.pattern, "criterion": self.criterion,
                      "allocation": self.allocation if kind != "nm" else "fixed by N:M",
                      "target": self.sparsity if kind != "nm" else 1 - nums[0] / nums[1],
                      "achieved": round(zeros / max(total, 1), 4), "layers": layers,
@@ -190,3 +204,54 @@ class Sparsify:
             at += u.size
             masks[w] = keep if kind == "unstructured" else _expand(keep, *nums, scores[w].shape)
         return masks
+
+
+def refit_sparse(original: Graph, sparse: Graph, weights: set[str],
+                 batches: list[dict[str, np.ndarray]], ridge: float = RIDGE
+                 ) -> tuple[Graph, list[dict]]:
+    """Refit the kept weights of every sparsified layer (module docstring), in graph order."""
+    def fit(graph, node, users, x, y, seed):
+        return _refit_masked(graph, node, users, x.astype(np.float64), y.astype(np.float64),
+                             seed, ridge)
+
+    return refit_in_order(original, sparse, lambda n: n.inputs[1] in weights, fit, batches)
+
+
+def _refit_masked(graph: Graph, node: Node, users, x: np.ndarray, y: np.ndarray, seed: int,
+                  ridge: float) -> dict:
+    w = graph.initializers[node.inputs[1]]
+    mat = _as_matrix(node, w).astype(np.float64)            # [K, N]: a @ mat
+    if node.op_type == "Conv":
+        a = _im2col(x, node, w.shape[2:])
+        target = y.transpose(0, 2, 3, 1).reshape(-1, mat.shape[1])
+    else:
+        a = x.reshape(-1, x.shape[-1])
+        target = y.reshape(-1, mat.shape[1])
+    bias_name = _bias_slot(graph, node, users, mat.shape[1])
+    if node.op_type == "MatMul" and bias_name is not None:
+        target = target + graph.initializers[bias_name].astype(np.float64)
+    bias = graph.initializers[bias_name].astype(np.float64) if bias_name else 0.0
+    if a.shape[0] > MAX_ROWS:
+        rows = np.sort(np.random.default_rng(seed).choice(a.shape[0], MAX_ROWS, replace=False))
+        a, target = a[rows], target[rows]
+    a1 = np.hstack([a, np.ones((a.shape[0], 1))]) if bias_name else a
+    gram, rhs = a1.T @ a1, a1.T @ target
+    lam = ridge * max(float(np.mean(np.diag(gram))), 1e-12)
+    new_mat, new_bias = np.zeros_like(mat), np.zeros(mat.shape[1])
+    extra = [a.shape[1]] if bias_name else []
+    for j in range(mat.shape[1]):
+        idx = np.concatenate([np.flatnonzero(mat[:, j]), extra]).astype(np.int64)
+        if idx.size == 0:
+            continue
+        theta = np.linalg.solve(gram[np.ix_(idx, idx)] + lam * np.eye(idx.size), rhs[idx, j])
+        if bias_name:
+            new_bias[j] = theta[-1]
+            theta = theta[:-1]
+        new_mat[idx[: theta.size], j] = theta
+    graph.set_initializer(node.inputs[1], _from_matrix(node, new_mat, w))
+    if bias_name:
+        graph.set_initializer(bias_name, new_bias.astype(w.dtype))
+    new = a @ new_mat + (new_bias if bias_name else 0.0)
+    scale = max(float(np.sqrt(np.mean(target ** 2))), 1e-12)
+    return {"rel_rmse_before": float(np.sqrt(np.mean((a @ mat + bias - target) ** 2)) / scale),
+            "rel_rmse_after": float(np.sqrt(np.mean((new - target) ** 2)) / scale)}
