@@ -164,6 +164,49 @@ def test_dense_packed_numerics(form, m, k, n, host, tmp_path):
         assert facts["kernels"] == {"dense_packed": 1}
 
 
+def _block_sparse(model, share: float, seed: int = 0):
+    """The model with ``share`` of its weight's 16x1 blocks (16 outputs x 1 input) zeroed."""
+    import sparsec
+    from sparsec.ir.onnx_io import to_onnx
+
+    return to_onnx(sparsec.prune(model, sparsity=share, sparsity_pattern="16x1").graph)
+
+
+@pytest.mark.parametrize("form,m,k,n", [
+    ("matmul", 32, 64, 48),
+    ("matmul", 1, 40, 45),      # GEMV, odd N: the last panel is partial
+    ("gemm_transb", 7, 33, 45),
+    ("matmul_add_relu", 5, 20, 33),
+    ("rank3", 3, 16, 20),
+])
+def test_bsr_numerics(form, m, k, n, host, tmp_path):
+    """Block-sparse weights get the BSR kernel, which computes what ONNX Runtime and numpy do
+    (bias and relu fused as for the dense kernel)."""
+    model = _block_sparse(dense_model(form, m, k, n), 0.8)
+    facts, feeds, outs = compile_and_run(model, host, tmp_path)
+    assert facts["kernels"].get("bsr_dense") == 1, facts["kernels"]
+    [d] = [d for d in facts["decisions"] if d["chosen"] == "bsr_dense"]
+    assert d["rows_kept"] < k
+    x = feeds["x"].astype(np.float64)
+    inits = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    w = inits["w"].T if form == "gemm_transb" else inits["w"]
+    want = x @ w + inits.get("b", 0.0)
+    if form == "matmul_add_relu":
+        want = np.maximum(want, 0)
+    np.testing.assert_allclose(outs[0], want, rtol=RTOL, atol=ATOL)
+    assert_matches_ort(model, feeds, outs)
+
+
+def test_cost_rule_keeps_dense_when_sparsity_skips_little(host, tmp_path):
+    """Unstructured zeros leave every 16-wide panel row with a nonzero: nothing to skip."""
+    import sparsec
+    from sparsec.ir.onnx_io import to_onnx
+
+    model = to_onnx(sparsec.prune(dense_model("matmul", 32, 64, 48), sparsity=0.5).graph)
+    facts, _, _ = compile_and_run(model, host, tmp_path)
+    assert facts["kernels"] == {"dense_packed": 1}
+
+
 def test_dense_kernel_keeps_schedule_next_to_fusible_ops(host, tmp_path):
     """A non-folded elementwise op after the kernel must not be fused into it (the kernel is
     opaque to FuseOps), and its own function gets the fallback schedule."""

@@ -15,7 +15,6 @@ schedule ~0.02 on the same GEMM.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 FALLBACK = "fallback"
 
@@ -33,6 +32,10 @@ class StrategyInfo:
 STRATEGIES: tuple[StrategyInfo, ...] = (
     StrategyInfo("dense_packed", "relax.matmul", 0.55,
                  "constant W packed [N/16,K,16]; 4x16 register tile; N panels in parallel"),
+    StrategyInfo("bsr_dense", "relax.matmul", 0.40,
+                 "constant W with 16x1 zero blocks (16 output channels x 1 input): each 16-wide "
+                 "panel keeps its nonzero rows (ELL-padded), indirect X load; dense_packed's "
+                 "4x16 tile over L <= K rows"),
     StrategyInfo("conv2d_nchw_packed", "relax.nn.conv2d", 0.40,
                  "NCHW groups=1, constant W packed [OC/16,IC,KH,KW,16]; (T pixels x 16 oc) "
                  "register tile; (n, oc-block, oh) in parallel. Small maps whose output width "
@@ -53,15 +56,17 @@ def estimate_seconds(strategy: str, macs: int, cores: int) -> float:
     return macs / (PEAK_MACS_PER_CORE * max(cores, 1) * BY_NAME[strategy].efficiency)
 
 
-def choose(op: str, macs: int, cores: int, matches: Callable[[str], bool]) -> tuple[str, dict]:
-    """Pick the strategy with the lowest estimate among those that match ``op``.
+def choose(op: str, macs: int, cores: int, candidates: dict[str, int]) -> tuple[str, dict]:
+    """Pick the strategy with the lowest estimate among the matched ``candidates``
+    ({strategy: MACs it would do: a sparse kernel skips the zeros}) and the fallback (``macs``,
+    the op's dense count).
 
     Returns the name and an explanation dict ``{"candidates": {name: est_ms}, "chosen": name}``.
     """
-    est: dict[str, float] = {}
-    for s in STRATEGIES:
-        if s.name == FALLBACK or (s.op == op and matches(s.name)):
-            est[s.name] = estimate_seconds(s.name, macs, cores) * 1e3
+    est = {FALLBACK: estimate_seconds(FALLBACK, macs, cores) * 1e3}
+    for name, work in candidates.items():
+        if BY_NAME[name].op == op:
+            est[name] = estimate_seconds(name, work, cores) * 1e3
     chosen = min(est, key=est.__getitem__)
     return chosen, {"candidates": {k: round(v, 4) for k, v in est.items()}, "chosen": chosen}
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from sparsec.targets import kernels
-from sparsec.targets.kernels import conv2d, dense
+from sparsec.targets.kernels import bsr, conv2d, dense
 
 if TYPE_CHECKING:
     import numpy as np
@@ -119,7 +119,7 @@ def tvm_op_type():
 # --------------------------------------------------------------------------- matching
 
 
-def _match_dense(a: _Analysis, call: "relax.Call") -> tuple[Plan, dict] | None:
+def _match_dense(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | None:
     x, w_expr = call.args
     w = a.const(w_expr)
     xs, out = _static_shape(x), _static_shape(call)
@@ -133,28 +133,41 @@ def _match_dense(a: _Analysis, call: "relax.Call") -> tuple[Plan, dict] | None:
     m = 1
     for d in xs[:-1]:
         m *= d
-    packed = dense.pack_weight(w)
     dtype = _dtype(x)
 
-    def emit(bb: "relax.BlockBuilder", args: list, bias, relu: bool, residual
-             ) -> "relax.Expr":
-        from tvm import relax
+    def emitter(strategy: str):
+        def emit(bb: "relax.BlockBuilder", args: list, bias, relu: bool, residual
+                 ) -> "relax.Expr":
+            from tvm import relax
 
-        func = dense.build(m, k, n, dtype, bias=bias is not None, relu=relu,
-                           residual=residual is not None)
-        gv = bb.add_func(func, dense.NAME)
-        x2 = args[0] if len(xs) == 2 else bb.emit(relax.op.reshape(args[0], (m, k)))
-        call_args = [x2, relax.const(packed)] + ([relax.const(bias)] if bias is not None else [])
-        if residual is not None:
-            call_args.append(residual if len(xs) == 2 else bb.emit(
-                relax.op.reshape(residual, (m, n))))
-        y = relax.call_tir(gv, call_args, relax.TensorType((m, n), dtype))
-        if len(xs) == 2:
-            return y
-        return relax.op.reshape(bb.emit(y), out)
+            flags = {"bias": bias is not None, "relu": relu, "residual": residual is not None}
+            if strategy == bsr.NAME:
+                idx, data = bsr.pack_weight(w)
+                func = bsr.build(m, k, n, idx.shape[1], dtype, **flags)
+                weights = [relax.const(idx), relax.const(data)]
+            else:
+                func = dense.build(m, k, n, dtype, **flags)
+                weights = [relax.const(dense.pack_weight(w))]
+            gv = bb.add_func(func, strategy)
+            x2 = args[0] if len(xs) == 2 else bb.emit(relax.op.reshape(args[0], (m, k)))
+            call_args = [x2, *weights] + ([relax.const(bias)] if bias is not None else [])
+            if residual is not None:
+                call_args.append(residual if len(xs) == 2 else bb.emit(
+                    relax.op.reshape(residual, (m, n))))
+            y = relax.call_tir(gv, call_args, relax.TensorType((m, n), dtype))
+            if len(xs) == 2:
+                return y
+            return relax.op.reshape(bb.emit(y), out)
+        return emit
 
     info = {"op": "matmul", "shape": {"M": m, "K": k, "N": n}}
-    return Plan(dense.NAME, emit, info=info), {"macs": m * k * n}
+    plans = [(Plan(dense.NAME, emitter(dense.NAME), info=info), {"macs": m * k * n})]
+    rows = bsr.padded_rows(w)
+    if rows < k:            # some 16-wide panel rows are all zero: the sparse kernel skips them
+        sparse_info = {**info, "rows_kept": rows}
+        work = m * rows * (-(-n // bsr.LANES)) * bsr.LANES
+        plans.append((Plan(bsr.NAME, emitter(bsr.NAME), info=sparse_info), {"macs": work}))
+    return plans
 
 
 def _match_conv(a: _Analysis, call: "relax.Call") -> tuple[Plan, dict] | None:
@@ -275,14 +288,16 @@ def plan_function(func: "relax.Function", cores: int) -> tuple[dict, dict, list[
             matched = matcher(a, call)
         except Exception:  # noqa: BLE001 - odd attrs: let the generic path handle it
             matched = None
-        macs = matched[1]["macs"] if matched else 0
+        found = {} if matched is None else {p.strategy: (p, c) for p, c in (
+            matched if isinstance(matched, list) else [matched])}
+        macs = max((c["macs"] for _, c in found.values()), default=0)
         name, why = kernels.choose(call.op.name, macs, cores,
-                                   lambda s: matched is not None and matched[0].strategy == s)
+                                   {s: c["macs"] for s, (_, c) in found.items()})
         decision = {"op": call.op.name.removeprefix("relax."), **why}
-        if matched is None or name != matched[0].strategy:
+        if name not in found:
             decisions.append(decision)
             continue
-        plan = matched[0]
+        plan = found[name][0]
         decision.update(plan.info)
         plans[var] = plan
         # epilogue: + per-channel bias, then relu, each the single user of the previous value

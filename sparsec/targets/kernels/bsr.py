@@ -1,0 +1,105 @@
+"""``bsr_dense``: Y[M, N] = X[M, K] @ W[K, N] for a constant W whose zeros come in blocks of
+16 output channels x 1 input channel (``--sparsity-pattern 16x1``), the BSR layout of "Fast
+Sparse ConvNets" (Elsen et al.) with the block along the vectorized axis.
+
+The sparsity structure is a compile-time constant, so the format is specialised on it: W's
+16-wide column panels are packed like ``dense_packed``'s, but each panel keeps only its
+nonzero K rows. Panels are padded to the same row count L (ELL), which keeps the loop nest
+static: ``idx[NB, L]`` lists each panel's rows, ``data[NB, L, 16]`` their values (padding rows
+point at row 0 with zero values). The micro-kernel is the dense one with an indirect load:
+
+  for nb in parallel(NB): for mo in M/MI:
+    acc[MI, 16] = 0
+    for l in L: for mi in unroll(MI): for ni in vectorize(16):
+      acc[mi, ni] += X[mo*MI+mi, idx[nb, l]] * data[nb, l, ni]
+
+so it does L/K of the dense MACs. Panels with very different row counts waste the padding;
+the cost rule counts the padded MACs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from sparsec.targets.kernels.common import epilogue_func, finish, pick_row_tile
+
+if TYPE_CHECKING:
+    import numpy as np
+    from tvm import tirx
+
+NAME = "bsr_dense"
+LANES = 16
+ROW_TILES = (4, 6, 5, 3, 2, 1)
+
+
+def pack_weight(w_kn: "np.ndarray", lanes: int = LANES
+                ) -> tuple["np.ndarray", "np.ndarray"]:
+    """[K, N] -> (idx [NB, L] int32, data [NB, L, lanes]): each panel's nonzero rows."""
+    import numpy as np
+
+    k, n = w_kn.shape
+    nb = -(-n // lanes)
+    padded = np.zeros((k, nb * lanes), dtype=w_kn.dtype)
+    padded[:, :n] = w_kn
+    panels = padded.reshape(k, nb, lanes).transpose(1, 0, 2)        # [NB, K, lanes]
+    rows = [np.flatnonzero(p.any(axis=1)) for p in panels]
+    width = max(1, max(len(r) for r in rows))
+    idx = np.zeros((nb, width), dtype=np.int32)
+    data = np.zeros((nb, width, lanes), dtype=w_kn.dtype)
+    for j, r in enumerate(rows):
+        idx[j, : len(r)] = r
+        data[j, : len(r)] = panels[j, r]
+    return idx, data
+
+
+def padded_rows(w_kn: "np.ndarray", lanes: int = LANES) -> int:
+    """L of ``pack_weight`` without building the arrays."""
+    import numpy as np
+
+    k, n = w_kn.shape
+    nb = -(-n // lanes)
+    padded = np.zeros((k, nb * lanes), dtype=bool)
+    padded[:, :n] = w_kn != 0
+    return max(1, int(padded.reshape(k, nb, lanes).any(axis=2).sum(axis=0).max()))
+
+
+def build(m: int, k: int, n: int, rows: int, dtype: str = "float32", bias: bool = False,
+          relu: bool = False, residual: bool = False, lanes: int = LANES,
+          row_tiles: tuple[int, ...] = ROW_TILES) -> "tirx.PrimFunc":
+    """The scheduled PrimFunc ``(X[M,K], idx[NB,L], data[NB,L,lanes] [, B[N]] [, R[M,N]],
+    Y[M,N])`` with ``L = rows``."""
+    from tvm import s_tir, te
+
+    nb = -(-n // lanes)
+    x = te.placeholder((m, k), dtype, name="X")
+    idx = te.placeholder((nb, rows), "int32", name="idx")
+    data = te.placeholder((nb, rows, lanes), dtype, name="data")
+    b = te.placeholder((n,), dtype, name="B") if bias else None
+    res = te.placeholder((m, n), dtype, name="R") if residual else None
+    r = te.reduce_axis((0, rows), name="l")
+    acc = te.compute(
+        (m, nb, lanes),
+        lambda i, jb, jl: te.sum(x[i, idx[jb, r]] * data[jb, r, jl], axis=r), name="acc")
+    sch = s_tir.Schedule(epilogue_func(
+        [x, idx, data], lambda i, j: acc[i, j // lanes, j % lanes], (m, n), dtype, b, res,
+        relu))
+    mi_size = pick_row_tile(m, row_tiles)
+    blk = sch.get_sblock("acc")
+    i, jb, jl, ll = sch.get_loops(blk)
+    mo, mi = sch.split(i, [None, mi_size])
+    sch.reorder(jb, mo, ll, mi, jl)
+    sch.set_scope(blk, 0, "local")
+    out = sch.get_sblock("Y")
+    sch.reverse_compute_at(out, mo)
+    oj = sch.get_loops(out)[-1]
+    if n % lanes == 0:
+        _, oj_in = sch.split(oj, [None, lanes])
+        sch.vectorize(oj_in)
+    sch.vectorize(jl)
+    sch.unroll(mi)
+    if nb >= 4 or m // mi_size == 1:
+        sch.parallel(jb)
+    else:
+        sch.parallel(sch.fuse(jb, mo))
+    sch.decompose_reduction(blk, ll)
+    return finish(sch, NAME)
