@@ -18,7 +18,7 @@ from bench_host import publish  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 SETTINGS = [("unstructured", 0.5), ("unstructured", 0.7), ("unstructured", 0.9),
-            ("4x4", 0.5), ("4x4", 0.7), ("2:4", 0.0)]
+            ("4x4", 0.5), ("4x4", 0.7), ("16x1", 0.7), ("16x1", 0.9), ("2:4", 0.0)]
 METHODS = [("magnitude", False, False), ("magnitude", True, False), ("wanda", True, False),
            ("magnitude", False, True), ("magnitude", True, True), ("wanda", True, True)]
 
