@@ -46,6 +46,7 @@ def main() -> int:
               return_tensors="pt")
     long = capture_fx(module, (enc["input_ids"], enc["attention_mask"]))
     feeds = {"input_ids": enc["input_ids"].numpy(), "attention_mask": enc["attention_mask"].numpy()}
+    params = set(module.state_dict())
     rows, engines = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, kw in VARIANTS:
@@ -54,9 +55,9 @@ def main() -> int:
             result = sparsec.prune(short, calibration=dicts, **opts)
             cos = (embed_graph(result.graph, test) * ref).sum(axis=1)
             g = long.copy()
-            for k, v in result.graph.initializers.items():
-                if k in g.initializers and g.initializers[k].shape == v.shape:
-                    g.initializers[k] = v
+            for k in params:                 # module parameters keep their names in both
+                if k in g.initializers and k in result.graph.initializers:
+                    g.initializers[k] = result.graph.initializers[k]
             model = to_onnx(g)
             run, facts, compile_s = sparsec_runner(model, Path(tmp), f"v{len(rows)}")
             ort = ort_runner(model, 2)
