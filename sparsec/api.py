@@ -220,9 +220,13 @@ def _check_structure(graph: Graph, remove_layers: int, remove_attention: int,
         raise BadOptionError(f"cannot remove {remove_layers} layers: the model has {found} "
                              f"removable residual layers")
     blocks = find_blocks(graph)
-    if remove_attention and int(remove_attention) > (found := sum(b.attention for b in blocks)):
+    # with fusion, only attention blocks between two FFN blocks are candidates
+    found = sum(b.attention and (not fuse_ffn or (k > 0 and not blocks[k - 1].attention))
+                for k, b in enumerate(blocks))
+    if remove_attention and int(remove_attention) > found:
+        where = " between FFN blocks" if fuse_ffn else ""
         raise BadOptionError(f"cannot remove {remove_attention} attention blocks: the model has "
-                             f"{found}")
+                             f"{found}{where}")
     if fuse_ffn == 1 or (fuse_ffn and int(fuse_ffn) > len(blocks) - int(remove_attention)):
         raise BadOptionError(f"fuse_ffn needs 2 or more consecutive FFN blocks, and the model "
                              f"has {len(blocks) - int(remove_attention)} residual blocks left "

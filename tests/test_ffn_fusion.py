@@ -153,3 +153,9 @@ def test_fusing_twice_keeps_names_apart():
     feeds = reference.random_inputs(g, seed=4)
     np.testing.assert_allclose(_outputs(twice, feeds), _outputs(once, feeds), rtol=1e-5,
                                atol=1e-5)
+
+
+def test_attention_removal_for_fusion_counts_only_blocks_between_ffns(zoo_models):
+    g = load_onnx(zoo_models("hf_bert"))            # A F A F: one attention block between
+    with pytest.raises(BadOptionError, match="has 1 between FFN blocks"):
+        sparsec.prune(g, remove_attention=2, fuse_ffn=2)
