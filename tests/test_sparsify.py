@@ -117,3 +117,20 @@ def test_reconstruction_refits_kept_weights_and_zeros_stay_zero():
     for w in plain.passes[0].details["layers"]:
         zeros = plain.graph.initializers[w] == 0
         assert (refit.graph.initializers[w][zeros] == 0).all(), w
+
+
+def test_grouped_n_m_shares_one_pattern_per_16_outputs():
+    """1:4g16: each panel of 16 output channels keeps the same 1 of every 4 inputs, so the BSR
+    kernel's panels all keep exactly K/4 rows (no padding)."""
+    from sparsec.targets.kernels import bsr
+
+    g = load_onnx(zoo.ffn_stack(d=16, hidden=(32, 48, 64)))
+    result = sparsec.prune(g, sparsity_pattern="1:4g16", ignore=["head"])
+    d = result.passes[0].details
+    assert d["achieved"] == pytest.approx(0.75, abs=1e-3) and d["target"] == 0.75
+    for w in d["layers"]:
+        m = _matrices(result.graph)[w][..., 0] != 0          # [out, in]
+        panels = m.reshape(m.shape[0] // 16, 16, m.shape[1])
+        assert (panels == panels[:, :1]).all()              # one pattern per 16 outputs
+        w_kn = result.graph.initializers[w]                 # MatMul weight: [in, out]
+        assert bsr.padded_rows(w_kn) == w_kn.shape[0] // 4

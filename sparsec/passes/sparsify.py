@@ -10,7 +10,10 @@ and the pattern is one of
 * ``RxC``           blocks of R output x C input channels (all taps) go whole, lowest summed
   importance first, s of the layer's blocks (edge blocks may be partial);
 * ``N:M``           in every run of M consecutive input channels (per output channel and tap)
-  the top N stay: sparsity 1 - N/M whatever s says (2:4 is what sparse tensor cores take).
+  the top N stay: sparsity 1 - N/M whatever s says (2:4 is what sparse tensor cores take);
+* ``N:MgG``         grouped N:M (as in STen): G consecutive output channels share one N:M
+  pattern, chosen on their summed importance. With G = 16 every 16-wide panel of the BSR
+  kernel keeps exactly K N/M rows, so nothing is padded.
 
 ``allocation="lamp"`` (Lee et al., layer-adaptive magnitude pruning) replaces the same s in every
 layer by one global threshold on LAMP scores: a unit's squared importance divided by the sum of
@@ -44,19 +47,19 @@ ALLOCATIONS = ("uniform", "lamp")
 
 
 def parse_pattern(text: str) -> tuple[str, tuple[int, int] | None]:
-    """"unstructured" | "RxC" (block) | "N:M" -> (kind, numbers); ValueError otherwise."""
+    """"unstructured" | "RxC" (block) | "N:M[gG]" -> (kind, numbers); ValueError otherwise."""
     if text == "unstructured":
         return "unstructured", None
     if m := re.fullmatch(r"(\d+)x(\d+)", text):
         r, c = int(m[1]), int(m[2])
         if r >= 1 and c >= 1:
             return "block", (r, c)
-    if m := re.fullmatch(r"(\d+):(\d+)", text):
-        n, k = int(m[1]), int(m[2])
-        if 1 <= n < k:
-            return "nm", (n, k)
+    if m := re.fullmatch(r"(\d+):(\d+)(?:g(\d+))?", text):
+        n, k, g = int(m[1]), int(m[2]), int(m[3] or 1)
+        if 1 <= n < k and g >= 1:
+            return "nm", (n, k, g)
     raise ValueError(f"unknown sparsity pattern '{text}' (use unstructured, RxC such as 4x4, "
-                     f"or N:M such as 2:4)")
+                     f"N:M such as 2:4, or grouped N:M such as 2:4g16)")
 
 
 def _view(w: np.ndarray, axes: tuple[int, int]) -> np.ndarray:
@@ -115,14 +118,17 @@ class Sparsify:
         scores = self._scores(graph, weights, ctx)
         masks, skipped = {}, []
         if kind == "nm":
-            n, m = nums
+            n, m, group = nums
             for w, s in scores.items():
-                if s.shape[1] % m:
+                if s.shape[1] % m or s.shape[0] % group:
                     skipped.append(w)
                     continue
-                g = s.reshape(s.shape[0], s.shape[1] // m, m, s.shape[2])
-                rank = np.argsort(np.argsort(-g, axis=2, kind="stable"), axis=2)
-                masks[w] = (rank < n).reshape(s.shape)
+                # grouped: G consecutive output channels share one pattern (summed scores)
+                pooled = s.reshape(s.shape[0] // group, group, s.shape[1] // m, m,
+                                   s.shape[2]).sum(axis=1)
+                rank = np.argsort(np.argsort(-pooled, axis=2, kind="stable"), axis=2)
+                keep = np.repeat(rank < n, group, axis=0)
+                masks[w] = keep.reshape(s.shape)
         elif self.allocation == "lamp":
             masks = self._lamp_masks(scores, kind, nums)
         else:
