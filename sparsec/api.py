@@ -216,10 +216,12 @@ def _check_structure(graph: Graph, remove_layers: int, remove_attention: int,
                     ("fuse_ffn", fuse_ffn)):
         if int(n) < 0:
             raise BadOptionError(f"{name} must be >= 0, got {n}")
-    if remove_layers and int(remove_layers) >= (found := len(find_layers(graph))):
+    if not (remove_layers or remove_attention or fuse_ffn):
+        return
+    blocks = find_blocks(graph)
+    if remove_layers and int(remove_layers) >= (found := len(find_layers(graph, blocks))):
         raise BadOptionError(f"cannot remove {remove_layers} layers: the model has {found} "
                              f"removable residual layers")
-    blocks = find_blocks(graph)
     # with fusion, only attention blocks between two FFN blocks are candidates
     found = sum(b.attention and (not fuse_ffn or (k > 0 and not blocks[k - 1].attention))
                 for k, b in enumerate(blocks))

@@ -136,6 +136,15 @@ def dense_model(form: str, m: int, k: int, n: int, seed: int = 0):
     raise ValueError(form)
 
 
+def dense_reference(model, form: str, feeds) -> np.ndarray:
+    """What ``dense_model(form, ...)`` computes, in float64 numpy."""
+    x = feeds["x"].astype(np.float64)
+    inits = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    w = inits["w"].T if form == "gemm_transb" else inits["w"]
+    want = x @ w + inits.get("b", 0.0)
+    return np.maximum(want, 0) if form == "matmul_add_relu" else want
+
+
 @pytest.mark.parametrize("form,m,k,n", [
     ("matmul", 32, 64, 48),
     ("matmul", 1, 40, 45),      # GEMV, odd N
@@ -150,13 +159,8 @@ def test_dense_packed_numerics(form, m, k, n, host, tmp_path):
     model = dense_model(form, m, k, n)
     facts, feeds, outs = compile_and_run(model, host, tmp_path)
     assert facts["kernels"].get("dense_packed") == 1, facts["kernels"]
-    x = feeds["x"].astype(np.float64)
-    inits = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
-    w = inits["w"].T if form == "gemm_transb" else inits["w"]
-    want = x @ w + inits.get("b", 0.0)
-    if form == "matmul_add_relu":
-        want = np.maximum(want, 0)
-    np.testing.assert_allclose(outs[0], want, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(outs[0], dense_reference(model, form, feeds), rtol=RTOL,
+                               atol=ATOL)
     assert_matches_ort(model, feeds, outs)
     if form in ("gemm_transb", "matmul_add_relu"):  # bias (and relu) folded into the kernel
         dense = [d for d in facts["decisions"] if d["chosen"] == "dense_packed"]
@@ -187,13 +191,8 @@ def test_bsr_numerics(form, m, k, n, host, tmp_path):
     assert facts["kernels"].get("bsr_dense") == 1, facts["kernels"]
     [d] = [d for d in facts["decisions"] if d["chosen"] == "bsr_dense"]
     assert d["rows_kept"] < k
-    x = feeds["x"].astype(np.float64)
-    inits = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
-    w = inits["w"].T if form == "gemm_transb" else inits["w"]
-    want = x @ w + inits.get("b", 0.0)
-    if form == "matmul_add_relu":
-        want = np.maximum(want, 0)
-    np.testing.assert_allclose(outs[0], want, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(outs[0], dense_reference(model, form, feeds), rtol=RTOL,
+                               atol=ATOL)
     assert_matches_ort(model, feeds, outs)
 
 

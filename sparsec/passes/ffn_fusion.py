@@ -33,6 +33,7 @@ from sparsec.ir.graph import Graph, Node, Value
 from sparsec.ir.ops import op_kind
 from sparsec.passes.layer_removal import Block, _rewire, angular_distance, find_blocks
 from sparsec.passes.manager import PassContext
+from sparsec.passes.reconstruct import _as_matrix
 
 _REGION_KINDS = ("unary", "broadcast")
 
@@ -79,16 +80,15 @@ def _keeps_last(graph: Graph, node: Node) -> bool:
 
 def _linear(graph: Graph, node: Node, producers, consumers) -> Linear | None:
     """The linear layer ``node`` (MatMul or Gemm with a constant weight) belongs to."""
+    w = _const(graph, node.inputs[1])
     if node.op_type == "MatMul":
-        w = _const(graph, node.inputs[1])
         if w is None or w.ndim != 2 or node.inputs[0] in graph.initializers:
             return None
         weight, bias = w, np.zeros(w.shape[1], w.dtype)
     elif node.op_type == "Gemm":
-        w = _const(graph, node.inputs[1])
         if w is None or node.attr("transA", 0):
             return None
-        weight = (w.T if node.attr("transB", 0) else w) * node.attr("alpha", 1.0)
+        weight = _as_matrix(node, w) * node.attr("alpha", 1.0)
         c = _const(graph, node.inputs[2]) if len(node.inputs) > 2 else None
         if len(node.inputs) > 2 and node.inputs[2] and c is None:
             return None
@@ -215,6 +215,10 @@ def _affine_operand(graph: Graph, node: Node) -> tuple[np.ndarray, str] | None:
     return None
 
 
+def _same_attrs(a: Node, b: Node) -> bool:
+    return repr(sorted(a.attrs.items())) == repr(sorted(b.attrs.items()))
+
+
 def _same(graph: Graph, a: str, b: str, xa: str, xb: str, producers) -> bool:
     """Whether tensors ``a`` and ``b`` compute the same function, given ``xa`` == ``xb``."""
     if a == b or (a, b) == (xa, xb):
@@ -226,16 +230,19 @@ def _same(graph: Graph, a: str, b: str, xa: str, xb: str, producers) -> bool:
     pa, pb = producers.get(a), producers.get(b)
     if pa is None or pb is None or pa.op_type != pb.op_type or \
             len(pa.inputs) != len(pb.inputs) or pa.outputs.index(a) != pb.outputs.index(b) or \
-            repr(sorted(pa.attrs.items())) != repr(sorted(pb.attrs.items())):
+            not _same_attrs(pa, pb):
         return False
     return all(_same(graph, i, j, xa, xb, producers) for i, j in zip(pa.inputs, pb.inputs))
 
 
-def fusible(graph: Graph, blocks: list[Block]) -> list[FFN] | None:
-    """The blocks' FFNs when the blocks form a run that ``fuse_run`` can fuse."""
+def fusible(graph: Graph, blocks: list[Block], ffns: list[FFN | None] | None = None
+            ) -> list[FFN] | None:
+    """The blocks' FFNs (``ffns`` when already extracted) when the blocks form a run that
+    ``fuse_run`` can fuse."""
     if len(blocks) < 2 or any(a.end != b.start for a, b in zip(blocks, blocks[1:])):
         return None
-    ffns = [extract_ffn(graph, b) for b in blocks]
+    if ffns is None:
+        ffns = [extract_ffn(graph, b) for b in blocks]
     if any(f is None for f in ffns):
         return None
     first, producers = ffns[0], graph.producers()
@@ -244,15 +251,14 @@ def fusible(graph: Graph, blocks: list[Block]) -> list[FFN] | None:
                 len(f.region) != len(first.region) or f.down.weight.shape[1] != \
                 first.down.weight.shape[1]:
             return None
-        if f.norm == "layernorm" and repr(sorted(f.ln.attrs.items())) != \
-                repr(sorted(first.ln.attrs.items())):
+        if f.norm == "layernorm" and not _same_attrs(f.ln, first.ln):
             return None
         if f.norm != "layernorm" and not _same(graph, f.normalized, first.normalized,
                                                f.block.start, first.block.start, producers):
             return None
         for p, q in zip(f.region, first.region):
             if p.op_type != q.op_type or len(p.inputs) != len(q.inputs) or \
-                    repr(sorted(p.attrs.items())) != repr(sorted(q.attrs.items())):
+                    not _same_attrs(p, q):
                 return None
             for i, j in zip(p.inputs, q.inputs):
                 if p.op_type != "Reshape" and (i in graph.initializers) != \
@@ -270,8 +276,9 @@ def fusible_runs(graph: Graph, blocks: list[Block], count: int, first: int | Non
     run starting at ``first`` when given, negative from the end); BadOptionError when there is
     none."""
     starts = range(len(blocks)) if first is None else [first % max(len(blocks), 1)]
-    runs = {i: ffns for i in starts if i + count <= len(blocks)
-            and (ffns := fusible(graph, blocks[i: i + count])) is not None}
+    found = [extract_ffn(graph, b) for b in blocks]
+    runs = {i: ffns for i in starts if i + count <= len(blocks) and (ffns := fusible(
+        graph, blocks[i: i + count], found[i: i + count])) is not None}
     if not runs:
         kinds = "".join("A" if b.attention else "F" for b in blocks)
         raise BadOptionError(f"no run of {count} consecutive FFN blocks to fuse (blocks: "

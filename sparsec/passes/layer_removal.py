@@ -107,10 +107,11 @@ def find_blocks(graph: Graph) -> list[Block]:
     return out
 
 
-def find_layers(graph: Graph) -> list[Layer]:
+def find_layers(graph: Graph, blocks: list[Block] | None = None) -> list[Layer]:
     """Residual layers along the trunk, in order: an attention block and the attention-free
-    blocks after it (every block is a layer when there is no attention)."""
-    blocks = find_blocks(graph)
+    blocks after it (every block is a layer when there is no attention). ``blocks``: the
+    graph's ``find_blocks``, when already computed."""
+    blocks = find_blocks(graph) if blocks is None else blocks
     any_attention = any(b.attention for b in blocks)
     layers: list[list[Block]] = []
     for b in blocks:

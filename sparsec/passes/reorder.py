@@ -26,6 +26,7 @@ import numpy as np
 from sparsec.analysis.depgraph import DependencyGraph
 from sparsec.ir.graph import Graph
 from sparsec.passes.manager import PassContext
+from sparsec.passes.reconstruct import _consumer_axis, _output_axis
 from sparsec.passes.surgery import apply_order
 
 
@@ -37,12 +38,9 @@ def weight_matrices(graph: Graph) -> dict[str, tuple[int, int]]:
         w = n.inputs[1] if len(n.inputs) > 1 else ""
         if w not in graph.initializers:
             continue
-        if n.op_type == "Conv":
-            out[w] = (0, 1)
-        elif n.op_type == "Gemm":
-            out[w] = (0, 1) if n.attr("transB", 0) else (1, 0)
-        elif n.op_type == "MatMul" and graph.initializers[w].ndim == 2:
-            out[w] = (1, 0)
+        if n.op_type in ("Conv", "Gemm") or (n.op_type == "MatMul"
+                                             and graph.initializers[w].ndim == 2):
+            out[w] = (_output_axis(n), _consumer_axis(n))
     return out
 
 
@@ -136,11 +134,11 @@ class ReorderChannels:
     def run(self, graph: Graph, ctx: PassContext | None = None) -> tuple[Graph, dict]:
         before = nonzero_blocks(graph, self.block)
         new, orders = cluster_order(graph, self.block)
-        gathers = sum(n.op_type in ("Gather", "GatherND", "ScatterND", "GatherElements")
-                      for n in new.nodes) - sum(n.op_type in ("Gather", "GatherND", "ScatterND",
-                                                              "GatherElements")
-                                                for n in graph.nodes)
+        def gathers(g: Graph) -> int:
+            return sum(n.op_type in ("Gather", "GatherND", "ScatterND", "GatherElements")
+                       for n in g.nodes)
+
         return new, {"block": list(self.block), "groups_reordered": len(orders),
                      "nonzero_blocks": {"before": before, "after": nonzero_blocks(new,
                                                                                    self.block)},
-                     "gathers_added": gathers}
+                     "gathers_added": gathers(new) - gathers(graph)}

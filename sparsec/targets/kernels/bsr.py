@@ -21,7 +21,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sparsec.targets.kernels.common import epilogue_func, finish, pick_row_tile
+from sparsec.targets.kernels.common import epilogue_func, finish
+from sparsec.targets.kernels import dense
+from sparsec.targets.kernels.dense import schedule_panels
 
 if TYPE_CHECKING:
     import numpy as np
@@ -37,15 +39,11 @@ def pack_weight(w_kn: "np.ndarray", lanes: int = LANES
     """[K, N] -> (idx [NB, L] int32, data [NB, L, lanes]): each panel's nonzero rows."""
     import numpy as np
 
-    k, n = w_kn.shape
-    nb = -(-n // lanes)
-    padded = np.zeros((k, nb * lanes), dtype=w_kn.dtype)
-    padded[:, :n] = w_kn
-    panels = padded.reshape(k, nb, lanes).transpose(1, 0, 2)        # [NB, K, lanes]
+    panels = dense.pack_weight(w_kn, lanes)                       # [NB, K, lanes]
     rows = [np.flatnonzero(p.any(axis=1)) for p in panels]
     width = max(1, max(len(r) for r in rows))
-    idx = np.zeros((nb, width), dtype=np.int32)
-    data = np.zeros((nb, width, lanes), dtype=w_kn.dtype)
+    idx = np.zeros((len(panels), width), dtype=np.int32)
+    data = np.zeros((len(panels), width, lanes), dtype=w_kn.dtype)
     for j, r in enumerate(rows):
         idx[j, : len(r)] = r
         data[j, : len(r)] = panels[j, r]
@@ -54,13 +52,7 @@ def pack_weight(w_kn: "np.ndarray", lanes: int = LANES
 
 def padded_rows(w_kn: "np.ndarray", lanes: int = LANES) -> int:
     """L of ``pack_weight`` without building the arrays."""
-    import numpy as np
-
-    k, n = w_kn.shape
-    nb = -(-n // lanes)
-    padded = np.zeros((k, nb * lanes), dtype=bool)
-    padded[:, :n] = w_kn != 0
-    return max(1, int(padded.reshape(k, nb, lanes).any(axis=2).sum(axis=0).max()))
+    return max(1, int(dense.pack_weight(w_kn != 0, lanes).any(axis=2).sum(axis=1).max()))
 
 
 def build(m: int, k: int, n: int, rows: int, dtype: str = "float32", bias: bool = False,
@@ -83,23 +75,4 @@ def build(m: int, k: int, n: int, rows: int, dtype: str = "float32", bias: bool 
     sch = s_tir.Schedule(epilogue_func(
         [x, idx, data], lambda i, j: acc[i, j // lanes, j % lanes], (m, n), dtype, b, res,
         relu))
-    mi_size = pick_row_tile(m, row_tiles)
-    blk = sch.get_sblock("acc")
-    i, jb, jl, ll = sch.get_loops(blk)
-    mo, mi = sch.split(i, [None, mi_size])
-    sch.reorder(jb, mo, ll, mi, jl)
-    sch.set_scope(blk, 0, "local")
-    out = sch.get_sblock("Y")
-    sch.reverse_compute_at(out, mo)
-    oj = sch.get_loops(out)[-1]
-    if n % lanes == 0:
-        _, oj_in = sch.split(oj, [None, lanes])
-        sch.vectorize(oj_in)
-    sch.vectorize(jl)
-    sch.unroll(mi)
-    if nb >= 4 or m // mi_size == 1:
-        sch.parallel(jb)
-    else:
-        sch.parallel(sch.fuse(jb, mo))
-    sch.decompose_reduction(blk, ll)
-    return finish(sch, NAME)
+    return finish(schedule_panels(sch, m, n, lanes, row_tiles, 1), NAME)

@@ -64,12 +64,19 @@ def build(m: int, k: int, n: int, dtype: str = "float32", bias: bool = False,
     sch = s_tir.Schedule(epilogue_func(
         [x, w], lambda i, j: acc[i, j // lanes, j % lanes], (m, n), dtype, b, res, relu))
 
-    mi_size = pick_row_tile(m, rows)
     ku = K_UNROLL if k % K_UNROLL == 0 else 1
+    return finish(schedule_panels(sch, m, n, lanes, rows, ku), NAME)
+
+
+def schedule_panels(sch, m: int, n: int, lanes: int, rows: tuple[int, ...], k_unroll: int):
+    """The register-tiled schedule of an ``acc[M, NB, lanes]`` reduction block and its ``Y``
+    epilogue (module docstring): shared by every kernel that walks packed column panels."""
+    nb = -(-n // lanes)
+    mi_size = pick_row_tile(m, rows)
     blk = sch.get_sblock("acc")
     i, jb, jl, kk = sch.get_loops(blk)
     mo, mi = sch.split(i, [None, mi_size])
-    ko, ki = sch.split(kk, [None, ku])
+    ko, ki = sch.split(kk, [None, k_unroll])
     sch.reorder(jb, mo, ko, ki, mi, jl)
     sch.set_scope(blk, 0, "local")
     out = sch.get_sblock("Y")
@@ -87,4 +94,4 @@ def build(m: int, k: int, n: int, dtype: str = "float32", bias: bool = False,
         sch.parallel(sch.fuse(jb, mo))
     # decompose last: vectorize/unroll need the reduction block still whole.
     sch.decompose_reduction(blk, ko)
-    return finish(sch, NAME)
+    return sch
