@@ -21,7 +21,7 @@ import numpy as np
 from sparsec import reference
 from sparsec.analysis.cost import Cost, cost
 from sparsec.analysis.depgraph import DependencyGraph
-from sparsec.errors import BadOptionError, ValidationError
+from sparsec.errors import BadOptionError, ToolchainError, ValidationError
 from sparsec.frontends.onnx import InputShapes, load_onnx, parse_input_shapes
 from sparsec.ir.graph import Graph
 from sparsec.ir.onnx_io import to_onnx
@@ -31,13 +31,17 @@ from sparsec.package import (
     MANIFEST,
     MODEL,
     Package,
+    archive_name,
     atomic_write_bytes,
     check_writable_dir,
     check_writable_file,
+    file_hashes,
+    header_name,
     read_calibration,
     sha256,
     staging_dir,
     write_json,
+    write_reference,
 )
 from sparsec.passes.channel_prune import ChannelPrune
 from sparsec.passes.criteria import CRITERIA, NEEDS_DATA, NEEDS_TORCH
@@ -123,6 +127,9 @@ class PruneResult:
     after: Cost
     fidelity: reference.Fidelity
     output: Path | None = None
+    #: one batch of the calibration data (seeded random inputs without it): a real input for
+    #: the package's reference pair
+    sample: dict[str, np.ndarray] = field(default_factory=dict)
 
     def report(self) -> dict:
         return {"before": self.before.as_dict(), "after": self.after.as_dict(),
@@ -346,7 +353,8 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
         passes.append(ReorderChannels())
     manager = PassManager(passes, calib, log)
     pruned, results = manager.run(graph)
-    result = PruneResult(pruned, results, cost(graph), cost(pruned), manager.fidelity)
+    result = PruneResult(pruned, results, cost(graph), cost(pruned), manager.fidelity,
+                         sample=calib[0] if calib else reference.random_inputs(graph, seed=0))
     if output is not None:
         atomic_write_bytes(output, to_onnx(pruned).SerializeToString())
         result.output = Path(output)
@@ -355,6 +363,7 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
 
 # ----------------------------------------------------------------------------- compiling
 def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "host",
+            name: str | None = None,
             ratio: float = 0.0, criterion: str = "l2", reconstruct: bool = False,
             round_to: int | None = None, head_ratio: float | None = None,
             remove_layers: int = 0, replace_linear: bool = False, remove_attention: int = 0,
@@ -366,15 +375,24 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
             calibration=None, remove_dead: bool = False,
             example_inputs: Sequence[Any] | None = None, command: Sequence[str] | None = None,
             log: Log = _quiet) -> dict:
-    """Prune, compile for ``target`` and write a package directory; returns its manifest.
-    ``round_to`` defaults to the target's channel multiple (``TargetSpec.channel_multiple``)."""
+    """Prune, compile for ``target`` and write a package directory (see ``sparsec.package``);
+    returns its manifest. ``name`` (a C identifier; default: from the directory name) names
+    the C header, the static archive and its symbols. ``round_to`` defaults to the target's
+    channel multiple (``TargetSpec.channel_multiple``).
+
+    The package's reference pair is one calibration batch and ONNX Runtime's outputs for it on
+    the pruned model; on a native target the library must reproduce them (within the
+    tolerance ``validate`` uses) or nothing is written (``ValidationError``)."""
+    from sparsec.deploy.header import check_name, default_name
     from sparsec.targets import resolve_target
 
     spec = resolve_target(target)
+    name = check_name(name) if name is not None else default_name(Path(output_dir).name)
     if round_to is None:
         round_to = spec.channel_multiple
     _check_ratio(ratio)
     check_writable_dir(output_dir)
+    check_toolchain(spec)
     result = prune(model, ratio=ratio, criterion=criterion, reconstruct=reconstruct,
                    round_to=round_to, head_ratio=head_ratio, remove_layers=remove_layers,
                    replace_linear=replace_linear, remove_attention=remove_attention,
@@ -385,26 +403,53 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
                    calibration=calibration, remove_dead=remove_dead,
                    example_inputs=example_inputs, log=log)
     graph = result.graph
+    from sparsec.deploy.header import c_header
     from sparsec.targets.host import compile_onnx
 
+    inputs, outputs = signature(graph, graph.inputs), signature(graph, graph.outputs)
+    source = (str(model) if isinstance(model, (str, os.PathLike))
+              else f"<{type(model).__name__}>")
     with staging_dir(output_dir) as tmp:
         proto = to_onnx(graph)
         (tmp / MODEL).write_bytes(proto.SerializeToString())
-        facts = compile_onnx(proto, spec, tmp / LIBRARY, log=log)
-        source = (str(model) if isinstance(model, (str, os.PathLike))
-                  else f"<{type(model).__name__}>")
+        prefix = f"{name}_"
+        facts = compile_onnx(proto, spec, tmp / LIBRARY, log=log,
+                             static_lib=tmp / archive_name(name), system_lib_prefix=prefix)
+        feeds = {s["name"]: result.sample[s["name"]] for s in inputs}
+        expected = reference.run(proto, feeds)
+        write_reference(tmp / "reference", inputs, outputs, feeds, expected)
+        check = None
+        if spec.native:
+            from sparsec.targets.host import load_library
+
+            actual = load_library(tmp / LIBRARY, [s["name"] for s in inputs]).run(feeds)
+            check = _compare(outputs, expected, actual, RTOL, ATOL)
+            log(f"reference check: max abs err {check.max_abs_err:.3g} vs ONNX Runtime")
+            _raise_if_mismatch(check)
+        (tmp / header_name(name)).write_text(c_header(
+            name, prefix, inputs, outputs, ATOL, RTOL,
+            f"{Path(source).name} compiled for {spec.name} ({facts['tvm_version']})"))
         manifest = {
             "format": FORMAT,
+            "name": name,
             "sparsec_version": version(),
-            "versions": {name: _dist_version(name) for name in
+            "versions": {dist: _dist_version(dist) for dist in
                          ("apache-tvm", "onnx", "onnxruntime", "numpy", "torch")},
-            "target": {"name": spec.name, "tvm": spec.tvm_target},
+            "target": {"name": spec.name, "tvm": spec.tvm_target, "triple": spec.triple},
             "command": list(command) if command is not None else ["sparsec.compile(...)"],
             "source": {"model": source, "sha256": sha256(model) if isinstance(
                 model, (str, os.PathLike)) else None},
-            "inputs": signature(graph, graph.inputs),
-            "outputs": signature(graph, graph.outputs),
-            "files": {name: sha256(tmp / name) for name in (LIBRARY, MODEL)},
+            "inputs": inputs,
+            "outputs": outputs,
+            "library": {"shared": LIBRARY, "static": archive_name(name),
+                        "header": header_name(name), "system_lib_prefix": prefix},
+            "reference": {"inputs": "reference/inputs.npz", "outputs": "reference/outputs.npz",
+                          "inputs_bin": "reference/inputs.bin",
+                          "outputs_bin": "reference/outputs.bin", "rtol": RTOL, "atol": ATOL,
+                          "from": "calibration" if calibration is not None else "random",
+                          "check": None if check is None else {
+                              "ok": check.ok, "max_abs_err": check.max_abs_err}},
+            "files": file_hashes(tmp),
             "prune": result.report(),
             "compile": facts,
         }
@@ -413,8 +458,31 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
     return manifest
 
 
+def check_toolchain(spec) -> None:
+    """The programs ``spec`` links with must be installed; fails before any heavy work."""
+    import shutil
+
+    from sparsec.targets import CROSS_PACKAGES
+
+    for tool in (spec.tool("g++"), spec.tool("ar")):
+        if shutil.which(tool) is None:
+            package = CROSS_PACKAGES.get(spec.triple or "", "g++ and binutils")
+            raise ToolchainError(f"target {spec.name} needs {tool}, which is not installed "
+                                 f"(Debian/Ubuntu: apt install {package})")
+
+
 # ----------------------------------------------------------------------------- running
+#: default tolerance of a compiled library against ONNX Runtime: max|y - ref| <= ATOL + RTOL *
+#: max|ref| per output (the reference check in the package and its C header use the same)
+RTOL, ATOL = 1e-4, 1e-5
+
+
 def _runner(pkg: Package):
+    if not pkg.native:
+        target = pkg.manifest["target"]
+        raise BadOptionError(f"{pkg.path} is compiled for {target['name']} "
+                             f"({target['triple']}), not this machine: run it there, where "
+                             f"sparsec_check_reference checks its reference pair")
     from sparsec.targets.host import load_library
     return load_library(pkg.path / LIBRARY, [i["name"] for i in pkg.inputs])
 
@@ -432,16 +500,36 @@ def run(package_dir: str | os.PathLike, inputs: dict[str, np.ndarray] | str | os
 class ValidationReport:
     ok: bool
     outputs: list[dict] = field(default_factory=list)
-    rtol: float = 1e-4
-    atol: float = 1e-5
+    rtol: float = RTOL
+    atol: float = ATOL
 
     @property
     def max_abs_err(self) -> float:
         return max((o["max_abs_err"] for o in self.outputs), default=0.0)
 
 
-def validate(package_dir: str | os.PathLike, inputs=None, *, rtol: float = 1e-4,
-             atol: float = 1e-5, seed: int = 0, check: bool = False) -> ValidationReport:
+def _compare(outputs: list[dict], expected: list[np.ndarray], actual: list[np.ndarray],
+             rtol: float, atol: float) -> ValidationReport:
+    report = ValidationReport(ok=True, rtol=rtol, atol=atol)
+    for spec, ref, out in zip(outputs, expected, actual):
+        fid = reference.compare([ref], [out])
+        bound = atol + rtol * float(np.abs(ref).max(initial=0.0))
+        ok = fid.max_abs_err <= bound
+        report.ok &= ok
+        report.outputs.append({"name": spec["name"], "max_abs_err": fid.max_abs_err,
+                               "bound": bound, "cosine": fid.cosine, "ok": ok})
+    return report
+
+
+def _raise_if_mismatch(report: ValidationReport) -> None:
+    if not report.ok:
+        worst = max(report.outputs, key=lambda o: o["max_abs_err"] - o["bound"])
+        raise ValidationError(f"output '{worst['name']}' differs from ONNX Runtime: max abs err "
+                              f"{worst['max_abs_err']:.3g} > bound {worst['bound']:.3g}")
+
+
+def validate(package_dir: str | os.PathLike, inputs=None, *, rtol: float = RTOL,
+             atol: float = ATOL, seed: int = 0, check: bool = False) -> ValidationReport:
     """Compiled library vs ONNX Runtime on the package's pruned ONNX model.
 
     An output matches when max|lib - ort| <= atol + rtol * max|ort|. With ``check=True`` a
@@ -449,25 +537,15 @@ def validate(package_dir: str | os.PathLike, inputs=None, *, rtol: float = 1e-4,
     import onnx
 
     pkg = Package.load(package_dir)
+    runner = _runner(pkg)
     model = onnx.load(str(pkg.path / MODEL))
     if inputs is None:
         feeds = reference.random_feeds(pkg.inputs, seed)
     else:
         feeds = inputs if isinstance(inputs, dict) else pkg.read_inputs(inputs)
-    expected = reference.run(model, feeds)
-    actual = _runner(pkg).run(feeds)
-    report = ValidationReport(ok=True, rtol=rtol, atol=atol)
-    for spec, ref, out in zip(pkg.outputs, expected, actual):
-        fid = reference.compare([ref], [out])
-        bound = atol + rtol * float(np.abs(ref).max(initial=0.0))
-        ok = fid.max_abs_err <= bound
-        report.ok &= ok
-        report.outputs.append({"name": spec["name"], "max_abs_err": fid.max_abs_err,
-                               "bound": bound, "cosine": fid.cosine, "ok": ok})
-    if check and not report.ok:
-        worst = max(report.outputs, key=lambda o: o["max_abs_err"] - o["bound"])
-        raise ValidationError(f"output '{worst['name']}' differs from ONNX Runtime: max abs err "
-                              f"{worst['max_abs_err']:.3g} > bound {worst['bound']:.3g}")
+    report = _compare(pkg.outputs, reference.run(model, feeds), runner.run(feeds), rtol, atol)
+    if check:
+        _raise_if_mismatch(report)
     return report
 
 

@@ -3,7 +3,7 @@
 This module imports only the standard library at load time: ``sparsec --help`` must answer fast,
 so numpy, onnx, torch and TVM are imported inside the commands that need them.
 
-Exit codes: 0 success, 2 usage, 3-10 the ``SparsecError`` kinds (see ``sparsec.errors``),
+Exit codes: 0 success, 2 usage, 3-11 the ``SparsecError`` kinds (see ``sparsec.errors``),
 70 internal error (a bug: run with ``--debug`` for the traceback), 130 interrupted.
 """
 
@@ -45,9 +45,46 @@ def _table(rows: list[list[str]]) -> str:
 
 
 # ----------------------------------------------------------------------------- commands
+def _inspect_package(args) -> int:
+    from sparsec.package import Package
+
+    pkg = Package.load(args.model)
+    m = pkg.manifest
+    if args.json:
+        print(json.dumps(m, indent=2, sort_keys=True))
+        return 0
+    p, lib, ref = m["prune"], m["library"], m["reference"]
+    print(f"package {pkg.path}: model '{m['name']}' from {m['source']['model']}")
+    print(f"  target   {m['target']['name']} {json.dumps(m['target']['tvm'])}")
+    print(f"  built by sparsec {m['sparsec_version']}, apache-tvm {m['versions']['apache-tvm']}")
+    print(f"  command  {' '.join(m['command'])}")
+    for kind in ("inputs", "outputs"):
+        for v in m[kind]:
+            print(f"  {kind[:-1]:8} {v['name']} {v['dtype']}{v['shape']}")
+    print(f"  params {p['before']['params']:,} -> {p['after']['params']:,}, MACs "
+          f"{p['before']['macs']:,} -> {p['after']['macs']:,}, cosine vs original "
+          f"{p['fidelity']['cosine']:.6f}")
+    for r in p["passes"]:
+        print(f"  pass {r['name']}: {'exact' if r['exact'] else 'lossy'}")
+    print(f"  kernels  {m['compile']['kernels']}")
+    print(f"  C API    {lib['header']}, {lib['static']} (prefix '{lib['system_lib_prefix']}'), "
+          f"{lib['shared']}")
+    check = ref["check"]
+    print(f"  reference pair from {ref['from']} inputs: " + (
+        f"library max abs err {check['max_abs_err']:.3g} vs ONNX Runtime" if check
+        else "to be checked on the device (sparsec_check_reference)"))
+    for name, digest in m["files"].items():
+        print(f"  {digest[:16]}  {(pkg.path / name).stat().st_size:>10,}  {name}")
+    return 0
+
+
 def cmd_inspect(args) -> int:
+    from pathlib import Path
+
     from sparsec import api
 
+    if Path(args.model).is_dir():
+        return _inspect_package(args)
     info = api.inspect(args.model, args.input_shapes)
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
@@ -107,8 +144,8 @@ def cmd_prune(args) -> int:
 def cmd_compile(args) -> int:
     from sparsec import api
 
-    manifest = api.compile(args.model, args.output, target=args.target, **_prune_kwargs(args),
-                           command=api.argv(), log=_log(args))
+    manifest = api.compile(args.model, args.output, target=args.target, name=args.name,
+                           **_prune_kwargs(args), command=api.argv(), log=_log(args))
     p = manifest["prune"]
     print(f"compiled {args.model} for {manifest['target']['name']} -> {args.output}")
     print(f"  params {p['before']['params']:,} -> {p['after']['params']:,}, "
@@ -153,6 +190,34 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_targets(args) -> int:
+    from sparsec.targets import KNOWN_TARGETS, resolve_target
+
+    rows = [["target", "TVM target", "runs here", "description"]]
+    for name in KNOWN_TARGETS:
+        spec = resolve_target(name)
+        rows.append([name, json.dumps(spec.tvm_target), "yes" if spec.native else "no",
+                     spec.description])
+    print(_table(rows))
+    return 0
+
+
+def cmd_runtime(args) -> int:
+    from sparsec.deploy.runtime import build_runtime
+
+    info = build_runtime(args.target, args.output, wheel_dir=args.wheel_dir, log=_log(args))
+    print(f"TVM runtime for {info['target']['name']} -> {args.output} "
+          f"(apache-tvm {info['tvm']['apache-tvm']}, apache-tvm-ffi {info['tvm']['apache-tvm-ffi']})")
+    return 0
+
+
+def cmd_cmake_dir(args) -> int:
+    from sparsec.deploy import CMAKE_DIR
+
+    print(CMAKE_DIR)
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 def _ratio(text: str) -> float:
     try:
@@ -179,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     def model_args(sp, ratio: bool):
-        sp.add_argument("model", help="ONNX model file")
+        sp.add_argument("model", help="ONNX model file" + ("" if ratio else
+                                                            " (or a package directory)"))
         sp.add_argument("--input-shapes", metavar="NAME:D1xD2,...",
                         help="fix dynamic input dimensions, e.g. input_ids:1x128")
         if ratio:
@@ -250,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--remove-dead", action="store_true",
                             help="first remove channels that provably carry zero (exact)")
 
-    sp = sub.add_parser("inspect", help="ops, params, MACs and channel groups of a model")
+    sp = sub.add_parser("inspect", help="ops, params, MACs and channel groups of a model; "
+                                        "or a compiled package's manifest")
     model_args(sp, ratio=False)
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(func=cmd_inspect)
@@ -263,8 +330,28 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("compile", help="prune + compile + package for a target")
     model_args(sp, ratio=True)
     sp.add_argument("-o", "--output", required=True, metavar="DIR", help="package directory")
-    sp.add_argument("--target", default="host", help="target to compile for (default: host)")
+    sp.add_argument("--target", default="host",
+                    help="target to compile for (default: host; `sparsec targets` lists them)")
+    sp.add_argument("--name", metavar="NAME",
+                    help="model name, a C identifier: names NAME.h, libNAME.a and the symbols "
+                         "(default: from the output directory's name)")
     sp.set_defaults(func=cmd_compile)
+
+    sp = sub.add_parser("targets", help="the targets compile knows, with their TVM targets")
+    sp.set_defaults(func=cmd_targets)
+
+    sp = sub.add_parser("runtime", help="the TVM runtime (libraries, headers, C API source) "
+                                        "a C/C++ program needs, for a target")
+    sp.add_argument("--target", default="host", help="host (default) or a cross target")
+    sp.add_argument("-o", "--output", required=True, metavar="DIR")
+    sp.add_argument("--wheel-dir", metavar="DIR",
+                    help="take the cross target's apache-tvm / apache-tvm-ffi wheels from here "
+                         "instead of downloading them")
+    sp.set_defaults(func=cmd_runtime)
+
+    sp = sub.add_parser("cmake-dir", help="print the directory of sparsecConfig.cmake (for "
+                                          "-Dsparsec_DIR=...)")
+    sp.set_defaults(func=cmd_cmake_dir)
 
     sp = sub.add_parser("run", help="run a compiled package on inputs")
     sp.add_argument("package", metavar="DIR")

@@ -60,4 +60,11 @@ class ValidationError(SparsecError):
     kind = "validation failed"
 
 
+class ToolchainError(SparsecError):
+    """A compiler or tool the target needs (a cross compiler, CMake, ...) is not installed."""
+
+    exit_code = 11
+    kind = "missing toolchain"
+
+
 EXIT_CODES = {cls.__name__: cls.exit_code for cls in SparsecError.__subclasses__()}

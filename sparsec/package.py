@@ -1,6 +1,15 @@
-"""The compiled package on disk: a directory holding the library, the pruned ONNX model and
-``manifest.json``. Outputs are written atomically (temp file or directory + rename), so a failed
-run never leaves a half-written output behind."""
+"""The compiled package on disk, a directory:
+
+    manifest.json         versions, target, command, signature, hashes, pass and kernel reports
+    model.so              shared library (Relax VM executable, weights baked in)
+    libNAME.a             the same model as a static archive for system-lib linking
+    NAME.h                C header: shapes, dtypes and NAME_spec for the C API (sparsec.h)
+    model.onnx            the pruned model, for ONNX Runtime
+    reference/            inputs.{npz,bin} and the outputs.{npz,bin} ONNX Runtime gives for them
+
+Outputs are written atomically (temp file or directory + rename), so a failed run never leaves a
+half-written output behind; every file is written deterministically (no timestamps), so the same
+input and flags give byte-identical packages."""
 
 from __future__ import annotations
 
@@ -21,7 +30,16 @@ from sparsec.errors import BadOptionError, InputNotFoundError, InvalidModelError
 MANIFEST = "manifest.json"
 LIBRARY = "model.so"
 MODEL = "model.onnx"
-FORMAT = "sparsec-package/1"
+FORMAT = "sparsec-package/2"
+REFERENCE = {"inputs.npz", "outputs.npz", "inputs.bin", "outputs.bin"}
+
+
+def archive_name(name: str) -> str:
+    return f"lib{name}.a"
+
+
+def header_name(name: str) -> str:
+    return f"{name}.h"
 
 
 def sha256(path: str | os.PathLike) -> str:
@@ -106,6 +124,36 @@ def write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """``np.savez`` without its timestamps: the same arrays always give the same bytes."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for name, arr in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with z.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
+
+
+def write_reference(directory: Path, inputs: list[dict], outputs: list[dict],
+                    feeds: dict[str, np.ndarray], results: list[np.ndarray]) -> None:
+    """The reference pair: ``.npz`` keyed by name, and ``.bin`` with the raw little-endian
+    arrays concatenated in signature order (what ``sparsec_check_reference`` reads)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    named_in = {s["name"]: np.ascontiguousarray(feeds[s["name"]], s["dtype"]) for s in inputs}
+    named_out = {s["name"]: np.ascontiguousarray(r, s["dtype"]) for s, r in zip(outputs, results)}
+    for kind, named in (("inputs", named_in), ("outputs", named_out)):
+        write_npz(directory / f"{kind}.npz", named)
+        (directory / f"{kind}.bin").write_bytes(
+            b"".join(a.astype(a.dtype.newbyteorder("<")).tobytes() for a in named.values()))
+
+
+def file_hashes(directory: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``directory`` but the manifest, by relative POSIX path."""
+    return {p.relative_to(directory).as_posix(): sha256(p)
+            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
 @dataclass
 class Package:
     """A compiled package directory, checked on load."""
@@ -123,9 +171,13 @@ class Package:
             raise InvalidModelError(f"{p} is not a sparsec package (no {MANIFEST})")
         try:
             manifest = json.loads(mf.read_text())
-            assert manifest.get("format") == FORMAT
+            fmt = manifest.get("format")
+            assert str(fmt).startswith("sparsec-package/")
         except Exception:
             raise InvalidModelError(f"{mf} is not a sparsec manifest") from None
+        if fmt != FORMAT:
+            raise InvalidModelError(f"{p} is a {fmt} package, this sparsec reads {FORMAT}: "
+                                    f"compile it again")
         for name, digest in manifest.get("files", {}).items():
             f = p / name
             if not f.is_file():
@@ -133,6 +185,15 @@ class Package:
             if sha256(f) != digest:
                 raise InvalidModelError(f"package {p}: {name} does not match its manifest hash")
         return cls(p, manifest)
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def native(self) -> bool:
+        """Whether the library runs on this machine (a cross-compiled one does not)."""
+        return self.manifest["target"].get("triple") is None
 
     @property
     def inputs(self) -> list[dict]:

@@ -32,9 +32,23 @@ class TargetSpec:
     tvm_target: dict = field(hash=False)
     description: str
     channel_multiple: int = 8
+    #: GNU triple of a cross target (its toolchain is ``{triple}-g++``); None: this machine
+    triple: str | None = None
+
+    @property
+    def native(self) -> bool:
+        """Whether libraries for this target run on this machine (and so can be validated)."""
+        return self.triple is None
+
+    def tool(self, name: str) -> str:
+        """The toolchain program ``name`` (``g++``, ``ar``) for this target."""
+        return f"{self.triple}-{name}" if self.triple else name
 
 
-KNOWN_TARGETS: tuple[str, ...] = ("host", "x86-avx2", "llvm")
+KNOWN_TARGETS: tuple[str, ...] = ("host", "x86-avx2", "llvm", "aarch64", "arm-neon")
+
+#: Debian/Ubuntu package that provides each cross toolchain
+CROSS_PACKAGES = {"aarch64-linux-gnu": "g++-aarch64-linux-gnu"}
 
 _FALLBACK_HOST_CPU = "generic"
 
@@ -60,6 +74,7 @@ def resolve_target(name: str) -> TargetSpec:
     - ``host``: this CPU (LLVM ``mcpu`` detected), all of its cores.
     - ``x86-avx2``: any x86-64 with AVX2+FMA (``mcpu=haswell``), portable across such machines.
     - ``llvm``: generic LLVM code for the host triple, no CPU-specific vector extensions.
+    - ``aarch64`` / ``arm-neon``: 64-bit ARM Linux with NEON, cross-compiled (see ``triple``).
     """
     cores = _num_cores()
     if name == "host":
@@ -82,7 +97,18 @@ def resolve_target(name: str) -> TargetSpec:
             description=f"generic LLVM code for the host triple, {cores} cores",
             channel_multiple=1,
         )
+    if name in ("aarch64", "arm-neon"):
+        # a 64-bit ARM Linux device with NEON (every ARMv8-A core: Raspberry Pi 4, Jetson, ...);
+        # its core count is the device's, not ours: 4 is the common case, TVM_NUM_THREADS rules
+        return TargetSpec(
+            name=name,
+            tvm_target={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"],
+                        "num-cores": 4},
+            description="64-bit ARM Linux with NEON (cross-compiled with aarch64-linux-gnu-g++)",
+            channel_multiple=4,
+            triple="aarch64-linux-gnu",
+        )
     raise UnknownTargetError(f"unknown target '{name}' (known: {', '.join(KNOWN_TARGETS)})")
 
 
-__all__ = ["KNOWN_TARGETS", "TargetSpec", "UnknownTargetError", "resolve_target"]
+__all__ = ["CROSS_PACKAGES", "KNOWN_TARGETS", "TargetSpec", "UnknownTargetError", "resolve_target"]

@@ -1,4 +1,5 @@
-"""CPU back end: static-shaped ONNX model -> shared library with baked-in weights, and a runner.
+"""CPU back end: static-shaped ONNX model -> shared library (and static archive) with baked-in
+weights, and a runner.
 
 Pipeline (compare ``tvm/relax/backend/cpu_generic/pipeline.py``, the "zero" default):
   from_onnx -> SparsecKernelRewrite (our kernels, weights packed) -> DeadCodeElimination
@@ -124,17 +125,23 @@ def import_onnx(model: "onnx.ModelProto") -> "ir.IRModule":
 
 
 def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | Path,
-                 log: Callable[[str], None] = print) -> dict:
-    """Compile a static-shaped ONNX model to a shared library at ``lib_path``.
+                 log: Callable[[str], None] = print, *, static_lib: str | Path | None = None,
+                 system_lib_prefix: str = "") -> dict:
+    """Compile a static-shaped ONNX model to a shared library at ``lib_path``, and with
+    ``static_lib`` also to a static archive for system-lib linking, whose symbols and VM
+    executable register under ``system_lib_prefix`` (so that several models link into one
+    program).
 
-    Weights are baked into the library. The library is written to a temporary file in the
-    same directory and moved into place, so ``lib_path`` is never half written. Returns facts
-    for the manifest: TVM version, target dict, kernel calls per strategy, the per-op strategy
-    decisions (with the cost rule's estimates), and the input/output names in call order.
+    Weights are baked into the libraries. The Relax pipeline runs once; code generation runs
+    once per library. Cross targets link with their toolchain (``target.tool``). Each file is
+    written to a temporary name in its directory and moved into place, so none is ever half
+    written. Returns facts for the manifest: TVM version, target dict, kernel calls per
+    strategy, the per-op strategy decisions (with the cost rule's estimates), and the
+    input/output names in call order.
     """
     import tvm
+    from tvm import relax
 
-    lib_path = Path(lib_path)
     tvm_target = tvm.target.Target(dict(target.tvm_target))
     cores = int(target.tvm_target.get("num-cores", os.cpu_count() or 1))
     log(f"importing ONNX graph ({len(model.graph.node)} nodes) into Relax")
@@ -143,19 +150,28 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
     counts: dict[str, int] = {}
     log(f"compiling for {target.name} ({target.description})")
     with native_stderr_to(log):
-        ex = tvm.compile(mod, target=tvm_target,
-                         relax_pipeline=build_pipeline(tvm_target, cores, decisions, counts))
-    lib_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{lib_path.stem}.", suffix=".tmp.so",
-                               dir=lib_path.parent)
-    os.close(fd)
-    try:
-        ex.export_library(tmp)
-        os.replace(tmp, lib_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    log(f"library {lib_path.stat().st_size:,} bytes; kernels: {counts}")
+        with tvm_target:
+            lowered = build_pipeline(tvm_target, cores, decisions, counts)(mod)
+        ex = relax.build(lowered, tvm_target, relax_pipeline=None)
+        # the module attribute alone makes codegen emit a system lib; relax.build's own
+        # system_lib=True path reads the attribute back, which fails for strings shorter
+        # than 8 bytes in TVM 0.27 (ffi.SmallStr is not an Object)
+        static = None if static_lib is None else relax.build(
+            lowered.with_attr("system_lib_prefix", system_lib_prefix), tvm_target,
+            relax_pipeline=None)
+    fcompile = None
+    if not target.native:
+        from tvm.support import cc
+
+        fcompile = cc.cross_compiler(target.tool("g++"))
+    with _atomic_path(lib_path) as tmp:
+        ex.export_library(str(tmp), fcompile=fcompile)
+    log(f"library {Path(lib_path).stat().st_size:,} bytes; kernels: {counts}")
+    if static is not None:
+        with _atomic_path(static_lib) as tmp:
+            _export_archive(static, tmp, target.tool("ar"))
+        log(f"static archive {Path(static_lib).stat().st_size:,} bytes "
+            f"(symbol prefix '{system_lib_prefix}')")
     return {
         "tvm_version": tvm.__version__,
         "target": dict(target.tvm_target),
@@ -164,6 +180,40 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
         "inputs": graph_input_names(model),
         "outputs": [o.name for o in model.graph.output],
     }
+
+
+@contextlib.contextmanager
+def _atomic_path(path: str | Path):
+    """A temporary path beside ``path`` that is moved onto it when the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}",
+                               dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _export_archive(ex, path: Path, ar: str) -> None:
+    """A system-lib executable as a static archive: TVM exports its objects (kernels, and the
+    packed VM executable) as a tar; ``ar`` in deterministic mode (no timestamps or owners, so
+    the same model gives the same bytes) archives them in a fixed order."""
+    import subprocess
+    import tarfile
+
+    with tempfile.TemporaryDirectory() as work:
+        tar = Path(work) / "objects.tar"
+        ex.export_library(str(tar))
+        with tarfile.open(tar) as t:
+            t.extractall(work, filter="data")
+        objects = sorted(p.name for p in Path(work).glob("*.o"))
+        path.unlink(missing_ok=True)  # ar appends to an existing archive
+        subprocess.run([ar, "rcsD", str(path), *objects], cwd=work, check=True,
+                       capture_output=True)
 
 
 class Runner:

@@ -1,0 +1,121 @@
+# find_package(sparsec) support: compile models with sparsec as a build step and link them.
+#
+#   find_package(sparsec REQUIRED)        # -Dsparsec_DIR=$(sparsec cmake-dir)
+#   sparsec_add_model(digits SRC model.onnx [TARGET host|aarch64|...] [RATIO 0.3]
+#                     [CALIB calib.npz] [OPTIONS --reconstruct ...])
+#   target_link_libraries(app PRIVATE digits)   # then #include "digits.h"
+#
+# sparsec_add_model runs `sparsec compile` at build time into ${CMAKE_CURRENT_BINARY_DIR}/NAME
+# (sets NAME_PACKAGE_DIR), again whenever the model, the calibration data, the flags or the
+# sparsec version change. Its target NAME links the model's static archive (whole-archive: the
+# archive registers itself with the TVM runtime at load), the C API and the TVM runtime.
+#
+# The TVM runtime comes from `sparsec runtime --target T`, run at configure time into the build
+# tree (or set SPARSEC_RUNTIME_DIR_<T> to one made earlier, e.g. for offline builds). For a
+# cross build use a toolchain file: sparsec ships aarch64-linux-gnu.cmake next to this file.
+include_guard(GLOBAL)
+cmake_minimum_required(VERSION 3.24)  # $<LINK_LIBRARY:WHOLE_ARCHIVE,...>
+
+find_program(SPARSEC_EXECUTABLE sparsec DOC "the sparsec command")
+if(NOT SPARSEC_EXECUTABLE)
+  message(FATAL_ERROR "sparsec: the `sparsec` command was not found: put it on PATH or set "
+                      "SPARSEC_EXECUTABLE")
+endif()
+execute_process(COMMAND "${SPARSEC_EXECUTABLE}" --version OUTPUT_VARIABLE _sparsec_version
+                OUTPUT_STRIP_TRAILING_WHITESPACE RESULT_VARIABLE _sparsec_rc)
+if(NOT _sparsec_rc EQUAL 0)
+  message(FATAL_ERROR "sparsec: `${SPARSEC_EXECUTABLE} --version` failed")
+endif()
+string(REGEX REPLACE "^sparsec " "" sparsec_VERSION "${_sparsec_version}")
+
+if(CMAKE_SYSTEM_PROCESSOR MATCHES "^(aarch64|arm64|ARM64)$")
+  set(_sparsec_default_target aarch64)
+else()
+  set(_sparsec_default_target host)
+endif()
+set(SPARSEC_TARGET "${_sparsec_default_target}" CACHE STRING
+    "sparsec target of sparsec_add_model (default: from the compiler's processor)")
+
+# the TVM runtime for `target` as the targets sparsec_tvm_<target> (imported shared libraries)
+# and sparsec_capi_<target> (the C API, compiled here for the target)
+function(_sparsec_runtime target)
+  if(TARGET sparsec_capi_${target})
+    return()
+  endif()
+  set(dir "${SPARSEC_RUNTIME_DIR_${target}}")
+  if(NOT dir)
+    set(dir "${CMAKE_BINARY_DIR}/sparsec-runtime-${target}")
+    if(NOT EXISTS "${dir}/runtime.json")
+      message(STATUS "sparsec: TVM runtime for ${target} -> ${dir}")
+      execute_process(COMMAND "${SPARSEC_EXECUTABLE}" -q runtime --target ${target} -o "${dir}"
+                      RESULT_VARIABLE rc ERROR_VARIABLE err)
+      if(NOT rc EQUAL 0)
+        string(STRIP "${err}" err)
+        message(FATAL_ERROR "sparsec: cannot make the TVM runtime for ${target}: ${err}")
+      endif()
+    endif()
+  endif()
+  add_library(sparsec_tvm_ffi_${target} SHARED IMPORTED GLOBAL)
+  set_target_properties(sparsec_tvm_ffi_${target} PROPERTIES
+    IMPORTED_LOCATION "${dir}/lib/libtvm_ffi.so" IMPORTED_NO_SONAME TRUE)
+  add_library(sparsec_tvm_${target} SHARED IMPORTED GLOBAL)
+  set_target_properties(sparsec_tvm_${target} PROPERTIES
+    IMPORTED_LOCATION "${dir}/lib/libtvm_runtime.so" IMPORTED_NO_SONAME TRUE
+    INTERFACE_LINK_LIBRARIES sparsec_tvm_ffi_${target})
+  add_library(sparsec_capi_${target} STATIC "${dir}/src/sparsec_runtime.cc")
+  target_include_directories(sparsec_capi_${target} PUBLIC "${dir}/include")
+  target_compile_features(sparsec_capi_${target} PUBLIC cxx_std_17)
+  set_target_properties(sparsec_capi_${target} PROPERTIES POSITION_INDEPENDENT_CODE ON)
+  target_link_libraries(sparsec_capi_${target} PUBLIC sparsec_tvm_${target} ${CMAKE_DL_LIBS})
+endfunction()
+
+function(sparsec_add_model name)
+  cmake_parse_arguments(PARSE_ARGV 1 arg "" "SRC;TARGET;RATIO;CALIB" "OPTIONS")
+  if(NOT arg_SRC)
+    message(FATAL_ERROR "sparsec_add_model(${name}): SRC model.onnx is required")
+  endif()
+  if(NOT name MATCHES "^[A-Za-z_][A-Za-z0-9_]*$")
+    message(FATAL_ERROR "sparsec_add_model(${name}): the name must be a C identifier")
+  endif()
+  set(target "${SPARSEC_TARGET}")
+  if(arg_TARGET)
+    set(target "${arg_TARGET}")
+  endif()
+  if(target MATCHES "^(aarch64|arm-neon)$" AND NOT CMAKE_SYSTEM_PROCESSOR MATCHES "^(aarch64|arm64)$")
+    message(FATAL_ERROR "sparsec_add_model(${name}): target ${target} needs an aarch64 "
+                        "compiler: configure with -DCMAKE_TOOLCHAIN_FILE=${CMAKE_CURRENT_FUNCTION_LIST_DIR}/aarch64-linux-gnu.cmake")
+  endif()
+  get_filename_component(src "${arg_SRC}" ABSOLUTE)
+  set(out "${CMAKE_CURRENT_BINARY_DIR}/${name}")
+  set(cmd "${SPARSEC_EXECUTABLE}" -q compile "${src}" --target ${target} --name ${name} -o "${out}")
+  set(depends "${src}")
+  if(arg_RATIO)
+    list(APPEND cmd --ratio ${arg_RATIO})
+  endif()
+  if(arg_CALIB)
+    get_filename_component(calib "${arg_CALIB}" ABSOLUTE)
+    list(APPEND cmd --calib "${calib}")
+    list(APPEND depends "${calib}")
+  endif()
+  list(APPEND cmd ${arg_OPTIONS})
+  # written only when its content changes: a new flag or sparsec version re-runs the compile
+  set(stamp "${CMAKE_CURRENT_BINARY_DIR}/${name}.sparsec-command")
+  string(REPLACE ";" " " cmd_text "${cmd}")
+  file(CONFIGURE OUTPUT "${stamp}" CONTENT "sparsec ${sparsec_VERSION}\n${cmd_text}\n")
+  set(outputs "${out}/manifest.json" "${out}/lib${name}.a" "${out}/${name}.h")
+  add_custom_command(OUTPUT ${outputs} COMMAND ${cmd} DEPENDS ${depends} "${stamp}"
+                     COMMENT "sparsec: compiling ${name} for ${target}" VERBATIM)
+  add_custom_target(${name}_sparsec_package DEPENDS ${outputs})
+
+  _sparsec_runtime(${target})
+  add_library(${name}_sparsec_archive STATIC IMPORTED GLOBAL)
+  set_target_properties(${name}_sparsec_archive PROPERTIES IMPORTED_LOCATION "${out}/lib${name}.a")
+  add_dependencies(${name}_sparsec_archive ${name}_sparsec_package)
+  file(MAKE_DIRECTORY "${out}")
+  add_library(${name} INTERFACE)
+  target_include_directories(${name} INTERFACE "${out}")
+  target_link_libraries(${name} INTERFACE
+    "$<LINK_LIBRARY:WHOLE_ARCHIVE,${name}_sparsec_archive>" sparsec_capi_${target})
+  add_dependencies(${name} ${name}_sparsec_package)
+  set(${name}_PACKAGE_DIR "${out}" PARENT_SCOPE)
+endfunction()

@@ -1,0 +1,239 @@
+/*
+ * The C API of sparsec.h over the TVM runtime: a package's library (model.so, or the statically
+ * linked libNAME.a) holds a Relax VM executable; this loads it, keeps one aligned tensor per
+ * input, and copies the caller's buffers in and the results out.
+ */
+#include "sparsec.h"
+
+#include <tvm/ffi/any.h>
+#include <tvm/ffi/container/array.h>
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/error.h>
+#include <tvm/ffi/extra/module.h>
+#include <tvm/ffi/function.h>
+#include <tvm/runtime/c_backend_api.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <string>
+#include <vector>
+
+namespace {
+
+thread_local std::string last_error;
+
+int fail(const std::string& message) {
+  last_error = message;
+  return -1;
+}
+
+DLDataType to_dl(sparsec_dtype dtype) {
+  switch (dtype) {
+    case SPARSEC_FLOAT32: return {kDLFloat, 32, 1};
+    case SPARSEC_FLOAT16: return {kDLFloat, 16, 1};
+    case SPARSEC_FLOAT64: return {kDLFloat, 64, 1};
+    case SPARSEC_INT64: return {kDLInt, 64, 1};
+    case SPARSEC_INT32: return {kDLInt, 32, 1};
+    case SPARSEC_INT8: return {kDLInt, 8, 1};
+    case SPARSEC_UINT8: return {kDLUInt, 8, 1};
+    case SPARSEC_BOOL: return {kDLBool, 8, 1};
+  }
+  return {kDLFloat, 32, 1};
+}
+
+/* 64-byte aligned host memory: the kernels assume TVM's alignment for their arguments. */
+struct AlignedAlloc {
+  void AllocData(DLTensor* t) {
+    size_t bytes = (tvm::ffi::GetDataSize(*t) + 63) / 64 * 64;
+    t->data = std::aligned_alloc(64, bytes ? bytes : 64);
+  }
+  void FreeData(DLTensor* t) { std::free(t->data); }
+};
+
+void collect(const tvm::ffi::Any& value, std::vector<tvm::ffi::Tensor>* out) {
+  if (auto tensor = value.as<tvm::ffi::Tensor>()) {
+    out->push_back(*tensor);
+  } else if (auto items = value.as<tvm::ffi::Array<tvm::ffi::Any>>()) {
+    for (const tvm::ffi::Any& item : *items) collect(item, out);
+  } else {
+    throw std::runtime_error("the model returned something other than tensors");
+  }
+}
+
+bool read_file(const char* path, size_t bytes, std::vector<char>* data) {
+  std::ifstream f(path, std::ios::binary | std::ios::ate);
+  if (!f) return fail(std::string("cannot open ") + path), false;
+  if (static_cast<size_t>(f.tellg()) != bytes) {
+    return fail(std::string(path) + " has " + std::to_string(static_cast<long long>(f.tellg())) +
+                " bytes, the model's spec needs " + std::to_string(bytes)), false;
+  }
+  data->resize(bytes);
+  f.seekg(0);
+  f.read(data->data(), static_cast<std::streamsize>(bytes));
+  return static_cast<bool>(f) || (fail(std::string("cannot read ") + path), false);
+}
+
+double as_double(const char* p, sparsec_dtype dtype) {
+  switch (dtype) {
+    case SPARSEC_FLOAT32: { float v; std::memcpy(&v, p, 4); return v; }
+    case SPARSEC_FLOAT64: { double v; std::memcpy(&v, p, 8); return v; }
+    case SPARSEC_INT64: { int64_t v; std::memcpy(&v, p, 8); return static_cast<double>(v); }
+    case SPARSEC_INT32: { int32_t v; std::memcpy(&v, p, 4); return v; }
+    case SPARSEC_INT8: return static_cast<int8_t>(*p);
+    case SPARSEC_UINT8: case SPARSEC_BOOL: return static_cast<uint8_t>(*p);
+    case SPARSEC_FLOAT16: break;  // compared bitwise below
+  }
+  return 0.0;
+}
+
+size_t element_size(sparsec_dtype dtype) {
+  DLDataType dl = to_dl(dtype);
+  return (dl.bits * dl.lanes + 7) / 8;
+}
+
+}  // namespace
+
+/* The Relax VM's executable loader registers itself when libtvm_runtime is loaded. A program
+ * that loads its model from model.so calls nothing in that library directly, so a linker with
+ * --as-needed would drop it; this reference keeps it. */
+extern "C" __attribute__((used)) void* const sparsec_needs_tvm_runtime =
+    reinterpret_cast<void*>(&TVMBackendAllocWorkspace);
+
+struct sparsec_model {
+  const sparsec_model_spec* spec;
+  tvm::ffi::Module vm;
+  tvm::ffi::Function main;
+  std::vector<tvm::ffi::Tensor> inputs;
+};
+
+extern "C" {
+
+sparsec_model* sparsec_open(const sparsec_model_spec* spec, const char* library) {
+  last_error.clear();
+  if (spec == nullptr) return fail("sparsec_open: spec is NULL"), nullptr;
+  if (spec->api_version != SPARSEC_API_VERSION) {
+    return fail("the model header was generated for sparsec C API version " +
+                std::to_string(spec->api_version) + ", this runtime implements " +
+                std::to_string(SPARSEC_API_VERSION)), nullptr;
+  }
+  try {
+    tvm::ffi::Module lib =
+        library != nullptr
+            ? tvm::ffi::Module::LoadFromFile(library)
+            : tvm::ffi::Function::GetGlobalRequired("ffi.SystemLib")(
+                  std::string(spec->system_lib_prefix)).cast<tvm::ffi::Module>();
+    auto load = lib->GetFunction("vm_load_executable", true);
+    if (!load.has_value()) {
+      return fail(library ? std::string(library) + " holds no sparsec model"
+                          : "no model with prefix '" + std::string(spec->system_lib_prefix) +
+                                "' is linked in (link lib" + spec->name +
+                                ".a whole-archive)"), nullptr;
+    }
+    tvm::ffi::Module vm = (*load)().cast<tvm::ffi::Module>();
+    // device type, device id, allocator (2: pooled) for the one device and for the host
+    vm->GetFunction("vm_initialization").value()(static_cast<int>(kDLCPU), 0, 2,
+                                                 static_cast<int>(kDLCPU), 0, 2);
+    auto model = new sparsec_model{spec, vm, vm->GetFunction("main").value(), {}};
+    DLDevice cpu{kDLCPU, 0};
+    for (int i = 0; i < spec->num_inputs; ++i) {
+      const sparsec_tensor_spec& in = spec->inputs[i];
+      std::vector<int64_t> shape(in.shape, in.shape + in.ndim);
+      model->inputs.push_back(tvm::ffi::Tensor::FromNDAlloc(
+          AlignedAlloc(), tvm::ffi::Shape(shape), to_dl(in.dtype), cpu));
+    }
+    return model;
+  } catch (const std::exception& e) {
+    return fail(e.what()), nullptr;
+  }
+}
+
+int sparsec_run(sparsec_model* model, const void* const* inputs, void* const* outputs) {
+  last_error.clear();
+  if (model == nullptr) return fail("sparsec_run: model is NULL");
+  const sparsec_model_spec* spec = model->spec;
+  try {
+    std::vector<tvm::ffi::AnyView> args;
+    for (int i = 0; i < spec->num_inputs; ++i) {
+      std::memcpy(model->inputs[i].data_ptr(), inputs[i], spec->inputs[i].nbytes);
+      args.emplace_back(model->inputs[i]);
+    }
+    tvm::ffi::Any result;
+    model->main.CallPacked(args.data(), static_cast<int>(args.size()), &result);
+    std::vector<tvm::ffi::Tensor> outs;
+    collect(result, &outs);
+    if (static_cast<int>(outs.size()) != spec->num_outputs) {
+      return fail("the model returned " + std::to_string(outs.size()) + " outputs, its spec has " +
+                  std::to_string(spec->num_outputs));
+    }
+    for (int i = 0; i < spec->num_outputs; ++i) {
+      size_t bytes = tvm::ffi::GetDataSize(outs[i]);
+      if (bytes != spec->outputs[i].nbytes) {
+        return fail("output " + std::string(spec->outputs[i].name) + " has " +
+                    std::to_string(bytes) + " bytes, its spec " +
+                    std::to_string(spec->outputs[i].nbytes));
+      }
+      std::memcpy(outputs[i], outs[i].data_ptr(), bytes);
+    }
+    return 0;
+  } catch (const std::exception& e) {
+    return fail(e.what());
+  }
+}
+
+int sparsec_check_reference(sparsec_model* model, const char* inputs_bin,
+                            const char* outputs_bin, double* max_abs_err) {
+  last_error.clear();
+  if (model == nullptr) return fail("sparsec_check_reference: model is NULL");
+  const sparsec_model_spec* spec = model->spec;
+  size_t in_bytes = 0, out_bytes = 0;
+  for (int i = 0; i < spec->num_inputs; ++i) in_bytes += spec->inputs[i].nbytes;
+  for (int i = 0; i < spec->num_outputs; ++i) out_bytes += spec->outputs[i].nbytes;
+  std::vector<char> x, want, got(out_bytes);
+  if (!read_file(inputs_bin, in_bytes, &x) || !read_file(outputs_bin, out_bytes, &want)) return -1;
+  std::vector<const void*> ins;
+  std::vector<void*> outs;
+  for (int i = 0, at = 0; i < spec->num_inputs; at += spec->inputs[i++].nbytes) {
+    ins.push_back(x.data() + at);
+  }
+  for (int i = 0, at = 0; i < spec->num_outputs; at += spec->outputs[i++].nbytes) {
+    outs.push_back(got.data() + at);
+  }
+  if (sparsec_run(model, ins.data(), outs.data()) != 0) return -1;
+  bool ok = true;
+  double worst = 0.0;
+  std::string report;
+  for (int i = 0; i < spec->num_outputs; ++i) {
+    const sparsec_tensor_spec& o = spec->outputs[i];
+    const char* a = static_cast<const char*>(outs[i]);
+    const char* b = want.data() + (a - got.data());
+    size_t size = element_size(o.dtype);
+    double err = 0.0, peak = 0.0;
+    for (size_t k = 0; k < o.nbytes; k += size) {
+      if (o.dtype == SPARSEC_FLOAT16) {
+        err = std::max(err, std::memcmp(a + k, b + k, 2) == 0 ? 0.0 : INFINITY);
+        continue;
+      }
+      double ref = as_double(b + k, o.dtype);
+      err = std::max(err, std::fabs(as_double(a + k, o.dtype) - ref));
+      peak = std::max(peak, std::fabs(ref));
+    }
+    double bound = spec->atol + spec->rtol * peak;
+    worst = std::max(worst, err);
+    if (!(err <= bound)) {
+      ok = false;
+      report += std::string(report.empty() ? "" : "; ") + "output " + o.name + ": max abs err " +
+                std::to_string(err) + " > bound " + std::to_string(bound);
+    }
+  }
+  if (max_abs_err != nullptr) *max_abs_err = worst;
+  if (!ok) last_error = report;
+  return ok ? 0 : 1;
+}
+
+void sparsec_close(sparsec_model* model) { delete model; }
+
+const char* sparsec_last_error(void) { return last_error.c_str(); }
+
+}  // extern "C"
