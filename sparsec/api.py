@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -547,10 +546,6 @@ def validate(package_dir: str | os.PathLike, inputs=None, *, rtol: float = RTOL,
     if check:
         _raise_if_mismatch(report)
     return report
-
-
-def argv() -> list[str]:
-    return ["sparsec", *sys.argv[1:]]
 
 
 # ----------------------------------------------------------------------------- torch modules

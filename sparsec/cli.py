@@ -145,7 +145,8 @@ def cmd_compile(args) -> int:
     from sparsec import api
 
     manifest = api.compile(args.model, args.output, target=args.target, name=args.name,
-                           **_prune_kwargs(args), command=api.argv(), log=_log(args))
+                           **_prune_kwargs(args), command=["sparsec", *args.argv],
+                           log=_log(args))
     p = manifest["prune"]
     print(f"compiled {args.model} for {manifest['target']['name']} -> {args.output}")
     print(f"  params {p['before']['params']:,} -> {p['after']['params']:,}, "
@@ -206,8 +207,8 @@ def cmd_runtime(args) -> int:
     from sparsec.deploy.runtime import build_runtime
 
     info = build_runtime(args.target, args.output, wheel_dir=args.wheel_dir, log=_log(args))
-    print(f"TVM runtime for {info['target']['name']} -> {args.output} "
-          f"(apache-tvm {info['tvm']['apache-tvm']}, apache-tvm-ffi {info['tvm']['apache-tvm-ffi']})")
+    versions = ", ".join(f"{dist} {v}" for dist, v in info["tvm"].items())
+    print(f"TVM runtime for {info['target']['name']} -> {args.output} ({versions})")
     return 0
 
 
@@ -372,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(map(str, argv)) if argv is not None else sys.argv[1:]  # for the manifest
     if args.version:
         from sparsec import __version__
         print(f"sparsec {__version__}")

@@ -18,7 +18,7 @@ from conftest import EXAMPLES
 
 from sparsec import reference
 from sparsec.errors import (BadOptionError, DynamicShapeError, InputNotFoundError,
-                            InvalidModelError, OutputError, UnknownTargetError,
+                            InvalidModelError, OutputError, ToolchainError, UnknownTargetError,
                             UnsupportedOpError, ValidationError)
 from sparsec.frontends.onnx import load_onnx
 
@@ -45,7 +45,7 @@ def assert_clean_error(proc, code: int, *fragments: str):
 def test_exit_codes_are_distinct():
     codes = [c.exit_code for c in (InputNotFoundError, InvalidModelError, UnsupportedOpError,
                                    BadOptionError, DynamicShapeError, UnknownTargetError,
-                                   OutputError, ValidationError)]
+                                   OutputError, ValidationError, ToolchainError)]
     assert len(set(codes)) == len(codes) and 0 not in codes and 2 not in codes
 
 

@@ -44,13 +44,19 @@ def test_compile_then_validate(packages, name):
 @pytest.mark.parametrize("name", MODELS)
 def test_package_contents_and_manifest(packages, name):
     pkg = packages[name]
-    assert sorted(os.listdir(pkg)) == ["manifest.json", "model.onnx", "model.so"]
+    assert sorted(os.listdir(pkg)) == sorted([f"{name}.h", f"lib{name}.a", "manifest.json",
+                                              "model.onnx", "model.so", "reference"])
     m = json.loads((pkg / "manifest.json").read_text())
+    assert m["name"] == name          # from the directory name
+    assert m["library"] == {"shared": "model.so", "static": f"lib{name}.a",
+                            "header": f"{name}.h", "system_lib_prefix": f"{name}_"}
     assert m["sparsec_version"] and m["versions"]["apache-tvm"].startswith("0.27")
     assert m["target"]["name"] == "host" and m["target"]["tvm"]["kind"] == "llvm"
     assert m["command"][:2] == ["sparsec", "compile"] and "--ratio" in m["command"]
     assert m["source"]["sha256"] == sha256(MODELS[name])
-    assert m["files"] == {f: sha256(pkg / f) for f in ("model.so", "model.onnx")}
+    files = [f"{name}.h", f"lib{name}.a", "model.onnx", "model.so"] + [
+        f"reference/{k}.{ext}" for k in ("inputs", "outputs") for ext in ("bin", "npz")]
+    assert m["files"] == {f: sha256(pkg / f) for f in sorted(files)}
     assert m["inputs"] == [{"name": "image", "shape": [1, 1, 8, 8], "dtype": "float32"}]
     assert m["outputs"][0]["shape"] == [1, 10]
     [p] = m["prune"]["passes"]
@@ -136,7 +142,7 @@ def test_same_input_and_flags_give_identical_artifacts(packages, tmp_path):
     assert proc.returncode == 0, proc.stderr
     first = json.loads((packages["mlp"] / "manifest.json").read_text())
     second = json.loads((again / "manifest.json").read_text())
-    assert first["files"] == second["files"]              # model.so and model.onnx hashes
+    assert first["files"] == second["files"]              # every file's hash
     for m in (first, second):
         m.pop("command")
     assert first == second

@@ -93,14 +93,26 @@ def test_unknown_target_lists_known_names():
 
 
 def test_known_targets_resolve():
-    assert KNOWN_TARGETS == ("host", "x86-avx2", "llvm")
+    assert KNOWN_TARGETS == ("host", "x86-avx2", "llvm", "aarch64", "arm-neon")
     for name in KNOWN_TARGETS:
         spec = resolve_target(name)
         assert spec.name == name and spec.description
         assert spec.tvm_target["kind"] == "llvm"
-        assert spec.tvm_target["num-cores"] == os.cpu_count()
+        if spec.native:
+            assert spec.tvm_target["num-cores"] == os.cpu_count() and spec.tool("g++") == "g++"
     assert resolve_target("host").tvm_target["mcpu"]  # detected, e.g. "znver4"
     assert resolve_target("x86-avx2").tvm_target["mcpu"] == "haswell"
+    arm = resolve_target("aarch64")
+    assert not arm.native and arm.tool("g++") == "aarch64-linux-gnu-g++"
+    assert arm.tvm_target["mtriple"] == "aarch64-linux-gnu" and "+neon" in arm.tvm_target["mattr"]
+
+
+def test_targets_command_lists_them():
+    proc = subprocess.run([sys.executable, "-m", "sparsec", "targets"], capture_output=True,
+                          text=True, check=True)
+    for name in KNOWN_TARGETS:
+        assert name in proc.stdout
+    assert "aarch64-linux-gnu" in proc.stdout
 
 
 def test_targets_module_imports_nothing_heavy():

@@ -54,7 +54,8 @@ def _tensors(name: str, kind: str, signature: list[dict]) -> list[str]:
                   f"static const int64_t SPARSEC_UNUSED {name}_{kind}{i}_shape[] = {{{dims}}};"]
         entries.append(f"    {{{_c_string(spec['name'])}, {C_DTYPES[spec['dtype']]}, "
                        f"{len(shape)}, {name}_{kind}{i}_shape, {nbytes}}},")
-    lines += [f"static const sparsec_tensor_spec SPARSEC_UNUSED {name}_{kind}s[] = {{", *entries, "};", ""]
+    lines += [f"static const sparsec_tensor_spec SPARSEC_UNUSED {name}_{kind}s[] = {{",
+              *entries, "};", ""]
     return lines
 
 

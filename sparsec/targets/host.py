@@ -157,8 +157,7 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
         # system_lib=True path reads the attribute back, which fails for strings shorter
         # than 8 bytes in TVM 0.27 (ffi.SmallStr is not an Object)
         static = None if static_lib is None else relax.build(
-            lowered.with_attr("system_lib_prefix", system_lib_prefix), tvm_target,
-            relax_pipeline=None)
+            _system_lib(lowered, system_lib_prefix), tvm_target, relax_pipeline=None)
     fcompile = None
     if not target.native:
         from tvm.support import cc
@@ -198,10 +197,24 @@ def _atomic_path(path: str | Path):
         raise
 
 
+def _system_lib(mod: "ir.IRModule", prefix: str) -> "ir.IRModule":
+    """``mod`` for a system lib whose symbols carry ``prefix``, so that several models link
+    into one program. The module attribute makes codegen register the library under the
+    prefix; the kernels register under their ``global_symbol``, which TVM leaves unprefixed
+    (every model would define ``__tvm_ffi_dense_packed``), so it is prefixed here. The VM still
+    calls them by name: the system library looks names up with the prefix first."""
+    import tvm
+    from tvm import tirx
+
+    funcs = {gv: (f.with_attr("global_symbol", prefix + gv.name_hint)
+                  if isinstance(f, tirx.PrimFunc) else f) for gv, f in mod.functions_items()}
+    return tvm.IRModule(funcs, attrs=mod.attrs).with_attr("system_lib_prefix", prefix)
+
+
 def _export_archive(ex, path: Path, ar: str) -> None:
     """A system-lib executable as a static archive: TVM exports its objects (kernels, and the
-    packed VM executable) as a tar; ``ar`` in deterministic mode (no timestamps or owners, so
-    the same model gives the same bytes) archives them in a fixed order."""
+    packed VM executable) as a tar; ``ar`` in deterministic mode (no timestamps or owners)
+    archives them in a fixed order, so the same model gives the same bytes."""
     import subprocess
     import tarfile
 

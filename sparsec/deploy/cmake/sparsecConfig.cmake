@@ -103,7 +103,10 @@ function(sparsec_add_model name)
   string(REPLACE ";" " " cmd_text "${cmd}")
   file(CONFIGURE OUTPUT "${stamp}" CONTENT "sparsec ${sparsec_VERSION}\n${cmd_text}\n")
   set(outputs "${out}/manifest.json" "${out}/lib${name}.a" "${out}/${name}.h")
-  add_custom_command(OUTPUT ${outputs} COMMAND ${cmd} DEPENDS ${depends} "${stamp}"
+  # CMake deletes an output of a custom command whose command line changed, which leaves a
+  # directory sparsec will not overwrite: start from an empty one
+  add_custom_command(OUTPUT ${outputs} COMMAND "${CMAKE_COMMAND}" -E rm -rf "${out}"
+                     COMMAND ${cmd} DEPENDS ${depends} "${stamp}"
                      COMMENT "sparsec: compiling ${name} for ${target}" VERBATIM)
   add_custom_target(${name}_sparsec_package DEPENDS ${outputs})
 

@@ -1,0 +1,305 @@
+"""Deployable packages: the C header and C API over the real TVM runtime, static and shared
+linking, the reference pair, `sparsec runtime`, the CMake module and its example built and run
+natively and cross-compiled for aarch64 under qemu. Programs are built with the system's real
+compilers; nothing is mocked.
+
+The aarch64 tests need Debian's g++-aarch64-linux-gnu and qemu-user (.ci/run installs them) and
+pip access to PyPI for the aarch64 TVM wheels; without them they skip here, and fail under CI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import EXAMPLES, REPO
+from test_cli import assert_clean_error, sparsec
+
+from sparsec import reference
+from sparsec.deploy import CMAKE_DIR
+
+CALIB = EXAMPLES / "digits_calib.npz"
+SPARSEC_BIN = Path(sys.executable).parent / "sparsec"
+CROSS = ("aarch64-linux-gnu-g++", "qemu-aarch64")
+
+
+def need(*programs: str) -> None:
+    missing = [p for p in programs if shutil.which(p) is None]
+    if missing:
+        why = f"needs {', '.join(missing)} (apt install g++-aarch64-linux-gnu qemu-user cmake)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(why)
+        pytest.skip(why)
+
+
+def run(cmd: list, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=600,
+                          **kw)
+    assert proc.returncode == 0, f"{cmd}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory):
+    """The digits CNN and MLP compiled for the host, as packages named cnn and mlp."""
+    root = tmp_path_factory.mktemp("deploy")
+    for name in ("cnn", "mlp"):
+        proc = sparsec("-q", "compile", EXAMPLES / f"digits_{name}.onnx", "--ratio", "0.3",
+                       "--calib", CALIB, "--name", name, "-o", root / name)
+        assert proc.returncode == 0, proc.stderr
+    return root
+
+
+@pytest.fixture(scope="module")
+def host_runtime(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rt") / "host"
+    proc = sparsec("runtime", "--target", "host", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+CHECK_PROGRAM = r"""
+#include <stdio.h>
+#include <string.h>
+#include "cnn.h"
+#include "mlp.h"
+
+static int check(const sparsec_model_spec* spec, const char* lib, const char* dir) {
+  char in[1024], out[1024];
+  double err = -1;
+  sparsec_model* m = sparsec_open(spec, lib);
+  if (!m) { printf("%s open: %s\n", spec->name, sparsec_last_error()); return 1; }
+  snprintf(in, sizeof in, "%s/%s/reference/inputs.bin", dir, spec->name);
+  snprintf(out, sizeof out, "%s/%s/reference/outputs.bin", dir, spec->name);
+  int status = sparsec_check_reference(m, in, out, &err);
+  printf("%s status %d err %g msg '%s'\n", spec->name, status, err, sparsec_last_error());
+  sparsec_close(m);
+  return status != 0;
+}
+
+int main(int argc, char** argv) {
+  /* argv[1]: packages dir; argv[2]: "static", or the cnn model.so to load */
+  if (argc != 3) return 2;
+  const char* lib = strcmp(argv[2], "static") == 0 ? NULL : argv[2];
+  int bad = check(&cnn_spec, lib, argv[1]);
+  if (lib == NULL) bad |= check(&mlp_spec, NULL, argv[1]);
+  return bad;
+}
+"""
+
+
+def build_check(packages: Path, runtime: Path, tmp: Path, static: bool) -> Path:
+    """The C program above, with the C API, against the TVM runtime; both models' archives
+    linked in when ``static``."""
+    (tmp / "check.c").write_text(CHECK_PROGRAM)
+    inc = ["-I", runtime / "include", "-I", packages / "cnn", "-I", packages / "mlp"]
+    run(["gcc", "-std=c99", "-Wall", "-Wextra", "-Werror", "-c", tmp / "check.c", "-o",
+         tmp / "check.o", *inc])
+    run(["g++", "-std=c++17", "-O2", "-Wall", "-Werror", "-c",
+         runtime / "src" / "sparsec_runtime.cc", "-o", tmp / "capi.o", *inc])
+    archives = ["-Wl,--whole-archive", packages / "cnn" / "libcnn.a",
+                packages / "mlp" / "libmlp.a", "-Wl,--no-whole-archive"] if static else []
+    exe = tmp / ("check_static" if static else "check_shared")
+    run(["g++", tmp / "check.o", tmp / "capi.o", *archives, "-L", runtime / "lib",
+         "-Wl,--as-needed", "-ltvm_runtime", "-ltvm_ffi", f"-Wl,-rpath,{runtime / 'lib'}",
+         "-o", exe])
+    return exe
+
+
+# --------------------------------------------------------------------------- the package
+def test_header_matches_manifest(packages):
+    m = json.loads((packages / "cnn" / "manifest.json").read_text())
+    header = (packages / "cnn" / "cnn.h").read_text()
+    assert '#define CNN_SYSTEM_LIB_PREFIX "cnn_"' in header
+    assert "#define CNN_INPUT0_NUMEL 64" in header and "#define CNN_OUTPUT0_NUMEL 10" in header
+    assert "{\"image\", SPARSEC_FLOAT32, 4, cnn_input0_shape, 256}" in header
+    assert m["inputs"] == [{"name": "image", "shape": [1, 1, 8, 8], "dtype": "float32"}]
+
+
+def test_reference_pair_is_onnxruntime_on_the_pruned_model(packages):
+    pkg = packages / "cnn"
+    x = dict(np.load(pkg / "reference" / "inputs.npz"))
+    y = dict(np.load(pkg / "reference" / "outputs.npz"))
+    # a real calibration sample, not random numbers
+    assert any(np.array_equal(x["image"][0], s) for s in np.load(CALIB)["image"].reshape(
+        -1, 1, 8, 8))
+    want = reference.run(onnx.load(str(pkg / "model.onnx")), x)[0]
+    np.testing.assert_array_equal(y["linear"], want)
+    assert (pkg / "reference" / "inputs.bin").read_bytes() == x["image"].astype("<f4").tobytes()
+    assert (pkg / "reference" / "outputs.bin").read_bytes() == want.astype("<f4").tobytes()
+    m = json.loads((pkg / "manifest.json").read_text())
+    assert m["reference"]["from"] == "calibration" and m["reference"]["check"]["ok"]
+
+
+def test_inspect_package(packages):
+    proc = sparsec("inspect", packages / "cnn")
+    assert proc.returncode == 0, proc.stderr
+    for text in ("model 'cnn'", "target   host", "cnn.h, libcnn.a (prefix 'cnn_')",
+                 "reference pair from calibration", "channel-prune: lossy"):
+        assert text in proc.stdout
+    proc = sparsec("inspect", packages / "cnn", "--json")
+    assert json.loads(proc.stdout) == json.loads((packages / "cnn" / "manifest.json").read_text())
+
+
+def test_bad_name_is_refused(tmp_path):
+    proc = sparsec("compile", EXAMPLES / "digits_mlp.onnx", "--name", "9lives", "-o",
+                   tmp_path / "p")
+    assert_clean_error(proc, 6, "not a C identifier")
+    assert not (tmp_path / "p").exists()
+
+
+# --------------------------------------------------------------------------- the C API
+def test_runtime_dir(host_runtime):
+    info = json.loads((host_runtime / "runtime.json").read_text())
+    assert info["target"] == {"name": "host", "triple": None}
+    assert sorted(p.name for p in (host_runtime / "lib").iterdir()) == [
+        "libtvm_ffi.so", "libtvm_runtime.so"]
+    for header in ("sparsec.h", "dlpack/dlpack.h", "tvm/ffi/function.h",
+                   "tvm/runtime/c_backend_api.h"):
+        assert (host_runtime / "include" / header).is_file()
+
+
+def test_c_api_static_two_models_in_one_program(packages, host_runtime, tmp_path):
+    exe = build_check(packages, host_runtime, tmp_path, static=True)
+    proc = subprocess.run([exe, packages, "static"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "cnn status 0" in proc.stdout and "mlp status 0" in proc.stdout
+
+
+def test_c_api_shared_library(packages, host_runtime, tmp_path):
+    exe = build_check(packages, host_runtime, tmp_path, static=False)
+    proc = subprocess.run([exe, packages, packages / "cnn" / "model.so"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # errors come back as messages: no such file; no model linked under that prefix
+    proc = subprocess.run([exe, packages, tmp_path / "none.so"], capture_output=True, text=True)
+    assert proc.returncode == 1 and "cnn open:" in proc.stdout and "none.so" in proc.stdout
+    proc = subprocess.run([exe, packages, "static"], capture_output=True, text=True)
+    assert proc.returncode == 1 and "no model with prefix 'cnn_' is linked in" in proc.stdout
+
+
+def test_c_api_reference_check_catches_differences(packages, host_runtime, tmp_path):
+    exe = build_check(packages, host_runtime, tmp_path, static=False)
+    bad = tmp_path / "bad"
+    shutil.copytree(packages / "cnn", bad / "cnn")
+    ref = bad / "cnn" / "reference" / "outputs.bin"
+    y = np.frombuffer(ref.read_bytes(), "<f4").copy()
+    y[3] += 1e-2 * np.abs(y).max()
+    ref.write_bytes(y.tobytes())
+    proc = subprocess.run([exe, bad, packages / "cnn" / "model.so"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 1 and "cnn status 1" in proc.stdout
+    assert "output linear: max abs err" in proc.stdout
+    ref.write_bytes(y[:5].tobytes())
+    proc = subprocess.run([exe, bad, packages / "cnn" / "model.so"], capture_output=True,
+                          text=True)
+    assert "cnn status -1" in proc.stdout and "has 20 bytes, the model's spec needs 40" \
+        in proc.stdout
+
+
+# --------------------------------------------------------------------------- CMake
+def cmake_build(build: Path, *defs: str, toolchain: bool = False) -> str:
+    need("cmake")
+    extra = [f"-DCMAKE_TOOLCHAIN_FILE={CMAKE_DIR / 'aarch64-linux-gnu.cmake'}"] if toolchain \
+        else []
+    run(["cmake", "-S", REPO / "examples" / "cpp", "-B", build, f"-Dsparsec_DIR={CMAKE_DIR}",
+         f"-DSPARSEC_EXECUTABLE={SPARSEC_BIN}", *extra, *defs])
+    return run(["cmake", "--build", build, "-j2"]).stdout
+
+
+def ctest(build: Path) -> str:
+    return run(["ctest", "--test-dir", build, "--output-on-failure", "-V"]).stdout
+
+
+def test_cmake_example_builds_runs_and_tracks_dependencies(tmp_path):
+    model = tmp_path / "model.onnx"
+    shutil.copyfile(EXAMPLES / "digits_cnn.onnx", model)
+    build = tmp_path / "build"
+    out = cmake_build(build, f"-DDIGITS_MODEL={model}")
+    assert "sparsec: compiling digits for host" in out
+    assert "reference check: max abs err" in ctest(build) and "-> ok" in ctest(build)
+    m = json.loads((build / "digits" / "manifest.json").read_text())
+    assert m["name"] == "digits" and "--reconstruct" in m["command"]
+    # nothing changed: no recompile; a newer model or a new flag: recompile
+    assert "sparsec: compiling" not in cmake_build(build)
+    os.utime(model, (model.stat().st_atime, model.stat().st_mtime + 10))
+    assert "sparsec: compiling" in cmake_build(build)
+    assert "sparsec: compiling" in cmake_build(build, "-DDIGITS_RATIO=0.5")
+    m2 = json.loads((build / "digits" / "manifest.json").read_text())
+    assert m2["prune"]["after"]["params"] < m["prune"]["after"]["params"]
+    assert "-> ok" in ctest(build)
+
+
+def test_cmake_example_cross_compiled_for_aarch64_runs_under_qemu(tmp_path):
+    need("cmake", *CROSS)
+    build = tmp_path / "build"
+    out = cmake_build(build, toolchain=True)
+    assert "sparsec: compiling digits for aarch64" in out
+    exe = build / "digits_check"
+    assert exe.read_bytes()[18] == 183            # ELF e_machine: EM_AARCH64
+    out = ctest(build)                            # runs under qemu-aarch64
+    assert "reference check: max abs err" in out and "-> ok" in out
+    info = json.loads((build / "sparsec-runtime-aarch64" / "runtime.json").read_text())
+    assert info["target"]["triple"] == "aarch64-linux-gnu"
+    for lib in (build / "sparsec-runtime-aarch64" / "lib").iterdir():
+        assert lib.read_bytes()[18] == 183, lib
+    # a package for another machine: sparsec cannot run it here, and says so
+    assert_clean_error(sparsec("validate", build / "digits"), 6, "compiled for aarch64")
+    assert "to be checked on the device" in sparsec("inspect", build / "digits").stdout
+
+
+# --------------------------------------------------------------------------- errors
+def test_missing_cross_toolchain_is_a_clear_error(tmp_path):
+    env = dict(os.environ, PATH=str(tmp_path / "empty"))
+    out = tmp_path / "pkg"
+    proc = subprocess.run([sys.executable, "-m", "sparsec", "compile",
+                           str(EXAMPLES / "digits_mlp.onnx"), "--target", "aarch64", "-o",
+                           str(out)], capture_output=True, text=True, env=env)
+    assert_clean_error(proc, 11, "aarch64-linux-gnu-g++", "apt install g++-aarch64-linux-gnu")
+    assert not out.exists()
+
+
+def test_runtime_from_an_empty_wheel_dir_is_a_clear_error(tmp_path):
+    (tmp_path / "wheels").mkdir()
+    proc = sparsec("runtime", "--target", "aarch64", "--wheel-dir", tmp_path / "wheels", "-o",
+                   tmp_path / "rt")
+    assert_clean_error(proc, 11, "no manylinux_2_28_aarch64 wheel of apache-tvm==")
+    assert not (tmp_path / "rt").exists()
+
+
+# --------------------------------------------------------------------------- Python builds
+def test_python_build_hook_compiles_models_into_the_wheel(tmp_path):
+    import zipfile
+
+    project = tmp_path / "proj"
+    (project / "myapp").mkdir(parents=True)
+    (project / "myapp" / "__init__.py").write_text("")
+    shutil.copyfile(EXAMPLES / "digits_mlp.onnx", project / "mlp.onnx")
+    (project / "setup.py").write_text(
+        "from setuptools import setup\n"
+        "from sparsec.deploy.setuptools import build_py\n"
+        "setup(cmdclass={'build_py': build_py})\n")
+    (project / "pyproject.toml").write_text(
+        '[project]\nname = "myapp"\nversion = "1.0"\n'
+        '[tool.setuptools]\npackages = ["myapp"]\n'
+        '[tool.sparsec.models.digits]\nsrc = "mlp.onnx"\npackage = "myapp"\n'
+        'args = ["--ratio", "0.25"]\n')
+    run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q",
+         "-w", tmp_path / "dist", project])
+    [wheel] = (tmp_path / "dist").glob("myapp-1.0-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for f in ("manifest.json", "model.so", "digits.h", "libdigits.a", "reference/inputs.npz"):
+        assert f"myapp/digits/{f}" in names
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    proc = sparsec("validate", site / "myapp" / "digits")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "--ratio" in json.loads((site / "myapp" / "digits" / "manifest.json").read_text())[
+        "command"]
