@@ -229,7 +229,8 @@ def test_cmake_example_builds_runs_and_tracks_dependencies(tmp_path):
     assert m["name"] == "digits" and "--reconstruct" in m["command"]
     # nothing changed: no recompile; a newer model or a new flag: recompile
     assert "sparsec: compiling" not in cmake_build(build)
-    os.utime(model, (model.stat().st_atime, model.stat().st_mtime + 10))
+    newer = (build / "digits" / "manifest.json").stat().st_mtime + 5
+    os.utime(model, (newer, newer))
     assert "sparsec: compiling" in cmake_build(build)
     assert "sparsec: compiling" in cmake_build(build, "-DDIGITS_RATIO=0.5")
     m2 = json.loads((build / "digits" / "manifest.json").read_text())
