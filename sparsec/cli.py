@@ -200,6 +200,10 @@ def cmd_targets(args) -> int:
         rows.append([name, json.dumps(spec.tvm_target), "yes" if spec.native else "no",
                      spec.description])
     print(_table(rows))
+    from sparsec.targets import device_tags
+
+    print("\nTVM device tags (aarch64 CPUs, cross-compiled): " + ", ".join(device_tags()))
+    print('Raw TVM target JSON works too, e.g. --target \'{"kind": "llvm", "mcpu": "znver3"}\'')
     return 0
 
 

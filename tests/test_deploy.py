@@ -241,19 +241,22 @@ def test_cmake_example_builds_runs_and_tracks_dependencies(tmp_path):
 def test_cmake_example_cross_compiled_for_aarch64_runs_under_qemu(tmp_path):
     need("cmake", *CROSS)
     build = tmp_path / "build"
-    out = cmake_build(build, toolchain=True)
-    assert "sparsec: compiling digits for aarch64" in out
+    # a TVM device tag: aarch64 code tuned for the Pi 4's Cortex-A72
+    out = cmake_build(build, "-DSPARSEC_TARGET=raspberry-pi/4b-aarch64", toolchain=True)
+    assert "sparsec: compiling digits for raspberry-pi/4b-aarch64" in out
     exe = build / "digits_check"
     assert exe.read_bytes()[18] == 183            # ELF e_machine: EM_AARCH64
     out = ctest(build)                            # runs under qemu-aarch64
     assert "reference check: max abs err" in out and "-> ok" in out
-    info = json.loads((build / "sparsec-runtime-aarch64" / "runtime.json").read_text())
+    runtime = build / "sparsec-runtime-raspberry_pi_4b_aarch64"
+    info = json.loads((runtime / "runtime.json").read_text())
     assert info["target"]["triple"] == "aarch64-linux-gnu"
-    for lib in (build / "sparsec-runtime-aarch64" / "lib").iterdir():
+    for lib in (runtime / "lib").iterdir():
         assert lib.read_bytes()[18] == 183, lib
     # compile checked the reference pair under qemu; validate runs new inputs the same way
     m = json.loads((build / "digits" / "manifest.json").read_text())
     assert m["reference"]["check"]["ok"] and m["reference"]["check"]["via"] == "qemu-aarch64"
+    assert m["target"]["tvm"]["mcpu"] == "cortex-a72"
     proc = sparsec("validate", build / "digits", "--seed", "3")
     assert proc.returncode == 0 and "library matches ONNX Runtime" in proc.stdout, proc.stderr
 

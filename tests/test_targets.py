@@ -107,12 +107,27 @@ def test_known_targets_resolve():
     assert arm.tvm_target["mtriple"] == "aarch64-linux-gnu" and "+neon" in arm.tvm_target["mattr"]
 
 
+def test_device_tags_and_raw_json():
+    pi = resolve_target("raspberry-pi/4b-aarch64")              # a TVM device tag
+    assert pi.triple == "aarch64-linux-gnu" and pi.tvm_target["mcpu"] == "cortex-a72"
+    assert pi.tvm_target["num-cores"] == 4 and "+neon" in pi.tvm_target["mattr"]
+    raw = resolve_target('{"kind": "llvm", "mcpu": "znver3"}')
+    assert raw.native and raw.tvm_target == {"kind": "llvm", "mcpu": "znver3",
+                                             "num-cores": os.cpu_count()}
+    cases = {"nvidia/jetson-orin-nano": "is a cuda target", '{"kind": "cuda"}': "cuda target",
+             "{oops": "not valid TVM target JSON", "acme/box": "unknown device tag",
+             '{"kind": "llvm", "mtriple": "riscv64-linux-gnu"}': "not riscv64"}
+    for name, why in cases.items():
+        with pytest.raises(UnknownTargetError, match=why):
+            resolve_target(name)
+
+
 def test_targets_command_lists_them():
     proc = subprocess.run([sys.executable, "-m", "sparsec", "targets"], capture_output=True,
                           text=True, check=True)
     for name in KNOWN_TARGETS:
         assert name in proc.stdout
-    assert "aarch64-linux-gnu" in proc.stdout
+    assert "aarch64-linux-gnu" in proc.stdout and "raspberry-pi/4b-aarch64" in proc.stdout
 
 
 def test_targets_module_imports_nothing_heavy():

@@ -68,6 +68,46 @@ def _host_cpu() -> str:
     return cpu or _FALLBACK_HOST_CPU
 
 
+#: the keys of a TVM target sparsec keeps (a tag's target also carries derived features)
+_LLVM_KEYS = ("kind", "mtriple", "mcpu", "mattr", "num-cores")
+
+
+def _llvm_spec(name: str, target: dict, description: str) -> TargetSpec:
+    """A spec for an LLVM CPU target given as a dict (raw JSON or a TVM tag's target)."""
+    target = {k: target[k] for k in _LLVM_KEYS if k in target}
+    if target.get("kind") != "llvm":
+        raise UnknownTargetError(f"target '{name}' is a {target.get('kind')} target; sparsec "
+                                 f"compiles for CPUs (llvm) so far")
+    triple = str(target.get("mtriple", ""))
+    if triple.startswith("aarch64"):
+        target["mtriple"] = "aarch64-linux-gnu"
+        target.setdefault("mattr", ["+neon"])
+        target.setdefault("num-cores", 4)
+        return TargetSpec(name, target, description, channel_multiple=4,
+                          triple="aarch64-linux-gnu")
+    if triple and not triple.startswith("x86_64"):
+        raise UnknownTargetError(f"target '{name}': sparsec cross-compiles for aarch64 only, "
+                                 f"not {triple}")
+    target.setdefault("num-cores", _num_cores())
+    return TargetSpec(name, target, description)
+
+
+def device_tags(usable: bool = True) -> dict[str, dict]:
+    """TVM's device tags with their targets: those sparsec compiles for (aarch64 CPUs, e.g.
+    ``raspberry-pi/4b-aarch64``), or with ``usable=False`` all of them."""
+    import json
+
+    import tvm.target  # heavy: only when a tag is asked for
+
+    out = {}
+    for tag, target in tvm.target.list_tags().items():
+        config = json.loads(str(target)) if not isinstance(target, dict) else target
+        if not usable or (config.get("kind") == "llvm"
+                          and str(config.get("mtriple", "")).startswith("aarch64")):
+            out[str(tag)] = config
+    return dict(sorted(out.items()))
+
+
 def resolve_target(name: str) -> TargetSpec:
     """Map a user-facing target name to a :class:`TargetSpec`.
 
@@ -75,7 +115,28 @@ def resolve_target(name: str) -> TargetSpec:
     - ``x86-avx2``: any x86-64 with AVX2+FMA (``mcpu=haswell``), portable across such machines.
     - ``llvm``: generic LLVM code for the host triple, no CPU-specific vector extensions.
     - ``aarch64`` / ``arm-neon``: 64-bit ARM Linux with NEON, cross-compiled (see ``triple``).
+    - a TVM device tag of an aarch64 CPU, e.g. ``raspberry-pi/4b-aarch64`` (its ``mcpu`` and
+      core count), or raw TVM target JSON such as ``{"kind": "llvm", "mcpu": "znver3"}``.
     """
+    if name.lstrip().startswith("{"):
+        import json
+
+        try:
+            target = json.loads(name)
+            assert isinstance(target, dict)
+        except (ValueError, AssertionError):
+            raise UnknownTargetError(f"target '{name}' is not valid TVM target JSON") from None
+        return _llvm_spec(name, target, "TVM target given as JSON")
+    if "/" in name:
+        tags = device_tags()
+        if name not in tags and name in (every := device_tags(usable=False)):
+            _llvm_spec(name, every[name], "")  # raises: a GPU, or a CPU we do not cross to
+        if name not in tags:
+            raise UnknownTargetError(f"unknown device tag '{name}' (aarch64 CPU tags TVM "
+                                     f"knows: {', '.join(tags)})")
+        tag = tags[name]
+        return _llvm_spec(name, tag, f"{name}: {tag.get('mcpu', 'aarch64')}, "
+                                     f"{tag.get('num-cores', 4)} cores (TVM device tag)")
     cores = _num_cores()
     if name == "host":
         cpu = _host_cpu()
@@ -108,7 +169,8 @@ def resolve_target(name: str) -> TargetSpec:
             channel_multiple=4,
             triple="aarch64-linux-gnu",
         )
-    raise UnknownTargetError(f"unknown target '{name}' (known: {', '.join(KNOWN_TARGETS)})")
+    raise UnknownTargetError(f"unknown target '{name}' (known: {', '.join(KNOWN_TARGETS)}, "
+                             f"TVM device tags and TVM target JSON: see `sparsec targets`)")
 
 
-__all__ = ["CROSS_PACKAGES", "KNOWN_TARGETS", "TargetSpec", "UnknownTargetError", "resolve_target"]
+__all__ = ["CROSS_PACKAGES", "KNOWN_TARGETS", "device_tags", "TargetSpec", "UnknownTargetError", "resolve_target"]

@@ -11,7 +11,8 @@
 # archive registers itself with the TVM runtime at load), the C API and the TVM runtime.
 #
 # The TVM runtime comes from `sparsec runtime --target T`, run at configure time into the build
-# tree (or set SPARSEC_RUNTIME_DIR_<T> to one made earlier, e.g. for offline builds). For a
+# tree (or set SPARSEC_RUNTIME_DIR_<T> to one made earlier, e.g. for offline builds; <T> is the
+# target as a C identifier: aarch64, raspberry_pi_4b_aarch64, ...). For a
 # cross build use a toolchain file: sparsec ships aarch64-linux-gnu.cmake next to this file.
 include_guard(GLOBAL)
 cmake_minimum_required(VERSION 3.24)  # $<LINK_LIBRARY:WHOLE_ARCHIVE,...>
@@ -39,15 +40,16 @@ set(SPARSEC_TARGET "${_sparsec_default_target}" CACHE STRING
 # the TVM runtime for `target` as the targets sparsec_tvm_<target> (imported shared libraries)
 # and sparsec_capi_<target> (the C API, compiled here for the target)
 function(_sparsec_runtime target)
-  if(TARGET sparsec_capi_${target})
+  string(MAKE_C_IDENTIFIER "${target}" tid)
+  if(TARGET sparsec_capi_${tid})
     return()
   endif()
-  set(dir "${SPARSEC_RUNTIME_DIR_${target}}")
+  set(dir "${SPARSEC_RUNTIME_DIR_${tid}}")
   if(NOT dir)
-    set(dir "${CMAKE_BINARY_DIR}/sparsec-runtime-${target}")
+    set(dir "${CMAKE_BINARY_DIR}/sparsec-runtime-${tid}")
     if(NOT EXISTS "${dir}/runtime.json")
       message(STATUS "sparsec: TVM runtime for ${target} -> ${dir}")
-      execute_process(COMMAND "${SPARSEC_EXECUTABLE}" -q runtime --target ${target} -o "${dir}"
+      execute_process(COMMAND "${SPARSEC_EXECUTABLE}" -q runtime --target "${target}" -o "${dir}"
                       RESULT_VARIABLE rc ERROR_VARIABLE err)
       if(NOT rc EQUAL 0)
         string(STRIP "${err}" err)
@@ -55,18 +57,18 @@ function(_sparsec_runtime target)
       endif()
     endif()
   endif()
-  add_library(sparsec_tvm_ffi_${target} SHARED IMPORTED GLOBAL)
-  set_target_properties(sparsec_tvm_ffi_${target} PROPERTIES
+  add_library(sparsec_tvm_ffi_${tid} SHARED IMPORTED GLOBAL)
+  set_target_properties(sparsec_tvm_ffi_${tid} PROPERTIES
     IMPORTED_LOCATION "${dir}/lib/libtvm_ffi.so" IMPORTED_NO_SONAME TRUE)
-  add_library(sparsec_tvm_${target} SHARED IMPORTED GLOBAL)
-  set_target_properties(sparsec_tvm_${target} PROPERTIES
+  add_library(sparsec_tvm_${tid} SHARED IMPORTED GLOBAL)
+  set_target_properties(sparsec_tvm_${tid} PROPERTIES
     IMPORTED_LOCATION "${dir}/lib/libtvm_runtime.so" IMPORTED_NO_SONAME TRUE
-    INTERFACE_LINK_LIBRARIES sparsec_tvm_ffi_${target})
-  add_library(sparsec_capi_${target} STATIC "${dir}/src/sparsec_runtime.cc")
-  target_include_directories(sparsec_capi_${target} PUBLIC "${dir}/include")
-  target_compile_features(sparsec_capi_${target} PUBLIC cxx_std_17)
-  set_target_properties(sparsec_capi_${target} PROPERTIES POSITION_INDEPENDENT_CODE ON)
-  target_link_libraries(sparsec_capi_${target} PUBLIC sparsec_tvm_${target} ${CMAKE_DL_LIBS})
+    INTERFACE_LINK_LIBRARIES sparsec_tvm_ffi_${tid})
+  add_library(sparsec_capi_${tid} STATIC "${dir}/src/sparsec_runtime.cc")
+  target_include_directories(sparsec_capi_${tid} PUBLIC "${dir}/include")
+  target_compile_features(sparsec_capi_${tid} PUBLIC cxx_std_17)
+  set_target_properties(sparsec_capi_${tid} PROPERTIES POSITION_INDEPENDENT_CODE ON)
+  target_link_libraries(sparsec_capi_${tid} PUBLIC sparsec_tvm_${tid} ${CMAKE_DL_LIBS})
 endfunction()
 
 function(sparsec_add_model name)
@@ -81,13 +83,20 @@ function(sparsec_add_model name)
   if(arg_TARGET)
     set(target "${arg_TARGET}")
   endif()
-  if(target MATCHES "^(aarch64|arm-neon)$" AND NOT CMAKE_SYSTEM_PROCESSOR MATCHES "^(aarch64|arm64)$")
+  # sparsec's native targets run here; every other one (aarch64, arm-neon, device tags such
+  # as raspberry-pi/4b-aarch64) is a 64-bit ARM and needs an aarch64 compiler
+  if(target MATCHES "^(host|x86-avx2|llvm)$")
+    if(CMAKE_CROSSCOMPILING)
+      message(FATAL_ERROR "sparsec_add_model(${name}): target ${target} is this machine, but "
+                          "the compiler is a cross compiler: set TARGET or SPARSEC_TARGET")
+    endif()
+  elseif(NOT CMAKE_SYSTEM_PROCESSOR MATCHES "^(aarch64|arm64)$")
     message(FATAL_ERROR "sparsec_add_model(${name}): target ${target} needs an aarch64 "
                         "compiler: configure with -DCMAKE_TOOLCHAIN_FILE=${CMAKE_CURRENT_FUNCTION_LIST_DIR}/aarch64-linux-gnu.cmake")
   endif()
   get_filename_component(src "${arg_SRC}" ABSOLUTE)
   set(out "${CMAKE_CURRENT_BINARY_DIR}/${name}")
-  set(cmd "${SPARSEC_EXECUTABLE}" -q compile "${src}" --target ${target} --name ${name} -o "${out}")
+  set(cmd "${SPARSEC_EXECUTABLE}" -q compile "${src}" --target "${target}" --name ${name} -o "${out}")
   set(depends "${src}")
   if(arg_RATIO)
     list(APPEND cmd --ratio ${arg_RATIO})
@@ -110,7 +119,8 @@ function(sparsec_add_model name)
                      COMMENT "sparsec: compiling ${name} for ${target}" VERBATIM)
   add_custom_target(${name}_sparsec_package DEPENDS ${outputs})
 
-  _sparsec_runtime(${target})
+  _sparsec_runtime("${target}")
+  string(MAKE_C_IDENTIFIER "${target}" tid)
   add_library(${name}_sparsec_archive STATIC IMPORTED GLOBAL)
   set_target_properties(${name}_sparsec_archive PROPERTIES IMPORTED_LOCATION "${out}/lib${name}.a")
   add_dependencies(${name}_sparsec_archive ${name}_sparsec_package)
@@ -118,7 +128,7 @@ function(sparsec_add_model name)
   add_library(${name} INTERFACE)
   target_include_directories(${name} INTERFACE "${out}")
   target_link_libraries(${name} INTERFACE
-    "$<LINK_LIBRARY:WHOLE_ARCHIVE,${name}_sparsec_archive>" sparsec_capi_${target})
+    "$<LINK_LIBRARY:WHOLE_ARCHIVE,${name}_sparsec_archive>" sparsec_capi_${tid})
   add_dependencies(${name} ${name}_sparsec_package)
   set(${name}_PACKAGE_DIR "${out}" PARENT_SCOPE)
 endfunction()
