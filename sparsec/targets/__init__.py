@@ -173,4 +173,5 @@ def resolve_target(name: str) -> TargetSpec:
                              f"TVM device tags and TVM target JSON: see `sparsec targets`)")
 
 
-__all__ = ["CROSS_PACKAGES", "KNOWN_TARGETS", "device_tags", "TargetSpec", "UnknownTargetError", "resolve_target"]
+__all__ = ["CROSS_PACKAGES", "KNOWN_TARGETS", "TargetSpec", "UnknownTargetError", "device_tags",
+           "resolve_target"]
