@@ -380,8 +380,9 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
     channel multiple (``TargetSpec.channel_multiple``).
 
     The package's reference pair is one calibration batch and ONNX Runtime's outputs for it on
-    the pruned model; on a native target the library must reproduce them (within the
-    tolerance ``validate`` uses) or nothing is written (``ValidationError``)."""
+    the pruned model. The library must reproduce them (within the tolerance ``validate``
+    uses) or nothing is written (``ValidationError``): run here, or for a cross target under
+    its emulator; without one the package is written unchecked, with a warning."""
     from sparsec.deploy.header import check_name, default_name
     from sparsec.targets import resolve_target
 

@@ -73,12 +73,14 @@ def check_writable_file(path: str | os.PathLike, source: str | os.PathLike | Non
     return p
 
 
-def check_writable_dir(path: str | os.PathLike) -> Path:
-    """A package directory may be created, or replace an earlier sparsec package, nothing else."""
+def check_writable_dir(path: str | os.PathLike, marker: str = MANIFEST,
+                       what: str = "sparsec package") -> Path:
+    """An output directory may be created, or replace an earlier one of its kind (which has
+    ``marker``), nothing else."""
     p = Path(path)
     _check_parent(p)
-    if p.exists() and (not p.is_dir() or (any(p.iterdir()) and not (p / MANIFEST).is_file())):
-        raise OutputError(f"{p} exists and is not a sparsec package; remove it or choose another "
+    if p.exists() and (not p.is_dir() or (any(p.iterdir()) and not (p / marker).is_file())):
+        raise OutputError(f"{p} exists and is not a {what}; remove it or choose another "
                           f"output path")
     return p
 

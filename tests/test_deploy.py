@@ -164,6 +164,9 @@ def test_runtime_dir(host_runtime):
     for header in ("sparsec.h", "dlpack/dlpack.h", "tvm/ffi/function.h",
                    "tvm/runtime/c_backend_api.h"):
         assert (host_runtime / "include" / header).is_file()
+    # it replaces an earlier runtime, nothing else
+    assert sparsec("runtime", "-o", host_runtime).returncode == 0
+    assert_clean_error(sparsec("runtime", "-o", EXAMPLES), 9, "is not a sparsec runtime")
 
 
 def test_c_api_static_two_models_in_one_program(packages, host_runtime, tmp_path):

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Callable
 
 from sparsec.deploy import INCLUDE_DIR, SOURCE_DIR
-from sparsec.errors import OutputError, ToolchainError
-from sparsec.package import sha256, staging_dir, write_json
+from sparsec.errors import ToolchainError
+from sparsec.package import check_writable_dir, sha256, staging_dir, write_json
 from sparsec.targets import TargetSpec, resolve_target
 
 MARKER = "runtime.json"
@@ -41,13 +41,6 @@ PARTS = (("apache-tvm", "tvm/lib/libtvm_runtime.so", "tvm/include"),
 def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "sparsec" / "wheels"
-
-
-def _check_out_dir(path: Path) -> None:
-    if path.exists() and (not path.is_dir() or (any(path.iterdir())
-                                                and not (path / MARKER).is_file())):
-        raise OutputError(f"{path} exists and is not a sparsec runtime; remove it or choose "
-                          f"another output path")
 
 
 def _wheels(spec: TargetSpec, wheel_dir: Path | None, log: Callable[[str], None]
@@ -93,8 +86,7 @@ def build_runtime(target: str, out_dir: str | os.PathLike, *, wheel_dir: str | N
     """Write the runtime directory for ``target`` (see the module docstring); returns its
     ``runtime.json``."""
     spec = resolve_target(target)
-    out = Path(out_dir)
-    _check_out_dir(out)
+    out = check_writable_dir(out_dir, MARKER, "sparsec runtime")
     with staging_dir(out) as tmp:
         (tmp / "lib").mkdir()
         sources = {}
