@@ -263,6 +263,49 @@ def conv_model(n, c, h, w, oc, k, stride, pad, dil=1, group=1, bias=True, relu=F
     return make_model(nodes, [("x", [n, c, h, w])], [("y", [n, oc, oh, ow])], inits)
 
 
+def _residual_pointwise(n, c, h, w, oc, seed=0):
+    """relu(conv1x1(x) + b + x2) with x2 a second input: the kernel's residual epilogue."""
+    base = conv_model(n, c, h, w, oc, 1, 1, 0, seed=seed)
+    g = base.graph
+    g.node[1].op_type, g.node[1].input[:] = "Add", ["c", "x2"]
+    g.node[1].output[0] = "s"
+    g.node.append(helper.make_node("Relu", ["s"], ["y"]))
+    g.input.append(helper.make_tensor_value_info("x2", TensorProto.FLOAT, [n, oc, h, w]))
+    return base
+
+
+@pytest.mark.parametrize("args", [
+    dict(n=1, c=32, h=8, w=8, oc=48, k=1, stride=1, pad=0, relu=True),   # 64 pixels
+    dict(n=2, c=24, h=7, w=7, oc=42, k=1, stride=1, pad=0),              # 49: padded to 64
+    dict(n=1, c=96, h=14, w=14, oc=20, k=1, stride=1, pad=0, bias=False),
+    "residual",
+])
+def test_bsr_pointwise_conv_numerics(args, host, tmp_path):
+    """Block-sparse 1x1 convs get the pixel-vectorized sparse kernel (Fast Sparse ConvNets),
+    which matches ONNX Runtime with bias, relu, a residual, batches and pixel tails."""
+    model = (_residual_pointwise(1, 40, 6, 6, 36) if args == "residual"
+             else conv_model(**args))
+    model = _block_sparse(model, 0.8)
+    facts, feeds, outs = compile_and_run(model, host, tmp_path)
+    assert facts["kernels"].get("bsr_conv1x1") == 1, facts["kernels"]
+    [d] = [d for d in facts["decisions"] if d["chosen"] == "bsr_conv1x1"]
+    assert d["rows_kept"] < d["shape"]["weight"][1] and d["variant"] == "pointwise"
+    if args == "residual":
+        assert d["epilogue"] == ["bias", "residual", "relu"]
+    assert_matches_ort(model, feeds, outs)
+
+
+def test_dense_pointwise_conv_stays_dense(host, tmp_path):
+    """Without whole zero input channels per 4-channel panel there is nothing to skip."""
+    import sparsec
+    from sparsec.ir.onnx_io import to_onnx
+
+    model = conv_model(n=1, c=32, h=8, w=8, oc=48, k=1, stride=1, pad=0)
+    model = to_onnx(sparsec.prune(model, sparsity=0.5).graph)          # unstructured
+    facts, _, _ = compile_and_run(model, host, tmp_path)
+    assert facts["kernels"] == {"conv2d_nchw_packed": 1}, facts["kernels"]
+
+
 @pytest.mark.parametrize("args", [
     dict(n=1, c=16, h=14, w=14, oc=32, k=3, stride=1, pad=1, relu=True),
     dict(n=1, c=3, h=17, w=19, oc=45, k=3, stride=2, pad=1),           # odd C/OC/W, stride 2

@@ -41,6 +41,10 @@ STRATEGIES: tuple[StrategyInfo, ...] = (
                  "register tile; (n, oc-block, oh) in parallel. Small maps whose output width "
                  "is whole 16/8-lane vectors: width-vectorized variant, W packed "
                  "[OC/t,IC,KH,KW,t], (t oc x rows x OW) tile, stride phases for stride > 1"),
+    StrategyInfo("bsr_conv1x1", "relax.nn.conv2d", 0.40,
+                 "pointwise NCHW conv with 16x1 (or 4x1) zero blocks: W packed in 4-channel "
+                 "panels keeping their nonzero input channels (ELL), (4 oc x 16 pixels) tile "
+                 "vectorized along the pixels, as in Fast Sparse ConvNets"),
     StrategyInfo(FALLBACK, "*", 0.02,
                  "LegalizeOps + FuseOps, then DLight CPU rules or a parallel+vectorize schedule"),
 )

@@ -215,7 +215,50 @@ def _match_conv(a: _Analysis, call: "relax.Call") -> tuple[Plan, dict] | None:
     info = {"op": "conv2d", "shape": {"in": list(xs), "weight": list(w.shape), "out": list(out),
                                       "stride": list(shape.stride), "pad": list(shape.padding),
                                       "variant": "width_vectorized" if wplan else "oc_blocked"}}
-    return Plan(conv2d.NAME, emit, info=info), {"macs": macs}
+    plans = [(Plan(conv2d.NAME, emit, info=info), {"macs": macs})]
+    if ((shape.kh, shape.kw, shape.stride, shape.dilation) == (1, 1, (1, 1), (1, 1))
+            and not any(shape.padding)):
+        sparse = _pointwise_bsr(shape, w, dtype, out)
+        if sparse is not None:
+            plan, work = sparse
+            plan.info = {**info, "variant": "pointwise", **plan.info}
+            plans.append((plan, {"macs": work}))
+    return plans
+
+
+def _pointwise_bsr(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, out: tuple
+                   ) -> tuple[Plan, int] | None:
+    """The ``bsr_conv1x1`` plan of a pointwise conv whose weight panels have all-zero input
+    channels, with the MACs it does; None when every panel reads every input channel."""
+    import numpy as np
+
+    n, ci, co, p = shape.n, shape.ic, shape.oc, shape.h * shape.w
+    w_kn = np.ascontiguousarray(w[:, :, 0, 0].T)
+    rows = bsr.padded_rows(w_kn, bsr.CONV_LANES)
+    if rows >= ci:
+        return None
+    pp = bsr.conv_padded_pixels(p)
+
+    def emit(bb: "relax.BlockBuilder", args: list, bias, relu: bool, residual) -> "relax.Expr":
+        from tvm import relax
+
+        idx, data = bsr.pack_weight(w_kn, bsr.CONV_LANES)
+        func = bsr.build_conv1x1(n, ci, p, co, idx.shape[1], dtype, bias=bias is not None,
+                                 relu=relu, residual=residual is not None)
+        gv = bb.add_func(func, bsr.CONV_NAME)
+        x = bb.emit(relax.op.reshape(args[0], (n, ci, p)))
+        if pp != p:   # whole 16-pixel vectors: zero columns, cut again at the write-back
+            x = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, 0, pp - p]))
+        call_args = [x, relax.const(idx), relax.const(data)]
+        if bias is not None:
+            call_args.append(relax.const(bias))
+        if residual is not None:
+            call_args.append(bb.emit(relax.op.reshape(residual, (n, co, p))))
+        y = bb.emit(relax.call_tir(gv, call_args, relax.TensorType((n, co, p), dtype)))
+        return relax.op.reshape(y, out)
+
+    work = n * pp * rows * (-(-co // bsr.CONV_LANES)) * bsr.CONV_LANES
+    return Plan(bsr.CONV_NAME, emit, info={"rows_kept": rows}), work
 
 
 _MATCHERS = {"relax.matmul": _match_dense, "relax.nn.conv2d": _match_conv}
@@ -301,7 +344,7 @@ def plan_function(func: "relax.Function", cores: int) -> tuple[dict, dict, list[
         decision.update(plan.info)
         plans[var] = plan
         # epilogue: + per-channel bias, then relu, each the single user of the previous value
-        channel_axis = 1 if plan.strategy == conv2d.NAME else -1
+        channel_axis = 1 if plan.strategy in (conv2d.NAME, bsr.CONV_NAME) else -1
         tail = var
         nxt = _single_user_call(a, tail, "relax.add")
         if nxt and (bias := _channel_bias(a, tail, nxt[1], channel_axis)) is not None:
