@@ -27,7 +27,15 @@ def _models():
     import bench_host as b
 
     cnn = b.residual_cnn()
+
+    def mobilenetv2():
+        import bench_mobilenetv2_sparse as mb
+
+        with tempfile.TemporaryDirectory() as tmp:
+            return mb.mobilenetv2_onnx(Path(tmp) / "mnv2.onnx")
+
     return {
+        "mobilenetv2": mobilenetv2,
         "cnn": lambda: cnn,
         "cnn50": lambda: b.pruned(cnn, 0.5),
         "gemm": b.gemm_model,

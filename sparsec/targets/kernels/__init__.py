@@ -9,7 +9,8 @@ numbers recorded per op in the compile report.
 
 ``efficiency`` values are measured fractions of one-core AVX2 FMA peak on znver3 (2 threads):
 dense_packed ~0.55 on 32x768x3072, conv2d_nchw_packed ~0.4 on 3x3 64->64 @56x56, the generic
-schedule ~0.02 on the same GEMM.
+schedule ~0.02 on the same GEMM; depthwise_nchw does 9 MACs per output element and moves the
+activation (~20-45 GB/s on MobileNetV2's layers), so its fraction of FMA peak is ~0.1.
 """
 
 from __future__ import annotations
@@ -41,10 +42,18 @@ STRATEGIES: tuple[StrategyInfo, ...] = (
                  "register tile; (n, oc-block, oh) in parallel. Small maps whose output width "
                  "is whole 16/8-lane vectors: width-vectorized variant, W packed "
                  "[OC/t,IC,KH,KW,t], (t oc x rows x OW) tile, stride phases for stride > 1"),
+    StrategyInfo("conv1x1_nchw", "relax.nn.conv2d", 0.45,
+                 "pointwise NCHW conv as a GEMM vectorized along the pixels: W packed "
+                 "[OC/t,IC,t], (6 oc x 16 pixels) register tile, whole-vector NCHW write-back"),
     StrategyInfo("bsr_conv1x1", "relax.nn.conv2d", 0.40,
                  "pointwise NCHW conv with 16x1 (or 4x1) zero blocks: W packed in 4-channel "
                  "panels keeping their nonzero input channels (ELL), (4 oc x 16 pixels) tile "
                  "vectorized along the pixels, as in Fast Sparse ConvNets"),
+    StrategyInfo("depthwise_nchw", "relax.nn.conv2d", 0.10,
+                 "NCHW depthwise (groups = channels, multiplier 1), constant W[C,KH,KW]: one "
+                 "channel's zero-padded plane (split into stride phases) per task, (rows x "
+                 "8-lane vectors) register tile along the output width; bound by activation "
+                 "traffic, so the efficiency is low by design"),
     StrategyInfo(FALLBACK, "*", 0.02,
                  "LegalizeOps + FuseOps, then DLight CPU rules or a parallel+vectorize schedule"),
 )

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sparsec.targets.kernels.common import epilogue_func, finish
-from sparsec.targets.kernels import dense
+from sparsec.targets.kernels.common import Clip, epilogue_func, finish
+from sparsec.targets.kernels import dense, pointwise
 from sparsec.targets.kernels.dense import schedule_panels
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ def padded_rows(w_kn: "np.ndarray", lanes: int = LANES) -> int:
 
 
 def build(m: int, k: int, n: int, rows: int, dtype: str = "float32", bias: bool = False,
-          relu: bool = False, residual: bool = False, lanes: int = LANES,
+          clip: Clip | None = None, residual: bool = False, lanes: int = LANES,
           row_tiles: tuple[int, ...] = ROW_TILES) -> "tirx.PrimFunc":
     """The scheduled PrimFunc ``(X[M,K], idx[NB,L], data[NB,L,lanes] [, B[N]] [, R[M,N]],
     Y[M,N])`` with ``L = rows``."""
@@ -74,7 +74,7 @@ def build(m: int, k: int, n: int, rows: int, dtype: str = "float32", bias: bool 
         lambda i, jb, jl: te.sum(x[i, idx[jb, r]] * data[jb, r, jl], axis=r), name="acc")
     sch = s_tir.Schedule(epilogue_func(
         [x, idx, data], lambda i, j: acc[i, j // lanes, j % lanes], (m, n), dtype, b, res,
-        relu))
+        clip))
     return finish(schedule_panels(sch, m, n, lanes, row_tiles, 1), NAME)
 
 
@@ -84,21 +84,21 @@ CONV_NAME = "bsr_conv1x1"
 #: narrower panels pad less (each keeps only its own nonzero rows).
 CONV_LANES = 4
 CONV_PIXELS = 16
+CONV_TILE = pointwise.Tile(CONV_LANES, CONV_PIXELS)
 
 
 def conv_padded_pixels(p: int) -> int:
-    return -(-p // CONV_PIXELS) * CONV_PIXELS
+    return CONV_TILE.padded_pixels(p)
 
 
 def build_conv1x1(n: int, ci: int, p: int, co: int, rows: int, dtype: str = "float32",
-                  bias: bool = False, relu: bool = False, residual: bool = False
+                  bias: bool = False, clip: Clip | None = None, residual: bool = False
                   ) -> "tirx.PrimFunc":
     """Pointwise (1x1, stride 1) conv with weights packed by ``pack_weight(W[CI, CO],
-    CONV_LANES)``, vectorized along the pixels as in Fast Sparse ConvNets: NCHW keeps a
-    channel's pixels contiguous, so each kept input channel is one vector load per tile and
-    each weight a broadcast.
+    CONV_LANES)``: the ``conv1x1_nchw`` kernel (kernels/pointwise.py) walking each 4-channel
+    panel's kept input channels through ``idx``:
 
-      for (n, panel) in parallel: for po in Pp/16:
+      for (n, panel, po in Pp/16) in parallel:
         acc[4, 16] = 0
         for l in L: for c in unroll(4): for q in vectorize(16):
           acc[c, q] += data[panel, l, c] * X[n, idx[panel, l], po*16 + q]
@@ -106,34 +106,5 @@ def build_conv1x1(n: int, ci: int, p: int, co: int, rows: int, dtype: str = "flo
 
     ``X`` is ``[N, CI, Pp]`` with ``Pp`` = P rounded up to 16 (the caller pads with zeros),
     ``Y`` is ``[N, CO, P]``; the PrimFunc is ``(X, idx, data [, B[CO]] [, R[N,CO,P]], Y)``."""
-    from tvm import s_tir, te
-
-    lanes = CONV_LANES
-    nb = -(-co // lanes)
-    pp = conv_padded_pixels(p)
-    x = te.placeholder((n, ci, pp), dtype, name="X")
-    idx = te.placeholder((nb, rows), "int32", name="idx")
-    data = te.placeholder((nb, rows, lanes), dtype, name="data")
-    b = te.placeholder((co,), dtype, name="B") if bias else None
-    res = te.placeholder((n, co, p), dtype, name="R") if residual else None
-    r = te.reduce_axis((0, rows), name="l")
-    acc = te.compute(
-        (n, nb, lanes, pp),
-        lambda i, jb, jl, q: te.sum(data[jb, r, jl] * x[i, idx[jb, r], q], axis=r), name="acc")
-    sch = s_tir.Schedule(epilogue_func(
-        [x, idx, data], lambda i, c, q: acc[i, c // lanes, c % lanes, q], (n, co, p), dtype, b,
-        res, relu))
-    blk = sch.get_sblock("acc")
-    i, jb, jl, q, rr = sch.get_loops(blk)
-    qo, qi = sch.split(q, [None, CONV_PIXELS])
-    sch.reorder(i, jb, qo, rr, jl, qi)
-    sch.set_scope(blk, 0, "local")
-    out = sch.get_sblock("Y")
-    sch.reverse_compute_at(out, qo)
-    if p % CONV_PIXELS == 0:
-        sch.vectorize(sch.get_loops(out)[-1])
-    sch.vectorize(qi)
-    sch.unroll(jl)
-    sch.parallel(sch.fuse(i, jb))
-    sch.decompose_reduction(blk, rr)
-    return finish(sch, CONV_NAME)
+    return pointwise.build(n, ci, p, co, CONV_TILE, dtype, bias=bias, clip=clip,
+                           residual=residual, rows=rows, name=CONV_NAME)

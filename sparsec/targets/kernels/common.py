@@ -18,6 +18,11 @@ OPAQUE_PATTERN = 8
 #: fp32 lanes of one AVX2 ymm register.
 VEC_LANES = 8
 
+#: Clip bounds ``(low, high)`` of the output activation a kernel may apply in its write-back;
+#: ``None`` leaves that side open. ReLU is ``(0, None)``, ReLU6 ``(0, 6)``.
+Clip = tuple[float | None, float | None]
+RELU: Clip = (0.0, None)
+
 
 def pick_row_tile(extent: int, prefer: tuple[int, ...] = (4, 6, 5, 3, 2, 1)) -> int:
     """First tile size in ``prefer`` that divides ``extent`` (so the tile needs no predicate)."""
@@ -28,10 +33,12 @@ def pick_row_tile(extent: int, prefer: tuple[int, ...] = (4, 6, 5, 3, 2, 1)) -> 
 
 
 def epilogue_func(inputs: list, value, shape: tuple[int, ...], dtype: str, bias=None,
-                  residual=None, relu: bool = False, channel_axis: int = 1) -> "tirx.PrimFunc":
-    """The kernel's output stage ``Y = relu(value + bias[channel] + residual)`` (each part
-    optional) and the unscheduled PrimFunc over ``inputs + [bias] + [residual] + [Y]``;
-    ``value(*index)`` reads the accumulator for an output index."""
+                  residual=None, clip: Clip | None = None, channel_axis: int = 1
+                  ) -> "tirx.PrimFunc":
+    """The kernel's output stage ``Y = clip(value + bias[channel] + residual)`` (each part
+    optional; ``clip`` bounds as in :data:`RELU`) and the unscheduled PrimFunc over
+    ``inputs + [bias] + [residual] + [Y]``; ``value(*index)`` reads the accumulator for an
+    output index."""
     from tvm import te, tirx
 
     def compute(*index):
@@ -40,8 +47,10 @@ def epilogue_func(inputs: list, value, shape: tuple[int, ...], dtype: str, bias=
             v = v + bias[index[channel_axis]]
         if residual is not None:
             v = v + residual[index]
-        if relu:
-            v = tirx.max(v, tirx.const(0, dtype))
+        if clip is not None and clip[0] is not None:
+            v = tirx.max(v, tirx.const(clip[0], dtype))
+        if clip is not None and clip[1] is not None:
+            v = tirx.min(v, tirx.const(clip[1], dtype))
         return v
 
     y = te.compute(shape, compute, name="Y")

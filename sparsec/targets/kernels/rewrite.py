@@ -3,10 +3,11 @@
 Runs on the module ``from_onnx`` produces, before legalization. For every ``R.matmul`` and
 ``R.nn.conv2d`` the registry's cost rule picks a strategy (see ``kernels/__init__.py``). A chosen
 kernel becomes ``R.call_tir(kernel, [x, packed_weight(, bias)])`` where the weight was packed in
-numpy and baked in as a constant. A following ``add(., constant per-channel bias)`` and
-``nn.relu``, with optionally an ``add`` of a same-shape tensor (a skip connection) before it,
-each the only user of the previous value, are folded into the kernel's write-back (the
-epilogue), and their bindings become aliases of the kernel output.
+numpy and baked in as a constant. A following ``add(., constant per-channel bias)``, an ``add``
+of a same-shape tensor (a skip connection), then ``nn.relu`` and/or ONNX Clip's ``maximum`` /
+``minimum`` with constant bounds (ReLU6), each optional and each the only user of the previous
+value, are folded into the kernel's write-back (the epilogue), and their bindings become
+aliases of the kernel output.
 
 Kernels are marked ``tirx.is_scheduled`` and ``op_pattern = kOpaque``, so FuseOps/FuseTIR leave
 them whole and the fallback scheduler skips them.
@@ -18,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from sparsec.targets import kernels
-from sparsec.targets.kernels import bsr, conv2d, dense
+from sparsec.targets.kernels import bsr, conv2d, dense, depthwise, pointwise
+from sparsec.targets.kernels.common import RELU, Clip
 
 if TYPE_CHECKING:
     import numpy as np
@@ -32,10 +34,10 @@ class Plan:
     """What to emit for one heavy-op binding."""
 
     strategy: str
-    emit: Callable[..., "relax.Expr"]  # (bb, args, bias, relu, residual) -> expr
+    emit: Callable[..., "relax.Expr"]  # (bb, args, bias, clip, residual) -> expr
     bias: "np.ndarray | None" = None
-    residual: Any = None  # a same-shape tensor added before the relu (skip connection)
-    relu: bool = False
+    residual: Any = None  # a same-shape tensor added before the activation (skip connection)
+    clip: Clip | None = None  # output activation bounds (relu: RELU)
     info: dict = field(default_factory=dict)
 
 
@@ -100,6 +102,13 @@ class _Analysis:
                 base = self.const(expr.args[0])
                 shape = _static_shape(expr)
                 return None if base is None or shape is None else base.reshape(shape)
+            if name in ("relax.isnan", "relax.where"):  # ONNX Clip's NaN-bound guard
+                import numpy as np
+
+                vals = [self.const(arg) for arg in expr.args]
+                if any(v is None for v in vals):
+                    return None
+                return np.isnan(*vals) if name == "relax.isnan" else np.where(*vals)
         return None
 
     def single_user(self, var: Any) -> tuple[Any, Any] | None:
@@ -136,11 +145,11 @@ def _match_dense(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | 
     dtype = _dtype(x)
 
     def emitter(strategy: str):
-        def emit(bb: "relax.BlockBuilder", args: list, bias, relu: bool, residual
+        def emit(bb: "relax.BlockBuilder", args: list, bias, clip: Clip | None, residual
                  ) -> "relax.Expr":
             from tvm import relax
 
-            flags = {"bias": bias is not None, "relu": relu, "residual": residual is not None}
+            flags = {"bias": bias is not None, "clip": clip, "residual": residual is not None}
             if strategy == bsr.NAME:
                 idx, data = bsr.pack_weight(w)
                 func = bsr.build(m, k, n, idx.shape[1], dtype, **flags)
@@ -177,13 +186,14 @@ def _match_conv(a: _Analysis, call: "relax.Call") -> tuple[Plan, dict] | None:
     xs, out = _static_shape(x), _static_shape(call)
     if w is None or w.ndim != 4 or xs is None or out is None or len(xs) != 4:
         return None
-    if (str(at.data_layout), str(at.kernel_layout)) != ("NCHW", "OIHW") or int(at.groups) != 1:
+    if (str(at.data_layout), str(at.kernel_layout)) != ("NCHW", "OIHW"):
         return None
     if str(at.out_layout) not in ("NCHW", ""):
         return None
     if _dtype(x) not in SUPPORTED_DTYPES or str(w.dtype) != _dtype(x) or _dtype(call) != _dtype(x):
         return None
-    if w.shape[1] != xs[1]:
+    groups = int(at.groups)
+    if w.shape[1] * groups != xs[1]:
         return None
     pad = [int(p) for p in at.padding]
     if len(pad) == 2:
@@ -194,15 +204,19 @@ def _match_conv(a: _Analysis, call: "relax.Call") -> tuple[Plan, dict] | None:
         dilation=tuple(int(d) for d in at.dilation))
     if (shape.n, shape.oc) + shape.out_hw != out:
         return None
+    if depthwise.matches(shape, groups):
+        return [_depthwise(shape, w, _dtype(x), xs, out)]
+    if groups != 1:
+        return None  # grouped convs: the generic schedule
     wplan = conv2d.plan_wvec(shape)
     packed = conv2d.pack_weight(w, wplan.oct if wplan else conv2d.LANES)
     dtype = _dtype(x)
 
-    def emit(bb: "relax.BlockBuilder", args: list, bias, relu: bool, residual
+    def emit(bb: "relax.BlockBuilder", args: list, bias, clip: Clip | None, residual
              ) -> "relax.Expr":
         from tvm import relax
 
-        flags = dict(bias=bias is not None, relu=relu, residual=residual is not None)
+        flags = dict(bias=bias is not None, clip=clip, residual=residual is not None)
         func = (conv2d.build_wvec(shape, wplan, dtype, **flags) if wplan
                 else conv2d.build(shape, dtype, **flags))
         gv = bb.add_func(func, conv2d.NAME)
@@ -218,38 +232,81 @@ def _match_conv(a: _Analysis, call: "relax.Call") -> tuple[Plan, dict] | None:
     plans = [(Plan(conv2d.NAME, emit, info=info), {"macs": macs})]
     if ((shape.kh, shape.kw, shape.stride, shape.dilation) == (1, 1, (1, 1), (1, 1))
             and not any(shape.padding)):
-        sparse = _pointwise_bsr(shape, w, dtype, out)
-        if sparse is not None:
-            plan, work = sparse
-            plan.info = {**info, "variant": "pointwise", **plan.info}
-            plans.append((plan, {"macs": work}))
+        for sparse in (False, True):
+            found = _pointwise(shape, w, dtype, out, sparse)
+            if found is not None:
+                plan, work = found
+                plan.info = {**info, "variant": "pointwise", **plan.info}
+                plans.append((plan, {"macs": work}))
     return plans
 
 
-def _pointwise_bsr(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, out: tuple
-                   ) -> tuple[Plan, int] | None:
-    """The ``bsr_conv1x1`` plan of a pointwise conv whose weight panels have all-zero input
-    channels, with the MACs it does; None when every panel reads every input channel."""
+def _depthwise(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, xs: tuple, out: tuple
+               ) -> tuple[Plan, dict]:
+    """The ``depthwise_nchw`` plan of a conv with one 1-channel filter per channel."""
+    import numpy as np
+
+    weight = np.ascontiguousarray(w[:, 0])   # [C, KH, KW]
+
+    def emit(bb: "relax.BlockBuilder", args: list, bias, clip: Clip | None, residual
+             ) -> "relax.Expr":
+        from tvm import relax
+
+        func = depthwise.build(shape, dtype, bias=bias is not None, clip=clip,
+                               residual=residual is not None)
+        gv = bb.add_func(func, depthwise.NAME)
+        call_args = [args[0], relax.const(weight)] + (
+            [relax.const(bias)] if bias is not None else []) + (
+            [residual] if residual is not None else [])
+        return relax.call_tir(gv, call_args, relax.TensorType(out, dtype))
+
+    p = depthwise.plan(*shape.out_hw)
+    info = {"op": "conv2d", "shape": {"in": list(xs), "weight": list(w.shape), "out": list(out),
+                                      "stride": list(shape.stride), "pad": list(shape.padding),
+                                      "variant": "depthwise",
+                                      "tile": f"{p.rows}x{p.vecs * p.lanes}"}}
+    macs = out[0] * out[1] * out[2] * out[3] * shape.kh * shape.kw
+    return Plan(depthwise.NAME, emit, info=info), {"macs": macs}
+
+
+def _pointwise(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, out: tuple,
+               sparse: bool) -> tuple[Plan, int] | None:
+    """The ``conv1x1_nchw`` plan of a pointwise conv (``sparse``: the ``bsr_conv1x1`` plan,
+    None when every weight panel reads every input channel), with the MACs it does
+    (padding included)."""
     import numpy as np
 
     n, ci, co, p = shape.n, shape.ic, shape.oc, shape.h * shape.w
-    w_kn = np.ascontiguousarray(w[:, :, 0, 0].T)
-    rows = bsr.padded_rows(w_kn, bsr.CONV_LANES)
-    if rows >= ci:
-        return None
-    pp = bsr.conv_padded_pixels(p)
+    if sparse:
+        tile = bsr.CONV_TILE
+        w_kn = np.ascontiguousarray(w[:, :, 0, 0].T)
+        rows = bsr.padded_rows(w_kn, tile.oct)
+        if rows >= ci:
+            return None
+        name, info = bsr.CONV_NAME, {"rows_kept": rows}
+    else:
+        tile = pointwise.pick_tile(co, p)
+        rows, name, info = ci, pointwise.NAME, {}
+    pp = tile.padded_pixels(p)
+    info["tile"] = f"{tile.oct}x{tile.pixels}"
 
-    def emit(bb: "relax.BlockBuilder", args: list, bias, relu: bool, residual) -> "relax.Expr":
+    def emit(bb: "relax.BlockBuilder", args: list, bias, clip: Clip | None, residual
+             ) -> "relax.Expr":
         from tvm import relax
 
-        idx, data = bsr.pack_weight(w_kn, bsr.CONV_LANES)
-        func = bsr.build_conv1x1(n, ci, p, co, idx.shape[1], dtype, bias=bias is not None,
-                                 relu=relu, residual=residual is not None)
-        gv = bb.add_func(func, bsr.CONV_NAME)
+        flags = dict(bias=bias is not None, clip=clip, residual=residual is not None)
+        if sparse:
+            idx, data = bsr.pack_weight(w_kn, tile.oct)
+            func = bsr.build_conv1x1(n, ci, p, co, idx.shape[1], dtype, **flags)
+            weights = [relax.const(idx), relax.const(data)]
+        else:
+            func = pointwise.build(n, ci, p, co, tile, dtype, **flags)
+            weights = [relax.const(pointwise.pack_weight(w[:, :, 0, 0], tile.oct))]
+        gv = bb.add_func(func, name)
         x = bb.emit(relax.op.reshape(args[0], (n, ci, p)))
-        if pp != p:   # whole 16-pixel vectors: zero columns, cut again at the write-back
+        if pp != p:   # whole pixel vectors: zero columns, cut again at the write-back
             x = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, 0, pp - p]))
-        call_args = [x, relax.const(idx), relax.const(data)]
+        call_args = [x, *weights]
         if bias is not None:
             call_args.append(relax.const(bias))
         if residual is not None:
@@ -257,8 +314,8 @@ def _pointwise_bsr(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, out: tu
         y = bb.emit(relax.call_tir(gv, call_args, relax.TensorType((n, co, p), dtype)))
         return relax.op.reshape(y, out)
 
-    work = n * pp * rows * (-(-co // bsr.CONV_LANES)) * bsr.CONV_LANES
-    return Plan(bsr.CONV_NAME, emit, info={"rows_kept": rows}), work
+    work = n * pp * rows * (-(-co // tile.oct)) * tile.oct
+    return Plan(name, emit, info=info), work
 
 
 _MATCHERS = {"relax.matmul": _match_dense, "relax.nn.conv2d": _match_conv}
@@ -311,8 +368,52 @@ def _residual(a: _Analysis, heavy_var: Any, tail: Any, add_call: "relax.Call",
     return None
 
 
-def plan_function(func: "relax.Function", cores: int) -> tuple[dict, dict, list[dict]]:
-    """Choose a strategy for each heavy op; returns (plans by var, aliases, decisions)."""
+def _clip_bound(a: _Analysis, mod: "ir.IRModule | None", tail: Any) -> tuple[Any, int, float
+                                                                           ] | None:
+    """``(binding var, side, bound)`` when ``tail``'s only user is ``call_tir(f, (tail, c))``
+    with ``f`` exactly TOPI's elementwise maximum (side 0) or minimum (side 1) and ``c`` a
+    scalar constant: ONNX Clip (ReLU6, hardtanh) as the frontend imports it. ``f`` is compared
+    structurally with the PrimFunc TOPI builds for that shape, not trusted by its name."""
+    import tvm_ffi
+    from tvm import relax, te, topi
+
+    nxt = a.single_user(tail)
+    if nxt is None or mod is None:
+        return None
+    var, call = nxt
+    if not (isinstance(call, relax.Call) and getattr(call.op, "name", "") == "relax.call_tir"):
+        return None
+    gv, args = call.args[0], call.args[1]
+    if not isinstance(args, relax.Tuple) or len(args.fields) != 2:
+        return None
+    if not args.fields[0].same_as(tail) or gv not in mod.get_global_vars():
+        return None
+    bound = a.const(args.fields[1])
+    ty = getattr(tail, "ty", None)
+    if bound is None or bound.shape != () or not isinstance(ty, relax.TensorType):
+        return None
+    func = mod[gv]
+    for side, op in enumerate((topi.maximum, topi.minimum)):
+        x = te.placeholder(ty.shape.values, str(ty.dtype))
+        c = te.placeholder((), str(ty.dtype))
+        ref = te.create_prim_func([x, c, op(x, c)]).without_attr("global_symbol")
+        if tvm_ffi.structural_equal(func, ref, map_free_vars=True):
+            return var, side, float(bound)
+    return None
+
+
+def _epilogue_name(clip: Clip) -> str:
+    if clip == RELU:
+        return "relu"
+    lo, hi = ("-inf" if clip[0] is None else f"{clip[0]:g}"), (
+        "inf" if clip[1] is None else f"{clip[1]:g}")
+    return f"clip({lo},{hi})"
+
+
+def plan_function(func: "relax.Function", cores: int, mod: "ir.IRModule | None" = None
+                  ) -> tuple[dict, dict, list[dict]]:
+    """Choose a strategy for each heavy op; returns (plans by var, aliases, decisions).
+    ``mod`` holds the PrimFuncs the function calls (to recognise Clip)."""
     from tvm import relax
 
     a = _Analysis(func)
@@ -343,8 +444,9 @@ def plan_function(func: "relax.Function", cores: int) -> tuple[dict, dict, list[
         plan = found[name][0]
         decision.update(plan.info)
         plans[var] = plan
-        # epilogue: + per-channel bias, then relu, each the single user of the previous value
-        channel_axis = 1 if plan.strategy in (conv2d.NAME, bsr.CONV_NAME) else -1
+        # epilogue: + per-channel bias, + skip connection, then relu and/or clip bounds, each
+        # the single user of the previous value
+        channel_axis = 1 if plan.info.get("op") == "conv2d" else -1
         tail = var
         nxt = _single_user_call(a, tail, "relax.add")
         if nxt and (bias := _channel_bias(a, tail, nxt[1], channel_axis)) is not None:
@@ -356,13 +458,28 @@ def plan_function(func: "relax.Function", cores: int) -> tuple[dict, dict, list[
             plan.residual = res
             aliases[nxt[0]] = var
             tail = nxt[0]
+        lo = hi = None
         nxt = _single_user_call(a, tail, "relax.nn.relu")
         if nxt:
-            plan.relu = True
+            lo = 0.0
             aliases[nxt[0]] = var
+            tail = nxt[0]
+        # max(., low) then min(., high): the order the epilogue applies them
+        for want in (0, 1):
+            found_bound = _clip_bound(a, mod, tail)
+            if found_bound is None or found_bound[1] != want:
+                continue
+            bvar, side, bound = found_bound
+            if side == 0:
+                lo = bound if lo is None else max(lo, bound)
+            else:
+                hi = bound
+            aliases[bvar] = var
+            tail = bvar
+        plan.clip = None if lo is None and hi is None else (lo, hi)
         decision["epilogue"] = [e for e, on in (("bias", plan.bias is not None),
-                                                ("residual", plan.residual is not None),
-                                                ("relu", plan.relu)) if on]
+                                                ("residual", plan.residual is not None))
+                                if on] + ([_epilogue_name(plan.clip)] if plan.clip else [])
         decisions.append(decision)
     return plans, aliases, decisions
 
@@ -405,7 +522,7 @@ def _make_mutator():
                     args = [self.visit_expr(x) for x in call.args]
                     residual = (self.visit_expr(plan.residual) if plan.residual is not None
                                 else None)
-                    return plan.emit(self.builder_, args, plan.bias, plan.relu, residual)
+                    return plan.emit(self.builder_, args, plan.bias, plan.clip, residual)
             return super().visit_call_(call)
 
     return KernelRewriter
@@ -423,7 +540,7 @@ def rewrite_pass(cores: int, decisions_out: list[dict]):
         all_plans: dict = {}
         all_aliases: dict = {}
         for _, func in work:
-            plans, aliases, decisions = plan_function(func, cores)
+            plans, aliases, decisions = plan_function(func, cores, mod)
             all_plans.update(plans)
             all_aliases.update(aliases)
             decisions_out.extend(decisions)

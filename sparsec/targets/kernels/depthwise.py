@@ -1,0 +1,130 @@
+"""``depthwise_nchw``: depthwise conv2d (groups = in = out channels) in NCHW with constant
+weights, the 3x3 / 5x5 layers of MobileNet-style networks.
+
+A depthwise conv does ``KH*KW`` MACs per output element, so it is bound by moving the
+activation, not by FMAs: the kernel reads each input plane once into a small buffer that stays
+in cache and writes each output element once, with the arithmetic in vector registers between:
+
+  for (n, c) in parallel:
+    pad this channel's plane (zeros; for stride > 1 split into stride phases, so that a tap
+    reads ``OW`` consecutive floats) into a per-task buffer
+    for oh-block of ``rows`` rows: for ow-block of ``vecs`` x 8 lanes:
+      acc[rows, vecs*8] = 0                                 # rows*vecs ymm accumulators
+      for kh, kw unrolled: acc += Xphase[... contiguous along ow] * W[c, kh, kw]  # broadcast
+      Y[n, c, oh, ow] = epilogue(acc)                       # masked at the OW tail
+
+The output width is padded up to whole ow-blocks inside the kernel (the padded columns read
+zeros and are never written), so no predicate sits in the FMA loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from sparsec.targets.kernels.common import VEC_LANES, Clip, epilogue_func, finish
+
+if TYPE_CHECKING:
+    from tvm import tirx
+
+    from sparsec.targets.kernels.conv2d import ConvShape
+
+NAME = "depthwise_nchw"
+#: accumulator vectors per register tile: half of AVX2's 16 ymm, the rest hold input rows
+MAX_ACC = 8
+
+
+@dataclass(frozen=True)
+class DepthwisePlan:
+    """Register tile: ``rows`` output rows x ``vecs`` vectors of ``lanes`` output pixels."""
+
+    rows: int
+    vecs: int
+    lanes: int = VEC_LANES
+
+    def padded_width(self, ow: int) -> int:
+        block = self.vecs * self.lanes
+        return -(-ow // block) * block
+
+
+def plan(oh: int, ow: int, lanes: int = VEC_LANES) -> DepthwisePlan:
+    """Whole output rows when they fit in ``MAX_ACC`` vectors (several rows per tile then, so
+    a loaded input row serves up to KH output rows); wider rows in blocks of 4..8 vectors,
+    the block size wasting the fewest padded columns."""
+    nv = -(-ow // lanes)
+    if nv <= MAX_ACC:
+        vecs = nv
+    else:
+        vecs = min(range(MAX_ACC, MAX_ACC // 2 - 1, -1), key=lambda v: (-nv) % v)
+    rows = max(r for r in range(1, MAX_ACC // vecs + 1) if oh % r == 0)
+    return DepthwisePlan(rows, vecs, lanes)
+
+
+def matches(s: "ConvShape", groups: int) -> bool:
+    """Whether the conv is depthwise with one filter per channel (multiplier 1)."""
+    return groups == s.ic == s.oc and groups > 1
+
+
+def build(s: "ConvShape", dtype: str = "float32", bias: bool = False,
+          clip: Clip | None = None, residual: bool = False) -> "tirx.PrimFunc":
+    """The scheduled PrimFunc ``(X[N,C,H,W], W[C,KH,KW] [, B[C]] [, R[N,C,OH,OW]], Y)``."""
+    from tvm import s_tir, te, tirx
+
+    (sh, sw), (dh, dw) = s.stride, s.dilation
+    pt, pl, _, _ = s.padding
+    oh, ow = s.out_hw
+    p = plan(oh, ow)
+    owp = p.padded_width(ow)
+    # padded-input rows / columns the (width-padded) output reads, and one stride phase's
+    hp = (oh - 1) * sh + (s.kh - 1) * dh + 1
+    wp = (owp - 1) * sw + (s.kw - 1) * dw + 1
+    hq, wq = -(-hp // sh), -(-wp // sw)
+
+    x = te.placeholder((s.n, s.ic, s.h, s.w), dtype, name="X")
+    w = te.placeholder((s.ic, s.kh, s.kw), dtype, name="W")
+    b = te.placeholder((s.ic,), dtype, name="B") if bias else None
+    res = te.placeholder((s.n, s.ic, oh, ow), dtype, name="R") if residual else None
+    zero = tirx.const(0, dtype)
+
+    def phase_value(n, c, py, px, i, j):
+        r, q = i * sh + py - pt, j * sw + px - pl
+        return tirx.if_then_else(tirx.all(r >= 0, r < s.h, q >= 0, q < s.w), x[n, c, r, q], zero)
+
+    xp = te.compute((s.n, s.ic, sh, sw, hq, wq), phase_value, name="pad")
+    ry = te.reduce_axis((0, s.kh), name="ry")
+    rx = te.reduce_axis((0, s.kw), name="rx")
+    # padded row i*sh + ry*dh lies in phase (ry*dh) % sh at row i + (ry*dh) // sh
+    acc = te.compute(
+        (s.n, s.ic, oh, owp),
+        lambda n, c, i, j: te.sum(
+            xp[n, c, (ry * dh) % sh, (rx * dw) % sw, i + (ry * dh) // sh, j + (rx * dw) // sw]
+            * w[c, ry, rx], axis=[ry, rx]),
+        name="acc")
+
+    sch = s_tir.Schedule(epilogue_func(
+        [x, w], lambda n, c, i, j: acc[n, c, i, j], (s.n, s.ic, oh, ow), dtype, b, res, clip))
+    blk = sch.get_sblock("acc")
+    n, c, i, j, ky, kx = sch.get_loops(blk)
+    io, ii = sch.split(i, [None, p.rows])
+    jo, jv, jl = sch.split(j, [None, p.vecs, p.lanes])
+    sch.reorder(n, c, io, jo, ky, kx, ii, jv, jl)
+    sch.set_scope(blk, 0, "local")
+    out = sch.get_sblock("Y")
+    sch.reverse_compute_at(out, jo)
+    if ow % p.lanes == 0:
+        _, lane = sch.split(sch.get_loops(out)[-1], [None, p.lanes])
+        sch.vectorize(lane)
+    sch.vectorize(jl)
+    sch.unroll(jv)
+    sch.unroll(ii)
+    sch.unroll(kx)
+    sch.unroll(ky)
+    pad = sch.get_sblock("pad")
+    sch.compute_at(pad, c)      # one channel's padded plane per task, still in cache when read
+    try:
+        sch.vectorize(sch.get_loops(pad)[-1])
+    except s_tir.ScheduleError:
+        pass
+    sch.parallel(sch.fuse(n, c))
+    sch.decompose_reduction(blk, ky)
+    return finish(sch, NAME)

@@ -1,0 +1,110 @@
+"""``conv1x1_nchw``: pointwise (1x1, stride 1, no padding) NCHW conv as a GEMM vectorized along
+the pixels, as in Fast Sparse ConvNets. NCHW keeps a channel's pixels contiguous, so each input
+channel is a few vector loads per tile, each weight a broadcast, and the write-back whole
+vectors of one output plane:
+
+  for (n, panel, po in Pp/PX) in parallel:
+    acc[OCT, PX] = 0                                      # OCT * PX/8 ymm accumulators
+    for c in CI (or, sparse, the panel's kept rows): for o in unroll(OCT): for q in vec(PX):
+      acc[o, q] += W[panel, c, o] * X[n, c, po*PX + q]
+    Y[n, panel*OCT + o, po*PX + q] = epilogue(acc)        # masked at the CO / P tails
+
+``X`` is ``[N, CI, Pp]`` with ``Pp`` = P rounded up to PX (the caller pads with zeros), ``Y``
+is ``[N, CO, P]``. The dense variant walks every input channel of a panel packed
+``[CO/OCT, CI, OCT]``; ``bsr_conv1x1`` (kernels/bsr.py) walks each panel's nonzero input
+channels through an index (ELL).
+
+The direct conv kernel (conv2d.py) blocks 16 output channels per vector instead, so its
+NCHW write-back is 16 scalar stores into 16 planes per pixel: on MobileNetV2's pointwise layers
+this layout is ~1.5-2x faster (benchmarks/results/mobilenetv2.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from sparsec.targets.kernels.common import Clip, epilogue_func, finish
+
+if TYPE_CHECKING:
+    import numpy as np
+    from tvm import tirx
+
+NAME = "conv1x1_nchw"
+
+
+@dataclass(frozen=True)
+class Tile:
+    """Register tile: ``oct`` output channels x ``pixels`` consecutive pixels."""
+
+    oct: int
+    pixels: int
+
+    def padded_pixels(self, p: int) -> int:
+        return -(-p // self.pixels) * self.pixels
+
+
+#: (output channels, pixels) tiles of 8-12 ymm accumulators, best first
+TILES = (Tile(6, 16), Tile(4, 16), Tile(12, 8), Tile(8, 8))
+
+
+def pick_tile(co: int, p: int) -> Tile:
+    """The tile with the least padded work (output-channel and pixel tails); ties go to the
+    earlier (wider-pixel) tile."""
+    return min(TILES, key=lambda t: (-(-co // t.oct) * t.oct * t.padded_pixels(p), TILES.index(t)))
+
+
+def pack_weight(w_co_ci: "np.ndarray", oct_: int) -> "np.ndarray":
+    """[CO, CI] -> [ceil(CO/oct), CI, oct], zero padded on CO."""
+    from sparsec.targets.kernels import dense
+
+    return dense.pack_weight(w_co_ci.T, oct_)
+
+
+def build(n: int, ci: int, p: int, co: int, tile: Tile, dtype: str = "float32",
+          bias: bool = False, clip: Clip | None = None, residual: bool = False,
+          rows: int | None = None, name: str = NAME) -> "tirx.PrimFunc":
+    """Dense: ``(X[N,CI,Pp], Wp[NB,CI,oct] [, B[CO]] [, R[N,CO,P]], Y[N,CO,P])``.
+    Sparse (``rows`` = kept input channels per panel): ``(X, idx[NB,rows], data[NB,rows,oct],
+    ...)`` as packed by ``bsr.pack_weight(W[CI, CO], oct)``."""
+    from tvm import s_tir, te
+
+    oct_, px = tile.oct, tile.pixels
+    nb = -(-co // oct_)
+    pp = tile.padded_pixels(p)
+    x = te.placeholder((n, ci, pp), dtype, name="X")
+    b = te.placeholder((co,), dtype, name="B") if bias else None
+    res = te.placeholder((n, co, p), dtype, name="R") if residual else None
+    if rows is None:
+        w = te.placeholder((nb, ci, oct_), dtype, name="Wp")
+        r = te.reduce_axis((0, ci), name="c")
+        weights = [w]
+        acc = te.compute(
+            (n, nb, oct_, pp),
+            lambda i, jb, jl, q: te.sum(w[jb, r, jl] * x[i, r, q], axis=r), name="acc")
+    else:
+        idx = te.placeholder((nb, rows), "int32", name="idx")
+        data = te.placeholder((nb, rows, oct_), dtype, name="data")
+        r = te.reduce_axis((0, rows), name="l")
+        weights = [idx, data]
+        acc = te.compute(
+            (n, nb, oct_, pp),
+            lambda i, jb, jl, q: te.sum(data[jb, r, jl] * x[i, idx[jb, r], q], axis=r),
+            name="acc")
+    sch = s_tir.Schedule(epilogue_func(
+        [x, *weights], lambda i, c, q: acc[i, c // oct_, c % oct_, q], (n, co, p), dtype, b,
+        res, clip))
+    blk = sch.get_sblock("acc")
+    i, jb, jl, q, rr = sch.get_loops(blk)
+    qo, qi = sch.split(q, [None, px])
+    sch.reorder(i, jb, qo, rr, jl, qi)
+    sch.set_scope(blk, 0, "local")
+    out = sch.get_sblock("Y")
+    sch.reverse_compute_at(out, qo)
+    if p % px == 0:
+        sch.vectorize(sch.get_loops(out)[-1])
+    sch.vectorize(qi)
+    sch.unroll(jl)
+    sch.parallel(sch.fuse(i, jb, qo))  # pixel tiles too: a few wide panels still fill the cores
+    sch.decompose_reduction(blk, rr)
+    return finish(sch, name)
