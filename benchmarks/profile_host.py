@@ -17,7 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -26,16 +25,18 @@ def _models():
     sys.path.insert(0, str(REPO / "benchmarks"))
     import bench_host as b
 
+    import bench_models
+
     cnn = b.residual_cnn()
 
-    def mobilenetv2():
-        import bench_mobilenetv2_sparse as mb
-
-        with tempfile.TemporaryDirectory() as tmp:
-            return mb.mobilenetv2_onnx(Path(tmp) / "mnv2.onnx")
+    def whole(name):
+        def make():
+            with tempfile.TemporaryDirectory() as tmp:
+                return bench_models.MODELS[name](Path(tmp) / "m.onnx")
+        return make
 
     return {
-        "mobilenetv2": mobilenetv2,
+        **{name: whole(name) for name in bench_models.MODELS},
         "cnn": lambda: cnn,
         "cnn50": lambda: b.pruned(cnn, 0.5),
         "gemm": b.gemm_model,
@@ -54,12 +55,10 @@ def profile(model, repeats: int = 7, number: int = 50) -> list[dict]:
         lib = Path(tmp) / "m.so"
         facts = compile_onnx(model, resolve_target("host"), lib, log=lambda s: None)
         runner = load_library(lib, facts["inputs"])
-        rng = np.random.default_rng(0)
-        feeds = {}
-        for vi in model.graph.input:
-            if vi.name in facts["inputs"]:
-                shape = [d.dim_value for d in vi.type.tensor_type.shape.dim]
-                feeds[vi.name] = rng.standard_normal(shape).astype(np.float32)
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        from bench_models import random_feeds
+
+        feeds = {k: v for k, v in random_feeds(model).items() if k in facts["inputs"]}
 
         calls: list[tuple[str, list]] = []
 

@@ -134,3 +134,18 @@ def test_grouped_n_m_shares_one_pattern_per_16_outputs():
         assert (panels == panels[:, :1]).all()              # one pattern per 16 outputs
         w_kn = result.graph.initializers[w]                 # MatMul weight: [in, out]
         assert bsr.padded_rows(w_kn) == w_kn.shape[0] // 4
+
+
+@pytest.mark.parametrize("pattern", ["16x1", "4x4", "2:4"])
+def test_depthwise_weights_stay_dense_and_no_layer_is_emptied(zoo_models, pattern):
+    """Block / N:M patterns leave one-input-channel weights (the depthwise conv) dense and say
+    so, and even at 99 % every layer keeps some weights (8 output channels x 16x1 blocks is
+    one block: rounding the share must not drop it)."""
+    g = load_onnx(zoo_models("grouped_and_depthwise"))
+    share = {} if ":" in pattern else {"sparsity": 0.99}   # N:M fixes its own share
+    result = sparsec.prune(g, sparsity_pattern=pattern, **share)
+    d = result.passes[0].details
+    assert "wd" in d["skipped"]
+    np.testing.assert_array_equal(result.graph.initializers["wd"], g.initializers["wd"])
+    for w, m in _matrices(result.graph).items():
+        assert (m != 0).any(), w

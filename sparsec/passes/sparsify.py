@@ -11,6 +11,8 @@ and the pattern is one of
   importance first, s of the layer's blocks (edge blocks may be partial);
 * ``N:M``           in every run of M consecutive input channels (per output channel and tap)
   the top N stay: sparsity 1 - N/M whatever s says (2:4 is what sparse tensor cores take);
+  weights with one input channel per output (depthwise convs) are left dense by the block and
+  N:M patterns, and no layer loses all of its weights;
 * ``N:MgG``         grouped N:M (as in STen): G consecutive output channels share one N:M
   pattern, chosen on their summed importance. With G = 16 every 16-wide panel of the BSR
   kernel keeps exactly K N/M rows, so nothing is padded.
@@ -117,6 +119,11 @@ class Sparsify:
                    if not any(fnmatchcase(w, p) for p in self.ignore)}
         scores = self._scores(graph, weights, ctx)
         masks, skipped = {}, []
+        if kind != "unstructured":
+            # one input channel per output (depthwise convs, a conv on a 1-channel image): no
+            # kernel skips anything there, and a block would zero whole filters
+            skipped = sorted(w for w, s in scores.items() if s.shape[1] == 1)
+            scores = {w: s for w, s in scores.items() if w not in skipped}
         if kind == "nm":
             n, m, group = nums
             for w, s in scores.items():
@@ -180,12 +187,12 @@ class Sparsify:
     def _uniform_mask(s: np.ndarray, kind: str, nums, sparsity: float) -> np.ndarray:
         if kind == "unstructured":
             flat = s.reshape(s.shape[0], -1)
-            n_drop = int(round(sparsity * flat.shape[1]))
+            n_drop = min(int(round(sparsity * flat.shape[1])), flat.shape[1] - 1)
             rank = np.argsort(np.argsort(flat, axis=1, kind="stable"), axis=1)
             return (rank >= n_drop).reshape(s.shape)
         r, c = nums
         b = _block_sums(s, r, c)
-        n_drop = int(round(sparsity * b.size))
+        n_drop = min(int(round(sparsity * b.size)), b.size - 1)   # never the whole layer
         rank = np.argsort(np.argsort(b.ravel(), kind="stable"), kind="stable")
         return _expand((rank >= n_drop).reshape(b.shape), r, c, s.shape)
 
