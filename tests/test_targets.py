@@ -452,6 +452,72 @@ def test_depthwise_conv_numerics(args, host, tmp_path):
     assert_matches_ort(model, feeds, outs)
 
 
+@pytest.mark.parametrize("seq,dh", [(16, 8), (24, 16), (10, 8)])
+def test_attention_batch_matmul(seq, dh, host, tmp_path):
+    """softmax(Q K^T * scale) V over [2, 3] heads: both matmuls multiply two run-time tensors
+    and get ``batch_matmul`` (N = seq for Q K^T, N = head dim for P V) when N is a multiple of
+    8; the residual add after P V folds into its write-back."""
+    n = helper.make_node
+    nodes = [n("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]), n("MatMul", ["q", "kt"], ["s"]),
+             n("Mul", ["s", "scale"], ["ss"]), n("Softmax", ["ss"], ["p"], axis=-1),
+             n("MatMul", ["p", "v"], ["o"]), n("Add", ["o", "q"], ["y"])]
+    shape = [2, 3, seq, dh]
+    model = make_model(nodes, [("q", shape), ("k", shape), ("v", shape)], [("y", shape)],
+                       {"scale": np.array(dh ** -0.5)})
+    facts, feeds, outs = compile_and_run(model, host, tmp_path)
+    mm = [d for d in facts["decisions"] if d["chosen"] == "batch_matmul"]
+    want = 2 if seq % 8 == 0 else 1
+    assert facts["kernels"].get("batch_matmul", 0) == want, facts["kernels"]
+    assert [d["shape"]["N"] for d in mm] == [n_ for n_ in (seq, dh) if n_ % 8 == 0]
+    assert mm[-1]["epilogue"] == ["residual"]
+    assert_matches_ort(model, feeds, outs)
+
+
+def test_batch_matmul_3d_with_bias_and_relu(host, tmp_path):
+    rng = np.random.default_rng(5)
+    n = helper.make_node
+    nodes = [n("MatMul", ["a", "b"], ["m"]), n("Add", ["m", "bias"], ["mb"]),
+             n("Relu", ["mb"], ["y"])]
+    model = make_model(nodes, [("a", [4, 12, 20]), ("b", [4, 20, 24])], [("y", [4, 12, 24])],
+                       {"bias": rng.standard_normal(24)})
+    facts, feeds, outs = compile_and_run(model, host, tmp_path)
+    assert facts["kernels"] == {"batch_matmul": 1}, facts["kernels"]
+    [d] = facts["decisions"]
+    assert d["epilogue"] == ["bias", "relu"] and d["shape"]["batch"] == 4
+    assert_matches_ort(model, feeds, outs)
+
+
+@pytest.mark.parametrize("form", ["gelu_op", "erf_decomposed", "tanh_softmax"])
+def test_gelu_softmax_fast_math(form, host, tmp_path):
+    """ONNX Gelu after a linear layer folds into its write-back (vectorized rational erf); an
+    Erf / Tanh / Softmax left over runs TOPI's fast approximations. All match ONNX Runtime."""
+    from sparsec.targets.host import load_library
+
+    rng = np.random.default_rng(7)
+    n = helper.make_node
+    inits = {"w": rng.standard_normal((20, 48)) / 2, "b": rng.standard_normal(48),
+             "r2": np.array(2 ** 0.5), "one": np.array(1.0), "half": np.array(0.5)}
+    nodes = [n("MatMul", ["x", "w"], ["m"]), n("Add", ["m", "b"], ["h"])]
+    if form == "gelu_op":
+        nodes.append(n("Gelu", ["h"], ["y"]))
+    elif form == "erf_decomposed":
+        nodes += [n("Div", ["h", "r2"], ["d"]), n("Erf", ["d"], ["e"]),
+                  n("Add", ["e", "one"], ["e1"]), n("Mul", ["h", "e1"], ["he"]),
+                  n("Mul", ["he", "half"], ["y"])]
+    else:
+        nodes += [n("Tanh", ["h"], ["t"]), n("Softmax", ["t"], ["y"], axis=-1)]
+    model = make_model(nodes, [("x", [6, 20])], [("y", [6, 48])], inits)
+    model.opset_import[0].version = 20      # Gelu is an ONNX op from opset 20
+    facts, feeds, outs = compile_and_run(model, host, tmp_path)
+    [d] = [d for d in facts["decisions"] if d["chosen"] == "dense_packed"]
+    assert d["epilogue"] == (["bias", "gelu"] if form == "gelu_op" else ["bias"])
+    if form == "gelu_op":
+        assert facts["kernels"] == {"dense_packed": 1}, facts["kernels"]
+    feeds = {"x": feeds["x"] * 3}           # reach erf's and tanh's tails too
+    outs = load_library(tmp_path / "m.so", facts["inputs"]).run(feeds)
+    assert_matches_ort(model, feeds, outs)
+
+
 def test_grouped_conv_uses_fallback(host, tmp_path):
     model = conv_model(n=1, c=12, h=15, w=15, oc=12, k=3, stride=1, pad=1, group=3, relu=True)
     facts, feeds, outs = compile_and_run(model, host, tmp_path)

@@ -3,7 +3,8 @@ weights, and a runner.
 
 Pipeline (compare ``tvm/relax/backend/cpu_generic/pipeline.py``, the "zero" default):
   from_onnx -> SparsecKernelRewrite (our kernels, weights packed) -> DeadCodeElimination
-  -> LegalizeOps -> AnnotateTIROpPattern -> FoldConstant -> FuseOps -> FuseTIR
+  -> FastMathTransform (softmax, exp, erf, tanh) -> LegalizeOps -> AnnotateTIROpPattern
+  -> FoldConstant -> FuseOps -> FuseTIR
   -> SparsecFallbackSchedule (every PrimFunc not already scheduled)
   -> the default dataflow-lowering and finalization passes -> LLVM.
 """
@@ -105,7 +106,10 @@ def build_pipeline(target: "object", cores: int, decisions: list[dict],
     def _pipeline(mod: "ir.IRModule", _ctx) -> "ir.IRModule":
         with target:
             seq = tvm.transform.Sequential(
-                [rewrite_pass(cores, decisions), relax.transform.DeadCodeElimination()]
+                [rewrite_pass(cores, decisions), relax.transform.DeadCodeElimination(),
+                 # softmax / exp / erf / tanh left over: TOPI's rational approximations, which
+                 # vectorize (LLVM calls libm's scalar expf / erff otherwise)
+                 relax.transform.FastMathTransform()]
                 + cpu.library_dispatch_passes(target)
                 + cpu.legalize_passes(target)
                 + [fallback_pass(target)]

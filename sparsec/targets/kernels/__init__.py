@@ -37,6 +37,10 @@ STRATEGIES: tuple[StrategyInfo, ...] = (
                  "constant W with 16x1 zero blocks (16 output channels x 1 input): each 16-wide "
                  "panel keeps its nonzero rows (ELL-padded), indirect X load; dense_packed's "
                  "4x16 tile over L <= K rows"),
+    StrategyInfo("batch_matmul", "relax.matmul", 0.35,
+                 "matmul of two run-time tensors (attention's Q @ K^T, P @ V), same batch dims, "
+                 "N a multiple of 8: B read in place along N, dense_packed's rows x 16 tile; "
+                 "(batch, N panel, M tile) in parallel"),
     StrategyInfo("conv2d_nchw_packed", "relax.nn.conv2d", 0.40,
                  "NCHW groups=1, constant W packed [OC/16,IC,KH,KW,16]; (T pixels x 16 oc) "
                  "register tile; (n, oc-block, oh) in parallel. Small maps whose output width "

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sparsec.targets.kernels.common import Clip, epilogue_func, finish
+from sparsec.targets.kernels.common import Activation, epilogue_func, finish
 from sparsec.targets.kernels import dense, pointwise
 from sparsec.targets.kernels.dense import schedule_panels
 
@@ -56,7 +56,7 @@ def padded_rows(w_kn: "np.ndarray", lanes: int = LANES) -> int:
 
 
 def build(m: int, k: int, n: int, rows: int, dtype: str = "float32", bias: bool = False,
-          clip: Clip | None = None, residual: bool = False, lanes: int = LANES,
+          act: Activation | None = None, residual: bool = False, lanes: int = LANES,
           row_tiles: tuple[int, ...] = ROW_TILES) -> "tirx.PrimFunc":
     """The scheduled PrimFunc ``(X[M,K], idx[NB,L], data[NB,L,lanes] [, B[N]] [, R[M,N]],
     Y[M,N])`` with ``L = rows``."""
@@ -74,7 +74,7 @@ def build(m: int, k: int, n: int, rows: int, dtype: str = "float32", bias: bool 
         lambda i, jb, jl: te.sum(x[i, idx[jb, r]] * data[jb, r, jl], axis=r), name="acc")
     sch = s_tir.Schedule(epilogue_func(
         [x, idx, data], lambda i, j: acc[i, j // lanes, j % lanes], (m, n), dtype, b, res,
-        clip))
+        act))
     return finish(schedule_panels(sch, m, n, lanes, row_tiles, 1), NAME)
 
 
@@ -92,7 +92,7 @@ def conv_padded_pixels(p: int) -> int:
 
 
 def build_conv1x1(n: int, ci: int, p: int, co: int, rows: int, dtype: str = "float32",
-                  bias: bool = False, clip: Clip | None = None, residual: bool = False
+                  bias: bool = False, act: Activation | None = None, residual: bool = False
                   ) -> "tirx.PrimFunc":
     """Pointwise (1x1, stride 1) conv with weights packed by ``pack_weight(W[CI, CO],
     CONV_LANES)``: the ``conv1x1_nchw`` kernel (kernels/pointwise.py) walking each 4-channel
@@ -106,5 +106,5 @@ def build_conv1x1(n: int, ci: int, p: int, co: int, rows: int, dtype: str = "flo
 
     ``X`` is ``[N, CI, Pp]`` with ``Pp`` = P rounded up to 16 (the caller pads with zeros),
     ``Y`` is ``[N, CO, P]``; the PrimFunc is ``(X, idx, data [, B[CO]] [, R[N,CO,P]], Y)``."""
-    return pointwise.build(n, ci, p, co, CONV_TILE, dtype, bias=bias, clip=clip,
+    return pointwise.build(n, ci, p, co, CONV_TILE, dtype, bias=bias, act=act,
                            residual=residual, rows=rows, name=CONV_NAME)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -18,10 +19,32 @@ OPAQUE_PATTERN = 8
 #: fp32 lanes of one AVX2 ymm register.
 VEC_LANES = 8
 
-#: Clip bounds ``(low, high)`` of the output activation a kernel may apply in its write-back;
-#: ``None`` leaves that side open. ReLU is ``(0, None)``, ReLU6 ``(0, 6)``.
-Clip = tuple[float | None, float | None]
-RELU: Clip = (0.0, None)
+@dataclass(frozen=True)
+class Activation:
+    """The output activation a kernel applies in its write-back: clip bounds (``None`` leaves
+    that side open; ReLU is ``low=0``, ReLU6 ``low=0, high=6``), then optionally GELU (erf
+    form, with TOPI's vectorizable rational ``fast_erf``: libm's erf is scalar)."""
+
+    low: float | None = None
+    high: float | None = None
+    gelu: bool = False
+
+    @property
+    def name(self) -> str:
+        """How the compile report names it: ``relu``, ``clip(0,6)``, ``gelu``."""
+        if self == RELU:
+            return "relu"
+        parts = []
+        if self.low is not None or self.high is not None:
+            lo = "-inf" if self.low is None else f"{self.low:g}"
+            hi = "inf" if self.high is None else f"{self.high:g}"
+            parts.append(f"clip({lo},{hi})")
+        if self.gelu:
+            parts.append("gelu")
+        return "+".join(parts)
+
+
+RELU = Activation(low=0.0)
 
 
 def pick_row_tile(extent: int, prefer: tuple[int, ...] = (4, 6, 5, 3, 2, 1)) -> int:
@@ -33,29 +56,45 @@ def pick_row_tile(extent: int, prefer: tuple[int, ...] = (4, 6, 5, 3, 2, 1)) -> 
 
 
 def epilogue_func(inputs: list, value, shape: tuple[int, ...], dtype: str, bias=None,
-                  residual=None, clip: Clip | None = None, channel_axis: int = 1
+                  residual=None, act: Activation | None = None, channel_axis: int = 1
                   ) -> "tirx.PrimFunc":
-    """The kernel's output stage ``Y = clip(value + bias[channel] + residual)`` (each part
-    optional; ``clip`` bounds as in :data:`RELU`) and the unscheduled PrimFunc over
-    ``inputs + [bias] + [residual] + [Y]``; ``value(*index)`` reads the accumulator for an
-    output index."""
-    from tvm import te, tirx
+    """The kernel's output stage ``Y = act(value + bias[channel] + residual)`` (each part
+    optional) and the unscheduled PrimFunc over ``inputs + [bias] + [residual] + [Y]``;
+    ``value(*index)`` reads the accumulator for an output index. Whatever stages the
+    activation needs are inlined, so the function has the kernel's blocks and ``Y`` only."""
+    from tvm import s_tir, te, tirx, topi
 
-    def compute(*index):
+    def pre(*index):
         v = value(*index)
         if bias is not None:
             v = v + bias[index[channel_axis]]
         if residual is not None:
             v = v + residual[index]
-        if clip is not None and clip[0] is not None:
-            v = tirx.max(v, tirx.const(clip[0], dtype))
-        if clip is not None and clip[1] is not None:
-            v = tirx.min(v, tirx.const(clip[1], dtype))
+        if act is not None and act.low is not None:
+            v = tirx.max(v, tirx.const(act.low, dtype))
+        if act is not None and act.high is not None:
+            v = tirx.min(v, tirx.const(act.high, dtype))
         return v
 
-    y = te.compute(shape, compute, name="Y")
+    inline = []
+    if act is not None and act.gelu:
+        z = te.compute(shape, pre, name="act_in")
+        erf = topi.fast_erf(te.compute(shape, lambda *i: z(*i) * tirx.const(2 ** -0.5, dtype),
+                                       name="act_scaled"))
+        inline = [z, erf.op.input_tensors[0], erf]
+        half = tirx.const(0.5, dtype)
+        y = te.compute(shape, lambda *i: z(*i) * half * (erf(*i) + tirx.const(1, dtype)),
+                       name="Y")
+    else:
+        y = te.compute(shape, pre, name="Y")
     args = list(inputs) + [t for t in (bias, residual) if t is not None] + [y]
-    return te.create_prim_func(args)
+    func = te.create_prim_func(args)
+    if not inline:
+        return func
+    sch = s_tir.Schedule(func)
+    for t in reversed(inline):   # consumers first: each inlines into one that is already Y's
+        sch.compute_inline(sch.get_sblock(t.op.name))
+    return sch.mod["main"]
 
 
 def finish(sch: "s_tir.Schedule", strategy: str) -> "tirx.PrimFunc":

@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sparsec.targets.kernels.common import Clip, epilogue_func, finish
+from sparsec.targets.kernels.common import Activation, epilogue_func, finish
 
 if TYPE_CHECKING:
     import numpy as np
@@ -159,7 +159,7 @@ def _schedule_pad(sch: "s_tir.Schedule") -> None:
 
 
 def build(s: ConvShape, dtype: str = "float32", bias: bool = False,
-          clip: Clip | None = None, residual: bool = False) -> "tirx.PrimFunc":
+          act: Activation | None = None, residual: bool = False) -> "tirx.PrimFunc":
     """The scheduled PrimFunc ``(X, Wp[OCB,IC,KH,KW,16] [, B[OC]] [, R[N,OC,OH,OW]], Y)``."""
     from tvm import s_tir, te
 
@@ -192,7 +192,7 @@ def build(s: ConvShape, dtype: str = "float32", bias: bool = False,
 
     sch = s_tir.Schedule(epilogue_func(
         [x, w], lambda n, c, i, j: acc[n, c // LANES, i, j, c % LANES], (s.n, s.oc, oh, ow),
-        dtype, b, res, clip))
+        dtype, b, res, act))
 
     blk = sch.get_sblock("acc")
     n, cb, i, j, cl, kc, ky, kx = sch.get_loops(blk)
@@ -212,7 +212,7 @@ def build(s: ConvShape, dtype: str = "float32", bias: bool = False,
 
 
 def build_wvec(s: ConvShape, plan: WidthPlan, dtype: str = "float32", bias: bool = False,
-               clip: Clip | None = None, residual: bool = False) -> "tirx.PrimFunc":
+               act: Activation | None = None, residual: bool = False) -> "tirx.PrimFunc":
     """Width-vectorized variant: ``(X, Wp[OC/oct,IC,KH,KW,oct] [, B] [, R], Y)``.
 
     Vector lanes run along the output width, so the NCHW write-back (and the residual read) are
@@ -281,7 +281,7 @@ def build_wvec(s: ConvShape, plan: WidthPlan, dtype: str = "float32", bias: bool
 
     sch = s_tir.Schedule(epilogue_func(
         [x, w], lambda n, c, i, j: acc[n, c // oct_, c % oct_, i, j], (s.n, s.oc, oh, ow),
-        dtype, b, res, clip))
+        dtype, b, res, act))
 
     blk = sch.get_sblock("acc")
     n, cb, cl, i, j, kc, ky, kx = sch.get_loops(blk)

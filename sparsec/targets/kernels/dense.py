@@ -1,4 +1,4 @@
-"""``dense_packed``: Y[M, N] = X[M, K] @ W[K, N] (+ bias, residual, clip), W constant, pre-packed.
+"""``dense_packed``: Y[M, N] = X[M, K] @ W[K, N] (+ bias, residual, activation), W packed.
 
 Packing: W is rewritten at compile time to ``[ceil(N/16), K, 16]`` (zero padded), so the 16
 output channels of one block are contiguous for every k: the micro-kernel reads them as two
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sparsec.targets.kernels.common import Clip, epilogue_func, finish, pick_row_tile
+from sparsec.targets.kernels.common import Activation, epilogue_func, finish, pick_row_tile
 
 if TYPE_CHECKING:
     import numpy as np
@@ -43,7 +43,7 @@ def pack_weight(w_kn: "np.ndarray", lanes: int = LANES) -> "np.ndarray":
 
 
 def build(m: int, k: int, n: int, dtype: str = "float32", bias: bool = False,
-          clip: Clip | None = None, residual: bool = False, lanes: int = LANES,
+          act: Activation | None = None, residual: bool = False, lanes: int = LANES,
           rows: tuple[int, ...] = ROW_TILES) -> "tirx.PrimFunc":
     """The scheduled PrimFunc ``(X[M,K], Wp[NB,K,lanes] [, B[N]] [, R[M,N]], Y[M,N])``.
 
@@ -62,7 +62,7 @@ def build(m: int, k: int, n: int, dtype: str = "float32", bias: bool = False,
     )
 
     sch = s_tir.Schedule(epilogue_func(
-        [x, w], lambda i, j: acc[i, j // lanes, j % lanes], (m, n), dtype, b, res, clip))
+        [x, w], lambda i, j: acc[i, j // lanes, j % lanes], (m, n), dtype, b, res, act))
 
     ku = K_UNROLL if k % K_UNROLL == 0 else 1
     return finish(schedule_panels(sch, m, n, lanes, rows, ku), NAME)

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sparsec.targets.kernels.common import VEC_LANES, Clip, epilogue_func, finish
+from sparsec.targets.kernels.common import VEC_LANES, Activation, epilogue_func, finish
 
 if TYPE_CHECKING:
     from tvm import tirx
@@ -66,7 +66,7 @@ def matches(s: "ConvShape", groups: int) -> bool:
 
 
 def build(s: "ConvShape", dtype: str = "float32", bias: bool = False,
-          clip: Clip | None = None, residual: bool = False) -> "tirx.PrimFunc":
+          act: Activation | None = None, residual: bool = False) -> "tirx.PrimFunc":
     """The scheduled PrimFunc ``(X[N,C,H,W], W[C,KH,KW] [, B[C]] [, R[N,C,OH,OW]], Y)``."""
     from tvm import s_tir, te, tirx
 
@@ -102,7 +102,7 @@ def build(s: "ConvShape", dtype: str = "float32", bias: bool = False,
         name="acc")
 
     sch = s_tir.Schedule(epilogue_func(
-        [x, w], lambda n, c, i, j: acc[n, c, i, j], (s.n, s.ic, oh, ow), dtype, b, res, clip))
+        [x, w], lambda n, c, i, j: acc[n, c, i, j], (s.n, s.ic, oh, ow), dtype, b, res, act))
     blk = sch.get_sblock("acc")
     n, c, i, j, ky, kx = sch.get_loops(blk)
     io, ii = sch.split(i, [None, p.rows])

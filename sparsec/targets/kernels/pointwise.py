@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sparsec.targets.kernels.common import Clip, epilogue_func, finish
+from sparsec.targets.kernels.common import Activation, epilogue_func, finish
 
 if TYPE_CHECKING:
     import numpy as np
@@ -62,7 +62,7 @@ def pack_weight(w_co_ci: "np.ndarray", oct_: int) -> "np.ndarray":
 
 
 def build(n: int, ci: int, p: int, co: int, tile: Tile, dtype: str = "float32",
-          bias: bool = False, clip: Clip | None = None, residual: bool = False,
+          bias: bool = False, act: Activation | None = None, residual: bool = False,
           rows: int | None = None, name: str = NAME) -> "tirx.PrimFunc":
     """Dense: ``(X[N,CI,Pp], Wp[NB,CI,oct] [, B[CO]] [, R[N,CO,P]], Y[N,CO,P])``.
     Sparse (``rows`` = kept input channels per panel): ``(X, idx[NB,rows], data[NB,rows,oct],
@@ -93,7 +93,7 @@ def build(n: int, ci: int, p: int, co: int, tile: Tile, dtype: str = "float32",
             name="acc")
     sch = s_tir.Schedule(epilogue_func(
         [x, *weights], lambda i, c, q: acc[i, c // oct_, c % oct_, q], (n, co, p), dtype, b,
-        res, clip))
+        res, act))
     blk = sch.get_sblock("acc")
     i, jb, jl, q, rr = sch.get_loops(blk)
     qo, qi = sch.split(q, [None, px])

@@ -5,9 +5,9 @@ Runs on the module ``from_onnx`` produces, before legalization. For every ``R.ma
 kernel becomes ``R.call_tir(kernel, [x, packed_weight(, bias)])`` where the weight was packed in
 numpy and baked in as a constant. A following ``add(., constant per-channel bias)``, an ``add``
 of a same-shape tensor (a skip connection), then ``nn.relu`` and/or ONNX Clip's ``maximum`` /
-``minimum`` with constant bounds (ReLU6), each optional and each the only user of the previous
-value, are folded into the kernel's write-back (the epilogue), and their bindings become
-aliases of the kernel output.
+``minimum`` with constant bounds (ReLU6), or ``nn.gelu``, each optional and each the only user
+of the previous value, are folded into the kernel's write-back (the epilogue), and their
+bindings become aliases of the kernel output.
 
 Kernels are marked ``tirx.is_scheduled`` and ``op_pattern = kOpaque``, so FuseOps/FuseTIR leave
 them whole and the fallback scheduler skips them.
@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from sparsec.targets import kernels
-from sparsec.targets.kernels import bsr, conv2d, dense, depthwise, pointwise
-from sparsec.targets.kernels.common import RELU, Clip
+from sparsec.targets.kernels import batch_matmul, bsr, conv2d, dense, depthwise, pointwise
+from sparsec.targets.kernels.common import Activation
 
 if TYPE_CHECKING:
     import numpy as np
@@ -34,10 +34,10 @@ class Plan:
     """What to emit for one heavy-op binding."""
 
     strategy: str
-    emit: Callable[..., "relax.Expr"]  # (bb, args, bias, clip, residual) -> expr
+    emit: Callable[..., "relax.Expr"]  # (bb, args, bias, act, residual) -> expr
     bias: "np.ndarray | None" = None
     residual: Any = None  # a same-shape tensor added before the activation (skip connection)
-    clip: Clip | None = None  # output activation bounds (relu: RELU)
+    act: Activation | None = None  # output activation (clip bounds, GELU)
     info: dict = field(default_factory=dict)
 
 
@@ -132,6 +132,8 @@ def _match_dense(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | 
     x, w_expr = call.args
     w = a.const(w_expr)
     xs, out = _static_shape(x), _static_shape(call)
+    if w is None and a.const(x) is None:
+        return _match_batch_matmul(call)
     if w is None or w.ndim != 2 or xs is None or out is None or len(xs) < 2:
         return None
     if _dtype(x) not in SUPPORTED_DTYPES or str(w.dtype) != _dtype(x) or _dtype(call) != _dtype(x):
@@ -145,11 +147,11 @@ def _match_dense(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | 
     dtype = _dtype(x)
 
     def emitter(strategy: str):
-        def emit(bb: "relax.BlockBuilder", args: list, bias, clip: Clip | None, residual
+        def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
                  ) -> "relax.Expr":
             from tvm import relax
 
-            flags = {"bias": bias is not None, "clip": clip, "residual": residual is not None}
+            flags = {"bias": bias is not None, "act": act, "residual": residual is not None}
             if strategy == bsr.NAME:
                 idx, data = bsr.pack_weight(w)
                 func = bsr.build(m, k, n, idx.shape[1], dtype, **flags)
@@ -177,6 +179,48 @@ def _match_dense(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | 
         work = m * rows * (-(-n // bsr.LANES)) * bsr.LANES
         plans.append((Plan(bsr.NAME, emitter(bsr.NAME), info=sparse_info), {"macs": work}))
     return plans
+
+
+def _match_batch_matmul(call: "relax.Call") -> list[tuple[Plan, dict]] | None:
+    """``batch_matmul`` for a matmul of two run-time tensors ``[..., M, K] @ [..., K, N]`` with
+    the same leading (batch) dims, e.g. attention's Q @ K^T and P @ V."""
+    x, y = call.args
+    xs, ys, out = _static_shape(x), _static_shape(y), _static_shape(call)
+    if xs is None or ys is None or out is None or len(xs) != len(ys) or len(xs) < 2:
+        return None
+    if xs[:-2] != ys[:-2] or xs[-1] != ys[-2] or out != xs[:-1] + ys[-1:]:
+        return None
+    dtype = _dtype(x)
+    if dtype not in SUPPORTED_DTYPES or _dtype(y) != dtype or _dtype(call) != dtype:
+        return None
+    (m, k), n = xs[-2:], ys[-1]
+    if batch_matmul.lanes_for(n) is None:
+        return None
+    batch = 1
+    for d in xs[:-2]:
+        batch *= d
+
+    def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
+             ) -> "relax.Expr":
+        from tvm import relax
+
+        func = batch_matmul.build(batch, m, k, n, dtype, bias=bias is not None, act=act,
+                                  residual=residual is not None)
+        gv = bb.add_func(func, batch_matmul.NAME)
+
+        def as3d(v, shape):
+            return v if len(xs) == 3 else bb.emit(relax.op.reshape(v, (batch,) + shape))
+
+        call_args = [as3d(args[0], (m, k)), as3d(args[1], (k, n))]
+        if bias is not None:
+            call_args.append(relax.const(bias))
+        if residual is not None:
+            call_args.append(as3d(residual, (m, n)))
+        y3 = relax.call_tir(gv, call_args, relax.TensorType((batch, m, n), dtype))
+        return y3 if len(xs) == 3 else relax.op.reshape(bb.emit(y3), out)
+
+    info = {"op": "matmul", "shape": {"batch": batch, "M": m, "K": k, "N": n}}
+    return [(Plan(batch_matmul.NAME, emit, info=info), {"macs": batch * m * k * n})]
 
 
 def _match_conv(a: _Analysis, call: "relax.Call") -> tuple[Plan, dict] | None:
@@ -212,11 +256,11 @@ def _match_conv(a: _Analysis, call: "relax.Call") -> tuple[Plan, dict] | None:
     packed = conv2d.pack_weight(w, wplan.oct if wplan else conv2d.LANES)
     dtype = _dtype(x)
 
-    def emit(bb: "relax.BlockBuilder", args: list, bias, clip: Clip | None, residual
+    def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
              ) -> "relax.Expr":
         from tvm import relax
 
-        flags = dict(bias=bias is not None, clip=clip, residual=residual is not None)
+        flags = dict(bias=bias is not None, act=act, residual=residual is not None)
         func = (conv2d.build_wvec(shape, wplan, dtype, **flags) if wplan
                 else conv2d.build(shape, dtype, **flags))
         gv = bb.add_func(func, conv2d.NAME)
@@ -248,11 +292,11 @@ def _depthwise(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, xs: tuple, 
 
     weight = np.ascontiguousarray(w[:, 0])   # [C, KH, KW]
 
-    def emit(bb: "relax.BlockBuilder", args: list, bias, clip: Clip | None, residual
+    def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
              ) -> "relax.Expr":
         from tvm import relax
 
-        func = depthwise.build(shape, dtype, bias=bias is not None, clip=clip,
+        func = depthwise.build(shape, dtype, bias=bias is not None, act=act,
                                residual=residual is not None)
         gv = bb.add_func(func, depthwise.NAME)
         call_args = [args[0], relax.const(weight)] + (
@@ -290,11 +334,11 @@ def _pointwise(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, out: tuple,
     pp = tile.padded_pixels(p)
     info["tile"] = f"{tile.oct}x{tile.pixels}"
 
-    def emit(bb: "relax.BlockBuilder", args: list, bias, clip: Clip | None, residual
+    def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
              ) -> "relax.Expr":
         from tvm import relax
 
-        flags = dict(bias=bias is not None, clip=clip, residual=residual is not None)
+        flags = dict(bias=bias is not None, act=act, residual=residual is not None)
         if sparse:
             idx, data = bsr.pack_weight(w_kn, tile.oct)
             func = bsr.build_conv1x1(n, ci, p, co, idx.shape[1], dtype, **flags)
@@ -402,14 +446,6 @@ def _clip_bound(a: _Analysis, mod: "ir.IRModule | None", tail: Any) -> tuple[Any
     return None
 
 
-def _epilogue_name(clip: Clip) -> str:
-    if clip == RELU:
-        return "relu"
-    lo, hi = ("-inf" if clip[0] is None else f"{clip[0]:g}"), (
-        "inf" if clip[1] is None else f"{clip[1]:g}")
-    return f"clip({lo},{hi})"
-
-
 def plan_function(func: "relax.Function", cores: int, mod: "ir.IRModule | None" = None
                   ) -> tuple[dict, dict, list[dict]]:
     """Choose a strategy for each heavy op; returns (plans by var, aliases, decisions).
@@ -444,8 +480,8 @@ def plan_function(func: "relax.Function", cores: int, mod: "ir.IRModule | None" 
         plan = found[name][0]
         decision.update(plan.info)
         plans[var] = plan
-        # epilogue: + per-channel bias, + skip connection, then relu and/or clip bounds, each
-        # the single user of the previous value
+        # epilogue: + per-channel bias, + skip connection, then relu and/or clip bounds or
+        # gelu, each the single user of the previous value
         channel_axis = 1 if plan.info.get("op") == "conv2d" else -1
         tail = var
         nxt = _single_user_call(a, tail, "relax.add")
@@ -476,10 +512,15 @@ def plan_function(func: "relax.Function", cores: int, mod: "ir.IRModule | None" 
                 hi = bound
             aliases[bvar] = var
             tail = bvar
-        plan.clip = None if lo is None and hi is None else (lo, hi)
+        gelu = False
+        if lo is None and hi is None and (nxt := _single_user_call(a, tail, "relax.nn.gelu")):
+            gelu = True
+            aliases[nxt[0]] = var
+        if lo is not None or hi is not None or gelu:
+            plan.act = Activation(lo, hi, gelu)
         decision["epilogue"] = [e for e, on in (("bias", plan.bias is not None),
                                                 ("residual", plan.residual is not None))
-                                if on] + ([_epilogue_name(plan.clip)] if plan.clip else [])
+                                if on] + ([plan.act.name] if plan.act else [])
         decisions.append(decision)
     return plans, aliases, decisions
 
@@ -522,7 +563,7 @@ def _make_mutator():
                     args = [self.visit_expr(x) for x in call.args]
                     residual = (self.visit_expr(plan.residual) if plan.residual is not None
                                 else None)
-                    return plan.emit(self.builder_, args, plan.bias, plan.clip, residual)
+                    return plan.emit(self.builder_, args, plan.bias, plan.act, residual)
             return super().visit_call_(call)
 
     return KernelRewriter

@@ -1,0 +1,68 @@
+"""``batch_matmul``: Y[b, M, N] = A[b, M, K] @ B[b, K, N] with both operands computed at run
+time: attention's Q @ K^T and P @ V.
+
+Nothing can be packed ahead of time, so the kernel reads B in place: a row of B is contiguous
+along N, which is the vectorized axis, so a ``lanes``-wide slice of it is one or two vector
+loads per k. The micro-kernel is ``dense_packed``'s (rows x lanes accumulators, one broadcast of
+A per row and k):
+
+  for (b, n-panel, m-tile) in parallel:
+    acc[MI, lanes] = 0
+    for k: for mi in unroll(MI): for nl in vectorize(lanes):
+      acc[mi, nl] += A[b, mo*MI + mi, k] * B[b, k, panel*lanes + nl]
+    Y[b, ...] = epilogue(acc)
+
+N must be a multiple of the lane count (16, else 8); other shapes stay on the generic
+schedule.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from sparsec.targets.kernels.common import Activation, epilogue_func, finish, pick_row_tile
+
+if TYPE_CHECKING:
+    from tvm import tirx
+
+NAME = "batch_matmul"
+ROW_TILES = (4, 6, 5, 3, 2, 1)
+
+
+def lanes_for(n: int) -> int | None:
+    """Vector width along N: 16 (two ymm) or 8 lanes, or None when N is neither's multiple."""
+    return next((v for v in (16, 8) if n % v == 0), None)
+
+
+def build(batch: int, m: int, k: int, n: int, dtype: str = "float32", bias: bool = False,
+          act: Activation | None = None, residual: bool = False) -> "tirx.PrimFunc":
+    """The scheduled PrimFunc ``(A[b,M,K], B[b,K,N] [, bias[N]] [, R[b,M,N]], Y[b,M,N])``."""
+    from tvm import s_tir, te
+
+    lanes = lanes_for(n)
+    assert lanes is not None, n
+    a = te.placeholder((batch, m, k), dtype, name="A")
+    b = te.placeholder((batch, k, n), dtype, name="Bm")
+    bias_t = te.placeholder((n,), dtype, name="B") if bias else None
+    res = te.placeholder((batch, m, n), dtype, name="R") if residual else None
+    r = te.reduce_axis((0, k), name="k")
+    acc = te.compute(
+        (batch, m, n // lanes, lanes),
+        lambda t, i, jb, jl: te.sum(a[t, i, r] * b[t, r, jb * lanes + jl], axis=r), name="acc")
+    sch = s_tir.Schedule(epilogue_func(
+        [a, b], lambda t, i, j: acc[t, i, j // lanes, j % lanes], (batch, m, n), dtype,
+        bias_t, res, act, channel_axis=2))
+    blk = sch.get_sblock("acc")
+    t, i, jb, jl, kk = sch.get_loops(blk)
+    mo, mi = sch.split(i, [None, pick_row_tile(m, ROW_TILES)])
+    sch.reorder(t, jb, mo, kk, mi, jl)
+    sch.set_scope(blk, 0, "local")
+    out = sch.get_sblock("Y")
+    sch.reverse_compute_at(out, mo)
+    _, lane = sch.split(sch.get_loops(out)[-1], [None, lanes])
+    sch.vectorize(lane)
+    sch.vectorize(jl)
+    sch.unroll(mi)
+    sch.parallel(sch.fuse(t, jb, mo))
+    sch.decompose_reduction(blk, kk)
+    return finish(sch, NAME)
