@@ -373,7 +373,7 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
             input_shapes: InputShapes | str | None = None,
             calibration=None, remove_dead: bool = False,
             example_inputs: Sequence[Any] | None = None, command: Sequence[str] | None = None,
-            log: Log = _quiet) -> dict:
+            tune: float = 0.0, log: Log = _quiet) -> dict:
     """Prune, compile for ``target`` and write a package directory (see ``sparsec.package``);
     returns its manifest. ``name`` (a C identifier; default: from the directory name) names
     the C header, the static archive and its symbols. ``round_to`` defaults to the target's
@@ -382,7 +382,11 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
     The package's reference pair is one calibration batch and ONNX Runtime's outputs for it on
     the pruned model. The library must reproduce them (within the tolerance ``validate``
     uses) or nothing is written (``ValidationError``): run here, or for a cross target under
-    its emulator; without one the package is written unchecked, with a warning."""
+    its emulator; without one the package is written unchecked, with a warning.
+
+    ``tune`` > 0 first spends up to that many seconds timing the pruned model's kernels (see
+    :func:`tune`); kernels tuned earlier for the target are built with their best knobs
+    either way."""
     from sparsec.deploy.header import check_name, default_name
     from sparsec.targets import resolve_target
 
@@ -412,6 +416,10 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
     with staging_dir(output_dir) as tmp:
         proto = to_onnx(graph)
         (tmp / MODEL).write_bytes(proto.SerializeToString())
+        if tune > 0:
+            from sparsec.targets import tuning
+
+            tuning.tune(proto, spec, tune, log=log)
         prefix = f"{name}_"
         facts = compile_onnx(proto, spec, tmp / LIBRARY, log=log,
                              static_lib=tmp / archive_name(name), system_lib_prefix=prefix)
@@ -459,6 +467,25 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
         write_json(tmp / MANIFEST, manifest)
     log(f"wrote {output_dir}")
     return manifest
+
+
+def tune(model: ModelLike, *, target: str = "host", budget: float = 60.0,
+         input_shapes: InputShapes | str | None = None, log: Log = _quiet) -> list[dict]:
+    """Time the schedule variants of every kernel ``model`` compiles to, within ``budget``
+    seconds, and record the fastest in the tuning cache that ``compile`` reads (see
+    ``sparsec/targets/tuning.py``). ``model`` may be a package directory (its pruned model is
+    tuned). Only this machine's CPU can be tuned. Returns one record per kernel tuned."""
+    from sparsec.targets import resolve_target, tuning
+
+    spec = resolve_target(target)
+    if budget <= 0:
+        raise BadOptionError(f"tuning budget must be positive, got {budget}")
+    if isinstance(model, (str, os.PathLike)) and Path(model).is_dir():
+        model = Path(model) / MODEL
+        if not model.is_file():
+            raise BadOptionError(f"{model.parent} is not a sparsec package (no {MODEL})")
+    proto = to_onnx(load(model, input_shapes))
+    return tuning.tune(proto, spec, budget, log=log)
 
 
 def check_toolchain(spec) -> None:

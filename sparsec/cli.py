@@ -146,13 +146,30 @@ def cmd_compile(args) -> int:
 
     manifest = api.compile(args.model, args.output, target=args.target, name=args.name,
                            **_prune_kwargs(args), command=["sparsec", *args.argv],
-                           log=_log(args))
+                           tune=args.tune, log=_log(args))
     p = manifest["prune"]
     print(f"compiled {args.model} for {manifest['target']['name']} -> {args.output}")
     print(f"  params {p['before']['params']:,} -> {p['after']['params']:,}, "
           f"MACs {p['before']['macs']:,} -> {p['after']['macs']:,}, "
           f"cosine vs original {p['fidelity']['cosine']:.6f}")
     return 0
+
+
+def cmd_tune(args) -> int:
+    from sparsec import api
+
+    records = api.tune(args.model, target=args.target, budget=args.budget,
+                       input_shapes=args.input_shapes, log=_log(args))
+    faster = [r for r in records if r["default_ms"] and r["ms"][_knob_key(r["knobs"])]
+              < r["default_ms"]]
+    print(f"tuned {len(records)} kernels; {len(faster)} faster than the default schedule")
+    return 0
+
+
+def _knob_key(knobs: dict) -> str:
+    import json
+
+    return json.dumps(knobs, sort_keys=True)
 
 
 def cmd_run(args) -> int:
@@ -340,7 +357,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--name", metavar="NAME",
                     help="model name, a C identifier: names NAME.h, libNAME.a and the symbols "
                          "(default: from the output directory's name)")
+    sp.add_argument("--tune", type=float, default=0.0, metavar="SECONDS",
+                    help="first time the pruned model's kernel variants on this machine for up "
+                         "to SECONDS and keep the fastest (tuning cache); default 0: use what "
+                         "earlier tuning recorded, defaults elsewhere")
     sp.set_defaults(func=cmd_compile)
+
+    sp = sub.add_parser("tune", help="time each kernel's schedule variants on this machine and "
+                                     "record the fastest for compile (tuning cache)")
+    sp.add_argument("model", help="ONNX model file or a package directory")
+    sp.add_argument("--input-shapes", metavar="NAME:D1xD2,...",
+                    help="fix dynamic input dimensions, e.g. input_ids:1x128")
+    sp.add_argument("--target", default="host", help="a target of this machine (default host)")
+    sp.add_argument("--budget", type=float, default=60.0, metavar="SECONDS",
+                    help="time limit (default 60)")
+    sp.set_defaults(func=cmd_tune)
 
     sp = sub.add_parser("targets", help="the targets compile knows, with their TVM targets")
     sp.set_defaults(func=cmd_targets)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -13,6 +14,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# compile reads the tuning cache: tests start from an empty one, never the user's
+os.environ["SPARSEC_TUNING_CACHE"] = str(
+    Path(tempfile.mkdtemp(prefix="sparsec-tuning-")) / "tuning.json")
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", category=FutureWarning)
 

@@ -53,8 +53,26 @@ CROSS_PACKAGES = {"aarch64-linux-gnu": "g++-aarch64-linux-gnu"}
 _FALLBACK_HOST_CPU = "generic"
 
 
+def physical_cores() -> int:
+    """Cores this process may run on, SMT siblings counted once (Linux sysfs topology; the
+    logical CPU count where that is unreadable)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+    cores = set()
+    for cpu in cpus:
+        topo = f"/sys/devices/system/cpu/cpu{cpu}/topology"
+        try:
+            with open(f"{topo}/physical_package_id") as pkg, open(f"{topo}/core_id") as core:
+                cores.add((pkg.read().strip(), core.read().strip()))
+        except OSError:
+            cores.add(("cpu", str(cpu)))
+    return max(1, len(cores))
+
+
 def _num_cores() -> int:
-    return os.cpu_count() or 1
+    return physical_cores()
 
 
 def _host_cpu() -> str:

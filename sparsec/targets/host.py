@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from sparsec.targets import TargetSpec
+from sparsec.targets import TargetSpec, physical_cores
 from sparsec.targets.kernels import FALLBACK
 from sparsec.targets.kernels.common import STRATEGY_ATTR
 
@@ -28,6 +28,9 @@ from sparsec.targets.kernels.common import STRATEGY_ATTR
 # runs, in bursts, on a 2-core VM). Unpinned threads avoid that. TVM reads this when its thread
 # pool starts (compiling may already start it: FoldConstant runs kernels), so set it on import.
 os.environ.setdefault("TVM_BIND_THREADS", "0")
+# TVM's default thread count on x86 is half the logical CPUs (it assumes 2-way SMT): on a VM
+# without SMT that is half the cores. One thread per physical core, unless the user says.
+os.environ.setdefault("TVM_NUM_THREADS", str(physical_cores()))
 
 if TYPE_CHECKING:
     import numpy as np
@@ -132,7 +135,7 @@ def import_onnx(model: "onnx.ModelProto") -> "ir.IRModule":
 
 def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | Path,
                  log: Callable[[str], None] = print, *, static_lib: str | Path | None = None,
-                 system_lib_prefix: str = "") -> dict:
+                 system_lib_prefix: str = "", tuned: bool = True) -> dict:
     """Compile a static-shaped ONNX model to a shared library at ``lib_path``, and with
     ``static_lib`` also to a static archive for system-lib linking, whose symbols and VM
     executable register under ``system_lib_prefix`` (so that several models link into one
@@ -144,6 +147,9 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
     written. Returns facts for the manifest: TVM version, target dict, kernel calls per
     strategy, the per-op strategy decisions (with the cost rule's estimates), and the
     input/output names in call order.
+
+    With ``tuned`` (the default) kernels recorded in the tuning cache (``sparsec tune``,
+    ``targets/tuning.py``) are built with their measured-best knobs.
     """
     import tvm
     from tvm import relax
@@ -155,9 +161,15 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
     decisions: list[dict] = []
     counts: dict[str, int] = {}
     log(f"compiling for {target.name} ({target.description})")
+    from sparsec.targets import tuning
+
+    cache = tuning.Cache() if tuned else None
     with native_stderr_to(log):
-        with tvm_target:
+        with tvm_target, tuning.using(cache, dict(target.tvm_target)):
             lowered = build_pipeline(tvm_target, cores, decisions, counts)(mod)
+        if any("tuned" in d for d in decisions):
+            log(f"{sum('tuned' in d for d in decisions)} kernels built with tuned knobs "
+                f"({cache.path})")
         ex = relax.build(lowered, tvm_target, relax_pipeline=None)
         # the module attribute alone makes codegen emit a system lib; relax.build's own
         # system_lib=True path reads the attribute back, which fails for strings shorter

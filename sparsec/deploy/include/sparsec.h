@@ -14,7 +14,8 @@
  *   sparsec_close(m);
  *
  * Buffers are dense, row-major, in the shapes and dtypes of the spec. The number of threads is
- * the TVM runtime's: TVM_NUM_THREADS in the environment, else one per core.
+ * the TVM runtime's: TVM_NUM_THREADS in the environment, else TVM's default, which on x86 is
+ * half the logical CPUs (it assumes 2-way SMT): set TVM_NUM_THREADS to the core count.
  */
 #ifndef SPARSEC_H_
 #define SPARSEC_H_

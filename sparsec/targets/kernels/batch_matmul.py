@@ -35,7 +35,8 @@ def lanes_for(n: int) -> int | None:
 
 
 def build(batch: int, m: int, k: int, n: int, dtype: str = "float32", bias: bool = False,
-          act: Activation | None = None, residual: bool = False) -> "tirx.PrimFunc":
+          act: Activation | None = None, residual: bool = False,
+          row_tiles: tuple[int, ...] = ROW_TILES) -> "tirx.PrimFunc":
     """The scheduled PrimFunc ``(A[b,M,K], B[b,K,N] [, bias[N]] [, R[b,M,N]], Y[b,M,N])``."""
     from tvm import s_tir, te
 
@@ -54,7 +55,7 @@ def build(batch: int, m: int, k: int, n: int, dtype: str = "float32", bias: bool
         bias_t, res, act, channel_axis=2))
     blk = sch.get_sblock("acc")
     t, i, jb, jl, kk = sch.get_loops(blk)
-    mo, mi = sch.split(i, [None, pick_row_tile(m, ROW_TILES)])
+    mo, mi = sch.split(i, [None, pick_row_tile(m, row_tiles)])
     sch.reorder(t, jb, mo, kk, mi, jl)
     sch.set_scope(blk, 0, "local")
     out = sch.get_sblock("Y")

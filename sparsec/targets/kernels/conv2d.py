@@ -159,14 +159,15 @@ def _schedule_pad(sch: "s_tir.Schedule") -> None:
 
 
 def build(s: ConvShape, dtype: str = "float32", bias: bool = False,
-          act: Activation | None = None, residual: bool = False) -> "tirx.PrimFunc":
+          act: Activation | None = None, residual: bool = False,
+          width_tile: int | None = None) -> "tirx.PrimFunc":
     """The scheduled PrimFunc ``(X, Wp[OCB,IC,KH,KW,16] [, B[OC]] [, R[N,OC,OH,OW]], Y)``."""
     from tvm import s_tir, te
 
     (sh, sw), (dh, dw) = s.stride, s.dilation
     pt, pl, pb, pr = s.padding
     oh, ow = s.out_hw
-    t = pick_width_tile(ow)
+    t = width_tile or pick_width_tile(ow)
     owp = -(-ow // t) * t
     ocb = -(-s.oc // LANES)
     # rows / columns of padded input the (width-padded) output reads

@@ -47,16 +47,16 @@ class DepthwisePlan:
         return -(-ow // block) * block
 
 
-def plan(oh: int, ow: int, lanes: int = VEC_LANES) -> DepthwisePlan:
-    """Whole output rows when they fit in ``MAX_ACC`` vectors (several rows per tile then, so
+def plan(oh: int, ow: int, lanes: int = VEC_LANES, max_acc: int = MAX_ACC) -> DepthwisePlan:
+    """Whole output rows when they fit in ``max_acc`` vectors (several rows per tile then, so
     a loaded input row serves up to KH output rows); wider rows in blocks of 4..8 vectors,
     the block size wasting the fewest padded columns."""
     nv = -(-ow // lanes)
-    if nv <= MAX_ACC:
+    if nv <= max_acc:
         vecs = nv
     else:
-        vecs = min(range(MAX_ACC, MAX_ACC // 2 - 1, -1), key=lambda v: (-nv) % v)
-    rows = max(r for r in range(1, MAX_ACC // vecs + 1) if oh % r == 0)
+        vecs = min(range(max_acc, max_acc // 2 - 1, -1), key=lambda v: (-nv) % v)
+    rows = max(r for r in range(1, max_acc // vecs + 1) if oh % r == 0)
     return DepthwisePlan(rows, vecs, lanes)
 
 
@@ -66,14 +66,15 @@ def matches(s: "ConvShape", groups: int) -> bool:
 
 
 def build(s: "ConvShape", dtype: str = "float32", bias: bool = False,
-          act: Activation | None = None, residual: bool = False) -> "tirx.PrimFunc":
+          act: Activation | None = None, residual: bool = False, max_acc: int = MAX_ACC
+          ) -> "tirx.PrimFunc":
     """The scheduled PrimFunc ``(X[N,C,H,W], W[C,KH,KW] [, B[C]] [, R[N,C,OH,OW]], Y)``."""
     from tvm import s_tir, te, tirx
 
     (sh, sw), (dh, dw) = s.stride, s.dilation
     pt, pl, _, _ = s.padding
     oh, ow = s.out_hw
-    p = plan(oh, ow)
+    p = plan(oh, ow, max_acc=max_acc)
     owp = p.padded_width(ow)
     # padded-input rows / columns the (width-padded) output reads, and one stride phase's
     hp = (oh - 1) * sh + (s.kh - 1) * dh + 1

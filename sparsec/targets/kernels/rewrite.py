@@ -15,10 +15,11 @@ them whole and the fallback scheduler skips them.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from sparsec.targets import kernels
+from sparsec.targets import kernels, tuning
 from sparsec.targets.kernels import batch_matmul, bsr, conv2d, dense, depthwise, pointwise
 from sparsec.targets.kernels.common import Activation
 
@@ -38,6 +39,7 @@ class Plan:
     bias: "np.ndarray | None" = None
     residual: Any = None  # a same-shape tensor added before the activation (skip connection)
     act: Activation | None = None  # output activation (clip bounds, GELU)
+    shape: dict = field(default_factory=dict)  # the kernel's shape arguments (tuning key)
     info: dict = field(default_factory=dict)
 
 
@@ -154,11 +156,11 @@ def _match_dense(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | 
             flags = {"bias": bias is not None, "act": act, "residual": residual is not None}
             if strategy == bsr.NAME:
                 idx, data = bsr.pack_weight(w)
-                func = bsr.build(m, k, n, idx.shape[1], dtype, **flags)
                 weights = [relax.const(idx), relax.const(data)]
             else:
-                func = dense.build(m, k, n, dtype, **flags)
                 weights = [relax.const(dense.pack_weight(w))]
+            shape = shapes[strategy]
+            func = tuning.build(strategy, shape, tuning.knobs_for(strategy, shape), **flags)
             gv = bb.add_func(func, strategy)
             x2 = args[0] if len(xs) == 2 else bb.emit(relax.op.reshape(args[0], (m, k)))
             call_args = [x2, *weights] + ([relax.const(bias)] if bias is not None else [])
@@ -172,12 +174,16 @@ def _match_dense(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | 
         return emit
 
     info = {"op": "matmul", "shape": {"M": m, "K": k, "N": n}}
-    plans = [(Plan(dense.NAME, emitter(dense.NAME), info=info), {"macs": m * k * n})]
     rows = bsr.padded_rows(w)
+    shapes = {dense.NAME: {"m": m, "k": k, "n": n, "dtype": dtype},
+              bsr.NAME: {"m": m, "k": k, "n": n, "rows": rows, "dtype": dtype}}
+    plans = [(Plan(dense.NAME, emitter(dense.NAME), info=info, shape=shapes[dense.NAME]),
+              {"macs": m * k * n})]
     if rows < k:            # some 16-wide panel rows are all zero: the sparse kernel skips them
         sparse_info = {**info, "rows_kept": rows}
         work = m * rows * (-(-n // bsr.LANES)) * bsr.LANES
-        plans.append((Plan(bsr.NAME, emitter(bsr.NAME), info=sparse_info), {"macs": work}))
+        plans.append((Plan(bsr.NAME, emitter(bsr.NAME), info=sparse_info,
+                           shape=shapes[bsr.NAME]), {"macs": work}))
     return plans
 
 
@@ -199,13 +205,14 @@ def _match_batch_matmul(call: "relax.Call") -> list[tuple[Plan, dict]] | None:
     batch = 1
     for d in xs[:-2]:
         batch *= d
+    kshape = {"batch": batch, "m": m, "k": k, "n": n, "dtype": dtype}
 
     def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
              ) -> "relax.Expr":
         from tvm import relax
 
-        func = batch_matmul.build(batch, m, k, n, dtype, bias=bias is not None, act=act,
-                                  residual=residual is not None)
+        func = tuning.build(batch_matmul.NAME, kshape, tuning.knobs_for(batch_matmul.NAME, kshape),
+                            bias=bias is not None, act=act, residual=residual is not None)
         gv = bb.add_func(func, batch_matmul.NAME)
 
         def as3d(v, shape):
@@ -220,7 +227,8 @@ def _match_batch_matmul(call: "relax.Call") -> list[tuple[Plan, dict]] | None:
         return y3 if len(xs) == 3 else relax.op.reshape(bb.emit(y3), out)
 
     info = {"op": "matmul", "shape": {"batch": batch, "M": m, "K": k, "N": n}}
-    return [(Plan(batch_matmul.NAME, emit, info=info), {"macs": batch * m * k * n})]
+    return [(Plan(batch_matmul.NAME, emit, info=info, shape=kshape),
+             {"macs": batch * m * k * n})]
 
 
 def _match_conv(a: _Analysis, call: "relax.Call") -> tuple[Plan, dict] | None:
@@ -255,14 +263,16 @@ def _match_conv(a: _Analysis, call: "relax.Call") -> tuple[Plan, dict] | None:
     wplan = conv2d.plan_wvec(shape)
     packed = conv2d.pack_weight(w, wplan.oct if wplan else conv2d.LANES)
     dtype = _dtype(x)
+    kshape = {**dataclasses.asdict(shape), "dtype": dtype}
+    if wplan:
+        kshape["variant"] = "width_vectorized"
 
     def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
              ) -> "relax.Expr":
         from tvm import relax
 
         flags = dict(bias=bias is not None, act=act, residual=residual is not None)
-        func = (conv2d.build_wvec(shape, wplan, dtype, **flags) if wplan
-                else conv2d.build(shape, dtype, **flags))
+        func = tuning.build(conv2d.NAME, kshape, tuning.knobs_for(conv2d.NAME, kshape), **flags)
         gv = bb.add_func(func, conv2d.NAME)
         call_args = [args[0], relax.const(packed)] + (
             [relax.const(bias)] if bias is not None else []) + (
@@ -273,7 +283,7 @@ def _match_conv(a: _Analysis, call: "relax.Call") -> tuple[Plan, dict] | None:
     info = {"op": "conv2d", "shape": {"in": list(xs), "weight": list(w.shape), "out": list(out),
                                       "stride": list(shape.stride), "pad": list(shape.padding),
                                       "variant": "width_vectorized" if wplan else "oc_blocked"}}
-    plans = [(Plan(conv2d.NAME, emit, info=info), {"macs": macs})]
+    plans = [(Plan(conv2d.NAME, emit, info=info, shape=kshape), {"macs": macs})]
     if ((shape.kh, shape.kw, shape.stride, shape.dilation) == (1, 1, (1, 1), (1, 1))
             and not any(shape.padding)):
         for sparse in (False, True):
@@ -291,13 +301,14 @@ def _depthwise(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, xs: tuple, 
     import numpy as np
 
     weight = np.ascontiguousarray(w[:, 0])   # [C, KH, KW]
+    kshape = {**dataclasses.asdict(shape), "dtype": dtype}
 
     def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
              ) -> "relax.Expr":
         from tvm import relax
 
-        func = depthwise.build(shape, dtype, bias=bias is not None, act=act,
-                               residual=residual is not None)
+        func = tuning.build(depthwise.NAME, kshape, tuning.knobs_for(depthwise.NAME, kshape),
+                            bias=bias is not None, act=act, residual=residual is not None)
         gv = bb.add_func(func, depthwise.NAME)
         call_args = [args[0], relax.const(weight)] + (
             [relax.const(bias)] if bias is not None else []) + (
@@ -310,7 +321,7 @@ def _depthwise(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, xs: tuple, 
                                       "variant": "depthwise",
                                       "tile": f"{p.rows}x{p.vecs * p.lanes}"}}
     macs = out[0] * out[1] * out[2] * out[3] * shape.kh * shape.kw
-    return Plan(depthwise.NAME, emit, info=info), {"macs": macs}
+    return Plan(depthwise.NAME, emit, info=info, shape=kshape), {"macs": macs}
 
 
 def _pointwise(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, out: tuple,
@@ -328,11 +339,16 @@ def _pointwise(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, out: tuple,
         if rows >= ci:
             return None
         name, info = bsr.CONV_NAME, {"rows_kept": rows}
+        kshape = {"n": n, "ci": ci, "p": p, "co": co, "rows": rows, "dtype": dtype}
     else:
-        tile = pointwise.pick_tile(co, p)
+        kshape = {"n": n, "ci": ci, "p": p, "co": co, "dtype": dtype}
+        # the strategy choice uses the default tile; a tuned one only changes the kernel
+        knobs = tuning.knobs_for(pointwise.NAME, kshape)
+        tile = pointwise.Tile(*knobs["tile"]) if knobs else pointwise.pick_tile(co, p)
         rows, name, info = ci, pointwise.NAME, {}
     pp = tile.padded_pixels(p)
     info["tile"] = f"{tile.oct}x{tile.pixels}"
+    default = tile if sparse else pointwise.pick_tile(co, p)
 
     def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
              ) -> "relax.Expr":
@@ -341,11 +357,11 @@ def _pointwise(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, out: tuple,
         flags = dict(bias=bias is not None, act=act, residual=residual is not None)
         if sparse:
             idx, data = bsr.pack_weight(w_kn, tile.oct)
-            func = bsr.build_conv1x1(n, ci, p, co, idx.shape[1], dtype, **flags)
             weights = [relax.const(idx), relax.const(data)]
+            func = tuning.build(name, kshape, **flags)
         else:
-            func = pointwise.build(n, ci, p, co, tile, dtype, **flags)
             weights = [relax.const(pointwise.pack_weight(w[:, :, 0, 0], tile.oct))]
+            func = tuning.build(name, kshape, {"tile": [tile.oct, tile.pixels]}, **flags)
         gv = bb.add_func(func, name)
         x = bb.emit(relax.op.reshape(args[0], (n, ci, p)))
         if pp != p:   # whole pixel vectors: zero columns, cut again at the write-back
@@ -358,8 +374,8 @@ def _pointwise(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, out: tuple,
         y = bb.emit(relax.call_tir(gv, call_args, relax.TensorType((n, co, p), dtype)))
         return relax.op.reshape(y, out)
 
-    work = n * pp * rows * (-(-co // tile.oct)) * tile.oct
-    return Plan(name, emit, info=info), work
+    work = n * default.padded_pixels(p) * rows * (-(-co // default.oct)) * default.oct
+    return Plan(name, emit, info=info, shape=kshape), work
 
 
 _MATCHERS = {"relax.matmul": _match_dense, "relax.nn.conv2d": _match_conv}
@@ -479,6 +495,8 @@ def plan_function(func: "relax.Function", cores: int, mod: "ir.IRModule | None" 
             continue
         plan = found[name][0]
         decision.update(plan.info)
+        if (knobs := tuning.knobs_for(plan.strategy, plan.shape)) is not None:
+            decision["tuned"] = knobs
         plans[var] = plan
         # epilogue: + per-channel bias, + skip connection, then relu and/or clip bounds or
         # gelu, each the single user of the previous value

@@ -1,0 +1,296 @@
+"""Tuning: time each kernel's schedule variants on this machine and keep the fastest.
+
+Every hand-scheduled kernel has knobs with a heuristic default (the row tile of the GEMM
+kernels, the register tile of the pointwise conv, the accumulator budget of the depthwise conv,
+the pixel strip of the direct conv). ``tune`` builds each variant of every kernel a model uses,
+compiles it alone, times it on random data with TVM's ``time_evaluator`` and records the
+fastest in a persistent cache keyed by (target, strategy, shape). ``compile`` reads the cache:
+a kernel with an entry is built with the tuned knobs (the compile report says ``tuned``),
+one without keeps the defaults. Timing runs here, so only native targets can be tuned.
+
+Cache: ``$SPARSEC_TUNING_CACHE``, else ``<cache dir>/sparsec/tuning.json``; a JSON object
+``{target key: {"strategy shape-json": {"knobs": ..., "ms": {variant: ms}}}}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    import onnx
+    from tvm import tirx
+
+    from sparsec.targets import TargetSpec
+
+#: PrimFunc attribute holding the kernel's shape arguments (JSON), for the tuner to rebuild it
+SHAPE_ATTR = "sparsec.shape"
+
+
+def cache_path() -> Path:
+    env = os.environ.get("SPARSEC_TUNING_CACHE")
+    if env:
+        return Path(env)
+    from sparsec.deploy.runtime import cache_dir
+
+    return cache_dir() / "tuning.json"
+
+
+def target_key(tvm_target: dict) -> str:
+    return json.dumps(tvm_target, sort_keys=True)
+
+
+class Cache:
+    """The tuning records of every target, read once, written atomically."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = Path(path) if path is not None else cache_path()
+        try:
+            self.data: dict = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.data = {}
+
+    def get(self, target: str, strategy: str, shape: dict) -> dict | None:
+        return self.data.get(target, {}).get(_key(strategy, shape))
+
+    def put(self, target: str, strategy: str, shape: dict, record: dict) -> None:
+        self.data.setdefault(target, {})[_key(strategy, shape)] = record
+
+    def save(self) -> None:
+        from sparsec.package import atomic_write_bytes
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.path, (json.dumps(self.data, indent=1, sort_keys=True)
+                                       + "\n").encode())
+
+
+def _key(strategy: str, shape: dict) -> str:
+    return f"{strategy} {json.dumps(shape, sort_keys=True)}"
+
+
+# --------------------------------------------------------------------------- knobs per kernel
+
+
+def _conv_shape(shape: dict):
+    from sparsec.targets.kernels.conv2d import ConvShape
+
+    return ConvShape(**{k: tuple(v) if isinstance(v, list) else v for k, v in shape.items()
+                        if k != "dtype"})
+
+
+def _row_tiles(shape: dict) -> list[dict]:
+    return [{"rows": t} for t in (1, 2, 3, 4, 5, 6) if shape["m"] % t == 0]
+
+
+def _variants(strategy: str, shape: dict) -> list[dict]:
+    """Every knob setting worth timing for one kernel (the default among them)."""
+    from sparsec.targets.kernels import pointwise
+
+    if strategy in ("dense_packed", "bsr_dense", "batch_matmul"):
+        return _row_tiles(shape)
+    if strategy == "conv1x1_nchw":
+        return [{"tile": [t.oct, t.pixels]} for t in pointwise.TILES]
+    if strategy == "depthwise_nchw":
+        return [{"max_acc": a} for a in (4, 6, 8, 12)]
+    if strategy == "conv2d_nchw_packed" and "variant" not in shape:
+        return [{"width_tile": t} for t in range(1, 7)]
+    return []
+
+
+def build(strategy: str, shape: dict, knobs: dict | None = None, **flags) -> "tirx.PrimFunc":
+    """The kernel ``strategy`` for ``shape`` with ``knobs`` (defaults where absent) and the
+    epilogue ``flags`` (bias, act, residual), tagged with its shape for the tuner."""
+    from sparsec.targets.kernels import (batch_matmul, bsr, conv2d, dense, depthwise,
+                                         pointwise)
+
+    k = knobs or {}
+    rows = (k["rows"],) if "rows" in k else None
+    if strategy == "dense_packed":
+        func = dense.build(shape["m"], shape["k"], shape["n"], shape["dtype"], **flags,
+                           **({"rows": rows} if rows else {}))
+    elif strategy == "bsr_dense":
+        func = bsr.build(shape["m"], shape["k"], shape["n"], shape["rows"], shape["dtype"],
+                         **flags, **({"row_tiles": rows} if rows else {}))
+    elif strategy == "batch_matmul":
+        func = batch_matmul.build(shape["batch"], shape["m"], shape["k"], shape["n"],
+                                  shape["dtype"], **flags,
+                                  **({"row_tiles": rows} if rows else {}))
+    elif strategy == "conv1x1_nchw":
+        tile = pointwise.Tile(*k["tile"]) if "tile" in k else pointwise.pick_tile(
+            shape["co"], shape["p"])
+        func = pointwise.build(shape["n"], shape["ci"], shape["p"], shape["co"], tile,
+                               shape["dtype"], **flags)
+    elif strategy == "bsr_conv1x1":
+        func = bsr.build_conv1x1(shape["n"], shape["ci"], shape["p"], shape["co"],
+                                 shape["rows"], shape["dtype"], **flags)
+    elif strategy == "depthwise_nchw":
+        func = depthwise.build(_conv_shape(shape), shape["dtype"], **flags,
+                               **({"max_acc": k["max_acc"]} if "max_acc" in k else {}))
+    elif strategy == "conv2d_nchw_packed":
+        s = _conv_shape({n: v for n, v in shape.items() if n != "variant"})
+        if "variant" in shape:
+            func = conv2d.build_wvec(s, conv2d.plan_wvec(s), shape["dtype"], **flags)
+        else:
+            func = conv2d.build(s, shape["dtype"], **flags,
+                                **({"width_tile": k["width_tile"]} if "width_tile" in k
+                                   else {}))
+    else:
+        raise KeyError(strategy)
+    return func.with_attr(SHAPE_ATTR, json.dumps(shape, sort_keys=True))
+
+
+# --------------------------------------------------------------------------- compile side
+
+_ACTIVE: contextvars.ContextVar[tuple[Cache, str] | None] = contextvars.ContextVar(
+    "sparsec_tuning", default=None)
+
+
+@contextlib.contextmanager
+def using(cache: Cache | None, tvm_target: dict):
+    """Within the block, ``knobs_for`` answers from ``cache`` for ``tvm_target``."""
+    token = _ACTIVE.set(None if cache is None else (cache, target_key(tvm_target)))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def knobs_for(strategy: str, shape: dict) -> dict | None:
+    """The tuned knobs of a kernel, or None (defaults) when it was never tuned."""
+    active = _ACTIVE.get()
+    if active is None:
+        return None
+    record = active[0].get(active[1], strategy, shape)
+    return None if record is None else record["knobs"]
+
+
+# --------------------------------------------------------------------------- tuner
+
+
+def _random_args(func: "tirx.PrimFunc") -> list:
+    import numpy as np
+    import tvm
+
+    rng = np.random.default_rng(0)
+    args = []
+    for p in func.params:   # TVM 0.27: a buffer parameter's type is its BufferType
+        shape = [int(d) for d in p.ty.shape]
+        dtype = str(p.ty.dtype)
+        arr = (np.zeros(shape, dtype) if dtype.startswith("int")
+               else rng.standard_normal(shape).astype(dtype))
+        args.append(tvm.runtime.tensor(arr))
+    return args
+
+
+def time_kernel(func: "tirx.PrimFunc", tvm_target: dict, min_ms: float = 50.0) -> float:
+    """Median milliseconds of one call of ``func`` compiled alone for ``tvm_target``."""
+    import tvm
+
+    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    lib = tvm.compile(mod, target=tvm.target.Target(dict(tvm_target)))
+    args = _random_args(func)
+    dev = tvm.cpu()
+    once = lib.mod.time_evaluator("main", dev, number=1, repeat=1)(*args).mean
+    number = max(1, min(1000, int(min_ms / 1e3 / max(once, 1e-7))))
+    res = lib.mod.time_evaluator("main", dev, number=number, repeat=5)(*args)
+    return statistics.median(res.results) * 1e3
+
+
+def kernels_of(model: "onnx.ModelProto", target: "TargetSpec") -> list[tuple[str, dict]]:
+    """(strategy, shape) of every distinct tunable kernel ``compile`` would emit for
+    ``model``, as the strategy registry chooses them (after the kernel rewrite only)."""
+    import tvm
+    from tvm import relax, tirx
+
+    from sparsec.targets.host import import_onnx
+    from sparsec.targets.kernels.common import STRATEGY_ATTR
+    from sparsec.targets.kernels.rewrite import rewrite_pass
+
+    cores = int(target.tvm_target.get("num-cores", os.cpu_count() or 1))
+    with tvm.target.Target(dict(target.tvm_target)):
+        mod = tvm.transform.Sequential([rewrite_pass(cores, []),
+                                        relax.transform.DeadCodeElimination()])(
+            import_onnx(model))
+    seen: dict[str, tuple[str, dict]] = {}
+    for _, func in mod.functions_items():
+        if isinstance(func, tirx.PrimFunc) and func.attrs is not None and (
+                SHAPE_ATTR in func.attrs):
+            strategy = str(func.attrs[STRATEGY_ATTR])
+            shape = json.loads(str(func.attrs[SHAPE_ATTR]))
+            seen.setdefault(_key(strategy, shape), (strategy, shape))
+    return list(seen.values())
+
+
+def tune(model: "onnx.ModelProto", target: "TargetSpec", budget_s: float,
+         cache: Cache | None = None, log: Callable[[str], None] = print) -> list[dict]:
+    """Time every variant of every tunable kernel of ``model``, in the order the model uses
+    them, until ``budget_s`` seconds are spent (a kernel started is finished), record the
+    fastest in ``cache`` and save it. Kernels already in the cache, and kernels with a single
+    variant, are skipped. Returns one record per kernel tuned here."""
+    from sparsec.errors import BadOptionError
+
+    if not target.native:
+        raise BadOptionError(f"tuning times kernels on this machine; target '{target.name}' "
+                             "is not this machine's CPU")
+    cache = cache or Cache()
+    tkey = target_key(dict(target.tvm_target))
+    todo = [(s, sh) for s, sh in kernels_of(model, target)
+            if len(_variants(s, sh)) > 1 and cache.get(tkey, s, sh) is None]
+    log(f"tuning {len(todo)} kernels for {target.name} (budget {budget_s:g} s, cache "
+        f"{cache.path})")
+    start = time.monotonic()
+    records: list[dict] = []
+    for i, (strategy, shape) in enumerate(todo, 1):
+        if time.monotonic() - start > budget_s:
+            log(f"  budget spent after {i - 1} of {len(todo)} kernels")
+            break
+        timings: dict[str, float] = {}
+        for knobs in _variants(strategy, shape):
+            try:
+                timings[json.dumps(knobs, sort_keys=True)] = time_kernel(
+                    build(strategy, shape, knobs), dict(target.tvm_target))
+            except Exception as e:  # noqa: BLE001 - a variant TVM cannot build: not a candidate
+                log(f"  {strategy} {knobs}: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
+        if not timings:
+            continue
+        best = min(timings, key=timings.__getitem__)
+        default = timings.get(json.dumps(_default_knobs(strategy, shape), sort_keys=True))
+        record = {"knobs": json.loads(best), "ms": {k: round(v, 5) for k, v in timings.items()}}
+        cache.put(tkey, strategy, shape, record)
+        records.append({"strategy": strategy, "shape": shape, **record, "default_ms": default})
+        gain = f" (default {default:.4f} ms)" if default is not None else ""
+        log(f"  [{i}/{len(todo)}] {strategy} {_short(shape)}: {best} "
+            f"{timings[best]:.4f} ms{gain}")
+    cache.save()
+    log(f"tuned {len(records)} kernels in {time.monotonic() - start:.1f} s")
+    return records
+
+
+def _default_knobs(strategy: str, shape: dict) -> dict | None:
+    """The knob setting the heuristics pick without tuning, when it is one of the variants."""
+    from sparsec.targets.kernels import conv2d, depthwise, pointwise
+    from sparsec.targets.kernels.common import pick_row_tile
+
+    if strategy in ("dense_packed", "bsr_dense", "batch_matmul"):
+        return {"rows": pick_row_tile(shape["m"])}
+    if strategy == "conv1x1_nchw":
+        t = pointwise.pick_tile(shape["co"], shape["p"])
+        return {"tile": [t.oct, t.pixels]}
+    if strategy == "depthwise_nchw":
+        return {"max_acc": depthwise.MAX_ACC}
+    if strategy == "conv2d_nchw_packed":
+        return {"width_tile": conv2d.pick_width_tile(_conv_shape(shape).out_hw[1])}
+    return None
+
+
+def _short(shape: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in shape.items() if k != "dtype")
+
+
+__all__ = ["Cache", "build", "cache_path", "kernels_of", "knobs_for", "tune", "using"]

@@ -1,0 +1,112 @@
+"""Tuning: kernel variants timed on this machine, the fastest recorded per (target, kernel)
+and used by compile; numerics unchanged (real TVM and ONNX Runtime)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from onnx import helper
+from test_targets import assert_matches_ort, compile_and_run, make_model
+
+from sparsec.targets import resolve_target, tuning
+from sparsec.targets.host import compile_onnx
+
+
+def small_net():
+    """pointwise conv + ReLU6, depthwise conv, pointwise conv, global pool, linear."""
+    rng = np.random.default_rng(0)
+    n = helper.make_node
+    inits = {"w1": rng.standard_normal((24, 8, 1, 1)) / 3, "wd": rng.standard_normal((24, 1, 3, 3)),
+             "w2": rng.standard_normal((16, 24, 1, 1)) / 5, "fc": rng.standard_normal((16, 10)),
+             "lo": np.array(0.0), "hi": np.array(6.0)}
+    nodes = [n("Conv", ["x", "w1"], ["c1"]), n("Clip", ["c1", "lo", "hi"], ["r1"]),
+             n("Conv", ["r1", "wd"], ["d"], group=24, pads=[1] * 4),
+             n("Conv", ["d", "w2"], ["c2"]), n("GlobalAveragePool", ["c2"], ["g"]),
+             n("Flatten", ["g"], ["f"]), n("MatMul", ["f", "fc"], ["y"])]
+    return make_model(nodes, [("x", [2, 8, 14, 14])], [("y", [2, 10])], inits)
+
+
+@pytest.fixture
+def cache_file(tmp_path, monkeypatch):
+    path = tmp_path / "tuning.json"
+    monkeypatch.setenv("SPARSEC_TUNING_CACHE", str(path))
+    return path
+
+
+def test_tune_records_the_fastest_variant_and_compile_uses_it(cache_file, tmp_path):
+    host = resolve_target("host")
+    model = small_net()
+    logs: list[str] = []
+    records = tuning.tune(model, host, budget_s=120, log=logs.append)
+    strategies = sorted(r["strategy"] for r in records)
+    assert strategies == ["conv1x1_nchw", "conv1x1_nchw", "dense_packed", "depthwise_nchw"]
+    for r in records:   # the recorded knobs are the fastest of the variants timed
+        assert r["ms"][json.dumps(r["knobs"], sort_keys=True)] == min(r["ms"].values())
+        assert len(r["ms"]) >= 2 and r["default_ms"] is not None
+    data = json.loads(cache_file.read_text())
+    [entries] = data.values()
+    assert len(entries) == 4 and any("tuning 4 kernels" in line for line in logs)
+    facts, feeds, outs = compile_and_run(model, host, tmp_path)
+    tuned = {d["chosen"]: d["tuned"] for d in facts["decisions"] if "tuned" in d}
+    assert set(tuned) == {"conv1x1_nchw", "dense_packed", "depthwise_nchw"}
+    assert_matches_ort(model, feeds, outs)
+    # a second run finds everything cached and times nothing
+    assert tuning.tune(model, host, budget_s=120, log=logs.append) == []
+
+
+def test_compile_follows_the_cache_and_its_target_key(cache_file, tmp_path):
+    """Knobs written into the cache (here deliberately not the defaults) are what compile
+    builds, for that target only; the numerics do not depend on them."""
+    host = resolve_target("host")
+    model = small_net()
+    cache = tuning.Cache()
+    # 12 x 8 on 16 output channels pads to 24: slower by the cost rule, but the strategy
+    # choice must not move with the knobs (else the tuned kernel would not be used at all)
+    forced = {"conv1x1_nchw": {"tile": [12, 8]}, "depthwise_nchw": {"max_acc": 4},
+              "dense_packed": {"rows": 1}}
+    for strategy, shape in tuning.kernels_of(model, host):
+        cache.put(tuning.target_key(dict(host.tvm_target)), strategy, shape,
+                  {"knobs": forced[strategy], "ms": {}})
+    cache.save()
+    facts, feeds, outs = compile_and_run(model, host, tmp_path)
+    got = {(d["chosen"], json.dumps(d["tuned"])) for d in facts["decisions"] if "tuned" in d}
+    assert got == {(s, json.dumps(k)) for s, k in forced.items()}
+    assert [d["tile"] for d in facts["decisions"] if d["chosen"] == "conv1x1_nchw"] == ["12x8"] * 2
+    assert_matches_ort(model, feeds, outs)
+    # another target (portable AVX2 rather than this CPU) does not read host's records
+    other = compile_onnx(model, resolve_target("x86-avx2"), tmp_path / "avx2.so",
+                         log=lambda s: None)
+    assert not any("tuned" in d for d in other["decisions"])
+
+
+def test_tune_cli(cache_file, tmp_path):
+    import onnx
+
+    path = tmp_path / "net.onnx"
+    onnx.save(small_net(), path)
+    env = {**os.environ, "SPARSEC_TUNING_CACHE": str(cache_file)}
+
+    def cli(*argv):
+        return subprocess.run([sys.executable, "-m", "sparsec", *argv], capture_output=True,
+                              text=True, env=env)
+
+    ok = cli("tune", str(path), "--budget", "120")
+    assert ok.returncode == 0, ok.stderr
+    assert "tuned 4 kernels" in ok.stdout and cache_file.is_file()
+    pkg = cli("compile", str(path), "-o", str(tmp_path / "pkg"))
+    assert pkg.returncode == 0, pkg.stderr
+    manifest = json.loads((tmp_path / "pkg" / "manifest.json").read_text())
+    assert sum("tuned" in d for d in manifest["compile"]["decisions"]) == 4, (
+        manifest["compile"]["decisions"], cache_file.read_text())
+    again = cli("tune", str(tmp_path / "pkg"), "--budget", "5")   # a package: its model
+    assert again.returncode == 0 and "tuned 0 kernels" in again.stdout, again.stderr
+    cross = cli("tune", str(path), "--target", "aarch64")
+    assert cross.returncode == 6 and "not this machine" in cross.stderr
+    assert "Traceback" not in cross.stderr
+    zero = cli("tune", str(path), "--budget", "0")
+    assert zero.returncode == 6 and "budget" in zero.stderr
