@@ -321,6 +321,37 @@ def publish(stem: str, data, markdown: str) -> None:
     print(markdown)
 
 
+def bar_chart_svg(title: str, labels: list[str], series: dict[str, list[float]],
+                  unit: str) -> str:
+    """A grouped horizontal bar chart as a small standalone SVG (no plotting dependency):
+    one group per label, one bar per series, each bar labelled with its value."""
+    colors = ["#4C72B0", "#DD8452", "#55A868", "#C44E52"]
+    bar, gap, left, width = 16, 14, 150, 420
+    top = 40
+    vmax = max(max(v) for v in series.values()) or 1.0
+    n = len(series)
+    height = top + len(labels) * (n * bar + gap) + 30
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 90}" '
+           f'height="{height}" font-family="sans-serif" font-size="12">',
+           f'<text x="10" y="20" font-size="14" font-weight="bold">{title}</text>']
+    for s_i, name in enumerate(series):
+        out.append(f'<rect x="{left + s_i * 130}" y="{height - 20}" width="10" height="10" '
+                   f'fill="{colors[s_i % 4]}"/><text x="{left + s_i * 130 + 14}" '
+                   f'y="{height - 11}">{name}</text>')
+    for i, label in enumerate(labels):
+        y0 = top + i * (n * bar + gap)
+        out.append(f'<text x="{left - 6}" y="{y0 + n * bar / 2 + 4}" '
+                   f'text-anchor="end">{label}</text>')
+        for s_i, values in enumerate(series.values()):
+            w = width * values[i] / vmax
+            y = y0 + s_i * bar
+            out.append(f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{bar - 2}" '
+                       f'fill="{colors[s_i % 4]}"/><text x="{left + w + 4:.1f}" '
+                       f'y="{y + bar - 5}">{values[i]:.2f} {unit}</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
 def _write(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)

@@ -7,7 +7,7 @@ Models are transformers' / torch's definitions with random weights (no model hub
 measures speed, not accuracy. Each sparsec output is checked against ONNX Runtime.
 
 Run from the repo root:  PYTHONPATH=. python benchmarks/bench_models.py [--models a,b]
-Writes benchmarks/results/models.json and benchmarks/results/models.md.
+Writes benchmarks/results/models.{json,md} and a plot, benchmarks/results/models.svg.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_host import interleaved_medians, macs, ort_runner, publish, sparsec_runner  # noqa: E402
+from bench_host import (RESULTS, bar_chart_svg, interleaved_medians, macs,  # noqa: E402
+                        ort_runner, publish, sparsec_runner)
 
 
 def _export(module, example, path: Path, names: list[str]):
@@ -138,6 +139,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['kernels'].get('fallback', 0)} / {sum(r['kernels'].values())} |")
     publish("models", {"peak_gflops": peak_gflops, "threads": args.threads, "rows": rows},
             "\n".join(lines))
+    # the plot: each engine's time relative to ONNX Runtime's, per model (lower is faster)
+    svg = bar_chart_svg(f"Latency relative to ONNX Runtime ({args.threads} threads)",
+                        [r["model"] for r in rows],
+                        {"ONNX Runtime": [1.0] * len(rows),
+                         "sparsec": [r["sparsec_ms"] / r["ort_ms"] for r in rows]}, "x")
+    (RESULTS / "models.svg").write_text(svg)
     return 0
 
 
