@@ -160,9 +160,11 @@ def cmd_tune(args) -> int:
 
     records = api.tune(args.model, target=args.target, budget=args.budget,
                        input_shapes=args.input_shapes, log=_log(args))
-    faster = [r for r in records if r["default_ms"] and r["ms"][_knob_key(r["knobs"])]
+    kernels = [r for r in records if r["strategy"] != "choice"]
+    faster = [r for r in kernels if r["default_ms"] and r["ms"][_knob_key(r["knobs"])]
               < r["default_ms"]]
-    print(f"tuned {len(records)} kernels; {len(faster)} faster than the default schedule")
+    print(f"tuned {len(kernels)} kernels ({len(faster)} faster than the default schedule); "
+          f"measured {len(records) - len(kernels)} strategy choices")
     return 0
 
 

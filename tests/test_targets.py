@@ -301,7 +301,7 @@ def test_bsr_pointwise_conv_numerics(args, host, tmp_path):
     facts, feeds, outs = compile_and_run(model, host, tmp_path)
     assert facts["kernels"].get("bsr_conv1x1") == 1, facts["kernels"]
     [d] = [d for d in facts["decisions"] if d["chosen"] == "bsr_conv1x1"]
-    assert d["rows_kept"] < d["shape"]["weight"][1] and d["variant"] == "pointwise"
+    assert d["rows_kept"] < d["shape"]["weight"][1] and d["shape"]["variant"] == "pointwise"
     if args == "residual":
         assert d["epilogue"] == ["bias", "residual", "relu"]
     assert_matches_ort(model, feeds, outs)

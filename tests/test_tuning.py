@@ -43,17 +43,29 @@ def test_tune_records_the_fastest_variant_and_compile_uses_it(cache_file, tmp_pa
     model = small_net()
     logs: list[str] = []
     records = tuning.tune(model, host, budget_s=120, log=logs.append)
-    strategies = sorted(r["strategy"] for r in records)
+    kernels = [r for r in records if r["strategy"] != "choice"]
+    choices = [r for r in records if r["strategy"] == "choice"]
+    strategies = sorted(r["strategy"] for r in kernels)
     assert strategies == ["conv1x1_nchw", "conv1x1_nchw", "dense_packed", "depthwise_nchw"]
-    for r in records:   # the recorded knobs are the fastest of the variants timed
+    for r in kernels:   # the recorded knobs are the fastest of the variants timed
         assert r["ms"][json.dumps(r["knobs"], sort_keys=True)] == min(r["ms"].values())
         assert len(r["ms"]) >= 2 and r["default_ms"] is not None
+    # each 1x1 conv can also run on the direct conv kernel: both timed, the faster kept
+    assert len(choices) == 2
+    for c in choices:
+        assert set(c["ms"]) == {"conv1x1_nchw", "conv2d_nchw_packed"}
+        assert c["choice"] == min(c["ms"], key=c["ms"].__getitem__)
     data = json.loads(cache_file.read_text())
     [entries] = data.values()
-    assert len(entries) == 4 and any("tuning 4 kernels" in line for line in logs)
+    assert len(entries) == 6 and any("tuning 4 kernels" in line for line in logs)
+    assert any("tuned 4 kernels and measured 2 strategy choices" in line for line in logs)
     facts, feeds, outs = compile_and_run(model, host, tmp_path)
-    tuned = {d["chosen"]: d["tuned"] for d in facts["decisions"] if "tuned" in d}
-    assert set(tuned) == {"conv1x1_nchw", "dense_packed", "depthwise_nchw"}
+    convs = [d for d in facts["decisions"] if d["shape"].get("weight", [0, 0, 0])[2:] == [1, 1]]
+    assert sorted(d["chosen"] for d in convs) == sorted(c["choice"] for c in choices)
+    assert all(d["chosen_by"] == "measurement" for d in convs)
+    for d in facts["decisions"]:   # every knob-tuned kernel that was chosen is built tuned
+        if d["chosen"] in ("conv1x1_nchw", "dense_packed", "depthwise_nchw"):
+            assert "tuned" in d, d
     assert_matches_ort(model, feeds, outs)
     # a second run finds everything cached and times nothing
     assert tuning.tune(model, host, budget_s=120, log=logs.append) == []
@@ -97,16 +109,42 @@ def test_tune_cli(cache_file, tmp_path):
 
     ok = cli("tune", str(path), "--budget", "120")
     assert ok.returncode == 0, ok.stderr
-    assert "tuned 4 kernels" in ok.stdout and cache_file.is_file()
+    assert "tuned 4 kernels" in ok.stdout and cache_file.is_file(), ok.stdout
     pkg = cli("compile", str(path), "-o", str(tmp_path / "pkg"))
     assert pkg.returncode == 0, pkg.stderr
     manifest = json.loads((tmp_path / "pkg" / "manifest.json").read_text())
-    assert sum("tuned" in d for d in manifest["compile"]["decisions"]) == 4, (
-        manifest["compile"]["decisions"], cache_file.read_text())
+    decisions = manifest["compile"]["decisions"]
+    assert sum(d.get("chosen_by") == "measurement" for d in decisions) == 2
+    assert all("tuned" in d for d in decisions
+               if d["chosen"] in ("conv1x1_nchw", "dense_packed", "depthwise_nchw"))
     again = cli("tune", str(tmp_path / "pkg"), "--budget", "5")   # a package: its model
-    assert again.returncode == 0 and "tuned 0 kernels" in again.stdout, again.stderr
+    assert again.returncode == 0, again.stderr
+    assert "tuned 0 kernels" in again.stdout and "measured 0 strategy" in again.stdout
     cross = cli("tune", str(path), "--target", "aarch64")
     assert cross.returncode == 6 and "not this machine" in cross.stderr
     assert "Traceback" not in cross.stderr
     zero = cli("tune", str(path), "--budget", "0")
     assert zero.returncode == 6 and "budget" in zero.stderr
+
+
+def test_measured_choice_between_dense_and_block_sparse(cache_file, tmp_path):
+    """A 16x1 block-sparse linear layer can run dense or BSR: tune times both (with real,
+    distinct row indices) and compile follows the measurement, whichever it is."""
+    import sparsec
+    from sparsec.ir.onnx_io import to_onnx
+
+    rng = np.random.default_rng(2)
+    n = helper.make_node
+    model = make_model([n("MatMul", ["x", "w"], ["y"])], [("x", [1, 256])], [("y", [1, 512])],
+                       {"w": rng.standard_normal((256, 512)) / 16})
+    model = to_onnx(sparsec.prune(model, sparsity=0.6, sparsity_pattern="16x1").graph)
+    host = resolve_target("host")
+    records = tuning.tune(model, host, budget_s=120, log=lambda s: None)
+    [choice] = [r for r in records if r["strategy"] == "choice"]
+    assert set(choice["ms"]) == {"dense_packed", "bsr_dense"}
+    assert choice["choice"] == min(choice["ms"], key=choice["ms"].__getitem__)
+    facts, feeds, outs = compile_and_run(model, host, tmp_path)
+    [d] = facts["decisions"]
+    assert d["chosen"] == choice["choice"] and d["chosen_by"] == "measurement"
+    assert facts["kernels"] == {choice["choice"]: 1}
+    assert_matches_ort(model, feeds, outs)

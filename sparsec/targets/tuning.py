@@ -8,6 +8,11 @@ fastest in a persistent cache keyed by (target, strategy, shape). ``compile`` re
 a kernel with an entry is built with the tuned knobs (the compile report says ``tuned``),
 one without keeps the defaults. Timing runs here, so only native targets can be tuned.
 
+Where several strategies can serve one op (the direct or the pointwise kernel for a 1x1 conv,
+dense or BSR for a block-sparse layer), ``tune`` also times each with its best knobs and
+records the fastest as a ``choice``; ``compile`` then follows that measurement instead of the
+cost rule's estimate. The strategy choice never depends on knobs, only on such measurements.
+
 Cache: ``$SPARSEC_TUNING_CACHE``, else ``<cache dir>/sparsec/tuning.json``; a JSON object
 ``{target key: {"strategy shape-json": {"knobs": ..., "ms": {variant: ms}}}}``.
 """
@@ -161,6 +166,28 @@ def using(cache: Cache | None, tvm_target: dict):
         _ACTIVE.reset(token)
 
 
+_ALTERNATIVES: contextvars.ContextVar[list | None] = contextvars.ContextVar(
+    "sparsec_alternatives", default=None)
+
+
+def _choice_key(alternatives: list[tuple[str, dict]]) -> dict:
+    return {"candidates": sorted([s, sh] for s, sh in alternatives)}
+
+
+def measured_choice(alternatives: list[tuple[str, dict]]) -> str | None:
+    """The strategy measured fastest among ``alternatives`` ((strategy, shape) of the kernels
+    that could serve one op) when ``tune`` timed them for the active target, else None (the
+    cost rule decides). Also notes them for :func:`kernels_of`."""
+    noted = _ALTERNATIVES.get()
+    if noted is not None:
+        noted.append(list(alternatives))
+    active = _ACTIVE.get()
+    if active is None:
+        return None
+    record = active[0].get(active[1], "choice", _choice_key(alternatives))
+    return None if record is None else record["choice"]
+
+
 def knobs_for(strategy: str, shape: dict) -> dict | None:
     """The tuned knobs of a kernel, or None (defaults) when it was never tuned."""
     active = _ACTIVE.get()
@@ -182,8 +209,16 @@ def _random_args(func: "tirx.PrimFunc") -> list:
     for p in func.params:   # TVM 0.27: a buffer parameter's type is its BufferType
         shape = [int(d) for d in p.ty.shape]
         dtype = str(p.ty.dtype)
-        arr = (np.zeros(shape, dtype) if dtype.startswith("int")
-               else rng.standard_normal(shape).astype(dtype))
+        if dtype.startswith("int"):
+            # the sparse kernels' row indices into X's axis 1: distinct and sorted per panel,
+            # as pack_weight makes them (all-zero indices would time a cache-friendly lie)
+            bound = int(func.params[0].ty.shape[1])
+            rows = shape[-1]
+            arr = np.stack([np.sort(rng.choice(bound, size=rows, replace=rows > bound))
+                            for _ in range(int(np.prod(shape[:-1])))]).reshape(shape)
+            arr = arr.astype(dtype)
+        else:
+            arr = rng.standard_normal(shape).astype(dtype)
         args.append(tvm.runtime.tensor(arr))
     return args
 
@@ -202,9 +237,12 @@ def time_kernel(func: "tirx.PrimFunc", tvm_target: dict, min_ms: float = 50.0) -
     return statistics.median(res.results) * 1e3
 
 
-def kernels_of(model: "onnx.ModelProto", target: "TargetSpec") -> list[tuple[str, dict]]:
+def kernels_of(model: "onnx.ModelProto", target: "TargetSpec", alternatives: list | None = None
+               ) -> list[tuple[str, dict]]:
     """(strategy, shape) of every distinct tunable kernel ``compile`` would emit for
-    ``model``, as the strategy registry chooses them (after the kernel rewrite only)."""
+    ``model``, as the strategy registry chooses them (after the kernel rewrite only). With
+    ``alternatives`` (a list), also the candidate sets of ops that more than one kernel could
+    serve are appended to it."""
     import tvm
     from tvm import relax, tirx
 
@@ -213,10 +251,12 @@ def kernels_of(model: "onnx.ModelProto", target: "TargetSpec") -> list[tuple[str
     from sparsec.targets.kernels.rewrite import rewrite_pass
 
     cores = int(target.tvm_target.get("num-cores", os.cpu_count() or 1))
+    token = _ALTERNATIVES.set(alternatives)
     with tvm.target.Target(dict(target.tvm_target)):
         mod = tvm.transform.Sequential([rewrite_pass(cores, []),
                                         relax.transform.DeadCodeElimination()])(
             import_onnx(model))
+    _ALTERNATIVES.reset(token)
     seen: dict[str, tuple[str, dict]] = {}
     for _, func in mod.functions_items():
         if isinstance(func, tirx.PrimFunc) and func.attrs is not None and (
@@ -232,7 +272,10 @@ def tune(model: "onnx.ModelProto", target: "TargetSpec", budget_s: float,
     """Time every variant of every tunable kernel of ``model``, in the order the model uses
     them, until ``budget_s`` seconds are spent (a kernel started is finished), record the
     fastest in ``cache`` and save it. Kernels already in the cache, and kernels with a single
-    variant, are skipped. Returns one record per kernel tuned here."""
+    variant, are skipped. Then ops that several strategies can serve (dense or block-sparse)
+    get each strategy timed, and compile follows the measurement instead of the cost rule's
+    estimate. Returns one record per kernel tuned (and per choice measured,
+    ``strategy == "choice"``) here."""
     from sparsec.errors import BadOptionError
 
     if not target.native:
@@ -240,7 +283,8 @@ def tune(model: "onnx.ModelProto", target: "TargetSpec", budget_s: float,
                              "is not this machine's CPU")
     cache = cache or Cache()
     tkey = target_key(dict(target.tvm_target))
-    todo = [(s, sh) for s, sh in kernels_of(model, target)
+    alternatives: list = []
+    todo = [(s, sh) for s, sh in kernels_of(model, target, alternatives)
             if len(_variants(s, sh)) > 1 and cache.get(tkey, s, sh) is None]
     log(f"tuning {len(todo)} kernels for {target.name} (budget {budget_s:g} s, cache "
         f"{cache.path})")
@@ -267,8 +311,34 @@ def tune(model: "onnx.ModelProto", target: "TargetSpec", budget_s: float,
         gain = f" (default {default:.4f} ms)" if default is not None else ""
         log(f"  [{i}/{len(todo)}] {strategy} {_short(shape)}: {best} "
             f"{timings[best]:.4f} ms{gain}")
+    # ops several kernels can serve (direct vs pointwise conv, dense vs block-sparse): time
+    # each, with its best knobs
+    choices = {json.dumps(_choice_key(a), sort_keys=True): a for a in alternatives}
+    todo_choices = [a for a in choices.values()
+                    if cache.get(tkey, "choice", _choice_key(a)) is None]
+    for alts in todo_choices:
+        if time.monotonic() - start > budget_s:
+            log("  budget spent before every strategy choice was measured")
+            break
+        ms = {}
+        for strategy, shape in alts:
+            record = cache.get(tkey, strategy, shape)
+            try:
+                ms[strategy] = time_kernel(build(strategy, shape, record and record["knobs"]),
+                                           dict(target.tvm_target))
+            except Exception as e:  # noqa: BLE001
+                log(f"  {strategy}: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
+        if len(ms) == len(alts):
+            best = min(ms, key=ms.__getitem__)
+            cache.put(tkey, "choice", _choice_key(alts),
+                      {"choice": best, "ms": {k: round(v, 5) for k, v in ms.items()}})
+            records.append({"strategy": "choice", "choice": best, "ms": ms})
+            log(f"  choice {' / '.join(ms)}: {best} "
+                f"({', '.join(f'{k} {v:.4f} ms' for k, v in ms.items())})")
     cache.save()
-    log(f"tuned {len(records)} kernels in {time.monotonic() - start:.1f} s")
+    n_choices = sum(r["strategy"] == "choice" for r in records)
+    log(f"tuned {len(records) - n_choices} kernels and measured {n_choices} strategy "
+        f"choices in {time.monotonic() - start:.1f} s")
     return records
 
 

@@ -290,7 +290,8 @@ def _match_conv(a: _Analysis, call: "relax.Call") -> tuple[Plan, dict] | None:
             found = _pointwise(shape, w, dtype, out, sparse)
             if found is not None:
                 plan, work = found
-                plan.info = {**info, "variant": "pointwise", **plan.info}
+                plan.info = {**info, "shape": {**info["shape"], "variant": "pointwise"},
+                             **plan.info}
                 plans.append((plan, {"macs": work}))
     return plans
 
@@ -490,6 +491,11 @@ def plan_function(func: "relax.Function", cores: int, mod: "ir.IRModule | None" 
         name, why = kernels.choose(call.op.name, macs, cores,
                                    {s: c["macs"] for s, (_, c) in found.items()})
         decision = {"op": call.op.name.removeprefix("relax."), **why}
+        alternatives = [(s, p.shape) for s, (p, _) in found.items()]
+        measured = tuning.measured_choice(alternatives) if len(alternatives) > 1 else None
+        if measured in found:
+            name = decision["chosen"] = measured     # timed on this machine: over the estimate
+            decision["chosen_by"] = "measurement"
         if name not in found:
             decisions.append(decision)
             continue
