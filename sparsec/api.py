@@ -395,6 +395,9 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
     if round_to is None:
         round_to = spec.channel_multiple
     _check_ratio(ratio)
+    if tune < 0 or (tune > 0 and not spec.native):
+        raise BadOptionError(f"--tune takes a positive number of seconds, for this machine's "
+                             f"CPU only (got {tune:g} for target '{spec.name}')")
     check_writable_dir(output_dir)
     check_toolchain(spec)
     result = prune(model, ratio=ratio, criterion=criterion, reconstruct=reconstruct,

@@ -125,6 +125,14 @@ def test_tune_cli(cache_file, tmp_path):
     assert "Traceback" not in cross.stderr
     zero = cli("tune", str(path), "--budget", "0")
     assert zero.returncode == 6 and "budget" in zero.stderr
+    cross_compile = cli("compile", str(path), "-o", str(tmp_path / "arm"), "--target",
+                        "aarch64", "--tune", "5")
+    assert cross_compile.returncode == 6 and "--tune" in cross_compile.stderr
+    assert not (tmp_path / "arm").exists()
+    env["SPARSEC_TUNING_CACHE"] = "/proc/sparsec-no-such-dir/tuning.json"
+    unwritable = cli("tune", str(path), "--budget", "120")
+    assert unwritable.returncode == 9 and "tuning cache" in unwritable.stderr
+    assert "Traceback" not in unwritable.stderr
 
 
 def test_measured_choice_between_dense_and_block_sparse(cache_file, tmp_path):

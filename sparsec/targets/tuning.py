@@ -68,11 +68,16 @@ class Cache:
         self.data.setdefault(target, {})[_key(strategy, shape)] = record
 
     def save(self) -> None:
+        from sparsec.errors import OutputError
         from sparsec.package import atomic_write_bytes
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.path, (json.dumps(self.data, indent=1, sort_keys=True)
-                                       + "\n").encode())
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.path, (json.dumps(self.data, indent=1, sort_keys=True)
+                                           + "\n").encode())
+        except OSError as e:
+            raise OutputError(f"cannot write the tuning cache {self.path}: {e.strerror or e} "
+                              "(set SPARSEC_TUNING_CACHE to a writable file)") from None
 
 
 def _key(strategy: str, shape: dict) -> str:
@@ -252,11 +257,13 @@ def kernels_of(model: "onnx.ModelProto", target: "TargetSpec", alternatives: lis
 
     cores = int(target.tvm_target.get("num-cores", os.cpu_count() or 1))
     token = _ALTERNATIVES.set(alternatives)
-    with tvm.target.Target(dict(target.tvm_target)):
-        mod = tvm.transform.Sequential([rewrite_pass(cores, []),
-                                        relax.transform.DeadCodeElimination()])(
-            import_onnx(model))
-    _ALTERNATIVES.reset(token)
+    try:
+        with tvm.target.Target(dict(target.tvm_target)):
+            mod = tvm.transform.Sequential([rewrite_pass(cores, []),
+                                            relax.transform.DeadCodeElimination()])(
+                import_onnx(model))
+    finally:
+        _ALTERNATIVES.reset(token)
     seen: dict[str, tuple[str, dict]] = {}
     for _, func in mod.functions_items():
         if isinstance(func, tirx.PrimFunc) and func.attrs is not None and (
@@ -286,6 +293,7 @@ def tune(model: "onnx.ModelProto", target: "TargetSpec", budget_s: float,
     alternatives: list = []
     todo = [(s, sh) for s, sh in kernels_of(model, target, alternatives)
             if len(_variants(s, sh)) > 1 and cache.get(tkey, s, sh) is None]
+    cache.save()   # a cache that cannot be written fails now, not after the timing
     log(f"tuning {len(todo)} kernels for {target.name} (budget {budget_s:g} s, cache "
         f"{cache.path})")
     start = time.monotonic()
