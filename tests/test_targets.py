@@ -684,3 +684,34 @@ def test_bool_mask_kernels_compile_and_match(host, tmp_path):
     ref = run_ort(model, feeds)
     np.testing.assert_array_equal(outs[1], ref[1])
     np.testing.assert_allclose(outs[0], ref[0])
+
+
+def test_gather_with_out_of_range_ids_does_not_crash(host, tmp_path):
+    """Gather with run-time indices (token ids -> embedding rows) clamps an out-of-range id
+    instead of reading out of bounds. Run in a subprocess: a regression would segfault."""
+    from sparsec.targets.host import compile_onnx
+
+    emb = np.random.default_rng(0).standard_normal((100, 16)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["emb", "ids"], ["y"])], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 16])],
+        [numpy_helper.from_array(emb, "emb")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    lib = tmp_path / "m.so"
+    facts = compile_onnx(model, host, lib, log=lambda s: None)
+    ids = np.array([[0, 99, 10**12, -10**12, -3, 7]], np.int64)
+    script = (
+        "import sys, numpy as np\n"
+        "from sparsec.targets.host import load_library\n"
+        f"r = load_library({str(lib)!r}, {facts['inputs']!r})\n"
+        f"y = r.run({{'ids': np.array({ids.tolist()!r}, np.int64)}})[0]\n"
+        f"np.save({str(tmp_path / 'y.npy')!r}, y)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    y = np.load(tmp_path / "y.npy")
+    # in range (negative ids count from the end, as in ONNX): ONNX Runtime's rows; out of
+    # range: the nearest valid row (ONNX Runtime refuses those ids)
+    clamped = np.array([[0, 99, 99, 0, 97, 7]], np.int64)
+    np.testing.assert_array_equal(y, run_ort(model, {"ids": clamped})[0])

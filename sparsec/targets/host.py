@@ -2,7 +2,8 @@
 weights, and a runner.
 
 Pipeline (compare ``tvm/relax/backend/cpu_generic/pipeline.py``, the "zero" default):
-  from_onnx -> SparsecKernelRewrite (our kernels, weights packed) -> DeadCodeElimination
+  from_onnx -> SparsecSafeTake (Gather clamps run-time indices)
+  -> SparsecKernelRewrite (our kernels, weights packed) -> DeadCodeElimination
   -> FastMathTransform (softmax, exp, erf, tanh) -> LegalizeOps -> AnnotateTIROpPattern
   -> FoldConstant -> FuseOps -> FuseTIR
   -> SparsecFallbackSchedule (every PrimFunc not already scheduled)
@@ -90,6 +91,36 @@ def _count_strategies(mod: "ir.IRModule") -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def safe_take_pass():
+    """Relax pass: ``take`` (ONNX Gather) with run-time indices clamps them (``mode="clip"``)
+    instead of the frontend's ``fast`` mode, which reads out of bounds for an out-of-range
+    index (a token id past the vocabulary): the library must never crash on input data."""
+    import tvm
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class SafeTake(relax.PyExprMutator):
+        def visit_call_(self, call: "relax.Call") -> "relax.Expr":
+            call = super().visit_call_(call)
+            if (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.take"
+                    and str(call.attrs.mode) == "fast"
+                    and not isinstance(call.args[1], tvm.ir.expr.GenericConst)):
+                axis = call.attrs.axis
+                return relax.op.take(call.args[0], call.args[1],
+                                     None if axis is None else int(axis), mode="clip")
+            return call
+
+    @tvm.transform.module_pass(opt_level=0, name="SparsecSafeTake")
+    def _pass(mod: "ir.IRModule", _ctx) -> "ir.IRModule":
+        mutator = SafeTake(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                mutator.builder_.update_func(gv, mutator.visit_expr(func))
+        return mutator.builder_.get()
+
+    return _pass
+
+
 def build_pipeline(target: "object", cores: int, decisions: list[dict],
                    counts: dict[str, int]):
     """The Relax pipeline with our kernels and schedules (see module docstring)."""
@@ -109,7 +140,8 @@ def build_pipeline(target: "object", cores: int, decisions: list[dict],
     def _pipeline(mod: "ir.IRModule", _ctx) -> "ir.IRModule":
         with target:
             seq = tvm.transform.Sequential(
-                [rewrite_pass(cores, decisions), relax.transform.DeadCodeElimination(),
+                [safe_take_pass(),
+                 rewrite_pass(cores, decisions), relax.transform.DeadCodeElimination(),
                  # softmax / exp / erf / tanh left over: TOPI's rational approximations, which
                  # vectorize (LLVM calls libm's scalar expf / erff otherwise)
                  relax.transform.FastMathTransform()]
