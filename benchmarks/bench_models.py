@@ -7,6 +7,7 @@ Models are transformers' / torch's definitions with random weights (no model hub
 measures speed, not accuracy. Each sparsec output is checked against ONNX Runtime.
 
 Run from the repo root:  PYTHONPATH=. python benchmarks/bench_models.py [--models a,b]
+[--tune SECONDS]  (--tune: also tune each model from an empty cache and time the result)
 Writes benchmarks/results/models.{json,md} and a plot, benchmarks/results/models.svg.
 """
 
@@ -16,6 +17,7 @@ import argparse
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -100,10 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tune", type=float, default=0.0, metavar="SECONDS",
+                    help="also tune each model (fresh cache, up to SECONDS) and time the tuned "
+                         "library beside the untuned one")
     args = ap.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
 
-    from sparsec.targets import resolve_target
+    from sparsec.targets import resolve_target, tuning
     from sparsec.targets.kernels import PEAK_MACS_PER_CORE
 
     host = resolve_target("host")
@@ -114,36 +119,58 @@ def main(argv: list[str] | None = None) -> int:
             model = MODELS[name](Path(tmp) / f"{name}.onnx")
             feeds = random_feeds(model)
             ort = ort_runner(model, args.threads)
+            os.environ["SPARSEC_TUNING_CACHE"] = str(Path(tmp) / "untuned.json")  # never written
             run, facts, compile_s = sparsec_runner(model, Path(tmp), name)
+            engines = {"ort": lambda: ort(feeds), "sparsec": lambda: run(feeds)}
             want, got = ort(feeds)[0], run(feeds)[0]
             rel = float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
-            times = interleaved_medians({"ort": lambda: ort(feeds), "sparsec": lambda: run(feeds)},
-                                        args.repeats, budget_s=90.0)
+            tuned = {}
+            if args.tune > 0:
+                os.environ["SPARSEC_TUNING_CACHE"] = str(Path(tmp) / f"{name}-tuning.json")
+                start = time.monotonic()
+                tuning.tune(model, host, args.tune, log=lambda s: None)
+                tune_s = time.monotonic() - start
+                run_t, facts_t, _ = sparsec_runner(model, Path(tmp), f"{name}_tuned")
+                rel = max(rel, float(np.abs(run_t(feeds)[0] - want).max()
+                                     / max(np.abs(want).max(), 1e-30)))
+                engines["tuned"] = lambda run_t=run_t: run_t(feeds)
+                tuned = {"tune_s": round(tune_s, 1), "kernels_tuned": sum(
+                    "tuned" in d for d in facts_t["decisions"])}
+            times = interleaved_medians(engines, args.repeats, budget_s=90.0)
             flop = 2 * macs(model)
             rows.append({"model": name, "gflop": flop / 1e9, "ort_ms": times["ort"],
                          "sparsec_ms": times["sparsec"], "compile_s": round(compile_s, 1),
-                         "max_rel_err_vs_ort": rel, "kernels": facts["kernels"]})
+                         "max_rel_err_vs_ort": rel, "kernels": facts["kernels"],
+                         **({"tuned_ms": times["tuned"], **tuned} if tuned else {})})
             print(rows[-1], flush=True)
     lines = [f"# Whole models, dense, {args.threads} threads ({host.description})", "",
              f"FMA peak assumed {peak_gflops:.0f} GFLOP/s ({args.threads} cores x 2 FMA units x "
-             "8 fp32 lanes x 3 GHz). No tuning (sparsec has no tuner yet). Random weights.", "",
+             "8 fp32 lanes x 3 GHz). Random weights. sparsec: untuned"
+             + (f"; tuned: after `sparsec tune` with a {args.tune:g} s budget from an empty "
+                "cache." if args.tune > 0 else "."), "",
              "| model | GFLOP | ORT ms | sparsec ms | sparsec / ORT | ORT GFLOP/s | "
-             "sparsec GFLOP/s | compile s | fallback kernels |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "sparsec GFLOP/s | compile s | fallback kernels |"
+             + (" tuned ms | tuned / ORT | tune s |" if args.tune > 0 else ""),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+             + ("---:|---:|---:|" if args.tune > 0 else "")]
     for r in rows:
         gf = r["gflop"]
         lines.append(
             f"| {r['model']} | {gf:.2f} | {r['ort_ms']:.2f} | {r['sparsec_ms']:.2f} | "
             f"{r['sparsec_ms'] / r['ort_ms']:.2f} | {gf / r['ort_ms'] * 1e3:.0f} | "
             f"{gf / r['sparsec_ms'] * 1e3:.0f} | {r['compile_s']} | "
-            f"{r['kernels'].get('fallback', 0)} / {sum(r['kernels'].values())} |")
+            f"{r['kernels'].get('fallback', 0)} / {sum(r['kernels'].values())} |"
+            + (f" {r['tuned_ms']:.2f} | {r['tuned_ms'] / r['ort_ms']:.2f} | {r['tune_s']} |"
+               if "tuned_ms" in r else ""))
     publish("models", {"peak_gflops": peak_gflops, "threads": args.threads, "rows": rows},
             "\n".join(lines))
     # the plot: each engine's time relative to ONNX Runtime's, per model (lower is faster)
     svg = bar_chart_svg(f"Latency relative to ONNX Runtime ({args.threads} threads)",
                         [r["model"] for r in rows],
                         {"ONNX Runtime": [1.0] * len(rows),
-                         "sparsec": [r["sparsec_ms"] / r["ort_ms"] for r in rows]}, "x")
+                         "sparsec": [r["sparsec_ms"] / r["ort_ms"] for r in rows],
+                         **({"sparsec tuned": [r["tuned_ms"] / r["ort_ms"] for r in rows]}
+                            if args.tune > 0 else {})}, "x")
     (RESULTS / "models.svg").write_text(svg)
     return 0
 
