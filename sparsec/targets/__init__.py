@@ -7,6 +7,7 @@ numpy at import time. Host CPU detection (which needs TVM's LLVM) happens lazily
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 
@@ -53,6 +54,7 @@ CROSS_PACKAGES = {"aarch64-linux-gnu": "g++-aarch64-linux-gnu"}
 _FALLBACK_HOST_CPU = "generic"
 
 
+@functools.lru_cache(maxsize=None)
 def physical_cores() -> int:
     """Cores this process may run on, SMT siblings counted once (Linux sysfs topology; the
     logical CPU count where that is unreadable)."""

@@ -193,6 +193,11 @@ def measured_choice(alternatives: list[tuple[str, dict]]) -> str | None:
     return None if record is None else record["choice"]
 
 
+def build_tuned(strategy: str, shape: dict, **flags) -> "tirx.PrimFunc":
+    """``build`` with the knobs the active cache recorded for this kernel (defaults if none)."""
+    return build(strategy, shape, knobs_for(strategy, shape), **flags)
+
+
 def knobs_for(strategy: str, shape: dict) -> dict | None:
     """The tuned knobs of a kernel, or None (defaults) when it was never tuned."""
     active = _ACTIVE.get()
@@ -315,7 +320,8 @@ def tune(model: "onnx.ModelProto", target: "TargetSpec", budget_s: float,
         default = timings.get(json.dumps(_default_knobs(strategy, shape), sort_keys=True))
         record = {"knobs": json.loads(best), "ms": {k: round(v, 5) for k, v in timings.items()}}
         cache.put(tkey, strategy, shape, record)
-        records.append({"strategy": strategy, "shape": shape, **record, "default_ms": default})
+        records.append({"strategy": strategy, "shape": shape, **record,
+                        "best_ms": timings[best], "default_ms": default})
         gain = f" (default {default:.4f} ms)" if default is not None else ""
         log(f"  [{i}/{len(todo)}] {strategy} {_short(shape)}: {best} "
             f"{timings[best]:.4f} ms{gain}")

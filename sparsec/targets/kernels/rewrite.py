@@ -159,8 +159,7 @@ def _match_dense(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | 
                 weights = [relax.const(idx), relax.const(data)]
             else:
                 weights = [relax.const(dense.pack_weight(w))]
-            shape = shapes[strategy]
-            func = tuning.build(strategy, shape, tuning.knobs_for(strategy, shape), **flags)
+            func = tuning.build_tuned(strategy, shapes[strategy], **flags)
             gv = bb.add_func(func, strategy)
             x2 = args[0] if len(xs) == 2 else bb.emit(relax.op.reshape(args[0], (m, k)))
             call_args = [x2, *weights] + ([relax.const(bias)] if bias is not None else [])
@@ -211,8 +210,8 @@ def _match_batch_matmul(call: "relax.Call") -> list[tuple[Plan, dict]] | None:
              ) -> "relax.Expr":
         from tvm import relax
 
-        func = tuning.build(batch_matmul.NAME, kshape, tuning.knobs_for(batch_matmul.NAME, kshape),
-                            bias=bias is not None, act=act, residual=residual is not None)
+        func = tuning.build_tuned(batch_matmul.NAME, kshape, bias=bias is not None, act=act,
+                                  residual=residual is not None)
         gv = bb.add_func(func, batch_matmul.NAME)
 
         def as3d(v, shape):
@@ -272,7 +271,7 @@ def _match_conv(a: _Analysis, call: "relax.Call") -> tuple[Plan, dict] | None:
         from tvm import relax
 
         flags = dict(bias=bias is not None, act=act, residual=residual is not None)
-        func = tuning.build(conv2d.NAME, kshape, tuning.knobs_for(conv2d.NAME, kshape), **flags)
+        func = tuning.build_tuned(conv2d.NAME, kshape, **flags)
         gv = bb.add_func(func, conv2d.NAME)
         call_args = [args[0], relax.const(packed)] + (
             [relax.const(bias)] if bias is not None else []) + (
@@ -280,9 +279,7 @@ def _match_conv(a: _Analysis, call: "relax.Call") -> tuple[Plan, dict] | None:
         return relax.call_tir(gv, call_args, relax.TensorType(out, dtype))
 
     macs = out[0] * out[1] * out[2] * out[3] * shape.ic * shape.kh * shape.kw
-    info = {"op": "conv2d", "shape": {"in": list(xs), "weight": list(w.shape), "out": list(out),
-                                      "stride": list(shape.stride), "pad": list(shape.padding),
-                                      "variant": "width_vectorized" if wplan else "oc_blocked"}}
+    info = _conv_info(shape, xs, w, out, "width_vectorized" if wplan else "oc_blocked")
     plans = [(Plan(conv2d.NAME, emit, info=info, shape=kshape), {"macs": macs})]
     if ((shape.kh, shape.kw, shape.stride, shape.dilation) == (1, 1, (1, 1), (1, 1))
             and not any(shape.padding)):
@@ -294,6 +291,14 @@ def _match_conv(a: _Analysis, call: "relax.Call") -> tuple[Plan, dict] | None:
                              **plan.info}
                 plans.append((plan, {"macs": work}))
     return plans
+
+
+def _conv_info(shape: conv2d.ConvShape, xs: tuple, w: "np.ndarray", out: tuple, variant: str
+               ) -> dict:
+    """The compile report's description of a conv kernel decision."""
+    return {"op": "conv2d", "shape": {"in": list(xs), "weight": list(w.shape), "out": list(out),
+                                      "stride": list(shape.stride), "pad": list(shape.padding),
+                                      "variant": variant}}
 
 
 def _depthwise(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, xs: tuple, out: tuple
@@ -308,8 +313,8 @@ def _depthwise(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, xs: tuple, 
              ) -> "relax.Expr":
         from tvm import relax
 
-        func = tuning.build(depthwise.NAME, kshape, tuning.knobs_for(depthwise.NAME, kshape),
-                            bias=bias is not None, act=act, residual=residual is not None)
+        func = tuning.build_tuned(depthwise.NAME, kshape, bias=bias is not None, act=act,
+                                  residual=residual is not None)
         gv = bb.add_func(func, depthwise.NAME)
         call_args = [args[0], relax.const(weight)] + (
             [relax.const(bias)] if bias is not None else []) + (
@@ -317,10 +322,8 @@ def _depthwise(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, xs: tuple, 
         return relax.call_tir(gv, call_args, relax.TensorType(out, dtype))
 
     p = depthwise.plan(*shape.out_hw)
-    info = {"op": "conv2d", "shape": {"in": list(xs), "weight": list(w.shape), "out": list(out),
-                                      "stride": list(shape.stride), "pad": list(shape.padding),
-                                      "variant": "depthwise",
-                                      "tile": f"{p.rows}x{p.vecs * p.lanes}"}}
+    info = _conv_info(shape, xs, w, out, "depthwise")
+    info["shape"]["tile"] = f"{p.rows}x{p.vecs * p.lanes}"
     macs = out[0] * out[1] * out[2] * out[3] * shape.kh * shape.kw
     return Plan(depthwise.NAME, emit, info=info, shape=kshape), {"macs": macs}
 
@@ -334,7 +337,7 @@ def _pointwise(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, out: tuple,
 
     n, ci, co, p = shape.n, shape.ic, shape.oc, shape.h * shape.w
     if sparse:
-        tile = bsr.CONV_TILE
+        default = tile = bsr.CONV_TILE
         w_kn = np.ascontiguousarray(w[:, :, 0, 0].T)
         rows = bsr.padded_rows(w_kn, tile.oct)
         if rows >= ci:
@@ -344,12 +347,12 @@ def _pointwise(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, out: tuple,
     else:
         kshape = {"n": n, "ci": ci, "p": p, "co": co, "dtype": dtype}
         # the strategy choice uses the default tile; a tuned one only changes the kernel
+        default = pointwise.pick_tile(co, p)
         knobs = tuning.knobs_for(pointwise.NAME, kshape)
-        tile = pointwise.Tile(*knobs["tile"]) if knobs else pointwise.pick_tile(co, p)
+        tile = pointwise.Tile(*knobs["tile"]) if knobs else default
         rows, name, info = ci, pointwise.NAME, {}
     pp = tile.padded_pixels(p)
     info["tile"] = f"{tile.oct}x{tile.pixels}"
-    default = tile if sparse else pointwise.pick_tile(co, p)
 
     def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
              ) -> "relax.Expr":
@@ -359,7 +362,7 @@ def _pointwise(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, out: tuple,
         if sparse:
             idx, data = bsr.pack_weight(w_kn, tile.oct)
             weights = [relax.const(idx), relax.const(data)]
-            func = tuning.build(name, kshape, **flags)
+            func = tuning.build_tuned(name, kshape, **flags)
         else:
             weights = [relax.const(pointwise.pack_weight(w[:, :, 0, 0], tile.oct))]
             func = tuning.build(name, kshape, {"tile": [tile.oct, tile.pixels]}, **flags)
