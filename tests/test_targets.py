@@ -18,7 +18,7 @@ pytest.importorskip("tvm")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from sparsec.errors import SparsecError, UnknownTargetError  # noqa: E402
-from sparsec.targets import KNOWN_TARGETS, TargetSpec, resolve_target  # noqa: E402
+from sparsec.targets import KNOWN_TARGETS, TargetSpec, physical_cores, resolve_target  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RTOL = ATOL = 1e-4
@@ -99,7 +99,7 @@ def test_known_targets_resolve():
         assert spec.name == name and spec.description
         assert spec.tvm_target["kind"] == "llvm"
         if spec.native:
-            assert spec.tvm_target["num-cores"] == os.cpu_count() and spec.tool("g++") == "g++"
+            assert spec.tvm_target["num-cores"] == physical_cores() and spec.tool("g++") == "g++"
     assert resolve_target("host").tvm_target["mcpu"]  # detected, e.g. "znver4"
     assert resolve_target("x86-avx2").tvm_target["mcpu"] == "haswell"
     arm = resolve_target("aarch64")
@@ -113,7 +113,7 @@ def test_device_tags_and_raw_json():
     assert pi.tvm_target["num-cores"] == 4 and "+neon" in pi.tvm_target["mattr"]
     raw = resolve_target('{"kind": "llvm", "mcpu": "znver3"}')
     assert raw.native and raw.tvm_target == {"kind": "llvm", "mcpu": "znver3",
-                                             "num-cores": os.cpu_count()}
+                                             "num-cores": physical_cores()}
     cases = {"nvidia/jetson-orin-nano": "is a cuda target", '{"kind": "cuda"}': "cuda target",
              "{oops": "not valid TVM target JSON", "acme/box": "unknown device tag",
              '{"kind": "llvm", "mtriple": "riscv64-linux-gnu"}': "not riscv64"}
