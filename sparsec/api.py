@@ -395,7 +395,7 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
     if round_to is None:
         round_to = spec.channel_multiple
     _check_ratio(ratio)
-    if tune < 0 or (tune > 0 and not spec.native):
+    if tune < 0 or (tune > 0 and not (spec.runs_here and spec.device == "cpu")):
         raise BadOptionError(f"--tune takes a positive number of seconds, for this machine's "
                              f"CPU only (got {tune:g} for target '{spec.name}')")
     check_writable_dir(output_dir)
@@ -424,20 +424,24 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
 
             tuning.tune(proto, spec, tune, log=log)
         prefix = f"{name}_"
+        on_cpu = spec.device == "cpu"   # CUDA packages: no static archive or C API yet
         facts = compile_onnx(proto, spec, tmp / LIBRARY, log=log,
-                             static_lib=tmp / archive_name(name), system_lib_prefix=prefix)
+                             static_lib=tmp / archive_name(name) if on_cpu else None,
+                             system_lib_prefix=prefix)
         feeds = {s["name"]: result.sample[s["name"]] for s in inputs}
         expected = reference.run(proto, feeds)
         write_reference(tmp / "reference", inputs, outputs, feeds, expected)
-        (tmp / header_name(name)).write_text(c_header(
-            name, prefix, inputs, outputs, ATOL, RTOL,
-            f"{Path(source).name} compiled for {spec.name} ({facts['tvm_version']})"))
+        if on_cpu:
+            (tmp / header_name(name)).write_text(c_header(
+                name, prefix, inputs, outputs, ATOL, RTOL,
+                f"{Path(source).name} compiled for {spec.name} ({facts['tvm_version']})"))
         check, via = None, "native"
         try:
-            runner = _load_runner(spec, tmp, name, inputs, outputs, log)
+            runner = _load_runner(spec, tmp, name, inputs, outputs, log, facts.get("cuda"))
         except ToolchainError as e:  # e.g. no qemu: the package is still right, just unchecked
+            how = "sparsec_check_reference" if on_cpu else "sparsec validate on a machine with it"
             log(f"warning: reference pair not checked here ({e}); check it on the device "
-                f"(sparsec_check_reference)")
+                f"({how})")
         else:
             via = getattr(runner, "via", "native")
             check = _compare(outputs, expected, runner.run(feeds), RTOL, ATOL)
@@ -455,8 +459,9 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
                 model, (str, os.PathLike)) else None},
             "inputs": inputs,
             "outputs": outputs,
-            "library": {"shared": LIBRARY, "static": archive_name(name),
-                        "header": header_name(name), "system_lib_prefix": prefix},
+            "library": {"shared": LIBRARY, "static": archive_name(name) if on_cpu else None,
+                        "header": header_name(name) if on_cpu else None,
+                        "system_lib_prefix": prefix if on_cpu else None},
             "reference": {"inputs": "reference/inputs.npz", "outputs": "reference/outputs.npz",
                           "inputs_bin": "reference/inputs.bin",
                           "outputs_bin": "reference/outputs.bin", "rtol": RTOL, "atol": ATOL,
@@ -502,6 +507,10 @@ def check_toolchain(spec) -> None:
             package = CROSS_PACKAGES.get(spec.triple or "", "g++ and binutils")
             raise ToolchainError(f"target {spec.name} needs {tool}, which is not installed "
                                  f"(Debian/Ubuntu: apt install {package})")
+    if spec.device == "cuda":
+        from sparsec.targets.cuda import nvcc
+
+        nvcc()
 
 
 # ----------------------------------------------------------------------------- running
@@ -511,14 +520,17 @@ RTOL, ATOL = 1e-4, 1e-5
 
 
 def _load_runner(spec, directory: Path, name: str, inputs: list[dict], outputs: list[dict],
-                 log: Log = _quiet):
-    """What runs a package's library here: the library itself in this process, or, for a
-    cross target, a program built for the target under its emulator (``ToolchainError`` if
-    there is none)."""
-    if spec.native:
+                 log: Log = _quiet, cuda: dict | None = None):
+    """What runs a package's library here: the library itself in this process (on the GPU
+    for a CUDA target, ``cuda`` its facts), or, for a cross CPU target, a program built for
+    the target under its emulator. ``ToolchainError`` if nothing here can run it."""
+    if spec.runs_here:
         from sparsec.targets.host import load_library
 
-        return load_library(directory / LIBRARY, [s["name"] for s in inputs])
+        return load_library(directory / LIBRARY, [s["name"] for s in inputs], cuda)
+    if spec.native or spec.device != "cpu":
+        raise ToolchainError(f"target {spec.name} does not run on this machine: "
+                             f"{spec.why_not_here}")
     from sparsec.deploy.emulate import EmulatedRunner
 
     return EmulatedRunner(spec, directory, name, inputs, outputs, log)
@@ -528,7 +540,8 @@ def _runner(pkg: Package):
     from sparsec.targets import resolve_target
 
     spec = resolve_target(pkg.manifest["target"]["name"])
-    return _load_runner(spec, pkg.path, pkg.name, pkg.inputs, pkg.outputs)
+    return _load_runner(spec, pkg.path, pkg.name, pkg.inputs, pkg.outputs,
+                        cuda=pkg.manifest["compile"].get("cuda"))
 
 
 def run(package_dir: str | os.PathLike, inputs: dict[str, np.ndarray] | str | os.PathLike

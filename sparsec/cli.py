@@ -67,12 +67,21 @@ def _inspect_package(args) -> int:
     for r in p["passes"]:
         print(f"  pass {r['name']}: {'exact' if r['exact'] else 'lossy'}")
     print(f"  kernels  {m['compile']['kernels']}")
-    print(f"  C API    {lib['header']}, {lib['static']} (prefix '{lib['system_lib_prefix']}'), "
-          f"{lib['shared']}")
+    cuda = m["compile"].get("cuda")
+    if cuda:
+        res = cuda["kernels"].values()
+        contents = ", ".join(cuda["fatbin_contents"])
+        print(f"  CUDA     {cuda['source']} -> {cuda['fatbin']} ({contents}; nvcc "
+              f"{cuda['nvcc']}), max {max((r['registers'] for r in res), default=0)} "
+              f"registers, {sum(bool(r['spill_bytes']) for r in res)} kernels spilling")
+    else:
+        print(f"  C API    {lib['header']}, {lib['static']} (prefix '{lib['system_lib_prefix']}'"
+              f"), {lib['shared']}")
     check = ref["check"]
+    how = "sparsec validate on a machine with the GPU" if cuda else "sparsec_check_reference"
     print(f"  reference pair from {ref['from']} inputs: " + (
-        f"library max abs err {check['max_abs_err']:.3g} vs ONNX Runtime" if check
-        else "to be checked on the device (sparsec_check_reference)"))
+        f"library max abs err {check['max_abs_err']:.3g} vs ONNX Runtime ({check['via']})"
+        if check else f"to be checked on the device ({how})"))
     for name, digest in m["files"].items():
         print(f"  {digest[:16]}  {(pkg.path / name).stat().st_size:>10,}  {name}")
     return 0
@@ -209,13 +218,20 @@ def cmd_targets(args) -> int:
     rows = [["target", "TVM target", "runs here", "description"]]
     for name in KNOWN_TARGETS:
         spec = resolve_target(name)
-        rows.append([name, json.dumps(spec.tvm_target), "yes" if spec.native else "no",
-                     spec.description])
+        tvm_target = {k: v for k, v in spec.tvm_target.items() if k in ("kind", "mcpu", "mtriple",
+                                                                        "mattr", "arch")}
+        rows.append([name, json.dumps(tvm_target),
+                     "yes" if spec.runs_here else f"no: {spec.why_not_here}", spec.description])
     print(_table(rows))
     from sparsec.targets import device_tags
 
-    print("\nTVM device tags (aarch64 CPUs, cross-compiled): " + ", ".join(device_tags()))
-    print('Raw TVM target JSON works too, e.g. --target \'{"kind": "llvm", "mcpu": "znver3"}\'')
+    tags = device_tags()
+    gpus = [t for t, c in tags.items() if c.get("kind") == "cuda"]
+    print("\nTVM device tags, CPUs: "
+          + ", ".join(t for t in tags if t not in gpus))
+    print("TVM device tags, NVIDIA GPUs: " + ", ".join(gpus))
+    print('Raw TVM target JSON works too, e.g. --target \'{"kind": "llvm", "mcpu": "znver3"}\' '
+          'or \'{"kind": "cuda", "arch": "sm_86"}\'')
     return 0
 
 

@@ -193,11 +193,6 @@ class Package:
         return self.manifest["name"]
 
     @property
-    def native(self) -> bool:
-        """Whether the library runs on this machine (a cross-compiled one does not)."""
-        return self.manifest["target"].get("triple") is None
-
-    @property
     def inputs(self) -> list[dict]:
         return self.manifest["inputs"]
 

@@ -35,18 +35,66 @@ class TargetSpec:
     channel_multiple: int = 8
     #: GNU triple of a cross target (its toolchain is ``{triple}-g++``); None: this machine
     triple: str | None = None
+    #: where the kernels run: ``cpu``, or ``cuda`` (the host code then only launches them)
+    device: str = "cpu"
 
     @property
     def native(self) -> bool:
-        """Whether libraries for this target run on this machine (and so can be validated)."""
+        """Whether the host code is built for this machine's architecture (no cross
+        toolchain); whether it can also run here is :attr:`runs_here`."""
         return self.triple is None
+
+    @property
+    def runs_here(self) -> bool:
+        """Whether libraries for this target run on this machine (and so can be validated):
+        the host architecture, the CPU features the code needs, and the device."""
+        if not self.native or not self.cpu_flags <= cpu_flags():
+            return False
+        return self.device == "cpu" or (self.device == "cuda" and cuda_available())
+
+    @property
+    def why_not_here(self) -> str:
+        """Why :attr:`runs_here` is false, in words ('' when it is true)."""
+        if not self.native:
+            return f"its code is for {self.triple}"
+        missing = sorted(self.cpu_flags - cpu_flags())
+        if missing:
+            return f"this CPU lacks {', '.join(missing)}"
+        if self.device == "cuda" and not cuda_available():
+            return "this machine has no CUDA device"
+        return ""
+
+    @functools.cached_property
+    def cpu_flags(self) -> frozenset[str]:
+        """The instruction-set extensions the host code may use (LLVM's features of the
+        target's ``mcpu`` / ``mattr``), as ``/proc/cpuinfo`` names them: ``avx512f``, ..."""
+        host = self.tvm_target.get("host", self.tvm_target)
+        if self.triple is not None or not (host.get("mcpu") or host.get("mattr")):
+            return frozenset()
+        import tvm
+        from tvm.target import codegen
+
+        target = tvm.target.Target({k: v for k, v in host.items() if k != "num-cores"})
+        have = {str(f) for f in codegen.llvm_get_cpu_features(target)}
+        return frozenset(flag for feature, flag in _X86_FLAGS.items() if feature in have)
 
     def tool(self, name: str) -> str:
         """The toolchain program ``name`` (``g++``, ``ar``) for this target."""
         return f"{self.triple}-{name}" if self.triple else name
 
 
-KNOWN_TARGETS: tuple[str, ...] = ("host", "x86-avx2", "llvm", "aarch64", "arm-neon")
+#: LLVM's names of the x86 extensions whose absence makes code fault -> /proc/cpuinfo's names
+_X86_FLAGS = {"avx2": "avx2", "fma": "fma", "avx512f": "avx512f", "avx512bw": "avx512bw",
+              "avx512dq": "avx512dq", "avx512vl": "avx512vl", "avx512vnni": "avx512_vnni",
+              "avx512bf16": "avx512_bf16", "amx-tile": "amx_tile", "amx-bf16": "amx_bf16",
+              "amx-int8": "amx_int8"}
+
+KNOWN_TARGETS: tuple[str, ...] = ("host", "x86-avx2", "x86-avx512", "llvm", "aarch64", "arm-neon",
+                                   "cuda", "cuda-sm80", "cuda-sm90")
+
+#: GPU architecture of the plain ``cuda`` target where no GPU is present to ask: Ampere, the
+#: oldest with sparse tensor cores (``mma.sp``) and the oldest nvcc 13 still fully supports
+DEFAULT_CUDA_ARCH = "sm_80"
 
 #: Debian/Ubuntu package that provides each cross toolchain
 CROSS_PACKAGES = {"aarch64-linux-gnu": "g++-aarch64-linux-gnu"}
@@ -77,6 +125,32 @@ def _num_cores() -> int:
     return physical_cores()
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags as Linux reports them (``avx2``, ``avx512f``, ``amx_tile``);
+    empty where ``/proc/cpuinfo`` is unreadable."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_available() -> bool:
+    """Whether a CUDA device is present (asked through TVM's runtime: no device, no driver or
+    a TVM runtime without CUDA all say no)."""
+    try:
+        import tvm
+
+        return bool(tvm.cuda(0).exist)
+    except Exception:  # noqa: BLE001 - any failure to reach a GPU means there is none
+        return False
+
+
 def _host_cpu() -> str:
     """The LLVM name of this machine's CPU (e.g. ``znver3``), via TVM's LLVM host detection."""
     try:
@@ -94,10 +168,12 @@ _LLVM_KEYS = ("kind", "mtriple", "mcpu", "mattr", "num-cores")
 
 def _llvm_spec(name: str, target: dict, description: str) -> TargetSpec:
     """A spec for an LLVM CPU target given as a dict (raw JSON or a TVM tag's target)."""
+    if target.get("kind") == "cuda":
+        return _cuda_spec(name, target, description)
     target = {k: target[k] for k in _LLVM_KEYS if k in target}
     if target.get("kind") != "llvm":
         raise UnknownTargetError(f"target '{name}' is a {target.get('kind')} target; sparsec "
-                                 f"compiles for CPUs (llvm) so far")
+                                 f"compiles for CPUs (llvm) and NVIDIA GPUs (cuda)")
     triple = str(target.get("mtriple", ""))
     if triple.startswith("aarch64"):
         target["mtriple"] = "aarch64-linux-gnu"
@@ -112,20 +188,69 @@ def _llvm_spec(name: str, target: dict, description: str) -> TargetSpec:
     return TargetSpec(name, target, description)
 
 
-def device_tags(usable: bool = True) -> dict[str, dict]:
-    """TVM's device tags with their targets: those sparsec compiles for (aarch64 CPUs, e.g.
-    ``raspberry-pi/4b-aarch64``), or with ``usable=False`` all of them."""
+#: the keys of a TVM cuda target sparsec keeps, with the defaults of every NVIDIA GPU since
+#: Volta (TVM's own tags say the same); ``arch`` is the one that matters to nvcc
+_CUDA_DEFAULTS = {"max_shared_memory_per_block": 49152, "max_threads_per_block": 1024,
+                  "thread_warp_size": 32}
+#: the oldest GPU architecture nvcc 13 compiles for
+MIN_CUDA_ARCH = 75
+
+
+def _cuda_spec(name: str, target: dict, description: str) -> TargetSpec:
+    """A spec for an NVIDIA GPU: the kernels are CUDA (compiled with nvcc), the host code
+    that launches them is LLVM code for ``target["host"]`` (this machine's architecture when
+    absent: generic x86-64; a Jetson's tag names its aarch64 CPU, which makes it a cross
+    target)."""
+    import re
+
+    arch = str(target.get("arch", DEFAULT_CUDA_ARCH))
+    match = re.fullmatch(r"sm_(\d+)[af]?", arch)
+    if match is None or int(match.group(1)) < MIN_CUDA_ARCH:
+        raise UnknownTargetError(f"target '{name}': CUDA arch '{arch}' is not supported (nvcc "
+                                 f"13 compiles for sm_{MIN_CUDA_ARCH} and newer, e.g. sm_80)")
+    out = {"kind": "cuda", "arch": arch}
+    out.update({k: target.get(k, v) for k, v in _CUDA_DEFAULTS.items()})
+    host = target.get("host") or {"kind": "llvm"}
+    host = _llvm_spec(name, json_dict(host), "")
+    out["host"] = host.tvm_target
+    return TargetSpec(name, out, description or f"NVIDIA GPU {arch} (CUDA, nvcc)",
+                      channel_multiple=8, triple=host.triple, device="cuda")
+
+
+def json_dict(value) -> dict:
+    """A TVM target's JSON (a dict, a ``Target`` or its JSON string) as a plain dict."""
     import json
 
+    return value if isinstance(value, dict) else json.loads(str(value))
+
+
+def device_tags(usable: bool = True) -> dict[str, dict]:
+    """TVM's device tags with their targets: those sparsec compiles for (aarch64 CPUs, e.g.
+    ``raspberry-pi/4b-aarch64``, and NVIDIA GPUs from sm_75 on, e.g.
+    ``nvidia/jetson-agx-orin-64gb``), or with ``usable=False`` all of them."""
     import tvm.target  # heavy: only when a tag is asked for
 
     out = {}
     for tag, target in tvm.target.list_tags().items():
-        config = json.loads(str(target)) if not isinstance(target, dict) else target
-        if not usable or (config.get("kind") == "llvm"
-                          and str(config.get("mtriple", "")).startswith("aarch64")):
+        config = json_dict(target)
+        if not usable:
             out[str(tag)] = config
+            continue
+        try:
+            _llvm_spec(str(tag), config, "")
+        except UnknownTargetError:
+            continue
+        out[str(tag)] = config
     return dict(sorted(out.items()))
+
+
+def _local_cuda_arch() -> str | None:
+    """``sm_XY`` of this machine's first GPU, or None without one."""
+    if not cuda_available():
+        return None
+    import tvm
+
+    return "sm_" + str(tvm.cuda(0).compute_version).replace(".", "")
 
 
 def resolve_target(name: str) -> TargetSpec:
@@ -133,10 +258,15 @@ def resolve_target(name: str) -> TargetSpec:
 
     - ``host``: this CPU (LLVM ``mcpu`` detected), all of its cores.
     - ``x86-avx2``: any x86-64 with AVX2+FMA (``mcpu=haswell``), portable across such machines.
+    - ``x86-avx512``: any x86-64 with AVX-512 F/BW/DQ/VL (``mcpu=skylake-avx512``).
     - ``llvm``: generic LLVM code for the host triple, no CPU-specific vector extensions.
+    - ``cuda``: this machine's NVIDIA GPU (``sm_80`` without one); ``cuda-sm80`` and
+      ``cuda-sm90`` name the architecture. Kernels are CUDA compiled with nvcc.
     - ``aarch64`` / ``arm-neon``: 64-bit ARM Linux with NEON, cross-compiled (see ``triple``).
     - a TVM device tag of an aarch64 CPU, e.g. ``raspberry-pi/4b-aarch64`` (its ``mcpu`` and
-      core count), or raw TVM target JSON such as ``{"kind": "llvm", "mcpu": "znver3"}``.
+      core count) or of an NVIDIA GPU, e.g. ``nvidia/jetson-agx-orin-64gb`` (sm_87 with an
+      aarch64 host), or raw TVM target JSON such as ``{"kind": "llvm", "mcpu": "znver3"}`` or
+      ``{"kind": "cuda", "arch": "sm_86"}``.
     """
     if name.lstrip().startswith("{"):
         import json
@@ -152,9 +282,11 @@ def resolve_target(name: str) -> TargetSpec:
         if name not in tags and name in (every := device_tags(usable=False)):
             _llvm_spec(name, every[name], "")  # raises: a GPU, or a CPU we do not cross to
         if name not in tags:
-            raise UnknownTargetError(f"unknown device tag '{name}' (aarch64 CPU tags TVM "
-                                     f"knows: {', '.join(tags)})")
+            raise UnknownTargetError(f"unknown device tag '{name}' (`sparsec targets` lists "
+                                     f"the {len(tags)} tags sparsec compiles for)")
         tag = tags[name]
+        if tag.get("kind") == "cuda":
+            return _llvm_spec(name, tag, f"{name}: NVIDIA {tag.get('arch')} (TVM device tag)")
         return _llvm_spec(name, tag, f"{name}: {tag.get('mcpu', 'aarch64')}, "
                                      f"{tag.get('num-cores', 4)} cores (TVM device tag)")
     cores = _num_cores()
@@ -171,6 +303,23 @@ def resolve_target(name: str) -> TargetSpec:
             tvm_target={"kind": "llvm", "mcpu": "haswell", "num-cores": cores},
             description=f"x86-64 with AVX2 and FMA (haswell or newer), {cores} cores",
         )
+    if name == "x86-avx512":
+        return TargetSpec(
+            name="x86-avx512",
+            tvm_target={"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": cores},
+            description=f"x86-64 with AVX-512 F/BW/DQ/VL (Skylake-SP, Ice Lake, Sapphire Rapids, "
+                        f"Zen 4 or newer), {cores} cores",
+        )
+    if name == "cuda":
+        arch = _local_cuda_arch()
+        where = "this machine's GPU" if arch else f"no GPU here: {DEFAULT_CUDA_ARCH}"
+        return _cuda_spec(name, {"kind": "cuda", "arch": arch or DEFAULT_CUDA_ARCH},
+                          f"NVIDIA GPU ({where}), CUDA kernels compiled with nvcc")
+    if name in ("cuda-sm80", "cuda-sm90"):
+        arch = "sm_" + name[len("cuda-sm"):]
+        gpus = {"sm_80": "Ampere: A100, A30", "sm_90": "Hopper: H100, H200"}[arch]
+        return _cuda_spec(name, {"kind": "cuda", "arch": arch},
+                          f"NVIDIA {arch} ({gpus}), CUDA kernels compiled with nvcc")
     if name == "llvm":
         return TargetSpec(
             name="llvm",
@@ -193,5 +342,5 @@ def resolve_target(name: str) -> TargetSpec:
                              f"TVM device tags and TVM target JSON: see `sparsec targets`)")
 
 
-__all__ = ["CROSS_PACKAGES", "KNOWN_TARGETS", "TargetSpec", "UnknownTargetError", "device_tags",
-           "resolve_target"]
+__all__ = ["CROSS_PACKAGES", "KNOWN_TARGETS", "TargetSpec", "UnknownTargetError", "cpu_flags",
+           "cuda_available", "device_tags", "resolve_target"]

@@ -182,7 +182,13 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
 
     With ``tuned`` (the default) kernels recorded in the tuning cache (``sparsec tune``,
     ``targets/tuning.py``) are built with their measured-best knobs.
+
+    A CUDA target goes to :func:`sparsec.targets.cuda.compile_onnx` (no static archive).
     """
+    if target.device == "cuda":
+        from sparsec.targets import cuda
+
+        return cuda.compile_onnx(model, target, lib_path, log)
     import tvm
     from tvm import relax
 
@@ -280,16 +286,29 @@ def _export_archive(ex, path: Path, ar: str) -> None:
 
 
 class Runner:
-    """A compiled library loaded into a Relax VM on the CPU."""
+    """A compiled library loaded into a Relax VM on the CPU, or with ``cuda`` (the manifest's
+    ``compile.cuda``) on the first CUDA device, its kernels from the package's fatbin."""
 
-    def __init__(self, lib_path: str | Path, input_names: Sequence[str]) -> None:
+    def __init__(self, lib_path: str | Path, input_names: Sequence[str],
+                 cuda: dict | None = None) -> None:
         import tvm
         from tvm import relax
 
         self.lib_path = Path(lib_path)
         self.input_names = list(input_names)
-        self._dev = tvm.cpu()
-        self._vm = relax.VirtualMachine(tvm.runtime.load_module(str(self.lib_path)), self._dev)
+        self._on_cpu = cuda is None
+        #: how the package's reference check says it ran
+        self.via = "native" if cuda is None else "cuda"
+        if cuda is None:
+            self._dev = tvm.cpu()
+            lib = tvm.runtime.load_module(str(self.lib_path))
+        else:
+            from sparsec.targets.cuda import serve_fatbin
+
+            self._dev = tvm.cuda(0)
+            with serve_fatbin(self.lib_path.parent, cuda):   # the loader compiles the source
+                lib = tvm.runtime.load_module(str(self.lib_path))
+        self._vm = relax.VirtualMachine(lib, self._dev)
         self._main = self._vm["main"]
         #: per input, an aligned TVM tensor kept across calls and its numpy view: unaligned
         #: inputs are copied into it (numpy's memcpy; ``tvm.runtime.tensor`` costs ~0.1 ms
@@ -301,6 +320,8 @@ class Runner:
         import tvm
 
         arr = np.ascontiguousarray(arr)
+        if not self._on_cpu:
+            return tvm.runtime.tensor(arr, self._dev)     # a copy to the GPU
         if arr.ctypes.data % _ALIGN == 0 and arr.dtype.isnative:
             try:
                 return tvm.runtime.from_dlpack(arr)   # borrowed: kernels never write inputs
@@ -321,6 +342,8 @@ class Runner:
         if missing:
             raise KeyError(f"missing input(s): {', '.join(missing)}")
         result = self._main(*[self._arg(n, inputs[n]) for n in self.input_names])
+        if not self._on_cpu:
+            return [t.numpy() for t in _flatten(result)]
         # DLPack view + numpy copy: the result owns its memory (never a view of an input or a
         # baked-in constant) at a fraction of ``Tensor.numpy()``'s per-call cost
         return [np.from_dlpack(t).copy() for t in _flatten(result)]
@@ -341,6 +364,8 @@ def _flatten(value) -> list:
     return out
 
 
-def load_library(lib_path: str | Path, input_names: Sequence[str]) -> Runner:
-    """Load a library written by :func:`compile_onnx`; ``input_names`` as it reported them."""
-    return Runner(lib_path, input_names)
+def load_library(lib_path: str | Path, input_names: Sequence[str],
+                 cuda: dict | None = None) -> Runner:
+    """Load a library written by :func:`compile_onnx`; ``input_names`` as it reported them,
+    ``cuda`` its ``cuda`` facts for a CUDA target."""
+    return Runner(lib_path, input_names, cuda)

@@ -1,0 +1,171 @@
+"""CUDA targets: names and tags, whole models compiled with nvcc for sm_80 and sm_90, the
+package's fatbin and how the runtime is given it. The kernels' numerics need a GPU: the last
+tests run the package on one where this machine has it, and are skipped otherwise."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sparsec import api
+from sparsec.errors import ToolchainError, UnknownTargetError
+from sparsec.targets import cuda_available, resolve_target
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+HAS_NVCC = shutil.which("nvcc") is not None or any(
+    Path(d, "nvcc").is_file() for d in ("/usr/local/cuda/bin",))
+needs_nvcc = pytest.mark.skipif(not HAS_NVCC, reason="nvcc (CUDA toolkit) not installed")
+needs_gpu = pytest.mark.skipif(not cuda_available(), reason="no CUDA device on this machine")
+
+
+def test_cuda_targets_resolve():
+    for name, arch in (("cuda-sm80", "sm_80"), ("cuda-sm90", "sm_90")):
+        spec = resolve_target(name)
+        assert spec.device == "cuda" and spec.tvm_target["arch"] == arch
+        assert spec.tvm_target["host"]["kind"] == "llvm" and spec.native
+        assert spec.runs_here == cuda_available()
+        assert ("no CUDA device" in spec.why_not_here) == (not cuda_available())
+    orin = resolve_target("nvidia/jetson-agx-orin-64gb")        # a GPU with an aarch64 host
+    assert orin.tvm_target["arch"] == "sm_87" and orin.triple == "aarch64-linux-gnu"
+    assert not orin.runs_here and "aarch64" in orin.why_not_here
+    assert orin.tvm_target["host"]["mcpu"] == "cortex-a78"
+    raw = resolve_target('{"kind": "cuda", "arch": "sm_86"}')
+    assert raw.device == "cuda" and raw.tvm_target["thread_warp_size"] == 32
+    for name in ('{"kind": "cuda", "arch": "sm_70"}', "nvidia/tegra-x1"):    # too old for nvcc 13
+        with pytest.raises(UnknownTargetError, match="sm_75 and newer"):
+            resolve_target(name)
+    with pytest.raises(UnknownTargetError, match="CPUs .llvm. and NVIDIA GPUs"):
+        resolve_target('{"kind": "rocm"}')
+
+
+@needs_nvcc
+@pytest.mark.parametrize("target,arch", [("cuda-sm80", "sm_80"), ("cuda-sm90", "sm_90")])
+def test_compile_for_cuda_writes_a_checked_fatbin(target, arch, tmp_path):
+    from sparsec.targets.cuda import fatbin_entries
+
+    out = tmp_path / "pkg"
+    logs: list[str] = []
+    manifest = api.compile(EXAMPLES / "digits_cnn.onnx", target=target, output_dir=out,
+                           log=logs.append)
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["kernels.cu", "kernels.fatbin", "manifest.json", "model.onnx", "model.so",
+                     "reference"]                                 # no C header or archive yet
+    facts = manifest["compile"]["cuda"]
+    number = arch[len("sm_"):]
+    assert fatbin_entries((out / "kernels.fatbin").read_bytes()) == [
+        f"{arch} SASS", f"compute_{number} PTX"] == facts["fatbin_contents"]
+    source = (out / "kernels.cu").read_text()
+    assert hashlib.sha256(source.encode()).hexdigest() == facts["source_sha256"]
+    kernels = re.findall(r'extern "C" __global__ void __launch_bounds__\(\d+\) (\w+)\(.*\) \{',
+                         source)
+    # every kernel was scheduled onto threads (DLight), and ptxas reported each one
+    assert kernels and sorted(kernels) == sorted(facts["kernels"])
+    assert manifest["compile"]["kernels"] == {"dlight": len(kernels)}
+    assert all(0 < r["registers"] <= 255 for r in facts["kernels"].values())
+    assert manifest["library"]["header"] is None and manifest["library"]["static"] is None
+    if cuda_available():
+        assert manifest["reference"]["check"]["ok"]
+    else:
+        assert manifest["reference"]["check"] is None
+        assert any("no CUDA device" in line and "warning" in line for line in logs)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("name", ["layernorm_ffn", "matmul_add_mlp", "squeeze_excite",
+                                  "group_norm_shuffle", "grouped_and_depthwise", "hf_bert"])
+def test_zoo_models_compile_for_cuda(zoo_models, name, tmp_path):
+    """Norms, GELU, softmax attention, grouped and depthwise convs, pixel shuffles: every op
+    of these graphs gets a thread-bound kernel that nvcc compiles for sm_90."""
+    from sparsec.targets.host import compile_onnx
+
+    facts = compile_onnx(zoo_models(name), resolve_target("cuda-sm90"), tmp_path / "m.so",
+                         log=lambda s: None)
+    assert facts["cuda"]["fatbin_contents"][0] == "sm_90 SASS"
+    assert len(facts["cuda"]["kernels"]) == facts["kernels"]["dlight"] > 0
+
+
+def test_ptxas_report_is_parsed():
+    from sparsec.targets.cuda import ptxas_resources
+
+    log = """ptxas info    : Compiling entry function 'k1' for 'sm_80'
+ptxas info    : Function properties for k1
+    8 bytes stack frame, 12 bytes spill stores, 20 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 4608 bytes smem, 400 bytes cmem[0]
+ptxas info    : Compiling entry function 'k2' for 'sm_80'
+ptxas info    : Function properties for k2
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 30 registers, used 0 barriers, 372 bytes cmem[0]"""
+    assert ptxas_resources(log) == {
+        "k1": {"registers": 255, "spill_bytes": 32, "shared_bytes": 4608},
+        "k2": {"registers": 30, "spill_bytes": 0, "shared_bytes": 0}}
+
+
+@needs_nvcc
+def test_runtime_compile_callback_serves_the_prebuilt_fatbin():
+    """A CUDA-enabled TVM runtime compiles a library's kernel source when it loads it, through
+    ``tvm_callback_cuda_compile``: for the package's own source the callback answers with the
+    package's fatbin (no nvcc on the device), anything else is compiled with nvcc; TVM's
+    callback is back in place afterwards."""
+    import tvm_ffi
+
+    from sparsec.targets.cuda import compile_callback, fatbin_entries
+
+    before = tvm_ffi.get_global_func("tvm_callback_cuda_compile")
+    known = 'extern "C" __global__ void k(float* x) { x[threadIdx.x] += 1.0f; }\n'
+    other = 'extern "C" __global__ void k(float* x) { x[threadIdx.x] *= 2.0f; }\n'
+    digest = hashlib.sha256(known.encode()).hexdigest()
+    with compile_callback("sm_80", {digest: b"prebuilt"}):
+        callback = tvm_ffi.get_global_func("tvm_callback_cuda_compile")
+        assert bytes(callback(known)) == b"prebuilt"
+        assert fatbin_entries(bytes(callback(other))) == ["sm_80 SASS", "compute_80 PTX"]
+    assert tvm_ffi.get_global_func("tvm_callback_cuda_compile").same_as(before)
+
+
+def test_cuda_compile_without_nvcc_is_a_toolchain_error(tmp_path, monkeypatch):
+    from sparsec.targets import cuda
+
+    monkeypatch.setattr(cuda, "NVCC_DIRS", ())
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    with pytest.raises(ToolchainError, match="need nvcc") as info:
+        api.compile(EXAMPLES / "digits_cnn.onnx", target="cuda-sm80", output_dir=tmp_path / "o")
+    assert info.value.exit_code == 11 and not (tmp_path / "o").exists()
+
+
+def test_run_and_tune_refuse_a_cuda_package_without_a_gpu(tmp_path):
+    if cuda_available():
+        pytest.skip("this machine has a GPU")
+    if not HAS_NVCC:
+        pytest.skip("nvcc (CUDA toolkit) not installed")
+    out = tmp_path / "pkg"
+    api.compile(EXAMPLES / "digits_mlp.onnx", target="cuda-sm80", output_dir=out)
+    proc = subprocess.run([sys.executable, "-m", "sparsec", "validate", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 11 and "no CUDA device" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "sparsec", "compile", str(out / "model.onnx"),
+                           "--target", "cuda-sm80", "--tune", "5", "-o", str(tmp_path / "t")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 6 and "CPU only" in proc.stderr
+
+
+@needs_gpu
+@needs_nvcc
+@pytest.mark.parametrize("example", ["digits_cnn.onnx", "digits_mlp.onnx"])
+def test_cuda_package_matches_onnx_runtime_on_the_gpu(example, tmp_path):
+    out = tmp_path / "pkg"
+    manifest = api.compile(EXAMPLES / example, target="cuda", output_dir=out)
+    assert manifest["reference"]["check"]["ok"] and manifest["reference"]["check"]["via"] == "cuda"
+    report = api.validate(out, seed=3)
+    assert report.ok, json.dumps(report.outputs)
+    feeds = {s["name"]: np.random.default_rng(1).standard_normal(s["shape"]).astype(s["dtype"])
+             for s in manifest["inputs"]}
+    first = api.run(out, feeds)
+    assert all(np.isfinite(v).all() for v in first.values())
