@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -416,7 +418,8 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
     inputs, outputs = signature(graph, graph.inputs), signature(graph, graph.outputs)
     source = (str(model) if isinstance(model, (str, os.PathLike))
               else f"<{type(model).__name__}>")
-    with staging_dir(output_dir) as tmp:
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(staging_dir(output_dir))
         proto = to_onnx(graph)
         (tmp / MODEL).write_bytes(proto.SerializeToString())
         if tune > 0:
@@ -425,9 +428,15 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
             tuning.tune(proto, spec, tune, log=log)
         prefix = f"{name}_"
         on_cpu = spec.device == "cpu"   # CUDA packages: no static archive or C API yet
-        facts = compile_onnx(proto, spec, tmp / LIBRARY, log=log,
-                             static_lib=tmp / archive_name(name) if on_cpu else None,
-                             system_lib_prefix=prefix)
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        if on_cpu:
+            facts = compile_onnx(proto, spec, tmp / LIBRARY, log=log,
+                                 static_lib=tmp / archive_name(name), system_lib_prefix=prefix)
+        else:
+            from sparsec.targets import cuda
+
+            emulation = None if spec.runs_here else scratch / "emulation.so"
+            facts = cuda.compile_onnx(proto, spec, tmp / LIBRARY, log, emulation_lib=emulation)
         feeds = {s["name"]: result.sample[s["name"]] for s in inputs}
         expected = reference.run(proto, feeds)
         write_reference(tmp / "reference", inputs, outputs, feeds, expected)
@@ -439,11 +448,19 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
         try:
             runner = _load_runner(spec, tmp, name, inputs, outputs, log, facts.get("cuda"))
         except ToolchainError as e:  # e.g. no qemu: the package is still right, just unchecked
-            how = "sparsec_check_reference" if on_cpu else "sparsec validate on a machine with it"
-            log(f"warning: reference pair not checked here ({e}); check it on the device "
-                f"({how})")
-        else:
-            via = getattr(runner, "via", "native")
+            if on_cpu:
+                log(f"warning: reference pair not checked here ({e}); check it on the device "
+                    f"(sparsec_check_reference)")
+                runner = None
+            else:   # no GPU: check the kernels' schedules on this CPU instead
+                from sparsec.targets.host import load_library
+
+                log(f"warning: the GPU code is not run here ({e}); its schedules are checked "
+                    f"on this CPU, the binary on the GPU with sparsec validate")
+                runner = load_library(emulation, [s["name"] for s in inputs])
+                runner.via = "cuda-schedules-on-cpu"
+        if runner is not None:
+            via = runner.via
             check = _compare(outputs, expected, runner.run(feeds), RTOL, ATOL)
             log(f"reference check ({via}): max abs err {check.max_abs_err:.3g} vs ONNX Runtime")
             _raise_if_mismatch(check)

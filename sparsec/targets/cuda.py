@@ -5,6 +5,10 @@ Pipeline: from_onnx -> SparsecSafeTake -> TVM's CUDA pipeline (LegalizeOps, Fuse
 then DLight's default GPU schedules: Matmul, GEMV, Reduction, GeneralReduction, Fallback) ->
 the VM's host code (LLVM, for the target's host CPU) and one CUDA C++ source for the kernels.
 
+Without a GPU the schedules are still checked: :func:`emulation_module` builds the same
+scheduled kernels for the CPU with their thread loops run serially, and the package's
+reference pair is checked on that (``via: "cuda-schedules-on-cpu"``).
+
 TVM's wheel is built without the CUDA runtime: its code generator keeps the kernels as CUDA
 source inside the library, and a CUDA-enabled TVM runtime compiles that source when it loads
 the library (``tvm_callback_cuda_compile``). sparsec compiles the same source here with nvcc
@@ -29,12 +33,13 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from sparsec.errors import ToolchainError
+from sparsec.errors import ToolchainError, UnsupportedOpError
 from sparsec.targets import TargetSpec
+from sparsec.targets.kernels.common import SCHEDULED_ATTR
 
 if TYPE_CHECKING:
     import onnx
-    from tvm import ir
+    from tvm import ir, tirx
 
 SOURCE = "kernels.cu"
 FATBIN = "kernels.fatbin"
@@ -56,33 +61,110 @@ def nvcc() -> str:
     return found
 
 
-def build_pipeline(target: "object", counts: dict[str, int]):
-    """The Relax pipeline for a CUDA target (module docstring)."""
+def schedule(mod: "ir.IRModule", target: "object", counts: dict[str, int]) -> "ir.IRModule":
+    """Relax module -> every kernel scheduled onto GPU threads (module docstring); the
+    kernels are counted into ``counts`` per DLight rule that scheduled them."""
     import tvm
     from tvm import relax
     from tvm.relax.backend.cuda import pipeline as cuda
 
     from sparsec.targets.host import safe_take_pass
 
-    @tvm.transform.module_pass(opt_level=0, name="SparsecRecordKernels")
-    def record(mod: "ir.IRModule", _ctx) -> "ir.IRModule":
-        from tvm import tirx
+    with target:
+        mod = tvm.transform.Sequential(
+            [safe_take_pass(), relax.transform.DeadCodeElimination()]
+            + cuda.library_dispatch_passes(target)
+            + [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+               relax.transform.FoldConstant(), relax.transform.FuseOps(),
+               relax.transform.FuseTIR()])(mod)
+        return apply_rules(mod, target, counts)
 
-        counts[STRATEGY] = sum(isinstance(f, tirx.PrimFunc) for _, f in mod.functions_items())
-        return mod
 
-    @tvm.transform.module_pass(opt_level=0, name="SparsecCUDAPipeline")
-    def _pipeline(mod: "ir.IRModule", _ctx) -> "ir.IRModule":
-        with target:
-            seq = tvm.transform.Sequential(
-                [safe_take_pass(), relax.transform.DeadCodeElimination()]
-                + cuda.library_dispatch_passes(target)
-                + cuda.legalize_passes(target) + [record]
-                + cuda.dataflow_lower_passes(target)
-                + cuda.finalize_passes(target))
-            return seq(mod)
+def apply_rules(mod: "ir.IRModule", target: "object", counts: dict[str, int]) -> "ir.IRModule":
+    """DLight's default GPU rules, in TVM's order (Matmul, GEMV, Reduction, GeneralReduction,
+    Fallback), on every kernel; the first rule that schedules it wins. Unlike DLight's own
+    pass, a rule that fails on a kernel (GEMV asserts on some reductions in TVM 0.27) is
+    passed over rather than ending the compile."""
+    from tvm import tirx
+    from tvm.s_tir import Schedule, dlight
 
-    return _pipeline
+    rules = [dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
+             dlight.gpu.GeneralReduction(), dlight.gpu.Fallback()]
+    for gv, func in list(mod.functions_items()):
+        if not isinstance(func, tirx.PrimFunc) or func.attrs.get(SCHEDULED_ATTR):
+            continue
+        for rule in rules:
+            try:
+                space = rule.apply(func, target, False)
+            except Exception:  # noqa: BLE001 - a rule's own bug: try the next one
+                continue
+            if space is None:
+                continue
+            sch = space if isinstance(space, Schedule) else space[0]
+            mod[gv] = sch.mod["main"].with_attr(SCHEDULED_ATTR, True)
+            name = f"{STRATEGY}.{type(rule).__name__.lower()}"
+            counts[name] = counts.get(name, 0) + 1
+            break
+        else:
+            raise UnsupportedOpError(f"no GPU schedule for kernel '{gv.name_hint}' (every "
+                                     f"DLight rule failed on it)")
+    return mod
+
+
+def lower(mod: "ir.IRModule", target: "object") -> "ir.IRModule":
+    """A scheduled module -> what ``relax.build`` compiles for the GPU."""
+    import tvm
+    from tvm.relax.backend.cuda import pipeline as cuda
+
+    with target:
+        return tvm.transform.Sequential(cuda.dataflow_lower_passes(target)
+                                        + cuda.finalize_passes(target))(mod)
+
+
+# ----------------------------------------------------------------------------- CPU emulation
+#: ``T.thread_binding(extent[, ...], thread="threadIdx.x"[, annotations=...])`` in TVMScript
+_THREAD_LOOP = re.compile(
+    r'T\.thread_binding\(((?:[^,()]+(?:\([^()]*\))?, )*)thread="[^"]+"(, annotations=)?')
+#: GPU memory scopes, all plain memory on a CPU
+_GPU_SCOPES = re.compile(r'scope="(shared|shared\.dyn|local|warp)"')
+
+
+def serialize_threads(func: "tirx.PrimFunc") -> "tirx.PrimFunc":
+    """A GPU-scheduled kernel as a CPU function: every loop bound to a GPU thread or block
+    becomes a serial loop and shared or local buffers plain memory, all else unchanged.
+
+    Each stage of a scheduled kernel (a cooperative load into shared memory, the compute, a
+    cross-thread reduction) is its own thread-bound loop nest, and the barrier between stages
+    sits between the nests: run serially, all threads of one stage finish before the next
+    begins, which is what the barrier guarantees on the GPU. So the function computes what
+    the kernel's schedule computes, on the CPU. TVM 0.27 has no Python statement mutator: the
+    rewrite goes through TVMScript text and back, and fails loudly if a binding is left."""
+    import tvm
+
+    text = func.script()
+    text = _THREAD_LOOP.sub(lambda m: "T.serial(" + m.group(1)[:-2]
+                            + (", annotations=" if m.group(2) else ""), text)
+    text = _GPU_SCOPES.sub('scope="global"', text)
+    if "thread_binding" in text or "launch_thread" in text:
+        raise RuntimeError("a GPU thread binding survived serialization (a TVMScript form "
+                           "sparsec does not know: a bug)")
+    return tvm.script.from_source(text)
+
+
+def emulation_module(scheduled: "ir.IRModule") -> "ir.IRModule":
+    """The GPU-scheduled module with every kernel serialized (:func:`serialize_threads`),
+    lowered for the CPU."""
+    import tvm
+    from tvm import tirx
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    funcs = {gv: serialize_threads(f) if isinstance(f, tirx.PrimFunc) else f
+             for gv, f in scheduled.functions_items()}
+    mod = tvm.IRModule(funcs, attrs=scheduled.attrs)
+    target = tvm.target.Target({"kind": "llvm"})
+    with target:
+        return tvm.transform.Sequential(cpu.dataflow_lower_passes(target)
+                                        + cpu.finalize_passes(target))(mod)
 
 
 def kernel_source(ex) -> str:
@@ -163,11 +245,17 @@ def ptxas_resources(log: str) -> dict[str, dict]:
 
 
 def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | Path,
-                 log: Callable[[str], None] = print) -> dict:
+                 log: Callable[[str], None] = print,
+                 emulation_lib: str | Path | None = None) -> dict:
     """Compile ``model`` for a CUDA target: the library at ``lib_path`` and, beside it,
     ``kernels.cu`` and ``kernels.fatbin`` (module docstring). Returns the manifest's facts,
     as :func:`sparsec.targets.host.compile_onnx` does, with ``cuda``: arch, nvcc's version,
-    the source's sha256 and ptxas' per-kernel resources."""
+    the source's sha256 and ptxas' per-kernel resources.
+
+    With ``emulation_lib``, the same scheduled kernels are also built for this CPU with their
+    thread loops serialized (:func:`emulation_module`) into that library: where no GPU is
+    present, running it checks the schedules' numerics (not nvcc's code, which only a GPU
+    runs)."""
     import tvm
     from tvm import relax
 
@@ -184,10 +272,15 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
     log(f"importing ONNX graph ({len(model.graph.node)} nodes) into Relax")
     mod = import_onnx(model)
     counts: dict[str, int] = {}
-    log(f"compiling for {target.name} ({target.description})")
+    log(f"compiling for {target.name} ({target.description})"
+        + ("; the same schedules for this CPU, threads serialized, to check them"
+           if emulation_lib is not None else ""))
     with native_stderr_to(log), tvm_target, compile_callback(arch):
-        lowered = build_pipeline(tvm_target, counts)(mod)
-        ex = relax.build(lowered, tvm_target, relax_pipeline=None)
+        scheduled = schedule(mod, tvm_target, counts)
+        ex = relax.build(lower(scheduled, tvm_target), tvm_target, relax_pipeline=None)
+        if emulation_lib is not None:
+            relax.build(emulation_module(scheduled), tvm.target.Target({"kind": "llvm"}),
+                        relax_pipeline=None).export_library(str(emulation_lib))
     source = kernel_source(ex)
     fcompile = None
     if not target.native:
@@ -200,7 +293,7 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
     with _atomic_path(lib_path.parent / SOURCE) as tmp:
         tmp.write_text(source)
         tmp.chmod(0o644)
-    log(f"nvcc: compiling {counts.get(STRATEGY, 0)} kernels for {arch}")
+    log(f"nvcc: compiling {sum(counts.values())} kernels for {arch}")
     with _atomic_path(lib_path.parent / FATBIN) as tmp:
         resources = compile_fatbin(source, arch, tmp)
         tmp.chmod(0o644)
