@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Callable
 
 from sparsec.errors import ToolchainError, UnsupportedOpError
 from sparsec.targets import TargetSpec
-from sparsec.targets.kernels.common import SCHEDULED_ATTR
+from sparsec.targets.kernels.common import SCHEDULED_ATTR, STRATEGY_ATTR
 
 if TYPE_CHECKING:
     import onnx
@@ -61,18 +61,24 @@ def nvcc() -> str:
     return found
 
 
-def schedule(mod: "ir.IRModule", target: "object", counts: dict[str, int]) -> "ir.IRModule":
-    """Relax module -> every kernel scheduled onto GPU threads (module docstring); the
-    kernels are counted into ``counts`` per DLight rule that scheduled them."""
+def schedule(mod: "ir.IRModule", target: "object", counts: dict[str, int],
+             decisions: list[dict] | None = None) -> "ir.IRModule":
+    """Relax module -> every kernel scheduled onto GPU threads (module docstring): sparsec's
+    CUDA kernels where they fit (sparse weights, ``kernels/sparse_cuda.py``; the choices go to
+    ``decisions``), DLight's rules for the rest. The kernels are counted into ``counts`` per
+    strategy or DLight rule."""
     import tvm
     from tvm import relax
     from tvm.relax.backend.cuda import pipeline as cuda
 
     from sparsec.targets.host import safe_take_pass
+    from sparsec.targets.kernels.rewrite import rewrite_pass
 
     with target:
         mod = tvm.transform.Sequential(
-            [safe_take_pass(), relax.transform.DeadCodeElimination()]
+            [safe_take_pass(), rewrite_pass(1, decisions if decisions is not None else [],
+                                            device="cuda"),
+             relax.transform.DeadCodeElimination()]
             + cuda.library_dispatch_passes(target)
             + [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
                relax.transform.FoldConstant(), relax.transform.FuseOps(),
@@ -91,7 +97,11 @@ def apply_rules(mod: "ir.IRModule", target: "object", counts: dict[str, int]) ->
     rules = [dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
              dlight.gpu.GeneralReduction(), dlight.gpu.Fallback()]
     for gv, func in list(mod.functions_items()):
-        if not isinstance(func, tirx.PrimFunc) or func.attrs.get(SCHEDULED_ATTR):
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        if func.attrs.get(SCHEDULED_ATTR):     # one of ours
+            name = str(func.attrs.get(STRATEGY_ATTR, "scheduled"))
+            counts[name] = counts.get(name, 0) + 1
             continue
         for rule in rules:
             try:
@@ -272,11 +282,12 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
     log(f"importing ONNX graph ({len(model.graph.node)} nodes) into Relax")
     mod = import_onnx(model)
     counts: dict[str, int] = {}
+    decisions: list[dict] = []
     log(f"compiling for {target.name} ({target.description})"
         + ("; the same schedules for this CPU, threads serialized, to check them"
            if emulation_lib is not None else ""))
     with native_stderr_to(log), tvm_target, compile_callback(arch):
-        scheduled = schedule(mod, tvm_target, counts)
+        scheduled = schedule(mod, tvm_target, counts, decisions)
         ex = relax.build(lower(scheduled, tvm_target), tvm_target, relax_pipeline=None)
         if emulation_lib is not None:
             relax.build(emulation_module(scheduled), tvm.target.Target({"kind": "llvm"}),
@@ -307,7 +318,7 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
         "tvm_version": tvm.__version__,
         "target": dict(target.tvm_target),
         "kernels": counts,
-        "decisions": [],
+        "decisions": decisions,
         "inputs": graph_input_names(model),
         "outputs": [o.name for o in model.graph.output],
         "cuda": {"arch": arch, "nvcc": nvcc_version(tool), "source": SOURCE, "fatbin": FATBIN,

@@ -28,6 +28,7 @@ class StrategyInfo:
     op: str  # Relax op name, e.g. "relax.matmul"
     efficiency: float  # fraction of peak FMA throughput, for the cost rule
     description: str
+    device: str = "cpu"  # where its kernels run (the CPU back end, or targets/cuda.py)
 
 
 STRATEGIES: tuple[StrategyInfo, ...] = (
@@ -58,8 +59,15 @@ STRATEGIES: tuple[StrategyInfo, ...] = (
                  "channel's zero-padded plane (split into stride phases) per task, (rows x "
                  "8-lane vectors) register tile along the output width; bound by activation "
                  "traffic, so the efficiency is low by design"),
+    StrategyInfo("nm_sparse_cuda", "relax.matmul", 0.10,
+                 "CUDA, few rows (M <= 8): constant W compressed per output channel to its "
+                 "nonzeros, K-major (int8 in-group offsets for N:M patterns, int16/int32 "
+                 "indices else); one thread per channel gathers X. Chosen when it reads <= 3/4 "
+                 "of the dense weight bytes (a bytes rule: the regime is memory-bound)",
+                 device="cuda"),
     StrategyInfo(FALLBACK, "*", 0.02,
-                 "LegalizeOps + FuseOps, then DLight CPU rules or a parallel+vectorize schedule"),
+                 "LegalizeOps + FuseOps, then DLight rules (CPU: or a parallel+vectorize "
+                 "schedule; CUDA: DLight's GPU rules, targets/cuda.py)"),
 )
 
 BY_NAME: dict[str, StrategyInfo] = {s.name: s for s in STRATEGIES}

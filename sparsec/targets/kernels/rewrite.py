@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from sparsec.targets import kernels, tuning
-from sparsec.targets.kernels import batch_matmul, bsr, conv2d, dense, depthwise, pointwise
+from sparsec.targets.kernels import (batch_matmul, bsr, conv2d, dense, depthwise, pointwise,
+                                     sparse_cuda)
 from sparsec.targets.kernels.common import Activation
 
 if TYPE_CHECKING:
@@ -382,7 +383,59 @@ def _pointwise(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, out: tuple,
     return Plan(name, emit, info=info, shape=kshape), work
 
 
+def _match_sparse_cuda(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | None:
+    """``nm_sparse_cuda`` for a matmul by a constant sparse W with few rows, when the
+    compressed weight is at most 3/4 of the dense bytes (kernels/sparse_cuda.py)."""
+    x, w_expr = call.args
+    w = a.const(w_expr)
+    xs, out = _static_shape(x), _static_shape(call)
+    if (w is None or w.ndim != 2 or xs is None or out is None or len(xs) < 2
+            or a.const(x) is not None):
+        return None
+    if _dtype(x) not in SUPPORTED_DTYPES or str(w.dtype) != _dtype(x) or _dtype(call) != _dtype(x):
+        return None
+    k, n = w.shape
+    m = 1
+    for d in xs[:-1]:
+        m *= d
+    if m > sparse_cuda.MAX_ROWS:
+        return None
+    fmt = sparse_cuda.plan(w)
+    dense_bytes = w.size * w.itemsize
+    if sparse_cuda.weight_bytes(fmt, n, w.itemsize) * 4 > dense_bytes * 3:
+        return None
+    dtype = _dtype(x)
+
+    def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
+             ) -> "relax.Expr":
+        from tvm import relax
+
+        vals, offs = sparse_cuda.pack_weight(w, fmt)
+        func = sparse_cuda.build(m, k, n, fmt, dtype, bias=bias is not None, act=act,
+                                 residual=residual is not None)
+        gv = bb.add_func(func, sparse_cuda.NAME)
+        x2 = args[0] if len(xs) == 2 else bb.emit(relax.op.reshape(args[0], (m, k)))
+        call_args = [x2, relax.const(vals), relax.const(offs)] + (
+            [relax.const(bias)] if bias is not None else [])
+        if residual is not None:
+            call_args.append(residual if len(xs) == 2 else bb.emit(
+                relax.op.reshape(residual, (m, n))))
+        y = relax.call_tir(gv, call_args, relax.TensorType((m, n), dtype))
+        return y if len(xs) == 2 else relax.op.reshape(bb.emit(y), out)
+
+    pattern = f"{fmt.per_group}:{fmt.group}" if fmt.group else "unstructured"
+    info = {"op": "matmul", "shape": {"M": m, "K": k, "N": n}, "pattern": pattern,
+            "kept_per_channel": fmt.kept,
+            "weight_bytes": {"dense": int(dense_bytes),
+                             "sparse": sparse_cuda.weight_bytes(fmt, n, w.itemsize)}}
+    plan = Plan(sparse_cuda.NAME, emit, info=info,
+                shape={"m": m, "k": k, "n": n, "kept": fmt.kept, "dtype": dtype})
+    return [(plan, {"macs": m * fmt.kept * n})]
+
+
 _MATCHERS = {"relax.matmul": _match_dense, "relax.nn.conv2d": _match_conv}
+#: the heavy ops with a sparsec kernel per device (the rest go to the device's generic rules)
+MATCHERS_BY_DEVICE = {"cpu": _MATCHERS, "cuda": {"relax.matmul": _match_sparse_cuda}}
 
 
 def _channel_bias(a: _Analysis, heavy_var: Any, add_call: "relax.Call", channel_axis: int
@@ -466,12 +519,14 @@ def _clip_bound(a: _Analysis, mod: "ir.IRModule | None", tail: Any) -> tuple[Any
     return None
 
 
-def plan_function(func: "relax.Function", cores: int, mod: "ir.IRModule | None" = None
-                  ) -> tuple[dict, dict, list[dict]]:
+def plan_function(func: "relax.Function", cores: int, mod: "ir.IRModule | None" = None,
+                  device: str = "cpu") -> tuple[dict, dict, list[dict]]:
     """Choose a strategy for each heavy op; returns (plans by var, aliases, decisions).
-    ``mod`` holds the PrimFuncs the function calls (to recognise Clip)."""
+    ``mod`` holds the PrimFuncs the function calls (to recognise Clip); ``device`` selects
+    the kernels (``MATCHERS_BY_DEVICE``)."""
     from tvm import relax
 
+    matchers = MATCHERS_BY_DEVICE[device]
     a = _Analysis(func)
     params = set(func.params)
     plans: dict[Any, Plan] = {}
@@ -481,7 +536,7 @@ def plan_function(func: "relax.Function", cores: int, mod: "ir.IRModule | None" 
         call = a.bindings[var]
         if not isinstance(call, relax.Call) or not isinstance(call.op, tvm_op_type()):
             continue
-        matcher = _MATCHERS.get(call.op.name)
+        matcher = matchers.get(call.op.name)
         if matcher is None:
             continue
         try:
@@ -596,7 +651,7 @@ def _make_mutator():
     return KernelRewriter
 
 
-def rewrite_pass(cores: int, decisions_out: list[dict]):
+def rewrite_pass(cores: int, decisions_out: list[dict], device: str = "cpu"):
     """Module pass running :func:`plan_function` + the rewriter on every Relax function."""
     import tvm
     from tvm import relax
@@ -608,7 +663,7 @@ def rewrite_pass(cores: int, decisions_out: list[dict]):
         all_plans: dict = {}
         all_aliases: dict = {}
         for _, func in work:
-            plans, aliases, decisions = plan_function(func, cores, mod)
+            plans, aliases, decisions = plan_function(func, cores, mod, device)
             all_plans.update(plans)
             all_aliases.update(aliases)
             decisions_out.extend(decisions)
