@@ -566,6 +566,7 @@ def run(package_dir: str | os.PathLike, inputs: dict[str, np.ndarray] | str | os
     """Run a compiled package on ``inputs`` (dict or .npz path); outputs keyed by name."""
     pkg = Package.load(package_dir)
     feeds = inputs if isinstance(inputs, dict) else pkg.read_inputs(inputs)
+    reference.check_ranges(feeds, pkg.inputs)
     outs = _runner(pkg).run(feeds)
     return {spec["name"]: out for spec, out in zip(pkg.outputs, outs)}
 
@@ -617,6 +618,7 @@ def validate(package_dir: str | os.PathLike, inputs=None, *, rtol: float = RTOL,
         feeds = reference.random_feeds(pkg.inputs, seed)
     else:
         feeds = inputs if isinstance(inputs, dict) else pkg.read_inputs(inputs)
+        reference.check_ranges(feeds, pkg.inputs)
     report = _compare(pkg.outputs, reference.run(model, feeds), runner.run(feeds), rtol, atol)
     if check:
         _raise_if_mismatch(report)

@@ -75,9 +75,46 @@ def random_feeds(signature: list[dict], seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def signature(graph: Graph, names: list[str]) -> list[dict]:
-    """``[{"name", "shape", "dtype"}, ...]`` of the named tensors (inputs or outputs)."""
-    return [{"name": n, "shape": list(graph.shape(n)), "dtype": graph.values[n].dtype}
-            for n in names]
+    """``[{"name", "shape", "dtype"}, ...]`` of the named tensors (inputs or outputs), with
+    ``"range": [lo, hi]`` for an integer input that indexes a table (see ``index_ranges``)."""
+    ranges = index_ranges(graph)
+    return [{"name": n, "shape": list(graph.shape(n)), "dtype": graph.values[n].dtype,
+             **({"range": list(ranges[n])} if n in ranges else {})} for n in names]
+
+
+def index_ranges(graph: Graph) -> dict[str, tuple[int, int]]:
+    """Graph inputs that a Gather reads as indices (token ids into an embedding table), with
+    the values that are valid for every such Gather: ``[-s, s - 1]`` for a table of ``s``
+    rows (ONNX counts negative indices from the end). ONNX Runtime refuses anything else; a
+    compiled library must not read out of bounds, so ``run`` and the C API refuse it too."""
+    inputs = set(graph.inputs)
+    out: dict[str, tuple[int, int]] = {}
+    for node in graph.nodes:
+        if node.op_type != "Gather" or len(node.inputs) < 2 or node.inputs[1] not in inputs:
+            continue
+        shape = graph.shape(node.inputs[0])
+        rows = int(shape[int(node.attr("axis", 0)) % len(shape)])
+        lo, hi = out.get(node.inputs[1], (-rows, rows - 1))
+        out[node.inputs[1]] = (max(lo, -rows), min(hi, rows - 1))
+    return out
+
+
+def check_ranges(feeds: dict[str, np.ndarray], signature: list[dict]) -> None:
+    """``BadOptionError`` (exit 6) naming the first value outside its input's ``range``."""
+    from sparsec.errors import BadOptionError
+
+    for spec in signature:
+        if "range" not in spec or spec["name"] not in feeds:
+            continue
+        lo, hi = spec["range"]
+        values = np.asarray(feeds[spec["name"]])
+        bad = np.flatnonzero((values < lo) | (values > hi))
+        if bad.size:
+            at = np.unravel_index(bad[0], values.shape)
+            raise BadOptionError(
+                f"input '{spec['name']}' holds {values[at]} at {list(map(int, at))}, outside "
+                f"[{lo}, {hi}], the rows of the table it indexes ({bad.size} such value"
+                f"{'s' if bad.size > 1 else ''}; a token id past the vocabulary?)")
 
 
 def random_inputs(graph: Graph, seed: int = 0) -> dict[str, np.ndarray]:

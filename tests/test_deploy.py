@@ -207,6 +207,90 @@ def test_c_api_reference_check_catches_differences(packages, host_runtime, tmp_p
         in proc.stdout
 
 
+def embedding_model():
+    """ids [1, 6] -> Gather from a 100-row table -> Relu."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    emb = np.random.default_rng(0).standard_normal((100, 16)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["emb", "ids"], ["e"]), helper.make_node("Relu", ["e"],
+                                                                             ["y"])], "embed",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 16])],
+        [numpy_helper.from_array(emb, "emb")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    return model
+
+
+EMBED_PROGRAM = r"""
+#include <stdio.h>
+#include "embed.h"
+
+int main(int argc, char** argv) {
+  /* argv[1]: model.so; the ids: valid ones (negative ones count from the end), then one past
+   * the table */
+  int64_t good[6] = {0, 5, 99, -1, -100, 42}, bad[6] = {0, 5, 100, 1, 2, 3};
+  float y[6 * 16];
+  const void* in[1] = {good};
+  void* out[1] = {y};
+  sparsec_model* m = argc == 2 ? sparsec_open(&embed_spec, argv[1]) : NULL;
+  if (!m) { printf("open: %s\n", sparsec_last_error()); return 2; }
+  int ok = sparsec_run(m, in, out);
+  printf("good %d y[3*16] %g\n", ok, y[3 * 16]);
+  in[0] = bad;
+  int refused = sparsec_run(m, in, out);
+  printf("bad %d '%s'\n", refused, sparsec_last_error());
+  sparsec_close(m);
+  return ok != 0 || refused == 0;
+}
+"""
+
+
+def test_index_inputs_out_of_range_are_refused(host_runtime, tmp_path):
+    """Token ids outside the embedding table: ONNX Runtime refuses them, so do sparsec.run,
+    validate and the C API (the range is in the manifest and the C header); ids inside it,
+    negative ones too, match ONNX Runtime."""
+    import sparsec as api
+    from sparsec.errors import BadOptionError
+
+    src = tmp_path / "embed.onnx"
+    onnx.save(embedding_model(), str(src))
+    pkg = tmp_path / "embed"
+    manifest = api.compile(src, pkg, name="embed")
+    assert manifest["inputs"][0]["range"] == [-100, 99]
+    assert "embed_input0_range[] = {-100, 99}" in (pkg / "embed.h").read_text()
+    good = {"ids": np.array([[0, 5, 99, -1, -100, 42]], np.int64)}
+    want = reference_run(src, good)
+    np.testing.assert_array_equal(api.run(pkg, good)["y"], want)
+    with pytest.raises(BadOptionError, match=r"'ids' holds 100 at \[0, 2\], outside \[-100, 99\]"):
+        api.run(pkg, {"ids": np.array([[0, 5, 100, 1, 2, -101]], np.int64)})
+    np.savez(tmp_path / "bad.npz", ids=np.array([[0, 0, 0, 0, 0, -101]], np.int64))
+    proc = sparsec("run", pkg, "--inputs", tmp_path / "bad.npz")
+    assert_clean_error(proc, 6, "'ids' holds -101 at [0, 5]")
+    (tmp_path / "embed.c").write_text(EMBED_PROGRAM)
+    inc = ["-I", host_runtime / "include", "-I", pkg]
+    run(["gcc", "-std=c99", "-Wall", "-Werror", "-c", tmp_path / "embed.c", "-o",
+         tmp_path / "embed.o", *inc])
+    run(["g++", "-std=c++17", "-O2", "-c", host_runtime / "src" / "sparsec_runtime.cc", "-o",
+         tmp_path / "capi.o", *inc])
+    exe = tmp_path / "embed_check"
+    run(["g++", tmp_path / "embed.o", tmp_path / "capi.o", "-L", host_runtime / "lib",
+         "-Wl,--as-needed", "-ltvm_runtime", "-ltvm_ffi",
+         f"-Wl,-rpath,{host_runtime / 'lib'}", "-o", exe])
+    proc = subprocess.run([exe, pkg / "model.so"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"y[3*16] {float(want[0, 3, 0]):g}" in proc.stdout      # id -1: the table's last row
+    assert "bad -1 'input ids holds 100 at element 2, outside [-100, 99]" in proc.stdout
+
+
+def reference_run(path: Path, feeds: dict) -> np.ndarray:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None,
+                                                                                  feeds)[0]
+
+
 # --------------------------------------------------------------------------- CMake
 def cmake_build(build: Path, *defs: str, toolchain: bool = False) -> str:
     need("cmake")

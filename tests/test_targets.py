@@ -729,8 +729,9 @@ def test_bool_mask_kernels_compile_and_match(host, tmp_path):
 
 
 def test_gather_with_out_of_range_ids_does_not_crash(host, tmp_path):
-    """Gather with run-time indices (token ids -> embedding rows) clamps an out-of-range id
-    instead of reading out of bounds. Run in a subprocess: a regression would segfault."""
+    """Gather with run-time indices (token ids -> embedding rows) wraps an out-of-range id
+    modulo the table instead of reading out of bounds (``run`` and the C API refuse such ids
+    before this: tests/test_deploy.py). Run in a subprocess: a regression would segfault."""
     from sparsec.targets.host import compile_onnx
 
     emb = np.random.default_rng(0).standard_normal((100, 16)).astype(np.float32)
@@ -754,6 +755,7 @@ def test_gather_with_out_of_range_ids_does_not_crash(host, tmp_path):
     assert done.returncode == 0, done.stderr
     y = np.load(tmp_path / "y.npy")
     # in range (negative ids count from the end, as in ONNX): ONNX Runtime's rows; out of
-    # range: the nearest valid row (ONNX Runtime refuses those ids)
-    clamped = np.array([[0, 99, 99, 0, 97, 7]], np.int64)
-    np.testing.assert_array_equal(y, run_ort(model, {"ids": clamped})[0])
+    # range: a row inside the table (ONNX Runtime refuses those ids)
+    wrapped = ids % 100
+    assert wrapped.tolist() == [[0, 99, 0, 0, 97, 7]]
+    np.testing.assert_array_equal(y, run_ort(model, {"ids": wrapped})[0])

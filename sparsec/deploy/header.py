@@ -15,7 +15,7 @@ C_DTYPES = {"float32": "SPARSEC_FLOAT32", "float16": "SPARSEC_FLOAT16",
             "float64": "SPARSEC_FLOAT64", "int64": "SPARSEC_INT64", "int32": "SPARSEC_INT32",
             "int8": "SPARSEC_INT8", "uint8": "SPARSEC_UINT8", "bool": "SPARSEC_BOOL"}
 #: sparsec.h's SPARSEC_API_VERSION this generator writes for
-API_VERSION = 1
+API_VERSION = 2
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -63,8 +63,14 @@ def _tensors(name: str, kind: str, signature: list[dict]) -> list[str]:
         lines += [f"/* {kind} {i}: {_comment(repr(spec['name']))}, {spec['dtype']} {shape} */",
                   f"#define {upper}_{kind.upper()}{i}_NUMEL {numel}",
                   f"static const int64_t SPARSEC_UNUSED {name}_{kind}{i}_shape[] = {{{dims}}};"]
+        bounds = "NULL"
+        if "range" in spec:
+            lo, hi = (int(v) for v in spec["range"])
+            lines.append(f"static const int64_t SPARSEC_UNUSED {name}_{kind}{i}_range[] = "
+                         f"{{{lo}, {hi}}};")
+            bounds = f"{name}_{kind}{i}_range"
         entries.append(f"    {{{_c_string(spec['name'])}, {C_DTYPES[spec['dtype']]}, "
-                       f"{len(shape)}, {name}_{kind}{i}_shape, {nbytes}}},")
+                       f"{len(shape)}, {name}_{kind}{i}_shape, {nbytes}, {bounds}}},")
     lines += [f"static const sparsec_tensor_spec SPARSEC_UNUSED {name}_{kind}s[] = {{",
               *entries, "};", ""]
     return lines

@@ -2,7 +2,7 @@
 weights, and a runner.
 
 Pipeline (compare ``tvm/relax/backend/cpu_generic/pipeline.py``, the "zero" default):
-  from_onnx -> SparsecSafeTake (Gather clamps run-time indices)
+  from_onnx -> SparsecSafeTake (Gather wraps run-time indices: never out of bounds)
   -> SparsecKernelRewrite (our kernels, weights packed) -> DeadCodeElimination
   -> FastMathTransform (softmax, exp, erf, tanh) -> LegalizeOps -> AnnotateTIROpPattern
   -> FoldConstant -> FuseOps -> FuseTIR
@@ -92,9 +92,12 @@ def _count_strategies(mod: "ir.IRModule") -> dict[str, int]:
 
 
 def safe_take_pass():
-    """Relax pass: ``take`` (ONNX Gather) with run-time indices clamps them (``mode="clip"``)
-    instead of the frontend's ``fast`` mode, which reads out of bounds for an out-of-range
-    index (a token id past the vocabulary): the library must never crash on input data."""
+    """Relax pass: ``take`` (ONNX Gather) with run-time indices wraps them modulo the table
+    (``mode="wrap"``) instead of the frontend's ``fast`` mode, which reads out of bounds for
+    an out-of-range index (a token id past the vocabulary): the library must never crash on
+    input data. Wrapping is ONNX's own reading of the valid negative indices ``[-s, -1]``;
+    values outside ``[-s, s - 1]`` are refused before a run (``reference.check_ranges``, the
+    C API's ``sparsec_run``)."""
     import tvm
     from tvm import relax
 
@@ -107,7 +110,7 @@ def safe_take_pass():
                     and not isinstance(call.args[1], tvm.ir.expr.GenericConst)):
                 axis = call.attrs.axis
                 return relax.op.take(call.args[0], call.args[1],
-                                     None if axis is None else int(axis), mode="clip")
+                                     None if axis is None else int(axis), mode="wrap")
             return call
 
     @tvm.transform.module_pass(opt_level=0, name="SparsecSafeTake")

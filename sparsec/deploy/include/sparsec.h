@@ -27,7 +27,7 @@
 extern "C" {
 #endif
 
-#define SPARSEC_API_VERSION 1
+#define SPARSEC_API_VERSION 2
 
 /* model headers define their specs as static data: no warning where a file does not use one */
 #if defined(__GNUC__) || defined(__clang__)
@@ -53,6 +53,9 @@ typedef struct {
   int ndim;
   const int64_t* shape;
   size_t nbytes;         /* product of the shape times the element size */
+  const int64_t* range;  /* NULL, or {lo, hi}: the values an index input may hold (token ids:
+                          * [-rows, rows - 1] of the table it indexes); sparsec_run refuses
+                          * others */
 } sparsec_tensor_spec;
 
 typedef struct {
@@ -73,7 +76,8 @@ typedef struct sparsec_model sparsec_model;
 sparsec_model* sparsec_open(const sparsec_model_spec* spec, const char* library);
 
 /* Run once: inputs[i] holds spec->inputs[i].nbytes bytes, outputs[i] receives
- * spec->outputs[i].nbytes bytes. Returns 0 on success, nonzero on error. */
+ * spec->outputs[i].nbytes bytes. Returns 0 on success, nonzero on error: an index input with a
+ * value outside its spec's range is an error (nothing runs). */
 int sparsec_run(sparsec_model* model, const void* const* inputs, void* const* outputs);
 
 /* Run the package's reference pair (reference/inputs.bin, reference/outputs.bin: the inputs and

@@ -93,6 +93,24 @@ size_t element_size(sparsec_dtype dtype) {
   return (dl.bits * dl.lanes + 7) / 8;
 }
 
+/* The first value of an index input outside its spec's range, as an error message ("" if
+ * all are inside). */
+std::string out_of_range(const sparsec_tensor_spec& spec, const void* data) {
+  if (spec.range == nullptr) return "";
+  const char* p = static_cast<const char*>(data);
+  size_t size = element_size(spec.dtype);
+  for (size_t k = 0; k < spec.nbytes; k += size) {
+    double v = as_double(p + k, spec.dtype);
+    if (v < static_cast<double>(spec.range[0]) || v > static_cast<double>(spec.range[1])) {
+      return "input " + std::string(spec.name) + " holds " +
+             std::to_string(static_cast<long long>(v)) + " at element " +
+             std::to_string(k / size) + ", outside [" + std::to_string(spec.range[0]) + ", " +
+             std::to_string(spec.range[1]) + "], the rows of the table it indexes";
+    }
+  }
+  return "";
+}
+
 }  // namespace
 
 /* The Relax VM's executable loader registers itself when libtvm_runtime is loaded. A program
@@ -155,6 +173,10 @@ int sparsec_run(sparsec_model* model, const void* const* inputs, void* const* ou
   const sparsec_model_spec* spec = model->spec;
   try {
     std::vector<tvm::ffi::AnyView> args;
+    for (int i = 0; i < spec->num_inputs; ++i) {
+      std::string bad = out_of_range(spec->inputs[i], inputs[i]);
+      if (!bad.empty()) return fail(bad);
+    }
     for (int i = 0; i < spec->num_inputs; ++i) {
       std::memcpy(model->inputs[i].data_ptr(), inputs[i], spec->inputs[i].nbytes);
       args.emplace_back(model->inputs[i]);

@@ -88,21 +88,16 @@ def pack_weight(w_kn: "np.ndarray", fmt: Format) -> tuple["np.ndarray", "np.ndar
     import numpy as np
 
     k, n = w_kn.shape
-    vals = np.zeros((fmt.kept, n), dtype=w_kn.dtype)
-    offs = np.zeros((fmt.kept, n), dtype=fmt.index_dtype)
-    for c in range(n):
-        if fmt.group:
-            col = w_kn[:, c].reshape(k // fmt.group, fmt.group)
-            for g in range(k // fmt.group):
-                nz = np.flatnonzero(col[g])
-                base = g * fmt.per_group
-                vals[base: base + len(nz), c] = col[g, nz]
-                offs[base: base + len(nz), c] = nz
-        else:
-            nz = np.flatnonzero(w_kn[:, c])
-            vals[: len(nz), c] = w_kn[nz, c]
-            offs[: len(nz), c] = nz
-    return vals, offs
+    # nonzeros first, in K order (a stable sort of "is zero"); padding picks up zeros
+    if fmt.group:
+        groups = w_kn.reshape(k // fmt.group, fmt.group, n)
+        order = np.argsort(groups == 0, axis=1, kind="stable")[:, : fmt.per_group]
+        vals = np.take_along_axis(groups, order, axis=1).reshape(fmt.kept, n)
+        offs = order.reshape(fmt.kept, n)
+    else:
+        offs = np.argsort(w_kn == 0, axis=0, kind="stable")[: fmt.kept]
+        vals = np.take_along_axis(w_kn, offs, axis=0)
+    return np.ascontiguousarray(vals), np.ascontiguousarray(offs.astype(fmt.index_dtype))
 
 
 def weight_bytes(fmt: Format, n: int, itemsize: int = 4) -> int:
