@@ -119,7 +119,7 @@ def test_header_matches_manifest(packages):
     header = (packages / "cnn" / "cnn.h").read_text()
     assert '#define CNN_SYSTEM_LIB_PREFIX "cnn_"' in header
     assert "#define CNN_INPUT0_NUMEL 64" in header and "#define CNN_OUTPUT0_NUMEL 10" in header
-    assert "{\"image\", SPARSEC_FLOAT32, 4, cnn_input0_shape, 256}" in header
+    assert "{\"image\", SPARSEC_FLOAT32, 4, cnn_input0_shape, 256, NULL}" in header
     assert m["inputs"] == [{"name": "image", "shape": [1, 1, 8, 8], "dtype": "float32"}]
 
 
