@@ -345,3 +345,17 @@ def test_sparse_model_gets_sparse_cuda_kernels(tmp_path):
     dense = api.compile(EXAMPLES / "digits_mlp.onnx", tmp_path / "dense", target="cuda-sm80")
     assert "nm_sparse_cuda" not in dense["compile"]["kernels"]
     assert all(d["chosen"] == "fallback" for d in dense["compile"]["decisions"])
+
+
+@needs_nvcc
+def test_jetson_package_has_aarch64_host_code_and_sm87_kernels(tmp_path):
+    """An edge GPU: TVM's Jetson Orin Nano tag is an sm_87 GPU with an aarch64 host, so the
+    library is cross-compiled for aarch64 and the kernels for sm_87."""
+    if shutil.which("aarch64-linux-gnu-g++") is None:
+        pytest.skip("needs g++-aarch64-linux-gnu")
+    out = tmp_path / "orin"
+    manifest = api.compile(EXAMPLES / "digits_cnn.onnx", out, target="nvidia/jetson-orin-nano")
+    assert manifest["target"]["triple"] == "aarch64-linux-gnu"
+    assert manifest["compile"]["cuda"]["fatbin_contents"] == ["sm_87 SASS", "compute_87 PTX"]
+    assert (out / "model.so").read_bytes()[18] == 183          # ELF e_machine: EM_AARCH64
+    assert manifest["reference"]["check"]["via"] == "cuda-schedules-on-cpu"
