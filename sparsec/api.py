@@ -495,11 +495,14 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
 
 
 def tune(model: ModelLike, *, target: str = "host", budget: float = 60.0,
-         input_shapes: InputShapes | str | None = None, log: Log = _quiet) -> list[dict]:
+         input_shapes: InputShapes | str | None = None, check: bool = True,
+         log: Log = _quiet) -> list[dict]:
     """Time the schedule variants of every kernel ``model`` compiles to, within ``budget``
     seconds, and record the fastest in the tuning cache that ``compile`` reads (see
     ``sparsec/targets/tuning.py``). ``model`` may be a package directory (its pruned model is
-    tuned). Only this machine's CPU can be tuned. Returns one record per kernel tuned."""
+    tuned). Only this machine's CPU can be tuned. With ``check`` the whole model is then
+    timed with and without the new records, which compile uses only if it got faster.
+    Returns one record per kernel tuned, and the whole-model verdict."""
     from sparsec.targets import resolve_target, tuning
 
     spec = resolve_target(target)
@@ -510,7 +513,7 @@ def tune(model: ModelLike, *, target: str = "host", budget: float = 60.0,
         if not model.is_file():
             raise BadOptionError(f"{model.parent} is not a sparsec package (no {MODEL})")
     proto = to_onnx(load(model, input_shapes))
-    return tuning.tune(proto, spec, budget, log=log)
+    return tuning.tune(proto, spec, budget, log=log, check=check)
 
 
 def check_toolchain(spec) -> None:

@@ -168,11 +168,17 @@ def cmd_tune(args) -> int:
     from sparsec import api
 
     records = api.tune(args.model, target=args.target, budget=args.budget,
-                       input_shapes=args.input_shapes, log=_log(args))
-    kernels = [r for r in records if r["strategy"] != "choice"]
+                       input_shapes=args.input_shapes, check=not args.keep_all, log=_log(args))
+    kernels = [r for r in records if r["strategy"] not in ("choice", "whole_model")]
+    choices = [r for r in records if r["strategy"] == "choice"]
     faster = [r for r in kernels if r["default_ms"] and r["best_ms"] < r["default_ms"]]
     print(f"tuned {len(kernels)} kernels ({len(faster)} faster than the default schedule); "
-          f"measured {len(records) - len(kernels)} strategy choices")
+          f"measured {len(choices)} strategy choices")
+    for r in records:
+        if r["strategy"] == "whole_model":
+            ms = r["ms"]
+            print(f"whole model {ms['untuned']:.3f} ms -> {ms['tuned']:.3f} ms: "
+                  + ("kept" if r["kept"] else "not faster, so compile will not use them"))
     return 0
 
 
@@ -382,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--target", default="host", help="a target of this machine (default host)")
     sp.add_argument("--budget", type=float, default=60.0, metavar="SECONDS",
                     help="time limit (default 60)")
+    sp.add_argument("--keep-all", action="store_true",
+                    help="keep the fastest variants even when the whole model does not get "
+                         "faster with them (by default it is timed with and without them)")
     sp.set_defaults(func=cmd_tune)
 
     sp = sub.add_parser("targets", help="the targets compile knows, with their TVM targets")

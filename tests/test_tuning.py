@@ -42,7 +42,7 @@ def test_tune_records_the_fastest_variant_and_compile_uses_it(cache_file, tmp_pa
     host = resolve_target("host")
     model = small_net()
     logs: list[str] = []
-    records = tuning.tune(model, host, budget_s=120, log=logs.append)
+    records = tuning.tune(model, host, budget_s=120, log=logs.append, check=False)
     kernels = [r for r in records if r["strategy"] != "choice"]
     choices = [r for r in records if r["strategy"] == "choice"]
     strategies = sorted(r["strategy"] for r in kernels)
@@ -107,7 +107,7 @@ def test_tune_cli(cache_file, tmp_path):
         return subprocess.run([sys.executable, "-m", "sparsec", *argv], capture_output=True,
                               text=True, env=env)
 
-    ok = cli("tune", str(path), "--budget", "120")
+    ok = cli("tune", str(path), "--budget", "120", "--keep-all")
     assert ok.returncode == 0, ok.stderr
     assert "tuned 4 kernels" in ok.stdout and cache_file.is_file(), ok.stdout
     pkg = cli("compile", str(path), "-o", str(tmp_path / "pkg"))
@@ -147,7 +147,7 @@ def test_measured_choice_between_dense_and_block_sparse(cache_file, tmp_path):
                        {"w": rng.standard_normal((256, 512)) / 16})
     model = to_onnx(sparsec.prune(model, sparsity=0.6, sparsity_pattern="16x1").graph)
     host = resolve_target("host")
-    records = tuning.tune(model, host, budget_s=120, log=lambda s: None)
+    records = tuning.tune(model, host, budget_s=120, log=lambda s: None, check=False)
     [choice] = [r for r in records if r["strategy"] == "choice"]
     assert set(choice["ms"]) == {"dense_packed", "bsr_dense"}
     assert choice["choice"] == min(choice["ms"], key=choice["ms"].__getitem__)
@@ -156,3 +156,47 @@ def test_measured_choice_between_dense_and_block_sparse(cache_file, tmp_path):
     assert d["chosen"] == choice["choice"] and d["chosen_by"] == "measurement"
     assert facts["kernels"] == {choice["choice"]: 1}
     assert_matches_ort(model, feeds, outs)
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_records_are_kept_only_if_the_whole_model_gets_faster(cache_file, monkeypatch, faster):
+    """After timing kernels alone, tune times the whole model with and without the session's
+    records (here the verdict is forced, to test both paths deterministically): kept, compile
+    builds the tuned kernels; not faster, they stay in the cache marked rejected, compile
+    ignores them and the next tune does not time them again."""
+    host = resolve_target("host")
+    model = small_net()
+    seen = {}
+
+    def verdict(fns, **_kw):
+        seen.update({k: fn() for k, fn in fns.items()})   # both libraries really run
+        return {"untuned": 1.0, "tuned": 0.5 if faster else 0.99}
+
+    monkeypatch.setattr(tuning, "interleaved_ms", verdict)
+    logs: list[str] = []
+    records = tuning.tune(model, host, budget_s=120, log=logs.append)
+    [whole] = [r for r in records if r["strategy"] == "whole_model"]
+    assert whole["kept"] is faster and set(seen) == {"untuned", "tuned"}
+    for a, b in zip(seen["untuned"], seen["tuned"]):   # same model, other knobs: same numbers
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert any(("kept" if faster else "recorded as rejected") in line for line in logs)
+    with tuning.using(tuning.Cache(), dict(host.tvm_target)):
+        knobs = [tuning.knobs_for(s, sh) for s, sh in tuning.kernels_of(model, host)]
+    assert all((k is not None) is faster for k in knobs)
+    facts = compile_onnx(model, host, cache_file.parent / "m.so", log=lambda s: None)
+    assert any("tuned" in d for d in facts["decisions"]) is faster
+    assert any(d.get("chosen_by") == "measurement" for d in facts["decisions"]) is faster
+    assert tuning.tune(model, host, budget_s=120, log=lambda s: None) == []
+
+
+def test_whole_model_check_really_times(cache_file):
+    """The check with real timing: a verdict either way, consistent with the cache."""
+    host = resolve_target("host")
+    records = tuning.tune(small_net(), host, budget_s=120, log=lambda s: None)
+    [whole] = [r for r in records if r["strategy"] == "whole_model"]
+    assert whole["ms"]["untuned"] > 0 and whole["ms"]["tuned"] > 0
+    assert whole["kept"] == (whole["ms"]["tuned"] <= whole["ms"]["untuned"]
+                             * (1 - tuning.KEEP_MARGIN))
+    entries = json.loads(cache_file.read_text())
+    rejected = [e for t in entries.values() for e in t.values() if "rejected" in e]
+    assert bool(rejected) is not whole["kept"]

@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     import onnx
     from tvm import ir
 
+    from sparsec.targets import tuning
+
 @contextlib.contextmanager
 def native_stderr_to(log: Callable[[str], None]):
     """Route what native code (TVM's C++ logging) writes to fd 2 through ``log``, so that its
@@ -170,7 +172,7 @@ def import_onnx(model: "onnx.ModelProto") -> "ir.IRModule":
 
 def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | Path,
                  log: Callable[[str], None] = print, *, static_lib: str | Path | None = None,
-                 system_lib_prefix: str = "", tuned: bool = True) -> dict:
+                 system_lib_prefix: str = "", tuned: "bool | tuning.Cache" = True) -> dict:
     """Compile a static-shaped ONNX model to a shared library at ``lib_path``, and with
     ``static_lib`` also to a static archive for system-lib linking, whose symbols and VM
     executable register under ``system_lib_prefix`` (so that several models link into one
@@ -184,7 +186,8 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
     input/output names in call order.
 
     With ``tuned`` (the default) kernels recorded in the tuning cache (``sparsec tune``,
-    ``targets/tuning.py``) are built with their measured-best knobs.
+    ``targets/tuning.py``; or in the ``tuning.Cache`` given) are built with their
+    measured-best knobs.
 
     A CUDA target goes to :func:`sparsec.targets.cuda.compile_onnx` (no static archive).
     """
@@ -204,7 +207,7 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
     log(f"compiling for {target.name} ({target.description})")
     from sparsec.targets import tuning
 
-    cache = tuning.Cache() if tuned else None
+    cache = tuned if isinstance(tuned, tuning.Cache) else tuning.Cache() if tuned else None
     with native_stderr_to(log):
         with tvm_target, tuning.using(cache, dict(target.tvm_target)):
             lowered = build_pipeline(tvm_target, cores, decisions, counts)(mod)

@@ -190,7 +190,7 @@ def measured_choice(alternatives: list[tuple[str, dict]]) -> str | None:
     if active is None:
         return None
     record = active[0].get(active[1], "choice", _choice_key(alternatives))
-    return None if record is None else record["choice"]
+    return None if record is None or "rejected" in record else record["choice"]
 
 
 def build_tuned(strategy: str, shape: dict, **flags) -> "tirx.PrimFunc":
@@ -204,7 +204,7 @@ def knobs_for(strategy: str, shape: dict) -> dict | None:
     if active is None:
         return None
     record = active[0].get(active[1], strategy, shape)
-    return None if record is None else record["knobs"]
+    return None if record is None or "rejected" in record else record["knobs"]
 
 
 # --------------------------------------------------------------------------- tuner
@@ -280,14 +280,17 @@ def kernels_of(model: "onnx.ModelProto", target: "TargetSpec", alternatives: lis
 
 
 def tune(model: "onnx.ModelProto", target: "TargetSpec", budget_s: float,
-         cache: Cache | None = None, log: Callable[[str], None] = print) -> list[dict]:
+         cache: Cache | None = None, log: Callable[[str], None] = print,
+         check: bool = True) -> list[dict]:
     """Time every variant of every tunable kernel of ``model``, in the order the model uses
     them, until ``budget_s`` seconds are spent (a kernel started is finished), record the
     fastest in ``cache`` and save it. Kernels already in the cache, and kernels with a single
     variant, are skipped. Then ops that several strategies can serve (dense or block-sparse)
     get each strategy timed, and compile follows the measurement instead of the cost rule's
-    estimate. Returns one record per kernel tuned (and per choice measured,
-    ``strategy == "choice"``) here."""
+    estimate. Last (``check``), the whole model is timed with and without this session's
+    records and they are kept only if it got faster (:func:`_check_whole_model`). Returns one
+    record per kernel tuned (and per choice measured, ``strategy == "choice"``) here, and the
+    whole-model verdict (``strategy == "whole_model"``)."""
     from sparsec.errors import BadOptionError
 
     if not target.native:
@@ -346,14 +349,78 @@ def tune(model: "onnx.ModelProto", target: "TargetSpec", budget_s: float,
             best = min(ms, key=ms.__getitem__)
             cache.put(tkey, "choice", _choice_key(alts),
                       {"choice": best, "ms": {k: round(v, 5) for k, v in ms.items()}})
-            records.append({"strategy": "choice", "choice": best, "ms": ms})
+            records.append({"strategy": "choice", "choice": best, "ms": ms,
+                            "alternatives": alts})
             log(f"  choice {' / '.join(ms)}: {best} "
                 f"({', '.join(f'{k} {v:.4f} ms' for k, v in ms.items())})")
-    cache.save()
     n_choices = sum(r["strategy"] == "choice" for r in records)
     log(f"tuned {len(records) - n_choices} kernels and measured {n_choices} strategy "
         f"choices in {time.monotonic() - start:.1f} s")
+    if records and check:
+        records.append(_check_whole_model(model, target, cache, tkey, records, log))
+    cache.save()
     return records
+
+
+#: how much faster the whole model must run with this session's records for them to be kept
+KEEP_MARGIN = 0.02
+
+
+def _check_whole_model(model: "onnx.ModelProto", target: "TargetSpec", cache: Cache, tkey: str,
+                       records: list[dict], log: Callable[[str], None]) -> dict:
+    """Kernels timed alone (hot caches, one at a time) are not the model: build the whole
+    model with and without this session's records, time both interleaved, and keep the
+    records only if the tuned model is at least ``KEEP_MARGIN`` faster. Otherwise they stay in
+    the cache marked ``rejected`` (compile ignores them, ``tune`` does not time them again).
+    Returns the verdict as a record (``strategy == "whole_model"``)."""
+    import tempfile
+
+    from sparsec import reference
+    from sparsec.frontends.onnx import load_onnx
+    from sparsec.targets.host import compile_onnx, graph_input_names, load_library
+
+    session = [("choice", _choice_key(r["alternatives"])) if r["strategy"] == "choice"
+               else (r["strategy"], r["shape"]) for r in records]
+    before = Cache(cache.path)   # the cache as it was before this session
+    before.data = {t: dict(entries) for t, entries in cache.data.items()}
+    for strategy, shape in session:
+        before.data.get(tkey, {}).pop(_key(strategy, shape), None)
+    quiet = lambda _msg: None  # noqa: E731
+    with tempfile.TemporaryDirectory() as work:
+        libs = {}
+        for label, which in (("untuned", before), ("tuned", cache)):
+            compile_onnx(model, target, Path(work) / f"{label}.so", log=quiet, tuned=which)
+            libs[label] = load_library(Path(work) / f"{label}.so", graph_input_names(model))
+        feeds = reference.random_inputs(load_onnx(model))
+        ms = interleaved_ms({k: (lambda r=r: r.run(feeds)) for k, r in libs.items()})
+    kept = ms["tuned"] <= ms["untuned"] * (1 - KEEP_MARGIN)
+    if not kept:
+        for strategy, shape in session:
+            cache.put(tkey, strategy, shape, {**cache.get(tkey, strategy, shape), "rejected": ms})
+    log(f"whole model: {ms['untuned']:.3f} ms with the earlier records, {ms['tuned']:.3f} ms "
+        f"with this session's: {'kept' if kept else 'not faster, recorded as rejected'}")
+    return {"strategy": "whole_model", "kept": kept, "ms": ms}
+
+
+def interleaved_ms(fns: dict[str, Callable[[], object]], seconds: float = 3.0,
+                   block: int = 5) -> dict[str, float]:
+    """Median ms per function, run in alternating blocks of ``block`` calls (the first call
+    of a block not counted: the other function's threads may still be spinning) until each
+    has run for about ``seconds``: both see the same background load."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+    spent = 0.0
+    while spent < seconds * len(fns) or min(len(t) for t in times.values()) < 5:
+        for name, fn in fns.items():
+            for i in range(block + 1):
+                t0 = time.perf_counter()
+                fn()
+                dt = time.perf_counter() - t0
+                spent += dt
+                if i:
+                    times[name].append(dt)
+    return {k: statistics.median(t) * 1e3 for k, t in times.items()}
 
 
 def _default_knobs(strategy: str, shape: dict) -> dict | None:
