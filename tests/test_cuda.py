@@ -214,6 +214,9 @@ def test_run_and_tune_refuse_a_cuda_package_without_a_gpu(tmp_path):
                            "--target", "cuda-sm80", "--tune", "5", "-o", str(tmp_path / "t")],
                           capture_output=True, text=True)
     assert proc.returncode == 6 and "CPU only" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "sparsec", "tune", str(out), "--target",
+                           "cuda-sm80"], capture_output=True, text=True)
+    assert proc.returncode == 6 and "not this machine's CPU" in proc.stderr
 
 
 @needs_gpu

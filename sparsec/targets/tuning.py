@@ -293,9 +293,9 @@ def tune(model: "onnx.ModelProto", target: "TargetSpec", budget_s: float,
     whole-model verdict (``strategy == "whole_model"``)."""
     from sparsec.errors import BadOptionError
 
-    if not target.native:
-        raise BadOptionError(f"tuning times kernels on this machine; target '{target.name}' "
-                             "is not this machine's CPU")
+    if not (target.runs_here and target.device == "cpu"):
+        raise BadOptionError(f"tuning times kernels on this machine's CPU; target "
+                             f"'{target.name}' is not this machine's CPU")
     cache = cache or Cache()
     tkey = target_key(dict(target.tvm_target))
     alternatives: list = []

@@ -31,6 +31,13 @@ ROW_TILES = (4, 6, 5, 3, 2, 1)
 K_UNROLL = 4
 
 
+def lanes_for(m: int) -> int:
+    """Packed block width for ``m`` rows. One or two rows (batch-1 inference) give a tile
+    of one or two vectors, a single chain of dependent FMAs per vector: 32-wide blocks double
+    the independent chains (768x3072 at M=1 on znver4: 0.18 -> 0.12 ms; at M=4 no change)."""
+    return 32 if m <= 2 else LANES
+
+
 def pack_weight(w_kn: "np.ndarray", lanes: int = LANES) -> "np.ndarray":
     """[K, N] -> [ceil(N/lanes), K, lanes], zero padded on N."""
     import numpy as np
@@ -43,13 +50,15 @@ def pack_weight(w_kn: "np.ndarray", lanes: int = LANES) -> "np.ndarray":
 
 
 def build(m: int, k: int, n: int, dtype: str = "float32", bias: bool = False,
-          act: Activation | None = None, residual: bool = False, lanes: int = LANES,
+          act: Activation | None = None, residual: bool = False, lanes: int | None = None,
           rows: tuple[int, ...] = ROW_TILES) -> "tirx.PrimFunc":
     """The scheduled PrimFunc ``(X[M,K], Wp[NB,K,lanes] [, B[N]] [, R[M,N]], Y[M,N])``.
 
-    ``lanes`` is the packed block width; ``rows`` the preferred row-tile sizes (first that
-    divides M wins)."""
+    ``lanes`` is the packed block width (``lanes_for(m)`` by default: W must be packed the
+    same way); ``rows`` the preferred row-tile sizes (first that divides M wins)."""
     from tvm import s_tir, te
+
+    lanes = lanes or lanes_for(m)
 
     nb = -(-n // lanes)
     x = te.placeholder((m, k), dtype, name="X")

@@ -159,7 +159,7 @@ def _match_dense(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | 
                 idx, data = bsr.pack_weight(w)
                 weights = [relax.const(idx), relax.const(data)]
             else:
-                weights = [relax.const(dense.pack_weight(w))]
+                weights = [relax.const(dense.pack_weight(w, dense.lanes_for(m)))]
             func = tuning.build_tuned(strategy, shapes[strategy], **flags)
             gv = bb.add_func(func, strategy)
             x2 = args[0] if len(xs) == 2 else bb.emit(relax.op.reshape(args[0], (m, k)))
