@@ -427,7 +427,7 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
 
             tuning.tune(proto, spec, tune, log=log)
         prefix = f"{name}_"
-        on_cpu = spec.device == "cpu"   # CUDA packages: no static archive or C API yet
+        on_cpu = spec.device == "cpu"   # CUDA packages: no static archive yet
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         if on_cpu:
             facts = compile_onnx(proto, spec, tmp / LIBRARY, log=log,
@@ -440,10 +440,10 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
         feeds = {s["name"]: result.sample[s["name"]] for s in inputs}
         expected = reference.run(proto, feeds)
         write_reference(tmp / "reference", inputs, outputs, feeds, expected)
-        if on_cpu:
-            (tmp / header_name(name)).write_text(c_header(
-                name, prefix, inputs, outputs, ATOL, RTOL,
-                f"{Path(source).name} compiled for {spec.name} ({facts['tvm_version']})"))
+        (tmp / header_name(name)).write_text(c_header(
+            name, prefix, inputs, outputs, ATOL, RTOL,
+            f"{Path(source).name} compiled for {spec.name} ({facts['tvm_version']})",
+            spec.device))
         check, via = None, "native"
         try:
             runner = _load_runner(spec, tmp, name, inputs, outputs, log, facts.get("cuda"))
@@ -477,7 +477,7 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
             "inputs": inputs,
             "outputs": outputs,
             "library": {"shared": LIBRARY, "static": archive_name(name) if on_cpu else None,
-                        "header": header_name(name) if on_cpu else None,
+                        "header": header_name(name),
                         "system_lib_prefix": prefix if on_cpu else None},
             "reference": {"inputs": "reference/inputs.npz", "outputs": "reference/outputs.npz",
                           "inputs_bin": "reference/inputs.bin",

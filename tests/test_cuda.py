@@ -362,3 +362,62 @@ def test_jetson_package_has_aarch64_host_code_and_sm87_kernels(tmp_path):
     assert manifest["compile"]["cuda"]["fatbin_contents"] == ["sm_87 SASS", "compute_87 PTX"]
     assert (out / "model.so").read_bytes()[18] == 183          # ELF e_machine: EM_AARCH64
     assert manifest["reference"]["check"]["via"] == "cuda-schedules-on-cpu"
+
+
+@needs_nvcc
+def test_c_api_opens_a_cuda_package_or_says_why_not(tmp_path):
+    """A CUDA package has a C header (device type 2) that compiles with the C API against the
+    runtime `sparsec runtime --target cuda` writes (which carries libtvm_runtime_cuda.so); a
+    program opens it on a GPU and runs the reference pair, and without one sparsec_open fails
+    with a message, not a crash. Asking for the static archive is refused."""
+    if shutil.which("gcc") is None or shutil.which("g++") is None:
+        pytest.skip("needs gcc and g++")
+    pkg = tmp_path / "mlp"
+    manifest = api.compile(EXAMPLES / "digits_mlp.onnx", pkg, target="cuda-sm80", name="mlp")
+    header = (pkg / "mlp.h").read_text()
+    assert manifest["library"]["header"] == "mlp.h" and "1e-05, 0.0001, 2};" in header
+    rt = tmp_path / "rt"
+    proc = subprocess.run([sys.executable, "-m", "sparsec", "runtime", "--target", "cuda-sm80",
+                           "-o", str(rt)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (rt / "lib" / "libtvm_runtime_cuda.so").is_file()
+    (tmp_path / "check.c").write_text(CUDA_CHECK)
+    inc = ["-I", str(rt / "include"), "-I", str(pkg)]
+    for cmd in (["gcc", "-std=c99", "-Wall", "-Werror", "-c", str(tmp_path / "check.c"), "-o",
+                 str(tmp_path / "check.o"), *inc],
+                ["g++", "-std=c++17", "-O2", "-Wall", "-Werror", "-c",
+                 str(rt / "src" / "sparsec_runtime.cc"), "-o", str(tmp_path / "capi.o"), *inc],
+                ["g++", str(tmp_path / "check.o"), str(tmp_path / "capi.o"), "-ldl", "-L",
+                 str(rt / "lib"), "-ltvm_runtime", "-ltvm_ffi", f"-Wl,-rpath,{rt / 'lib'}",
+                 "-o", str(tmp_path / "check")]):
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    run = subprocess.run([str(tmp_path / "check"), str(pkg)], capture_output=True, text=True)
+    assert "static: a CUDA model opens from its model.so" in run.stdout, run.stdout + run.stderr
+    if cuda_available():
+        assert run.returncode == 0 and "status 0" in run.stdout, run.stdout
+    else:
+        assert run.returncode == 1 and "open: " in run.stdout, run.stdout + run.stderr
+        assert "cannot load the TVM CUDA runtime" in run.stdout or "CUDA" in run.stdout
+
+
+CUDA_CHECK = r"""
+#include <stdio.h>
+#include "mlp.h"
+
+int main(int argc, char** argv) {
+  char lib[1024], in[1024], out[1024];
+  double err = -1;
+  if (argc != 2) return 2;
+  if (sparsec_open(&mlp_spec, NULL) == NULL) printf("static: %s\n", sparsec_last_error());
+  snprintf(lib, sizeof lib, "%s/model.so", argv[1]);
+  snprintf(in, sizeof in, "%s/reference/inputs.bin", argv[1]);
+  snprintf(out, sizeof out, "%s/reference/outputs.bin", argv[1]);
+  sparsec_model* m = sparsec_open(&mlp_spec, lib);
+  if (m == NULL) { printf("open: %s\n", sparsec_last_error()); return 1; }
+  int status = sparsec_check_reference(m, in, out, &err);
+  printf("status %d err %g '%s'\n", status, err, sparsec_last_error());
+  sparsec_close(m);
+  return status != 0;
+}
+"""

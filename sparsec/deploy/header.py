@@ -76,9 +76,14 @@ def _tensors(name: str, kind: str, signature: list[dict]) -> list[str]:
     return lines
 
 
+#: sparsec_model_spec.device_type per TargetSpec.device (DLPack's device types)
+DEVICE_TYPES = {"cpu": 1, "cuda": 2}
+
+
 def c_header(name: str, prefix: str, inputs: list[dict], outputs: list[dict], atol: float,
-             rtol: float, about: str) -> str:
-    """The text of ``NAME.h``; ``about`` is one line on where the model came from."""
+             rtol: float, about: str, device: str = "cpu") -> str:
+    """The text of ``NAME.h``; ``about`` is one line on where the model came from, ``device``
+    where its kernels run."""
     check_name(name)
     guard = f"SPARSEC_MODEL_{name.upper()}_H_"
     upper = name.upper()
@@ -99,7 +104,7 @@ def c_header(name: str, prefix: str, inputs: list[dict], outputs: list[dict], at
         f"static const sparsec_model_spec SPARSEC_UNUSED {name}_spec = {{",
         f"    {API_VERSION}, {_c_string(name)}, {_c_string(prefix)},",
         f"    {len(inputs)}, {name}_inputs, {len(outputs)}, {name}_outputs,",
-        f"    {atol!r}, {rtol!r}}};",
+        f"    {atol!r}, {rtol!r}, {DEVICE_TYPES[device]}}};",
         "",
         f"#endif /* {guard} */",
         "",

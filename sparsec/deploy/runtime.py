@@ -1,6 +1,7 @@
 """``sparsec runtime``: the TVM runtime a program needs to run a package, for one target.
 
-    DIR/lib/libtvm_runtime.so, libtvm_ffi.so   the runtime (about 5 MB)
+    DIR/lib/libtvm_runtime.so, libtvm_ffi.so   the runtime (about 5 MB); for a CUDA target
+                                               also libtvm_runtime_cuda.so
     DIR/include/                               TVM runtime + tvm-ffi + DLPack headers, sparsec.h
     DIR/src/sparsec_runtime.cc                 the C API (compiled into the program)
     DIR/runtime.json                           versions, where the libraries came from, hashes
@@ -36,6 +37,8 @@ PLATFORMS = {"aarch64-linux-gnu": "manylinux_2_28_aarch64"}
 #: (distribution, library inside its wheel, header directory inside its wheel)
 PARTS = (("apache-tvm", "tvm/lib/libtvm_runtime.so", "tvm/include"),
          ("apache-tvm-ffi", "tvm_ffi/lib/libtvm_ffi.so", "tvm_ffi/include"))
+#: the apache-tvm wheel's CUDA runtime sidecar, shipped for CUDA targets
+CUDA_PART = "tvm/lib/libtvm_runtime_cuda.so"
 
 
 def cache_dir() -> Path:
@@ -100,6 +103,9 @@ def build_runtime(target: str, out_dir: str | os.PathLike, *, wheel_dir: str | N
                 shutil.copyfile(roots[dist] / lib, tmp / "lib" / Path(lib).name)
                 shutil.copytree(roots[dist] / include, tmp / "include", dirs_exist_ok=True)
                 sources[dist] = {"installed": metadata.version(dist)}
+            if spec.device == "cuda":   # the CUDA module loader (needs the CUDA driver to load)
+                cuda = roots["apache-tvm"] / CUDA_PART
+                shutil.copyfile(cuda, tmp / "lib" / cuda.name)
         else:
             wheels = _wheels(spec, Path(wheel_dir) if wheel_dir else None, log)
             for dist, lib, include in PARTS:

@@ -178,10 +178,16 @@ def emulation_module(scheduled: "ir.IRModule") -> "ir.IRModule":
 
 
 def kernel_source(ex) -> str:
-    """The CUDA source a built executable holds (its one CUDA module)."""
+    """The CUDA source a built executable holds (its one CUDA module: TVM's source-only
+    stand-in without a CUDA runtime, which answers "cuda" with the source it keeps; a real
+    CUDA module, where a GPU runtime is present, keeps the source beside its binary)."""
     def walk(module):
         if module.kind == "cuda":
-            return module.inspect_source("")
+            for fmt in ("cuda", "cu", ""):
+                source = module.inspect_source(fmt)
+                if source and "__global__" in source:
+                    return source
+            return None
         for sub in module.imports:
             found = walk(sub)
             if found is not None:

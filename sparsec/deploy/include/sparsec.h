@@ -67,6 +67,10 @@ typedef struct {
   int num_outputs;
   const sparsec_tensor_spec* outputs;
   double atol, rtol;                /* reference check: |y - ref| <= atol + rtol * max|ref| */
+  int device_type;                  /* where the kernels run: 1 the CPU, 2 a CUDA GPU (DLPack's
+                                     * kDLCPU / kDLCUDA); a CUDA model opens from its model.so,
+                                     * with the package's kernels.fatbin beside it, and needs
+                                     * libtvm_runtime_cuda.so beside libtvm_runtime.so */
 } sparsec_model_spec;
 
 typedef struct sparsec_model sparsec_model;
@@ -76,8 +80,9 @@ typedef struct sparsec_model sparsec_model;
 sparsec_model* sparsec_open(const sparsec_model_spec* spec, const char* library);
 
 /* Run once: inputs[i] holds spec->inputs[i].nbytes bytes, outputs[i] receives
- * spec->outputs[i].nbytes bytes. Returns 0 on success, nonzero on error: an index input with a
- * value outside its spec's range is an error (nothing runs). */
+ * spec->outputs[i].nbytes bytes (host memory, also for a CUDA model: the copies to and from
+ * the GPU are made here). Returns 0 on success, nonzero on error: an index input with a value
+ * outside its spec's range is an error (nothing runs). */
 int sparsec_run(sparsec_model* model, const void* const* inputs, void* const* outputs);
 
 /* Run the package's reference pair (reference/inputs.bin, reference/outputs.bin: the inputs and

@@ -1,7 +1,7 @@
 /*
  * The C API of sparsec.h over the TVM runtime: a package's library (model.so, or the statically
  * linked libNAME.a) holds a Relax VM executable; this loads it, keeps one aligned tensor per
- * input, and copies the caller's buffers in and the results out.
+ * input (on the GPU for a CUDA model), and copies the caller's buffers in and the results out.
  */
 #include "sparsec.h"
 
@@ -13,10 +13,13 @@
 #include <tvm/ffi/function.h>
 #include <tvm/runtime/c_backend_api.h>
 
+#include <dlfcn.h>
+
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -124,7 +127,45 @@ struct sparsec_model {
   tvm::ffi::Module vm;
   tvm::ffi::Function main;
   std::vector<tvm::ffi::Tensor> inputs;
+  bool on_gpu;
 };
+
+namespace {
+
+/* A CUDA model's library holds its kernels as CUDA source: a CUDA-enabled TVM runtime loads it
+ * through libtvm_runtime_cuda.so, which compiles the source with the global function
+ * tvm_callback_cuda_compile. Here that function answers with the package's kernels.fatbin
+ * (nvcc's build of that source for the target's GPU, made when the package was compiled), so
+ * the device needs no compiler. */
+bool prepare_cuda(const char* library) {
+  Dl_info self;
+  if (dladdr(reinterpret_cast<void*>(&TVMBackendAllocWorkspace), &self) == 0) {
+    return fail("cannot locate libtvm_runtime.so"), false;
+  }
+  std::string dir(self.dli_fname);
+  dir = dir.substr(0, dir.find_last_of('/') + 1);
+  if (dlopen((dir + "libtvm_runtime_cuda.so").c_str(), RTLD_NOW | RTLD_GLOBAL) == nullptr) {
+    return fail(std::string("cannot load the TVM CUDA runtime: ") + dlerror()), false;
+  }
+  std::string lib(library);
+  std::string path = lib.substr(0, lib.find_last_of('/') + 1) + "kernels.fatbin";
+  std::ifstream f(path, std::ios::binary);
+  if (!f) return fail("cannot open " + path + " (a CUDA package's kernels)"), false;
+  std::string fatbin((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  tvm::ffi::Function::SetGlobal(
+      "tvm_callback_cuda_compile",
+      tvm::ffi::Function::FromPacked([fatbin](tvm::ffi::PackedArgs, tvm::ffi::Any* rv) {
+        *rv = tvm::ffi::Bytes(fatbin.data(), fatbin.size());
+      }),
+      true);
+  return true;
+}
+
+tvm::ffi::Function global(const char* name) {
+  return tvm::ffi::Function::GetGlobalRequired(name);
+}
+
+}  // namespace
 
 extern "C" {
 
@@ -136,7 +177,16 @@ sparsec_model* sparsec_open(const sparsec_model_spec* spec, const char* library)
                 std::to_string(spec->api_version) + ", this runtime implements " +
                 std::to_string(SPARSEC_API_VERSION)), nullptr;
   }
+  bool on_gpu = spec->device_type == kDLCUDA;
+  if (on_gpu && library == nullptr) {
+    return fail("a CUDA model opens from its model.so (there is no static archive)"), nullptr;
+  }
+  if (spec->device_type != kDLCPU && !on_gpu) {
+    return fail("device type " + std::to_string(spec->device_type) + " is not supported"),
+           nullptr;
+  }
   try {
+    if (on_gpu && !prepare_cuda(library)) return nullptr;
     tvm::ffi::Module lib =
         library != nullptr
             ? tvm::ffi::Module::LoadFromFile(library)
@@ -150,16 +200,20 @@ sparsec_model* sparsec_open(const sparsec_model_spec* spec, const char* library)
                                 ".a whole-archive)"), nullptr;
     }
     tvm::ffi::Module vm = (*load)().cast<tvm::ffi::Module>();
-    // device type, device id, allocator (2: pooled) for the one device and for the host
-    vm->GetFunction("vm_initialization").value()(static_cast<int>(kDLCPU), 0, 2,
+    // device type, device id, allocator (2: pooled) for the kernels' device and for the host
+    vm->GetFunction("vm_initialization").value()(spec->device_type, 0, 2,
                                                  static_cast<int>(kDLCPU), 0, 2);
-    auto model = new sparsec_model{spec, vm, vm->GetFunction("main").value(), {}};
-    DLDevice cpu{kDLCPU, 0};
+    auto model = new sparsec_model{spec, vm, vm->GetFunction("main").value(), {}, on_gpu};
+    DLDevice cpu{kDLCPU, 0}, gpu{kDLCUDA, 0};
     for (int i = 0; i < spec->num_inputs; ++i) {
       const sparsec_tensor_spec& in = spec->inputs[i];
       std::vector<int64_t> shape(in.shape, in.shape + in.ndim);
-      model->inputs.push_back(tvm::ffi::Tensor::FromNDAlloc(
-          AlignedAlloc(), tvm::ffi::Shape(shape), to_dl(in.dtype), cpu));
+      model->inputs.push_back(
+          on_gpu ? global("runtime.TVMTensorAllocWithScope")(
+                       tvm::ffi::Shape(shape), to_dl(in.dtype), gpu,
+                       tvm::ffi::Optional<tvm::ffi::String>()).cast<tvm::ffi::Tensor>()
+                 : tvm::ffi::Tensor::FromNDAlloc(AlignedAlloc(), tvm::ffi::Shape(shape),
+                                                 to_dl(in.dtype), cpu));
     }
     return model;
   } catch (const std::exception& e) {
@@ -178,7 +232,12 @@ int sparsec_run(sparsec_model* model, const void* const* inputs, void* const* ou
       if (!bad.empty()) return fail(bad);
     }
     for (int i = 0; i < spec->num_inputs; ++i) {
-      std::memcpy(model->inputs[i].data_ptr(), inputs[i], spec->inputs[i].nbytes);
+      if (model->on_gpu) {
+        global("runtime.TVMTensorCopyFromBytes")(model->inputs[i], const_cast<void*>(inputs[i]),
+                                                static_cast<int64_t>(spec->inputs[i].nbytes));
+      } else {
+        std::memcpy(model->inputs[i].data_ptr(), inputs[i], spec->inputs[i].nbytes);
+      }
       args.emplace_back(model->inputs[i]);
     }
     tvm::ffi::Any result;
@@ -196,7 +255,11 @@ int sparsec_run(sparsec_model* model, const void* const* inputs, void* const* ou
                     std::to_string(bytes) + " bytes, its spec " +
                     std::to_string(spec->outputs[i].nbytes));
       }
-      std::memcpy(outputs[i], outs[i].data_ptr(), bytes);
+      if (model->on_gpu) {
+        global("runtime.TVMTensorCopyToBytes")(outs[i], outputs[i], static_cast<int64_t>(bytes));
+      } else {
+        std::memcpy(outputs[i], outs[i].data_ptr(), bytes);
+      }
     }
     return 0;
   } catch (const std::exception& e) {
