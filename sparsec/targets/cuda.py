@@ -276,7 +276,7 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
     from tvm import relax
 
     from sparsec.targets.host import (
-        _atomic_path,
+        atomic_path,
         graph_input_names,
         import_onnx,
         native_stderr_to,
@@ -305,13 +305,13 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
 
         fcompile = cc.cross_compiler(target.tool("g++"))
     lib_path = Path(lib_path)
-    with _atomic_path(lib_path) as tmp:
+    with atomic_path(lib_path) as tmp:
         ex.export_library(str(tmp), fcompile=fcompile)
-    with _atomic_path(lib_path.parent / SOURCE) as tmp:
+    with atomic_path(lib_path.parent / SOURCE) as tmp:
         tmp.write_text(source)
         tmp.chmod(0o644)
     log(f"nvcc: compiling {sum(counts.values())} kernels for {arch}")
-    with _atomic_path(lib_path.parent / FATBIN) as tmp:
+    with atomic_path(lib_path.parent / FATBIN) as tmp:
         resources = compile_fatbin(source, arch, tmp)
         tmp.chmod(0o644)
     contents = fatbin_entries((lib_path.parent / FATBIN).read_bytes())

@@ -225,11 +225,11 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
         from tvm.support import cc
 
         fcompile = cc.cross_compiler(target.tool("g++"))
-    with _atomic_path(lib_path) as tmp:
+    with atomic_path(lib_path) as tmp:
         ex.export_library(str(tmp), fcompile=fcompile)
     log(f"library {Path(lib_path).stat().st_size:,} bytes; kernels: {counts}")
     if static is not None:
-        with _atomic_path(static_lib) as tmp:
+        with atomic_path(static_lib) as tmp:
             _export_archive(static, tmp, target.tool("ar"))
         log(f"static archive {Path(static_lib).stat().st_size:,} bytes "
             f"(symbol prefix '{system_lib_prefix}')")
@@ -244,7 +244,7 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
 
 
 @contextlib.contextmanager
-def _atomic_path(path: str | Path):
+def atomic_path(path: str | Path):
     """A temporary path beside ``path`` that is moved onto it when the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
