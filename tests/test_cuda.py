@@ -57,7 +57,7 @@ def test_compile_for_cuda_writes_a_checked_fatbin(target, arch, tmp_path):
                            log=logs.append)
     files = sorted(p.name for p in out.iterdir())
     assert files == ["kernels.cu", "kernels.fatbin", "manifest.json", "model.onnx", "model.so",
-                     "reference"]                                 # no C header or archive yet
+                     "pkg.h", "reference"]                           # no static archive
     facts = manifest["compile"]["cuda"]
     number = arch[len("sm_"):]
     assert fatbin_entries((out / "kernels.fatbin").read_bytes()) == [
@@ -72,7 +72,7 @@ def test_compile_for_cuda_writes_a_checked_fatbin(target, arch, tmp_path):
     assert all(r.startswith("dlight.") for r in rules) and "dlight.matmul" in rules  # the convs
     assert 0 < sum(rules.values()) <= len(kernels)
     assert all(0 < r["registers"] <= 255 for r in facts["kernels"].values())
-    assert manifest["library"]["header"] is None and manifest["library"]["static"] is None
+    assert manifest["library"]["header"] == "pkg.h" and manifest["library"]["static"] is None
     check = manifest["reference"]["check"]
     assert check["ok"] and check["max_abs_err"] < 1e-4
     if cuda_available():
