@@ -166,8 +166,9 @@ def _host_cpu() -> str:
 _LLVM_KEYS = ("kind", "mtriple", "mcpu", "mattr", "num-cores")
 
 
-def _llvm_spec(name: str, target: dict, description: str) -> TargetSpec:
-    """A spec for an LLVM CPU target given as a dict (raw JSON or a TVM tag's target)."""
+def _spec_from_dict(name: str, target: dict, description: str) -> TargetSpec:
+    """A spec for a target given as a dict (raw JSON or a TVM tag's target): an LLVM CPU, or
+    a CUDA GPU (:func:`_cuda_spec`)."""
     if target.get("kind") == "cuda":
         return _cuda_spec(name, target, description)
     target = {k: target[k] for k in _LLVM_KEYS if k in target}
@@ -211,7 +212,7 @@ def _cuda_spec(name: str, target: dict, description: str) -> TargetSpec:
     out = {"kind": "cuda", "arch": arch}
     out.update({k: target.get(k, v) for k, v in _CUDA_DEFAULTS.items()})
     host = target.get("host") or {"kind": "llvm"}
-    host = _llvm_spec(name, json_dict(host), "")
+    host = _spec_from_dict(name, json_dict(host), "")
     out["host"] = host.tvm_target
     return TargetSpec(name, out, description or f"NVIDIA GPU {arch} (CUDA, nvcc)",
                       channel_multiple=8, triple=host.triple, device="cuda")
@@ -237,7 +238,7 @@ def device_tags(usable: bool = True) -> dict[str, dict]:
             out[str(tag)] = config
             continue
         try:
-            _llvm_spec(str(tag), config, "")
+            _spec_from_dict(str(tag), config, "")
         except UnknownTargetError:
             continue
         out[str(tag)] = config
@@ -276,19 +277,19 @@ def resolve_target(name: str) -> TargetSpec:
             assert isinstance(target, dict)
         except (ValueError, AssertionError):
             raise UnknownTargetError(f"target '{name}' is not valid TVM target JSON") from None
-        return _llvm_spec(name, target, "TVM target given as JSON")
+        return _spec_from_dict(name, target, "TVM target given as JSON")
     if "/" in name:
         tags = device_tags()
         if name not in tags and name in (every := device_tags(usable=False)):
-            _llvm_spec(name, every[name], "")  # raises: a GPU, or a CPU we do not cross to
+            _spec_from_dict(name, every[name], "")  # raises: an old GPU, a CPU we cannot reach
         if name not in tags:
             raise UnknownTargetError(f"unknown device tag '{name}' (`sparsec targets` lists "
                                      f"the {len(tags)} tags sparsec compiles for)")
         tag = tags[name]
         if tag.get("kind") == "cuda":
-            return _llvm_spec(name, tag, f"{name}: NVIDIA {tag.get('arch')} (TVM device tag)")
-        return _llvm_spec(name, tag, f"{name}: {tag.get('mcpu', 'aarch64')}, "
-                                     f"{tag.get('num-cores', 4)} cores (TVM device tag)")
+            return _spec_from_dict(name, tag, f"{name}: NVIDIA {tag.get('arch')} (TVM device tag)")
+        return _spec_from_dict(name, tag, f"{name}: {tag.get('mcpu', 'aarch64')}, "
+                                          f"{tag.get('num-cores', 4)} cores (TVM device tag)")
     cores = _num_cores()
     if name == "host":
         cpu = _host_cpu()
