@@ -362,6 +362,13 @@ def test_jetson_package_has_aarch64_host_code_and_sm87_kernels(tmp_path):
     assert manifest["compile"]["cuda"]["fatbin_contents"] == ["sm_87 SASS", "compute_87 PTX"]
     assert (out / "model.so").read_bytes()[18] == 183          # ELF e_machine: EM_AARCH64
     assert manifest["reference"]["check"]["via"] == "cuda-schedules-on-cpu"
+    # the device's runtime: the aarch64 wheel's libraries, the CUDA module loader among them
+    rt = tmp_path / "rt"
+    proc = subprocess.run([sys.executable, "-m", "sparsec", "runtime", "--target",
+                           "nvidia/jetson-orin-nano", "-o", str(rt)], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (rt / "lib" / "libtvm_runtime_cuda.so").read_bytes()[18] == 183
 
 
 @needs_nvcc

@@ -112,6 +112,8 @@ def build_runtime(target: str, out_dir: str | os.PathLike, *, wheel_dir: str | N
                 wheel = wheels[dist]
                 with zipfile.ZipFile(wheel) as z:
                     (tmp / "lib" / Path(lib).name).write_bytes(z.read(lib))
+                    if dist == "apache-tvm" and spec.device == "cuda":
+                        (tmp / "lib" / Path(CUDA_PART).name).write_bytes(z.read(CUDA_PART))
                     for name in sorted(z.namelist()):
                         if name.startswith(include + "/") and not name.endswith("/"):
                             dest = tmp / "include" / name[len(include) + 1:]
