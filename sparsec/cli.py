@@ -388,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fix dynamic input dimensions, e.g. input_ids:1x128")
     sp.add_argument("--target", default="host", help="a target of this machine (default host)")
     sp.add_argument("--budget", type=float, default=60.0, metavar="SECONDS",
-                    help="time limit (default 60)")
+                    help="time limit for timing kernels (default 60); the whole-model check "
+                         "after it adds two compiles and a few seconds")
     sp.add_argument("--keep-all", action="store_true",
                     help="keep the fastest variants even when the whole model does not get "
                          "faster with them (by default it is timed with and without them)")
