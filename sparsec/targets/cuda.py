@@ -275,12 +275,7 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
     import tvm
     from tvm import relax
 
-    from sparsec.targets.host import (
-        atomic_path,
-        graph_input_names,
-        import_onnx,
-        native_stderr_to,
-    )
+    from sparsec.targets.host import atomic_path, compile_facts, import_onnx, native_stderr_to
 
     tool = nvcc()   # before any work: a missing toolkit is the user's first error
     tvm_target = tvm.target.Target(dict(target.tvm_target))
@@ -321,12 +316,7 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
         f"{(lib_path.parent / FATBIN).stat().st_size:,} bytes ({', '.join(contents)}); "
         f"{len(resources)} kernels, max {registers} registers, {len(spilling)} spilling")
     return {
-        "tvm_version": tvm.__version__,
-        "target": dict(target.tvm_target),
-        "kernels": counts,
-        "decisions": decisions,
-        "inputs": graph_input_names(model),
-        "outputs": [o.name for o in model.graph.output],
+        **compile_facts(model, target, counts, decisions),
         "cuda": {"arch": arch, "nvcc": nvcc_version(tool), "source": SOURCE, "fatbin": FATBIN,
                  "fatbin_contents": contents,
                  "source_sha256": hashlib.sha256(source.encode()).hexdigest(),

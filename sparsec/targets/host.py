@@ -233,6 +233,15 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
             _export_archive(static, tmp, target.tool("ar"))
         log(f"static archive {Path(static_lib).stat().st_size:,} bytes "
             f"(symbol prefix '{system_lib_prefix}')")
+    return compile_facts(model, target, counts, decisions)
+
+
+def compile_facts(model: "onnx.ModelProto", target: TargetSpec, counts: dict[str, int],
+                  decisions: list[dict]) -> dict:
+    """What every back end reports for the manifest: TVM version, target dict, kernel calls per
+    strategy, the per-op decisions, and the input/output names in call order."""
+    import tvm
+
     return {
         "tvm_version": tvm.__version__,
         "target": dict(target.tvm_target),

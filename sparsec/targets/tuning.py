@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import json
 import os
 import statistics
@@ -381,7 +382,7 @@ def _check_whole_model(model: "onnx.ModelProto", target: "TargetSpec", cache: Ca
 
     session = [("choice", _choice_key(r["alternatives"])) if r["strategy"] == "choice"
                else (r["strategy"], r["shape"]) for r in records]
-    before = Cache(cache.path)   # the cache as it was before this session
+    before = copy.copy(cache)    # the cache as it was before this session
     before.data = {t: dict(entries) for t, entries in cache.data.items()}
     for strategy, shape in session:
         before.data.get(tkey, {}).pop(_key(strategy, shape), None)

@@ -26,7 +26,7 @@ from sparsec.targets.kernels.common import Activation
 
 if TYPE_CHECKING:
     import numpy as np
-    from tvm import ir, relax
+    from tvm import ir, relax, tirx
 
 SUPPORTED_DTYPES = ("float32",)
 
@@ -131,23 +131,66 @@ def tvm_op_type():
 # --------------------------------------------------------------------------- matching
 
 
-def _match_dense(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | None:
+@dataclass
+class _Linear:
+    """``X[..., K] @ W[K, N]`` with W constant, run as the 2-D ``[M, K] @ [K, N]``."""
+
+    w: "np.ndarray"
+    xs: tuple[int, ...]
+    out: tuple[int, ...]
+    m: int
+    dtype: str
+
+    @property
+    def k(self) -> int:
+        return int(self.w.shape[0])
+
+    @property
+    def n(self) -> int:
+        return int(self.w.shape[1])
+
+    def emit(self, bb: "relax.BlockBuilder", func: "tirx.PrimFunc", name: str, args: list,
+             weights: list, bias, residual) -> "relax.Expr":
+        """The call of the kernel ``func`` (``(X, *weights [, B] [, R], Y)``), with X and the
+        residual flattened to M rows and Y reshaped back."""
+        from tvm import relax
+
+        flat = len(self.xs) == 2
+        gv = bb.add_func(func, name)
+        x2 = args[0] if flat else bb.emit(relax.op.reshape(args[0], (self.m, self.k)))
+        call_args = [x2, *weights] + ([relax.const(bias)] if bias is not None else [])
+        if residual is not None:
+            call_args.append(residual if flat else bb.emit(
+                relax.op.reshape(residual, (self.m, self.n))))
+        y = relax.call_tir(gv, call_args, relax.TensorType((self.m, self.n), self.dtype))
+        return y if flat else relax.op.reshape(bb.emit(y), self.out)
+
+
+def _linear(a: _Analysis, call: "relax.Call") -> _Linear | None:
+    """The matmul as a ``_Linear`` when W is a 2-D constant, X is not (a constant-only
+    product is FoldConstant's job), the shapes are static and the dtype supported."""
     x, w_expr = call.args
     w = a.const(w_expr)
     xs, out = _static_shape(x), _static_shape(call)
-    if w is None and a.const(x) is None:
-        return _match_batch_matmul(call)
-    if w is None or w.ndim != 2 or xs is None or out is None or len(xs) < 2:
+    if (w is None or w.ndim != 2 or xs is None or out is None or len(xs) < 2
+            or a.const(x) is not None):
         return None
     if _dtype(x) not in SUPPORTED_DTYPES or str(w.dtype) != _dtype(x) or _dtype(call) != _dtype(x):
         return None
-    if a.const(x) is not None:
-        return None  # constant-only: FoldConstant's job
-    k, n = w.shape
     m = 1
     for d in xs[:-1]:
         m *= d
-    dtype = _dtype(x)
+    return _Linear(w, xs, out, m, _dtype(x))
+
+
+def _match_dense(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | None:
+    x, w_expr = call.args
+    if a.const(w_expr) is None and a.const(x) is None:
+        return _match_batch_matmul(call)
+    lin = _linear(a, call)
+    if lin is None:
+        return None
+    w, m, k, n, dtype = lin.w, lin.m, lin.k, lin.n, lin.dtype
 
     def emitter(strategy: str):
         def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
@@ -161,16 +204,7 @@ def _match_dense(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | 
             else:
                 weights = [relax.const(dense.pack_weight(w, dense.lanes_for(m)))]
             func = tuning.build_tuned(strategy, shapes[strategy], **flags)
-            gv = bb.add_func(func, strategy)
-            x2 = args[0] if len(xs) == 2 else bb.emit(relax.op.reshape(args[0], (m, k)))
-            call_args = [x2, *weights] + ([relax.const(bias)] if bias is not None else [])
-            if residual is not None:
-                call_args.append(residual if len(xs) == 2 else bb.emit(
-                    relax.op.reshape(residual, (m, n))))
-            y = relax.call_tir(gv, call_args, relax.TensorType((m, n), dtype))
-            if len(xs) == 2:
-                return y
-            return relax.op.reshape(bb.emit(y), out)
+            return lin.emit(bb, func, strategy, args, weights, bias, residual)
         return emit
 
     info = {"op": "matmul", "shape": {"M": m, "K": k, "N": n}}
@@ -386,25 +420,14 @@ def _pointwise(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, out: tuple,
 def _match_sparse_cuda(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | None:
     """``nm_sparse_cuda`` for a matmul by a constant sparse W with few rows, when the
     compressed weight is at most 3/4 of the dense bytes (kernels/sparse_cuda.py)."""
-    x, w_expr = call.args
-    w = a.const(w_expr)
-    xs, out = _static_shape(x), _static_shape(call)
-    if (w is None or w.ndim != 2 or xs is None or out is None or len(xs) < 2
-            or a.const(x) is not None):
+    lin = _linear(a, call)
+    if lin is None or lin.m > sparse_cuda.MAX_ROWS:
         return None
-    if _dtype(x) not in SUPPORTED_DTYPES or str(w.dtype) != _dtype(x) or _dtype(call) != _dtype(x):
-        return None
-    k, n = w.shape
-    m = 1
-    for d in xs[:-1]:
-        m *= d
-    if m > sparse_cuda.MAX_ROWS:
-        return None
+    w, m, k, n, dtype = lin.w, lin.m, lin.k, lin.n, lin.dtype
     fmt = sparse_cuda.plan(w)
     dense_bytes = w.size * w.itemsize
     if sparse_cuda.weight_bytes(fmt, n, w.itemsize) * 4 > dense_bytes * 3:
         return None
-    dtype = _dtype(x)
 
     def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
              ) -> "relax.Expr":
@@ -413,15 +436,8 @@ def _match_sparse_cuda(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dic
         vals, offs = sparse_cuda.pack_weight(w, fmt)
         func = sparse_cuda.build(m, k, n, fmt, dtype, bias=bias is not None, act=act,
                                  residual=residual is not None)
-        gv = bb.add_func(func, sparse_cuda.NAME)
-        x2 = args[0] if len(xs) == 2 else bb.emit(relax.op.reshape(args[0], (m, k)))
-        call_args = [x2, relax.const(vals), relax.const(offs)] + (
-            [relax.const(bias)] if bias is not None else [])
-        if residual is not None:
-            call_args.append(residual if len(xs) == 2 else bb.emit(
-                relax.op.reshape(residual, (m, n))))
-        y = relax.call_tir(gv, call_args, relax.TensorType((m, n), dtype))
-        return y if len(xs) == 2 else relax.op.reshape(bb.emit(y), out)
+        return lin.emit(bb, func, sparse_cuda.NAME, args, [relax.const(vals),
+                                                            relax.const(offs)], bias, residual)
 
     pattern = f"{fmt.per_group}:{fmt.group}" if fmt.group else "unstructured"
     info = {"op": "matmul", "shape": {"M": m, "K": k, "N": n}, "pattern": pattern,
