@@ -521,6 +521,76 @@ def test_gelu_softmax_fast_math(form, host, tmp_path):
     assert_matches_ort(model, feeds, outs)
 
 
+@pytest.mark.parametrize("form", ["gelu", "residual_relu", "reshape_used_twice"])
+def test_epilogue_folds_past_reshapes(form, host, tmp_path):
+    """A Linear on a 3-D input as torch exports it (reshape -> Gemm -> reshape) keeps its
+    skip connection and activation in the kernel's write-back: elementwise ops commute with
+    the reshape, which stays (a view). A reshape whose output has another user blocks the
+    fold."""
+    rng = np.random.default_rng(11)
+    n = helper.make_node
+    inits = {"w": rng.standard_normal((24, 40)) / 4, "b": rng.standard_normal(40),
+             "w2": rng.standard_normal((40, 8)) / 4}
+    nodes = [n("Reshape", ["x", "s2"], ["x2"]), n("Gemm", ["x2", "w", "b"], ["g"]),
+             n("Reshape", ["g", "s3"], ["g3"])]
+    outputs = [("y", [6, 8])]
+    if form == "gelu":
+        nodes.append(n("Gelu", ["g3"], ["e"]))
+        want = ["bias", "gelu"]
+    elif form == "residual_relu":
+        nodes += [n("Add", ["g3", "r"], ["a"]), n("Relu", ["a"], ["e"])]
+        want = ["bias", "residual", "relu"]
+    else:
+        nodes += [n("Relu", ["g3"], ["e"]), n("Neg", ["g3"], ["z"])]
+        outputs.append(("z", [1, 6, 40]))
+        want = ["bias"]
+    nodes += [n("Reshape", ["e", "s4"], ["e2"]), n("MatMul", ["e2", "w2"], ["y"])]
+    inputs = [("x", [1, 6, 24])] + ([("r", [1, 6, 40])] if form == "residual_relu" else [])
+    model = make_model(nodes, inputs, outputs, inits)
+    model.graph.initializer.extend([
+        numpy_helper.from_array(np.array(v, np.int64), k)
+        for k, v in (("s2", [6, 24]), ("s3", [1, 6, 40]), ("s4", [6, 40]))])
+    model.opset_import[0].version = 20      # Gelu is an ONNX op from opset 20
+    facts, feeds, outs = compile_and_run(model, host, tmp_path)
+    d = [d for d in facts["decisions"] if d["chosen"] == "dense_packed"]
+    assert d[0]["epilogue"] == want
+    if form != "reshape_used_twice":      # nothing left between the two kernels
+        assert facts["kernels"] == {"dense_packed": 2}, facts["kernels"]
+    else:
+        assert facts["kernels"]["fallback"] >= 1
+    assert_matches_ort(model, feeds, outs)
+
+
+def test_fallback_inlines_data_moves():
+    """Attention's head split (reshape -> transpose -> reshape) fused by FuseTIR into one
+    function is scheduled as one loop nest, parallel and vectorized: no intermediate buffers
+    are left."""
+    import tvm
+    from tvm import te, topi
+
+    from sparsec.targets.kernels import fallback
+
+    x = te.placeholder((128, 384), "float32", name="x")
+    y = topi.reshape(topi.transpose(topi.reshape(x, (128, 12, 32)), (1, 0, 2)), (12, 128, 32))
+    func = te.create_prim_func([x, y])
+
+    def blocks(f):
+        sch = tvm.s_tir.Schedule(f)
+        return len(sch.get_child_blocks(sch.get_sblock("root")))
+
+    assert blocks(func) == 3
+    scheduled = fallback.schedule_generic(func)
+    assert blocks(scheduled) == 1
+    text = scheduled.script()
+    assert "T.parallel(1536)" in text and "T.vectorized(16)" in text, text
+    sch = tvm.s_tir.Schedule(scheduled)
+    lib = tvm.compile(sch.mod, target={"kind": "llvm"})
+    a = np.random.default_rng(0).standard_normal((128, 384)).astype("float32")
+    out = tvm.runtime.empty((12, 128, 32), "float32")
+    lib["main"](tvm.runtime.tensor(a), out)
+    np.testing.assert_array_equal(out.numpy(), a.reshape(128, 12, 32).transpose(1, 0, 2))
+
+
 def test_grouped_conv_uses_fallback(host, tmp_path):
     model = conv_model(n=1, c=12, h=15, w=15, oc=12, k=3, stride=1, pad=1, group=3, relu=True)
     facts, feeds, outs = compile_and_run(model, host, tmp_path)

@@ -4,9 +4,12 @@ These are the legalized + fused Relax ops (bias adds, pooling, softmax, depthwis
 Per function, in order:
 1. DLight's CPU rules (``GEMV``, ``Reduction``), the maintained library schedules, when one
    matches;
-2. otherwise our loop-nest rule, block by block: fuse the leading spatial loops into one parallel
-   loop; move the innermost spatial loop below the reduction loops (so reductions accumulate
-   into a vector) and vectorize it when its extent is a constant;
+2. otherwise our loop-nest rule: first inline the intermediate blocks that only move data
+   (reshape, transpose, broadcast: FuseTIR keeps one block and one buffer per fused op, so a
+   reshape-transpose-reshape chain would write every element three times) and elementwise
+   blocks read by one spatial block; then, block by block, fuse the leading spatial loops into
+   one parallel loop; move the innermost spatial loop below the reduction loops (so reductions
+   accumulate into a vector) and vectorize it when its extent is a constant;
 3. on any schedule error the function is left unscheduled (correct, only slower).
 """
 
@@ -74,8 +77,9 @@ def _schedule_block(sch: "s_tir.Schedule", block: "s_tir.schedule.SBlockRV") -> 
             sch.parallel(par)
             inner_ext = MAX_VECTOR
     # TVM 0.27 lowers a vectorized store into a bool buffer as int8 lanes and then refuses it
-    # (dtype mismatch on BufferStore): masks stay scalar
-    touches_bool = any(str(r.buffer.dtype) == "bool"
+    # (dtype mismatch on BufferStore): masks stay scalar. (A block's regions name their buffer
+    # ``source`` in 0.27: reading ``.buffer`` raised here and left every block unvectorized.)
+    touches_bool = any(str(r.source.dtype) == "bool"
                        for r in [*sch.get(block).reads, *sch.get(block).writes])
     if inner_ext is not None and inner_ext > 1 and not touches_bool:
         if inner_ext > MAX_VECTOR and inner_ext % MAX_VECTOR == 0:
@@ -89,6 +93,40 @@ def _schedule_block(sch: "s_tir.Schedule", block: "s_tir.schedule.SBlockRV") -> 
         sch.decompose_reduction(block, reduce[0])
 
 
+def _is_spatial(sch: "s_tir.Schedule", block: "s_tir.schedule.SBlockRV") -> bool:
+    from tvm import tirx
+
+    return all(iv.iter_type == tirx.IterVar.DataPar for iv in sch.get(block).iter_vars)
+
+
+def _inline_intermediates(sch: "s_tir.Schedule") -> None:
+    """Inline every intermediate spatial block that is a pure data move (its value one
+    buffer load), or that one spatial block consumes; repeated until nothing changes."""
+    import tvm
+    from tvm import tirx
+
+    changed = True
+    while changed:
+        changed = False
+        for block in sch.get_child_blocks(sch.get_sblock("root")):
+            if not _is_spatial(sch, block):
+                continue
+            body = sch.get(block).body
+            moves = (isinstance(body, tirx.BufferStore)
+                     and isinstance(body.value, tvm.ir.expr.TensorLoad))
+            consumers = sch.get_consumers(block)
+            if not consumers:
+                continue          # writes an output
+            if not moves and not (len(consumers) == 1 and _is_spatial(sch, consumers[0])):
+                continue
+            try:
+                sch.compute_inline(block)
+            except Exception:  # noqa: BLE001 - e.g. an index the consumer cannot substitute
+                continue
+            changed = True
+            break
+
+
 def schedule_generic(func: "tirx.PrimFunc") -> "tirx.PrimFunc | None":
     """Our loop-nest rule applied to every block of ``func``; None when it does not apply."""
     from tvm import s_tir
@@ -100,7 +138,8 @@ def schedule_generic(func: "tirx.PrimFunc") -> "tirx.PrimFunc | None":
         return None
     if not blocks:
         return None
-    for block in blocks:
+    _inline_intermediates(sch)
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
         try:  # each primitive is atomic, so a failure leaves a valid, partly scheduled block
             _schedule_block(sch, block)
         except Exception:  # noqa: BLE001
