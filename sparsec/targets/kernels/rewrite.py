@@ -39,6 +39,7 @@ class Plan:
     emit: Callable[..., "relax.Expr"]  # (bb, args, bias, act, residual) -> expr
     bias: "np.ndarray | None" = None
     residual: Any = None  # a same-shape tensor added before the activation (skip connection)
+    residual_shape: tuple | None = None  # the kernel output's shape, when the add saw a reshape
     act: Activation | None = None  # output activation (clip bounds, GELU)
     shape: dict = field(default_factory=dict)  # the kernel's shape arguments (tuning key)
     info: dict = field(default_factory=dict)
@@ -485,12 +486,13 @@ def _channel_bias(a: _Analysis, heavy_var: Any, add_call: "relax.Call", channel_
 def _residual(a: _Analysis, heavy_var: Any, tail: Any, add_call: "relax.Call",
               params: set) -> Any:
     """The other operand of ``add_call`` when it is ``tail + r`` with ``r`` a non-constant tensor
-    of the same shape that already exists where the heavy op is computed, else None."""
+    of ``tail``'s shape (the heavy op's, or a reshape of it) that already exists where the heavy
+    op is computed, else None."""
     lhs, rhs = add_call.args
     other = rhs if lhs.same_as(tail) else lhs if rhs.same_as(tail) else None
     if other is None or other.same_as(tail) or a.const(other) is not None:
         return None
-    out = _static_shape(heavy_var)
+    out = _static_shape(tail)
     if out is None or _static_shape(other) != out or _static_shape(add_call) != out or _dtype(
             other) != _dtype(heavy_var):
         return None
@@ -579,24 +581,31 @@ def plan_function(func: "relax.Function", cores: int, mod: "ir.IRModule | None" 
             decision["tuned"] = knobs
         plans[var] = plan
         # epilogue: + per-channel bias, + skip connection, then relu and/or clip bounds or
-        # gelu, each the single user of the previous value
+        # gelu, each the single user of the previous value. The skip connection and the
+        # activation may come after reshapes of the output (a Linear on a 3-D input is
+        # exported as reshape -> Gemm -> reshape): elementwise ops commute with a reshape, so
+        # they fold and the reshape stays, applied to the kernel's finished output.
         channel_axis = 1 if plan.info.get("op") == "conv2d" else -1
-        tail = var
+        tail = anchor = var
         nxt = _single_user_call(a, tail, "relax.add")
         if nxt and (bias := _channel_bias(a, tail, nxt[1], channel_axis)) is not None:
             plan.bias = bias
-            aliases[nxt[0]] = var
+            aliases[nxt[0]] = anchor
             tail = nxt[0]
+        tail, anchor = _past_reshapes(a, tail, anchor)
         nxt = _single_user_call(a, tail, "relax.add")
         if nxt and (res := _residual(a, var, tail, nxt[1], params)) is not None:
             plan.residual = res
-            aliases[nxt[0]] = var
+            if tail is not var:
+                plan.residual_shape = _static_shape(var)
+            aliases[nxt[0]] = anchor
             tail = nxt[0]
+        tail, anchor = _past_reshapes(a, tail, anchor)
         lo = hi = None
         nxt = _single_user_call(a, tail, "relax.nn.relu")
         if nxt:
             lo = 0.0
-            aliases[nxt[0]] = var
+            aliases[nxt[0]] = anchor
             tail = nxt[0]
         # max(., low) then min(., high): the order the epilogue applies them
         for want in (0, 1):
@@ -608,12 +617,12 @@ def plan_function(func: "relax.Function", cores: int, mod: "ir.IRModule | None" 
                 lo = bound if lo is None else max(lo, bound)
             else:
                 hi = bound
-            aliases[bvar] = var
+            aliases[bvar] = anchor
             tail = bvar
         gelu = False
         if lo is None and hi is None and (nxt := _single_user_call(a, tail, "relax.nn.gelu")):
             gelu = True
-            aliases[nxt[0]] = var
+            aliases[nxt[0]] = anchor
         if lo is not None or hi is not None or gelu:
             plan.act = Activation(lo, hi, gelu)
         decision["epilogue"] = [e for e, on in (("bias", plan.bias is not None),
@@ -621,6 +630,26 @@ def plan_function(func: "relax.Function", cores: int, mod: "ir.IRModule | None" 
                                 if on] + ([plan.act.name] if plan.act else [])
         decisions.append(decision)
     return plans, aliases, decisions
+
+
+def _past_reshapes(a: _Analysis, tail: Any, anchor: Any) -> tuple[Any, Any]:
+    """``(tail, anchor)`` moved past a chain of reshapes that are each the single user of the
+    previous value, when an epilogue op follows the last one; unchanged otherwise. ``anchor``
+    is the binding folded ops become aliases of: the kernel output, or the last reshape."""
+    from tvm import relax
+
+    end = tail
+    while (nxt := _single_user_call(a, end, "relax.reshape")) is not None:
+        end = nxt[0]
+    if end is tail:
+        return tail, anchor
+    user = a.single_user(end)
+    if user is None or not isinstance(user[1], relax.Call):
+        return tail, anchor
+    name = getattr(user[1].op, "name", "")
+    if name in ("relax.add", "relax.nn.relu", "relax.nn.gelu", "relax.call_tir"):
+        return end, end
+    return tail, anchor
 
 
 def _single_user_call(a: _Analysis, var: Any, op_name: str) -> tuple[Any, Any] | None:
@@ -661,6 +690,9 @@ def _make_mutator():
                     args = [self.visit_expr(x) for x in call.args]
                     residual = (self.visit_expr(plan.residual) if plan.residual is not None
                                 else None)
+                    if plan.residual_shape is not None:
+                        residual = self.builder_.emit(
+                            relax.op.reshape(residual, plan.residual_shape))
                     return plan.emit(self.builder_, args, plan.bias, plan.act, residual)
             return super().visit_call_(call)
 
