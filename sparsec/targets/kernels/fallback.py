@@ -2,15 +2,21 @@
 
 These are the legalized + fused Relax ops (bias adds, pooling, softmax, depthwise conv, ...).
 Per function, in order:
-1. DLight's CPU rules (``GEMV``, ``Reduction``), the maintained library schedules, when one
+1. row-wise functions (softmax, LayerNorm, RMSNorm: every block shares the output's leading
+   spatial loops and at most reduces over one inner axis): one parallel loop over the rows,
+   every stage computed inside it (a row's intermediates stay in L1), elementwise stages
+   vectorized and each inner reduction split into 16 vector lanes with ``rfactor`` (a
+   vector accumulator, not a chain of dependent scalar adds: 2.6x on softmax, 6x on
+   LayerNorm against DLight's ``Reduction`` rule);
+2. DLight's CPU rules (``GEMV``, ``Reduction``), the maintained library schedules, when one
    matches;
-2. otherwise our loop-nest rule: first inline the intermediate blocks that only move data
+3. otherwise our loop-nest rule: first inline the intermediate blocks that only move data
    (reshape, transpose, broadcast: FuseTIR keeps one block and one buffer per fused op, so a
    reshape-transpose-reshape chain would write every element three times) and elementwise
    blocks read by one spatial block; then, block by block, fuse the leading spatial loops into
    one parallel loop; move the innermost spatial loop below the reduction loops (so reductions
    accumulate into a vector) and vectorize it when its extent is a constant;
-3. on any schedule error the function is left unscheduled (correct, only slower).
+4. on any schedule error the function is left unscheduled (correct, only slower).
 """
 
 from __future__ import annotations
@@ -79,9 +85,7 @@ def _schedule_block(sch: "s_tir.Schedule", block: "s_tir.schedule.SBlockRV") -> 
     # TVM 0.27 lowers a vectorized store into a bool buffer as int8 lanes and then refuses it
     # (dtype mismatch on BufferStore): masks stay scalar. (A block's regions name their buffer
     # ``source`` in 0.27: reading ``.buffer`` raised here and left every block unvectorized.)
-    touches_bool = any(str(r.source.dtype) == "bool"
-                       for r in [*sch.get(block).reads, *sch.get(block).writes])
-    if inner_ext is not None and inner_ext > 1 and not touches_bool:
+    if inner_ext is not None and inner_ext > 1 and not _touches_bool(sch, block):
         if inner_ext > MAX_VECTOR and inner_ext % MAX_VECTOR == 0:
             _, inner = sch.split(inner, [None, MAX_VECTOR])
         if inner_ext <= MAX_VECTOR or inner_ext % MAX_VECTOR == 0:
@@ -127,6 +131,88 @@ def _inline_intermediates(sch: "s_tir.Schedule") -> None:
             break
 
 
+def _touches_bool(sch: "s_tir.Schedule", block: "s_tir.schedule.SBlockRV") -> bool:
+    return any(str(r.source.dtype) == "bool"
+               for r in [*sch.get(block).reads, *sch.get(block).writes])
+
+
+def _reduces_contiguous(block: "tirx.Block", var: "tirx.Var") -> bool:
+    """Whether ``block`` reads along ``var`` only in the last (contiguous) index of each
+    buffer, and in at least one: a row reduction, not a strided one over a leading axis."""
+    from tvm import tirx
+
+    found = False
+    for read in block.reads:
+        for i, rng in enumerate(read.region):
+            if any(v.same_as(var) for v in tirx.analysis.undefined_vars(rng.min)):
+                if i != len(read.region) - 1:
+                    return False
+                found = True
+    return found
+
+
+def schedule_rows(func: "tirx.PrimFunc") -> "tirx.PrimFunc | None":
+    """Rule 1 of the module docstring; None when ``func`` is not row-wise."""
+    from tvm import s_tir, tirx
+
+    sch = s_tir.Schedule(func)
+    _inline_intermediates(sch)
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+
+    def extent(loop) -> int | None:
+        ext = sch.get(loop).extent
+        return int(ext.value) if isinstance(ext, tirx.IntImm) else None
+
+    out = blocks[-1]
+    out_loops = sch.get_loops(out)
+    depth = len(out_loops) - 1
+    rows = [extent(lp) for lp in out_loops[:depth]]
+    if depth < 1 or None in rows or extent(out_loops[-1]) is None:
+        return None
+    reductions = []
+    for block in blocks:
+        loops, ivs = sch.get_loops(block), sch.get(block).iter_vars
+        if (len(loops) not in (depth, depth + 1) or len(ivs) != len(loops)
+                or [extent(lp) for lp in loops[:depth]] != rows
+                or any(iv.iter_type != tirx.IterVar.DataPar for iv in ivs[:depth])):
+            return None
+        if ivs[-1].iter_type == tirx.IterVar.CommReduce:
+            if not _reduces_contiguous(sch.get(block), ivs[-1].var):
+                return None
+            reductions.append(block)
+    if not reductions or any(_touches_bool(sch, b) for b in reductions):
+        return None
+    factored = set()
+    for block in reductions:
+        inner = sch.get_loops(block)[-1]
+        if (extent(inner) or 0) % MAX_VECTOR == 0:
+            _, lanes = sch.split(inner, [None, MAX_VECTOR])
+            factored.add(sch.get(sch.rfactor(lanes, factor_axis=0)).name_hint)
+    out_loops = sch.get_loops(out)
+    row = sch.fuse(*out_loops[:depth]) if depth > 1 else out_loops[0]
+    for block in reversed(sch.get_child_blocks(sch.get_sblock("root"))[:-1]):
+        sch.compute_at(block, row)
+    total = 1
+    for r in rows:
+        total *= r
+    if total > 1 and total * (extent(sch.get_loops(out)[-1]) or 1) >= MIN_PARALLEL:
+        sch.parallel(row)
+    for block in sch.get_child_blocks(row):
+        loops = sch.get_loops(block)
+        if len(loops) < 2 or _touches_bool(sch, block):
+            continue
+        if sch.get(block).name_hint in factored:      # (row, lanes, k / lanes): lanes inside
+            sch.reorder(loops[-1], loops[-2])
+            loops = sch.get_loops(block)
+            sch.vectorize(loops[-1])
+            sch.decompose_reduction(block, loops[-2])
+        elif all(iv.iter_type == tirx.IterVar.DataPar for iv in sch.get(block).iter_vars):
+            if (extent(loops[-1]) or 0) % MAX_VECTOR == 0:
+                _, lanes = sch.split(loops[-1], [None, MAX_VECTOR])
+                sch.vectorize(lanes)
+    return sch.mod["main"]
+
+
 def schedule_generic(func: "tirx.PrimFunc") -> "tirx.PrimFunc | None":
     """Our loop-nest rule applied to every block of ``func``; None when it does not apply."""
     from tvm import s_tir
@@ -151,7 +237,12 @@ def schedule_function(func: "tirx.PrimFunc", target: "Target") -> "tirx.PrimFunc
     """Best available generic schedule for ``func`` (unchanged on failure), marked scheduled."""
     from tvm.s_tir import dlight
 
-    scheduled = None
+    try:
+        scheduled = schedule_rows(func)
+    except Exception:  # noqa: BLE001 - not row-wise after all: the next rule
+        scheduled = None
+    if scheduled is not None:
+        return scheduled.with_attr(SCHEDULED_ATTR, True).with_attr(STRATEGY_ATTR, NAME)
     try:
         with target:
             mod = dlight.ApplyDefaultSchedule(dlight.cpu.GEMV(), dlight.cpu.Reduction())(
