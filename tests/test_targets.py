@@ -640,6 +640,27 @@ def test_fallback_row_reductions(op):
     del tirx
 
 
+def test_conv_strip_width_follows_the_vector_registers():
+    """AVX-512's 32 registers hold 7-8 pixel strips (no wasted column on 7x7 / 14x14 maps);
+    AVX2's 16 and other targets keep at most 6; tuning explores what the target holds."""
+    import tvm
+
+    from sparsec.targets import tuning
+    from sparsec.targets.kernels import conv2d
+
+    shape = {"n": 1, "ic": 512, "h": 7, "w": 7, "oc": 512, "kh": 3, "kw": 3,
+             "stride": [1, 1], "padding": [1, 1, 1, 1], "dilation": [1, 1], "dtype": "float32"}
+    for target, widest, seven in (({"kind": "llvm", "mcpu": "skylake-avx512"}, 8, 7),
+                                  ({"kind": "llvm", "mcpu": "haswell"}, 6, 4),
+                                  ({"kind": "llvm", "mtriple": "aarch64-linux-gnu"}, 6, 4)):
+        with tvm.target.Target(target):
+            assert conv2d.max_tile() == widest
+            assert conv2d.pick_width_tile(7) == seven
+            assert [v["width_tile"] for v in tuning._variants(conv2d.NAME, shape)] == list(
+                range(1, widest + 1))
+    assert conv2d.max_tile() == conv2d.MAX_TILE     # no target: the conservative choice
+
+
 def test_grouped_conv_uses_fallback(host, tmp_path):
     model = conv_model(n=1, c=12, h=15, w=15, oc=12, k=3, stride=1, pad=1, group=3, relu=True)
     facts, feeds, outs = compile_and_run(model, host, tmp_path)

@@ -110,7 +110,9 @@ def _variants(strategy: str, shape: dict) -> list[dict]:
     if strategy == "depthwise_nchw":
         return [{"max_acc": a} for a in (4, 6, 8, 12)]
     if strategy == "conv2d_nchw_packed" and "variant" not in shape:
-        return [{"width_tile": t} for t in range(1, 7)]
+        from sparsec.targets.kernels import conv2d
+
+        return [{"width_tile": t} for t in range(1, conv2d.max_tile() + 1)]
     return []
 
 
@@ -292,6 +294,8 @@ def tune(model: "onnx.ModelProto", target: "TargetSpec", budget_s: float,
     records and they are kept only if it got faster (:func:`_check_whole_model`). Returns one
     record per kernel tuned (and per choice measured, ``strategy == "choice"``) here, and the
     whole-model verdict (``strategy == "whole_model"``)."""
+    import tvm
+
     from sparsec.errors import BadOptionError
 
     if not (target.runs_here and target.device == "cpu"):
@@ -312,7 +316,10 @@ def tune(model: "onnx.ModelProto", target: "TargetSpec", budget_s: float,
             log(f"  budget spent after {i - 1} of {len(todo)} kernels")
             break
         timings: dict[str, float] = {}
-        for knobs in _variants(strategy, shape):
+        with tvm.target.Target(dict(target.tvm_target)):   # knobs that depend on the ISA
+            variants = _variants(strategy, shape)
+            default_knobs = _default_knobs(strategy, shape)
+        for knobs in variants:
             try:
                 timings[json.dumps(knobs, sort_keys=True)] = time_kernel(
                     build(strategy, shape, knobs), dict(target.tvm_target))
@@ -321,7 +328,7 @@ def tune(model: "onnx.ModelProto", target: "TargetSpec", budget_s: float,
         if not timings:
             continue
         best = min(timings, key=timings.__getitem__)
-        default = timings.get(json.dumps(_default_knobs(strategy, shape), sort_keys=True))
+        default = timings.get(json.dumps(default_knobs, sort_keys=True))
         record = {"knobs": json.loads(best), "ms": {k: round(v, 5) for k, v in timings.items()}}
         cache.put(tkey, strategy, shape, record)
         records.append({"strategy": strategy, "shape": shape, **record,

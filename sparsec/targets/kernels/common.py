@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,27 @@ OPAQUE_PATTERN = 8
 
 #: fp32 lanes of one AVX2 ymm register.
 VEC_LANES = 8
+
+
+def wide_vectors() -> bool:
+    """Whether the target being compiled for (``tvm.target.Target.current()``) has AVX-512:
+    32 vector registers, 16 fp32 lanes each (AVX2 has 16 of 8), so register tiles can hold
+    twice the accumulators. False outside a target scope and for other architectures."""
+    import tvm
+
+    target = tvm.target.Target.current(allow_none=True)
+    if target is None or target.kind.name != "llvm":
+        return False
+    return _has_avx512(str(target))
+
+
+@functools.lru_cache(maxsize=None)
+def _has_avx512(target_text: str) -> bool:
+    import tvm
+    from tvm.target import codegen
+
+    target = tvm.target.Target(target_text)
+    return "avx512f" in {str(f) for f in codegen.llvm_get_cpu_features(target)}
 
 @dataclass(frozen=True)
 class Activation:
