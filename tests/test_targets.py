@@ -322,17 +322,24 @@ def test_dense_pointwise_conv_stays_dense(host, tmp_path):
     assert facts["kernels"].get("conv1x1_nchw") == 1 and "bsr_conv1x1" not in facts["kernels"]
 
 
-@pytest.mark.parametrize("args,tile", [
-    (dict(n=1, c=16, h=16, w=16, oc=96, k=1, stride=1, pad=0, clip=(0.0, 6.0)), "6x16"),
+@pytest.mark.parametrize("args,tiles", [
+    # (AVX2 tile, AVX-512 tile) where the test pins one
+    (dict(n=1, c=16, h=16, w=16, oc=96, k=1, stride=1, pad=0, clip=(0.0, 6.0)),
+     ("6x16", "12x16")),
     (dict(n=2, c=5, h=9, w=11, oc=7, k=1, stride=1, pad=0, bias=False), None),  # 99 pixels
     (dict(n=1, c=96, h=14, w=14, oc=24, k=1, stride=1, pad=0, relu=True), None),
     (dict(n=1, c=40, h=7, w=7, oc=36, k=1, stride=1, pad=0), None),   # 49 pixels, padded
-    ("residual", "6x16"),   # 64 pixels, 36 channels: six 6-channel panels
+    ("residual", ("6x16", "12x16")),   # 64 pixels, 36 channels: six 6- or three 12-channel panels
 ])
-def test_pointwise_conv_numerics(args, tile, host, tmp_path):
+def test_pointwise_conv_numerics(args, tiles, host, tmp_path):
     """Dense 1x1 convs run as a GEMM vectorized along the pixels (whole-vector NCHW stores),
-    and match ONNX Runtime with pixel and output-channel tails, batches and every epilogue."""
+    and match ONNX Runtime with pixel and output-channel tails, batches and every epilogue.
+    The register tile follows the target's vector registers (AVX-512: twice the
+    accumulators)."""
+    import tvm
+
     from sparsec.targets.kernels import pointwise
+    from sparsec.targets.kernels.common import wide_vectors
 
     model = (_residual_pointwise(1, 40, 8, 8, 36) if args == "residual"
              else conv_model(**args))
@@ -340,10 +347,12 @@ def test_pointwise_conv_numerics(args, tile, host, tmp_path):
     [d] = [d for d in facts["decisions"] if d["op"] == "conv2d"]
     if d["chosen"] == "conv1x1_nchw":
         oc, hw = d["shape"]["out"][1], d["shape"]["out"][2:]
-        t = pointwise.pick_tile(oc, hw[0] * hw[1])
+        with tvm.target.Target(dict(host.tvm_target)):
+            t = pointwise.pick_tile(oc, hw[0] * hw[1])
+            tile = None if tiles is None else tiles[wide_vectors()]
         assert d["tile"] == f"{t.oct}x{t.pixels}" and (tile is None or d["tile"] == tile)
     else:   # the cost rule may prefer the direct kernel where the pixel tail pads a lot
-        assert tile is None and d["chosen"] == "conv2d_nchw_packed", d
+        assert tiles is None and d["chosen"] == "conv2d_nchw_packed", d
     if args == "residual":
         assert d["epilogue"] == ["bias", "residual", "relu"]
     assert_matches_ort(model, feeds, outs)
@@ -641,12 +650,13 @@ def test_fallback_row_reductions(op):
 
 
 def test_conv_strip_width_follows_the_vector_registers():
-    """AVX-512's 32 registers hold 7-8 pixel strips (no wasted column on 7x7 / 14x14 maps);
-    AVX2's 16 and other targets keep at most 6; tuning explores what the target holds."""
+    """AVX-512's 32 registers hold 7-8 pixel strips (no wasted column on 7x7 / 14x14 maps)
+    and 1x1-conv tiles of up to 16 accumulators; AVX2's 16 and other targets keep the smaller
+    tiles; tuning explores what the target holds."""
     import tvm
 
     from sparsec.targets import tuning
-    from sparsec.targets.kernels import conv2d
+    from sparsec.targets.kernels import conv2d, pointwise
 
     shape = {"n": 1, "ic": 512, "h": 7, "w": 7, "oc": 512, "kh": 3, "kw": 3,
              "stride": [1, 1], "padding": [1, 1, 1, 1], "dilation": [1, 1], "dtype": "float32"}
@@ -658,6 +668,8 @@ def test_conv_strip_width_follows_the_vector_registers():
             assert conv2d.pick_width_tile(7) == seven
             assert [v["width_tile"] for v in tuning._variants(conv2d.NAME, shape)] == list(
                 range(1, widest + 1))
+            assert pointwise.tiles() == (pointwise.TILES_AVX512 if widest == 8
+                                         else pointwise.TILES)
     assert conv2d.max_tile() == conv2d.MAX_TILE     # no target: the conservative choice
 
 

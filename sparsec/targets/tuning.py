@@ -106,7 +106,7 @@ def _variants(strategy: str, shape: dict) -> list[dict]:
     if strategy in ("dense_packed", "bsr_dense", "batch_matmul"):
         return _row_tiles(shape)
     if strategy == "conv1x1_nchw":
-        return [{"tile": [t.oct, t.pixels]} for t in pointwise.TILES]
+        return [{"tile": [t.oct, t.pixels]} for t in pointwise.tiles()]
     if strategy == "depthwise_nchw":
         return [{"max_acc": a} for a in (4, 6, 8, 12)]
     if strategy == "conv2d_nchw_packed" and "variant" not in shape:
