@@ -600,7 +600,8 @@ def test_fallback_inlines_data_moves():
     np.testing.assert_array_equal(out.numpy(), a.reshape(128, 12, 32).transpose(1, 0, 2))
 
 
-@pytest.mark.parametrize("op", ["softmax", "layer_norm", "rms_norm", "masked_softmax"])
+@pytest.mark.parametrize("op", ["softmax", "layer_norm", "rms_norm", "masked_softmax",
+                                "row_max"])
 def test_fallback_row_reductions(op):
     """Softmax and the norms get the row schedule: one parallel loop over rows, reductions
     as 16-lane vector partial sums (rfactor), and match numpy."""
@@ -625,6 +626,8 @@ def test_fallback_row_reductions(op):
         args, feeds = [x, zero, topi.where(topi.isnan(y), zero, y)], [xv, np.float32(0)]
         e = np.exp(xv - xv.max(-1, keepdims=True))
         want = e / e.sum(-1, keepdims=True)
+    elif op == "row_max":          # the reduction is the output block itself
+        args, feeds, want = [x, topi.max(x, axis=-1)], [xv], xv.max(-1)
     elif op == "layer_norm":
         args = [x, g, b, topi.nn.layer_norm(x, g, b, axis=[-1], epsilon=1e-5)]
         feeds = [xv, gv, bv]

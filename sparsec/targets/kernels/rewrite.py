@@ -596,7 +596,7 @@ def plan_function(func: "relax.Function", cores: int, mod: "ir.IRModule | None" 
         nxt = _single_user_call(a, tail, "relax.add")
         if nxt and (res := _residual(a, var, tail, nxt[1], params)) is not None:
             plan.residual = res
-            if tail is not var:
+            if anchor is not var:       # the add saw the output through reshapes
                 plan.residual_shape = _static_shape(var)
             aliases[nxt[0]] = anchor
             tail = nxt[0]
