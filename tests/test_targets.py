@@ -293,11 +293,17 @@ def _residual_pointwise(n, c, h, w, oc, seed=0):
     dict(n=1, c=32, h=8, w=8, oc=48, k=1, stride=1, pad=0, relu=True),   # 64 pixels
     dict(n=2, c=24, h=7, w=7, oc=42, k=1, stride=1, pad=0),              # 49: padded to 64
     dict(n=1, c=96, h=14, w=14, oc=20, k=1, stride=1, pad=0, bias=False),
+    dict(n=1, c=16, h=48, w=50, oc=24, k=1, stride=1, pad=0, relu=True),  # 2400: wide tile
     "residual",
 ])
 def test_bsr_pointwise_conv_numerics(args, host, tmp_path):
     """Block-sparse 1x1 convs get the pixel-vectorized sparse kernel (Fast Sparse ConvNets),
-    which matches ONNX Runtime with bias, relu, a residual, batches and pixel tails."""
+    which matches ONNX Runtime with bias, relu, a residual, batches and pixel tails; large
+    maps get 64-pixel tiles where the target has AVX-512."""
+    import tvm
+
+    from sparsec.targets.kernels import bsr
+
     model = (_residual_pointwise(1, 40, 6, 6, 36) if args == "residual"
              else conv_model(**args))
     model = _block_sparse(model, 0.8)
@@ -305,6 +311,12 @@ def test_bsr_pointwise_conv_numerics(args, host, tmp_path):
     assert facts["kernels"].get("bsr_conv1x1") == 1, facts["kernels"]
     [d] = [d for d in facts["decisions"] if d["chosen"] == "bsr_conv1x1"]
     assert d["rows_kept"] < d["shape"]["weight"][1] and d["shape"]["variant"] == "pointwise"
+    pixels = d["shape"]["out"][2] * d["shape"]["out"][3]
+    with tvm.target.Target(dict(host.tvm_target)):
+        tile = bsr.conv_tile(pixels)
+    assert d["tile"] == f"4x{tile.pixels}"
+    if "avx512f" in host.cpu_flags and pixels >= bsr.CONV_WIDE_MIN_PIXELS:
+        assert tile.pixels == 64
     if args == "residual":
         assert d["epilogue"] == ["bias", "residual", "relu"]
     assert_matches_ort(model, feeds, outs)

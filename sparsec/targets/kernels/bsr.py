@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sparsec.targets.kernels.common import Activation, epilogue_func, finish
+from sparsec.targets.kernels.common import Activation, epilogue_func, finish, wide_vectors
 from sparsec.targets.kernels import dense, pointwise
 from sparsec.targets.kernels.dense import schedule_panels
 
@@ -85,10 +85,20 @@ CONV_NAME = "bsr_conv1x1"
 CONV_LANES = 4
 CONV_PIXELS = 16
 CONV_TILE = pointwise.Tile(CONV_LANES, CONV_PIXELS)
+#: with AVX-512, 4 x 16 is only 4 zmm accumulators: large maps take 64-pixel tiles (16 zmm;
+#: MobileNetV2's sparse pointwise layers alone at 112x112 341 -> 158 us, at 56x56 128 -> 64);
+#: small maps keep 16 (the padding and the fewer parallel tasks cost more: 14x14 31 -> 39)
+CONV_TILE_WIDE = pointwise.Tile(CONV_LANES, 64)
+CONV_WIDE_MIN_PIXELS = 2048
+
+
+def conv_tile(p: int) -> "pointwise.Tile":
+    """The pointwise kernel's register tile for ``p`` pixels on the current target."""
+    return CONV_TILE_WIDE if wide_vectors() and p >= CONV_WIDE_MIN_PIXELS else CONV_TILE
 
 
 def conv_padded_pixels(p: int) -> int:
-    return CONV_TILE.padded_pixels(p)
+    return conv_tile(p).padded_pixels(p)
 
 
 def build_conv1x1(n: int, ci: int, p: int, co: int, rows: int, dtype: str = "float32",
@@ -98,13 +108,13 @@ def build_conv1x1(n: int, ci: int, p: int, co: int, rows: int, dtype: str = "flo
     CONV_LANES)``: the ``conv1x1_nchw`` kernel (kernels/pointwise.py) walking each 4-channel
     panel's kept input channels through ``idx``:
 
-      for (n, panel, po in Pp/16) in parallel:
-        acc[4, 16] = 0
-        for l in L: for c in unroll(4): for q in vectorize(16):
-          acc[c, q] += data[panel, l, c] * X[n, idx[panel, l], po*16 + q]
-        Y[n, panel*4 + c, po*16 + q] = epilogue(acc)        # masked at the CO / P tails
+      for (n, panel, po in Pp/PX) in parallel:             # PX: conv_tile(P).pixels
+        acc[4, PX] = 0
+        for l in L: for c in unroll(4): for q in vectorize(PX):
+          acc[c, q] += data[panel, l, c] * X[n, idx[panel, l], po*PX + q]
+        Y[n, panel*4 + c, po*PX + q] = epilogue(acc)        # masked at the CO / P tails
 
-    ``X`` is ``[N, CI, Pp]`` with ``Pp`` = P rounded up to 16 (the caller pads with zeros),
+    ``X`` is ``[N, CI, Pp]`` with ``Pp`` = P rounded up to PX (the caller pads with zeros),
     ``Y`` is ``[N, CO, P]``; the PrimFunc is ``(X, idx, data [, B[CO]] [, R[N,CO,P]], Y)``."""
-    return pointwise.build(n, ci, p, co, CONV_TILE, dtype, bias=bias, act=act,
+    return pointwise.build(n, ci, p, co, conv_tile(p), dtype, bias=bias, act=act,
                            residual=residual, rows=rows, name=CONV_NAME)

@@ -373,7 +373,7 @@ def _pointwise(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, out: tuple,
 
     n, ci, co, p = shape.n, shape.ic, shape.oc, shape.h * shape.w
     if sparse:
-        default = tile = bsr.CONV_TILE
+        default = tile = bsr.conv_tile(p)
         w_kn = np.ascontiguousarray(w[:, :, 0, 0].T)
         rows = bsr.padded_rows(w_kn, tile.oct)
         if rows >= ci:
