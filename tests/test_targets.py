@@ -612,6 +612,33 @@ def test_fallback_inlines_data_moves():
     np.testing.assert_array_equal(out.numpy(), a.reshape(128, 12, 32).transpose(1, 0, 2))
 
 
+def test_fallback_vectorizes_mask_reads_not_mask_writes():
+    """An attention mask (a bool read) no longer keeps its block scalar; a block that writes a
+    bool buffer still is (TVM 0.27 cannot lower a vectorized bool store), and compiles."""
+    import tvm
+    from tvm import te, tirx, topi
+
+    from sparsec.targets.kernels import fallback
+
+    m = te.placeholder((1, 1, 8, 64), "bool", name="m")
+    x = te.placeholder((1, 4, 8, 64), "float32", name="x")
+    c = te.placeholder((), "float32", name="c")
+    masked = topi.where(m, topi.multiply(x, tirx.const(0.5, "float32")), c)
+    nan = topi.isnan(x)
+    target = tvm.target.Target({"kind": "llvm", "num-cores": 2})
+    rng = np.random.default_rng(4)
+    mv, xv = rng.random((1, 1, 8, 64)) > 0.5, rng.standard_normal((1, 4, 8, 64)).astype("f4")
+    for args, vectorized, want in (([m, x, c, masked], True, np.where(mv, xv * 0.5, -3.0)),
+                                   ([x, nan], False, np.isnan(xv))):
+        func = fallback.schedule_function(te.create_prim_func(args), target)
+        assert ("T.vectorized" in func.script()) == vectorized
+        lib = tvm.compile(tvm.IRModule({"main": func}), target=target)
+        out = tvm.runtime.empty(want.shape, str(want.dtype))
+        feeds = [mv, xv, np.float32(-3.0)] if vectorized else [xv]
+        lib["main"](*[tvm.runtime.tensor(np.asarray(v)) for v in feeds], out)
+        np.testing.assert_array_equal(out.numpy(), want)
+
+
 @pytest.mark.parametrize("op", ["softmax", "layer_norm", "rms_norm", "masked_softmax",
                                 "row_max"])
 def test_fallback_row_reductions(op):

@@ -83,9 +83,10 @@ def _schedule_block(sch: "s_tir.Schedule", block: "s_tir.schedule.SBlockRV") -> 
             sch.parallel(par)
             inner_ext = MAX_VECTOR
     # TVM 0.27 lowers a vectorized store into a bool buffer as int8 lanes and then refuses it
-    # (dtype mismatch on BufferStore): masks stay scalar. (A block's regions name their buffer
-    # ``source`` in 0.27: reading ``.buffer`` raised here and left every block unvectorized.)
-    if inner_ext is not None and inner_ext > 1 and not _touches_bool(sch, block):
+    # (dtype mismatch on BufferStore): blocks writing masks stay scalar (reading one is fine).
+    # (A block's regions name their buffer ``source`` in 0.27: reading ``.buffer`` raised
+    # here and left every block unvectorized.)
+    if inner_ext is not None and inner_ext > 1 and not _writes_bool(sch, block):
         if inner_ext > MAX_VECTOR and inner_ext % MAX_VECTOR == 0:
             _, inner = sch.split(inner, [None, MAX_VECTOR])
         if inner_ext <= MAX_VECTOR or inner_ext % MAX_VECTOR == 0:
@@ -131,9 +132,8 @@ def _inline_intermediates(sch: "s_tir.Schedule") -> None:
             break
 
 
-def _touches_bool(sch: "s_tir.Schedule", block: "s_tir.schedule.SBlockRV") -> bool:
-    return any(str(r.source.dtype) == "bool"
-               for r in [*sch.get(block).reads, *sch.get(block).writes])
+def _writes_bool(sch: "s_tir.Schedule", block: "s_tir.schedule.SBlockRV") -> bool:
+    return any(str(r.source.dtype) == "bool" for r in sch.get(block).writes)
 
 
 def _reduces_contiguous(block: "tirx.Block", var: "tirx.Var") -> bool:
@@ -180,7 +180,7 @@ def schedule_rows(func: "tirx.PrimFunc") -> "tirx.PrimFunc | None":
             if not _reduces_contiguous(sch.get(block), ivs[-1].var):
                 return None
             reductions.append(block)
-    if not reductions or any(_touches_bool(sch, b) for b in reductions):
+    if not reductions or any(_writes_bool(sch, b) for b in reductions):
         return None
     factored = set()
     for block in reductions:
@@ -199,7 +199,7 @@ def schedule_rows(func: "tirx.PrimFunc") -> "tirx.PrimFunc | None":
         sch.parallel(row)
     for block in sch.get_child_blocks(row):
         loops = sch.get_loops(block)
-        if len(loops) < 2 or _touches_bool(sch, block):
+        if len(loops) < 2 or _writes_bool(sch, block):
             continue
         if sch.get(block).name_hint in factored:      # (row, lanes, k / lanes): lanes inside
             sch.reorder(loops[-1], loops[-2])
