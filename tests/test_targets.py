@@ -494,6 +494,9 @@ def test_attention_batch_matmul(seq, dh, host, tmp_path):
     assert facts["kernels"].get("batch_matmul", 0) == want, facts["kernels"]
     assert [d["shape"]["N"] for d in mm] == [n_ for n_ in (seq, dh) if n_ % 8 == 0]
     assert mm[-1]["epilogue"] == ["residual"]
+    # Q @ K^T reads K untransposed (the kernel packs K^T a panel at a time); P @ V does not
+    assert [d.get("b_transposed", False) for d in mm] == [n_ == seq for n_ in (seq, dh)
+                                                          if n_ % 8 == 0]
     assert_matches_ort(model, feeds, outs)
 
 

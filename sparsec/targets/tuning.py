@@ -133,6 +133,7 @@ def build(strategy: str, shape: dict, knobs: dict | None = None, **flags) -> "ti
     elif strategy == "batch_matmul":
         func = batch_matmul.build(shape["batch"], shape["m"], shape["k"], shape["n"],
                                   shape["dtype"], **flags,
+                                  b_transposed=shape.get("b_transposed", False),
                                   **({"row_tiles": rows} if rows else {}))
     elif strategy == "conv1x1_nchw":
         tile = pointwise.Tile(*k["tile"]) if "tile" in k else pointwise.pick_tile(

@@ -14,6 +14,11 @@ A per row and k):
 
 N must be a multiple of the lane count (16, else 8); other shapes stay on the generic
 schedule.
+
+With ``b_transposed`` B comes as ``[b, N, K]`` (attention's K before its transpose): each task
+takes one (b, n-panel) and first packs that panel of B^T into a ``[K, lanes]`` buffer (a small
+transpose that stays in L1), then runs every m-tile over it, so the pack is paid once per
+panel instead of a whole-tensor transpose kernel before the matmul.
 """
 
 from __future__ import annotations
@@ -36,20 +41,31 @@ def lanes_for(n: int) -> int | None:
 
 def build(batch: int, m: int, k: int, n: int, dtype: str = "float32", bias: bool = False,
           act: Activation | None = None, residual: bool = False,
-          row_tiles: tuple[int, ...] = ROW_TILES) -> "tirx.PrimFunc":
-    """The scheduled PrimFunc ``(A[b,M,K], B[b,K,N] [, bias[N]] [, R[b,M,N]], Y[b,M,N])``."""
+          row_tiles: tuple[int, ...] = ROW_TILES, b_transposed: bool = False
+          ) -> "tirx.PrimFunc":
+    """The scheduled PrimFunc ``(A[b,M,K], B[b,K,N] [, bias[N]] [, R[b,M,N]], Y[b,M,N])``;
+    with ``b_transposed`` the second operand is ``B^T[b,N,K]``."""
     from tvm import s_tir, te
 
     lanes = lanes_for(n)
     assert lanes is not None, n
     a = te.placeholder((batch, m, k), dtype, name="A")
-    b = te.placeholder((batch, k, n), dtype, name="Bm")
+    b = te.placeholder((batch, n, k) if b_transposed else (batch, k, n), dtype, name="Bm")
     bias_t = te.placeholder((n,), dtype, name="B") if bias else None
     res = te.placeholder((batch, m, n), dtype, name="R") if residual else None
     r = te.reduce_axis((0, k), name="k")
+    if b_transposed:
+        pack = te.compute((batch, n // lanes, k, lanes),
+                          lambda t, jb, kk, jl: b[t, jb * lanes + jl, kk], name="pack")
+
+        def b_at(t, kk, jb, jl):
+            return pack[t, jb, kk, jl]
+    else:
+        def b_at(t, kk, jb, jl):
+            return b[t, kk, jb * lanes + jl]
     acc = te.compute(
         (batch, m, n // lanes, lanes),
-        lambda t, i, jb, jl: te.sum(a[t, i, r] * b[t, r, jb * lanes + jl], axis=r), name="acc")
+        lambda t, i, jb, jl: te.sum(a[t, i, r] * b_at(t, r, jb, jl), axis=r), name="acc")
     sch = s_tir.Schedule(epilogue_func(
         [a, b], lambda t, i, j: acc[t, i, j // lanes, j % lanes], (batch, m, n), dtype,
         bias_t, res, act, channel_axis=2))
@@ -64,6 +80,13 @@ def build(batch: int, m: int, k: int, n: int, dtype: str = "float32", bias: bool
     sch.vectorize(lane)
     sch.vectorize(jl)
     sch.unroll(mi)
-    sch.parallel(sch.fuse(t, jb, mo))
+    if b_transposed:      # one task per (b, panel): its packed panel serves every m-tile
+        task = sch.fuse(t, jb)
+        sch.parallel(task)
+        pack_blk = sch.get_sblock("pack")
+        sch.compute_at(pack_blk, task)
+        sch.vectorize(sch.get_loops(pack_blk)[-1])
+    else:
+        sch.parallel(sch.fuse(t, jb, mo))
     sch.decompose_reduction(blk, kk)
     return finish(sch, NAME)

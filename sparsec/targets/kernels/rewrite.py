@@ -43,6 +43,7 @@ class Plan:
     act: Activation | None = None  # output activation (clip bounds, GELU)
     shape: dict = field(default_factory=dict)  # the kernel's shape arguments (tuning key)
     info: dict = field(default_factory=dict)
+    inputs: list | None = None  # the operands the kernel reads, when not the op's own
 
 
 def _static_shape(expr: "relax.Expr") -> tuple[int, ...] | None:
@@ -187,7 +188,7 @@ def _linear(a: _Analysis, call: "relax.Call") -> _Linear | None:
 def _match_dense(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | None:
     x, w_expr = call.args
     if a.const(w_expr) is None and a.const(x) is None:
-        return _match_batch_matmul(call)
+        return _match_batch_matmul(a, call)
     lin = _linear(a, call)
     if lin is None:
         return None
@@ -222,9 +223,26 @@ def _match_dense(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | 
     return plans
 
 
-def _match_batch_matmul(call: "relax.Call") -> list[tuple[Plan, dict]] | None:
+def _transposed_operand(a: _Analysis, y: Any) -> Any:
+    """``t`` when ``y`` is ``permute_dims(t)`` swapping only the last two axes (attention's
+    K^T), else None."""
+    from tvm import relax
+
+    value = a.bindings.get(y)
+    if not (isinstance(value, relax.Call) and getattr(value.op, "name", "")
+            == "relax.permute_dims" and value.attrs.axes is not None):
+        return None
+    rank = len(value.attrs.axes)
+    if [int(i) for i in value.attrs.axes] != list(range(rank - 2)) + [rank - 1, rank - 2]:
+        return None
+    return value.args[0]
+
+
+def _match_batch_matmul(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | None:
     """``batch_matmul`` for a matmul of two run-time tensors ``[..., M, K] @ [..., K, N]`` with
-    the same leading (batch) dims, e.g. attention's Q @ K^T and P @ V."""
+    the same leading (batch) dims, e.g. attention's Q @ K^T and P @ V. When the second operand
+    is a transpose of its last two axes (K^T), the kernel reads the untransposed tensor and
+    packs each panel itself, and the transpose kernel is gone."""
     x, y = call.args
     xs, ys, out = _static_shape(x), _static_shape(y), _static_shape(call)
     if xs is None or ys is None or out is None or len(xs) != len(ys) or len(xs) < 2:
@@ -241,6 +259,9 @@ def _match_batch_matmul(call: "relax.Call") -> list[tuple[Plan, dict]] | None:
     for d in xs[:-2]:
         batch *= d
     kshape = {"batch": batch, "m": m, "k": k, "n": n, "dtype": dtype}
+    yt = _transposed_operand(a, y)
+    if yt is not None:
+        kshape["b_transposed"] = True
 
     def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
              ) -> "relax.Expr":
@@ -253,7 +274,8 @@ def _match_batch_matmul(call: "relax.Call") -> list[tuple[Plan, dict]] | None:
         def as3d(v, shape):
             return v if len(xs) == 3 else bb.emit(relax.op.reshape(v, (batch,) + shape))
 
-        call_args = [as3d(args[0], (m, k)), as3d(args[1], (k, n))]
+        call_args = [as3d(args[0], (m, k)),
+                     as3d(args[1], (n, k) if yt is not None else (k, n))]
         if bias is not None:
             call_args.append(relax.const(bias))
         if residual is not None:
@@ -262,7 +284,10 @@ def _match_batch_matmul(call: "relax.Call") -> list[tuple[Plan, dict]] | None:
         return y3 if len(xs) == 3 else relax.op.reshape(bb.emit(y3), out)
 
     info = {"op": "matmul", "shape": {"batch": batch, "M": m, "K": k, "N": n}}
-    return [(Plan(batch_matmul.NAME, emit, info=info, shape=kshape),
+    if yt is not None:
+        info["b_transposed"] = True
+    return [(Plan(batch_matmul.NAME, emit, info=info, shape=kshape,
+                  inputs=None if yt is None else [x, yt]),
              {"macs": batch * m * k * n})]
 
 
@@ -687,7 +712,7 @@ def _make_mutator():
                     return self.visit_expr(self.aliases[b.var])
                 plan = self.plans.get(b.var)
                 if plan is not None:
-                    args = [self.visit_expr(x) for x in call.args]
+                    args = [self.visit_expr(x) for x in (plan.inputs or call.args)]
                     residual = (self.visit_expr(plan.residual) if plan.residual is not None
                                 else None)
                     if plan.residual_shape is not None:
