@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 
 NAME = "batch_matmul"
 ROW_TILES = (4, 6, 5, 3, 2, 1)
+#: (batch, panel) tasks below which the m-tiles are split across threads too
+MIN_PANEL_TASKS = 8
 
 
 def lanes_for(n: int) -> int | None:
@@ -80,13 +82,17 @@ def build(batch: int, m: int, k: int, n: int, dtype: str = "float32", bias: bool
     sch.vectorize(lane)
     sch.vectorize(jl)
     sch.unroll(mi)
-    if b_transposed:      # one task per (b, panel): its packed panel serves every m-tile
+    # one task per (b, panel), its m-tiles inside, where that leaves enough tasks: the panel
+    # of B stays in L1 across the m-tiles (12 heads x 128 tokens: 15-34 % faster than tasks
+    # over m-tiles too); a packed panel is made once per task
+    if b_transposed or batch * (n // lanes) >= MIN_PANEL_TASKS:
         task = sch.fuse(t, jb)
         sch.parallel(task)
+    else:
+        sch.parallel(sch.fuse(t, jb, mo))
+    if b_transposed:
         pack_blk = sch.get_sblock("pack")
         sch.compute_at(pack_blk, task)
         sch.vectorize(sch.get_loops(pack_blk)[-1])
-    else:
-        sch.parallel(sch.fuse(t, jb, mo))
     sch.decompose_reduction(blk, kk)
     return finish(sch, NAME)
