@@ -648,7 +648,7 @@ def test_fallback_row_reductions(op):
     """Softmax and the norms get the row schedule: one parallel loop over rows, reductions
     as 16-lane vector partial sums (rfactor), and match numpy."""
     import tvm
-    from tvm import te, tirx, topi
+    from tvm import te, topi
 
     from sparsec.targets.kernels import fallback
 
@@ -691,7 +691,6 @@ def test_fallback_row_reductions(op):
     np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=2e-5)
     # not row-wise: a reduction over a leading axis keeps the other rules
     assert fallback.schedule_rows(te.create_prim_func([x, topi.sum(x, axis=1)])) is None
-    del tirx
 
 
 def test_conv_strip_width_follows_the_vector_registers():
