@@ -8,6 +8,7 @@ numpy at import time. Host CPU detection (which needs TVM's LLVM) happens lazily
 from __future__ import annotations
 
 import functools
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -71,11 +72,8 @@ class TargetSpec:
         host = self.tvm_target.get("host", self.tvm_target)
         if self.triple is not None or not (host.get("mcpu") or host.get("mattr")):
             return frozenset()
-        import tvm
-        from tvm.target import codegen
-
-        target = tvm.target.Target({k: v for k, v in host.items() if k != "num-cores"})
-        have = {str(f) for f in codegen.llvm_get_cpu_features(target)}
+        have = llvm_features(json.dumps({k: v for k, v in host.items() if k != "num-cores"},
+                                        sort_keys=True))
         return frozenset(flag for feature, flag in _X86_FLAGS.items() if feature in have)
 
     def tool(self, name: str) -> str:
@@ -137,6 +135,17 @@ def cpu_flags() -> frozenset[str]:
     except OSError:
         pass
     return frozenset()
+
+
+@functools.lru_cache(maxsize=None)
+def llvm_features(target_json: str) -> frozenset[str]:
+    """LLVM's CPU features (``avx2``, ``avx512f``, ``amx-tile``, ...) of an LLVM target given
+    as TVM's JSON text."""
+    import tvm
+    from tvm.target import codegen
+
+    return frozenset(str(f) for f in codegen.llvm_get_cpu_features(tvm.target.Target(
+        target_json)))
 
 
 @functools.lru_cache(maxsize=None)

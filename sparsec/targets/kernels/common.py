@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,19 +26,12 @@ def wide_vectors() -> bool:
     twice the accumulators. False outside a target scope and for other architectures."""
     import tvm
 
+    from sparsec.targets import llvm_features
+
     target = tvm.target.Target.current(allow_none=True)
     if target is None or target.kind.name != "llvm":
         return False
-    return _has_avx512(str(target))
-
-
-@functools.lru_cache(maxsize=None)
-def _has_avx512(target_text: str) -> bool:
-    import tvm
-    from tvm.target import codegen
-
-    target = tvm.target.Target(target_text)
-    return "avx512f" in {str(f) for f in codegen.llvm_get_cpu_features(target)}
+    return "avx512f" in llvm_features(str(target))
 
 @dataclass(frozen=True)
 class Activation:

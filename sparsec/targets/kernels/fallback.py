@@ -21,6 +21,7 @@ Per function, in order:
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from sparsec.targets.kernels.common import SCHEDULED_ATTR, STRATEGY_ATTR
@@ -159,21 +160,17 @@ def schedule_rows(func: "tirx.PrimFunc") -> "tirx.PrimFunc | None":
     _inline_intermediates(sch)
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
 
-    def extent(loop) -> int | None:
-        ext = sch.get(loop).extent
-        return int(ext.value) if isinstance(ext, tirx.IntImm) else None
-
     out = blocks[-1]
     out_loops = sch.get_loops(out)
     depth = len(out_loops) - 1
-    rows = [extent(lp) for lp in out_loops[:depth]]
-    if depth < 1 or None in rows or extent(out_loops[-1]) is None:
+    rows = [_const_extent(sch, lp) for lp in out_loops[:depth]]
+    if depth < 1 or None in rows or _const_extent(sch, out_loops[-1]) is None:
         return None
     reductions = []
     for block in blocks:
         loops, ivs = sch.get_loops(block), sch.get(block).iter_vars
         if (len(loops) not in (depth, depth + 1) or len(ivs) != len(loops)
-                or [extent(lp) for lp in loops[:depth]] != rows
+                or [_const_extent(sch, lp) for lp in loops[:depth]] != rows
                 or any(iv.iter_type != tirx.IterVar.DataPar for iv in ivs[:depth])):
             return None
         if ivs[-1].iter_type == tirx.IterVar.CommReduce:
@@ -185,17 +182,15 @@ def schedule_rows(func: "tirx.PrimFunc") -> "tirx.PrimFunc | None":
     factored = set()
     for block in reductions:
         inner = sch.get_loops(block)[-1]
-        if (extent(inner) or 0) % MAX_VECTOR == 0:
+        if (_const_extent(sch, inner) or 0) % MAX_VECTOR == 0:
             _, lanes = sch.split(inner, [None, MAX_VECTOR])
             factored.add(sch.get(sch.rfactor(lanes, factor_axis=0)).name_hint)
     out_loops = sch.get_loops(out)
     row = sch.fuse(*out_loops[:depth]) if depth > 1 else out_loops[0]
     for block in reversed(sch.get_child_blocks(sch.get_sblock("root"))[:-1]):
         sch.compute_at(block, row)
-    total = 1
-    for r in rows:
-        total *= r
-    if total > 1 and total * (extent(sch.get_loops(out)[-1]) or 1) >= MIN_PARALLEL:
+    total = math.prod(rows)
+    if total > 1 and total * (_const_extent(sch, sch.get_loops(out)[-1]) or 1) >= MIN_PARALLEL:
         sch.parallel(row)
     for block in sch.get_child_blocks(row):
         loops = sch.get_loops(block)
@@ -206,8 +201,8 @@ def schedule_rows(func: "tirx.PrimFunc") -> "tirx.PrimFunc | None":
             loops = sch.get_loops(block)
             sch.vectorize(loops[-1])
             sch.decompose_reduction(block, loops[-2])
-        elif all(iv.iter_type == tirx.IterVar.DataPar for iv in sch.get(block).iter_vars):
-            if (extent(loops[-1]) or 0) % MAX_VECTOR == 0:
+        elif _is_spatial(sch, block):
+            if (_const_extent(sch, loops[-1]) or 0) % MAX_VECTOR == 0:
                 _, lanes = sch.split(loops[-1], [None, MAX_VECTOR])
                 sch.vectorize(lanes)
     return sch.mod["main"]
