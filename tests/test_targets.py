@@ -476,6 +476,94 @@ def test_depthwise_conv_numerics(args, host, tmp_path):
     assert_matches_ort(model, feeds, outs)
 
 
+def dw_pointwise_model(n, c, h, oc, k=3, stride=1, dil=1, dw_bias=True, pw_bias=True,
+                       residual=False, relu=False, extra_user=False, seed=0):
+    """MobileNetV2's inverted-residual tail: depthwise conv (+ bias) -> ReLU6 -> 1x1 conv
+    (+ bias) [+ skip input] [-> Relu]. ``extra_user``: the ReLU6 output is a second graph
+    output, so the depthwise result must be materialized."""
+    rng = np.random.default_rng(seed)
+    pad = dil * (k - 1) // 2
+    inits = {"wd": rng.standard_normal((c, 1, k, k)) / k, "lo": np.array(0.0),
+             "hi": np.array(6.0), "wp": rng.standard_normal((oc, c, 1, 1)) / np.sqrt(c)}
+    dw_in, pw_in = ["x", "wd"], ["r", "wp"]
+    if dw_bias:
+        inits["bd"] = rng.standard_normal(c)
+        dw_in.append("bd")
+    if pw_bias:
+        inits["bp"] = rng.standard_normal(oc)
+        pw_in.append("bp")
+    mk = helper.make_node
+    nodes = [mk("Conv", dw_in, ["d"], group=c, pads=[pad] * 4, strides=[stride] * 2,
+                dilations=[dil] * 2, kernel_shape=[k, k]),
+             mk("Clip", ["d", "lo", "hi"], ["r"]), mk("Conv", pw_in, ["p"])]
+    oh = (h + 2 * pad - dil * (k - 1) - 1) // stride + 1
+    inputs, last = [("x", [n, c, h, h])], "p"
+    if residual:
+        inputs.append(("skip", [n, oc, oh, oh]))
+        nodes.append(mk("Add", ["p", "skip"], ["s"]))
+        last = "s"
+    if relu:
+        nodes.append(mk("Relu", [last], ["y"]))
+    else:
+        nodes.append(mk("Identity", [last], ["y"]))
+    outputs = [("y", [n, oc, oh, oh])] + ([("r", [n, c, oh, oh])] if extra_user else [])
+    return make_model(nodes, inputs, outputs, inits)
+
+
+@pytest.mark.parametrize("args", [
+    dict(n=1, c=24, h=28, oc=16, residual=True),              # MobileNetV2's 28x28 block
+    dict(n=1, c=32, h=56, oc=24, pw_bias=False, relu=True),   # 4-row tiles
+    dict(n=2, c=20, h=30, oc=12, dw_bias=False),  # batch 2; width 30 padded to 32
+    dict(n=1, c=8, h=33, oc=8, k=5, dil=2, residual=True, relu=True),  # 5x5, dilation 2
+    dict(n=1, c=16, h=112, oc=8),                              # 8-row tiles, width 112
+])
+def test_depthwise_pointwise_fused(args, host, tmp_path):
+    """A depthwise conv whose (ReLU6) output only the next 1x1 conv reads becomes one
+    ``dw_conv1x1_nchw`` kernel with both epilogues; the depthwise binding is gone."""
+    model = dw_pointwise_model(**args)
+    facts, feeds, outs = compile_and_run(model, host, tmp_path)
+    assert facts["kernels"] == {"dw_conv1x1_nchw": 1}, facts["kernels"]
+    dw, pw = facts["decisions"]
+    assert dw["chosen"] == "depthwise_nchw" and dw["fused_into_next"] == "dw_conv1x1_nchw"
+    assert pw["chosen"] == "dw_conv1x1_nchw"
+    assert pw["fused_depthwise"]["epilogue"] == ["bias"] * args.get("dw_bias", True) + [
+        "clip(0,6)"]
+    assert pw["epilogue"] == ["bias"] * args.get("pw_bias", True) + [
+        "residual"] * args.get("residual", False) + ["relu"] * args.get("relu", False)
+    assert_matches_ort(model, feeds, outs)
+
+
+@pytest.mark.parametrize("args", [
+    dict(n=1, c=24, h=28, oc=16, extra_user=True),   # the depthwise output is also an output
+    dict(n=1, c=24, h=56, oc=16, stride=2),          # stride 2: kept apart (dw_pointwise.py)
+    dict(n=1, c=24, h=14, oc=16),                    # 14x14: kept apart
+])
+def test_depthwise_pointwise_kept_apart(args, host, tmp_path):
+    model = dw_pointwise_model(**args)
+    facts, feeds, outs = compile_and_run(model, host, tmp_path)
+    k = facts["kernels"]
+    assert k["depthwise_nchw"] == 1 and k["conv1x1_nchw"] == 1 and "dw_conv1x1_nchw" not in k
+    assert_matches_ort(model, feeds, outs)
+
+
+def test_fused_depthwise_pointwise_schedule():
+    """The fused kernel's shape: one parallel loop over row tiles; the depthwise taps and the
+    projection's pixels are vectorized."""
+    import tvm
+
+    from sparsec.targets.kernels import dw_pointwise
+    from sparsec.targets.kernels.conv2d import ConvShape
+
+    s = ConvShape(1, 32, 56, 56, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1))
+    with tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}):
+        fplan = dw_pointwise.plan(32, 24, 56, 56)
+        func = dw_pointwise.build(s, 24, fplan)
+    assert fplan == dw_pointwise.FusedPlan(rows=7, oct=12, lanes=16)   # 8 row tiles
+    text = func.script()
+    assert text.count("T.parallel(8)") == 1 and text.count("T.parallel") == 1
+    assert text.count("T.vectorized(16)") >= 4   # pad, depthwise acc, D, projection
+
+
 @pytest.mark.parametrize("seq,dh", [(16, 8), (24, 16), (10, 8)])
 def test_attention_batch_matmul(seq, dh, host, tmp_path):
     """softmax(Q K^T * scale) V over [2, 3] heads: both matmuls multiply two run-time tensors

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import dataclasses
 import json
 import os
 import statistics
@@ -109,6 +110,9 @@ def _variants(strategy: str, shape: dict) -> list[dict]:
         return [{"tile": [t.oct, t.pixels]} for t in pointwise.tiles()]
     if strategy == "depthwise_nchw":
         return [{"max_acc": a} for a in (4, 6, 8, 12)]
+    if strategy == "dw_conv1x1_nchw":
+        oh = _conv_shape({n: v for n, v in shape.items() if n != "co"}).out_hw[0]
+        return [{"rows": r} for r in range(1, 9) if oh % r == 0]
     if strategy == "conv2d_nchw_packed" and "variant" not in shape:
         from sparsec.targets.kernels import conv2d
 
@@ -120,7 +124,7 @@ def build(strategy: str, shape: dict, knobs: dict | None = None, **flags) -> "ti
     """The kernel ``strategy`` for ``shape`` with ``knobs`` (defaults where absent) and the
     epilogue ``flags`` (bias, act, residual), tagged with its shape for the tuner."""
     from sparsec.targets.kernels import (batch_matmul, bsr, conv2d, dense, depthwise,
-                                         pointwise)
+                                         dw_pointwise, pointwise)
 
     k = knobs or {}
     rows = (k["rows"],) if "rows" in k else None
@@ -146,6 +150,12 @@ def build(strategy: str, shape: dict, knobs: dict | None = None, **flags) -> "ti
     elif strategy == "depthwise_nchw":
         func = depthwise.build(_conv_shape(shape), shape["dtype"], **flags,
                                **({"max_acc": k["max_acc"]} if "max_acc" in k else {}))
+    elif strategy == "dw_conv1x1_nchw":
+        s = _conv_shape({n: v for n, v in shape.items() if n != "co"})
+        fplan = dw_pointwise.plan(s.ic, shape["co"], *s.out_hw)
+        if "rows" in k:
+            fplan = dataclasses.replace(fplan, rows=k["rows"])
+        func = dw_pointwise.build(s, shape["co"], fplan, shape["dtype"], **flags)
     elif strategy == "conv2d_nchw_packed":
         s = _conv_shape({n: v for n, v in shape.items() if n != "variant"})
         if "variant" in shape:
@@ -434,7 +444,7 @@ def interleaved_ms(fns: dict[str, Callable[[], object]], seconds: float = 3.0,
 
 def _default_knobs(strategy: str, shape: dict) -> dict | None:
     """The knob setting the heuristics pick without tuning, when it is one of the variants."""
-    from sparsec.targets.kernels import conv2d, depthwise, pointwise
+    from sparsec.targets.kernels import conv2d, depthwise, dw_pointwise, pointwise
     from sparsec.targets.kernels.common import pick_row_tile
 
     if strategy in ("dense_packed", "bsr_dense", "batch_matmul"):
@@ -444,6 +454,9 @@ def _default_knobs(strategy: str, shape: dict) -> dict | None:
         return {"tile": [t.oct, t.pixels]}
     if strategy == "depthwise_nchw":
         return {"max_acc": depthwise.MAX_ACC}
+    if strategy == "dw_conv1x1_nchw":
+        s = _conv_shape({n: v for n, v in shape.items() if n != "co"})
+        return {"rows": dw_pointwise.plan(s.ic, shape["co"], *s.out_hw).rows}
     if strategy == "conv2d_nchw_packed":
         return {"width_tile": conv2d.pick_width_tile(_conv_shape(shape).out_hw[1])}
     return None

@@ -59,6 +59,12 @@ STRATEGIES: tuple[StrategyInfo, ...] = (
                  "channel's zero-padded plane (split into stride phases) per task, (rows x "
                  "8-lane vectors) register tile along the output width; bound by activation "
                  "traffic, so the efficiency is low by design"),
+    StrategyInfo("dw_conv1x1_nchw", "relax.nn.conv2d", 0.10,
+                 "a depthwise conv and the pointwise conv that alone reads it (MobileNetV2's "
+                 "depthwise -> projection), one kernel: each task computes the depthwise "
+                 "output of a few whole rows, every channel, into a buffer that stays in "
+                 "cache, and runs conv1x1_nchw's tile on it. Not chosen by the cost rule: the "
+                 "rewrite fuses planned pairs on maps of 28x28 and more"),
     StrategyInfo("nm_sparse_cuda", "relax.matmul", 0.10,
                  "CUDA, few rows (M <= 8): constant W compressed per output channel to its "
                  "nonzeros, K-major (int8 in-group offsets for N:M patterns, int16/int32 "

@@ -69,6 +69,17 @@ def pick_row_tile(extent: int, prefer: tuple[int, ...] = (4, 6, 5, 3, 2, 1)) -> 
     return 1
 
 
+def clip(v: "tirx.PrimExpr", act: "Activation | None", dtype: str) -> "tirx.PrimExpr":
+    """``v`` clipped to the activation's bounds (unchanged without any)."""
+    from tvm import tirx
+
+    if act is not None and act.low is not None:
+        v = tirx.max(v, tirx.const(act.low, dtype))
+    if act is not None and act.high is not None:
+        v = tirx.min(v, tirx.const(act.high, dtype))
+    return v
+
+
 def epilogue_func(inputs: list, value, shape: tuple[int, ...], dtype: str, bias=None,
                   residual=None, act: Activation | None = None, channel_axis: int = 1
                   ) -> "tirx.PrimFunc":
@@ -84,11 +95,7 @@ def epilogue_func(inputs: list, value, shape: tuple[int, ...], dtype: str, bias=
             v = v + bias[index[channel_axis]]
         if residual is not None:
             v = v + residual[index]
-        if act is not None and act.low is not None:
-            v = tirx.max(v, tirx.const(act.low, dtype))
-        if act is not None and act.high is not None:
-            v = tirx.min(v, tirx.const(act.high, dtype))
-        return v
+        return clip(v, act, dtype)
 
     inline = []
     if act is not None and act.gelu:

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from sparsec.targets import kernels, tuning
-from sparsec.targets.kernels import (batch_matmul, bsr, conv2d, dense, depthwise, pointwise,
-                                     sparse_cuda)
+from sparsec.targets.kernels import (batch_matmul, bsr, conv2d, dense, depthwise,
+                                     dw_pointwise, pointwise, sparse_cuda)
 from sparsec.targets.kernels.common import Activation
 
 if TYPE_CHECKING:
@@ -44,6 +44,7 @@ class Plan:
     shape: dict = field(default_factory=dict)  # the kernel's shape arguments (tuning key)
     info: dict = field(default_factory=dict)
     inputs: list | None = None  # the operands the kernel reads, when not the op's own
+    operands: dict = field(default_factory=dict)  # geometry and weights, for kernel fusion
 
 
 def _static_shape(expr: "relax.Expr") -> tuple[int, ...] | None:
@@ -386,7 +387,8 @@ def _depthwise(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, xs: tuple, 
     info = _conv_info(shape, xs, w, out, "depthwise")
     info["shape"]["tile"] = f"{p.rows}x{p.vecs * p.lanes}"
     macs = out[0] * out[1] * out[2] * out[3] * shape.kh * shape.kw
-    return Plan(depthwise.NAME, emit, info=info, shape=kshape), {"macs": macs}
+    return Plan(depthwise.NAME, emit, info=info, shape=kshape,
+                operands={"conv": shape, "weight": weight, "out": out}), {"macs": macs}
 
 
 def _pointwise(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, out: tuple,
@@ -440,7 +442,8 @@ def _pointwise(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, out: tuple,
         return relax.op.reshape(y, out)
 
     work = n * default.padded_pixels(p) * rows * (-(-co // default.oct)) * default.oct
-    return Plan(name, emit, info=info, shape=kshape), work
+    operands = {} if sparse else {"weight": np.ascontiguousarray(w[:, :, 0, 0]), "out": out}
+    return Plan(name, emit, info=info, shape=kshape, operands=operands), work
 
 
 def _match_sparse_cuda(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | None:
@@ -575,6 +578,7 @@ def plan_function(func: "relax.Function", cores: int, mod: "ir.IRModule | None" 
     plans: dict[Any, Plan] = {}
     aliases: dict[Any, Any] = {}
     decisions: list[dict] = []
+    decision_of: dict[Any, dict] = {}
     for var in a.order:
         call = a.bindings[var]
         if not isinstance(call, relax.Call) or not isinstance(call.op, tvm_op_type()):
@@ -654,7 +658,69 @@ def plan_function(func: "relax.Function", cores: int, mod: "ir.IRModule | None" 
                                                 ("residual", plan.residual is not None))
                                 if on] + ([plan.act.name] if plan.act else [])
         decisions.append(decision)
+        decision_of[var] = decision
+    if device == "cpu":
+        _fuse_depthwise_pointwise(a, plans, aliases, decision_of)
     return plans, aliases, decisions
+
+
+def _fuse_depthwise_pointwise(a: _Analysis, plans: dict, aliases: dict, decision_of: dict
+                              ) -> None:
+    """Replace each planned depthwise conv -> pointwise conv pair (the depthwise output, after
+    its bias and clip, read by the pointwise conv only) with one ``dw_conv1x1_nchw`` kernel
+    where :func:`dw_pointwise.worth_fusing` says so. The depthwise binding is left in place
+    with no user: dead code elimination drops it."""
+    for var, plan in list(plans.items()):
+        if plan.strategy != pointwise.NAME or not plan.operands:
+            continue
+        x = a.bindings[var].args[0]
+        dw_var = aliases.get(x, x)
+        dw_plan = plans.get(dw_var)
+        if (dw_plan is None or dw_plan.strategy != depthwise.NAME or a.uses.get(x, 0) != 1
+                or dw_plan.residual is not None or (dw_plan.act and dw_plan.act.gelu)):
+            continue
+        s, out = dw_plan.operands["conv"], plan.operands["out"]
+        if not dw_pointwise.worth_fusing(s, out[1]):
+            continue
+        plans[var] = _fused_plan(dw_plan, plan, a.bindings[dw_var].args[0])
+        del plans[dw_var]
+        decision_of[dw_var]["fused_into_next"] = dw_pointwise.NAME
+        decision = decision_of[var]
+        decision["chosen"] = dw_pointwise.NAME
+        decision["fused_depthwise"] = {k: v for k, v in decision_of[dw_var].items()
+                                       if k in ("shape", "epilogue")}
+        decision.update(plans[var].info)
+
+
+def _fused_plan(dw_plan: Plan, pw_plan: Plan, x: Any) -> Plan:
+    """The ``dw_conv1x1_nchw`` plan reading the depthwise conv's input ``x``."""
+    s = dw_plan.operands["conv"]
+    w_pw, out = pw_plan.operands["weight"], pw_plan.operands["out"]
+    co, dtype = out[1], pw_plan.shape["dtype"]
+    kshape = {**dataclasses.asdict(s), "co": co, "dtype": dtype}
+    fplan = dw_pointwise.plan(s.ic, co, *s.out_hw)
+
+    def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
+             ) -> "relax.Expr":
+        from tvm import relax
+
+        func = tuning.build_tuned(
+            dw_pointwise.NAME, kshape, dw_bias=dw_plan.bias is not None, dw_act=dw_plan.act,
+            bias=bias is not None, act=act, residual=residual is not None)
+        gv = bb.add_func(func, dw_pointwise.NAME)
+        call_args = [args[0], relax.const(dw_plan.operands["weight"])]
+        if dw_plan.bias is not None:
+            call_args.append(relax.const(dw_plan.bias))
+        call_args.append(relax.const(pointwise.pack_weight(w_pw, fplan.oct)))
+        if bias is not None:
+            call_args.append(relax.const(bias))
+        if residual is not None:
+            call_args.append(residual)
+        return relax.call_tir(gv, call_args, relax.TensorType(out, dtype))
+
+    info = {"tile": f"{fplan.rows} rows, {fplan.oct}x{fplan.lanes}"}
+    return dataclasses.replace(pw_plan, strategy=dw_pointwise.NAME, emit=emit, inputs=[x],
+                               shape=kshape, info=info)
 
 
 def _past_reshapes(a: _Analysis, tail: Any, anchor: Any) -> tuple[Any, Any]:

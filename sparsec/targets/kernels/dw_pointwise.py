@@ -1,0 +1,200 @@
+"""``dw_conv1x1_nchw``: a depthwise conv and the pointwise (1x1) conv that reads it, as one
+kernel: MobileNetV2's inverted-residual "depthwise -> projection" pair.
+
+Run apart, the depthwise conv writes the block's 6x-expanded activation to memory and the
+projection reads it back; inside a whole network both kernels then run 1.2-2.3x slower than
+alone (the expanded tensor lives in L3 or in the other core's L2). Fused, each task computes
+the depthwise output of a few whole rows for every channel into a buffer that stays in L1/L2,
+and the projection's GEMM reads it from there:
+
+  for (n, row tile of R output rows) in parallel:
+    for c in C:                                       # depthwise_nchw's schedule, R rows
+      pad channel c's input rows (zeros; stride phases) into a small buffer
+      D[c, R, OWp] = act_dw(depthwise(...) + bias_dw[c])
+    for panel of OCT output channels: for (row r, PX pixels of it):
+      acc[OCT, PX] = sum_c Wp[panel, c, :] * D[c, r, PX pixels]     # conv1x1_nchw's tile
+      Y[n, panel*OCT + o, row, pixels] = epilogue(acc)               # bias, residual, act
+
+``OWp`` is the output width rounded up to whole vectors: the padded columns compute garbage
+that no output reads (each output pixel depends on the same pixel of ``D`` only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from sparsec.targets.kernels import depthwise
+from sparsec.targets.kernels.common import (Activation, clip, epilogue_func, finish,
+                                            wide_vectors)
+
+if TYPE_CHECKING:
+    from tvm import tirx
+
+    from sparsec.targets.kernels.conv2d import ConvShape
+
+NAME = "dw_conv1x1_nchw"
+#: the per-task depthwise buffer D[C, R, OWp] is kept under this many bytes (L2 is 1 MB a core)
+MAX_TILE_BYTES = 160 * 1024
+#: row tiles per image at least (2 cores: 4 tasks each, so an uneven split costs little)
+MIN_TASKS = 8
+#: output-channel blocks of the projection's register tile, best first
+OCTS = (12, 8, 6, 4)
+
+
+#: fused only where the depthwise output map has at least this many pixels: on smaller maps
+#: the activation fits in cache anyway, and a task of a few rows would re-read the whole
+#: projection weight for few pixels (alone, 14x14 pairs ran 1.3-1.6x slower fused)
+MIN_PIXELS = 28 * 28
+
+
+def worth_fusing(s: "ConvShape", co: int) -> bool:
+    """Whether the depthwise conv ``s`` and a pointwise conv to ``co`` channels run faster as
+    one kernel: maps of ``MIN_PIXELS`` or more, stride 1 (a row tile's stride-2 phase split
+    compiles to AVX-512 gathers here, where depthwise_nchw's whole-plane split gets
+    shuffles: MobileNetV2's stride-2 pairs ran 1.5-1.8x slower fused)."""
+    oh, ow = s.out_hw
+    return oh * ow >= MIN_PIXELS and s.stride == (1, 1)
+
+
+@dataclass(frozen=True)
+class FusedPlan:
+    """``rows`` output rows per task, projection tile ``oct`` x ``lanes`` pixels."""
+
+    rows: int
+    oct: int
+    lanes: int
+
+    def padded_width(self, ow: int) -> int:
+        return -(-ow // self.lanes) * self.lanes
+
+
+def plan(c: int, co: int, oh: int, ow: int, lanes: int | None = None) -> FusedPlan:
+    """Rows per task: the most (dividing ``oh``) that keep ``D`` under ``MAX_TILE_BYTES`` and
+    leave ``MIN_TASKS`` row tiles; one row when none does. The projection tile: ``OCTS``'s
+    entry that pads the output channels least, pixels one vector of the target."""
+    if lanes is None:
+        lanes = 16 if wide_vectors() else 8
+    owp = -(-ow // lanes) * lanes
+    good = [r for r in range(1, oh + 1) if oh % r == 0 and oh // r >= MIN_TASKS
+            and c * r * owp * 4 <= MAX_TILE_BYTES]
+    oct_ = min(OCTS, key=lambda t: (-(-co // t) * t, OCTS.index(t)))
+    return FusedPlan(max(good, default=1), oct_, lanes)
+
+
+def build(s: "ConvShape", co: int, fplan: FusedPlan, dtype: str = "float32",
+          dw_bias: bool = False, dw_act: Activation | None = None, bias: bool = False,
+          act: Activation | None = None, residual: bool = False) -> "tirx.PrimFunc":
+    """``(X[N,C,H,W], Wd[C,KH,KW] [, Bd[C]], Wp[NB,C,oct] [, B[CO]] [, R[N,CO,OH,OW]], Y)``:
+    ``Wp`` packed by ``pointwise.pack_weight(W[CO, C], oct)``."""
+    from tvm import s_tir, te, tirx
+
+    (sh, sw), (dh, dw) = s.stride, s.dilation
+    pt, pl, _, _ = s.padding
+    oh, ow = s.out_hw
+    c = s.ic
+    rows, oct_, lanes = fplan.rows, fplan.oct, fplan.lanes
+    owp = fplan.padded_width(ow)
+    nb = -(-co // oct_)
+    tasks = oh // rows
+    # one task's padded input rows, split into stride phases: phase row l of task t is
+    # padded row (t*rows + l)*sh + phase; each task pads its own (halo rows are copied twice)
+    hq = rows + ((s.kh - 1) * dh) // sh
+    wq = -(-(owp + ((s.kw - 1) * dw) // sw) // lanes) * lanes   # whole vectors
+    x = te.placeholder((s.n, c, s.h, s.w), dtype, name="X")
+    wd = te.placeholder((c, s.kh, s.kw), dtype, name="Wd")
+    bd = te.placeholder((c,), dtype, name="Bd") if dw_bias else None
+    wpk = te.placeholder((nb, c, oct_), dtype, name="Wp")
+    b = te.placeholder((co,), dtype, name="B") if bias else None
+    res = te.placeholder((s.n, co, oh, ow), dtype, name="R") if residual else None
+    zero = tirx.const(0, dtype)
+
+    def phase_value(n, t, ch, py, px, row, j):
+        r, q = (t * rows + row) * sh + py - pt, j * sw + px - pl
+        return tirx.if_then_else(tirx.all(r >= 0, r < s.h, q >= 0, q < s.w), x[n, ch, r, q],
+                                 zero)
+
+    xp = te.compute((s.n, tasks, c, sh, sw, hq, wq), phase_value, name="pad")
+    ry = te.reduce_axis((0, s.kh), name="ry")
+    rx = te.reduce_axis((0, s.kw), name="rx")
+    dacc = te.compute(
+        (s.n, c, oh, owp),
+        lambda n, ch, i, j: te.sum(
+            xp[n, i // rows, ch, (ry * dh) % sh, (rx * dw) % sw, i % rows + (ry * dh) // sh,
+               j + (rx * dw) // sw] * wd[ch, ry, rx], axis=[ry, rx]),
+        name="dacc")
+
+    def dw_value(n, ch, i, j):
+        v = dacc[n, ch, i, j]
+        if bd is not None:
+            v = v + bd[ch]
+        return clip(v, dw_act, dtype)
+
+    d = te.compute((s.n, c, oh, owp), dw_value, name="D")
+    r = te.reduce_axis((0, c), name="c")
+    pacc = te.compute(
+        (s.n, nb, oct_, oh, owp),
+        lambda n, jb, jl, i, j: te.sum(wpk[jb, r, jl] * d[n, r, i, j], axis=r), name="pacc")
+    inputs = [x, wd] + ([bd] if bd is not None else []) + [wpk]
+    sch = s_tir.Schedule(epilogue_func(
+        inputs, lambda n, o, i, j: pacc[n, o // oct_, o % oct_, i, j], (s.n, co, oh, ow),
+        dtype, b, res, act))
+
+    # projection: (n, row tile) in parallel; per panel and row, OCT x lanes accumulators
+    blk = sch.get_sblock("pacc")
+    n, jb, jl, i, j, rr = sch.get_loops(blk)
+    it, ii = sch.split(i, [None, rows])
+    jo, jv = sch.split(j, [None, lanes])
+    sch.reorder(n, it, jb, ii, jo, rr, jl, jv)
+    sch.set_scope(blk, 0, "local")
+    out = sch.get_sblock("Y")
+    sch.reverse_compute_at(out, jo)
+    if ow % lanes == 0:
+        _, lane = sch.split(sch.get_loops(out)[-1], [None, lanes])
+        sch.vectorize(lane)
+    sch.vectorize(jv)
+    sch.unroll(jl)
+    task = sch.fuse(n, it)
+
+    # depthwise: the task's rows of every channel, into D (local to the task)
+    dblk = sch.get_sblock("D")
+    sch.compute_at(dblk, task)
+    dp = depthwise.plan(rows, owp, lanes=lanes)
+    dc, *di, dj = _loops_below(sch, dblk, task)   # (channel, row unless 1 row, column)
+    dio, dii = sch.split(di[0], [None, dp.rows]) if di else ([], [])
+    djo, djv, djl = sch.split(dj, [None, dp.vecs, dp.lanes])
+    sch.reorder(dc, *[dio] * bool(di), djo, *[dii] * bool(di), djv, djl)
+    sch.vectorize(djl)
+    sch.unroll(djv)
+    if di:
+        sch.unroll(dii)
+    ablk = sch.get_sblock("dacc")
+    sch.compute_at(ablk, djo)
+    sch.set_scope(ablk, 0, "local")
+    *spatial, ky, kx = _loops_below(sch, ablk, djo)
+    avo, avl = sch.split(spatial[-1], [None, dp.lanes])
+    sch.reorder(ky, kx, *spatial[:-1], avo, avl)
+    sch.vectorize(avl)
+    sch.unroll(avo)
+    for lp in spatial[:-1]:
+        sch.unroll(lp)
+    sch.unroll(kx)
+    sch.unroll(ky)
+    pad = sch.get_sblock("pad")
+    sch.compute_at(pad, dc)
+    try:
+        _, pad_lanes = sch.split(sch.get_loops(pad)[-1], [None, lanes])
+        sch.vectorize(pad_lanes)
+    except s_tir.ScheduleError:
+        pass
+    sch.parallel(task)
+    sch.decompose_reduction(ablk, ky)
+    sch.decompose_reduction(blk, rr)
+    return finish(sch, NAME)
+
+
+def _loops_below(sch, block, loop) -> list:
+    """The loops around ``block`` inside ``loop`` (compute_at leaves out loops of extent 1)."""
+    loops = sch.get_loops(block)
+    at = [sch.get(lp).same_as(sch.get(loop)) for lp in loops].index(True)
+    return loops[at + 1:]
