@@ -802,7 +802,38 @@ def test_conv_strip_width_follows_the_vector_registers():
                 range(1, widest + 1))
             assert pointwise.tiles() == (pointwise.TILES_AVX512 if widest == 8
                                          else pointwise.TILES)
+            # two 16-channel blocks per tile where 2 x strip accumulators fit
+            assert conv2d.pick_oc_vecs(32, seven, 7) == (2 if widest == 8 else 1)
     assert conv2d.max_tile() == conv2d.MAX_TILE     # no target: the conservative choice
+    with tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"}):
+        assert conv2d.pick_oc_vecs(3, 7, 7) == 1      # odd block count
+        assert conv2d.pick_oc_vecs(2, 7, 7) == 1      # one block pair x 7 rows: < 8 tasks
+        assert conv2d.pick_oc_vecs(2, 7, 14) == 2
+
+
+@pytest.mark.parametrize("args", [
+    dict(n=1, c=24, h=9, w=9, oc=32, k=3, stride=1, pad=1, relu=True),   # 2 blocks, 9 rows
+    dict(n=2, c=16, h=7, w=7, oc=20, k=1, stride=1, pad=0),    # 2 blocks, 4 channels padded
+    dict(n=1, c=8, h=20, w=20, oc=64, k=3, stride=2, pad=1),   # 2 pairs, stride 2
+])
+def test_conv_two_channel_blocks_per_tile(args, host, tmp_path):
+    """With AVX-512 the direct conv's tile takes two 16-channel blocks (each input broadcast
+    feeds both); numerics with padded channels, batches and strides."""
+    import tvm
+
+    from sparsec.targets.kernels import conv2d
+
+    model = conv_model(**args)
+    shape = conv2d.ConvShape(args["n"], args["c"], args["h"], args["w"], args["oc"], args["k"],
+                             args["k"], (args["stride"],) * 2, (args["pad"],) * 4, (1, 1))
+    with tvm.target.Target(host.tvm_target):
+        script = conv2d.build(shape).script()
+    if "avx512f" in host.cpu_flags:    # (n, block pair, output row) tasks
+        pairs = -(-args["oc"] // 32)
+        assert f"T.parallel({args['n'] * pairs * shape.out_hw[0]})" in script
+    facts, feeds, outs = compile_and_run(model, host, tmp_path)
+    assert facts["kernels"].get("conv2d_nchw_packed") == 1, facts["kernels"]
+    assert_matches_ort(model, feeds, outs)
 
 
 def test_grouped_conv_uses_fallback(host, tmp_path):
