@@ -3,7 +3,8 @@ the pixels, as in Fast Sparse ConvNets. NCHW keeps a channel's pixels contiguous
 channel is a few vector loads per tile, each weight a broadcast, and the write-back whole
 vectors of one output plane:
 
-  for (n, po in Pp/PX, panel) in parallel:                # pixel-major: see build()
+  for (n, chunk of <= 256 pixels, panel) in parallel:    # pixel-major: see build()
+   for po in the chunk's PX-pixel tiles:
     acc[OCT, PX] = 0                                      # OCT * PX/8 ymm accumulators
     for c in CI (or, sparse, the panel's kept rows): for o in unroll(OCT): for q in vec(PX):
       acc[o, q] += W[panel, c, o] * X[n, c, po*PX + q]
@@ -60,6 +61,10 @@ def tiles() -> tuple[Tile, ...]:
 #: cost of a padded MAC in an 8-pixel tile relative to a 16-pixel one: a weight broadcast feeds
 #: one vector instead of two (``sparsec tune`` on MobileNetV2's 14x14 layers: 1.2-1.3x)
 NARROW_PENALTY = 1.25
+#: pixels per task (at most; whole tiles dividing the map): each panel writes its OCT output
+#: planes in runs this long, not one tile at a time (MobileNetV2 whole, interleaved with
+#: ORT: 1 tile 1.44x ORT's time, 4 tiles 1.32x, 16 tiles 1.28x, 32-64 the same)
+CHUNK_PIXELS = 256
 
 
 def pick_tile(co: int, p: int) -> Tile:
@@ -115,19 +120,20 @@ def build(n: int, ci: int, p: int, co: int, tile: Tile, dtype: str = "float32",
         res, act))
     blk = sch.get_sblock("acc")
     i, jb, jl, q, rr = sch.get_loops(blk)
-    qo, qi = sch.split(q, [None, px])
-    sch.reorder(i, qo, jb, rr, jl, qi)
+    chunk = max(c for c in range(1, max(1, CHUNK_PIXELS // px) + 1) if (pp // px) % c == 0)
+    qoo, qoi, qi = sch.split(q, [None, chunk, px])
+    sch.reorder(i, qoo, jb, qoi, rr, jl, qi)
     sch.set_scope(blk, 0, "local")
     out = sch.get_sblock("Y")
-    sch.reverse_compute_at(out, jb)
+    sch.reverse_compute_at(out, qoi)
     if p % px == 0:
         sch.vectorize(sch.get_loops(out)[-1])
     sch.vectorize(qi)
     sch.unroll(jl)
-    # pixel-major tasks: a thread's static share is a range of pixels over every output
-    # channel, so it reads the pixels it (or the fused depthwise kernel's row tiles) wrote
-    # itself, where panel-major shares read half their input from the other core's cache
-    # (MobileNetV2 whole, interleaved with ORT: 1.41x -> 1.37x ORT's time)
-    sch.parallel(sch.fuse(i, qo, jb))
+    # pixel-major tasks (a chunk of pixels x a panel): a thread's static share is a range of
+    # pixels over every output channel, so it reads the pixels it (or the fused depthwise
+    # kernel's row tiles) wrote itself, where panel-major shares read half their input from
+    # the other core's cache (MobileNetV2 whole, interleaved with ORT: 1.41x -> 1.37x)
+    sch.parallel(sch.fuse(i, qoo, jb))
     sch.decompose_reduction(blk, rr)
     return finish(sch, name)
