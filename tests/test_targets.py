@@ -391,6 +391,9 @@ def test_conv2d_packed_numerics(args, host, tmp_path):
     dict(n=1, c=5, h=20, w=31, oc=7, k=3, stride=2, pad=2, dil=2),        # s2 + dilation
     dict(n=1, c=8, h=16, w=16, oc=20, k=1, stride=2, pad=0, bias=False),  # 1x1 s2, 8 lanes
     dict(n=1, c=7, h=9, w=8, oc=13, k=5, stride=1, pad=2),                # 5x5, odd OH
+    dict(n=1, c=3, h=224, w=224, oc=32, k=3, stride=2, pad=[0, 0, 1, 1],
+         clip=(0.0, 6.0)),                           # MobileNetV2's stem: rows of 7 vectors
+    dict(n=1, c=3, h=20, w=128, oc=20, k=7, stride=1, pad=3),  # 7x7 stem: rows of 8 vectors
 ])
 def test_conv2d_width_vectorized_numerics(args, host, tmp_path):
     """Small maps whose output width is whole vectors take the width-vectorized variant."""
