@@ -480,14 +480,19 @@ def test_depthwise_conv_numerics(args, host, tmp_path):
 
 
 def dw_pointwise_model(n, c, h, oc, k=3, stride=1, dil=1, dw_bias=True, pw_bias=True,
-                       residual=False, relu=False, extra_user=False, seed=0):
+                       residual=False, relu=False, extra_user=False, sparse=0.0, seed=0):
     """MobileNetV2's inverted-residual tail: depthwise conv (+ bias) -> ReLU6 -> 1x1 conv
     (+ bias) [+ skip input] [-> Relu]. ``extra_user``: the ReLU6 output is a second graph
-    output, so the depthwise result must be materialized."""
+    output, so the depthwise result must be materialized. ``sparse``: that fraction of the
+    1x1 conv's (4 output channels x 1 input channel) blocks is zero."""
     rng = np.random.default_rng(seed)
     pad = dil * (k - 1) // 2
+    wp = rng.standard_normal((oc, c, 1, 1)) / np.sqrt(c)
+    if sparse:
+        keep = rng.random((-(-oc // 4), c)) >= sparse
+        wp *= np.repeat(keep, 4, axis=0)[:oc, :, None, None]
     inits = {"wd": rng.standard_normal((c, 1, k, k)) / k, "lo": np.array(0.0),
-             "hi": np.array(6.0), "wp": rng.standard_normal((oc, c, 1, 1)) / np.sqrt(c)}
+             "hi": np.array(6.0), "wp": wp}
     dw_in, pw_in = ["x", "wd"], ["r", "wp"]
     if dw_bias:
         inits["bd"] = rng.standard_normal(c)
@@ -519,6 +524,8 @@ def dw_pointwise_model(n, c, h, oc, k=3, stride=1, dil=1, dw_bias=True, pw_bias=
     dict(n=2, c=20, h=30, oc=12, dw_bias=False),  # batch 2; width 30 padded to 32
     dict(n=1, c=8, h=33, oc=8, k=5, dil=2, residual=True, relu=True),  # 5x5, dilation 2
     dict(n=1, c=16, h=112, oc=8),                              # 8-row tiles, width 112
+    dict(n=1, c=64, h=28, oc=24, sparse=0.8, residual=True),   # sparse projection (ELL)
+    dict(n=1, c=48, h=56, oc=10, sparse=0.7, relu=True),       # 4x64 tiles, 2 channels padded
 ])
 def test_depthwise_pointwise_fused(args, host, tmp_path):
     """A depthwise conv whose (ReLU6) output only the next 1x1 conv reads becomes one
@@ -529,6 +536,8 @@ def test_depthwise_pointwise_fused(args, host, tmp_path):
     dw, pw = facts["decisions"]
     assert dw["chosen"] == "depthwise_nchw" and dw["fused_into_next"] == "dw_conv1x1_nchw"
     assert pw["chosen"] == "dw_conv1x1_nchw"
+    if args.get("sparse"):   # the projection keeps its sparse kernel's skipped channels
+        assert 0 < pw["rows_kept"] < args["c"], pw
     assert pw["fused_depthwise"]["epilogue"] == ["bias"] * args.get("dw_bias", True) + [
         "clip(0,6)"]
     assert pw["epilogue"] == ["bias"] * args.get("pw_bias", True) + [

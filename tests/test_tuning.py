@@ -200,3 +200,32 @@ def test_whole_model_check_really_times(cache_file):
     entries = json.loads(cache_file.read_text())
     rejected = [e for t in entries.values() for e in t.values() if "rejected" in e]
     assert bool(rejected) is not whole["kept"]
+
+
+def test_fused_depthwise_pointwise_is_tunable(cache_file):
+    """``tune`` lists the fused kernel (dense and sparse projection) and every row-tile knob
+    it times builds a kernel that computes the same numbers."""
+    from test_targets import dw_pointwise_model, random_feeds
+
+    from sparsec.targets.host import load_library
+
+    host = resolve_target("host")
+    for sparse in (0.0, 0.75):
+        model = dw_pointwise_model(n=1, c=32, h=28, oc=16, sparse=sparse, residual=True)
+        [(strategy, shape)] = tuning.kernels_of(model, host)
+        assert strategy == "dw_conv1x1_nchw" and ("kept" in shape) is bool(sparse)
+        variants = tuning._variants(strategy, shape)
+        assert [v["rows"] for v in variants] == [1, 2, 4, 7]
+        assert tuning._default_knobs(strategy, shape) in variants
+        feeds = random_feeds(model)
+        outs = []
+        for knobs in (variants[0], variants[-1]):   # one row per task, and seven
+            cache = tuning.Cache()
+            cache.put(tuning.target_key(host.tvm_target), strategy, shape,
+                      {"knobs": knobs, "ms": {}})
+            lib = cache_file.parent / f"m{sparse}_{knobs['rows']}.so"   # dlopen caches paths
+            facts = compile_onnx(model, host, lib, log=lambda s: None, tuned=cache)
+            assert facts["decisions"][1]["tuned"] == knobs
+            outs.append(load_library(lib, facts["inputs"]).run(feeds))
+        assert_matches_ort(model, feeds, outs[0])
+        np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)

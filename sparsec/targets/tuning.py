@@ -96,6 +96,14 @@ def _conv_shape(shape: dict):
                         if k != "dtype"})
 
 
+def _fused_plan(shape: dict):
+    """The depthwise conv and the default plan of a ``dw_conv1x1_nchw`` kernel's shape."""
+    from sparsec.targets.kernels import dw_pointwise
+
+    s = _conv_shape({n: v for n, v in shape.items() if n not in ("co", "kept")})
+    return s, dw_pointwise.plan(s.ic, shape["co"], *s.out_hw, sparse="kept" in shape)
+
+
 def _row_tiles(shape: dict) -> list[dict]:
     return [{"rows": t} for t in (1, 2, 3, 4, 5, 6) if shape["m"] % t == 0]
 
@@ -111,7 +119,7 @@ def _variants(strategy: str, shape: dict) -> list[dict]:
     if strategy == "depthwise_nchw":
         return [{"max_acc": a} for a in (4, 6, 8, 12)]
     if strategy == "dw_conv1x1_nchw":
-        oh = _conv_shape({n: v for n, v in shape.items() if n != "co"}).out_hw[0]
+        oh = _fused_plan(shape)[0].out_hw[0]
         return [{"rows": r} for r in range(1, 9) if oh % r == 0]
     if strategy == "conv2d_nchw_packed" and "variant" not in shape:
         from sparsec.targets.kernels import conv2d
@@ -151,11 +159,11 @@ def build(strategy: str, shape: dict, knobs: dict | None = None, **flags) -> "ti
         func = depthwise.build(_conv_shape(shape), shape["dtype"], **flags,
                                **({"max_acc": k["max_acc"]} if "max_acc" in k else {}))
     elif strategy == "dw_conv1x1_nchw":
-        s = _conv_shape({n: v for n, v in shape.items() if n != "co"})
-        fplan = dw_pointwise.plan(s.ic, shape["co"], *s.out_hw)
+        s, fplan = _fused_plan(shape)
         if "rows" in k:
             fplan = dataclasses.replace(fplan, rows=k["rows"])
-        func = dw_pointwise.build(s, shape["co"], fplan, shape["dtype"], **flags)
+        func = dw_pointwise.build(s, shape["co"], fplan, shape["dtype"], **flags,
+                                  kept=shape.get("kept"))
     elif strategy == "conv2d_nchw_packed":
         s = _conv_shape({n: v for n, v in shape.items() if n != "variant"})
         if "variant" in shape:
@@ -444,7 +452,7 @@ def interleaved_ms(fns: dict[str, Callable[[], object]], seconds: float = 3.0,
 
 def _default_knobs(strategy: str, shape: dict) -> dict | None:
     """The knob setting the heuristics pick without tuning, when it is one of the variants."""
-    from sparsec.targets.kernels import conv2d, depthwise, dw_pointwise, pointwise
+    from sparsec.targets.kernels import conv2d, depthwise, pointwise
     from sparsec.targets.kernels.common import pick_row_tile
 
     if strategy in ("dense_packed", "bsr_dense", "batch_matmul"):
@@ -455,8 +463,7 @@ def _default_knobs(strategy: str, shape: dict) -> dict | None:
     if strategy == "depthwise_nchw":
         return {"max_acc": depthwise.MAX_ACC}
     if strategy == "dw_conv1x1_nchw":
-        s = _conv_shape({n: v for n, v in shape.items() if n != "co"})
-        return {"rows": dw_pointwise.plan(s.ic, shape["co"], *s.out_hw).rows}
+        return {"rows": _fused_plan(shape)[1].rows}
     if strategy == "conv2d_nchw_packed":
         return {"width_tile": conv2d.pick_width_tile(_conv_shape(shape).out_hw[1])}
     return None

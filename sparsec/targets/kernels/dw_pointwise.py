@@ -59,34 +59,51 @@ def worth_fusing(s: "ConvShape", co: int) -> bool:
 
 @dataclass(frozen=True)
 class FusedPlan:
-    """``rows`` output rows per task, projection tile ``oct`` x ``lanes`` pixels."""
+    """``rows`` output rows per task; projection tile ``oct`` channels x ``pixels`` pixels of
+    one row (vectors of ``lanes``)."""
 
     rows: int
     oct: int
     lanes: int
+    pixels: int = 0       # 0: one vector
+
+    @property
+    def tile_pixels(self) -> int:
+        return self.pixels or self.lanes
 
     def padded_width(self, ow: int) -> int:
         return -(-ow // self.lanes) * self.lanes
 
 
-def plan(c: int, co: int, oh: int, ow: int, lanes: int | None = None) -> FusedPlan:
+def plan(c: int, co: int, oh: int, ow: int, lanes: int | None = None, sparse: bool = False
+         ) -> FusedPlan:
     """Rows per task: the most (dividing ``oh``) that keep ``D`` under ``MAX_TILE_BYTES`` and
-    leave ``MIN_TASKS`` row tiles; one row when none does. The projection tile: ``OCTS``'s
-    entry that pads the output channels least, pixels one vector of the target."""
+    leave ``MIN_TASKS`` row tiles; one row when none does. The projection tile: dense,
+    ``OCTS``'s entry that pads the output channels least by one vector of pixels; sparse
+    (``bsr_conv1x1``'s 4-channel panels), 4 channels by up to 4 vectors of the row."""
     if lanes is None:
         lanes = 16 if wide_vectors() else 8
     owp = -(-ow // lanes) * lanes
     good = [r for r in range(1, oh + 1) if oh % r == 0 and oh // r >= MIN_TASKS
             and c * r * owp * 4 <= MAX_TILE_BYTES]
+    rows = max(good, default=1)
+    if sparse:
+        from sparsec.targets.kernels import bsr
+
+        pixels = max(v * lanes for v in (1, 2, 4) if owp % (v * lanes) == 0)
+        return FusedPlan(rows, bsr.CONV_LANES, lanes, pixels)
     oct_ = min(OCTS, key=lambda t: (-(-co // t) * t, OCTS.index(t)))
-    return FusedPlan(max(good, default=1), oct_, lanes)
+    return FusedPlan(rows, oct_, lanes)
 
 
 def build(s: "ConvShape", co: int, fplan: FusedPlan, dtype: str = "float32",
           dw_bias: bool = False, dw_act: Activation | None = None, bias: bool = False,
-          act: Activation | None = None, residual: bool = False) -> "tirx.PrimFunc":
+          act: Activation | None = None, residual: bool = False, kept: int | None = None
+          ) -> "tirx.PrimFunc":
     """``(X[N,C,H,W], Wd[C,KH,KW] [, Bd[C]], Wp[NB,C,oct] [, B[CO]] [, R[N,CO,OH,OW]], Y)``:
-    ``Wp`` packed by ``pointwise.pack_weight(W[CO, C], oct)``."""
+    ``Wp`` packed by ``pointwise.pack_weight(W[CO, C], oct)``. Sparse projection (``kept``
+    input channels per panel): ``idx[NB,kept], data[NB,kept,oct]`` in place of ``Wp``, as
+    ``bsr.pack_weight(W[C, CO], oct)`` packs them."""
     from tvm import s_tir, te, tirx
 
     (sh, sw), (dh, dw) = s.stride, s.dilation
@@ -104,7 +121,6 @@ def build(s: "ConvShape", co: int, fplan: FusedPlan, dtype: str = "float32",
     x = te.placeholder((s.n, c, s.h, s.w), dtype, name="X")
     wd = te.placeholder((c, s.kh, s.kw), dtype, name="Wd")
     bd = te.placeholder((c,), dtype, name="Bd") if dw_bias else None
-    wpk = te.placeholder((nb, c, oct_), dtype, name="Wp")
     b = te.placeholder((co,), dtype, name="B") if bias else None
     res = te.placeholder((s.n, co, oh, ow), dtype, name="R") if residual else None
     zero = tirx.const(0, dtype)
@@ -131,25 +147,43 @@ def build(s: "ConvShape", co: int, fplan: FusedPlan, dtype: str = "float32",
         return clip(v, dw_act, dtype)
 
     d = te.compute((s.n, c, oh, owp), dw_value, name="D")
-    r = te.reduce_axis((0, c), name="c")
-    pacc = te.compute(
-        (s.n, nb, oct_, oh, owp),
-        lambda n, jb, jl, i, j: te.sum(wpk[jb, r, jl] * d[n, r, i, j], axis=r), name="pacc")
-    inputs = [x, wd] + ([bd] if bd is not None else []) + [wpk]
+    if kept is None:
+        wpk = te.placeholder((nb, c, oct_), dtype, name="Wp")
+        weights = [wpk]
+        r = te.reduce_axis((0, c), name="c")
+        pacc = te.compute(
+            (s.n, nb, oct_, oh, owp),
+            lambda n, jb, jl, i, j: te.sum(wpk[jb, r, jl] * d[n, r, i, j], axis=r),
+            name="pacc")
+    else:
+        idx = te.placeholder((nb, kept), "int32", name="idx")
+        data = te.placeholder((nb, kept, oct_), dtype, name="data")
+        weights = [idx, data]
+        r = te.reduce_axis((0, kept), name="l")
+
+        def channel(jb, k):   # clamped: compute_at needs the read region of D bounded
+            return tirx.max(tirx.min(idx[jb, k], c - 1), 0)
+
+        pacc = te.compute(
+            (s.n, nb, oct_, oh, owp),
+            lambda n, jb, jl, i, j: te.sum(data[jb, r, jl] * d[n, channel(jb, r), i, j],
+                                           axis=r),
+            name="pacc")
+    inputs = [x, wd] + ([bd] if bd is not None else []) + weights
     sch = s_tir.Schedule(epilogue_func(
         inputs, lambda n, o, i, j: pacc[n, o // oct_, o % oct_, i, j], (s.n, co, oh, ow),
         dtype, b, res, act))
 
-    # projection: (n, row tile) in parallel; per panel and row, OCT x lanes accumulators
+    # projection: (n, row tile) in parallel; per panel and row, OCT x pixels accumulators
     blk = sch.get_sblock("pacc")
     n, jb, jl, i, j, rr = sch.get_loops(blk)
     it, ii = sch.split(i, [None, rows])
-    jo, jv = sch.split(j, [None, lanes])
+    jo, jv = sch.split(j, [None, fplan.tile_pixels])
     sch.reorder(n, it, jb, ii, jo, rr, jl, jv)
     sch.set_scope(blk, 0, "local")
     out = sch.get_sblock("Y")
     sch.reverse_compute_at(out, jo)
-    if ow % lanes == 0:
+    if ow % fplan.tile_pixels == 0:
         _, lane = sch.split(sch.get_loops(out)[-1], [None, lanes])
         sch.vectorize(lane)
     sch.vectorize(jv)

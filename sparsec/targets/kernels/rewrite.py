@@ -442,7 +442,7 @@ def _pointwise(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, out: tuple,
         return relax.op.reshape(y, out)
 
     work = n * default.padded_pixels(p) * rows * (-(-co // default.oct)) * default.oct
-    operands = {} if sparse else {"weight": np.ascontiguousarray(w[:, :, 0, 0]), "out": out}
+    operands = {"weight": np.ascontiguousarray(w[:, :, 0, 0]), "out": out, "sparse": sparse}
     return Plan(name, emit, info=info, shape=kshape, operands=operands), work
 
 
@@ -671,7 +671,7 @@ def _fuse_depthwise_pointwise(a: _Analysis, plans: dict, aliases: dict, decision
     where :func:`dw_pointwise.worth_fusing` says so. The depthwise binding is left in place
     with no user: dead code elimination drops it."""
     for var, plan in list(plans.items()):
-        if plan.strategy != pointwise.NAME or not plan.operands:
+        if plan.strategy not in (pointwise.NAME, bsr.CONV_NAME):
             continue
         x = a.bindings[var].args[0]
         dw_var = aliases.get(x, x)
@@ -690,15 +690,26 @@ def _fuse_depthwise_pointwise(a: _Analysis, plans: dict, aliases: dict, decision
         decision["fused_depthwise"] = {k: v for k, v in decision_of[dw_var].items()
                                        if k in ("shape", "epilogue")}
         decision.update(plans[var].info)
+        decision.pop("tuned", None)      # the pointwise kernel's knobs: not this kernel's
+        if (knobs := tuning.knobs_for(dw_pointwise.NAME, plans[var].shape)) is not None:
+            decision["tuned"] = knobs
 
 
 def _fused_plan(dw_plan: Plan, pw_plan: Plan, x: Any) -> Plan:
     """The ``dw_conv1x1_nchw`` plan reading the depthwise conv's input ``x``."""
+    import numpy as np
+
     s = dw_plan.operands["conv"]
-    w_pw, out = pw_plan.operands["weight"], pw_plan.operands["out"]
+    w_pw, out, sparse = (pw_plan.operands[k] for k in ("weight", "out", "sparse"))
     co, dtype = out[1], pw_plan.shape["dtype"]
     kshape = {**dataclasses.asdict(s), "co": co, "dtype": dtype}
-    fplan = dw_pointwise.plan(s.ic, co, *s.out_hw)
+    fplan = dw_pointwise.plan(s.ic, co, *s.out_hw, sparse=sparse)
+    if sparse:    # bsr_conv1x1's panels: each 4 output channels' kept input channels
+        idx, data = bsr.pack_weight(np.ascontiguousarray(w_pw.T), fplan.oct)
+        kshape["kept"] = int(idx.shape[1])
+        weights = [idx, data]
+    else:
+        weights = [pointwise.pack_weight(w_pw, fplan.oct)]
 
     def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
              ) -> "relax.Expr":
@@ -711,14 +722,16 @@ def _fused_plan(dw_plan: Plan, pw_plan: Plan, x: Any) -> Plan:
         call_args = [args[0], relax.const(dw_plan.operands["weight"])]
         if dw_plan.bias is not None:
             call_args.append(relax.const(dw_plan.bias))
-        call_args.append(relax.const(pointwise.pack_weight(w_pw, fplan.oct)))
+        call_args += [relax.const(w) for w in weights]
         if bias is not None:
             call_args.append(relax.const(bias))
         if residual is not None:
             call_args.append(residual)
         return relax.call_tir(gv, call_args, relax.TensorType(out, dtype))
 
-    info = {"tile": f"{fplan.rows} rows, {fplan.oct}x{fplan.lanes}"}
+    info = {"tile": f"{fplan.rows} rows, {fplan.oct}x{fplan.tile_pixels}"}
+    if sparse:
+        info["rows_kept"] = kshape["kept"]
     return dataclasses.replace(pw_plan, strategy=dw_pointwise.NAME, emit=emit, inputs=[x],
                                shape=kshape, info=info)
 
