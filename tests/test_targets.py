@@ -558,6 +558,19 @@ def test_depthwise_pointwise_kept_apart(args, host, tmp_path):
     assert_matches_ort(model, feeds, outs)
 
 
+@pytest.mark.parametrize("target", ["x86-avx2", "llvm"])
+@pytest.mark.parametrize("sparse", [0.0, 0.75])
+def test_depthwise_pointwise_fused_other_targets(target, sparse, tmp_path):
+    """The fused kernel with 8-lane vectors (AVX2, generic LLVM), dense and sparse."""
+    spec = resolve_target(target)
+    if not spec.runs_here:
+        pytest.skip(f"{target} does not run here: {spec.why_not_here}")
+    model = dw_pointwise_model(n=1, c=20, h=28, oc=12, sparse=sparse, residual=True)
+    facts, feeds, outs = compile_and_run(model, spec, tmp_path)
+    assert facts["kernels"] == {"dw_conv1x1_nchw": 1}, facts["kernels"]
+    assert_matches_ort(model, feeds, outs)
+
+
 def test_fused_depthwise_pointwise_schedule():
     """The fused kernel's shape: one parallel loop over row tiles; the depthwise taps and the
     projection's pixels are vectorized."""
