@@ -195,13 +195,13 @@ def build(s: "ConvShape", co: int, fplan: FusedPlan, dtype: str = "float32",
     sch.compute_at(dblk, task)
     dp = depthwise.plan(rows, owp, lanes=lanes)
     dc, *di, dj = _loops_below(sch, dblk, task)   # (channel, row unless 1 row, column)
-    dio, dii = sch.split(di[0], [None, dp.rows]) if di else ([], [])
     djo, djv, djl = sch.split(dj, [None, dp.vecs, dp.lanes])
-    sch.reorder(dc, *[dio] * bool(di), djo, *[dii] * bool(di), djv, djl)
+    if di:                                         # rows of dp.rows per register tile
+        dio, dii = sch.split(di[0], [None, dp.rows])
+        sch.reorder(dc, dio, djo, dii, djv, djl)
+        sch.unroll(dii)
     sch.vectorize(djl)
     sch.unroll(djv)
-    if di:
-        sch.unroll(dii)
     ablk = sch.get_sblock("dacc")
     sch.compute_at(ablk, djo)
     sch.set_scope(ablk, 0, "local")
