@@ -67,7 +67,7 @@ def bert_base(path: Path):
             return self.model(input_ids=input_ids).last_hidden_state
 
     torch.manual_seed(0)
-    model = LastHidden(tf.BertModel(tf.BertConfig()).eval())   # 12 x 768, 12 heads, 3072
+    model = LastHidden(tf.BertModel(tf.BertConfig())).eval()   # 12 x 768, 12 heads, 3072
     ids = torch.randint(0, 30522, (1, 128), generator=torch.Generator().manual_seed(0))
     return _export(model, (ids,), path, ["input_ids"])
 
