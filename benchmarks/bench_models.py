@@ -1,7 +1,7 @@
 """Whole models, dense, ONNX Runtime vs sparsec side by side in one run: ResNet-18
 (1x3x224x224), MobileNetV2 (224x224), a BERT-base-like encoder (sequence 128) and an MLP, with
-sparsec's compile time (no tuning: sparsec has no tuner yet) and the GFLOP/s each engine
-reaches next to the machine's FMA peak.
+sparsec's compile time (untuned; with --tune also the tuned library and the tuning time) and
+the GFLOP/s each engine reaches next to the machine's FMA peak.
 
 Models are transformers' / torch's definitions with random weights (no model hub here): this
 measures speed, not accuracy. Each sparsec output is checked against ONNX Runtime.
