@@ -685,6 +685,7 @@ def _fuse_depthwise_pointwise(a: _Analysis, plans: dict, aliases: dict, decision
         plans[var] = _fused_plan(dw_plan, plan, a.bindings[dw_var].args[0])
         del plans[dw_var]
         decision_of[dw_var]["fused_into_next"] = dw_pointwise.NAME
+        decision_of[dw_var].pop("tuned", None)   # its own kernel is not built
         decision = decision_of[var]
         decision["chosen"] = dw_pointwise.NAME
         decision["fused_depthwise"] = {k: v for k, v in decision_of[dw_var].items()
