@@ -65,6 +65,9 @@ NARROW_PENALTY = 1.25
 #: planes in runs this long, not one tile at a time (MobileNetV2 whole, interleaved with
 #: ORT: 1 tile 1.44x ORT's time, 4 tiles 1.32x, 16 tiles 1.28x, 32-64 the same)
 CHUNK_PIXELS = 256
+#: tasks a kernel keeps at least, where single tiles give that many (a few panels on a small
+#: map must still fill the cores)
+MIN_TASKS = 8
 
 
 def pick_tile(co: int, p: int) -> Tile:
@@ -120,7 +123,9 @@ def build(n: int, ci: int, p: int, co: int, tile: Tile, dtype: str = "float32",
         res, act))
     blk = sch.get_sblock("acc")
     i, jb, jl, q, rr = sch.get_loops(blk)
-    chunk = max(c for c in range(1, max(1, CHUNK_PIXELS // px) + 1) if (pp // px) % c == 0)
+    tiles_ = pp // px
+    chunk = max(c for c in range(1, max(1, CHUNK_PIXELS // px) + 1) if tiles_ % c == 0 and (
+        c == 1 or n * nb * (tiles_ // c) >= MIN_TASKS))
     qoo, qoi, qi = sch.split(q, [None, chunk, px])
     sch.reorder(i, qoo, jb, qoi, rr, jl, qi)
     sch.set_scope(blk, 0, "local")
