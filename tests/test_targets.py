@@ -571,6 +571,24 @@ def test_depthwise_pointwise_fused_other_targets(target, sparse, tmp_path):
     assert_matches_ort(model, feeds, outs)
 
 
+def test_pointwise_tasks_are_pixel_chunks():
+    """1x1 conv tasks: (chunk of up to 256 pixels, panel), pixel-major; smaller chunks when a
+    whole-map chunk would leave fewer than 8 tasks."""
+    import re
+
+    import tvm
+
+    from sparsec.targets.kernels import pointwise
+
+    tile = pointwise.Tile(12, 16)
+    with tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}):
+        for (ci, p, co), tasks in (((16, 12544, 96), 49 * 8),   # 16-tile chunks x 8 panels
+                                   ((96, 196, 576), 48),        # one 13-tile chunk x 48
+                                   ((32, 196, 12), 13)):        # one panel: single tiles
+            script = pointwise.build(1, ci, p, co, tile).script()
+            assert re.findall(r"T.parallel\((\d+)\)", script) == [str(tasks)]
+
+
 def test_fused_depthwise_pointwise_schedule():
     """The fused kernel's shape: one parallel loop over row tiles; the depthwise taps and the
     projection's pixels are vectorized."""
