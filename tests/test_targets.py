@@ -480,7 +480,8 @@ def test_depthwise_conv_numerics(args, host, tmp_path):
 
 
 def dw_pointwise_model(n, c, h, oc, k=3, stride=1, dil=1, dw_bias=True, pw_bias=True,
-                       residual=False, relu=False, extra_user=False, sparse=0.0, seed=0):
+                       residual=False, relu=False, extra_user=False, sparse=0.0, clip=True,
+                       seed=0):
     """MobileNetV2's inverted-residual tail: depthwise conv (+ bias) -> ReLU6 -> 1x1 conv
     (+ bias) [+ skip input] [-> Relu]. ``extra_user``: the ReLU6 output is a second graph
     output, so the depthwise result must be materialized. ``sparse``: that fraction of the
@@ -503,7 +504,8 @@ def dw_pointwise_model(n, c, h, oc, k=3, stride=1, dil=1, dw_bias=True, pw_bias=
     mk = helper.make_node
     nodes = [mk("Conv", dw_in, ["d"], group=c, pads=[pad] * 4, strides=[stride] * 2,
                 dilations=[dil] * 2, kernel_shape=[k, k]),
-             mk("Clip", ["d", "lo", "hi"], ["r"]), mk("Conv", pw_in, ["p"])]
+             mk("Clip", ["d", "lo", "hi"], ["r"]) if clip else mk("Identity", ["d"], ["r"]),
+             mk("Conv", pw_in, ["p"])]
     oh = (h + 2 * pad - dil * (k - 1) - 1) // stride + 1
     inputs, last = [("x", [n, c, h, h])], "p"
     if residual:
@@ -526,6 +528,7 @@ def dw_pointwise_model(n, c, h, oc, k=3, stride=1, dil=1, dw_bias=True, pw_bias=
     dict(n=1, c=16, h=112, oc=8),                              # 8-row tiles, width 112
     dict(n=1, c=64, h=28, oc=24, sparse=0.8, residual=True),   # sparse projection (ELL)
     dict(n=1, c=48, h=56, oc=10, sparse=0.7, relu=True),       # 4x64 tiles, 2 channels padded
+    dict(n=1, c=16, h=28, oc=12, clip=False),                  # linear depthwise conv
 ])
 def test_depthwise_pointwise_fused(args, host, tmp_path):
     """A depthwise conv whose (ReLU6) output only the next 1x1 conv reads becomes one
@@ -539,7 +542,7 @@ def test_depthwise_pointwise_fused(args, host, tmp_path):
     if args.get("sparse"):   # the projection keeps its sparse kernel's skipped channels
         assert 0 < pw["rows_kept"] < args["c"], pw
     assert pw["fused_depthwise"]["epilogue"] == ["bias"] * args.get("dw_bias", True) + [
-        "clip(0,6)"]
+        "clip(0,6)"] * args.get("clip", True)
     assert pw["epilogue"] == ["bias"] * args.get("pw_bias", True) + [
         "residual"] * args.get("residual", False) + ["relu"] * args.get("relu", False)
     assert_matches_ort(model, feeds, outs)
