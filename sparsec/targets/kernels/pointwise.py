@@ -70,6 +70,17 @@ CHUNK_PIXELS = 256
 MIN_TASKS = 8
 
 
+def pick_chunk(tiles: int, px: int, panels: int) -> int:
+    """Pixel tiles per task: the divisor of ``tiles`` nearest ``CHUNK_PIXELS`` pixels (on a
+    log scale; ties to the larger) among those that leave ``MIN_TASKS`` tasks over
+    ``panels`` panels, else 1."""
+    import math
+
+    ok = [c for c in range(1, tiles + 1) if tiles % c == 0 and (
+        c == 1 or panels * (tiles // c) >= MIN_TASKS)]
+    return min(ok, key=lambda c: (abs(math.log(c * px / CHUNK_PIXELS)), -c))
+
+
 def pick_tile(co: int, p: int) -> Tile:
     """The tile of :func:`tiles` with the least padded work (output-channel and pixel tails,
     8-pixel tiles weighted by ``NARROW_PENALTY``); ties go to the earlier tile."""
@@ -123,9 +134,7 @@ def build(n: int, ci: int, p: int, co: int, tile: Tile, dtype: str = "float32",
         res, act))
     blk = sch.get_sblock("acc")
     i, jb, jl, q, rr = sch.get_loops(blk)
-    tiles_ = pp // px
-    chunk = max(c for c in range(1, max(1, CHUNK_PIXELS // px) + 1) if tiles_ % c == 0 and (
-        c == 1 or n * nb * (tiles_ // c) >= MIN_TASKS))
+    chunk = pick_chunk(pp // px, px, n * nb)
     qoo, qoi, qi = sch.split(q, [None, chunk, px])
     sch.reorder(i, qoo, jb, qoi, rr, jl, qi)
     sch.set_scope(blk, 0, "local")
