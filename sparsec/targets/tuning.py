@@ -96,7 +96,7 @@ def _conv_shape(shape: dict):
                         if k != "dtype"})
 
 
-def _fused_plan(shape: dict):
+def _fused_kernel_plan(shape: dict):
     """The depthwise conv and the default plan of a ``dw_conv1x1_nchw`` kernel's shape."""
     from sparsec.targets.kernels import dw_pointwise
 
@@ -119,7 +119,7 @@ def _variants(strategy: str, shape: dict) -> list[dict]:
     if strategy == "depthwise_nchw":
         return [{"max_acc": a} for a in (4, 6, 8, 12)]
     if strategy == "dw_conv1x1_nchw":
-        oh = _fused_plan(shape)[0].out_hw[0]
+        oh = _fused_kernel_plan(shape)[0].out_hw[0]
         return [{"rows": r} for r in range(1, 9) if oh % r == 0]
     if strategy == "conv2d_nchw_packed" and "variant" not in shape:
         from sparsec.targets.kernels import conv2d
@@ -159,7 +159,7 @@ def build(strategy: str, shape: dict, knobs: dict | None = None, **flags) -> "ti
         func = depthwise.build(_conv_shape(shape), shape["dtype"], **flags,
                                **({"max_acc": k["max_acc"]} if "max_acc" in k else {}))
     elif strategy == "dw_conv1x1_nchw":
-        s, fplan = _fused_plan(shape)
+        s, fplan = _fused_kernel_plan(shape)
         if "rows" in k:
             fplan = dataclasses.replace(fplan, rows=k["rows"])
         func = dw_pointwise.build(s, shape["co"], fplan, shape["dtype"], **flags,
@@ -463,7 +463,7 @@ def _default_knobs(strategy: str, shape: dict) -> dict | None:
     if strategy == "depthwise_nchw":
         return {"max_acc": depthwise.MAX_ACC}
     if strategy == "dw_conv1x1_nchw":
-        return {"rows": _fused_plan(shape)[1].rows}
+        return {"rows": _fused_kernel_plan(shape)[1].rows}
     if strategy == "conv2d_nchw_packed":
         return {"width_tile": conv2d.pick_width_tile(_conv_shape(shape).out_hw[1])}
     return None

@@ -33,6 +33,7 @@ def wide_vectors() -> bool:
         return False
     return "avx512f" in llvm_features(str(target))
 
+
 @dataclass(frozen=True)
 class Activation:
     """The output activation a kernel applies in its write-back: clip bounds (``None`` leaves

@@ -189,9 +189,9 @@ def pick_oc_vecs(ocb: int, t: int, tasks: int) -> int:
 
 def build(s: ConvShape, dtype: str = "float32", bias: bool = False,
           act: Activation | None = None, residual: bool = False,
-          width_tile: int | None = None, oc_vecs: int | None = None) -> "tirx.PrimFunc":
-    """The scheduled PrimFunc ``(X, Wp[OCB,IC,KH,KW,16] [, B[OC]] [, R[N,OC,OH,OW]], Y)``;
-    ``oc_vecs`` (default :func:`pick_oc_vecs`) must divide ``OCB``."""
+          width_tile: int | None = None) -> "tirx.PrimFunc":
+    """The scheduled PrimFunc ``(X, Wp[OCB,IC,KH,KW,16] [, B[OC]] [, R[N,OC,OH,OW]], Y)``,
+    ``V`` = :func:`pick_oc_vecs` channel blocks per register tile."""
     from tvm import s_tir, te
 
     (sh, sw), (dh, dw) = s.stride, s.dilation
@@ -200,9 +200,7 @@ def build(s: ConvShape, dtype: str = "float32", bias: bool = False,
     t = width_tile or pick_width_tile(ow)
     owp = -(-ow // t) * t
     ocb = -(-s.oc // LANES)
-    v = oc_vecs or pick_oc_vecs(ocb, t, s.n * oh)
-    if ocb % v:
-        raise ValueError(f"{v} channel blocks per tile do not divide {ocb}")
+    v = pick_oc_vecs(ocb, t, s.n * oh)
     # rows / columns of padded input the (width-padded) output reads
     hp = max(s.h + pt + pb, (oh - 1) * sh + (s.kh - 1) * dh + 1)
     wp = max(s.w + pl + pr, (owp - 1) * sw + (s.kw - 1) * dw + 1)

@@ -48,9 +48,9 @@ OCTS = (12, 8, 6, 4)
 MIN_PIXELS = 28 * 28
 
 
-def worth_fusing(s: "ConvShape", co: int) -> bool:
-    """Whether the depthwise conv ``s`` and a pointwise conv to ``co`` channels run faster as
-    one kernel: maps of ``MIN_PIXELS`` or more, stride 1 (a row tile's stride-2 phase split
+def worth_fusing(s: "ConvShape") -> bool:
+    """Whether the depthwise conv ``s`` and the pointwise conv reading it run faster as one
+    kernel: maps of ``MIN_PIXELS`` or more, stride 1 (a row tile's stride-2 phase split
     compiles to AVX-512 gathers here, where depthwise_nchw's whole-plane split gets
     shuffles: MobileNetV2's stride-2 pairs ran 1.5-1.8x slower fused)."""
     oh, ow = s.out_hw

@@ -22,6 +22,7 @@ this layout is ~1.5-2x faster (benchmarks/results/mobilenetv2.md).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -74,8 +75,6 @@ def pick_chunk(tiles: int, px: int, panels: int) -> int:
     """Pixel tiles per task: the divisor of ``tiles`` nearest ``CHUNK_PIXELS`` pixels (on a
     log scale; ties to the larger) among those that leave ``MIN_TASKS`` tasks over
     ``panels`` panels, else 1."""
-    import math
-
     ok = [c for c in range(1, tiles + 1) if tiles % c == 0 and (
         c == 1 or panels * (tiles // c) >= MIN_TASKS)]
     return min(ok, key=lambda c: (abs(math.log(c * px / CHUNK_PIXELS)), -c))

@@ -679,8 +679,7 @@ def _fuse_depthwise_pointwise(a: _Analysis, plans: dict, aliases: dict, decision
         if (dw_plan is None or dw_plan.strategy != depthwise.NAME or a.uses.get(x, 0) != 1
                 or dw_plan.residual is not None or (dw_plan.act and dw_plan.act.gelu)):
             continue
-        s, out = dw_plan.operands["conv"], plan.operands["out"]
-        if not dw_pointwise.worth_fusing(s, out[1]):
+        if not dw_pointwise.worth_fusing(dw_plan.operands["conv"]):
             continue
         plans[var] = _fused_plan(dw_plan, plan, a.bindings[dw_var].args[0])
         del plans[dw_var]
