@@ -429,9 +429,18 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
         prefix = f"{name}_"
         on_cpu = spec.device == "cpu"   # CUDA packages: no static archive yet
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        emulation = None
         if on_cpu:
             facts = compile_onnx(proto, spec, tmp / LIBRARY, log=log,
                                  static_lib=tmp / archive_name(name), system_lib_prefix=prefix)
+            if spec.amx_emulated_here:   # the same tile programs, runnable on this CPU
+                from sparsec.targets import resolve_target as resolve
+                from sparsec.targets.kernels import amx
+
+                log("building the AMX tile kernels with emulated tile ops for this CPU's check")
+                emulation = scratch / "emulation.so"
+                with amx.emulated():
+                    compile_onnx(proto, resolve("host"), emulation, log=_quiet, tuned=False)
         else:
             from sparsec.targets import cuda
 
@@ -440,15 +449,24 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
         feeds = {s["name"]: result.sample[s["name"]] for s in inputs}
         expected = reference.run(proto, feeds)
         write_reference(tmp / "reference", inputs, outputs, feeds, expected)
+        rtol, atol = tolerance(facts)
         (tmp / header_name(name)).write_text(c_header(
-            name, prefix, inputs, outputs, ATOL, RTOL,
+            name, prefix, inputs, outputs, atol, rtol,
             f"{Path(source).name} compiled for {spec.name} ({facts['tvm_version']})",
             spec.device))
         check, via = None, "native"
         try:
             runner = _load_runner(spec, tmp, name, inputs, outputs, log, facts.get("cuda"))
         except ToolchainError as e:  # e.g. no qemu: the package is still right, just unchecked
-            if on_cpu:
+            if emulation is not None:
+                from sparsec.targets.host import load_library
+
+                log(f"warning: the AMX code is not run here ({e}); its tile programs are "
+                    f"checked on this CPU with the tile ops emulated, the binary on an AMX "
+                    f"machine with sparsec validate")
+                runner = load_library(emulation, [s["name"] for s in inputs])
+                runner.via = "amx-tiles-emulated-on-cpu"
+            elif on_cpu:
                 log(f"warning: reference pair not checked here ({e}); check it on the device "
                     f"(sparsec_check_reference)")
                 runner = None
@@ -461,8 +479,11 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
                 runner.via = "cuda-schedules-on-cpu"
         if runner is not None:
             via = runner.via
-            check = _compare(outputs, expected, runner.run(feeds), RTOL, ATOL)
-            log(f"reference check ({via}): max abs err {check.max_abs_err:.3g} vs ONNX Runtime")
+            check = _compare(outputs, expected, runner.run(feeds), rtol, atol)
+            bf16 = (rtol, atol) == (RTOL_BF16, ATOL_BF16)
+            log(f"reference check ({via}): max abs err {check.max_abs_err:.3g} vs ONNX Runtime"
+                + (f" (bf16 kernels: bound {min(o['bound'] for o in check.outputs):.3g}, "
+                   f"cosine {min(o['cosine'] for o in check.outputs):.6f})" if bf16 else ""))
             _raise_if_mismatch(check)
         manifest = {
             "format": FORMAT,
@@ -481,10 +502,11 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
                         "system_lib_prefix": prefix if on_cpu else None},
             "reference": {"inputs": "reference/inputs.npz", "outputs": "reference/outputs.npz",
                           "inputs_bin": "reference/inputs.bin",
-                          "outputs_bin": "reference/outputs.bin", "rtol": RTOL, "atol": ATOL,
+                          "outputs_bin": "reference/outputs.bin", "rtol": rtol, "atol": atol,
                           "from": "calibration" if calibration is not None else "random",
                           "check": None if check is None else {
-                              "ok": check.ok, "max_abs_err": check.max_abs_err, "via": via}},
+                              "ok": check.ok, "max_abs_err": check.max_abs_err, "via": via,
+                              "cosine": min(o["cosine"] for o in check.outputs)}},
             "files": file_hashes(tmp),
             "prune": result.report(),
             "compile": facts,
@@ -537,6 +559,16 @@ def check_toolchain(spec) -> None:
 #: default tolerance of a compiled library against ONNX Runtime: max|y - ref| <= ATOL + RTOL *
 #: max|ref| per output (the reference check in the package and its C header use the same)
 RTOL, ATOL = 1e-4, 1e-5
+#: the tolerance of a library with bf16 kernels (AMX): inputs rounded to 8 mantissa bits
+RTOL_BF16, ATOL_BF16 = 3e-2, 1e-3
+
+
+def tolerance(facts: dict) -> tuple[float, float]:
+    """(rtol, atol) a compiled library is checked with: looser when a kernel computes in bf16
+    (the compile facts' decisions say ``precision``)."""
+    if any(d.get("precision") == "bf16" for d in facts.get("decisions", [])):
+        return RTOL_BF16, ATOL_BF16
+    return RTOL, ATOL
 
 
 def _load_runner(spec, directory: Path, name: str, inputs: list[dict], outputs: list[dict],
@@ -606,15 +638,20 @@ def _raise_if_mismatch(report: ValidationReport) -> None:
                               f"{worst['max_abs_err']:.3g} > bound {worst['bound']:.3g}")
 
 
-def validate(package_dir: str | os.PathLike, inputs=None, *, rtol: float = RTOL,
-             atol: float = ATOL, seed: int = 0, check: bool = False) -> ValidationReport:
+def validate(package_dir: str | os.PathLike, inputs=None, *, rtol: float | None = None,
+             atol: float | None = None, seed: int = 0, check: bool = False
+             ) -> ValidationReport:
     """Compiled library vs ONNX Runtime on the package's pruned ONNX model.
 
-    An output matches when max|lib - ort| <= atol + rtol * max|ort|. With ``check=True`` a
-    mismatch raises ``ValidationError`` (the CLI's non-zero exit)."""
+    An output matches when max|lib - ort| <= atol + rtol * max|ort| (by default the
+    package's own tolerance: its manifest's ``reference``). With ``check=True`` a mismatch
+    raises ``ValidationError`` (the CLI's non-zero exit)."""
     import onnx
 
     pkg = Package.load(package_dir)
+    recorded = pkg.manifest.get("reference", {})
+    rtol = recorded.get("rtol", RTOL) if rtol is None else rtol
+    atol = recorded.get("atol", ATOL) if atol is None else atol
     runner = _runner(pkg)
     model = onnx.load(str(pkg.path / MODEL))
     if inputs is None:

@@ -54,6 +54,13 @@ class TargetSpec:
         return self.device == "cpu" or (self.device == "cuda" and cuda_available())
 
     @property
+    def amx_emulated_here(self) -> bool:
+        """Whether this x86-64 target's AMX tile kernels cannot run on this CPU, so that its
+        reference check runs them with their tile ops emulated (``kernels/amx.py``)."""
+        return (self.native and self.device == "cpu" and "amx_bf16" in self.cpu_flags
+                and not self.runs_here)
+
+    @property
     def why_not_here(self) -> str:
         """Why :attr:`runs_here` is false, in words ('' when it is true)."""
         if not self.native:
@@ -87,8 +94,8 @@ _X86_FLAGS = {"avx2": "avx2", "fma": "fma", "avx512f": "avx512f", "avx512bw": "a
               "avx512bf16": "avx512_bf16", "amx-tile": "amx_tile", "amx-bf16": "amx_bf16",
               "amx-int8": "amx_int8"}
 
-KNOWN_TARGETS: tuple[str, ...] = ("host", "x86-avx2", "x86-avx512", "llvm", "aarch64", "arm-neon",
-                                   "cuda", "cuda-sm80", "cuda-sm90")
+KNOWN_TARGETS: tuple[str, ...] = ("host", "x86-avx2", "x86-avx512", "x86-amx", "llvm", "aarch64",
+                                   "arm-neon", "cuda", "cuda-sm80", "cuda-sm90")
 
 #: GPU architecture of the plain ``cuda`` target where no GPU is present to ask: Ampere, the
 #: oldest with sparse tensor cores (``mma.sp``) and the oldest nvcc 13 still fully supports
@@ -269,6 +276,8 @@ def resolve_target(name: str) -> TargetSpec:
     - ``host``: this CPU (LLVM ``mcpu`` detected), all of its cores.
     - ``x86-avx2``: any x86-64 with AVX2+FMA (``mcpu=haswell``), portable across such machines.
     - ``x86-avx512``: any x86-64 with AVX-512 F/BW/DQ/VL (``mcpu=skylake-avx512``).
+    - ``x86-amx``: Intel AMX (``mcpu=sapphirerapids``): matmuls by constant weights run on
+      bf16 tiles (``kernels/amx.py``; lossy: bf16 inputs, fp32 sums), the rest as AVX-512.
     - ``llvm``: generic LLVM code for the host triple, no CPU-specific vector extensions.
     - ``cuda``: this machine's NVIDIA GPU (``sm_80`` without one); ``cuda-sm80`` and
       ``cuda-sm90`` name the architecture. Kernels are CUDA compiled with nvcc.
@@ -319,6 +328,14 @@ def resolve_target(name: str) -> TargetSpec:
             tvm_target={"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": cores},
             description=f"x86-64 with AVX-512 F/BW/DQ/VL (Skylake-SP, Ice Lake, Sapphire Rapids, "
                         f"Zen 4 or newer), {cores} cores",
+        )
+    if name == "x86-amx":
+        return TargetSpec(
+            name="x86-amx",
+            tvm_target={"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": cores},
+            description=f"x86-64 with AMX bf16 tiles (Sapphire Rapids or newer): matmuls in "
+                        f"bf16 with fp32 sums, the rest AVX-512, {cores} cores",
+            channel_multiple=16,
         )
     if name == "cuda":
         arch = _local_cuda_arch()

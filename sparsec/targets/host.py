@@ -383,4 +383,26 @@ def load_library(lib_path: str | Path, input_names: Sequence[str],
                  cuda: dict | None = None) -> Runner:
     """Load a library written by :func:`compile_onnx`; ``input_names`` as it reported them,
     ``cuda`` its ``cuda`` facts for a CUDA target."""
+    if cuda is None:
+        request_amx()
     return Runner(lib_path, input_names, cuda)
+
+
+#: Linux x86-64: arch_prctl's syscall number, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = 158, 0x1023, 18
+
+
+def request_amx() -> bool:
+    """Ask Linux for the AMX tile state, once per process: code that touches a tile register
+    without it dies with SIGILL (the kernel hands AMX state out on request only, since 5.16).
+    The C runtime asks the same in ``sparsec_open``. True when granted, False on a CPU or
+    kernel without AMX."""
+    import ctypes
+    import platform
+
+    from sparsec.targets import cpu_flags
+
+    if "amx_tile" not in cpu_flags() or platform.machine() != "x86_64":
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0

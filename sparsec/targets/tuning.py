@@ -116,6 +116,9 @@ def _variants(strategy: str, shape: dict) -> list[dict]:
         return _row_tiles(shape)
     if strategy == "conv1x1_nchw":
         return [{"tile": [t.oct, t.pixels]} for t in pointwise.tiles()]
+    if strategy == "dense_amx_bf16":     # C-tile blocks that fit the 8 tile registers
+        return [{"mt": mt, "nt": nt} for mt, nt in ((2, 2), (2, 1), (1, 3), (1, 2), (1, 1))
+                if mt == 1 or shape["m"] > 16]
     if strategy == "depthwise_nchw":
         return [{"max_acc": a} for a in (4, 6, 8, 12)]
     if strategy == "dw_conv1x1_nchw":
@@ -131,7 +134,7 @@ def _variants(strategy: str, shape: dict) -> list[dict]:
 def build(strategy: str, shape: dict, knobs: dict | None = None, **flags) -> "tirx.PrimFunc":
     """The kernel ``strategy`` for ``shape`` with ``knobs`` (defaults where absent) and the
     epilogue ``flags`` (bias, act, residual), tagged with its shape for the tuner."""
-    from sparsec.targets.kernels import (batch_matmul, bsr, conv2d, dense, depthwise,
+    from sparsec.targets.kernels import (amx, batch_matmul, bsr, conv2d, dense, depthwise,
                                          dw_pointwise, pointwise)
 
     k = knobs or {}
@@ -139,6 +142,9 @@ def build(strategy: str, shape: dict, knobs: dict | None = None, **flags) -> "ti
     if strategy == "dense_packed":
         func = dense.build(shape["m"], shape["k"], shape["n"], shape["dtype"], **flags,
                            **({"rows": rows} if rows else {}))
+    elif strategy == "dense_amx_bf16":
+        func = amx.build(shape["m"], shape["k"], shape["n"], shape["dtype"], **flags,
+                         mt=k.get("mt"), nt=k.get("nt"))
     elif strategy == "bsr_dense":
         func = bsr.build(shape["m"], shape["k"], shape["n"], shape["rows"], shape["dtype"],
                          **flags, **({"row_tiles": rows} if rows else {}))
@@ -462,6 +468,11 @@ def _default_knobs(strategy: str, shape: dict) -> dict | None:
         return {"tile": [t.oct, t.pixels]}
     if strategy == "depthwise_nchw":
         return {"max_acc": depthwise.MAX_ACC}
+    if strategy == "dense_amx_bf16":
+        from sparsec.targets.kernels import amx
+
+        p = amx.plan(shape["m"], shape["k"], shape["n"])
+        return {"mt": p.mt, "nt": p.nt}
     if strategy == "dw_conv1x1_nchw":
         return {"rows": _fused_kernel_plan(shape)[1].rows}
     if strategy == "conv2d_nchw_packed":

@@ -14,6 +14,10 @@
 #include <tvm/runtime/c_backend_api.h>
 
 #include <dlfcn.h>
+#if defined(__linux__) && defined(__x86_64__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include <cmath>
 #include <cstdlib>
@@ -161,6 +165,17 @@ bool prepare_cuda(const char* library) {
   return true;
 }
 
+// Linux hands a process the AMX tile state only on request (kernel 5.16+); code that
+// touches a tile register without it dies with SIGILL. Asked once per process, before any
+// model runs; on CPUs or kernels without AMX the request fails harmlessly.
+void request_amx() {
+#if defined(__linux__) && defined(__x86_64__)
+  static const long granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                                      18 /* XFEATURE_XTILEDATA */);
+  (void)granted;
+#endif
+}
+
 tvm::ffi::Function global(const char* name) {
   return tvm::ffi::Function::GetGlobalRequired(name);
 }
@@ -185,6 +200,7 @@ sparsec_model* sparsec_open(const sparsec_model_spec* spec, const char* library)
     return fail("device type " + std::to_string(spec->device_type) + " is not supported"),
            nullptr;
   }
+  if (!on_gpu) request_amx();
   try {
     if (on_gpu && !prepare_cuda(library)) return nullptr;
     tvm::ffi::Module lib =

@@ -38,6 +38,11 @@ STRATEGIES: tuple[StrategyInfo, ...] = (
                  "constant W with 16x1 zero blocks (16 output channels x 1 input): each 16-wide "
                  "panel keeps its nonzero rows (ELL-padded), indirect X load; dense_packed's "
                  "4x16 tile over L <= K rows"),
+    StrategyInfo("dense_amx_bf16", "relax.matmul", 4.0,
+                 "AMX targets only (x86-amx): X rounded to bf16 per call, constant W packed in "
+                 "bf16 pairs [N/16,K/32,16,32]; 2x2 (or 1x3) blocks of 16x16 fp32 tiles, "
+                 "tdpbf16ps over K; lossy (bf16 inputs, fp32 sums). Its efficiency is against "
+                 "the AVX2 fp32 peak: one core's tiles do 16x those multiply-adds per cycle"),
     StrategyInfo("batch_matmul", "relax.matmul", 0.35,
                  "matmul of two run-time tensors (attention's Q @ K^T, P @ V), same batch dims, "
                  "N a multiple of 8: B read in place along N, dense_packed's rows x 16 tile; "

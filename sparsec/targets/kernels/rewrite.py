@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from sparsec.targets import kernels, tuning
-from sparsec.targets.kernels import (batch_matmul, bsr, conv2d, dense, depthwise,
+from sparsec.targets.kernels import (amx, batch_matmul, bsr, conv2d, dense, depthwise,
                                      dw_pointwise, pointwise, sparse_cuda)
 from sparsec.targets.kernels.common import Activation
 
@@ -204,6 +204,10 @@ def _match_dense(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | 
             if strategy == bsr.NAME:
                 idx, data = bsr.pack_weight(w)
                 weights = [relax.const(idx), relax.const(data)]
+            elif strategy == amx.NAME:
+                knobs = tuning.knobs_for(strategy, shapes[strategy]) or {}
+                tiles = amx.plan(m, k, n, knobs.get("mt"), knobs.get("nt"))
+                weights = [relax.const(amx.pack_weight(w, tiles))]
             else:
                 weights = [relax.const(dense.pack_weight(w, dense.lanes_for(m)))]
             func = tuning.build_tuned(strategy, shapes[strategy], **flags)
@@ -221,6 +225,13 @@ def _match_dense(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | 
         work = m * rows * (-(-n // bsr.LANES)) * bsr.LANES
         plans.append((Plan(bsr.NAME, emitter(bsr.NAME), info=sparse_info,
                            shape=shapes[bsr.NAME]), {"macs": work}))
+    if amx.available():     # bf16 tiles: K and N padded to whole tiles
+        tiles = amx.plan(m, k, n)
+        shapes[amx.NAME] = dict(shapes[dense.NAME])
+        amx_info = {**info, "precision": "bf16", "tiles": f"{tiles.mt}x{tiles.nt}",
+                    **({"emulated": True} if amx.emulating() else {})}
+        plans.append((Plan(amx.NAME, emitter(amx.NAME), info=amx_info,
+                           shape=shapes[amx.NAME]), {"macs": tiles.mp * tiles.kp * tiles.np_}))
     return plans
 
 

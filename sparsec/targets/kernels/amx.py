@@ -1,0 +1,397 @@
+"""``dense_amx_bf16``: Y[M, N] = X[M, K] @ W[K, N] (+ bias, residual, activation) on Intel AMX.
+
+AMX (Sapphire Rapids and newer) adds eight tile registers of up to 16 rows x 64 bytes and
+``tdpbf16ps``, which multiplies a 16 x 32 bf16 tile by a 32 x 16 one and accumulates into a
+16 x 16 fp32 tile: 8192 multiply-adds per instruction. Inputs are rounded to bf16 (8 bits of
+mantissa), products and sums stay fp32: the kernel is lossy, and the compile report says so.
+
+Data (all packing of W done in numpy at compile time):
+  Xb[MP, KP]            X rounded to bf16 (round to nearest even), zero padded: a per-call stage
+  Wp[NP/16, KP/32, 16, 32]
+                        W in AMX's pair ("VNNI") layout: tile (nb, kb) is one contiguous 1 KB
+                        block whose row p holds, for each of 16 output channels c,
+                        W[kb*32 + 2p, c] and W[kb*32 + 2p + 1, c] side by side
+  acc[MP, NP]           fp32 tiles stored by the tile program, read by the epilogue
+
+Tile program, one parallel task per (mt x nt) block of C tiles (``Plan``):
+  ldtilecfg; tilezero C[0 .. mt*nt)
+  for kb in KP/32:
+    tileloadd A[i] <- Xb[rows of i, kb*32 ..]     (stride KP*2 bytes)
+    tileloadd B[j] <- Wp[col block j, kb]          (stride 64 bytes)
+    tdpbf16ps C[i, j] += A[i] . B[j]               (mt*nt of them)
+  tilestored C -> acc; tilerelease
+then ``Y = act(acc + bias + residual)``, vectorized, in parallel over rows.
+
+Nothing on this machine runs AMX, so every tile op has a twin written as TIR loops with the
+instruction's semantics (Intel SDM, TDPBF16PS: per output, for each pair, ``acc += a0*b0`` then
+``acc += a1*b1`` in fp32; a bf16 x bf16 product is exact in fp32). :func:`build` with
+``emulate=True`` runs the same tile program on any CPU: the tests check it against numpy and
+ONNX Runtime here, and ``sparsec compile --target x86-amx`` checks the model with it.
+
+Linux gives a process the AMX tile state only after ``arch_prctl(ARCH_REQ_XCOMP_PERM,
+XFEATURE_XTILEDATA)``; both runtimes ask for it (``request_permission`` and the C runtime).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from sparsec.targets.kernels.common import Activation, epilogue_func, finish
+
+if TYPE_CHECKING:
+    import numpy as np
+    from tvm import tirx
+
+NAME = "dense_amx_bf16"
+TILE_K = 32      # bf16 values in one 64-byte tile row
+TILE_N = 16      # fp32 values in one 64-byte tile row
+MAX_ROWS = 16    # rows of a tile register
+TILES = 8        # tile registers
+#: LLVM CPU features the real (not emulated) kernel needs
+FEATURES = ("amx-tile", "amx-bf16")
+
+_EMULATE: contextvars.ContextVar[bool] = contextvars.ContextVar("sparsec_amx_emulate",
+                                                                default=False)
+
+
+@contextlib.contextmanager
+def emulated():
+    """Within the block, AMX kernels are built with their tile ops as TIR loops (module
+    docstring) and offered on any LLVM target: the same tile program, runnable here."""
+    token = _EMULATE.set(True)
+    try:
+        yield
+    finally:
+        _EMULATE.reset(token)
+
+
+def emulating() -> bool:
+    return _EMULATE.get()
+
+
+def available() -> bool:
+    """Whether the target being compiled for has AMX bf16 (or the tile ops are emulated)."""
+    import tvm
+
+    from sparsec.targets import llvm_features
+
+    if emulating():
+        return True
+    target = tvm.target.Target.current(allow_none=True)
+    if target is None or target.kind.name != "llvm":
+        return False
+    return set(FEATURES) <= llvm_features(str(target))
+
+
+# --------------------------------------------------------------------------- data layout
+
+
+def bf16_bits(a: "np.ndarray") -> "np.ndarray":
+    """fp32 -> bf16 bit patterns (uint16), rounded to nearest even, as the kernel's X stage
+    rounds (NaN payloads are not preserved: weights and activations here are finite)."""
+    import numpy as np
+
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def bf16_round(a: "np.ndarray") -> "np.ndarray":
+    """``a`` rounded to bf16, as fp32 values (the numbers the tiles multiply)."""
+    import numpy as np
+
+    return (bf16_bits(a).astype(np.uint32) << 16).view(np.float32)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Tile geometry: ``rows`` per tile (16, or M when M < 16), and a task's block of ``mt``
+    row tiles x ``nt`` column tiles, using mt*nt C + mt A + nt B <= 8 tile registers."""
+
+    m: int
+    k: int
+    n: int
+    rows: int
+    mt: int
+    nt: int
+
+    @property
+    def mp(self) -> int:
+        return -(-self.m // (self.rows * self.mt)) * self.rows * self.mt
+
+    @property
+    def kp(self) -> int:
+        return -(-self.k // TILE_K) * TILE_K
+
+    @property
+    def np_(self) -> int:
+        return -(-self.n // (TILE_N * self.nt)) * TILE_N * self.nt
+
+    @property
+    def tasks(self) -> tuple[int, int]:
+        return self.mp // (self.rows * self.mt), self.np_ // (TILE_N * self.nt)
+
+
+def plan(m: int, k: int, n: int, mt: int | None = None, nt: int | None = None) -> Plan:
+    """Default geometry: 2x2 C tiles when there are two row tiles (every loaded tile feeds
+    two ``tdpbf16ps``), else one row of up to 3 column tiles."""
+    rows = min(MAX_ROWS, m)
+    row_tiles = -(-m // rows)
+    col_tiles = -(-n // TILE_N)
+    if mt is None:
+        mt = 2 if row_tiles >= 2 else 1
+    if nt is None:
+        nt = 2 if mt == 2 else min(3, col_tiles)
+    if mt * nt + mt + nt > TILES:
+        raise ValueError(f"{mt}x{nt} C tiles need {mt * nt + mt + nt} tile registers (> 8)")
+    return Plan(m, k, n, rows, mt, nt)
+
+
+def pack_weight(w_kn: "np.ndarray", p: Plan) -> "np.ndarray":
+    """[K, N] fp32 -> bf16 bits [NP/16, KP/32, 16, 32] in AMX's pair layout (zero padded)."""
+    import numpy as np
+
+    k, n = w_kn.shape
+    padded = np.zeros((p.kp, p.np_), dtype=np.float32)
+    padded[:k, :n] = w_kn
+    bits = bf16_bits(padded)                                 # [KP, NP]
+    # [KB, 16 pairs, 2, NB, 16] -> [NB, KB, 16 pairs, 16 columns, 2]
+    tiles = bits.reshape(p.kp // TILE_K, TILE_K // 2, 2, p.np_ // TILE_N, TILE_N)
+    return np.ascontiguousarray(tiles.transpose(3, 0, 1, 4, 2)).reshape(
+        p.np_ // TILE_N, p.kp // TILE_K, TILE_K // 2, TILE_K)
+
+
+# --------------------------------------------------------------------------- tile ops
+
+
+class _HardwareTiles:
+    """The tile ops as AMX instructions (LLVM intrinsics; tile numbers are immediates)."""
+
+    def __init__(self, p: Plan) -> None:
+        self.p = p
+
+    def begin(self) -> None:
+        """Allocate and load the tile configuration (palette 1; per-tile rows and bytes)."""
+        from tvm.script.ir_builder import tirx as T
+
+        cfg = T.buffer_proxy(T.alloc_buffer([64], "uint8", scope="local"))
+        for i in range(64):
+            cfg[i] = _u8(0)
+        cfg[0] = _u8(1)
+        p = self.p
+        for t in range(TILES):
+            cfg[16 + 2 * t] = _u8(64)                         # bytes per row (low byte)
+            cfg[48 + t] = _u8(TILE_K // 2 if t >= p.mt * p.nt + p.mt else p.rows)
+        self._intrin("ldtilecfg", _address(cfg, 0))
+
+    def zero(self, t: int) -> None:
+        self._intrin("tilezero", _i8(t))
+
+    def load(self, t: int, buf, index, stride_bytes: int) -> None:
+        from tvm import tirx
+
+        self._intrin("tileloadd64", _i8(t), _address(buf, *index),
+                     tirx.IntImm("int64", stride_bytes))
+
+    def dot(self, c: int, a: int, b: int) -> None:
+        self._intrin("tdpbf16ps", _i8(c), _i8(a), _i8(b))
+
+    def store(self, t: int, buf, index, stride_bytes: int) -> None:
+        from tvm import tirx
+
+        self._intrin("tilestored64", _i8(t), _address(buf, *index),
+                     tirx.IntImm("int64", stride_bytes))
+
+    def end(self) -> None:
+        self._intrin("tilerelease")
+
+    @staticmethod
+    def _intrin(name: str, *args) -> None:
+        from tvm import tirx
+        from tvm.script.ir_builder import tirx as T
+
+        T.evaluate(tirx.call_llvm_intrin("void", f"llvm.x86.{name}", *args))
+
+
+class _EmulatedTiles:
+    """The same tile ops on a per-task tile file in memory, as TIR loops with each
+    instruction's semantics: the numerics of the hardware program, on any CPU."""
+
+    def __init__(self, p: Plan) -> None:
+        self.p = p
+
+    def begin(self) -> None:
+        from tvm.script.ir_builder import tirx as T
+
+        self.bits = T.buffer_proxy(T.alloc_buffer([TILES, MAX_ROWS, TILE_K], "uint16",
+                                                  scope="local"))
+        self.acc = T.buffer_proxy(T.alloc_buffer([TILES, MAX_ROWS, TILE_N], "float32",
+                                                 scope="local"))
+        self.rows = {}
+        p = self.p
+        for t in range(TILES):
+            self.rows[t] = TILE_K // 2 if t >= p.mt * p.nt + p.mt else p.rows
+
+    def zero(self, t: int) -> None:
+        from tvm.script.ir_builder import tirx as T
+
+        with T.grid(self.rows[t], TILE_N) as (r, c):
+            self.acc[t, r, c] = _f32(0.0)
+
+    def load(self, t: int, buf, index, stride_bytes: int) -> None:
+        """Rows of 64 bytes from ``buf`` (uint16 elements) at ``index``, ``stride_bytes``
+        apart: as ``tileloadd``, addressed in bytes from the first element."""
+        from tvm.script.ir_builder import tirx as T
+
+        flat = T.buffer_proxy(_flat_view(buf))
+        start = _flat_offset(buf, index)
+        with T.grid(self.rows[t], TILE_K) as (r, c):
+            self.bits[t, r, c] = flat[start + r * (stride_bytes // 2) + c]
+
+    def dot(self, c: int, a: int, b: int) -> None:
+        from tvm.script.ir_builder import tirx as T
+
+        with T.grid(self.rows[c], TILE_K // 2, TILE_N) as (r, kp, n):
+            for j in range(2):
+                self.acc[c, r, n] = self.acc[c, r, n] + (
+                    _as_f32(self.bits[a, r, 2 * kp + j]) * _as_f32(self.bits[b, kp, 2 * n + j]))
+
+    def store(self, t: int, buf, index, stride_bytes: int) -> None:
+        from tvm.script.ir_builder import tirx as T
+
+        flat = T.buffer_proxy(_flat_view(buf))
+        start = _flat_offset(buf, index)
+        with T.grid(self.rows[t], TILE_N) as (r, c):
+            flat[start + r * (stride_bytes // 4) + c] = self.acc[t, r, c]
+
+    def end(self) -> None:
+        pass
+
+
+def _u8(v: int):
+    from tvm import tirx
+
+    return tirx.IntImm("uint8", v)
+
+
+def _i8(v: int):
+    from tvm import tirx
+
+    return tirx.IntImm("int8", v)
+
+
+def _f32(v: float):
+    from tvm import tirx
+
+    return tirx.FloatImm("float32", v)
+
+
+def _as_f32(bits):
+    """bf16 bits (uint16) -> the fp32 value they are the top half of."""
+    from tvm import tirx
+
+    return tirx.reinterpret("float32", tirx.Cast("uint32", bits) << tirx.IntImm("uint32", 16))
+
+
+def _address(buf, *index):
+    from tvm import tirx
+
+    return tirx.address_of(buf[tuple(index)] if len(index) > 1 else buf[index[0]])
+
+
+def _flat_view(buf):
+    """A 1-D view of a buffer proxy's underlying buffer."""
+    from tvm.script.ir_builder import tirx as T
+
+    b = buf.buffer if hasattr(buf, "buffer") else buf
+    size = 1
+    for d in b.shape:
+        size *= int(d)
+    return T.decl_buffer([size], b.dtype, data=b.data)
+
+
+def _flat_offset(buf, index):
+    b = buf.buffer if hasattr(buf, "buffer") else buf
+    offset = 0
+    for i, d in zip(index, b.shape):
+        offset = offset * int(d) + i
+    return offset
+
+
+# --------------------------------------------------------------------------- kernel
+
+
+def build(m: int, k: int, n: int, dtype: str = "float32", bias: bool = False,
+          act: Activation | None = None, residual: bool = False, mt: int | None = None,
+          nt: int | None = None, emulate: bool | None = None) -> "tirx.PrimFunc":
+    """The PrimFunc ``(X[M,K], Wp [, B[N]] [, R[M,N]], Y[M,N])``, ``Wp`` from
+    :func:`pack_weight` of the same :func:`plan` (``mt``, ``nt``). ``emulate`` (default: the
+    :func:`emulated` context) swaps the AMX instructions for their TIR twins."""
+    from tvm import s_tir, te, tirx
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+
+    if dtype != "float32":
+        raise ValueError(f"{NAME} takes float32 tensors, not {dtype}")
+    p = plan(m, k, n, mt, nt)
+    emulate = emulating() if emulate is None else emulate
+    x = te.placeholder((m, k), dtype, name="X")
+    w = te.placeholder((p.np_ // TILE_N, p.kp // TILE_K, TILE_K // 2, TILE_K), "uint16",
+                       name="Wp")
+    b = te.placeholder((n,), dtype, name="B") if bias else None
+    res = te.placeholder((m, n), dtype, name="R") if residual else None
+
+    def to_bf16(i, kk):
+        # the load index is clamped, so the vectorized stage never reads past X
+        u = tirx.reinterpret("uint32", x[tirx.min(i, m - 1), tirx.min(kk, k - 1)])
+        r = (u + tirx.IntImm("uint32", 0x7FFF) + ((u >> 16) & tirx.IntImm("uint32", 1))) >> 16
+        return tirx.if_then_else(tirx.all(i < m, kk < k), tirx.Cast("uint16", r),
+                                 tirx.IntImm("uint16", 0))
+
+    xb = te.compute((p.mp, p.kp), to_bf16, name="Xb")
+
+    def tile_program(ins, outs):
+        xb_buf, w_buf = ins
+        (acc_buf,) = outs
+        tiles = (_EmulatedTiles if emulate else _HardwareTiles)(p)
+        c_tiles, a0 = p.mt * p.nt, p.mt * p.nt
+        b0 = a0 + p.mt
+        tm, tn = p.tasks
+        with IRBuilder() as ib:
+            xs, ws, acc = (T.buffer_proxy(t) for t in (xb_buf, w_buf, acc_buf))
+            with T.parallel(0, tm * tn) as task:
+                r0 = (task // tn) * (p.mt * p.rows)
+                nb0 = (task % tn) * p.nt
+                tiles.begin()
+                for t in range(c_tiles):
+                    tiles.zero(t)
+                with T.serial(0, p.kp // TILE_K) as kb:
+                    for i in range(p.mt):
+                        tiles.load(a0 + i, xs, (r0 + i * p.rows, kb * TILE_K), p.kp * 2)
+                    for j in range(p.nt):
+                        tiles.load(b0 + j, ws, (nb0 + j, kb, 0, 0), TILE_K * 2)
+                    for i in range(p.mt):
+                        for j in range(p.nt):
+                            tiles.dot(i * p.nt + j, a0 + i, b0 + j)
+                for i in range(p.mt):
+                    for j in range(p.nt):
+                        tiles.store(i * p.nt + j, acc, (r0 + i * p.rows, (nb0 + j) * TILE_N),
+                                    p.np_ * 4)
+                tiles.end()
+        return ib.get()
+
+    acc = te.extern((p.mp, p.np_), [xb, w], tile_program, name="acc", dtype="float32")
+    func = epilogue_func([x, w], lambda i, j: acc[i, j], (m, n), dtype, b, res, act)
+    sch = s_tir.Schedule(func)
+    i, kk = sch.get_loops(sch.get_sblock("Xb"))
+    _, kv = sch.split(kk, [None, TILE_K])
+    sch.vectorize(kv)
+    sch.parallel(i)
+    oi, oj = sch.get_loops(sch.get_sblock("Y"))
+    if n % TILE_N == 0:
+        _, jv = sch.split(oj, [None, TILE_N])
+        sch.vectorize(jv)
+    sch.parallel(oi)
+    return finish(sch, NAME)

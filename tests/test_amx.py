@@ -1,0 +1,286 @@
+"""AMX bf16 tile kernels (``kernels/amx.py``) and the ``x86-amx`` target, against real TVM, numpy,
+torch's bf16 rounding and ONNX Runtime.
+
+This machine has no AMX. The hardware kernel is compiled and its instructions checked; the same
+tile program with each tile op emulated in TIR runs here against numpy (and on an AMX machine
+the hardware build runs against the emulated one)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tvm")
+import tvm  # noqa: E402
+
+from sparsec.targets import cpu_flags, resolve_target  # noqa: E402
+from sparsec.targets.kernels import amx  # noqa: E402
+from sparsec.targets.kernels.common import RELU, Activation  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+import zoo  # noqa: E402
+
+AMX_OPS = ("ldtilecfg", "tilezero", "tileloadd", "tdpbf16ps", "tilestored", "tilerelease")
+HERE = "amx_bf16" in cpu_flags() and "amx_tile" in cpu_flags()
+SPR = {"kind": "llvm", "mcpu": "sapphirerapids"}
+
+
+def _lib(func, target: dict):
+    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    return tvm.compile(mod, target=tvm.target.Target(target))
+
+
+def _run(lib, *arrays):
+    args = [tvm.runtime.tensor(a) for a in arrays]
+    lib["main"](*args)
+    return args[-1].numpy()
+
+
+def _reference(x, w, bias=None, residual=None, act=None):
+    """The product of the bf16-rounded operands, summed exactly (float64), then the epilogue."""
+    y = amx.bf16_round(x).astype(np.float64) @ amx.bf16_round(w).astype(np.float64)
+    if bias is not None:
+        y = y + bias
+    if residual is not None:
+        y = y + residual
+    if act is not None and act.low is not None:
+        y = np.maximum(y, act.low)
+    if act is not None and act.high is not None:
+        y = np.minimum(y, act.high)
+    if act is not None and act.gelu:
+        import torch
+
+        y = torch.nn.functional.gelu(torch.from_numpy(y)).numpy()
+    return y
+
+
+def _operands(m, k, n, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((m, k)).astype(np.float32),
+            rng.standard_normal((k, n)).astype(np.float32),
+            rng.standard_normal(n).astype(np.float32),
+            rng.standard_normal((m, n)).astype(np.float32))
+
+
+# --------------------------------------------------------------------------- data layout
+
+
+def test_bf16_rounding_matches_torch():
+    """Round to nearest even, ties included, as torch's (and the hardware's) conversion."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    base = (rng.standard_normal(4096) * 10.0 ** rng.integers(-8, 8, 4096)).astype(np.float32)
+    bits = base.view(np.uint32)
+    ties = ((bits & np.uint32(0xFFFF0000)) | np.uint32(0x8000)).view(np.float32)  # halfway
+    x = np.concatenate([base, ties, np.float32([0.0, -0.0, 1.0, 65504.0, 1e-38])])
+    want = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(amx.bf16_bits(x), want)
+
+
+def test_pack_weight_is_amx_pair_layout():
+    """Tile (nb, kb), row p, column 2c + j holds W[kb*32 + 2p + j, nb*16 + c] (zero padded)."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((45, 21)).astype(np.float32)
+    p = amx.plan(3, 45, 21)
+    packed = amx.pack_weight(w, p)
+    assert packed.shape == (p.np_ // 16, p.kp // 32, 16, 32) and packed.dtype == np.uint16
+    bits = amx.bf16_bits(w)
+    for nb, kb, row, col in np.ndindex(packed.shape):
+        kk, nn = kb * 32 + 2 * row + col % 2, nb * 16 + col // 2
+        want = bits[kk, nn] if kk < 45 and nn < 21 else 0
+        assert packed[nb, kb, row, col] == want
+
+
+def test_plan_fits_the_tile_registers():
+    for m, k, n in [(1, 64, 10), (16, 32, 16), (17, 40, 100), (128, 768, 3072)]:
+        p = amx.plan(m, k, n)
+        assert p.mt * p.nt + p.mt + p.nt <= amx.TILES
+        assert p.mp >= m and p.kp % 32 == 0 and p.np_ % 16 == 0 and p.np_ >= n
+    assert (amx.plan(128, 768, 768).mt, amx.plan(128, 768, 768).nt) == (2, 2)
+    assert amx.plan(1, 64, 256).rows == 1
+    with pytest.raises(ValueError, match="tile registers"):
+        amx.plan(64, 64, 64, mt=2, nt=3)
+
+
+# --------------------------------------------------------------------------- kernel numerics
+
+
+@pytest.mark.parametrize("m,k,n,tiles", [
+    (1, 64, 256, None),          # batch-1 linear: 1-row tiles
+    (7, 100, 40, None),          # K and N not whole tiles
+    (16, 32, 16, None),          # exactly one tile of each
+    (33, 200, 50, None),         # M not whole tiles, 2x2 blocks
+    (128, 768, 96, None),        # an encoder's projection
+    (40, 96, 64, (1, 3)),
+    (40, 96, 64, (2, 1)),
+])
+def test_emulated_kernel_matches_numpy(m, k, n, tiles):
+    x, w, _, _ = _operands(m, k, n)
+    mt, nt = tiles or (None, None)
+    p = amx.plan(m, k, n, mt, nt)
+    lib = _lib(amx.build(m, k, n, mt=mt, nt=nt, emulate=True), {"kind": "llvm"})
+    out = _run(lib, x, amx.pack_weight(w, p), np.zeros((m, n), np.float32))
+    ref = _reference(x, w)
+    # fp32 sums of exact products: only the summation order differs from float64
+    assert np.abs(out - ref).max() <= 1e-6 * np.sqrt(k) * np.abs(ref).max()
+    # and bf16 is what makes it differ from the fp32 product
+    assert np.abs(out - x @ w).max() > 10 * np.abs(out - ref).max()
+
+
+@pytest.mark.parametrize("flags", [
+    {"bias": True, "act": RELU},
+    {"bias": True, "residual": True},
+    {"act": Activation(0.0, 6.0)},
+    {"bias": True, "act": Activation(gelu=True)},
+])
+def test_emulated_kernel_epilogues(flags):
+    m, k, n = 20, 72, 48
+    x, w, bias, res = _operands(m, k, n, seed=3)
+    p = amx.plan(m, k, n)
+    lib = _lib(amx.build(m, k, n, emulate=True, **flags), {"kind": "llvm"})
+    args = [x, amx.pack_weight(w, p)] + ([bias] if flags.get("bias") else []) + (
+        [res] if flags.get("residual") else []) + [np.zeros((m, n), np.float32)]
+    out = _run(lib, *args)
+    ref = _reference(x, w, bias if flags.get("bias") else None,
+                     res if flags.get("residual") else None, flags.get("act"))
+    np.testing.assert_allclose(out, ref, atol=2e-4 * np.abs(ref).max())
+
+
+def test_emulation_catches_a_wrong_pair_layout():
+    """The numerics test can fail: weights with the two halves of each pair swapped give
+    another product."""
+    m, k, n = 16, 64, 32
+    x, w, _, _ = _operands(m, k, n, seed=5)
+    p = amx.plan(m, k, n)
+    swapped = amx.pack_weight(w, p).reshape(-1, 2)[:, ::-1].reshape(
+        amx.pack_weight(w, p).shape).copy()
+    lib = _lib(amx.build(m, k, n, emulate=True), {"kind": "llvm"})
+    out = _run(lib, x, swapped, np.zeros((m, n), np.float32))
+    assert np.abs(out - _reference(x, w)).max() > 0.1
+
+
+# --------------------------------------------------------------------------- hardware code
+
+
+def _asm(func) -> str:
+    return _lib(func, SPR).mod.inspect_source("asm")
+
+
+def test_hardware_kernel_uses_amx_tiles():
+    asm = _asm(amx.build(128, 768, 768, bias=True, act=RELU))
+    found = set(re.findall(r"\b(" + "|".join(AMX_OPS) + r")\b", asm))
+    assert found == set(AMX_OPS)
+    # the K loop of a 2x2 block: 4 tile loads feed 4 tdpbf16ps, every C tile in a register
+    assert set(re.findall(r"tdpbf16ps\s+%tmm\d, %tmm\d, (%tmm\d)", asm)) == {
+        "%tmm0", "%tmm1", "%tmm2", "%tmm3"}
+    # the emulated twin is plain vector code
+    assert not re.search(r"\b(tdpbf16ps|ldtilecfg)\b", _asm(amx.build(128, 768, 768,
+                                                                       emulate=True)))
+
+
+@pytest.mark.skipif(not HERE, reason="this CPU has no AMX: the hardware kernel is only compiled")
+def test_hardware_kernel_matches_its_emulation():
+    from sparsec.targets.host import request_amx
+
+    assert request_amx()
+    m, k, n = 33, 200, 50
+    x, w, bias, _ = _operands(m, k, n, seed=7)
+    p = amx.plan(m, k, n)
+    args = [x, amx.pack_weight(w, p), bias, np.zeros((m, n), np.float32)]
+    hw = _run(_lib(amx.build(m, k, n, bias=True), SPR), *args)
+    emu = _run(_lib(amx.build(m, k, n, bias=True, emulate=True), {"kind": "llvm"}), *args)
+    np.testing.assert_allclose(hw, emu, rtol=1e-5, atol=1e-5)
+
+
+def test_request_amx_only_where_the_cpu_has_it():
+    from sparsec.targets.host import request_amx
+
+    assert request_amx() is ("amx_tile" in cpu_flags())
+
+
+# --------------------------------------------------------------------------- the target
+
+
+def test_x86_amx_target():
+    spec = resolve_target("x86-amx")
+    assert spec.tvm_target["mcpu"] == "sapphirerapids" and spec.channel_multiple == 16
+    assert {"amx_tile", "amx_bf16", "avx512f"} <= spec.cpu_flags
+    assert spec.runs_here is HERE and spec.amx_emulated_here is not HERE
+    assert not resolve_target("x86-avx512").amx_emulated_here
+
+
+@pytest.fixture(scope="module")
+def amx_package(tmp_path_factory):
+    import onnx
+
+    from sparsec import api
+
+    root = tmp_path_factory.mktemp("amx")
+    onnx.save(zoo.build("hf_bert"), str(root / "bert.onnx"))
+    logs: list[str] = []
+    manifest = api.compile(root / "bert.onnx", target="x86-amx", output_dir=root / "pkg",
+                           log=logs.append)
+    return root / "pkg", manifest, logs
+
+
+def test_compile_for_amx_checks_the_tile_programs(amx_package):
+    """A small BERT compiled for x86-amx: every linear layer on bf16 tiles, the package's
+    reference pair checked against ONNX Runtime with the tile ops emulated (no AMX here),
+    with the bf16 tolerance, which the header records too."""
+    from sparsec import api
+
+    pkg, manifest, logs = amx_package
+    decisions = [d for d in manifest["compile"]["decisions"] if d["chosen"] == amx.NAME]
+    assert len(decisions) == 12 and all(d["precision"] == "bf16" for d in decisions)
+    assert manifest["compile"]["kernels"][amx.NAME] == 12
+    ref = manifest["reference"]
+    assert (ref["rtol"], ref["atol"]) == (api.RTOL_BF16, api.ATOL_BF16)
+    want_via = "native" if HERE else "amx-tiles-emulated-on-cpu"
+    assert ref["check"]["ok"] and ref["check"]["via"] == want_via
+    assert ref["check"]["cosine"] > 0.9999
+    assert any("bf16 kernels: bound" in line for line in logs)
+    header = (pkg / manifest["library"]["header"]).read_text()
+    assert f"{api.ATOL_BF16!r}, {api.RTOL_BF16!r}" in header
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs binutils' objdump")
+def test_amx_package_library_has_tile_code(amx_package):
+    pkg, manifest, _ = amx_package
+    asm = subprocess.run(["objdump", "-d", str(pkg / manifest["library"]["shared"])],
+                         capture_output=True, text=True, check=True).stdout
+    assert {"tdpbf16ps", "ldtilecfg", "tileloadd"} <= set(re.findall(r"\b(t\w+|ldtilecfg)\b",
+                                                                      asm))
+
+
+def test_amx_package_does_not_run_here_without_amx(amx_package, tmp_path):
+    """Without AMX, ``sparsec validate`` says why in one line (exit code, no traceback)."""
+    pkg, _, _ = amx_package
+    proc = subprocess.run([sys.executable, "-m", "sparsec", "validate", str(pkg)],
+                          capture_output=True, text=True)
+    if HERE:
+        assert proc.returncode == 0, proc.stderr
+    else:
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr
+        assert "lacks amx_bf16" in proc.stderr
+
+
+def test_amx_is_only_offered_on_amx_targets(tmp_path):
+    """The cost rule never sees the bf16 kernel where the target has no AMX: a host
+    package keeps fp32 kernels and the fp32 tolerance."""
+    import onnx
+
+    from sparsec import api
+
+    onnx.save(zoo.build("gemm_mlp"), str(tmp_path / "mlp.onnx"))
+    manifest = api.compile(tmp_path / "mlp.onnx", target="host", output_dir=tmp_path / "pkg")
+    text = json.dumps(manifest["compile"]["decisions"])
+    assert amx.NAME not in text and "bf16" not in text
+    assert manifest["reference"]["rtol"] == api.RTOL
