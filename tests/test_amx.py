@@ -27,6 +27,7 @@ from sparsec.targets.kernels.common import RELU, Activation  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 import zoo  # noqa: E402
 
+REPO_EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 AMX_OPS = ("ldtilecfg", "tilezero", "tileloadd", "tdpbf16ps", "tilestored", "tilerelease")
 HERE = "amx_bf16" in cpu_flags() and "amx_tile" in cpu_flags()
 SPR = {"kind": "llvm", "mcpu": "sapphirerapids"}
@@ -106,6 +107,9 @@ def test_plan_fits_the_tile_registers():
         assert p.mp >= m and p.kp % 32 == 0 and p.np_ % 16 == 0 and p.np_ >= n
     assert (amx.plan(128, 768, 768).mt, amx.plan(128, 768, 768).nt) == (2, 2)
     assert amx.plan(1, 64, 256).rows == 1
+    # the widest block that divides the column tiles: no task computes padding
+    assert [amx.plan(8, 32, n).nt for n in (48, 64, 80, 16)] == [3, 2, 1, 1]
+    assert [amx.plan(64, 32, n).nt for n in (64, 48)] == [2, 1]
     with pytest.raises(ValueError, match="tile registers"):
         amx.plan(64, 64, 64, mt=2, nt=3)
 
@@ -165,6 +169,63 @@ def test_emulation_catches_a_wrong_pair_layout():
     lib = _lib(amx.build(m, k, n, emulate=True), {"kind": "llvm"})
     out = _run(lib, x, swapped, np.zeros((m, n), np.float32))
     assert np.abs(out - _reference(x, w)).max() > 0.1
+
+
+# --------------------------------------------------------------------------- sparse (SparAMX)
+
+
+def _sparse_weight(k, n, density, seed=0):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    w[rng.random((k, n)) >= density] = 0.0
+    return w
+
+
+def test_sparse_format_round_trip():
+    """Masks + kept values expand back to exactly the dense tiles; -0.0 is dropped (exact),
+    and the bytes are the values, 4 bytes of mask per 32 weights and one offset per tile."""
+    w = _sparse_weight(100, 40, 0.3, seed=2)
+    w[0, :5] = -0.0
+    p = amx.plan(1, 100, 40)
+    sw = amx.pack_sparse(w, p)
+    dense = amx.pack_weight(w, p)
+    signed_zero = (dense & np.uint16(0x7FFF)) == 0
+    np.testing.assert_array_equal(amx.unpack_sparse(sw), np.where(signed_zero, 0, dense))
+    assert sw.nnz == int(np.count_nonzero(w))
+    tiles = (p.np_ // 16) * (p.kp // 32)
+    assert sw.nbytes == 2 * (sw.nnz + 32) + tiles * 16 * 4 + tiles * 4
+    assert sw.offsets[0, 0] == 0 and np.all(np.diff(sw.offsets.reshape(-1)) >= 0)
+
+
+@pytest.mark.parametrize("m,k,n,density", [
+    (1, 768, 384, 0.1),     # a decoding step at 90 % sparsity
+    (4, 100, 40, 0.5),      # K and N not whole tiles
+    (16, 64, 48, 0.0),      # every tile empty: offsets all point at the zero row
+    (3, 64, 200, 1.0),      # nothing to drop
+])
+def test_emulated_sparse_kernel_matches_numpy(m, k, n, density):
+    x, _, bias, _ = _operands(m, k, n, seed=4)
+    w = _sparse_weight(k, n, density, seed=4)
+    p = amx.plan(m, k, n)
+    sw = amx.pack_sparse(w, p)
+    func = amx.build(m, k, n, bias=True, act=RELU, emulate=True, nnz=sw.nnz)
+    out = _run(_lib(func, {"kind": "llvm"}), x, sw.values, sw.masks, sw.offsets, bias,
+               np.zeros((m, n), np.float32))
+    ref = _reference(x, w, bias, act=RELU)
+    np.testing.assert_allclose(out, ref, atol=1e-6 * np.sqrt(k) * max(np.abs(ref).max(), 1))
+
+
+def test_sparse_kernel_expands_with_vpexpandw():
+    """The hardware build expands each tile row with one masked expand load; the same
+    expansion runs natively in the emulated build on a CPU with AVX-512 VBMI2 (this one)."""
+    func = amx.build(1, 768, 768, nnz=1000)
+    asm = _asm(func)
+    assert asm.count("vpexpandw") == 16 * amx.plan(1, 768, 768).nt    # rows x B tiles
+    assert "tdpbf16ps" in asm
+    if "avx512_vbmi2" in cpu_flags():
+        host = _lib(amx.build(1, 768, 768, nnz=1000, emulate=True),
+                    resolve_target("host").tvm_target).mod.inspect_source("asm")
+        assert "vpexpandw" in host and "tdpbf16ps" not in host
 
 
 # --------------------------------------------------------------------------- hardware code
@@ -252,6 +313,29 @@ def test_compile_for_amx_checks_the_tile_programs(amx_package):
 
 
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="needs binutils' objdump")
+def test_dense_weights_keep_the_dense_amx_kernel(amx_package):
+    """The bytes rule refuses the compressed format where it would not read less."""
+    _, manifest, _ = amx_package
+    for d in manifest["compile"]["decisions"]:
+        assert amx.SPARSE_NAME not in d["candidates"]
+
+
+def test_compile_sparse_mlp_for_amx(tmp_path):
+    """80 % sparse batch-1 linear layers take the SparAMX kernel: the decisions report the
+    bytes per weight, and the package passes its bf16 reference check."""
+    from sparsec import api
+
+    logs: list[str] = []
+    manifest = api.compile(REPO_EXAMPLES / "digits_mlp.onnx", tmp_path / "pkg",
+                           target="x86-amx", sparsity=0.8, log=logs.append)
+    decisions = manifest["compile"]["decisions"]
+    assert [d["chosen"] for d in decisions] == [amx.SPARSE_NAME] * 3
+    for d in decisions:
+        wb = d["weight_bytes"]
+        assert wb["compressed"] * 4 <= wb["dense_bf16"] * 3 and d["bytes_per_weight"] < 1.0
+    assert manifest["reference"]["check"]["ok"]
+
+
 def test_amx_package_library_has_tile_code(amx_package):
     pkg, manifest, _ = amx_package
     asm = subprocess.run(["objdump", "-d", str(pkg / manifest["library"]["shared"])],

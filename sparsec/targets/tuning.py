@@ -116,7 +116,7 @@ def _variants(strategy: str, shape: dict) -> list[dict]:
         return _row_tiles(shape)
     if strategy == "conv1x1_nchw":
         return [{"tile": [t.oct, t.pixels]} for t in pointwise.tiles()]
-    if strategy == "dense_amx_bf16":     # C-tile blocks that fit the 8 tile registers
+    if strategy in ("dense_amx_bf16", "sparse_amx_bf16"):  # blocks that fit 8 tile registers
         return [{"mt": mt, "nt": nt} for mt, nt in ((2, 2), (2, 1), (1, 3), (1, 2), (1, 1))
                 if mt == 1 or shape["m"] > 16]
     if strategy == "depthwise_nchw":
@@ -142,9 +142,9 @@ def build(strategy: str, shape: dict, knobs: dict | None = None, **flags) -> "ti
     if strategy == "dense_packed":
         func = dense.build(shape["m"], shape["k"], shape["n"], shape["dtype"], **flags,
                            **({"rows": rows} if rows else {}))
-    elif strategy == "dense_amx_bf16":
+    elif strategy in ("dense_amx_bf16", "sparse_amx_bf16"):
         func = amx.build(shape["m"], shape["k"], shape["n"], shape["dtype"], **flags,
-                         mt=k.get("mt"), nt=k.get("nt"))
+                         mt=k.get("mt"), nt=k.get("nt"), nnz=shape.get("nnz"))
     elif strategy == "bsr_dense":
         func = bsr.build(shape["m"], shape["k"], shape["n"], shape["rows"], shape["dtype"],
                          **flags, **({"row_tiles": rows} if rows else {}))
@@ -468,7 +468,7 @@ def _default_knobs(strategy: str, shape: dict) -> dict | None:
         return {"tile": [t.oct, t.pixels]}
     if strategy == "depthwise_nchw":
         return {"max_acc": depthwise.MAX_ACC}
-    if strategy == "dense_amx_bf16":
+    if strategy in ("dense_amx_bf16", "sparse_amx_bf16"):
         from sparsec.targets.kernels import amx
 
         p = amx.plan(shape["m"], shape["k"], shape["n"])

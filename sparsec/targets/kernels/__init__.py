@@ -43,6 +43,12 @@ STRATEGIES: tuple[StrategyInfo, ...] = (
                  "bf16 pairs [N/16,K/32,16,32]; 2x2 (or 1x3) blocks of 16x16 fp32 tiles, "
                  "tdpbf16ps over K; lossy (bf16 inputs, fp32 sums). Its efficiency is against "
                  "the AVX2 fp32 peak: one core's tiles do 16x those multiply-adds per cycle"),
+    StrategyInfo("sparse_amx_bf16", "relax.matmul", 4.0,
+                 "AMX targets, one row tile (M <= 16: batch-1, decoding): dense_amx_bf16's tile "
+                 "program with W compressed as in SparAMX (per tile row a 32-bit mask and the "
+                 "kept bf16 values), expanded per K step with masked expand loads (vpexpandw). "
+                 "Offered when it reads <= 3/4 of the dense bf16 bytes; its estimate scales "
+                 "with the bytes read (the regime is memory-bound)"),
     StrategyInfo("batch_matmul", "relax.matmul", 0.35,
                  "matmul of two run-time tensors (attention's Q @ K^T, P @ V), same batch dims, "
                  "N a multiple of 8: B read in place along N, dense_packed's rows x 16 tile; "

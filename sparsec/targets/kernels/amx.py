@@ -28,6 +28,14 @@ instruction's semantics (Intel SDM, TDPBF16PS: per output, for each pair, ``acc 
 ``emulate=True`` runs the same tile program on any CPU: the tests check it against numpy and
 ONNX Runtime here, and ``sparsec compile --target x86-amx`` checks the model with it.
 
+``sparse_amx_bf16`` is the same tile program with W compressed as in SparAMX: per B tile, one
+32-bit mask per tile row (which of its 32 bf16 values are nonzero) and the nonzero values in
+order. Each task expands the tiles it needs into a 1 KB buffer with AVX-512's masked expand
+load (``vpexpandw``, one per tile row) and loads the tile from there. The products are the same
+as the dense kernel's; what changes is the bytes read: 2 per weight dense, 2 x density + 1/8
+(the masks) compressed. That pays where the kernel is memory-bound: a batch-1 (one row tile)
+matmul, LLM decoding's regime, which is where SparAMX reports its gains.
+
 Linux gives a process the AMX tile state only after ``arch_prctl(ARCH_REQ_XCOMP_PERM,
 XFEATURE_XTILEDATA)``; both runtimes ask for it (``request_permission`` and the C runtime).
 """
@@ -46,6 +54,7 @@ if TYPE_CHECKING:
     from tvm import tirx
 
 NAME = "dense_amx_bf16"
+SPARSE_NAME = "sparse_amx_bf16"
 TILE_K = 32      # bf16 values in one 64-byte tile row
 TILE_N = 16      # fp32 values in one 64-byte tile row
 MAX_ROWS = 16    # rows of a tile register
@@ -136,14 +145,15 @@ class Plan:
 
 def plan(m: int, k: int, n: int, mt: int | None = None, nt: int | None = None) -> Plan:
     """Default geometry: 2x2 C tiles when there are two row tiles (every loaded tile feeds
-    two ``tdpbf16ps``), else one row of up to 3 column tiles."""
+    two ``tdpbf16ps``), else one row of up to 3 column tiles; the widest block that divides
+    the column tiles, so that no task computes padding columns."""
     rows = min(MAX_ROWS, m)
     row_tiles = -(-m // rows)
     col_tiles = -(-n // TILE_N)
     if mt is None:
         mt = 2 if row_tiles >= 2 else 1
     if nt is None:
-        nt = 2 if mt == 2 else min(3, col_tiles)
+        nt = next(t for t in ((2, 1) if mt == 2 else (3, 2, 1)) if col_tiles % t == 0)
     if mt * nt + mt + nt > TILES:
         raise ValueError(f"{mt}x{nt} C tiles need {mt * nt + mt + nt} tile registers (> 8)")
     return Plan(m, k, n, rows, mt, nt)
@@ -161,6 +171,56 @@ def pack_weight(w_kn: "np.ndarray", p: Plan) -> "np.ndarray":
     tiles = bits.reshape(p.kp // TILE_K, TILE_K // 2, 2, p.np_ // TILE_N, TILE_N)
     return np.ascontiguousarray(tiles.transpose(3, 0, 1, 4, 2)).reshape(
         p.np_ // TILE_N, p.kp // TILE_K, TILE_K // 2, TILE_K)
+
+
+@dataclass(frozen=True)
+class SparseWeight:
+    """W compressed for ``sparse_amx_bf16`` (module docstring)."""
+
+    values: "np.ndarray"    # uint16 [nnz + TILE_K]: the nonzero bf16 values, tile by tile
+    masks: "np.ndarray"     # uint32 [NP/16, KP/32, 16]: bit q of row r: value q is kept
+    offsets: "np.ndarray"   # int32 [NP/16, KP/32]: where each tile's values start
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.size) - TILE_K
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the kernel reads for W."""
+        return int(self.values.nbytes + self.masks.nbytes + self.offsets.nbytes)
+
+
+def pack_sparse(w_kn: "np.ndarray", p: Plan) -> SparseWeight:
+    """[K, N] fp32 -> the compressed pair layout: :func:`pack_weight`'s tiles, each row
+    reduced to a bit mask and its nonzero values. The values end with one tile row of zeros,
+    so that every tile's start is a valid address even when the last tiles are empty."""
+    import numpy as np
+
+    tiles = pack_weight(w_kn, p)                          # [NB, KB, 16, 32] bf16 bits
+    kept = (tiles & np.uint16(0x7FFF)) != 0                # +-0 are dropped: exact
+    weights = np.uint32(1) << np.arange(TILE_K, dtype=np.uint32)
+    masks = (kept * weights).sum(axis=-1, dtype=np.uint64).astype(np.uint32)
+    counts = kept.reshape(kept.shape[0], kept.shape[1], -1).sum(axis=-1)
+    offsets = np.concatenate([[0], np.cumsum(counts.reshape(-1))[:-1]]).reshape(counts.shape)
+    values = np.concatenate([tiles[kept], np.zeros(TILE_K, np.uint16)])
+    return SparseWeight(values.astype(np.uint16), masks, offsets.astype(np.int32))
+
+
+def unpack_sparse(sw: SparseWeight) -> "np.ndarray":
+    """The dense tiles back from :func:`pack_sparse` (numpy's expand: the format's spec)."""
+    import numpy as np
+
+    nb, kb, rows = sw.masks.shape
+    kept = ((sw.masks[..., None] >> np.arange(TILE_K, dtype=np.uint32)) & 1).astype(bool)
+    tiles = np.zeros((nb, kb, rows, TILE_K), np.uint16)
+    tiles[kept] = sw.values[:sw.nnz]
+    return tiles
+
+
+def dense_bytes(p: Plan) -> int:
+    """Bytes the dense kernel reads for W (bf16 tiles)."""
+    return p.np_ * p.kp * 2
 
 
 # --------------------------------------------------------------------------- tile ops
@@ -323,23 +383,54 @@ def _flat_offset(buf, index):
 # --------------------------------------------------------------------------- kernel
 
 
+def _expand_tile(stage, j: int, vals, masks, offs, nb, kb) -> None:
+    """Tile (nb, kb) of a :class:`SparseWeight` into ``stage[j]``: per tile row, a masked
+    expand load of its kept values (``vpexpandw`` on AVX-512 VBMI2; LLVM lowers it for any
+    CPU), then the next row's start is moved on by the mask's popcount."""
+    from tvm import tirx
+    from tvm.script.ir_builder import tirx as T
+
+    u32 = "uint32"
+    start = T.buffer_proxy(T.alloc_buffer([1], "int32", scope="local"))
+    start[0] = offs[nb, kb]
+    lanes = tirx.Ramp(tirx.IntImm(u32, 0), tirx.IntImm(u32, 1), TILE_K)
+    one, zero = (tirx.Broadcast(tirx.IntImm(u32, v), TILE_K) for v in (1, 0))
+    for r in range(TILE_K // 2):
+        mask = masks[nb, kb, r]
+        kept = tirx.NE((tirx.Broadcast(mask, TILE_K) >> lanes) & one, zero)
+        stage[j, r, tirx.Ramp(0, 1, TILE_K)] = tirx.call_llvm_pure_intrin(
+            f"uint16x{TILE_K}", "llvm.masked.expandload", tirx.address_of(vals[start[0]]),
+            kept, tirx.Broadcast(tirx.IntImm("uint16", 0), TILE_K))
+        start[0] = start[0] + tirx.Cast("int32", tirx.call_llvm_pure_intrin(
+            "uint32", "llvm.ctpop", mask))
+
+
 def build(m: int, k: int, n: int, dtype: str = "float32", bias: bool = False,
           act: Activation | None = None, residual: bool = False, mt: int | None = None,
-          nt: int | None = None, emulate: bool | None = None) -> "tirx.PrimFunc":
+          nt: int | None = None, emulate: bool | None = None, nnz: int | None = None
+          ) -> "tirx.PrimFunc":
     """The PrimFunc ``(X[M,K], Wp [, B[N]] [, R[M,N]], Y[M,N])``, ``Wp`` from
-    :func:`pack_weight` of the same :func:`plan` (``mt``, ``nt``). ``emulate`` (default: the
+    :func:`pack_weight` of the same :func:`plan` (``mt``, ``nt``). With ``nnz`` it is
+    ``sparse_amx_bf16``, whose W is the three arrays of :func:`pack_sparse` (values of
+    ``nnz`` kept weights, masks, offsets) in Wp's place. ``emulate`` (default: the
     :func:`emulated` context) swaps the AMX instructions for their TIR twins."""
     from tvm import s_tir, te, tirx
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
 
+    name = NAME if nnz is None else SPARSE_NAME
     if dtype != "float32":
-        raise ValueError(f"{NAME} takes float32 tensors, not {dtype}")
+        raise ValueError(f"{name} takes float32 tensors, not {dtype}")
     p = plan(m, k, n, mt, nt)
     emulate = emulating() if emulate is None else emulate
     x = te.placeholder((m, k), dtype, name="X")
-    w = te.placeholder((p.np_ // TILE_N, p.kp // TILE_K, TILE_K // 2, TILE_K), "uint16",
-                       name="Wp")
+    grid = (p.np_ // TILE_N, p.kp // TILE_K)
+    if nnz is None:
+        ws = [te.placeholder(grid + (TILE_K // 2, TILE_K), "uint16", name="Wp")]
+    else:
+        ws = [te.placeholder((nnz + TILE_K,), "uint16", name="Wv"),
+              te.placeholder(grid + (TILE_K // 2,), "uint32", name="Wm"),
+              te.placeholder(grid, "int32", name="Wo")]
     b = te.placeholder((n,), dtype, name="B") if bias else None
     res = te.placeholder((m, n), dtype, name="R") if residual else None
 
@@ -353,25 +444,33 @@ def build(m: int, k: int, n: int, dtype: str = "float32", bias: bool = False,
     xb = te.compute((p.mp, p.kp), to_bf16, name="Xb")
 
     def tile_program(ins, outs):
-        xb_buf, w_buf = ins
+        xb_buf, *w_bufs = ins
         (acc_buf,) = outs
         tiles = (_EmulatedTiles if emulate else _HardwareTiles)(p)
         c_tiles, a0 = p.mt * p.nt, p.mt * p.nt
         b0 = a0 + p.mt
         tm, tn = p.tasks
         with IRBuilder() as ib:
-            xs, ws, acc = (T.buffer_proxy(t) for t in (xb_buf, w_buf, acc_buf))
+            xs, acc = T.buffer_proxy(xb_buf), T.buffer_proxy(acc_buf)
+            wb = [T.buffer_proxy(t) for t in w_bufs]
             with T.parallel(0, tm * tn) as task:
                 r0 = (task // tn) * (p.mt * p.rows)
                 nb0 = (task % tn) * p.nt
                 tiles.begin()
+                if nnz is not None:      # the expanded B tiles of this task's K step
+                    stage = T.buffer_proxy(T.alloc_buffer([p.nt, TILE_K // 2, TILE_K],
+                                                          "uint16", scope="local"))
                 for t in range(c_tiles):
                     tiles.zero(t)
                 with T.serial(0, p.kp // TILE_K) as kb:
                     for i in range(p.mt):
                         tiles.load(a0 + i, xs, (r0 + i * p.rows, kb * TILE_K), p.kp * 2)
                     for j in range(p.nt):
-                        tiles.load(b0 + j, ws, (nb0 + j, kb, 0, 0), TILE_K * 2)
+                        if nnz is None:
+                            tiles.load(b0 + j, wb[0], (nb0 + j, kb, 0, 0), TILE_K * 2)
+                        else:
+                            _expand_tile(stage, j, *wb, nb0 + j, kb)
+                            tiles.load(b0 + j, stage, (j, 0, 0), TILE_K * 2)
                     for i in range(p.mt):
                         for j in range(p.nt):
                             tiles.dot(i * p.nt + j, a0 + i, b0 + j)
@@ -382,8 +481,8 @@ def build(m: int, k: int, n: int, dtype: str = "float32", bias: bool = False,
                 tiles.end()
         return ib.get()
 
-    acc = te.extern((p.mp, p.np_), [xb, w], tile_program, name="acc", dtype="float32")
-    func = epilogue_func([x, w], lambda i, j: acc[i, j], (m, n), dtype, b, res, act)
+    acc = te.extern((p.mp, p.np_), [xb, *ws], tile_program, name="acc", dtype="float32")
+    func = epilogue_func([x, *ws], lambda i, j: acc[i, j], (m, n), dtype, b, res, act)
     sch = s_tir.Schedule(func)
     i, kk = sch.get_loops(sch.get_sblock("Xb"))
     _, kv = sch.split(kk, [None, TILE_K])
@@ -394,4 +493,4 @@ def build(m: int, k: int, n: int, dtype: str = "float32", bias: bool = False,
         _, jv = sch.split(oj, [None, TILE_N])
         sch.vectorize(jv)
     sch.parallel(oi)
-    return finish(sch, NAME)
+    return finish(sch, name)

@@ -204,10 +204,14 @@ def _match_dense(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | 
             if strategy == bsr.NAME:
                 idx, data = bsr.pack_weight(w)
                 weights = [relax.const(idx), relax.const(data)]
-            elif strategy == amx.NAME:
+            elif strategy in (amx.NAME, amx.SPARSE_NAME):
                 knobs = tuning.knobs_for(strategy, shapes[strategy]) or {}
                 tiles = amx.plan(m, k, n, knobs.get("mt"), knobs.get("nt"))
-                weights = [relax.const(amx.pack_weight(w, tiles))]
+                if strategy == amx.NAME:
+                    weights = [relax.const(amx.pack_weight(w, tiles))]
+                else:
+                    sw = amx.pack_sparse(w, tiles)
+                    weights = [relax.const(a) for a in (sw.values, sw.masks, sw.offsets)]
             else:
                 weights = [relax.const(dense.pack_weight(w, dense.lanes_for(m)))]
             func = tuning.build_tuned(strategy, shapes[strategy], **flags)
@@ -230,8 +234,22 @@ def _match_dense(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | 
         shapes[amx.NAME] = dict(shapes[dense.NAME])
         amx_info = {**info, "precision": "bf16", "tiles": f"{tiles.mt}x{tiles.nt}",
                     **({"emulated": True} if amx.emulating() else {})}
+        amx_macs = tiles.mp * tiles.kp * tiles.np_
         plans.append((Plan(amx.NAME, emitter(amx.NAME), info=amx_info,
-                           shape=shapes[amx.NAME]), {"macs": tiles.mp * tiles.kp * tiles.np_}))
+                           shape=shapes[amx.NAME]), {"macs": amx_macs}))
+        if tiles.mt == 1 and tiles.rows == m:   # one row tile: bound by reading W
+            sw = amx.pack_sparse(w, tiles)
+            dense_bytes = amx.dense_bytes(tiles)
+            if sw.nbytes * 4 <= dense_bytes * 3:   # the bytes rule, as nm_sparse_cuda's
+                shapes[amx.SPARSE_NAME] = {**shapes[dense.NAME], "nnz": sw.nnz}
+                sparse_info = {**amx_info, "format": "bitmap (SparAMX)",
+                               "weight_bytes": {"dense_bf16": dense_bytes,
+                                                "compressed": sw.nbytes},
+                               "bytes_per_weight": round(sw.nbytes / (k * n), 3)}
+                # memory-bound: the work the rule compares is in proportion to bytes read
+                plans.append((Plan(amx.SPARSE_NAME, emitter(amx.SPARSE_NAME),
+                                   info=sparse_info, shape=shapes[amx.SPARSE_NAME]),
+                              {"macs": amx_macs * sw.nbytes // dense_bytes}))
     return plans
 
 
