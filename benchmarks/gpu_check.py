@@ -9,7 +9,8 @@ There:  bash DIR/run.sh   (prints, and writes $OUT/gpu_check.txt when OUT is set
 DIR holds ``rt/`` (``sparsec runtime --target T``: libtvm_runtime, libtvm_ffi,
 libtvm_runtime_cuda, headers, the C API source), ``pkgs/NAME/`` (each package without its
 model.onnx, which the check does not read: the digits CNN and MLP, and a 768 -> 3072 linear
-layer dense / 2:4 / 80 % at batch 1 and 2:4 at batch 8), ``check.c`` and ``run.sh``. Per
+layer dense / 2:4 / 80 % at batch 1, 2:4 at batch 8, and dense / 2:4 at 128 rows, where the
+2:4 layer runs on sparse tensor cores, ``mma_sp_cuda``), ``check.c`` and ``run.sh``. Per
 package the program runs the reference pair (ONNX Runtime's outputs, computed here) on the GPU
 and times ``sparsec_run`` (host buffers in and out, so the copies are counted).
 """
@@ -113,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     build_runtime(args.target, out / "rt")
     models = {"digits_cnn": REPO / "examples" / "digits_cnn.onnx",
               "digits_mlp": REPO / "examples" / "digits_mlp.onnx"}
-    for m, keep in ((1, "dense"), (1, "2:4"), (1, "80%"), (8, "2:4")):
+    for m, keep in ((1, "dense"), (1, "2:4"), (1, "80%"), (8, "2:4"), (128, "dense"),
+                    (128, "2:4")):
         name = f"linear_m{m}_{keep.replace(':', 'of').replace('%', 'pct')}"
         path = out / f"{name}.onnx"
         onnx.save(linear_layer(m, 768, 3072, keep), str(path))

@@ -458,25 +458,21 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
         try:
             runner = _load_runner(spec, tmp, name, inputs, outputs, log, facts.get("cuda"))
         except ToolchainError as e:  # e.g. no qemu: the package is still right, just unchecked
-            if emulation is not None:
-                from sparsec.targets.host import load_library
-
-                log(f"warning: the AMX code is not run here ({e}); its tile programs are "
-                    f"checked on this CPU with the tile ops emulated, the binary on an AMX "
-                    f"machine with sparsec validate")
-                runner = load_library(emulation, [s["name"] for s in inputs])
-                runner.via = "amx-tiles-emulated-on-cpu"
-            elif on_cpu:
+            if emulation is None:
                 log(f"warning: reference pair not checked here ({e}); check it on the device "
                     f"(sparsec_check_reference)")
                 runner = None
-            else:   # no GPU: check the kernels' schedules on this CPU instead
+            else:   # no GPU or no AMX: check the same kernels' numerics on this CPU
                 from sparsec.targets.host import load_library
 
-                log(f"warning: the GPU code is not run here ({e}); its schedules are checked "
-                    f"on this CPU, the binary on the GPU with sparsec validate")
+                what, how, where = (
+                    ("AMX code", "its tile programs are checked on this CPU with the tile ops "
+                     "emulated", "an AMX machine") if on_cpu else
+                    ("GPU code", "its schedules are checked on this CPU", "the GPU"))
+                log(f"warning: the {what} is not run here ({e}); {how}, the binary on "
+                    f"{where} with sparsec validate")
                 runner = load_library(emulation, [s["name"] for s in inputs])
-                runner.via = "cuda-schedules-on-cpu"
+                runner.via = "amx-tiles-emulated-on-cpu" if on_cpu else "cuda-schedules-on-cpu"
         if runner is not None:
             via = runner.via
             check = _compare(outputs, expected, runner.run(feeds), rtol, atol)

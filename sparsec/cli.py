@@ -67,6 +67,11 @@ def _inspect_package(args) -> int:
     for r in p["passes"]:
         print(f"  pass {r['name']}: {'exact' if r['exact'] else 'lossy'}")
     print(f"  kernels  {m['compile']['kernels']}")
+    bf16 = [d["chosen"] for d in m["compile"].get("decisions", []) if d.get("precision") == "bf16"]
+    if bf16:
+        names = ", ".join(sorted(set(bf16)))
+        print(f"  precision bf16 inputs, fp32 sums in {len(bf16)} kernels ({names}); "
+              f"tolerance rtol {ref['rtol']:g}, atol {ref['atol']:g}")
     cuda = m["compile"].get("cuda")
     if cuda:
         res = cuda["kernels"].values()

@@ -334,6 +334,9 @@ def test_compile_sparse_mlp_for_amx(tmp_path):
         wb = d["weight_bytes"]
         assert wb["compressed"] * 4 <= wb["dense_bf16"] * 3 and d["bytes_per_weight"] < 1.0
     assert manifest["reference"]["check"]["ok"]
+    shown = subprocess.run([sys.executable, "-m", "sparsec", "inspect", str(tmp_path / "pkg")],
+                           capture_output=True, text=True, check=True).stdout
+    assert "precision bf16 inputs, fp32 sums in 3 kernels (sparse_amx_bf16)" in shown
 
 
 def test_amx_package_library_has_tile_code(amx_package):

@@ -148,9 +148,15 @@ def serialize_threads(func: "tirx.PrimFunc") -> "tirx.PrimFunc":
     sits between the nests: run serially, all threads of one stage finish before the next
     begins, which is what the barrier guarantees on the GPU. So the function computes what
     the kernel's schedule computes, on the CPU. TVM 0.27 has no Python statement mutator: the
-    rewrite goes through TVMScript text and back, and fails loudly if a binding is left."""
+    rewrite goes through TVMScript text and back, and fails loudly if a binding is left.
+    A kernel with warp-wide instructions (``mma_sp_cuda``) is replaced by its CPU twin, whose
+    lanes share one set of fragments."""
     import tvm
 
+    from sparsec.targets.kernels import mma_sp
+
+    if mma_sp.TWIN_ATTR in func.attrs:   # warp-wide instructions: the kernel's CPU twin
+        return mma_sp.twin(func)
     text = func.script()
     text = _THREAD_LOOP.sub(lambda m: "T.serial(" + m.group(1)[:-2]
                             + (", annotations=" if m.group(2) else ""), text)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from sparsec.targets import kernels, tuning
 from sparsec.targets.kernels import (amx, batch_matmul, bsr, conv2d, dense, depthwise,
-                                     dw_pointwise, pointwise, sparse_cuda)
+                                     dw_pointwise, mma_sp, pointwise, sparse_cuda)
 from sparsec.targets.kernels.common import Activation
 
 if TYPE_CHECKING:
@@ -477,10 +477,13 @@ def _pointwise(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, out: tuple,
 
 def _match_sparse_cuda(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | None:
     """``nm_sparse_cuda`` for a matmul by a constant sparse W with few rows, when the
-    compressed weight is at most 3/4 of the dense bytes (kernels/sparse_cuda.py)."""
+    compressed weight is at most 3/4 of the dense bytes (kernels/sparse_cuda.py); with more
+    rows, ``mma_sp_cuda`` for a 2:4 W on sm_80+ (kernels/mma_sp.py)."""
     lin = _linear(a, call)
-    if lin is None or lin.m > sparse_cuda.MAX_ROWS:
+    if lin is None:
         return None
+    if lin.m > sparse_cuda.MAX_ROWS:
+        return _match_mma_sp(lin)
     w, m, k, n, dtype = lin.w, lin.m, lin.k, lin.n, lin.dtype
     fmt = sparse_cuda.plan(w)
     dense_bytes = w.size * w.itemsize
@@ -505,6 +508,38 @@ def _match_sparse_cuda(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dic
     plan = Plan(sparse_cuda.NAME, emit, info=info,
                 shape={"m": m, "k": k, "n": n, "kept": fmt.kept, "dtype": dtype})
     return [(plan, {"macs": m * fmt.kept * n})]
+
+
+def _match_mma_sp(lin: _Linear) -> list[tuple[Plan, dict]] | None:
+    """``mma_sp_cuda`` for ``lin`` when W is 2:4 along K and the GPU has sparse tensor
+    cores (sm_80+)."""
+    import re
+
+    import tvm
+
+    target = tvm.target.Target.current(allow_none=True)
+    arch = re.fullmatch(r"sm_(\d+)[af]?", str(target.attrs.get("arch", ""))) if target else None
+    if arch is None or int(arch.group(1)) < mma_sp.MIN_ARCH or not mma_sp.is_2_4(lin.w):
+        return None
+    m, k, n, dtype = lin.m, lin.k, lin.n, lin.dtype
+    p = mma_sp.plan(m, k, n)
+
+    def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
+             ) -> "relax.Expr":
+        from tvm import relax
+
+        wa, we = mma_sp.pack_weight(lin.w, p)
+        func = mma_sp.build(m, k, n, dtype, bias=bias is not None, act=act,
+                            residual=residual is not None)
+        return lin.emit(bb, func, mma_sp.NAME, args, [relax.const(wa), relax.const(we)], bias,
+                        residual)
+
+    dense_bytes = k * n * lin.w.itemsize
+    info = {"op": "matmul", "shape": {"M": m, "K": k, "N": n}, "pattern": "2:4",
+            "precision": "bf16",
+            "weight_bytes": {"dense": int(dense_bytes), "sparse": mma_sp.weight_bytes(p)}}
+    plan = Plan(mma_sp.NAME, emit, info=info, shape={"m": m, "k": k, "n": n, "dtype": dtype})
+    return [(plan, {"macs": p.mp * p.kp * p.np_ // 2})]
 
 
 _MATCHERS = {"relax.matmul": _match_dense, "relax.nn.conv2d": _match_conv}
