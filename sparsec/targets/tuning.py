@@ -116,9 +116,10 @@ def _variants(strategy: str, shape: dict) -> list[dict]:
         return _row_tiles(shape)
     if strategy == "conv1x1_nchw":
         return [{"tile": [t.oct, t.pixels]} for t in pointwise.tiles()]
-    if strategy in ("dense_amx_bf16", "sparse_amx_bf16"):  # blocks that fit 8 tile registers
+    if strategy in ("dense_amx_bf16", "sparse_amx_bf16", "conv2d_amx_bf16"):
+        rows = shape["m"] if "m" in shape else shape["oc"]     # blocks that fit 8 registers
         return [{"mt": mt, "nt": nt} for mt, nt in ((2, 2), (2, 1), (1, 3), (1, 2), (1, 1))
-                if mt == 1 or shape["m"] > 16]
+                if mt == 1 or rows > 16]
     if strategy == "depthwise_nchw":
         return [{"max_acc": a} for a in (4, 6, 8, 12)]
     if strategy == "dw_conv1x1_nchw":
@@ -145,6 +146,9 @@ def build(strategy: str, shape: dict, knobs: dict | None = None, **flags) -> "ti
     elif strategy in ("dense_amx_bf16", "sparse_amx_bf16"):
         func = amx.build(shape["m"], shape["k"], shape["n"], shape["dtype"], **flags,
                          mt=k.get("mt"), nt=k.get("nt"), nnz=shape.get("nnz"))
+    elif strategy == "conv2d_amx_bf16":
+        func = amx.build_conv(_conv_shape(shape), shape["dtype"], **flags, mt=k.get("mt"),
+                              nt=k.get("nt"))
     elif strategy == "bsr_dense":
         func = bsr.build(shape["m"], shape["k"], shape["n"], shape["rows"], shape["dtype"],
                          **flags, **({"row_tiles": rows} if rows else {}))
@@ -468,10 +472,11 @@ def _default_knobs(strategy: str, shape: dict) -> dict | None:
         return {"tile": [t.oct, t.pixels]}
     if strategy == "depthwise_nchw":
         return {"max_acc": depthwise.MAX_ACC}
-    if strategy in ("dense_amx_bf16", "sparse_amx_bf16"):
+    if strategy in ("dense_amx_bf16", "sparse_amx_bf16", "conv2d_amx_bf16"):
         from sparsec.targets.kernels import amx
 
-        p = amx.plan(shape["m"], shape["k"], shape["n"])
+        p = (amx.conv_plan(_conv_shape(shape)) if strategy == "conv2d_amx_bf16"
+             else amx.plan(shape["m"], shape["k"], shape["n"]))
         return {"mt": p.mt, "nt": p.nt}
     if strategy == "dw_conv1x1_nchw":
         return {"rows": _fused_kernel_plan(shape)[1].rows}

@@ -49,6 +49,11 @@ STRATEGIES: tuple[StrategyInfo, ...] = (
                  "kept bf16 values), expanded per K step with masked expand loads (vpexpandw). "
                  "Offered when it reads <= 3/4 of the dense bf16 bytes; its estimate scales "
                  "with the bytes read (the regime is memory-bound)"),
+    StrategyInfo("conv2d_amx_bf16", "relax.nn.conv2d", 4.0,
+                 "AMX targets only: an NCHW conv (groups 1, any kernel, stride, padding, "
+                 "dilation) as a GEMM, W [OC, IC*KH*KW] in bf16 as the A tiles, a per-call "
+                 "im2col stage of X in bf16 pairs as the B tiles; dense_amx_bf16's tile program "
+                 "per image; lossy (bf16 inputs, fp32 sums)"),
     StrategyInfo("batch_matmul", "relax.matmul", 0.35,
                  "matmul of two run-time tensors (attention's Q @ K^T, P @ V), same batch dims, "
                  "N a multiple of 8: B read in place along N, dense_packed's rows x 16 tile; "

@@ -28,6 +28,10 @@ instruction's semantics (Intel SDM, TDPBF16PS: per output, for each pair, ``acc 
 ``emulate=True`` runs the same tile program on any CPU: the tests check it against numpy and
 ONNX Runtime here, and ``sparsec compile --target x86-amx`` checks the model with it.
 
+``conv2d_amx_bf16`` is the same tile program per image for an NCHW conv: W [OC, IC*KH*KW] is A
+(row-major bf16, no pair layout needed), and a per-call stage writes X's im2col matrix in bf16
+pairs, ``Xp[n, KP/2, PP, 2]``, whose rows B tiles read in place (``build_conv``).
+
 ``sparse_amx_bf16`` is the same tile program with W compressed as in SparAMX: per B tile, one
 32-bit mask per tile row (which of its 32 bf16 values are nonzero) and the nonzero values in
 order. Each task expands the tiles it needs into a 1 KB buffer with AVX-512's masked expand
@@ -52,6 +56,8 @@ from sparsec.targets.kernels.common import Activation, epilogue_func, finish
 if TYPE_CHECKING:
     import numpy as np
     from tvm import tirx
+
+    from sparsec.targets.kernels.conv2d import ConvShape
 
 NAME = "dense_amx_bf16"
 SPARSE_NAME = "sparse_amx_bf16"
@@ -112,6 +118,14 @@ def bf16_round(a: "np.ndarray") -> "np.ndarray":
     import numpy as np
 
     return (bf16_bits(a).astype(np.uint32) << 16).view(np.float32)
+
+
+def bf16_bits_expr(value: "tirx.PrimExpr") -> "tirx.PrimExpr":
+    """:func:`bf16_bits` of one fp32 TIR value, as uint32 (the top 16 bits are zero)."""
+    from tvm import tirx
+
+    u = tirx.reinterpret("uint32", value)
+    return (u + tirx.IntImm("uint32", 0x7FFF) + ((u >> 16) & tirx.IntImm("uint32", 1))) >> 16
 
 
 @dataclass(frozen=True)
@@ -405,6 +419,37 @@ def _expand_tile(stage, j: int, vals, masks, offs, nb, kb) -> None:
             "uint32", "llvm.ctpop", mask))
 
 
+def _gemm_tasks(p: Plan, tiles, images: int, load_a, load_b, store_c) -> None:
+    """The tile program (module docstring) in the IRBuilder scope: one parallel task per
+    (image, block of mt x nt C tiles); ``load_a(tile, image, row0, kb)``, ``load_b(tile, j,
+    image, column block, kb)`` and ``store_c(tile, image, row0, col0)`` issue the tile ops
+    for where the operands live."""
+    from tvm.script.ir_builder import tirx as T
+
+    c_tiles = p.mt * p.nt
+    a0, b0 = c_tiles, c_tiles + p.mt
+    tm, tn = p.tasks
+    with T.parallel(0, images * tm * tn) as task:
+        img, blk = task // (tm * tn), task % (tm * tn)
+        r0 = (blk // tn) * (p.mt * p.rows)
+        nb0 = (blk % tn) * p.nt
+        tiles.begin()
+        for t in range(c_tiles):
+            tiles.zero(t)
+        with T.serial(0, p.kp // TILE_K) as kb:
+            for i in range(p.mt):
+                load_a(a0 + i, img, r0 + i * p.rows, kb)
+            for j in range(p.nt):
+                load_b(b0 + j, j, img, nb0 + j, kb)
+            for i in range(p.mt):
+                for j in range(p.nt):
+                    tiles.dot(i * p.nt + j, a0 + i, b0 + j)
+        for i in range(p.mt):
+            for j in range(p.nt):
+                store_c(i * p.nt + j, img, r0 + i * p.rows, (nb0 + j) * TILE_N)
+        tiles.end()
+
+
 def build(m: int, k: int, n: int, dtype: str = "float32", bias: bool = False,
           act: Activation | None = None, residual: bool = False, mt: int | None = None,
           nt: int | None = None, emulate: bool | None = None, nnz: int | None = None
@@ -436,49 +481,37 @@ def build(m: int, k: int, n: int, dtype: str = "float32", bias: bool = False,
 
     def to_bf16(i, kk):
         # the load index is clamped, so the vectorized stage never reads past X
-        u = tirx.reinterpret("uint32", x[tirx.min(i, m - 1), tirx.min(kk, k - 1)])
-        r = (u + tirx.IntImm("uint32", 0x7FFF) + ((u >> 16) & tirx.IntImm("uint32", 1))) >> 16
+        r = bf16_bits_expr(x[tirx.min(i, m - 1), tirx.min(kk, k - 1)])
         return tirx.if_then_else(tirx.all(i < m, kk < k), tirx.Cast("uint16", r),
                                  tirx.IntImm("uint16", 0))
 
     xb = te.compute((p.mp, p.kp), to_bf16, name="Xb")
 
     def tile_program(ins, outs):
-        xb_buf, *w_bufs = ins
-        (acc_buf,) = outs
-        tiles = (_EmulatedTiles if emulate else _HardwareTiles)(p)
-        c_tiles, a0 = p.mt * p.nt, p.mt * p.nt
-        b0 = a0 + p.mt
-        tm, tn = p.tasks
         with IRBuilder() as ib:
-            xs, acc = T.buffer_proxy(xb_buf), T.buffer_proxy(acc_buf)
-            wb = [T.buffer_proxy(t) for t in w_bufs]
-            with T.parallel(0, tm * tn) as task:
-                r0 = (task // tn) * (p.mt * p.rows)
-                nb0 = (task % tn) * p.nt
-                tiles.begin()
-                if nnz is not None:      # the expanded B tiles of this task's K step
+            xs, acc = T.buffer_proxy(ins[0]), T.buffer_proxy(outs[0])
+            wb = [T.buffer_proxy(t) for t in ins[1:]]
+            tiles = (_EmulatedTiles if emulate else _HardwareTiles)(p)
+            stage = None
+
+            def load_a(t, _img, row0, kb):
+                tiles.load(t, xs, (row0, kb * TILE_K), p.kp * 2)
+
+            def load_b(t, j, _img, nb, kb):
+                nonlocal stage
+                if nnz is None:
+                    tiles.load(t, wb[0], (nb, kb, 0, 0), TILE_K * 2)
+                    return
+                if stage is None:      # the expanded B tiles of this task's K step
                     stage = T.buffer_proxy(T.alloc_buffer([p.nt, TILE_K // 2, TILE_K],
                                                           "uint16", scope="local"))
-                for t in range(c_tiles):
-                    tiles.zero(t)
-                with T.serial(0, p.kp // TILE_K) as kb:
-                    for i in range(p.mt):
-                        tiles.load(a0 + i, xs, (r0 + i * p.rows, kb * TILE_K), p.kp * 2)
-                    for j in range(p.nt):
-                        if nnz is None:
-                            tiles.load(b0 + j, wb[0], (nb0 + j, kb, 0, 0), TILE_K * 2)
-                        else:
-                            _expand_tile(stage, j, *wb, nb0 + j, kb)
-                            tiles.load(b0 + j, stage, (j, 0, 0), TILE_K * 2)
-                    for i in range(p.mt):
-                        for j in range(p.nt):
-                            tiles.dot(i * p.nt + j, a0 + i, b0 + j)
-                for i in range(p.mt):
-                    for j in range(p.nt):
-                        tiles.store(i * p.nt + j, acc, (r0 + i * p.rows, (nb0 + j) * TILE_N),
-                                    p.np_ * 4)
-                tiles.end()
+                _expand_tile(stage, j, *wb, nb, kb)
+                tiles.load(t, stage, (j, 0, 0), TILE_K * 2)
+
+            def store_c(t, _img, row0, col0):
+                tiles.store(t, acc, (row0, col0), p.np_ * 4)
+
+            _gemm_tasks(p, tiles, 1, load_a, load_b, store_c)
         return ib.get()
 
     acc = te.extern((p.mp, p.np_), [xb, *ws], tile_program, name="acc", dtype="float32")
@@ -494,3 +527,96 @@ def build(m: int, k: int, n: int, dtype: str = "float32", bias: bool = False,
         sch.vectorize(jv)
     sch.parallel(oi)
     return finish(sch, name)
+
+
+# --------------------------------------------------------------------------- convolutions
+
+CONV_NAME = "conv2d_amx_bf16"
+
+
+def conv_plan(s: "ConvShape", mt: int | None = None, nt: int | None = None) -> Plan:
+    """A conv as the GEMM W[OC, IC*KH*KW] @ im2col(X)[IC*KH*KW, OH*OW] per image."""
+    oh, ow = s.out_hw
+    return plan(s.oc, s.ic * s.kh * s.kw, oh * ow, mt, nt)
+
+
+def pack_conv_weight(w_oihw: "np.ndarray", p: Plan) -> "np.ndarray":
+    """OIHW fp32 -> bf16 bits [MP, KP], row-major (the A tiles: no pair layout for A)."""
+    import numpy as np
+
+    oc = w_oihw.shape[0]
+    out = np.zeros((p.mp, p.kp), np.uint16)
+    out[:oc, :p.k] = bf16_bits(w_oihw.reshape(oc, -1))
+    return out
+
+
+def build_conv(s: "ConvShape", dtype: str = "float32", bias: bool = False,
+               act: Activation | None = None, residual: bool = False, mt: int | None = None,
+               nt: int | None = None, emulate: bool | None = None) -> "tirx.PrimFunc":
+    """``conv2d_amx_bf16``: an NCHW conv (groups 1) ``(X, Wb [, B[OC]] [, R], Y)`` on AMX
+    tiles, ``Wb`` from :func:`pack_conv_weight`. The per-call stage writes X's im2col matrix
+    in bf16 pairs, ``Xp[n, KP/2, PP, 2]`` (padding, stride and dilation resolved there), so
+    each B tile is 16 rows of it read in place (stride PP*4 bytes); the weights are the A
+    tiles; C tiles land in ``acc[n, MP, PP]``, NCHW."""
+    from tvm import s_tir, te, tirx
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+
+    if dtype != "float32":
+        raise ValueError(f"{CONV_NAME} takes float32 tensors, not {dtype}")
+    p = conv_plan(s, mt, nt)
+    emulate = emulating() if emulate is None else emulate
+    oh, ow = s.out_hw
+    (sh, sw), (dh, dw), (pt, pl, _, _) = s.stride, s.dilation, s.padding
+    taps = s.kh * s.kw
+    x = te.placeholder((s.n, s.ic, s.h, s.w), dtype, name="X")
+    wb = te.placeholder((p.mp, p.kp), "uint16", name="Wb")
+    b = te.placeholder((s.oc,), dtype, name="B") if bias else None
+    res = te.placeholder((s.n, s.oc, oh, ow), dtype, name="R") if residual else None
+
+    def to_pairs(img, kk2, pix, j):
+        kk = kk2 * 2 + j
+        ci, tap = kk // taps, kk % taps
+        iy = (pix // ow) * sh - pt + (tap // s.kw) * dh
+        ix = (pix % ow) * sw - pl + (tap % s.kw) * dw
+        inside = tirx.all(kk < p.k, pix < p.n, iy >= 0, iy < s.h, ix >= 0, ix < s.w)
+
+        def clamp(v, hi):
+            return tirx.max(tirx.min(v, hi - 1), 0)
+
+        r = bf16_bits_expr(x[img, clamp(ci, s.ic), clamp(iy, s.h), clamp(ix, s.w)])
+        return tirx.if_then_else(inside, tirx.Cast("uint16", r), tirx.IntImm("uint16", 0))
+
+    xp = te.compute((s.n, p.kp // 2, p.np_, 2), to_pairs, name="Xp")
+
+    def tile_program(ins, outs):
+        with IRBuilder() as ib:
+            ws, xs = T.buffer_proxy(ins[0]), T.buffer_proxy(ins[1])
+            acc = T.buffer_proxy(outs[0])
+            tiles = (_EmulatedTiles if emulate else _HardwareTiles)(p)
+
+            def load_a(t, _img, row0, kb):
+                tiles.load(t, ws, (row0, kb * TILE_K), p.kp * 2)
+
+            def load_b(t, _j, img, nb, kb):
+                tiles.load(t, xs, (img, kb * (TILE_K // 2), nb * TILE_N, 0), p.np_ * 4)
+
+            def store_c(t, img, row0, col0):
+                tiles.store(t, acc, (img, row0, col0), p.np_ * 4)
+
+            _gemm_tasks(p, tiles, s.n, load_a, load_b, store_c)
+        return ib.get()
+
+    acc = te.extern((s.n, p.mp, p.np_), [wb, xp], tile_program, name="acc", dtype="float32")
+    func = epilogue_func([x, wb], lambda i, c, y, z: acc[i, c, y * ow + z], (s.n, s.oc, oh, ow),
+                         dtype, b, res, act)
+    sch = s_tir.Schedule(func)
+    img, kk2, pix, j = sch.get_loops(sch.get_sblock("Xp"))
+    sch.unroll(j)
+    sch.parallel(sch.fuse(img, kk2))
+    on, oc, oy, ox = sch.get_loops(sch.get_sblock("Y"))
+    sch.parallel(sch.fuse(on, oc))
+    if ow % TILE_N == 0:
+        _, xv = sch.split(ox, [None, TILE_N])
+        sch.vectorize(xv)
+    return finish(sch, CONV_NAME)

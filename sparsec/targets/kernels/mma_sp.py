@@ -88,17 +88,13 @@ def plan(m: int, k: int, n: int) -> Plan:
     return Plan(m, k, n, min(MAX_N_TILES, -(-m // TILE_N)))
 
 
-def _bf16_bits(a: "np.ndarray") -> "np.ndarray":
-    from sparsec.targets.kernels.amx import bf16_bits
-
-    return bf16_bits(a)
-
-
 def pack_weight(w_kn: "np.ndarray", p: Plan) -> tuple["np.ndarray", "np.ndarray"]:
     """[K, N] 2:4 fp32 -> (Wa [OB, KS, 32, 4], We [OB, KS, 32]) (module docstring). Each run
     of 4 keeps its nonzeros and, where it has fewer than 2, its first zero positions: two
     increasing positions per run, as the instruction expects."""
     import numpy as np
+
+    from sparsec.targets.kernels.amx import bf16_bits
 
     if not is_2_4(w_kn):
         raise ValueError("W is not 2:4 sparse along K")
@@ -115,7 +111,7 @@ def pack_weight(w_kn: "np.ndarray", p: Plan) -> tuple["np.ndarray", "np.ndarray"
     where = pos.reshape(ob, TILE_M, ks, TILE_K // 2).transpose(0, 2, 1, 3).astype(np.uint32)
     lane, i = np.arange(LANES)[:, None], np.arange(8)[None, :]
     rows, cols = (i % 4) // 2 * 8 + lane // 4, i // 4 * 8 + lane % 4 * 2 + i % 2
-    bits = _bf16_bits(vals[:, :, rows, cols]).astype(np.uint32)   # [OB, KS, 32, 8]
+    bits = bf16_bits(vals[:, :, rows, cols]).astype(np.uint32)    # [OB, KS, 32, 8]
     words = bits[..., 0::2] | (bits[..., 1::2] << 16)
     # metadata word q*2 + h: rows q (bits 0-15) and q+8 (16-31), values 8h .. 8h+7
     q, h, j = np.arange(8)[:, None, None], np.arange(2)[None, :, None], np.arange(8)
@@ -141,10 +137,10 @@ def _x_word(x, m: int, k: int, tok, col):
     nearest even; zero past M or K)."""
     from tvm import tirx
 
+    from sparsec.targets.kernels.amx import bf16_bits_expr
+
     def bits(c):
-        v = x[tirx.min(tok, m - 1), tirx.min(c, k - 1)]
-        u = tirx.reinterpret("uint32", v)
-        r = (u + tirx.IntImm("uint32", 0x7FFF) + ((u >> 16) & tirx.IntImm("uint32", 1))) >> 16
+        r = bf16_bits_expr(x[tirx.min(tok, m - 1), tirx.min(c, k - 1)])
         return tirx.if_then_else(tirx.all(tok < m, c < k), r, tirx.IntImm("uint32", 0))
 
     return bits(col) | (bits(col + 1) << 16)

@@ -372,6 +372,8 @@ def _match_conv(a: _Analysis, call: "relax.Call") -> tuple[Plan, dict] | None:
     macs = out[0] * out[1] * out[2] * out[3] * shape.ic * shape.kh * shape.kw
     info = _conv_info(shape, xs, w, out, "width_vectorized" if wplan else "oc_blocked")
     plans = [(Plan(conv2d.NAME, emit, info=info, shape=kshape), {"macs": macs})]
+    if amx.available():
+        plans.append(_amx_conv(shape, w, dtype, xs, out))
     if ((shape.kh, shape.kw, shape.stride, shape.dilation) == (1, 1, (1, 1), (1, 1))
             and not any(shape.padding)):
         for sparse in (False, True):
@@ -382,6 +384,33 @@ def _match_conv(a: _Analysis, call: "relax.Call") -> tuple[Plan, dict] | None:
                              **plan.info}
                 plans.append((plan, {"macs": work}))
     return plans
+
+
+def _amx_conv(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, xs: tuple, out: tuple
+              ) -> tuple[Plan, dict]:
+    """The ``conv2d_amx_bf16`` plan: the conv as an im2col GEMM on AMX tiles (bf16)."""
+    kshape = {**dataclasses.asdict(shape), "dtype": dtype}
+
+    def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
+             ) -> "relax.Expr":
+        from tvm import relax
+
+        knobs = tuning.knobs_for(amx.CONV_NAME, kshape) or {}
+        p = amx.conv_plan(shape, knobs.get("mt"), knobs.get("nt"))
+        func = tuning.build_tuned(amx.CONV_NAME, kshape, bias=bias is not None, act=act,
+                                  residual=residual is not None)
+        gv = bb.add_func(func, amx.CONV_NAME)
+        call_args = [args[0], relax.const(amx.pack_conv_weight(w, p))] + (
+            [relax.const(bias)] if bias is not None else []) + (
+            [residual] if residual is not None else [])
+        return relax.call_tir(gv, call_args, relax.TensorType(out, dtype))
+
+    p = amx.conv_plan(shape)
+    info = _conv_info(shape, xs, w, out, "im2col")
+    info.update({"precision": "bf16", "tiles": f"{p.mt}x{p.nt}",
+                 **({"emulated": True} if amx.emulating() else {})})
+    return (Plan(amx.CONV_NAME, emit, info=info, shape=kshape),
+            {"macs": shape.n * p.mp * p.kp * p.np_})
 
 
 def _conv_info(shape: conv2d.ConvShape, xs: tuple, w: "np.ndarray", out: tuple, variant: str
