@@ -30,7 +30,8 @@ ONNX Runtime here, and ``sparsec compile --target x86-amx`` checks the model wit
 
 ``conv2d_amx_bf16`` is the same tile program per image for an NCHW conv: W [OC, IC*KH*KW] is A
 (row-major bf16, no pair layout needed), and a per-call stage writes X's im2col matrix in bf16
-pairs, ``Xp[n, KP/2, PP, 2]``, whose rows B tiles read in place (``build_conv``).
+pairs, one uint32 per (pair of K rows, pixel), whose rows B tiles read in place
+(``build_conv``).
 
 ``sparse_amx_bf16`` is the same tile program with W compressed as in SparAMX: per B tile, one
 32-bit mask per tile row (which of its 32 bf16 values are nonzero) and the nonzero values in
@@ -319,8 +320,8 @@ class _EmulatedTiles:
         apart: as ``tileloadd``, addressed in bytes from the first element."""
         from tvm.script.ir_builder import tirx as T
 
-        flat = T.buffer_proxy(_flat_view(buf))
-        start = _flat_offset(buf, index)
+        flat = T.buffer_proxy(_flat_view(buf, "uint16"))
+        start = _flat_offset(buf, index, "uint16")
         with T.grid(self.rows[t], TILE_K) as (r, c):
             self.bits[t, r, c] = flat[start + r * (stride_bytes // 2) + c]
 
@@ -335,8 +336,8 @@ class _EmulatedTiles:
     def store(self, t: int, buf, index, stride_bytes: int) -> None:
         from tvm.script.ir_builder import tirx as T
 
-        flat = T.buffer_proxy(_flat_view(buf))
-        start = _flat_offset(buf, index)
+        flat = T.buffer_proxy(_flat_view(buf, "float32"))
+        start = _flat_offset(buf, index, "float32")
         with T.grid(self.rows[t], TILE_N) as (r, c):
             flat[start + r * (stride_bytes // 4) + c] = self.acc[t, r, c]
 
@@ -375,23 +376,32 @@ def _address(buf, *index):
     return tirx.address_of(buf[tuple(index)] if len(index) > 1 else buf[index[0]])
 
 
-def _flat_view(buf):
-    """A 1-D view of a buffer proxy's underlying buffer."""
+def _flat_view(buf, dtype: str):
+    """A 1-D view of a buffer proxy's underlying memory as ``dtype`` elements (the tile ops
+    address bytes: a uint32 buffer is read as pairs of uint16)."""
     from tvm.script.ir_builder import tirx as T
 
     b = buf.buffer if hasattr(buf, "buffer") else buf
     size = 1
     for d in b.shape:
         size *= int(d)
-    return T.decl_buffer([size], b.dtype, data=b.data)
+    scale = _elem_bits(b.dtype) // _elem_bits(dtype)
+    return T.decl_buffer([size * scale], dtype, data=b.data)
 
 
-def _flat_offset(buf, index):
+def _flat_offset(buf, index, dtype: str):
+    """The element ``index`` of a buffer proxy as an offset in ``dtype`` elements."""
     b = buf.buffer if hasattr(buf, "buffer") else buf
     offset = 0
     for i, d in zip(index, b.shape):
         offset = offset * int(d) + i
-    return offset
+    return offset * (_elem_bits(b.dtype) // _elem_bits(dtype))
+
+
+def _elem_bits(dtype) -> int:
+    import re
+
+    return int(re.search(r"\d+", str(dtype)).group())
 
 
 # --------------------------------------------------------------------------- kernel
@@ -557,7 +567,9 @@ def build_conv(s: "ConvShape", dtype: str = "float32", bias: bool = False,
     tiles, ``Wb`` from :func:`pack_conv_weight`. The per-call stage writes X's im2col matrix
     in bf16 pairs, ``Xp[n, KP/2, PP, 2]`` (padding, stride and dilation resolved there), so
     each B tile is 16 rows of it read in place (stride PP*4 bytes); the weights are the A
-    tiles; C tiles land in ``acc[n, MP, PP]``, NCHW."""
+    tiles; C tiles land in ``acc[n, MP, PP]``, NCHW. The stage is two vectorized passes: X
+    zero padded, then ``Xp[n, KP/2, rows, OW]`` of uint32 pair words (a B tile's 16 rows are 16
+    pair rows of it, ``rows * OW * 4`` bytes apart)."""
     from tvm import s_tir, te, tirx
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
@@ -574,20 +586,32 @@ def build_conv(s: "ConvShape", dtype: str = "float32", bias: bool = False,
     b = te.placeholder((s.oc,), dtype, name="B") if bias else None
     res = te.placeholder((s.n, s.oc, oh, ow), dtype, name="R") if residual else None
 
-    def to_pairs(img, kk2, pix, j):
-        kk = kk2 * 2 + j
-        ci, tap = kk // taps, kk % taps
-        iy = (pix // ow) * sh - pt + (tap // s.kw) * dh
-        ix = (pix % ow) * sw - pl + (tap % s.kw) * dw
-        inside = tirx.all(kk < p.k, pix < p.n, iy >= 0, iy < s.h, ix >= 0, ix < s.w)
+    # zero padding first, so that the im2col stage reads X rows in place (vector loads)
+    hp, wp = s.h + pt + s.padding[2], s.w + pl + s.padding[3]
+    if (hp, wp) != (s.h, s.w):
+        def padded(img, c, y, z):
+            inside = tirx.all(y >= pt, y < pt + s.h, z >= pl, z < pl + s.w)
+            v = x[img, c, tirx.max(tirx.min(y - pt, s.h - 1), 0),
+                  tirx.max(tirx.min(z - pl, s.w - 1), 0)]
+            return tirx.if_then_else(inside, v, tirx.const(0.0, dtype))
 
-        def clamp(v, hi):
-            return tirx.max(tirx.min(v, hi - 1), 0)
+        xpad = te.compute((s.n, s.ic, hp, wp), padded, name="Xpad")
+    else:
+        xpad = x
+    # im2col in AMX's pair layout: one uint32 per (pair of K rows, pixel); pixels as
+    # (output row, column), rows past OH zero, so that the stage vectorizes along columns
+    rows_p = -(-p.np_ // ow)
 
-        r = bf16_bits_expr(x[img, clamp(ci, s.ic), clamp(iy, s.h), clamp(ix, s.w)])
-        return tirx.if_then_else(inside, tirx.Cast("uint16", r), tirx.IntImm("uint16", 0))
+    def pair_word(img, kk2, oy, ox):
+        def bits(kk):
+            ci, tap = tirx.min(kk // taps, s.ic - 1), kk % taps
+            iy = tirx.min(oy, oh - 1) * sh + (tap // s.kw) * dh
+            v = bf16_bits_expr(xpad[img, ci, iy, ox * sw + (tap % s.kw) * dw])
+            return tirx.if_then_else(tirx.all(kk < p.k, oy < oh), v, tirx.IntImm("uint32", 0))
 
-    xp = te.compute((s.n, p.kp // 2, p.np_, 2), to_pairs, name="Xp")
+        return bits(kk2 * 2) | (bits(kk2 * 2 + 1) << 16)
+
+    xp = te.compute((s.n, p.kp // 2, rows_p, ow), pair_word, name="Xp")
 
     def tile_program(ins, outs):
         with IRBuilder() as ib:
@@ -599,7 +623,9 @@ def build_conv(s: "ConvShape", dtype: str = "float32", bias: bool = False,
                 tiles.load(t, ws, (row0, kb * TILE_K), p.kp * 2)
 
             def load_b(t, _j, img, nb, kb):
-                tiles.load(t, xs, (img, kb * (TILE_K // 2), nb * TILE_N, 0), p.np_ * 4)
+                pix = nb * TILE_N
+                tiles.load(t, xs, (img, kb * (TILE_K // 2), pix // ow, pix % ow),
+                           rows_p * ow * 4)
 
             def store_c(t, img, row0, col0):
                 tiles.store(t, acc, (img, row0, col0), p.np_ * 4)
@@ -611,9 +637,13 @@ def build_conv(s: "ConvShape", dtype: str = "float32", bias: bool = False,
     func = epilogue_func([x, wb], lambda i, c, y, z: acc[i, c, y * ow + z], (s.n, s.oc, oh, ow),
                          dtype, b, res, act)
     sch = s_tir.Schedule(func)
-    img, kk2, pix, j = sch.get_loops(sch.get_sblock("Xp"))
-    sch.unroll(j)
+    if xpad is not x:
+        pn, pc, py, pz = sch.get_loops(sch.get_sblock("Xpad"))
+        sch.parallel(sch.fuse(pn, pc))
+        sch.vectorize(pz)
+    img, kk2, oy, ox = sch.get_loops(sch.get_sblock("Xp"))
     sch.parallel(sch.fuse(img, kk2))
+    sch.vectorize(ox)
     on, oc, oy, ox = sch.get_loops(sch.get_sblock("Y"))
     sch.parallel(sch.fuse(on, oc))
     if ow % TILE_N == 0:
