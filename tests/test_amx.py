@@ -197,6 +197,22 @@ def test_sparse_format_round_trip():
     assert sw.offsets[0, 0] == 0 and np.all(np.diff(sw.offsets.reshape(-1)) >= 0)
 
 
+def test_tuner_times_sparse_kernels_on_a_consistent_weight():
+    """The tuner's random weight for ``sparse_amx_bf16`` has exactly the kernel's kept count,
+    with masks and offsets that agree (random ones would read out of bounds)."""
+    from sparsec.targets import tuning
+
+    shape = {"m": 1, "k": 100, "n": 40, "nnz": 700, "dtype": "float32"}
+    with amx.emulated():
+        func = tuning.build(amx.SPARSE_NAME, shape, None, bias=True, act=RELU)
+    _, values, masks, offsets, _, _ = (a.numpy() for a in tuning._random_args(func))
+    sw = amx.SparseWeight(values, masks, offsets)
+    assert sw.nnz == 700 and np.count_nonzero(amx.unpack_sparse(sw)) == 700
+    counts = [bin(int(v)).count("1") for v in masks.reshape(-1)]
+    assert list(offsets.reshape(-1)) == list(np.cumsum([0] + counts)[:-1].reshape(-1)[::16])
+    assert tuning.time_kernel(func, {"kind": "llvm"}, min_ms=1) > 0
+
+
 @pytest.mark.parametrize("m,k,n,density", [
     (1, 768, 384, 0.1),     # a decoding step at 90 % sparsity
     (4, 100, 40, 0.5),      # K and N not whole tiles

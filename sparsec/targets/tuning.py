@@ -247,6 +247,19 @@ def _random_args(func: "tirx.PrimFunc") -> list:
     import tvm
 
     rng = np.random.default_rng(0)
+    from sparsec.targets.kernels.common import STRATEGY_ATTR
+
+    if str(func.attrs.get(STRATEGY_ATTR, "")) == "sparse_amx_bf16":
+        # its masks, offsets and values must agree (random ones would read out of bounds)
+        from sparsec.targets.kernels import amx
+
+        shape = json.loads(str(func.attrs[SHAPE_ATTR]))
+        sw = amx.random_sparse(amx.plan(shape["m"], shape["k"], shape["n"]), shape["nnz"])
+        arrays = [rng.standard_normal((shape["m"], shape["k"])).astype("float32"),
+                  sw.values, sw.masks, sw.offsets]
+        arrays += [rng.standard_normal([int(d) for d in p.ty.shape]).astype(str(p.ty.dtype))
+                   for p in func.params[4:]]
+        return [tvm.runtime.tensor(a) for a in arrays]
     args = []
     for p in func.params:   # TVM 0.27: a buffer parameter's type is its BufferType
         shape = [int(d) for d in p.ty.shape]
@@ -269,9 +282,12 @@ def time_kernel(func: "tirx.PrimFunc", tvm_target: dict, min_ms: float = 50.0) -
     """Median milliseconds of one call of ``func`` compiled alone for ``tvm_target``."""
     import tvm
 
+    from sparsec.targets.host import request_amx
+
     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
     lib = tvm.compile(mod, target=tvm.target.Target(dict(tvm_target)))
     args = _random_args(func)
+    request_amx()     # AMX kernels fault without the tile state
     dev = tvm.cpu()
     once = lib.mod.time_evaluator("main", dev, number=1, repeat=1)(*args).mean
     number = max(1, min(1000, int(min_ms / 1e3 / max(once, 1e-7))))

@@ -210,9 +210,13 @@ def pack_sparse(w_kn: "np.ndarray", p: Plan) -> SparseWeight:
     """[K, N] fp32 -> the compressed pair layout: :func:`pack_weight`'s tiles, each row
     reduced to a bit mask and its nonzero values. The values end with one tile row of zeros,
     so that every tile's start is a valid address even when the last tiles are empty."""
+    return compress_tiles(pack_weight(w_kn, p))
+
+
+def compress_tiles(tiles: "np.ndarray") -> SparseWeight:
+    """bf16 tiles [NB, KB, 16, 32] (:func:`pack_weight`'s) -> the compressed format."""
     import numpy as np
 
-    tiles = pack_weight(w_kn, p)                          # [NB, KB, 16, 32] bf16 bits
     kept = (tiles & np.uint16(0x7FFF)) != 0                # +-0 are dropped: exact
     weights = np.uint32(1) << np.arange(TILE_K, dtype=np.uint32)
     masks = (kept * weights).sum(axis=-1, dtype=np.uint64).astype(np.uint32)
@@ -220,6 +224,19 @@ def pack_sparse(w_kn: "np.ndarray", p: Plan) -> SparseWeight:
     offsets = np.concatenate([[0], np.cumsum(counts.reshape(-1))[:-1]]).reshape(counts.shape)
     values = np.concatenate([tiles[kept], np.zeros(TILE_K, np.uint16)])
     return SparseWeight(values.astype(np.uint16), masks, offsets.astype(np.int32))
+
+
+def random_sparse(p: Plan, nnz: int, seed: int = 0) -> SparseWeight:
+    """A compressed weight for ``p`` with exactly ``nnz`` kept values at random places (what
+    the tuner times a ``sparse_amx_bf16`` kernel with: its masks and offsets must agree)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    shape = (p.np_ // TILE_N, p.kp // TILE_K, TILE_K // 2, TILE_K)
+    flat = np.zeros(int(np.prod(shape)), np.uint16)
+    flat[rng.choice(flat.size, size=nnz, replace=False)] = bf16_bits(
+        rng.uniform(0.5, 1.5, nnz).astype(np.float32))
+    return compress_tiles(flat.reshape(shape))
 
 
 def unpack_sparse(sw: SparseWeight) -> "np.ndarray":
