@@ -244,6 +244,26 @@ def test_sparse_kernel_expands_with_vpexpandw():
         assert "vpexpandw" in host and "tdpbf16ps" not in host
 
 
+@pytest.mark.parametrize("batch,m,k,n,transposed", [
+    (2, 8, 16, 8, True),          # attention's Q @ K^T, K read untransposed
+    (12, 128, 64, 128, True),     # BERT-base at sequence 128
+    (12, 128, 128, 64, False),    # P @ V
+    (3, 7, 33, 20, False),        # nothing whole
+])
+def test_emulated_batch_matmul_matches_numpy(batch, m, k, n, transposed):
+    rng = np.random.default_rng(batch)
+    a = rng.standard_normal((batch, m, k)).astype(np.float32)
+    b = rng.standard_normal((batch, k, n)).astype(np.float32)
+    res = rng.standard_normal((batch, m, n)).astype(np.float32)
+    func = amx.build_batch(batch, m, k, n, residual=True, b_transposed=transposed,
+                           emulate=True)
+    operand = np.ascontiguousarray(b.transpose(0, 2, 1)) if transposed else b
+    out = _run(_lib(func, {"kind": "llvm"}), a, operand, res,
+               np.zeros((batch, m, n), np.float32))
+    ref = amx.bf16_round(a).astype(np.float64) @ amx.bf16_round(b).astype(np.float64) + res
+    assert np.abs(out - ref).max() <= 1e-6 * np.sqrt(k) * np.abs(ref).max()
+
+
 # --------------------------------------------------------------------------- convolutions
 
 
@@ -372,6 +392,9 @@ def test_compile_for_amx_checks_the_tile_programs(amx_package):
     decisions = [d for d in manifest["compile"]["decisions"] if d["chosen"] == amx.NAME]
     assert len(decisions) == 12 and all(d["precision"] == "bf16" for d in decisions)
     assert manifest["compile"]["kernels"][amx.NAME] == 12
+    # attention's Q @ K^T and P @ V: 2 layers x 2
+    attention = [d for d in manifest["compile"]["decisions"] if d["chosen"] == amx.BATCH_NAME]
+    assert len(attention) == 4 and all(d["precision"] == "bf16" for d in attention)
     ref = manifest["reference"]
     assert (ref["rtol"], ref["atol"]) == (api.RTOL_BF16, api.ATOL_BF16)
     want_via = "native" if HERE else "amx-tiles-emulated-on-cpu"

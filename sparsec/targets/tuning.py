@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 
 #: PrimFunc attribute holding the kernel's shape arguments (JSON), for the tuner to rebuild it
 SHAPE_ATTR = "sparsec.shape"
+#: the AMX kernels, whose knobs are the block of C tiles (mt x nt)
+AMX_STRATEGIES = ("dense_amx_bf16", "sparse_amx_bf16", "conv2d_amx_bf16",
+                  "batch_matmul_amx_bf16")
 
 
 def cache_path() -> Path:
@@ -116,7 +119,7 @@ def _variants(strategy: str, shape: dict) -> list[dict]:
         return _row_tiles(shape)
     if strategy == "conv1x1_nchw":
         return [{"tile": [t.oct, t.pixels]} for t in pointwise.tiles()]
-    if strategy in ("dense_amx_bf16", "sparse_amx_bf16", "conv2d_amx_bf16"):
+    if strategy in AMX_STRATEGIES:
         rows = shape["m"] if "m" in shape else shape["oc"]     # blocks that fit 8 registers
         return [{"mt": mt, "nt": nt} for mt, nt in ((2, 2), (2, 1), (1, 3), (1, 2), (1, 1))
                 if mt == 1 or rows > 16]
@@ -146,6 +149,11 @@ def build(strategy: str, shape: dict, knobs: dict | None = None, **flags) -> "ti
     elif strategy in ("dense_amx_bf16", "sparse_amx_bf16"):
         func = amx.build(shape["m"], shape["k"], shape["n"], shape["dtype"], **flags,
                          mt=k.get("mt"), nt=k.get("nt"), nnz=shape.get("nnz"))
+    elif strategy == "batch_matmul_amx_bf16":
+        func = amx.build_batch(shape["batch"], shape["m"], shape["k"], shape["n"],
+                               shape["dtype"], **flags,
+                               b_transposed=shape.get("b_transposed", False), mt=k.get("mt"),
+                               nt=k.get("nt"))
     elif strategy == "conv2d_amx_bf16":
         func = amx.build_conv(_conv_shape(shape), shape["dtype"], **flags, mt=k.get("mt"),
                               nt=k.get("nt"))
@@ -488,7 +496,7 @@ def _default_knobs(strategy: str, shape: dict) -> dict | None:
         return {"tile": [t.oct, t.pixels]}
     if strategy == "depthwise_nchw":
         return {"max_acc": depthwise.MAX_ACC}
-    if strategy in ("dense_amx_bf16", "sparse_amx_bf16", "conv2d_amx_bf16"):
+    if strategy in AMX_STRATEGIES:
         from sparsec.targets.kernels import amx
 
         p = (amx.conv_plan(_conv_shape(shape)) if strategy == "conv2d_amx_bf16"

@@ -54,6 +54,10 @@ STRATEGIES: tuple[StrategyInfo, ...] = (
                  "dilation) as a GEMM, W [OC, IC*KH*KW] in bf16 as the A tiles, a per-call "
                  "im2col stage of X in bf16 pairs as the B tiles; dense_amx_bf16's tile program "
                  "per image; lossy (bf16 inputs, fp32 sums)"),
+    StrategyInfo("batch_matmul_amx_bf16", "relax.matmul", 4.0,
+                 "AMX targets only: a matmul of two run-time tensors (attention) on AMX tiles: "
+                 "per call A in bf16 rows and B (or B^T) as bf16 pair words, then "
+                 "dense_amx_bf16's tile program per batch entry; any N; lossy"),
     StrategyInfo("batch_matmul", "relax.matmul", 0.35,
                  "matmul of two run-time tensors (attention's Q @ K^T, P @ V), same batch dims, "
                  "N a multiple of 8: B read in place along N, dense_packed's rows x 16 tile; "

@@ -33,6 +33,9 @@ ONNX Runtime here, and ``sparsec compile --target x86-amx`` checks the model wit
 pairs, one uint32 per (pair of K rows, pixel), whose rows B tiles read in place
 (``build_conv``).
 
+``batch_matmul_amx_bf16`` runs it per batch entry on two run-time operands (attention), both
+staged per call: A as bf16 rows, B (or B^T) as bf16 pair words (``build_batch``).
+
 ``sparse_amx_bf16`` is the same tile program with W compressed as in SparAMX: per B tile, one
 32-bit mask per tile row (which of its 32 bf16 values are nonzero) and the nonzero values in
 order. Each task expands the tiles it needs into a 1 KB buffer with AVX-512's masked expand
@@ -477,6 +480,35 @@ def _gemm_tasks(p: Plan, tiles, images: int, load_a, load_b, store_c) -> None:
         tiles.end()
 
 
+def _staged_program(p: Plan, emulate: bool, images: int, a_at, b_at, b_stride: int):
+    """The ``te.extern`` body of a kernel whose A and B tiles are read in place from two
+    buffers (``ins``): A rows ``p.kp * 2`` bytes apart at index ``a_at(image, row0, kb)``, B
+    pair rows ``b_stride`` bytes apart at ``b_at(image, column block, kb)``; C tiles go to
+    ``acc[image, row, column]``."""
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+
+    def program(ins, outs):
+        with IRBuilder() as ib:
+            a_buf, b_buf = T.buffer_proxy(ins[0]), T.buffer_proxy(ins[1])
+            acc = T.buffer_proxy(outs[0])
+            tiles = (_EmulatedTiles if emulate else _HardwareTiles)(p)
+
+            def load_a(t, img, row0, kb):
+                tiles.load(t, a_buf, a_at(img, row0, kb), p.kp * 2)
+
+            def load_b(t, _j, img, nb, kb):
+                tiles.load(t, b_buf, b_at(img, nb, kb), b_stride)
+
+            def store_c(t, img, row0, col0):
+                tiles.store(t, acc, (img, row0, col0), p.np_ * 4)
+
+            _gemm_tasks(p, tiles, images, load_a, load_b, store_c)
+        return ib.get()
+
+    return program
+
+
 def build(m: int, k: int, n: int, dtype: str = "float32", bias: bool = False,
           act: Activation | None = None, residual: bool = False, mt: int | None = None,
           nt: int | None = None, emulate: bool | None = None, nnz: int | None = None
@@ -588,8 +620,6 @@ def build_conv(s: "ConvShape", dtype: str = "float32", bias: bool = False,
     zero padded, then ``Xp[n, KP/2, rows, OW]`` of uint32 pair words (a B tile's 16 rows are 16
     pair rows of it, ``rows * OW * 4`` bytes apart)."""
     from tvm import s_tir, te, tirx
-    from tvm.script.ir_builder import IRBuilder
-    from tvm.script.ir_builder import tirx as T
 
     if dtype != "float32":
         raise ValueError(f"{CONV_NAME} takes float32 tensors, not {dtype}")
@@ -630,25 +660,10 @@ def build_conv(s: "ConvShape", dtype: str = "float32", bias: bool = False,
 
     xp = te.compute((s.n, p.kp // 2, rows_p, ow), pair_word, name="Xp")
 
-    def tile_program(ins, outs):
-        with IRBuilder() as ib:
-            ws, xs = T.buffer_proxy(ins[0]), T.buffer_proxy(ins[1])
-            acc = T.buffer_proxy(outs[0])
-            tiles = (_EmulatedTiles if emulate else _HardwareTiles)(p)
-
-            def load_a(t, _img, row0, kb):
-                tiles.load(t, ws, (row0, kb * TILE_K), p.kp * 2)
-
-            def load_b(t, _j, img, nb, kb):
-                pix = nb * TILE_N
-                tiles.load(t, xs, (img, kb * (TILE_K // 2), pix // ow, pix % ow),
-                           rows_p * ow * 4)
-
-            def store_c(t, img, row0, col0):
-                tiles.store(t, acc, (img, row0, col0), p.np_ * 4)
-
-            _gemm_tasks(p, tiles, s.n, load_a, load_b, store_c)
-        return ib.get()
+    tile_program = _staged_program(
+        p, emulate, s.n, lambda img, row0, kb: (row0, kb * TILE_K),
+        lambda img, nb, kb: (img, kb * (TILE_K // 2), nb * TILE_N // ow, nb * TILE_N % ow),
+        rows_p * ow * 4)
 
     acc = te.extern((s.n, p.mp, p.np_), [wb, xp], tile_program, name="acc", dtype="float32")
     func = epilogue_func([x, wb], lambda i, c, y, z: acc[i, c, y * ow + z], (s.n, s.oc, oh, ow),
@@ -667,3 +682,70 @@ def build_conv(s: "ConvShape", dtype: str = "float32", bias: bool = False,
         _, xv = sch.split(ox, [None, TILE_N])
         sch.vectorize(xv)
     return finish(sch, CONV_NAME)
+
+
+# --------------------------------------------------------------------------- batch matmul
+
+BATCH_NAME = "batch_matmul_amx_bf16"
+
+
+def build_batch(batch: int, m: int, k: int, n: int, dtype: str = "float32", bias: bool = False,
+                act: Activation | None = None, residual: bool = False,
+                b_transposed: bool = False, mt: int | None = None, nt: int | None = None,
+                emulate: bool | None = None) -> "tirx.PrimFunc":
+    """``batch_matmul_amx_bf16``: ``(A[b,M,K], B[b,K,N] (or [b,N,K] with b_transposed)
+    [, bias[N]] [, R[b,M,N]], Y[b,M,N])`` with both operands computed at run time
+    (attention's Q @ K^T and P @ V) on AMX tiles. Two per-call stages: A in bf16 rows as
+    ``dense_amx_bf16``'s X, and B as uint32 pair words ``Bw[b, KP/2, NP]`` (two neighbouring
+    K values of one column: a contiguous pair of B^T's row, or two rows of B), read in place
+    as B tiles; the tile program runs per batch entry."""
+    from tvm import s_tir, te, tirx
+
+    if dtype != "float32":
+        raise ValueError(f"{BATCH_NAME} takes float32 tensors, not {dtype}")
+    p = plan(m, k, n, mt, nt)
+    emulate = emulating() if emulate is None else emulate
+    a = te.placeholder((batch, m, k), dtype, name="A")
+    b_in = te.placeholder((batch, n, k) if b_transposed else (batch, k, n), dtype, name="Bin")
+    bias_t = te.placeholder((n,), dtype, name="B") if bias else None
+    res = te.placeholder((batch, m, n), dtype, name="R") if residual else None
+
+    def a_bits(bi, i, kk):
+        r = bf16_bits_expr(a[bi, tirx.min(i, m - 1), tirx.min(kk, k - 1)])
+        return tirx.if_then_else(tirx.all(i < m, kk < k), tirx.Cast("uint16", r),
+                                 tirx.IntImm("uint16", 0))
+
+    def b_word(bi, kk2, j):
+        def bits(kk):
+            c, r = tirx.min(j, n - 1), tirx.min(kk, k - 1)
+            v = bf16_bits_expr(b_in[bi, c, r] if b_transposed else b_in[bi, r, c])
+            return tirx.if_then_else(tirx.all(kk < k, j < n), v, tirx.IntImm("uint32", 0))
+
+        return bits(kk2 * 2) | (bits(kk2 * 2 + 1) << 16)
+
+    ab = te.compute((batch, p.mp, p.kp), a_bits, name="Ab")
+    bw = te.compute((batch, p.kp // 2, p.np_), b_word, name="Bw")
+
+    tile_program = _staged_program(
+        p, emulate, batch, lambda img, row0, kb: (img, row0, kb * TILE_K),
+        lambda img, nb, kb: (img, kb * (TILE_K // 2), nb * TILE_N), p.np_ * 4)
+
+    acc = te.extern((batch, p.mp, p.np_), [ab, bw], tile_program, name="acc",
+                    dtype="float32")
+    func = epilogue_func([a, b_in], lambda bi, i, j: acc[bi, i, j], (batch, m, n), dtype,
+                         bias_t, res, act, channel_axis=2)
+    sch = s_tir.Schedule(func)
+    bi, i, kk = sch.get_loops(sch.get_sblock("Ab"))
+    sch.parallel(sch.fuse(bi, i))
+    _, kv = sch.split(kk, [None, TILE_K])
+    sch.vectorize(kv)
+    bi, kk2, j = sch.get_loops(sch.get_sblock("Bw"))
+    sch.parallel(sch.fuse(bi, kk2))
+    _, jv = sch.split(j, [None, TILE_N])
+    sch.vectorize(jv)
+    yb, yi, yj = sch.get_loops(sch.get_sblock("Y"))
+    sch.parallel(sch.fuse(yb, yi))
+    if n % TILE_N == 0:
+        _, yv = sch.split(yj, [None, TILE_N])
+        sch.vectorize(yv)
+    return finish(sch, BATCH_NAME)

@@ -283,7 +283,7 @@ def _match_batch_matmul(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, di
     if dtype not in SUPPORTED_DTYPES or _dtype(y) != dtype or _dtype(call) != dtype:
         return None
     (m, k), n = xs[-2:], ys[-1]
-    if batch_matmul.lanes_for(n) is None:
+    if batch_matmul.lanes_for(n) is None and not amx.available():
         return None
     batch = 1
     for d in xs[:-2]:
@@ -293,32 +293,52 @@ def _match_batch_matmul(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, di
     if yt is not None:
         kshape["b_transposed"] = True
 
-    def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
-             ) -> "relax.Expr":
-        from tvm import relax
-
-        func = tuning.build_tuned(batch_matmul.NAME, kshape, bias=bias is not None, act=act,
-                                  residual=residual is not None)
-        gv = bb.add_func(func, batch_matmul.NAME)
-
-        def as3d(v, shape):
-            return v if len(xs) == 3 else bb.emit(relax.op.reshape(v, (batch,) + shape))
-
-        call_args = [as3d(args[0], (m, k)),
-                     as3d(args[1], (n, k) if yt is not None else (k, n))]
-        if bias is not None:
-            call_args.append(relax.const(bias))
-        if residual is not None:
-            call_args.append(as3d(residual, (m, n)))
-        y3 = relax.call_tir(gv, call_args, relax.TensorType((batch, m, n), dtype))
-        return y3 if len(xs) == 3 else relax.op.reshape(bb.emit(y3), out)
+    def emitter(strategy: str):
+        def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
+                 ) -> "relax.Expr":
+            return _emit_batch_matmul(bb, strategy, kshape, args, bias, act, residual, xs,
+                                      out, yt is not None)
+        return emit
 
     info = {"op": "matmul", "shape": {"batch": batch, "M": m, "K": k, "N": n}}
     if yt is not None:
         info["b_transposed"] = True
-    return [(Plan(batch_matmul.NAME, emit, info=info, shape=kshape,
-                  inputs=None if yt is None else [x, yt]),
-             {"macs": batch * m * k * n})]
+    inputs = None if yt is None else [x, yt]
+    plans = []
+    if batch_matmul.lanes_for(n) is not None:
+        plans.append((Plan(batch_matmul.NAME, emitter(batch_matmul.NAME), info=info,
+                           shape=kshape, inputs=inputs), {"macs": batch * m * k * n}))
+    if amx.available():     # both operands staged in bf16 per call: any N
+        tiles = amx.plan(m, k, n)
+        amx_info = {**info, "precision": "bf16", "tiles": f"{tiles.mt}x{tiles.nt}",
+                    **({"emulated": True} if amx.emulating() else {})}
+        plans.append((Plan(amx.BATCH_NAME, emitter(amx.BATCH_NAME), info=amx_info,
+                           shape=kshape, inputs=inputs),
+                      {"macs": batch * tiles.mp * tiles.kp * tiles.np_}))
+    return plans
+
+
+def _emit_batch_matmul(bb: "relax.BlockBuilder", strategy: str, kshape: dict, args: list,
+                       bias, act: Activation | None, residual, xs: tuple, out: tuple,
+                       transposed: bool) -> "relax.Expr":
+    """The call of a batch-matmul kernel (``strategy``) on 3-D views of its operands."""
+    from tvm import relax
+
+    batch, m, k, n, dtype = (kshape[d] for d in ("batch", "m", "k", "n", "dtype"))
+    func = tuning.build_tuned(strategy, kshape, bias=bias is not None, act=act,
+                              residual=residual is not None)
+    gv = bb.add_func(func, strategy)
+
+    def as3d(v, shape):
+        return v if len(xs) == 3 else bb.emit(relax.op.reshape(v, (batch,) + shape))
+
+    call_args = [as3d(args[0], (m, k)), as3d(args[1], (n, k) if transposed else (k, n))]
+    if bias is not None:
+        call_args.append(relax.const(bias))
+    if residual is not None:
+        call_args.append(as3d(residual, (m, n)))
+    y3 = relax.call_tir(gv, call_args, relax.TensorType((batch, m, n), dtype))
+    return y3 if len(xs) == 3 else relax.op.reshape(bb.emit(y3), out)
 
 
 def _match_conv(a: _Analysis, call: "relax.Call") -> tuple[Plan, dict] | None:
