@@ -473,14 +473,21 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
                     f"{where} with sparsec validate")
                 runner = load_library(emulation, [s["name"] for s in inputs])
                 runner.via = "amx-tiles-emulated-on-cpu" if on_cpu else "cuda-schedules-on-cpu"
+        bf16 = (rtol, atol) == (RTOL_BF16, ATOL_BF16)
+        min_cosine = BF16_MIN_COSINE if bf16 else None
         if runner is not None:
             via = runner.via
-            check = _compare(outputs, expected, runner.run(feeds), rtol, atol)
-            bf16 = (rtol, atol) == (RTOL_BF16, ATOL_BF16)
+            check = _compare(outputs, expected, runner.run(feeds), rtol, atol, min_cosine)
             log(f"reference check ({via}): max abs err {check.max_abs_err:.3g} vs ONNX Runtime"
-                + (f" (bf16 kernels: bound {min(o['bound'] for o in check.outputs):.3g}, "
-                   f"cosine {min(o['cosine'] for o in check.outputs):.6f})" if bf16 else ""))
+                + (f" (bf16 kernels: cosine {min(o['cosine'] for o in check.outputs):.6f})"
+                   if bf16 else ""))
             _raise_if_mismatch(check)
+            if bf16:    # the device check: the binary must match at the fidelity found here
+                rtol = device_rtol(check)
+                (tmp / header_name(name)).write_text(c_header(
+                    name, prefix, inputs, outputs, atol, rtol,
+                    f"{Path(source).name} compiled for {spec.name} ({facts['tvm_version']})",
+                    spec.device))
         manifest = {
             "format": FORMAT,
             "name": name,
@@ -499,6 +506,7 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
             "reference": {"inputs": "reference/inputs.npz", "outputs": "reference/outputs.npz",
                           "inputs_bin": "reference/inputs.bin",
                           "outputs_bin": "reference/outputs.bin", "rtol": rtol, "atol": atol,
+                          **({"min_cosine": min_cosine} if bf16 else {}),
                           "from": "calibration" if calibration is not None else "random",
                           "check": None if check is None else {
                               "ok": check.ok, "max_abs_err": check.max_abs_err, "via": via,
@@ -555,8 +563,14 @@ def check_toolchain(spec) -> None:
 #: default tolerance of a compiled library against ONNX Runtime: max|y - ref| <= ATOL + RTOL *
 #: max|ref| per output (the reference check in the package and its C header use the same)
 RTOL, ATOL = 1e-4, 1e-5
-#: the tolerance of a library with bf16 kernels (AMX): inputs rounded to 8 mantissa bits
+#: the tolerance of a library with bf16 kernels (AMX, sparse tensor cores): inputs rounded to
+#: 8 mantissa bits. Deep networks lose more than that through bf16 (torch's own bf16 autocast:
+#: 17 % of max|y| on an untrained MobileNetV2, cosine 0.987), so an output also passes with
+#: cosine >= BF16_MIN_COSINE; the package then records max(RTOL_BF16, BF16_MARGIN x the error
+#: measured here) for the device's check of the reference pair.
 RTOL_BF16, ATOL_BF16 = 3e-2, 1e-3
+BF16_MIN_COSINE = 0.99
+BF16_MARGIN = 1.5
 
 
 def tolerance(facts: dict) -> tuple[float, float]:
@@ -608,30 +622,44 @@ class ValidationReport:
     outputs: list[dict] = field(default_factory=list)
     rtol: float = RTOL
     atol: float = ATOL
+    min_cosine: float | None = None
 
     @property
     def max_abs_err(self) -> float:
         return max((o["max_abs_err"] for o in self.outputs), default=0.0)
 
 
+def device_rtol(check: ValidationReport) -> float:
+    """The rtol a bf16 package records for the device's check of its reference pair: its
+    own, or wider, so that BF16_MARGIN x the error measured here passes and no more."""
+    return max([check.rtol] + [(BF16_MARGIN * o["max_abs_err"] - check.atol) / o["peak"]
+                               for o in check.outputs if o["peak"] > 0])
+
+
 def _compare(outputs: list[dict], expected: list[np.ndarray], actual: list[np.ndarray],
-             rtol: float, atol: float) -> ValidationReport:
-    report = ValidationReport(ok=True, rtol=rtol, atol=atol)
+             rtol: float, atol: float, min_cosine: float | None = None) -> ValidationReport:
+    """Per output: ok when max|y - ref| <= atol + rtol * max|ref|, or (bf16 packages) when
+    the cosine similarity is at least ``min_cosine``."""
+    report = ValidationReport(ok=True, rtol=rtol, atol=atol, min_cosine=min_cosine)
     for spec, ref, out in zip(outputs, expected, actual):
         fid = reference.compare([ref], [out])
-        bound = atol + rtol * float(np.abs(ref).max(initial=0.0))
-        ok = fid.max_abs_err <= bound
+        peak = float(np.abs(ref).max(initial=0.0))
+        bound = atol + rtol * peak
+        ok = fid.max_abs_err <= bound or (min_cosine is not None and fid.cosine >= min_cosine)
         report.ok &= ok
         report.outputs.append({"name": spec["name"], "max_abs_err": fid.max_abs_err,
-                               "bound": bound, "cosine": fid.cosine, "ok": ok})
+                               "bound": bound, "peak": peak, "cosine": fid.cosine, "ok": ok})
     return report
 
 
 def _raise_if_mismatch(report: ValidationReport) -> None:
     if not report.ok:
         worst = max(report.outputs, key=lambda o: o["max_abs_err"] - o["bound"])
-        raise ValidationError(f"output '{worst['name']}' differs from ONNX Runtime: max abs err "
-                              f"{worst['max_abs_err']:.3g} > bound {worst['bound']:.3g}")
+        why = (f"max abs err {worst['max_abs_err']:.3g} > bound {worst['bound']:.3g}")
+        if report.min_cosine is not None:
+            why += (f" and cosine {worst['cosine']:.4f} < {report.min_cosine} (bf16 kernels: "
+                    f"a target without them, e.g. x86-avx512, keeps fp32)")
+        raise ValidationError(f"output '{worst['name']}' differs from ONNX Runtime: {why}")
 
 
 def validate(package_dir: str | os.PathLike, inputs=None, *, rtol: float | None = None,
@@ -640,7 +668,9 @@ def validate(package_dir: str | os.PathLike, inputs=None, *, rtol: float | None 
     """Compiled library vs ONNX Runtime on the package's pruned ONNX model.
 
     An output matches when max|lib - ort| <= atol + rtol * max|ort| (by default the
-    package's own tolerance: its manifest's ``reference``). With ``check=True`` a mismatch
+    package's own tolerance: its manifest's ``reference``), or, for a package with bf16
+    kernels, when its cosine similarity is at least the recorded ``min_cosine``. With
+    ``check=True`` a mismatch
     raises ``ValidationError`` (the CLI's non-zero exit)."""
     import onnx
 
@@ -648,6 +678,7 @@ def validate(package_dir: str | os.PathLike, inputs=None, *, rtol: float | None 
     recorded = pkg.manifest.get("reference", {})
     rtol = recorded.get("rtol", RTOL) if rtol is None else rtol
     atol = recorded.get("atol", ATOL) if atol is None else atol
+    min_cosine = recorded.get("min_cosine")
     runner = _runner(pkg)
     model = onnx.load(str(pkg.path / MODEL))
     if inputs is None:
@@ -655,7 +686,8 @@ def validate(package_dir: str | os.PathLike, inputs=None, *, rtol: float | None 
     else:
         feeds = inputs if isinstance(inputs, dict) else pkg.read_inputs(inputs)
         reference.check_ranges(feeds, pkg.inputs)
-    report = _compare(pkg.outputs, reference.run(model, feeds), runner.run(feeds), rtol, atol)
+    report = _compare(pkg.outputs, reference.run(model, feeds), runner.run(feeds), rtol, atol,
+                      min_cosine)
     if check:
         _raise_if_mismatch(report)
     return report

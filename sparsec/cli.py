@@ -215,8 +215,10 @@ def cmd_validate(args) -> int:
     report = api.validate(args.package, args.inputs, rtol=args.rtol, atol=args.atol,
                           seed=args.seed)
     for o in report.outputs:
+        floor = ("" if report.min_cosine is None
+                 else f" (bf16 kernels: or >= {report.min_cosine})")
         print(f"{'ok  ' if o['ok'] else 'FAIL'} {o['name']}: max abs err {o['max_abs_err']:.3g} "
-              f"(bound {o['bound']:.3g}), cosine {o['cosine']:.6f}")
+              f"(bound {o['bound']:.3g}), cosine {o['cosine']:.6f}{floor}")
     if not report.ok:
         print(f"validation failed: max abs err {report.max_abs_err:.3g}", file=sys.stderr)
         return 10

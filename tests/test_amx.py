@@ -397,12 +397,38 @@ def test_compile_for_amx_checks_the_tile_programs(amx_package):
     assert len(attention) == 4 and all(d["precision"] == "bf16" for d in attention)
     ref = manifest["reference"]
     assert (ref["rtol"], ref["atol"]) == (api.RTOL_BF16, api.ATOL_BF16)
+    assert ref["min_cosine"] == api.BF16_MIN_COSINE
     want_via = "native" if HERE else "amx-tiles-emulated-on-cpu"
     assert ref["check"]["ok"] and ref["check"]["via"] == want_via
     assert ref["check"]["cosine"] > 0.9999
-    assert any("bf16 kernels: bound" in line for line in logs)
+    assert any("(bf16 kernels: cosine" in line for line in logs)
     header = (pkg / manifest["library"]["header"]).read_text()
     assert f"{api.ATOL_BF16!r}, {api.RTOL_BF16!r}" in header
+
+
+def test_bf16_check_accepts_rounding_not_garbage():
+    """A bf16 output passes within the bf16 tolerance or at cosine >= 0.99 (deep networks
+    lose more than 3 % of max|y| to bf16 alone); a wrong one fails either way. The device's
+    tolerance then covers 1.5x the error measured."""
+    from sparsec import api
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal(1000).astype(np.float32)
+    spec = [{"name": "y"}]
+    rounded = ref + 0.08 * rng.standard_normal(1000).astype(np.float32)   # cosine ~0.997
+    args = (api.RTOL_BF16, api.ATOL_BF16)
+    assert not api._compare(spec, [ref], [rounded], *args).ok           # beyond the bound
+    check = api._compare(spec, [ref], [rounded], *args, api.BF16_MIN_COSINE)
+    assert check.ok and check.outputs[0]["cosine"] > 0.99
+    rtol = api.device_rtol(check)
+    assert api._compare(spec, [ref], [rounded], rtol, api.ATOL_BF16).ok
+    assert rtol * np.abs(ref).max() + api.ATOL_BF16 == pytest.approx(
+        1.5 * check.outputs[0]["max_abs_err"])
+    garbage = rng.standard_normal(1000).astype(np.float32)
+    assert not api._compare(spec, [ref], [garbage], *args, api.BF16_MIN_COSINE).ok
+    with pytest.raises(api.ValidationError, match="cosine .* < 0.99"):
+        api._raise_if_mismatch(api._compare(spec, [ref], [garbage], *args,
+                                            api.BF16_MIN_COSINE))
 
 
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="needs binutils' objdump")
