@@ -161,6 +161,12 @@ class Plan:
         return self.mp // (self.rows * self.mt), self.np_ // (TILE_N * self.nt)
 
 
+def report(p: Plan) -> dict:
+    """What the compile report says about an AMX kernel's decision."""
+    return {"precision": "bf16", "tiles": f"{p.mt}x{p.nt}",
+            **({"emulated": True} if emulating() else {})}
+
+
 def plan(m: int, k: int, n: int, mt: int | None = None, nt: int | None = None) -> Plan:
     """Default geometry: 2x2 C tiles when there are two row tiles (every loaded tile feeds
     two ``tdpbf16ps``), else one row of up to 3 column tiles; the widest block that divides

@@ -232,8 +232,7 @@ def _match_dense(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | 
     if amx.available():     # bf16 tiles: K and N padded to whole tiles
         tiles = amx.plan(m, k, n)
         shapes[amx.NAME] = dict(shapes[dense.NAME])
-        amx_info = {**info, "precision": "bf16", "tiles": f"{tiles.mt}x{tiles.nt}",
-                    **({"emulated": True} if amx.emulating() else {})}
+        amx_info = {**info, **amx.report(tiles)}
         amx_macs = tiles.mp * tiles.kp * tiles.np_
         plans.append((Plan(amx.NAME, emitter(amx.NAME), info=amx_info,
                            shape=shapes[amx.NAME]), {"macs": amx_macs}))
@@ -310,8 +309,7 @@ def _match_batch_matmul(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, di
                            shape=kshape, inputs=inputs), {"macs": batch * m * k * n}))
     if amx.available():     # both operands staged in bf16 per call: any N
         tiles = amx.plan(m, k, n)
-        amx_info = {**info, "precision": "bf16", "tiles": f"{tiles.mt}x{tiles.nt}",
-                    **({"emulated": True} if amx.emulating() else {})}
+        amx_info = {**info, **amx.report(tiles)}
         plans.append((Plan(amx.BATCH_NAME, emitter(amx.BATCH_NAME), info=amx_info,
                            shape=kshape, inputs=inputs),
                       {"macs": batch * tiles.mp * tiles.kp * tiles.np_}))
@@ -427,8 +425,7 @@ def _amx_conv(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, xs: tuple, o
 
     p = amx.conv_plan(shape)
     info = _conv_info(shape, xs, w, out, "im2col")
-    info.update({"precision": "bf16", "tiles": f"{p.mt}x{p.nt}",
-                 **({"emulated": True} if amx.emulating() else {})})
+    info.update(amx.report(p))
     return (Plan(amx.CONV_NAME, emit, info=info, shape=kshape),
             {"macs": shape.n * p.mp * p.kp * p.np_})
 
