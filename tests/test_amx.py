@@ -363,9 +363,12 @@ def test_request_amx_only_where_the_cpu_has_it():
 def test_x86_amx_target():
     spec = resolve_target("x86-amx")
     assert spec.tvm_target["mcpu"] == "sapphirerapids" and spec.channel_multiple == 16
-    assert {"amx_tile", "amx_bf16", "avx512f"} <= spec.cpu_flags
+    assert {"amx_tile", "amx_bf16", "avx512f"} <= spec.cpu_flags and spec.amx
     assert spec.runs_here is HERE and spec.amx_emulated_here is not HERE
     assert not resolve_target("x86-avx512").amx_emulated_here
+    # the same CPU named otherwise does not opt in to bf16
+    raw = resolve_target('{"kind": "llvm", "mcpu": "sapphirerapids"}')
+    assert not raw.amx and not raw.amx_emulated_here and not resolve_target("host").amx
 
 
 @pytest.fixture(scope="module")
@@ -478,15 +481,17 @@ def test_amx_package_does_not_run_here_without_amx(amx_package, tmp_path):
         assert "lacks amx_bf16" in proc.stderr
 
 
-def test_amx_is_only_offered_on_amx_targets(tmp_path):
-    """The cost rule never sees the bf16 kernel where the target has no AMX: a host
-    package keeps fp32 kernels and the fp32 tolerance."""
+@pytest.mark.parametrize("target", ["host", '{"kind": "llvm", "mcpu": "sapphirerapids"}'])
+def test_amx_is_only_offered_on_the_amx_target(target, tmp_path):
+    """bf16 is lossy, so AMX kernels are opt-in: a host package (on any CPU, Sapphire Rapids
+    included) and a package for the same CPU named by raw JSON keep fp32 kernels and the
+    fp32 tolerance."""
     import onnx
 
     from sparsec import api
 
     onnx.save(zoo.build("gemm_mlp"), str(tmp_path / "mlp.onnx"))
-    manifest = api.compile(tmp_path / "mlp.onnx", target="host", output_dir=tmp_path / "pkg")
+    manifest = api.compile(tmp_path / "mlp.onnx", target=target, output_dir=tmp_path / "pkg")
     text = json.dumps(manifest["compile"]["decisions"])
-    assert amx.NAME not in text and "bf16" not in text
+    assert "amx" not in text and "bf16" not in text
     assert manifest["reference"]["rtol"] == api.RTOL

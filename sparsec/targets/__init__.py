@@ -38,6 +38,9 @@ class TargetSpec:
     triple: str | None = None
     #: where the kernels run: ``cpu``, or ``cuda`` (the host code then only launches them)
     device: str = "cpu"
+    #: whether the target opts in to bf16 AMX tile kernels (lossy): ``x86-amx`` does; a CPU
+    #: with AMX named any other way (``host`` on Sapphire Rapids, raw JSON) keeps fp32
+    amx: bool = False
 
     @property
     def native(self) -> bool:
@@ -57,8 +60,7 @@ class TargetSpec:
     def amx_emulated_here(self) -> bool:
         """Whether this x86-64 target's AMX tile kernels cannot run on this CPU, so that its
         reference check runs them with their tile ops emulated (``kernels/amx.py``)."""
-        return (self.native and self.device == "cpu" and "amx_bf16" in self.cpu_flags
-                and not self.runs_here)
+        return self.amx and self.native and self.device == "cpu" and not self.runs_here
 
     @property
     def why_not_here(self) -> str:
@@ -333,9 +335,10 @@ def resolve_target(name: str) -> TargetSpec:
         return TargetSpec(
             name="x86-amx",
             tvm_target={"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": cores},
-            description=f"x86-64 with AMX bf16 tiles (Sapphire Rapids or newer): matmuls in "
-                        f"bf16 with fp32 sums, the rest AVX-512, {cores} cores",
+            description=f"x86-64 with AMX bf16 tiles (Sapphire Rapids or newer): matmuls and "
+                        f"convs in bf16 with fp32 sums, the rest AVX-512, {cores} cores",
             channel_multiple=16,
+            amx=True,
         )
     if name == "cuda":
         arch = _local_cuda_arch()

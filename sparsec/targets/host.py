@@ -207,9 +207,12 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
     log(f"compiling for {target.name} ({target.description})")
     from sparsec.targets import tuning
 
+    from sparsec.targets.kernels import amx
+
     cache = tuned if isinstance(tuned, tuning.Cache) else tuning.Cache() if tuned else None
     with native_stderr_to(log):
-        with tvm_target, tuning.using(cache, dict(target.tvm_target)):
+        with tvm_target, tuning.using(cache, dict(target.tvm_target)), (
+                amx.enabled() if target.amx else contextlib.nullcontext()):
             lowered = build_pipeline(tvm_target, cores, decisions, counts)(mod)
         if any("tuned" in d for d in decisions):
             log(f"{sum('tuned' in d for d in decisions)} kernels built with tuned knobs "

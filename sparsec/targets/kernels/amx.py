@@ -1,4 +1,5 @@
-"""``dense_amx_bf16``: Y[M, N] = X[M, K] @ W[K, N] (+ bias, residual, activation) on Intel AMX.
+"""Intel AMX bf16 tile kernels. ``dense_amx_bf16``: Y[M, N] = X[M, K] @ W[K, N] (+ bias,
+residual, activation); the conv, batch-matmul and sparse variants share its tile program.
 
 AMX (Sapphire Rapids and newer) adds eight tile registers of up to 16 rows x 64 bytes and
 ``tdpbf16ps``, which multiplies a 16 x 32 bf16 tile by a 32 x 16 one and accumulates into a
@@ -45,7 +46,8 @@ as the dense kernel's; what changes is the bytes read: 2 per weight dense, 2 x d
 matmul, LLM decoding's regime, which is where SparAMX reports its gains.
 
 Linux gives a process the AMX tile state only after ``arch_prctl(ARCH_REQ_XCOMP_PERM,
-XFEATURE_XTILEDATA)``; both runtimes ask for it (``request_permission`` and the C runtime).
+XFEATURE_XTILEDATA)``; both runtimes ask for it (``host.request_amx`` and the C runtime's
+``sparsec_open``), and so does the tuner before it times a kernel.
 """
 
 from __future__ import annotations
@@ -72,31 +74,42 @@ TILES = 8        # tile registers
 #: LLVM CPU features the real (not emulated) kernel needs
 FEATURES = ("amx-tile", "amx-bf16")
 
-_EMULATE: contextvars.ContextVar[bool] = contextvars.ContextVar("sparsec_amx_emulate",
-                                                                default=False)
+#: None: no AMX kernels; "hardware": on targets with AMX bf16; "emulated": anywhere, tile ops
+#: as TIR loops
+_MODE: contextvars.ContextVar[str | None] = contextvars.ContextVar("sparsec_amx", default=None)
 
 
 @contextlib.contextmanager
-def emulated():
-    """Within the block, AMX kernels are built with their tile ops as TIR loops (module
-    docstring) and offered on any LLVM target: the same tile program, runnable here."""
-    token = _EMULATE.set(True)
+def enabled(emulate: bool = False):
+    """Within the block, the kernel rewrite offers the AMX kernels: for a target that has AMX
+    bf16 (the ``x86-amx`` target opts in: bf16 is lossy, so a CPU having AMX is not enough),
+    or with ``emulate`` on any LLVM target, the tile ops built as TIR loops (module
+    docstring): the same tile program, runnable here."""
+    token = _MODE.set("emulated" if emulate else "hardware")
     try:
         yield
     finally:
-        _EMULATE.reset(token)
+        _MODE.reset(token)
+
+
+def emulated():
+    """``enabled(emulate=True)``."""
+    return enabled(emulate=True)
 
 
 def emulating() -> bool:
-    return _EMULATE.get()
+    return _MODE.get() == "emulated"
 
 
 def available() -> bool:
-    """Whether the target being compiled for has AMX bf16 (or the tile ops are emulated)."""
+    """Whether AMX kernels are enabled and the target being compiled for has AMX bf16 (or
+    the tile ops are emulated)."""
     import tvm
 
     from sparsec.targets import llvm_features
 
+    if _MODE.get() is None:
+        return False
     if emulating():
         return True
     target = tvm.target.Target.current(allow_none=True)
