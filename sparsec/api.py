@@ -54,6 +54,7 @@ from sparsec.passes.reorder import ReorderChannels, weight_matrices
 from sparsec.passes.sparsify import CRITERIA as SPARSITY_CRITERIA
 from sparsec.passes.sparsify import Sparsify, parse_pattern
 from sparsec.reference import signature
+from sparsec.targets.kernels.common import PRECISIONS
 
 Log = Callable[[str], None]
 ModelLike = Any  # path, onnx.ModelProto, sparsec Graph, or torch.nn.Module (with example_inputs)
@@ -375,7 +376,7 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
             input_shapes: InputShapes | str | None = None,
             calibration=None, remove_dead: bool = False,
             example_inputs: Sequence[Any] | None = None, command: Sequence[str] | None = None,
-            tune: float = 0.0, log: Log = _quiet) -> dict:
+            tune: float = 0.0, precision: str | None = None, log: Log = _quiet) -> dict:
     """Prune, compile for ``target`` and write a package directory (see ``sparsec.package``);
     returns its manifest. ``name`` (a C identifier; default: from the directory name) names
     the C header, the static archive and its symbols. ``round_to`` defaults to the target's
@@ -388,7 +389,12 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
 
     ``tune`` > 0 first spends up to that many seconds timing the pruned model's kernels (see
     :func:`tune`); kernels tuned earlier for the target are built with their best knobs
-    either way."""
+    either way.
+
+    ``precision`` "bf16" lets kernels that round their inputs to bf16 run where they are
+    faster (AMX tiles on CPUs that have them, sparse tensor cores for 2:4 weights on sm_80+);
+    the default is the target's: fp32, or bf16 for ``x86-amx``. Such a package is checked
+    with the bf16 tolerance."""
     from sparsec.deploy.header import check_name, default_name
     from sparsec.targets import resolve_target
 
@@ -397,6 +403,9 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
     if round_to is None:
         round_to = spec.channel_multiple
     _check_ratio(ratio)
+    precision = precision or spec.precision
+    if precision not in PRECISIONS:
+        raise BadOptionError(f"--precision takes {' or '.join(PRECISIONS)}, not '{precision}'")
     if tune < 0 or (tune > 0 and not (spec.runs_here and spec.device == "cpu")):
         raise BadOptionError(f"--tune takes a positive number of seconds, for this machine's "
                              f"CPU only (got {tune:g} for target '{spec.name}')")
@@ -432,20 +441,24 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
         emulation = None
         if on_cpu:
             facts = compile_onnx(proto, spec, tmp / LIBRARY, log=log,
-                                 static_lib=tmp / archive_name(name), system_lib_prefix=prefix)
-            if spec.amx_emulated_here:   # the same tile programs, runnable on this CPU
+                                 static_lib=tmp / archive_name(name), system_lib_prefix=prefix,
+                                 precision=precision)
+            if spec.amx_emulated_here and tolerance(facts)[0] == RTOL_BF16:
                 from sparsec.targets import resolve_target as resolve
                 from sparsec.targets.kernels import amx
 
+                # the same tile programs, runnable on this CPU
                 log("building the AMX tile kernels with emulated tile ops for this CPU's check")
                 emulation = scratch / "emulation.so"
                 with amx.emulated():
-                    compile_onnx(proto, resolve("host"), emulation, log=_quiet, tuned=False)
+                    compile_onnx(proto, resolve("host"), emulation, log=_quiet, tuned=False,
+                                 precision="bf16")
         else:
             from sparsec.targets import cuda
 
             emulation = None if spec.runs_here else scratch / "emulation.so"
-            facts = cuda.compile_onnx(proto, spec, tmp / LIBRARY, log, emulation_lib=emulation)
+            facts = cuda.compile_onnx(proto, spec, tmp / LIBRARY, log, emulation_lib=emulation,
+                                      precision=precision)
         feeds = {s["name"]: result.sample[s["name"]] for s in inputs}
         expected = reference.run(proto, feeds)
         write_reference(tmp / "reference", inputs, outputs, feeds, expected)
@@ -513,7 +526,7 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
                               "cosine": min(o["cosine"] for o in check.outputs)}},
             "files": file_hashes(tmp),
             "prune": result.report(),
-            "compile": facts,
+            "compile": {**facts, "precision": precision},
         }
         write_json(tmp / MANIFEST, manifest)
     log(f"wrote {output_dir}")

@@ -161,7 +161,7 @@ def cmd_compile(args) -> int:
 
     manifest = api.compile(args.model, args.output, target=args.target, name=args.name,
                            **_prune_kwargs(args), command=["sparsec", *args.argv],
-                           tune=args.tune, log=_log(args))
+                           tune=args.tune, precision=args.precision, log=_log(args))
     p = manifest["prune"]
     print(f"compiled {args.model} for {manifest['target']['name']} -> {args.output}")
     print(f"  params {p['before']['params']:,} -> {p['after']['params']:,}, "
@@ -386,6 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="first time the pruned model's kernel variants on this machine for up "
                          "to SECONDS and keep the fastest (tuning cache); default 0: use what "
                          "earlier tuning recorded, defaults elsewhere")
+    sp.add_argument("--precision", choices=("fp32", "bf16"),
+                    help="bf16 lets kernels round their inputs to bf16 where that is faster: "
+                         "AMX tiles (CPUs with AMX), sparse tensor cores for 2:4 weights "
+                         "(sm_80+); lossy, checked with the bf16 tolerance. Default: the "
+                         "target's (fp32; bf16 for x86-amx)")
     sp.set_defaults(func=cmd_compile)
 
     sp = sub.add_parser("tune", help="time each kernel's schedule variants on this machine and "

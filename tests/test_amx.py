@@ -363,12 +363,12 @@ def test_request_amx_only_where_the_cpu_has_it():
 def test_x86_amx_target():
     spec = resolve_target("x86-amx")
     assert spec.tvm_target["mcpu"] == "sapphirerapids" and spec.channel_multiple == 16
-    assert {"amx_tile", "amx_bf16", "avx512f"} <= spec.cpu_flags and spec.amx
+    assert {"amx_tile", "amx_bf16", "avx512f"} <= spec.cpu_flags and spec.precision == "bf16"
     assert spec.runs_here is HERE and spec.amx_emulated_here is not HERE
     assert not resolve_target("x86-avx512").amx_emulated_here
-    # the same CPU named otherwise does not opt in to bf16
+    # the same CPU named otherwise defaults to fp32
     raw = resolve_target('{"kind": "llvm", "mcpu": "sapphirerapids"}')
-    assert not raw.amx and not raw.amx_emulated_here and not resolve_target("host").amx
+    assert raw.precision == "fp32" and resolve_target("host").precision == "fp32"
 
 
 @pytest.fixture(scope="module")
@@ -482,10 +482,11 @@ def test_amx_package_does_not_run_here_without_amx(amx_package, tmp_path):
 
 
 @pytest.mark.parametrize("target", ["host", '{"kind": "llvm", "mcpu": "sapphirerapids"}'])
-def test_amx_is_only_offered_on_the_amx_target(target, tmp_path):
+def test_amx_is_opt_in(target, tmp_path):
     """bf16 is lossy, so AMX kernels are opt-in: a host package (on any CPU, Sapphire Rapids
-    included) and a package for the same CPU named by raw JSON keep fp32 kernels and the
-    fp32 tolerance."""
+    included) and a package for that CPU named by raw JSON keep fp32 kernels and the fp32
+    tolerance; with ``precision="bf16"`` the raw-JSON Sapphire Rapids takes the tiles and is
+    checked on their emulation, like x86-amx."""
     import onnx
 
     from sparsec import api
@@ -495,3 +496,12 @@ def test_amx_is_only_offered_on_the_amx_target(target, tmp_path):
     text = json.dumps(manifest["compile"]["decisions"])
     assert "amx" not in text and "bf16" not in text
     assert manifest["reference"]["rtol"] == api.RTOL
+    with pytest.raises(api.BadOptionError, match="--precision takes fp32 or bf16"):
+        api.compile(tmp_path / "mlp.onnx", target=target, output_dir=tmp_path / "x",
+                    precision="fp16")
+    if "sapphirerapids" in target and not HERE:
+        manifest = api.compile(tmp_path / "mlp.onnx", target=target,
+                               output_dir=tmp_path / "bf16", precision="bf16")
+        assert all(d["chosen"] in (amx.NAME, amx.SPARSE_NAME) and d["precision"] == "bf16"
+                   for d in manifest["compile"]["decisions"])
+        assert manifest["reference"]["check"]["via"] == "amx-tiles-emulated-on-cpu"

@@ -172,9 +172,9 @@ def test_kernel_compiles_with_nvcc(arch, tmp_path):
 
 @needs_nvcc
 def test_compile_2_4_linear_for_cuda(tmp_path):
-    """A 2:4 linear layer with 32 rows compiled for sm_80 takes the sparse tensor cores;
-    the package records bf16, takes the bf16 tolerance, and passes its reference check (on
-    the GPU, or here on the kernel's CPU twin)."""
+    """A 2:4 linear layer with 32 rows compiled for sm_80 with ``precision="bf16"`` takes the
+    sparse tensor cores; the package records bf16, takes the bf16 tolerance, and passes its
+    reference check (on the GPU, or here on the kernel's CPU twin)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -189,7 +189,12 @@ def test_compile_2_4_linear_for_cuda(tmp_path):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 10
     onnx.save(model, str(tmp_path / "m.onnx"))
-    manifest = api.compile(tmp_path / "m.onnx", tmp_path / "pkg", target="cuda-sm80")
+    # fp32 by default: the 2:4 layer stays on DLight's exact schedules
+    exact = api.compile(tmp_path / "m.onnx", tmp_path / "fp32", target="cuda-sm80")
+    assert mma_sp.NAME not in exact["compile"]["kernels"]
+    assert exact["reference"]["rtol"] == api.RTOL
+    manifest = api.compile(tmp_path / "m.onnx", tmp_path / "pkg", target="cuda-sm80",
+                           precision="bf16")
     (decision,) = manifest["compile"]["decisions"]
     assert decision["chosen"] == mma_sp.NAME and decision["precision"] == "bf16"
     assert decision["epilogue"] == ["relu"]
@@ -200,5 +205,5 @@ def test_compile_2_4_linear_for_cuda(tmp_path):
     assert MMA_SP in (tmp_path / "pkg" / "kernels.cu").read_text()
     # a GPU without sparse tensor cores keeps the dense schedules
     turing = api.compile(tmp_path / "m.onnx", tmp_path / "pkg75",
-                         target='{"kind": "cuda", "arch": "sm_75"}')
+                         target='{"kind": "cuda", "arch": "sm_75"}', precision="bf16")
     assert mma_sp.NAME not in json.dumps(turing["compile"]["decisions"])

@@ -38,9 +38,10 @@ class TargetSpec:
     triple: str | None = None
     #: where the kernels run: ``cpu``, or ``cuda`` (the host code then only launches them)
     device: str = "cpu"
-    #: whether the target opts in to bf16 AMX tile kernels (lossy): ``x86-amx`` does; a CPU
-    #: with AMX named any other way (``host`` on Sapphire Rapids, raw JSON) keeps fp32
-    amx: bool = False
+    #: the default precision of its kernels: "fp32", or "bf16" (kernels that round their
+    #: inputs to bf16 may be chosen: AMX tiles). ``x86-amx`` is the one bf16 target; any
+    #: other, a CPU with AMX included, takes bf16 only when asked (``--precision bf16``)
+    precision: str = "fp32"
 
     @property
     def native(self) -> bool:
@@ -60,7 +61,8 @@ class TargetSpec:
     def amx_emulated_here(self) -> bool:
         """Whether this x86-64 target's AMX tile kernels cannot run on this CPU, so that its
         reference check runs them with their tile ops emulated (``kernels/amx.py``)."""
-        return self.amx and self.native and self.device == "cpu" and not self.runs_here
+        return (self.native and self.device == "cpu" and "amx_bf16" in self.cpu_flags
+                and not self.runs_here)
 
     @property
     def why_not_here(self) -> str:
@@ -338,7 +340,7 @@ def resolve_target(name: str) -> TargetSpec:
             description=f"x86-64 with AMX bf16 tiles (Sapphire Rapids or newer): matmuls and "
                         f"convs in bf16 with fp32 sums, the rest AVX-512, {cores} cores",
             channel_multiple=16,
-            amx=True,
+            precision="bf16",
         )
     if name == "cuda":
         arch = _local_cuda_arch()

@@ -268,7 +268,7 @@ def ptxas_resources(log: str) -> dict[str, dict]:
 
 def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | Path,
                  log: Callable[[str], None] = print,
-                 emulation_lib: str | Path | None = None) -> dict:
+                 emulation_lib: str | Path | None = None, precision: str | None = None) -> dict:
     """Compile ``model`` for a CUDA target: the library at ``lib_path`` and, beside it,
     ``kernels.cu`` and ``kernels.fatbin`` (module docstring). Returns the manifest's facts,
     as :func:`sparsec.targets.host.compile_onnx` does, with ``cuda``: arch, nvcc's version,
@@ -282,6 +282,7 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
     from tvm import relax
 
     from sparsec.targets.host import atomic_path, compile_facts, import_onnx, native_stderr_to
+    from sparsec.targets.kernels import common
 
     tool = nvcc()   # before any work: a missing toolkit is the user's first error
     tvm_target = tvm.target.Target(dict(target.tvm_target))
@@ -294,7 +295,8 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
         + ("; the same schedules for this CPU, threads serialized, to check them"
            if emulation_lib is not None else ""))
     with native_stderr_to(log), tvm_target, compile_callback(arch):
-        scheduled = schedule(mod, tvm_target, counts, decisions)
+        with common.precision(precision or target.precision):   # bf16: mma.sp for 2:4
+            scheduled = schedule(mod, tvm_target, counts, decisions)
         ex = relax.build(lower(scheduled, tvm_target), tvm_target, relax_pipeline=None)
         if emulation_lib is not None:
             relax.build(emulation_module(scheduled), tvm.target.Target({"kind": "llvm"}),

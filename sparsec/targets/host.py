@@ -172,7 +172,8 @@ def import_onnx(model: "onnx.ModelProto") -> "ir.IRModule":
 
 def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | Path,
                  log: Callable[[str], None] = print, *, static_lib: str | Path | None = None,
-                 system_lib_prefix: str = "", tuned: "bool | tuning.Cache" = True) -> dict:
+                 system_lib_prefix: str = "", tuned: "bool | tuning.Cache" = True,
+                 precision: str | None = None) -> dict:
     """Compile a static-shaped ONNX model to a shared library at ``lib_path``, and with
     ``static_lib`` also to a static archive for system-lib linking, whose symbols and VM
     executable register under ``system_lib_prefix`` (so that several models link into one
@@ -189,12 +190,15 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
     ``targets/tuning.py``; or in the ``tuning.Cache`` given) are built with their
     measured-best knobs.
 
+    ``precision`` ("fp32", "bf16"; default: the target's, ``TargetSpec.precision``) says
+    whether kernels that round their inputs to bf16 (AMX tiles) may be chosen.
+
     A CUDA target goes to :func:`sparsec.targets.cuda.compile_onnx` (no static archive).
     """
     if target.device == "cuda":
         from sparsec.targets import cuda
 
-        return cuda.compile_onnx(model, target, lib_path, log)
+        return cuda.compile_onnx(model, target, lib_path, log, precision=precision)
     import tvm
     from tvm import relax
 
@@ -207,12 +211,12 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
     log(f"compiling for {target.name} ({target.description})")
     from sparsec.targets import tuning
 
-    from sparsec.targets.kernels import amx
+    from sparsec.targets.kernels import common
 
     cache = tuned if isinstance(tuned, tuning.Cache) else tuning.Cache() if tuned else None
     with native_stderr_to(log):
         with tvm_target, tuning.using(cache, dict(target.tvm_target)), (
-                amx.enabled() if target.amx else contextlib.nullcontext()):
+                common.precision(precision or target.precision)):
             lowered = build_pipeline(tvm_target, cores, decisions, counts)(mod)
         if any("tuned" in d for d in decisions):
             log(f"{sum('tuned' in d for d in decisions)} kernels built with tuned knobs "

@@ -316,13 +316,12 @@ def kernels_of(model: "onnx.ModelProto", target: "TargetSpec", alternatives: lis
     from sparsec.targets.kernels.common import STRATEGY_ATTR
     from sparsec.targets.kernels.rewrite import rewrite_pass
 
-    from sparsec.targets.kernels import amx
+    from sparsec.targets.kernels import common
 
     cores = int(target.tvm_target.get("num-cores", os.cpu_count() or 1))
     token = _ALTERNATIVES.set(alternatives)
     try:
-        with tvm.target.Target(dict(target.tvm_target)), (
-                amx.enabled() if target.amx else contextlib.nullcontext()):
+        with tvm.target.Target(dict(target.tvm_target)), common.precision(target.precision):
             mod = tvm.transform.Sequential([rewrite_pass(cores, []),
                                             relax.transform.DeadCodeElimination()])(
                 import_onnx(model))

@@ -92,11 +92,12 @@ STRATEGIES: tuple[StrategyInfo, ...] = (
                  "of the dense weight bytes (a bytes rule: the regime is memory-bound)",
                  device="cuda"),
     StrategyInfo("mma_sp_cuda", "relax.matmul", 2.0,
-                 "CUDA sm_80+, more than 8 rows: constant W with 2:4 zeros along K on sparse "
-                 "tensor cores (mma.sp m16n8k32, bf16 inputs, fp32 sums; lossy): W's kept "
-                 "values and metadata packed per lane at compile time, a warp per 16 output "
-                 "channels x up to 32 tokens. Its efficiency is against the CPU peak the rule "
-                 "assumes, as every CUDA strategy's: it beats DLight's dense schedules",
+                 "CUDA sm_80+, more than 8 rows, --precision bf16: constant W with 2:4 zeros "
+                 "along K on sparse tensor cores (mma.sp m16n8k32, bf16 inputs, fp32 sums): "
+                 "W's kept values and metadata packed per lane at compile time, a warp per 16 "
+                 "output channels x up to 32 tokens. Its efficiency is against the CPU peak "
+                 "the rule assumes, as every CUDA strategy's: it beats DLight's dense "
+                 "schedules",
                  device="cuda"),
     StrategyInfo(FALLBACK, "*", 0.02,
                  "LegalizeOps + FuseOps, then DLight rules (CPU: or a parallel+vectorize "

@@ -57,7 +57,8 @@ import contextvars
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sparsec.targets.kernels.common import Activation, epilogue_func, finish
+from sparsec.targets.kernels.common import (Activation, bf16_allowed, epilogue_func, finish,
+                                            precision)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -74,44 +75,38 @@ TILES = 8        # tile registers
 #: LLVM CPU features the real (not emulated) kernel needs
 FEATURES = ("amx-tile", "amx-bf16")
 
-#: None: no AMX kernels; "hardware": on targets with AMX bf16; "emulated": anywhere, tile ops
-#: as TIR loops
-_MODE: contextvars.ContextVar[str | None] = contextvars.ContextVar("sparsec_amx", default=None)
+_EMULATE: contextvars.ContextVar[bool] = contextvars.ContextVar("sparsec_amx_emulate",
+                                                                default=False)
 
 
 @contextlib.contextmanager
-def enabled(emulate: bool = False):
-    """Within the block, the kernel rewrite offers the AMX kernels: for a target that has AMX
-    bf16 (the ``x86-amx`` target opts in: bf16 is lossy, so a CPU having AMX is not enough),
-    or with ``emulate`` on any LLVM target, the tile ops built as TIR loops (module
-    docstring): the same tile program, runnable here."""
-    token = _MODE.set("emulated" if emulate else "hardware")
-    try:
-        yield
-    finally:
-        _MODE.reset(token)
-
-
 def emulated():
-    """``enabled(emulate=True)``."""
-    return enabled(emulate=True)
+    """Within the block, AMX kernels are offered on any LLVM target, built with their tile ops
+    as TIR loops (module docstring): the same tile program, runnable here. (It implies the
+    bf16 precision.)"""
+    token = _EMULATE.set(True)
+    try:
+        with precision("bf16"):
+            yield
+    finally:
+        _EMULATE.reset(token)
 
 
 def emulating() -> bool:
-    return _MODE.get() == "emulated"
+    return _EMULATE.get()
 
 
 def available() -> bool:
-    """Whether AMX kernels are enabled and the target being compiled for has AMX bf16 (or
-    the tile ops are emulated)."""
+    """Whether the compile allows bf16 (``--precision bf16``; the ``x86-amx`` target's
+    default) and the target being compiled for has AMX bf16, or the tile ops are emulated."""
     import tvm
 
     from sparsec.targets import llvm_features
 
-    if _MODE.get() is None:
-        return False
     if emulating():
         return True
+    if not bf16_allowed():
+        return False
     target = tvm.target.Target.current(allow_none=True)
     if target is None or target.kind.name != "llvm":
         return False

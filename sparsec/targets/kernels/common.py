@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -18,6 +20,29 @@ OPAQUE_PATTERN = 8
 
 #: fp32 lanes of one AVX2 ymm register.
 VEC_LANES = 8
+
+#: the compile's precision: "fp32" (exact kernels only) or "bf16" (kernels that round their
+#: inputs to bf16 may be chosen: AMX tiles, sparse tensor cores)
+PRECISIONS = ("fp32", "bf16")
+_PRECISION: contextvars.ContextVar[str] = contextvars.ContextVar("sparsec_precision",
+                                                                 default="fp32")
+
+
+@contextlib.contextmanager
+def precision(name: str):
+    """Within the block, the kernel rewrite may choose kernels of precision ``name``."""
+    if name not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {name!r}")
+    token = _PRECISION.set(name)
+    try:
+        yield
+    finally:
+        _PRECISION.reset(token)
+
+
+def bf16_allowed() -> bool:
+    """Whether the compile allows bf16 kernels (:func:`precision`)."""
+    return _PRECISION.get() == "bf16"
 
 
 def wide_vectors() -> bool:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from sparsec.targets import kernels, tuning
 from sparsec.targets.kernels import (amx, batch_matmul, bsr, conv2d, dense, depthwise,
                                      dw_pointwise, mma_sp, pointwise, sparse_cuda)
-from sparsec.targets.kernels.common import Activation
+from sparsec.targets.kernels.common import Activation, bf16_allowed
 
 if TYPE_CHECKING:
     import numpy as np
@@ -566,6 +566,8 @@ def _match_mma_sp(lin: _Linear) -> list[tuple[Plan, dict]] | None:
     target = tvm.target.Target.current(allow_none=True)
     arch = re.fullmatch(r"sm_(\d+)[af]?", str(target.attrs.get("arch", ""))) if target else None
     if arch is None or int(arch.group(1)) < mma_sp.MIN_ARCH or not mma_sp.is_2_4(lin.w):
+        return None
+    if not bf16_allowed():      # lossy: with --precision bf16 only
         return None
     m, k, n, dtype = lin.m, lin.k, lin.n, lin.dtype
     p = mma_sp.plan(m, k, n)
