@@ -463,6 +463,10 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
         expected = reference.run(proto, feeds)
         write_reference(tmp / "reference", inputs, outputs, feeds, expected)
         rtol, atol = tolerance(facts)
+        if precision == "bf16" and rtol != RTOL_BF16:
+            log("note: --precision bf16, but no kernel computes in bf16 for this model and "
+                "target (bf16 kernels: AMX tiles on CPUs with AMX; sparse tensor cores for 2:4 "
+                "weights with more than 8 rows, sm_80+); the package is fp32")
         (tmp / header_name(name)).write_text(c_header(
             name, prefix, inputs, outputs, atol, rtol,
             f"{Path(source).name} compiled for {spec.name} ({facts['tvm_version']})",

@@ -499,6 +499,13 @@ def test_amx_is_opt_in(target, tmp_path):
     with pytest.raises(api.BadOptionError, match="--precision takes fp32 or bf16"):
         api.compile(tmp_path / "mlp.onnx", target=target, output_dir=tmp_path / "x",
                     precision="fp16")
+    if target == "host" and not HERE:      # bf16 asked for, but no bf16 kernel applies
+        logs: list[str] = []
+        manifest = api.compile(tmp_path / "mlp.onnx", target=target,
+                               output_dir=tmp_path / "bf16", precision="bf16", log=logs.append)
+        assert manifest["reference"]["rtol"] == api.RTOL
+        assert manifest["compile"]["precision"] == "bf16"
+        assert any("no kernel computes in bf16" in line for line in logs)
     if "sapphirerapids" in target and not HERE:
         manifest = api.compile(tmp_path / "mlp.onnx", target=target,
                                output_dir=tmp_path / "bf16", precision="bf16")
