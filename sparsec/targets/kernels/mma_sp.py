@@ -66,10 +66,13 @@ def is_2_4(w_kn: "np.ndarray") -> bool:
 
 @dataclass(frozen=True)
 class Plan:
+    """Geometry: ``nt`` token tiles of 8 per warp; K padded to whole K steps of 32, N (output
+    channels) to whole blocks of WARPS x 16, M (tokens) to whole warp tiles."""
+
     m: int
     k: int
     n: int
-    nt: int     # token tiles per warp
+    nt: int
 
     @property
     def kp(self) -> int:
@@ -85,6 +88,8 @@ class Plan:
 
 
 def plan(m: int, k: int, n: int) -> Plan:
+    """Up to MAX_N_TILES token tiles per warp: each A fragment (weights) feeds that many
+    ``mma.sp``."""
     return Plan(m, k, n, min(MAX_N_TILES, -(-m // TILE_N)))
 
 
@@ -115,7 +120,7 @@ def pack_weight(w_kn: "np.ndarray", p: Plan) -> tuple["np.ndarray", "np.ndarray"
     words = bits[..., 0::2] | (bits[..., 1::2] << 16)
     # metadata word q*2 + h: rows q (bits 0-15) and q+8 (16-31), values 8h .. 8h+7
     q, h, j = np.arange(8)[:, None, None], np.arange(2)[None, :, None], np.arange(8)
-    shifts = np.uint32(2) * (j + np.zeros((8, 2, 8), int)).astype(np.uint32)
+    shifts = (2 * j).astype(np.uint32)                       # 2 bits per kept value
     low = (where[:, :, q, 8 * h + j] << shifts).sum(axis=-1, dtype=np.uint64)
     high = (where[:, :, q + 8, 8 * h + j] << shifts).sum(axis=-1, dtype=np.uint64)
     meta = (low | (high << 16)).astype(np.uint32).reshape(ob, ks, 16)
