@@ -189,10 +189,14 @@ def test_compile_2_4_linear_for_cuda(tmp_path):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 10
     onnx.save(model, str(tmp_path / "m.onnx"))
-    # fp32 by default: the 2:4 layer stays on DLight's exact schedules
-    exact = api.compile(tmp_path / "m.onnx", tmp_path / "fp32", target="cuda-sm80")
+    # fp32 by default: the 2:4 layer stays on DLight's exact schedules, with a hint
+    logs: list[str] = []
+    exact = api.compile(tmp_path / "m.onnx", tmp_path / "fp32", target="cuda-sm80",
+                        log=logs.append)
     assert mma_sp.NAME not in exact["compile"]["kernels"]
     assert exact["reference"]["rtol"] == api.RTOL
+    assert "--precision bf16" in exact["compile"]["decisions"][0]["hint"]
+    assert any(line.startswith("hint (1 of the matmuls): 2:4 weight") for line in logs)
     manifest = api.compile(tmp_path / "m.onnx", tmp_path / "pkg", target="cuda-sm80",
                            precision="bf16")
     (decision,) = manifest["compile"]["decisions"]

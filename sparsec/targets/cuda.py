@@ -301,6 +301,9 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
         if emulation_lib is not None:
             relax.build(emulation_module(scheduled), tvm.target.Target({"kind": "llvm"}),
                         relax_pipeline=None).export_library(str(emulation_lib))
+    hints = [d["hint"] for d in decisions if "hint" in d]
+    if hints:
+        log(f"hint ({len(hints)} of the matmuls): {hints[0]}")
     source = kernel_source(ex)
     fcompile = None
     if not target.native:

@@ -86,6 +86,9 @@ class _Analysis:
         for var, value in self.bindings.items():
             for v in relax.analysis.free_vars(value):
                 self.users.setdefault(v, []).append(var)
+        #: what a matcher would tell the user about the op being planned (a faster kernel
+        #: an option would allow): goes to its decision as ``hint``
+        self.hint: str | None = None
 
     def const(self, expr: "relax.Expr") -> "np.ndarray | None":
         """The value of ``expr`` when it is a constant or a transpose/reshape of one."""
@@ -529,7 +532,7 @@ def _match_sparse_cuda(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dic
     if lin is None:
         return None
     if lin.m > sparse_cuda.MAX_ROWS:
-        return _match_mma_sp(lin)
+        return _match_mma_sp(a, lin)
     w, m, k, n, dtype = lin.w, lin.m, lin.k, lin.n, lin.dtype
     fmt = sparse_cuda.plan(w)
     dense_bytes = w.size * w.itemsize
@@ -556,9 +559,9 @@ def _match_sparse_cuda(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dic
     return [(plan, {"macs": m * fmt.kept * n})]
 
 
-def _match_mma_sp(lin: _Linear) -> list[tuple[Plan, dict]] | None:
-    """``mma_sp_cuda`` for ``lin`` when W is 2:4 along K and the GPU has sparse tensor
-    cores (sm_80+)."""
+def _match_mma_sp(a: _Analysis, lin: _Linear) -> list[tuple[Plan, dict]] | None:
+    """``mma_sp_cuda`` for ``lin`` when W is 2:4 along K, the GPU has sparse tensor cores
+    (sm_80+) and the compile allows bf16 (else a hint that it would)."""
     import re
 
     import tvm
@@ -568,6 +571,7 @@ def _match_mma_sp(lin: _Linear) -> list[tuple[Plan, dict]] | None:
     if arch is None or int(arch.group(1)) < mma_sp.MIN_ARCH or not mma_sp.is_2_4(lin.w):
         return None
     if not bf16_allowed():      # lossy: with --precision bf16 only
+        a.hint = "2:4 weight: --precision bf16 runs it on sparse tensor cores (mma_sp_cuda)"
         return None
     m, k, n, dtype = lin.m, lin.k, lin.n, lin.dtype
     p = mma_sp.plan(m, k, n)
@@ -698,6 +702,7 @@ def plan_function(func: "relax.Function", cores: int, mod: "ir.IRModule | None" 
         matcher = matchers.get(call.op.name)
         if matcher is None:
             continue
+        a.hint = None
         try:
             matched = matcher(a, call)
         except Exception:  # noqa: BLE001 - odd attrs: let the generic path handle it
@@ -708,6 +713,8 @@ def plan_function(func: "relax.Function", cores: int, mod: "ir.IRModule | None" 
         name, why = kernels.choose(call.op.name, macs, cores,
                                    {s: c["macs"] for s, (_, c) in found.items()})
         decision = {"op": call.op.name.removeprefix("relax."), **why}
+        if a.hint:
+            decision["hint"] = a.hint
         alternatives = [(s, p.shape) for s, (p, _) in found.items()]
         measured = tuning.measured_choice(alternatives) if len(alternatives) > 1 else None
         if measured in found:
