@@ -467,10 +467,13 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
             log("note: --precision bf16, but no kernel computes in bf16 for this model and "
                 "target (bf16 kernels: AMX tiles on CPUs with AMX; sparse tensor cores for 2:4 "
                 "weights with more than 8 rows, sm_80+); the package is fp32")
-        (tmp / header_name(name)).write_text(c_header(
-            name, prefix, inputs, outputs, atol, rtol,
-            f"{Path(source).name} compiled for {spec.name} ({facts['tvm_version']})",
-            spec.device))
+        about = f"{Path(source).name} compiled for {spec.name} ({facts['tvm_version']})"
+
+        def write_header(rtol: float) -> None:
+            (tmp / header_name(name)).write_text(c_header(
+                name, prefix, inputs, outputs, atol, rtol, about, spec.device))
+
+        write_header(rtol)
         check, via = None, "native"
         try:
             runner = _load_runner(spec, tmp, name, inputs, outputs, log, facts.get("cuda"))
@@ -501,10 +504,7 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
             _raise_if_mismatch(check)
             if bf16:    # the device check: the binary must match at the fidelity found here
                 rtol = device_rtol(check)
-                (tmp / header_name(name)).write_text(c_header(
-                    name, prefix, inputs, outputs, atol, rtol,
-                    f"{Path(source).name} compiled for {spec.name} ({facts['tvm_version']})",
-                    spec.device))
+                write_header(rtol)
         manifest = {
             "format": FORMAT,
             "name": name,
