@@ -203,14 +203,15 @@ def test_tuner_times_sparse_kernels_on_a_consistent_weight():
     from sparsec.targets import tuning
 
     shape = {"m": 1, "k": 100, "n": 40, "nnz": 700, "dtype": "float32"}
-    with amx.emulated():
-        func = tuning.build(amx.SPARSE_NAME, shape, None, bias=True, act=RELU)
-    _, values, masks, offsets, _, _ = (a.numpy() for a in tuning._random_args(func))
-    sw = amx.SparseWeight(values, masks, offsets)
-    assert sw.nnz == 700 and np.count_nonzero(amx.unpack_sparse(sw)) == 700
-    counts = [bin(int(v)).count("1") for v in masks.reshape(-1)]
-    assert list(offsets.reshape(-1)) == list(np.cumsum([0] + counts)[:-1].reshape(-1)[::16])
-    assert tuning.time_kernel(func, {"kind": "llvm"}, min_ms=1) > 0
+    for knobs in tuning._variants(amx.SPARSE_NAME, shape):     # each tile block's own grid
+        with amx.emulated():
+            func = tuning.build(amx.SPARSE_NAME, shape, knobs, bias=True, act=RELU)
+        _, values, masks, offsets, _, _ = (a.numpy() for a in tuning._random_args(func))
+        sw = amx.SparseWeight(values, masks, offsets)
+        assert sw.nnz == 700 and np.count_nonzero(amx.unpack_sparse(sw)) == 700
+        counts = [bin(int(v)).count("1") for v in masks.reshape(-1)]
+        assert list(offsets.reshape(-1)) == list(np.cumsum([0] + counts)[:-1][::16])
+        assert tuning.time_kernel(func, {"kind": "llvm"}, min_ms=1) > 0
 
 
 @pytest.mark.parametrize("m,k,n,density", [

@@ -254,15 +254,17 @@ def _random_args(func: "tirx.PrimFunc") -> list:
     import numpy as np
     import tvm
 
-    rng = np.random.default_rng(0)
     from sparsec.targets.kernels.common import STRATEGY_ATTR
 
+    rng = np.random.default_rng(0)
     if str(func.attrs.get(STRATEGY_ATTR, "")) == "sparse_amx_bf16":
-        # its masks, offsets and values must agree (random ones would read out of bounds)
+        # its masks, offsets and values must agree (random ones would read out of bounds);
+        # the tile grid is the masks' (params X, values, masks, offsets, ...)
         from sparsec.targets.kernels import amx
 
         shape = json.loads(str(func.attrs[SHAPE_ATTR]))
-        sw = amx.random_sparse(amx.plan(shape["m"], shape["k"], shape["n"]), shape["nnz"])
+        grid = [int(d) for d in func.params[2].ty.shape[:2]]
+        sw = amx.random_sparse(*grid, shape["nnz"])
         arrays = [rng.standard_normal((shape["m"], shape["k"])).astype("float32"),
                   sw.values, sw.masks, sw.offsets]
         arrays += [rng.standard_normal([int(d) for d in p.ty.shape]).astype(str(p.ty.dtype))

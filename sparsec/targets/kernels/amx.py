@@ -243,13 +243,14 @@ def compress_tiles(tiles: "np.ndarray") -> SparseWeight:
     return SparseWeight(values.astype(np.uint16), masks, offsets.astype(np.int32))
 
 
-def random_sparse(p: Plan, nnz: int, seed: int = 0) -> SparseWeight:
-    """A compressed weight for ``p`` with exactly ``nnz`` kept values at random places (what
-    the tuner times a ``sparse_amx_bf16`` kernel with: its masks and offsets must agree)."""
+def random_sparse(col_tiles: int, k_tiles: int, nnz: int, seed: int = 0) -> SparseWeight:
+    """A compressed weight of ``col_tiles`` x ``k_tiles`` tiles with exactly ``nnz`` kept
+    values at random places (what the tuner times a ``sparse_amx_bf16`` kernel with: its
+    masks and offsets must agree)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    shape = (p.np_ // TILE_N, p.kp // TILE_K, TILE_K // 2, TILE_K)
+    shape = (col_tiles, k_tiles, TILE_K // 2, TILE_K)
     flat = np.zeros(int(np.prod(shape)), np.uint16)
     flat[rng.choice(flat.size, size=nnz, replace=False)] = bf16_bits(
         rng.uniform(0.5, 1.5, nnz).astype(np.float32))
