@@ -443,15 +443,15 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
             facts = compile_onnx(proto, spec, tmp / LIBRARY, log=log,
                                  static_lib=tmp / archive_name(name), system_lib_prefix=prefix,
                                  precision=precision)
-            if spec.amx_emulated_here and tolerance(facts)[0] == RTOL_BF16:
-                from sparsec.targets import resolve_target as resolve
+            bf16 = uses_bf16(facts)
+            if spec.amx_emulated_here and bf16:
                 from sparsec.targets.kernels import amx
 
                 # the same tile programs, runnable on this CPU
                 log("building the AMX tile kernels with emulated tile ops for this CPU's check")
                 emulation = scratch / "emulation.so"
                 with amx.emulated():
-                    compile_onnx(proto, resolve("host"), emulation, log=_quiet, tuned=False,
+                    compile_onnx(proto, resolve_target("host"), emulation, log=_quiet, tuned=False,
                                  precision="bf16")
         else:
             from sparsec.targets import cuda
@@ -459,11 +459,12 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
             emulation = None if spec.runs_here else scratch / "emulation.so"
             facts = cuda.compile_onnx(proto, spec, tmp / LIBRARY, log, emulation_lib=emulation,
                                       precision=precision)
+            bf16 = uses_bf16(facts)
         feeds = {s["name"]: result.sample[s["name"]] for s in inputs}
         expected = reference.run(proto, feeds)
         write_reference(tmp / "reference", inputs, outputs, feeds, expected)
         rtol, atol = tolerance(facts)
-        if precision == "bf16" and rtol != RTOL_BF16:
+        if precision == "bf16" and not bf16:
             log("note: --precision bf16, but no kernel computes in bf16 for this model and "
                 "target (bf16 kernels: AMX tiles on CPUs with AMX; sparse tensor cores for 2:4 "
                 "weights with more than 8 rows, sm_80+); the package is fp32")
@@ -493,7 +494,6 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
                     f"{where} with sparsec validate")
                 runner = load_library(emulation, [s["name"] for s in inputs])
                 runner.via = "amx-tiles-emulated-on-cpu" if on_cpu else "cuda-schedules-on-cpu"
-        bf16 = (rtol, atol) == (RTOL_BF16, ATOL_BF16)
         min_cosine = BF16_MIN_COSINE if bf16 else None
         if runner is not None:
             via = runner.via
@@ -590,12 +590,15 @@ BF16_MIN_COSINE = 0.99
 BF16_MARGIN = 1.5
 
 
+def uses_bf16(facts: dict) -> bool:
+    """Whether a kernel of the compiled library computes in bf16 (its decision says
+    ``precision``)."""
+    return any(d.get("precision") == "bf16" for d in facts.get("decisions", []))
+
+
 def tolerance(facts: dict) -> tuple[float, float]:
-    """(rtol, atol) a compiled library is checked with: looser when a kernel computes in bf16
-    (the compile facts' decisions say ``precision``)."""
-    if any(d.get("precision") == "bf16" for d in facts.get("decisions", [])):
-        return RTOL_BF16, ATOL_BF16
-    return RTOL, ATOL
+    """(rtol, atol) a compiled library is checked with: looser when a kernel computes in bf16."""
+    return (RTOL_BF16, ATOL_BF16) if uses_bf16(facts) else (RTOL, ATOL)
 
 
 def _load_runner(spec, directory: Path, name: str, inputs: list[dict], outputs: list[dict],

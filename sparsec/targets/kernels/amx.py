@@ -140,6 +140,30 @@ def bf16_bits_expr(value: "tirx.PrimExpr") -> "tirx.PrimExpr":
     return (u + tirx.IntImm("uint32", 0x7FFF) + ((u >> 16) & tirx.IntImm("uint32", 1))) >> 16
 
 
+def bf16_or_zero(value: "tirx.PrimExpr", inside: "tirx.PrimExpr", dtype: str = "uint32"
+                 ) -> "tirx.PrimExpr":
+    """The bf16 bits of ``value`` as ``dtype`` where ``inside`` holds, else 0 (the padding of
+    a staged operand; ``value``'s load index must be clamped in bounds all the same: the
+    vectorized stage evaluates both sides)."""
+    from tvm import tirx
+
+    return tirx.if_then_else(inside, tirx.Cast(dtype, bf16_bits_expr(value)),
+                             tirx.IntImm(dtype, 0))
+
+
+def _bf16_rows(x, m: int, k: int, mp: int, kp: int, name: str):
+    """The stage of a run-time A operand ``x[..., M, K]``: bf16 bits ``[..., MP, KP]``, zero
+    padded."""
+    from tvm import te, tirx
+
+    def bits(*index):
+        *lead, i, kk = index
+        return bf16_or_zero(x[(*lead, tirx.min(i, m - 1), tirx.min(kk, k - 1))],
+                            tirx.all(i < m, kk < k), "uint16")
+
+    return te.compute((*x.shape[:-2], mp, kp), bits, name=name)
+
+
 @dataclass(frozen=True)
 class Plan:
     """Tile geometry: ``rows`` per tile (16, or M when M < 16), and a task's block of ``mt``
@@ -167,6 +191,11 @@ class Plan:
     @property
     def tasks(self) -> tuple[int, int]:
         return self.mp // (self.rows * self.mt), self.np_ // (TILE_N * self.nt)
+
+    def tile_rows(self, t: int) -> int:
+        """Rows of tile register ``t``: C and A tiles (the first mt*nt + mt) hold ``rows``
+        rows; B tiles, and the unused ones, 16 pair rows of K."""
+        return TILE_K // 2 if t >= self.mt * self.nt + self.mt else self.rows
 
 
 def report(p: Plan) -> dict:
@@ -290,10 +319,9 @@ class _HardwareTiles:
         for i in range(64):
             cfg[i] = _u8(0)
         cfg[0] = _u8(1)
-        p = self.p
         for t in range(TILES):
             cfg[16 + 2 * t] = _u8(64)                         # bytes per row (low byte)
-            cfg[48 + t] = _u8(TILE_K // 2 if t >= p.mt * p.nt + p.mt else p.rows)
+            cfg[48 + t] = _u8(self.p.tile_rows(t))
         self._intrin("ldtilecfg", _address(cfg, 0))
 
     def zero(self, t: int) -> None:
@@ -339,15 +367,11 @@ class _EmulatedTiles:
                                                   scope="local"))
         self.acc = T.buffer_proxy(T.alloc_buffer([TILES, MAX_ROWS, TILE_N], "float32",
                                                  scope="local"))
-        self.rows = {}
-        p = self.p
-        for t in range(TILES):
-            self.rows[t] = TILE_K // 2 if t >= p.mt * p.nt + p.mt else p.rows
 
     def zero(self, t: int) -> None:
         from tvm.script.ir_builder import tirx as T
 
-        with T.grid(self.rows[t], TILE_N) as (r, c):
+        with T.grid(self.p.tile_rows(t), TILE_N) as (r, c):
             self.acc[t, r, c] = _f32(0.0)
 
     def load(self, t: int, buf, index, stride_bytes: int) -> None:
@@ -357,13 +381,13 @@ class _EmulatedTiles:
 
         flat = T.buffer_proxy(_flat_view(buf, "uint16"))
         start = _flat_offset(buf, index, "uint16")
-        with T.grid(self.rows[t], TILE_K) as (r, c):
+        with T.grid(self.p.tile_rows(t), TILE_K) as (r, c):
             self.bits[t, r, c] = flat[start + r * (stride_bytes // 2) + c]
 
     def dot(self, c: int, a: int, b: int) -> None:
         from tvm.script.ir_builder import tirx as T
 
-        with T.grid(self.rows[c], TILE_K // 2, TILE_N) as (r, kp, n):
+        with T.grid(self.p.tile_rows(c), TILE_K // 2, TILE_N) as (r, kp, n):
             for j in range(2):
                 self.acc[c, r, n] = self.acc[c, r, n] + (
                     _as_f32(self.bits[a, r, 2 * kp + j]) * _as_f32(self.bits[b, kp, 2 * n + j]))
@@ -373,7 +397,7 @@ class _EmulatedTiles:
 
         flat = T.buffer_proxy(_flat_view(buf, "float32"))
         start = _flat_offset(buf, index, "float32")
-        with T.grid(self.rows[t], TILE_N) as (r, c):
+        with T.grid(self.p.tile_rows(t), TILE_N) as (r, c):
             flat[start + r * (stride_bytes // 4) + c] = self.acc[t, r, c]
 
     def end(self) -> None:
@@ -533,7 +557,7 @@ def build(m: int, k: int, n: int, dtype: str = "float32", bias: bool = False,
     ``sparse_amx_bf16``, whose W is the three arrays of :func:`pack_sparse` (values of
     ``nnz`` kept weights, masks, offsets) in Wp's place. ``emulate`` (default: the
     :func:`emulated` context) swaps the AMX instructions for their TIR twins."""
-    from tvm import s_tir, te, tirx
+    from tvm import s_tir, te
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
 
@@ -553,13 +577,7 @@ def build(m: int, k: int, n: int, dtype: str = "float32", bias: bool = False,
     b = te.placeholder((n,), dtype, name="B") if bias else None
     res = te.placeholder((m, n), dtype, name="R") if residual else None
 
-    def to_bf16(i, kk):
-        # the load index is clamped, so the vectorized stage never reads past X
-        r = bf16_bits_expr(x[tirx.min(i, m - 1), tirx.min(kk, k - 1)])
-        return tirx.if_then_else(tirx.all(i < m, kk < k), tirx.Cast("uint16", r),
-                                 tirx.IntImm("uint16", 0))
-
-    xb = te.compute((p.mp, p.kp), to_bf16, name="Xb")
+    xb = _bf16_rows(x, m, k, p.mp, p.kp, "Xb")
 
     def tile_program(ins, outs):
         with IRBuilder() as ib:
@@ -668,8 +686,8 @@ def build_conv(s: "ConvShape", dtype: str = "float32", bias: bool = False,
         def bits(kk):
             ci, tap = tirx.min(kk // taps, s.ic - 1), kk % taps
             iy = tirx.min(oy, oh - 1) * sh + (tap // s.kw) * dh
-            v = bf16_bits_expr(xpad[img, ci, iy, ox * sw + (tap % s.kw) * dw])
-            return tirx.if_then_else(tirx.all(kk < p.k, oy < oh), v, tirx.IntImm("uint32", 0))
+            return bf16_or_zero(xpad[img, ci, iy, ox * sw + (tap % s.kw) * dw],
+                                tirx.all(kk < p.k, oy < oh))
 
         return bits(kk2 * 2) | (bits(kk2 * 2 + 1) << 16)
 
@@ -725,20 +743,15 @@ def build_batch(batch: int, m: int, k: int, n: int, dtype: str = "float32", bias
     bias_t = te.placeholder((n,), dtype, name="B") if bias else None
     res = te.placeholder((batch, m, n), dtype, name="R") if residual else None
 
-    def a_bits(bi, i, kk):
-        r = bf16_bits_expr(a[bi, tirx.min(i, m - 1), tirx.min(kk, k - 1)])
-        return tirx.if_then_else(tirx.all(i < m, kk < k), tirx.Cast("uint16", r),
-                                 tirx.IntImm("uint16", 0))
-
     def b_word(bi, kk2, j):
         def bits(kk):
             c, r = tirx.min(j, n - 1), tirx.min(kk, k - 1)
-            v = bf16_bits_expr(b_in[bi, c, r] if b_transposed else b_in[bi, r, c])
-            return tirx.if_then_else(tirx.all(kk < k, j < n), v, tirx.IntImm("uint32", 0))
+            return bf16_or_zero(b_in[bi, c, r] if b_transposed else b_in[bi, r, c],
+                                tirx.all(kk < k, j < n))
 
         return bits(kk2 * 2) | (bits(kk2 * 2 + 1) << 16)
 
-    ab = te.compute((batch, p.mp, p.kp), a_bits, name="Ab")
+    ab = _bf16_rows(a, m, k, p.mp, p.kp, "Ab")
     bw = te.compute((batch, p.kp // 2, p.np_), b_word, name="Bw")
 
     tile_program = _staged_program(

@@ -142,11 +142,11 @@ def _x_word(x, m: int, k: int, tok, col):
     nearest even; zero past M or K)."""
     from tvm import tirx
 
-    from sparsec.targets.kernels.amx import bf16_bits_expr
+    from sparsec.targets.kernels.amx import bf16_or_zero
 
     def bits(c):
-        r = bf16_bits_expr(x[tirx.min(tok, m - 1), tirx.min(c, k - 1)])
-        return tirx.if_then_else(tirx.all(tok < m, c < k), r, tirx.IntImm("uint32", 0))
+        return bf16_or_zero(x[tirx.min(tok, m - 1), tirx.min(c, k - 1)],
+                            tirx.all(tok < m, c < k))
 
     return bits(col) | (bits(col + 1) << 16)
 

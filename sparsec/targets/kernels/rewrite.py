@@ -212,8 +212,8 @@ def _match_dense(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | 
                 tiles = amx.plan(m, k, n, knobs.get("mt"), knobs.get("nt"))
                 if strategy == amx.NAME:
                     weights = [relax.const(amx.pack_weight(w, tiles))]
-                else:
-                    sw = amx.pack_sparse(w, tiles)
+                else:   # the bytes rule packed it for the default tiles already
+                    sw = compressed.get(tiles) or amx.pack_sparse(w, tiles)
                     weights = [relax.const(a) for a in (sw.values, sw.masks, sw.offsets)]
             else:
                 weights = [relax.const(dense.pack_weight(w, dense.lanes_for(m)))]
@@ -222,6 +222,7 @@ def _match_dense(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | 
         return emit
 
     info = {"op": "matmul", "shape": {"M": m, "K": k, "N": n}}
+    compressed: dict = {}      # sparse_amx_bf16's weight per tile plan
     rows = bsr.padded_rows(w)
     shapes = {dense.NAME: {"m": m, "k": k, "n": n, "dtype": dtype},
               bsr.NAME: {"m": m, "k": k, "n": n, "rows": rows, "dtype": dtype}}
@@ -240,7 +241,7 @@ def _match_dense(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | 
         plans.append((Plan(amx.NAME, emitter(amx.NAME), info=amx_info,
                            shape=shapes[amx.NAME]), {"macs": amx_macs}))
         if tiles.mt == 1 and tiles.rows == m:   # one row tile: bound by reading W
-            sw = amx.pack_sparse(w, tiles)
+            sw = compressed[tiles] = amx.pack_sparse(w, tiles)
             dense_bytes = amx.dense_bytes(tiles)
             if sw.nbytes * 4 <= dense_bytes * 3:   # the bytes rule, as nm_sparse_cuda's
                 shapes[amx.SPARSE_NAME] = {**shapes[dense.NAME], "nnz": sw.nnz}
