@@ -4,6 +4,7 @@ and ONNX Runtime (no mocks)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -461,6 +462,7 @@ def test_runner_accepts_unaligned_and_noncontiguous_inputs(host, tmp_path):
     dict(n=1, c=16, h=9, w=30, k=3, stride=2, pad=0, relu=True),           # no padding
     dict(n=1, c=9, h=20, w=20, k=3, stride=1, pad=2, dil=2, clip=(-0.5, None)),  # dilation
     dict(n=1, c=40, h=7, w=7, k=3, stride=1, pad=1, clip=(None, 1.0)),     # 7x7 map
+    dict(n=1, c=8, h=20, w=53, k=3, stride=3, pad=1),   # stride 3: 3 loads a phase vector
 ])
 def test_depthwise_conv_numerics(args, host, tmp_path):
     """Depthwise convs (groups = channels) get their own kernel, with the activation (ReLU,
@@ -577,8 +579,6 @@ def test_depthwise_pointwise_fused_other_targets(target, sparse, tmp_path):
 def test_pointwise_tasks_are_pixel_chunks():
     """1x1 conv tasks: (chunk of up to 256 pixels, panel), pixel-major; smaller chunks when a
     whole-map chunk would leave fewer than 8 tasks."""
-    import re
-
     import tvm
 
     from sparsec.targets.kernels import pointwise
@@ -607,7 +607,26 @@ def test_fused_depthwise_pointwise_schedule():
     assert fplan == dw_pointwise.FusedPlan(rows=7, oct=12, lanes=16)   # 8 row tiles
     text = func.script()
     assert text.count("T.parallel(8)") == 1 and text.count("T.parallel") == 1
-    assert text.count("T.vectorized(16)") >= 4   # pad, depthwise acc, D, projection
+    assert text.count("T.vectorized(16)") >= 4   # depthwise acc, D, projection, write-back
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_pad_is_vector_code(stride):
+    """The padded input plane (stride phases) is copied in vectors: every read of X is a
+    contiguous vector load (a strided one compiles to scalar loads), and a stride-2 phase is
+    picked out of two loads by a shuffle."""
+    import tvm
+
+    from sparsec.targets.kernels import depthwise
+    from sparsec.targets.kernels.conv2d import ConvShape
+
+    s = ConvShape(1, 144, 56, 56, 144, 3, 3, (stride, stride), (1, 1, 1, 1), (1, 1))
+    with tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}):
+        text = depthwise.build(s).script()
+    reads = re.findall(r"X\[[^\]]*\]", text)[1:]        # [0]: the block's read region
+    assert reads and all("T.Ramp(" in r and r.endswith(", 1, 16)]") or r.endswith(", 1, 8)]")
+                         or r.endswith(", 1, 4)]") for r in reads), reads
+    assert ("T.Shuffle" in text) == (stride == 2)
 
 
 @pytest.mark.parametrize("seq,dh", [(16, 8), (24, 16), (10, 8)])

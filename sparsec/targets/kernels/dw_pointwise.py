@@ -214,17 +214,13 @@ def build(s: "ConvShape", co: int, fplan: FusedPlan, dtype: str = "float32",
         sch.unroll(lp)
     sch.unroll(kx)
     sch.unroll(ky)
-    pad = sch.get_sblock("pad")
-    sch.compute_at(pad, dc)
-    try:
-        _, pad_lanes = sch.split(sch.get_loops(pad)[-1], [None, lanes])
-        sch.vectorize(pad_lanes)
-    except s_tir.ScheduleError:
-        pass
+    sch.compute_at(sch.get_sblock("pad"), dc)
     sch.parallel(task)
     sch.decompose_reduction(ablk, ky)
     sch.decompose_reduction(blk, rr)
-    return finish(sch, NAME)
+    return depthwise.vector_pad(
+        finish(sch, NAME), s, lanes,
+        lambda lead, py, i: (lead[0], lead[2], (lead[1] * rows + i) * sh + py - pt))
 
 
 def _loops_below(sch, block, loop) -> list:
