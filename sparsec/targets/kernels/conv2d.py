@@ -28,7 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sparsec.targets.kernels.common import Activation, epilogue_func, finish, wide_vectors
+from sparsec.targets.kernels.common import (Activation, epilogue_func, finish, vector_pad,
+                                            wide_vectors)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -334,7 +335,14 @@ def build_wvec(s: ConvShape, plan: WidthPlan, dtype: str = "float32", bias: bool
     sch.unroll(cl)
     sch.unroll(kx)
     sch.parallel(sch.fuse(n, cb, io))
-    if needs_pad:
+    if strided:
+        loops = sch.get_loops(sch.get_sblock("pad"))
+        sch.parallel(sch.fuse(loops[0], loops[1]))
+    elif needs_pad:
         _schedule_pad(sch)
     sch.decompose_reduction(blk, kc)
+    if strided:   # the stride phases as vector copies and shuffles
+        return vector_pad(
+            finish(sch, NAME), s, 16 if wide_vectors() else LANES // 2,
+            lambda lead, py, i: (lead[0], lead[1], i * sh + py - pt))
     return finish(sch, NAME)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from sparsec.targets.kernels import depthwise
 from sparsec.targets.kernels.common import (Activation, clip, epilogue_func, finish,
-                                            wide_vectors)
+                                            vector_pad, wide_vectors)
 
 if TYPE_CHECKING:
     from tvm import tirx
@@ -218,7 +218,7 @@ def build(s: "ConvShape", co: int, fplan: FusedPlan, dtype: str = "float32",
     sch.parallel(task)
     sch.decompose_reduction(ablk, ky)
     sch.decompose_reduction(blk, rr)
-    return depthwise.vector_pad(
+    return vector_pad(
         finish(sch, NAME), s, lanes,
         lambda lead, py, i: (lead[0], lead[2], (lead[1] * rows + i) * sh + py - pt))
 
