@@ -158,7 +158,8 @@ def finish(sch: "s_tir.Schedule", strategy: str) -> "tirx.PrimFunc":
     )
 
 
-def vector_pad(func: "tirx.PrimFunc", s: "conv2d.ConvShape", lanes: int, x_row) -> "tirx.PrimFunc":
+def vector_pad(func: "tirx.PrimFunc", s: "conv2d.ConvShape", lanes: int, x_row=None
+               ) -> "tirx.PrimFunc":
     """``func`` with its scheduled ``pad`` block (stride phases of the zero-padded input,
     ``P[*lead, py, px, i, j] = X[n, c, row, j*sw + px - pl]`` or 0 outside ``X``) rewritten
     as vector code: TVM scalarizes that block (its bounds test makes the vector loop
@@ -168,9 +169,15 @@ def vector_pad(func: "tirx.PrimFunc", s: "conv2d.ConvShape", lanes: int, x_row) 
     loads and one shuffle (``vpermt2ps`` on AVX-512), never reading past the row.
 
     ``x_row(lead, py, i)`` gives ``(n, c, row)`` of ``X`` for phase row ``i`` of phase
-    ``py``, ``lead`` being the pad block's index values before ``py``."""
+    ``py``, ``lead`` being the pad block's index values before ``py``. Without it the block
+    is a plain zero pad ``P[n, c, i, j] = X[n, c, i - pt, j - pl]`` (no phase axes)."""
     from tvm import s_tir, tirx
     from tvm.tirx import analysis
+
+    phased = x_row is not None
+    if not phased:
+        def x_row(lead, py, i):
+            return lead[0], lead[1], i - s.padding[0]
 
     def replace(stmt):
         if isinstance(stmt, tirx.For):
@@ -178,10 +185,10 @@ def vector_pad(func: "tirx.PrimFunc", s: "conv2d.ConvShape", lanes: int, x_row) 
             while isinstance(inner, tirx.For):
                 inner = inner.body
             if isinstance(inner, s_tir.SBlockRealize) and inner.block.name_hint == "pad":
-                lead = inner.iter_values[:len(inner.block.body.buffer.shape) - 4]
+                lead = inner.iter_values[:len(inner.block.body.buffer.shape) - 2 - 2 * phased]
                 used = {v for e in lead for v in analysis.undefined_vars(e)}
                 if not any(stmt.loop_var.same_as(v) for v in used):   # (n, c) loops stay
-                    return _pad_block(func, inner, s, lanes, x_row)
+                    return _pad_block(inner, s, lanes, x_row, len(lead), phased)
             return tirx.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind,
                             replace(stmt.body), stmt.thread_binding, stmt.annotations)
         if isinstance(stmt, tirx.SeqStmt):
@@ -225,14 +232,14 @@ def _seq(stmts: list) -> "tirx.Stmt":
     return stmts[0] if len(stmts) == 1 else tirx.SeqStmt(stmts)
 
 
-def _pad_block(func, realize, s: "conv2d.ConvShape", lanes: int, x_row):
+def _pad_block(realize, s: "conv2d.ConvShape", lanes: int, x_row, nlead: int, phased: bool):
     """The opaque block that replaces the ``pad`` loop nest (see :func:`vector_pad`)."""
     from tvm import ir, s_tir, tirx
 
-    (sh, sw), pl = s.stride, s.padding[1]
+    (sh, sw), pl = s.stride if phased else (1, 1), s.padding[1]
     store = realize.block.body
     p = store.buffer
-    lead = list(realize.iter_values[:len(p.shape) - 4])
+    lead = list(realize.iter_values[:nlead])
     hq, wq = (int(e) for e in p.shape[-2:])
     x = realize.block.reads[0].source
     zero = tirx.const(0, p.dtype)
@@ -269,9 +276,11 @@ def _pad_block(func, realize, s: "conv2d.ConvShape", lanes: int, x_row):
 
     def row(py, i):
         n, c, r = x_row(lead, py, i)
-        inside = _seq([st for px in range(sw)
-                       for st in phase_row([n, c, r], [*lead, py, px, i], px)])
-        outside = _seq([st for px in range(sw) for st in zeros([*lead, py, px, i], 0, wq)])
+
+        def at(px):   # P's indices before the column
+            return [*lead, py, px, i] if phased else [*lead, i]
+        inside = _seq([st for px in range(sw) for st in phase_row([n, c, r], at(px), px)])
+        outside = _seq([st for px in range(sw) for st in zeros(at(px), 0, wq)])
         return tirx.IfThenElse(tirx.all(r >= 0, r < s.h), inside, outside)
 
     body = loop("py", sh, lambda py: loop("i", hq, lambda i: row(py, i)))

@@ -166,16 +166,14 @@ def _zero_pad(x, s: ConvShape, hp: int, wp: int, pt: int, pl: int, dtype: str):
 
 
 def _schedule_pad(sch: "s_tir.Schedule") -> None:
-    """The "pad" stage: (n, c) in parallel, the innermost axis vectorised where TVM accepts it
-    (the bounds test is a select that LLVM vectorises)."""
-    from tvm import s_tir
-
+    """The "pad" stage: (n, c) in parallel; its body becomes vector copies after scheduling
+    (``common.vector_pad``)."""
     loops = sch.get_loops(sch.get_sblock("pad"))
     sch.parallel(sch.fuse(loops[0], loops[1]))
-    try:
-        sch.vectorize(loops[-1])
-    except s_tir.ScheduleError:
-        pass
+
+
+def _pad_lanes() -> int:
+    return 16 if wide_vectors() else 8
 
 
 def pick_oc_vecs(ocb: int, t: int, tasks: int) -> int:
@@ -243,7 +241,7 @@ def build(s: ConvShape, dtype: str = "float32", bias: bool = False,
     if needs_pad:
         _schedule_pad(sch)
     sch.decompose_reduction(blk, kc)
-    return finish(sch, NAME)
+    return vector_pad(finish(sch, NAME), s, _pad_lanes()) if needs_pad else finish(sch, NAME)
 
 
 def build_wvec(s: ConvShape, plan: WidthPlan, dtype: str = "float32", bias: bool = False,
@@ -335,14 +333,10 @@ def build_wvec(s: ConvShape, plan: WidthPlan, dtype: str = "float32", bias: bool
     sch.unroll(cl)
     sch.unroll(kx)
     sch.parallel(sch.fuse(n, cb, io))
-    if strided:
-        loops = sch.get_loops(sch.get_sblock("pad"))
-        sch.parallel(sch.fuse(loops[0], loops[1]))
-    elif needs_pad:
+    if needs_pad:
         _schedule_pad(sch)
     sch.decompose_reduction(blk, kc)
-    if strided:   # the stride phases as vector copies and shuffles
-        return vector_pad(
-            finish(sch, NAME), s, 16 if wide_vectors() else LANES // 2,
-            lambda lead, py, i: (lead[0], lead[1], i * sh + py - pt))
-    return finish(sch, NAME)
+    if not needs_pad:
+        return finish(sch, NAME)
+    return vector_pad(finish(sch, NAME), s, _pad_lanes(), (lambda lead, py, i: (
+        lead[0], lead[1], i * sh + py - pt)) if strided else None)
