@@ -117,6 +117,8 @@ def build(s: "ConvShape", dtype: str = "float32", bias: bool = False,
     if ow % p.lanes == 0:
         _, lane = sch.split(sch.get_loops(out)[-1], [None, p.lanes])
         sch.vectorize(lane)
+    elif owp == p.vecs * p.lanes:   # whole rows: one vector of the row's width (LLVM splits
+        sch.vectorize(sch.get_loops(out)[-1])   # a 14-wide store into 8 + 4 + 2 lanes)
     sch.vectorize(jl)
     sch.unroll(jv)
     sch.unroll(ii)
