@@ -563,6 +563,69 @@ def test_depthwise_pointwise_kept_apart(args, host, tmp_path):
     assert_matches_ort(model, feeds, outs)
 
 
+def pointwise_dw_model(n, k, c, h, ksize=3, stride=1, tf_pad=False, pw_bias=True,
+                       dw_bias=True, clip=True, extra_user=False, seed=0):
+    """MobileNetV2's inverted-residual head: 1x1 expansion conv (+ bias) -> ReLU6 ->
+    depthwise conv (+ bias) -> ReLU6. ``tf_pad``: TensorFlow's stride-2 padding (bottom and
+    right only); ``extra_user``: the expansion is also a graph output."""
+    rng = np.random.default_rng(seed)
+    pad = [0, 0, 1, 1] if tf_pad else [(ksize - 1) // 2] * 4
+    inits = {"we": rng.standard_normal((c, k, 1, 1)) / np.sqrt(k),
+             "wd": rng.standard_normal((c, 1, ksize, ksize)) / ksize,
+             "lo": np.array(0.0), "hi": np.array(6.0)}
+    pw_in, dw_in = ["x", "we"], ["e", "wd"]
+    if pw_bias:
+        inits["be"] = rng.standard_normal(c)
+        pw_in.append("be")
+    if dw_bias:
+        inits["bd"] = rng.standard_normal(c)
+        dw_in.append("bd")
+    mk = helper.make_node
+    act = (lambda a, b: mk("Clip", [a, "lo", "hi"], [b])) if clip else (
+        lambda a, b: mk("Identity", [a], [b]))
+    nodes = [mk("Conv", pw_in, ["p"]), act("p", "e"),
+             mk("Conv", dw_in, ["d"], group=c, pads=pad, strides=[stride] * 2,
+                kernel_shape=[ksize, ksize]), act("d", "y")]
+    oh = (h + pad[0] + pad[2] - ksize) // stride + 1
+    outputs = [("y", [n, c, oh, oh])] + ([("e", [n, c, h, h])] if extra_user else [])
+    return make_model(nodes, [("x", [n, k, h, h])], outputs, inits)
+
+
+@pytest.mark.parametrize("args", [
+    dict(n=1, k=16, c=96, h=112, stride=2, tf_pad=True),   # MobileNetV2's 112x112 block
+    dict(n=1, k=24, c=144, h=56),                           # stride 1
+    dict(n=2, k=5, c=20, h=64, stride=2, pw_bias=False),    # batch 2; 20 = 12 + 8 padded
+    dict(n=1, k=8, c=16, h=64, ksize=5, stride=2, dw_bias=False),   # 5x5, 2-row halo
+    dict(n=1, k=8, c=12, h=56, clip=False),                 # linear expansion
+])
+def test_pointwise_depthwise_fused(args, host, tmp_path):
+    """An expansion whose (ReLU6) output only the next depthwise conv reads becomes one
+    ``conv1x1_dw_nchw`` kernel with both epilogues; the pointwise binding is gone."""
+    model = pointwise_dw_model(**args)
+    facts, feeds, outs = compile_and_run(model, host, tmp_path)
+    assert facts["kernels"] == {"conv1x1_dw_nchw": 1}, facts["kernels"]
+    pw, dw = facts["decisions"]
+    assert pw["chosen"] == "conv1x1_nchw" and pw["fused_into_next"] == "conv1x1_dw_nchw"
+    assert dw["chosen"] == "conv1x1_dw_nchw"
+    clip = ["clip(0,6)"] * args.get("clip", True)
+    assert dw["fused_pointwise"]["epilogue"] == ["bias"] * args.get("pw_bias", True) + clip
+    assert dw["epilogue"] == ["bias"] * args.get("dw_bias", True) + clip
+    assert_matches_ort(model, feeds, outs)
+
+
+@pytest.mark.parametrize("args", [
+    dict(n=1, k=16, c=32, h=56, extra_user=True),   # the expansion is also an output
+    dict(n=1, k=16, c=32, h=28),                    # 28x28: fits in cache apart
+    dict(n=1, k=16, c=32, h=60),                    # rows not whole 16-lane vectors
+])
+def test_pointwise_depthwise_kept_apart(args, host, tmp_path):
+    model = pointwise_dw_model(**args)
+    facts, feeds, outs = compile_and_run(model, host, tmp_path)
+    k = facts["kernels"]
+    assert k["depthwise_nchw"] == 1 and k["conv1x1_nchw"] == 1 and "conv1x1_dw_nchw" not in k
+    assert_matches_ort(model, feeds, outs)
+
+
 @pytest.mark.parametrize("target", ["x86-avx2", "llvm"])
 @pytest.mark.parametrize("sparse", [0.0, 0.75])
 def test_depthwise_pointwise_fused_other_targets(target, sparse, tmp_path):

@@ -107,6 +107,14 @@ def _fused_kernel_plan(shape: dict):
     return s, dw_pointwise.plan(s.ic, shape["co"], *s.out_hw, sparse="kept" in shape)
 
 
+def _expand_dw_plan(shape: dict):
+    """The depthwise conv and the default plan of a ``conv1x1_dw_nchw`` kernel's shape."""
+    from sparsec.targets.kernels import pointwise_dw
+
+    s = _conv_shape({n: v for n, v in shape.items() if n != "k"})
+    return s, pointwise_dw.plan(s.ic, s.out_hw[0], s.w)
+
+
 def _row_tiles(shape: dict) -> list[dict]:
     return [{"rows": t} for t in (1, 2, 3, 4, 5, 6) if shape["m"] % t == 0]
 
@@ -128,6 +136,9 @@ def _variants(strategy: str, shape: dict) -> list[dict]:
     if strategy == "dw_conv1x1_nchw":
         oh = _fused_kernel_plan(shape)[0].out_hw[0]
         return [{"rows": r} for r in range(1, 9) if oh % r == 0]
+    if strategy == "conv1x1_dw_nchw":
+        oh = _expand_dw_plan(shape)[0].out_hw[0]
+        return [{"rows": r} for r in range(1, 15) if oh % r == 0 and oh // r >= 2]
     if strategy == "conv2d_nchw_packed" and "variant" not in shape:
         from sparsec.targets.kernels import conv2d
 
@@ -139,7 +150,7 @@ def build(strategy: str, shape: dict, knobs: dict | None = None, **flags) -> "ti
     """The kernel ``strategy`` for ``shape`` with ``knobs`` (defaults where absent) and the
     epilogue ``flags`` (bias, act, residual), tagged with its shape for the tuner."""
     from sparsec.targets.kernels import (amx, batch_matmul, bsr, conv2d, dense, depthwise,
-                                         dw_pointwise, pointwise)
+                                         dw_pointwise, pointwise, pointwise_dw)
 
     k = knobs or {}
     rows = (k["rows"],) if "rows" in k else None
@@ -182,6 +193,11 @@ def build(strategy: str, shape: dict, knobs: dict | None = None, **flags) -> "ti
             fplan = dataclasses.replace(fplan, rows=k["rows"])
         func = dw_pointwise.build(s, shape["co"], fplan, shape["dtype"], **flags,
                                   kept=shape.get("kept"))
+    elif strategy == "conv1x1_dw_nchw":
+        s, fplan = _expand_dw_plan(shape)
+        if "rows" in k:
+            fplan = dataclasses.replace(fplan, rows=k["rows"])
+        func = pointwise_dw.build(s, shape["k"], fplan, shape["dtype"], **flags)
     elif strategy == "conv2d_nchw_packed":
         s = _conv_shape({n: v for n, v in shape.items() if n != "variant"})
         if "variant" in shape:
@@ -508,6 +524,8 @@ def _default_knobs(strategy: str, shape: dict) -> dict | None:
         return {"mt": p.mt, "nt": p.nt}
     if strategy == "dw_conv1x1_nchw":
         return {"rows": _fused_kernel_plan(shape)[1].rows}
+    if strategy == "conv1x1_dw_nchw":
+        return {"rows": _expand_dw_plan(shape)[1].rows}
     if strategy == "conv2d_nchw_packed":
         return {"width_tile": conv2d.pick_width_tile(_conv_shape(shape).out_hw[1])}
     return None

@@ -85,6 +85,13 @@ STRATEGIES: tuple[StrategyInfo, ...] = (
                  "output of a few whole rows, every channel, into a buffer that stays in "
                  "cache, and runs conv1x1_nchw's tile on it. Not chosen by the cost rule: the "
                  "rewrite fuses planned pairs on maps of 28x28 and more"),
+    StrategyInfo("conv1x1_dw_nchw", "relax.nn.conv2d", 0.10,
+                 "a pointwise conv and the depthwise conv that alone reads it (MobileNetV2's "
+                 "expansion -> depthwise), one kernel: each task expands the input rows its "
+                 "band of output rows reads, a channel block at a time, into a buffer that "
+                 "stays in cache, and runs depthwise_nchw's tile on it. Not chosen by the cost "
+                 "rule: the rewrite fuses planned pairs on maps of 56x56 and more whose "
+                 "depthwise conv is not fused with its projection"),
     StrategyInfo("nm_sparse_cuda", "relax.matmul", 0.10,
                  "CUDA, few rows (M <= 8): constant W compressed per output channel to its "
                  "nonzeros, K-major (int8 in-group offsets for N:M patterns, int16/int32 "

@@ -168,8 +168,11 @@ def vector_pad(func: "tirx.PrimFunc", s: "conv2d.ConvShape", lanes: int, x_row=N
     and only the border is zeroed; a stride-``sw`` phase is gathered by ``sw`` contiguous
     loads and one shuffle (``vpermt2ps`` on AVX-512), never reading past the row.
 
-    ``x_row(lead, py, i)`` gives ``(n, c, row)`` of ``X`` for phase row ``i`` of phase
-    ``py``, ``lead`` being the pad block's index values before ``py``. Without it the block
+    ``x_row(lead, py, i)`` locates phase row ``i`` of phase ``py`` in the block's source
+    ``src`` (``X``, or a kernel's own stage), ``lead`` being the pad block's index values
+    before ``py``: ``(prefix, row[, conv_row])``, the row being ``src[*prefix, row, :]`` and
+    row ``conv_row`` (default ``row``) of the conv's input, zeros outside ``[0, H)``. Without
+    it the block
     is a plain zero pad ``P[n, c, i, j] = X[n, c, i - pt, j - pl]`` (no phase axes)."""
     from tvm import s_tir, tirx
     from tvm.tirx import analysis
@@ -177,7 +180,7 @@ def vector_pad(func: "tirx.PrimFunc", s: "conv2d.ConvShape", lanes: int, x_row=N
     phased = x_row is not None
     if not phased:
         def x_row(lead, py, i):
-            return lead[0], lead[1], i - s.padding[0]
+            return lead[:2], i - s.padding[0]
 
     def replace(stmt):
         if isinstance(stmt, tirx.For):
@@ -275,20 +278,20 @@ def _pad_block(realize, s: "conv2d.ConvShape", lanes: int, x_row, nlead: int, ph
         return out + zeros(ppre, jhi, wq)
 
     def row(py, i):
-        n, c, r = x_row(lead, py, i)
+        prefix, r, *conv_row = x_row(lead, py, i)
+        conv_row = conv_row[0] if conv_row else r
 
         def at(px):   # P's indices before the column
             return [*lead, py, px, i] if phased else [*lead, i]
-        inside = _seq([st for px in range(sw) for st in phase_row([n, c, r], at(px), px)])
+        inside = _seq([st for px in range(sw) for st in phase_row([*prefix, r], at(px), px)])
         outside = _seq([st for px in range(sw) for st in zeros(at(px), 0, wq)])
-        return tirx.IfThenElse(tirx.all(r >= 0, r < s.h), inside, outside)
+        inside_x = tirx.all(conv_row >= 0, conv_row < s.h, r >= 0, r < int(x.shape[-2]))
+        return tirx.IfThenElse(inside_x, inside, outside)
 
     body = loop("py", sh, lambda py: loop("i", hq, lambda i: row(py, i)))
-    n, c, _ = x_row(lead, 0, 0)
-    whole = [ir.Range.from_min_extent(v, 1) for v in lead] + [
-        ir.Range.from_min_extent(0, int(e)) for e in p.shape[len(lead):]]
-    block = s_tir.SBlock(
-        [], [tirx.BufferRegion(x, [ir.Range.from_min_extent(n, 1), ir.Range.from_min_extent(
-            c, 1), ir.Range.from_min_extent(0, s.h), ir.Range.from_min_extent(0, s.w)])],
-        [tirx.BufferRegion(p, whole)], "pad", body)
+    def region(buf, points):   # single points on the leading axes, whole trailing ones
+        return tirx.BufferRegion(buf, [ir.Range.from_min_extent(v, 1) for v in points] + [
+            ir.Range.from_min_extent(0, int(e)) for e in buf.shape[len(points):]])
+
+    block = s_tir.SBlock([], [region(x, x_row(lead, 0, 0)[0])], [region(p, lead)], "pad", body)
     return s_tir.SBlockRealize([], True, block)

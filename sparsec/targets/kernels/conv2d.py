@@ -339,4 +339,4 @@ def build_wvec(s: ConvShape, plan: WidthPlan, dtype: str = "float32", bias: bool
     if not needs_pad:
         return finish(sch, NAME)
     return vector_pad(finish(sch, NAME), s, _pad_lanes(), (lambda lead, py, i: (
-        lead[0], lead[1], i * sh + py - pt)) if strided else None)
+        lead[:2], i * sh + py - pt)) if strided else None)

@@ -129,5 +129,5 @@ def build(s: "ConvShape", dtype: str = "float32", bias: bool = False,
     sch.parallel(sch.fuse(n, c))
     sch.decompose_reduction(blk, ky)
     return vector_pad(finish(sch, NAME), s, 16 if wide_vectors() else VEC_LANES,
-                      lambda lead, py, i: (lead[0], lead[1], i * sh + py - pt))
+                      lambda lead, py, i: (lead[:2], i * sh + py - pt))
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from sparsec.targets import kernels, tuning
 from sparsec.targets.kernels import (amx, batch_matmul, bsr, conv2d, dense, depthwise,
-                                     dw_pointwise, mma_sp, pointwise, sparse_cuda)
+                                     dw_pointwise, mma_sp, pointwise, pointwise_dw, sparse_cuda)
 from sparsec.targets.kernels.common import Activation, bf16_allowed
 
 if TYPE_CHECKING:
@@ -781,6 +781,7 @@ def plan_function(func: "relax.Function", cores: int, mod: "ir.IRModule | None" 
         decision_of[var] = decision
     if device == "cpu":
         _fuse_depthwise_pointwise(a, plans, aliases, decision_of)
+        _fuse_pointwise_depthwise(a, plans, aliases, decision_of)
     return plans, aliases, decisions
 
 
@@ -853,6 +854,71 @@ def _fused_plan(dw_plan: Plan, pw_plan: Plan, x: Any) -> Plan:
     if sparse:
         info["rows_kept"] = kshape["kept"]
     return dataclasses.replace(pw_plan, strategy=dw_pointwise.NAME, emit=emit, inputs=[x],
+                               shape=kshape, info=info)
+
+
+def _fuse_pointwise_depthwise(a: _Analysis, plans: dict, aliases: dict, decision_of: dict
+                              ) -> None:
+    """Replace each planned pointwise conv -> depthwise conv pair (the pointwise output,
+    after its bias and clip, read by the depthwise conv only; the depthwise conv not fused
+    with its own projection) with one ``conv1x1_dw_nchw`` kernel where
+    :func:`pointwise_dw.worth_fusing` says so. The pointwise binding is left in place with
+    no user: dead code elimination drops it."""
+    for var, plan in list(plans.items()):
+        if plan.strategy != depthwise.NAME or plan.residual is not None or (
+                plan.act and plan.act.gelu):
+            continue
+        x = a.bindings[var].args[0]
+        pw_var = aliases.get(x, x)
+        pw_plan = plans.get(pw_var)
+        if (pw_plan is None or pw_plan.strategy != pointwise.NAME or a.uses.get(x, 0) != 1
+                or pw_plan.residual is not None or (pw_plan.act and pw_plan.act.gelu)):
+            continue
+        s = plan.operands["conv"]
+        if not pointwise_dw.worth_fusing(s) or pw_plan.shape["n"] != s.n:
+            continue
+        plans[var] = _expand_dw_plan(pw_plan, plan, a.bindings[pw_var].args[0])
+        del plans[pw_var]
+        decision_of[pw_var]["fused_into_next"] = pointwise_dw.NAME
+        decision_of[pw_var].pop("tuned", None)   # its own kernel is not built
+        decision = decision_of[var]
+        decision["chosen"] = pointwise_dw.NAME
+        decision["fused_pointwise"] = {k: v for k, v in decision_of[pw_var].items()
+                                       if k in ("shape", "epilogue")}
+        decision.update(plans[var].info)
+        decision.pop("tuned", None)      # the depthwise kernel's knobs: not this kernel's
+        if (knobs := tuning.knobs_for(pointwise_dw.NAME, plans[var].shape)) is not None:
+            decision["tuned"] = knobs
+
+
+def _expand_dw_plan(pw_plan: Plan, dw_plan: Plan, x: Any) -> Plan:
+    """The ``conv1x1_dw_nchw`` plan reading the pointwise conv's input ``x``."""
+    s = dw_plan.operands["conv"]
+    k, dtype = pw_plan.shape["ci"], dw_plan.shape["dtype"]
+    kshape = {**dataclasses.asdict(s), "k": k, "dtype": dtype}
+    fplan = pointwise_dw.plan(s.ic, s.out_hw[0], s.w)
+    if (knobs := tuning.knobs_for(pointwise_dw.NAME, kshape)) is not None:
+        fplan = dataclasses.replace(fplan, rows=knobs["rows"])
+    w_exp = pointwise.pack_weight(pw_plan.operands["weight"], fplan.oct)
+
+    def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
+             ) -> "relax.Expr":
+        from tvm import relax
+
+        func = tuning.build_tuned(
+            pointwise_dw.NAME, kshape, pw_bias=pw_plan.bias is not None, pw_act=pw_plan.act,
+            bias=bias is not None, act=act)
+        gv = bb.add_func(func, pointwise_dw.NAME)
+        call_args = [args[0], relax.const(w_exp)]
+        if pw_plan.bias is not None:
+            call_args.append(relax.const(pw_plan.bias))
+        call_args.append(relax.const(dw_plan.operands["weight"]))
+        if bias is not None:
+            call_args.append(relax.const(bias))
+        return relax.call_tir(gv, call_args, relax.TensorType(dw_plan.operands["out"], dtype))
+
+    info = {"tile": f"{fplan.rows} rows, {fplan.oct}x{fplan.lanes}"}
+    return dataclasses.replace(dw_plan, strategy=pointwise_dw.NAME, emit=emit, inputs=[x],
                                shape=kshape, info=info)
 
 
