@@ -59,6 +59,10 @@ def native_stderr_to(log: Callable[[str], None]):
                     log(f"tvm: {line.strip()}")
 
 
+#: how the Relax VM runs ``main``: "compiled" (TIR calling the kernels) or "bytecode"
+EXEC_MODE = "compiled"
+
+
 def graph_input_names(model: "onnx.ModelProto") -> list[str]:
     """Graph inputs that are not initializers, in graph order (the VM ``main`` order)."""
     init = {t.name for t in model.graph.initializer}
@@ -221,12 +225,15 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
         if any("tuned" in d for d in decisions):
             log(f"{sum('tuned' in d for d in decisions)} kernels built with tuned knobs "
                 f"({cache.path})")
-        ex = relax.build(lowered, tvm_target, relax_pipeline=None)
+        # "compiled": the VM's calling sequence is machine code, not bytecode the VM
+        # interprets per instruction (MobileNetV2's ~280 instructions a call)
+        ex = relax.build(lowered, tvm_target, relax_pipeline=None, exec_mode=EXEC_MODE)
         # the module attribute alone makes codegen emit a system lib; relax.build's own
         # system_lib=True path reads the attribute back, which fails for strings shorter
         # than 8 bytes in TVM 0.27 (ffi.SmallStr is not an Object)
         static = None if static_lib is None else relax.build(
-            _system_lib(lowered, system_lib_prefix), tvm_target, relax_pipeline=None)
+            _system_lib(lowered, system_lib_prefix), tvm_target, relax_pipeline=None,
+            exec_mode=EXEC_MODE)
     fcompile = None
     if not target.native:
         from tvm.support import cc
