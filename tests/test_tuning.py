@@ -229,3 +229,27 @@ def test_fused_depthwise_pointwise_is_tunable(cache_file):
             outs.append(load_library(lib, facts["inputs"]).run(feeds))
         assert_matches_ort(model, feeds, outs[0])
         np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)
+
+
+def test_fused_pointwise_depthwise_is_tunable(cache_file):
+    """``tune`` lists the expansion+depthwise kernel; its band-height knob builds kernels
+    that compute the same numbers (one row per band: every band expands its halo)."""
+    from test_targets import pointwise_dw_model, random_feeds
+
+    from sparsec.targets.host import load_library
+
+    host = resolve_target("host")
+    model = pointwise_dw_model(n=1, k=8, c=24, h=56, stride=2, tf_pad=True)
+    [(strategy, shape)] = tuning.kernels_of(model, host)
+    assert strategy == "conv1x1_dw_nchw"
+    variants = tuning._variants(strategy, shape)
+    assert [v["rows"] for v in variants] == [1, 2, 4, 7, 14]
+    assert tuning._default_knobs(strategy, shape) == {"rows": 2} and {"rows": 2} in variants
+    feeds = random_feeds(model)
+    for knobs in (variants[0], variants[-1]):
+        cache = tuning.Cache()
+        cache.put(tuning.target_key(host.tvm_target), strategy, shape, {"knobs": knobs, "ms": {}})
+        lib = cache_file.parent / f"pdw_{knobs['rows']}.so"
+        facts = compile_onnx(model, host, lib, log=lambda s: None, tuned=cache)
+        assert facts["decisions"][1]["tuned"] == knobs
+        assert_matches_ort(model, feeds, load_library(lib, facts["inputs"]).run(feeds))

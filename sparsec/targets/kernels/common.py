@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
     from tvm import s_tir, tirx
@@ -158,8 +158,8 @@ def finish(sch: "s_tir.Schedule", strategy: str) -> "tirx.PrimFunc":
     )
 
 
-def vector_pad(func: "tirx.PrimFunc", s: "conv2d.ConvShape", lanes: int, x_row=None
-               ) -> "tirx.PrimFunc":
+def vector_pad(func: "tirx.PrimFunc", s: "conv2d.ConvShape", lanes: int,
+               x_row: "Callable[..., tuple] | None" = None) -> "tirx.PrimFunc":
     """``func`` with its scheduled ``pad`` block (stride phases of the zero-padded input,
     ``P[*lead, py, px, i, j] = X[n, c, row, j*sw + px - pl]`` or 0 outside ``X``) rewritten
     as vector code: TVM scalarizes that block (its bounds test makes the vector loop
@@ -172,8 +172,8 @@ def vector_pad(func: "tirx.PrimFunc", s: "conv2d.ConvShape", lanes: int, x_row=N
     ``src`` (``X``, or a kernel's own stage), ``lead`` being the pad block's index values
     before ``py``: ``(prefix, row[, conv_row])``, the row being ``src[*prefix, row, :]`` and
     row ``conv_row`` (default ``row``) of the conv's input, zeros outside ``[0, H)``. Without
-    it the block
-    is a plain zero pad ``P[n, c, i, j] = X[n, c, i - pt, j - pl]`` (no phase axes)."""
+    it the block is a plain zero pad ``P[n, c, i, j] = X[n, c, i - pt, j - pl]`` (no phase
+    axes). The block must compute what its ``x_row`` and ``s`` say: this rewrite trusts them."""
     from tvm import s_tir, tirx
     from tvm.tirx import analysis
 
@@ -289,6 +289,7 @@ def _pad_block(realize, s: "conv2d.ConvShape", lanes: int, x_row, nlead: int, ph
         return tirx.IfThenElse(inside_x, inside, outside)
 
     body = loop("py", sh, lambda py: loop("i", hq, lambda i: row(py, i)))
+
     def region(buf, points):   # single points on the leading axes, whole trailing ones
         return tirx.BufferRegion(buf, [ir.Range.from_min_extent(v, 1) for v in points] + [
             ir.Range.from_min_extent(0, int(e)) for e in buf.shape[len(points):]])
