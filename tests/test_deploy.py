@@ -348,17 +348,28 @@ def test_cmake_example_cross_compiled_for_aarch64_runs_under_qemu(tmp_path):
     assert proc.returncode == 0 and "library matches ONNX Runtime" in proc.stdout, proc.stderr
 
 
-@pytest.mark.parametrize("case", ["mlp_bsr", "hf_bert"])
+@pytest.mark.parametrize("case", ["mlp_bsr", "hf_bert", "hf_mobilenetv2", "expand_dw"])
 def test_aarch64_kernels_match_onnxruntime_under_qemu(zoo_files, tmp_path, case):
     """Every kernel strategy cross-compiled for aarch64 and run under qemu against ONNX
-    Runtime: packed dense and BSR (16x1 blocks at 90 %), attention and norms (BERT)."""
+    Runtime: packed dense and BSR (16x1 blocks at 90 %), attention and norms (BERT),
+    depthwise convs with their stride phases (NEON shuffles), the fused expansion and
+    depthwise conv."""
     need(*CROSS)
+    import onnx
+
     import sparsec as api
 
     if case == "mlp_bsr":
         m = api.compile(EXAMPLES / "digits_mlp.onnx", tmp_path / "p", target="aarch64",
                         sparsity=0.9, sparsity_pattern="16x1", calibration=CALIB)
         assert m["compile"]["kernels"].get("bsr_dense", 0) >= 1
+    elif case == "expand_dw":
+        from test_targets import pointwise_dw_model
+
+        onnx.save(pointwise_dw_model(n=1, k=8, c=20, h=56, stride=2, tf_pad=True),
+                  tmp_path / "m.onnx")
+        m = api.compile(tmp_path / "m.onnx", tmp_path / "p", target="aarch64")
+        assert m["compile"]["kernels"] == {"conv1x1_dw_nchw": 1}
     else:
         m = api.compile(zoo_files(case), tmp_path / "p", target="aarch64", ratio=0.25)
     assert m["reference"]["check"]["ok"] and m["reference"]["check"]["via"] == "qemu-aarch64"

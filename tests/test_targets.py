@@ -627,6 +627,19 @@ def test_pointwise_depthwise_kept_apart(args, host, tmp_path):
 
 
 @pytest.mark.parametrize("target", ["x86-avx2", "llvm"])
+def test_pointwise_depthwise_fused_other_targets(target, tmp_path):
+    """The fused expansion + depthwise kernel with 8-lane vectors (AVX2, generic LLVM): rows
+    of 56 are whole 8-lane vectors there too."""
+    spec = resolve_target(target)
+    if not spec.runs_here:
+        pytest.skip(f"{target} does not run here: {spec.why_not_here}")
+    model = pointwise_dw_model(n=1, k=16, c=24, h=56, stride=2, tf_pad=True)
+    facts, feeds, outs = compile_and_run(model, spec, tmp_path)
+    assert facts["kernels"] == {"conv1x1_dw_nchw": 1}, facts["kernels"]
+    assert_matches_ort(model, feeds, outs)
+
+
+@pytest.mark.parametrize("target", ["x86-avx2", "llvm"])
 @pytest.mark.parametrize("sparse", [0.0, 0.75])
 def test_depthwise_pointwise_fused_other_targets(target, sparse, tmp_path):
     """The fused kernel with 8-lane vectors (AVX2, generic LLVM), dense and sparse."""
