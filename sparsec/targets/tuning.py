@@ -107,7 +107,7 @@ def _fused_kernel_plan(shape: dict):
     return s, dw_pointwise.plan(s.ic, shape["co"], *s.out_hw, sparse="kept" in shape)
 
 
-def _expand_dw_plan(shape: dict):
+def _expansion_kernel_plan(shape: dict):
     """The depthwise conv and the default plan of a ``conv1x1_dw_nchw`` kernel's shape."""
     from sparsec.targets.kernels import pointwise_dw
 
@@ -137,7 +137,7 @@ def _variants(strategy: str, shape: dict) -> list[dict]:
         oh = _fused_kernel_plan(shape)[0].out_hw[0]
         return [{"rows": r} for r in range(1, 9) if oh % r == 0]
     if strategy == "conv1x1_dw_nchw":
-        oh = _expand_dw_plan(shape)[0].out_hw[0]
+        oh = _expansion_kernel_plan(shape)[0].out_hw[0]
         return [{"rows": r} for r in range(1, 15) if oh % r == 0 and oh // r >= 2]
     if strategy == "conv2d_nchw_packed" and "variant" not in shape:
         from sparsec.targets.kernels import conv2d
@@ -194,7 +194,7 @@ def build(strategy: str, shape: dict, knobs: dict | None = None, **flags) -> "ti
         func = dw_pointwise.build(s, shape["co"], fplan, shape["dtype"], **flags,
                                   kept=shape.get("kept"))
     elif strategy == "conv1x1_dw_nchw":
-        s, fplan = _expand_dw_plan(shape)
+        s, fplan = _expansion_kernel_plan(shape)
         if "rows" in k:
             fplan = dataclasses.replace(fplan, rows=k["rows"])
         func = pointwise_dw.build(s, shape["k"], fplan, shape["dtype"], **flags)
@@ -525,7 +525,7 @@ def _default_knobs(strategy: str, shape: dict) -> dict | None:
     if strategy == "dw_conv1x1_nchw":
         return {"rows": _fused_kernel_plan(shape)[1].rows}
     if strategy == "conv1x1_dw_nchw":
-        return {"rows": _expand_dw_plan(shape)[1].rows}
+        return {"rows": _expansion_kernel_plan(shape)[1].rows}
     if strategy == "conv2d_nchw_packed":
         return {"width_tile": conv2d.pick_width_tile(_conv_shape(shape).out_hw[1])}
     return None

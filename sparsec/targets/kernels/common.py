@@ -158,13 +158,14 @@ def finish(sch: "s_tir.Schedule", strategy: str) -> "tirx.PrimFunc":
     )
 
 
-def vector_pad(func: "tirx.PrimFunc", s: "conv2d.ConvShape", lanes: int,
+def vector_pad(func: "tirx.PrimFunc", s: "conv2d.ConvShape", lanes: int | None = None,
                x_row: "Callable[..., tuple] | None" = None) -> "tirx.PrimFunc":
     """``func`` with its scheduled ``pad`` block (stride phases of the zero-padded input,
     ``P[*lead, py, px, i, j] = X[n, c, row, j*sw + px - pl]`` or 0 outside ``X``) rewritten
     as vector code: TVM scalarizes that block (its bounds test makes the vector loop
     conditional), which cost a stride-2 depthwise conv 3/4 of its time. Here each phase
-    row's in-bounds columns are copied in vectors of ``lanes`` (then halves, then scalars)
+    row's in-bounds columns are copied in vectors of ``lanes`` (default: a register of the
+    target being compiled for, 16 or 8), then halves of it, then scalars,
     and only the border is zeroed; a stride-``sw`` phase is gathered by ``sw`` contiguous
     loads and one shuffle (``vpermt2ps`` on AVX-512), never reading past the row.
 
@@ -177,6 +178,8 @@ def vector_pad(func: "tirx.PrimFunc", s: "conv2d.ConvShape", lanes: int,
     from tvm import s_tir, tirx
     from tvm.tirx import analysis
 
+    if lanes is None:
+        lanes = 16 if wide_vectors() else VEC_LANES
     phased = x_row is not None
     if not phased:
         def x_row(lead, py, i):

@@ -172,10 +172,6 @@ def _schedule_pad(sch: "s_tir.Schedule") -> None:
     sch.parallel(sch.fuse(loops[0], loops[1]))
 
 
-def _pad_lanes() -> int:
-    return 16 if wide_vectors() else 8
-
-
 def pick_oc_vecs(ocb: int, t: int, tasks: int) -> int:
     """Output-channel blocks per register tile, 2 when ``ocb`` is even, the ``t * 2``
     accumulators fit the target's registers and 8 tasks are left (``tasks`` = ``n * oh``
@@ -241,7 +237,7 @@ def build(s: ConvShape, dtype: str = "float32", bias: bool = False,
     if needs_pad:
         _schedule_pad(sch)
     sch.decompose_reduction(blk, kc)
-    return vector_pad(finish(sch, NAME), s, _pad_lanes()) if needs_pad else finish(sch, NAME)
+    return vector_pad(finish(sch, NAME), s) if needs_pad else finish(sch, NAME)
 
 
 def build_wvec(s: ConvShape, plan: WidthPlan, dtype: str = "float32", bias: bool = False,
@@ -338,5 +334,5 @@ def build_wvec(s: ConvShape, plan: WidthPlan, dtype: str = "float32", bias: bool
     sch.decompose_reduction(blk, kc)
     if not needs_pad:
         return finish(sch, NAME)
-    return vector_pad(finish(sch, NAME), s, _pad_lanes(), (lambda lead, py, i: (
+    return vector_pad(finish(sch, NAME), s, x_row=(lambda lead, py, i: (
         lead[:2], i * sh + py - pt)) if strided else None)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from sparsec.targets.kernels.common import (VEC_LANES, Activation, epilogue_func, finish,
-                                            vector_pad, wide_vectors)
+                                            vector_pad)
 
 if TYPE_CHECKING:
     from tvm import tirx
@@ -128,6 +128,5 @@ def build(s: "ConvShape", dtype: str = "float32", bias: bool = False,
     sch.compute_at(sch.get_sblock("pad"), c)
     sch.parallel(sch.fuse(n, c))
     sch.decompose_reduction(blk, ky)
-    return vector_pad(finish(sch, NAME), s, 16 if wide_vectors() else VEC_LANES,
-                      lambda lead, py, i: (lead[:2], i * sh + py - pt))
-
+    return vector_pad(finish(sch, NAME), s,
+                      x_row=lambda lead, py, i: (lead[:2], i * sh + py - pt))

@@ -221,7 +221,7 @@ def build(s: "ConvShape", co: int, fplan: FusedPlan, dtype: str = "float32",
     sch.decompose_reduction(blk, rr)
     return vector_pad(
         finish(sch, NAME), s, lanes,
-        lambda lead, py, i: ([lead[0], lead[2]], (lead[1] * rows + i) * sh + py - pt))
+        x_row=lambda lead, py, i: ([lead[0], lead[2]], (lead[1] * rows + i) * sh + py - pt))
 
 
 def _loops_below(sch, block, loop) -> list:

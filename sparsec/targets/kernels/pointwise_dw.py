@@ -183,7 +183,8 @@ def build(s: "ConvShape", k: int, fplan: Plan, dtype: str = "float32",
     sch.parallel(sch.fuse(n, it))
     sch.decompose_reduction(ablk, ak)
     sch.decompose_reduction(blk, ky)
-    return vector_pad(
-        finish(sch, NAME), s, lanes,
-        lambda lead, py, i: ([lead[0], lead[1], lead[2] // oct_, lead[2] % oct_], i * sh + py,
-                             lead[1] * (rows * sh) + i * sh + py - pt))
+    def e_row(lead, py, i):   # phase row i of phase py: a row of E, and of X (bounds)
+        n, t, ch = lead
+        return [n, t, ch // oct_, ch % oct_], i * sh + py, t * (rows * sh) + i * sh + py - pt
+
+    return vector_pad(finish(sch, NAME), s, lanes, x_row=e_row)

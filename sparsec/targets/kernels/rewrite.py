@@ -877,7 +877,7 @@ def _fuse_pointwise_depthwise(a: _Analysis, plans: dict, aliases: dict, decision
         s = plan.operands["conv"]
         if not pointwise_dw.worth_fusing(s) or pw_plan.shape["n"] != s.n:
             continue
-        plans[var] = _expand_dw_plan(pw_plan, plan, a.bindings[pw_var].args[0])
+        plans[var] = _fused_expansion_plan(pw_plan, plan, a.bindings[pw_var].args[0])
         del plans[pw_var]
         decision_of[pw_var]["fused_into_next"] = pointwise_dw.NAME
         decision_of[pw_var].pop("tuned", None)   # its own kernel is not built
@@ -891,7 +891,7 @@ def _fuse_pointwise_depthwise(a: _Analysis, plans: dict, aliases: dict, decision
             decision["tuned"] = knobs
 
 
-def _expand_dw_plan(pw_plan: Plan, dw_plan: Plan, x: Any) -> Plan:
+def _fused_expansion_plan(pw_plan: Plan, dw_plan: Plan, x: Any) -> Plan:
     """The ``conv1x1_dw_nchw`` plan reading the pointwise conv's input ``x``."""
     s = dw_plan.operands["conv"]
     k, dtype = pw_plan.shape["ci"], dw_plan.shape["dtype"]
