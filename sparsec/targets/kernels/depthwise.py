@@ -27,7 +27,7 @@ from sparsec.targets.kernels.common import (VEC_LANES, Activation, epilogue_func
                                             vector_pad)
 
 if TYPE_CHECKING:
-    from tvm import tirx
+    from tvm import s_tir, tirx
 
     from sparsec.targets.kernels.conv2d import ConvShape
 
@@ -114,11 +114,7 @@ def build(s: "ConvShape", dtype: str = "float32", bias: bool = False,
     sch.set_scope(blk, 0, "local")
     out = sch.get_sblock("Y")
     sch.reverse_compute_at(out, jo)
-    if ow % p.lanes == 0:
-        _, lane = sch.split(sch.get_loops(out)[-1], [None, p.lanes])
-        sch.vectorize(lane)
-    elif owp == p.vecs * p.lanes:   # whole rows: one vector of the row's width (LLVM splits
-        sch.vectorize(sch.get_loops(out)[-1])   # a 14-wide store into 8 + 4 + 2 lanes)
+    vectorize_write_back(sch, out, ow, p)
     sch.vectorize(jl)
     sch.unroll(jv)
     sch.unroll(ii)
@@ -130,3 +126,15 @@ def build(s: "ConvShape", dtype: str = "float32", bias: bool = False,
     sch.decompose_reduction(blk, ky)
     return vector_pad(finish(sch, NAME), s,
                       x_row=lambda lead, py, i: (lead[:2], i * sh + py - pt))
+
+
+def vectorize_write_back(sch: "s_tir.Schedule", out, ow: int, p: DepthwisePlan) -> None:
+    """Vectorize the write-back ``out`` of a ``p`` tile, placed at the tile's column block:
+    in vectors of the tile's lanes when the row is whole vectors, else, when the block is the
+    whole row, as one vector of the row's width (LLVM splits a 14-wide store into 8 + 4 + 2
+    lanes); a wider row with a tail stays scalar."""
+    if ow % p.lanes == 0:
+        _, lane = sch.split(sch.get_loops(out)[-1], [None, p.lanes])
+        sch.vectorize(lane)
+    elif p.padded_width(ow) == p.vecs * p.lanes:
+        sch.vectorize(sch.get_loops(out)[-1])

@@ -154,11 +154,7 @@ def build(s: "ConvShape", k: int, fplan: Plan, dtype: str = "float32",
     sch.set_scope(blk, 0, "local")
     out = sch.get_sblock("Y")
     sch.reverse_compute_at(out, jo)
-    if ow % dp.lanes == 0:
-        _, lane = sch.split(sch.get_loops(out)[-1], [None, dp.lanes])
-        sch.vectorize(lane)
-    elif owp == dp.vecs * dp.lanes:
-        sch.vectorize(sch.get_loops(out)[-1])
+    depthwise.vectorize_write_back(sch, out, ow, dp)
     sch.vectorize(jl)
     sch.unroll(jv)
     sch.unroll(ii)
@@ -183,6 +179,7 @@ def build(s: "ConvShape", k: int, fplan: Plan, dtype: str = "float32",
     sch.parallel(sch.fuse(n, it))
     sch.decompose_reduction(ablk, ak)
     sch.decompose_reduction(blk, ky)
+
     def e_row(lead, py, i):   # phase row i of phase py: a row of E, and of X (bounds)
         n, t, ch = lead
         return [n, t, ch // oct_, ch % oct_], i * sh + py, t * (rows * sh) + i * sh + py - pt
