@@ -794,26 +794,47 @@ def _fuse_depthwise_pointwise(a: _Analysis, plans: dict, aliases: dict, decision
     for var, plan in list(plans.items()):
         if plan.strategy not in (pointwise.NAME, bsr.CONV_NAME):
             continue
-        x = a.bindings[var].args[0]
-        dw_var = aliases.get(x, x)
-        dw_plan = plans.get(dw_var)
-        if (dw_plan is None or dw_plan.strategy != depthwise.NAME or a.uses.get(x, 0) != 1
-                or dw_plan.residual is not None or (dw_plan.act and dw_plan.act.gelu)):
+        dw_var, dw_plan = _sole_producer(a, plans, aliases, var)
+        if (dw_plan is None or dw_plan.strategy != depthwise.NAME or not _plain_epilogue(dw_plan)
+                or not dw_pointwise.worth_fusing(dw_plan.operands["conv"])):
             continue
-        if not dw_pointwise.worth_fusing(dw_plan.operands["conv"]):
-            continue
-        plans[var] = _fused_plan(dw_plan, plan, a.bindings[dw_var].args[0])
-        del plans[dw_var]
-        decision_of[dw_var]["fused_into_next"] = dw_pointwise.NAME
-        decision_of[dw_var].pop("tuned", None)   # its own kernel is not built
-        decision = decision_of[var]
-        decision["chosen"] = dw_pointwise.NAME
-        decision["fused_depthwise"] = {k: v for k, v in decision_of[dw_var].items()
-                                       if k in ("shape", "epilogue")}
-        decision.update(plans[var].info)
-        decision.pop("tuned", None)      # the pointwise kernel's knobs: not this kernel's
-        if (knobs := tuning.knobs_for(dw_pointwise.NAME, plans[var].shape)) is not None:
-            decision["tuned"] = knobs
+        _record_fusion(plans, decision_of, var, dw_var, "fused_depthwise",
+                       _fused_plan(dw_plan, plan, a.bindings[dw_var].args[0]))
+
+
+def _sole_producer(a: _Analysis, plans: dict, aliases: dict, var: Any) -> tuple[Any, Any]:
+    """(binding, plan) of the planned kernel whose output (after its folded epilogue) is the
+    input of ``var``'s op and read by it alone; ``(None, None)`` when there is none."""
+    x = a.bindings[var].args[0]
+    if a.uses.get(x, 0) != 1:
+        return None, None
+    producer = aliases.get(x, x)
+    return producer, plans.get(producer)
+
+
+def _plain_epilogue(plan: Plan) -> bool:
+    """Whether a fused kernel can apply ``plan``'s epilogue to its inner stage: bias and
+    clip bounds only (no residual, no GELU)."""
+    return plan.residual is None and not (plan.act and plan.act.gelu)
+
+
+def _record_fusion(plans: dict, decision_of: dict, var: Any, inner_var: Any, key: str,
+                   fused: Plan) -> None:
+    """``fused`` replaces the plans of ``var`` and of ``inner_var`` (the producer it absorbs,
+    whose binding dead code elimination then drops); the decisions say so, the absorbed one
+    under ``key`` of ``var``'s, and the fused kernel's own tuned knobs replace either op's."""
+    plans[var] = fused
+    del plans[inner_var]
+    inner = decision_of[inner_var]
+    inner["fused_into_next"] = fused.strategy
+    inner.pop("tuned", None)   # its own kernel is not built
+    decision = decision_of[var]
+    decision["chosen"] = fused.strategy
+    decision[key] = {k: v for k, v in inner.items() if k in ("shape", "epilogue")}
+    decision.update(fused.info)
+    decision.pop("tuned", None)
+    if (knobs := tuning.knobs_for(fused.strategy, fused.shape)) is not None:
+        decision["tuned"] = knobs
 
 
 def _fused_plan(dw_plan: Plan, pw_plan: Plan, x: Any) -> Plan:
@@ -865,30 +886,16 @@ def _fuse_pointwise_depthwise(a: _Analysis, plans: dict, aliases: dict, decision
     :func:`pointwise_dw.worth_fusing` says so. The pointwise binding is left in place with
     no user: dead code elimination drops it."""
     for var, plan in list(plans.items()):
-        if plan.strategy != depthwise.NAME or plan.residual is not None or (
-                plan.act and plan.act.gelu):
+        if plan.strategy != depthwise.NAME or not _plain_epilogue(plan):
             continue
-        x = a.bindings[var].args[0]
-        pw_var = aliases.get(x, x)
-        pw_plan = plans.get(pw_var)
-        if (pw_plan is None or pw_plan.strategy != pointwise.NAME or a.uses.get(x, 0) != 1
-                or pw_plan.residual is not None or (pw_plan.act and pw_plan.act.gelu)):
-            continue
+        pw_var, pw_plan = _sole_producer(a, plans, aliases, var)
         s = plan.operands["conv"]
-        if not pointwise_dw.worth_fusing(s) or pw_plan.shape["n"] != s.n:
+        if (pw_plan is None or pw_plan.strategy != pointwise.NAME
+                or not _plain_epilogue(pw_plan) or not pointwise_dw.worth_fusing(s)
+                or pw_plan.shape["n"] != s.n):
             continue
-        plans[var] = _fused_expansion_plan(pw_plan, plan, a.bindings[pw_var].args[0])
-        del plans[pw_var]
-        decision_of[pw_var]["fused_into_next"] = pointwise_dw.NAME
-        decision_of[pw_var].pop("tuned", None)   # its own kernel is not built
-        decision = decision_of[var]
-        decision["chosen"] = pointwise_dw.NAME
-        decision["fused_pointwise"] = {k: v for k, v in decision_of[pw_var].items()
-                                       if k in ("shape", "epilogue")}
-        decision.update(plans[var].info)
-        decision.pop("tuned", None)      # the depthwise kernel's knobs: not this kernel's
-        if (knobs := tuning.knobs_for(pointwise_dw.NAME, plans[var].shape)) is not None:
-            decision["tuned"] = knobs
+        _record_fusion(plans, decision_of, var, pw_var, "fused_pointwise",
+                       _fused_expansion_plan(pw_plan, plan, a.bindings[pw_var].args[0]))
 
 
 def _fused_expansion_plan(pw_plan: Plan, dw_plan: Plan, x: Any) -> Plan:
