@@ -306,9 +306,15 @@ def _export_archive(ex, path: Path, ar: str) -> None:
     with tempfile.TemporaryDirectory() as work:
         tar = Path(work) / "objects.tar"
         ex.export_library(str(tar))
+        objects = []
         with tarfile.open(tar) as t:
-            t.extractall(work, filter="data")
-        objects = sorted(p.name for p in Path(work).glob("*.o"))
+            # TVM's tar holds flat object files; read those members only (no paths, links or
+            # devices), which needs no ``extractall(filter=...)`` (Python >= 3.11.4 only)
+            for member in t.getmembers():
+                if member.isfile() and member.name.endswith(".o") and "/" not in member.name:
+                    (Path(work) / member.name).write_bytes(t.extractfile(member).read())
+                    objects.append(member.name)
+        objects.sort()
         path.unlink(missing_ok=True)  # ar appends to an existing archive
         subprocess.run([ar, "rcsD", str(path), *objects], cwd=work, check=True,
                        capture_output=True)
