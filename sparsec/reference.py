@@ -136,13 +136,22 @@ class Fidelity:
 
 
 def compare(reference: list[np.ndarray], actual: list[np.ndarray]) -> Fidelity:
-    """Max absolute / relative error and the lowest cosine similarity over paired outputs."""
+    """Max absolute / relative error and the lowest cosine similarity over paired outputs.
+
+    NaN and infinities match only where the reference has the same value at the same place;
+    anywhere else they are a mismatch of infinite error and cosine 0 (a plain ``max`` would
+    skip a NaN: ``max(0.0, nan)`` is 0.0)."""
     abs_err, rel_err, cos = 0.0, 0.0, 1.0
     for ref, out in zip(reference, actual):
         r = np.asarray(ref, dtype=np.float64).ravel()
         o = np.asarray(out, dtype=np.float64).ravel()
         if r.shape != o.shape:
             return Fidelity(float("inf"), float("inf"), 0.0)
+        finite_r, finite_o = np.isfinite(r), np.isfinite(o)
+        if not np.array_equal(finite_r, finite_o) or not np.array_equal(
+                r[~finite_r], o[~finite_o], equal_nan=True):
+            return Fidelity(float("inf"), float("inf"), 0.0)
+        r, o = r[finite_r], o[finite_o]
         if r.size == 0:
             continue
         diff = np.abs(r - o)

@@ -200,6 +200,15 @@ def test_c_api_reference_check_catches_differences(packages, host_runtime, tmp_p
                           text=True)
     assert proc.returncode == 1 and "cnn status 1" in proc.stdout
     assert "output linear: max abs err" in proc.stdout
+    for odd in (np.nan, np.inf):        # a NaN / Inf where the library is finite: a mismatch
+        z = np.frombuffer((packages / "cnn" / "reference" / "outputs.bin").read_bytes(),
+                          "<f4").copy()
+        z[3] = odd
+        ref.write_bytes(z.tobytes())
+        proc = subprocess.run([exe, bad, packages / "cnn" / "model.so"], capture_output=True,
+                              text=True)
+        assert proc.returncode == 1 and "cnn status 1" in proc.stdout, (odd, proc.stdout)
+        assert "max abs err inf" in proc.stdout
     ref.write_bytes(y[:5].tobytes())
     proc = subprocess.run([exe, bad, packages / "cnn" / "model.so"], capture_output=True,
                           text=True)

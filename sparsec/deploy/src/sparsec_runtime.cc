@@ -283,6 +283,14 @@ int sparsec_run(sparsec_model* model, const void* const* inputs, void* const* ou
   }
 }
 
+/* |out - ref|, where NaN and infinities match only the same value in the reference: any
+   other NaN or infinity is an infinite error (std::max(err, NaN) would keep err). */
+static double element_error(double out, double ref) {
+  if (std::isnan(ref) || std::isnan(out)) return std::isnan(ref) && std::isnan(out) ? 0.0 : INFINITY;
+  if (std::isinf(ref) || std::isinf(out)) return out == ref ? 0.0 : INFINITY;
+  return std::fabs(out - ref);
+}
+
 int sparsec_check_reference(sparsec_model* model, const char* inputs_bin,
                             const char* outputs_bin, double* max_abs_err) {
   last_error.clear();
@@ -316,9 +324,9 @@ int sparsec_check_reference(sparsec_model* model, const char* inputs_bin,
         err = std::max(err, std::memcmp(a + k, b + k, 2) == 0 ? 0.0 : INFINITY);
         continue;
       }
-      double ref = as_double(b + k, o.dtype);
-      err = std::max(err, std::fabs(as_double(a + k, o.dtype) - ref));
-      peak = std::max(peak, std::fabs(ref));
+      double ref = as_double(b + k, o.dtype), out = as_double(a + k, o.dtype);
+      if (std::isfinite(ref)) peak = std::max(peak, std::fabs(ref));
+      err = std::max(err, element_error(out, ref));
     }
     double bound = spec->atol + spec->rtol * peak;
     worst = std::max(worst, err);
