@@ -114,6 +114,7 @@ def inspect(model: ModelLike, input_shapes: InputShapes | str | None = None) -> 
         "ops": graph.op_histogram(),
         "params": c.params,
         "macs": c.macs,
+        "load": graph.notes,
         "groups": [g.as_dict(graph) for g in dg.groups],
         "prunable_groups": sum(g.prunable for g in dg.groups),
         "frozen_groups": sum(not g.prunable for g in dg.groups),
@@ -133,10 +134,13 @@ class PruneResult:
     #: the package's reference pair
     sample: dict[str, np.ndarray] = field(default_factory=dict)
 
+    #: what loading did to the input model (``Graph.notes``: folding, fused pads, ...)
+    load: dict = field(default_factory=dict)
+
     def report(self) -> dict:
         return {"before": self.before.as_dict(), "after": self.after.as_dict(),
                 "fidelity": self.fidelity.as_dict(),
-                "passes": [p.as_dict() for p in self.passes]}
+                "passes": [p.as_dict() for p in self.passes], "load": self.load}
 
 
 def _check_ratio(ratio: float) -> float:
@@ -325,6 +329,8 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
     if output is not None:
         check_writable_file(output, model if isinstance(model, (str, os.PathLike)) else None)
     graph = load(model, input_shapes, example_inputs)
+    if graph.notes.get("normalize", {}).get("summary"):
+        log(f"load: {graph.notes['normalize']['summary']} (exact)")
     _check_patterns(graph, layer_ratios, ignore)
     _check_structure(graph, remove_layers, remove_attention, fuse_ffn)
     kind, nm = _check_sparsity(sparsity, sparsity_pattern, sparsity_criterion, lamp)
@@ -356,7 +362,8 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
     manager = PassManager(passes, calib, log)
     pruned, results = manager.run(graph)
     result = PruneResult(pruned, results, cost(graph), cost(pruned), manager.fidelity,
-                         sample=calib[0] if calib else reference.random_inputs(graph, seed=0))
+                         sample=calib[0] if calib else reference.random_inputs(graph, seed=0),
+                         load=graph.notes)
     if output is not None:
         atomic_write_bytes(output, to_onnx(pruned).SerializeToString())
         result.output = Path(output)

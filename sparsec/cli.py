@@ -109,6 +109,9 @@ def cmd_inspect(args) -> int:
         for v in info[kind]:
             print(f"  {kind[:-1]:6} {v['name']} {v['dtype']}{v['shape']}")
     print("ops: " + ", ".join(f"{k} x{v}" for k, v in info["ops"].items()))
+    folded = info["load"].get("normalize", {})
+    if folded.get("summary") or folded.get("skipped"):
+        print(f"load: {folded.get('summary') or 'folding skipped: ' + folded['skipped']}")
     print(f"channel groups: {len(info['groups'])} ({info['prunable_groups']} prunable, "
           f"{info['frozen_groups']} frozen)")
     rows = [["group", "size", "sources", "status"]]
@@ -262,6 +265,17 @@ def cmd_cmake_dir(args) -> int:
     from sparsec.deploy import CMAKE_DIR
 
     print(CMAKE_DIR)
+    return 0
+
+
+def cmd_clean(args) -> int:
+    from sparsec.package import remove_stale_staging
+
+    removed = [p for out in args.outputs for p in remove_stale_staging(out, legacy=True)]
+    for path in removed:
+        print(f"removed {path}")
+    if not removed:
+        print("nothing to clean")
     return 0
 
 
@@ -422,6 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("cmake-dir", help="print the directory of sparsecConfig.cmake (for "
                                           "-Dsparsec_DIR=...)")
     sp.set_defaults(func=cmd_cmake_dir)
+
+    sp = sub.add_parser("clean", help="remove what interrupted runs left beside outputs "
+                                      "(staging directories no live run owns)")
+    sp.add_argument("outputs", nargs="+", metavar="OUT", help="an output path given to -o")
+    sp.set_defaults(func=cmd_clean)
 
     sp = sub.add_parser("run", help="run a compiled package on inputs")
     sp.add_argument("package", metavar="DIR")

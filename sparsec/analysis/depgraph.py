@@ -397,6 +397,10 @@ def _batched_matmul(dg: DependencyGraph, a: str, b: str, y: str) -> None:
 def _expand(dg: DependencyGraph, n: Node) -> None:
     """Expand broadcasts axes of size 1; every other axis passes through (numpy alignment)."""
     x, y = n.inputs[0], n.outputs[0]
+    if dg.const(n.inputs[1]) is None:     # the surgery could not rewrite the target shape
+        dg.freeze_all(x, "Expand shape is computed at run time")
+        dg.freeze_all(y, "Expand shape is computed at run time")
+        return
     sx, sy = dg.graph.shape(x), dg.graph.shape(y)
     for axis, size in enumerate(sx):
         out_axis = axis + len(sy) - len(sx)
@@ -463,6 +467,10 @@ def _depth_to_space(dg: DependencyGraph, n: Node) -> None:
 def _resize(dg: DependencyGraph, n: Node) -> None:
     """Resize/Upsample: axes it leaves the same size (batch, channels) pass through."""
     x, y = n.inputs[0], n.outputs[0]
+    if len(n.inputs) > 3 and n.inputs[3] and dg.const(n.inputs[3]) is None:
+        dg.freeze_all(x, f"{n.op_type} sizes are computed at run time")
+        dg.freeze_all(y, f"{n.op_type} sizes are computed at run time")
+        return
     for axis, (a, b) in enumerate(zip(dg.graph.shape(x), dg.graph.shape(y))):
         if a == b:
             dg.couple(x, axis, y, axis)
@@ -589,6 +597,7 @@ def _pad(dg: DependencyGraph, n: Node) -> None:
     axes_in = dg.const(n.inputs[3]) if len(n.inputs) > 3 and n.inputs[3] else None
     if pads is None:
         dg.freeze_all(x, "Pad amounts are computed at run time")
+        dg.freeze_all(y, "Pad amounts are computed at run time")
         return
     axes = [int(a) % rank for a in axes_in] if axes_in is not None else list(range(rank))
     padded = {ax for k, ax in enumerate(axes) if pads[k] != 0 or pads[k + len(axes)] != 0}

@@ -66,6 +66,8 @@ class Graph:
     ir_version: int = 10
     producer: str = "sparsec"
     metadata: dict[str, str] = field(default_factory=dict)
+    #: what the frontend did on load (e.g. ``{"normalize": {...}}``); not written to files
+    notes: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ queries
     def value(self, name: str) -> Value:
@@ -112,6 +114,7 @@ class Graph:
             ir_version=self.ir_version,
             producer=self.producer,
             metadata=dict(self.metadata),
+            notes=_copy.deepcopy(self.notes),
         )
 
     def set_initializer(self, name: str, array: np.ndarray) -> None:

@@ -196,9 +196,13 @@ _FIXUPS = {"Conv": _conv, "Reshape": _sizes_at(1), "Expand": _sizes_at(1),
 
 def reinfer_shapes(graph: Graph) -> Graph:
     """Recompute every intermediate shape after surgery (inputs and weights are authoritative)."""
+    from sparsec.errors import InvalidModelError
     from sparsec.frontends.onnx import infer_shapes
     from sparsec.ir.onnx_io import from_onnx, to_onnx
 
-    fresh = from_onnx(infer_shapes(to_onnx(graph, with_value_info=False)))
+    try:
+        fresh = from_onnx(infer_shapes(to_onnx(graph, with_value_info=False)))
+    except InvalidModelError as e:   # the input ran: a graph the surgery broke is our bug
+        raise RuntimeError(f"the pruned graph does not run in ONNX Runtime ({e})") from None
     fresh.name, fresh.producer, fresh.metadata = graph.name, graph.producer, graph.metadata
     return fresh
