@@ -31,8 +31,26 @@ def digits_cnn():
     return m, (torch.randn(1, 1, 8, 8),)
 
 
+class PoolTo4x4(torch.nn.Module):
+    """A CNN that pools its 8x8 map to 4x4 before the classifier (adaptive pool, not 1x1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8 * 16, 5)
+
+    def forward(self, x):
+        y = torch.nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), (4, 4))
+        return self.fc(torch.flatten(y, 1))
+
+
+def pool_to_4x4():
+    torch.manual_seed(0)
+    return PoolTo4x4().eval(), (torch.randn(1, 3, 8, 8),)
+
+
 MODULES = {**{n: (lambda n=n: zoo.torch_model(n)) for n in zoo.TORCH_MODULES},
-           "digits_cnn": digits_cnn}
+           "digits_cnn": digits_cnn, "pool_to_4x4": pool_to_4x4}
 
 
 @pytest.mark.parametrize("name", MODULES)

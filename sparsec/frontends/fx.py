@@ -180,9 +180,19 @@ def _cat(lw: _Lowering, node, out, shape, dtype) -> None:
 
 
 def _adaptive_avg_pool2d(lw: _Lowering, node, out, shape, dtype) -> None:
-    if list(node.args[1]) != [1, 1]:
-        raise UnsupportedOpError({f"{node.target} to a size other than 1x1": 1})
-    lw.emit("GlobalAveragePool", [lw.tensor(node.args[0])], out, shape, dtype)
+    """To 1x1: a global average pool; to a size that divides the map's: an average pool whose
+    window and stride are the quotient (torch's bins are then equal and disjoint)."""
+    x = lw.tensor(node.args[0])
+    size = [int(s) for s in node.args[1]]
+    if size == [1, 1]:
+        lw.emit("GlobalAveragePool", [x], out, shape, dtype)
+        return
+    hw = lw.values[x].shape[-2:]
+    if any(s <= 0 or d % s for d, s in zip(hw, size)):
+        raise UnsupportedOpError({f"{node.target} from {list(hw)} to {size} (uneven bins)": 1})
+    kernel = [d // s for d, s in zip(hw, size)]
+    lw.emit("AveragePool", [x], out, shape, dtype, kernel_shape=kernel, strides=kernel,
+            pads=[0, 0, 0, 0])
 
 
 def _pool(op: str):
