@@ -98,28 +98,85 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+_LOCK = ".lock"
+
+
 @contextmanager
 def staging_dir(final: str | os.PathLike) -> Iterator[Path]:
-    """A temp directory beside ``final`` that replaces it when the block succeeds."""
+    """A temp directory beside ``final`` that replaces it when the block succeeds.
+
+    The directory ``.NAME.XXXXXXXX`` is owned through an exclusive ``flock`` on its sibling
+    ``.NAME.XXXXXXXX.lock``, held while this run lives: the kernel drops it when the process
+    dies, even by ``kill -9``, so the next run for the same output (or ``sparsec clean``)
+    recognizes the leftovers of a dead run and removes them."""
+    import fcntl
+
     final = Path(final)
     parent = final.absolute().parent
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; a package is an ordinary directory
+    remove_stale_staging(final)
+    fd, lock = tempfile.mkstemp(prefix=f".{final.name}.", suffix=_LOCK, dir=parent)
     try:
-        yield tmp
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=parent))
-            os.replace(final, old / "pkg")
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        tmp = Path(lock[:-len(_LOCK)])
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.mkdir(0o777 & ~umask)      # an ordinary directory, as the package will be
+        try:
+            yield tmp
+            if final.exists():
+                old = Path(f"{tmp}.old")
+                old.mkdir()
+                os.replace(final, old / "pkg")
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        Path(lock).unlink(missing_ok=True)
+        os.close(fd)
+
+
+def remove_stale_staging(final: str | os.PathLike, legacy: bool = False) -> list[Path]:
+    """Remove what runs that died left beside ``final``: staging directories whose lock no
+    live process holds. With ``legacy``, also lock-less ``.NAME.XXXXXXXX`` directories (left
+    by sparsec versions before the locks; ``sparsec clean`` only). Returns what it removed."""
+    import fcntl
+    import glob
+    import re
+
+    final = Path(final).absolute()
+    removed: list[Path] = []
+    for lock in sorted(final.parent.glob(f".{glob.escape(final.name)}.*{_LOCK}")):
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue                                  # a live run holds it
+            base = Path(str(lock)[:-len(_LOCK)])
+            for path in (base, Path(f"{base}.old")):
+                if path.exists():
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed.append(path)
+            lock.unlink(missing_ok=True)
+            removed.append(lock)
+        finally:
+            os.close(fd)
+    if legacy:
+        pattern = re.compile(rf"\.{re.escape(final.name)}\.(old\.)?[A-Za-z0-9_]{{8}}")
+        for path in sorted(final.parent.glob(f".{glob.escape(final.name)}.*")):
+            if (path.is_dir() and pattern.fullmatch(path.name)
+                    and not Path(f"{path}{_LOCK}").exists()):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
 
 
 def write_json(path: Path, obj: dict) -> None:
