@@ -282,3 +282,21 @@ def test_a_pruned_graph_onnx_runtime_refuses_is_our_bug_not_the_input():
     broken.nodes[0].inputs[1] = broken.nodes[-1].outputs[0]      # a cycle
     with pytest.raises(RuntimeError, match="pruned graph"):
         surgery.reinfer_shapes(broken)
+
+
+@pytest.mark.parametrize("op, attrs, becomes", [
+    ("AveragePool", {"kernel_shape": [1280, 1280], "strides": [1280, 1280], "ceil_mode": 1},
+     "GlobalAveragePool"),                                   # EfficientNet's head
+    ("AveragePool", {"kernel_shape": [2, 3]}, "GlobalAveragePool"),
+    ("MaxPool", {"kernel_shape": [4, 4], "strides": [4, 4], "ceil_mode": 1}, "GlobalMaxPool"),
+    ("AveragePool", {"kernel_shape": [4, 4], "strides": [4, 4], "ceil_mode": 1,
+                     "count_include_pad": 1}, "GlobalAveragePool"),   # torch's default
+    ("AveragePool", {"kernel_shape": [3, 4], "pads": [1, 1, 0, 0]}, "AveragePool"),  # padded
+])
+def test_whole_map_pools_become_global_pools(op, attrs, becomes):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    proto = _model([helper.make_node(op, ["x"], ["y"], **attrs)], [x], [y], {})
+    g = load_onnx(proto)
+    assert [n.op_type for n in g.nodes] == [becomes]
+    assert_same_function(proto, g)

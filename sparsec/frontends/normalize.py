@@ -16,6 +16,8 @@ anything else reads it:
    SxS mask) stays computed: the graph never grows by more than that cap per tensor.
 4. A constant zero ``Pad`` of the spatial axes that feeds only a ``Conv`` moves into the
    Conv's ``pads``.
+5. A pooling window that covers the whole map (one output pixel, no padding; EfficientNet's
+   ``AvgPool2d(1280, ceil_mode=True)`` on a 2x2 map) is the global pool it computes.
 
 The caller proves the result exact on the model at hand (``sparsec.frontends.onnx``).
 Initializer names are kept; a folded tensor is named after the value it replaces.
@@ -47,15 +49,18 @@ class NormalizeReport:
     identities: int = 0
     merged: int = 0
     pads_fused: int = 0
+    global_pools: int = 0
 
     @property
     def changed(self) -> bool:
-        return bool(self.folded or self.identities or self.merged or self.pads_fused)
+        return bool(self.folded or self.identities or self.merged or self.pads_fused
+                    or self.global_pools)
 
     def as_dict(self) -> dict:
         return {"folded": dict(sorted(self.folded.items())), "constants": self.constants,
                 "kept_large": self.kept_large, "identities": self.identities,
-                "merged": self.merged, "pads_fused": self.pads_fused}
+                "merged": self.merged, "pads_fused": self.pads_fused,
+                "global_pools": self.global_pools}
 
     def summary(self) -> str:
         parts = []
@@ -70,6 +75,8 @@ class NormalizeReport:
             parts.append(f"{self.merged} duplicate node(s) merged")
         if self.pads_fused:
             parts.append(f"{self.pads_fused} Pad(s) fused into Conv")
+        if self.global_pools:
+            parts.append(f"{self.global_pools} whole-map pool(s) made global")
         if self.kept_large:
             parts.append(f"{self.kept_large} large constant(s) left computed")
         return "; ".join(parts)
@@ -84,6 +91,7 @@ def normalize(graph: Graph) -> tuple[Graph, NormalizeReport]:
     _fold(g, report)
     report.merged += _merge_duplicates(g)
     report.pads_fused = _fuse_pads(g)
+    report.global_pools = _global_pools(g)
     _drop_dead(g)
     return g, report
 
@@ -267,6 +275,34 @@ def _fuse_pads(g: Graph) -> int:
         conv.inputs[0] = pad.inputs[0]
         fused += 1
     return fused
+
+
+def _global_pools(g: Graph) -> int:
+    """``AveragePool`` / ``MaxPool`` whose one window covers the whole map -> the global pool.
+
+    Exact when nothing is padded: the window then reads every pixel and only them. With
+    ``ceil_mode`` it may reach past the map, and the average divides by the pixels inside it
+    (ONNX Runtime and torch clip the window to the padded map, so ``count_include_pad`` counts
+    no extra pixel when the pads are zero)."""
+    count = 0
+    for node in g.nodes:
+        if node.op_type not in ("AveragePool", "MaxPool") or len(node.outputs) != 1:
+            continue
+        x, y = g.shape(node.inputs[0]), g.shape(node.outputs[0])
+        if len(x) < 3 or any(d != 1 for d in y[2:]):
+            continue
+        if any(int(p) for p in node.attr("pads", ())) or (
+                node.attr("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET", "VALID", b"VALID")):
+            continue
+        kernel = [int(k) for k in node.attr("kernel_shape", ())]
+        if len(kernel) != len(x) - 2 or any(k < d for k, d in zip(kernel, x[2:])):
+            continue
+        if any(int(d) != 1 for d in node.attr("dilations", ())):
+            continue
+        node.op_type = "Global" + node.op_type
+        node.attrs, node.attr_types = {}, {}
+        count += 1
+    return count
 
 
 def _constant_pads(g: Graph, pad: Node) -> list[int] | None:
