@@ -1,0 +1,178 @@
+"""Coverage on real-world architectures: every model of ``tests/realworld.py`` (transformers
+configs: encoders, decoders with GQA, vision transformers, CNNs, speech encoders), exported
+by both torch exporters (TorchScript ``legacy`` and ``dynamo``), through what a user runs:
+
+* inspect: load (fold what does not depend on input values), channel groups, frozen reasons
+* prune --ratio 0.5: the pruned model must run in ONNX Runtime; the share of parameters kept
+* compile --target host + validate: the package's library against ONNX Runtime, and its
+  latency next to ONNX Runtime's (2 threads each, alternating blocks; dense models)
+
+Each model runs in its own process (a crash in one cannot end the run).
+
+Run from the repo root:  PYTHONPATH=. python benchmarks/coverage.py [--models a,b]
+[--exporters legacy,dynamo] [--no-compile]
+Writes benchmarks/results/coverage.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def _reason(text: str) -> str:
+    """A frozen reason without the tensor names in parentheses."""
+    return re.sub(r" \([^)]*\)$", "", text)
+
+
+def one(name: str, exporter: str, do_compile: bool) -> dict:
+    """All steps for one model and exporter (runs in a worker process)."""
+    import numpy as np
+    import onnx
+
+    import realworld
+    import sparsec
+    from sparsec import reference
+    from sparsec.analysis.depgraph import DependencyGraph
+
+    row: dict = {"model": name, "exporter": exporter}
+    try:
+        proto = realworld.build(name, exporter)
+    except Exception as e:  # noqa: BLE001 - torch cannot export it: recorded, not ours
+        row["export"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        return row
+    work = Path(tempfile.mkdtemp(prefix="sparsec-coverage-"))
+    path = work / "model.onnx"
+    onnx.save(proto, str(path))
+    step = "inspect"
+    try:
+        t0 = time.perf_counter()
+        graph = sparsec.load(path)
+        groups = DependencyGraph(graph).groups
+        row["load_s"] = round(time.perf_counter() - t0, 2)
+        row["normalize"] = graph.notes.get("normalize", {})
+        row["groups"] = [sum(g.prunable for g in groups), sum(not g.prunable for g in groups)]
+        row["frozen"] = dict(Counter(_reason(r) for g in groups if not g.prunable
+                                     for r in dict.fromkeys(_reason(x) for x in g.frozen)))
+        step = "prune"
+        result = sparsec.prune(graph, work / "pruned.onnx", ratio=0.5)
+        out = reference.run(onnx.load(str(work / "pruned.onnx")),
+                            reference.random_inputs(result.graph))
+        row["prune_ok"] = all(np.isfinite(o).all() for o in out if o.dtype.kind == "f")
+        row["params"] = [result.before.params, result.after.params]
+        row["kept"] = round(result.after.params / max(result.before.params, 1), 3)
+        if do_compile:
+            step = "compile"
+            t0 = time.perf_counter()
+            manifest = sparsec.compile(path, work / "pkg", target="host")
+            row["compile_s"] = round(time.perf_counter() - t0, 1)
+            step = "validate"
+            report = sparsec.validate(work / "pkg")
+            row["validate_ok"] = report.ok
+            row["kernels"] = manifest["compile"].get("kernels", {})
+            step = "latency"
+            row["latency_ms"] = _latency(work / "pkg", proto)
+    except Exception as e:  # noqa: BLE001 - a report: record the failing step and go on
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        row["error"] = f"{step}: {type(e).__name__}: {first[:200]}"
+    return row
+
+
+def _latency(pkg_dir: Path, proto) -> dict:
+    """Median ms of ONNX Runtime on the input model and of the package's library."""
+    from bench_host import interleaved_medians, ort_runner
+
+    from sparsec import reference
+    from sparsec.api import _runner
+    from sparsec.package import Package
+
+    pkg = Package.load(pkg_dir)
+    feeds = reference.random_feeds(pkg.inputs, 0)
+    ort = ort_runner(proto, 2)
+    lib = _runner(pkg)
+    ms = interleaved_medians({"ort": lambda: ort(feeds), "sparsec": lambda: lib.run(feeds)},
+                             repeats=30, block=10, drop=3, budget_s=10.0)
+    return {k: round(v, 3) for k, v in ms.items()}
+
+
+def _cell_ok(flag) -> str:
+    return "-" if flag is None else ("ok" if flag else "FAIL")
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| model | exporter | load | folded nodes | groups prunable / frozen | prune 0.5: "
+             "params kept | compile + validate | sparsec / ORT | what stays frozen |",
+             "|---|---|---|---:|---:|---:|---|---:|---|"]
+    for r in rows:
+        if "export" in r:
+            lines.append(f"| {r['model']} | {r['exporter']} | torch cannot export: "
+                         f"{r['export']} | | | | | | |")
+            continue
+        err = r.get("error", "")
+        folded = sum(r.get("normalize", {}).get("folded", {}).values())
+        groups = "/".join(map(str, r["groups"])) if "groups" in r else "-"
+        kept = f"{r['kept']:.2f}" if "kept" in r else "-"
+        lat = r.get("latency_ms")
+        ratio = f"{lat['sparsec'] / lat['ort']:.2f}" if lat else "-"
+        frozen = "; ".join(f"{k} ({v})" for k, v in sorted(
+            r.get("frozen", {}).items(), key=lambda kv: -kv[1]))
+        lines.append(f"| {r['model']} | {r['exporter']} | {'ok' if 'groups' in r else 'FAIL'} | "
+                     f"{folded} | {groups} | {kept} | "
+                     f"{_cell_ok(r.get('validate_ok')) if not err else 'FAIL: ' + err} | "
+                     f"{ratio} | {frozen} |")
+    done = [r for r in rows if "export" not in r]
+    ok = sum(1 for r in done if r.get("validate_ok"))
+    pruned = sum(1 for r in done if r.get("prune_ok"))
+    reasons: Counter = Counter()
+    for r in done:
+        reasons.update(r.get("frozen", {}))
+    lines += ["", f"compile + validate: {ok} / {len(done)} files; prune --ratio 0.5 runs in ONNX "
+              f"Runtime: {pruned} / {len(done)}", "", "Frozen groups by reason, all files:", "",
+              "| reason | groups |", "|---|---:|"]
+    lines += [f"| {k} | {v} |" for k, v in reasons.most_common()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import realworld
+    from bench_host import publish
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(realworld.MODELS))
+    ap.add_argument("--exporters", default=",".join(realworld.EXPORTERS))
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        name, exporter, do_compile = args.worker
+        print("ROW " + json.dumps(one(name, exporter, do_compile == "1")), flush=True)
+        return 0
+    rows = []
+    for name in args.models.split(","):
+        for exporter in args.exporters.split(","):
+            proc = subprocess.run(
+                [sys.executable, __file__, "--worker", name, exporter,
+                 "0" if args.no_compile else "1"], capture_output=True, text=True, cwd=ROOT)
+            found = [ln[4:] for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
+            row = json.loads(found[-1]) if found else {
+                "model": name, "exporter": exporter,
+                "error": f"worker died (exit {proc.returncode}): {proc.stderr.strip()[-200:]}"}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    publish("coverage", rows, markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
