@@ -29,6 +29,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
+from onnx import AttributeProto
 
 from sparsec.ir.graph import Graph, Node, Value
 
@@ -271,7 +272,7 @@ def _fuse_pads(g: Graph) -> int:
         old = list(conv.attr("pads", [0] * (2 * spatial)))
         conv.attrs["pads"] = [int(old[k] + begin[2 + k]) for k in range(spatial)] + [
             int(old[spatial + k] + end[2 + k]) for k in range(spatial)]
-        conv.attr_types.setdefault("pads", 7)       # AttributeProto.INTS
+        conv.attr_types.setdefault("pads", AttributeProto.INTS)
         conv.inputs[0] = pad.inputs[0]
         fused += 1
     return fused
