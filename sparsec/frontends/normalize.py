@@ -237,7 +237,7 @@ def _evaluate(g: Graph, nodes: list[Node], wanted: list[str]) -> list[np.ndarray
     need = [w for w in wanted if w in computed]
     results: dict[str, np.ndarray] = dict(direct)
     if need:
-        values = {k: v for k, v in g.values.items()}
+        values = dict(g.values)
         for name, arr in inits.items():
             values[name] = Value(name, tuple(arr.shape), arr.dtype.name)
         sub = Graph(name="fold", inputs=[], outputs=need, nodes=sub_nodes, initializers=inits,

@@ -144,6 +144,11 @@ def _fill_shapes_with_onnxruntime(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def _does_not_run(e: Exception) -> InvalidModelError:
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    return InvalidModelError(f"model does not run in ONNX Runtime: {first}")
+
+
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Model with a concrete shape for every tensor (inputs must already be static)."""
     try:
@@ -153,9 +158,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         return _fill_shapes_with_onnxruntime(inferred)
     except Exception as e:
-        raise InvalidModelError(
-            f"model does not run in ONNX Runtime: {str(e).strip().splitlines()[0][:200]}"
-        ) from None
+        raise _does_not_run(e) from None
 
 
 def untie_constant_initializers(graph: Graph) -> Graph:
@@ -222,9 +225,7 @@ def normalize_exactly(graph: Graph) -> Graph:
     try:
         before = reference.run(graph, feeds)
     except Exception as e:
-        raise InvalidModelError(
-            f"model does not run in ONNX Runtime: {str(e).strip().splitlines()[0][:200]}"
-        ) from None
+        raise _does_not_run(e) from None
     fid = reference.compare(before, reference.run(new, feeds))
     if not fid.max_rel_err <= EXACT_REL_TOL:
         graph.notes["normalize"] = {"skipped": f"folding moved outputs by {fid.max_rel_err:.3g}"}
