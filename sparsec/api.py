@@ -637,8 +637,8 @@ def run(package_dir: str | os.PathLike, inputs: dict[str, np.ndarray] | str | os
         ) -> dict[str, np.ndarray]:
     """Run a compiled package on ``inputs`` (dict or .npz path); outputs keyed by name."""
     pkg = Package.load(package_dir)
-    feeds = inputs if isinstance(inputs, dict) else pkg.read_inputs(inputs)
-    reference.check_ranges(feeds, pkg.inputs)
+    feeds = reference.check_inputs(
+        inputs if isinstance(inputs, dict) else pkg.read_inputs(inputs), pkg.inputs)
     outs = _runner(pkg).run(feeds)
     return {spec["name"]: out for spec, out in zip(pkg.outputs, outs)}
 
@@ -712,8 +712,8 @@ def validate(package_dir: str | os.PathLike, inputs=None, *, rtol: float | None 
     if inputs is None:
         feeds = reference.random_feeds(pkg.inputs, seed)
     else:
-        feeds = inputs if isinstance(inputs, dict) else pkg.read_inputs(inputs)
-        reference.check_ranges(feeds, pkg.inputs)
+        feeds = reference.check_inputs(
+            inputs if isinstance(inputs, dict) else pkg.read_inputs(inputs), pkg.inputs)
     report = _compare(pkg.outputs, reference.run(model, feeds), runner.run(feeds), rtol, atol,
                       min_cosine)
     if check:

@@ -272,37 +272,48 @@ def _load_npz(path: str | os.PathLike) -> tuple[Path, dict[str, np.ndarray]]:
         raise InvalidModelError(f"{p} is not a readable .npz file") from None
 
 
-def _checked(p: Path, arrays: dict[str, np.ndarray], signature: list[dict], stacked: bool
+def _stacked(p: Path, arrays: dict[str, np.ndarray], signature: list[dict]
              ) -> list[dict[str, np.ndarray]]:
+    """Batches from arrays that are one input each, or several stacked on a leading axis."""
+    from sparsec.reference import cast_input
+
     batches: list[dict[str, np.ndarray]] = []
     for spec in signature:
         name, shape = spec["name"], list(spec["shape"])
         if name not in arrays:
             raise BadOptionError(f"{p} has no array '{name}' (has: {', '.join(arrays) or '-'})")
-        arr = arrays[name].astype(spec["dtype"], copy=False)
+        arr = arrays[name]
         if list(arr.shape) == shape:
             items = [arr]
-        elif stacked and list(arr.shape[1:]) == shape:
+        elif list(arr.shape[1:]) == shape:
             items = list(arr)
         else:
-            want = f"{shape}" + (f" or [N, *{shape}]" if stacked else "")
             raise BadOptionError(f"input '{name}' has shape {list(arr.shape)}, the model "
-                                 f"expects {want}")
+                                 f"expects {shape} or [N, *{shape}]")
         if batches and len(items) != len(batches):
             raise BadOptionError(f"{p}: inputs stack different numbers of samples")
         batches = batches or [{} for _ in items]
         for feeds, item in zip(batches, items):
-            feeds[name] = item
+            try:
+                feeds[name] = cast_input(name, item, spec)
+            except BadOptionError as e:
+                raise BadOptionError(f"{p}: {e}") from None
     return batches
 
 
 def read_npz_inputs(npz: str | os.PathLike, signature: list[dict]) -> dict[str, np.ndarray]:
-    """One set of inputs from an ``.npz`` keyed by input name, checked against ``signature``."""
+    """One set of inputs from an ``.npz`` keyed by input name, checked against ``signature``
+    (``reference.check_inputs``: no extra arrays, no value-changing casts)."""
+    from sparsec.reference import check_inputs
+
     p, arrays = _load_npz(npz)
-    return _checked(p, arrays, signature, stacked=False)[0]
+    try:
+        return check_inputs(arrays, signature)
+    except BadOptionError as e:
+        raise BadOptionError(f"{p}: {e}") from None
 
 
 def read_calibration(npz: str | os.PathLike, signature: list[dict]) -> list[dict[str, np.ndarray]]:
     """Calibration batches: each array is one input, or several stacked on a leading axis."""
     p, arrays = _load_npz(npz)
-    return _checked(p, arrays, signature, stacked=True)
+    return _stacked(p, arrays, signature)

@@ -117,6 +117,68 @@ def check_ranges(feeds: dict[str, np.ndarray], signature: list[dict]) -> None:
                 f"{'s' if bad.size > 1 else ''}; a token id past the vocabulary?)")
 
 
+def cast_input(name: str, value, spec: dict) -> np.ndarray:
+    """``value`` as the input ``spec`` wants it, or ``BadOptionError`` (exit 6) where that would
+    change a value: strings, objects and complex numbers are refused; a float given for an
+    integer or boolean input must hold whole numbers in range (7.5 is refused, not truncated);
+    float inputs must not hold NaN (ONNX Runtime propagates NaN where compiled kernels may
+    not, e.g. through ReLU: the two would disagree). The shape must match exactly."""
+    from sparsec.errors import BadOptionError
+
+    if hasattr(value, "detach"):                                  # a torch tensor
+        value = value.detach().cpu().numpy()
+    arr = np.asarray(value)
+    want = np.dtype(spec["dtype"])
+    if arr.dtype.kind not in "biuf":
+        raise BadOptionError(f"input '{name}' is an array of {arr.dtype}, the model takes "
+                             f"{want.name}")
+    if list(arr.shape) != list(spec["shape"]):
+        raise BadOptionError(f"input '{name}' has shape {list(arr.shape)}, the model expects "
+                             f"{list(spec['shape'])}")
+    if want.kind == "f":
+        out = arr.astype(want, copy=False)
+        if np.isnan(out).any():
+            at = np.unravel_index(int(np.flatnonzero(np.isnan(out))[0]), out.shape)
+            raise BadOptionError(f"input '{name}' holds NaN at {list(map(int, at))}: refused "
+                                 f"(ONNX Runtime and compiled kernels treat NaN differently)")
+        return out
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
+            bad = np.flatnonzero(~np.isfinite(arr) | (arr != np.round(arr)))[0]
+            raise BadOptionError(f"input '{name}' takes {want.name}, and holds "
+                                 f"{arr.flat[bad]} (not a whole number)")
+    if want.kind == "b":
+        if arr.dtype.kind != "b" and np.any((arr != 0) & (arr != 1)):
+            raise BadOptionError(f"input '{name}' takes booleans, and holds values other "
+                                 f"than 0 and 1")
+        return arr.astype(want, copy=False)
+    info = np.iinfo(want)
+    if arr.size and (arr.min() < info.min or arr.max() > info.max):
+        raise BadOptionError(f"input '{name}' holds values outside the range of {want.name}")
+    return arr.astype(want, copy=False)
+
+
+def check_inputs(feeds: dict, signature: list[dict]) -> dict[str, np.ndarray]:
+    """Feeds for a model's ``signature``, checked strictly: every input given and no other
+    (an extra name is an error, not ignored), values cast only where nothing changes
+    (``cast_input``), index inputs within their tables (``check_ranges``)."""
+    from sparsec.errors import BadOptionError
+
+    names = [spec["name"] for spec in signature]
+    missing = [n for n in names if n not in feeds]
+    if missing:
+        raise BadOptionError(f"no array '{missing[0]}' among the inputs (has: "
+                             f"{', '.join(map(str, feeds)) or '-'})")
+    extra = sorted(set(feeds) - set(names))
+    if extra:
+        raise BadOptionError(f"unknown input(s) {', '.join(extra)} (the model takes "
+                             f"{', '.join(names)})")
+    checked = {spec["name"]: cast_input(spec["name"], feeds[spec["name"]], spec)
+               for spec in signature}
+    check_ranges(checked, signature)
+    return checked
+
+
 def random_inputs(graph: Graph, seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded inputs for every graph input (see ``random_feeds``)."""
     return random_feeds(signature(graph, graph.inputs), seed)
