@@ -22,7 +22,8 @@ import numpy as np
 from sparsec import reference
 from sparsec.analysis.cost import Cost, cost
 from sparsec.analysis.depgraph import DependencyGraph
-from sparsec.errors import BadOptionError, ToolchainError, ValidationError
+from sparsec.errors import (BadOptionError, InvalidModelError, SparsecError, ToolchainError,
+                            ValidationError)
 from sparsec.frontends.onnx import InputShapes, load_onnx, parse_input_shapes
 from sparsec.ir.graph import Graph
 from sparsec.ir.onnx_io import to_onnx
@@ -34,11 +35,13 @@ from sparsec.package import (
     Package,
     archive_name,
     atomic_write_bytes,
+    check_elf,
     check_writable_dir,
     check_writable_file,
     file_hashes,
     header_name,
     read_calibration,
+    seal,
     sha256,
     staging_dir,
     write_json,
@@ -539,7 +542,7 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
             "prune": result.report(),
             "compile": {**facts, "precision": precision},
         }
-        write_json(tmp / MANIFEST, manifest)
+        write_json(tmp / MANIFEST, seal(manifest))
     log(f"wrote {output_dir}")
     return manifest
 
@@ -629,8 +632,32 @@ def _runner(pkg: Package):
     from sparsec.targets import resolve_target
 
     spec = resolve_target(pkg.manifest["target"]["name"])
-    return _load_runner(spec, pkg.path, pkg.name, pkg.inputs, pkg.outputs,
-                        cuda=pkg.manifest["compile"].get("cuda"))
+    check_elf(pkg.path / LIBRARY)
+    try:
+        return _load_runner(spec, pkg.path, pkg.name, pkg.inputs, pkg.outputs,
+                            cuda=pkg.manifest["compile"].get("cuda"))
+    except SparsecError:
+        raise
+    except Exception as e:
+        raise _library_failed(pkg, e) from None
+
+
+def _run_package(pkg: Package, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The package's library on checked feeds; a library that fails on inputs matching its
+    manifest (another model's library, re-hashed into it) is refused as an invalid package."""
+    runner = _runner(pkg)
+    try:
+        return runner.run(feeds)
+    except SparsecError:
+        raise
+    except Exception as e:
+        raise _library_failed(pkg, e) from None
+
+
+def _library_failed(pkg: Package, e: Exception) -> InvalidModelError:
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    return InvalidModelError(f"package {pkg.path}: its {LIBRARY} does not run as its manifest "
+                             f"describes ({first}); compile the package again")
 
 
 def run(package_dir: str | os.PathLike, inputs: dict[str, np.ndarray] | str | os.PathLike
@@ -639,7 +666,7 @@ def run(package_dir: str | os.PathLike, inputs: dict[str, np.ndarray] | str | os
     pkg = Package.load(package_dir)
     feeds = reference.check_inputs(
         inputs if isinstance(inputs, dict) else pkg.read_inputs(inputs), pkg.inputs)
-    outs = _runner(pkg).run(feeds)
+    outs = _run_package(pkg, feeds)
     return {spec["name"]: out for spec, out in zip(pkg.outputs, outs)}
 
 
@@ -707,15 +734,14 @@ def validate(package_dir: str | os.PathLike, inputs=None, *, rtol: float | None 
     rtol = recorded.get("rtol", RTOL) if rtol is None else rtol
     atol = recorded.get("atol", ATOL) if atol is None else atol
     min_cosine = recorded.get("min_cosine")
-    runner = _runner(pkg)
     model = onnx.load(str(pkg.path / MODEL))
     if inputs is None:
         feeds = reference.random_feeds(pkg.inputs, seed)
     else:
         feeds = reference.check_inputs(
             inputs if isinstance(inputs, dict) else pkg.read_inputs(inputs), pkg.inputs)
-    report = _compare(pkg.outputs, reference.run(model, feeds), runner.run(feeds), rtol, atol,
-                      min_cosine)
+    report = _compare(pkg.outputs, reference.run(model, feeds), _run_package(pkg, feeds), rtol,
+                      atol, min_cosine)
     if check:
         _raise_if_mismatch(report)
     return report

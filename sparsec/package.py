@@ -30,7 +30,9 @@ from sparsec.errors import BadOptionError, InputNotFoundError, InvalidModelError
 MANIFEST = "manifest.json"
 LIBRARY = "model.so"
 MODEL = "model.onnx"
-FORMAT = "sparsec-package/2"
+FORMAT = "sparsec-package/3"
+#: the manifest's own hash: SHA-256 of its canonical JSON without this key
+SEAL = "manifest_sha256"
 REFERENCE = {"inputs.npz", "outputs.npz", "inputs.bin", "outputs.bin"}
 
 
@@ -179,6 +181,93 @@ def remove_stale_staging(final: str | os.PathLike, legacy: bool = False) -> list
     return removed
 
 
+def check_elf(path: Path) -> None:
+    """``InvalidModelError`` unless ``path`` is an ELF file whose header, section table and
+    loadable segments lie inside it. A truncated library (an interrupted copy) would otherwise
+    crash the process that maps it (SIGBUS), not fail."""
+    import struct
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(64)
+        bad = InvalidModelError(f"{path} is not a complete shared library ({size:,} bytes): "
+                                f"copy the package again")
+        if len(head) < 52 or head[:4] != b"\x7fELF" or head[4] not in (1, 2) or \
+                head[5] not in (1, 2):
+            raise bad
+        wide, end = head[4] == 2, "<" if head[5] == 1 else ">"
+        if wide and len(head) < 64:
+            raise bad
+        if wide:
+            phoff, shoff = struct.unpack_from(end + "QQ", head, 32)
+            phsize, phnum, shsize, shnum = struct.unpack_from(end + "HHHH", head, 54)
+        else:
+            phoff, shoff = struct.unpack_from(end + "II", head, 28)
+            phsize, phnum, shsize, shnum = struct.unpack_from(end + "HHHH", head, 42)
+        if phoff + phnum * phsize > size or shoff + shnum * shsize > size:
+            raise bad
+        f.seek(phoff)
+        table = f.read(phnum * phsize)
+    for k in range(phnum):
+        if wide:
+            kind, _, offset, _, _, filesz = struct.unpack_from(end + "IIQQQQ", table, k * phsize)
+        else:
+            kind, offset, _, _, filesz = struct.unpack_from(end + "IIIII", table, k * phsize)
+        if kind == 1 and offset + filesz > size:            # PT_LOAD
+            raise bad
+
+
+def manifest_digest(manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != SEAL}
+    return hashlib.sha256(json.dumps(body, indent=2, sort_keys=True).encode()).hexdigest()
+
+
+def seal(manifest: dict) -> dict:
+    """The manifest with its own hash (``SEAL``): an edit made after compile is refused."""
+    return {**manifest, SEAL: manifest_digest(manifest)}
+
+
+_DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
+
+
+def _check_schema(where: Path, m: dict) -> None:
+    """The keys and types every reader of a manifest relies on (``InvalidModelError`` naming
+    the first bad key)."""
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            raise InvalidModelError(f"{where}: key '{key}' {what}")
+
+    def is_dict(key: str, value) -> dict:
+        need(isinstance(value, dict), key, "must be an object")
+        return value
+
+    need(isinstance(m.get("name"), str), "name", "must be a string")
+    for kind in ("inputs", "outputs"):
+        specs = m.get(kind)
+        need(isinstance(specs, list) and bool(specs), kind, "must be a non-empty list")
+        for i, spec in enumerate(specs):
+            key = f"{kind}[{i}]"
+            is_dict(key, spec)
+            need(isinstance(spec.get("name"), str), f"{key}.name", "must be a string")
+            shape = spec.get("shape")
+            need(isinstance(shape, list) and all(isinstance(d, int) and d > 0 for d in shape),
+                 f"{key}.shape", "must be a list of positive integers")
+            need(spec.get("dtype") in _DTYPES, f"{key}.dtype", f"must be one of {_DTYPES}")
+            rng = spec.get("range")
+            need(rng is None or (isinstance(rng, list) and len(rng) == 2
+                                 and all(isinstance(v, int) for v in rng)),
+                 f"{key}.range", "must be [lo, hi]")
+    need(isinstance(is_dict("target", m.get("target")).get("name"), str), "target.name",
+         "must be a string")
+    files = is_dict("files", m.get("files"))
+    need(all(isinstance(v, str) for v in files.values()), "files", "must map names to hashes")
+    ref = is_dict("reference", m.get("reference"))
+    for key in ("rtol", "atol"):
+        need(isinstance(ref.get(key), (int, float)), f"reference.{key}", "must be a number")
+    is_dict("compile", m.get("compile"))
+    is_dict("library", m.get("library"))
+
+
 def write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
@@ -237,6 +326,10 @@ class Package:
         if fmt != FORMAT:
             raise InvalidModelError(f"{p} is a {fmt} package, this sparsec reads {FORMAT}: "
                                     f"compile it again")
+        if manifest.get(SEAL) != manifest_digest(manifest):
+            raise InvalidModelError(f"{mf} was edited after compile (its {SEAL} does not "
+                                    f"match its content): compile the package again")
+        _check_schema(mf, manifest)
         for name, digest in manifest.get("files", {}).items():
             f = p / name
             if not f.is_file():

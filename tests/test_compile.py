@@ -14,7 +14,7 @@ from conftest import EXAMPLES
 from test_cli import assert_clean_error, digest, sparsec
 
 from sparsec import reference
-from sparsec.package import sha256
+from sparsec.package import seal, sha256
 
 MODELS = {"cnn": EXAMPLES / "digits_cnn.onnx", "mlp": EXAMPLES / "digits_mlp.onnx"}
 
@@ -109,7 +109,7 @@ def test_validate_fails_when_library_and_model_disagree(packages, tmp_path):
     assert proc.returncode == 0, proc.stderr
     m = json.loads((pkg / "manifest.json").read_text())
     m["files"]["model.onnx"] = sha256(pkg / "model.onnx")
-    (pkg / "manifest.json").write_text(json.dumps(m))
+    (pkg / "manifest.json").write_text(json.dumps(seal(m)))   # a deliberate re-seal
     proc = sparsec("validate", pkg)
     assert proc.returncode == 10
     assert "FAIL" in proc.stdout and "max abs err" in proc.stderr
