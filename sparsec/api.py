@@ -482,7 +482,7 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
 
         def write_header(rtol: float) -> None:
             (tmp / header_name(name)).write_text(c_header(
-                name, prefix, inputs, outputs, atol, rtol, about, spec.device))
+                name, prefix, inputs, outputs, atol, rtol, about, spec.device, tmp / LIBRARY))
 
         write_header(rtol)
         check, via = None, "native"

@@ -216,6 +216,76 @@ def test_c_api_reference_check_catches_differences(packages, host_runtime, tmp_p
         in proc.stdout
 
 
+HOSTILE_PROGRAM = r"""
+#include <stdio.h>
+#include <string.h>
+#include "mlp.h"
+
+#define EXPECT_FAIL(call, what) do { \
+    int rc_ = (call); \
+    printf("%s -> %d '%s'\n", what, rc_, sparsec_last_error()); \
+    if (rc_ == 0) bad = 1; } while (0)
+
+int main(int argc, char** argv) {
+  /* argv[1]: mlp's model.so, argv[2]: a truncated copy, argv[3]: another model's library */
+  int bad = 0;
+  if (argc != 4) return 2;
+  static float x[MLP_INPUT0_NUMEL], y[MLP_OUTPUT0_NUMEL];
+  const void* in[1] = {x};
+  void* out[1] = {y};
+  const void* null_in[1] = {NULL};
+  void* null_out[1] = {NULL};
+  size_t in_ok[1] = {sizeof x}, in_short[1] = {sizeof x - 4};
+  size_t out_ok[1] = {sizeof y}, out_short[1] = {sizeof y / 2};
+  for (int i = 2; i <= 3; ++i) {
+    sparsec_model* wrong = sparsec_open(&mlp_spec, argv[i]);
+    printf("open %s -> %s '%s'\n", i == 2 ? "truncated" : "foreign", wrong ? "model" : "NULL",
+           sparsec_last_error());
+    if (wrong) { bad = 1; sparsec_close(wrong); }
+  }
+  if (sparsec_open(NULL, argv[1]) != NULL) bad = 1;
+  sparsec_model* m = sparsec_open(&mlp_spec, argv[1]);
+  if (!m) { printf("open: %s\n", sparsec_last_error()); return 3; }
+  EXPECT_FAIL(sparsec_run(m, NULL, out), "NULL inputs");
+  EXPECT_FAIL(sparsec_run(m, in, NULL), "NULL outputs");
+  EXPECT_FAIL(sparsec_run(m, null_in, out), "NULL input buffer");
+  EXPECT_FAIL(sparsec_run(m, in, null_out), "NULL output buffer");
+  EXPECT_FAIL(sparsec_run(NULL, in, out), "NULL model");
+  EXPECT_FAIL(sparsec_run_sized(m, in, in_short, out, out_ok), "short input");
+  EXPECT_FAIL(sparsec_run_sized(m, in, in_ok, out, out_short), "short output");
+  EXPECT_FAIL(sparsec_check_reference(m, NULL, NULL, NULL), "NULL reference paths");
+  int ok = sparsec_run_sized(m, in, in_ok, out, out_ok);
+  printf("sized run -> %d\n", ok);
+  sparsec_close(m);
+  sparsec_close(NULL);
+  return bad || ok != 0;
+}
+"""
+
+
+def test_c_api_reports_every_misuse_without_crashing(packages, host_runtime, tmp_path):
+    """NULLs everywhere, short buffers, a truncated copy of model.so (an interrupted copy to a
+    device) and another model's library: each an error message, never a signal."""
+    (tmp_path / "hostile.c").write_text(HOSTILE_PROGRAM)
+    inc = ["-I", host_runtime / "include", "-I", packages / "mlp"]
+    run(["gcc", "-std=c99", "-Wall", "-Wextra", "-Werror", "-c", tmp_path / "hostile.c", "-o",
+         tmp_path / "hostile.o", *inc])
+    run(["g++", "-std=c++17", "-O2", "-c", host_runtime / "src" / "sparsec_runtime.cc", "-o",
+         tmp_path / "capi.o", *inc])
+    exe = tmp_path / "hostile"
+    run(["g++", tmp_path / "hostile.o", tmp_path / "capi.o", "-L", host_runtime / "lib",
+         "-ltvm_runtime", "-ltvm_ffi", f"-Wl,-rpath,{host_runtime / 'lib'}", "-o", exe])
+    lib = packages / "mlp" / "model.so"
+    truncated = tmp_path / "truncated.so"
+    truncated.write_bytes(lib.read_bytes()[: lib.stat().st_size // 3])
+    proc = subprocess.run([exe, lib, truncated, packages / "cnn" / "model.so"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr     # a signal is negative
+    assert "open truncated -> NULL" in proc.stdout and "bytes" in proc.stdout
+    assert "open foreign -> NULL" in proc.stdout
+    assert proc.stdout.count("-> -1") == 8 and "sized run -> 0" in proc.stdout
+
+
 def embedding_model():
     """ids [1, 6] -> Gather from a 100-row table -> Relu."""
     from onnx import TensorProto, helper, numpy_helper

@@ -5,6 +5,7 @@ reference check's tolerance) for the C API in ``sparsec.h``."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 
@@ -15,7 +16,7 @@ C_DTYPES = {"float32": "SPARSEC_FLOAT32", "float16": "SPARSEC_FLOAT16",
             "float64": "SPARSEC_FLOAT64", "int64": "SPARSEC_INT64", "int32": "SPARSEC_INT32",
             "int8": "SPARSEC_INT8", "uint8": "SPARSEC_UINT8", "bool": "SPARSEC_BOOL"}
 #: sparsec.h's SPARSEC_API_VERSION this generator writes for
-API_VERSION = 2
+API_VERSION = 3
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -81,10 +82,15 @@ DEVICE_TYPES = {"cpu": 1, "cuda": 2}
 
 
 def c_header(name: str, prefix: str, inputs: list[dict], outputs: list[dict], atol: float,
-             rtol: float, about: str, device: str = "cpu") -> str:
+             rtol: float, about: str, device: str = "cpu", library: Path | None = None) -> str:
     """The text of ``NAME.h``; ``about`` is one line on where the model came from, ``device``
-    where its kernels run."""
+    where its kernels run, ``library`` the package's model.so: its size and SHA-256, which
+    ``sparsec_open`` checks before loading it."""
+    from sparsec.package import sha256
+
     check_name(name)
+    lib_bytes, lib_hash = ((library.stat().st_size, _c_string(sha256(library)))
+                           if library is not None else (0, "NULL"))
     guard = f"SPARSEC_MODEL_{name.upper()}_H_"
     upper = name.upper()
     lines = [
@@ -104,7 +110,8 @@ def c_header(name: str, prefix: str, inputs: list[dict], outputs: list[dict], at
         f"static const sparsec_model_spec SPARSEC_UNUSED {name}_spec = {{",
         f"    {API_VERSION}, {_c_string(name)}, {_c_string(prefix)},",
         f"    {len(inputs)}, {name}_inputs, {len(outputs)}, {name}_outputs,",
-        f"    {atol!r}, {rtol!r}, {DEVICE_TYPES[device]}}};",
+        f"    {atol!r}, {rtol!r}, {DEVICE_TYPES[device]},",
+        f"    {lib_bytes}, {lib_hash}}};",
         "",
         f"#endif /* {guard} */",
         "",

@@ -27,7 +27,9 @@
 extern "C" {
 #endif
 
-#define SPARSEC_API_VERSION 2
+/* 3: the spec names the size and SHA-256 of model.so (sparsec_open checks them), and
+ * sparsec_run_sized takes buffer sizes. Headers generated for version 2 still open. */
+#define SPARSEC_API_VERSION 3
 
 /* model headers define their specs as static data: no warning where a file does not use one */
 #if defined(__GNUC__) || defined(__clang__)
@@ -71,12 +73,17 @@ typedef struct {
                                      * kDLCPU / kDLCUDA); a CUDA model opens from its model.so,
                                      * with the package's kernels.fatbin beside it, and needs
                                      * libtvm_runtime_cuda.so beside libtvm_runtime.so */
+  /* api_version >= 3: */
+  int64_t library_bytes;            /* size of the package's model.so */
+  const char* library_sha256;       /* its SHA-256 (hex): sparsec_open refuses another file */
 } sparsec_model_spec;
 
 typedef struct sparsec_model sparsec_model;
 
 /* Open a model: `library` is the path of the package's model.so, or NULL for the statically
- * linked archive. Returns NULL on error (see sparsec_last_error). */
+ * linked archive. Returns NULL on error (see sparsec_last_error): a model.so whose size or
+ * SHA-256 is not the one in the spec (a truncated copy, another model's library) is refused
+ * before it is loaded. */
 sparsec_model* sparsec_open(const sparsec_model_spec* spec, const char* library);
 
 /* Run once: inputs[i] holds spec->inputs[i].nbytes bytes, outputs[i] receives
@@ -84,6 +91,14 @@ sparsec_model* sparsec_open(const sparsec_model_spec* spec, const char* library)
  * the GPU are made here). Returns 0 on success, nonzero on error: an index input with a value
  * outside its spec's range is an error (nothing runs). */
 int sparsec_run(sparsec_model* model, const void* const* inputs, void* const* outputs);
+
+/* sparsec_run with the size in bytes of every buffer: an input must hold exactly
+ * spec->inputs[i].nbytes bytes, an output at least spec->outputs[i].nbytes; anything else is an
+ * error before anything runs (sparsec_run cannot tell a short buffer from a right one). NULL
+ * arrays or buffers are errors in both. */
+int sparsec_run_sized(sparsec_model* model, const void* const* inputs,
+                      const size_t* input_bytes, void* const* outputs,
+                      const size_t* output_bytes);
 
 /* Run the package's reference pair (reference/inputs.bin, reference/outputs.bin: the inputs and
  * the outputs ONNX Runtime gave for them, raw and concatenated in order) and compare with the

@@ -118,6 +118,115 @@ std::string out_of_range(const sparsec_tensor_spec& spec, const void* data) {
   return "";
 }
 
+/* SHA-256 (FIPS 180-4) of a file, as lowercase hex ("" if it cannot be read). */
+std::string sha256_hex(const char* path) {
+  static const uint32_t k[64] = {
+      0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
+      0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
+      0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
+      0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
+      0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
+      0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
+      0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
+      0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+      0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
+      0xc67178f2};
+  uint32_t h[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
+                   0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+  auto rotr = [](uint32_t x, int n) { return (x >> n) | (x << (32 - n)); };
+  auto block = [&](const unsigned char* p) {
+    uint32_t w[64];
+    for (int i = 0; i < 16; ++i) {
+      w[i] = (uint32_t(p[4 * i]) << 24) | (uint32_t(p[4 * i + 1]) << 16) |
+             (uint32_t(p[4 * i + 2]) << 8) | uint32_t(p[4 * i + 3]);
+    }
+    for (int i = 16; i < 64; ++i) {
+      uint32_t s0 = rotr(w[i - 15], 7) ^ rotr(w[i - 15], 18) ^ (w[i - 15] >> 3);
+      uint32_t s1 = rotr(w[i - 2], 17) ^ rotr(w[i - 2], 19) ^ (w[i - 2] >> 10);
+      w[i] = w[i - 16] + s0 + w[i - 7] + s1;
+    }
+    uint32_t a = h[0], b = h[1], c = h[2], d = h[3], e = h[4], f = h[5], g = h[6], x = h[7];
+    for (int i = 0; i < 64; ++i) {
+      uint32_t t1 = x + (rotr(e, 6) ^ rotr(e, 11) ^ rotr(e, 25)) + ((e & f) ^ (~e & g)) + k[i] + w[i];
+      uint32_t t2 = (rotr(a, 2) ^ rotr(a, 13) ^ rotr(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
+      x = g; g = f; f = e; e = d + t1; d = c; c = b; b = a; a = t1 + t2;
+    }
+    h[0] += a; h[1] += b; h[2] += c; h[3] += d; h[4] += e; h[5] += f; h[6] += g; h[7] += x;
+  };
+  std::ifstream file(path, std::ios::binary);
+  if (!file) return "";
+  std::vector<unsigned char> buf(1 << 16);
+  uint64_t total = 0;
+  size_t used = 0;  // bytes of buf not yet hashed (< 64 between reads)
+  while (file) {
+    file.read(reinterpret_cast<char*>(buf.data() + used), static_cast<std::streamsize>(buf.size() - used));
+    size_t got = static_cast<size_t>(file.gcount());
+    total += got;
+    used += got;
+    size_t whole = used / 64 * 64;
+    for (size_t off = 0; off < whole; off += 64) block(buf.data() + off);
+    std::memmove(buf.data(), buf.data() + whole, used - whole);
+    used -= whole;
+  }
+  unsigned char tail[128] = {0};
+  std::memcpy(tail, buf.data(), used);
+  tail[used] = 0x80;
+  size_t len = used + 1 + 8 <= 64 ? 64 : 128;
+  uint64_t bits = total * 8;
+  for (int i = 0; i < 8; ++i) tail[len - 1 - i] = static_cast<unsigned char>(bits >> (8 * i));
+  for (size_t off = 0; off < len; off += 64) block(tail + off);
+  static const char* hex = "0123456789abcdef";
+  std::string out;
+  for (uint32_t v : h) {
+    for (int shift = 28; shift >= 0; shift -= 4) out += hex[(v >> shift) & 0xf];
+  }
+  return out;
+}
+
+/* The package's model.so before the loader maps it: the spec's size and SHA-256 (headers of
+ * API version 3), else the ELF tables inside the file. A truncated or foreign library is an
+ * error here, not a SIGBUS or a wrong model later. */
+bool check_library(const sparsec_model_spec* spec, const char* path) {
+  std::ifstream f(path, std::ios::binary | std::ios::ate);
+  if (!f) return fail(std::string("cannot open ") + path), false;
+  int64_t size = static_cast<int64_t>(f.tellg());
+  if (spec->api_version >= 3 && spec->library_bytes > 0) {
+    if (size != spec->library_bytes) {
+      return fail(std::string(path) + " has " + std::to_string(size) + " bytes, the model's " +
+                  "spec says " + std::to_string(spec->library_bytes) +
+                  " (an incomplete copy, or another model's library)"), false;
+    }
+    if (spec->library_sha256 != nullptr && sha256_hex(path) != spec->library_sha256) {
+      return fail(std::string(path) + " is not the library this header was generated for " +
+                  "(its SHA-256 differs)"), false;
+    }
+    return true;
+  }
+  unsigned char e[64] = {0};
+  f.seekg(0);
+  f.read(reinterpret_cast<char*>(e), 64);
+  bool wide = e[4] == 2;
+  auto field = [&](int at, int bytes) {
+    uint64_t v = 0;
+    for (int i = bytes - 1; i >= 0; --i) v = (v << 8) | e[at + i];  // little-endian ELF
+    return v;
+  };
+  bool ok = f.gcount() >= 52 && std::memcmp(e, "\177ELF", 4) == 0 && e[5] == 1;
+  if (ok) {
+    uint64_t phoff = wide ? field(32, 8) : field(28, 4), shoff = wide ? field(40, 8) : field(32, 4);
+    int at = wide ? 54 : 42;
+    uint64_t phsize = field(at, 2), phnum = field(at + 2, 2);
+    uint64_t shsize = field(at + 4, 2), shnum = field(at + 6, 2);
+    uint64_t n = static_cast<uint64_t>(size);
+    ok = phoff + phnum * phsize <= n && shoff + shnum * shsize <= n;
+  }
+  if (!ok) {
+    return fail(std::string(path) + " is not a complete shared library (" +
+                std::to_string(size) + " bytes): copy the package again"), false;
+  }
+  return true;
+}
+
 }  // namespace
 
 /* The Relax VM's executable loader registers itself when libtvm_runtime is loaded. A program
@@ -187,11 +296,17 @@ extern "C" {
 sparsec_model* sparsec_open(const sparsec_model_spec* spec, const char* library) {
   last_error.clear();
   if (spec == nullptr) return fail("sparsec_open: spec is NULL"), nullptr;
-  if (spec->api_version != SPARSEC_API_VERSION) {
+  if (spec->api_version < 2 || spec->api_version > SPARSEC_API_VERSION) {
     return fail("the model header was generated for sparsec C API version " +
-                std::to_string(spec->api_version) + ", this runtime implements " +
+                std::to_string(spec->api_version) + ", this runtime implements 2 to " +
                 std::to_string(SPARSEC_API_VERSION)), nullptr;
   }
+  if (spec->num_inputs < 0 || spec->num_outputs < 0 ||
+      (spec->num_inputs > 0 && spec->inputs == nullptr) ||
+      (spec->num_outputs > 0 && spec->outputs == nullptr)) {
+    return fail("sparsec_open: the spec's tensor lists are invalid"), nullptr;
+  }
+  if (library != nullptr && !check_library(spec, library)) return nullptr;
   bool on_gpu = spec->device_type == kDLCUDA;
   if (on_gpu && library == nullptr) {
     return fail("a CUDA model opens from its model.so (there is no static archive)"), nullptr;
@@ -238,9 +353,36 @@ sparsec_model* sparsec_open(const sparsec_model_spec* spec, const char* library)
 }
 
 int sparsec_run(sparsec_model* model, const void* const* inputs, void* const* outputs) {
+  return sparsec_run_sized(model, inputs, nullptr, outputs, nullptr);
+}
+
+int sparsec_run_sized(sparsec_model* model, const void* const* inputs,
+                      const size_t* input_bytes, void* const* outputs,
+                      const size_t* output_bytes) {
   last_error.clear();
   if (model == nullptr) return fail("sparsec_run: model is NULL");
   const sparsec_model_spec* spec = model->spec;
+  if (inputs == nullptr && spec->num_inputs > 0) return fail("sparsec_run: inputs is NULL");
+  if (outputs == nullptr) return fail("sparsec_run: outputs is NULL");
+  for (int i = 0; i < spec->num_inputs; ++i) {
+    const sparsec_tensor_spec& in = spec->inputs[i];
+    if (inputs[i] == nullptr) return fail("sparsec_run: input " + std::string(in.name) + " is NULL");
+    if (input_bytes != nullptr && input_bytes[i] != in.nbytes) {
+      return fail("sparsec_run: input " + std::string(in.name) + " has " +
+                  std::to_string(input_bytes[i]) + " bytes, the spec " + std::to_string(in.nbytes));
+    }
+  }
+  for (int i = 0; i < spec->num_outputs; ++i) {
+    const sparsec_tensor_spec& out = spec->outputs[i];
+    if (outputs[i] == nullptr) {
+      return fail("sparsec_run: output " + std::string(out.name) + " is NULL");
+    }
+    if (output_bytes != nullptr && output_bytes[i] < out.nbytes) {
+      return fail("sparsec_run: output " + std::string(out.name) + " has room for " +
+                  std::to_string(output_bytes[i]) + " bytes, it needs " +
+                  std::to_string(out.nbytes));
+    }
+  }
   try {
     std::vector<tvm::ffi::AnyView> args;
     for (int i = 0; i < spec->num_inputs; ++i) {
@@ -295,6 +437,9 @@ int sparsec_check_reference(sparsec_model* model, const char* inputs_bin,
                             const char* outputs_bin, double* max_abs_err) {
   last_error.clear();
   if (model == nullptr) return fail("sparsec_check_reference: model is NULL");
+  if (inputs_bin == nullptr || outputs_bin == nullptr) {
+    return fail("sparsec_check_reference: a reference file path is NULL");
+  }
   const sparsec_model_spec* spec = model->spec;
   size_t in_bytes = 0, out_bytes = 0;
   for (int i = 0; i < spec->num_inputs; ++i) in_bytes += spec->inputs[i].nbytes;
