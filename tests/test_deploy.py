@@ -425,6 +425,61 @@ def test_cmake_example_cross_compiled_for_aarch64_runs_under_qemu(tmp_path):
     assert m["target"]["tvm"]["mcpu"] == "cortex-a72"
     proc = sparsec("validate", build / "digits", "--seed", "3")
     assert proc.returncode == 0 and "library matches ONNX Runtime" in proc.stdout, proc.stderr
+    # installed (sparsec_install), copied elsewhere, run with no LD_LIBRARY_PATH: the program
+    # finds the runtime through its RUNPATH, $ORIGIN/lib
+    run(["cmake", "--install", build, "--prefix", tmp_path / "out"])
+    device = tmp_path / "device"
+    shutil.copytree(tmp_path / "out" / "bin", device)
+    shutil.copytree(build / "digits", device / "digits")
+    shutil.rmtree(build)                                  # nothing of the build tree is left
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LD_", "QEMU_"))}
+    proc = subprocess.run(["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu",
+                           device / "digits_check", device / "digits"], capture_output=True,
+                          text=True, env=env, cwd="/", timeout=300)
+    assert proc.returncode == 0 and "-> ok" in proc.stdout, proc.stdout + proc.stderr
+
+
+C_ONLY_PROJECT = """
+cmake_minimum_required(VERSION 3.24)
+project(c_only C)
+find_package(sparsec REQUIRED)
+sparsec_add_model(mlp SRC "@MODEL@")
+add_executable(app main.c)
+target_link_libraries(app PRIVATE mlp)
+"""
+
+C_ONLY_MAIN = r"""
+#include <stdio.h>
+#include "mlp.h"
+int main(int argc, char** argv) {
+  char in[512], out[512];
+  double err = -1;
+  sparsec_model* m = sparsec_open(&mlp_spec, NULL);
+  if (!m || argc != 2) { printf("open: %s\n", sparsec_last_error()); return 1; }
+  snprintf(in, sizeof in, "%s/reference/inputs.bin", argv[1]);
+  snprintf(out, sizeof out, "%s/reference/outputs.bin", argv[1]);
+  int status = sparsec_check_reference(m, in, out, &err);
+  printf("status %d err %g\n", status, err);
+  sparsec_close(m);
+  return status;
+}
+"""
+
+
+def test_c_only_cmake_project_configures_builds_and_runs(tmp_path):
+    """project(x C) with no C++: the module enables C++ for the C API itself."""
+    need("cmake")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "CMakeLists.txt").write_text(
+        C_ONLY_PROJECT.replace("@MODEL@", str(EXAMPLES / "digits_mlp.onnx")))
+    (src / "main.c").write_text(C_ONLY_MAIN)
+    build = tmp_path / "build"
+    run(["cmake", "-S", src, "-B", build, f"-Dsparsec_DIR={CMAKE_DIR}",
+         f"-DSPARSEC_EXECUTABLE={SPARSEC_BIN}"])
+    run(["cmake", "--build", build, "-j2"])
+    proc = run([build / "app", build / "mlp"])
+    assert "status 0" in proc.stdout
 
 
 @pytest.mark.parametrize("case", ["mlp_bsr", "hf_bert", "hf_mobilenetv2", "expand_dw"])

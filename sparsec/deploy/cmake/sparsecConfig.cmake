@@ -4,6 +4,7 @@
 #   sparsec_add_model(digits SRC model.onnx [TARGET host|aarch64|...] [RATIO 0.3]
 #                     [CALIB calib.npz] [OPTIONS --reconstruct ...])
 #   target_link_libraries(app PRIVATE digits)   # then #include "digits.h"
+#   sparsec_install(app DESTINATION bin)        # app + lib/ (the TVM runtime), relocatable
 #
 # sparsec_add_model runs `sparsec compile` at build time into ${CMAKE_CURRENT_BINARY_DIR}/NAME
 # (sets NAME_PACKAGE_DIR), again whenever the model, the calibration data, the flags or the
@@ -16,6 +17,13 @@
 # cross build use a toolchain file: sparsec ships aarch64-linux-gnu.cmake next to this file.
 include_guard(GLOBAL)
 cmake_minimum_required(VERSION 3.24)  # $<LINK_LIBRARY:WHOLE_ARCHIVE,...>
+
+# the C API is C++ (over the TVM runtime): a C-only project gets C++ enabled for it, and CMake
+# then links its programs with the C++ driver
+get_property(_sparsec_languages GLOBAL PROPERTY ENABLED_LANGUAGES)
+if(NOT "CXX" IN_LIST _sparsec_languages)
+  enable_language(CXX)
+endif()
 
 find_program(SPARSEC_EXECUTABLE sparsec DOC "the sparsec command")
 if(NOT SPARSEC_EXECUTABLE)
@@ -64,6 +72,8 @@ function(_sparsec_runtime target)
   set_target_properties(sparsec_tvm_${tid} PROPERTIES
     IMPORTED_LOCATION "${dir}/lib/libtvm_runtime.so" IMPORTED_NO_SONAME TRUE
     INTERFACE_LINK_LIBRARIES sparsec_tvm_ffi_${tid})
+  set_property(GLOBAL APPEND PROPERTY SPARSEC_RUNTIME_LIBRARIES
+               "${dir}/lib/libtvm_runtime.so" "${dir}/lib/libtvm_ffi.so")
   add_library(sparsec_capi_${tid} STATIC "${dir}/src/sparsec_runtime.cc")
   target_include_directories(sparsec_capi_${tid} PUBLIC "${dir}/include")
   target_compile_features(sparsec_capi_${tid} PUBLIC cxx_std_17)
@@ -131,4 +141,19 @@ function(sparsec_add_model name)
     "$<LINK_LIBRARY:WHOLE_ARCHIVE,${name}_sparsec_archive>" sparsec_capi_${tid})
   add_dependencies(${name} ${name}_sparsec_package)
   set(${name}_PACKAGE_DIR "${out}" PARENT_SCOPE)
+endfunction()
+
+# sparsec_install(app [DESTINATION bin]): install `app` with the TVM runtime it loads in lib/
+# beside it, and a RUNPATH of $ORIGIN/lib, so the installed directory runs wherever it is copied
+# (no LD_LIBRARY_PATH): cmake --install BUILD --prefix OUT; copy OUT/bin to the device.
+function(sparsec_install app)
+  cmake_parse_arguments(PARSE_ARGV 1 arg "" "DESTINATION" "")
+  if(NOT arg_DESTINATION)
+    set(arg_DESTINATION bin)
+  endif()
+  set_property(TARGET ${app} APPEND PROPERTY INSTALL_RPATH "$ORIGIN/lib")
+  install(TARGETS ${app} RUNTIME DESTINATION "${arg_DESTINATION}")
+  get_property(libs GLOBAL PROPERTY SPARSEC_RUNTIME_LIBRARIES)
+  list(REMOVE_DUPLICATES libs)
+  install(FILES ${libs} DESTINATION "${arg_DESTINATION}/lib")
 endfunction()
