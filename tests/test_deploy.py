@@ -254,6 +254,9 @@ int main(int argc, char** argv) {
   EXPECT_FAIL(sparsec_run_sized(m, in, in_short, out, out_ok), "short input");
   EXPECT_FAIL(sparsec_run_sized(m, in, in_ok, out, out_short), "short output");
   EXPECT_FAIL(sparsec_check_reference(m, NULL, NULL, NULL), "NULL reference paths");
+  x[5] = 0.0f / 0.0f;
+  EXPECT_FAIL(sparsec_run(m, in, out), "NaN input");
+  x[5] = 0.0f;
   int ok = sparsec_run_sized(m, in, in_ok, out, out_ok);
   printf("sized run -> %d\n", ok);
   sparsec_close(m);
@@ -283,7 +286,8 @@ def test_c_api_reports_every_misuse_without_crashing(packages, host_runtime, tmp
     assert proc.returncode == 0, proc.stdout + proc.stderr     # a signal is negative
     assert "open truncated -> NULL" in proc.stdout and "bytes" in proc.stdout
     assert "open foreign -> NULL" in proc.stdout
-    assert proc.stdout.count("-> -1") == 8 and "sized run -> 0" in proc.stdout
+    assert proc.stdout.count("-> -1") == 9 and "sized run -> 0" in proc.stdout
+    assert "holds NaN at element 5" in proc.stdout
 
 
 def embedding_model():

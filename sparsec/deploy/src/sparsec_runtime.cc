@@ -103,6 +103,18 @@ size_t element_size(sparsec_dtype dtype) {
 /* The first value of an index input outside its spec's range, as an error message ("" if
  * all are inside). */
 std::string out_of_range(const sparsec_tensor_spec& spec, const void* data) {
+  if (spec.dtype == SPARSEC_FLOAT32 || spec.dtype == SPARSEC_FLOAT64) {
+    /* NaN: ONNX Runtime propagates it, compiled kernels may drop it (ReLU): refused, as by
+     * `sparsec run` */
+    const char* p = static_cast<const char*>(data);
+    size_t size = element_size(spec.dtype);
+    for (size_t k = 0; k < spec.nbytes; k += size) {
+      if (std::isnan(as_double(p + k, spec.dtype))) {
+        return "input " + std::string(spec.name) + " holds NaN at element " +
+               std::to_string(k / size);
+      }
+    }
+  }
   if (spec.range == nullptr) return "";
   const char* p = static_cast<const char*>(data);
   size_t size = element_size(spec.dtype);
