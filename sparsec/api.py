@@ -139,10 +139,15 @@ class PruneResult:
 
     #: what loading did to the input model (``Graph.notes``: folding, fused pads, ...)
     load: dict = field(default_factory=dict)
+    #: what ``fidelity`` was measured on; False when nothing could be held out from fitting
+    #: (one calibration sample): the figure is then not a fidelity and is not shown as one
+    measured_on: str = ""
+    held_out: bool = True
 
     def report(self) -> dict:
         return {"before": self.before.as_dict(), "after": self.after.as_dict(),
-                "fidelity": self.fidelity.as_dict(),
+                "fidelity": {**self.fidelity.as_dict(), "measured_on": self.measured_on,
+                             "held_out": self.held_out},
                 "passes": [p.as_dict() for p in self.passes], "load": self.load}
 
 
@@ -366,7 +371,11 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
     pruned, results = manager.run(graph)
     result = PruneResult(pruned, results, cost(graph), cost(pruned), manager.fidelity,
                          sample=calib[0] if calib else reference.random_inputs(graph, seed=0),
-                         load=graph.notes)
+                         load=graph.notes, measured_on=manager.measured_on,
+                         held_out=manager.held_out)
+    if not manager.held_out and any(not p.exact for p in passes):
+        log("warning: one calibration sample: nothing to hold out, so the fidelity of this "
+            "lossy pruning is not measured; give more calibration data (--calib)")
     if output is not None:
         atomic_write_bytes(output, to_onnx(pruned).SerializeToString())
         result.output = Path(output)

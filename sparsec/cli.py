@@ -45,6 +45,15 @@ def _table(rows: list[list[str]]) -> str:
 
 
 # ----------------------------------------------------------------------------- commands
+def _fidelity(prune_report: dict) -> str:
+    """The pruned model's fidelity as a report states it: a cosine measured on held-out data,
+    or that it was not measured (training error is never shown as fidelity)."""
+    f = prune_report["fidelity"]
+    if not f.get("held_out", True):
+        return "fidelity vs original not measured (one calibration sample)"
+    return f"cosine vs original {f['cosine']:.6f}"
+
+
 def _inspect_package(args) -> int:
     from sparsec.package import Package
 
@@ -62,8 +71,7 @@ def _inspect_package(args) -> int:
         for v in m[kind]:
             print(f"  {kind[:-1]:8} {v['name']} {v['dtype']}{v['shape']}")
     print(f"  params {p['before']['params']:,} -> {p['after']['params']:,}, MACs "
-          f"{p['before']['macs']:,} -> {p['after']['macs']:,}, cosine vs original "
-          f"{p['fidelity']['cosine']:.6f}")
+          f"{p['before']['macs']:,} -> {p['after']['macs']:,}, {_fidelity(p)}")
     for r in p["passes"]:
         print(f"  pass {r['name']}: {'exact' if r['exact'] else 'lossy'}")
     print(f"  kernels  {m['compile']['kernels']}")
@@ -131,8 +139,10 @@ def _prune_table(result) -> str:
             ["params", f"{b.params:,}", f"{a.params:,}", pct(b.params, a.params)],
             ["MACs", f"{b.macs:,}", f"{a.macs:,}", pct(b.macs, a.macs)]]
     f = result.fidelity
+    if not result.held_out:
+        return _table(rows) + "\nfidelity vs original: not measured (one calibration sample)"
     return (_table(rows) + f"\nfidelity vs original: cosine {f.cosine:.6f}, max abs err "
-            f"{f.max_abs_err:.3g}, max rel err {f.max_rel_err:.3g}")
+            f"{f.max_abs_err:.3g}, max rel err {f.max_rel_err:.3g} ({result.measured_on})")
 
 
 def _prune_kwargs(args) -> dict:
@@ -168,8 +178,7 @@ def cmd_compile(args) -> int:
     p = manifest["prune"]
     print(f"compiled {args.model} for {manifest['target']['name']} -> {args.output}")
     print(f"  params {p['before']['params']:,} -> {p['after']['params']:,}, "
-          f"MACs {p['before']['macs']:,} -> {p['after']['macs']:,}, "
-          f"cosine vs original {p['fidelity']['cosine']:.6f}")
+          f"MACs {p['before']['macs']:,} -> {p['after']['macs']:,}, {_fidelity(p)}")
     return 0
 
 

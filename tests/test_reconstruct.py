@@ -96,8 +96,30 @@ def test_calibration_split_holds_out_every_fourth_batch():
     ctx = PassContext.split(b)
     assert [int(x["x"][0]) for x in ctx.holdout] == [3, 7]
     assert len(ctx.fit) == 8 and ctx.held_out
-    few = PassContext.split(b[:3])
-    assert not few.held_out and few.fit == few.holdout
+    few = PassContext.split(b[:3])             # too few batches: one sample held out
+    assert few.held_out
+    assert [int(x["x"][0]) for x in few.fit] == [0, 1]
+    assert [int(x["x"][0]) for x in few.holdout] == [2]
+    one = PassContext.split(b[:1])              # one sample: nothing to hold out
+    assert not one.held_out and one.fit == one.holdout
+    assert one.describe().startswith("not measured")
+
+
+def test_small_calibration_sets_hold_out_samples_not_batches():
+    """Two batches of 4 samples: every 4th sample is held out, both sides are batched to 4 by
+    repeating their own samples, and no held-out sample is ever fitted to."""
+    b = [{"ids": np.arange(4 * k, 4 * k + 4).reshape(4, 1),
+          "mask": np.ones((4, 1), np.int64)} for k in range(2)]
+    ctx = PassContext.split(b)
+    assert ctx.held_out
+    held = {int(v) for x in ctx.holdout for v in x["ids"].ravel()}
+    fitted = {int(v) for x in ctx.fit for v in x["ids"].ravel()}
+    assert held == {3, 7} and fitted == {0, 1, 2, 4, 5, 6}
+    assert all(x["ids"].shape == (4, 1) and x["mask"].shape == (4, 1)
+               for x in ctx.fit + ctx.holdout)
+    # inputs without a common leading axis cannot be split by sample
+    odd = [{"a": np.zeros((2, 3)), "b": np.zeros((3, 2))}]
+    assert not PassContext.split(odd).held_out
 
 
 @pytest.mark.parametrize("model, ratio, at_least", [
@@ -110,3 +132,44 @@ def test_reconstruction_recovers_accuracy(model, ratio, at_least):
     rebuilt = sparsec.prune(EXAMPLES / f"{model}.onnx", reconstruct=True, **kw)
     assert accuracy(rebuilt.graph) >= at_least
     assert accuracy(rebuilt.graph) > accuracy(plain.graph)
+
+
+@pytest.mark.parametrize("samples", [2, 3, 8, 64])
+def test_reconstruction_never_lowers_held_out_fidelity(samples):
+    """At every calibration size the refit is kept only if it is at least as good on held-out
+    samples as the same pruning without it; both runs are scored on the same held-out data."""
+    data = dict(np.load(EXAMPLES / "digits_calib.npz"))
+    calib = [{k: v[i] for k, v in data.items()} for i in range(samples)]
+    kw = dict(ratio=0.5, calibration=calib)
+    plain = sparsec.prune(EXAMPLES / "digits_cnn.onnx", **kw)
+    rebuilt = sparsec.prune(EXAMPLES / "digits_cnn.onnx", reconstruct=True, **kw)
+    assert plain.held_out and rebuilt.held_out
+    guard = rebuilt.passes[-1].details["reconstruction"]
+    assert guard["verified"]
+    assert rebuilt.fidelity.cosine >= plain.fidelity.cosine - 1e-9
+    assert guard["kept"] == (guard["holdout_cosine_with"] >= guard["holdout_cosine_without"])
+
+
+def test_one_calibration_sample_reports_no_fidelity():
+    data = dict(np.load(EXAMPLES / "digits_calib.npz"))
+    logs = []
+    result = sparsec.prune(EXAMPLES / "digits_cnn.onnx", ratio=0.3, reconstruct=True,
+                           calibration=[{k: v[0] for k, v in data.items()}], log=logs.append)
+    assert not result.held_out and not result.report()["fidelity"]["held_out"]
+    assert any("not measured" in line for line in logs)
+    assert result.passes[-1].details["reconstruction"] == {"kept": True, "verified": False}
+
+
+def test_a_refit_that_hurts_held_out_data_is_dropped(zoo_models):
+    from sparsec import reference
+    from sparsec.passes.reconstruct import keep_if_better
+
+    g = load_onnx(zoo_models("gemm_mlp"))
+    worse = g.copy()
+    w = next(n.inputs[1] for n in worse.nodes if n.op_type == "Gemm")
+    worse.set_initializer(w, -worse.initializers[w])        # a "refit" that went wrong
+    holdout = [reference.random_inputs(g, seed=s) for s in range(2)]
+    kept, info = keep_if_better(g, g, worse, holdout, True)
+    assert kept is g and not info["kept"] and info["holdout_cosine_without"] == 1.0
+    kept, info = keep_if_better(g, worse, g, holdout, True)
+    assert kept is g and info["kept"]

@@ -33,7 +33,7 @@ from sparsec.ir.graph import Graph
 from sparsec.passes import criteria
 from sparsec.passes.allocation import sensitivity_keeps
 from sparsec.passes.manager import PassContext
-from sparsec.passes.reconstruct import RIDGE, refit_consumers
+from sparsec.passes.reconstruct import RIDGE, keep_if_better, refit_consumers
 from sparsec.passes.surgery import apply_plan
 
 
@@ -113,6 +113,8 @@ class ChannelPrune:
                    "channels_in_prunable_groups": total}
         pruned = apply_plan(graph, dg, plan)
         if self.reconstruct:
-            pruned, info = refit_consumers(graph, pruned, dg, plan, ctx.fit, self.ridge)
+            refit, info = refit_consumers(graph, pruned, dg, plan, ctx.fit, self.ridge)
             details["reconstructed"] = info["refit"]
+            pruned, details["reconstruction"] = keep_if_better(graph, pruned, refit,
+                                                               ctx.holdout, ctx.held_out)
         return pruned, details

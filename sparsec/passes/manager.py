@@ -43,17 +43,49 @@ class PassContext:
 
     @classmethod
     def split(cls, batches: list[Feeds], every: int = 4) -> "PassContext":
-        """Every ``every``-th batch is held out; with fewer than ``every`` batches there is
-        nothing to spare and both roles use all of them."""
-        if len(batches) < every:
+        """Every ``every``-th batch is held out. With fewer batches than that, samples are
+        held out instead (every ``every``-th sample along the leading axis that all inputs
+        share, at least one), and both sides are batched again to the model's batch size by
+        repeating their own samples, so no fitted sample is ever scored. Only a single sample
+        (or inputs without a common leading axis) leaves nothing to hold out: then both roles
+        use it, and ``held_out`` is False (reports say "not measured")."""
+        if len(batches) >= every:
+            return cls([b for i, b in enumerate(batches) if i % every != every - 1],
+                       batches[every - 1::every])
+        samples = _samples(batches)
+        if samples is None or len(samples) < 2:
             return cls(batches, batches)
-        return cls([b for i, b in enumerate(batches) if i % every != every - 1],
-                    batches[every - 1::every])
+        hold = set(range(every - 1, len(samples), every)) or {len(samples) - 1}
+        size = next(iter(batches[0].values())).shape[0]
+        return cls(_rebatch([x for i, x in enumerate(samples) if i not in hold], size),
+                   _rebatch([x for i, x in enumerate(samples) if i in hold], size))
 
     def describe(self) -> str:
         if self.held_out:
             return f"{len(self.holdout)} held-out calibration batches"
-        return f"{len(self.holdout)} calibration batches (too few to hold any out)"
+        return "not measured: one calibration sample, nothing to hold out"
+
+
+def _samples(batches: list[Feeds]) -> list[Feeds] | None:
+    """Batches cut into single samples ([1, ...] each) along the leading axis all their inputs
+    share; None when the inputs have no common leading axis."""
+    out: list[Feeds] = []
+    for feeds in batches:
+        sizes = {np.shape(v)[0] if np.ndim(v) else None for v in feeds.values()}
+        if len(sizes) != 1 or None in sizes:
+            return None
+        n = sizes.pop()
+        out += [{k: v[i:i + 1] for k, v in feeds.items()} for i in range(n)]
+    return out
+
+
+def _rebatch(samples: list[Feeds], size: int) -> list[Feeds]:
+    """Samples joined into batches of ``size``; the last batch is filled by repeating the
+    list's own samples from its start."""
+    count = -(-len(samples) // size)
+    padded = [samples[i % len(samples)] for i in range(count * size)]
+    return [{k: np.concatenate([s[k] for s in padded[b * size:(b + 1) * size]])
+             for k in samples[0]} for b in range(count)]
 
 
 class Pass(Protocol):
@@ -76,12 +108,15 @@ class PassResult:
     fidelity: reference.Fidelity
     measured_on: str
     seconds: float
+    #: whether ``fidelity`` was measured on data the pass did not fit to
+    held_out: bool = True
 
     def as_dict(self) -> dict:
         """Report entry; wall time is left out so that artifacts are reproducible."""
         return {"name": self.name, "exact": self.exact, "before": self.before.as_dict(),
                 "after": self.after.as_dict(), "details": self.details,
-                "fidelity": {**self.fidelity.as_dict(), "measured_on": self.measured_on}}
+                "fidelity": {**self.fidelity.as_dict(), "measured_on": self.measured_on,
+                             "held_out": self.held_out}}
 
 
 @dataclass
@@ -91,9 +126,14 @@ class PassManager:
     log: Log = lambda msg: None
     #: after ``run``: the final graph vs the input graph, on the held-out calibration batches
     fidelity: reference.Fidelity | None = None
+    #: after ``run``: what ``fidelity`` was measured on (``PassContext.describe``), and whether
+    #: that data was held out from fitting (False: the figure is training error, not fidelity)
+    measured_on: str = ""
+    held_out: bool = True
 
     def run(self, graph: Graph) -> tuple[Graph, list[PassResult]]:
         ctx = PassContext.split(self.calibration or [reference.random_inputs(graph, seed=0)])
+        self.measured_on, self.held_out = ctx.describe(), ctx.held_out
         outputs = initial = reference.run_batches(graph, ctx.holdout)
         results = []
         for p in self.passes:
@@ -106,7 +146,7 @@ class PassManager:
                 raise RuntimeError(f"internal error: pass {p.name} is declared exact but moved "
                                    f"outputs by {fid.max_rel_err:.3g} (relative)")
             res = PassResult(p.name, p.exact, before, cost(new), details, fid, ctx.describe(),
-                             time.perf_counter() - start)
+                             time.perf_counter() - start, ctx.held_out)
             results.append(res)
             self.log(_summary(res))
             graph, outputs = new, new_outputs
@@ -123,7 +163,9 @@ def _worst(ref: list[list[np.ndarray]], new: list[list[np.ndarray]]) -> referenc
 def _summary(r: PassResult) -> str:
     def pct(a: int, b: int) -> str:
         return f"{100.0 * (b - a) / a:+.1f}%" if a else "n/a"
-    kind = "exact" if r.exact else f"lossy, cosine {r.fidelity.cosine:.5f}"
+    kind = "exact" if r.exact else (f"lossy, cosine {r.fidelity.cosine:.5f}" if r.held_out
+                                    else "lossy, fidelity not measured (one calibration "
+                                         "sample: nothing held out)")
     return (f"pass {r.name}: params {r.before.params:,} -> {r.after.params:,} "
             f"({pct(r.before.params, r.after.params)}), MACs {r.before.macs:,} -> "
             f"{r.after.macs:,} ({pct(r.before.macs, r.after.macs)}), {kind}, {r.seconds:.2f}s")

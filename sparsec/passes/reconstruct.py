@@ -64,6 +64,26 @@ def _solve(a: np.ndarray, y: np.ndarray, intercept: bool, seed: int, ridge: floa
     return np.linalg.lstsq(gram + lam * np.eye(gram.shape[0]), a.T @ y, rcond=None)[0]
 
 
+def keep_if_better(original: Graph, plain: Graph, refit: Graph, holdout: list[dict],
+                   held_out: bool) -> tuple[Graph, dict]:
+    """A refit only where it helps: the refit graph if its outputs are at least as close to
+    ``original``'s on the held-out batches as ``plain``'s (the same pruning without the refit),
+    else ``plain``. A least-squares refit on a small calibration set can fit it and hurt every
+    other input; this is the guard. Without held-out data it cannot be judged and is kept
+    (``verified`` False)."""
+    if not held_out:
+        return refit, {"kept": True, "verified": False}
+    want = reference.run_batches(original, holdout)
+    cos = {}
+    for name, graph in (("without", plain), ("with", refit)):
+        fids = [reference.compare(w, g) for w, g in zip(want, reference.run_batches(graph, holdout))]
+        cos[name] = min(f.cosine for f in fids)
+    kept = cos["with"] >= cos["without"]
+    return (refit if kept else plain), {
+        "kept": kept, "verified": True, "holdout_cosine_without": cos["without"],
+        "holdout_cosine_with": cos["with"]}
+
+
 def _consumer_axis(node: Node) -> int:
     """Axis of the node's weight (input 1) that reads input channels."""
     if node.op_type == "Conv":

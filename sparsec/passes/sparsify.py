@@ -41,7 +41,8 @@ from sparsec import reference
 from sparsec.ir.graph import Graph, Node
 from sparsec.passes.manager import PassContext
 from sparsec.passes.reconstruct import (MAX_ROWS, RIDGE, _as_matrix, _bias_slot,
-                                        _from_matrix, _im2col, refit_in_order)
+                                        _from_matrix, _im2col, keep_if_better,
+                                        refit_in_order)
 from sparsec.passes.reorder import weight_matrices
 
 CRITERIA = ("magnitude", "wanda")
@@ -148,14 +149,15 @@ class Sparsify:
             kept = _unview(mask, arr, weights[w])
             out.set_initializer(w, np.where(kept, arr, np.zeros((), arr.dtype)).astype(arr.dtype))
             layers[w] = round(1.0 - float(mask.mean()), 4)
-        refit = []
+        refit, guard = [], None
         if self.reconstruct:
             if ctx is None:
                 raise ValueError("reconstruction needs calibration data")
-            out, refit = refit_sparse(graph, out, set(masks), ctx.fit)
+            fitted, refit = refit_sparse(graph, out, set(masks), ctx.fit)
+            out, guard = keep_if_better(graph, out, fitted, ctx.holdout, ctx.held_out)
         total = sum(graph.initializers[w].size for w in masks)
         zeros = sum(int((out.initializers[w] == 0).sum()) for w in masks)
-        return out, {"refit": refit, "pattern": self.pattern, "criterion": self.criterion,
+        return out, {"refit": refit, "reconstruction": guard, "pattern": self.pattern, "criterion": self.criterion,
                      "allocation": self.allocation if kind != "nm" else "fixed by N:M",
                      "target": self.sparsity if kind != "nm" else 1 - nums[0] / nums[1],
                      "achieved": round(zeros / max(total, 1), 4), "layers": layers,
