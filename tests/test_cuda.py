@@ -382,7 +382,7 @@ def test_c_api_opens_a_cuda_package_or_says_why_not(tmp_path):
     pkg = tmp_path / "mlp"
     manifest = api.compile(EXAMPLES / "digits_mlp.onnx", pkg, target="cuda-sm80", name="mlp")
     header = (pkg / "mlp.h").read_text()
-    assert manifest["library"]["header"] == "mlp.h" and "1e-05, 0.0001, 2};" in header
+    assert manifest["library"]["header"] == "mlp.h" and "1e-05, 0.0001, 2,\n" in header
     rt = tmp_path / "rt"
     proc = subprocess.run([sys.executable, "-m", "sparsec", "runtime", "--target", "cuda-sm80",
                            "-o", str(rt)], capture_output=True, text=True)
