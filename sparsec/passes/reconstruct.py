@@ -51,9 +51,12 @@ def _im2col(x: np.ndarray, node: Node, kernel: tuple[int, int]) -> np.ndarray:
     return cols.reshape(b * oh * ow, c * kh * kw)
 
 
-def _solve(a: np.ndarray, y: np.ndarray, intercept: bool, seed: int, ridge: float
-           ) -> np.ndarray:
-    """Ridge least squares; returns theta [K(+1), N]."""
+def _solve(a: np.ndarray, y: np.ndarray, intercept: bool, seed: int, ridge: float,
+           prior: np.ndarray | None = None) -> np.ndarray:
+    """Ridge least squares; returns theta [K(+1), N]. The ridge pulls toward ``prior`` (the
+    layer's own pruned weights) rather than toward zero: where the calibration data does not
+    determine a direction (fewer rows than inputs, e.g. a few padded sentences for an FFN's
+    1536 inputs) the refit keeps what the layer had instead of inventing a value."""
     if a.shape[0] > MAX_ROWS:
         rows = np.sort(np.random.default_rng(seed).choice(a.shape[0], MAX_ROWS, replace=False))
         a, y = a[rows], y[rows]
@@ -61,7 +64,8 @@ def _solve(a: np.ndarray, y: np.ndarray, intercept: bool, seed: int, ridge: floa
         a = np.hstack([a, np.ones((a.shape[0], 1))])
     gram = a.T @ a
     lam = ridge * max(float(np.mean(np.diag(gram))), 1e-12)
-    return np.linalg.lstsq(gram + lam * np.eye(gram.shape[0]), a.T @ y, rcond=None)[0]
+    rhs = a.T @ y if prior is None else a.T @ y + lam * prior
+    return np.linalg.lstsq(gram + lam * np.eye(gram.shape[0]), rhs, rcond=None)[0]
 
 
 def keep_if_better(original: Graph, plain: Graph, refit: Graph, holdout: list[dict],
@@ -171,7 +175,12 @@ def _refit(graph: Graph, node: Node, users: dict[str, list[Node]], x: np.ndarray
     if node.op_type == "MatMul" and bias_name is not None:
         # the intercept replaces the following Add's bias: match the original output after it
         target = target + graph.initializers[bias_name].astype(np.float64)
-    theta = _solve(a, target, intercept=bias_name is not None, seed=seed, ridge=ridge)
+    prior = _as_matrix(node, w).astype(np.float64)
+    if bias_name is not None:
+        bias = graph.initializers[bias_name].astype(np.float64).reshape(1, -1)
+        prior = np.vstack([prior, np.broadcast_to(bias, (1, prior.shape[1]))])
+    theta = _solve(a, target, intercept=bias_name is not None, seed=seed, ridge=ridge,
+                   prior=prior)
     old = (a @ _as_matrix(node, w)).astype(np.float64)
     if bias_name is not None and bias_name in graph.initializers:
         old = old + graph.initializers[bias_name].astype(np.float64)
