@@ -49,6 +49,7 @@ def _models():
 def profile(model, repeats: int = 7, number: int = 50) -> list[dict]:
     import tvm
 
+    from sparsec.profile import chain_times
     from sparsec.targets import host, resolve_target
     from sparsec.targets.host import compile_onnx, load_library
 
@@ -83,7 +84,7 @@ def profile(model, repeats: int = 7, number: int = 50) -> list[dict]:
         runner._vm.set_instrument(None)
 
         mod = tvm.runtime.load_module(str(lib)).imports[0]  # the compiled kernels
-        chain = _chain_times(mod, calls, repeats * number)
+        chain = chain_times(mod, calls, repeats * number)
         rows = []
         for (sym, args), in_chain in zip(calls, chain):
             try:
@@ -103,31 +104,6 @@ def profile(model, repeats: int = 7, number: int = 50) -> list[dict]:
                          "args": " ".join("x".join(map(str, a.shape)) for a in copies)})
         # the VM's whole-call overhead (copies in/out, allocation) is the rest
         return rows, statistics.median(whole)
-
-
-def _chain_times(mod, calls: list[tuple[str, list]], rounds: int) -> list[float]:
-    """Median ms of each kernel where it runs in the model: the recorded calls replayed in
-    order on the VM's own tensors, so each kernel reads what the one before it just wrote and
-    its weights come from wherever the rest of the model left them (against the alone time,
-    this shows what a kernel loses to cold data: MobileNetV2's 112x112 expansion and
-    depthwise conv lost 260 us before they were fused)."""
-    fns = []
-    for sym, args in calls:
-        try:
-            fns.append((mod.get_function(sym), args))
-        except Exception:  # noqa: BLE001
-            fns.append((None, args))
-    clock = time.perf_counter
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(rounds):
-        for (fn, args), out in zip(fns, times):
-            if fn is None:
-                out.append(float("nan"))
-                continue
-            t0 = clock()
-            fn(*args)
-            out.append((clock() - t0) * 1e3)
-    return [statistics.median(t) for t in times]
 
 
 def main(argv=None) -> int:

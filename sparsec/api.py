@@ -395,7 +395,8 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
             input_shapes: InputShapes | str | None = None,
             calibration=None, remove_dead: bool = False,
             example_inputs: Sequence[Any] | None = None, command: Sequence[str] | None = None,
-            tune: float = 0.0, precision: str | None = None, log: Log = _quiet) -> dict:
+            tune: float = 0.0, precision: str | None = None, profile: bool = False,
+            log: Log = _quiet) -> dict:
     """Prune, compile for ``target`` and write a package directory (see ``sparsec.package``);
     returns its manifest. ``name`` (a C identifier; default: from the directory name) names
     the C header, the static archive and its symbols. ``round_to`` defaults to the target's
@@ -409,6 +410,9 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
     ``tune`` > 0 first spends up to that many seconds timing the pruned model's kernels (see
     :func:`tune`); kernels tuned earlier for the target are built with their best knobs
     either way.
+
+    ``profile`` (targets that run here) measures each kernel's share of a call on this CPU
+    (``sparsec.profile``) into the manifest's ``profile``.
 
     ``precision`` "bf16" lets kernels that round their inputs to bf16 run where they are
     faster (AMX tiles on CPUs that have them, sparse tensor cores for 2:4 weights on sm_80+);
@@ -425,6 +429,9 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
     precision = precision or spec.precision
     if precision not in PRECISIONS:
         raise BadOptionError(f"--precision takes {' or '.join(PRECISIONS)}, not '{precision}'")
+    if profile and not (spec.runs_here and spec.device == "cpu"):
+        raise BadOptionError(f"--profile measures on this machine's CPU; target "
+                             f"'{spec.name}' does not run here")
     if tune < 0 or (tune > 0 and not (spec.runs_here and spec.device == "cpu")):
         raise BadOptionError(f"--tune takes a positive number of seconds, for this machine's "
                              f"CPU only (got {tune:g} for target '{spec.name}')")
@@ -524,6 +531,12 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
             if bf16:    # the device check: the binary must match at the fidelity found here
                 rtol = device_rtol(check)
                 write_header(rtol)
+        measured = None
+        if profile:
+            from sparsec.profile import profile_model, summary
+
+            measured = profile_model(proto)
+            log(f"profile: {summary(measured)}")
         manifest = {
             "format": FORMAT,
             "name": name,
@@ -550,10 +563,21 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
             "files": file_hashes(tmp),
             "prune": result.report(),
             "compile": {**facts, "precision": precision},
+            **({"profile": measured} if measured is not None else {}),
         }
         write_json(tmp / MANIFEST, seal(manifest))
     log(f"wrote {output_dir}")
     return manifest
+
+
+def profile(model: ModelLike, input_shapes: InputShapes | str | None = None) -> dict:
+    """Where a model's time goes on this CPU, kernel by kernel (``sparsec.profile``): a
+    package directory (its pruned model, as compiled for the host) or any model."""
+    from sparsec.profile import profile_model
+
+    if isinstance(model, (str, os.PathLike)) and Path(model).is_dir():
+        model = Package.load(model).path / MODEL
+    return profile_model(to_onnx(load(model, input_shapes)))
 
 
 def tune(model: ModelLike, *, target: str = "host", budget: float = 60.0,

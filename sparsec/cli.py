@@ -75,6 +75,9 @@ def _inspect_package(args) -> int:
     for r in p["passes"]:
         print(f"  pass {r['name']}: {'exact' if r['exact'] else 'lossy'}")
     print(f"  kernels  {m['compile']['kernels']}")
+    if "profile" in m:
+        from sparsec.profile import summary
+        print(f"  profile  {summary(m['profile'])}")
     bf16 = [d["chosen"] for d in m["compile"].get("decisions", []) if d.get("precision") == "bf16"]
     if bf16:
         names = ", ".join(sorted(set(bf16)))
@@ -174,11 +177,32 @@ def cmd_compile(args) -> int:
 
     manifest = api.compile(args.model, args.output, target=args.target, name=args.name,
                            **_prune_kwargs(args), command=["sparsec", *args.argv],
-                           tune=args.tune, precision=args.precision, log=_log(args))
+                           tune=args.tune, precision=args.precision, profile=args.profile,
+                           log=_log(args))
     p = manifest["prune"]
     print(f"compiled {args.model} for {manifest['target']['name']} -> {args.output}")
     print(f"  params {p['before']['params']:,} -> {p['after']['params']:,}, "
           f"MACs {p['before']['macs']:,} -> {p['after']['macs']:,}, {_fidelity(p)}")
+    return 0
+
+
+def _profile_table(report: dict) -> str:
+    from sparsec.profile import summary
+
+    rows = [["kernel", "kind", "calls", "ms", "share"]]
+    rows += [[r["kernel"][:60], r["kind"], str(r["calls"]), f"{r['ms']:.4f}",
+              f"{100 * r['share']:.1f}%"] for r in report["kernels"]]
+    return _table(rows) + "\n" + summary(report)
+
+
+def cmd_profile(args) -> int:
+    from sparsec import api
+
+    report = api.profile(args.model, args.input_shapes)
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        print(_profile_table(report))
     return 0
 
 
@@ -414,7 +438,18 @@ def build_parser() -> argparse.ArgumentParser:
                          "AMX tiles (CPUs with AMX), sparse tensor cores for 2:4 weights "
                          "(sm_80+); lossy, checked with the bf16 tolerance. Default: the "
                          "target's (fp32; bf16 for x86-amx)")
+    sp.add_argument("--profile", action="store_true",
+                    help="measure each kernel's share of a call on this CPU into the manifest "
+                         "(targets that run here; `sparsec profile DIR` does it later)")
     sp.set_defaults(func=cmd_compile)
+
+    sp = sub.add_parser("profile", help="where a model's time goes on this CPU, kernel by "
+                                        "kernel (a package or a model)")
+    sp.add_argument("model", help="ONNX model file or a package directory")
+    sp.add_argument("--input-shapes", metavar="NAME:D1xD2,...",
+                    help="fix dynamic input dimensions, e.g. input_ids:1x128")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.set_defaults(func=cmd_profile)
 
     sp = sub.add_parser("tune", help="time each kernel's schedule variants on this machine and "
                                      "record the fastest for compile (tuning cache)")

@@ -208,3 +208,25 @@ def test_structure_passes_compile_and_validate(zoo_files, tmp_path):
     assert names == ["remove-attention", "fuse-ffn", "channel-prune", "reorder-channels"]
     assert manifest["compile"]["kernels"].get("dense_packed", 0) >= 2
     assert sparsec.validate(tmp_path / "pkg").ok
+
+
+def test_profile_names_the_kernels_that_take_the_time(packages, tmp_path):
+    """`sparsec profile` (and `compile --profile` into the manifest): every kernel kind with
+    its measured share, sparsec's strategies told apart from the generic schedule."""
+    proc = sparsec("profile", packages["mlp"], "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    shares = {r["kernel"]: r for r in report["kernels"]}
+    assert shares["dense_packed"]["kind"] == "sparsec" and shares["dense_packed"]["calls"] >= 2
+    assert abs(sum(r["share"] for r in report["kernels"]) - 1.0) < 1e-3
+    assert report["whole_ms"] > 0 and 0.0 <= report["generic_share"] < 1.0
+    proc = sparsec("compile", MODELS["cnn"], "--target", "host", "-o", tmp_path / "p",
+                   "--profile")
+    assert proc.returncode == 0 and "profile: " in proc.stderr + proc.stdout, proc.stderr
+    m = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    kinds = {r["kernel"]: r["kind"] for r in m["profile"]["kernels"]}
+    assert kinds["conv2d_nchw_packed"] == "sparsec"
+    assert "generic schedule" in sparsec("inspect", tmp_path / "p").stdout
+    proc = sparsec("compile", MODELS["cnn"], "--target", "aarch64", "-o", tmp_path / "q",
+                   "--profile")
+    assert_clean_error(proc, 6, "--profile")
