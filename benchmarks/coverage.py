@@ -10,7 +10,7 @@ by both torch exporters (TorchScript ``legacy`` and ``dynamo``), through what a 
 Each model runs in its own process (a crash in one cannot end the run).
 
 Run from the repo root:  PYTHONPATH=. python benchmarks/coverage.py [--models a,b]
-[--exporters legacy,dynamo] [--no-compile]
+[--exporters legacy,dynamo] [--no-compile] [--update: replace only those rows]
 Writes benchmarks/results/coverage.{json,md}.
 """
 
@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=",".join(realworld.MODELS))
     ap.add_argument("--exporters", default=",".join(realworld.EXPORTERS))
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--update", action="store_true",
+                    help="replace only these models' rows in the existing results")
     ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -170,6 +172,12 @@ def main(argv: list[str] | None = None) -> int:
                 "error": f"worker died (exit {proc.returncode}): {proc.stderr.strip()[-200:]}"}
             rows.append(row)
             print(json.dumps(row), flush=True)
+    if args.update:
+        from bench_host import RESULTS
+
+        fresh = {(r["model"], r["exporter"]): r for r in rows}
+        old = json.loads((RESULTS / "coverage.json").read_text())
+        rows = [fresh.pop((r["model"], r["exporter"]), r) for r in old] + list(fresh.values())
     publish("coverage", rows, markdown(rows))
     return 0
 

@@ -300,3 +300,25 @@ def test_whole_map_pools_become_global_pools(op, attrs, becomes):
     g = load_onnx(proto)
     assert [n.op_type for n in g.nodes] == [becomes]
     assert_same_function(proto, g)
+
+
+@pytest.mark.slow
+def test_conv1d_layers_run_on_the_conv_kernels(tmp_path):
+    """Speech models' Conv1d (stride 2, padding, groups) compile as 2-D convs over a unit
+    height, on sparsec's conv kernels, and match ONNX Runtime."""
+    rng = np.random.default_rng(0)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 64])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], kernel_shape=[3], pads=[1, 1],
+                              strides=[2]),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["y"], kernel_shape=[5], pads=[2, 2],
+                              group=2, dilations=[1])]
+    inits = {"w1": rng.standard_normal((16, 8, 3)).astype("f4"),
+             "b1": rng.standard_normal(16).astype("f4"),
+             "w2": rng.standard_normal((16, 8, 5)).astype("f4")}
+    path = tmp_path / "conv1d.onnx"
+    onnx.save(_model(nodes, [x], [y], inits), str(path))
+    manifest = sparsec.compile(path, tmp_path / "pkg", target="host")
+    assert manifest["compile"]["kernels"].get("conv2d_nchw_packed", 0) >= 1
+    assert sparsec.validate(tmp_path / "pkg", seed=1).ok
