@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Sequence
 
@@ -522,6 +523,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sparsec: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:            # `sparsec inspect ... | head`: the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as e:  # a bug in sparsec: keep the user's screen clean unless --debug
         if args.debug:
             raise

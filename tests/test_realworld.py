@@ -322,3 +322,19 @@ def test_conv1d_layers_run_on_the_conv_kernels(tmp_path):
     manifest = sparsec.compile(path, tmp_path / "pkg", target="host")
     assert manifest["compile"]["kernels"].get("conv2d_nchw_packed", 0) >= 1
     assert sparsec.validate(tmp_path / "pkg", seed=1).ok
+
+
+def test_adding_zeros_and_multiplying_by_ones_are_removed_unless_they_broadcast():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    nodes = [helper.make_node("Add", ["zeros", "x"], ["a"]),        # zero mask, either side
+             helper.make_node("Mul", ["a", "ones"], ["b"]),
+             helper.make_node("Div", ["ones", "b"], ["c"]),          # 1 / b: not neutral
+             helper.make_node("Add", ["c", "wide"], ["y"])]          # broadcasts: stays
+    inits = {"zeros": np.zeros((2, 3), np.float32), "ones": np.ones(3, np.float32),
+             "wide": np.zeros((4, 2, 3), np.float32)}
+    proto = _model(nodes, [x], [y], inits)
+    g = load_onnx(proto)
+    assert [n.op_type for n in g.nodes] == ["Div", "Add"]
+    assert g.notes["normalize"]["neutral_ops"] == 2
+    assert_same_function(proto, g)

@@ -16,7 +16,9 @@ anything else reads it:
    SxS mask) stays computed: the graph never grows by more than that cap per tensor.
 4. A constant zero ``Pad`` of the spatial axes that feeds only a ``Conv`` moves into the
    Conv's ``pads``.
-5. A pooling window that covers the whole map (one output pixel, no padding; EfficientNet's
+5. ``x + 0``, ``x - 0``, ``x * 1``, ``x / 1`` with a constant that does not broadcast ``x``
+   are ``x`` (an all-zero attention mask, folded, leaves the attention MatMul unmasked).
+6. A pooling window that covers the whole map (one output pixel, no padding; EfficientNet's
    ``AvgPool2d(1280, ceil_mode=True)`` on a 2x2 map) is the global pool it computes.
 
 The caller proves the result exact on the model at hand (``sparsec.frontends.onnx``).
@@ -51,17 +53,18 @@ class NormalizeReport:
     merged: int = 0
     pads_fused: int = 0
     global_pools: int = 0
+    neutral_ops: int = 0
 
     @property
     def changed(self) -> bool:
         return bool(self.folded or self.identities or self.merged or self.pads_fused
-                    or self.global_pools)
+                    or self.global_pools or self.neutral_ops)
 
     def as_dict(self) -> dict:
         return {"folded": dict(sorted(self.folded.items())), "constants": self.constants,
                 "kept_large": self.kept_large, "identities": self.identities,
                 "merged": self.merged, "pads_fused": self.pads_fused,
-                "global_pools": self.global_pools}
+                "global_pools": self.global_pools, "neutral_ops": self.neutral_ops}
 
     def summary(self) -> str:
         parts = []
@@ -76,6 +79,8 @@ class NormalizeReport:
             parts.append(f"{self.merged} duplicate node(s) merged")
         if self.pads_fused:
             parts.append(f"{self.pads_fused} Pad(s) fused into Conv")
+        if self.neutral_ops:
+            parts.append(f"{self.neutral_ops} x+0 / x*1 removed")
         if self.global_pools:
             parts.append(f"{self.global_pools} whole-map pool(s) made global")
         if self.kept_large:
@@ -91,6 +96,7 @@ def normalize(graph: Graph) -> tuple[Graph, NormalizeReport]:
     report.merged = _merge_duplicates(g)
     _fold(g, report)
     report.merged += _merge_duplicates(g)
+    report.neutral_ops = _drop_neutral_ops(g)
     report.pads_fused = _fuse_pads(g)
     report.global_pools = _global_pools(g)
     _drop_dead(g)
@@ -276,6 +282,34 @@ def _fuse_pads(g: Graph) -> int:
         conv.inputs[0] = pad.inputs[0]
         fused += 1
     return fused
+
+
+_NEUTRAL = {"Add": (0.0, True), "Sub": (0.0, False), "Mul": (1.0, True), "Div": (1.0, False)}
+
+
+def _drop_neutral_ops(g: Graph) -> int:
+    """Add/Sub of constant zeros, Mul/Div by constant ones, where the constant does not change
+    ``x``'s shape or dtype: the node goes and its readers read ``x``."""
+    outputs = set(g.outputs)
+    count = 0
+    for node in list(g.nodes):
+        rule = _NEUTRAL.get(node.op_type)
+        if rule is None or len(node.inputs) != 2 or node.outputs[0] in outputs:
+            continue
+        value, commutes = rule
+        slots = (1, 0) if commutes else (1,)
+        for slot in slots:
+            const, x = node.inputs[slot], node.inputs[1 - slot]
+            arr = g.initializers.get(const)
+            if (arr is None or arr.dtype.kind != "f" or not np.all(arr == value)
+                    or g.shape(x) != g.shape(node.outputs[0])
+                    or g.values[x].dtype != g.values[node.outputs[0]].dtype):
+                continue
+            _rename_uses(g, node.outputs[0], x)
+            g.nodes.remove(node)
+            count += 1
+            break
+    return count
 
 
 def _global_pools(g: Graph) -> int:
