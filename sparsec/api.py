@@ -337,8 +337,6 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
     if output is not None:
         check_writable_file(output, model if isinstance(model, (str, os.PathLike)) else None)
     graph = load(model, input_shapes, example_inputs)
-    if graph.notes.get("normalize", {}).get("summary"):
-        log(f"load: {graph.notes['normalize']['summary']} (exact)")
     _check_patterns(graph, layer_ratios, ignore)
     _check_structure(graph, remove_layers, remove_attention, fuse_ffn)
     kind, nm = _check_sparsity(sparsity, sparsity_pattern, sparsity_criterion, lamp)
@@ -367,6 +365,8 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
                                ignore=list(ignore), reconstruct=bool(reconstruct)))
     if reorder:
         passes.append(ReorderChannels())
+    if graph.notes.get("normalize", {}).get("summary"):    # after the checks: an error stays
+        log(f"load: {graph.notes['normalize']['summary']} (exact)")    # the only line
     manager = PassManager(passes, calib, log)
     pruned, results = manager.run(graph)
     result = PruneResult(pruned, results, cost(graph), cost(pruned), manager.fidelity,

@@ -328,13 +328,14 @@ def test_adding_zeros_and_multiplying_by_ones_are_removed_unless_they_broadcast(
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
     nodes = [helper.make_node("Add", ["zeros", "x"], ["a"]),        # zero mask, either side
-             helper.make_node("Mul", ["a", "ones"], ["b"]),
-             helper.make_node("Div", ["ones", "b"], ["c"]),          # 1 / b: not neutral
-             helper.make_node("Add", ["c", "wide"], ["y"])]          # broadcasts: stays
-    inits = {"zeros": np.zeros((2, 3), np.float32), "ones": np.ones(3, np.float32),
-             "wide": np.zeros((4, 2, 3), np.float32)}
+             helper.make_node("Mul", ["a", "one"], ["b"]),
+             helper.make_node("Div", ["one", "b"], ["c"]),           # 1 / b: not neutral
+             helper.make_node("Add", ["c", "bias"], ["d"]),          # a zero bias: a parameter
+             helper.make_node("Add", ["d", "wide"], ["y"])]          # broadcasts: stays
+    inits = {"zeros": np.zeros((2, 3), np.float32), "one": np.ones((), np.float32),
+             "bias": np.zeros(3, np.float32), "wide": np.zeros((4, 2, 3), np.float32)}
     proto = _model(nodes, [x], [y], inits)
     g = load_onnx(proto)
-    assert [n.op_type for n in g.nodes] == ["Div", "Add"]
+    assert [n.op_type for n in g.nodes] == ["Div", "Add", "Add"]
     assert g.notes["normalize"]["neutral_ops"] == 2
     assert_same_function(proto, g)

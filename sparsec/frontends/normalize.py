@@ -16,8 +16,9 @@ anything else reads it:
    SxS mask) stays computed: the graph never grows by more than that cap per tensor.
 4. A constant zero ``Pad`` of the spatial axes that feeds only a ``Conv`` moves into the
    Conv's ``pads``.
-5. ``x + 0``, ``x - 0``, ``x * 1``, ``x / 1`` with a constant that does not broadcast ``x``
-   are ``x`` (an all-zero attention mask, folded, leaves the attention MatMul unmasked).
+5. ``x + 0``, ``x - 0``, ``x * 1``, ``x / 1`` with a scalar or multi-axis constant (not a
+   per-channel bias or scale, which is a parameter) that does not broadcast ``x`` are ``x``
+   (an all-zero attention mask, folded, leaves the attention MatMul unmasked).
 6. A pooling window that covers the whole map (one output pixel, no padding; EfficientNet's
    ``AvgPool2d(1280, ceil_mode=True)`` on a 2x2 map) is the global pool it computes.
 
@@ -302,6 +303,8 @@ def _drop_neutral_ops(g: Graph) -> int:
             const, x = node.inputs[slot], node.inputs[1 - slot]
             arr = g.initializers.get(const)
             if (arr is None or arr.dtype.kind != "f" or not np.all(arr == value)
+                    or sum(d > 1 for d in arr.shape) == 1      # a bias or scale vector: a
+                    #   parameter (pruned, refit), however it was initialized
                     or g.shape(x) != g.shape(node.outputs[0])
                     or g.values[x].dtype != g.values[node.outputs[0]].dtype):
                 continue
