@@ -143,12 +143,17 @@ class PruneResult:
     #: (one calibration sample): the figure is then not a fidelity and is not shown as one
     measured_on: str = ""
     held_out: bool = True
+    #: with ``max_drop``: every ratio tried, what it cost and whether it was within the drop
+    search: list[dict] = field(default_factory=list)
 
     def report(self) -> dict:
-        return {"before": self.before.as_dict(), "after": self.after.as_dict(),
-                "fidelity": {**self.fidelity.as_dict(), "measured_on": self.measured_on,
-                             "held_out": self.held_out},
-                "passes": [p.as_dict() for p in self.passes], "load": self.load}
+        out = {"before": self.before.as_dict(), "after": self.after.as_dict(),
+               "fidelity": {**self.fidelity.as_dict(), "measured_on": self.measured_on,
+                            "held_out": self.held_out},
+               "passes": [p.as_dict() for p in self.passes], "load": self.load}
+        if self.search:
+            out["search"] = self.search
+        return out
 
 
 def _check_ratio(ratio: float) -> float:
@@ -286,7 +291,8 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
           sparsity_criterion: str = "magnitude", lamp: bool = False, reorder: bool = False,
           layer_ratios: dict[str, float] | None = None, ignore: Sequence[str] = (),
           input_shapes: InputShapes | str | None = None,
-          calibration=None, remove_dead: bool = False,
+          calibration=None, calib_mask: str | None = None, max_drop: float | None = None,
+          metric: Callable[[Graph], float] | None = None, remove_dead: bool = False,
           example_inputs: Sequence[Any] | None = None, scores=None,
           log: Log = _quiet) -> PruneResult:
     """Prune the least important channels of every channel group; optionally write ONNX.
@@ -321,8 +327,29 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
     data (and, with ``sparsity``, the weights each sparsified layer keeps). ``calibration``:
     inputs to fit and measure on (an .npz path, a dict, or any iterable of batches, see
     ``_calibration``; every 4th batch is held out for the fidelity figures);
-    seeded random inputs by default. Ratio 0 leaves the model unchanged.
+    seeded random inputs by default. ``calib_mask`` names the input that marks real positions
+    (1) and padding (0); by default an input called ``attention_mask`` is used, ``""`` turns
+    it off. Padded positions are left out of fits, statistics and fidelity. Ratio 0 leaves
+    the model unchanged.
+
+    ``max_drop``: instead of pruning at ``ratio``, find the largest ratio (up to ``ratio``, or
+    0.9 when it is 0) whose held-out fidelity drop stays within ``max_drop``, by bisection
+    (``head_ratio``, when given, keeps its proportion to ``ratio``). The drop is 1 - cosine, or
+    with ``metric(graph) -> float`` (higher is better, e.g. accuracy on your own data) the
+    original's metric minus the pruned model's. ``result.search`` lists what was tried.
     """
+    if max_drop is not None:
+        return _search_ratio(model, output, max_drop, metric, dict(
+            ratio=ratio, criterion=criterion, reconstruct=reconstruct, round_to=round_to,
+            head_ratio=head_ratio, remove_layers=remove_layers, replace_linear=replace_linear,
+            remove_attention=remove_attention, fuse_ffn=fuse_ffn, sensitivity=sensitivity,
+            sparsity=sparsity, sparsity_pattern=sparsity_pattern,
+            sparsity_criterion=sparsity_criterion, lamp=lamp, reorder=reorder,
+            layer_ratios=layer_ratios, ignore=ignore, input_shapes=input_shapes,
+            calibration=calibration, calib_mask=calib_mask, remove_dead=remove_dead,
+            example_inputs=example_inputs, scores=scores), log)
+    if metric is not None:
+        raise BadOptionError("metric is what max_drop bounds: give max_drop too")
     ratio = _check_ratio(ratio)
     head_ratio = None if head_ratio is None else _check_ratio(head_ratio)
     layer_ratios = dict(layer_ratios or {})
@@ -367,7 +394,7 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
         passes.append(ReorderChannels())
     if graph.notes.get("normalize", {}).get("summary"):    # after the checks: an error stays
         log(f"load: {graph.notes['normalize']['summary']} (exact)")    # the only line
-    manager = PassManager(passes, calib, log)
+    manager = PassManager(passes, calib, log, mask=calib_mask)
     pruned, results = manager.run(graph)
     result = PruneResult(pruned, results, cost(graph), cost(pruned), manager.fidelity,
                          sample=calib[0] if calib else reference.random_inputs(graph, seed=0),
@@ -378,6 +405,64 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
             "lossy pruning is not measured; give more calibration data (--calib)")
     if output is not None:
         atomic_write_bytes(output, to_onnx(pruned).SerializeToString())
+        result.output = Path(output)
+    return result
+
+
+#: bisection steps of ``max_drop`` after the upper end (resolution: upper end / 2**steps)
+SEARCH_STEPS = 5
+
+
+def _search_ratio(model: ModelLike, output, max_drop, metric, options: dict,
+                  log: Log) -> PruneResult:
+    """``prune(..., max_drop=...)``: bisection over the ratio (see ``prune``)."""
+    try:
+        max_drop = float(max_drop)
+    except (TypeError, ValueError):
+        raise BadOptionError(f"max_drop must be a number, got {max_drop!r}") from None
+    if not 0.0 < max_drop < 1.0 and metric is None:
+        raise BadOptionError(f"--max-drop is a drop in cosine, in (0, 1), got {max_drop:g}")
+    top = _check_ratio(options["ratio"]) or 0.9
+    head = options["head_ratio"]
+    head_share = None if head is None else _check_ratio(head) / top
+    if output is not None:
+        check_writable_file(output, model if isinstance(model, (str, os.PathLike)) else None)
+    graph = load(model, options.pop("input_shapes"), options.pop("example_inputs"))
+    options["calibration"] = _calibration(graph, options["calibration"])
+    base = metric(graph) if metric is not None else 1.0
+    tried: dict[float, PruneResult] = {}
+
+    def attempt(ratio: float) -> bool:
+        res = prune(graph, **{**options, "ratio": ratio, "head_ratio": None if head_share is None
+                              else min(head_share * ratio, 0.95)})
+        if not res.held_out:
+            raise BadOptionError("--max-drop needs held-out data to measure the drop: give "
+                                 "at least two calibration samples (--calib)")
+        drop = base - (metric(res.graph) if metric is not None else res.fidelity.cosine)
+        res.search = [{"ratio": ratio, "drop": drop, "within": drop <= max_drop}]
+        tried[ratio] = res
+        log(f"max-drop: ratio {ratio:.4f} -> drop {drop:.5f} "
+            f"({'within' if drop <= max_drop else 'over'} {max_drop:g})")
+        return drop <= max_drop
+
+    lo, hi = 0.0, top
+    if not attempt(hi):
+        for _ in range(SEARCH_STEPS):
+            mid = round((lo + hi) / 2, 6)
+            if attempt(mid):
+                lo = mid
+            else:
+                hi = mid
+        if lo == 0.0:
+            raise BadOptionError(f"no ratio keeps the drop within {max_drop:g} (the smallest "
+                                 f"tried, {hi:.4f}, drops "
+                                 f"{tried[hi].search[0]['drop']:.4f}); raise --max-drop")
+        hi = lo
+    result = tried[hi]
+    result.search = [r.search[0] for _, r in sorted(tried.items())]
+    log(f"max-drop: chose ratio {hi:.4f} of {len(tried)} tried")
+    if output is not None:
+        atomic_write_bytes(output, to_onnx(result.graph).SerializeToString())
         result.output = Path(output)
     return result
 
@@ -393,7 +478,8 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
             lamp: bool = False, reorder: bool = False,
             layer_ratios: dict[str, float] | None = None, ignore: Sequence[str] = (),
             input_shapes: InputShapes | str | None = None,
-            calibration=None, remove_dead: bool = False,
+            calibration=None, calib_mask: str | None = None, max_drop: float | None = None,
+            metric: Callable[[Graph], float] | None = None, remove_dead: bool = False,
             example_inputs: Sequence[Any] | None = None, command: Sequence[str] | None = None,
             tune: float = 0.0, precision: str | None = None, profile: bool = False,
             log: Log = _quiet) -> dict:
@@ -444,8 +530,9 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
                    sparsity_pattern=sparsity_pattern, sparsity_criterion=sparsity_criterion,
                    lamp=lamp, reorder=reorder,
                    layer_ratios=layer_ratios, ignore=ignore, input_shapes=input_shapes,
-                   calibration=calibration, remove_dead=remove_dead,
-                   example_inputs=example_inputs, log=log)
+                   calibration=calibration, calib_mask=calib_mask, max_drop=max_drop,
+                   metric=metric, remove_dead=remove_dead, example_inputs=example_inputs,
+                   log=log)
     graph = result.graph
     from sparsec.deploy.header import c_header
     from sparsec.targets.host import compile_onnx
@@ -798,8 +885,9 @@ def prune_module(module, example_inputs: Sequence[Any], *, ratio: float = 0.0,
                  head_ratio: float | None = None, sensitivity: bool = False,
                  remove_layers: int = 0,
                  layer_ratios: dict[str, float] | None = None, ignore: Sequence[str] = (),
-                 calibration=None, remove_dead: bool = False, loss_fn=None,
-                 log: Log = _quiet):
+                 calibration=None, calib_mask: str | None = None,
+                 max_drop: float | None = None, metric=None, remove_dead: bool = False,
+                 loss_fn=None, log: Log = _quiet):
     """Prune a ``torch.nn.Module``: returns ``(pruned_module, PruneResult)``.
 
     The module is captured with the FX frontend (``sparsec.frontends.fx``), so the IR's weights
@@ -835,8 +923,9 @@ def prune_module(module, example_inputs: Sequence[Any], *, ratio: float = 0.0,
     result = prune(graph, ratio=ratio, criterion=criterion, reconstruct=reconstruct,
                    round_to=round_to, head_ratio=head_ratio, sensitivity=sensitivity,
                    remove_layers=remove_layers,
-                   layer_ratios=layer_ratios, ignore=ignore,
-                   calibration=calibration, remove_dead=remove_dead, scores=scores, log=log)
+                   layer_ratios=layer_ratios, ignore=ignore, calibration=calibration,
+                   calib_mask=calib_mask, max_drop=max_drop, metric=metric,
+                   remove_dead=remove_dead, scores=scores, log=log)
     pruned = write_back(module, result.graph, drop_layers=bool(remove_layers))
     _check_write_back(pruned, result.graph, example_inputs)
     return pruned, result

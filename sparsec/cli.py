@@ -161,7 +161,9 @@ def _prune_kwargs(args) -> dict:
             "sparsity_criterion": args.sparsity_criterion, "lamp": args.lamp,
             "layer_ratios": dict(args.layer_ratio), "ignore": args.ignore,
             "input_shapes": args.input_shapes, "calibration": args.calib,
-            "remove_dead": args.remove_dead}
+            "calib_mask": None if args.calib_mask is None else (
+                "" if args.calib_mask == "none" else args.calib_mask),
+            "max_drop": args.max_drop, "remove_dead": args.remove_dead}
 
 
 def cmd_prune(args) -> int:
@@ -408,6 +410,13 @@ def build_parser() -> argparse.ArgumentParser:
                             help="calibration inputs by input name, optionally stacked on a "
                                  "leading axis; fitted on (--reconstruct) and measured on "
                                  "(every 4th batch held out); default: seeded random inputs")
+            sp.add_argument("--calib-mask", metavar="NAME",
+                            help="input that marks real positions (1) and padding (0): padded "
+                                 "positions are left out of fits, statistics and fidelity "
+                                 "(default: an input called attention_mask; 'none': off)")
+            sp.add_argument("--max-drop", type=float, default=None, metavar="D",
+                            help="find the largest ratio (up to --ratio, or 0.9) whose held-out "
+                                 "cosine stays within D of 1, by bisection (about 6 prunes)")
             sp.add_argument("--remove-dead", action="store_true",
                             help="first remove channels that provably carry zero (exact)")
 

@@ -41,20 +41,53 @@ def run_batches(model, batches: list[dict[str, np.ndarray]]) -> list[list[np.nda
 def activations(graph: Graph, batches: list[dict[str, np.ndarray]], names: list[str]
                 ) -> dict[str, list[np.ndarray]]:
     """Values of (intermediate) tensors ``names`` of ``graph``, one array per input batch."""
-    from onnx import helper
+    return Probe(graph, names=names).values(batches, names)
 
-    from sparsec.ir.onnx_io import elem_type, to_onnx
 
-    proto = to_onnx(graph)
-    present = {o.name for o in proto.graph.output}
-    for name in names:
-        if name not in present:
-            v = graph.values[name]
-            proto.graph.output.append(
-                helper.make_tensor_value_info(name, elem_type(v.dtype), list(v.shape)))
-    sess = session(proto)
-    per_batch = [sess.run(names, feeds) for feeds in batches]
-    return {name: [vals[i] for vals in per_batch] for i, name in enumerate(names)}
+class Probe:
+    """One ONNX Runtime session of ``graph`` that can read intermediate tensors (``names``) and
+    take other values for the weights named in ``free`` at every run, so trying many weight
+    variants (a sensitivity scan, refits applied one after another) costs runs, not a
+    serialization and a new session each. Unnamed weights stay constants ORT can pre-pack."""
+
+    def __init__(self, graph: Graph, free=(), names=()):
+        from onnx import helper
+
+        from sparsec.ir.onnx_io import elem_type, to_onnx
+
+        self.graph = graph
+        self.free = sorted(set(free))
+        proto = to_onnx(graph)
+        present = {o.name for o in proto.graph.output}
+        for name in names:
+            if name not in present:
+                v = graph.values[name]
+                proto.graph.output.append(
+                    helper.make_tensor_value_info(name, elem_type(v.dtype), list(v.shape)))
+        if self.free:
+            keep = [t for t in proto.graph.initializer if t.name not in set(self.free)]
+            del proto.graph.initializer[:]
+            proto.graph.initializer.extend(keep)
+            for name in self.free:
+                w = graph.initializers[name]
+                proto.graph.input.append(
+                    helper.make_tensor_value_info(name, elem_type(w.dtype), list(w.shape)))
+        self.sess = session(proto)
+
+    def values(self, batches: list[dict[str, np.ndarray]], names=None,
+               weights: dict[str, np.ndarray] | None = None) -> dict[str, list[np.ndarray]]:
+        """Tensors ``names`` (default: the graph outputs) per batch, with ``weights`` in place
+        of the graph's own values for those free weights."""
+        names = list(self.graph.outputs if names is None else names)
+        fixed = {n: (weights or {}).get(n, self.graph.initializers[n]) for n in self.free}
+        per_batch = [self.sess.run(names, {**feeds, **fixed}) for feeds in batches]
+        return {name: [vals[i] for vals in per_batch] for i, name in enumerate(names)}
+
+    def outputs(self, batches: list[dict[str, np.ndarray]],
+                weights: dict[str, np.ndarray] | None = None) -> list[list[np.ndarray]]:
+        """Like ``run_batches``: the graph outputs for each batch."""
+        got = self.values(batches, None, weights)
+        return [[got[n][i] for n in self.graph.outputs] for i in range(len(batches))]
 
 
 def random_feeds(signature: list[dict], seed: int = 0) -> dict[str, np.ndarray]:

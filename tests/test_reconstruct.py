@@ -162,6 +162,7 @@ def test_one_calibration_sample_reports_no_fidelity():
 
 def test_a_refit_that_hurts_held_out_data_is_dropped(zoo_models):
     from sparsec import reference
+    from sparsec.passes.manager import PassContext
     from sparsec.passes.reconstruct import keep_if_better
 
     g = load_onnx(zoo_models("gemm_mlp"))
@@ -169,7 +170,8 @@ def test_a_refit_that_hurts_held_out_data_is_dropped(zoo_models):
     w = next(n.inputs[1] for n in worse.nodes if n.op_type == "Gemm")
     worse.set_initializer(w, -worse.initializers[w])        # a "refit" that went wrong
     holdout = [reference.random_inputs(g, seed=s) for s in range(2)]
-    kept, info = keep_if_better(g, g, worse, holdout, True)
+    ctx = PassContext(holdout[:1], holdout)
+    kept, info = keep_if_better(g, g, worse, ctx)
     assert kept is g and not info["kept"] and info["holdout_cosine_without"] == 1.0
-    kept, info = keep_if_better(g, worse, g, holdout, True)
+    kept, info = keep_if_better(g, worse, g, ctx)
     assert kept is g and info["kept"]

@@ -22,6 +22,7 @@ from sparsec import reference
 from sparsec.analysis.depgraph import DependencyGraph, Group
 from sparsec.ir.graph import Graph
 from sparsec.passes.criteria import keep_top
+from sparsec.passes.manager import PassContext
 from sparsec.passes.surgery import apply_plan
 
 #: levels tried per group, as multiples of the target ratio (capped below 1)
@@ -30,21 +31,13 @@ LEVELS = (0.5, 1.0, 1.5, 2.0)
 MAX_BATCHES = 4
 
 
-def _distortion(ref: list[list[np.ndarray]], out: list[list[np.ndarray]]) -> float:
-    num = sum(float(np.sum((np.asarray(o, np.float64) - r) ** 2))
-              for rb, ob in zip(ref, out) for r, o in zip(rb, ob))
-    den = sum(float(np.sum(np.asarray(r, np.float64) ** 2)) for rb in ref for r in rb)
-    return num / max(den, 1e-30)
-
-
 def sensitivity_keeps(graph: Graph, dg: DependencyGraph, chosen: list[tuple[Group, float]],
-                      scores: dict[int, np.ndarray], batches: list[dict],
+                      scores: dict[int, np.ndarray], ctx: PassContext,
                       keep_for) -> dict[int, int]:
     """Kept channel count per group id (see the module docstring). ``keep_for(group, ratio)``
     is the caller's rounding rule; ``scores`` rank each group's channels."""
-    batches = batches[:MAX_BATCHES]
-    base = [[np.asarray(o, np.float64) for o in outs]
-            for outs in reference.run_batches(graph, batches)]
+    batches = ctx.fit[:MAX_BATCHES]
+    trial = Trials(graph, dg, [g for g, r in chosen if r > 0], batches)
     buckets: dict[tuple[str, float], list[Group]] = {}
     for g, ratio in chosen:
         if ratio > 0:
@@ -52,15 +45,15 @@ def sensitivity_keeps(graph: Graph, dg: DependencyGraph, chosen: list[tuple[Grou
     keeps: dict[int, int] = {}
     for (_, ratio), groups in buckets.items():
         options: dict[int, list[tuple[int, float]]] = {}   # gid -> [(kept, distortion), ...]
+        trial.check = True                                 # once per kind of group
         for g in groups:
             opts = [(g.size, 0.0)]
             for level in LEVELS:
                 kept = keep_for(g, min(ratio * level, 0.95))
                 if kept >= opts[-1][0]:
                     continue
-                plan = {g.id: keep_top(scores[g.id], kept)}
-                out = reference.run_batches(apply_plan(graph, dg, plan), batches)
-                opts.append((kept, _distortion(base, out)))
+                out = trial(g, keep_top(scores[g.id], kept))
+                opts.append((kept, ctx.distortion(trial.base, out, batches)))
             options[g.id] = opts
         budget = sum(g.size - keep_for(g, ratio) for g in groups)
         step = {g.id: 0 for g in groups}
@@ -80,3 +73,51 @@ def sensitivity_keeps(graph: Graph, dg: DependencyGraph, chosen: list[tuple[Grou
             step[best] += 1
         keeps.update({gid: options[gid][step[gid]][0] for gid in options})
     return keeps
+
+
+class Trials:
+    """The model's outputs with one group cut to some of its channels, for many trials.
+
+    Removing channels is the same function as zeroing what their consumers read of them (the
+    weight slices that contract them: ``Group.consumers``): nothing else of the model sees a
+    channel once no weight reads it (the analysis freezes groups that reach an output or a
+    contraction without a weight). So a trial feeds zeroed consumer weights to one ONNX Runtime
+    session (``reference.Probe``) instead of building and loading a smaller model. While
+    ``check`` is set, the next trial is also run on the pruned model (``apply_plan``) and
+    compared; if they differ, every later trial prunes (``exact`` False). Groups that no weight
+    reads are always pruned."""
+
+    def __init__(self, graph: Graph, dg: DependencyGraph, groups: list[Group],
+                 batches: list[dict]):
+        self.graph, self.dg, self.batches = graph, dg, batches
+        free = {m.name for g in groups for m in g.consumers if m.name in graph.initializers}
+        self.probe = reference.Probe(graph, free=free)
+        self.base = self.probe.outputs(batches)
+        self.check, self.exact = True, True
+
+    def __call__(self, group: Group, keep: np.ndarray) -> list[list[np.ndarray]]:
+        readers = [m for m in group.consumers if m.name in self.graph.initializers]
+        if not readers or not self.exact:
+            return self._pruned(group, keep)
+        drop = np.setdiff1d(np.arange(group.size), keep)
+        weights: dict[str, np.ndarray] = {}
+        for m in readers:
+            w = weights.get(m.name)
+            w = self.graph.initializers[m.name].copy() if w is None else w
+            index = [slice(None)] * w.ndim
+            index[m.axis] = (m.start + drop[:, None] * m.block + np.arange(m.block)).ravel()
+            w[tuple(index)] = 0
+            weights[m.name] = w
+        out = self.probe.outputs(self.batches, weights)
+        if self.check:
+            self.check = False
+            pruned = self._pruned(group, keep)
+            self.exact = all(
+                np.allclose(a, b, rtol=1e-4, atol=1e-5 * max(float(np.abs(b).max()), 1.0))
+                for ob, pb in zip(out, pruned) for a, b in zip(ob, pb))
+            return pruned
+        return out
+
+    def _pruned(self, group: Group, keep: np.ndarray) -> list[list[np.ndarray]]:
+        return reference.run_batches(apply_plan(self.graph, self.dg, {group.id: keep}),
+                                     self.batches)

@@ -33,7 +33,7 @@ from sparsec.ir.graph import Graph
 from sparsec.passes import criteria
 from sparsec.passes.allocation import sensitivity_keeps
 from sparsec.passes.manager import PassContext
-from sparsec.passes.reconstruct import RIDGE, keep_if_better, refit_consumers
+from sparsec.passes.reconstruct import keep_if_better, refit_consumers
 from sparsec.passes.surgery import apply_plan
 
 
@@ -52,7 +52,7 @@ class ChannelPrune:
     ratio: float
     criterion: str = "l2"
     reconstruct: bool = False
-    ridge: float = RIDGE
+    ridge: float | None = None      # None: chosen per layer (see reconstruct._refit)
     round_to: int = 1
     layer_ratios: dict[str, float] = field(default_factory=dict)
     ignore: list[str] = field(default_factory=list)
@@ -79,7 +79,8 @@ class ChannelPrune:
             raise ValueError("reconstruction needs calibration data (a PassContext)")
         dg = DependencyGraph(graph)
         score = criteria.make_scorer(self.criterion, graph, [g for g in dg.groups if g.prunable],
-                                     ctx.fit if ctx is not None else None, self.scores)
+                                     ctx.fit if ctx is not None else None, self.scores,
+                                     ctx.masks(ctx.fit) if ctx is not None else None)
         chosen = [(g, r) for g in dg.groups if g.prunable
                   and (r := self.ratio_for(g.sources, g.kind)) is not None]
         ignored = sum(g.prunable for g in dg.groups) - len(chosen)
@@ -93,7 +94,7 @@ class ChannelPrune:
         if self.sensitivity:
             if ctx is None:
                 raise ValueError("sensitivity allocation needs calibration data (a PassContext)")
-            keeps.update(sensitivity_keeps(graph, dg, chosen, scores, ctx.fit, keep_for))
+            keeps.update(sensitivity_keeps(graph, dg, chosen, scores, ctx, keep_for))
         plan = {}
         removed = total = heads = 0
         for g, _ in chosen:
@@ -113,8 +114,7 @@ class ChannelPrune:
                    "channels_in_prunable_groups": total}
         pruned = apply_plan(graph, dg, plan)
         if self.reconstruct:
-            refit, info = refit_consumers(graph, pruned, dg, plan, ctx.fit, self.ridge)
+            refit, info = refit_consumers(graph, pruned, dg, plan, ctx, self.ridge)
             details["reconstructed"] = info["refit"]
-            pruned, details["reconstruction"] = keep_if_better(graph, pruned, refit,
-                                                               ctx.holdout, ctx.held_out)
+            pruned, details["reconstruction"] = keep_if_better(graph, pruned, refit, ctx)
         return pruned, details

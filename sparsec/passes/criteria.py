@@ -28,6 +28,7 @@ from typing import Callable
 from sparsec import reference
 from sparsec.analysis.depgraph import Group, Member
 from sparsec.ir.graph import Graph, Node
+from sparsec.passes.manager import rows
 
 CRITERIA = ("l2", "l1", "activation", "wanda", "fluctuation", "taylor")
 NEEDS_DATA = frozenset({"activation", "wanda", "fluctuation", "taylor"})
@@ -70,19 +71,21 @@ def _reader(graph: Graph, weight: str, users: dict[str, list[Node]]) -> tuple[st
 
 
 def activation_stats(graph: Graph, groups: list[Group], batches: list[dict],
-                     users: dict[str, list[Node]]) -> dict[tuple[str, int], dict]:
+                     users: dict[str, list[Node]], masks: list | None = None
+                     ) -> dict[tuple[str, int], dict]:
     """Per element of the channel axis of every tensor the groups' consumers read: the norm
-    ||X|| and the variance over samples and positions, on calibration data."""
+    ||X|| and the variance over samples and positions, on calibration data (``masks``, one per
+    batch: positions left out as padding, see ``PassContext.masks``)."""
     wanted = {r for g in groups for m in g.consumers if (r := _reader(graph, m.name, users))}
     names = sorted({x for x, _ in wanted})
     acts = reference.activations(graph, batches, names) if names else {}
+    masks = masks or [None] * len(batches)
     stats = {}
     for x, axis in wanted:
-        flat = [np.moveaxis(a.astype(np.float64), axis, 0).reshape(a.shape[axis], -1)
-                for a in acts[x]]
-        n = sum(f.shape[1] for f in flat)
-        total = sum(f.sum(axis=1) for f in flat)
-        sq = sum((f ** 2).sum(axis=1) for f in flat)
+        flat = [rows(a, m, axis).astype(np.float64) for a, m in zip(acts[x], masks)]
+        n = max(sum(f.shape[0] for f in flat), 1)
+        total = sum(f.sum(axis=0) for f in flat)
+        sq = sum((f ** 2).sum(axis=0) for f in flat)
         stats[(x, axis)] = {"norm": np.sqrt(sq), "var": np.maximum(sq / n - (total / n) ** 2, 0)}
     return stats
 
@@ -167,7 +170,8 @@ def _self_distillation_loss(logits):
 
 
 def make_scorer(criterion: str, graph: Graph, groups: list[Group], batches: list[dict] | None,
-                scores: Scores | None = None) -> Callable[[Group], np.ndarray]:
+                scores: Scores | None = None, masks: list | None = None
+                ) -> Callable[[Group], np.ndarray]:
     """Per-channel scores of a group under ``criterion``; data-driven criteria collect their
     activations once, here, for all ``groups``. ``scores`` are precomputed ones (``taylor``)."""
     if criterion == "l2":
@@ -189,6 +193,6 @@ def make_scorer(criterion: str, graph: Graph, groups: list[Group], batches: list
         if batches is None:
             raise ValueError(f"criterion '{criterion}' needs calibration data")
         users = graph.consumers()
-        stats = activation_stats(graph, groups, batches, users)
+        stats = activation_stats(graph, groups, batches, users, masks)
         return lambda group: consumer_score(graph, group, stats, users, criterion)
     raise ValueError(f"unknown criterion '{criterion}' (known: {', '.join(CRITERIA)})")

@@ -32,14 +32,51 @@ Feeds = dict[str, np.ndarray]
 
 @dataclass
 class PassContext:
-    """Calibration data for passes: ``fit`` to learn from, ``holdout`` to report on."""
+    """Calibration data for passes: ``fit`` to learn from, ``holdout`` to report on.
+
+    ``mask`` names the input that marks real positions (an ``attention_mask``: 1 for a token,
+    0 for padding). Padded positions are left out of every fit, statistic and fidelity figure
+    (``rows``, ``compare``): with short sentences padded to a fixed length they can be most of
+    the data, and what a model computes there is never used."""
 
     fit: list[Feeds]
     holdout: list[Feeds]
+    mask: str | None = None
 
     @property
     def held_out(self) -> bool:
         return self.fit is not self.holdout
+
+    def masks(self, batches: list[Feeds]) -> list[np.ndarray | None]:
+        """Per batch: the boolean [batch, sequence] map of real positions, or None."""
+        return [None if self.mask is None else np.asarray(b[self.mask]) != 0 for b in batches]
+
+    def rows(self, values: list[np.ndarray], batches: list[Feeds], axis: int = -1) -> np.ndarray:
+        """Activations (one array per batch) as one [positions, channels] matrix, channel
+        ``axis`` last, padded positions left out."""
+        return np.concatenate([rows(v, m, axis) for v, m in zip(values, self.masks(batches))])
+
+    def compare(self, want: list[list[np.ndarray]], got: list[list[np.ndarray]],
+                batches: list[Feeds] | None = None) -> reference.Fidelity:
+        """Worst fidelity over batches (default: the held-out ones), padded positions left out
+        of outputs laid out by position."""
+        batches = self.holdout if batches is None else batches
+        fids = [reference.compare(*_real(w, g, m))
+                for w, g, m in zip(want, got, self.masks(batches))]
+        return reference.Fidelity(max(f.max_abs_err for f in fids),
+                                  max(f.max_rel_err for f in fids), min(f.cosine for f in fids))
+
+    def distortion(self, want: list[list[np.ndarray]], got: list[list[np.ndarray]],
+                   batches: list[Feeds]) -> float:
+        """Relative squared error of ``got`` against ``want``, over all batches and outputs,
+        padded positions left out."""
+        num = den = 0.0
+        for w, g, m in zip(want, got, self.masks(batches)):
+            for r, o in zip(*_real(w, g, m)):
+                r = np.asarray(r, np.float64)
+                num += float(np.sum((np.asarray(o, np.float64) - r) ** 2))
+                den += float(np.sum(r ** 2))
+        return num / max(den, 1e-30)
 
     @classmethod
     def split(cls, batches: list[Feeds], every: int = 4) -> "PassContext":
@@ -62,8 +99,70 @@ class PassContext:
 
     def describe(self) -> str:
         if self.held_out:
-            return f"{len(self.holdout)} held-out calibration batches"
+            padding = f", positions that '{self.mask}' marks as padding left out" if self.mask \
+                else ""
+            return f"{len(self.holdout)} held-out calibration batches{padding}"
         return "not measured: one calibration sample, nothing to hold out"
+
+
+def positions(shape: tuple[int, ...], mask: np.ndarray) -> np.ndarray | None:
+    """Which positions of a tensor laid out [batch, ..., sequence] (``shape`` without its
+    channel axis), or [batch * sequence], are real under ``mask`` [batch, sequence]; None when
+    the tensor is not laid out by position (a pooled embedding, a conv map)."""
+    b, s = mask.shape
+    if len(shape) == 1 and shape[0] == b * s and s > 1:
+        return mask.reshape(-1)
+    if len(shape) >= 2 and shape[0] == b and shape[-1] == s:
+        return np.broadcast_to(mask.reshape((b,) + (1,) * (len(shape) - 2) + (s,)), shape)
+    return None
+
+
+def rows(x: np.ndarray, mask: np.ndarray | None, axis: int = -1) -> np.ndarray:
+    """``x`` as a [positions, channels] matrix (channel ``axis`` last), the positions that
+    ``mask`` marks as padding left out."""
+    x = np.moveaxis(np.asarray(x), axis, -1)
+    keep = None if mask is None else positions(x.shape[:-1], mask)
+    flat = x.reshape(-1, x.shape[-1])
+    return flat if keep is None or keep.all() else flat[keep.reshape(-1)]
+
+
+def _real(want: list[np.ndarray], got: list[np.ndarray], mask: np.ndarray | None):
+    """Paired outputs with padded positions left out (outputs that are laid out by position,
+    of at least two dimensions, channels last)."""
+    if mask is None:
+        return want, got
+    w2, g2 = [], []
+    for w, g in zip(want, got):
+        keep = positions(np.shape(w)[:-1], mask) if np.ndim(w) >= 2 and np.shape(w) == np.shape(
+            g) else None
+        if keep is None or keep.all():
+            w2.append(w)
+            g2.append(g)
+        else:
+            w2.append(rows(w, mask))
+            g2.append(rows(g, mask))
+    return w2, g2
+
+
+def find_mask(graph: Graph, batches: list[Feeds], name: str | None = None) -> str | None:
+    """The input that marks real positions: ``name`` when given ("" for none), else an input
+    called ``attention_mask`` that is [batch, sequence] of 0 and 1 in every batch."""
+    from sparsec.errors import BadOptionError
+
+    if name == "":
+        return None
+    candidates = [name] if name else [i for i in graph.inputs
+                                      if i.lower().endswith("attention_mask")]
+    for cand in candidates:
+        ok = cand in graph.inputs and len(graph.shape(cand)) == 2 and all(
+            np.isin(np.asarray(b[cand]), (0, 1)).all() for b in batches)
+        if ok:
+            return cand
+        if name:
+            raise BadOptionError(f"--calib-mask '{name}': the model has no [batch, sequence] "
+                                 f"input of that name holding only 0 and 1 (inputs: "
+                                 f"{', '.join(graph.inputs)})")
+    return None
 
 
 def _samples(batches: list[Feeds]) -> list[Feeds] | None:
@@ -130,9 +229,15 @@ class PassManager:
     #: that data was held out from fitting (False: the figure is training error, not fidelity)
     measured_on: str = ""
     held_out: bool = True
+    #: the input marking real positions (None: auto-detect an ``attention_mask``; "": none)
+    mask: str | None = None
+    #: after ``run``: the mask input that was used, if any
+    mask_used: str | None = None
 
     def run(self, graph: Graph) -> tuple[Graph, list[PassResult]]:
-        ctx = PassContext.split(self.calibration or [reference.random_inputs(graph, seed=0)])
+        batches = self.calibration or [reference.random_inputs(graph, seed=0)]
+        ctx = PassContext.split(batches)
+        ctx.mask = find_mask(graph, batches, self.mask)
         self.measured_on, self.held_out = ctx.describe(), ctx.held_out
         outputs = initial = reference.run_batches(graph, ctx.holdout)
         results = []
@@ -141,7 +246,7 @@ class PassManager:
             before = cost(graph)
             new, details = p.run(graph, ctx)
             new_outputs = reference.run_batches(new, ctx.holdout)
-            fid = _worst(outputs, new_outputs)
+            fid = ctx.compare(outputs, new_outputs)
             if p.exact and not fid.max_rel_err <= EXACT_REL_TOL:
                 raise RuntimeError(f"internal error: pass {p.name} is declared exact but moved "
                                    f"outputs by {fid.max_rel_err:.3g} (relative)")
@@ -150,14 +255,9 @@ class PassManager:
             results.append(res)
             self.log(_summary(res))
             graph, outputs = new, new_outputs
-        self.fidelity = _worst(initial, outputs)
+        self.fidelity = ctx.compare(initial, outputs)
+        self.mask_used = ctx.mask
         return graph, results
-
-
-def _worst(ref: list[list[np.ndarray]], new: list[list[np.ndarray]]) -> reference.Fidelity:
-    fids = [reference.compare(r, n) for r, n in zip(ref, new)]
-    return reference.Fidelity(max(f.max_abs_err for f in fids), max(f.max_rel_err for f in fids),
-                              min(f.cosine for f in fids))
 
 
 def _summary(r: PassResult) -> str:

@@ -21,16 +21,22 @@ from __future__ import annotations
 
 import numpy as np
 
+from dataclasses import dataclass
+
 from sparsec import reference
 from sparsec.analysis.depgraph import DependencyGraph
 from sparsec.ir.graph import Graph, Node
+from sparsec.passes.manager import PassContext, rows
 from sparsec.passes.surgery import axis_keep
 
 MAX_ROWS = 40_000          # rows of the least-squares system kept (seeded subsample)
 # Ridge, relative to the mean diagonal of A^T A. Calibration sets are small, so the refit must
 # not chase them: on the digits models (64 calibration images, held-out test accuracy)
 # 1e-3 beat 1e-8..1e-4 at every ratio and tied 1e-2 (CNN at 50 %: 95.0 % at 1e-8, 97.0 % here).
+# The default where a layer's ridge cannot be chosen on a validation split (one sample).
 RIDGE = 1e-3
+#: ridges tried per layer on a validation split of the fit data (besides no refit at all)
+RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
 def _im2col(x: np.ndarray, node: Node, kernel: tuple[int, int]) -> np.ndarray:
@@ -51,37 +57,46 @@ def _im2col(x: np.ndarray, node: Node, kernel: tuple[int, int]) -> np.ndarray:
     return cols.reshape(b * oh * ow, c * kh * kw)
 
 
-def _solve(a: np.ndarray, y: np.ndarray, intercept: bool, seed: int, ridge: float,
-           prior: np.ndarray | None = None) -> np.ndarray:
-    """Ridge least squares; returns theta [K(+1), N]. The ridge pulls toward ``prior`` (the
-    layer's own pruned weights) rather than toward zero: where the calibration data does not
-    determine a direction (fewer rows than inputs, e.g. a few padded sentences for an FFN's
-    1536 inputs) the refit keeps what the layer had instead of inventing a value."""
+def _solve(a: np.ndarray, y: np.ndarray, intercept: bool, seed: int, ridges,
+           prior: np.ndarray) -> list[np.ndarray]:
+    """Ridge least squares toward ``prior``, one solution theta [K(+1), N] per relative ridge:
+    argmin ||A theta - Y||^2 + lam ||theta - prior||^2. The ridge pulls toward the layer's own
+    pruned weights rather than toward zero: where the calibration data does not determine a
+    direction (fewer rows than inputs, e.g. a few sentences for an FFN's 1536 inputs) the
+    refit keeps what the layer had instead of inventing a value.
+
+    One eigendecomposition serves every ridge, of the smaller of A^T A [K, K] and, with fewer
+    rows than inputs, A A^T [rows, rows] (then theta = prior + A^T (A A^T + lam)^-1 (Y - A
+    prior), the same solution)."""
     if a.shape[0] > MAX_ROWS:
         rows = np.sort(np.random.default_rng(seed).choice(a.shape[0], MAX_ROWS, replace=False))
         a, y = a[rows], y[rows]
     if intercept:
         a = np.hstack([a, np.ones((a.shape[0], 1))])
-    gram = a.T @ a
-    lam = ridge * max(float(np.mean(np.diag(gram))), 1e-12)
-    rhs = a.T @ y if prior is None else a.T @ y + lam * prior
-    return np.linalg.lstsq(gram + lam * np.eye(gram.shape[0]), rhs, rcond=None)[0]
+    scale = max(float(np.einsum("ij,ij->", a, a)) / a.shape[1], 1e-12)
+    if a.shape[0] < a.shape[1]:
+        e, u = np.linalg.eigh(a @ a.T)
+        proj = u.T @ (y - a @ prior)
+        return [prior + a.T @ (u @ (proj / (np.maximum(e, 0) + r * scale)[:, None]))
+                for r in ridges]
+    e, v = np.linalg.eigh(a.T @ a)
+    aty, vp = v.T @ (a.T @ y), v.T @ prior
+    return [v @ ((aty + r * scale * vp) / (np.maximum(e, 0) + r * scale)[:, None])
+            for r in ridges]
 
 
-def keep_if_better(original: Graph, plain: Graph, refit: Graph, holdout: list[dict],
-                   held_out: bool) -> tuple[Graph, dict]:
+def keep_if_better(original: Graph, plain: Graph, refit: Graph, ctx: PassContext
+                   ) -> tuple[Graph, dict]:
     """A refit only where it helps: the refit graph if its outputs are at least as close to
     ``original``'s on the held-out batches as ``plain``'s (the same pruning without the refit),
     else ``plain``. A least-squares refit on a small calibration set can fit it and hurt every
     other input; this is the guard. Without held-out data it cannot be judged and is kept
     (``verified`` False)."""
-    if not held_out:
+    if not ctx.held_out:
         return refit, {"kept": True, "verified": False}
-    want = reference.run_batches(original, holdout)
-    cos = {}
-    for name, graph in (("without", plain), ("with", refit)):
-        fids = [reference.compare(w, g) for w, g in zip(want, reference.run_batches(graph, holdout))]
-        cos[name] = min(f.cosine for f in fids)
+    want = reference.run_batches(original, ctx.holdout)
+    cos = {name: ctx.compare(want, reference.run_batches(graph, ctx.holdout)).cosine
+           for name, graph in (("without", plain), ("with", refit))}
     kept = cos["with"] >= cos["without"]
     return (refit if kept else plain), {
         "kept": kept, "verified": True, "holdout_cosine_without": cos["without"],
@@ -102,42 +117,98 @@ def _output_axis(node: Node) -> int:
 
 
 def refit_consumers(original: Graph, pruned: Graph, dg: DependencyGraph,
-                    plan: dict[int, np.ndarray], batches: list[dict[str, np.ndarray]],
-                    ridge: float = RIDGE) -> tuple[Graph, dict]:
-    """Refit every Conv/Gemm/MatMul of ``pruned`` whose input channels ``plan`` removed."""
+                    plan: dict[int, np.ndarray], ctx: PassContext,
+                    ridge: float | None = None) -> tuple[Graph, dict]:
+    """Refit every Conv/Gemm/MatMul of ``pruned`` whose input channels ``plan`` removed.
+    ``ridge`` None: each layer's ridge is chosen on samples of the fit data it is not fit to
+    (``RIDGES``, or no refit at all); its final refit then uses all of them."""
     keep_of = axis_keep(original, dg, plan)
 
-    def fit(graph, node, users, x, y, seed):
+    def fit(graph, node, users, d: "Design", seed):
         out_axis = _output_axis(node)
         n_out = original.shape(node.inputs[1])[out_axis]
         out_keep = keep_of.get((node.inputs[1], out_axis), np.arange(n_out))
-        return _refit(graph, node, users, x, y, out_keep, seed=seed, ridge=ridge)
+        return _refit(graph, node, users, d.select(out_keep), seed=seed, ridge=ridge)
 
     graph, refit = refit_in_order(
-        original, pruned, lambda n: (n.inputs[1], _consumer_axis(n)) in keep_of, fit, batches)
+        original, pruned, lambda n: (n.inputs[1], _consumer_axis(n)) in keep_of, fit, ctx)
     return graph, {"refit": refit}
 
 
-def refit_in_order(original: Graph, changed: Graph, select, fit,
-                   batches: list[dict[str, np.ndarray]]) -> tuple[Graph, list[dict]]:
+@dataclass
+class Design:
+    """One layer's least-squares problem: ``a`` [rows, K] what it receives (im2col patches for
+    a conv), ``y`` [rows, N] the output to match, ``sample`` [rows] the calibration sample each
+    row comes from (so a validation split never cuts through a sequence or an image)."""
+
+    a: np.ndarray
+    y: np.ndarray
+    sample: np.ndarray
+
+    def select(self, columns: np.ndarray) -> "Design":
+        return Design(self.a, self.y[:, columns], self.sample)
+
+    def split(self, every: int = 4) -> tuple["Design", "Design"] | None:
+        """(train, validation): every ``every``-th sample validates; None below two samples."""
+        ids = np.unique(self.sample)
+        if ids.size < 2:
+            return None
+        val = np.isin(self.sample, ids[every - 1::every] if ids.size >= every else ids[-1:])
+        return (Design(self.a[~val], self.y[~val], self.sample[~val]),
+                Design(self.a[val], self.y[val], self.sample[val]))
+
+
+def design(node: Node, xs: list[np.ndarray], ys: list[np.ndarray], masks: list,
+           kernel: tuple[int, ...] = ()) -> Design:
+    """The least-squares rows of ``node`` from its input and output per batch, padded positions
+    (``masks``) left out."""
+    parts, first = [], 0
+    for x, y, m in zip(xs, ys, masks):
+        b = x.shape[0]
+        if node.op_type == "Conv":
+            a = _im2col(x.astype(np.float64), node, kernel)
+            t = y.transpose(0, 2, 3, 1).reshape(-1, y.shape[1])
+            ids = np.repeat(np.arange(first, first + b), a.shape[0] // b)
+        else:
+            a, t = rows(x, m), rows(y, m)
+            lead = np.arange(first, first + b).reshape((b,) + (1,) * (x.ndim - 1))
+            ids = rows(np.broadcast_to(lead, x.shape[:-1] + (1,)), m)[:, 0]
+        parts.append((a.astype(np.float64), t.astype(np.float64), ids))
+        first += b
+    return Design(*(np.concatenate([p[i] for p in parts]) for i in range(3)))
+
+
+def refit_in_order(original: Graph, changed: Graph, select, fit, ctx: PassContext
+                   ) -> tuple[Graph, list[dict]]:
     """For every refittable Conv/Gemm/MatMul that ``select(node)`` picks, in graph order:
-    ``fit(graph, node, users, x, y, seed)`` rewrites its weights from what it receives in
-    ``changed`` with the earlier refits applied (x) and its output in ``original`` (y)."""
+    ``fit(graph, node, users, design, seed)`` rewrites its weights from what it receives in
+    ``changed`` with the earlier refits applied and its output in ``original`` (``Design``,
+    on ``ctx.fit``)."""
     uses = original.consumers()
     targets = [n for n in original.nodes if n.op_type in ("Conv", "Gemm", "MatMul")
                and len(n.inputs) > 1 and select(n) and _refittable(original, n, uses)]
     if not targets:
         return changed, []
-    y_orig = reference.activations(original, batches, [n.outputs[0] for n in targets])
+    y_orig = reference.activations(original, ctx.fit, [n.outputs[0] for n in targets])
     graph = changed.copy()
     nodes = {n.name: n for n in graph.nodes}
     users = graph.consumers()
+    free = []
+    for target in targets:       # bias slots first: the probe below needs the final structure
+        node = nodes[target.name]
+        w = graph.initializers[node.inputs[1]]
+        bias = _bias_slot(graph, node, users, _as_matrix(node, w).shape[1])
+        free += [node.inputs[1]] + ([bias] if bias else [])
+    users = graph.consumers()
+    probe = reference.Probe(graph, free=free, names=[nodes[t.name].inputs[0] for t in targets])
+    masks = ctx.masks(ctx.fit)
     report = []
     for i, target in enumerate(targets):
         node = nodes[target.name]
-        x = reference.activations(graph, batches, [node.inputs[0]])[node.inputs[0]]
-        err = fit(graph, node, users, np.concatenate(x), np.concatenate(
-            y_orig[target.outputs[0]]), i)
+        current = {n: graph.initializers[n] for n in free}
+        x = probe.values(ctx.fit, [node.inputs[0]], current)[node.inputs[0]]
+        kernel = graph.initializers[node.inputs[1]].shape[2:]
+        err = fit(graph, node, users, design(node, x, y_orig[target.outputs[0]], masks, kernel), i)
         report.append({"node": node.name, "weight": node.inputs[1], **err})
     return graph, report
 
@@ -158,40 +229,46 @@ def _refittable(graph: Graph, n: Node, uses: dict[str, list[Node]]) -> bool:
     return graph.initializers[n.inputs[1]].ndim == 2
 
 
-def _refit(graph: Graph, node: Node, users: dict[str, list[Node]], x: np.ndarray,
-           y: np.ndarray, out_keep: np.ndarray, seed: int, ridge: float) -> dict:
-    """Solve for the node's new weights (and intercept) and write them into ``graph``."""
+def _refit(graph: Graph, node: Node, users: dict[str, list[Node]], d: Design, seed: int,
+           ridge: float | None) -> dict:
+    """Solve for the node's new weights (and intercept) and write them into ``graph``. With
+    ``ridge`` None it is chosen among ``RIDGES`` (or no refit) on a validation split of ``d``."""
     w = graph.initializers[node.inputs[1]]
-    x = x.astype(np.float64)
-    y = y.astype(np.float64)
-    if node.op_type == "Conv":
-        kh, kw = w.shape[2:]
-        a = _im2col(x, node, (kh, kw))
-        target = y[:, out_keep].transpose(0, 2, 3, 1).reshape(-1, len(out_keep))
-    else:
-        a = x.reshape(-1, x.shape[-1])
-        target = np.take(y, out_keep, axis=-1).reshape(-1, len(out_keep))
-    bias_name = _bias_slot(graph, node, users, len(out_keep))
-    if node.op_type == "MatMul" and bias_name is not None:
-        # the intercept replaces the following Add's bias: match the original output after it
-        target = target + graph.initializers[bias_name].astype(np.float64)
+    bias_name = _bias_slot(graph, node, users, d.y.shape[1])
+    intercept = bias_name is not None
+    # a MatMul's intercept replaces the following Add's bias: match the output after it
+    shift = graph.initializers[bias_name].astype(np.float64) \
+        if node.op_type == "MatMul" and intercept else 0.0
     prior = _as_matrix(node, w).astype(np.float64)
-    if bias_name is not None:
+    if intercept:
         bias = graph.initializers[bias_name].astype(np.float64).reshape(1, -1)
         prior = np.vstack([prior, np.broadcast_to(bias, (1, prior.shape[1]))])
-    theta = _solve(a, target, intercept=bias_name is not None, seed=seed, ridge=ridge,
-                   prior=prior)
-    old = (a @ _as_matrix(node, w)).astype(np.float64)
-    if bias_name is not None and bias_name in graph.initializers:
-        old = old + graph.initializers[bias_name].astype(np.float64)
-    coef = theta[:-1] if bias_name is not None else theta
-    graph.set_initializer(node.inputs[1], _from_matrix(node, coef, w))
-    if bias_name is not None:
+
+    def predict(theta, a):
+        return a @ theta[:-1] + theta[-1] if intercept else a @ theta
+
+    chosen, scores = RIDGE if ridge is None else ridge, {}
+    halves = d.split() if ridge is None else None
+    if halves is not None:
+        train, val = halves
+        thetas = _solve(train.a, train.y + shift, intercept, seed, RIDGES, prior)
+        ref = max(float(np.mean((val.y + shift) ** 2)), 1e-30)
+        scores = {r: float(np.mean((predict(t, val.a) - val.y - shift) ** 2)) / ref
+                  for r, t in zip((*RIDGES, None), (*thetas, prior))}
+        chosen = min(scores, key=scores.get)
+    target = d.y + shift
+    theta = prior if chosen is None else _solve(d.a, target, intercept, seed, [chosen], prior)[0]
+    graph.set_initializer(node.inputs[1], _from_matrix(node, theta[:-1] if intercept else theta, w))
+    if intercept:
         graph.set_initializer(bias_name, theta[-1].astype(w.dtype))
-    new = a @ coef + (theta[-1] if bias_name is not None else 0.0)
     scale = max(float(np.sqrt(np.mean(target ** 2))), 1e-12)
-    return {"rel_rmse_before": float(np.sqrt(np.mean((old - target) ** 2)) / scale),
-            "rel_rmse_after": float(np.sqrt(np.mean((new - target) ** 2)) / scale)}
+    out = {"rel_rmse_before": float(np.sqrt(np.mean((predict(prior, d.a) - target) ** 2)) / scale),
+           "rel_rmse_after": float(np.sqrt(np.mean((predict(theta, d.a) - target) ** 2)) / scale),
+           "ridge": "none" if chosen is None else chosen}
+    if scores:
+        out["validation_rel_mse"] = {("none" if r is None else f"{r:g}"): v
+                                     for r, v in scores.items()}
+    return out
 
 
 def _as_matrix(node: Node, w: np.ndarray) -> np.ndarray:

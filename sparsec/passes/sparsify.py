@@ -39,10 +39,9 @@ import numpy as np
 
 from sparsec import reference
 from sparsec.ir.graph import Graph, Node
-from sparsec.passes.manager import PassContext
-from sparsec.passes.reconstruct import (MAX_ROWS, RIDGE, _as_matrix, _bias_slot,
-                                        _from_matrix, _im2col, keep_if_better,
-                                        refit_in_order)
+from sparsec.passes.manager import PassContext, rows
+from sparsec.passes.reconstruct import (MAX_ROWS, RIDGE, Design, _as_matrix, _bias_slot,
+                                        _from_matrix, keep_if_better, refit_in_order)
 from sparsec.passes.reorder import weight_matrices
 
 CRITERIA = ("magnitude", "wanda")
@@ -153,8 +152,8 @@ class Sparsify:
         if self.reconstruct:
             if ctx is None:
                 raise ValueError("reconstruction needs calibration data")
-            fitted, refit = refit_sparse(graph, out, set(masks), ctx.fit)
-            out, guard = keep_if_better(graph, out, fitted, ctx.holdout, ctx.held_out)
+            fitted, refit = refit_sparse(graph, out, set(masks), ctx)
+            out, guard = keep_if_better(graph, out, fitted, ctx)
         total = sum(graph.initializers[w].size for w in masks)
         zeros = sum(int((out.initializers[w] == 0).sum()) for w in masks)
         return out, {"refit": refit, "reconstruction": guard, "pattern": self.pattern, "criterion": self.criterion,
@@ -177,9 +176,10 @@ class Sparsify:
                     readers[n.inputs[1]] = (x, axis)
             acts = reference.activations(graph, ctx.fit, sorted({x for x, _ in
                                                                  readers.values()}))
+            masks = ctx.masks(ctx.fit)
             for w, (x, axis) in readers.items():
-                sq = sum((np.moveaxis(a.astype(np.float64), axis, 0) ** 2)
-                         .reshape(a.shape[axis], -1).sum(axis=1) for a in acts[x])
+                sq = sum((rows(a, m, axis).astype(np.float64) ** 2).sum(axis=0)
+                         for a, m in zip(acts[x], masks))
                 norm = np.sqrt(sq)
                 if norm.size == scores[w].shape[1]:      # grouped convs: left to magnitude
                     scores[w] = scores[w] * norm[None, :, None]
@@ -221,27 +221,21 @@ class Sparsify:
         return masks
 
 
-def refit_sparse(original: Graph, sparse: Graph, weights: set[str],
-                 batches: list[dict[str, np.ndarray]], ridge: float = RIDGE
-                 ) -> tuple[Graph, list[dict]]:
+def refit_sparse(original: Graph, sparse: Graph, weights: set[str], ctx: PassContext,
+                 ridge: float = RIDGE) -> tuple[Graph, list[dict]]:
     """Refit the kept weights of every sparsified layer (module docstring), in graph order."""
-    def fit(graph, node, users, x, y, seed):
-        return _refit_masked(graph, node, users, x.astype(np.float64), y.astype(np.float64),
-                             seed, ridge)
+    def fit(graph, node, users, d: Design, seed):
+        return _refit_masked(graph, node, users, d.a, d.y, seed, ridge)
 
-    return refit_in_order(original, sparse, lambda n: n.inputs[1] in weights, fit, batches)
+    return refit_in_order(original, sparse, lambda n: n.inputs[1] in weights, fit, ctx)
 
 
 def _refit_masked(graph: Graph, node: Node, users, x: np.ndarray, y: np.ndarray, seed: int,
                   ridge: float) -> dict:
+    """``x`` [rows, K] and ``y`` [rows, N]: the layer's least-squares rows (``Design``)."""
     w = graph.initializers[node.inputs[1]]
     mat = _as_matrix(node, w).astype(np.float64)            # [K, N]: a @ mat
-    if node.op_type == "Conv":
-        a = _im2col(x, node, w.shape[2:])
-        target = y.transpose(0, 2, 3, 1).reshape(-1, mat.shape[1])
-    else:
-        a = x.reshape(-1, x.shape[-1])
-        target = y.reshape(-1, mat.shape[1])
+    a, target = x, y
     bias_name = _bias_slot(graph, node, users, mat.shape[1])
     if node.op_type == "MatMul" and bias_name is not None:
         target = target + graph.initializers[bias_name].astype(np.float64)
