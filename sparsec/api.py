@@ -120,7 +120,8 @@ def inspect(model: ModelLike, input_shapes: InputShapes | str | None = None) -> 
         "load": graph.notes,
         "groups": [g.as_dict(graph) for g in dg.groups],
         "prunable_groups": sum(g.prunable for g in dg.groups),
-        "frozen_groups": sum(not g.prunable for g in dg.groups),
+        "hidden_groups": sum(g.hidden_prunable for g in dg.groups),
+        "frozen_groups": sum(not g.prunable and not g.hidden_prunable for g in dg.groups),
     }
 
 
@@ -285,7 +286,8 @@ def _check_sparsity(sparsity: float, pattern: str, criterion: str, lamp: bool):
 
 def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: float = 0.0,
           criterion: str = "l2", reconstruct: bool = False, round_to: int | None = None,
-          head_ratio: float | None = None, remove_layers: int = 0, replace_linear: bool = False,
+          head_ratio: float | None = None, hidden_ratio: float = 0.0, remove_layers: int = 0,
+          replace_linear: bool = False,
           remove_attention: int = 0, fuse_ffn: int = 0, sensitivity: bool = False,
           sparsity: float = 0.0, sparsity_pattern: str = "unstructured",
           sparsity_criterion: str = "magnitude", lamp: bool = False, reorder: bool = False,
@@ -299,6 +301,8 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
 
     ``layer_ratios`` {glob over group source weights: ratio} overrides the ratio per group;
     ``head_ratio`` is the ratio for attention-head groups (default: ``ratio``);
+    ``hidden_ratio`` cuts hidden widths, the residual streams under LayerNorms that
+    ``ratio`` leaves whole (lossy even for empty channels: the norms' statistics change);
     ``sensitivity`` spreads each ratio over the model by measured cost instead of applying it
     in every group (see ``sparsec.passes.allocation``);
     ``remove_layers`` first drops that many consecutive residual layers, the run whose input
@@ -334,14 +338,16 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
 
     ``max_drop``: instead of pruning at ``ratio``, find the largest ratio (up to ``ratio``, or
     0.9 when it is 0) whose held-out fidelity drop stays within ``max_drop``, by bisection
-    (``head_ratio``, when given, keeps its proportion to ``ratio``). The drop is 1 - cosine, or
+    (``head_ratio`` and ``hidden_ratio`` keep their proportion to ``ratio``). The drop is
+    1 - cosine, or
     with ``metric(graph) -> float`` (higher is better, e.g. accuracy on your own data) the
     original's metric minus the pruned model's. ``result.search`` lists what was tried.
     """
     if max_drop is not None:
         return _search_ratio(model, output, max_drop, metric, dict(
             ratio=ratio, criterion=criterion, reconstruct=reconstruct, round_to=round_to,
-            head_ratio=head_ratio, remove_layers=remove_layers, replace_linear=replace_linear,
+            head_ratio=head_ratio, hidden_ratio=hidden_ratio, remove_layers=remove_layers,
+            replace_linear=replace_linear,
             remove_attention=remove_attention, fuse_ffn=fuse_ffn, sensitivity=sensitivity,
             sparsity=sparsity, sparsity_pattern=sparsity_pattern,
             sparsity_criterion=sparsity_criterion, lamp=lamp, reorder=reorder,
@@ -352,6 +358,7 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
         raise BadOptionError("metric is what max_drop bounds: give max_drop too")
     ratio = _check_ratio(ratio)
     head_ratio = None if head_ratio is None else _check_ratio(head_ratio)
+    hidden_ratio = _check_ratio(hidden_ratio)
     layer_ratios = dict(layer_ratios or {})
     if criterion not in CRITERIA:
         raise BadOptionError(f"unknown criterion '{criterion}' (known: {', '.join(CRITERIA)})")
@@ -381,11 +388,13 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
         passes.append(RemoveAttention(int(remove_attention), between_ffns=bool(fuse_ffn)))
     if fuse_ffn:
         passes.append(FuseFFN(int(fuse_ffn)))
-    if ratio > 0 or (head_ratio or 0) > 0 or any(r > 0 for r in layer_ratios.values()):
+    if ratio > 0 or (head_ratio or 0) > 0 or hidden_ratio > 0 or any(
+            r > 0 for r in layer_ratios.values()):
         passes.append(ChannelPrune(ratio, criterion=criterion, reconstruct=reconstruct,
                                    round_to=int(round_to), layer_ratios=layer_ratios,
                                    ignore=list(ignore), scores=scores,
-                                   head_ratio=head_ratio, sensitivity=bool(sensitivity)))
+                                   head_ratio=head_ratio, hidden_ratio=hidden_ratio,
+                                   sensitivity=bool(sensitivity)))
     if sparsity > 0 or kind == "nm":
         passes.append(Sparsify(float(sparsity) or 1 - nm[0] / nm[1], sparsity_pattern,
                                sparsity_criterion, "lamp" if lamp else "uniform",
@@ -403,12 +412,18 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
     if not manager.held_out and any(not p.exact for p in passes):
         log("warning: one calibration sample: nothing to hold out, so the fidelity of this "
             "lossy pruning is not measured; give more calibration data (--calib)")
+    elif manager.samples_held_out < FEW_SAMPLES and any(not p.exact for p in passes):
+        log(f"warning: fidelity measured on only {manager.samples_held_out} held-out "
+            f"calibration samples: a rough figure, and only for data like the calibration "
+            f"data; give more (--calib) for one you can rely on")
     if output is not None:
         atomic_write_bytes(output, to_onnx(pruned).SerializeToString())
         result.output = Path(output)
     return result
 
 
+#: below this many held-out samples the fidelity figure comes with a warning
+FEW_SAMPLES = 8
 #: bisection steps of ``max_drop`` after the upper end (resolution: upper end / 2**steps)
 SEARCH_STEPS = 5
 
@@ -425,6 +440,7 @@ def _search_ratio(model: ModelLike, output, max_drop, metric, options: dict,
     top = _check_ratio(options["ratio"]) or 0.9
     head = options["head_ratio"]
     head_share = None if head is None else _check_ratio(head) / top
+    hidden_share = _check_ratio(options["hidden_ratio"]) / top
     if output is not None:
         check_writable_file(output, model if isinstance(model, (str, os.PathLike)) else None)
     graph = load(model, options.pop("input_shapes"), options.pop("example_inputs"))
@@ -434,7 +450,8 @@ def _search_ratio(model: ModelLike, output, max_drop, metric, options: dict,
 
     def attempt(ratio: float) -> bool:
         res = prune(graph, **{**options, "ratio": ratio, "head_ratio": None if head_share is None
-                              else min(head_share * ratio, 0.95)})
+                              else min(head_share * ratio, 0.95),
+                              "hidden_ratio": min(hidden_share * ratio, 0.95)})
         if not res.held_out:
             raise BadOptionError("--max-drop needs held-out data to measure the drop: give "
                                  "at least two calibration samples (--calib)")
@@ -472,6 +489,7 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
             name: str | None = None,
             ratio: float = 0.0, criterion: str = "l2", reconstruct: bool = False,
             round_to: int | None = None, head_ratio: float | None = None,
+            hidden_ratio: float = 0.0,
             remove_layers: int = 0, replace_linear: bool = False, remove_attention: int = 0,
             fuse_ffn: int = 0, sensitivity: bool = False, sparsity: float = 0.0,
             sparsity_pattern: str = "unstructured", sparsity_criterion: str = "magnitude",
@@ -524,7 +542,8 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
     check_writable_dir(output_dir)
     check_toolchain(spec)
     result = prune(model, ratio=ratio, criterion=criterion, reconstruct=reconstruct,
-                   round_to=round_to, head_ratio=head_ratio, remove_layers=remove_layers,
+                   round_to=round_to, head_ratio=head_ratio, hidden_ratio=hidden_ratio,
+                   remove_layers=remove_layers,
                    replace_linear=replace_linear, remove_attention=remove_attention,
                    fuse_ffn=fuse_ffn, sensitivity=sensitivity, sparsity=sparsity,
                    sparsity_pattern=sparsity_pattern, sparsity_criterion=sparsity_criterion,

@@ -124,12 +124,15 @@ def cmd_inspect(args) -> int:
     folded = info["load"].get("normalize", {})
     if folded.get("summary") or folded.get("skipped"):
         print(f"load: {folded.get('summary') or 'folding skipped: ' + folded['skipped']}")
-    print(f"channel groups: {len(info['groups'])} ({info['prunable_groups']} prunable, "
+    hidden = f", {info['hidden_groups']} hidden widths" if info["hidden_groups"] else ""
+    print(f"channel groups: {len(info['groups'])} ({info['prunable_groups']} prunable{hidden}, "
           f"{info['frozen_groups']} frozen)")
     rows = [["group", "size", "sources", "status"]]
     for g in info["groups"]:
         src = ", ".join(g["sources"][:2]) + (" ..." if len(g["sources"]) > 2 else "")
-        status = "prunable" if g["prunable"] else "frozen: " + "; ".join(g["frozen"][:2])
+        status = "prunable" if g["prunable"] else (
+            "hidden width: --hidden-ratio (lossy, LayerNorm statistics)"
+            if g["hidden_prunable"] else "frozen: " + "; ".join(g["frozen"][:2]))
         rows.append([str(g["id"]), str(g["size"]), src, status])
     if len(rows) > 1:
         print(_table(rows))
@@ -153,6 +156,7 @@ def _prune_kwargs(args) -> dict:
     """The pruning flags shared by `prune` and `compile`, as API keywords."""
     return {"ratio": args.ratio, "criterion": args.criterion, "reconstruct": args.reconstruct,
             "round_to": args.round_to, "head_ratio": args.head_ratio,
+            "hidden_ratio": args.hidden_ratio,
             "remove_layers": args.remove_layers, "sensitivity": args.sensitivity,
             "replace_linear": args.replace_linear,
             "remove_attention": args.remove_attention, "fuse_ffn": args.fuse_ffn,
@@ -359,6 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
                             help="fraction of attention heads to remove (whole heads across "
                                  "Q/K/V/O; with GQA a KV head and its query heads); default: "
                                  "--ratio")
+            sp.add_argument("--hidden-ratio", type=_ratio, default=0.0, metavar="R",
+                            help="fraction of hidden width to remove: the residual stream "
+                                 "under LayerNorms, from the embedding to the head (lossy even "
+                                 "for empty channels; default 0: left whole)")
             sp.add_argument("--sensitivity", action="store_true",
                             help="spread each ratio over the model by measured cost (prune "
                                  "each group alone at a few widths on the calibration data) "

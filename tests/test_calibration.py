@@ -195,3 +195,14 @@ def test_max_drop_refuses_what_it_cannot_measure():
         sparsec.prune(EXAMPLES / "digits_cnn.onnx", ratio=0.5, metric=_accuracy)
     with pytest.raises(BadOptionError, match="in \\(0, 1\\)"):
         sparsec.prune(EXAMPLES / "digits_cnn.onnx", max_drop=1.5)
+
+
+def test_few_held_out_samples_come_with_a_warning(masked_bert):
+    logs = []
+    result = sparsec.prune(masked_bert, ratio=0.5, calibration=padded_batches(2),
+                           log=logs.append)
+    assert result.measured_on.startswith("2 held-out calibration samples")
+    assert any("only 2 held-out" in line for line in logs)
+    logs.clear()
+    sparsec.prune(masked_bert, ratio=0.5, calibration=padded_batches(8), log=logs.append)
+    assert not any("held-out calibration samples" in line for line in logs)

@@ -66,11 +66,23 @@ class Group:
     sources: list[str]                       # weights whose output channels these are
     frozen: list[str] = field(default_factory=list)
     consumers: list[Member] = field(default_factory=list)  # weight slices that *read* them
-    kind: str = "channels"                   # or "heads": it runs through attention's batch axes
+    kind: str = "channels"   # "heads": it runs through attention's batch axes; "hidden": a
+    #                          residual stream under a norm (see ``lossy``)
+    #: why removing even a zero channel changes the function (a LayerNorm's statistics run
+    #: over the axis): such a group is in ``frozen`` too, and ``hidden_prunable`` when that is
+    #: all that holds it; only a lossy pass asked for it (``hidden_ratio``) prunes it
+    lossy: list[str] = field(default_factory=list)
 
     @property
     def prunable(self) -> bool:
         return not self.frozen and self.size > 1
+
+    @property
+    def hidden_prunable(self) -> bool:
+        """A hidden width whose only obstacles are norms' statistics (lossy to cut, not
+        impossible): the residual stream of a transformer, a ConvNeXt's channels."""
+        return self.kind == "hidden" and self.size > 1 and bool(self.lossy) and all(
+            r in self.lossy for r in self.frozen)
 
     @property
     def params(self) -> list[Member]:
@@ -90,7 +102,8 @@ class Group:
     def as_dict(self, graph: Graph) -> dict:
         return {"id": self.id, "kind": self.kind, "size": self.size, "sources": self.sources,
                 "params": [self.describe(m, graph) for m in self.params],
-                "prunable": self.prunable, "frozen": self.frozen}
+                "prunable": self.prunable, "hidden_prunable": self.hidden_prunable,
+                "frozen": self.frozen}
 
 
 @dataclass(frozen=True)
@@ -113,6 +126,7 @@ class DependencyGraph:
         self._frozen: dict[Dim, list[str]] = defaultdict(list)
         self._sources: set[Dim] = set()
         self._consumers: set[Dim] = set()
+        self._lossy: set[tuple[Dim, str]] = set()
         self._virtual: dict[str, int] = {}
         self._heads: set[Dim] = set()
         for name in graph.inputs:
@@ -162,6 +176,12 @@ class DependencyGraph:
     def freeze(self, d: Dim, reason: str) -> None:
         if reason not in self._frozen[d]:
             self._frozen[d].append(reason)
+
+    def normalized(self, name: str, axis: int, reason: str) -> None:
+        """A norm's statistics run over this axis: frozen for exact passes, prunable (lossy) as
+        a hidden width."""
+        self.freeze_axis(name, axis, reason)
+        self._lossy.add((self.dim(name, axis), reason))
 
     def freeze_axis(self, name: str, axis: int, reason: str) -> None:
         if name:
@@ -253,13 +273,18 @@ class DependencyGraph:
         sizes = {(seg[2] - seg[1]) / blocks[seg] for seg in comp}
         if len(sizes) != 1:
             frozen.append("axis sizes disagree")
+        lossy: list[str] = []
         for seg in comp:
             for r in self._frozen.get(seg[0], []):
                 msg = f"{r} ({seg[0][1]})"
                 if msg not in frozen:
                     frozen.append(msg)
+                if (seg[0], r) in self._lossy and msg not in lossy:
+                    lossy.append(msg)
         members = [Member(seg[0][0], seg[0][1], seg[0][2], seg[1], int(blocks[seg]))
                    for seg in comp]
+        kind = "heads" if any(seg[0] in self._heads for seg in comp) else \
+            "hidden" if lossy else "channels"
         return Group(
             id=gid,
             size=int(min(sizes)),
@@ -267,7 +292,8 @@ class DependencyGraph:
             sources=sorted({seg[0][1] for seg in comp if seg[0] in self._sources}),
             frozen=frozen,
             consumers=[m for m in members if m.dim in self._consumers],
-            kind="heads" if any(seg[0] in self._heads for seg in comp) else "channels",
+            kind=kind,
+            lossy=lossy,
         )
 
     def group_of(self, name: str, axis: int) -> Group | None:
@@ -425,12 +451,19 @@ def _axis_norm(dg: DependencyGraph, n: Node) -> None:
         first = 1
     reason = f"{n.op_type} statistics run over this axis"
     _identity(dg, x, y)
+    # over the last axis alone (a transformer's hidden width, a channels-last ConvNeXt) the
+    # axis can still be cut, at a cost: a hidden width (the norm's scale and bias go with it)
+    width = first == rank - 1 and n.op_type in ("LayerNormalization", "RMSNormalization")
     for axis in range(first, rank):
-        dg.freeze_axis(x, axis, reason)
+        (dg.normalized if width else dg.freeze_axis)(x, axis, reason)
     for p in n.inputs[1:]:
         if p:
-            dg.freeze_all(p, reason)
             p_rank = len(dg.graph.shape(p))
+            if not width:
+                dg.freeze_all(p, reason)
+            elif p_rank > 1:
+                for axis in range(p_rank - 1):
+                    dg.freeze_axis(p, axis, reason)
             for axis in range(p_rank):
                 dg.couple(p, axis, y, axis + rank - p_rank)
 

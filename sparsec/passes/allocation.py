@@ -85,7 +85,7 @@ class Trials:
     session (``reference.Probe``) instead of building and loading a smaller model. While
     ``check`` is set, the next trial is also run on the pruned model (``apply_plan``) and
     compared; if they differ, every later trial prunes (``exact`` False). Groups that no weight
-    reads are always pruned."""
+    reads, and hidden widths (a norm's statistics see every channel), are always pruned."""
 
     def __init__(self, graph: Graph, dg: DependencyGraph, groups: list[Group],
                  batches: list[dict]):
@@ -97,7 +97,7 @@ class Trials:
 
     def __call__(self, group: Group, keep: np.ndarray) -> list[list[np.ndarray]]:
         readers = [m for m in group.consumers if m.name in self.graph.initializers]
-        if not readers or not self.exact:
+        if not readers or not self.exact or group.kind == "hidden":   # norms see every channel
             return self._pruned(group, keep)
         drop = np.setdiff1d(np.arange(group.size), keep)
         weights: dict[str, np.ndarray] = {}

@@ -7,7 +7,10 @@ torch module's gradients, precomputed and passed in as ``scores``). Every prunab
 
 Attention heads are groups too (``Group.kind == "heads"``: whole heads across Q, K, V and O;
 with grouped-query attention a KV head and its query heads); ``head_ratio`` gives them a ratio
-of their own.
+of their own. A hidden width (``Group.kind == "hidden"``: a residual stream under LayerNorms,
+from the embedding to the head that reads it) is cut only at ``hidden_ratio``: it is lossy
+even for channels that carry nothing, since each norm's statistics then run over fewer
+channels, and the pass's measured fidelity says what that cost.
 
 With ``sensitivity=True`` the ratio holds per kind of group over the whole model rather than in
 every group: each group's width comes from its measured cost (``sparsec.passes.allocation``).
@@ -58,6 +61,7 @@ class ChannelPrune:
     ignore: list[str] = field(default_factory=list)
     scores: criteria.Scores | None = None
     head_ratio: float | None = None
+    hidden_ratio: float = 0.0
     sensitivity: bool = False
     name: str = "channel-prune"
     exact: bool = False
@@ -67,6 +71,8 @@ class ChannelPrune:
         ``head_ratio`` for attention heads (when given), else the global ratio."""
         if any(fnmatchcase(s, pat) for s in sources for pat in self.ignore):
             return None
+        if kind == "hidden":      # only asked for by name: its sources span every layer
+            return self.hidden_ratio or None
         for pat, ratio in self.layer_ratios.items():
             if any(fnmatchcase(s, pat) for s in sources):
                 return ratio
@@ -78,17 +84,19 @@ class ChannelPrune:
         if self.reconstruct and ctx is None:
             raise ValueError("reconstruction needs calibration data (a PassContext)")
         dg = DependencyGraph(graph)
-        score = criteria.make_scorer(self.criterion, graph, [g for g in dg.groups if g.prunable],
+        candidates = [g for g in dg.groups if g.prunable or g.hidden_prunable]
+        chosen = [(g, r) for g in candidates
+                  if (r := self.ratio_for(g.sources, g.kind)) is not None]
+        score = criteria.make_scorer(self.criterion, graph, [g for g, _ in chosen],
                                      ctx.fit if ctx is not None else None, self.scores,
                                      ctx.masks(ctx.fit) if ctx is not None else None)
-        chosen = [(g, r) for g in dg.groups if g.prunable
-                  and (r := self.ratio_for(g.sources, g.kind)) is not None]
-        ignored = sum(g.prunable for g in dg.groups) - len(chosen)
+        ignored = sum(1 for g in candidates if g.prunable and any(
+            fnmatchcase(s, pat) for s in g.sources for pat in self.ignore))
         scores = {g.id: score(g) for g, _ in chosen}
 
         def keep_for(g, ratio: float) -> int:
             # round_to is a vector-width multiple of channels; a head is already head_dim wide
-            return kept_count(g.size, ratio, self.round_to if g.kind == "channels" else 1)
+            return kept_count(g.size, ratio, self.round_to if g.kind != "heads" else 1)
 
         keeps = {g.id: keep_for(g, r) for g, r in chosen}
         if self.sensitivity:
@@ -96,7 +104,7 @@ class ChannelPrune:
                 raise ValueError("sensitivity allocation needs calibration data (a PassContext)")
             keeps.update(sensitivity_keeps(graph, dg, chosen, scores, ctx, keep_for))
         plan = {}
-        removed = total = heads = 0
+        removed = total = heads = hidden = 0
         for g, _ in chosen:
             total += g.size
             n_keep = keeps[g.id]
@@ -105,12 +113,14 @@ class ChannelPrune:
             plan[g.id] = criteria.keep_top(scores[g.id], n_keep)
             removed += g.size - n_keep
             heads += (g.size - n_keep) if g.kind == "heads" else 0
+            hidden += (g.size - n_keep) if g.kind == "hidden" else 0
         details = {"criterion": self.criterion, "ratio": self.ratio, "round_to": self.round_to,
                    "sensitivity": self.sensitivity,
                    "ignored_groups": ignored, "groups": len(dg.groups),
                    "prunable_groups": sum(g.prunable for g in dg.groups),
                    "pruned_groups": len(plan), "channels_removed": removed,
                    "heads_removed": heads, "head_ratio": self.head_ratio,
+                   "hidden_removed": hidden, "hidden_ratio": self.hidden_ratio,
                    "channels_in_prunable_groups": total}
         pruned = apply_plan(graph, dg, plan)
         if self.reconstruct:

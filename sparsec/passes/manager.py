@@ -42,6 +42,8 @@ class PassContext:
     fit: list[Feeds]
     holdout: list[Feeds]
     mask: str | None = None
+    #: distinct samples in ``holdout`` (its batches may repeat samples to fill the batch size)
+    samples_held_out: int = 0
 
     @property
     def held_out(self) -> bool:
@@ -87,21 +89,24 @@ class PassContext:
         (or inputs without a common leading axis) leaves nothing to hold out: then both roles
         use it, and ``held_out`` is False (reports say "not measured")."""
         if len(batches) >= every:
-            return cls([b for i, b in enumerate(batches) if i % every != every - 1],
-                       batches[every - 1::every])
+            holdout = batches[every - 1::every]
+            samples = _samples(holdout)
+            return cls([b for i, b in enumerate(batches) if i % every != every - 1], holdout,
+                       samples_held_out=len(holdout) if samples is None else len(samples))
         samples = _samples(batches)
         if samples is None or len(samples) < 2:
             return cls(batches, batches)
         hold = set(range(every - 1, len(samples), every)) or {len(samples) - 1}
         size = next(iter(batches[0].values())).shape[0]
         return cls(_rebatch([x for i, x in enumerate(samples) if i not in hold], size),
-                   _rebatch([x for i, x in enumerate(samples) if i in hold], size))
+                   _rebatch([x for i, x in enumerate(samples) if i in hold], size),
+                   samples_held_out=len(hold))
 
     def describe(self) -> str:
         if self.held_out:
             padding = f", positions that '{self.mask}' marks as padding left out" if self.mask \
                 else ""
-            return f"{len(self.holdout)} held-out calibration batches{padding}"
+            return f"{self.samples_held_out} held-out calibration samples{padding}"
         return "not measured: one calibration sample, nothing to hold out"
 
 
@@ -233,12 +238,15 @@ class PassManager:
     mask: str | None = None
     #: after ``run``: the mask input that was used, if any
     mask_used: str | None = None
+    #: after ``run``: distinct calibration samples the fidelity was measured on
+    samples_held_out: int = 0
 
     def run(self, graph: Graph) -> tuple[Graph, list[PassResult]]:
         batches = self.calibration or [reference.random_inputs(graph, seed=0)]
         ctx = PassContext.split(batches)
         ctx.mask = find_mask(graph, batches, self.mask)
         self.measured_on, self.held_out = ctx.describe(), ctx.held_out
+        self.samples_held_out = ctx.samples_held_out
         outputs = initial = reference.run_batches(graph, ctx.holdout)
         results = []
         for p in self.passes:

@@ -29,7 +29,7 @@ def axis_keep(graph: Graph, dg: DependencyGraph, plan: Plan) -> AxisKeep:
     for gid, keep in sorted(plan.items()):
         group = dg.groups[gid]
         keep = np.unique(np.asarray(keep, dtype=np.int64))
-        if group.frozen:
+        if group.frozen and not group.hidden_prunable:
             raise ValueError(f"group {gid} is frozen: {group.frozen[0]}")
         if keep.size == 0 or keep[0] < 0 or keep[-1] >= group.size:
             raise ValueError(f"group {gid}: kept indices must be a non-empty subset of "

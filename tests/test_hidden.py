@@ -1,0 +1,111 @@
+"""Hidden width: the residual stream under LayerNorms is one group, from the embedding (or stem)
+to the head that reads it; exact passes leave it alone, ``hidden_ratio`` cuts it (lossy even
+for empty channels, and measured), on exports of both torch exporters."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import realworld
+import zoo
+
+import sparsec
+from sparsec import reference
+from sparsec.analysis.depgraph import DependencyGraph
+from sparsec.passes.surgery import apply_plan
+
+_CACHE: dict = {}
+
+
+def model(name: str, exporter: str):
+    if (name, exporter) not in _CACHE:
+        _CACHE[name, exporter] = sparsec.load(realworld.build(name, exporter))
+    return _CACHE[name, exporter]
+
+
+def hidden_groups(graph):
+    return [g for g in DependencyGraph(graph).groups if g.kind == "hidden"]
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+@pytest.mark.parametrize("name, count", [("vit", 1), ("gpt2", 1), ("convnext", 2)])
+def test_the_residual_stream_is_one_hidden_group(name, exporter, count):
+    graph = model(name, exporter)
+    groups = [g for g in hidden_groups(graph) if g.hidden_prunable]
+    assert len(groups) == count
+    for g in groups:
+        assert not g.prunable                       # exact passes never cut it
+        assert g.lossy and all("Normalization" in r for r in g.lossy)
+        norms = [n for n in graph.nodes if n.op_type == "LayerNormalization"
+                 and any(m.name == n.inputs[1] for m in g.params)]
+        assert norms                                 # the norms' scales go with the width
+        assert g.consumers                           # linear layers read it
+
+
+def test_a_stream_that_is_the_output_stays_whole():
+    """BERT's last hidden state is what the model returns: its width is the contract."""
+    graph = model("bert", "legacy")
+    stream = [g for g in hidden_groups(graph) if g.size == 32]
+    assert stream and not any(g.hidden_prunable for g in stream)
+    assert any("graph output" in r for g in stream for r in g.frozen)
+
+
+def test_removing_a_zero_hidden_channel_is_not_exact_but_valid():
+    """A LayerNorm's mean and variance run over every channel: dropping even a zero one changes
+    them. The analysis therefore calls the group lossy; the cut model still runs and stays
+    close."""
+    graph = model("vit", "legacy")
+    dg = DependencyGraph(graph)
+    g = next(g for g in dg.groups if g.hidden_prunable)
+    pruned = apply_plan(graph, dg, {g.id: np.arange(1, g.size)})
+    feeds = reference.random_inputs(graph, seed=0)
+    fid = reference.compare(reference.run(graph, feeds), reference.run(pruned, feeds))
+    assert 0.5 < fid.cosine < 1.0
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+@pytest.mark.parametrize("name", ["vit", "gpt2"])
+def test_hidden_ratio_cuts_the_stream_and_says_what_it_cost(name, exporter):
+    graph = model(name, exporter)
+    calib = [reference.random_inputs(graph, seed=s) for s in range(8)]
+    plain = sparsec.prune(graph, ratio=0.25, calibration=calib)
+    result = sparsec.prune(graph, ratio=0.25, hidden_ratio=0.25, criterion="fluctuation",
+                           reconstruct=True, calibration=calib)
+    details = result.passes[-1].details
+    assert details["hidden_removed"] == 8 and plain.passes[-1].details["hidden_removed"] == 0
+    assert result.after.params < plain.after.params
+    scales = [result.graph.initializers[n.inputs[1]].shape for n in result.graph.nodes
+              if n.op_type == "LayerNormalization"]
+    assert scales and all(s == (24,) for s in scales)
+    assert 0.9 < result.fidelity.cosine < 1.0           # lossy, and measured
+    for w, g in zip(reference.run(graph, calib[3]), reference.run(result.graph, calib[3])):
+        assert w.shape == g.shape                        # outputs keep their shape
+
+
+def test_hidden_width_with_the_sensitivity_recipe_and_max_drop():
+    graph = model("gpt2", "legacy")
+    calib = [reference.random_inputs(graph, seed=s) for s in range(8)]
+    result = sparsec.prune(graph, ratio=0.5, hidden_ratio=0.5, criterion="fluctuation",
+                           reconstruct=True, sensitivity=True, calibration=calib,
+                           max_drop=0.01)
+    assert 1 - result.fidelity.cosine <= 0.01
+    assert any(not s["within"] for s in result.search)
+
+
+def test_hidden_ratio_on_the_command_line(tmp_path):
+    from sparsec.cli import main
+
+    src = tmp_path / "vit.onnx"
+    out = tmp_path / "vit_pruned.onnx"
+    import onnx
+    onnx.save(realworld.build("vit", "dynamo"), str(src))
+    assert main(["-q", "prune", str(src), "-o", str(out), "--hidden-ratio", "0.25"]) == 0
+    pruned = sparsec.load(out)
+    assert any(a.shape == (24,) for a in pruned.initializers.values())
+    assert main(["-q", "prune", str(src), "-o", str(out), "--hidden-ratio", "1.5"]) != 0
+
+
+def test_zoo_layernorm_stream_into_an_output_is_not_cut():
+    graph = sparsec.load(zoo.layernorm_ffn())
+    result = sparsec.prune(graph, hidden_ratio=0.5)
+    assert result.after.params == result.before.params
