@@ -22,6 +22,9 @@ def session(model, threads: int = 0):
     proto = to_onnx(model) if isinstance(model, Graph) else model
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # no spin-waiting between runs: passes run numpy (least squares) between them, and idle
+    # ORT threads spinning on the same cores made a 350-wide eigh 8x slower
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
     return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])

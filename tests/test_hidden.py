@@ -109,3 +109,44 @@ def test_zoo_layernorm_stream_into_an_output_is_not_cut():
     graph = sparsec.load(zoo.layernorm_ffn())
     result = sparsec.prune(graph, hidden_ratio=0.5)
     assert result.after.params == result.before.params
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+@pytest.mark.parametrize("name", ["bert", "t5_encoder"])
+def test_an_encoder_keeps_its_output_width_through_an_output_map(name, exporter):
+    """The stream is the output: a map after its last norm (identity, so exact) ends the group;
+    the cut then slices the map's rows and the refit turns it into the best linear estimate."""
+    from sparsec.passes.hidden import keep_output_width
+
+    graph = model(name, exporter)
+    mapped, maps = keep_output_width(graph)
+    assert len(maps) == 1
+    feeds = reference.random_inputs(graph, seed=2)
+    for w, g in zip(reference.run(graph, feeds), reference.run(mapped, feeds)):
+        np.testing.assert_array_equal(w, g)
+    calib = [reference.random_inputs(graph, seed=s) for s in range(8)]
+    result = sparsec.prune(graph, hidden_ratio=0.25, criterion="fluctuation", reconstruct=True,
+                           calibration=calib)
+    details = result.passes[-1].details
+    assert details["hidden_removed"] == 8 and details["output_maps"][0]["width"] == 32
+    assert [result.graph.shape(o) for o in result.graph.outputs] == \
+        [graph.shape(o) for o in graph.outputs]
+    weight = details["output_maps"][0]["weight"]
+    assert result.graph.initializers[weight].shape == (24, 32)
+    assert 0.95 < result.fidelity.cosine < 1.0
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_rmsnorm_written_out_as_ops_is_a_hidden_width(exporter):
+    """Llama's RMSNorm comes as Pow -> ReduceMean -> Add -> Sqrt -> Reciprocal -> Mul -> Mul(w):
+    the mean over the hidden axis is the norm's statistic, so the stream is a hidden width."""
+    graph = model("llama", exporter)
+    [g] = [g for g in hidden_groups(graph) if g.hidden_prunable]
+    assert any("ReduceMean" in r for r in g.lossy)
+    calib = [reference.random_inputs(graph, seed=s) for s in range(8)]
+    result = sparsec.prune(graph, hidden_ratio=0.25, criterion="fluctuation", reconstruct=True,
+                           calibration=calib)
+    norms = [a.shape for n, a in result.graph.initializers.items() if "norm" in n.lower()
+             and a.ndim == 1]
+    assert norms and all(s == (24,) for s in norms)
+    assert 0.9 < result.fidelity.cosine <= 1.0

@@ -539,10 +539,16 @@ def _reduce(dg: DependencyGraph, n: Node) -> None:
         dg.freeze_all(y, f"{n.op_type} over all axes")
         return
     keepdims = int(n.attr("keepdims", 1))
+    # a mean over the last axis kept for broadcasting back is a norm's statistic (RMSNorm and
+    # LayerNorm written out as ops): a hidden width, lossy to cut like LayerNormalization's
+    stat = n.op_type == "ReduceMean" and axes == [rank - 1] and keepdims == 1
     out_axis = 0
     for axis in range(rank):
         if axis in axes:
-            dg.freeze_axis(x, axis, f"{n.op_type} reduces over this axis")
+            if stat:
+                dg.normalized(x, axis, "norm statistics (ReduceMean) run over this axis")
+            else:
+                dg.freeze_axis(x, axis, f"{n.op_type} reduces over this axis")
             out_axis += keepdims
             continue
         dg.couple(x, axis, y, out_axis)

@@ -35,6 +35,7 @@ from sparsec.analysis.depgraph import DependencyGraph
 from sparsec.ir.graph import Graph
 from sparsec.passes import criteria
 from sparsec.passes.allocation import sensitivity_keeps
+from sparsec.passes.hidden import keep_output_width
 from sparsec.passes.manager import PassContext
 from sparsec.passes.reconstruct import keep_if_better, refit_consumers
 from sparsec.passes.surgery import apply_plan
@@ -83,6 +84,9 @@ class ChannelPrune:
     def run(self, graph: Graph, ctx: PassContext | None = None) -> tuple[Graph, dict]:
         if self.reconstruct and ctx is None:
             raise ValueError("reconstruction needs calibration data (a PassContext)")
+        maps: list[dict] = []
+        if self.hidden_ratio:          # an encoder's stream is its output: keep that width
+            graph, maps = keep_output_width(graph)
         dg = DependencyGraph(graph)
         candidates = [g for g in dg.groups if g.prunable or g.hidden_prunable]
         chosen = [(g, r) for g in candidates
@@ -121,6 +125,7 @@ class ChannelPrune:
                    "pruned_groups": len(plan), "channels_removed": removed,
                    "heads_removed": heads, "head_ratio": self.head_ratio,
                    "hidden_removed": hidden, "hidden_ratio": self.hidden_ratio,
+                   "output_maps": maps,
                    "channels_in_prunable_groups": total}
         pruned = apply_plan(graph, dg, plan)
         if self.reconstruct:

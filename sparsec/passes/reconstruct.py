@@ -203,10 +203,15 @@ def refit_in_order(original: Graph, changed: Graph, select, fit, ctx: PassContex
     probe = reference.Probe(graph, free=free, names=[nodes[t.name].inputs[0] for t in targets])
     masks = ctx.masks(ctx.fit)
     report = []
+    seen: dict[str, list[np.ndarray]] = {}     # input tensor -> its values since the last refit
     for i, target in enumerate(targets):
         node = nodes[target.name]
-        current = {n: graph.initializers[n] for n in free}
-        x = probe.values(ctx.fit, [node.inputs[0]], current)[node.inputs[0]]
+        # targets reading one tensor (Q, K and V of a layer) cannot change each other's input:
+        # one run serves them all
+        if node.inputs[0] not in seen:
+            current = {n: graph.initializers[n] for n in free}
+            seen = probe.values(ctx.fit, [node.inputs[0]], current)
+        x = seen[node.inputs[0]]
         kernel = graph.initializers[node.inputs[1]].shape[2:]
         err = fit(graph, node, users, design(node, x, y_orig[target.outputs[0]], masks, kernel), i)
         report.append({"node": node.name, "weight": node.inputs[1], **err})
