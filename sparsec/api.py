@@ -412,7 +412,8 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
     if not manager.held_out and any(not p.exact for p in passes):
         log("warning: one calibration sample: nothing to hold out, so the fidelity of this "
             "lossy pruning is not measured; give more calibration data (--calib)")
-    elif manager.samples_held_out < FEW_SAMPLES and any(not p.exact for p in passes):
+    elif (calibration is not None and manager.samples_held_out < FEW_SAMPLES
+          and any(not p.exact for p in passes)):
         log(f"warning: fidelity measured on only {manager.samples_held_out} held-out "
             f"calibration samples: a rough figure, and only for data like the calibration "
             f"data; give more (--calib) for one you can rely on")

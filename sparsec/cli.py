@@ -71,7 +71,7 @@ def _inspect_package(args) -> int:
     for kind in ("inputs", "outputs"):
         for v in m[kind]:
             print(f"  {kind[:-1]:8} {v['name']} {v['dtype']}{v['shape']}")
-    print(f"  params {p['before']['params']:,} -> {p['after']['params']:,}, MACs "
+    print(f"  params {p['before']['params']:,} -> {p['after']['params']:,}{_nonzero(p)}, MACs "
           f"{p['before']['macs']:,} -> {p['after']['macs']:,}, {_fidelity(p)}")
     for r in p["passes"]:
         print(f"  pass {r['name']}: {'exact' if r['exact'] else 'lossy'}")
@@ -144,6 +144,8 @@ def _prune_table(result) -> str:
     pct = lambda x, y: f"{100.0 * (y - x) / x:+.1f}%" if x else "n/a"  # noqa: E731
     rows = [["", "before", "after", "change"],
             ["params", f"{b.params:,}", f"{a.params:,}", pct(b.params, a.params)],
+            *([["nonzero", f"{b.nonzeros:,}", f"{a.nonzeros:,}", pct(b.nonzeros, a.nonzeros)]]
+              if a.nonzeros != a.params or b.nonzeros != b.params else []),
             ["MACs", f"{b.macs:,}", f"{a.macs:,}", pct(b.macs, a.macs)]]
     f = result.fidelity
     if not result.held_out:
@@ -188,9 +190,18 @@ def cmd_compile(args) -> int:
                            log=_log(args))
     p = manifest["prune"]
     print(f"compiled {args.model} for {manifest['target']['name']} -> {args.output}")
-    print(f"  params {p['before']['params']:,} -> {p['after']['params']:,}, "
+    print(f"  params {p['before']['params']:,} -> {p['after']['params']:,}{_nonzero(p)}, "
           f"MACs {p['before']['macs']:,} -> {p['after']['macs']:,}, {_fidelity(p)}")
     return 0
+
+
+def _nonzero(p: dict) -> str:
+    """", nonzero A -> B" where weight sparsity made the counts differ from params."""
+    b, a = p["before"], p["after"]
+    if a.get("nonzeros", a["params"]) == a["params"] and b.get("nonzeros", b["params"]) == \
+            b["params"]:
+        return ""
+    return f", nonzero {b['nonzeros']:,} -> {a['nonzeros']:,}"
 
 
 def _profile_table(report: dict) -> str:
@@ -342,7 +353,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="store_true", help="print the version and exit")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    # the global flags are accepted after the command too ("sparsec compile ... -q"); SUPPRESS
+    # keeps a subcommand's absent flag from resetting one given before the command
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress messages")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks of internal errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, **kw) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kw)
 
     def model_args(sp, ratio: bool):
         sp.add_argument("model", help="ONNX model file" + ("" if ratio else
@@ -428,18 +449,18 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--remove-dead", action="store_true",
                             help="first remove channels that provably carry zero (exact)")
 
-    sp = sub.add_parser("inspect", help="ops, params, MACs and channel groups of a model; "
+    sp = command("inspect", help="ops, params, MACs and channel groups of a model; "
                                         "or a compiled package's manifest")
     model_args(sp, ratio=False)
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(func=cmd_inspect)
 
-    sp = sub.add_parser("prune", help="prune a model and write the pruned ONNX")
+    sp = command("prune", help="prune a model and write the pruned ONNX")
     model_args(sp, ratio=True)
     sp.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
     sp.set_defaults(func=cmd_prune)
 
-    sp = sub.add_parser("compile", help="prune + compile + package for a target")
+    sp = command("compile", help="prune + compile + package for a target")
     model_args(sp, ratio=True)
     sp.add_argument("-o", "--output", required=True, metavar="DIR", help="package directory")
     sp.add_argument("--target", default="host",
@@ -461,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(targets that run here; `sparsec profile DIR` does it later)")
     sp.set_defaults(func=cmd_compile)
 
-    sp = sub.add_parser("profile", help="where a model's time goes on this CPU, kernel by "
+    sp = command("profile", help="where a model's time goes on this CPU, kernel by "
                                         "kernel (a package or a model)")
     sp.add_argument("model", help="ONNX model file or a package directory")
     sp.add_argument("--input-shapes", metavar="NAME:D1xD2,...",
@@ -469,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(func=cmd_profile)
 
-    sp = sub.add_parser("tune", help="time each kernel's schedule variants on this machine and "
+    sp = command("tune", help="time each kernel's schedule variants on this machine and "
                                      "record the fastest for compile (tuning cache)")
     sp.add_argument("model", help="ONNX model file or a package directory")
     sp.add_argument("--input-shapes", metavar="NAME:D1xD2,...",
@@ -483,10 +504,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "faster with them (by default it is timed with and without them)")
     sp.set_defaults(func=cmd_tune)
 
-    sp = sub.add_parser("targets", help="the targets compile knows, with their TVM targets")
+    sp = command("targets", help="the targets compile knows, with their TVM targets")
     sp.set_defaults(func=cmd_targets)
 
-    sp = sub.add_parser("runtime", help="the TVM runtime (libraries, headers, C API source) "
+    sp = command("runtime", help="the TVM runtime (libraries, headers, C API source) "
                                         "a C/C++ program needs, for a target")
     sp.add_argument("--target", default="host", help="host (default) or a cross target")
     sp.add_argument("-o", "--output", required=True, metavar="DIR")
@@ -495,22 +516,22 @@ def build_parser() -> argparse.ArgumentParser:
                          "instead of downloading them")
     sp.set_defaults(func=cmd_runtime)
 
-    sp = sub.add_parser("cmake-dir", help="print the directory of sparsecConfig.cmake (for "
+    sp = command("cmake-dir", help="print the directory of sparsecConfig.cmake (for "
                                           "-Dsparsec_DIR=...)")
     sp.set_defaults(func=cmd_cmake_dir)
 
-    sp = sub.add_parser("clean", help="remove what interrupted runs left beside outputs "
+    sp = command("clean", help="remove what interrupted runs left beside outputs "
                                       "(staging directories no live run owns)")
     sp.add_argument("outputs", nargs="+", metavar="OUT", help="an output path given to -o")
     sp.set_defaults(func=cmd_clean)
 
-    sp = sub.add_parser("run", help="run a compiled package on inputs")
+    sp = command("run", help="run a compiled package on inputs")
     sp.add_argument("package", metavar="DIR")
     sp.add_argument("--inputs", required=True, metavar="X.npz", help="arrays keyed by input name")
     sp.add_argument("--outputs", metavar="Y.npz", help="write the outputs here")
     sp.set_defaults(func=cmd_run)
 
-    sp = sub.add_parser("validate", help="compiled library vs ONNX Runtime on the pruned model")
+    sp = command("validate", help="compiled library vs ONNX Runtime on the pruned model")
     sp.add_argument("package", metavar="DIR")
     sp.add_argument("--inputs", metavar="X.npz", help="inputs (default: seeded random)")
     sp.add_argument("--rtol", type=float, help="relative tolerance (of max |ref|; default: "

@@ -165,6 +165,8 @@ def test_prune_writes_model_and_table(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["small.onnx"]   # no temp files left behind
     quiet = sparsec("-q", "prune", model, "-o", out, "--ratio", "0.5")
     assert quiet.returncode == 0 and quiet.stderr == ""
+    after = sparsec("prune", model, "-o", out, "--ratio", "0.5", "-q")   # anywhere on the line
+    assert after.returncode == 0 and after.stderr == "" and after.stdout == quiet.stdout
 
 
 def test_inspect_reports_groups_and_reasons():
@@ -229,5 +231,9 @@ def test_sparsity_flags(zoo_files, tmp_path):
     weights = [numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer]
     conv = [w for w in weights if w.ndim == 4]
     assert sum(int((w == 0).sum()) for w in conv) > 0.4 * sum(w.size for w in conv)
+    # the report says what sparsity removed: params stay, nonzeros drop
+    row = next(ln.split() for ln in proc.stdout.splitlines() if ln.startswith("nonzero"))
+    assert int(row[2].replace(",", "")) < 0.65 * int(row[1].replace(",", ""))
+    assert "nonzero" in proc.stderr                       # the pass's log line too
     assert_clean_error(sparsec("prune", model, "-o", out, "--sparsity-pattern", "3:2"), 6,
                        "unknown sparsity pattern")

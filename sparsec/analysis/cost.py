@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from sparsec.ir.graph import Graph, Node
 
 
@@ -26,10 +28,14 @@ def node_macs(graph: Graph, n: Node) -> int:
 class Cost:
     params: int
     macs: int
+    #: parameters that are not zero: what weight sparsity removes (``params`` stays the same)
+    nonzeros: int = 0
 
     def as_dict(self) -> dict:
-        return {"params": self.params, "macs": self.macs}
+        return {"params": self.params, "macs": self.macs, "nonzeros": self.nonzeros}
 
 
 def cost(graph: Graph) -> Cost:
-    return Cost(graph.param_count(), sum(node_macs(graph, n) for n in graph.nodes))
+    nonzeros = int(sum(np.count_nonzero(a) for a in graph.initializers.values()
+                       if a.dtype.kind == "f"))
+    return Cost(graph.param_count(), sum(node_macs(graph, n) for n in graph.nodes), nonzeros)

@@ -106,7 +106,8 @@ class PassContext:
         if self.held_out:
             padding = f", positions that '{self.mask}' marks as padding left out" if self.mask \
                 else ""
-            return f"{self.samples_held_out} held-out calibration samples{padding}"
+            plural = "s" if self.samples_held_out != 1 else ""
+            return f"{self.samples_held_out} held-out calibration sample{plural}{padding}"
         return "not measured: one calibration sample, nothing to hold out"
 
 
@@ -274,6 +275,9 @@ def _summary(r: PassResult) -> str:
     kind = "exact" if r.exact else (f"lossy, cosine {r.fidelity.cosine:.5f}" if r.held_out
                                     else "lossy, fidelity not measured (one calibration "
                                          "sample: nothing held out)")
+    sparse = "" if r.after.nonzeros == r.after.params and r.before.nonzeros == r.before.params \
+        else (f", nonzero {r.before.nonzeros:,} -> {r.after.nonzeros:,} "
+              f"({pct(r.before.nonzeros, r.after.nonzeros)})")
     return (f"pass {r.name}: params {r.before.params:,} -> {r.after.params:,} "
-            f"({pct(r.before.params, r.after.params)}), MACs {r.before.macs:,} -> "
+            f"({pct(r.before.params, r.after.params)}){sparse}, MACs {r.before.macs:,} -> "
             f"{r.after.macs:,} ({pct(r.before.macs, r.after.macs)}), {kind}, {r.seconds:.2f}s")
