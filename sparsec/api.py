@@ -902,8 +902,8 @@ def _created_bias(module, name: str) -> str | None:
 
 def prune_module(module, example_inputs: Sequence[Any], *, ratio: float = 0.0,
                  criterion: str = "l2", reconstruct: bool = False, round_to: int | None = None,
-                 head_ratio: float | None = None, sensitivity: bool = False,
-                 remove_layers: int = 0,
+                 head_ratio: float | None = None, hidden_ratio: float = 0.0,
+                 sensitivity: bool = False, remove_layers: int = 0,
                  layer_ratios: dict[str, float] | None = None, ignore: Sequence[str] = (),
                  calibration=None, calib_mask: str | None = None,
                  max_drop: float | None = None, metric=None, remove_dead: bool = False,
@@ -941,11 +941,18 @@ def prune_module(module, example_inputs: Sequence[Any], *, ratio: float = 0.0,
         groups = [g for g in DependencyGraph(graph).groups if g.prunable]
         scores = taylor_scores(module, graph, groups, PassContext.split(calib).fit, loss_fn)
     result = prune(graph, ratio=ratio, criterion=criterion, reconstruct=reconstruct,
-                   round_to=round_to, head_ratio=head_ratio, sensitivity=sensitivity,
+                   round_to=round_to, head_ratio=head_ratio, hidden_ratio=hidden_ratio,
+                   sensitivity=sensitivity,
                    remove_layers=remove_layers,
                    layer_ratios=layer_ratios, ignore=ignore, calibration=calibration,
                    calib_mask=calib_mask, max_drop=max_drop, metric=metric,
                    remove_dead=remove_dead, scores=scores, log=log)
+    maps = [m for p in result.passes for m in p.details.get("output_maps", [])]
+    if maps:
+        raise BadOptionError(
+            f"the module returns its hidden stream ('{maps[0]['output']}'), so hidden_ratio "
+            f"would need an output map the module does not have: prune the ONNX export "
+            f"(sparsec.prune), or a module whose head reads the stream")
     pruned = write_back(module, result.graph, drop_layers=bool(remove_layers))
     _check_write_back(pruned, result.graph, example_inputs)
     return pruned, result
@@ -1019,7 +1026,23 @@ def write_back(module, graph: Graph, drop_layers: bool = False):
             m.nf = m.weight.shape[1]
     for m in new.modules():
         _heads_follow_weights(m)
+        _hidden_follows_weights(m)
     return new
+
+
+def _hidden_follows_weights(module) -> None:
+    """A Hugging Face model's ``config.hidden_size`` follows its input embedding's width, so
+    ``save_pretrained`` then ``from_pretrained`` gives the pruned model back."""
+    config = getattr(module, "config", None)
+    get = getattr(module, "get_input_embeddings", None)
+    if config is None or get is None or not hasattr(config, "hidden_size"):
+        return
+    try:
+        emb = get()
+    except (NotImplementedError, AttributeError):
+        return
+    if emb is not None and getattr(emb, "embedding_dim", None):
+        config.hidden_size = int(emb.embedding_dim)
 
 
 def _drop_removed_layers(module, graph: Graph) -> None:

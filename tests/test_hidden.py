@@ -150,3 +150,32 @@ def test_rmsnorm_written_out_as_ops_is_a_hidden_width(exporter):
              and a.ndim == 1]
     assert norms and all(s == (24,) for s in norms)
     assert 0.9 < result.fidelity.cosine <= 1.0
+
+
+def test_the_torch_route_cuts_a_decoder_and_round_trips_through_save_pretrained(tmp_path):
+    """prune_module: LayerNorm / RMSNorm and embedding sizes follow their weights, and the
+    Hugging Face config's hidden_size too, so save_pretrained then from_pretrained gives the
+    pruned model back."""
+    import torch
+    import transformers as tf
+
+    module, example = zoo.transformers_model("hf_llama_gqa")
+    pruned, result = sparsec.prune_module(module, example, hidden_ratio=0.25)
+    assert result.passes[-1].details["hidden_removed"] == 8
+    lm = next(m for m in pruned.modules() if isinstance(m, tf.PreTrainedModel))
+    assert lm.config.hidden_size == 24 and lm.get_input_embeddings().embedding_dim == 24
+    assert next(m for m in module.modules() if isinstance(m, tf.PreTrainedModel)
+                ).config.hidden_size == 32                    # the input module is untouched
+    lm.save_pretrained(tmp_path)
+    back = tf.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(back(*example).logits.numpy(), lm(*example).logits.numpy(),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_the_torch_route_refuses_an_encoder_whose_output_is_the_stream():
+    from sparsec.errors import BadOptionError
+
+    module, example = zoo.transformers_model("hf_bert")
+    with pytest.raises(BadOptionError, match="hidden stream"):
+        sparsec.prune_module(module, example, hidden_ratio=0.25)
