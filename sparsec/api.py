@@ -10,9 +10,10 @@
 from __future__ import annotations
 
 import contextlib
+import inspect as pyinspect
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -27,6 +28,7 @@ from sparsec.errors import (BadOptionError, InvalidModelError, SparsecError, Too
 from sparsec.frontends.onnx import InputShapes, load_onnx, parse_input_shapes
 from sparsec.ir.graph import Graph
 from sparsec.ir.onnx_io import to_onnx
+from sparsec.recipe import Recipe
 from sparsec.package import (
     FORMAT,
     LIBRARY,
@@ -126,6 +128,30 @@ def inspect(model: ModelLike, input_shapes: InputShapes | str | None = None) -> 
 
 
 # ----------------------------------------------------------------------------- pruning
+RECIPE_KEYS = frozenset(f.name for f in fields(Recipe))
+
+
+def as_recipe(recipe) -> Recipe:
+    """A ``Recipe`` from a Recipe, a dict of options, or the path of a TOML file."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    return Recipe.from_file(recipe)
+
+
+def merge_recipe(recipe, given: dict[str, Any]) -> Recipe:
+    """``recipe`` with the keyword options in ``given`` that differ from ``prune``'s defaults
+    (an empty list or table counts as not given)."""
+    defaults = {k: p.default for k, p in pyinspect.signature(prune).parameters.items()}
+
+    def is_default(key: str, value) -> bool:
+        d = defaults[key]
+        return value == d or (isinstance(value, (dict, list, tuple)) and not value
+                              and d in (None, ()))
+    return as_recipe(recipe).updated(**{k: (tuple(v) if k == "ignore" else v)
+                                        for k, v in given.items() if not is_default(k, v)})
+
 @dataclass
 class PruneResult:
     graph: Graph
@@ -146,6 +172,8 @@ class PruneResult:
     held_out: bool = True
     #: with ``max_drop``: every ratio tried, what it cost and whether it was within the drop
     search: list[dict] = field(default_factory=list)
+    #: the options that ran (``sparsec.recipe``), recorded in a package's manifest
+    recipe: Recipe | None = None
 
     def report(self) -> dict:
         out = {"before": self.before.as_dict(), "after": self.after.as_dict(),
@@ -154,6 +182,8 @@ class PruneResult:
                "passes": [p.as_dict() for p in self.passes], "load": self.load}
         if self.search:
             out["search"] = self.search
+        if self.recipe is not None:
+            out["recipe"] = self.recipe.to_dict()
         return out
 
 
@@ -284,7 +314,8 @@ def _check_sparsity(sparsity: float, pattern: str, criterion: str, lamp: bool):
     return kind, nums
 
 
-def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: float = 0.0,
+def prune(model: ModelLike, output: str | os.PathLike | None = None, *, recipe=None,
+          ratio: float = 0.0,
           criterion: str = "l2", reconstruct: bool = False, round_to: int | None = None,
           head_ratio: float | None = None, hidden_ratio: float = 0.0, remove_layers: int = 0,
           replace_linear: bool = False,
@@ -342,7 +373,17 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
     1 - cosine, or
     with ``metric(graph) -> float`` (higher is better, e.g. accuracy on your own data) the
     original's metric minus the pruned model's. ``result.search`` lists what was tried.
+
+    ``recipe``: the options as a ``Recipe``, a dict, or a TOML file (``sparsec.recipe``);
+    keywords given beside it that differ from their defaults override its keys.
+    ``result.recipe`` is the recipe that ran.
     """
+    given = {k: v for k, v in locals().items() if k in RECIPE_KEYS}
+    if recipe is not None:
+        merged = merge_recipe(recipe, given)
+        return prune(model, output, **merged.options(), input_shapes=input_shapes,
+                     calibration=calibration, metric=metric, example_inputs=example_inputs,
+                     scores=scores, log=log)
     if max_drop is not None:
         return _search_ratio(model, output, max_drop, metric, dict(
             ratio=ratio, criterion=criterion, reconstruct=reconstruct, round_to=round_to,
@@ -353,7 +394,7 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
             sparsity_criterion=sparsity_criterion, lamp=lamp, reorder=reorder,
             layer_ratios=layer_ratios, ignore=ignore, input_shapes=input_shapes,
             calibration=calibration, calib_mask=calib_mask, remove_dead=remove_dead,
-            example_inputs=example_inputs, scores=scores), log)
+            example_inputs=example_inputs, scores=scores), log, Recipe.of_keywords(given))
     if metric is not None:
         raise BadOptionError("metric is what max_drop bounds: give max_drop too")
     ratio = _check_ratio(ratio)
@@ -408,7 +449,10 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, ratio: f
     result = PruneResult(pruned, results, cost(graph), cost(pruned), manager.fidelity,
                          sample=calib[0] if calib else reference.random_inputs(graph, seed=0),
                          load=graph.notes, measured_on=manager.measured_on,
-                         held_out=manager.held_out)
+                         held_out=manager.held_out, recipe=Recipe.of_keywords({
+                             **given, "ratio": ratio, "head_ratio": head_ratio,
+                             "hidden_ratio": hidden_ratio, "round_to": int(round_to),
+                             "layer_ratios": layer_ratios, "ignore": list(ignore)}))
     if not manager.held_out and any(not p.exact for p in passes):
         log("warning: one calibration sample: nothing to hold out, so the fidelity of this "
             "lossy pruning is not measured; give more calibration data (--calib)")
@@ -430,7 +474,7 @@ SEARCH_STEPS = 5
 
 
 def _search_ratio(model: ModelLike, output, max_drop, metric, options: dict,
-                  log: Log) -> PruneResult:
+                  log: Log, recipe: Recipe) -> PruneResult:
     """``prune(..., max_drop=...)``: bisection over the ratio (see ``prune``)."""
     try:
         max_drop = float(max_drop)
@@ -478,6 +522,7 @@ def _search_ratio(model: ModelLike, output, max_drop, metric, options: dict,
         hi = lo
     result = tried[hi]
     result.search = [r.search[0] for _, r in sorted(tried.items())]
+    result.recipe = recipe        # re-running it searches again, to the same ratio
     log(f"max-drop: chose ratio {hi:.4f} of {len(tried)} tried")
     if output is not None:
         atomic_write_bytes(output, to_onnx(result.graph).SerializeToString())
@@ -487,7 +532,7 @@ def _search_ratio(model: ModelLike, output, max_drop, metric, options: dict,
 
 # ----------------------------------------------------------------------------- compiling
 def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "host",
-            name: str | None = None,
+            name: str | None = None, recipe=None,
             ratio: float = 0.0, criterion: str = "l2", reconstruct: bool = False,
             round_to: int | None = None, head_ratio: float | None = None,
             hidden_ratio: float = 0.0,
@@ -528,6 +573,8 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
 
     spec = resolve_target(target)
     name = check_name(name) if name is not None else default_name(Path(output_dir).name)
+    if round_to is None and recipe is not None:
+        round_to = as_recipe(recipe).round_to
     if round_to is None:
         round_to = spec.channel_multiple
     _check_ratio(ratio)
@@ -542,7 +589,8 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
                              f"CPU only (got {tune:g} for target '{spec.name}')")
     check_writable_dir(output_dir)
     check_toolchain(spec)
-    result = prune(model, ratio=ratio, criterion=criterion, reconstruct=reconstruct,
+    result = prune(model, recipe=recipe, ratio=ratio, criterion=criterion,
+                   reconstruct=reconstruct,
                    round_to=round_to, head_ratio=head_ratio, hidden_ratio=hidden_ratio,
                    remove_layers=remove_layers,
                    replace_linear=replace_linear, remove_attention=remove_attention,
@@ -900,7 +948,7 @@ def _created_bias(module, name: str) -> str | None:
     return f"{owner}.bias" if has_slot else None
 
 
-def prune_module(module, example_inputs: Sequence[Any], *, ratio: float = 0.0,
+def prune_module(module, example_inputs: Sequence[Any], *, recipe=None, ratio: float = 0.0,
                  criterion: str = "l2", reconstruct: bool = False, round_to: int | None = None,
                  head_ratio: float | None = None, hidden_ratio: float = 0.0,
                  sensitivity: bool = False, remove_layers: int = 0,
@@ -929,6 +977,16 @@ def prune_module(module, example_inputs: Sequence[Any], *, ratio: float = 0.0,
     from sparsec.passes.criteria import taylor_scores
     from sparsec.passes.manager import PassContext
 
+    if recipe is not None:      # the recipe's values, the keywords given beside it on top
+        given = {k: v for k, v in locals().items() if k in RECIPE_KEYS}
+        merged = merge_recipe(recipe, given).options()
+        unsupported = sorted(k for k, v in merged.items() if k not in given
+                             and v != getattr(Recipe(), k))
+        if unsupported:
+            raise BadOptionError(f"prune_module does not take recipe key '{unsupported[0]}'")
+        return prune_module(module, example_inputs, **{k: merged[k] for k in given},
+                            calibration=calibration, metric=metric, loss_fn=loss_fn,
+                            log=log)
     graph = capture_fx(module, example_inputs)
     scores = None
     if criterion in NEEDS_TORCH and ratio + (head_ratio or 0) + sum(

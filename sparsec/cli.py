@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Sequence
 
-from sparsec.errors import SparsecError
+from sparsec.errors import BadOptionError, SparsecError
 
 INTERNAL_ERROR = 70
 
@@ -60,6 +60,11 @@ def _inspect_package(args) -> int:
 
     pkg = Package.load(args.model)
     m = pkg.manifest
+    if args.recipe:
+        from sparsec.recipe import Recipe
+
+        print(Recipe.from_dict(m["prune"].get("recipe", {})).to_toml(), end="")
+        return 0
     if args.json:
         print(json.dumps(m, indent=2, sort_keys=True))
         return 0
@@ -112,6 +117,8 @@ def cmd_inspect(args) -> int:
 
     if Path(args.model).is_dir():
         return _inspect_package(args)
+    if args.recipe:
+        raise BadOptionError("--recipe prints a compiled package's recipe: give its directory")
     info = api.inspect(args.model, args.input_shapes)
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
@@ -169,7 +176,8 @@ def _prune_kwargs(args) -> dict:
             "input_shapes": args.input_shapes, "calibration": args.calib,
             "calib_mask": None if args.calib_mask is None else (
                 "" if args.calib_mask == "none" else args.calib_mask),
-            "max_drop": args.max_drop, "remove_dead": args.remove_dead}
+            "max_drop": args.max_drop, "remove_dead": args.remove_dead,
+            "recipe": args.recipe}
 
 
 def cmd_prune(args) -> int:
@@ -448,11 +456,16 @@ def build_parser() -> argparse.ArgumentParser:
                                  "cosine stays within D of 1, by bisection (about 6 prunes)")
             sp.add_argument("--remove-dead", action="store_true",
                             help="first remove channels that provably carry zero (exact)")
+            sp.add_argument("--recipe", metavar="R.toml",
+                            help="the pruning options as a recipe file ([prune] table; "
+                                 "flags given beside it override its keys)")
 
     sp = command("inspect", help="ops, params, MACs and channel groups of a model; "
                                         "or a compiled package's manifest")
     model_args(sp, ratio=False)
     sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.add_argument("--recipe", action="store_true",
+                    help="a package's recipe as a TOML file, to run again (compile --recipe)")
     sp.set_defaults(func=cmd_inspect)
 
     sp = command("prune", help="prune a model and write the pruned ONNX")

@@ -90,4 +90,5 @@ def test_head_ratio_is_separate_from_the_channel_ratio(zoo_models):
     assert only_ffn.passes[-1].details["heads_removed"] == 0
     assert only_ffn.passes[-1].details["channels_removed"] > 0
     kinds = {x["kind"] for x in sparsec.inspect(g)["groups"]}
-    assert kinds == {"heads", "channels"}
+    assert kinds == {"heads", "channels", "hidden"}       # hidden: the stream, cut only by name
+    assert only_ffn.passes[-1].details["hidden_removed"] == 0
