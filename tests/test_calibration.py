@@ -206,3 +206,14 @@ def test_few_held_out_samples_come_with_a_warning(masked_bert):
     logs.clear()
     sparsec.prune(masked_bert, ratio=0.5, calibration=padded_batches(8), log=logs.append)
     assert not any("held-out calibration samples" in line for line in logs)
+
+
+def test_long_loops_report_progress_with_the_time_left():
+    from sparsec.passes.manager import Progress
+
+    lines = []
+    progress = Progress(lines.append, "reconstruct", 3, "layers refit", every=0.0)
+    for _ in range(3):
+        progress.step()
+    assert len(lines) == 2 and lines[0].startswith("  reconstruct: 1/3 layers refit, ")
+    assert "s left" in lines[0]                   # the last step needs no line: the pass logs

@@ -22,7 +22,7 @@ from sparsec import reference
 from sparsec.analysis.depgraph import DependencyGraph, Group
 from sparsec.ir.graph import Graph
 from sparsec.passes.criteria import keep_top
-from sparsec.passes.manager import PassContext
+from sparsec.passes.manager import PassContext, Progress
 from sparsec.passes.surgery import apply_plan
 
 #: levels tried per group, as multiples of the target ratio (capped below 1)
@@ -43,6 +43,7 @@ def sensitivity_keeps(graph: Graph, dg: DependencyGraph, chosen: list[tuple[Grou
         if ratio > 0:
             buckets.setdefault((g.kind, ratio), []).append(g)
     keeps: dict[int, int] = {}
+    progress = Progress(ctx.log, "sensitivity", sum(map(len, buckets.values())), "groups measured")
     for (_, ratio), groups in buckets.items():
         options: dict[int, list[tuple[int, float]]] = {}   # gid -> [(kept, distortion), ...]
         trial.check = True                                 # once per kind of group
@@ -55,6 +56,7 @@ def sensitivity_keeps(graph: Graph, dg: DependencyGraph, chosen: list[tuple[Grou
                 out = trial(g, keep_top(scores[g.id], kept))
                 opts.append((kept, ctx.distortion(trial.base, out, batches)))
             options[g.id] = opts
+            progress.step()
         budget = sum(g.size - keep_for(g, ratio) for g in groups)
         step = {g.id: 0 for g in groups}
         removed = 0

@@ -42,6 +42,8 @@ class PassContext:
     fit: list[Feeds]
     holdout: list[Feeds]
     mask: str | None = None
+    #: progress lines of long loops inside passes (``Progress``); silent by default
+    log: Callable[[str], None] = lambda msg: None
     #: distinct samples in ``holdout`` (its batches may repeat samples to fill the batch size)
     samples_held_out: int = 0
 
@@ -109,6 +111,27 @@ class PassContext:
             plural = "s" if self.samples_held_out != 1 else ""
             return f"{self.samples_held_out} held-out calibration sample{plural}{padding}"
         return "not measured: one calibration sample, nothing to hold out"
+
+
+class Progress:
+    """Counted steps of a long loop inside a pass, reported through ``log`` as plain lines at
+    most every ``every`` seconds, with the time left at the rate so far (nothing for a loop
+    that ends sooner)."""
+
+    def __init__(self, log: Callable[[str], None], what: str, total: int, unit: str,
+                 every: float = 3.0):
+        self.log, self.what, self.total, self.unit, self.every = log, what, total, unit, every
+        self.done = 0
+        self.start = self.last = time.perf_counter()
+
+    def step(self, n: int = 1) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if now - self.last >= self.every and self.done < self.total:
+            self.last = now
+            left = (now - self.start) / self.done * (self.total - self.done)
+            self.log(f"  {self.what}: {self.done}/{self.total} {self.unit}, "
+                     f"{now - self.start:.0f} s, about {left:.0f} s left")
 
 
 def positions(shape: tuple[int, ...], mask: np.ndarray) -> np.ndarray | None:
@@ -246,6 +269,7 @@ class PassManager:
         batches = self.calibration or [reference.random_inputs(graph, seed=0)]
         ctx = PassContext.split(batches)
         ctx.mask = find_mask(graph, batches, self.mask)
+        ctx.log = self.log
         self.measured_on, self.held_out = ctx.describe(), ctx.held_out
         self.samples_held_out = ctx.samples_held_out
         outputs = initial = reference.run_batches(graph, ctx.holdout)

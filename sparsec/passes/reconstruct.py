@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from sparsec import reference
 from sparsec.analysis.depgraph import DependencyGraph
 from sparsec.ir.graph import Graph, Node
-from sparsec.passes.manager import PassContext, rows
+from sparsec.passes.manager import PassContext, Progress, rows
 from sparsec.passes.surgery import axis_keep
 
 MAX_ROWS = 40_000          # rows of the least-squares system kept (seeded subsample)
@@ -204,6 +204,7 @@ def refit_in_order(original: Graph, changed: Graph, select, fit, ctx: PassContex
     masks = ctx.masks(ctx.fit)
     report = []
     seen: dict[str, list[np.ndarray]] = {}     # input tensor -> its values since the last refit
+    progress = Progress(ctx.log, "reconstruct", len(targets), "layers refit")
     for i, target in enumerate(targets):
         node = nodes[target.name]
         # targets reading one tensor (Q, K and V of a layer) cannot change each other's input:
@@ -215,6 +216,7 @@ def refit_in_order(original: Graph, changed: Graph, select, fit, ctx: PassContex
         kernel = graph.initializers[node.inputs[1]].shape[2:]
         err = fit(graph, node, users, design(node, x, y_orig[target.outputs[0]], masks, kernel), i)
         report.append({"node": node.name, "weight": node.inputs[1], **err})
+        progress.step()
     return graph, report
 
 
