@@ -217,3 +217,17 @@ def test_long_loops_report_progress_with_the_time_left():
         progress.step()
     assert len(lines) == 2 and lines[0].startswith("  reconstruct: 1/3 layers refit, ")
     assert "s left" in lines[0]                   # the last step needs no line: the pass logs
+
+
+def test_sensitivity_never_loses_to_the_uniform_widths_it_replaces():
+    """On the digits CNN the spread (costs measured one group at a time, assumed to add up)
+    is far worse than the same ratio in every group once refit; the pass measures both whole
+    plans on held-out data and keeps the uniform one."""
+    kw = dict(ratio=0.5, reconstruct=True, calibration=EXAMPLES / "digits_calib.npz")
+    spread = sparsec.prune(EXAMPLES / "digits_cnn.onnx", sensitivity=True, **kw)
+    uniform = sparsec.prune(EXAMPLES / "digits_cnn.onnx", **kw)
+    details = spread.passes[-1].details
+    assert details["allocation"] == "uniform"
+    assert details["held_out_distortion"]["uniform"] < details["held_out_distortion"][
+        "sensitivity"]
+    assert spread.fidelity.cosine == pytest.approx(uniform.fidelity.cosine, abs=1e-9)

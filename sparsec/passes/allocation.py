@@ -77,6 +77,13 @@ def sensitivity_keeps(graph: Graph, dg: DependencyGraph, chosen: list[tuple[Grou
     return keeps
 
 
+def held_out_distortion(graph: Graph, changed: Graph, ctx: PassContext) -> float:
+    """How far ``changed`` (a whole plan applied, maybe refit) is from ``graph`` on the held-out
+    batches (relative squared error, padded positions left out)."""
+    return ctx.distortion(reference.run_batches(graph, ctx.holdout),
+                          reference.run_batches(changed, ctx.holdout), ctx.holdout)
+
+
 class Trials:
     """The model's outputs with one group cut to some of its channels, for many trials.
 

@@ -34,7 +34,7 @@ import numpy as np
 from sparsec.analysis.depgraph import DependencyGraph
 from sparsec.ir.graph import Graph
 from sparsec.passes import criteria
-from sparsec.passes.allocation import sensitivity_keeps
+from sparsec.passes.allocation import held_out_distortion, sensitivity_keeps
 from sparsec.passes.hidden import keep_output_width
 from sparsec.passes.manager import PassContext
 from sparsec.passes.reconstruct import keep_if_better, refit_consumers
@@ -103,23 +103,48 @@ class ChannelPrune:
             return kept_count(g.size, ratio, self.round_to if g.kind != "heads" else 1)
 
         keeps = {g.id: keep_for(g, r) for g, r in chosen}
+
+        def plan_of(k: dict[int, int]) -> dict:
+            return {g.id: criteria.keep_top(scores[g.id], k[g.id]) for g, _ in chosen
+                    if k[g.id] < g.size}
+
+        def build(plan: dict) -> tuple[Graph, Graph, list]:
+            """(pruned, pruned and refit or None, the refit report)."""
+            pruned = apply_plan(graph, dg, plan)
+            if not self.reconstruct:
+                return pruned, None, []
+            refit, info = refit_consumers(graph, pruned, dg, plan, ctx, self.ridge)
+            return pruned, refit, info["refit"]
+
+        allocation = {}
+        plan = plan_of(keeps)
+        built = None
         if self.sensitivity:
             if ctx is None:
                 raise ValueError("sensitivity allocation needs calibration data (a PassContext)")
-            keeps.update(sensitivity_keeps(graph, dg, chosen, scores, ctx, keep_for))
-        plan = {}
+            spread = {**keeps, **sensitivity_keeps(graph, dg, chosen, scores, ctx, keep_for)}
+            # the spread assumes the groups' costs add up; where they do not (a few wide
+            # groups, refits that help one plan more than the other) it loses to the uniform
+            # widths: build both plans (refit too, when asked) and keep the one closer to the
+            # original on the held-out data, like a refit (the fit data would favour the plan
+            # with more refits, which fit it better)
+            options = {"sensitivity": plan_of(spread), "uniform": plan}
+            builds = {name: build(p) for name, p in options.items()}
+            cost_of = {name: held_out_distortion(graph, b[1] or b[0], ctx)
+                       for name, b in builds.items()}
+            pick = "sensitivity" if cost_of["sensitivity"] <= cost_of["uniform"] else "uniform"
+            keeps = spread if pick == "sensitivity" else keeps
+            plan, built = options[pick], builds[pick]
+            allocation = {"allocation": pick, "held_out_distortion": cost_of}
         removed = total = heads = hidden = 0
         for g, _ in chosen:
             total += g.size
             n_keep = keeps[g.id]
-            if n_keep == g.size:
-                continue
-            plan[g.id] = criteria.keep_top(scores[g.id], n_keep)
             removed += g.size - n_keep
             heads += (g.size - n_keep) if g.kind == "heads" else 0
             hidden += (g.size - n_keep) if g.kind == "hidden" else 0
         details = {"criterion": self.criterion, "ratio": self.ratio, "round_to": self.round_to,
-                   "sensitivity": self.sensitivity,
+                   "sensitivity": self.sensitivity, **allocation,
                    "ignored_groups": ignored, "groups": len(dg.groups),
                    "prunable_groups": sum(g.prunable for g in dg.groups),
                    "pruned_groups": len(plan), "channels_removed": removed,
@@ -127,9 +152,8 @@ class ChannelPrune:
                    "hidden_removed": hidden, "hidden_ratio": self.hidden_ratio,
                    "output_maps": maps,
                    "channels_in_prunable_groups": total}
-        pruned = apply_plan(graph, dg, plan)
+        pruned, refit, report = built or build(plan)
         if self.reconstruct:
-            refit, info = refit_consumers(graph, pruned, dg, plan, ctx, self.ridge)
-            details["reconstructed"] = info["refit"]
+            details["reconstructed"] = report
             pruned, details["reconstruction"] = keep_if_better(graph, pruned, refit, ctx)
         return pruned, details
