@@ -466,7 +466,7 @@ def test_runner_accepts_unaligned_and_noncontiguous_inputs(host, tmp_path):
 ])
 def test_depthwise_conv_numerics(args, host, tmp_path):
     """Depthwise convs (groups = channels) get their own kernel, with the activation (ReLU,
-    ReLU6 and other Clip bounds) folded into the write-back; grouped ones stay generic."""
+    ReLU6 and other Clip bounds) folded into the write-back."""
     model = conv_model(oc=args["c"], group=args["c"], **args)
     facts, feeds, outs = compile_and_run(model, host, tmp_path)
     assert facts["kernels"] == {"depthwise_nchw": 1}, facts["kernels"]
@@ -977,12 +977,24 @@ def test_conv_two_channel_blocks_per_tile(args, host, tmp_path):
     assert_matches_ort(model, feeds, outs)
 
 
-def test_grouped_conv_uses_fallback(host, tmp_path):
-    model = conv_model(n=1, c=12, h=15, w=15, oc=12, k=3, stride=1, pad=1, group=3, relu=True)
+@pytest.mark.parametrize("args", [
+    dict(n=1, c=12, h=15, w=15, oc=12, k=3, stride=1, pad=1, group=3, relu=True),  # 4 wide
+    dict(n=1, c=16, h=8, w=8, oc=16, k=3, stride=2, pad=1, group=2),     # RegNet's 8 wide
+    dict(n=1, c=14, h=9, w=11, oc=21, k=3, stride=1, pad=1, group=7),    # pruned: 3 of 4 lanes
+    dict(n=2, c=40, h=6, w=7, oc=40, k=3, stride=1, pad=2, dil=2, group=2,
+         clip=(0.0, 6.0)),                                               # 20 wide, batch 2
+    dict(n=1, c=6, h=10, w=10, oc=12, k=3, stride=1, pad=1, group=6, bias=False),  # multiplier 2
+])
+def test_grouped_conv_numerics(args, host, tmp_path):
+    """Grouped convs (and depthwise ones with a channel multiplier > 1) run on
+    ``grouped_conv2d_nchw``, any group width (not a multiple of the vector width included),
+    with the epilogue folded; they match ONNX Runtime."""
+    model = conv_model(**args)
     facts, feeds, outs = compile_and_run(model, host, tmp_path)
-    assert set(facts["kernels"]) == {"fallback"}
-    [d] = [d for d in facts["decisions"] if d["op"] == "nn.conv2d"]
-    assert d["chosen"] == "fallback"
+    assert facts["kernels"] == {"grouped_conv2d_nchw": 1}, facts["kernels"]
+    [d] = facts["decisions"]
+    assert d["chosen"] == "grouped_conv2d_nchw"
+    assert d["shape"]["groups"] == args["group"]
     assert_matches_ort(model, feeds, outs)
 
 

@@ -74,6 +74,11 @@ STRATEGIES: tuple[StrategyInfo, ...] = (
                  "pointwise NCHW conv with 16x1 (or 4x1) zero blocks: W packed in 4-channel "
                  "panels keeping their nonzero input channels (ELL), (4 oc x 16 pixels) tile "
                  "vectorized along the pixels, as in Fast Sparse ConvNets"),
+    StrategyInfo("grouped_conv2d_nchw", "relax.nn.conv2d", 0.25,
+                 "NCHW grouped conv (1 < groups, not depthwise multiplier 1), constant W packed "
+                 "per group [G*ceil(OCg/L),ICg,KH,KW,L], L = 16/8/4 lanes inside one group: "
+                 "conv2d_nchw_packed's (T pixels x L oc) tile reducing over the group's input "
+                 "channels; (n, group block, oh) in parallel"),
     StrategyInfo("depthwise_nchw", "relax.nn.conv2d", 0.10,
                  "NCHW depthwise (groups = channels, multiplier 1), constant W[C,KH,KW]: one "
                  "channel's zero-padded plane (split into stride phases) per task, (rows x "

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from sparsec.targets import kernels, tuning
 from sparsec.targets.kernels import (amx, batch_matmul, bsr, conv2d, dense, depthwise,
-                                     dw_pointwise, mma_sp, pointwise, pointwise_dw, sparse_cuda)
+                                     dw_pointwise, grouped_conv, mma_sp, pointwise,
+                                     pointwise_dw, sparse_cuda)
 from sparsec.targets.kernels.common import Activation, bf16_allowed
 
 if TYPE_CHECKING:
@@ -370,8 +371,10 @@ def _match_conv(a: _Analysis, call: "relax.Call") -> tuple[Plan, dict] | None:
         return None
     if depthwise.matches(shape, groups):
         return [_depthwise(shape, w, _dtype(x), xs, out)]
+    if grouped_conv.matches(shape, groups):
+        return [_grouped(shape, groups, w, _dtype(x), xs, out)]
     if groups != 1:
-        return None  # grouped convs: the generic schedule
+        return None
     wplan = conv2d.plan_wvec(shape)
     packed = conv2d.pack_weight(w, wplan.oct if wplan else conv2d.LANES)
     dtype = _dtype(x)
@@ -468,6 +471,30 @@ def _depthwise(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, xs: tuple, 
     macs = out[0] * out[1] * out[2] * out[3] * shape.kh * shape.kw
     return Plan(depthwise.NAME, emit, info=info, shape=kshape,
                 operands={"conv": shape, "weight": weight, "out": out}), {"macs": macs}
+
+
+def _grouped(shape: conv2d.ConvShape, groups: int, w: "np.ndarray", dtype: str, xs: tuple,
+             out: tuple) -> tuple[Plan, dict]:
+    """The ``grouped_conv2d_nchw`` plan of a grouped conv (not depthwise-multiplier-1)."""
+    kshape = {**dataclasses.asdict(shape), "groups": groups, "dtype": dtype}
+
+    def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
+             ) -> "relax.Expr":
+        from tvm import relax
+
+        lanes = grouped_conv.pick_lanes(shape.oc // groups)
+        func = tuning.build_tuned(grouped_conv.NAME, kshape, bias=bias is not None, act=act,
+                                  residual=residual is not None)
+        gv = bb.add_func(func, grouped_conv.NAME)
+        call_args = [args[0], relax.const(grouped_conv.pack_weight(w, groups, lanes))] + (
+            [relax.const(bias)] if bias is not None else []) + (
+            [residual] if residual is not None else [])
+        return relax.call_tir(gv, call_args, relax.TensorType(out, dtype))
+
+    info = _conv_info(shape, xs, w, out, "grouped")
+    info["shape"]["groups"] = groups
+    macs = out[0] * out[1] * out[2] * out[3] * (shape.ic // groups) * shape.kh * shape.kw
+    return Plan(grouped_conv.NAME, emit, info=info, shape=kshape), {"macs": macs}
 
 
 def _pointwise(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, out: tuple,
