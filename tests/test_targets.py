@@ -774,6 +774,27 @@ def test_gelu_softmax_fast_math(form, host, tmp_path):
     assert_matches_ort(model, feeds, outs)
 
 
+def test_sigmoid_and_silu_run_fast_exp(host, tmp_path):
+    """Sigmoid (alone, and SiLU's x * sigmoid(x) after a conv) becomes 1 / (1 + exp(-x)) with
+    TOPI's vectorizable fast_exp before legalization: no sigmoid op is left, and the results
+    match ONNX Runtime over a range that reaches fast_exp's clamp (|x| > 88)."""
+    from sparsec.targets.host import import_onnx, load_library, sigmoid_pass
+
+    rng = np.random.default_rng(3)
+    n = helper.make_node
+    inits = {"w": rng.standard_normal((8, 4, 3, 3)) / 3}
+    nodes = [n("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), n("Sigmoid", ["c"], ["s"]),
+             n("Mul", ["c", "s"], ["y"]), n("Sigmoid", ["x"], ["z"])]
+    model = make_model(nodes, [("x", [1, 4, 6, 10])], [("y", [1, 8, 6, 10]), ("z", [1, 4, 6, 10])],
+                       inits)
+    assert "R.sigmoid" in import_onnx(model).script()
+    assert "R.sigmoid" not in sigmoid_pass()(import_onnx(model)).script()
+    facts, feeds, outs = compile_and_run(model, host, tmp_path)
+    feeds = {"x": (feeds["x"] * 60).astype(np.float32)}      # up to |x| ~ 200
+    outs = load_library(tmp_path / "m.so", facts["inputs"]).run(feeds)
+    assert_matches_ort(model, feeds, outs)
+
+
 @pytest.mark.parametrize("form", ["gelu", "residual_relu", "reshape_used_twice"])
 def test_epilogue_folds_past_reshapes(form, host, tmp_path):
     """A Linear on a 3-D input as torch exports it (reshape -> Gemm -> reshape) keeps its
