@@ -795,6 +795,27 @@ def test_sigmoid_and_silu_run_fast_exp(host, tmp_path):
     assert_matches_ort(model, feeds, outs)
 
 
+def test_small_kernels_run_serially():
+    """A parallel loop with less work than ``MIN_PARALLEL_WORK`` becomes serial (waking the
+    worker threads would cost more than it saves); a big one keeps its threads."""
+    from tvm import s_tir, te
+
+    from sparsec.targets import parallel
+
+    def func(rows: int):
+        x = te.placeholder((rows, 64), "float32", name="x")
+        y = te.compute((rows, 64), lambda i, j: x[i, j] * 2.0 + 1.0, name="y")
+        sch = s_tir.Schedule(te.create_prim_func([x, y]))
+        sch.parallel(sch.get_loops(sch.get_sblock("y"))[0])
+        return sch.mod["main"]
+
+    small, big = func(16), func(16384)      # 2 operations an element: 2k and 2M
+    assert parallel.work(small.body) == 16 * 64 * 2
+    assert "T.parallel" not in parallel.serialize_small(small, 1e6).script()
+    assert "T.parallel" in parallel.serialize_small(big, 1e6).script()
+    assert parallel.serialize_small(big, 1e6).same_as(big)
+
+
 @pytest.mark.parametrize("form", ["gelu", "residual_relu", "reshape_used_twice"])
 def test_epilogue_folds_past_reshapes(form, host, tmp_path):
     """A Linear on a 3-D input as torch exports it (reshape -> Gemm -> reshape) keeps its
