@@ -705,27 +705,31 @@ def test_depthwise_pad_is_vector_code(stride):
     assert ("T.Shuffle" in text) == (stride == 2)
 
 
-@pytest.mark.parametrize("seq,dh", [(16, 8), (24, 16), (10, 8)])
-def test_attention_batch_matmul(seq, dh, host, tmp_path):
+@pytest.mark.parametrize("seq,dh,scale_k", [(16, 8, False), (24, 16, False), (10, 8, False),
+                                            (21, 12, False), (37, 8, True)])
+def test_attention_batch_matmul(seq, dh, scale_k, host, tmp_path):
     """softmax(Q K^T * scale) V over [2, 3] heads: both matmuls multiply two run-time tensors
-    and get ``batch_matmul`` (N = seq for Q K^T, N = head dim for P V) when N is a multiple of
-    8; the residual add after P V folds into its write-back."""
+    and get ``batch_matmul`` (N = seq for Q K^T, N = head dim for P V), N a multiple of 8 or
+    not (a zero-padded last panel); the residual add after P V folds into its write-back.
+    With ``scale_k`` the scale multiplies K^T (wav2vec2's export), so B is read in place."""
     n = helper.make_node
-    nodes = [n("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]), n("MatMul", ["q", "kt"], ["s"]),
-             n("Mul", ["s", "scale"], ["ss"]), n("Softmax", ["ss"], ["p"], axis=-1),
-             n("MatMul", ["p", "v"], ["o"]), n("Add", ["o", "q"], ["y"])]
+    nodes = [n("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2])]
+    if scale_k:
+        nodes += [n("Mul", ["kt", "scale"], ["kts"]), n("MatMul", ["q", "kts"], ["ss"])]
+    else:
+        nodes += [n("MatMul", ["q", "kt"], ["s"]), n("Mul", ["s", "scale"], ["ss"])]
+    nodes += [n("Softmax", ["ss"], ["p"], axis=-1), n("MatMul", ["p", "v"], ["o"]),
+              n("Add", ["o", "q"], ["y"])]
     shape = [2, 3, seq, dh]
     model = make_model(nodes, [("q", shape), ("k", shape), ("v", shape)], [("y", shape)],
                        {"scale": np.array(dh ** -0.5)})
     facts, feeds, outs = compile_and_run(model, host, tmp_path)
     mm = [d for d in facts["decisions"] if d["chosen"] == "batch_matmul"]
-    want = 2 if seq % 8 == 0 else 1
-    assert facts["kernels"].get("batch_matmul", 0) == want, facts["kernels"]
-    assert [d["shape"]["N"] for d in mm] == [n_ for n_ in (seq, dh) if n_ % 8 == 0]
+    assert facts["kernels"].get("batch_matmul", 0) == 2, facts["kernels"]
+    assert [d["shape"]["N"] for d in mm] == [seq, dh]
     assert mm[-1]["epilogue"] == ["residual"]
     # Q @ K^T reads K untransposed (the kernel packs K^T a panel at a time); P @ V does not
-    assert [d.get("b_transposed", False) for d in mm] == [n_ == seq for n_ in (seq, dh)
-                                                          if n_ % 8 == 0]
+    assert [d.get("b_transposed", False) for d in mm] == [not scale_k, False]
     assert_matches_ort(model, feeds, outs)
 
 
@@ -772,6 +776,29 @@ def test_gelu_softmax_fast_math(form, host, tmp_path):
     feeds = {"x": feeds["x"] * 3}           # reach erf's and tanh's tails too
     outs = load_library(tmp_path / "m.so", facts["inputs"]).run(feeds)
     assert_matches_ort(model, feeds, outs)
+
+
+@pytest.mark.parametrize("shape,kernel", [([2, 4, 19], True), ([3, 37], True), ([159, 159], True),
+                                          ([4, 32], False), ([6, 8], False)])
+def test_softmax_rows_numerics(shape, kernel, host, tmp_path):
+    """Softmax over rows that are not whole 16-lane vectors runs ``softmax_rows`` (vector
+    code with an overlapping last vector); whole-vector and short rows stay on the generic
+    row schedule. Both match ONNX Runtime, a masked (-1e9) column and a large logit
+    included."""
+    from sparsec.targets.host import load_library
+
+    n = helper.make_node
+    model = make_model([n("Mul", ["x", "s"], ["xs"]), n("Softmax", ["xs"], ["y"], axis=-1)],
+                       [("x", shape)], [("y", shape)], {"s": np.array(1.0)})
+    facts, feeds, outs = compile_and_run(model, host, tmp_path)
+    assert ("softmax_rows" in facts["kernels"]) == kernel, facts["kernels"]
+    x = (feeds["x"] * 8).astype(np.float32)
+    x[..., 0, -1] = -1e9
+    x[..., -1, 3] = 90.0
+    feeds = {"x": x}
+    outs = load_library(tmp_path / "m.so", facts["inputs"]).run(feeds)
+    assert_matches_ort(model, feeds, outs)
+    np.testing.assert_allclose(outs[0].sum(-1), 1.0, rtol=1e-5)
 
 
 def test_sigmoid_and_silu_run_fast_exp(host, tmp_path):

@@ -154,7 +154,8 @@ def build(strategy: str, shape: dict, knobs: dict | None = None, **flags) -> "ti
     """The kernel ``strategy`` for ``shape`` with ``knobs`` (defaults where absent) and the
     epilogue ``flags`` (bias, act, residual), tagged with its shape for the tuner."""
     from sparsec.targets.kernels import (amx, batch_matmul, bsr, conv2d, dense, depthwise,
-                                         dw_pointwise, grouped_conv, pointwise, pointwise_dw)
+                                         dw_pointwise, grouped_conv, pointwise, pointwise_dw,
+                                         softmax)
 
     k = knobs or {}
     rows = (k["rows"],) if "rows" in k else None
@@ -210,6 +211,8 @@ def build(strategy: str, shape: dict, knobs: dict | None = None, **flags) -> "ti
             func = conv2d.build(s, shape["dtype"], **flags,
                                 **({"width_tile": k["width_tile"]} if "width_tile" in k
                                    else {}))
+    elif strategy == "softmax_rows":
+        func = softmax.build(shape["rows"], shape["n"], shape["dtype"])
     elif strategy == "grouped_conv2d_nchw":
         func = grouped_conv.build(_conv_shape({n: v for n, v in shape.items() if n != "groups"}),
                                   shape["groups"], shape["dtype"], **flags,

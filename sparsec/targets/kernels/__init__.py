@@ -97,6 +97,11 @@ STRATEGIES: tuple[StrategyInfo, ...] = (
                  "stays in cache, and runs depthwise_nchw's tile on it. Not chosen by the cost "
                  "rule: the rewrite fuses planned pairs on maps of 56x56 and more whose "
                  "depthwise conv is not fused with its projection"),
+    StrategyInfo("softmax_rows", "relax.nn.softmax", 0.10,
+                 "softmax over the last axis, rows of N >= 16 that are not whole 16-lane "
+                 "vectors (attention over an odd sequence length): each row in 16-lane vector "
+                 "code with an overlapping last vector instead of a scalar tail, a polynomial "
+                 "exp; whole-vector rows stay on the generic row schedule. 'MACs' = elements"),
     StrategyInfo("nm_sparse_cuda", "relax.matmul", 0.10,
                  "CUDA, few rows (M <= 8): constant W compressed per output channel to its "
                  "nonzeros, K-major (int8 in-group offsets for N:M patterns, int16/int32 "
