@@ -99,6 +99,23 @@ def _count_strategies(mod: "ir.IRModule") -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def _relax_function_pass(mutator_cls, name: str):
+    """A module pass running ``mutator_cls`` (a ``relax.PyExprMutator``) over every Relax
+    function of the module."""
+    import tvm
+    from tvm import relax
+
+    @tvm.transform.module_pass(opt_level=0, name=name)
+    def _pass(mod: "ir.IRModule", _ctx) -> "ir.IRModule":
+        mutator = mutator_cls(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                mutator.builder_.update_func(gv, mutator.visit_expr(func))
+        return mutator.builder_.get()
+
+    return _pass
+
+
 def safe_take_pass():
     """Relax pass: ``take`` (ONNX Gather) with run-time indices wraps them modulo the table
     (``mode="wrap"``) instead of the frontend's ``fast`` mode, which reads out of bounds for
@@ -121,15 +138,7 @@ def safe_take_pass():
                                      None if axis is None else int(axis), mode="wrap")
             return call
 
-    @tvm.transform.module_pass(opt_level=0, name="SparsecSafeTake")
-    def _pass(mod: "ir.IRModule", _ctx) -> "ir.IRModule":
-        mutator = SafeTake(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                mutator.builder_.update_func(gv, mutator.visit_expr(func))
-        return mutator.builder_.get()
-
-    return _pass
+    return _relax_function_pass(SafeTake, "SparsecSafeTake")
 
 
 def sigmoid_pass():
@@ -152,15 +161,7 @@ def sigmoid_pass():
                 return relax.op.divide(one, self.builder_.emit(relax.op.add(one, e)))
             return call
 
-    @tvm.transform.module_pass(opt_level=0, name="SparsecFastSigmoid")
-    def _pass(mod: "ir.IRModule", _ctx) -> "ir.IRModule":
-        mutator = Sigmoid(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                mutator.builder_.update_func(gv, mutator.visit_expr(func))
-        return mutator.builder_.get()
-
-    return _pass
+    return _relax_function_pass(Sigmoid, "SparsecFastSigmoid")
 
 
 def build_pipeline(target: "object", cores: int, decisions: list[dict],
