@@ -843,6 +843,24 @@ def test_small_kernels_run_serially():
     assert parallel.serialize_small(big, 1e6).same_as(big)
 
 
+@pytest.mark.parametrize("m,parallel_loops", [(64, False), (512, True)])
+def test_small_models_run_serially(m, parallel_loops, host):
+    """A model whose whole call is less work than ``MIN_PARALLEL_MODEL_WORK`` (64 x 256 x 512:
+    17 M operations, a kernel that alone would keep its threads) runs every kernel serially (a rare parallel kernel would find the workers
+    asleep); a big one (512 rows: 134 M) keeps threads in its big kernel."""
+    import tvm
+
+    from sparsec.targets.host import build_pipeline, import_onnx
+
+    rng = np.random.default_rng(0)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", [m, 256])],
+                       [("y", [m, 512])], {"w": rng.standard_normal((256, 512))})
+    target = tvm.target.Target(dict(host.tvm_target))
+    lowered = build_pipeline(target, 2, [], {})(import_onnx(model))
+    texts = [f.script() for _, f in lowered.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert any("T.parallel" in t for t in texts) == parallel_loops
+
+
 @pytest.mark.parametrize("form", ["gelu", "residual_relu", "reshape_used_twice"])
 def test_epilogue_folds_past_reshapes(form, host, tmp_path):
     """A Linear on a 3-D input as torch exports it (reshape -> Gemm -> reshape) keeps its

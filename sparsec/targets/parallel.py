@@ -28,6 +28,12 @@ if TYPE_CHECKING:
 #: limit, 0.22 at 1e5, 0.17 at 3e5, 0.13 serial; wav2vec2 0.90 / 0.83 / 0.82 / 0.73 at 1e6 /
 #: 0.70 serial; a 32x768x3072 GEMM (150 M operations) keeps its threads at any of these
 MIN_PARALLEL_WORK = 1_000_000
+#: operations a whole model call must do for any of its loops to run in parallel: a model
+#: this small is done in a few hundred microseconds on one core, and a parallel kernel in
+#: it, the rare one among serial ones, finds TVM's workers asleep: waking them costs tens of
+#: microseconds on an idle machine and milliseconds on a busy one (ResNet at 32x32 with one
+#: parallel conv: 0.03 ms serial, 3-4 ms a call with the other core busy; ORT 0.036)
+MIN_PARALLEL_MODEL_WORK = 50_000_000
 #: nodes counted in one stored expression before giving up (deep trees are heavy anyway)
 _MAX_NODES = 256
 
@@ -114,18 +120,40 @@ def serialize_small(func: "tirx.PrimFunc", min_work: float = MIN_PARALLEL_WORK
     return func if body.same_as(func.body) else func.with_body(body)
 
 
-def serial_small_kernels_pass(min_work: float | None = None):
-    """Module pass: :func:`serialize_small` on every PrimFunc (``min_work`` default:
-    :data:`MIN_PARALLEL_WORK`)."""
+def model_work(mod: "ir.IRModule") -> float:
+    """Estimated operations of one call of ``mod``'s Relax functions: each PrimFunc's
+    :func:`work` times the ``call_tir`` calls of it."""
+    from tvm import relax, tirx
+
+    calls: dict = {}
+
+    def visit(expr) -> None:
+        if (isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.call_tir"
+                and isinstance(expr.args[0], relax.GlobalVar)):
+            calls[expr.args[0]] = calls.get(expr.args[0], 0) + 1
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return sum(n * work(mod[gv].body) for gv, n in calls.items()
+               if isinstance(mod[gv], tirx.PrimFunc))
+
+
+def serial_small_kernels_pass(min_work: float | None = None,
+                              model_min_work: float | None = None):
+    """Module pass: :func:`serialize_small` on every PrimFunc, with ``min_work`` (default
+    :data:`MIN_PARALLEL_WORK`); every loop serial when the whole model does less than
+    ``model_min_work`` (default :data:`MIN_PARALLEL_MODEL_WORK`)."""
     import tvm
     from tvm import tirx
 
-    if min_work is None:
-        min_work = MIN_PARALLEL_WORK
-
     @tvm.transform.module_pass(opt_level=0, name="SparsecSerialSmallKernels")
     def _pass(mod: "ir.IRModule", _ctx) -> "ir.IRModule":
-        updates = {gv: serialize_small(f, min_work) for gv, f in mod.functions_items()
+        limit = MIN_PARALLEL_WORK if min_work is None else min_work
+        whole = model_work(mod)
+        if whole < (MIN_PARALLEL_MODEL_WORK if model_min_work is None else model_min_work):
+            limit = float("inf")
+        updates = {gv: serialize_small(f, limit) for gv, f in mod.functions_items()
                    if isinstance(f, tirx.PrimFunc)}
         for gv, func in updates.items():
             mod[gv] = func
