@@ -42,6 +42,20 @@ def lanes_for(n: int) -> int | None:
     return next((v for v in (16, 8) if n % v == 0), None)
 
 
+def row_tile(m: int, row_tiles: tuple[int, ...] | None = None) -> int:
+    """Rows per register tile: the first of ``row_tiles`` that divides M when given (tuned
+    knobs); by default a divisor of at least 4 from :data:`ROW_TILES`, else the 6, 5 or 4 that
+    pads M the least (159 rows: 5, not the divisor 3, whose 3 x lanes tile does 3 FMAs per 4
+    loads); the padded rows compute on row M - 1 and are not written back."""
+    if row_tiles is not None:
+        return pick_row_tile(m, row_tiles)
+    exact = pick_row_tile(m, ROW_TILES)
+    padded = [t for t in (6, 5, 4) if t <= m]
+    if exact >= 4 or not padded:
+        return exact
+    return min(padded, key=lambda t: ((-m) % t, -t))
+
+
 def panel_lanes(n: int) -> int:
     """The panel width: :func:`lanes_for` N, else (a padded last panel) 16 from N = 16 on,
     else 8."""
@@ -50,14 +64,14 @@ def panel_lanes(n: int) -> int:
 
 def build(batch: int, m: int, k: int, n: int, dtype: str = "float32", bias: bool = False,
           act: Activation | None = None, residual: bool = False,
-          row_tiles: tuple[int, ...] = ROW_TILES, b_transposed: bool = False
+          row_tiles: tuple[int, ...] | None = None, b_transposed: bool = False
           ) -> "tirx.PrimFunc":
     """The scheduled PrimFunc ``(A[b,M,K], B[b,K,N] [, bias[N]] [, R[b,M,N]], Y[b,M,N])``;
     with ``b_transposed`` the second operand is ``B^T[b,N,K]``."""
-    from tvm import s_tir, te
+    from tvm import s_tir, te, tirx
 
-    from tvm import tirx
-
+    rows = row_tile(m, row_tiles)
+    mp = -(-m // rows) * rows
     lanes = panel_lanes(n)
     padded = n % lanes != 0
     panels = -(-n // lanes)
@@ -82,15 +96,17 @@ def build(batch: int, m: int, k: int, n: int, dtype: str = "float32", bias: bool
     else:
         def b_at(t, kk, jb, jl):
             return b[t, kk, jb * lanes + jl]
+    def a_at(t, i, kk):     # rows past M (a padded last row tile) read row M - 1
+        return a[t, i if mp == m else tirx.min(i, m - 1), kk]
     acc = te.compute(
-        (batch, m, panels, lanes),
-        lambda t, i, jb, jl: te.sum(a[t, i, r] * b_at(t, r, jb, jl), axis=r), name="acc")
+        (batch, mp, panels, lanes),
+        lambda t, i, jb, jl: te.sum(a_at(t, i, r) * b_at(t, r, jb, jl), axis=r), name="acc")
     sch = s_tir.Schedule(epilogue_func(
         [a, b], lambda t, i, j: acc[t, i, j // lanes, j % lanes], (batch, m, n), dtype,
         bias_t, res, act, channel_axis=2))
     blk = sch.get_sblock("acc")
     t, i, jb, jl, kk = sch.get_loops(blk)
-    mo, mi = sch.split(i, [None, pick_row_tile(m, row_tiles)])
+    mo, mi = sch.split(i, [None, rows])
     sch.reorder(t, jb, mo, kk, mi, jl)
     sch.set_scope(blk, 0, "local")
     out = sch.get_sblock("Y")
