@@ -60,8 +60,9 @@ STRATEGIES: tuple[StrategyInfo, ...] = (
                  "dense_amx_bf16's tile program per batch entry; any N; lossy"),
     StrategyInfo("batch_matmul", "relax.matmul", 0.35,
                  "matmul of two run-time tensors (attention's Q @ K^T, P @ V), same batch dims, "
-                 "N a multiple of 8: B read in place along N, dense_packed's rows x 16 tile; "
-                 "(batch, N panel, M tile) in parallel"),
+                 "any M, N: B read in place along N (N a multiple of 8) or packed a panel at a "
+                 "time (B^T, or a zero-padded last panel), dense_packed's rows x 16 tile (M "
+                 "padded to a 4-6 row tile); (batch, N panel, M tile) in parallel"),
     StrategyInfo("conv2d_nchw_packed", "relax.nn.conv2d", 0.40,
                  "NCHW groups=1, constant W packed [OC/16,IC,KH,KW,16]; (T pixels x 16 oc) "
                  "register tile; (n, oc-block, oh) in parallel. Small maps whose output width "
