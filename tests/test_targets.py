@@ -823,8 +823,8 @@ def test_sigmoid_and_silu_run_fast_exp(host, tmp_path):
 
 
 def test_small_kernels_run_serially():
-    """A parallel loop with less work than ``MIN_PARALLEL_WORK`` becomes serial (waking the
-    worker threads would cost more than it saves); a big one keeps its threads."""
+    """``serialize_small`` makes a parallel loop with less work than its limit serial and
+    leaves a bigger one alone; ``work`` counts trip counts times arithmetic nodes."""
     from tvm import s_tir, te
 
     from sparsec.targets import parallel
@@ -846,7 +846,7 @@ def test_small_kernels_run_serially():
 @pytest.mark.parametrize("m,parallel_loops", [(64, False), (512, True)])
 def test_small_models_run_serially(m, parallel_loops, host):
     """A model whose whole call is less work than ``MIN_PARALLEL_MODEL_WORK`` (64 x 256 x 512:
-    17 M operations, a kernel that alone would keep its threads) runs every kernel serially (a rare parallel kernel would find the workers
+    17 M operations) runs every kernel serially (a rare parallel kernel would find the workers
     asleep); a big one (512 rows: 134 M) keeps threads in its big kernel."""
     import tvm
 

@@ -8,7 +8,7 @@ Pipeline (compare ``tvm/relax/backend/cpu_generic/pipeline.py``, the "zero" defa
   -> FastMathTransform (softmax, exp, erf, tanh) -> LegalizeOps -> AnnotateTIROpPattern
   -> FoldConstant -> FuseOps -> FuseTIR
   -> SparsecFallbackSchedule (every PrimFunc not already scheduled)
-  -> SparsecSerialSmallKernels (parallel loops with little work run serially: parallel.py)
+  -> SparsecSerialSmallModels (a model with little work runs serially: parallel.py)
   -> the default dataflow-lowering and finalization passes -> LLVM.
 """
 
@@ -173,7 +173,7 @@ def build_pipeline(target: "object", cores: int, decisions: list[dict],
 
     from sparsec.targets.kernels.fallback import fallback_pass
     from sparsec.targets.kernels.rewrite import rewrite_pass
-    from sparsec.targets.parallel import serial_small_kernels_pass
+    from sparsec.targets.parallel import serial_small_models_pass
 
     @tvm.transform.module_pass(opt_level=0, name="SparsecRecordKernels")
     def record(mod: "ir.IRModule", _ctx) -> "ir.IRModule":
@@ -192,7 +192,7 @@ def build_pipeline(target: "object", cores: int, decisions: list[dict],
                  sigmoid_pass(), relax.transform.FastMathTransform()]
                 + cpu.library_dispatch_passes(target)
                 + cpu.legalize_passes(target)
-                + [fallback_pass(target), serial_small_kernels_pass()]
+                + [fallback_pass(target), serial_small_models_pass()]
                 # counted once reshapes that only relabel memory have become views
                 + cpu.dataflow_lower_passes(target)[:1] + [record]
                 + cpu.dataflow_lower_passes(target)[1:]

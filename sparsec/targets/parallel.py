@@ -1,18 +1,22 @@
-"""Threads only where they pay: a kernel whose parallel loop holds little work runs it serially.
+"""Threads only where they pay: a model that does little work runs every kernel serially.
 
 Every kernel schedule (ours and the generic one) parallelizes its outer loop. Starting a
 parallel loop wakes TVM's worker threads and ends on a barrier: a few microseconds when the
-workers are spinning, far more when the other core is busy with another process and a worker
-has to be scheduled back in, which on a shared 2-core machine is most of the time. A kernel
-that does a few microseconds of work is then slower in parallel than alone, and small models
-are made of such kernels: MobileViT at 32x32 (190 kernel calls, most under 2 us) ran 0.55 ms
-with 2 threads and 0.16 ms with 1 (ONNX Runtime: 0.33 ms). ONNX Runtime sizes its thread use
-by the work the same way (its cost model in ``TryParallelFor``).
+workers are spinning, far more when they have gone to sleep, and milliseconds when the other
+core is busy with another process and a worker has to be scheduled back in (TVM gives each
+thread a fixed share of the loop, so the barrier waits for it). Small models are made of
+kernels of a few microseconds each: MobileViT at 32x32 (190 kernel calls, most under 2 us)
+ran 0.55 ms with 2 threads and 0.13 ms serially (ONNX Runtime: 0.33 ms); making only their
+smallest kernels serial was worse than all or nothing, since the remaining parallel kernels
+found the workers asleep (ResNet at 32x32 with one parallel conv: 3-4 ms a call with the other
+core busy, 0.03 ms serially). Big models keep every loop parallel: their kernels keep the
+workers awake, and serializing even their small kernels measured 2-10 % slower (MobileNetV2
+and BERT-base at 1e6 operations a kernel, a 64x64 residual CNN at 1e5-1e6).
 
-The pass estimates each parallel loop's work by walking its body: every buffer store counts
-its loop trip count times the arithmetic nodes of the stored value (a multiply-add: 2, a
-fast_exp: ~40), and a loop with less than :data:`MIN_PARALLEL_WORK` becomes serial. Loops
-whose extent is not a constant stay parallel (their work is unknown).
+The pass estimates work by walking each kernel's body: every buffer store counts its loop trip
+count times the arithmetic nodes of the stored value (a multiply-add: 2, a fast_exp: ~40),
+times the model's calls of that kernel. Under :data:`MIN_PARALLEL_MODEL_WORK` a call, every
+parallel loop becomes serial. Loops whose extent is not a constant count as unbounded work.
 """
 
 from __future__ import annotations
@@ -22,17 +26,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from tvm import ir, tirx
 
-#: operations a parallel loop must hold to keep its threads: 10-20 us of one core's vector
-#: arithmetic, several times what waking the workers costs on an idle machine. Measured on
-#: the coverage models (2 threads, against a fully serial build): MobileViT 0.55 ms with no
-#: limit, 0.22 at 1e5, 0.17 at 3e5, 0.13 serial; wav2vec2 0.90 / 0.83 / 0.82 / 0.73 at 1e6 /
-#: 0.70 serial; a 32x768x3072 GEMM (150 M operations) keeps its threads at any of these
-MIN_PARALLEL_WORK = 1_000_000
-#: operations a whole model call must do for any of its loops to run in parallel: a model
-#: this small is done in a few hundred microseconds on one core, and a parallel kernel in
-#: it, the rare one among serial ones, finds TVM's workers asleep: waking them costs tens of
-#: microseconds on an idle machine and milliseconds on a busy one (ResNet at 32x32 with one
-#: parallel conv: 0.03 ms serial, 3-4 ms a call with the other core busy; ORT 0.036)
+#: operations a whole model call must do for its loops to run in parallel: about 0.3-0.5 ms
+#: on one core. All 56 coverage files (0.02-0.5 ms) fall under it (wav2vec2: 2e7); a 64x64
+#: residual CNN (1.25e8) ran 0.70 ms parallel and 1.16 ms serially
 MIN_PARALLEL_MODEL_WORK = 50_000_000
 #: nodes counted in one stored expression before giving up (deep trees are heavy anyway)
 _MAX_NODES = 256
@@ -113,8 +109,7 @@ def _serialize(stmt, min_work: float):
     return stmt
 
 
-def serialize_small(func: "tirx.PrimFunc", min_work: float = MIN_PARALLEL_WORK
-                    ) -> "tirx.PrimFunc":
+def serialize_small(func: "tirx.PrimFunc", min_work: float) -> "tirx.PrimFunc":
     """``func`` with its parallel loops of little work made serial (unchanged otherwise)."""
     body = _serialize(func.body, min_work)
     return func if body.same_as(func.body) else func.with_body(body)
@@ -139,20 +134,19 @@ def model_work(mod: "ir.IRModule") -> float:
                if isinstance(mod[gv], tirx.PrimFunc))
 
 
-def serial_small_kernels_pass(min_work: float | None = None,
-                              model_min_work: float | None = None):
-    """Module pass: :func:`serialize_small` on every PrimFunc, with ``min_work`` (default
-    :data:`MIN_PARALLEL_WORK`); every loop serial when the whole model does less than
-    ``model_min_work`` (default :data:`MIN_PARALLEL_MODEL_WORK`)."""
+def serial_small_models_pass(model_min_work: float | None = None):
+    """Module pass: every PrimFunc serial (:func:`serialize_small` with no limit) when the
+    model does less than ``model_min_work`` a call (default
+    :data:`MIN_PARALLEL_MODEL_WORK`), the module unchanged otherwise."""
     import tvm
     from tvm import tirx
 
-    @tvm.transform.module_pass(opt_level=0, name="SparsecSerialSmallKernels")
+    @tvm.transform.module_pass(opt_level=0, name="SparsecSerialSmallModels")
     def _pass(mod: "ir.IRModule", _ctx) -> "ir.IRModule":
-        limit = MIN_PARALLEL_WORK if min_work is None else min_work
-        whole = model_work(mod)
-        if whole < (MIN_PARALLEL_MODEL_WORK if model_min_work is None else model_min_work):
-            limit = float("inf")
+        least = MIN_PARALLEL_MODEL_WORK if model_min_work is None else model_min_work
+        if model_work(mod) >= least:
+            return mod
+        limit = float("inf")
         updates = {gv: serialize_small(f, limit) for gv, f in mod.functions_items()
                    if isinstance(f, tirx.PrimFunc)}
         for gv, func in updates.items():
