@@ -96,6 +96,7 @@ def build(batch: int, m: int, k: int, n: int, dtype: str = "float32", bias: bool
     else:
         def b_at(t, kk, jb, jl):
             return b[t, kk, jb * lanes + jl]
+
     def a_at(t, i, kk):     # rows past M (a padded last row tile) read row M - 1
         return a[t, i if mp == m else tirx.min(i, m - 1), kk]
     acc = te.compute(

@@ -13,13 +13,14 @@ whole number of blocks per group) and reduces over that group's input channels o
     for owo in OWp/T:
       acc[T, L] = 0                                       # T vector accumulators
       for ic < ICg: for kh: for kw in unroll: for t in unroll(T): for l in vectorize(L):
-        acc[t, l] += Xpad[n, g*ICg + ic, oh*s + kh*d, (owo*T + t)*s + kw*d] * Wp[g*CBg + cb, ic, kh, kw, l]
+        acc[t, l] += Xpad[n, g*ICg + ic, oh*s + kh*d, (owo*T + t)*s + kw*d]
+                     * Wp[g*CBg + cb, ic, kh, kw, l]
       Y[n, g*OCg + cb*L + l, oh, owo*T + t] = epilogue(acc)    # masked at block / OW tails
 
-``L`` is 16 (AVX-512), 8 or 4 lanes, whichever pads the fewest filters per group (8 for
-RegNet's 8-wide groups: a 16-lane block would span two groups), so pruned groups whose width
-is not a multiple of 16 keep the kernel (a width no lane count divides writes back in a second
-pass: TVM cannot place that write-back inside the tile). The generic schedule ran these convs 10-30x slower.
+``L`` is 16 (AVX-512), 8 or 4 lanes (:func:`pick_lanes`; 8 for RegNet's 8-wide groups: a
+16-lane block would span two groups), so pruned groups whose width is not a multiple of 16
+keep the kernel (a width no lane count divides writes back in a second pass: TVM cannot place
+that write-back inside the tile). The generic schedule ran these convs 10-30x slower.
 """
 
 from __future__ import annotations

@@ -57,8 +57,10 @@ def vector_exp(v: "tirx.PrimExpr", lanes: int) -> "tirx.PrimExpr":
     poly = c(1 / math.factorial(7))
     for i in range(6, -1, -1):
         poly = poly * r + c(1 / math.factorial(i))
-    bits = tirx.shift_left(tirx.Cast(f"int32x{lanes}", k) + tirx.Broadcast(tirx.const(127, "int32"), lanes),
-                           tirx.Broadcast(tirx.const(23, "int32"), lanes))
+    def ci(x: int) -> "tirx.PrimExpr":
+        return tirx.Broadcast(tirx.const(x, "int32"), lanes)
+
+    bits = tirx.shift_left(tirx.Cast(f"int32x{lanes}", k) + ci(127), ci(23))
     return tirx.reinterpret(f"float32x{lanes}", bits) * poly
 
 
