@@ -466,7 +466,7 @@ def test_runner_accepts_unaligned_and_noncontiguous_inputs(host, tmp_path):
 ])
 def test_depthwise_conv_numerics(args, host, tmp_path):
     """Depthwise convs (groups = channels) get their own kernel, with the activation (ReLU,
-    ReLU6 and other Clip bounds) folded into the write-back; grouped ones stay generic."""
+    ReLU6 and other Clip bounds) folded into the write-back."""
     model = conv_model(oc=args["c"], group=args["c"], **args)
     facts, feeds, outs = compile_and_run(model, host, tmp_path)
     assert facts["kernels"] == {"depthwise_nchw": 1}, facts["kernels"]
@@ -705,27 +705,31 @@ def test_depthwise_pad_is_vector_code(stride):
     assert ("T.Shuffle" in text) == (stride == 2)
 
 
-@pytest.mark.parametrize("seq,dh", [(16, 8), (24, 16), (10, 8)])
-def test_attention_batch_matmul(seq, dh, host, tmp_path):
+@pytest.mark.parametrize("seq,dh,scale_k", [(16, 8, False), (24, 16, False), (10, 8, False),
+                                            (21, 12, False), (37, 8, True)])
+def test_attention_batch_matmul(seq, dh, scale_k, host, tmp_path):
     """softmax(Q K^T * scale) V over [2, 3] heads: both matmuls multiply two run-time tensors
-    and get ``batch_matmul`` (N = seq for Q K^T, N = head dim for P V) when N is a multiple of
-    8; the residual add after P V folds into its write-back."""
+    and get ``batch_matmul`` (N = seq for Q K^T, N = head dim for P V), N a multiple of 8 or
+    not (a zero-padded last panel); the residual add after P V folds into its write-back.
+    With ``scale_k`` the scale multiplies K^T (wav2vec2's export), so B is read in place."""
     n = helper.make_node
-    nodes = [n("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]), n("MatMul", ["q", "kt"], ["s"]),
-             n("Mul", ["s", "scale"], ["ss"]), n("Softmax", ["ss"], ["p"], axis=-1),
-             n("MatMul", ["p", "v"], ["o"]), n("Add", ["o", "q"], ["y"])]
+    nodes = [n("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2])]
+    if scale_k:
+        nodes += [n("Mul", ["kt", "scale"], ["kts"]), n("MatMul", ["q", "kts"], ["ss"])]
+    else:
+        nodes += [n("MatMul", ["q", "kt"], ["s"]), n("Mul", ["s", "scale"], ["ss"])]
+    nodes += [n("Softmax", ["ss"], ["p"], axis=-1), n("MatMul", ["p", "v"], ["o"]),
+              n("Add", ["o", "q"], ["y"])]
     shape = [2, 3, seq, dh]
     model = make_model(nodes, [("q", shape), ("k", shape), ("v", shape)], [("y", shape)],
                        {"scale": np.array(dh ** -0.5)})
     facts, feeds, outs = compile_and_run(model, host, tmp_path)
     mm = [d for d in facts["decisions"] if d["chosen"] == "batch_matmul"]
-    want = 2 if seq % 8 == 0 else 1
-    assert facts["kernels"].get("batch_matmul", 0) == want, facts["kernels"]
-    assert [d["shape"]["N"] for d in mm] == [n_ for n_ in (seq, dh) if n_ % 8 == 0]
+    assert facts["kernels"].get("batch_matmul", 0) == 2, facts["kernels"]
+    assert [d["shape"]["N"] for d in mm] == [seq, dh]
     assert mm[-1]["epilogue"] == ["residual"]
     # Q @ K^T reads K untransposed (the kernel packs K^T a panel at a time); P @ V does not
-    assert [d.get("b_transposed", False) for d in mm] == [n_ == seq for n_ in (seq, dh)
-                                                          if n_ % 8 == 0]
+    assert [d.get("b_transposed", False) for d in mm] == [not scale_k, False]
     assert_matches_ort(model, feeds, outs)
 
 
@@ -772,6 +776,89 @@ def test_gelu_softmax_fast_math(form, host, tmp_path):
     feeds = {"x": feeds["x"] * 3}           # reach erf's and tanh's tails too
     outs = load_library(tmp_path / "m.so", facts["inputs"]).run(feeds)
     assert_matches_ort(model, feeds, outs)
+
+
+@pytest.mark.parametrize("shape,kernel", [([2, 4, 19], True), ([3, 37], True), ([159, 159], True),
+                                          ([4, 32], False), ([6, 8], False)])
+def test_softmax_rows_numerics(shape, kernel, host, tmp_path):
+    """Softmax over rows that are not whole 16-lane vectors runs ``softmax_rows`` (vector
+    code with an overlapping last vector); whole-vector and short rows stay on the generic
+    row schedule. Both match ONNX Runtime, a masked (-1e9) column and a large logit
+    included."""
+    from sparsec.targets.host import load_library
+
+    n = helper.make_node
+    model = make_model([n("Mul", ["x", "s"], ["xs"]), n("Softmax", ["xs"], ["y"], axis=-1)],
+                       [("x", shape)], [("y", shape)], {"s": np.array(1.0)})
+    facts, feeds, outs = compile_and_run(model, host, tmp_path)
+    assert ("softmax_rows" in facts["kernels"]) == kernel, facts["kernels"]
+    x = (feeds["x"] * 8).astype(np.float32)
+    x[..., 0, -1] = -1e9
+    x[..., -1, 3] = 90.0
+    feeds = {"x": x}
+    outs = load_library(tmp_path / "m.so", facts["inputs"]).run(feeds)
+    assert_matches_ort(model, feeds, outs)
+    np.testing.assert_allclose(outs[0].sum(-1), 1.0, rtol=1e-5)
+
+
+def test_sigmoid_and_silu_run_fast_exp(host, tmp_path):
+    """Sigmoid (alone, and SiLU's x * sigmoid(x) after a conv) becomes 1 / (1 + exp(-x)) with
+    TOPI's vectorizable fast_exp before legalization: no sigmoid op is left, and the results
+    match ONNX Runtime over a range that reaches fast_exp's clamp (|x| > 88)."""
+    from sparsec.targets.host import import_onnx, load_library, sigmoid_pass
+
+    rng = np.random.default_rng(3)
+    n = helper.make_node
+    inits = {"w": rng.standard_normal((8, 4, 3, 3)) / 3}
+    nodes = [n("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), n("Sigmoid", ["c"], ["s"]),
+             n("Mul", ["c", "s"], ["y"]), n("Sigmoid", ["x"], ["z"])]
+    model = make_model(nodes, [("x", [1, 4, 6, 10])], [("y", [1, 8, 6, 10]), ("z", [1, 4, 6, 10])],
+                       inits)
+    assert "R.sigmoid" in import_onnx(model).script()
+    assert "R.sigmoid" not in sigmoid_pass()(import_onnx(model)).script()
+    facts, feeds, outs = compile_and_run(model, host, tmp_path)
+    feeds = {"x": (feeds["x"] * 60).astype(np.float32)}      # up to |x| ~ 200
+    outs = load_library(tmp_path / "m.so", facts["inputs"]).run(feeds)
+    assert_matches_ort(model, feeds, outs)
+
+
+def test_small_kernels_run_serially():
+    """``serialize_small`` makes a parallel loop with less work than its limit serial and
+    leaves a bigger one alone; ``work`` counts trip counts times arithmetic nodes."""
+    from tvm import s_tir, te
+
+    from sparsec.targets import parallel
+
+    def func(rows: int):
+        x = te.placeholder((rows, 64), "float32", name="x")
+        y = te.compute((rows, 64), lambda i, j: x[i, j] * 2.0 + 1.0, name="y")
+        sch = s_tir.Schedule(te.create_prim_func([x, y]))
+        sch.parallel(sch.get_loops(sch.get_sblock("y"))[0])
+        return sch.mod["main"]
+
+    small, big = func(16), func(16384)      # 2 operations an element: 2k and 2M
+    assert parallel.work(small.body) == 16 * 64 * 2
+    assert "T.parallel" not in parallel.serialize_small(small, 1e6).script()
+    assert "T.parallel" in parallel.serialize_small(big, 1e6).script()
+    assert parallel.serialize_small(big, 1e6).same_as(big)
+
+
+@pytest.mark.parametrize("m,parallel_loops", [(64, False), (512, True)])
+def test_small_models_run_serially(m, parallel_loops, host):
+    """A model whose whole call is less work than ``MIN_PARALLEL_MODEL_WORK`` (64 x 256 x 512:
+    17 M operations) runs every kernel serially (a rare parallel kernel would find the workers
+    asleep); a big one (512 rows: 134 M) keeps threads in its big kernel."""
+    import tvm
+
+    from sparsec.targets.host import build_pipeline, import_onnx
+
+    rng = np.random.default_rng(0)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", [m, 256])],
+                       [("y", [m, 512])], {"w": rng.standard_normal((256, 512))})
+    target = tvm.target.Target(dict(host.tvm_target))
+    lowered = build_pipeline(target, 2, [], {})(import_onnx(model))
+    texts = [f.script() for _, f in lowered.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert any("T.parallel" in t for t in texts) == parallel_loops
 
 
 @pytest.mark.parametrize("form", ["gelu", "residual_relu", "reshape_used_twice"])
@@ -977,12 +1064,24 @@ def test_conv_two_channel_blocks_per_tile(args, host, tmp_path):
     assert_matches_ort(model, feeds, outs)
 
 
-def test_grouped_conv_uses_fallback(host, tmp_path):
-    model = conv_model(n=1, c=12, h=15, w=15, oc=12, k=3, stride=1, pad=1, group=3, relu=True)
+@pytest.mark.parametrize("args", [
+    dict(n=1, c=12, h=15, w=15, oc=12, k=3, stride=1, pad=1, group=3, relu=True),  # 4 wide
+    dict(n=1, c=16, h=8, w=8, oc=16, k=3, stride=2, pad=1, group=2),     # RegNet's 8 wide
+    dict(n=1, c=14, h=9, w=11, oc=21, k=3, stride=1, pad=1, group=7),    # pruned: 3 of 4 lanes
+    dict(n=2, c=40, h=6, w=7, oc=40, k=3, stride=1, pad=2, dil=2, group=2,
+         clip=(0.0, 6.0)),                                               # 20 wide, batch 2
+    dict(n=1, c=6, h=10, w=10, oc=12, k=3, stride=1, pad=1, group=6, bias=False),  # multiplier 2
+])
+def test_grouped_conv_numerics(args, host, tmp_path):
+    """Grouped convs (and depthwise ones with a channel multiplier > 1) run on
+    ``grouped_conv2d_nchw``, any group width (not a multiple of the vector width included),
+    with the epilogue folded; they match ONNX Runtime."""
+    model = conv_model(**args)
     facts, feeds, outs = compile_and_run(model, host, tmp_path)
-    assert set(facts["kernels"]) == {"fallback"}
-    [d] = [d for d in facts["decisions"] if d["op"] == "nn.conv2d"]
-    assert d["chosen"] == "fallback"
+    assert facts["kernels"] == {"grouped_conv2d_nchw": 1}, facts["kernels"]
+    [d] = facts["decisions"]
+    assert d["chosen"] == "grouped_conv2d_nchw"
+    assert d["shape"]["groups"] == args["group"]
     assert_matches_ort(model, feeds, outs)
 
 

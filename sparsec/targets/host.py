@@ -4,9 +4,11 @@ weights, and a runner.
 Pipeline (compare ``tvm/relax/backend/cpu_generic/pipeline.py``, the "zero" default):
   from_onnx -> SparsecSafeTake (Gather wraps run-time indices: never out of bounds)
   -> SparsecKernelRewrite (our kernels, weights packed) -> DeadCodeElimination
+  -> SparsecFastSigmoid (sigmoid as 1 / (1 + exp(-x)))
   -> FastMathTransform (softmax, exp, erf, tanh) -> LegalizeOps -> AnnotateTIROpPattern
   -> FoldConstant -> FuseOps -> FuseTIR
   -> SparsecFallbackSchedule (every PrimFunc not already scheduled)
+  -> SparsecSerialSmallModels (a model with little work runs serially: parallel.py)
   -> the default dataflow-lowering and finalization passes -> LLVM.
 """
 
@@ -97,6 +99,23 @@ def _count_strategies(mod: "ir.IRModule") -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def _relax_function_pass(mutator_cls, name: str):
+    """A module pass running ``mutator_cls`` (a ``relax.PyExprMutator``) over every Relax
+    function of the module."""
+    import tvm
+    from tvm import relax
+
+    @tvm.transform.module_pass(opt_level=0, name=name)
+    def _pass(mod: "ir.IRModule", _ctx) -> "ir.IRModule":
+        mutator = mutator_cls(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                mutator.builder_.update_func(gv, mutator.visit_expr(func))
+        return mutator.builder_.get()
+
+    return _pass
+
+
 def safe_take_pass():
     """Relax pass: ``take`` (ONNX Gather) with run-time indices wraps them modulo the table
     (``mode="wrap"``) instead of the frontend's ``fast`` mode, which reads out of bounds for
@@ -119,15 +138,30 @@ def safe_take_pass():
                                      None if axis is None else int(axis), mode="wrap")
             return call
 
-    @tvm.transform.module_pass(opt_level=0, name="SparsecSafeTake")
-    def _pass(mod: "ir.IRModule", _ctx) -> "ir.IRModule":
-        mutator = SafeTake(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                mutator.builder_.update_func(gv, mutator.visit_expr(func))
-        return mutator.builder_.get()
+    return _relax_function_pass(SafeTake, "SparsecSafeTake")
 
-    return _pass
+
+def sigmoid_pass():
+    """Relax pass: ``sigmoid(x)`` as ``1 / (1 + exp(-x))``, so that FastMathTransform then
+    makes the exponential TOPI's vectorizable ``fast_exp``: the ``sigmoid`` intrinsic lowers
+    to libm's scalar ``expf`` per element, which made SiLU / Swish (EfficientNet, MobileViT)
+    and SE gates cost more than the convolutions around them. Large ``|x|`` stays exact
+    enough: ``fast_exp`` clamps its argument to +-88, so the result is 0 or 1 to within 1e-38."""
+    import tvm
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class Sigmoid(relax.PyExprMutator):
+        def visit_call_(self, call: "relax.Call") -> "relax.Expr":
+            call = super().visit_call_(call)
+            if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.sigmoid":
+                x = call.args[0]
+                one = relax.const(1.0, str(x.ty.dtype))
+                e = self.builder_.emit(relax.op.exp(relax.op.negative(x)))
+                return relax.op.divide(one, self.builder_.emit(relax.op.add(one, e)))
+            return call
+
+    return _relax_function_pass(Sigmoid, "SparsecFastSigmoid")
 
 
 def build_pipeline(target: "object", cores: int, decisions: list[dict],
@@ -139,6 +173,7 @@ def build_pipeline(target: "object", cores: int, decisions: list[dict],
 
     from sparsec.targets.kernels.fallback import fallback_pass
     from sparsec.targets.kernels.rewrite import rewrite_pass
+    from sparsec.targets.parallel import serial_small_models_pass
 
     @tvm.transform.module_pass(opt_level=0, name="SparsecRecordKernels")
     def record(mod: "ir.IRModule", _ctx) -> "ir.IRModule":
@@ -151,12 +186,13 @@ def build_pipeline(target: "object", cores: int, decisions: list[dict],
             seq = tvm.transform.Sequential(
                 [safe_take_pass(),
                  rewrite_pass(cores, decisions), relax.transform.DeadCodeElimination(),
-                 # softmax / exp / erf / tanh left over: TOPI's rational approximations, which
-                 # vectorize (LLVM calls libm's scalar expf / erff otherwise)
-                 relax.transform.FastMathTransform()]
+                 # softmax / exp / erf / tanh left over (sigmoid as exp): TOPI's rational
+                 # approximations, which vectorize (LLVM calls libm's scalar expf / erff
+                 # otherwise)
+                 sigmoid_pass(), relax.transform.FastMathTransform()]
                 + cpu.library_dispatch_passes(target)
                 + cpu.legalize_passes(target)
-                + [fallback_pass(target)]
+                + [fallback_pass(target), serial_small_models_pass()]
                 # counted once reshapes that only relabel memory have become views
                 + cpu.dataflow_lower_passes(target)[:1] + [record]
                 + cpu.dataflow_lower_passes(target)[1:]

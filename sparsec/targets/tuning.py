@@ -143,6 +143,10 @@ def _variants(strategy: str, shape: dict) -> list[dict]:
         from sparsec.targets.kernels import conv2d
 
         return [{"width_tile": t} for t in range(1, conv2d.max_tile() + 1)]
+    if strategy == "grouped_conv2d_nchw":
+        from sparsec.targets.kernels import grouped_conv
+
+        return [{"width_tile": t} for t in range(1, grouped_conv.MAX_STRIP + 1)]
     return []
 
 
@@ -150,7 +154,8 @@ def build(strategy: str, shape: dict, knobs: dict | None = None, **flags) -> "ti
     """The kernel ``strategy`` for ``shape`` with ``knobs`` (defaults where absent) and the
     epilogue ``flags`` (bias, act, residual), tagged with its shape for the tuner."""
     from sparsec.targets.kernels import (amx, batch_matmul, bsr, conv2d, dense, depthwise,
-                                         dw_pointwise, pointwise, pointwise_dw)
+                                         dw_pointwise, grouped_conv, pointwise, pointwise_dw,
+                                         softmax)
 
     k = knobs or {}
     rows = (k["rows"],) if "rows" in k else None
@@ -206,6 +211,13 @@ def build(strategy: str, shape: dict, knobs: dict | None = None, **flags) -> "ti
             func = conv2d.build(s, shape["dtype"], **flags,
                                 **({"width_tile": k["width_tile"]} if "width_tile" in k
                                    else {}))
+    elif strategy == "softmax_rows":
+        func = softmax.build(shape["rows"], shape["n"], shape["dtype"])
+    elif strategy == "grouped_conv2d_nchw":
+        func = grouped_conv.build(_conv_shape({n: v for n, v in shape.items() if n != "groups"}),
+                                  shape["groups"], shape["dtype"], **flags,
+                                  **({"width_tile": k["width_tile"]} if "width_tile" in k
+                                     else {}))
     else:
         raise KeyError(strategy)
     return func.with_attr(SHAPE_ATTR, json.dumps(shape, sort_keys=True))
@@ -528,6 +540,11 @@ def _default_knobs(strategy: str, shape: dict) -> dict | None:
         return {"rows": _expansion_kernel_plan(shape)[1].rows}
     if strategy == "conv2d_nchw_packed":
         return {"width_tile": conv2d.pick_width_tile(_conv_shape(shape).out_hw[1])}
+    if strategy == "grouped_conv2d_nchw":
+        from sparsec.targets.kernels import grouped_conv
+
+        s = _conv_shape({n: v for n, v in shape.items() if n != "groups"})
+        return {"width_tile": conv2d.pick_width_tile(s.out_hw[1], grouped_conv.MAX_STRIP)}
     return None
 
 

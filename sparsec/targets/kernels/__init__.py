@@ -60,8 +60,9 @@ STRATEGIES: tuple[StrategyInfo, ...] = (
                  "dense_amx_bf16's tile program per batch entry; any N; lossy"),
     StrategyInfo("batch_matmul", "relax.matmul", 0.35,
                  "matmul of two run-time tensors (attention's Q @ K^T, P @ V), same batch dims, "
-                 "N a multiple of 8: B read in place along N, dense_packed's rows x 16 tile; "
-                 "(batch, N panel, M tile) in parallel"),
+                 "any M, N: B read in place along N (N a multiple of 8) or packed a panel at a "
+                 "time (B^T, or a zero-padded last panel), dense_packed's rows x 16 tile (M "
+                 "padded to a 4-6 row tile); (batch, N panel, M tile) in parallel"),
     StrategyInfo("conv2d_nchw_packed", "relax.nn.conv2d", 0.40,
                  "NCHW groups=1, constant W packed [OC/16,IC,KH,KW,16]; (T pixels x 16 oc) "
                  "register tile; (n, oc-block, oh) in parallel. Small maps whose output width "
@@ -74,6 +75,11 @@ STRATEGIES: tuple[StrategyInfo, ...] = (
                  "pointwise NCHW conv with 16x1 (or 4x1) zero blocks: W packed in 4-channel "
                  "panels keeping their nonzero input channels (ELL), (4 oc x 16 pixels) tile "
                  "vectorized along the pixels, as in Fast Sparse ConvNets"),
+    StrategyInfo("grouped_conv2d_nchw", "relax.nn.conv2d", 0.25,
+                 "NCHW grouped conv (1 < groups, not depthwise multiplier 1), constant W packed "
+                 "per group [G*ceil(OCg/L),ICg,KH,KW,L], L = 16/8/4 lanes inside one group: "
+                 "conv2d_nchw_packed's (T pixels x L oc) tile reducing over the group's input "
+                 "channels; (n, group block, oh) in parallel"),
     StrategyInfo("depthwise_nchw", "relax.nn.conv2d", 0.10,
                  "NCHW depthwise (groups = channels, multiplier 1), constant W[C,KH,KW]: one "
                  "channel's zero-padded plane (split into stride phases) per task, (rows x "
@@ -92,6 +98,11 @@ STRATEGIES: tuple[StrategyInfo, ...] = (
                  "stays in cache, and runs depthwise_nchw's tile on it. Not chosen by the cost "
                  "rule: the rewrite fuses planned pairs on maps of 56x56 and more whose "
                  "depthwise conv is not fused with its projection"),
+    StrategyInfo("softmax_rows", "relax.nn.softmax", 0.10,
+                 "softmax over the last axis, rows of N >= 16 that are not whole 16-lane "
+                 "vectors (attention over an odd sequence length): each row in 16-lane vector "
+                 "code with an overlapping last vector instead of a scalar tail, a polynomial "
+                 "exp; whole-vector rows stay on the generic row schedule. 'MACs' = elements"),
     StrategyInfo("nm_sparse_cuda", "relax.matmul", 0.10,
                  "CUDA, few rows (M <= 8): constant W compressed per output channel to its "
                  "nonzeros, K-major (int8 in-group offsets for N:M patterns, int16/int32 "

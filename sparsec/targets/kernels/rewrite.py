@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from sparsec.targets import kernels, tuning
 from sparsec.targets.kernels import (amx, batch_matmul, bsr, conv2d, dense, depthwise,
-                                     dw_pointwise, mma_sp, pointwise, pointwise_dw, sparse_cuda)
+                                     dw_pointwise, grouped_conv, mma_sp, pointwise,
+                                     pointwise_dw, softmax, sparse_cuda)
 from sparsec.targets.kernels.common import Activation, bf16_allowed
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ class Plan:
     info: dict = field(default_factory=dict)
     inputs: list | None = None  # the operands the kernel reads, when not the op's own
     operands: dict = field(default_factory=dict)  # geometry and weights, for kernel fusion
+    epilogue: bool = True  # whether following bias / residual / activation ops may fold in
 
 
 def _static_shape(expr: "relax.Expr") -> tuple[int, ...] | None:
@@ -286,8 +288,6 @@ def _match_batch_matmul(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, di
     if dtype not in SUPPORTED_DTYPES or _dtype(y) != dtype or _dtype(call) != dtype:
         return None
     (m, k), n = xs[-2:], ys[-1]
-    if batch_matmul.lanes_for(n) is None and not amx.available():
-        return None
     batch = 1
     for d in xs[:-2]:
         batch *= d
@@ -307,10 +307,9 @@ def _match_batch_matmul(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, di
     if yt is not None:
         info["b_transposed"] = True
     inputs = None if yt is None else [x, yt]
-    plans = []
-    if batch_matmul.lanes_for(n) is not None:
-        plans.append((Plan(batch_matmul.NAME, emitter(batch_matmul.NAME), info=info,
-                           shape=kshape, inputs=inputs), {"macs": batch * m * k * n}))
+    padded_n = -(-n // batch_matmul.panel_lanes(n)) * batch_matmul.panel_lanes(n)
+    plans = [(Plan(batch_matmul.NAME, emitter(batch_matmul.NAME), info=info, shape=kshape,
+                   inputs=inputs), {"macs": batch * m * k * padded_n})]
     if amx.available():     # both operands staged in bf16 per call: any N
         tiles = amx.plan(m, k, n)
         amx_info = {**info, **amx.report(tiles)}
@@ -370,8 +369,10 @@ def _match_conv(a: _Analysis, call: "relax.Call") -> tuple[Plan, dict] | None:
         return None
     if depthwise.matches(shape, groups):
         return [_depthwise(shape, w, _dtype(x), xs, out)]
+    if grouped_conv.matches(shape, groups):
+        return [_grouped(shape, groups, w, _dtype(x), xs, out)]
     if groups != 1:
-        return None  # grouped convs: the generic schedule
+        return None
     wplan = conv2d.plan_wvec(shape)
     packed = conv2d.pack_weight(w, wplan.oct if wplan else conv2d.LANES)
     dtype = _dtype(x)
@@ -468,6 +469,30 @@ def _depthwise(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, xs: tuple, 
     macs = out[0] * out[1] * out[2] * out[3] * shape.kh * shape.kw
     return Plan(depthwise.NAME, emit, info=info, shape=kshape,
                 operands={"conv": shape, "weight": weight, "out": out}), {"macs": macs}
+
+
+def _grouped(shape: conv2d.ConvShape, groups: int, w: "np.ndarray", dtype: str, xs: tuple,
+             out: tuple) -> tuple[Plan, dict]:
+    """The ``grouped_conv2d_nchw`` plan of a grouped conv (not depthwise-multiplier-1)."""
+    kshape = {**dataclasses.asdict(shape), "groups": groups, "dtype": dtype}
+
+    def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
+             ) -> "relax.Expr":
+        from tvm import relax
+
+        lanes = grouped_conv.pick_lanes(shape.oc // groups)
+        func = tuning.build_tuned(grouped_conv.NAME, kshape, bias=bias is not None, act=act,
+                                  residual=residual is not None)
+        gv = bb.add_func(func, grouped_conv.NAME)
+        call_args = [args[0], relax.const(grouped_conv.pack_weight(w, groups, lanes))] + (
+            [relax.const(bias)] if bias is not None else []) + (
+            [residual] if residual is not None else [])
+        return relax.call_tir(gv, call_args, relax.TensorType(out, dtype))
+
+    info = _conv_info(shape, xs, w, out, "grouped")
+    info["shape"]["groups"] = groups
+    macs = out[0] * out[1] * out[2] * out[3] * (shape.ic // groups) * shape.kh * shape.kw
+    return Plan(grouped_conv.NAME, emit, info=info, shape=kshape), {"macs": macs}
 
 
 def _pointwise(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, out: tuple,
@@ -595,7 +620,37 @@ def _match_mma_sp(a: _Analysis, lin: _Linear) -> list[tuple[Plan, dict]] | None:
     return [(plan, {"macs": p.mp * p.kp * p.np_ // 2})]
 
 
-_MATCHERS = {"relax.matmul": _match_dense, "relax.nn.conv2d": _match_conv}
+def _match_softmax(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | None:
+    """``softmax_rows`` for a softmax over the last axis of rows that are not whole 16-lane
+    vectors (the generic row schedule vectorizes the others)."""
+    x = call.args[0]
+    xs = _static_shape(x)
+    if xs is None or not xs or _dtype(x) != "float32" or _dtype(call) != "float32":
+        return None
+    if int(call.attrs.axis) not in (-1, len(xs) - 1) or not softmax.matches(xs[-1]):
+        return None
+    n = xs[-1]
+    rows = 1
+    for d in xs[:-1]:
+        rows *= d
+    kshape = {"rows": rows, "n": n, "dtype": "float32"}
+
+    def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
+             ) -> "relax.Expr":
+        from tvm import relax
+
+        gv = bb.add_func(tuning.build(softmax.NAME, kshape), softmax.NAME)
+        x2 = bb.emit(relax.op.reshape(args[0], (rows, n)))
+        y2 = bb.emit(relax.call_tir(gv, [x2], relax.TensorType((rows, n), "float32")))
+        return relax.op.reshape(y2, xs)
+
+    info = {"op": "softmax", "shape": {"rows": rows, "N": n}}
+    return [(Plan(softmax.NAME, emit, info=info, shape=kshape, epilogue=False),
+             {"macs": rows * n})]
+
+
+_MATCHERS = {"relax.matmul": _match_dense, "relax.nn.conv2d": _match_conv,
+             "relax.nn.softmax": _match_softmax}
 #: the heavy ops with a sparsec kernel per device (the rest go to the device's generic rules)
 MATCHERS_BY_DEVICE = {"cpu": _MATCHERS, "cuda": {"relax.matmul": _match_sparse_cuda}}
 
@@ -729,6 +784,10 @@ def plan_function(func: "relax.Function", cores: int, mod: "ir.IRModule | None" 
         if (knobs := tuning.knobs_for(plan.strategy, plan.shape)) is not None:
             decision["tuned"] = knobs
         plans[var] = plan
+        if not plan.epilogue:
+            decisions.append(decision)
+            decision_of[var] = decision
+            continue
         # epilogue: + per-channel bias, + skip connection, then relu and/or clip bounds or
         # gelu, each the single user of the previous value. The skip connection and the
         # activation may come after reshapes of the output (a Linear on a 3-D input is
