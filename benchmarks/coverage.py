@@ -4,13 +4,15 @@ by both torch exporters (TorchScript ``legacy`` and ``dynamo``), through what a 
 
 * inspect: load (fold what does not depend on input values), channel groups, frozen reasons
 * prune --ratio 0.5: the pruned model must run in ONNX Runtime; the share of parameters kept
+* prune --hidden-ratio 0.25: the same for the hidden width (residual streams under norms)
 * compile --target host + validate: the package's library against ONNX Runtime, and its
   latency next to ONNX Runtime's (2 threads each, alternating blocks; dense models)
 
 Each model runs in its own process (a crash in one cannot end the run).
 
 Run from the repo root:  PYTHONPATH=. python benchmarks/coverage.py [--models a,b]
-[--exporters legacy,dynamo] [--no-compile] [--update: replace only those rows]
+[--exporters legacy,dynamo] [--no-compile] [--update: replace only those rows; with
+--no-compile, their compile and latency fields are kept from the last run]
 Writes benchmarks/results/coverage.{json,md}.
 """
 
@@ -62,8 +64,10 @@ def one(name: str, exporter: str, do_compile: bool) -> dict:
         groups = DependencyGraph(graph).groups
         row["load_s"] = round(time.perf_counter() - t0, 2)
         row["normalize"] = graph.notes.get("normalize", {})
-        row["groups"] = [sum(g.prunable for g in groups), sum(not g.prunable for g in groups)]
-        row["frozen"] = dict(Counter(_reason(r) for g in groups if not g.prunable
+        frozen = [g for g in groups if not g.prunable and not g.hidden_prunable]
+        row["groups"] = [sum(g.prunable for g in groups), len(frozen)]
+        row["hidden"] = sum(g.hidden_prunable for g in groups)
+        row["frozen"] = dict(Counter(_reason(r) for g in frozen
                                      for r in dict.fromkeys(_reason(x) for x in g.frozen)))
         step = "prune"
         result = sparsec.prune(graph, work / "pruned.onnx", ratio=0.5)
@@ -72,6 +76,12 @@ def one(name: str, exporter: str, do_compile: bool) -> dict:
         row["prune_ok"] = all(np.isfinite(o).all() for o in out if o.dtype.kind == "f")
         row["params"] = [result.before.params, result.after.params]
         row["kept"] = round(result.after.params / max(result.before.params, 1), 3)
+        step = "prune hidden"
+        hidden = sparsec.prune(graph, work / "hidden.onnx", hidden_ratio=0.25)
+        out = reference.run(onnx.load(str(work / "hidden.onnx")),
+                            reference.random_inputs(hidden.graph))
+        row["hidden_prune_ok"] = all(np.isfinite(o).all() for o in out if o.dtype.kind == "f")
+        row["hidden_kept"] = round(hidden.after.params / max(hidden.before.params, 1), 3)
         if do_compile:
             step = "compile"
             t0 = time.perf_counter()
@@ -87,6 +97,10 @@ def one(name: str, exporter: str, do_compile: bool) -> dict:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         row["error"] = f"{step}: {type(e).__name__}: {first[:200]}"
     return row
+
+
+#: the fields a compiling run adds to a row (kept by ``--no-compile --update``)
+COMPILE_KEYS = ("compile_s", "validate_ok", "kernels", "latency_ms")
 
 
 def _latency(pkg_dir: Path, proto) -> dict:
@@ -111,34 +125,39 @@ def _cell_ok(flag) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | exporter | load | folded nodes | groups prunable / frozen | prune 0.5: "
-             "params kept | compile + validate | sparsec / ORT | what stays frozen |",
-             "|---|---|---|---:|---:|---:|---|---:|---|"]
+    lines = ["| model | exporter | load | folded nodes | groups prunable / frozen | hidden widths "
+             "| prune 0.5: params kept | hidden 0.25: params kept | compile + validate "
+             "| sparsec / ORT | what stays frozen |",
+             "|---|---|---|---:|---:|---:|---:|---:|---|---:|---|"]
     for r in rows:
         if "export" in r:
             lines.append(f"| {r['model']} | {r['exporter']} | torch cannot export: "
-                         f"{r['export']} | | | | | | |")
+                         f"{r['export']} | | | | | | | | |")
             continue
         err = r.get("error", "")
         folded = sum(r.get("normalize", {}).get("folded", {}).values())
         groups = "/".join(map(str, r["groups"])) if "groups" in r else "-"
         kept = f"{r['kept']:.2f}" if "kept" in r else "-"
+        hidden = str(r.get("hidden", "-"))
+        hidden_kept = f"{r['hidden_kept']:.2f}" if "hidden_kept" in r else "-"
         lat = r.get("latency_ms")
         ratio = f"{lat['sparsec'] / lat['ort']:.2f}" if lat else "-"
         frozen = "; ".join(f"{k} ({v})" for k, v in sorted(
             r.get("frozen", {}).items(), key=lambda kv: -kv[1]))
         lines.append(f"| {r['model']} | {r['exporter']} | {'ok' if 'groups' in r else 'FAIL'} | "
-                     f"{folded} | {groups} | {kept} | "
+                     f"{folded} | {groups} | {hidden} | {kept} | {hidden_kept} | "
                      f"{_cell_ok(r.get('validate_ok')) if not err else 'FAIL: ' + err} | "
                      f"{ratio} | {frozen} |")
     done = [r for r in rows if "export" not in r]
     ok = sum(1 for r in done if r.get("validate_ok"))
     pruned = sum(1 for r in done if r.get("prune_ok"))
+    hidden_ok = sum(1 for r in done if r.get("hidden_prune_ok"))
     reasons: Counter = Counter()
     for r in done:
         reasons.update(r.get("frozen", {}))
     lines += ["", f"compile + validate: {ok} / {len(done)} files; prune --ratio 0.5 runs in ONNX "
-              f"Runtime: {pruned} / {len(done)}", "", "Frozen groups by reason, all files:", "",
+              f"Runtime: {pruned} / {len(done)}; prune --hidden-ratio 0.25 runs: {hidden_ok} / "
+              f"{len(done)}", "", "Frozen groups by reason, all files:", "",
               "| reason | groups |", "|---|---:|"]
     lines += [f"| {k} | {v} |" for k, v in reasons.most_common()]
     return "\n".join(lines)
@@ -177,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
 
         fresh = {(r["model"], r["exporter"]): r for r in rows}
         old = json.loads((RESULTS / "coverage.json").read_text())
+        if args.no_compile:       # keep what the last compiling run measured
+            for r in old:
+                new = fresh.get((r["model"], r["exporter"]))
+                if new is not None and "error" not in new:
+                    new.update({k: r[k] for k in COMPILE_KEYS if k in r})
         rows = [fresh.pop((r["model"], r["exporter"]), r) for r in old] + list(fresh.values())
     publish("coverage", rows, markdown(rows))
     return 0
