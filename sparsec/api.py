@@ -54,7 +54,7 @@ from sparsec.passes.criteria import CRITERIA, NEEDS_DATA, NEEDS_TORCH
 from sparsec.passes.dead_channels import RemoveDeadChannels
 from sparsec.passes.ffn_fusion import FuseFFN, fusible_runs
 from sparsec.passes.layer_removal import RemoveAttention, RemoveLayers, find_blocks, find_layers
-from sparsec.passes.manager import PassManager, PassResult
+from sparsec.passes.manager import FEW_SAMPLES, PassManager, PassResult
 from sparsec.passes.reorder import ReorderChannels, weight_matrices
 from sparsec.passes.sparsify import CRITERIA as SPARSITY_CRITERIA
 from sparsec.passes.sparsify import Sparsify, parse_pattern
@@ -467,8 +467,6 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, recipe=N
     return result
 
 
-#: below this many held-out samples the fidelity figure comes with a warning
-FEW_SAMPLES = 8
 #: bisection steps of ``max_drop`` after the upper end (resolution: upper end / 2**steps)
 SEARCH_STEPS = 5
 

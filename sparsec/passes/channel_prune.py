@@ -36,7 +36,7 @@ from sparsec.ir.graph import Graph
 from sparsec.passes import criteria
 from sparsec.passes.allocation import held_out_distortion, sensitivity_keeps
 from sparsec.passes.hidden import keep_output_width
-from sparsec.passes.manager import PassContext
+from sparsec.passes.manager import FEW_SAMPLES, PassContext
 from sparsec.passes.reconstruct import keep_if_better, refit_consumers
 from sparsec.passes.surgery import apply_plan
 
@@ -123,6 +123,12 @@ class ChannelPrune:
             if ctx is None:
                 raise ValueError("sensitivity allocation needs calibration data (a PassContext)")
             spread = {**keeps, **sensitivity_keeps(graph, dg, chosen, scores, ctx, keep_for)}
+        if self.sensitivity and ctx.samples_held_out < FEW_SAMPLES:
+            # too few held-out samples to tell two plans apart: picking the better-looking one
+            # would mostly pick noise, and make the reported figure optimistic
+            keeps, plan = spread, plan_of(spread)
+            allocation = {"allocation": "sensitivity", "compared": False}
+        elif self.sensitivity:
             # the spread assumes the groups' costs add up; where they do not (a few wide
             # groups, refits that help one plan more than the other) it loses to the uniform
             # widths: build both plans (refit too, when asked) and keep the one closer to the

@@ -23,6 +23,9 @@ from sparsec.analysis.cost import Cost, cost
 from sparsec.ir.graph import Graph
 
 EXACT_REL_TOL = 1e-4
+#: below this many held-out samples a fidelity figure is rough: reports warn, and passes do
+#: not choose between alternatives on it
+FEW_SAMPLES = 8
 
 Log = Callable[[str], None]
 
