@@ -58,11 +58,6 @@ class PassContext:
         """Per batch: the boolean [batch, sequence] map of real positions, or None."""
         return [None if self.mask is None else np.asarray(b[self.mask]) != 0 for b in batches]
 
-    def rows(self, values: list[np.ndarray], batches: list[Feeds], axis: int = -1) -> np.ndarray:
-        """Activations (one array per batch) as one [positions, channels] matrix, channel
-        ``axis`` last, padded positions left out."""
-        return np.concatenate([rows(v, m, axis) for v, m in zip(values, self.masks(batches))])
-
     def compare(self, want: list[list[np.ndarray]], got: list[list[np.ndarray]],
                 batches: list[Feeds] | None = None) -> reference.Fidelity:
         """Worst fidelity over batches (default: the held-out ones), padded positions left out
