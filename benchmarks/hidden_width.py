@@ -69,7 +69,8 @@ def main() -> int:
 
     pruned = copy.deepcopy(model)
     example = torch.randn(1, 3, 64, 64)
-    pruner = tp.pruner.MagnitudePruner(pruned, example, importance=tp.importance.MagnitudeImportance(p=2),
+    pruner = tp.pruner.MagnitudePruner(pruned, example,
+                                       importance=tp.importance.MagnitudeImportance(p=2),
                                        pruning_ratio=RATIO,
                                        ignored_layers=[pruned.model.classifier])
     pruner.step()

@@ -156,7 +156,8 @@ class Sparsify:
             out, guard = keep_if_better(graph, out, fitted, ctx)
         total = sum(graph.initializers[w].size for w in masks)
         zeros = sum(int((out.initializers[w] == 0).sum()) for w in masks)
-        return out, {"refit": refit, "reconstruction": guard, "pattern": self.pattern, "criterion": self.criterion,
+        return out, {"refit": refit, "reconstruction": guard, "pattern": self.pattern,
+                     "criterion": self.criterion,
                      "allocation": self.allocation if kind != "nm" else "fixed by N:M",
                      "target": self.sparsity if kind != "nm" else 1 - nums[0] / nums[1],
                      "achieved": round(zeros / max(total, 1), 4), "layers": layers,
