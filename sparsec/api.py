@@ -1048,19 +1048,26 @@ def write_back(module, graph: Graph, drop_layers: bool = False):
     new = copy.deepcopy(module)
     if drop_layers:
         _drop_removed_layers(new, graph)
-    state = {**dict(new.named_parameters()), **dict(new.named_buffers())}
+    # tied parameters (GPT-2's lm_head is its token embedding) go by any of their names, and
+    # stay one tensor
+    state = {**dict(new.named_parameters(remove_duplicate=False)), **dict(new.named_buffers())}
+    aliases: dict[int, list[str]] = {}
+    for name, p in new.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
     for name, arr in graph.initializers.items():
         target = name if name in state else _created_bias(new, name)
         if target is None:
             continue                                   # a constant the lowering introduced
-        owner_name, _, leaf = target.rpartition(".")
-        owner = new.get_submodule(owner_name)
         value = torch.from_numpy(np.array(arr)).to(
             state[target].dtype if target in state else torch.float32)
-        if leaf in owner._parameters:
-            setattr(owner, leaf, torch.nn.Parameter(value))
-        else:
-            owner._buffers[leaf] = value
+        owner_name, _, leaf = target.rpartition(".")
+        if leaf not in new.get_submodule(owner_name)._parameters:
+            new.get_submodule(owner_name)._buffers[leaf] = value
+            continue
+        param = torch.nn.Parameter(value)
+        for alias in aliases.get(id(state.get(target)), [target]):   # keep ties tied
+            owner_name, _, leaf = alias.rpartition(".")
+            setattr(new.get_submodule(owner_name), leaf, param)
     groups = {n.inputs[1]: int(n.attr("group", 1)) for n in graph.nodes if n.op_type == "Conv"}
     for name, m in new.named_modules():
         if isinstance(m, torch.nn.modules.conv._ConvNd):

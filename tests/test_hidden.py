@@ -179,3 +179,16 @@ def test_the_torch_route_refuses_an_encoder_whose_output_is_the_stream():
     module, example = zoo.transformers_model("hf_bert")
     with pytest.raises(BadOptionError, match="hidden stream"):
         sparsec.prune_module(module, example, hidden_ratio=0.25)
+
+
+def test_the_torch_route_keeps_tied_weights_tied():
+    """GPT-2's lm_head is its token embedding: the graph holds the tensor once, under one of
+    its names; the write-back must reach it under either name and keep the tie."""
+    module, example = zoo.transformers_model("hf_gpt2")
+    pruned, result = sparsec.prune_module(module, example, hidden_ratio=0.25)
+    lm = pruned.model
+    assert result.passes[-1].details["hidden_removed"] == 8
+    assert lm.lm_head.weight is lm.transformer.wte.weight
+    assert tuple(lm.lm_head.weight.shape) == (100, 24) and lm.config.hidden_size == 24
+    assert module.model.lm_head.weight is module.model.transformer.wte.weight
+    assert tuple(module.model.lm_head.weight.shape) == (100, 32)   # the input is untouched
