@@ -370,9 +370,9 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, recipe=N
     ``max_drop``: instead of pruning at ``ratio``, find the largest ratio (up to ``ratio``, or
     0.9 when it is 0) whose held-out fidelity drop stays within ``max_drop``, by bisection
     (``head_ratio`` and ``hidden_ratio`` keep their proportion to ``ratio``). The drop is
-    1 - cosine, or
-    with ``metric(graph) -> float`` (higher is better, e.g. accuracy on your own data) the
-    original's metric minus the pruned model's. ``result.search`` lists what was tried.
+    1 - cosine, or with ``metric(graph) -> float`` (higher is better, e.g. accuracy on your own
+    data) the original's metric minus the pruned model's. ``result.search`` lists what was
+    tried.
 
     ``recipe``: the options as a ``Recipe``, a dict, or a TOML file (``sparsec.recipe``);
     keywords given beside it that differ from their defaults override its keys.
