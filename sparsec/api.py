@@ -385,16 +385,10 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, recipe=N
                      calibration=calibration, metric=metric, example_inputs=example_inputs,
                      scores=scores, log=log)
     if max_drop is not None:
-        return _search_ratio(model, output, max_drop, metric, dict(
-            ratio=ratio, criterion=criterion, reconstruct=reconstruct, round_to=round_to,
-            head_ratio=head_ratio, hidden_ratio=hidden_ratio, remove_layers=remove_layers,
-            replace_linear=replace_linear,
-            remove_attention=remove_attention, fuse_ffn=fuse_ffn, sensitivity=sensitivity,
-            sparsity=sparsity, sparsity_pattern=sparsity_pattern,
-            sparsity_criterion=sparsity_criterion, lamp=lamp, reorder=reorder,
-            layer_ratios=layer_ratios, ignore=ignore, input_shapes=input_shapes,
-            calibration=calibration, calib_mask=calib_mask, remove_dead=remove_dead,
-            example_inputs=example_inputs, scores=scores), log, Recipe.of_keywords(given))
+        options = {k: v for k, v in given.items() if k != "max_drop"}
+        return _search_ratio(model, output, max_drop, metric, {
+            **options, "input_shapes": input_shapes, "calibration": calibration,
+            "example_inputs": example_inputs, "scores": scores}, log, Recipe.of_keywords(given))
     if metric is not None:
         raise BadOptionError("metric is what max_drop bounds: give max_drop too")
     ratio = _check_ratio(ratio)

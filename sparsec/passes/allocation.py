@@ -80,7 +80,7 @@ def sensitivity_keeps(graph: Graph, dg: DependencyGraph, chosen: list[tuple[Grou
 def held_out_distortion(graph: Graph, changed: Graph, ctx: PassContext) -> float:
     """How far ``changed`` (a whole plan applied, maybe refit) is from ``graph`` on the held-out
     batches (relative squared error, padded positions left out)."""
-    return ctx.distortion(reference.run_batches(graph, ctx.holdout),
+    return ctx.distortion(ctx.holdout_outputs(graph),
                           reference.run_batches(changed, ctx.holdout), ctx.holdout)
 
 

@@ -49,10 +49,20 @@ class PassContext:
     log: Callable[[str], None] = lambda msg: None
     #: distinct samples in ``holdout`` (its batches may repeat samples to fill the batch size)
     samples_held_out: int = 0
+    #: the last graph ``holdout_outputs`` ran, with its outputs (a pass compares several
+    #: candidates against one original)
+    _last: tuple = field(default=(None, None), repr=False)
 
     @property
     def held_out(self) -> bool:
         return self.fit is not self.holdout
+
+    def holdout_outputs(self, graph: Graph) -> list[list[np.ndarray]]:
+        """``graph``'s outputs on the held-out batches, run once for the graph a pass keeps
+        comparing against."""
+        if self._last[0] is not graph:
+            self._last = (graph, reference.run_batches(graph, self.holdout))
+        return self._last[1]
 
     def masks(self, batches: list[Feeds]) -> list[np.ndarray | None]:
         """Per batch: the boolean [batch, sequence] map of real positions, or None."""
@@ -258,8 +268,6 @@ class PassManager:
     held_out: bool = True
     #: the input marking real positions (None: auto-detect an ``attention_mask``; "": none)
     mask: str | None = None
-    #: after ``run``: the mask input that was used, if any
-    mask_used: str | None = None
     #: after ``run``: distinct calibration samples the fidelity was measured on
     samples_held_out: int = 0
 
@@ -270,13 +278,13 @@ class PassManager:
         ctx.log = self.log
         self.measured_on, self.held_out = ctx.describe(), ctx.held_out
         self.samples_held_out = ctx.samples_held_out
-        outputs = initial = reference.run_batches(graph, ctx.holdout)
+        outputs = initial = ctx.holdout_outputs(graph)
         results = []
         for p in self.passes:
             start = time.perf_counter()
             before = cost(graph)
             new, details = p.run(graph, ctx)
-            new_outputs = reference.run_batches(new, ctx.holdout)
+            new_outputs = ctx.holdout_outputs(new)
             fid = ctx.compare(outputs, new_outputs)
             if p.exact and not fid.max_rel_err <= EXACT_REL_TOL:
                 raise RuntimeError(f"internal error: pass {p.name} is declared exact but moved "
@@ -287,7 +295,6 @@ class PassManager:
             self.log(_summary(res))
             graph, outputs = new, new_outputs
         self.fidelity = ctx.compare(initial, outputs)
-        self.mask_used = ctx.mask
         return graph, results
 
 

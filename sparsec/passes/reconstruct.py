@@ -94,7 +94,7 @@ def keep_if_better(original: Graph, plain: Graph, refit: Graph, ctx: PassContext
     (``verified`` False)."""
     if not ctx.held_out:
         return refit, {"kept": True, "verified": False}
-    want = reference.run_batches(original, ctx.holdout)
+    want = ctx.holdout_outputs(original)
     cos = {name: ctx.compare(want, reference.run_batches(graph, ctx.holdout)).cosine
            for name, graph in (("without", plain), ("with", refit))}
     kept = cos["with"] >= cos["without"]
