@@ -1,13 +1,17 @@
-"""Whole models, dense, ONNX Runtime vs sparsec side by side in one run: ResNet-18
-(1x3x224x224), MobileNetV2 (224x224), a BERT-base-like encoder (sequence 128) and an MLP, with
-sparsec's compile time (untuned; with --tune also the tuned library and the tuning time) and
-the GFLOP/s each engine reaches next to the machine's FMA peak.
+"""Whole models, ONNX Runtime vs sparsec side by side in one run: ResNet-18 (1x3x224x224),
+MobileNetV2 (224x224), a BERT-base-like encoder (sequence 128), an MLP and a mixed CNN
+(inception, SE, grouped and depthwise convs), with sparsec's compile time (untuned; with --tune
+also the tuned library and the tuning time) and the GFLOP/s each engine reaches next to the
+machine's FMA peak. Each model is also pruned (``sparsec.prune(ratio=--ratio)``, magnitude) and
+both builds timed in the same rotation: the pruned build's speed-up over the dense one, next to
+the speed-up its MAC reduction predicts. ``--rounds`` repeats the timing: ratios are ranges.
 
 Models are transformers' / torch's definitions with random weights (no model hub here): this
 measures speed, not accuracy. Each sparsec output is checked against ONNX Runtime.
 
 Run from the repo root:  PYTHONPATH=. python benchmarks/bench_models.py [--models a,b]
-[--tune SECONDS]  (--tune: also tune each model from an empty cache and time the result)
+[--tune SECONDS] [--ratio R] [--rounds N]  (--tune: also tune each model from an empty cache
+and time the result; --ratio 0: dense only)
 Writes benchmarks/results/models.{json,md} and a plot, benchmarks/results/models.svg.
 """
 
@@ -24,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_host import (RESULTS, bar_chart_svg, interleaved_medians, macs,  # noqa: E402
-                        ort_runner, publish, sparsec_runner)
+                        ort_runner, pruned, publish, sparsec_runner)
 
 
 def _export(module, example, path: Path, names: list[str]):
@@ -82,7 +86,73 @@ def mlp(path: Path):
     return _export(model, (torch.randn(32, 1024),), path, ["x"])
 
 
-MODELS = {"resnet18": resnet18, "mobilenetv2": mobilenetv2, "bert_base": bert_base, "mlp": mlp}
+def mixed_cnn(path: Path):
+    """A CNN of the parts real ones mix (1x3x160x160): an inception block (1x1 / 3x3 / 5x5
+    branches concatenated), squeeze-and-excitation, a ResNeXt bottleneck (grouped 3x3 conv, 4 groups), depthwise
+    separable blocks with SiLU, residual adds, global pooling and a classifier."""
+    import torch
+    from torch import nn
+
+    def cbr(cin, cout, k=3, stride=1, groups=1, act=nn.ReLU):
+        return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
+                             nn.BatchNorm2d(cout), act())
+
+    class SE(nn.Module):
+        def __init__(self, c, r=4):
+            super().__init__()
+            self.fc = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, c // r, 1), nn.ReLU(),
+                                    nn.Conv2d(c // r, c, 1), nn.Sigmoid())
+
+        def forward(self, x):
+            return x * self.fc(x)
+
+    class Inception(nn.Module):
+        def __init__(self, cin):
+            super().__init__()
+            self.b1, self.b3 = cbr(cin, 32, 1), nn.Sequential(cbr(cin, 24, 1), cbr(24, 48))
+            self.b5 = nn.Sequential(cbr(cin, 8, 1), cbr(8, 16, 5))
+
+        def forward(self, x):
+            return torch.cat([self.b1(x), self.b3(x), self.b5(x)], 1)   # 96 channels
+
+    class GroupedBlock(nn.Module):      # ResNeXt's bottleneck: 1x1, grouped 3x3, 1x1
+        def __init__(self, cin, c, cout, groups, stride):
+            super().__init__()
+            self.body = nn.Sequential(cbr(cin, c, 1), cbr(c, c, 3, stride, groups=groups),
+                                      cbr(c, cout, 1, act=nn.Identity))
+            self.skip = cbr(cin, cout, 1, stride, act=nn.Identity)
+
+        def forward(self, x):
+            return torch.relu(self.body(x) + self.skip(x))
+
+    class DWBlock(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.body = nn.Sequential(cbr(c, c, 3, groups=c, act=nn.SiLU), SE(c),
+                                      cbr(c, c, 1, act=nn.Identity))
+
+        def forward(self, x):
+            return x + self.body(x)
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(
+                cbr(3, 32, 3, 2), Inception(32), SE(96),
+                GroupedBlock(96, 128, 128, 4, 2), DWBlock(128), DWBlock(128),
+                cbr(128, 192, 1), cbr(192, 192, 3, 2, groups=192, act=nn.SiLU), DWBlock(192))
+            self.head = nn.Linear(192, 100)
+
+        def forward(self, x):
+            return self.head(self.features(x).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Mixed().eval()
+    return _export(model, (torch.randn(1, 3, 160, 160),), path, ["x"])
+
+
+MODELS = {"resnet18": resnet18, "mobilenetv2": mobilenetv2, "bert_base": bert_base, "mlp": mlp,
+          "mixed_cnn": mixed_cnn}
 
 
 def random_feeds(model) -> dict:
@@ -104,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="timed calls per engine, in alternating blocks of 10 (a burst of "
                          "load on this shared machine then hits one block, not the median)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ratio", type=float, default=0.5,
+                    help="also prune each model at this ratio and time it (0: dense only)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="timing rounds per model; ratios are reported as ranges over them")
     ap.add_argument("--tune", type=float, default=0.0, metavar="SECONDS",
                     help="also tune each model (fresh cache, up to SECONDS) and time the tuned "
                          "library beside the untuned one")
@@ -138,18 +212,39 @@ def main(argv: list[str] | None = None) -> int:
                 engines["tuned"] = lambda run_t=run_t: run_t(feeds)
                 tuned = {"tune_s": round(tune_s, 1), "kernels_tuned": sum(
                     "tuned" in d for d in facts_t["decisions"])}
-            times = interleaved_medians(engines, args.repeats, block=10, budget_s=90.0)
+            prune_row = {}
+            if args.ratio > 0:
+                small = pruned(model, args.ratio)
+                run_p, _, _ = sparsec_runner(small, Path(tmp), f"{name}_pruned")
+                ort_p = ort_runner(small, args.threads)
+                want_p = ort_p(feeds)[0]
+                prune_row = {"mac_ratio": macs(model) / macs(small), "max_rel_err_pruned": float(
+                    np.abs(run_p(feeds)[0] - want_p).max() / max(np.abs(want_p).max(), 1e-30))}
+                engines["pruned"] = lambda: run_p(feeds)
+                engines["ort_pruned"] = lambda: ort_p(feeds)
+            rounds = [interleaved_medians(engines, args.repeats, block=10, budget_s=90.0)
+                      for _ in range(args.rounds)]
+            times = {k: float(np.median([r[k] for r in rounds])) for k in engines}
+            ratio = [r["sparsec"] / r["ort"] for r in rounds]
             flop = 2 * macs(model)
             rows.append({"model": name, "gflop": flop / 1e9, "ort_ms": times["ort"],
-                         "sparsec_ms": times["sparsec"], "compile_s": round(compile_s, 1),
+                         "sparsec_ms": times["sparsec"], "ratio_range": [min(ratio), max(ratio)],
+                         "compile_s": round(compile_s, 1),
                          "max_rel_err_vs_ort": rel, "kernels": facts["kernels"],
                          **({"tuned_ms": times["tuned"], **tuned} if tuned else {})})
+            if prune_row:
+                speedup = [r["sparsec"] / r["pruned"] for r in rounds]
+                prune_row.update(pruned_ms=times["pruned"], ort_pruned_ms=times["ort_pruned"],
+                                 speedup_range=[min(speedup), max(speedup)],
+                                 ort_speedup=times["ort"] / times["ort_pruned"])
+                rows[-1]["pruned"] = prune_row
             print(rows[-1], flush=True)
-    lines = [f"# Whole models, dense, {args.threads} threads ({host.description})", "",
+    lines = [f"# Whole models, {args.threads} threads ({host.description})", "",
              f"FMA peak assumed {peak_gflops:.0f} GFLOP/s ({args.threads} cores x 2 FMA units x "
              "8 fp32 lanes x 3 GHz). Random weights. sparsec: untuned"
              + (f"; tuned: after `sparsec tune` with a {args.tune:g} s budget from an empty "
-                "cache." if args.tune > 0 else "."), "",
+                "cache." if args.tune > 0 else ".")
+             + f" Medians of {args.rounds} rounds; sparsec / ORT as the range over rounds.", "",
              "| model | GFLOP | ORT ms | sparsec ms | sparsec / ORT | ORT GFLOP/s | "
              "sparsec GFLOP/s | compile s | fallback kernels |"
              + (" tuned ms | tuned / ORT | tune s |" if args.tune > 0 else ""),
@@ -157,13 +252,28 @@ def main(argv: list[str] | None = None) -> int:
              + ("---:|---:|---:|" if args.tune > 0 else "")]
     for r in rows:
         gf = r["gflop"]
+        lo, hi = r["ratio_range"]
         lines.append(
             f"| {r['model']} | {gf:.2f} | {r['ort_ms']:.2f} | {r['sparsec_ms']:.2f} | "
-            f"{r['sparsec_ms'] / r['ort_ms']:.2f} | {gf / r['ort_ms'] * 1e3:.0f} | "
+            f"{lo:.2f}-{hi:.2f} | {gf / r['ort_ms'] * 1e3:.0f} | "
             f"{gf / r['sparsec_ms'] * 1e3:.0f} | {r['compile_s']} | "
             f"{r['kernels'].get('fallback', 0)} / {sum(r['kernels'].values())} |"
             + (f" {r['tuned_ms']:.2f} | {r['tuned_ms'] / r['ort_ms']:.2f} | {r['tune_s']} |"
                if "tuned_ms" in r else ""))
+    if args.ratio > 0:
+        lines += ["", f"## Pruned at ratio {args.ratio:g} (magnitude), against our own dense build",
+                  "", "Speed-up: dense sparsec ms / pruned sparsec ms (range over rounds); "
+                  "share of the MAC-predicted speed-up: the speed-up over the MAC ratio "
+                  "(the issue's bar: at least 0.8).", "",
+                  "| model | MACs dense / pruned | pruned ms | speed-up | share of MAC "
+                  "prediction | ORT's speed-up | pruned sparsec / ORT |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            p = r["pruned"]
+            lo, hi = p["speedup_range"]
+            lines.append(f"| {r['model']} | {p['mac_ratio']:.2f} | {p['pruned_ms']:.2f} | "
+                         f"{lo:.2f}-{hi:.2f} | {lo / p['mac_ratio']:.2f}-{hi / p['mac_ratio']:.2f}"
+                         f" | {p['ort_speedup']:.2f} | {p['pruned_ms'] / p['ort_pruned_ms']:.2f} |")
     publish("models", {"peak_gflops": peak_gflops, "threads": args.threads, "rows": rows},
             "\n".join(lines))
     # the plot: each engine's time relative to ONNX Runtime's, per model (lower is faster)

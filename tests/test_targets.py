@@ -778,6 +778,48 @@ def test_gelu_softmax_fast_math(form, host, tmp_path):
     assert_matches_ort(model, feeds, outs)
 
 
+@pytest.mark.parametrize("conv,kernel", [
+    ("3x3", "conv2d_nchw_packed"), ("1x1", "conv1x1_nchw"), ("depthwise", "depthwise_nchw"),
+    ("grouped", "grouped_conv2d_nchw"), ("gemm", "dense_packed"), ("gate_used_twice", None)])
+def test_silu_folds_into_the_write_back(conv, kernel, host, tmp_path):
+    """SiLU / Swish as ONNX spells it (``x * Sigmoid(x)`` after a conv or linear layer and its
+    bias) becomes the kernel's activation: one kernel, no elementwise pass over the output.
+    A sigmoid read by anything else (here also a graph output) stays a separate op. All match
+    ONNX Runtime, inputs large enough to reach the exponential's clamp included."""
+    from sparsec.targets.host import load_library
+
+    rng = np.random.default_rng(13)
+    n = helper.make_node
+    if conv == "gemm":
+        inits = {"w": rng.standard_normal((20, 48)) / 4, "b": rng.standard_normal(48)}
+        nodes, x, y = [n("Gemm", ["x", "w", "b"], ["h"])], [("x", [6, 20])], [6, 48]
+    else:
+        c, oc, k, groups = {"3x3": (8, 16, 3, 1), "1x1": (16, 32, 1, 1),
+                            "depthwise": (16, 16, 3, 16), "grouped": (16, 32, 3, 4),
+                            "gate_used_twice": (8, 16, 3, 1)}[conv]
+        inits = {"w": rng.standard_normal((oc, c // groups, k, k)) / 4,
+                 "b": rng.standard_normal(oc)}
+        nodes = [n("Conv", ["x", "w", "b"], ["h"], pads=[k // 2] * 4, group=groups)]
+        x, y = [("x", [1, c, 12, 12])], [1, oc, 12, 12]
+    nodes += [n("Sigmoid", ["h"], ["s"]), n("Mul", ["h", "s"], ["y"])]
+    outputs = [("y", y)] + ([("s", y)] if conv == "gate_used_twice" else [])
+    model = make_model(nodes, x, outputs, inits)
+    facts, feeds, outs = compile_and_run(model, host, tmp_path)
+    if kernel is None:
+        [d] = facts["decisions"]
+        assert "silu" not in d.get("epilogue", []) and facts["kernels"].get("fallback"), facts
+    else:
+        [d] = facts["decisions"]
+        assert d["chosen"] == kernel and d["epilogue"] == ["bias", "silu"], d
+        # no sigmoid or product left (a lone 1x1 conv keeps one generic kernel, with or
+        # without an activation)
+        assert facts["kernels"] == {kernel: 1, **({"fallback": 1} if conv == "1x1" else {})}
+    assert_matches_ort(model, feeds, outs)
+    feeds = {"x": (feeds["x"] * 40).astype(np.float32)}     # |h| past 88: exp's clamp
+    outs = load_library(tmp_path / "m.so", facts["inputs"]).run(feeds)
+    assert_matches_ort(model, feeds, outs)
+
+
 @pytest.mark.parametrize("shape,kernel", [([2, 4, 19], True), ([3, 37], True), ([159, 159], True),
                                           ([4, 32], False), ([6, 8], False)])
 def test_softmax_rows_numerics(shape, kernel, host, tmp_path):
@@ -843,18 +885,20 @@ def test_small_kernels_run_serially():
     assert parallel.serialize_small(big, 1e6).same_as(big)
 
 
-@pytest.mark.parametrize("m,parallel_loops", [(64, False), (512, True)])
-def test_small_models_run_serially(m, parallel_loops, host):
-    """A model whose whole call is less work than ``MIN_PARALLEL_MODEL_WORK`` (64 x 256 x 512:
-    17 M operations) runs every kernel serially (a rare parallel kernel would find the workers
-    asleep); a big one (512 rows: 134 M) keeps threads in its big kernel."""
+@pytest.mark.parametrize("layers,m,parallel_loops", [(1, 64, True), (1, 4, False), (32, 8, False)])
+def test_threads_only_where_kernels_are_big(layers, m, parallel_loops, host):
+    """Threads are per model, by the mean work of a parallel kernel call
+    (``MIN_PARALLEL_CALL_WORK``): one 64 x 256 x 256 MatMul (8.4 M operations) keeps its
+    threads; at 4 rows (0.5 M) it runs serially, and so does a chain of 32 MatMuls of 8 rows
+    (1.0 M a call, 34 M in all: more work than the single one, in kernels too small to share)."""
     import tvm
 
     from sparsec.targets.host import build_pipeline, import_onnx
 
     rng = np.random.default_rng(0)
-    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", [m, 256])],
-                       [("y", [m, 512])], {"w": rng.standard_normal((256, 512))})
+    nodes = [helper.make_node("MatMul", [f"h{i}", "w"], [f"h{i + 1}"]) for i in range(layers)]
+    model = make_model(nodes, [("h0", [m, 256])], [(f"h{layers}", [m, 256])],
+                       {"w": rng.standard_normal((256, 256)) / 16})
     target = tvm.target.Target(dict(host.tvm_target))
     lowered = build_pipeline(target, 2, [], {})(import_onnx(model))
     texts = [f.script() for _, f in lowered.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]

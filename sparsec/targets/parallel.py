@@ -1,22 +1,30 @@
-"""Threads only where they pay: a model that does little work runs every kernel serially.
+"""Threads only where they pay: a model whose kernels are small runs every kernel serially.
 
 Every kernel schedule (ours and the generic one) parallelizes its outer loop. Starting a
 parallel loop wakes TVM's worker threads and ends on a barrier: a few microseconds when the
 workers are spinning, far more when they have gone to sleep, and milliseconds when the other
 core is busy with another process and a worker has to be scheduled back in (TVM gives each
-thread a fixed share of the loop, so the barrier waits for it). Small models are made of
-kernels of a few microseconds each: MobileViT at 32x32 (190 kernel calls, most under 2 us)
-ran 0.55 ms with 2 threads and 0.13 ms serially (ONNX Runtime: 0.33 ms); making only their
-smallest kernels serial was worse than all or nothing, since the remaining parallel kernels
-found the workers asleep (ResNet at 32x32 with one parallel conv: 3-4 ms a call with the other
-core busy, 0.03 ms serially). Big models keep every loop parallel: their kernels keep the
-workers awake, and serializing even their small kernels measured 2-10 % slower (MobileNetV2
-and BERT-base at 1e6 operations a kernel, a 64x64 residual CNN at 1e5-1e6).
+thread a fixed share of the loop, so the barrier waits for it). Making only a model's smallest
+kernels serial was worse than all or nothing, since the remaining parallel kernels found the
+workers asleep (ResNet at 32x32 with one parallel conv: 3-4 ms a call with the other core
+busy, 0.03 ms serially). So the choice is per model.
+
+The cost model behind it: a call of a model with ``W`` operations in ``n`` calls of kernels
+with a parallel loop costs ``W / r`` serially and ``W / (t r) + n c`` on ``t`` threads, where
+``r`` is one core's rate and ``c`` one parallel launch. Threads pay when the mean work of a
+parallel kernel call, ``W / n``, exceeds ``t c r / (t - 1)``: about 1.2e6 operations for ``r``
+~1e11 operations/s and ``c`` ~6 us, both fitted on this 2-core Zen 4 VM, idle (a 64x64
+residual CNN pruned to half its channels: 3.2e7 operations in 11 calls, 0.31 ms serially,
+0.21 ms parallel; wav2vec2 at 2.1e7 operations in 77 calls: 0.34 ms serially, 0.70 ms
+parallel). The total work alone misleads: the pruned CNN and wav2vec2 do the same work, and
+the one wants threads, the other not. Every model of the coverage benchmark (transformers at
+seq 16, CNNs at 32x32: 1e4-3e5 operations a call) runs serially, 1.1-2x faster than with
+threads; ResNet-18, MobileNetV2 and BERT-base at full size keep them.
 
 The pass estimates work by walking each kernel's body: every buffer store counts its loop trip
 count times the arithmetic nodes of the stored value (a multiply-add: 2, a fast_exp: ~40),
-times the model's calls of that kernel. Under :data:`MIN_PARALLEL_MODEL_WORK` a call, every
-parallel loop becomes serial. Loops whose extent is not a constant count as unbounded work.
+times the model's calls of that kernel. Loops whose extent is not a constant count as
+unbounded work.
 """
 
 from __future__ import annotations
@@ -26,10 +34,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from tvm import ir, tirx
 
-#: operations a whole model call must do for its loops to run in parallel: about 0.3-0.5 ms
-#: on one core. All 56 coverage files (0.02-0.5 ms) fall under it (wav2vec2: 2e7); a 64x64
-#: residual CNN (1.25e8) ran 0.70 ms parallel and 1.16 ms serially
-MIN_PARALLEL_MODEL_WORK = 50_000_000
+#: mean operations of one call of a kernel with a parallel loop for threads to pay (see the
+#: module docstring: 2 threads, r ~1e11 operations/s, c ~6 us a launch)
+MIN_PARALLEL_CALL_WORK = 1_200_000
 #: nodes counted in one stored expression before giving up (deep trees are heavy anyway)
 _MAX_NODES = 256
 
@@ -115,9 +122,26 @@ def serialize_small(func: "tirx.PrimFunc", min_work: float) -> "tirx.PrimFunc":
     return func if body.same_as(func.body) else func.with_body(body)
 
 
-def model_work(mod: "ir.IRModule") -> float:
-    """Estimated operations of one call of ``mod``'s Relax functions: each PrimFunc's
-    :func:`work` times the ``call_tir`` calls of it."""
+def _has_parallel(stmt) -> bool:
+    """Whether ``stmt`` holds a parallel loop (descending as :func:`work` does)."""
+    from tvm import s_tir, tirx
+
+    if stmt is None:
+        return False
+    if isinstance(stmt, tirx.For):
+        return stmt.kind == tirx.ForKind.PARALLEL or _has_parallel(stmt.body)
+    if isinstance(stmt, tirx.SeqStmt):
+        return any(_has_parallel(s) for s in stmt.seq)
+    if isinstance(stmt, s_tir.SBlockRealize):
+        return _has_parallel(stmt.block)
+    if isinstance(stmt, tirx.IfThenElse):
+        return _has_parallel(stmt.then_case) or _has_parallel(stmt.else_case)
+    return _has_parallel(getattr(stmt, "body", None))
+
+
+def kernel_calls(mod: "ir.IRModule") -> list[tuple[float, bool, int]]:
+    """``(work, has a parallel loop, calls)`` of each PrimFunc that ``mod``'s Relax functions
+    call through ``call_tir`` (work of one call: :func:`work`)."""
     from tvm import relax, tirx
 
     calls: dict = {}
@@ -130,21 +154,34 @@ def model_work(mod: "ir.IRModule") -> float:
     for _, func in mod.functions_items():
         if isinstance(func, relax.Function):
             relax.analysis.post_order_visit(func, visit)
-    return sum(n * work(mod[gv].body) for gv, n in calls.items()
-               if isinstance(mod[gv], tirx.PrimFunc))
+    return [(work(mod[gv].body), _has_parallel(mod[gv].body), n) for gv, n in calls.items()
+            if isinstance(mod[gv], tirx.PrimFunc)]
 
 
-def serial_small_models_pass(model_min_work: float | None = None):
-    """Module pass: every PrimFunc serial (:func:`serialize_small` with no limit) when the
-    model does less than ``model_min_work`` a call (default
-    :data:`MIN_PARALLEL_MODEL_WORK`), the module unchanged otherwise."""
+def model_work(mod: "ir.IRModule") -> float:
+    """Estimated operations of one call of ``mod``'s Relax functions."""
+    return sum(w * n for w, _, n in kernel_calls(mod))
+
+
+def threads_pay(mod: "ir.IRModule", min_call_work: float | None = None) -> bool:
+    """Whether ``mod``'s parallel kernels do enough work a call to pay for their launches:
+    their mean work a call is at least ``min_call_work`` (default
+    :data:`MIN_PARALLEL_CALL_WORK`; the module docstring has the cost model)."""
+    least = MIN_PARALLEL_CALL_WORK if min_call_work is None else min_call_work
+    par = [(w, n) for w, has_par, n in kernel_calls(mod) if has_par]
+    calls = sum(n for _, n in par)
+    return calls > 0 and sum(w * n for w, n in par) >= least * calls
+
+
+def serial_small_models_pass(min_call_work: float | None = None):
+    """Module pass: every PrimFunc serial (:func:`serialize_small` with no limit) unless
+    :func:`threads_pay` for the model; the module unchanged otherwise."""
     import tvm
     from tvm import tirx
 
     @tvm.transform.module_pass(opt_level=0, name="SparsecSerialSmallModels")
     def _pass(mod: "ir.IRModule", _ctx) -> "ir.IRModule":
-        least = MIN_PARALLEL_MODEL_WORK if model_min_work is None else model_min_work
-        if model_work(mod) >= least:
+        if threads_pay(mod, min_call_work):
             return mod
         limit = float("inf")
         updates = {gv: serialize_small(f, limit) for gv, f in mod.functions_items()

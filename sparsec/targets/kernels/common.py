@@ -65,11 +65,14 @@ def wide_vectors() -> bool:
 class Activation:
     """The output activation a kernel applies in its write-back: clip bounds (``None`` leaves
     that side open; ReLU is ``low=0``, ReLU6 ``low=0, high=6``), then optionally GELU (erf
-    form, with TOPI's vectorizable rational ``fast_erf``: libm's erf is scalar)."""
+    form, with TOPI's vectorizable rational ``fast_erf``: libm's erf is scalar) or SiLU /
+    Swish (``x * sigmoid(x)``, the sigmoid as ``1 / (1 + fast_exp(-x))``, as the unfused ops
+    compute it: ``host.sigmoid_pass``)."""
 
     low: float | None = None
     high: float | None = None
     gelu: bool = False
+    silu: bool = False
 
     @property
     def name(self) -> str:
@@ -83,6 +86,8 @@ class Activation:
             parts.append(f"clip({lo},{hi})")
         if self.gelu:
             parts.append("gelu")
+        if self.silu:
+            parts.append("silu")
         return "+".join(parts)
 
 
@@ -134,6 +139,12 @@ def epilogue_func(inputs: list, value, shape: tuple[int, ...], dtype: str, bias=
         half = tirx.const(0.5, dtype)
         y = te.compute(shape, lambda *i: z(*i) * half * (erf(*i) + tirx.const(1, dtype)),
                        name="Y")
+    elif act is not None and act.silu:
+        z = te.compute(shape, pre, name="act_in")
+        e = topi.fast_exp(te.compute(shape, lambda *i: -z(*i), name="act_neg"))
+        inline = [z, e.op.input_tensors[0], e]
+        one = tirx.const(1, dtype)
+        y = te.compute(shape, lambda *i: z(*i) * (one / (one + e(*i))), name="Y")
     else:
         y = te.compute(shape, pre, name="Y")
     args = list(inputs) + [t for t in (bias, residual) if t is not None] + [y]

@@ -5,8 +5,8 @@ Runs on the module ``from_onnx`` produces, before legalization. For every ``R.ma
 kernel becomes ``R.call_tir(kernel, [x, packed_weight(, bias)])`` where the weight was packed in
 numpy and baked in as a constant. A following ``add(., constant per-channel bias)``, an ``add``
 of a same-shape tensor (a skip connection), then ``nn.relu`` and/or ONNX Clip's ``maximum`` /
-``minimum`` with constant bounds (ReLU6), or ``nn.gelu``, each optional and each the only user
-of the previous value, are folded into the kernel's write-back (the epilogue), and their
+``minimum`` with constant bounds (ReLU6), or ``nn.gelu``, or SiLU (``x * sigmoid(x)``, CPU),
+each optional and each the only user of the previous value, are folded into the kernel's write-back (the epilogue), and their
 bindings become aliases of the kernel output.
 
 Kernels are marked ``tirx.is_scheduled`` and ``op_pattern = kOpaque``, so FuseOps/FuseTIR leave
@@ -831,8 +831,13 @@ def plan_function(func: "relax.Function", cores: int, mod: "ir.IRModule | None" 
         if lo is None and hi is None and (nxt := _single_user_call(a, tail, "relax.nn.gelu")):
             gelu = True
             aliases[nxt[0]] = anchor
-        if lo is not None or hi is not None or gelu:
-            plan.act = Activation(lo, hi, gelu)
+        silu = False
+        if lo is None and hi is None and not gelu and device == "cpu" and (
+                sig := _silu_gate(a, tail)) is not None:
+            silu = True
+            aliases[sig] = anchor
+        if lo is not None or hi is not None or gelu or silu:
+            plan.act = Activation(lo, hi, gelu, silu)
         decision["epilogue"] = [e for e, on in (("bias", plan.bias is not None),
                                                 ("residual", plan.residual is not None))
                                 if on] + ([plan.act.name] if plan.act else [])
@@ -873,8 +878,8 @@ def _sole_producer(a: _Analysis, plans: dict, aliases: dict, var: Any) -> tuple[
 
 def _plain_epilogue(plan: Plan) -> bool:
     """Whether a fused kernel can apply ``plan``'s epilogue to its inner stage: bias and
-    clip bounds only (no residual, no GELU)."""
-    return plan.residual is None and not (plan.act and plan.act.gelu)
+    clip bounds only (no residual, no GELU or SiLU)."""
+    return plan.residual is None and not (plan.act and (plan.act.gelu or plan.act.silu))
 
 
 def _record_fusion(plans: dict, decision_of: dict, var: Any, inner_var: Any, key: str,
@@ -1006,6 +1011,25 @@ def _past_reshapes(a: _Analysis, tail: Any, anchor: Any) -> tuple[Any, Any]:
     if name in ("relax.add", "relax.nn.relu", "relax.nn.gelu", "relax.call_tir"):
         return end, end
     return tail, anchor
+
+
+def _silu_gate(a: _Analysis, var: Any) -> Any | None:
+    """The binding of ``var * sigmoid(var)`` (SiLU / Swish as ONNX spells it: Sigmoid, Mul)
+    when those two are ``var``'s only users and the sigmoid feeds the product alone; the
+    sigmoid binding then has no user left and dead code elimination drops it."""
+    from tvm import relax
+
+    users = a.users.get(var, [])
+    if a.uses.get(var, 0) != 2 or len(users) != 2:
+        return None
+    calls = {getattr(a.bindings[u].op, "name", ""): u for u in users
+             if isinstance(a.bindings[u], relax.Call)}
+    sig, mul = calls.get("relax.sigmoid"), calls.get("relax.multiply")
+    if sig is None or mul is None or a.single_user(sig) is None or a.single_user(sig)[0] != mul:
+        return None
+    args = list(a.bindings[mul].args)
+    return mul if any(x.same_as(var) for x in args) and any(x.same_as(sig) for x in args) \
+        else None
 
 
 def _single_user_call(a: _Analysis, var: Any, op_name: str) -> tuple[Any, Any] | None:
