@@ -73,16 +73,20 @@ def main(argv: list[str] | None = None) -> int:
                 print(rows[-1], flush=True)
     lines = ["# Compile to a latency budget (host, 2 threads)", "",
              "`compile --speedup 1/F`: the budget is F x the dense latency measured at the start "
-             "of the search; *measured* is the written package's library, timed at the end. "
-             "Within 10 %: |measured - budget| <= 0.1 budget.", "",
+             "of the search; *measured* is the written package's library, timed at the end, and "
+             "*dense after* the dense library timed again beside it (this VM's speed drifts by "
+             "tens of percent over minutes: measured / dense after is the figure that compares "
+             "like with like). Within 10 %: |measured - budget| <= 0.1 budget.", "",
              "| model | budget (x dense) | dense ms | budget ms | measured ms | measured / budget "
-             "| within 10 % | ratio | builds | held-out cosine | compile s |",
-             "|---|---:|---:|---:|---:|---:|:-:|---:|---:|---:|---:|"]
+             "| within 10 % | dense after ms | measured / dense after | ratio | builds | "
+             "held-out cosine | compile s |",
+             "|---|---:|---:|---:|---:|---:|:-:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         q = r["measured_ms"] / r["budget_ms"]
         lines.append(f"| {r['model']} | {r['fraction']:g} | {r['dense_ms']:.3f} | "
                      f"{r['budget_ms']:.3f} | {r['measured_ms']:.3f} | {q:.3f} | "
-                     f"{'yes' if abs(q - 1) <= 0.1 else 'no'} | {r['ratio']:.4f} | "
+                     f"{'yes' if abs(q - 1) <= 0.1 else 'no'} | {r['dense_ms_after']:.3f} | "
+                     f"{r['measured_ms'] / r['dense_ms_after']:.3f} | {r['ratio']:.4f} | "
                      f"{len(r['tried'])} | {r['cosine']:.4f} | {r['wall_s']:.0f} |")
     publish("latency_budget", rows, "\n".join(lines))
     return 0

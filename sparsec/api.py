@@ -617,7 +617,7 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
             raise BadOptionError("metric is what max_drop bounds, not a latency budget")
         if recipe is not None:
             options = merge_recipe(recipe, options).options()
-        result, budget = latency.budget_search(
+        result, budget, dense_again = latency.budget_search(
             load(model, input_shapes, example_inputs),
             {**options, "calibration": calibration}, spec, latency_budget, speedup, log)
     else:
@@ -713,9 +713,11 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
             from sparsec.latency import time_ms
 
             budget["measured_ms"] = time_ms(runner.run, feeds)
+            budget["dense_ms_after"] = dense_again()
             log(f"latency: asked {budget['budget_ms']:.4g} ms, the package measures "
-                f"{budget['measured_ms']:.4g} ms (dense {budget['dense_ms']:.4g} ms: "
-                f"{budget['dense_ms'] / budget['measured_ms']:.2f}x faster)")
+                f"{budget['measured_ms']:.4g} ms (dense, timed again beside it: "
+                f"{budget['dense_ms_after']:.4g} ms: "
+                f"{budget['dense_ms_after'] / budget['measured_ms']:.2f}x faster)")
         measured = None
         if profile:
             from sparsec.profile import profile_model, summary
