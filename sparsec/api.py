@@ -572,7 +572,9 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
     ``latency_budget`` (ms) or ``speedup`` (x the dense model's speed), for targets that run
     here: instead of pruning at ``ratio``, find the least pruning (up to ``ratio``, or 0.9)
     whose latency, measured on this machine, is within the budget, by bisection over the
-    ratio with the other options applied at each (``sparsec.latency``). The manifest's
+    ratio with the other options applied at each; with ``sensitivity``, per-group widths
+    from a measured latency table and a knapsack on held-out fidelity lost per millisecond
+    saved (``sparsec.latency``). The manifest's
     ``latency`` holds the asked, the measured (the package's own library) and the dense
     latency and every ratio tried; its recipe holds the ratio chosen.
 

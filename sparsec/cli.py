@@ -86,9 +86,11 @@ def _inspect_package(args) -> int:
         print(f"  profile  {summary(m['profile'])}")
     if "latency" in m:
         lat = m["latency"]
+        how = (f"ratio {lat['ratio']:g} of {len(lat['tried'])} tried" if "tried" in lat else
+               f"{len(lat['plan'])} of {len(lat['table'])} groups cut, predicted "
+               f"{lat['predicted_ms']:.4g} ms")
         print(f"  latency  asked {lat['budget_ms']:.4g} ms, measured {lat['measured_ms']:.4g} ms "
-              f"(dense {lat['dense_ms']:.4g} ms; ratio {lat['ratio']:g} of "
-              f"{len(lat['tried'])} tried)")
+              f"(dense {lat['dense_ms']:.4g} ms; {how})")
     bf16 = [d["chosen"] for d in m["compile"].get("decisions", []) if d.get("precision") == "bf16"]
     if bf16:
         names = ", ".join(sorted(set(bf16)))
@@ -223,6 +225,7 @@ def cmd_sweep(args) -> int:
             from None
     check_writable_dir(args.output, marker="sweep.json", what="sweep directory")
     report = latency.sweep(args.model, ratios, target=args.target, sensitivity=args.sensitivity,
+                           latency_aware=args.latency_aware,
                            options={"criterion": args.criterion,
                                     "reconstruct": args.reconstruct,
                                     "input_shapes": args.input_shapes,
@@ -532,7 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--latency-budget", type=float, metavar="MS",
                     help="instead of pruning at --ratio, find the least pruning (up to --ratio, "
                          "or 0.9) whose latency measured here is at most MS, by bisection "
-                         "(about 7 builds; targets that run on this machine)")
+                         "(about 7 builds; targets that run on this machine). With "
+                         "--sensitivity: per-group widths from a measured latency table "
+                         "(3 builds a group) and a knapsack on fidelity lost per ms saved")
     sp.add_argument("--speedup", type=float, metavar="X",
                     help="like --latency-budget, with the budget the dense model's measured "
                          "latency / X")
@@ -552,6 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="refit the consumers of removed channels (as in prune)")
     sp.add_argument("--sensitivity", action="store_true",
                     help="also each ratio spread by measured sensitivity: a second curve")
+    sp.add_argument("--latency-aware", action="store_true",
+                    help="also per-group widths chosen from a measured latency table at each "
+                         "uniform ratio's latency (as compile --latency-budget --sensitivity)")
     sp.add_argument("--calib", metavar="X.npz", help="calibration inputs (as in prune)")
     sp.set_defaults(func=cmd_sweep)
 

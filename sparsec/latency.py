@@ -3,22 +3,31 @@
 Fewer MACs do not always mean less time: kernels change strategy with their widths, small
 layers are bound by memory or by launching threads, and what the rest of the model costs
 does not shrink. So ``compile(..., latency_budget=MS)`` (or ``speedup=X``) does not predict
-the latency of a pruned model from its MACs: it builds and times it, on the machine it will
-run on (targets that run here), and searches the ratio by bisection for the least pruning
-whose measured latency is within the budget (``SEARCH_STEPS`` builds after the two ends;
-~5-10 s each for a small CNN or encoder). Every other option (criterion, sensitivity,
-reconstruction, head and hidden ratios in proportion) applies at each ratio tried, so the
-budget is met by the recipe the user chose. The package's own library is timed again at the
-end: the manifest's ``latency`` says the asked, the measured and the dense latency, and every
-ratio tried.
+the latency of a pruned model from its MACs: it builds and times candidates on the machine
+they will run on (targets that run here). Two ways:
+
+* **One ratio** (default): bisection over the ratio for the least pruning whose measured
+  latency is within the budget (``SEARCH_STEPS`` builds after the two ends). Every other option
+  (criterion, reconstruction, head and hidden ratios in proportion) applies at each ratio.
+* **Per-group widths** (``sensitivity=True``; ZipLM's and HALP's idea): a *latency table*
+  first, each prunable group alone cut to ``LEVELS`` of its channels, built, timed, and its
+  held-out fidelity measured; then a knapsack, greedy on fidelity lost per millisecond saved,
+  picks each group's level until the latency the table predicts (the dense latency minus the
+  savings, assumed to add up) meets the budget. The plan is built and timed; when it measures
+  over the budget, the knapsack asks for the difference more (``FEEDBACK_ROUNDS``). Heads, FFN
+  widths and channel groups compete in one budget. The plan is a recipe (``layer_ratios`` by
+  each group's own weight), so it re-runs without searching. The record says the predicted
+  and the measured latency.
+
+The figure for a build is the least of several block medians (``time_ms``). The manifest's
+``latency`` says the asked, the measured (the package's own library) and the dense latency,
+timed again beside it (this VM's speed drifts by tens of percent over minutes), and what was
+tried.
 
 ``sweep`` runs a series of ratios, each pruned, compiled and timed, uniform and (optionally)
-with the sensitivity allocation, and writes the held-out fidelity against measured latency as
-a table (JSON, Markdown) and a picture (SVG), ONNX Runtime's dense latency marked.
-
-Not yet (see the issue): per-group latency tables from the target's kernels and a knapsack
-over them (widths chosen per group by measured cost); today one ratio (or the sensitivity
-allocation of it) is searched.
+with the sensitivity allocation or the latency-aware per-group widths at the same measured
+latencies, and writes the held-out fidelity against measured latency as a table (JSON,
+Markdown) and a picture (SVG), ONNX Runtime's dense latency marked.
 """
 
 from __future__ import annotations
@@ -29,11 +38,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+import numpy as np
+
 from sparsec.errors import BadOptionError
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from sparsec.api import PruneResult
     from sparsec.ir.graph import Graph
     from sparsec.targets import TargetSpec
@@ -42,6 +51,10 @@ if TYPE_CHECKING:
 SEARCH_STEPS = 5
 #: a ratio whose measured latency is within this share under the budget ends the search
 CLOSE_ENOUGH = 0.05
+#: per-group widths: the shares of a group's channels removed in its latency-table rows
+LEVELS = (0.25, 0.5, 0.75)
+#: per-group widths: builds of a plan after the first that measured over the budget
+FEEDBACK_ROUNDS = 2
 
 
 def time_ms(run: Callable[[dict], Any], feeds: dict, seconds: float = 0.5,
@@ -74,8 +87,12 @@ class Timer:
     """Builds graphs for ``spec`` in a scratch directory and times them on ``feeds``."""
 
     def __init__(self, spec: "TargetSpec", feeds: dict[str, "np.ndarray"], scratch: Path):
+        import json
+
         self.spec, self.feeds, self.scratch = spec, feeds, scratch
         self._n = 0
+        #: what latency tables measured by this timer are cached under (the target)
+        self.cache_key = json.dumps(spec.tvm_target, sort_keys=True)
 
     def __call__(self, graph: "Graph") -> float:
         from sparsec.ir.onnx_io import to_onnx
@@ -135,6 +152,15 @@ def budget_search(graph: "Graph", options: dict, spec: "TargetSpec",
             chosen = 0.0
             log("latency: the dense model is within the budget: nothing pruned")
             tried[0.0] = (api.prune(graph, **at_ratio(0.0)), dense)
+        elif options.get("sensitivity"):
+            table = latency_table(graph, options, timer, dense, log)
+            result, plan = plan_search(graph, options, timer, table, dense, budget, log)
+
+            def dense_again_groups() -> float | None:
+                return None if dense_run is None else time_ms(dense_run, feeds)
+
+            return result, {"budget_ms": budget, "dense_ms": dense, **plan}, \
+                dense_again_groups
         else:
             fastest = attempt(top)
             if fastest > budget:
@@ -167,14 +193,220 @@ def budget_search(graph: "Graph", options: dict, spec: "TargetSpec",
     return result, record, dense_again
 
 
+# --------------------------------------------------------------------------- per-group widths
+def _literal(name: str) -> str:
+    """``name`` as an fnmatch pattern that matches only itself."""
+    return "".join(f"[{c}]" if c in "*?[]" else c for c in name)
+
+
+def units(graph: "Graph", options: dict) -> list[dict]:
+    """The prunable groups that ``options`` do not ignore, each named by a pattern over its
+    source weights that ``layer_ratios`` can address: a weight that is a source of this group
+    alone where there is one (a group whose weights all feed others too is addressed with
+    them: the unit lists every group its pattern reaches)."""
+    from fnmatch import fnmatchcase
+
+    from sparsec.analysis.depgraph import DependencyGraph
+
+    dg = DependencyGraph(graph)
+    ignore = list(options.get("ignore") or ())
+    groups = [g for g in dg.groups if g.prunable and not any(
+        fnmatchcase(src, pat) for src in g.sources for pat in ignore)]
+    owners: dict[str, int] = {}
+    for g in dg.groups:
+        for src in set(g.sources):
+            owners[src] = owners.get(src, 0) + 1
+    out: list[dict] = []
+    seen: set[str] = set()
+    for g in groups:
+        own = [src for src in g.sources if owners[src] == 1]
+        pattern = _literal((own or g.sources)[0])
+        if pattern in seen:
+            continue
+        seen.add(pattern)
+        reached = [h.id for h in groups if any(fnmatchcase(src, pattern) for src in h.sources)]
+        out.append({"pattern": pattern, "groups": reached, "kind": g.kind,
+                    "channels": sum(h.size for h in groups if h.id in reached)})
+    return out
+
+
+def _group_options(options: dict, layer_ratios: dict[str, float]) -> dict:
+    """``prune`` keywords that cut only the groups in ``layer_ratios``."""
+    return {**options, "ratio": 0.0, "head_ratio": None, "hidden_ratio": 0.0,
+            "sensitivity": False, "max_drop": None, "layer_ratios": dict(layer_ratios)}
+
+
+def latency_table(graph: "Graph", options: dict, timer: "Timer", dense: float,
+                  log: Callable[[str], None]) -> list[dict]:
+    """Each unit (see :func:`units`) alone cut to each of ``LEVELS``: built and timed on the
+    target, its held-out fidelity measured. ``[{"pattern", "kind", "channels", "rows":
+    [{"level", "ms", "saved_ms", "distortion"}]}]``; distortion is 1 - held-out cosine."""
+    from sparsec import api
+    from sparsec.passes.manager import Progress
+
+    table = units(graph, options)
+    if not table:
+        raise BadOptionError("no prunable group to spend a latency budget on")
+    path = _table_path(graph, options, timer)
+    if path is not None and path.is_file():
+        import json
+
+        cached = json.loads(path.read_text())
+        scale = dense / cached["dense_ms"]     # the machine's speed drifts: keep the shares
+        for unit, rows in zip(table, cached["rows"]):
+            unit["rows"] = [{**r, "ms": r["ms"] * scale, "saved_ms": dense - r["ms"] * scale}
+                            for r in rows]
+        log(f"latency: table of {len(table)} groups from the cache ({path})")
+        return table
+    progress = Progress(log, "latency table", len(table) * len(LEVELS), "builds timed")
+    for unit in table:
+        unit["rows"] = []
+        for level in LEVELS:
+            res = api.prune(graph, **_group_options(options, {unit["pattern"]: level}))
+            ms = timer(res.graph)
+            unit["rows"].append({"level": level, "ms": ms, "saved_ms": dense - ms,
+                                 "distortion": max(0.0, 1.0 - res.fidelity.cosine)})
+            progress.step()
+    log(f"latency: table of {len(table)} groups x {len(LEVELS)} widths; alone, the most a "
+        f"group saves is {max(r['saved_ms'] for u in table for r in u['rows']):.4g} ms")
+    if path is not None:
+        import json
+
+        from sparsec.package import atomic_write_bytes
+
+        try:
+            atomic_write_bytes(path, json.dumps({"dense_ms": dense, "rows": [
+                u["rows"] for u in table]}).encode())
+        except OSError as e:
+            log(f"warning: latency table not cached ({e})")
+    return table
+
+
+def _table_path(graph: "Graph", options: dict, timer) -> Path | None:
+    """Where the latency table of this model, pruning options, calibration data and target
+    is cached (beside the tuning cache); None for a timer that is not a target's."""
+    import hashlib
+    import json
+
+    from sparsec.ir.onnx_io import to_onnx
+    from sparsec.targets.tuning import cache_path
+
+    key = getattr(timer, "cache_key", None)
+    if key is None:
+        return None
+    h = hashlib.sha256(to_onnx(graph).SerializeToString())
+    fixed = {k: v for k, v in sorted(options.items()) if k not in (
+        "ratio", "head_ratio", "hidden_ratio", "sensitivity", "layer_ratios", "max_drop",
+        "calibration")}
+    h.update(json.dumps([key, fixed, LEVELS], sort_keys=True, default=str).encode())
+    for batch in options.get("calibration") or []:
+        for name in sorted(batch):
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(batch[name]).tobytes())
+    return cache_path().parent / "latency-tables" / f"{h.hexdigest()[:32]}.json"
+
+
+def knapsack(table: list[dict], need_ms: float) -> tuple[dict[str, float], float] | None:
+    """Levels per unit whose summed savings (the table's, assumed to add up) reach
+    ``need_ms``, greedily taking the step that loses the least fidelity per millisecond
+    saved (a step may skip levels; savings that do not grow are never bought). ``({pattern:
+    level}, predicted saving)``, or None when even the deepest cuts fall short."""
+    state = {u["pattern"]: (0.0, 0.0, 0.0) for u in table}     # level, saved, distortion
+    saved = 0.0
+    while saved < need_ms:
+        best, best_cost = None, float("inf")
+        for u in table:
+            level, have, lost = state[u["pattern"]]
+            for row in u["rows"]:
+                gain = row["saved_ms"] - have
+                if row["level"] <= level or gain <= 0:
+                    continue
+                cost = max(row["distortion"] - lost, 0.0) / gain
+                if cost < best_cost:
+                    best, best_cost = (u["pattern"], row), cost
+        if best is None:
+            return None
+        pattern, row = best
+        saved += row["saved_ms"] - state[pattern][1]
+        state[pattern] = (row["level"], row["saved_ms"], row["distortion"])
+    # greedy steps overshoot (one group's step can save far more than what was left to
+    # find): give back cuts, most costly first, while the savings still reach the need
+    rows = {u["pattern"]: [(0.0, 0.0, 0.0)] + [(r["level"], r["saved_ms"], r["distortion"])
+                                                for r in u["rows"]] for u in table}
+    for pattern in sorted(state, key=lambda p: -state[p][2]):
+        for option in sorted(rows[pattern], key=lambda r: r[2]):
+            if option[2] >= state[pattern][2]:
+                break
+            if saved - state[pattern][1] + option[1] >= need_ms:
+                saved += option[1] - state[pattern][1]
+                state[pattern] = option
+                break
+    return {p: lv for p, (lv, _, _) in state.items() if lv > 0}, saved
+
+
+def plan_search(graph: "Graph", options: dict, timer: "Timer", table: list[dict],
+                dense: float, budget: float, log: Callable[[str], None]
+                ) -> tuple["PruneResult", dict]:
+    """Per-group widths from ``table`` for ``budget``, built and timed; asks the knapsack for
+    the difference more where a build measures over the budget, or less where it lands well
+    under (the table's savings need not add up). Of the builds within the budget, the one
+    closest to the original on held-out data wins. The result and the record: the plan, the
+    predicted and measured latency of every build, the table."""
+    from sparsec import api
+
+    need = dense - budget
+    builds: list[dict] = []
+    result = None
+    for _ in range(1 + FEEDBACK_ROUNDS):
+        picked = knapsack(table, need)
+        if picked is None:
+            if result is not None:
+                break
+            most = sum(max(r["saved_ms"] for r in u["rows"]) for u in table)
+            raise BadOptionError(
+                f"the budget {budget:.4g} ms is out of reach by per-group widths: the table "
+                f"predicts at most {most:.4g} ms saved of the {need:.4g} needed (dense "
+                f"{dense:.4g} ms); without --sensitivity one ratio may go further")
+        plan, saved = picked
+        if builds and plan == builds[-1]["plan"]:
+            break
+        result = api.prune(graph, **_group_options(options, plan))
+        ms = timer(result.graph)
+        builds.append({"plan": plan, "predicted_ms": dense - saved, "ms": ms,
+                       "cosine": result.fidelity.cosine})
+        log(f"latency: {len(plan)} of {len(table)} groups cut, predicted "
+            f"{dense - saved:.4g} ms, measured {ms:.4g} ms "
+            f"({'within' if ms <= budget else 'over'} {budget:.4g})")
+        if budget * (1 - 2 * CLOSE_ENOUGH) <= ms <= budget:
+            break
+        # over: ask for the difference more, and at least a step beyond this plan's
+        # predicted savings; well under: give the difference back
+        need = max(need + ms - budget, saved * 1.0001) if ms > budget else need + ms - budget
+    best = min((b for b in builds if b["ms"] <= budget), default=None,
+               key=lambda b: -b["cosine"])
+    if best is None:
+        raise BadOptionError(f"the budget {budget:.4g} ms is out of reach by per-group widths: "
+                             f"the plans built measured "
+                             f"{', '.join(format(b['ms'], '.4g') for b in builds)} ms")
+    if best is not builds[-1]:
+        result = api.prune(graph, **_group_options(options, best["plan"]))
+    result.recipe = result.recipe.updated(ratio=0.0, head_ratio=None, hidden_ratio=0.0,
+                                          sensitivity=False, layer_ratios=best["plan"])
+    return result, {"allocation": "latency", "plan": best["plan"],
+                    "predicted_ms": best["predicted_ms"], "ms": best["ms"], "builds": builds,
+                    "table": table, "ratio": None}
+
+
 # --------------------------------------------------------------------------- sweep
 def sweep(model, ratios: list[float], *, target: str = "host", sensitivity: bool = False,
-          options: dict | None = None, ort: bool = True,
+          latency_aware: bool = False, options: dict | None = None, ort: bool = True,
           log: Callable[[str], None] = lambda s: None) -> dict:
     """Each ratio pruned (``options``: ``prune`` keywords), compiled for ``target`` and timed;
-    with ``sensitivity`` also the sensitivity allocation of each ratio. Returns
-    ``{"target", "dense_ms", "ort_ms", "rows": [{"ratio", "allocation", "ms", "cosine",
-    "macs", "params"}]}``; the fidelity is the held-out cosine ``prune`` reports."""
+    with ``sensitivity`` also the sensitivity allocation of each ratio; with
+    ``latency_aware`` also per-group widths (:func:`plan_search`) at each uniform ratio's
+    measured latency. Returns ``{"target", "dense_ms", "ort_ms", "rows": [{"ratio",
+    "allocation", "ms", "cosine", "macs", "params"}]}`` (``ratio`` None for per-group
+    widths); the fidelity is the held-out cosine ``prune`` reports."""
     from sparsec import api, reference
     from sparsec.targets import resolve_target
 
@@ -203,6 +435,20 @@ def sweep(model, ratios: list[float], *, target: str = "host", sensitivity: bool
                              "params": res.after.params})
                 log(f"sweep: {allocation} ratio {ratio:g} -> {ms:.4g} ms, held-out cosine "
                     f"{res.fidelity.cosine:.5f}")
+        if latency_aware:
+            table = latency_table(graph, options, timer, dense, log)
+            for row in [r for r in rows if r["allocation"] == "uniform" and r["ratio"] > 0]:
+                try:
+                    res, plan = plan_search(graph, options, timer, table, dense, row["ms"],
+                                            lambda s: None)
+                except BadOptionError as e:      # a budget the per-group widths cannot meet
+                    log(f"sweep: per-group widths at {row['ms']:.4g} ms: {e}")
+                    continue
+                rows.append({"ratio": None, "allocation": "latency-aware", "ms": plan["ms"],
+                             "cosine": res.fidelity.cosine, "macs": res.after.macs,
+                             "params": res.after.params, "plan": plan["plan"]})
+                log(f"sweep: latency-aware at {row['ms']:.4g} ms -> {plan['ms']:.4g} ms, "
+                    f"held-out cosine {res.fidelity.cosine:.5f}")
     return {"target": spec.name, "dense_ms": dense, "ort_ms": ort_ms,
             "measured_on": res.measured_on, "rows": rows}
 
@@ -230,7 +476,8 @@ def sweep_markdown(report: dict, title: str) -> str:
              "| allocation | ratio | latency ms | speed-up | held-out cosine | MACs | params |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
-        lines.append(f"| {r['allocation']} | {r['ratio']:g} | {r['ms']:.3f} | "
+        ratio = "per group" if r["ratio"] is None else f"{r['ratio']:g}"
+        lines.append(f"| {r['allocation']} | {ratio} | {r['ms']:.3f} | "
                      f"{report['dense_ms'] / r['ms']:.2f} | {r['cosine']:.5f} | "
                      f"{r['macs']:,} | {r['params']:,} |")
     return "\n".join(lines) + "\n"

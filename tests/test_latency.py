@@ -117,3 +117,94 @@ def test_sweep_writes_table_and_picture(tmp_path):
     assert "| sensitivity | 0.5 |" in (out / "sweep.md").read_text()
     assert_clean_error(sparsec("sweep", EXAMPLES / "digits_cnn.onnx", "-o", tmp_path / "s2",
                                "--ratios", "0,1.5"), 6, "ratios")
+
+
+def test_knapsack_buys_the_cheapest_milliseconds_and_gives_back_overshoot():
+    """Unit 'a' saves 1 ms per 0.01 of fidelity, 'b' 1 ms per 0.1: 'a' goes first. A step that
+    overshoots is given back where the rest still reaches the need."""
+    def unit(pattern, rows):
+        return {"pattern": pattern, "rows": [{"level": lv, "saved_ms": ms, "distortion": d}
+                                             for lv, ms, d in rows]}
+
+    table = [unit("a", [(0.25, 1.0, 0.01), (0.5, 2.0, 0.02), (0.75, 3.0, 0.03)]),
+             unit("b", [(0.25, 1.0, 0.10), (0.5, 2.0, 0.20), (0.75, 8.0, 0.30)])]
+    plan, saved = latency.knapsack(table, 2.5)
+    assert plan == {"a": 0.75} and saved == pytest.approx(3.0)
+    plan, saved = latency.knapsack(table, 4.0)          # a is spent: b's cheapest step next
+    assert plan == {"a": 0.75, "b": 0.25} and saved == pytest.approx(4.0)
+    plan, saved = latency.knapsack(table, 9.0)         # b's jump to 0.75 (8 ms) overshoots:
+    assert plan == {"a": 0.25, "b": 0.75} and saved == pytest.approx(9.0)   # a gives back
+    assert latency.knapsack(table, 11.5) is None
+    flat = [unit("c", [(0.25, -0.1, 0.0), (0.5, 0.0, 0.0)])]    # savings that never come
+    assert latency.knapsack(flat, 0.05) is None
+
+
+def test_units_address_one_group_each_by_its_own_weight():
+    """Each unit's pattern reaches only its own group where the group has a weight of its
+    own; weight names with glob characters are matched literally."""
+    from fnmatch import fnmatchcase
+
+    from sparsec.analysis.depgraph import DependencyGraph
+
+    graph = api.load(zoo.squeeze_excite())
+    dg = DependencyGraph(graph)
+    table = latency.units(graph, {})
+    prunable = [g for g in dg.groups if g.prunable]
+    assert sorted(i for u in table for i in u["groups"]) == sorted(g.id for g in prunable)
+    for u in table:
+        reached = [g.id for g in prunable if any(fnmatchcase(s, u["pattern"]) for s in g.sources)]
+        assert reached == u["groups"]
+    assert fnmatchcase("a[0].w*", latency._literal("a[0].w*"))
+    assert not fnmatchcase("a0.wx", latency._literal("a[0].w*"))
+
+
+def test_per_group_widths_meet_the_budget_and_re_run_as_a_recipe(monkeypatch):
+    """With sensitivity, the budget is spent per group from the latency table (MAC clock):
+    the plan meets it, the record holds the prediction and the table, and the recipe (the
+    plan as layer_ratios) rebuilds the same model without searching."""
+    monkeypatch.setattr(latency, "Timer", MacTimer)
+    from sparsec.targets import resolve_target
+
+    model = EXAMPLES / "digits_cnn.onnx"
+    graph = api.load(model)
+    options = {**api.Recipe(criterion="fluctuation", sensitivity=True).options(),
+               "calibration": str(EXAMPLES / "digits_calib.npz")}
+    result, record, _ = latency.budget_search(graph, options, resolve_target("host"), None,
+                                              2.0, log=lambda s: None)
+    budget = record["budget_ms"]
+    assert record["allocation"] == "latency" and record["ms"] <= budget
+    assert cost(result.graph).macs / 1e6 == pytest.approx(record["ms"])
+    assert len(record["table"]) >= 3 and all(len(u["rows"]) == len(latency.LEVELS)
+                                             for u in record["table"])
+    assert 0 < len(record["plan"]) <= len(record["table"])
+    assert result.recipe.layer_ratios == record["plan"] and result.recipe.ratio == 0
+    again = api.prune(model, recipe=result.recipe, calibration=options["calibration"])
+    assert cost(again.graph).macs == cost(result.graph).macs
+    assert again.fidelity.cosine == pytest.approx(result.fidelity.cosine)
+
+
+def test_latency_table_is_cached_per_model_options_data_and_target(monkeypatch, tmp_path):
+    """A second table for the same model, options, calibration data and target comes from the
+    cache (no build timed), its savings rescaled to today's dense latency; other options or
+    another target measure anew."""
+    monkeypatch.setenv("SPARSEC_TUNING_CACHE", str(tmp_path / "tuning.json"))
+
+    class CachedMacTimer(MacTimer):
+        cache_key = "host"
+
+    graph = api.load(EXAMPLES / "digits_cnn.onnx")
+    options = {**api.Recipe().options(), "calibration": None}
+    dense = cost(graph).macs / 1e6
+    timer = CachedMacTimer(None, None, None)
+    first = latency.latency_table(graph, options, timer, dense, lambda s: None)
+    builds = timer.calls
+    assert builds == len(first) * len(latency.LEVELS)
+    again = latency.latency_table(graph, options, timer, 2 * dense, lambda s: None)
+    assert timer.calls == builds
+    assert [r["saved_ms"] for u in again for r in u["rows"]] == pytest.approx(
+        [2 * r["saved_ms"] for u in first for r in u["rows"]])
+    latency.latency_table(graph, {**options, "criterion": "l1"}, timer, dense, lambda s: None)
+    assert timer.calls == 2 * builds
+    CachedMacTimer.cache_key = "another target"
+    latency.latency_table(graph, options, timer, dense, lambda s: None)
+    assert timer.calls == 3 * builds
