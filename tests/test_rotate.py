@@ -1,0 +1,100 @@
+"""Rotation before slicing (SliceGPT): on pre-norm decoders with RMS norms, exported by both
+torch exporters, rotating the residual stream by its principal directions is exact, and cutting
+the rotated stream loses less than cutting channels; streams a rotation would change (LayerNorm,
+per-channel offsets) are reported and left to the plain cut."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import realworld
+
+import sparsec
+from sparsec import reference
+from sparsec.analysis.depgraph import DependencyGraph
+from sparsec.passes import rotate
+from sparsec.passes.channel_prune import ChannelPrune
+from sparsec.passes.manager import PassContext
+
+_CACHE: dict = {}
+
+
+def model(name: str, exporter: str):
+    if (name, exporter) not in _CACHE:
+        _CACHE[name, exporter] = sparsec.load(realworld.build(name, exporter))
+    return _CACHE[name, exporter]
+
+
+def token_batches(graph, n: int = 16, vocab: int = 100) -> list[dict]:
+    """Batches of token ids drawn from the whole vocabulary (seeded random inputs draw ids from
+    a small range, which a PCA would see as a stream of two directions)."""
+    rng = np.random.default_rng(0)
+    out = []
+    for seed in range(n):
+        feeds = reference.random_inputs(graph, seed=seed)
+        ints = [k for k in graph.inputs if feeds[k].dtype == np.int64]
+        feeds[ints[0]] = rng.integers(0, vocab, feeds[ints[0]].shape)
+        for k in ints[1:]:                                  # attention mask: all real
+            feeds[k] = np.ones_like(feeds[k])
+        out.append(feeds)
+    return out
+
+
+def stream(graph):
+    [g] = [g for g in DependencyGraph(graph).groups if g.kind == "hidden" and g.hidden_prunable]
+    return g
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma"])
+def test_rotating_the_stream_is_exact(name, exporter):
+    graph = model(name, exporter)
+    r = rotate.roles(graph, stream(graph))
+    assert not isinstance(r, str), r
+    assert r.writers and r.readers and len(r.scales) == 5       # 2 layers x 2 norms + final
+    ctx = PassContext.split(token_batches(graph))
+    q = rotate.principal_directions(graph, r, ctx)
+    assert np.allclose(q.T @ q, np.eye(q.shape[0]), atol=1e-8)
+    rotated = rotate.rotate(graph, r, q)
+    assert any(not np.array_equal(rotated.initializers[w], graph.initializers[w])
+               for w, _ in r.writers)
+    want = reference.run_batches(graph, ctx.holdout)
+    got = reference.run_batches(rotated, ctx.holdout)
+    for a, b in zip(want, got):
+        for x, y in zip(a, b):
+            np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-5 * float(np.abs(x).max()))
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma"])
+def test_a_rotated_cut_loses_less_than_a_channel_cut(name):
+    """Same width kept (3/4 of the stream), held-out batches: the principal directions keep
+    more of the model than the channels with the largest weights (cosine on these seeds: Llama
+    0.89 vs 0.86, Qwen2 0.89 vs 0.86, Gemma 0.96 vs 0.89). The norms' scales become
+    sqrt(d / k)."""
+    graph = model(name, "dynamo")
+    ctx = PassContext.split(token_batches(graph))
+    rotated, report = rotate.RotateHidden(0.25).run(graph, ctx)
+    [entry] = report["streams"]
+    assert entry["rotated"] and entry["kept"] == 24 and entry["width"] == 32
+    plain, _ = ChannelPrune(0.0, hidden_ratio=0.25).run(graph, ctx)
+    want = reference.run_batches(graph, ctx.holdout)
+    cos_rot = ctx.compare(want, reference.run_batches(rotated, ctx.holdout)).cosine
+    cos_plain = ctx.compare(want, reference.run_batches(plain, ctx.holdout)).cosine
+    assert cos_rot > cos_plain + 0.02, (cos_rot, cos_plain)
+    assert stream(rotated).size == 24
+    r = rotate.roles(graph, stream(graph))
+    for scale, _, _ in r.scales:
+        np.testing.assert_allclose(rotated.initializers[scale], np.sqrt(32 / 24), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name, why", [("gpt2", "centers the stream"),
+                                       ("convnext", "centers the stream")])
+def test_streams_a_rotation_would_change_are_left_whole(name, why):
+    graph = model(name, "dynamo")
+    groups = [g for g in DependencyGraph(graph).groups if g.kind == "hidden" and g.hidden_prunable]
+    assert groups and all(why in rotate.roles(graph, g) for g in groups)
+    ctx = PassContext.split([reference.random_inputs(graph, seed=s) for s in range(4)])
+    out, report = rotate.RotateHidden(0.25).run(graph, ctx)
+    assert out is graph or out.initializers.keys() == graph.initializers.keys()
+    assert report["streams"] and not any(s["rotated"] for s in report["streams"])
+    assert all(why in s["why"] for s in report["streams"])
