@@ -122,3 +122,25 @@ def test_streams_a_rotation_would_change_are_left_whole(name, why):
     out, report = rotate.RotateHidden(0.25).run(graph, ctx)
     assert report["streams"] and not any(s["rotated"] for s in report["streams"])
     assert all(why in s["why"] for s in report["streams"])
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_channel_prune_rotates_inside_its_plan(name):
+    """``ChannelPrune(rotate=True)`` cuts the rotated stream beside the FFN and head groups in
+    one plan (and refits with reconstruct): the same cut of the stream as the rotation alone,
+    and better than the same plan without rotation."""
+    graph = model(name, "dynamo")
+    ctx = PassContext.split(token_batches(graph))
+    want = reference.run_batches(graph, ctx.holdout)
+
+    def cosine(g):
+        return ctx.compare(want, reference.run_batches(g, ctx.holdout)).cosine
+
+    alone, _ = rotate.RotateHidden(0.25).run(graph, ctx)
+    inside, details = ChannelPrune(0.0, hidden_ratio=0.25, rotate=True).run(graph, ctx)
+    assert cosine(inside) == pytest.approx(cosine(alone), abs=1e-6)
+    assert [s["rotated"] for s in details["rotation"]] == [True]
+    both, _ = ChannelPrune(0.25, hidden_ratio=0.25, rotate=True, reconstruct=True).run(graph, ctx)
+    plain, _ = ChannelPrune(0.25, hidden_ratio=0.25, reconstruct=True).run(graph, ctx)
+    assert stream(both).size == stream(plain).size == 24
+    assert cosine(both) > cosine(plain)

@@ -38,6 +38,8 @@ from sparsec.passes.allocation import held_out_distortion, sensitivity_keeps
 from sparsec.passes.hidden import keep_output_width
 from sparsec.passes.manager import FEW_SAMPLES, PassContext
 from sparsec.passes.reconstruct import keep_if_better, refit_consumers
+from sparsec.passes.rotate import prepare as prepare_rotation
+from sparsec.passes.rotate import rescale, stream_key
 from sparsec.passes.surgery import apply_plan
 
 
@@ -64,6 +66,9 @@ class ChannelPrune:
     head_ratio: float | None = None
     hidden_ratio: float = 0.0
     sensitivity: bool = False
+    #: hidden streams: rotate each to its principal directions first and cut the weakest
+    #: (``sparsec.passes.rotate``, SliceGPT), where the stream allows it
+    rotate: bool = False
     name: str = "channel-prune"
     exact: bool = False
 
@@ -87,6 +92,11 @@ class ChannelPrune:
         maps: list[dict] = []
         if self.hidden_ratio:          # an encoder's stream is its output: keep that width
             graph, maps = keep_output_width(graph)
+        rotated, rotation = {}, []
+        if self.rotate and self.hidden_ratio:
+            if ctx is None:
+                raise ValueError("rotating hidden streams needs calibration data (a PassContext)")
+            graph, rotated, rotation = prepare_rotation(graph, ctx)
         dg = DependencyGraph(graph)
         candidates = [g for g in dg.groups if g.prunable or g.hidden_prunable]
         chosen = [(g, r) for g in candidates
@@ -97,6 +107,9 @@ class ChannelPrune:
         ignored = sum(1 for g in candidates if g.prunable and any(
             fnmatchcase(s, pat) for s in g.sources for pat in self.ignore))
         scores = {g.id: score(g) for g, _ in chosen}
+        for g, _ in chosen:            # a rotated stream's channels are its principal
+            if stream_key(g) in rotated:   # directions, strongest first
+                scores[g.id] = np.arange(g.size, 0, -1, dtype=np.float64)
 
         def keep_for(g, ratio: float) -> int:
             # round_to is a vector-width multiple of channels; a head is already head_dim wide
@@ -111,6 +124,8 @@ class ChannelPrune:
         def build(plan: dict) -> tuple[Graph, Graph, list]:
             """(pruned, pruned and refit or None, the refit report)."""
             pruned = apply_plan(graph, dg, plan)
+            rescale(pruned, rotated, {stream_key(g): len(plan[g.id]) for g, _ in chosen
+                                      if g.id in plan and stream_key(g) in rotated})
             if not self.reconstruct:
                 return pruned, None, []
             refit, info = refit_consumers(graph, pruned, dg, plan, ctx, self.ridge)
@@ -156,7 +171,7 @@ class ChannelPrune:
                    "pruned_groups": len(plan), "channels_removed": removed,
                    "heads_removed": heads, "head_ratio": self.head_ratio,
                    "hidden_removed": hidden, "hidden_ratio": self.hidden_ratio,
-                   "output_maps": maps,
+                   "output_maps": maps, **({"rotation": rotation} if self.rotate else {}),
                    "channels_in_prunable_groups": total}
         pruned, refit, report = built or build(plan)
         if self.reconstruct:

@@ -321,9 +321,79 @@ def principal_directions(graph: Graph, r: Roles, ctx: PassContext) -> np.ndarray
 
 
 @dataclass
+class Rotated:
+    """A stream :func:`prepare` rotated: its width and the norm scales that cutting it must
+    set to ``sqrt(width / kept)``."""
+
+    width: int
+    scales: list[str]
+    #: its entry in ``prepare``'s report
+    entry: dict = field(default_factory=dict)
+
+
+def prepare(graph: Graph, ctx: PassContext) -> tuple[Graph, dict[tuple, Rotated], list[dict]]:
+    """Every hidden stream of ``graph`` that qualifies, rotated to its principal directions
+    (its LayerNorms made RMS first where that is exact): the graph, the rotated streams by
+    :func:`stream_key`, and one report entry per stream (why not, for the others)."""
+    report: list[dict] = []
+    rotated: dict[tuple, Rotated] = {}
+    seen: set[tuple] = set()
+    for _ in range(16):                                   # one stream a round
+        stream = next((g for g in DependencyGraph(graph).groups if g.kind == "hidden"
+                       and g.hidden_prunable and stream_key(g) not in seen), None)
+        if stream is None:
+            break
+        key = stream_key(stream)
+        seen.add(key)
+        shared = unshare(graph, stream)
+        if shared is not graph:
+            graph = shared
+            stream = next(g for g in DependencyGraph(graph).groups if stream_key(g) == key)
+        r = roles(graph, stream)
+        converted = False
+        if isinstance(r, str):
+            rms = as_rms(graph, stream)
+            if isinstance(rms, str):
+                report.append({"width": stream.size, "rotated": False, "why": rms})
+                continue
+            graph, converted = rms, True
+            stream = next(g for g in DependencyGraph(graph).groups if stream_key(g) == key)
+            r = roles(graph, stream)
+            if isinstance(r, str):
+                report.append({"width": stream.size, "rotated": False, "why": r})
+                continue
+        graph = rotate(graph, r, principal_directions(graph, r, ctx))
+        report.append({"width": stream.size, "rotated": True, "layernorms_made_rms": converted,
+                       "writers": len(set(r.writers)), "readers": len(set(r.readers)),
+                       "norms": len(r.scales)})
+        rotated[key] = Rotated(stream.size, sorted({sc for sc, _, _ in r.scales}), report[-1])
+    return graph, rotated, report
+
+
+def rescale(graph: Graph, rotated: dict[tuple, Rotated], kept: dict[tuple, int]) -> None:
+    """Set the norm scales of each rotated stream cut to ``kept[key]`` channels to
+    ``sqrt(width / kept)`` (in place): its norms now average over fewer channels, which carry
+    nearly all of the stream."""
+    for key, k in kept.items():
+        if key in rotated:
+            rotated[key].entry["kept"] = k
+        if key in rotated and k < rotated[key].width:
+            for scale in rotated[key].scales:
+                graph.set_initializer(scale, np.full_like(graph.initializers[scale],
+                                                          np.sqrt(rotated[key].width / k)))
+
+
+def stream_key(group: Group) -> tuple:
+    """A stream's identity across edits of values and norms: its writers."""
+    return (group.kind, tuple(sorted(group.sources)))
+
+
+@dataclass
 class RotateHidden:
     """Cut each hidden stream to ``1 - ratio`` of its width along its principal directions
-    (the module docstring); streams that do not qualify are reported and left whole."""
+    (the module docstring); streams that do not qualify are reported and left whole.
+    ``ChannelPrune(rotate=True)`` does the same inside the channel plan (with the criteria,
+    sensitivity and reconstruction); this pass is the rotation alone."""
 
     ratio: float
     name: str = "rotate-hidden"
@@ -333,51 +403,14 @@ class RotateHidden:
         if ctx is None:
             raise ValueError("rotating the hidden width needs calibration data (a PassContext)")
         graph, maps = keep_output_width(graph)
-        report: list[dict] = []
-        kept: dict[tuple, tuple[int, int, list[str]]] = {}   # stream -> (width, kept, scales)
-        seen: set[tuple] = set()
-        for _ in range(16):                                   # one stream a round
-            stream = next((g for g in DependencyGraph(graph).groups if g.kind == "hidden"
-                           and g.hidden_prunable and _key(g) not in seen), None)
-            if stream is None:
-                break
-            seen.add(_key(stream))
-            shared = unshare(graph, stream)
-            if shared is not graph:
-                graph = shared
-                stream = next(g for g in DependencyGraph(graph).groups if _key(g) == _key(stream))
-            r = roles(graph, stream)
-            converted = False
-            if isinstance(r, str):
-                rms = as_rms(graph, stream)
-                if isinstance(rms, str):
-                    report.append({"width": stream.size, "rotated": False, "why": rms})
-                    continue
-                graph, converted = rms, True
-                stream = next(g for g in DependencyGraph(graph).groups if _key(g) == _key(stream))
-                r = roles(graph, stream)
-                if isinstance(r, str):
-                    report.append({"width": stream.size, "rotated": False, "why": r})
-                    continue
-            q = principal_directions(graph, r, ctx)
-            graph = rotate(graph, r, q)
-            keep = max(1, int(round(stream.size * (1 - self.ratio))))
-            kept[_key(stream)] = (stream.size, keep, [sc for sc, _, _ in r.scales])
-            report.append({"width": stream.size, "kept": keep, "rotated": True,
-                           "layernorms_made_rms": converted, "writers": len(set(r.writers)),
-                           "readers": len(set(r.readers)), "norms": len(r.scales)})
-        if not kept:
-            return graph, {"ratio": self.ratio, "streams": report, "output_maps": maps}
+        graph, rotated, report = prepare(graph, ctx)
+        details = {"ratio": self.ratio, "streams": report, "output_maps": maps}
+        if not rotated:
+            return graph, details
         dg = DependencyGraph(graph)
-        plan = {g.id: np.arange(kept[_key(g)][1]) for g in dg.groups if _key(g) in kept}
-        out = apply_plan(graph, dg, plan)
-        for width, keep, scales in kept.values():
-            for scale in scales:
-                out.set_initializer(scale, np.full_like(out.initializers[scale],
-                                                        np.sqrt(width / keep)))
-        return out, {"ratio": self.ratio, "streams": report, "output_maps": maps}
-
-
-def _key(group: Group) -> tuple:
-    """A stream's identity across edits of values and norms: its writers."""
-    return (group.kind, tuple(sorted(group.sources)))
+        kept = {stream_key(g): max(1, int(round(g.size * (1 - self.ratio))))
+                for g in dg.groups if stream_key(g) in rotated}
+        out = apply_plan(graph, dg, {g.id: np.arange(kept[stream_key(g)])
+                                     for g in dg.groups if stream_key(g) in rotated})
+        rescale(out, rotated, kept)
+        return out, details
