@@ -18,7 +18,10 @@ scale that is not a norm's, a norm whose output goes elsewhere than into linear 
 post-norm model's residual), or a weight read in another way leaves it to the plain cut.
 Pre-norm LayerNorm models (GPT-2, OPT, Phi) are made RMS first, exactly (:func:`as_rms`).
 The stream an encoder returns gets the output map of ``sparsec.passes.hidden`` first (a reader
-like any other).
+like any other). ``ChannelPrune(rotate=True)`` (``--rotate`` with ``--hidden-ratio``) runs
+:func:`prepare` before its plan: the rotated stream's channels are scored strongest first, so
+any cut of it keeps the strongest directions, and :func:`rescale` fixes its norms in every
+candidate the plan builds.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ import numpy as np
 from sparsec import reference
 from sparsec.analysis.depgraph import DependencyGraph, Group
 from sparsec.ir.graph import Graph, Node, Value
-from sparsec.passes.hidden import keep_output_width
 from sparsec.passes.manager import PassContext, rows
 from sparsec.passes.surgery import apply_plan
 
@@ -386,31 +388,3 @@ def rescale(graph: Graph, rotated: dict[tuple, Rotated], kept: dict[tuple, int])
 def stream_key(group: Group) -> tuple:
     """A stream's identity across edits of values and norms: its writers."""
     return (group.kind, tuple(sorted(group.sources)))
-
-
-@dataclass
-class RotateHidden:
-    """Cut each hidden stream to ``1 - ratio`` of its width along its principal directions
-    (the module docstring); streams that do not qualify are reported and left whole.
-    ``ChannelPrune(rotate=True)`` does the same inside the channel plan (with the criteria,
-    sensitivity and reconstruction); this pass is the rotation alone."""
-
-    ratio: float
-    name: str = "rotate-hidden"
-    exact: bool = False
-
-    def run(self, graph: Graph, ctx: PassContext | None = None) -> tuple[Graph, dict]:
-        if ctx is None:
-            raise ValueError("rotating the hidden width needs calibration data (a PassContext)")
-        graph, maps = keep_output_width(graph)
-        graph, rotated, report = prepare(graph, ctx)
-        details = {"ratio": self.ratio, "streams": report, "output_maps": maps}
-        if not rotated:
-            return graph, details
-        dg = DependencyGraph(graph)
-        kept = {stream_key(g): max(1, int(round(g.size * (1 - self.ratio))))
-                for g in dg.groups if stream_key(g) in rotated}
-        out = apply_plan(graph, dg, {g.id: np.arange(kept[stream_key(g)])
-                                     for g in dg.groups if stream_key(g) in rotated})
-        rescale(out, rotated, kept)
-        return out, details
