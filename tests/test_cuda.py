@@ -190,9 +190,9 @@ def test_runtime_compile_callback_serves_the_prebuilt_fatbin():
 
 
 def test_cuda_compile_without_nvcc_is_a_toolchain_error(tmp_path, monkeypatch):
-    from sparsec.targets import cuda
+    from sparsec.targets import cuda_toolkit
 
-    monkeypatch.setattr(cuda, "NVCC_DIRS", ())
+    monkeypatch.setattr(cuda_toolkit, "NVCC_DIRS", ())
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
     with pytest.raises(ToolchainError, match="need nvcc") as info:
         api.compile(EXAMPLES / "digits_cnn.onnx", target="cuda-sm80", output_dir=tmp_path / "o")
