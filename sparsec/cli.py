@@ -325,23 +325,17 @@ def cmd_validate(args) -> int:
 
 
 def cmd_targets(args) -> int:
-    from sparsec.targets import KNOWN_TARGETS, resolve_target
+    # no TVM here (seconds to import): the table and the tags are data (sparsec.targets)
+    from sparsec.targets import listing
+    from sparsec.targets.tags import CPU_TAGS, GPU_TAGS
 
     rows = [["target", "TVM target", "runs here", "description"]]
-    for name in KNOWN_TARGETS:
-        spec = resolve_target(name)
-        tvm_target = {k: v for k, v in spec.tvm_target.items() if k in ("kind", "mcpu", "mtriple",
-                                                                        "mattr", "arch")}
-        rows.append([name, json.dumps(tvm_target),
-                     "yes" if spec.runs_here else f"no: {spec.why_not_here}", spec.description])
+    for t in listing():
+        rows.append([t["name"], json.dumps(t["tvm"]),
+                     "yes" if t["runs_here"] else f"no: {t['why_not']}", t["description"]])
     print(_table(rows))
-    from sparsec.targets import device_tags
-
-    tags = device_tags()
-    gpus = [t for t, c in tags.items() if c.get("kind") == "cuda"]
-    print("\nTVM device tags, CPUs: "
-          + ", ".join(t for t in tags if t not in gpus))
-    print("TVM device tags, NVIDIA GPUs: " + ", ".join(gpus))
+    print("\nTVM device tags, CPUs: " + ", ".join(CPU_TAGS))
+    print("TVM device tags, NVIDIA GPUs: " + ", ".join(GPU_TAGS))
     print('Raw TVM target JSON works too, e.g. --target \'{"kind": "llvm", "mcpu": "znver3"}\' '
           'or \'{"kind": "cuda", "arch": "sm_86"}\'')
     return 0
