@@ -21,9 +21,10 @@ INTERNAL_ERROR = 70
 
 
 def _log(args) -> "callable":
-    if args.quiet:
-        return lambda msg: None
-    return lambda msg: print(msg, file=sys.stderr, flush=True)
+    """Progress lines on stderr (a bar on a terminal, ``sparsec.progress``); none with -q."""
+    from sparsec.progress import Log
+
+    return Log(quiet=args.quiet)
 
 
 def _fmt(n: float) -> str:
@@ -78,6 +79,7 @@ def _inspect_package(args) -> int:
             print(f"  {kind[:-1]:8} {v['name']} {v['dtype']}{v['shape']}")
     print(f"  params {p['before']['params']:,} -> {p['after']['params']:,}{_nonzero(p)}, MACs "
           f"{p['before']['macs']:,} -> {p['after']['macs']:,}, {_fidelity(p)}")
+    print(f"  {_sparsity(p)}")
     for r in p["passes"]:
         print(f"  pass {r['name']}: {'exact' if r['exact'] else 'lossy'}")
     print(f"  kernels  {m['compile']['kernels']}")
@@ -206,7 +208,22 @@ def cmd_compile(args) -> int:
     print(f"compiled {args.model} for {manifest['target']['name']} -> {args.output}")
     print(f"  params {p['before']['params']:,} -> {p['after']['params']:,}{_nonzero(p)}, "
           f"MACs {p['before']['macs']:,} -> {p['after']['macs']:,}, {_fidelity(p)}")
+    print(f"  {_sparsity(p)}")
     return 0
+
+
+def _sparsity(p: dict) -> str:
+    """Zeros among the weights and the weights' bytes, before -> after: what weight sparsity
+    changes, which params and MACs (dense counts) do not show."""
+    def zeros(c: dict) -> str:
+        z = c["params"] - c["nonzeros"]
+        return f"{z:,} ({100.0 * z / c['params']:.1f}%)" if c["params"] else "0"
+
+    b, a = p["before"], p["after"]
+    text = f"zeros {zeros(b)} -> {zeros(a)} of the weights"
+    if "weight_bytes" in a:      # packages written before sparsec recorded them lack it
+        text += f", weights {b['weight_bytes']:,} -> {a['weight_bytes']:,} bytes"
+    return text
 
 
 def cmd_sweep(args) -> int:

@@ -162,7 +162,7 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
                 log("building the AMX tile kernels with emulated tile ops for this CPU's check")
                 emulation = scratch / "emulation.so"
                 with amx.emulated():
-                    compile_onnx(proto, resolve_target("host"), emulation, log=_quiet, tuned=False,
+                    compile_onnx(proto, resolve_target("host"), emulation, log=log, tuned=False,
                                  precision="bf16")
         else:
             from sparsec.targets import cuda
@@ -256,7 +256,10 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
                               "cosine": min(o["cosine"] for o in check.outputs)}},
             "files": file_hashes(tmp),
             "prune": result.report(),
-            "compile": {**facts, "precision": precision},
+            # what the package computes in, not what was allowed: bf16 only when a kernel does
+            "compile": {**facts, "precision": "bf16" if bf16 else "fp32",
+                        **({"precision_asked": precision} if precision != (
+                            "bf16" if bf16 else "fp32") else {})},
             **({"profile": measured} if measured is not None else {}),
             **({"latency": budget} if budget is not None else {}),
         }

@@ -29,6 +29,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from sparsec import progress
 from sparsec.errors import UnsupportedOpError
 from sparsec.targets import TargetSpec
 from sparsec.targets.backend import (atomic_path, compile_facts, export_library, import_onnx,
@@ -74,33 +75,43 @@ def apply_rules(mod: "ir.IRModule", target: "object", counts: dict[str, int]) ->
     pass, a rule that fails on a kernel (GEMV asserts on some reductions in TVM 0.27) is
     passed over rather than ending the compile."""
     from tvm import tirx
-    from tvm.s_tir import Schedule, dlight
+    from tvm.s_tir import dlight
 
     rules = [dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
              dlight.gpu.GeneralReduction(), dlight.gpu.Fallback()]
-    for gv, func in list(mod.functions_items()):
-        if not isinstance(func, tirx.PrimFunc):
-            continue
-        if func.attrs.get(SCHEDULED_ATTR):     # one of ours
-            name = str(func.attrs.get(STRATEGY_ATTR, "scheduled"))
-            counts[name] = counts.get(name, 0) + 1
-            continue
-        for rule in rules:
-            try:
-                space = rule.apply(func, target, False)
-            except Exception:  # noqa: BLE001 - a rule's own bug: try the next one
-                continue
-            if space is None:
-                continue
-            sch = space if isinstance(space, Schedule) else space[0]
-            mod[gv] = sch.mod["main"].with_attr(SCHEDULED_ATTR, True)
-            name = f"{STRATEGY}.{type(rule).__name__.lower()}"
-            counts[name] = counts.get(name, 0) + 1
-            break
-        else:
-            raise UnsupportedOpError(f"no GPU schedule for kernel '{gv.name_hint}' (every "
-                                     f"DLight rule failed on it)")
+    funcs = [(gv, f) for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)]
+    with progress.Progress(progress.current(), "GPU schedules", len(funcs), "kernels") as done:
+        for gv, func in funcs:
+            _schedule_one(mod, gv, func, target, rules, counts)
+            done.step(detail=gv.name_hint)
     return mod
+
+
+def _schedule_one(mod: "ir.IRModule", gv, func: "tirx.PrimFunc", target: "object", rules: list,
+                  counts: dict[str, int]) -> None:
+    """One kernel of :func:`apply_rules`: ours stay as they are, the rest get the first DLight
+    rule that schedules them."""
+    from tvm.s_tir import Schedule
+
+    if func.attrs.get(SCHEDULED_ATTR):     # one of ours
+        name = str(func.attrs.get(STRATEGY_ATTR, "scheduled"))
+        counts[name] = counts.get(name, 0) + 1
+        return
+    for rule in rules:
+        try:
+            space = rule.apply(func, target, False)
+        except Exception:  # noqa: BLE001 - a rule's own bug: try the next one
+            continue
+        if space is None:
+            continue
+        sch = space if isinstance(space, Schedule) else space[0]
+        mod[gv] = sch.mod["main"].with_attr(SCHEDULED_ATTR, True)
+        name = f"{STRATEGY}.{type(rule).__name__.lower()}"
+        counts[name] = counts.get(name, 0) + 1
+        break
+    else:
+        raise UnsupportedOpError(f"no GPU schedule for kernel '{gv.name_hint}' (every "
+                                 f"DLight rule failed on it)")
 
 
 def lower(mod: "ir.IRModule", target: "object") -> "ir.IRModule":
@@ -156,8 +167,16 @@ def emulation_module(scheduled: "ir.IRModule") -> "ir.IRModule":
     from tvm import tirx
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
-    funcs = {gv: serialize_threads(f) if isinstance(f, tirx.PrimFunc) else f
-             for gv, f in scheduled.functions_items()}
+    items = list(scheduled.functions_items())
+    funcs = {}
+    with progress.Progress(progress.current(), "CPU twins of the GPU kernels",
+                           sum(isinstance(f, tirx.PrimFunc) for _, f in items),
+                           "kernels") as done:
+        for gv, f in items:
+            if isinstance(f, tirx.PrimFunc):
+                f = serialize_threads(f)
+                done.step(detail=gv.name_hint)
+            funcs[gv] = f
     mod = tvm.IRModule(funcs, attrs=scheduled.attrs)
     target = tvm.target.Target({"kind": "llvm"})
     with target:
@@ -188,13 +207,24 @@ def kernel_source(ex) -> str:
     return source
 
 
+#: a kernel's definition in the CUDA source TVM generates
+_ENTRY = re.compile(r'__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\(')
+
+
+def kernel_entries(source: str) -> list[str]:
+    """The kernels (``__global__`` functions) a CUDA source defines, sorted: what nvcc compiles
+    and ptxas reports. A scheduled TIR function may launch several (a softmax's reductions),
+    so their number is not the number of functions scheduled."""
+    return sorted(set(_ENTRY.findall(source)))
+
+
 def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | Path,
                  log: Callable[[str], None] = print,
                  emulation_lib: str | Path | None = None, precision: str | None = None) -> dict:
     """Compile ``model`` for a CUDA target: the library at ``lib_path`` and, beside it,
     ``kernels.cu`` and ``kernels.fatbin`` (module docstring). Returns the manifest's facts,
-    as every back end does (:func:`sparsec.targets.backend.compile_facts`), with ``cuda``: arch, nvcc's version,
-    the source's sha256 and ptxas' per-kernel resources.
+    as every back end does (:func:`sparsec.targets.backend.compile_facts`), with ``cuda``:
+    arch, nvcc's version, the source's sha256 and ptxas' per-kernel resources.
 
     With ``emulation_lib``, the same scheduled kernels are also built for this CPU with their
     thread loops serialized (:func:`emulation_module`) into that library: where no GPU is
@@ -215,7 +245,7 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
     log(f"compiling for {target.name} ({target.description})"
         + ("; the same schedules for this CPU, threads serialized, to check them"
            if emulation_lib is not None else ""))
-    with native_stderr_to(log), tvm_target, compile_callback(arch):
+    with native_stderr_to(log), progress.reporting(log), tvm_target, compile_callback(arch):
         with common.precision(precision or target.precision):   # bf16: mma.sp for 2:4
             scheduled = schedule(mod, tvm_target, counts, decisions)
         ex = relax.build(lower(scheduled, tvm_target), tvm_target, relax_pipeline=None)
@@ -231,7 +261,8 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
     with atomic_path(lib_path.parent / SOURCE) as tmp:
         tmp.write_text(source)
         tmp.chmod(0o644)
-    log(f"nvcc: compiling {sum(counts.values())} kernels for {arch}")
+    entries = kernel_entries(source)   # what nvcc compiles: a function may launch several
+    log(f"nvcc: compiling {len(entries)} kernels for {arch}")
     with atomic_path(lib_path.parent / FATBIN) as tmp:
         resources = compile_fatbin(source, arch, tmp)
         tmp.chmod(0o644)

@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from sparsec import progress
 from sparsec.targets import TargetSpec
 # the back-end interface's names, re-exported: callers and tests reach them as host.X
 from sparsec.targets.backend import (_ALIGN, Runner, _flatten, _input_dtypes,
@@ -163,13 +164,15 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
     from sparsec.targets.kernels import common
 
     cache = tuned if isinstance(tuned, Cache) else Cache() if tuned else None
-    with native_stderr_to(log):
+    with native_stderr_to(log), progress.reporting(log):
         with tvm_target, using(cache, dict(target.tvm_target)), (
                 common.precision(precision or target.precision)):
             lowered = build_pipeline(tvm_target, cores, decisions, counts)(mod)
         if any("tuned" in d for d in decisions):
             log(f"{sum('tuned' in d for d in decisions)} kernels built with tuned knobs "
                 f"({cache.path})")
+        log("generating machine code (LLVM)" + (", twice: a library and a static archive"
+                                                if static_lib is not None else ""))
         # "compiled": the VM's calling sequence is machine code, not bytecode the VM
         # interprets per instruction (MobileNetV2's ~280 instructions a call)
         ex = relax.build(lowered, tvm_target, relax_pipeline=None, exec_mode=EXEC_MODE)

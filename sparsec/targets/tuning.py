@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from sparsec.progress import Progress
 # knobs.py's names, private ones too: tests and benchmarks reach them as tuning.X
 from sparsec.targets.knobs import (_ACTIVE, _ALTERNATIVES, AMX_STRATEGIES, SHAPE_ATTR, Cache,
                                    _choice_key, _conv_shape, _default_knobs,
@@ -158,22 +159,24 @@ def tune(model: "onnx.ModelProto", target: "TargetSpec", budget_s: float,
     cache.save()   # a cache that cannot be written fails now, not after the timing
     log(f"tuning {len(todo)} kernels for {target.name} (budget {budget_s:g} s, cache "
         f"{cache.path})")
+    with tvm.target.Target(dict(target.tvm_target)):   # knobs that depend on the ISA
+        plans = [(s, sh, _variants(s, sh), _default_knobs(s, sh)) for s, sh in todo]
     start = time.monotonic()
     records: list[dict] = []
-    for i, (strategy, shape) in enumerate(todo, 1):
+    trials = Progress(log, "tuning", sum(len(p[2]) for p in plans), "trials")
+    for i, (strategy, shape, variants, default_knobs) in enumerate(plans, 1):
         if time.monotonic() - start > budget_s:
+            trials.close()
             log(f"  budget spent after {i - 1} of {len(todo)} kernels")
             break
         timings: dict[str, float] = {}
-        with tvm.target.Target(dict(target.tvm_target)):   # knobs that depend on the ISA
-            variants = _variants(strategy, shape)
-            default_knobs = _default_knobs(strategy, shape)
         for knobs in variants:
             try:
                 timings[json.dumps(knobs, sort_keys=True)] = time_kernel(
                     build(strategy, shape, knobs), dict(target.tvm_target))
             except Exception as e:  # noqa: BLE001 - a variant TVM cannot build: not a candidate
                 log(f"  {strategy} {knobs}: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
+            trials.step(detail=f"kernel {i}/{len(todo)} {strategy}")
         if not timings:
             continue
         best = min(timings, key=timings.__getitem__)
@@ -185,6 +188,7 @@ def tune(model: "onnx.ModelProto", target: "TargetSpec", budget_s: float,
         gain = f" (default {default:.4f} ms)" if default is not None else ""
         log(f"  [{i}/{len(todo)}] {strategy} {_short(shape)}: {best} "
             f"{timings[best]:.4f} ms{gain}")
+    trials.close()
     # ops several kernels can serve (direct vs pointwise conv, dense vs block-sparse): time
     # each, with its best knobs
     choices = {json.dumps(_choice_key(a), sort_keys=True): a for a in alternatives}

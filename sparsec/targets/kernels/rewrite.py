@@ -19,6 +19,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
+from sparsec import progress
+from sparsec.progress import Progress
 from sparsec.targets import kernels
 from sparsec.targets.kernels import (amx, batch_matmul, bsr, conv2d, dense, depthwise,
                                      dw_pointwise, grouped_conv, mma_sp, pointwise,
@@ -739,6 +741,34 @@ def _clip_bound(a: _Analysis, mod: "ir.IRModule | None", tail: Any) -> tuple[Any
     return None
 
 
+def _op_macs(call: "relax.Call") -> int:
+    """Multiply-adds of a matmul or conv2d from its static shapes (0 when unknown)."""
+    import math
+
+    out = _static_shape(call)
+    if out is None:
+        return 0
+    if call.op.name == "relax.matmul":
+        x = _static_shape(call.args[0])
+        return math.prod(out) * x[-1] if x else 0
+    if call.op.name == "relax.nn.conv2d":
+        w = _static_shape(call.args[1])
+        return math.prod(out) * math.prod(w[1:]) if w else 0
+    return 0
+
+
+def _op_facts(call: "relax.Call", macs: int, device: str) -> dict:
+    """What the compile report says of a heavy op none of sparsec's kernels took: its operand
+    and output shapes, dtype, MACs, and the schedule that runs it instead."""
+    shapes = [list(s) if (s := _static_shape(x)) is not None else None for x in call.args]
+    out = _static_shape(call)
+    return {"shapes": shapes, "out_shape": list(out) if out is not None else None,
+            "dtype": _dtype(call), "macs": int(macs),
+            "kernel": ("dlight: DLight's GPU rules (compile.kernels counts each rule)"
+                       if device == "cuda" else
+                       "fallback: legalized, fused and given the generic schedule")}
+
+
 def plan_function(func: "relax.Function", cores: int, mod: "ir.IRModule | None" = None,
                   device: str = "cpu") -> tuple[dict, dict, list[dict]]:
     """Choose a strategy for each heavy op; returns (plans by var, aliases, decisions).
@@ -767,12 +797,14 @@ def plan_function(func: "relax.Function", cores: int, mod: "ir.IRModule | None" 
             matched = None
         found = {} if matched is None else {p.strategy: (p, c) for p, c in (
             matched if isinstance(matched, list) else [matched])}
-        macs = max((c["macs"] for _, c in found.values()), default=0)
+        macs = max((c["macs"] for _, c in found.values()), default=_op_macs(call))
         name, why = kernels.choose(call.op.name, macs, cores,
                                    {s: c["macs"] for s, (_, c) in found.items()})
         decision = {"op": call.op.name.removeprefix("relax."), **why}
         if a.hint:
             decision["hint"] = a.hint
+        if name not in found:      # no kernel of ours: say what the op is and who runs it
+            decision.update(_op_facts(call, macs, device))
         alternatives = [(s, p.shape) for s, (p, _) in found.items()]
         measured = measured_choice(alternatives) if len(alternatives) > 1 else None
         if measured in found:
@@ -1051,10 +1083,12 @@ def _make_mutator():
     class KernelRewriter(relax.PyExprMutator):
         """Emits planned kernels; turns folded epilogue bindings into aliases."""
 
-        def __init__(self, mod: "ir.IRModule", plans: dict, aliases: dict) -> None:
+        def __init__(self, mod: "ir.IRModule", plans: dict, aliases: dict,
+                     built: "Progress | None" = None) -> None:
             super().__init__(mod)
             self.plans = plans
             self.aliases = aliases
+            self.built = built
             self._binding = None
 
         def visit_var_binding_(self, binding: "relax.VarBinding") -> None:
@@ -1075,7 +1109,10 @@ def _make_mutator():
                     if plan.residual_shape is not None:
                         residual = self.builder_.emit(
                             relax.op.reshape(residual, plan.residual_shape))
-                    return plan.emit(self.builder_, args, plan.bias, plan.act, residual)
+                    out = plan.emit(self.builder_, args, plan.bias, plan.act, residual)
+                    if self.built is not None:
+                        self.built.step(detail=plan.strategy)
+                    return out
             return super().visit_call_(call)
 
     return KernelRewriter
@@ -1097,9 +1134,10 @@ def rewrite_pass(cores: int, decisions_out: list[dict], device: str = "cpu"):
             all_plans.update(plans)
             all_aliases.update(aliases)
             decisions_out.extend(decisions)
-        mutator = mutator_cls(mod, all_plans, all_aliases)
-        for gv, func in work:
-            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+        with Progress(progress.current(), "kernels", len(all_plans), "built") as built:
+            mutator = mutator_cls(mod, all_plans, all_aliases, built)
+            for gv, func in work:
+                mutator.builder_.update_func(gv, mutator.visit_expr(func))
         return mutator.builder_.get()
 
     return _pass
