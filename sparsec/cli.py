@@ -21,9 +21,10 @@ INTERNAL_ERROR = 70
 
 
 def _log(args) -> "callable":
-    if args.quiet:
-        return lambda msg: None
-    return lambda msg: print(msg, file=sys.stderr, flush=True)
+    """Progress lines on stderr (a bar on a terminal, ``sparsec.progress``); none with -q."""
+    from sparsec.progress import Log
+
+    return Log(quiet=args.quiet)
 
 
 def _fmt(n: float) -> str:
@@ -78,6 +79,7 @@ def _inspect_package(args) -> int:
             print(f"  {kind[:-1]:8} {v['name']} {v['dtype']}{v['shape']}")
     print(f"  params {p['before']['params']:,} -> {p['after']['params']:,}{_nonzero(p)}, MACs "
           f"{p['before']['macs']:,} -> {p['after']['macs']:,}, {_fidelity(p)}")
+    print(f"  {_sparsity(p)}")
     for r in p["passes"]:
         print(f"  pass {r['name']}: {'exact' if r['exact'] else 'lossy'}")
     print(f"  kernels  {m['compile']['kernels']}")
@@ -208,7 +210,22 @@ def cmd_compile(args) -> int:
     print(f"compiled {args.model} for {manifest['target']['name']} -> {args.output}")
     print(f"  params {p['before']['params']:,} -> {p['after']['params']:,}{_nonzero(p)}, "
           f"MACs {p['before']['macs']:,} -> {p['after']['macs']:,}, {_fidelity(p)}")
+    print(f"  {_sparsity(p)}")
     return 0
+
+
+def _sparsity(p: dict) -> str:
+    """Zeros among the weights and the weights' bytes, before -> after: what weight sparsity
+    changes, which params and MACs (dense counts) do not show."""
+    def zeros(c: dict) -> str:
+        z = c["params"] - c["nonzeros"]
+        return f"{z:,} ({100.0 * z / c['params']:.1f}%)" if c["params"] else "0"
+
+    b, a = p["before"], p["after"]
+    text = f"zeros {zeros(b)} -> {zeros(a)} of the weights"
+    if "weight_bytes" in a:      # packages written before sparsec recorded them lack it
+        text += f", weights {b['weight_bytes']:,} -> {a['weight_bytes']:,} bytes"
+    return text
 
 
 def cmd_sweep(args) -> int:
@@ -328,23 +345,17 @@ def cmd_validate(args) -> int:
 
 
 def cmd_targets(args) -> int:
-    from sparsec.targets import KNOWN_TARGETS, resolve_target
+    # no TVM here (seconds to import): the table and the tags are data (sparsec.targets)
+    from sparsec.targets import listing
+    from sparsec.targets.tags import CPU_TAGS, GPU_TAGS
 
     rows = [["target", "TVM target", "runs here", "description"]]
-    for name in KNOWN_TARGETS:
-        spec = resolve_target(name)
-        tvm_target = {k: v for k, v in spec.tvm_target.items() if k in ("kind", "mcpu", "mtriple",
-                                                                        "mattr", "arch")}
-        rows.append([name, json.dumps(tvm_target),
-                     "yes" if spec.runs_here else f"no: {spec.why_not_here}", spec.description])
+    for t in listing():
+        rows.append([t["name"], json.dumps(t["tvm"]),
+                     "yes" if t["runs_here"] else f"no: {t['why_not']}", t["description"]])
     print(_table(rows))
-    from sparsec.targets import device_tags
-
-    tags = device_tags()
-    gpus = [t for t, c in tags.items() if c.get("kind") == "cuda"]
-    print("\nTVM device tags, CPUs: "
-          + ", ".join(t for t in tags if t not in gpus))
-    print("TVM device tags, NVIDIA GPUs: " + ", ".join(gpus))
+    print("\nTVM device tags, CPUs: " + ", ".join(CPU_TAGS))
+    print("TVM device tags, NVIDIA GPUs: " + ", ".join(GPU_TAGS))
     print('Raw TVM target JSON works too, e.g. --target \'{"kind": "llvm", "mcpu": "znver3"}\' '
           'or \'{"kind": "cuda", "arch": "sm_86"}\'')
     return 0

@@ -231,3 +231,41 @@ def test_sensitivity_never_loses_to_the_uniform_widths_it_replaces():
     assert details["held_out_distortion"]["uniform"] < details["held_out_distortion"][
         "sensitivity"]
     assert spread.fidelity.cosine == pytest.approx(uniform.fidelity.cosine, abs=1e-9)
+
+
+def test_progress_is_a_bar_on_a_terminal_plain_lines_elsewhere_and_nothing_when_quiet():
+    """One Progress, three looks, chosen by the log it reports through."""
+    import io
+
+    from sparsec.progress import Log, Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    log = Log(stream=screen)
+    assert log.terminal
+    with Progress(log, "kernels", 4, "built", every=0.0) as p:
+        for i in range(4):
+            p.step(detail=f"dense_{i}")
+            if i == 1:
+                log("a log line while the bar runs")
+    text = screen.getvalue()
+    assert "kernels:" in text and "3/4 built" in text and "left]" in text   # counts, time left
+    assert "\r" in text and "a log line while the bar runs\n" in text
+    assert log._bar is None                             # closed with the block
+
+    piped = io.StringIO()                               # not a terminal: plain lines
+    with Progress(Log(stream=piped), "kernels", 3, "built", every=0.0) as p:
+        for _ in range(3):
+            p.step(detail="dense_packed")
+    lines = piped.getvalue().splitlines()
+    assert lines[0].startswith("  kernels: 1/3 built, ") and "s left (dense_packed)" in lines[0]
+    assert len(lines) == 2 and "\r" not in piped.getvalue()
+
+    silent = Terminal()
+    with Progress(Log(stream=silent, quiet=True), "kernels", 3, "built", every=0.0) as p:
+        for _ in range(3):
+            p.step()
+    assert silent.getvalue() == ""

@@ -237,3 +237,26 @@ def test_sparsity_flags(zoo_files, tmp_path):
     assert "nonzero" in proc.stderr                       # the pass's log line too
     assert_clean_error(sparsec("prune", model, "-o", out, "--sparsity-pattern", "3:2"), 6,
                        "unknown sparsity pattern")
+
+
+def test_compile_report_shows_sparsity_and_progress_is_plain_off_a_terminal(tmp_path):
+    """Weight sparsity leaves params and MACs (dense counts) as they were: the report also
+    shows the zeros and the weights' bytes. stderr is a pipe here, so progress comes as plain
+    lines (no bar: no carriage returns or terminal escapes); -q anywhere silences all of it."""
+    out = tmp_path / "pkg"
+    proc = sparsec("compile", EXAMPLES / "digits_mlp.onnx", "-o", out, "--sparsity", "0.5")
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    after = manifest["prune"]["after"]
+    assert after["zeros"] == after["params"] - after["nonzeros"] > 0.45 * after["params"]
+    assert after["weight_bytes"] == 4 * after["params"]
+    line = next(ln for ln in proc.stdout.splitlines() if "zeros" in ln)
+    assert (f"zeros 0 (0.0%) -> {after['zeros']:,} ({100 * after['zeros'] / after['params']:.1f}%)"
+            in line) and f"weights {after['weight_bytes']:,} -> {after['weight_bytes']:,} bytes" \
+        in line
+    assert "importing ONNX graph" in proc.stderr
+    assert "\r" not in proc.stderr and "\x1b[" not in proc.stderr
+    quiet = sparsec("compile", EXAMPLES / "digits_mlp.onnx", "-o", tmp_path / "q",
+                    "--sparsity", "0.5", "-q")
+    assert quiet.returncode == 0 and quiet.stderr == ""
+    assert "zeros" in quiet.stdout                   # the report is output, not progress

@@ -190,9 +190,9 @@ def test_runtime_compile_callback_serves_the_prebuilt_fatbin():
 
 
 def test_cuda_compile_without_nvcc_is_a_toolchain_error(tmp_path, monkeypatch):
-    from sparsec.targets import cuda
+    from sparsec.targets import cuda_toolkit
 
-    monkeypatch.setattr(cuda, "NVCC_DIRS", ())
+    monkeypatch.setattr(cuda_toolkit, "NVCC_DIRS", ())
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
     with pytest.raises(ToolchainError, match="need nvcc") as info:
         api.compile(EXAMPLES / "digits_cnn.onnx", target="cuda-sm80", output_dir=tmp_path / "o")
@@ -442,3 +442,46 @@ def test_two_four_sparse_bert_for_cuda(zoo_files, tmp_path):
     assert len(sparse) == 12 and all(d["pattern"] == "2:4" for d in sparse)   # 2 layers x 6
     assert all(d["chosen"] == "fallback" for d in matmuls if d not in sparse)
     assert manifest["reference"]["check"]["ok"]
+
+
+@needs_nvcc
+def test_cuda_log_counts_the_kernels_nvcc_compiles(zoo_models, tmp_path):
+    """GPT-2's attention: DLight schedules 22 functions into 24 kernels (a function may launch
+    more than one). The log's "compiling N kernels" is the number nvcc compiles, the number
+    ptxas then reports, not the number of functions."""
+    from sparsec.targets import cuda
+    from sparsec.targets.cuda import kernel_entries
+
+    logs: list[str] = []
+    facts = cuda.compile_onnx(zoo_models("hf_gpt2"), resolve_target("cuda-sm80"),
+                              tmp_path / "m.so", log=logs.append)
+    compiling = [int(m.group(1)) for line in logs
+                 if (m := re.search(r"nvcc: compiling (\d+) kernels", line))]
+    reported = [int(m.group(1)) for line in logs
+                if (m := re.search(r"\); (\d+) kernels, max", line))]
+    kernels = len(facts["cuda"]["kernels"])
+    assert compiling == reported == [kernels]
+    source = (tmp_path / "kernels.cu").read_text()
+    assert kernel_entries(source) == sorted(facts["cuda"]["kernels"])
+    assert sum(facts["kernels"].values()) < kernels     # the case the count used to get wrong
+
+
+@needs_nvcc
+def test_cuda_compile_reports_what_the_package_is(tmp_path):
+    """A dense model with --precision bf16 (no 2:4 weights, so no bf16 kernel) says it is
+    fp32, in the log and the manifest; and the matmuls DLight schedules carry their shapes,
+    MACs and who runs them, not only a fallback estimate of 0 ms."""
+    logs: list[str] = []
+    manifest = api.compile(EXAMPLES / "digits_cnn.onnx", tmp_path / "pkg", target="cuda-sm80",
+                           precision="bf16", log=logs.append)
+    facts = manifest["compile"]
+    assert any("the package is fp32" in line for line in logs)
+    assert facts["precision"] == "fp32" and facts["precision_asked"] == "bf16"
+    assert "min_cosine" not in manifest["reference"]
+    matmuls = [d for d in facts["decisions"] if d["op"] == "matmul"]
+    assert matmuls and all(d["chosen"] == "fallback" for d in matmuls)
+    for d in matmuls:
+        assert d["kernel"].startswith("dlight") and d["dtype"] == "float32"
+        x, w = d["shapes"]
+        assert d["macs"] == int(np.prod(d["out_shape"])) * x[-1] > 0
+        assert d["candidates"]["fallback"] > 0

@@ -134,6 +134,56 @@ def test_targets_command_lists_them():
     assert "aarch64-linux-gnu" in proc.stdout and "raspberry-pi/4b-aarch64" in proc.stdout
 
 
+def test_targets_command_imports_no_tvm():
+    """`sparsec targets` answers from data: neither TVM nor torch is imported (TVM alone took
+    seconds), and what it prints is what resolve_target says."""
+    code = ("import sys, runpy; sys.argv = ['sparsec', 'targets']\n"
+            "try:\n    runpy.run_module('sparsec', run_name='__main__')\n"
+            "except SystemExit as e:\n    assert e.code == 0, e.code\n"
+            "heavy = sorted({'tvm', 'torch', 'onnx', 'numpy'} & set(sys.modules))\n"
+            "print('heavy:', heavy)")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, env=env, cwd=REPO)
+    assert proc.stdout.strip().splitlines()[-1] == "heavy: []"
+    assert "x86-avx512" in proc.stdout and "nvidia/nvidia-h100" in proc.stdout
+
+
+def test_target_listing_is_what_resolve_target_says():
+    from sparsec.targets import cuda_available, listing
+
+    rows = {r["name"]: r for r in listing()}
+    assert list(rows) == list(KNOWN_TARGETS)
+    for name, row in rows.items():
+        spec = resolve_target(name)
+        assert row["runs_here"] == spec.runs_here and row["why_not"] == spec.why_not_here, name
+        if name != "host":    # host's LLVM mcpu needs TVM: the listing shows the CPU's model
+            assert row["description"] == spec.description, name
+            assert all(spec.tvm_target[k] == v for k, v in row["tvm"].items()), name
+    assert cuda_available() == rows["cuda"]["runs_here"]
+
+
+def test_static_cpu_flags_match_llvm():
+    """The flags the named x86 targets need, kept as data so that listing them needs no TVM,
+    are LLVM's features of their mcpu."""
+    import json
+
+    from sparsec.targets import _X86_FLAGS, MCPU_FLAGS, llvm_features
+
+    for mcpu, flags in MCPU_FLAGS.items():
+        have = llvm_features(json.dumps({"kind": "llvm", "mcpu": mcpu}, sort_keys=True))
+        assert flags == {f for feature, f in _X86_FLAGS.items() if feature in have}, mcpu
+
+
+def test_static_device_tags_match_tvm():
+    from sparsec.targets import device_tags
+    from sparsec.targets.tags import CPU_TAGS, GPU_TAGS
+
+    tags = device_tags()
+    assert list(CPU_TAGS) == [t for t, c in tags.items() if c.get("kind") != "cuda"]
+    assert list(GPU_TAGS) == [t for t, c in tags.items() if c.get("kind") == "cuda"]
+
+
 def test_targets_module_imports_nothing_heavy():
     code = ("import sys, sparsec.targets; "
             "heavy = [m for m in ('tvm', 'onnx', 'numpy') if m in sys.modules]; "

@@ -30,12 +30,20 @@ class Cost:
     macs: int
     #: parameters that are not zero: what weight sparsity removes (``params`` stays the same)
     nonzeros: int = 0
+    #: bytes of the weights stored densely (zeros included)
+    weight_bytes: int = 0
+
+    @property
+    def zeros(self) -> int:
+        return self.params - self.nonzeros
 
     def as_dict(self) -> dict:
-        return {"params": self.params, "macs": self.macs, "nonzeros": self.nonzeros}
+        return {"params": self.params, "macs": self.macs, "nonzeros": self.nonzeros,
+                "zeros": self.zeros, "weight_bytes": self.weight_bytes}
 
 
 def cost(graph: Graph) -> Cost:
-    nonzeros = int(sum(np.count_nonzero(a) for a in graph.initializers.values()
-                       if a.dtype.kind == "f"))
-    return Cost(graph.param_count(), sum(node_macs(graph, n) for n in graph.nodes), nonzeros)
+    weights = [a for a in graph.initializers.values() if a.dtype.kind == "f"]
+    nonzeros = int(sum(np.count_nonzero(a) for a in weights))
+    return Cost(graph.param_count(), sum(node_macs(graph, n) for n in graph.nodes), nonzeros,
+                int(sum(a.nbytes for a in weights)))

@@ -21,6 +21,7 @@ import numpy as np
 from sparsec import reference
 from sparsec.analysis.cost import Cost, cost
 from sparsec.ir.graph import Graph
+from sparsec.progress import Progress  # noqa: F401 - the passes report through it
 
 EXACT_REL_TOL = 1e-4
 #: below this many held-out samples a fidelity figure is rough: reports warn, and passes do
@@ -119,27 +120,6 @@ class PassContext:
             plural = "s" if self.samples_held_out != 1 else ""
             return f"{self.samples_held_out} held-out calibration sample{plural}{padding}"
         return "not measured: one calibration sample, nothing to hold out"
-
-
-class Progress:
-    """Counted steps of a long loop inside a pass, reported through ``log`` as plain lines at
-    most every ``every`` seconds, with the time left at the rate so far (nothing for a loop
-    that ends sooner)."""
-
-    def __init__(self, log: Callable[[str], None], what: str, total: int, unit: str,
-                 every: float = 3.0):
-        self.log, self.what, self.total, self.unit, self.every = log, what, total, unit, every
-        self.done = 0
-        self.start = self.last = time.perf_counter()
-
-    def step(self, n: int = 1) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if now - self.last >= self.every and self.done < self.total:
-            self.last = now
-            left = (now - self.start) / self.done * (self.total - self.done)
-            self.log(f"  {self.what}: {self.done}/{self.total} {self.unit}, "
-                     f"{now - self.start:.0f} s, about {left:.0f} s left")
 
 
 def positions(shape: tuple[int, ...], mask: np.ndarray) -> np.ndarray | None:

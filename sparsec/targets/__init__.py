@@ -2,7 +2,7 @@
 
 This module is imported by the CLI before any heavy work, so it must stay light: no tvm, onnx or
 numpy at import time. Host CPU detection (which needs TVM's LLVM) happens lazily inside
-:func:`resolve_target`.
+:func:`resolve_target`; :func:`listing` (``sparsec targets``) needs no TVM at all.
 """
 
 from __future__ import annotations
@@ -83,6 +83,8 @@ class TargetSpec:
         host = self.tvm_target.get("host", self.tvm_target)
         if self.triple is not None or not (host.get("mcpu") or host.get("mattr")):
             return frozenset()
+        if set(host) <= {"kind", "mcpu", "num-cores"} and host.get("mcpu") in MCPU_FLAGS:
+            return MCPU_FLAGS[host["mcpu"]]
         have = llvm_features(json.dumps({k: v for k, v in host.items() if k != "num-cores"},
                                         sort_keys=True))
         return frozenset(flag for feature, flag in _X86_FLAGS.items() if feature in have)
@@ -97,6 +99,17 @@ _X86_FLAGS = {"avx2": "avx2", "fma": "fma", "avx512f": "avx512f", "avx512bw": "a
               "avx512dq": "avx512dq", "avx512vl": "avx512vl", "avx512vnni": "avx512_vnni",
               "avx512bf16": "avx512_bf16", "amx-tile": "amx_tile", "amx-bf16": "amx_bf16",
               "amx-int8": "amx_int8"}
+
+#: the flags of the named x86 targets' CPUs, as :attr:`TargetSpec.cpu_flags` reads them from
+#: LLVM (which needs TVM, seconds to import): ``sparsec targets`` says what runs here without
+#: it. tests/test_targets.py checks them against LLVM's features.
+MCPU_FLAGS: dict[str, frozenset[str]] = {
+    "haswell": frozenset({"avx2", "fma"}),
+    "skylake-avx512": frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"}),
+    "sapphirerapids": frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl",
+                                 "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
+                                 "amx_int8"}),
+}
 
 KNOWN_TARGETS: tuple[str, ...] = ("host", "x86-avx2", "x86-avx512", "x86-amx", "llvm", "aarch64",
                                    "arm-neon", "cuda", "cuda-sm80", "cuda-sm90")
@@ -159,16 +172,63 @@ def llvm_features(target_json: str) -> frozenset[str]:
         target_json)))
 
 
+def _gpu_device_nodes() -> bool:
+    """Whether the OS shows an NVIDIA GPU to this process at all: the driver's device files
+    (``/dev/nvidia0``, ...), or WSL2's GPU device. Without them no CUDA runtime finds one."""
+    import glob
+
+    return bool(glob.glob("/dev/nvidia[0-9]*")) or os.path.exists("/dev/dxg")
+
+
 @functools.lru_cache(maxsize=None)
 def cuda_available() -> bool:
     """Whether a CUDA device is present (asked through TVM's runtime: no device, no driver or
-    a TVM runtime without CUDA all say no)."""
+    a TVM runtime without CUDA all say no). Where the OS shows no NVIDIA device the answer is
+    no without importing TVM."""
+    if not _gpu_device_nodes():
+        return False
     try:
         import tvm
 
         return bool(tvm.cuda(0).exist)
     except Exception:  # noqa: BLE001 - any failure to reach a GPU means there is none
         return False
+
+
+def _cpu_model() -> str:
+    """This CPU's model name as ``/proc/cpuinfo`` gives it ('' where unreadable)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "Model")):
+                    return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return ""
+
+
+def listing() -> list[dict]:
+    """The named targets as ``sparsec targets`` shows them: name, the TVM target's main keys,
+    whether it runs here (and why not) and what it is, without importing TVM. Everything is
+    what :func:`resolve_target` gives, except ``host``'s LLVM ``mcpu``, which only TVM's LLVM
+    detects: it is shown as this CPU's model name (LLVM's name for it is in a compile's log
+    and its package's manifest)."""
+    rows = []
+    for name in KNOWN_TARGETS:
+        if name == "host":
+            cores = _num_cores()
+            model = _cpu_model() or "this CPU"
+            rows.append({"name": name, "tvm": {"kind": "llvm", "mcpu": f"<{model}>"},
+                         "runs_here": True, "why_not": "",
+                         "description": f"this machine's CPU ({model}, {cores} cores)"})
+            continue
+        spec = resolve_target(name)
+        rows.append({"name": name,
+                     "tvm": {k: v for k, v in spec.tvm_target.items()
+                             if k in ("kind", "mcpu", "mtriple", "mattr", "arch")},
+                     "runs_here": spec.runs_here, "why_not": spec.why_not_here,
+                     "description": spec.description})
+    return rows
 
 
 def _host_cpu() -> str:
@@ -375,4 +435,4 @@ def resolve_target(name: str) -> TargetSpec:
 
 
 __all__ = ["CROSS_PACKAGES", "KNOWN_TARGETS", "TargetSpec", "UnknownTargetError", "cpu_flags",
-           "cuda_available", "device_tags", "resolve_target"]
+           "cuda_available", "device_tags", "listing", "resolve_target"]

@@ -24,41 +24,27 @@ checked here. ptxas' per-kernel register and spill counts go to the manifest.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import re
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from sparsec.errors import ToolchainError, UnsupportedOpError
+from sparsec import progress
+from sparsec.errors import UnsupportedOpError
 from sparsec.targets import TargetSpec
+from sparsec.targets.backend import (atomic_path, compile_facts, export_library, import_onnx,
+                                     native_stderr_to, rewrite_pass, safe_take_pass)
+# the toolkit's names, re-exported: the CUDA back end's public face
+from sparsec.targets.cuda_toolkit import (FATBIN, NVCC_DIRS, SOURCE, compile_callback,
+                                          compile_fatbin, fatbin_entries, gencode, nvcc,
+                                          nvcc_version, ptxas_resources, serve_fatbin)
 from sparsec.targets.kernels.common import SCHEDULED_ATTR, STRATEGY_ATTR
 
 if TYPE_CHECKING:
     import onnx
     from tvm import ir, tirx
 
-SOURCE = "kernels.cu"
-FATBIN = "kernels.fatbin"
 STRATEGY = "dlight"
-#: where the CUDA toolkit puts nvcc when it is not on PATH
-NVCC_DIRS = ("/usr/local/cuda/bin",)
-
-
-def nvcc() -> str:
-    """The nvcc program (``ToolchainError``, exit 11, when it is not installed)."""
-    found = shutil.which("nvcc")
-    if found is None:
-        for root in NVCC_DIRS:
-            if Path(root, "nvcc").is_file():
-                return str(Path(root, "nvcc"))
-        raise ToolchainError("CUDA targets need nvcc, which is not installed (the CUDA "
-                             "toolkit: https://developer.nvidia.com/cuda-downloads, or "
-                             "apt install nvidia-cuda-toolkit)")
-    return found
 
 
 def schedule(mod: "ir.IRModule", target: "object", counts: dict[str, int],
@@ -70,9 +56,6 @@ def schedule(mod: "ir.IRModule", target: "object", counts: dict[str, int],
     import tvm
     from tvm import relax
     from tvm.relax.backend.cuda import pipeline as cuda
-
-    from sparsec.targets.host import safe_take_pass
-    from sparsec.targets.kernels.rewrite import rewrite_pass
 
     with target:
         mod = tvm.transform.Sequential(
@@ -92,33 +75,43 @@ def apply_rules(mod: "ir.IRModule", target: "object", counts: dict[str, int]) ->
     pass, a rule that fails on a kernel (GEMV asserts on some reductions in TVM 0.27) is
     passed over rather than ending the compile."""
     from tvm import tirx
-    from tvm.s_tir import Schedule, dlight
+    from tvm.s_tir import dlight
 
     rules = [dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
              dlight.gpu.GeneralReduction(), dlight.gpu.Fallback()]
-    for gv, func in list(mod.functions_items()):
-        if not isinstance(func, tirx.PrimFunc):
-            continue
-        if func.attrs.get(SCHEDULED_ATTR):     # one of ours
-            name = str(func.attrs.get(STRATEGY_ATTR, "scheduled"))
-            counts[name] = counts.get(name, 0) + 1
-            continue
-        for rule in rules:
-            try:
-                space = rule.apply(func, target, False)
-            except Exception:  # noqa: BLE001 - a rule's own bug: try the next one
-                continue
-            if space is None:
-                continue
-            sch = space if isinstance(space, Schedule) else space[0]
-            mod[gv] = sch.mod["main"].with_attr(SCHEDULED_ATTR, True)
-            name = f"{STRATEGY}.{type(rule).__name__.lower()}"
-            counts[name] = counts.get(name, 0) + 1
-            break
-        else:
-            raise UnsupportedOpError(f"no GPU schedule for kernel '{gv.name_hint}' (every "
-                                     f"DLight rule failed on it)")
+    funcs = [(gv, f) for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)]
+    with progress.Progress(progress.current(), "GPU schedules", len(funcs), "kernels") as done:
+        for gv, func in funcs:
+            _schedule_one(mod, gv, func, target, rules, counts)
+            done.step(detail=gv.name_hint)
     return mod
+
+
+def _schedule_one(mod: "ir.IRModule", gv, func: "tirx.PrimFunc", target: "object", rules: list,
+                  counts: dict[str, int]) -> None:
+    """One kernel of :func:`apply_rules`: ours stay as they are, the rest get the first DLight
+    rule that schedules them."""
+    from tvm.s_tir import Schedule
+
+    if func.attrs.get(SCHEDULED_ATTR):     # one of ours
+        name = str(func.attrs.get(STRATEGY_ATTR, "scheduled"))
+        counts[name] = counts.get(name, 0) + 1
+        return
+    for rule in rules:
+        try:
+            space = rule.apply(func, target, False)
+        except Exception:  # noqa: BLE001 - a rule's own bug: try the next one
+            continue
+        if space is None:
+            continue
+        sch = space if isinstance(space, Schedule) else space[0]
+        mod[gv] = sch.mod["main"].with_attr(SCHEDULED_ATTR, True)
+        name = f"{STRATEGY}.{type(rule).__name__.lower()}"
+        counts[name] = counts.get(name, 0) + 1
+        break
+    else:
+        raise UnsupportedOpError(f"no GPU schedule for kernel '{gv.name_hint}' (every "
+                                 f"DLight rule failed on it)")
 
 
 def lower(mod: "ir.IRModule", target: "object") -> "ir.IRModule":
@@ -174,8 +167,16 @@ def emulation_module(scheduled: "ir.IRModule") -> "ir.IRModule":
     from tvm import tirx
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
-    funcs = {gv: serialize_threads(f) if isinstance(f, tirx.PrimFunc) else f
-             for gv, f in scheduled.functions_items()}
+    items = list(scheduled.functions_items())
+    funcs = {}
+    with progress.Progress(progress.current(), "CPU twins of the GPU kernels",
+                           sum(isinstance(f, tirx.PrimFunc) for _, f in items),
+                           "kernels") as done:
+        for gv, f in items:
+            if isinstance(f, tirx.PrimFunc):
+                f = serialize_threads(f)
+                done.step(detail=gv.name_hint)
+            funcs[gv] = f
     mod = tvm.IRModule(funcs, attrs=scheduled.attrs)
     target = tvm.target.Target({"kind": "llvm"})
     with target:
@@ -206,64 +207,15 @@ def kernel_source(ex) -> str:
     return source
 
 
-def gencode(arch: str) -> list[str]:
-    """nvcc flags for ``arch`` (``sm_80``, ``sm_90a``): its SASS, and its PTX so that newer
-    GPUs can JIT it."""
-    virtual = "compute_" + arch[len("sm_"):]
-    return ["-gencode", f"arch={virtual},code=[{arch},{virtual}]"]
+#: a kernel's definition in the CUDA source TVM generates
+_ENTRY = re.compile(r'__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\(')
 
 
-def compile_fatbin(source: str, arch: str, out: Path) -> dict[str, dict]:
-    """Compile ``source`` with nvcc to a fatbin at ``out``; per kernel, ptxas' registers,
-    spill bytes and static shared memory. A failure is a ``ToolchainError`` with nvcc's first
-    error line (TVM generated code that nvcc refuses: a bug to report)."""
-    with tempfile.TemporaryDirectory() as work:
-        cu = Path(work) / SOURCE
-        cu.write_text(source)
-        proc = subprocess.run([nvcc(), "-fatbin", "-O3", *gencode(arch), "-Xptxas", "-v",
-                               "-o", str(out), str(cu)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        lines = [ln for ln in proc.stderr.splitlines() if "error" in ln] or [proc.stderr]
-        raise ToolchainError(f"nvcc failed for {arch}: {lines[0].strip()[:300]}")
-    return ptxas_resources(proc.stderr)
-
-
-def fatbin_entries(data: bytes) -> list[str]:
-    """What a fatbin holds, e.g. ``["sm_90 SASS", "compute_90 PTX"]``: its entries' kind
-    (1 PTX, 2 ELF cubin) and architecture, read from the fatbin's headers (magic 0xBA55ED50,
-    then per entry a header whose size says where the next begins)."""
-    import struct
-
-    magic, _version, header, size = struct.unpack_from("<IHHQ", data, 0)
-    if magic != 0xBA55ED50:
-        raise ValueError("not a CUDA fatbin")
-    out, offset = [], header
-    while offset < header + size:
-        kind, _, entry_header, payload = struct.unpack_from("<HHIQ", data, offset)
-        arch = struct.unpack_from("<I", data, offset + 28)[0]
-        out.append({1: f"compute_{arch} PTX", 2: f"sm_{arch} SASS"}.get(kind, f"kind {kind}"))
-        offset += entry_header + payload
-    return out
-
-
-def ptxas_resources(log: str) -> dict[str, dict]:
-    """ptxas -v's report, per kernel: ``registers``, ``spill_bytes`` (stores + loads) and
-    ``shared_bytes`` (static shared memory) of the SASS build."""
-    kernels: dict[str, dict] = {}
-    current = None
-    for line in log.splitlines():
-        if m := re.search(r"Compiling entry function '([^']+)' for '(sm_\w+)'", line):
-            current = kernels.setdefault(m.group(1), {"registers": 0, "spill_bytes": 0,
-                                                      "shared_bytes": 0})
-        elif current is None:
-            continue
-        elif m := re.search(r"Used (\d+) registers", line):
-            current["registers"] = int(m.group(1))
-            if s := re.search(r"(\d+) bytes smem", line):
-                current["shared_bytes"] = int(s.group(1))
-        elif m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line):
-            current["spill_bytes"] = int(m.group(1)) + int(m.group(2))
-    return kernels
+def kernel_entries(source: str) -> list[str]:
+    """The kernels (``__global__`` functions) a CUDA source defines, sorted: what nvcc compiles
+    and ptxas reports. A scheduled TIR function may launch several (a softmax's reductions),
+    so their number is not the number of functions scheduled."""
+    return sorted(set(_ENTRY.findall(source)))
 
 
 def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | Path,
@@ -271,8 +223,8 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
                  emulation_lib: str | Path | None = None, precision: str | None = None) -> dict:
     """Compile ``model`` for a CUDA target: the library at ``lib_path`` and, beside it,
     ``kernels.cu`` and ``kernels.fatbin`` (module docstring). Returns the manifest's facts,
-    as :func:`sparsec.targets.host.compile_onnx` does, with ``cuda``: arch, nvcc's version,
-    the source's sha256 and ptxas' per-kernel resources.
+    as every back end does (:func:`sparsec.targets.backend.compile_facts`), with ``cuda``:
+    arch, nvcc's version, the source's sha256 and ptxas' per-kernel resources.
 
     With ``emulation_lib``, the same scheduled kernels are also built for this CPU with their
     thread loops serialized (:func:`emulation_module`) into that library: where no GPU is
@@ -281,7 +233,6 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
     import tvm
     from tvm import relax
 
-    from sparsec.targets.host import atomic_path, compile_facts, import_onnx, native_stderr_to
     from sparsec.targets.kernels import common
 
     tool = nvcc()   # before any work: a missing toolkit is the user's first error
@@ -294,7 +245,7 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
     log(f"compiling for {target.name} ({target.description})"
         + ("; the same schedules for this CPU, threads serialized, to check them"
            if emulation_lib is not None else ""))
-    with native_stderr_to(log), tvm_target, compile_callback(arch):
+    with native_stderr_to(log), progress.reporting(log), tvm_target, compile_callback(arch):
         with common.precision(precision or target.precision):   # bf16: mma.sp for 2:4
             scheduled = schedule(mod, tvm_target, counts, decisions)
         ex = relax.build(lower(scheduled, tvm_target), tvm_target, relax_pipeline=None)
@@ -305,18 +256,13 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
     if hints:
         log(f"hint ({len(hints)} of the matmuls): {hints[0]}")
     source = kernel_source(ex)
-    fcompile = None
-    if not target.native:
-        from tvm.support import cc
-
-        fcompile = cc.cross_compiler(target.tool("g++"))
     lib_path = Path(lib_path)
-    with atomic_path(lib_path) as tmp:
-        ex.export_library(str(tmp), fcompile=fcompile)
+    export_library(ex, target, lib_path)
     with atomic_path(lib_path.parent / SOURCE) as tmp:
         tmp.write_text(source)
         tmp.chmod(0o644)
-    log(f"nvcc: compiling {sum(counts.values())} kernels for {arch}")
+    entries = kernel_entries(source)   # what nvcc compiles: a function may launch several
+    log(f"nvcc: compiling {len(entries)} kernels for {arch}")
     with atomic_path(lib_path.parent / FATBIN) as tmp:
         resources = compile_fatbin(source, arch, tmp)
         tmp.chmod(0o644)
@@ -333,44 +279,3 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
                  "source_sha256": hashlib.sha256(source.encode()).hexdigest(),
                  "kernels": resources},
     }
-
-
-def nvcc_version(tool: str) -> str:
-    out = subprocess.run([tool, "--version"], capture_output=True, text=True).stdout
-    m = re.search(r"release ([\d.]+)", out)
-    return m.group(1) if m else "unknown"
-
-
-@contextlib.contextmanager
-def compile_callback(arch: str, prebuilt: dict[str, bytes] | None = None):
-    """Within the block TVM compiles CUDA source (``tvm_callback_cuda_compile``: on a machine
-    with a GPU the code generator and the loader both call it) with nvcc for ``arch``, or,
-    for a source whose sha256 is in ``prebuilt``, answers with that binary."""
-    import tvm.support.nvcc  # noqa: F401 - registers TVM's own callback, restored after us
-    import tvm_ffi
-
-    previous = tvm_ffi.get_global_func("tvm_callback_cuda_compile", allow_missing=True)
-
-    def compile_source(code, *_target) -> bytes:
-        code = str(code)
-        digest = hashlib.sha256(code.encode()).hexdigest()
-        if prebuilt and digest in prebuilt:
-            return prebuilt[digest]
-        with tempfile.TemporaryDirectory() as work:
-            out = Path(work) / FATBIN
-            compile_fatbin(code, arch, out)
-            return out.read_bytes()
-
-    tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_source, override=True)
-    try:
-        yield
-    finally:
-        if previous is not None:
-            tvm_ffi.register_global_func("tvm_callback_cuda_compile", previous, override=True)
-
-
-def serve_fatbin(package_dir: Path, cuda: dict):
-    """The :func:`compile_callback` a package's library loads under (``cuda``: the
-    manifest's ``compile.cuda``): its fatbin for its source, nvcc for anything else."""
-    fatbin = (Path(package_dir) / cuda["fatbin"]).read_bytes()
-    return compile_callback(cuda["arch"], {cuda["source_sha256"]: fatbin})

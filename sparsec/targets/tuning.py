@@ -13,16 +13,14 @@ dense or BSR for a block-sparse layer), ``tune`` also times each with its best k
 records the fastest as a ``choice``; ``compile`` then follows that measurement instead of the
 cost rule's estimate. The strategy choice never depends on knobs, only on such measurements.
 
-Cache: ``$SPARSEC_TUNING_CACHE``, else ``<cache dir>/sparsec/tuning.json``; a JSON object
-``{target key: {"strategy shape-json": {"knobs": ..., "ms": {variant: ms}}}}``.
+The kernels, their knobs and the cache are ``knobs.py`` (what compile reads; re-exported
+here); this module is the tuner, which imports the model and rewrites it through the back-end
+interface (``backend.py``) and builds the whole model with the host back end for its check.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import copy
-import dataclasses
 import json
 import os
 import statistics
@@ -30,250 +28,19 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from sparsec.progress import Progress
+# knobs.py's names, private ones too: tests and benchmarks reach them as tuning.X
+from sparsec.targets.knobs import (_ACTIVE, _ALTERNATIVES, AMX_STRATEGIES, SHAPE_ATTR, Cache,
+                                   _choice_key, _conv_shape, _default_knobs,
+                                   _expansion_kernel_plan, _fused_kernel_plan, _key, _row_tiles,
+                                   _variants, build, build_tuned, cache_path, knobs_for,
+                                   measured_choice, target_key, using)
+
 if TYPE_CHECKING:
     import onnx
     from tvm import tirx
 
     from sparsec.targets import TargetSpec
-
-#: PrimFunc attribute holding the kernel's shape arguments (JSON), for the tuner to rebuild it
-SHAPE_ATTR = "sparsec.shape"
-#: the AMX kernels, whose knobs are the block of C tiles (mt x nt)
-AMX_STRATEGIES = ("dense_amx_bf16", "sparse_amx_bf16", "conv2d_amx_bf16",
-                  "batch_matmul_amx_bf16")
-
-
-def cache_path() -> Path:
-    env = os.environ.get("SPARSEC_TUNING_CACHE")
-    if env:
-        return Path(env)
-    from sparsec.deploy.runtime import cache_dir
-
-    return cache_dir() / "tuning.json"
-
-
-def target_key(tvm_target: dict) -> str:
-    return json.dumps(tvm_target, sort_keys=True)
-
-
-class Cache:
-    """The tuning records of every target, read once, written atomically."""
-
-    def __init__(self, path: Path | None = None) -> None:
-        self.path = Path(path) if path is not None else cache_path()
-        try:
-            self.data: dict = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            self.data = {}
-
-    def get(self, target: str, strategy: str, shape: dict) -> dict | None:
-        return self.data.get(target, {}).get(_key(strategy, shape))
-
-    def put(self, target: str, strategy: str, shape: dict, record: dict) -> None:
-        self.data.setdefault(target, {})[_key(strategy, shape)] = record
-
-    def save(self) -> None:
-        from sparsec.errors import OutputError
-        from sparsec.package import atomic_write_bytes
-
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(self.path, (json.dumps(self.data, indent=1, sort_keys=True)
-                                           + "\n").encode())
-        except OSError as e:
-            raise OutputError(f"cannot write the tuning cache {self.path}: {e.strerror or e} "
-                              "(set SPARSEC_TUNING_CACHE to a writable file)") from None
-
-
-def _key(strategy: str, shape: dict) -> str:
-    return f"{strategy} {json.dumps(shape, sort_keys=True)}"
-
-
-# --------------------------------------------------------------------------- knobs per kernel
-
-
-def _conv_shape(shape: dict):
-    from sparsec.targets.kernels.conv2d import ConvShape
-
-    return ConvShape(**{k: tuple(v) if isinstance(v, list) else v for k, v in shape.items()
-                        if k != "dtype"})
-
-
-def _fused_kernel_plan(shape: dict):
-    """The depthwise conv and the default plan of a ``dw_conv1x1_nchw`` kernel's shape."""
-    from sparsec.targets.kernels import dw_pointwise
-
-    s = _conv_shape({n: v for n, v in shape.items() if n not in ("co", "kept")})
-    return s, dw_pointwise.plan(s.ic, shape["co"], *s.out_hw, sparse="kept" in shape)
-
-
-def _expansion_kernel_plan(shape: dict):
-    """The depthwise conv and the default plan of a ``conv1x1_dw_nchw`` kernel's shape."""
-    from sparsec.targets.kernels import pointwise_dw
-
-    s = _conv_shape({n: v for n, v in shape.items() if n != "k"})
-    return s, pointwise_dw.plan(s.ic, s.out_hw[0], s.w)
-
-
-def _row_tiles(shape: dict) -> list[dict]:
-    return [{"rows": t} for t in (1, 2, 3, 4, 5, 6) if shape["m"] % t == 0]
-
-
-def _variants(strategy: str, shape: dict) -> list[dict]:
-    """Every knob setting worth timing for one kernel (the default among them)."""
-    from sparsec.targets.kernels import pointwise
-
-    if strategy in ("dense_packed", "bsr_dense", "batch_matmul"):
-        return _row_tiles(shape)
-    if strategy == "conv1x1_nchw":
-        return [{"tile": [t.oct, t.pixels]} for t in pointwise.tiles()]
-    if strategy in AMX_STRATEGIES:
-        rows = shape["m"] if "m" in shape else shape["oc"]     # blocks that fit 8 registers
-        return [{"mt": mt, "nt": nt} for mt, nt in ((2, 2), (2, 1), (1, 3), (1, 2), (1, 1))
-                if mt == 1 or rows > 16]
-    if strategy == "depthwise_nchw":
-        return [{"max_acc": a} for a in (4, 6, 8, 12)]
-    if strategy == "dw_conv1x1_nchw":
-        oh = _fused_kernel_plan(shape)[0].out_hw[0]
-        return [{"rows": r} for r in range(1, 9) if oh % r == 0]
-    if strategy == "conv1x1_dw_nchw":
-        oh = _expansion_kernel_plan(shape)[0].out_hw[0]
-        return [{"rows": r} for r in range(1, 15) if oh % r == 0 and oh // r >= 2]
-    if strategy == "conv2d_nchw_packed" and "variant" not in shape:
-        from sparsec.targets.kernels import conv2d
-
-        return [{"width_tile": t} for t in range(1, conv2d.max_tile() + 1)]
-    if strategy == "grouped_conv2d_nchw":
-        from sparsec.targets.kernels import grouped_conv
-
-        return [{"width_tile": t} for t in range(1, grouped_conv.MAX_STRIP + 1)]
-    return []
-
-
-def build(strategy: str, shape: dict, knobs: dict | None = None, **flags) -> "tirx.PrimFunc":
-    """The kernel ``strategy`` for ``shape`` with ``knobs`` (defaults where absent) and the
-    epilogue ``flags`` (bias, act, residual), tagged with its shape for the tuner."""
-    from sparsec.targets.kernels import (amx, batch_matmul, bsr, conv2d, dense, depthwise,
-                                         dw_pointwise, grouped_conv, pointwise, pointwise_dw,
-                                         softmax)
-
-    k = knobs or {}
-    rows = (k["rows"],) if "rows" in k else None
-    if strategy == "dense_packed":
-        func = dense.build(shape["m"], shape["k"], shape["n"], shape["dtype"], **flags,
-                           **({"rows": rows} if rows else {}))
-    elif strategy in ("dense_amx_bf16", "sparse_amx_bf16"):
-        func = amx.build(shape["m"], shape["k"], shape["n"], shape["dtype"], **flags,
-                         mt=k.get("mt"), nt=k.get("nt"), nnz=shape.get("nnz"))
-    elif strategy == "batch_matmul_amx_bf16":
-        func = amx.build_batch(shape["batch"], shape["m"], shape["k"], shape["n"],
-                               shape["dtype"], **flags,
-                               b_transposed=shape.get("b_transposed", False), mt=k.get("mt"),
-                               nt=k.get("nt"))
-    elif strategy == "conv2d_amx_bf16":
-        func = amx.build_conv(_conv_shape(shape), shape["dtype"], **flags, mt=k.get("mt"),
-                              nt=k.get("nt"))
-    elif strategy == "bsr_dense":
-        func = bsr.build(shape["m"], shape["k"], shape["n"], shape["rows"], shape["dtype"],
-                         **flags, **({"row_tiles": rows} if rows else {}))
-    elif strategy == "batch_matmul":
-        func = batch_matmul.build(shape["batch"], shape["m"], shape["k"], shape["n"],
-                                  shape["dtype"], **flags,
-                                  b_transposed=shape.get("b_transposed", False),
-                                  **({"row_tiles": rows} if rows else {}))
-    elif strategy == "conv1x1_nchw":
-        tile = pointwise.Tile(*k["tile"]) if "tile" in k else pointwise.pick_tile(
-            shape["co"], shape["p"])
-        func = pointwise.build(shape["n"], shape["ci"], shape["p"], shape["co"], tile,
-                               shape["dtype"], **flags)
-    elif strategy == "bsr_conv1x1":
-        func = bsr.build_conv1x1(shape["n"], shape["ci"], shape["p"], shape["co"],
-                                 shape["rows"], shape["dtype"], **flags)
-    elif strategy == "depthwise_nchw":
-        func = depthwise.build(_conv_shape(shape), shape["dtype"], **flags,
-                               **({"max_acc": k["max_acc"]} if "max_acc" in k else {}))
-    elif strategy == "dw_conv1x1_nchw":
-        s, fplan = _fused_kernel_plan(shape)
-        if "rows" in k:
-            fplan = dataclasses.replace(fplan, rows=k["rows"])
-        func = dw_pointwise.build(s, shape["co"], fplan, shape["dtype"], **flags,
-                                  kept=shape.get("kept"))
-    elif strategy == "conv1x1_dw_nchw":
-        s, fplan = _expansion_kernel_plan(shape)
-        if "rows" in k:
-            fplan = dataclasses.replace(fplan, rows=k["rows"])
-        func = pointwise_dw.build(s, shape["k"], fplan, shape["dtype"], **flags)
-    elif strategy == "conv2d_nchw_packed":
-        s = _conv_shape({n: v for n, v in shape.items() if n != "variant"})
-        if "variant" in shape:
-            func = conv2d.build_wvec(s, conv2d.plan_wvec(s), shape["dtype"], **flags)
-        else:
-            func = conv2d.build(s, shape["dtype"], **flags,
-                                **({"width_tile": k["width_tile"]} if "width_tile" in k
-                                   else {}))
-    elif strategy == "softmax_rows":
-        func = softmax.build(shape["rows"], shape["n"], shape["dtype"])
-    elif strategy == "grouped_conv2d_nchw":
-        func = grouped_conv.build(_conv_shape({n: v for n, v in shape.items() if n != "groups"}),
-                                  shape["groups"], shape["dtype"], **flags,
-                                  **({"width_tile": k["width_tile"]} if "width_tile" in k
-                                     else {}))
-    else:
-        raise KeyError(strategy)
-    return func.with_attr(SHAPE_ATTR, json.dumps(shape, sort_keys=True))
-
-
-# --------------------------------------------------------------------------- compile side
-
-_ACTIVE: contextvars.ContextVar[tuple[Cache, str] | None] = contextvars.ContextVar(
-    "sparsec_tuning", default=None)
-
-
-@contextlib.contextmanager
-def using(cache: Cache | None, tvm_target: dict):
-    """Within the block, ``knobs_for`` answers from ``cache`` for ``tvm_target``."""
-    token = _ACTIVE.set(None if cache is None else (cache, target_key(tvm_target)))
-    try:
-        yield
-    finally:
-        _ACTIVE.reset(token)
-
-
-_ALTERNATIVES: contextvars.ContextVar[list | None] = contextvars.ContextVar(
-    "sparsec_alternatives", default=None)
-
-
-def _choice_key(alternatives: list[tuple[str, dict]]) -> dict:
-    return {"candidates": sorted([s, sh] for s, sh in alternatives)}
-
-
-def measured_choice(alternatives: list[tuple[str, dict]]) -> str | None:
-    """The strategy measured fastest among ``alternatives`` ((strategy, shape) of the kernels
-    that could serve one op) when ``tune`` timed them for the active target, else None (the
-    cost rule decides). Also notes them for :func:`kernels_of`."""
-    noted = _ALTERNATIVES.get()
-    if noted is not None:
-        noted.append(list(alternatives))
-    active = _ACTIVE.get()
-    if active is None:
-        return None
-    record = active[0].get(active[1], "choice", _choice_key(alternatives))
-    return None if record is None or "rejected" in record else record["choice"]
-
-
-def build_tuned(strategy: str, shape: dict, **flags) -> "tirx.PrimFunc":
-    """``build`` with the knobs the active cache recorded for this kernel (defaults if none)."""
-    return build(strategy, shape, knobs_for(strategy, shape), **flags)
-
-
-def knobs_for(strategy: str, shape: dict) -> dict | None:
-    """The tuned knobs of a kernel, or None (defaults) when it was never tuned."""
-    active = _ACTIVE.get()
-    if active is None:
-        return None
-    record = active[0].get(active[1], strategy, shape)
-    return None if record is None or "rejected" in record else record["knobs"]
-
 
 # --------------------------------------------------------------------------- tuner
 
@@ -320,7 +87,7 @@ def time_kernel(func: "tirx.PrimFunc", tvm_target: dict, min_ms: float = 50.0) -
     """Median milliseconds of one call of ``func`` compiled alone for ``tvm_target``."""
     import tvm
 
-    from sparsec.targets.host import request_amx
+    from sparsec.targets.backend import request_amx
 
     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
     lib = tvm.compile(mod, target=tvm.target.Target(dict(tvm_target)))
@@ -342,11 +109,9 @@ def kernels_of(model: "onnx.ModelProto", target: "TargetSpec", alternatives: lis
     import tvm
     from tvm import relax, tirx
 
-    from sparsec.targets.host import import_onnx
-    from sparsec.targets.kernels.common import STRATEGY_ATTR
-    from sparsec.targets.kernels.rewrite import rewrite_pass
-
+    from sparsec.targets.backend import import_onnx, rewrite_pass
     from sparsec.targets.kernels import common
+    from sparsec.targets.kernels.common import STRATEGY_ATTR
 
     cores = int(target.tvm_target.get("num-cores", os.cpu_count() or 1))
     token = _ALTERNATIVES.set(alternatives)
@@ -394,22 +159,24 @@ def tune(model: "onnx.ModelProto", target: "TargetSpec", budget_s: float,
     cache.save()   # a cache that cannot be written fails now, not after the timing
     log(f"tuning {len(todo)} kernels for {target.name} (budget {budget_s:g} s, cache "
         f"{cache.path})")
+    with tvm.target.Target(dict(target.tvm_target)):   # knobs that depend on the ISA
+        plans = [(s, sh, _variants(s, sh), _default_knobs(s, sh)) for s, sh in todo]
     start = time.monotonic()
     records: list[dict] = []
-    for i, (strategy, shape) in enumerate(todo, 1):
+    trials = Progress(log, "tuning", sum(len(p[2]) for p in plans), "trials")
+    for i, (strategy, shape, variants, default_knobs) in enumerate(plans, 1):
         if time.monotonic() - start > budget_s:
+            trials.close()
             log(f"  budget spent after {i - 1} of {len(todo)} kernels")
             break
         timings: dict[str, float] = {}
-        with tvm.target.Target(dict(target.tvm_target)):   # knobs that depend on the ISA
-            variants = _variants(strategy, shape)
-            default_knobs = _default_knobs(strategy, shape)
         for knobs in variants:
             try:
                 timings[json.dumps(knobs, sort_keys=True)] = time_kernel(
                     build(strategy, shape, knobs), dict(target.tvm_target))
             except Exception as e:  # noqa: BLE001 - a variant TVM cannot build: not a candidate
                 log(f"  {strategy} {knobs}: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
+            trials.step(detail=f"kernel {i}/{len(todo)} {strategy}")
         if not timings:
             continue
         best = min(timings, key=timings.__getitem__)
@@ -421,6 +188,7 @@ def tune(model: "onnx.ModelProto", target: "TargetSpec", budget_s: float,
         gain = f" (default {default:.4f} ms)" if default is not None else ""
         log(f"  [{i}/{len(todo)}] {strategy} {_short(shape)}: {best} "
             f"{timings[best]:.4f} ms{gain}")
+    trials.close()
     # ops several kernels can serve (direct vs pointwise conv, dense vs block-sparse): time
     # each, with its best knobs
     choices = {json.dumps(_choice_key(a), sort_keys=True): a for a in alternatives}
@@ -470,7 +238,8 @@ def _check_whole_model(model: "onnx.ModelProto", target: "TargetSpec", cache: Ca
 
     from sparsec import reference
     from sparsec.frontends.onnx import load_onnx
-    from sparsec.targets.host import compile_onnx, graph_input_names, load_library
+    from sparsec.targets.backend import graph_input_names, load_library
+    from sparsec.targets.host import compile_onnx
 
     session = [("choice", _choice_key(r["alternatives"])) if r["strategy"] == "choice"
                else (r["strategy"], r["shape"]) for r in records]
@@ -516,40 +285,9 @@ def interleaved_ms(fns: dict[str, Callable[[], object]], seconds: float = 3.0,
     return {k: statistics.median(t) * 1e3 for k, t in times.items()}
 
 
-def _default_knobs(strategy: str, shape: dict) -> dict | None:
-    """The knob setting the heuristics pick without tuning, when it is one of the variants."""
-    from sparsec.targets.kernels import conv2d, depthwise, pointwise
-    from sparsec.targets.kernels.common import pick_row_tile
-
-    if strategy in ("dense_packed", "bsr_dense", "batch_matmul"):
-        return {"rows": pick_row_tile(shape["m"])}
-    if strategy == "conv1x1_nchw":
-        t = pointwise.pick_tile(shape["co"], shape["p"])
-        return {"tile": [t.oct, t.pixels]}
-    if strategy == "depthwise_nchw":
-        return {"max_acc": depthwise.MAX_ACC}
-    if strategy in AMX_STRATEGIES:
-        from sparsec.targets.kernels import amx
-
-        p = (amx.conv_plan(_conv_shape(shape)) if strategy == "conv2d_amx_bf16"
-             else amx.plan(shape["m"], shape["k"], shape["n"]))
-        return {"mt": p.mt, "nt": p.nt}
-    if strategy == "dw_conv1x1_nchw":
-        return {"rows": _fused_kernel_plan(shape)[1].rows}
-    if strategy == "conv1x1_dw_nchw":
-        return {"rows": _expansion_kernel_plan(shape)[1].rows}
-    if strategy == "conv2d_nchw_packed":
-        return {"width_tile": conv2d.pick_width_tile(_conv_shape(shape).out_hw[1])}
-    if strategy == "grouped_conv2d_nchw":
-        from sparsec.targets.kernels import grouped_conv
-
-        s = _conv_shape({n: v for n, v in shape.items() if n != "groups"})
-        return {"width_tile": conv2d.pick_width_tile(s.out_hw[1], grouped_conv.MAX_STRIP)}
-    return None
-
-
 def _short(shape: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in shape.items() if k != "dtype")
 
 
-__all__ = ["Cache", "build", "cache_path", "kernels_of", "knobs_for", "tune", "using"]
+__all__ = ["Cache", "build", "build_tuned", "cache_path", "interleaved_ms", "kernels_of",
+           "knobs_for", "measured_choice", "target_key", "time_kernel", "tune", "using"]

@@ -270,10 +270,16 @@ def fallback_pass(target: "Target"):
 
     @tvm.transform.module_pass(opt_level=0, name="SparsecFallbackSchedule")
     def _pass(mod: "ir.IRModule", _ctx) -> "ir.IRModule":
+        from sparsec import progress
+
+        todo = [(gv, func) for gv, func in mod.functions_items()
+                if isinstance(func, tirx.PrimFunc) and not _is_scheduled(func)]
         updates = {}
-        for gv, func in mod.functions_items():
-            if isinstance(func, tirx.PrimFunc) and not _is_scheduled(func):
+        with progress.Progress(progress.current(), "generic schedules", len(todo),
+                               "kernels") as done:
+            for gv, func in todo:
                 updates[gv] = schedule_function(func, target)
+                done.step(detail=gv.name_hint)
         for gv, func in updates.items():
             mod[gv] = func
         return mod

@@ -19,11 +19,15 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from sparsec.targets import kernels, tuning
+from sparsec import progress
+from sparsec.progress import Progress
+from sparsec.targets import kernels
 from sparsec.targets.kernels import (amx, batch_matmul, bsr, conv2d, dense, depthwise,
                                      dw_pointwise, grouped_conv, mma_sp, pointwise,
                                      pointwise_dw, softmax, sparse_cuda)
 from sparsec.targets.kernels.common import Activation, bf16_allowed
+from sparsec.targets.knobs import build as build_kernel
+from sparsec.targets.knobs import build_tuned, knobs_for, measured_choice
 
 if TYPE_CHECKING:
     import numpy as np
@@ -210,7 +214,7 @@ def _match_dense(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | 
                 idx, data = bsr.pack_weight(w)
                 weights = [relax.const(idx), relax.const(data)]
             elif strategy in (amx.NAME, amx.SPARSE_NAME):
-                knobs = tuning.knobs_for(strategy, shapes[strategy]) or {}
+                knobs = knobs_for(strategy, shapes[strategy]) or {}
                 tiles = amx.plan(m, k, n, knobs.get("mt"), knobs.get("nt"))
                 if strategy == amx.NAME:
                     weights = [relax.const(amx.pack_weight(w, tiles))]
@@ -219,7 +223,7 @@ def _match_dense(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | 
                     weights = [relax.const(a) for a in (sw.values, sw.masks, sw.offsets)]
             else:
                 weights = [relax.const(dense.pack_weight(w, dense.lanes_for(m)))]
-            func = tuning.build_tuned(strategy, shapes[strategy], **flags)
+            func = build_tuned(strategy, shapes[strategy], **flags)
             return lin.emit(bb, func, strategy, args, weights, bias, residual)
         return emit
 
@@ -326,7 +330,7 @@ def _emit_batch_matmul(bb: "relax.BlockBuilder", strategy: str, kshape: dict, ar
     from tvm import relax
 
     batch, m, k, n, dtype = (kshape[d] for d in ("batch", "m", "k", "n", "dtype"))
-    func = tuning.build_tuned(strategy, kshape, bias=bias is not None, act=act,
+    func = build_tuned(strategy, kshape, bias=bias is not None, act=act,
                               residual=residual is not None)
     gv = bb.add_func(func, strategy)
 
@@ -385,7 +389,7 @@ def _match_conv(a: _Analysis, call: "relax.Call") -> tuple[Plan, dict] | None:
         from tvm import relax
 
         flags = dict(bias=bias is not None, act=act, residual=residual is not None)
-        func = tuning.build_tuned(conv2d.NAME, kshape, **flags)
+        func = build_tuned(conv2d.NAME, kshape, **flags)
         gv = bb.add_func(func, conv2d.NAME)
         call_args = [args[0], relax.const(packed)] + (
             [relax.const(bias)] if bias is not None else []) + (
@@ -418,9 +422,9 @@ def _amx_conv(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, xs: tuple, o
              ) -> "relax.Expr":
         from tvm import relax
 
-        knobs = tuning.knobs_for(amx.CONV_NAME, kshape) or {}
+        knobs = knobs_for(amx.CONV_NAME, kshape) or {}
         p = amx.conv_plan(shape, knobs.get("mt"), knobs.get("nt"))
-        func = tuning.build_tuned(amx.CONV_NAME, kshape, bias=bias is not None, act=act,
+        func = build_tuned(amx.CONV_NAME, kshape, bias=bias is not None, act=act,
                                   residual=residual is not None)
         gv = bb.add_func(func, amx.CONV_NAME)
         call_args = [args[0], relax.const(amx.pack_conv_weight(w, p))] + (
@@ -455,7 +459,7 @@ def _depthwise(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, xs: tuple, 
              ) -> "relax.Expr":
         from tvm import relax
 
-        func = tuning.build_tuned(depthwise.NAME, kshape, bias=bias is not None, act=act,
+        func = build_tuned(depthwise.NAME, kshape, bias=bias is not None, act=act,
                                   residual=residual is not None)
         gv = bb.add_func(func, depthwise.NAME)
         call_args = [args[0], relax.const(weight)] + (
@@ -481,7 +485,7 @@ def _grouped(shape: conv2d.ConvShape, groups: int, w: "np.ndarray", dtype: str, 
         from tvm import relax
 
         lanes = grouped_conv.pick_lanes(shape.oc // groups)
-        func = tuning.build_tuned(grouped_conv.NAME, kshape, bias=bias is not None, act=act,
+        func = build_tuned(grouped_conv.NAME, kshape, bias=bias is not None, act=act,
                                   residual=residual is not None)
         gv = bb.add_func(func, grouped_conv.NAME)
         call_args = [args[0], relax.const(grouped_conv.pack_weight(w, groups, lanes))] + (
@@ -515,7 +519,7 @@ def _pointwise(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, out: tuple,
         kshape = {"n": n, "ci": ci, "p": p, "co": co, "dtype": dtype}
         # the strategy choice uses the default tile; a tuned one only changes the kernel
         default = pointwise.pick_tile(co, p)
-        knobs = tuning.knobs_for(pointwise.NAME, kshape)
+        knobs = knobs_for(pointwise.NAME, kshape)
         tile = pointwise.Tile(*knobs["tile"]) if knobs else default
         rows, name, info = ci, pointwise.NAME, {}
     pp = tile.padded_pixels(p)
@@ -529,10 +533,10 @@ def _pointwise(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, out: tuple,
         if sparse:
             idx, data = bsr.pack_weight(w_kn, tile.oct)
             weights = [relax.const(idx), relax.const(data)]
-            func = tuning.build_tuned(name, kshape, **flags)
+            func = build_tuned(name, kshape, **flags)
         else:
             weights = [relax.const(pointwise.pack_weight(w[:, :, 0, 0], tile.oct))]
-            func = tuning.build(name, kshape, {"tile": [tile.oct, tile.pixels]}, **flags)
+            func = build_kernel(name, kshape, {"tile": [tile.oct, tile.pixels]}, **flags)
         gv = bb.add_func(func, name)
         x = bb.emit(relax.op.reshape(args[0], (n, ci, p)))
         if pp != p:   # whole pixel vectors: zero columns, cut again at the write-back
@@ -639,7 +643,7 @@ def _match_softmax(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] 
              ) -> "relax.Expr":
         from tvm import relax
 
-        gv = bb.add_func(tuning.build(softmax.NAME, kshape), softmax.NAME)
+        gv = bb.add_func(build_kernel(softmax.NAME, kshape), softmax.NAME)
         x2 = bb.emit(relax.op.reshape(args[0], (rows, n)))
         y2 = bb.emit(relax.call_tir(gv, [x2], relax.TensorType((rows, n), "float32")))
         return relax.op.reshape(y2, xs)
@@ -737,6 +741,34 @@ def _clip_bound(a: _Analysis, mod: "ir.IRModule | None", tail: Any) -> tuple[Any
     return None
 
 
+def _op_macs(call: "relax.Call") -> int:
+    """Multiply-adds of a matmul or conv2d from its static shapes (0 when unknown)."""
+    import math
+
+    out = _static_shape(call)
+    if out is None:
+        return 0
+    if call.op.name == "relax.matmul":
+        x = _static_shape(call.args[0])
+        return math.prod(out) * x[-1] if x else 0
+    if call.op.name == "relax.nn.conv2d":
+        w = _static_shape(call.args[1])
+        return math.prod(out) * math.prod(w[1:]) if w else 0
+    return 0
+
+
+def _op_facts(call: "relax.Call", macs: int, device: str) -> dict:
+    """What the compile report says of a heavy op none of sparsec's kernels took: its operand
+    and output shapes, dtype, MACs, and the schedule that runs it instead."""
+    shapes = [list(s) if (s := _static_shape(x)) is not None else None for x in call.args]
+    out = _static_shape(call)
+    return {"shapes": shapes, "out_shape": list(out) if out is not None else None,
+            "dtype": _dtype(call), "macs": int(macs),
+            "kernel": ("dlight: DLight's GPU rules (compile.kernels counts each rule)"
+                       if device == "cuda" else
+                       "fallback: legalized, fused and given the generic schedule")}
+
+
 def plan_function(func: "relax.Function", cores: int, mod: "ir.IRModule | None" = None,
                   device: str = "cpu") -> tuple[dict, dict, list[dict]]:
     """Choose a strategy for each heavy op; returns (plans by var, aliases, decisions).
@@ -765,14 +797,16 @@ def plan_function(func: "relax.Function", cores: int, mod: "ir.IRModule | None" 
             matched = None
         found = {} if matched is None else {p.strategy: (p, c) for p, c in (
             matched if isinstance(matched, list) else [matched])}
-        macs = max((c["macs"] for _, c in found.values()), default=0)
+        macs = max((c["macs"] for _, c in found.values()), default=_op_macs(call))
         name, why = kernels.choose(call.op.name, macs, cores,
                                    {s: c["macs"] for s, (_, c) in found.items()})
         decision = {"op": call.op.name.removeprefix("relax."), **why}
         if a.hint:
             decision["hint"] = a.hint
+        if name not in found:      # no kernel of ours: say what the op is and who runs it
+            decision.update(_op_facts(call, macs, device))
         alternatives = [(s, p.shape) for s, (p, _) in found.items()]
-        measured = tuning.measured_choice(alternatives) if len(alternatives) > 1 else None
+        measured = measured_choice(alternatives) if len(alternatives) > 1 else None
         if measured in found:
             name = decision["chosen"] = measured     # timed on this machine: over the estimate
             decision["chosen_by"] = "measurement"
@@ -781,7 +815,7 @@ def plan_function(func: "relax.Function", cores: int, mod: "ir.IRModule | None" 
             continue
         plan = found[name][0]
         decision.update(plan.info)
-        if (knobs := tuning.knobs_for(plan.strategy, plan.shape)) is not None:
+        if (knobs := knobs_for(plan.strategy, plan.shape)) is not None:
             decision["tuned"] = knobs
         plans[var] = plan
         if not plan.epilogue:
@@ -897,7 +931,7 @@ def _record_fusion(plans: dict, decision_of: dict, var: Any, inner_var: Any, key
     decision[key] = {k: v for k, v in inner.items() if k in ("shape", "epilogue")}
     decision.update(fused.info)
     decision.pop("tuned", None)
-    if (knobs := tuning.knobs_for(fused.strategy, fused.shape)) is not None:
+    if (knobs := knobs_for(fused.strategy, fused.shape)) is not None:
         decision["tuned"] = knobs
 
 
@@ -921,7 +955,7 @@ def _fused_plan(dw_plan: Plan, pw_plan: Plan, x: Any) -> Plan:
              ) -> "relax.Expr":
         from tvm import relax
 
-        func = tuning.build_tuned(
+        func = build_tuned(
             dw_pointwise.NAME, kshape, dw_bias=dw_plan.bias is not None, dw_act=dw_plan.act,
             bias=bias is not None, act=act, residual=residual is not None)
         gv = bb.add_func(func, dw_pointwise.NAME)
@@ -968,7 +1002,7 @@ def _fused_expansion_plan(pw_plan: Plan, dw_plan: Plan, x: Any) -> Plan:
     k, dtype = pw_plan.shape["ci"], dw_plan.shape["dtype"]
     kshape = {**dataclasses.asdict(s), "k": k, "dtype": dtype}
     fplan = pointwise_dw.plan(s.ic, s.out_hw[0], s.w)
-    if (knobs := tuning.knobs_for(pointwise_dw.NAME, kshape)) is not None:
+    if (knobs := knobs_for(pointwise_dw.NAME, kshape)) is not None:
         fplan = dataclasses.replace(fplan, rows=knobs["rows"])
     w_exp = pointwise.pack_weight(pw_plan.operands["weight"], fplan.oct)
 
@@ -976,7 +1010,7 @@ def _fused_expansion_plan(pw_plan: Plan, dw_plan: Plan, x: Any) -> Plan:
              ) -> "relax.Expr":
         from tvm import relax
 
-        func = tuning.build_tuned(
+        func = build_tuned(
             pointwise_dw.NAME, kshape, pw_bias=pw_plan.bias is not None, pw_act=pw_plan.act,
             bias=bias is not None, act=act)
         gv = bb.add_func(func, pointwise_dw.NAME)
@@ -1049,10 +1083,12 @@ def _make_mutator():
     class KernelRewriter(relax.PyExprMutator):
         """Emits planned kernels; turns folded epilogue bindings into aliases."""
 
-        def __init__(self, mod: "ir.IRModule", plans: dict, aliases: dict) -> None:
+        def __init__(self, mod: "ir.IRModule", plans: dict, aliases: dict,
+                     built: "Progress | None" = None) -> None:
             super().__init__(mod)
             self.plans = plans
             self.aliases = aliases
+            self.built = built
             self._binding = None
 
         def visit_var_binding_(self, binding: "relax.VarBinding") -> None:
@@ -1073,7 +1109,10 @@ def _make_mutator():
                     if plan.residual_shape is not None:
                         residual = self.builder_.emit(
                             relax.op.reshape(residual, plan.residual_shape))
-                    return plan.emit(self.builder_, args, plan.bias, plan.act, residual)
+                    out = plan.emit(self.builder_, args, plan.bias, plan.act, residual)
+                    if self.built is not None:
+                        self.built.step(detail=plan.strategy)
+                    return out
             return super().visit_call_(call)
 
     return KernelRewriter
@@ -1095,9 +1134,10 @@ def rewrite_pass(cores: int, decisions_out: list[dict], device: str = "cpu"):
             all_plans.update(plans)
             all_aliases.update(aliases)
             decisions_out.extend(decisions)
-        mutator = mutator_cls(mod, all_plans, all_aliases)
-        for gv, func in work:
-            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+        with Progress(progress.current(), "kernels", len(all_plans), "built") as built:
+            mutator = mutator_cls(mod, all_plans, all_aliases, built)
+            for gv, func in work:
+                mutator.builder_.update_func(gv, mutator.visit_expr(func))
         return mutator.builder_.get()
 
     return _pass

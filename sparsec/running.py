@@ -1,0 +1,176 @@
+"""Running and validating a compiled package: load its library (here, on the GPU, or a cross
+target under its emulator), run it on checked inputs, and compare it with ONNX Runtime within
+the package's tolerance (looser for bf16 kernels).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sparsec import reference
+from sparsec.errors import InvalidModelError, SparsecError, ToolchainError, ValidationError
+from sparsec.loading import Log, _quiet
+from sparsec.package import LIBRARY, MODEL, Package, check_elf
+
+#: default tolerance of a compiled library against ONNX Runtime: max|y - ref| <= ATOL + RTOL *
+#: max|ref| per output (the reference check in the package and its C header use the same)
+RTOL, ATOL = 1e-4, 1e-5
+#: the tolerance of a library with bf16 kernels (AMX, sparse tensor cores): inputs rounded to
+#: 8 mantissa bits. Deep networks lose more than that through bf16 (torch's own bf16 autocast:
+#: 17 % of max|y| on an untrained MobileNetV2, cosine 0.987), so an output also passes with
+#: cosine >= BF16_MIN_COSINE; the package then records max(RTOL_BF16, BF16_MARGIN x the error
+#: measured here) for the device's check of the reference pair.
+RTOL_BF16, ATOL_BF16 = 3e-2, 1e-3
+BF16_MIN_COSINE = 0.99
+BF16_MARGIN = 1.5
+
+
+def uses_bf16(facts: dict) -> bool:
+    """Whether a kernel of the compiled library computes in bf16 (its decision says
+    ``precision``)."""
+    return any(d.get("precision") == "bf16" for d in facts.get("decisions", []))
+
+
+def tolerance(facts: dict) -> tuple[float, float]:
+    """(rtol, atol) a compiled library is checked with: looser when a kernel computes in bf16."""
+    return (RTOL_BF16, ATOL_BF16) if uses_bf16(facts) else (RTOL, ATOL)
+
+
+def _load_runner(spec, directory: Path, name: str, inputs: list[dict], outputs: list[dict],
+                 log: Log = _quiet, cuda: dict | None = None):
+    """What runs a package's library here: the library itself in this process (on the GPU
+    for a CUDA target, ``cuda`` its facts), or, for a cross CPU target, a program built for
+    the target under its emulator. ``ToolchainError`` if nothing here can run it."""
+    if spec.runs_here:
+        from sparsec.targets.backend import load_library
+
+        return load_library(directory / LIBRARY, [s["name"] for s in inputs], cuda)
+    if spec.native or spec.device != "cpu":
+        raise ToolchainError(f"target {spec.name} does not run on this machine: "
+                             f"{spec.why_not_here}")
+    from sparsec.deploy.emulate import EmulatedRunner
+
+    return EmulatedRunner(spec, directory, name, inputs, outputs, log)
+
+
+def _runner(pkg: Package):
+    from sparsec.targets import resolve_target
+
+    spec = resolve_target(pkg.manifest["target"]["name"])
+    check_elf(pkg.path / LIBRARY)
+    try:
+        return _load_runner(spec, pkg.path, pkg.name, pkg.inputs, pkg.outputs,
+                            cuda=pkg.manifest["compile"].get("cuda"))
+    except SparsecError:
+        raise
+    except Exception as e:
+        raise _library_failed(pkg, e) from None
+
+
+def _run_package(pkg: Package, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The package's library on checked feeds; a library that fails on inputs matching its
+    manifest (another model's library, re-hashed into it) is refused as an invalid package."""
+    runner = _runner(pkg)
+    try:
+        return runner.run(feeds)
+    except SparsecError:
+        raise
+    except Exception as e:
+        raise _library_failed(pkg, e) from None
+
+
+def _library_failed(pkg: Package, e: Exception) -> InvalidModelError:
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    return InvalidModelError(f"package {pkg.path}: its {LIBRARY} does not run as its manifest "
+                             f"describes ({first}); compile the package again")
+
+
+def run(package_dir: str | os.PathLike, inputs: dict[str, np.ndarray] | str | os.PathLike
+        ) -> dict[str, np.ndarray]:
+    """Run a compiled package on ``inputs`` (dict or .npz path); outputs keyed by name."""
+    pkg = Package.load(package_dir)
+    feeds = reference.check_inputs(
+        inputs if isinstance(inputs, dict) else pkg.read_inputs(inputs), pkg.inputs)
+    outs = _run_package(pkg, feeds)
+    return {spec["name"]: out for spec, out in zip(pkg.outputs, outs)}
+
+
+@dataclass
+class ValidationReport:
+    ok: bool
+    outputs: list[dict] = field(default_factory=list)
+    rtol: float = RTOL
+    atol: float = ATOL
+    min_cosine: float | None = None
+
+    @property
+    def max_abs_err(self) -> float:
+        return max((o["max_abs_err"] for o in self.outputs), default=0.0)
+
+
+def device_rtol(check: ValidationReport) -> float:
+    """The rtol a bf16 package records for the device's check of its reference pair: its
+    own, or wider, so that BF16_MARGIN x the error measured here passes and no more."""
+    return max([check.rtol] + [(BF16_MARGIN * o["max_abs_err"] - check.atol) / o["peak"]
+                               for o in check.outputs if o["peak"] > 0])
+
+
+def _compare(outputs: list[dict], expected: list[np.ndarray], actual: list[np.ndarray],
+             rtol: float, atol: float, min_cosine: float | None = None) -> ValidationReport:
+    """Per output: ok when max|y - ref| <= atol + rtol * max|ref|, or (bf16 packages) when
+    the cosine similarity is at least ``min_cosine``."""
+    report = ValidationReport(ok=True, rtol=rtol, atol=atol, min_cosine=min_cosine)
+    for spec, ref, out in zip(outputs, expected, actual):
+        fid = reference.compare([ref], [out])
+        ref_abs = np.abs(np.asarray(ref, dtype=np.float64))
+        peak = float(ref_abs[np.isfinite(ref_abs)].max(initial=0.0))
+        bound = atol + rtol * peak
+        ok = fid.max_abs_err <= bound or (min_cosine is not None and fid.cosine >= min_cosine)
+        report.ok &= ok
+        report.outputs.append({"name": spec["name"], "max_abs_err": fid.max_abs_err,
+                               "bound": bound, "peak": peak, "cosine": fid.cosine, "ok": ok})
+    return report
+
+
+def _raise_if_mismatch(report: ValidationReport) -> None:
+    if not report.ok:
+        worst = max(report.outputs, key=lambda o: o["max_abs_err"] - o["bound"])
+        why = (f"max abs err {worst['max_abs_err']:.3g} > bound {worst['bound']:.3g}")
+        if report.min_cosine is not None:
+            why += (f" and cosine {worst['cosine']:.4f} < {report.min_cosine} (bf16 kernels: "
+                    f"a target without them, e.g. x86-avx512, keeps fp32)")
+        raise ValidationError(f"output '{worst['name']}' differs from ONNX Runtime: {why}")
+
+
+def validate(package_dir: str | os.PathLike, inputs=None, *, rtol: float | None = None,
+             atol: float | None = None, seed: int = 0, check: bool = False
+             ) -> ValidationReport:
+    """Compiled library vs ONNX Runtime on the package's pruned ONNX model.
+
+    An output matches when max|lib - ort| <= atol + rtol * max|ort| (by default the
+    package's own tolerance: its manifest's ``reference``), or, for a package with bf16
+    kernels, when its cosine similarity is at least the recorded ``min_cosine``. With
+    ``check=True`` a mismatch
+    raises ``ValidationError`` (the CLI's non-zero exit)."""
+    import onnx
+
+    pkg = Package.load(package_dir)
+    recorded = pkg.manifest.get("reference", {})
+    rtol = recorded.get("rtol", RTOL) if rtol is None else rtol
+    atol = recorded.get("atol", ATOL) if atol is None else atol
+    min_cosine = recorded.get("min_cosine")
+    model = onnx.load(str(pkg.path / MODEL))
+    if inputs is None:
+        feeds = reference.random_feeds(pkg.inputs, seed)
+    else:
+        feeds = reference.check_inputs(
+            inputs if isinstance(inputs, dict) else pkg.read_inputs(inputs), pkg.inputs)
+    report = _compare(pkg.outputs, reference.run(model, feeds), _run_package(pkg, feeds), rtol,
+                      atol, min_cosine)
+    if check:
+        _raise_if_mismatch(report)
+    return report
