@@ -174,7 +174,7 @@ def _prune_kwargs(args) -> dict:
     """The pruning flags shared by `prune` and `compile`, as API keywords."""
     return {"ratio": args.ratio, "criterion": args.criterion, "reconstruct": args.reconstruct,
             "round_to": args.round_to, "head_ratio": args.head_ratio,
-            "hidden_ratio": args.hidden_ratio,
+            "hidden_ratio": args.hidden_ratio, "rotate": args.rotate,
             "remove_layers": args.remove_layers, "sensitivity": args.sensitivity,
             "replace_linear": args.replace_linear,
             "remove_attention": args.remove_attention, "fuse_ffn": args.fuse_ffn,
@@ -446,6 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
                             help="fraction of hidden width to remove: the residual stream "
                                  "under LayerNorms, from the embedding to the head (lossy even "
                                  "for empty channels; default 0: left whole)")
+            sp.add_argument("--rotate", action="store_true",
+                            help="with --hidden-ratio: rotate the hidden stream to its principal "
+                                 "directions on the calibration data first and cut the weakest "
+                                 "directions (SliceGPT; RMS-norm and pre-norm LayerNorm models)")
             sp.add_argument("--sensitivity", action="store_true",
                             help="spread each ratio over the model by measured cost (prune "
                                  "each group alone at a few widths on the calibration data) "

@@ -46,7 +46,7 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
             name: str | None = None, recipe=None,
             ratio: float = 0.0, criterion: str = "l2", reconstruct: bool = False,
             round_to: int | None = None, head_ratio: float | None = None,
-            hidden_ratio: float = 0.0,
+            hidden_ratio: float = 0.0, rotate: bool = False,
             remove_layers: int = 0, replace_linear: bool = False, remove_attention: int = 0,
             fuse_ffn: int = 0, sensitivity: bool = False, sparsity: float = 0.0,
             sparsity_pattern: str = "unstructured", sparsity_criterion: str = "magnitude",
@@ -112,7 +112,7 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
     check_toolchain(spec)
     options = dict(ratio=ratio, criterion=criterion, reconstruct=reconstruct,
                    round_to=round_to, head_ratio=head_ratio, hidden_ratio=hidden_ratio,
-                   remove_layers=remove_layers,
+                   rotate=rotate, remove_layers=remove_layers,
                    replace_linear=replace_linear, remove_attention=remove_attention,
                    fuse_ffn=fuse_ffn, sensitivity=sensitivity, sparsity=sparsity,
                    sparsity_pattern=sparsity_pattern, sparsity_criterion=sparsity_criterion,

@@ -224,8 +224,8 @@ def _check_sparsity(sparsity: float, pattern: str, criterion: str, lamp: bool):
 def prune(model: ModelLike, output: str | os.PathLike | None = None, *, recipe=None,
           ratio: float = 0.0,
           criterion: str = "l2", reconstruct: bool = False, round_to: int | None = None,
-          head_ratio: float | None = None, hidden_ratio: float = 0.0, remove_layers: int = 0,
-          replace_linear: bool = False,
+          head_ratio: float | None = None, hidden_ratio: float = 0.0, rotate: bool = False,
+          remove_layers: int = 0, replace_linear: bool = False,
           remove_attention: int = 0, fuse_ffn: int = 0, sensitivity: bool = False,
           sparsity: float = 0.0, sparsity_pattern: str = "unstructured",
           sparsity_criterion: str = "magnitude", lamp: bool = False, reorder: bool = False,
@@ -241,6 +241,9 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, recipe=N
     ``head_ratio`` is the ratio for attention-head groups (default: ``ratio``);
     ``hidden_ratio`` cuts hidden widths, the residual streams under LayerNorms that
     ``ratio`` leaves whole (lossy even for empty channels: the norms' statistics change);
+    ``rotate`` first rotates each such stream to its principal directions on the calibration
+    data and cuts the weakest directions instead of channels (SliceGPT; RMS and pre-norm
+    LayerNorm streams, the others are cut as they are: ``sparsec.passes.rotate``);
     ``sensitivity`` spreads each ratio over the model by measured cost instead of applying it
     in every group (see ``sparsec.passes.allocation``);
     ``remove_layers`` first drops that many consecutive residual layers, the run whose input
@@ -301,6 +304,9 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, recipe=N
     ratio = _check_ratio(ratio)
     head_ratio = None if head_ratio is None else _check_ratio(head_ratio)
     hidden_ratio = _check_ratio(hidden_ratio)
+    if rotate and not hidden_ratio:
+        raise BadOptionError("--rotate rotates the hidden width before cutting it: give "
+                             "--hidden-ratio too")
     layer_ratios = dict(layer_ratios or {})
     if criterion not in CRITERIA:
         raise BadOptionError(f"unknown criterion '{criterion}' (known: {', '.join(CRITERIA)})")
@@ -317,7 +323,7 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, recipe=N
     _check_structure(graph, remove_layers, remove_attention, fuse_ffn)
     kind, nm = _check_sparsity(sparsity, sparsity_pattern, sparsity_criterion, lamp)
     calib = _calibration(graph, calibration)
-    if ((reconstruct or criterion in NEEDS_DATA) and ratio > 0 or remove_layers
+    if ((reconstruct or criterion in NEEDS_DATA) and ratio > 0 or remove_layers or rotate
             or remove_attention or fuse_ffn or (sparsity or kind == "nm") and (
                 sparsity_criterion == "wanda" or reconstruct)) \
             and calibration is None:
@@ -336,7 +342,7 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, recipe=N
                                    round_to=int(round_to), layer_ratios=layer_ratios,
                                    ignore=list(ignore), scores=scores,
                                    head_ratio=head_ratio, hidden_ratio=hidden_ratio,
-                                   sensitivity=bool(sensitivity)))
+                                   sensitivity=bool(sensitivity), rotate=bool(rotate)))
     if sparsity > 0 or kind == "nm":
         passes.append(Sparsify(float(sparsity) or 1 - nm[0] / nm[1], sparsity_pattern,
                                sparsity_criterion, "lamp" if lamp else "uniform",

@@ -39,6 +39,7 @@ class Recipe:
     round_to: int | None = None
     head_ratio: float | None = None
     hidden_ratio: float = 0.0
+    rotate: bool = False
     remove_layers: int = 0
     replace_linear: bool = False
     remove_attention: int = 0
@@ -173,7 +174,7 @@ class Recipe:
 
 
 _TYPES = {"ratio": float, "criterion": str, "reconstruct": bool, "round_to": int,
-          "head_ratio": float, "hidden_ratio": float, "remove_layers": int,
+          "head_ratio": float, "hidden_ratio": float, "rotate": bool, "remove_layers": int,
           "replace_linear": bool, "remove_attention": int, "fuse_ffn": int, "sensitivity": bool,
           "sparsity": float, "sparsity_pattern": str, "sparsity_criterion": str, "lamp": bool,
           "reorder": bool, "layer_ratios": dict, "ignore": tuple, "remove_dead": bool,

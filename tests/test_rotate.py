@@ -139,3 +139,27 @@ def test_channel_prune_rotates_inside_its_plan(name):
     plain, _ = ChannelPrune(0.25, hidden_ratio=0.25, reconstruct=True).run(graph, ctx)
     assert stream(both).size == stream(plain).size == 24
     assert cosine(both) > cosine(plain)
+
+
+def test_rotate_through_the_api_compiles_and_validates(tmp_path):
+    """``--rotate`` end to end on GPT-2 (LayerNorms made RMS, then rotated): the recipe records
+    it, the package matches ONNX Runtime, and it beats the same cut without rotation;
+    ``prune_module`` refuses it and ``--rotate`` alone is an error."""
+    from sparsec import api
+    from sparsec.errors import BadOptionError
+
+    proto = realworld.build("gpt2", "dynamo")
+    calib = token_batches(sparsec.load(proto))
+    rotated = api.prune(proto, hidden_ratio=0.25, rotate=True, calibration=calib)
+    plain = api.prune(proto, hidden_ratio=0.25, calibration=calib)
+    assert rotated.recipe.rotate and rotated.fidelity.cosine > plain.fidelity.cosine
+    [p] = rotated.passes
+    assert p.details["rotation"][0]["rotated"] and p.details["rotation"][0]["kept"] == 24
+    m = api.compile(proto, tmp_path / "pkg", hidden_ratio=0.25, rotate=True, calibration=calib)
+    assert m["prune"]["recipe"]["rotate"] is True
+    assert api.validate(tmp_path / "pkg").ok
+    with pytest.raises(BadOptionError, match="--hidden-ratio"):
+        api.prune(proto, rotate=True, calibration=calib)
+    module, example = realworld.MODELS["gpt2"]()
+    with pytest.raises(BadOptionError, match="rotate"):
+        api.prune_module(module, example, recipe={"hidden_ratio": 0.25, "rotate": True})
