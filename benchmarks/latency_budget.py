@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_host import publish  # noqa: E402
+from bench_host import RESULTS, publish  # noqa: E402
 
 
 def resnet18(tmp: Path):
@@ -58,12 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--fractions", default="0.4,0.6,0.8,0.9")
     ap.add_argument("--modes", default="ratio,groups")
+    ap.add_argument("--sweep", default="0,0.125,0.25,0.375,0.5",
+                    help="ratios of the fidelity/latency sweep per model, uniform against "
+                         "latency-aware ('' skips it)")
     args = ap.parse_args(argv)
 
     import sparsec
+    from sparsec import latency
     from sparsec.errors import SparsecError
 
-    rows = []
+    rows, sweeps = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["SPARSEC_TUNING_CACHE"] = str(Path(tmp) / "tuning.json")  # fresh tables
         for name in args.models.split(","):
@@ -87,6 +91,20 @@ def main(argv: list[str] | None = None) -> int:
                                  "cosine": fid["cosine"], "measured_on": fid["measured_on"],
                                  "wall_s": time.perf_counter() - start})
                     print({k: v for k, v in rows[-1].items() if k != "builds"}, flush=True)
+            if args.sweep:
+                start = time.perf_counter()
+                report = latency.sweep(model, [float(r) for r in args.sweep.split(",")],
+                                       latency_aware=True, log=print,
+                                       options={**options, "calibration": calib})
+                report["wall_s"] = time.perf_counter() - start
+                sweeps[name] = report
+                title = f"{name}: held-out fidelity against latency (host)"
+                (RESULTS / f"latency_sweep_{name}.svg").write_text(
+                    latency.sweep_svg(report, title))
+                (RESULTS / f"latency_sweep_{name}.md").write_text(
+                    latency.sweep_markdown(report, title)
+                    + f"\nSweep wall time {report['wall_s']:.0f} s (latency table cached by "
+                      f"the budget runs above when they ran first).\n")
     lines = ["# Compile to a latency budget (host, 2 threads)", "",
              "`compile --speedup 1/F` (mode *ratio*) and `compile --speedup 1/F --sensitivity` "
              "(mode *groups*: per-group widths from a latency table). The budget is F x the "
@@ -112,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{'yes' if abs(q - r['fraction']) <= 0.1 * r['fraction'] else 'no'} | "
                      f"{predicted} | {r['measured_ms']:.3f} | {chosen} | {builds} | "
                      f"{r['cosine']:.4f} | {r['wall_s']:.0f} |")
-    publish("latency_budget", rows, "\n".join(lines))
+    publish("latency_budget", {"rows": rows, "sweeps": sweeps}, "\n".join(lines))
     return 0
 
 
