@@ -11,10 +11,13 @@ they will run on (targets that run here). Two ways:
   (criterion, reconstruction, head and hidden ratios in proportion) applies at each ratio.
 * **Per-group widths** (``sensitivity=True``; ZipLM's and HALP's idea): a *latency table*
   first, each prunable group alone cut to ``LEVELS`` of its channels, built, timed, and its
-  held-out fidelity measured; then a knapsack, greedy on fidelity lost per millisecond saved,
-  picks each group's level until the latency the table predicts (the dense latency minus the
-  savings, assumed to add up) meets the budget. The plan is built and timed; when it measures
-  over the budget, the knapsack asks for the difference more (``FEEDBACK_ROUNDS``). Heads, FFN
+  held-out fidelity measured; then a knapsack, greedy on fidelity lost per share of latency
+  saved, picks each group's level until the latency the table predicts meets the budget (each
+  group's saving is a factor on the latency: cutting a conv's input and output channels
+  multiplies its time by both shares). The plan is built and timed; when it measures over
+  the budget (or well under), the knapsack is asked for the difference (``FEEDBACK_ROUNDS``).
+  Candidates are timed beside the dense build, so a drift of the machine's speed during the
+  search does not move the budget. Heads, FFN
   widths and channel groups compete in one budget. The plan is a recipe (``layer_ratios`` by
   each group's own weight), so it re-runs without searching. The record says the predicted
   and the measured latency.
@@ -54,7 +57,7 @@ CLOSE_ENOUGH = 0.05
 #: per-group widths: the shares of a group's channels removed in its latency-table rows
 LEVELS = (0.25, 0.5, 0.75)
 #: per-group widths: builds of a plan after the first that measured over the budget
-FEEDBACK_ROUNDS = 2
+FEEDBACK_ROUNDS = 3
 
 
 def time_ms(run: Callable[[dict], Any], feeds: dict, seconds: float = 0.5,
@@ -77,6 +80,19 @@ def time_ms(run: Callable[[dict], Any], feeds: dict, seconds: float = 0.5,
     return min(medians) * 1e3
 
 
+def time_pair(run_a: Callable[[dict], Any], run_b: Callable[[dict], Any], feeds: dict,
+              seconds: float = 1.0, blocks: int = 5) -> tuple[float, float]:
+    """Milliseconds of ``run_a`` and ``run_b`` on ``feeds`` timed side by side (alternating
+    blocks, the least block median of each): their ratio holds while the machine's speed
+    drifts, which a figure taken minutes earlier does not."""
+    a: list[float] = []
+    b: list[float] = []
+    for _ in range(blocks):
+        a.append(time_ms(run_a, feeds, seconds / (2 * blocks), blocks=1))
+        b.append(time_ms(run_b, feeds, seconds / (2 * blocks), blocks=1))
+    return min(a), min(b)
+
+
 def check_target(spec: "TargetSpec", what: str) -> None:
     if not (spec.runs_here and spec.device == "cpu"):
         raise BadOptionError(f"{what} is measured on the target: target '{spec.name}' does not "
@@ -93,6 +109,9 @@ class Timer:
         self._n = 0
         #: what latency tables measured by this timer are cached under (the target)
         self.cache_key = json.dumps(spec.tvm_target, sort_keys=True)
+        #: the first graph timed (the dense model) and its figure: later graphs are timed
+        #: beside it and reported at the machine speed of that first figure
+        self.reference: tuple[Callable, float] | None = None
 
     def __call__(self, graph: "Graph") -> float:
         from sparsec.ir.onnx_io import to_onnx
@@ -103,7 +122,12 @@ class Timer:
         facts = compile_onnx(to_onnx(graph), self.spec, lib, log=lambda s: None)
         #: the last library's run function (it stays loaded after its file is deleted)
         self.last = load_library(lib, facts["inputs"]).run
-        return time_ms(self.last, self.feeds)
+        if self.reference is None:
+            ms = time_ms(self.last, self.feeds)
+            self.reference = (self.last, ms)
+            return ms
+        ms, dense_now = time_pair(self.last, self.reference[0], self.feeds)
+        return ms * self.reference[1] / dense_now
 
 
 def budget_search(graph: "Graph", options: dict, spec: "TargetSpec",
@@ -254,7 +278,8 @@ def latency_table(graph: "Graph", options: dict, timer: "Timer", dense: float,
         cached = json.loads(path.read_text())
         scale = dense / cached["dense_ms"]     # the machine's speed drifts: keep the shares
         for unit, rows in zip(table, cached["rows"]):
-            unit["rows"] = [{**r, "ms": r["ms"] * scale, "saved_ms": dense - r["ms"] * scale}
+            unit["rows"] = [{**r, "ms": r["ms"] * scale, "saved_ms": dense - r["ms"] * scale,
+                             "saved_log": float(np.log(cached["dense_ms"] / r["ms"]))}
                             for r in rows]
         log(f"latency: table of {len(table)} groups from the cache ({path})")
         return table
@@ -265,6 +290,7 @@ def latency_table(graph: "Graph", options: dict, timer: "Timer", dense: float,
             res = api.prune(graph, **_group_options(options, {unit["pattern"]: level}))
             ms = timer(res.graph)
             unit["rows"].append({"level": level, "ms": ms, "saved_ms": dense - ms,
+                                 "saved_log": float(np.log(dense / ms)),
                                  "distortion": max(0.0, 1.0 - res.fidelity.cosine)})
             progress.step()
     log(f"latency: table of {len(table)} groups x {len(LEVELS)} widths; alone, the most a "
@@ -306,11 +332,15 @@ def _table_path(graph: "Graph", options: dict, timer) -> Path | None:
     return cache_path().parent / "latency-tables" / f"{h.hexdigest()[:32]}.json"
 
 
-def knapsack(table: list[dict], need_ms: float) -> tuple[dict[str, float], float] | None:
-    """Levels per unit whose summed savings (the table's, assumed to add up) reach
-    ``need_ms``, greedily taking the step that loses the least fidelity per millisecond
-    saved (a step may skip levels; savings that do not grow are never bought). ``({pattern:
-    level}, predicted saving)``, or None when even the deepest cuts fall short."""
+def knapsack(table: list[dict], need_ms: float, key: str = "saved_ms"
+             ) -> tuple[dict[str, float], float] | None:
+    """Levels per unit whose summed savings (the table rows' ``key``, assumed to add up)
+    reach ``need_ms``, greedily taking the step that loses the least fidelity per unit saved
+    (a step may skip levels; savings that do not grow are never bought). ``({pattern:
+    level}, predicted saving)``, or None when even the deepest cuts fall short.
+    :func:`plan_search` passes log-latency savings (``saved_log``): cuts of two groups that
+    share a kernel (a conv's input and output channels) multiply its time, they do not
+    subtract twice."""
     state = {u["pattern"]: (0.0, 0.0, 0.0) for u in table}     # level, saved, distortion
     saved = 0.0
     while saved < need_ms:
@@ -318,7 +348,7 @@ def knapsack(table: list[dict], need_ms: float) -> tuple[dict[str, float], float
         for u in table:
             level, have, lost = state[u["pattern"]]
             for row in u["rows"]:
-                gain = row["saved_ms"] - have
+                gain = row[key] - have
                 if row["level"] <= level or gain <= 0:
                     continue
                 cost = max(row["distortion"] - lost, 0.0) / gain
@@ -327,11 +357,11 @@ def knapsack(table: list[dict], need_ms: float) -> tuple[dict[str, float], float
         if best is None:
             return None
         pattern, row = best
-        saved += row["saved_ms"] - state[pattern][1]
-        state[pattern] = (row["level"], row["saved_ms"], row["distortion"])
+        saved += row[key] - state[pattern][1]
+        state[pattern] = (row["level"], row[key], row["distortion"])
     # greedy steps overshoot (one group's step can save far more than what was left to
     # find): give back cuts, most costly first, while the savings still reach the need
-    rows = {u["pattern"]: [(0.0, 0.0, 0.0)] + [(r["level"], r["saved_ms"], r["distortion"])
+    rows = {u["pattern"]: [(0.0, 0.0, 0.0)] + [(r["level"], r[key], r["distortion"])
                                                 for r in u["rows"]] for u in table}
     for pattern in sorted(state, key=lambda p: -state[p][2]):
         for option in sorted(rows[pattern], key=lambda r: r[2]):
@@ -354,34 +384,36 @@ def plan_search(graph: "Graph", options: dict, timer: "Timer", table: list[dict]
     predicted and measured latency of every build, the table."""
     from sparsec import api
 
-    need = dense - budget
+    need = float(np.log(dense / budget))          # log-latency to save
     builds: list[dict] = []
     result = None
     for _ in range(1 + FEEDBACK_ROUNDS):
-        picked = knapsack(table, need)
+        picked = knapsack(table, need, key="saved_log")
         if picked is None:
             if result is not None:
                 break
-            most = sum(max(r["saved_ms"] for r in u["rows"]) for u in table)
+            most = dense * np.exp(-sum(max(r["saved_log"] for r in u["rows"]) for u in table))
             raise BadOptionError(
                 f"the budget {budget:.4g} ms is out of reach by per-group widths: the table "
-                f"predicts at most {most:.4g} ms saved of the {need:.4g} needed (dense "
-                f"{dense:.4g} ms); without --sensitivity one ratio may go further")
+                f"predicts at best {most:.4g} ms (dense {dense:.4g} ms); without "
+                f"--sensitivity one ratio may go further")
         plan, saved = picked
+        predicted = dense * float(np.exp(-saved))
         if builds and plan == builds[-1]["plan"]:
             break
         result = api.prune(graph, **_group_options(options, plan))
         ms = timer(result.graph)
-        builds.append({"plan": plan, "predicted_ms": dense - saved, "ms": ms,
+        builds.append({"plan": plan, "predicted_ms": predicted, "ms": ms,
                        "cosine": result.fidelity.cosine})
         log(f"latency: {len(plan)} of {len(table)} groups cut, predicted "
-            f"{dense - saved:.4g} ms, measured {ms:.4g} ms "
+            f"{predicted:.4g} ms, measured {ms:.4g} ms "
             f"({'within' if ms <= budget else 'over'} {budget:.4g})")
         if budget * (1 - 2 * CLOSE_ENOUGH) <= ms <= budget:
             break
         # over: ask for the difference more, and at least a step beyond this plan's
         # predicted savings; well under: give the difference back
-        need = max(need + ms - budget, saved * 1.0001) if ms > budget else need + ms - budget
+        miss = float(np.log(ms / budget))
+        need = max(need + miss, saved * 1.0001 + 1e-6) if ms > budget else need + miss
     best = min((b for b in builds if b["ms"] <= budget), default=None,
                key=lambda b: -b["cosine"])
     if best is None:
