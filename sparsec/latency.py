@@ -389,6 +389,10 @@ def plan_search(graph: "Graph", options: dict, timer: "Timer", table: list[dict]
     result = None
     for _ in range(1 + FEEDBACK_ROUNDS):
         picked = knapsack(table, need, key="saved_log")
+        deepest = {u["pattern"]: max(r["level"] for r in u["rows"]) for u in table}
+        if picked is None and builds and builds[-1]["plan"] != deepest:
+            # the table says nothing reaches it; a build says how far the deepest cuts go
+            picked = deepest, sum(max(r["saved_log"] for r in u["rows"]) for u in table)
         if picked is None:
             if result is not None:
                 break
