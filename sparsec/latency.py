@@ -160,6 +160,12 @@ def budget_search(graph: "Graph", options: dict, spec: "TargetSpec",
         timer = Timer(spec, feeds, Path(tmp))
         dense = timer(graph)
         dense_run = getattr(timer, "last", None)
+
+        def dense_again() -> float | None:
+            """The dense library timed again: beside the package's own figure, a speed-up
+            taken minutes apart on a VM whose speed drifts would mislead."""
+            return None if dense_run is None else time_ms(dense_run, feeds)
+
         budget = float(latency_budget) if latency_budget is not None else dense / speedup
         log(f"latency: dense {dense:.4g} ms on {spec.name}; budget {budget:.4g} ms "
             f"({dense / budget:.2f}x faster)")
@@ -180,11 +186,7 @@ def budget_search(graph: "Graph", options: dict, spec: "TargetSpec",
             table = latency_table(graph, options, timer, dense, log)
             result, plan = plan_search(graph, options, timer, table, dense, budget, log)
 
-            def dense_again_groups() -> float | None:
-                return None if dense_run is None else time_ms(dense_run, feeds)
-
-            return result, {"budget_ms": budget, "dense_ms": dense, **plan}, \
-                dense_again_groups
+            return result, {"budget_ms": budget, "dense_ms": dense, **plan}, dense_again
         else:
             fastest = attempt(top)
             if fastest > budget:
@@ -208,11 +210,6 @@ def budget_search(graph: "Graph", options: dict, spec: "TargetSpec",
               "tried": [{"ratio": r, "ms": t} for r, (_, t) in sorted(tried.items())]}
     result.recipe = result.recipe.updated(**{k: v for k, v in at_ratio(chosen).items()
                                              if k in ("ratio", "head_ratio", "hidden_ratio")})
-
-    def dense_again() -> float | None:
-        """The dense library timed again: beside the package's own figure, a speed-up taken
-        minutes apart on a VM whose speed drifts would mislead."""
-        return None if dense_run is None else time_ms(dense_run, feeds)
 
     return result, record, dense_again
 

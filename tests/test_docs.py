@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
+from test_deploy import need
 
 DOCS = REPO / "docs"
 TUTORIALS = ["getting-started.md", "tutorials/prune-cnn.md", "tutorials/transformer.md",
@@ -125,13 +126,6 @@ def test_page_steps_reads_the_conventions(tmp_path, monkeypatch):
     assert steps[1].expect == ["hi"]
 
 
-def need(*programs: str) -> None:
-    missing = [p for p in programs if shutil.which(p) is None]
-    if missing:
-        why = f"needs {', '.join(missing)} (apt install cmake g++ g++-aarch64-linux-gnu qemu-user)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(why)
-        pytest.skip(why)
 
 
 @pytest.mark.slow

@@ -34,7 +34,6 @@ from sparsec import reference
 from sparsec.analysis.depgraph import DependencyGraph, Group
 from sparsec.ir.graph import Graph, Node, Value
 from sparsec.passes.manager import PassContext, rows
-from sparsec.passes.surgery import apply_plan
 
 #: ops a stream value passes through unchanged (as far as its channels go)
 _PASS_THROUGH = ("Cast", "Identity")
@@ -54,14 +53,6 @@ class Roles:
     scales: list[tuple[str, str, list[tuple[str, int]]]] = field(default_factory=list)
     #: norm offsets (a LayerNorm's bias, added after its scale): (offset, its scale)
     offsets: list[tuple[str, str]] = field(default_factory=list)
-
-
-def _users(graph: Graph) -> dict[str, list[Node]]:
-    out: dict[str, list[Node]] = {}
-    for n in graph.nodes:
-        for i in n.inputs:
-            out.setdefault(i, []).append(n)
-    return out
 
 
 def _through(graph: Graph, name: str, users: dict[str, list[Node]]) -> list[tuple[Node, str]]:
@@ -119,7 +110,7 @@ def roles(graph: Graph, group: Group, layernorms: bool = False) -> Roles | str:
     """The weights' roles if the stream can be rotated, else why not (one line). With
     ``layernorms``, LayerNorms that read the stream are allowed (``as_rms`` converts them:
     their scale and bias are then in ``scales`` and ``offsets``)."""
-    users = _users(graph)
+    users = graph.consumers()
     producers = graph.producers()
     tensors = {m.name for m in group.tensors}
     r = Roles()
@@ -200,7 +191,7 @@ def unshare(graph: Graph, group: Group) -> Graph:
     dedupe equal initializers: every zero bias, every unit norm scale of a fresh model) is a
     copy per reader, so that folding one norm's scale or centering one bias leaves the others
     alone."""
-    users = _users(graph)
+    users = graph.consumers()
     shared = [m.name for m in group.params if graph.initializers[m.name].ndim == 1
               and len(users.get(m.name, [])) > 1]
     if not shared:
