@@ -1103,6 +1103,47 @@ def test_fallback_row_reductions(op):
     assert fallback.schedule_rows(te.create_prim_func([x, topi.sum(x, axis=1)])) is None
 
 
+@pytest.mark.parametrize("shape,op,lanes", [((2, 24, 20, 20), "mean", 16),
+                                             ((1, 8, 14, 14), "max", 4),
+                                             ((3, 40, 96), "sum", 16)])
+def test_fallback_trailing_reductions(shape, op, lanes):
+    """A reduction over the trailing axes (global pooling, an SE squeeze) walks them as one
+    contiguous axis into a vector accumulator (rfactor, 16 lanes or the widest that divides)
+    and matches numpy; 7x7 (no lane width divides 49) and a reduction over a leading axis are
+    left to the other rules."""
+    import tvm
+    from tvm import te, topi
+
+    from sparsec.targets.kernels import fallback
+
+    axes = list(range(2, len(shape))) if len(shape) == 4 else [len(shape) - 1]
+    x = te.placeholder(shape, "float32", name="x")
+    n = float(np.prod([shape[a] for a in axes]))
+    y = {"mean": lambda: topi.divide(topi.sum(x, axis=axes, keepdims=True), n),
+         "max": lambda: topi.max(x, axis=axes, keepdims=True),
+         "sum": lambda: topi.sum(x, axis=axes)}[op]()
+    func = te.create_prim_func([x, y])
+    scheduled = fallback.schedule_tail_reduction(func)
+    assert scheduled is not None
+    text = scheduled.script()
+    assert "_rf" in text and f"T.vectorized({lanes})" in text, text
+    target = tvm.target.Target({"kind": "llvm", "num-cores": 2})
+    lib = tvm.compile(tvm.IRModule({"main": fallback.schedule_function(func, target)}),
+                      target=target)
+    xv = np.random.default_rng(5).standard_normal(shape).astype("float32")
+    want = {"mean": lambda: xv.mean(tuple(axes), keepdims=True),
+            "max": lambda: xv.max(tuple(axes), keepdims=True),
+            "sum": lambda: xv.sum(tuple(axes))}[op]()
+    out = tvm.runtime.empty(want.shape, "float32")
+    lib["main"](tvm.runtime.tensor(xv), out)
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-5)
+    seven = te.placeholder((1, 8, 7, 7), "float32", name="x")
+    assert fallback.schedule_tail_reduction(
+        te.create_prim_func([seven, topi.sum(seven, axis=[2, 3])])) is None
+    assert fallback.schedule_tail_reduction(
+        te.create_prim_func([x, topi.sum(x, axis=1)])) is None
+
+
 def test_conv_strip_width_follows_the_vector_registers():
     """AVX-512's 32 registers hold 7-8 pixel strips (no wasted column on 7x7 / 14x14 maps)
     and 1x1-conv tiles of up to 16 accumulators; AVX2's 16 and other targets keep the smaller
