@@ -16,6 +16,8 @@ they will run on (targets that run here). Two ways:
   group's saving is a factor on the latency: cutting a conv's input and output channels
   multiplies its time by both shares). The plan is built and timed; when it measures over
   the budget (or well under), the knapsack is asked for the difference (``FEEDBACK_ROUNDS``).
+  The table's levels are coarse, so a plan that still lands well under the budget is then
+  scaled back as a whole (every group's cut times one factor, bisected: ``REFINE_STEPS``).
   Candidates are timed beside the dense build, so a drift of the machine's speed during the
   search does not move the budget. Heads, FFN
   widths and channel groups compete in one budget. The plan is a recipe (``layer_ratios`` by
@@ -55,9 +57,11 @@ SEARCH_STEPS = 5
 #: a ratio whose measured latency is within this share under the budget ends the search
 CLOSE_ENOUGH = 0.05
 #: per-group widths: the shares of a group's channels removed in its latency-table rows
-LEVELS = (0.25, 0.5, 0.75)
+LEVELS = (0.25, 0.5, 0.75, 0.875)
 #: per-group widths: builds of a plan after the first that measured over the budget
 FEEDBACK_ROUNDS = 3
+#: per-group widths: builds that scale a plan landing well under the budget back toward it
+REFINE_STEPS = 3
 
 
 def time_ms(run: Callable[[dict], Any], feeds: dict, seconds: float = 0.5,
@@ -415,12 +419,15 @@ def plan_search(graph: "Graph", options: dict, timer: "Timer", table: list[dict]
         # predicted savings; well under: give the difference back
         miss = float(np.log(ms / budget))
         need = max(need + miss, saved * 1.0001 + 1e-6) if ms > budget else need + miss
-    best = min((b for b in builds if b["ms"] <= budget), default=None,
-               key=lambda b: -b["cosine"])
-    if best is None:
+    within = [b for b in builds if b["ms"] <= budget]
+    if not within:
         raise BadOptionError(f"the budget {budget:.4g} ms is out of reach by per-group widths: "
                              f"the plans built measured "
                              f"{', '.join(format(b['ms'], '.4g') for b in builds)} ms")
+    if max(b["ms"] for b in within) < budget * (1 - 2 * CLOSE_ENOUGH):
+        result = _refine(graph, options, timer, min(within, key=lambda b: -b["ms"]), dense,
+                         budget, builds, log) or result
+    best = min((b for b in builds if b["ms"] <= budget), key=lambda b: -b["cosine"])
     if best is not builds[-1]:
         result = api.prune(graph, **_group_options(options, best["plan"]))
     result.recipe = result.recipe.updated(ratio=0.0, head_ratio=None, hidden_ratio=0.0,
@@ -428,6 +435,40 @@ def plan_search(graph: "Graph", options: dict, timer: "Timer", table: list[dict]
     return result, {"allocation": "latency", "plan": best["plan"],
                     "predicted_ms": best["predicted_ms"], "ms": best["ms"], "builds": builds,
                     "table": table, "ratio": None}
+
+
+def _refine(graph: "Graph", options: dict, timer: "Timer", start: dict, dense: float,
+            budget: float, builds: list[dict], log: Callable[[str], None]
+            ) -> "PruneResult | None":
+    """``start``'s plan (within the budget, but well under it) with every group's cut scaled
+    by one factor in (0, 1), aimed at the middle of the band under the budget by regula
+    falsi on log-latency between the dense model (factor 0) and the plan (factor 1); each
+    build is appended to ``builds`` (``refined``: True; its prediction is the interpolation).
+    The last build's result, or None."""
+    from sparsec import api
+
+    aim = float(np.log(budget * (1 - CLOSE_ENOUGH)))
+    (lo, lo_log), (hi, hi_log) = (0.0, float(np.log(dense))), (1.0, float(np.log(start["ms"])))
+    result = None
+    for _ in range(REFINE_STEPS):
+        scale = lo + (hi - lo) * (lo_log - aim) / max(lo_log - hi_log, 1e-9)
+        scale = min(max(scale, lo + 0.1 * (hi - lo)), hi - 0.1 * (hi - lo))
+        plan = {p: round(level * scale, 4) for p, level in start["plan"].items()}
+        result = api.prune(graph, **_group_options(options, plan))
+        ms = timer(result.graph)
+        # the prediction: log-latency interpolated between the bracket's ends
+        predicted = float(np.exp(lo_log + (hi_log - lo_log) * (scale - lo) / (hi - lo)))
+        builds.append({"plan": plan, "predicted_ms": predicted, "ms": ms,
+                       "cosine": result.fidelity.cosine, "refined": True})
+        log(f"latency: the plan's cuts x{scale:.3g}: measured {ms:.4g} ms "
+            f"({'within' if ms <= budget else 'over'} {budget:.4g})")
+        if ms > budget:
+            lo, lo_log = scale, float(np.log(ms))
+        elif ms >= budget * (1 - 2 * CLOSE_ENOUGH):
+            break
+        else:
+            hi, hi_log = scale, float(np.log(ms))
+    return result
 
 
 # --------------------------------------------------------------------------- sweep

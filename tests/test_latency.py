@@ -208,3 +208,26 @@ def test_latency_table_is_cached_per_model_options_data_and_target(monkeypatch, 
     CachedMacTimer.cache_key = "another target"
     latency.latency_table(graph, options, timer, dense, lambda s: None)
     assert timer.calls == 3 * builds
+
+
+def test_a_plan_well_under_the_budget_is_scaled_back_toward_it(monkeypatch):
+    """Coarse table levels make the knapsack's plan overshoot (here: one level, cutting 3/4
+    of a group, and no feedback): the plan's cuts are then scaled back by one factor until
+    the build lands in the band just under the budget (MAC clock: deterministic)."""
+    monkeypatch.setattr(latency, "Timer", MacTimer)
+    monkeypatch.setattr(latency, "LEVELS", (0.75,))
+    monkeypatch.setattr(latency, "FEEDBACK_ROUNDS", 0)
+    from sparsec.targets import resolve_target
+
+    graph = api.load(EXAMPLES / "digits_cnn.onnx")
+    options = {**api.Recipe(sensitivity=True).options(), "calibration": None}
+    result, record, _ = latency.budget_search(graph, options, resolve_target("host"), None,
+                                              1.15, log=lambda s: None)
+    budget, builds = record["budget_ms"], record["builds"]
+    assert builds[0]["ms"] < budget * (1 - 2 * latency.CLOSE_ENOUGH)     # the overshoot
+    refined = [b for b in builds if b.get("refined")]
+    assert 1 <= len(refined) <= latency.REFINE_STEPS
+    assert budget * (1 - 2 * latency.CLOSE_ENOUGH) <= record["ms"] <= budget
+    assert cost(result.graph).macs / 1e6 == pytest.approx(record["ms"])
+    assert result.recipe.layer_ratios == record["plan"]
+    assert all(0 < v < 0.75 for v in record["plan"].values())
