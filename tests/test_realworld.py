@@ -236,7 +236,19 @@ def _simple(op, shape, **attrs):
     return _model([helper.make_node(op, ["x"], ["y"], **attrs)], [x], [y], {})
 
 
+def _mixed_types(op):
+    """A float32 input meets a float64 weight in one node (ONNX Runtime refuses the file)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    inputs = ["x", "w"] if op != "Concat" else ["x", "x", "w"]
+    node = helper.make_node(op, inputs, ["y"], **({"axis": 0} if op == "Concat" else {}))
+    return _model([node], [x], [y], {"w": np.ones((4, 4) if op != "Add" else (2, 4))})
+
+
 BAD_FILES = {
+    "matmul float and double": (lambda: _mixed_types("MatMul"), "'x' .float32. and 'w' .float64."),
+    "add float and double": (lambda: _mixed_types("Add"), "one element type"),
+    "concat float and double": (lambda: _mixed_types("Concat"), "one element type"),
     "gemm transB 7": (lambda: _gemm_with(transB=7), "transB is 7"),
     "gemm transA -1": (lambda: _gemm_with(transA=-1), "transA is -1"),
     "conv negative pads": (lambda: _conv_model(pads=[-1, 0, 0, 0]), "pads"),

@@ -57,7 +57,33 @@ def check_attributes(graph: Graph) -> None:
     bad one, naming the node and the attribute)."""
     for node in graph.nodes:
         _check_values(node)
+        _check_types(graph, node)
         _check_shapes(graph, node)
+
+
+def _check_types(graph: Graph, n: Node) -> None:
+    """Inputs that the op's schema binds to one type parameter (MatMul's two ``T``s, Add's,
+    Concat's variadic ``T``...) must have one element type: ONNX Runtime refuses the file
+    otherwise, and ONNX's shape inference (not strict) lets it through."""
+    try:
+        schema = onnx.defs.get_schema(n.op_type, graph.opsets.get(n.domain, 1), n.domain)
+    except onnx.defs.SchemaError:
+        return
+    formal = list(schema.inputs)
+    if not formal:
+        return
+    bound: dict[str, tuple[str, str]] = {}
+    for i, name in enumerate(n.inputs):
+        param = formal[min(i, len(formal) - 1)]
+        if i >= len(formal) and param.option != onnx.defs.OpSchema.FormalParameterOption.Variadic:
+            break
+        if not name or name not in graph.values or not param.is_homogeneous:
+            continue
+        dtype = graph.values[name].dtype
+        first = bound.setdefault(param.type_str, (name, dtype))
+        if first[1] != dtype:
+            raise _bad(n, f"inputs '{first[0]}' ({first[1]}) and '{name}' ({dtype}) must have "
+                          f"one element type (the schema's {param.type_str})")
 
 
 def _bad(node: Node, what: str) -> InvalidModelError:
