@@ -97,6 +97,26 @@ def time_pair(run_a: Callable[[dict], Any], run_b: Callable[[dict], Any], feeds:
     return min(a), min(b)
 
 
+def scratch_dir(prefix: str) -> "tempfile.TemporaryDirectory":
+    """A temp directory for candidate builds, named ``PREFIX-PID-XXXX``; those that runs
+    killed before their clean-up left behind (their PID no longer lives) are removed first."""
+    import os
+    import re
+    import shutil
+
+    for old in Path(tempfile.gettempdir()).glob(f"{prefix}-*-*"):
+        match = re.fullmatch(rf"{re.escape(prefix)}-(\d+)-.+", old.name)
+        if not match or not old.is_dir():
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(old, ignore_errors=True)
+        except OSError:                      # alive, another user's: not ours to touch
+            pass
+    return tempfile.TemporaryDirectory(prefix=f"{prefix}-{os.getpid()}-")
+
+
 def check_target(spec: "TargetSpec", what: str) -> None:
     if not (spec.runs_here and spec.device == "cpu"):
         raise BadOptionError(f"{what} is measured on the target: target '{spec.name}' does not "
@@ -160,7 +180,7 @@ def budget_search(graph: "Graph", options: dict, spec: "TargetSpec",
         reference.random_inputs(graph, seed=0)
     top, at_ratio = api.ratio_scaler(options)
     tried: dict[float, tuple["PruneResult", float]] = {}
-    with tempfile.TemporaryDirectory(prefix="sparsec-latency-") as tmp:
+    with scratch_dir("sparsec-latency") as tmp:
         timer = Timer(spec, feeds, Path(tmp))
         dense = timer(graph)
         dense_run = getattr(timer, "last", None)
@@ -494,7 +514,7 @@ def sweep(model, ratios: list[float], *, target: str = "host", sensitivity: bool
     feeds = options["calibration"][0] if options["calibration"] else \
         reference.random_inputs(graph, seed=0)
     rows: list[dict] = []
-    with tempfile.TemporaryDirectory(prefix="sparsec-sweep-") as tmp:
+    with scratch_dir("sparsec-sweep") as tmp:
         timer = Timer(spec, feeds, Path(tmp))
         dense = timer(graph)
         log(f"sweep: dense {dense:.4g} ms on {spec.name}")

@@ -231,3 +231,30 @@ def test_a_plan_well_under_the_budget_is_scaled_back_toward_it(monkeypatch):
     assert cost(result.graph).macs / 1e6 == pytest.approx(record["ms"])
     assert result.recipe.layer_ratios == record["plan"]
     assert all(0 < v < 0.75 for v in record["plan"].values())
+
+
+def test_scratch_of_a_killed_search_is_removed_by_the_next():
+    """A budget search killed with -9 cannot clean its build directory: the next one removes
+    directories whose PID is dead, and leaves a live run's alone."""
+    import os
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = Path(tempfile.gettempdir()) / f"sparsec-latency-{dead.pid}-abcd"
+    live = Path(tempfile.gettempdir()) / f"sparsec-latency-{os.getppid()}-abcd"
+    for d in (left, live):
+        d.mkdir(exist_ok=True)
+        (d / "try1.so").write_bytes(b"x")
+    try:
+        with latency.scratch_dir("sparsec-latency") as tmp:
+            assert Path(tmp).name.startswith(f"sparsec-latency-{os.getpid()}-")
+            assert not left.exists() and live.exists()
+        assert not Path(tmp).exists()
+    finally:
+        import shutil
+
+        shutil.rmtree(live, ignore_errors=True)
+        shutil.rmtree(left, ignore_errors=True)
