@@ -192,8 +192,14 @@ def _prune_kwargs(args) -> dict:
 def cmd_prune(args) -> int:
     from sparsec import api
 
-    result = api.prune(args.model, args.output, **_prune_kwargs(args), log=_log(args))
+    result = api.prune(args.model, args.output, **_prune_kwargs(args),
+                       latency_budget=args.latency_budget, speedup=args.speedup,
+                       target=args.target, log=_log(args))
     print(_prune_table(result))
+    if result.latency is not None:
+        lat = result.latency
+        print(f"latency on {lat['target']}: {lat['ms']:.4g} ms measured for a budget of "
+              f"{lat['budget_ms']:.4g} ms (dense {lat['dense_ms']:.4g} ms)")
     print(f"wrote {result.output}")
     return 0
 
@@ -522,9 +528,25 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a package's recipe as a TOML file, to run again (compile --recipe)")
     sp.set_defaults(func=cmd_inspect)
 
+    def budget_args(sp):
+        sp.add_argument("--latency-budget", type=float, metavar="MS",
+                        help="instead of pruning at --ratio, find the least pruning (up to "
+                             "--ratio, or 0.9) whose latency, built and measured here for "
+                             "--target, is at most MS, by bisection (about 7 builds; targets "
+                             "that run on this machine). With --sensitivity: per-group widths "
+                             "from a measured latency table (4 builds a group) and a knapsack "
+                             "on fidelity lost per ms saved")
+        sp.add_argument("--speedup", type=float, metavar="X",
+                        help="like --latency-budget, with the budget the dense model's "
+                             "measured latency / X")
+
     sp = command("prune", help="prune a model and write the pruned ONNX")
     model_args(sp, ratio=True)
     sp.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
+    budget_args(sp)
+    sp.add_argument("--target", default="host",
+                    help="with --latency-budget / --speedup: the target whose builds are timed "
+                         "(default host; one that runs on this machine)")
     sp.set_defaults(func=cmd_prune)
 
     sp = command("compile", help="prune + compile + package for a target")
@@ -547,15 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--profile", action="store_true",
                     help="measure each kernel's share of a call on this CPU into the manifest "
                          "(targets that run here; `sparsec profile DIR` does it later)")
-    sp.add_argument("--latency-budget", type=float, metavar="MS",
-                    help="instead of pruning at --ratio, find the least pruning (up to --ratio, "
-                         "or 0.9) whose latency measured here is at most MS, by bisection "
-                         "(about 7 builds; targets that run on this machine). With "
-                         "--sensitivity: per-group widths from a measured latency table "
-                         "(3 builds a group) and a knapsack on fidelity lost per ms saved")
-    sp.add_argument("--speedup", type=float, metavar="X",
-                    help="like --latency-budget, with the budget the dense model's measured "
-                         "latency / X")
+    budget_args(sp)
     sp.set_defaults(func=cmd_compile)
 
     sp = command("sweep", help="fidelity against measured latency over a series of ratios: "

@@ -230,7 +230,7 @@ def budget_search(graph: "Graph", options: dict, spec: "TargetSpec",
             chosen = hi
     result, ms = tried[chosen]
     log(f"latency: chose ratio {chosen:.4f} ({ms:.4g} ms) of {len(tried)} tried")
-    record = {"budget_ms": budget, "dense_ms": dense, "ratio": chosen,
+    record = {"budget_ms": budget, "dense_ms": dense, "ratio": chosen, "ms": ms,
               "tried": [{"ratio": r, "ms": t} for r, (_, t) in sorted(tried.items())]}
     result.recipe = result.recipe.updated(**{k: v for k, v in at_ratio(chosen).items()
                                              if k in ("ratio", "head_ratio", "hidden_ratio")})

@@ -81,6 +81,8 @@ class PruneResult:
     search: list[dict] = field(default_factory=list)
     #: the options that ran (``sparsec.recipe``), recorded in a package's manifest
     recipe: Recipe | None = None
+    #: with a latency budget (``prune``): the search's record (``sparsec.latency``)
+    latency: dict | None = None
 
     def report(self) -> dict:
         out = {"before": self.before.as_dict(), "after": self.after.as_dict(),
@@ -89,6 +91,8 @@ class PruneResult:
                "passes": [p.as_dict() for p in self.passes], "load": self.load}
         if self.search:
             out["search"] = self.search
+        if self.latency is not None:
+            out["latency"] = self.latency
         if self.recipe is not None:
             out["recipe"] = self.recipe.to_dict()
         return out
@@ -234,7 +238,8 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, recipe=N
           calibration=None, calib_mask: str | None = None, max_drop: float | None = None,
           metric: Callable[[Graph], float] | None = None, remove_dead: bool = False,
           example_inputs: Sequence[Any] | None = None, scores=None,
-          log: Log = _quiet) -> PruneResult:
+          latency_budget: float | None = None, speedup: float | None = None,
+          target: str = "host", log: Log = _quiet) -> PruneResult:
     """Prune the least important channels of every channel group; optionally write ONNX.
 
     ``layer_ratios`` {glob over group source weights: ratio} overrides the ratio per group;
@@ -284,6 +289,11 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, recipe=N
     data) the original's metric minus the pruned model's. ``result.search`` lists what was
     tried.
 
+    ``latency_budget`` (ms) or ``speedup``: instead of pruning at ``ratio``, the least pruning
+    whose latency, built and measured on ``target`` (one that runs here), meets the budget,
+    as ``compile`` finds it (``sparsec.latency``; ``round_to`` then defaults to the target's
+    channel multiple); ``result.latency`` records the search.
+
     ``recipe``: the options as a ``Recipe``, a dict, or a TOML file (``sparsec.recipe``);
     keywords given beside it that differ from their defaults override its keys.
     ``result.recipe`` is the recipe that ran.
@@ -293,7 +303,11 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, recipe=N
         merged = merge_recipe(recipe, given)
         return prune(model, output, **merged.options(), input_shapes=input_shapes,
                      calibration=calibration, metric=metric, example_inputs=example_inputs,
-                     scores=scores, log=log)
+                     scores=scores, latency_budget=latency_budget, speedup=speedup,
+                     target=target, log=log)
+    if latency_budget is not None or speedup is not None:
+        return _to_budget(model, output, given, latency_budget, speedup, target, metric,
+                          scores, input_shapes, calibration, example_inputs, log)
     if max_drop is not None:
         options = {k: v for k, v in given.items() if k != "max_drop"}
         return _search_ratio(model, output, max_drop, metric, {
@@ -370,6 +384,34 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, recipe=N
             f"data; give more (--calib) for one you can rely on")
     if output is not None:
         atomic_write_bytes(output, to_onnx(pruned).SerializeToString())
+        result.output = Path(output)
+    return result
+
+
+def _to_budget(model: ModelLike, output, options: dict, latency_budget, speedup, target: str,
+               metric, scores, input_shapes, calibration, example_inputs,
+               log: Log) -> PruneResult:
+    """``prune(..., latency_budget=...)``: ``sparsec.latency.budget_search`` on ``target``."""
+    from sparsec import latency
+    from sparsec.targets import resolve_target
+
+    if metric is not None:
+        raise BadOptionError("metric is what max_drop bounds, not a latency budget")
+    if scores is not None:
+        raise BadOptionError("a latency budget prunes by the ONNX route: scores (taylor) "
+                             "are not taken")
+    spec = resolve_target(target)
+    if options.get("round_to") is None:
+        options = {**options, "round_to": spec.channel_multiple}
+    if output is not None:
+        check_writable_file(output, model if isinstance(model, (str, os.PathLike)) else None)
+    graph = load(model, input_shapes, example_inputs)
+    result, record, _ = latency.budget_search(graph, {**options, "calibration": calibration},
+                                              spec, latency_budget, speedup, log)
+    result.latency = {**{k: v for k, v in record.items() if k != "table"},
+                      "target": spec.name}
+    if output is not None:
+        atomic_write_bytes(output, to_onnx(result.graph).SerializeToString())
         result.output = Path(output)
     return result
 

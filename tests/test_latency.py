@@ -81,6 +81,33 @@ def test_compile_to_a_speedup_measures_the_package(tmp_path):
     assert api.validate(out).ok
 
 
+def test_prune_to_a_speedup_writes_the_model_it_measured(tmp_path):
+    """``prune --speedup`` runs the compile's search on the target and writes the ONNX the
+    search chose (channels rounded to the target's multiple); ONNX Runtime runs it; a cross
+    target is refused with nothing written."""
+    import onnx
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes(wide_mlp().SerializeToString())
+    out = tmp_path / "p.onnx"
+    r = sparsec("prune", model, "-o", out, "--speedup", "1.5", "-q")
+    assert r.returncode == 0, r.stderr
+    assert "latency on host:" in r.stdout and "for a budget of" in r.stdout
+    pruned = onnx.load(str(out))
+    widths = [d.dims[1] for d in pruned.graph.initializer if d.name == "w1"]
+    assert widths and widths[0] < 512 and widths[0] % 8 == 0
+    result = api.prune(model, latency_budget=1e9, ratio=0.5)
+    assert result.latency["ratio"] == 0.0 and result.latency["target"] == "host"
+    assert result.report()["latency"]["budget_ms"] == 1e9
+    from sparsec import reference
+
+    reference.run(pruned, {"x": np.ones((32, 128), np.float32)})
+    bad = tmp_path / "q.onnx"
+    assert_clean_error(sparsec("prune", model, "-o", bad, "--speedup", "2", "--target",
+                               "aarch64"), 6, "does not run on this machine")
+    assert not bad.exists()
+
+
 def test_budget_errors(tmp_path):
     model = tmp_path / "m.onnx"
     model.write_bytes(wide_mlp().SerializeToString())
