@@ -290,6 +290,7 @@ class KernelTimer:
         self._build_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.timed: list[int] = []
         self._alive = 0
         self._alive_lock = threading.Lock()
         self._names = itertools.count()
@@ -303,6 +304,7 @@ class KernelTimer:
         row = self.remote.check()
         self._work = tempfile.TemporaryDirectory(prefix="sparsec-rpc-")
         self._alive = row["servers"]
+        self.timed = [0] * row["servers"]      # trials timed per worker (per device)
         self._threads = [threading.Thread(target=self._worker, args=(i,), daemon=True,
                                           name=f"sparsec-rpc-{i}")
                          for i in range(row["servers"])]
@@ -311,6 +313,9 @@ class KernelTimer:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.timed:
+            self.log(f"  trials timed by each device thread (key '{self.remote.key}'): "
+                     f"{', '.join(map(str, self.timed))}")
         self._stop.set()
         for _ in self._threads:
             self._tasks.put(None)
@@ -411,6 +416,7 @@ class KernelTimer:
                     continue
                 finally:
                     Path(path).unlink(missing_ok=True)
+                self.timed[wid] += 1
                 self._results.put(("done", job, t, ms, None))
         finally:
             with self._alive_lock:
@@ -433,12 +439,12 @@ class KernelTimer:
         from sparsec.targets.backend import export_library
         from sparsec.targets.knobs import build
 
-        with self._build_lock:    # one build at a time (TVM's compile is not shared safely)
+        with self._build_lock:    # one TVM compile at a time (not known to be thread-safe)
             func = build(strategy, shape, knobs)
             mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
             ex = tvm.compile(mod, target=tvm.target.Target(dict(self.target.tvm_target)))
             path = Path(self._work.name) / f"k{next(self._names)}.so"
-            export_library(ex, self.target, path)
+        export_library(ex, self.target, path)     # the link, a subprocess: in parallel
         return path, func
 
     def _time(self, sess, path: Path, func) -> float:

@@ -67,7 +67,10 @@ class Farm:
     def wait_for(self, servers: int) -> dict:
         end = time.monotonic() + START_TIMEOUT
         while time.monotonic() < end:
-            rows = [r for r in devices(self.address) if r["key"] == KEY]
+            try:
+                rows = [r for r in devices(self.address) if r["key"] == KEY]
+            except DeviceUnreachableError:     # the tracker is still starting
+                rows = []
             if rows and rows[0]["servers"] == servers and rows[0]["free"] == servers:
                 return rows[0]
             time.sleep(0.3)
@@ -217,6 +220,9 @@ def test_tune_on_two_servers_survives_losing_one(farm, tmp_path, monkeypatch):
     records = tuning.tune(model, host, budget_s=120, log=log, check=False, remote=remote)
     assert time.monotonic() - t0 < 60
     assert any("2 at once" in ln for ln in logs)
+    [timed] = [ln for ln in logs if "trials timed by each device thread" in ln]
+    per_device = [int(n) for n in timed.split(":")[-1].split(",")]
+    assert len(per_device) == 2 and min(per_device) >= 1      # both servers timed trials
     assert any("failed" in ln and "goes to another" in ln for ln in logs), logs
     # the first record was on disk before the kill, and none was lost after it
     [entries] = on_disk_at_kill[0].values()
