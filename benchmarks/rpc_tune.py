@@ -40,7 +40,11 @@ def free_port() -> int:
 def start(args: list[str], procs: list, core: int | None = None) -> None:
     """``python -m ARGS`` in its own process group; with ``core``, pinned to that core with
     one TVM thread (a single-core board)."""
-    prefix, env = [], dict(os.environ)
+    from sparsec.targets import physical_cores
+
+    # the local tuner runs kernels on every core (sparsec sets TVM_NUM_THREADS); a server
+    # left to TVM's default would use half of them on x86
+    prefix, env = [], {**os.environ, "TVM_NUM_THREADS": str(physical_cores())}
     if core is not None:
         prefix, env["TVM_NUM_THREADS"] = ["taskset", "-c", str(core)], "1"
     procs.append(subprocess.Popen([*prefix, sys.executable, "-m", *args], env=env,
@@ -116,17 +120,18 @@ def main(argv: list[str] | None = None) -> int:
             p.wait()
 
     how = ("each server pinned to one core with one TVM thread (the local tune: 2 threads)"
-           if args.pin else "servers unpinned, TVM's default threads")
+           if args.pin else "servers unpinned, as many TVM threads as the local tune")
     setup = "pinned" if args.pin else "shared cores"
     lines = [f"## Tuning over TVM RPC: one server against two ({setup})",
              "", f"{os.cpu_count()} cores; tracker, servers and build on this machine, {how}; "
              f"median (min-max) wall seconds of `tune` from an empty cache over "
              f"{args.repeats} alternating runs, the whole-model check off. Same picks: the "
              "share of kernels whose recorded knobs (or strategy choice) equal the local "
-             "tune's in the same round.", "",
-             "| model | trials | here | 1 server | 2 servers | 1 / 2 servers | same picks, 1 "
-             "server | same picks, 2 servers |", "| --- | ---: | ---: | ---: | ---: | ---: | "
-             "---: | ---: |"]
+             "tune's in the same round (here: the local tune of the next round, the noise "
+             "floor).", "",
+             "| model | trials | here | 1 server | 2 servers | 1 / 2 servers | same picks: here "
+             "(next round) | 1 server | 2 servers |", "| --- | ---: | ---: | ---: | ---: | ---: "
+             "| ---: | ---: | ---: |"]
     for name, r in results.items():
         w = r["wall_s"]
 
@@ -134,14 +139,16 @@ def main(argv: list[str] | None = None) -> int:
             return f"{statistics.median(w[s]):.1f} ({min(w[s]):.1f}-{max(w[s]):.1f})"
 
         def same(s: str) -> str:
+            here = r["picks"]["here"]
+            others = here[1:] + here[:1] if s == "here" else r["picks"][s]
             agree = [sum(local.get(k) == v for k, v in other.items()) / max(len(other), 1)
-                     for local, other in zip(r["picks"]["here"], r["picks"][s])]
+                     for local, other in zip(here, others)]
             return f"{100 * statistics.mean(agree):.0f} %"
 
         ratio = statistics.median(w["1 server"]) / statistics.median(w["2 servers"])
         lines.append(f"| {name} | {r['trials']} | {cell('here')} | {cell('1 server')} | "
-                     f"{cell('2 servers')} | {ratio:.2f}x | {same('1 server')} | "
-                     f"{same('2 servers')} |")
+                     f"{cell('2 servers')} | {ratio:.2f}x | {same('here')} | "
+                     f"{same('1 server')} | {same('2 servers')} |")
     publish("rpc_tune_pinned" if args.pin else "rpc_tune", results, "\n".join(lines))
     return 0
 

@@ -14,9 +14,10 @@ answer, no server is registered under the key, none became free in time), ``Remo
 when a device failed during the run and no other could finish it.
 
 Tuning (:class:`KernelTimer`): one thread per server registered under the key, each holding
-its own session and pulling kernel trials from one queue; the kernels are built here (one at
-a time) and timed there. A trial whose server drops out goes back on the queue for another;
-the thread that lost its server asks the tracker for a new one.
+its own session and pulling kernel trials from one queue, a few variants of a kernel at a time
+built here into one library (one compile at a time, one link and one upload for them all) and
+timed there. Trials whose server drops out go back on the queue for another; the thread that
+lost its server asks the tracker for a new one.
 """
 
 from __future__ import annotations
@@ -344,8 +345,13 @@ class KernelTimer:
                 trials = jobs[next_job]
                 pending[next_job] = [None] * len(trials)
                 left[next_job] = len(trials)
-                for t, trial in enumerate(trials):
-                    self._tasks.put((next_job, t, trial, 0))
+                # one library per chunk: a worker builds and uploads it once for several
+                # variants (the link costs as much as the compile), every worker gets one
+                chunks = max(1, min(len(trials), self.workers))
+                for c in range(chunks):
+                    idx = list(range(c, len(trials), chunks))
+                    if idx:
+                        self._tasks.put((next_job, [(t, trials[t]) for t in idx], 0))
                 next_job += 1
             if not pending:
                 return                       # the budget is spent
@@ -394,30 +400,42 @@ class KernelTimer:
                     continue
                 if task is None:
                     return
-                job, t, (strategy, shape, knobs), attempts = task
+                job, batch, attempts = task
                 try:
-                    path, func = self._build(strategy, shape, knobs)
+                    path, funcs = self._build([trial for _, trial in batch])
                 except Exception as e:  # noqa: BLE001 - a variant TVM cannot build
-                    self._results.put(("done", job, t, None, f"{type(e).__name__}: "
-                                       f"{_first_line(e)[:80]}"))
+                    if len(batch) > 1:      # find which: each alone
+                        for one in batch:
+                            self._tasks.put((job, [one], attempts))
+                    else:
+                        self._results.put(("done", job, batch[0][0], None,
+                                           f"{type(e).__name__}: {_first_line(e)[:80]}"))
                     continue
+                done = 0
                 try:
-                    ms = self._time(sess, path, func)
+                    mod, dev = self._load(sess, path)
+                    for i, (t, _) in enumerate(batch):
+                        ms = self._time(mod, dev, f"k{i}", funcs[i])
+                        done += 1
+                        self.timed[wid] += 1
+                        self._results.put(("done", job, t, ms, None))
                 except Exception as e:  # noqa: BLE001 - the server dropped, or the kernel
                     sess = None
+                    batch = batch[done:]       # what this device did not time
+                    strategy, _, knobs = batch[0][1]
                     if attempts + 1 >= TRIAL_ATTEMPTS:
-                        self._results.put(("done", job, t, None, f"failed on "
-                                           f"{TRIAL_ATTEMPTS} devices: {_first_line(e)[:80]}"))
+                        for t, _ in batch:
+                            self._results.put(("done", job, t, None, f"failed on "
+                                               f"{TRIAL_ATTEMPTS} devices: "
+                                               f"{_first_line(e)[:80]}"))
                     else:
                         self._results.put(("note", f"a device under key '{self.remote.key}' "
                                                    f"failed ({_first_line(e)[:100]}); "
                                                    f"{strategy} {knobs} goes to another"))
-                        self._tasks.put((job, t, (strategy, shape, knobs), attempts + 1))
+                        self._tasks.put((job, batch, attempts + 1))
                     continue
                 finally:
                     Path(path).unlink(missing_ok=True)
-                self.timed[wid] += 1
-                self._results.put(("done", job, t, ms, None))
         finally:
             with self._alive_lock:
                 self._alive -= 1
@@ -433,32 +451,38 @@ class KernelTimer:
                 time.sleep(0.2)
         return None
 
-    def _build(self, strategy: str, shape: dict, knobs: dict | None):
+    def _build(self, trials: list[tuple[str, dict, dict | None]]):
+        """One library holding each trial's kernel as ``k0``, ``k1``, ...; returns its path
+        and the PrimFuncs."""
         import tvm
 
         from sparsec.targets.backend import export_library
         from sparsec.targets.knobs import build
 
         with self._build_lock:    # one TVM compile at a time (not known to be thread-safe)
-            func = build(strategy, shape, knobs)
-            mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+            funcs = [build(strategy, shape, knobs) for strategy, shape, knobs in trials]
+            mod = tvm.IRModule({f"k{i}": f.with_attr("global_symbol", f"k{i}")
+                                for i, f in enumerate(funcs)})
             ex = tvm.compile(mod, target=tvm.target.Target(dict(self.target.tvm_target)))
             path = Path(self._work.name) / f"k{next(self._names)}.so"
         export_library(ex, self.target, path)     # the link, a subprocess: in parallel
-        return path, func
+        return path, funcs
 
-    def _time(self, sess, path: Path, func) -> float:
-        """Median ms of one call of the kernel at ``path`` on the session's CPU."""
+    @staticmethod
+    def _load(sess, path: Path):
+        sess.upload(str(path), path.name)
+        mod = sess.load_module(path.name)
+        sess.remove(path.name)
+        return mod, sess.cpu()
+
+    def _time(self, mod, dev, name: str, func) -> float:
+        """Median ms of one call of the kernel ``name`` of a loaded library on ``dev``."""
         import tvm
 
         from sparsec.targets.tuning import _random_args, time_module
 
-        sess.upload(str(path), path.name)
-        mod = sess.load_module(path.name)
-        sess.remove(path.name)
-        dev = sess.cpu()
         args = [tvm.runtime.tensor(a.numpy(), dev) for a in _random_args(func)]
-        return time_module(mod, dev, args, self.min_ms)
+        return time_module(mod, dev, args, self.min_ms, name)
 
 
 def whole_model_ms(remote: Remote, libs: dict[str, Path], feeds: dict, input_names: list[str],

@@ -98,13 +98,13 @@ def time_kernel(func: "tirx.PrimFunc", tvm_target: dict, min_ms: float = 50.0) -
     return time_module(lib.mod, tvm.cpu(), args, min_ms)
 
 
-def time_module(mod, dev, args: list, min_ms: float = 50.0) -> float:
-    """Median milliseconds of one call of ``mod``'s ``main`` on ``args`` on ``dev`` (here, or
-    a remote device's over RPC): calls per repeat chosen from one timed call so that a
-    repeat lasts about ``min_ms``, five repeats."""
-    once = mod.time_evaluator("main", dev, number=1, repeat=1)(*args).mean
+def time_module(mod, dev, args: list, min_ms: float = 50.0, name: str = "main") -> float:
+    """Median milliseconds of one call of ``mod``'s function ``name`` on ``args`` on ``dev``
+    (here, or a remote device's over RPC): calls per repeat chosen from one timed call so
+    that a repeat lasts about ``min_ms``, five repeats."""
+    once = mod.time_evaluator(name, dev, number=1, repeat=1)(*args).mean
     number = max(1, min(1000, int(min_ms / 1e3 / max(once, 1e-7))))
-    res = mod.time_evaluator("main", dev, number=number, repeat=5)(*args)
+    res = mod.time_evaluator(name, dev, number=number, repeat=5)(*args)
     return statistics.median(res.results) * 1e3
 
 
