@@ -194,6 +194,24 @@ def test_wrong_key_and_unreachable_tracker(farm, package, capsys, tmp_path):
     assert code == 6 and "--rpc" in err
 
 
+def test_compile_tunes_over_rpc(farm, tmp_path, monkeypatch, capsys):
+    """compile --tune --rpc: the kernels and the whole model are timed on the servers, the
+    records land under the package's target, and the package is built and checked."""
+    from sparsec.targets import resolve_target, tuning
+
+    cache_file = tmp_path / "tuning.json"
+    monkeypatch.setenv("SPARSEC_TUNING_CACHE", str(cache_file))
+    out = tmp_path / "pkg"
+    code, _, err = main(capsys, "compile", EXAMPLES / "digits_cnn.onnx", "-o", out, "--tune",
+                        "60", "--rpc", farm.address, "--key", KEY)
+    assert code == 0, err
+    assert "2 at once" in err and "whole model:" in err     # both timed on the devices
+    key = tuning.target_key(dict(resolve_target("host").tvm_target))
+    [entry] = json.loads(cache_file.read_text())[key].values()
+    assert len(entry["ms"]) == 8 and (out / "model.so").is_file()
+    farm.wait_for(2)
+
+
 def test_tune_on_two_servers_survives_losing_one(farm, tmp_path, monkeypatch):
     """Both servers time trials at once; server b is killed once the first record is written:
     its trial goes to a, the tune completes with every record, and compile builds them."""
