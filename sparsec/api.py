@@ -15,6 +15,8 @@ every name is re-exported here, so ``sparsec.api.X`` keeps working wherever ``X`
     sparsec/compiling.py        compile (prune, build for a target, check, write the
                                 package), tune, profile
     sparsec/running.py          run, validate: a package's library vs ONNX Runtime
+    sparsec/remote.py           devices, and what run/validate/tune use with rpc=, key=:
+                                remote devices through TVM's RPC tracker
     sparsec/torch_writeback.py  prune_module, write_back: pruned weights into a torch module
 """
 
@@ -39,6 +41,7 @@ from sparsec.running import (ATOL, ATOL_BF16, BF16_MARGIN, BF16_MIN_COSINE,
                              device_rtol, run, tolerance, uses_bf16, validate)
 from sparsec.compiling import (_dist_version, check_toolchain, compile,
                                profile, tune, version)
+from sparsec.remote import devices
 from sparsec.torch_writeback import (_check_write_back, _created_bias,
                                      _drop_removed_layers, _heads_follow_weights,
                                      _hidden_follows_weights, _out_features,
@@ -53,7 +56,7 @@ __all__ = [
     # compiling
     "compile", "tune", "profile", "check_toolchain", "version",
     # running
-    "run", "validate", "ValidationReport", "uses_bf16", "tolerance", "device_rtol",
+    "run", "validate", "devices", "ValidationReport", "uses_bf16", "tolerance", "device_rtol",
     "RTOL", "ATOL", "RTOL_BF16", "ATOL_BF16", "BF16_MIN_COSINE", "BF16_MARGIN",
     # torch modules
     "prune_module", "write_back",

@@ -3,7 +3,7 @@
 This module imports only the standard library at load time: ``sparsec --help`` must answer fast,
 so numpy, onnx, torch and TVM are imported inside the commands that need them.
 
-Exit codes: 0 success, 2 usage, 3-11 the ``SparsecError`` kinds (see ``sparsec.errors``),
+Exit codes: 0 success, 2 usage, 3-13 the ``SparsecError`` kinds (see ``sparsec.errors``),
 70 internal error (a bug: run with ``--debug`` for the traceback), 130 interrupted.
 """
 
@@ -211,7 +211,7 @@ def cmd_compile(args) -> int:
                            **_prune_kwargs(args), command=["sparsec", *args.argv],
                            tune=args.tune, precision=args.precision, profile=args.profile,
                            latency_budget=args.latency_budget, speedup=args.speedup,
-                           log=_log(args))
+                           **_rpc_kwargs(args), log=_log(args))
     p = manifest["prune"]
     print(f"compiled {args.model} for {manifest['target']['name']} -> {args.output}")
     print(f"  params {p['before']['params']:,} -> {p['after']['params']:,}{_nonzero(p)}, "
@@ -298,7 +298,8 @@ def cmd_tune(args) -> int:
     from sparsec import api
 
     records = api.tune(args.model, target=args.target, budget=args.budget,
-                       input_shapes=args.input_shapes, check=not args.keep_all, log=_log(args))
+                       input_shapes=args.input_shapes, check=not args.keep_all,
+                       **_rpc_kwargs(args), log=_log(args))
     kernels = [r for r in records if r["strategy"] not in ("choice", "whole_model")]
     choices = [r for r in records if r["strategy"] == "choice"]
     faster = [r for r in kernels if r["default_ms"] and r["best_ms"] < r["default_ms"]]
@@ -318,7 +319,7 @@ def cmd_run(args) -> int:
 
     if args.outputs:
         check_writable_file(args.outputs)
-    outputs = api.run(args.package, args.inputs)
+    outputs = api.run(args.package, args.inputs, **_rpc_kwargs(args))
     for name, arr in outputs.items():
         print(f"{name}: {arr.dtype}{list(arr.shape)} mean {float(arr.mean()):.6g} "
               f"min {float(arr.min()):.6g} max {float(arr.max()):.6g}")
@@ -337,16 +338,40 @@ def cmd_validate(args) -> int:
     from sparsec import api
 
     report = api.validate(args.package, args.inputs, rtol=args.rtol, atol=args.atol,
-                          seed=args.seed)
+                          seed=args.seed, **_rpc_kwargs(args))
     for o in report.outputs:
         floor = ("" if report.min_cosine is None
                  else f" (bf16 kernels: or >= {report.min_cosine})")
         print(f"{'ok  ' if o['ok'] else 'FAIL'} {o['name']}: max abs err {o['max_abs_err']:.3g} "
               f"(bound {o['bound']:.3g}), cosine {o['cosine']:.6f}{floor}")
+    print(f"via: {report.via}")
     if not report.ok:
         print(f"validation failed: max abs err {report.max_abs_err:.3g}", file=sys.stderr)
         return 10
     print("library matches ONNX Runtime")
+    return 0
+
+
+def _rpc_kwargs(args) -> dict:
+    """``--rpc`` / ``--key`` / ``--rpc-timeout`` as API keywords."""
+    return {"rpc": args.rpc, "key": args.key, "rpc_timeout": args.rpc_timeout}
+
+
+def cmd_devices(args) -> int:
+    from sparsec.remote import devices
+
+    rows = devices(args.rpc)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"tracker {args.rpc}: no device server registered")
+        return 0
+    table = [["key", "servers", "free", "busy", "pending"]]
+    table += [[r["key"], str(r["servers"]), str(r["free"]), str(r["busy"]), str(r["pending"])]
+              for r in rows]
+    print(f"tracker {args.rpc}:")
+    print(_table(table))
     return 0
 
 
@@ -428,6 +453,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, **kw) -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=[common], **kw)
+
+    def rpc_args(sp, what: str):
+        sp.add_argument("--rpc", metavar="HOST:PORT",
+                        help=f"{what} on a device server registered with the TVM RPC tracker "
+                             "at HOST:PORT (docs: Remote devices)")
+        sp.add_argument("--key", metavar="KEY",
+                        help="with --rpc: the key the device servers registered under "
+                             "(`sparsec devices --rpc HOST:PORT` lists them)")
+        sp.add_argument("--rpc-timeout", type=float, metavar="SECONDS",
+                        help="with --rpc: how long to wait for a free server under the key "
+                             "(default 60)")
 
     def model_args(sp, ratio: bool):
         sp.add_argument("model", help="ONNX model file" + ("" if ratio else
@@ -570,6 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="measure each kernel's share of a call on this CPU into the manifest "
                          "(targets that run here; `sparsec profile DIR` does it later)")
     budget_args(sp)
+    rpc_args(sp, "with --tune: time the kernels")
     sp.set_defaults(func=cmd_compile)
 
     sp = command("sweep", help="fidelity against measured latency over a series of ratios: "
@@ -600,19 +637,30 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(func=cmd_profile)
 
-    sp = command("tune", help="time each kernel's schedule variants on this machine and "
-                                     "record the fastest for compile (tuning cache)")
+    sp = command("tune", help="time each kernel's schedule variants on this machine (or on "
+                              "remote devices, --rpc) and record the fastest for compile "
+                              "(tuning cache)")
     sp.add_argument("model", help="ONNX model file or a package directory")
     sp.add_argument("--input-shapes", metavar="NAME:D1xD2,...",
                     help="fix dynamic input dimensions, e.g. input_ids:1x128")
-    sp.add_argument("--target", default="host", help="a target of this machine (default host)")
+    sp.add_argument("--target", default="host",
+                    help="a target of this machine (default host), or with --rpc the "
+                         "devices' (e.g. aarch64)")
     sp.add_argument("--budget", type=float, default=60.0, metavar="SECONDS",
                     help="time limit for timing kernels (default 60); the whole-model check "
                          "after it adds two compiles and a few seconds")
     sp.add_argument("--keep-all", action="store_true",
                     help="keep the fastest variants even when the whole model does not get "
                          "faster with them (by default it is timed with and without them)")
+    rpc_args(sp, "time the kernels (all servers under the key at once; any CPU target)")
     sp.set_defaults(func=cmd_tune)
+
+    sp = command("devices", help="the device servers a TVM RPC tracker has: per key, how many, "
+                                 "free, busy, and requests waiting")
+    sp.add_argument("--rpc", required=True, metavar="HOST:PORT",
+                    help="the tracker's address")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.set_defaults(func=cmd_devices)
 
     sp = command("targets", help="the targets compile knows, with their TVM targets")
     sp.set_defaults(func=cmd_targets)
@@ -639,6 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("package", metavar="DIR")
     sp.add_argument("--inputs", required=True, metavar="X.npz", help="arrays keyed by input name")
     sp.add_argument("--outputs", metavar="Y.npz", help="write the outputs here")
+    rpc_args(sp, "run the library")
     sp.set_defaults(func=cmd_run)
 
     sp = command("validate", help="compiled library vs ONNX Runtime on the pruned model")
@@ -648,6 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "the package's, 1e-4, or 3e-2 with bf16 kernels)")
     sp.add_argument("--atol", type=float, help="absolute tolerance (default: the package's)")
     sp.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    rpc_args(sp, "run the library (ONNX Runtime runs here)")
     sp.set_defaults(func=cmd_validate)
     return p
 

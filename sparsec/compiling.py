@@ -58,6 +58,7 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
             example_inputs: Sequence[Any] | None = None, command: Sequence[str] | None = None,
             tune: float = 0.0, precision: str | None = None, profile: bool = False,
             latency_budget: float | None = None, speedup: float | None = None,
+            rpc: str | None = None, key: str | None = None, rpc_timeout: float | None = None,
             log: Log = _quiet) -> dict:
     """Prune, compile for ``target`` and write a package directory (see ``sparsec.package``);
     returns its manifest. ``name`` (a C identifier; default: from the directory name) names
@@ -71,7 +72,9 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
 
     ``tune`` > 0 first spends up to that many seconds timing the pruned model's kernels (see
     :func:`tune`); kernels tuned earlier for the target are built with their best knobs
-    either way.
+    either way. With ``rpc`` (a TVM RPC tracker's HOST:PORT) and ``key`` the kernels are
+    timed on the device servers registered under that key (any CPU target, cross targets
+    included; ``sparsec.remote``).
 
     ``profile`` (targets that run here) measures each kernel's share of a call on this CPU
     (``sparsec.profile``) into the manifest's ``profile``.
@@ -105,11 +108,21 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
     if profile and not (spec.runs_here and spec.device == "cpu"):
         raise BadOptionError(f"--profile measures on this machine's CPU; target "
                              f"'{spec.name}' does not run here")
-    if tune < 0 or (tune > 0 and not (spec.runs_here and spec.device == "cpu")):
+    from sparsec.remote import Remote
+
+    remote = Remote.of(rpc, key, rpc_timeout)
+    if remote is not None and not tune > 0:
+        raise BadOptionError("--rpc on compile is where --tune times the kernels: give "
+                             "--tune SECONDS too")
+    here = spec.runs_here or remote is not None      # where the kernels can be timed
+    if tune < 0 or (tune > 0 and not (here and spec.device == "cpu")):
         raise BadOptionError(f"--tune takes a positive number of seconds, for this machine's "
-                             f"CPU only (got {tune:g} for target '{spec.name}')")
+                             f"CPU or a device's over --rpc (got {tune:g} for target "
+                             f"'{spec.name}')")
     check_writable_dir(output_dir)
     check_toolchain(spec)
+    if remote is not None:
+        remote.check()     # the tracker and a device under the key, before the heavy work
     options = dict(ratio=ratio, criterion=criterion, reconstruct=reconstruct,
                    round_to=round_to, head_ratio=head_ratio, hidden_ratio=hidden_ratio,
                    rotate=rotate, remove_layers=remove_layers,
@@ -147,7 +160,7 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
         if tune > 0:
             from sparsec.targets import tuning
 
-            tuning.tune(proto, spec, tune, log=log)
+            tuning.tune(proto, spec, tune, log=log, remote=remote)
         prefix = f"{name}_"
         on_cpu = spec.device == "cpu"   # CUDA packages: no static archive yet
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
@@ -282,15 +295,22 @@ def profile(model: ModelLike, input_shapes: InputShapes | str | None = None) -> 
 
 def tune(model: ModelLike, *, target: str = "host", budget: float = 60.0,
          input_shapes: InputShapes | str | None = None, check: bool = True,
+         rpc: str | None = None, key: str | None = None, rpc_timeout: float | None = None,
          log: Log = _quiet) -> list[dict]:
     """Time the schedule variants of every kernel ``model`` compiles to, within ``budget``
     seconds, and record the fastest in the tuning cache that ``compile`` reads (see
     ``sparsec/targets/tuning.py``). ``model`` may be a package directory (its pruned model is
-    tuned). Only this machine's CPU can be tuned. With ``check`` the whole model is then
-    timed with and without the new records, which compile uses only if it got faster.
-    Returns one record per kernel tuned, and the whole-model verdict."""
+    tuned). This machine's CPU is tuned here; with ``rpc`` (a TVM RPC tracker's HOST:PORT)
+    and ``key``, the kernels are built here for ``target`` and timed on every device server
+    registered under that key at once, waiting up to ``rpc_timeout`` seconds for a free one
+    (``sparsec.remote``); the records are stored under ``target``, where a later compile for
+    it finds them. With ``check`` the whole model is then timed with and without the new
+    records, which compile uses only if it got faster. Returns one record per kernel tuned,
+    and the whole-model verdict."""
+    from sparsec.remote import Remote
     from sparsec.targets import resolve_target, tuning
 
+    remote = Remote.of(rpc, key, rpc_timeout)
     spec = resolve_target(target)
     if budget <= 0:
         raise BadOptionError(f"tuning budget must be positive, got {budget}")
@@ -299,7 +319,7 @@ def tune(model: ModelLike, *, target: str = "host", budget: float = 60.0,
         if not model.is_file():
             raise BadOptionError(f"{model.parent} is not a sparsec package (no {MODEL})")
     proto = to_onnx(load(model, input_shapes))
-    return tuning.tune(proto, spec, budget, log=log, check=check)
+    return tuning.tune(proto, spec, budget, log=log, check=check, remote=remote)
 
 
 def check_toolchain(spec) -> None:

@@ -67,4 +67,20 @@ class ToolchainError(SparsecError):
     kind = "missing toolchain"
 
 
+class DeviceUnreachableError(SparsecError):
+    """No remote device to run on: the RPC tracker cannot be reached, no server is registered
+    under the key, or none became free in time."""
+
+    exit_code = 12
+    kind = "device unreachable"
+
+
+class RemoteError(SparsecError):
+    """A remote device failed during the run (its server dropped out) and no other could
+    finish the work."""
+
+    exit_code = 13
+    kind = "remote device failed"
+
+
 EXIT_CODES = {cls.__name__: cls.exit_code for cls in SparsecError.__subclasses__()}

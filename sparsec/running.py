@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from sparsec import reference
-from sparsec.errors import InvalidModelError, SparsecError, ToolchainError, ValidationError
+from sparsec.errors import (BadOptionError, InvalidModelError, SparsecError, ToolchainError,
+                            ValidationError)
 from sparsec.loading import Log, _quiet
 from sparsec.package import LIBRARY, MODEL, Package, check_elf
 
@@ -57,10 +58,17 @@ def _load_runner(spec, directory: Path, name: str, inputs: list[dict], outputs: 
     return EmulatedRunner(spec, directory, name, inputs, outputs, log)
 
 
-def _runner(pkg: Package):
+def _runner(pkg: Package, remote=None):
     from sparsec.targets import resolve_target
 
     spec = resolve_target(pkg.manifest["target"]["name"])
+    if remote is not None:     # a device under the key runs it: its checks are there
+        if spec.device != "cpu":
+            raise BadOptionError(f"running over RPC takes CPU packages; this one is for "
+                                 f"{spec.name}")
+        from sparsec.remote import RemoteRunner
+
+        return RemoteRunner(remote, pkg.path / LIBRARY, [s["name"] for s in pkg.inputs])
     check_elf(pkg.path / LIBRARY)
     try:
         return _load_runner(spec, pkg.path, pkg.name, pkg.inputs, pkg.outputs,
@@ -71,16 +79,24 @@ def _runner(pkg: Package):
         raise _library_failed(pkg, e) from None
 
 
-def _run_package(pkg: Package, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """The package's library on checked feeds; a library that fails on inputs matching its
-    manifest (another model's library, re-hashed into it) is refused as an invalid package."""
-    runner = _runner(pkg)
+def _run_package(pkg: Package, feeds: dict[str, np.ndarray], remote=None
+                 ) -> list[np.ndarray]:
+    """The package's library on checked feeds (here, or with ``remote`` on a device under its
+    key); a library that fails on inputs matching its manifest (another model's library,
+    re-hashed into it) is refused as an invalid package."""
+    return _run_with(_runner(pkg, remote), pkg, feeds)
+
+
+def _run_with(runner, pkg: Package, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     try:
         return runner.run(feeds)
     except SparsecError:
         raise
     except Exception as e:
         raise _library_failed(pkg, e) from None
+    finally:
+        if hasattr(runner, "close"):   # a remote device's session: given back now
+            runner.close()
 
 
 def _library_failed(pkg: Package, e: Exception) -> InvalidModelError:
@@ -89,14 +105,25 @@ def _library_failed(pkg: Package, e: Exception) -> InvalidModelError:
                              f"describes ({first}); compile the package again")
 
 
-def run(package_dir: str | os.PathLike, inputs: dict[str, np.ndarray] | str | os.PathLike
+def run(package_dir: str | os.PathLike, inputs: dict[str, np.ndarray] | str | os.PathLike,
+        *, rpc: str | None = None, key: str | None = None, rpc_timeout: float | None = None
         ) -> dict[str, np.ndarray]:
-    """Run a compiled package on ``inputs`` (dict or .npz path); outputs keyed by name."""
+    """Run a compiled package on ``inputs`` (dict or .npz path); outputs keyed by name.
+    With ``rpc`` (a TVM RPC tracker's HOST:PORT) and ``key``, on a device server registered
+    under that key, waiting up to ``rpc_timeout`` seconds for a free one
+    (``sparsec.remote``)."""
+    remote = _remote(rpc, key, rpc_timeout)
     pkg = Package.load(package_dir)
     feeds = reference.check_inputs(
         inputs if isinstance(inputs, dict) else pkg.read_inputs(inputs), pkg.inputs)
-    outs = _run_package(pkg, feeds)
+    outs = _run_package(pkg, feeds, remote)
     return {spec["name"]: out for spec, out in zip(pkg.outputs, outs)}
+
+
+def _remote(rpc: str | None, key: str | None, timeout: float | None):
+    from sparsec.remote import Remote
+
+    return Remote.of(rpc, key, timeout)
 
 
 @dataclass
@@ -106,6 +133,8 @@ class ValidationReport:
     rtol: float = RTOL
     atol: float = ATOL
     min_cosine: float | None = None
+    #: where the library ran: ``native``, ``cuda``, the emulator's name, or ``rpc:KEY``
+    via: str = "native"
 
     @property
     def max_abs_err(self) -> float:
@@ -147,17 +176,21 @@ def _raise_if_mismatch(report: ValidationReport) -> None:
 
 
 def validate(package_dir: str | os.PathLike, inputs=None, *, rtol: float | None = None,
-             atol: float | None = None, seed: int = 0, check: bool = False
-             ) -> ValidationReport:
+             atol: float | None = None, seed: int = 0, check: bool = False,
+             rpc: str | None = None, key: str | None = None,
+             rpc_timeout: float | None = None) -> ValidationReport:
     """Compiled library vs ONNX Runtime on the package's pruned ONNX model.
 
     An output matches when max|lib - ort| <= atol + rtol * max|ort| (by default the
     package's own tolerance: its manifest's ``reference``), or, for a package with bf16
     kernels, when its cosine similarity is at least the recorded ``min_cosine``. With
     ``check=True`` a mismatch
-    raises ``ValidationError`` (the CLI's non-zero exit)."""
+    raises ``ValidationError`` (the CLI's non-zero exit). With ``rpc`` (a TVM RPC tracker's
+    HOST:PORT) and ``key`` the library runs on a device server registered under that key
+    (``via`` says ``rpc:KEY``); ONNX Runtime runs here."""
     import onnx
 
+    remote = _remote(rpc, key, rpc_timeout)
     pkg = Package.load(package_dir)
     recorded = pkg.manifest.get("reference", {})
     rtol = recorded.get("rtol", RTOL) if rtol is None else rtol
@@ -169,8 +202,10 @@ def validate(package_dir: str | os.PathLike, inputs=None, *, rtol: float | None 
     else:
         feeds = reference.check_inputs(
             inputs if isinstance(inputs, dict) else pkg.read_inputs(inputs), pkg.inputs)
-    report = _compare(pkg.outputs, reference.run(model, feeds), _run_package(pkg, feeds), rtol,
-                      atol, min_cosine)
+    runner = _runner(pkg, remote)
+    actual = _run_with(runner, pkg, feeds)
+    report = _compare(pkg.outputs, reference.run(model, feeds), actual, rtol, atol, min_cosine)
+    report.via = getattr(runner, "via", "native")
     if check:
         _raise_if_mismatch(report)
     return report

@@ -43,9 +43,12 @@ def assert_clean_error(proc, code: int, *fragments: str):
 
 
 def test_exit_codes_are_distinct():
+    from sparsec.errors import DeviceUnreachableError, RemoteError
+
     codes = [c.exit_code for c in (InputNotFoundError, InvalidModelError, UnsupportedOpError,
                                    BadOptionError, DynamicShapeError, UnknownTargetError,
-                                   OutputError, ValidationError, ToolchainError)]
+                                   OutputError, ValidationError, ToolchainError,
+                                   DeviceUnreachableError, RemoteError)]
     assert len(set(codes)) == len(codes) and 0 not in codes and 2 not in codes
 
 

@@ -6,7 +6,9 @@ the pixel strip of the direct conv). ``tune`` builds each variant of every kerne
 compiles it alone, times it on random data with TVM's ``time_evaluator`` and records the
 fastest in a persistent cache keyed by (target, strategy, shape). ``compile`` reads the cache:
 a kernel with an entry is built with the tuned knobs (the compile report says ``tuned``),
-one without keeps the defaults. Timing runs here, so only native targets can be tuned.
+one without keeps the defaults. Timing runs here (:class:`LocalTimer`), so only this
+machine's CPU can be tuned, or on remote devices through a TVM RPC tracker
+(``sparsec.remote.KernelTimer``, any CPU target: several devices time at once).
 
 Where several strategies can serve one op (the direct or the pointwise kernel for a 1x1 conv,
 dense or BSR for a block-sparse layer), ``tune`` also times each with its best knobs and
@@ -93,11 +95,51 @@ def time_kernel(func: "tirx.PrimFunc", tvm_target: dict, min_ms: float = 50.0) -
     lib = tvm.compile(mod, target=tvm.target.Target(dict(tvm_target)))
     args = _random_args(func)
     request_amx()     # AMX kernels fault without the tile state
-    dev = tvm.cpu()
-    once = lib.mod.time_evaluator("main", dev, number=1, repeat=1)(*args).mean
+    return time_module(lib.mod, tvm.cpu(), args, min_ms)
+
+
+def time_module(mod, dev, args: list, min_ms: float = 50.0, name: str = "main") -> float:
+    """Median milliseconds of one call of ``mod``'s function ``name`` on ``args`` on ``dev``
+    (here, or a remote device's over RPC): calls per repeat chosen from one timed call so
+    that a repeat lasts about ``min_ms``, five repeats."""
+    once = mod.time_evaluator(name, dev, number=1, repeat=1)(*args).mean
     number = max(1, min(1000, int(min_ms / 1e3 / max(once, 1e-7))))
-    res = lib.mod.time_evaluator("main", dev, number=number, repeat=5)(*args)
+    res = mod.time_evaluator(name, dev, number=number, repeat=5)(*args)
     return statistics.median(res.results) * 1e3
+
+
+class LocalTimer:
+    """Times kernel trials ``(strategy, shape, knobs)`` on this machine, one after another
+    (the interface of ``remote.KernelTimer``, which times them on remote devices)."""
+
+    workers = 1
+
+    def __init__(self, target: "TargetSpec", log: Callable[[str], None] = print) -> None:
+        self.target, self.log = target, log
+
+    def __enter__(self) -> "LocalTimer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def run(self, jobs, deadline: float, step: Callable[[int], None] = lambda job: None):
+        """Yield ``(job index, [ms or None per trial])`` job by job; a job is started only
+        before ``deadline`` (``time.monotonic()``)."""
+        for j, trials in enumerate(jobs):
+            if time.monotonic() > deadline:
+                return
+            out: list[float | None] = []
+            for strategy, shape, knobs in trials:
+                try:
+                    out.append(time_kernel(build(strategy, shape, knobs),
+                                           dict(self.target.tvm_target)))
+                except Exception as e:  # noqa: BLE001 - a variant TVM cannot build
+                    self.log(f"  {strategy} {knobs}: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:80] if str(e) else ''}")
+                    out.append(None)
+                step(j)
+            yield j, out
 
 
 def kernels_of(model: "onnx.ModelProto", target: "TargetSpec", alternatives: list | None = None
@@ -134,91 +176,111 @@ def kernels_of(model: "onnx.ModelProto", target: "TargetSpec", alternatives: lis
 
 def tune(model: "onnx.ModelProto", target: "TargetSpec", budget_s: float,
          cache: Cache | None = None, log: Callable[[str], None] = print,
-         check: bool = True) -> list[dict]:
+         check: bool = True, remote=None) -> list[dict]:
     """Time every variant of every tunable kernel of ``model``, in the order the model uses
     them, until ``budget_s`` seconds are spent (a kernel started is finished), record the
-    fastest in ``cache`` and save it. Kernels already in the cache, and kernels with a single
-    variant, are skipped. Then ops that several strategies can serve (dense or block-sparse)
-    get each strategy timed, and compile follows the measurement instead of the cost rule's
-    estimate. Last (``check``), the whole model is timed with and without this session's
-    records and they are kept only if it got faster (:func:`_check_whole_model`). Returns one
-    record per kernel tuned (and per choice measured, ``strategy == "choice"``) here, and the
-    whole-model verdict (``strategy == "whole_model"``)."""
+    fastest in ``cache`` and save it as each kernel finishes. Kernels already in the cache,
+    and kernels with a single variant, are skipped. Then ops that several strategies can serve
+    (dense or block-sparse) get each strategy timed, and compile follows the measurement
+    instead of the cost rule's estimate. Last (``check``), the whole model is timed with and
+    without this session's records and they are kept only if it got faster
+    (:func:`_check_whole_model`). Returns one record per kernel tuned (and per choice
+    measured, ``strategy == "choice"``) here, and the whole-model verdict (``strategy ==
+    "whole_model"``).
+
+    With ``remote`` (a ``sparsec.remote.Remote``) the kernels are built here for ``target``
+    and timed on the devices under its key, all of them at once; the records are stored
+    under ``target`` as if it had been tuned where it runs."""
     import tvm
 
     from sparsec.errors import BadOptionError
 
-    if not (target.runs_here and target.device == "cpu"):
+    if remote is None and not (target.runs_here and target.device == "cpu"):
         raise BadOptionError(f"tuning times kernels on this machine's CPU; target "
-                             f"'{target.name}' is not this machine's CPU")
+                             f"'{target.name}' is not this machine's CPU (--rpc HOST:PORT "
+                             f"--key KEY times them on a device)")
+    if remote is not None and target.device != "cpu":
+        raise BadOptionError(f"tuning over RPC times CPU kernels; target '{target.name}' "
+                             f"runs on {target.device}")
+    if remote is not None:
+        remote.check()     # the tracker and a device under the key, before anything else
     cache = cache or Cache()
     tkey = target_key(dict(target.tvm_target))
     alternatives: list = []
     todo = [(s, sh) for s, sh in kernels_of(model, target, alternatives)
             if len(_variants(s, sh)) > 1 and cache.get(tkey, s, sh) is None]
     cache.save()   # a cache that cannot be written fails now, not after the timing
-    log(f"tuning {len(todo)} kernels for {target.name} (budget {budget_s:g} s, cache "
-        f"{cache.path})")
+    where = f" on devices '{remote.key}' at {remote.address}" if remote is not None else ""
     with tvm.target.Target(dict(target.tvm_target)):   # knobs that depend on the ISA
         plans = [(s, sh, _variants(s, sh), _default_knobs(s, sh)) for s, sh in todo]
+    if remote is not None:
+        from sparsec.remote import KernelTimer
+
+        timer = KernelTimer(remote, target, log)
+    else:
+        timer = LocalTimer(target, log)
     start = time.monotonic()
+    deadline = start + budget_s
     records: list[dict] = []
-    trials = Progress(log, "tuning", sum(len(p[2]) for p in plans), "trials")
-    for i, (strategy, shape, variants, default_knobs) in enumerate(plans, 1):
-        if time.monotonic() - start > budget_s:
-            trials.close()
-            log(f"  budget spent after {i - 1} of {len(todo)} kernels")
-            break
-        timings: dict[str, float] = {}
-        for knobs in variants:
-            try:
-                timings[json.dumps(knobs, sort_keys=True)] = time_kernel(
-                    build(strategy, shape, knobs), dict(target.tvm_target))
-            except Exception as e:  # noqa: BLE001 - a variant TVM cannot build: not a candidate
-                log(f"  {strategy} {knobs}: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
-            trials.step(detail=f"kernel {i}/{len(todo)} {strategy}")
-        if not timings:
-            continue
-        best = min(timings, key=timings.__getitem__)
-        default = timings.get(json.dumps(default_knobs, sort_keys=True))
-        record = {"knobs": json.loads(best), "ms": {k: round(v, 5) for k, v in timings.items()}}
-        cache.put(tkey, strategy, shape, record)
-        records.append({"strategy": strategy, "shape": shape, **record,
-                        "best_ms": timings[best], "default_ms": default})
-        gain = f" (default {default:.4f} ms)" if default is not None else ""
-        log(f"  [{i}/{len(todo)}] {strategy} {_short(shape)}: {best} "
-            f"{timings[best]:.4f} ms{gain}")
-    trials.close()
-    # ops several kernels can serve (direct vs pointwise conv, dense vs block-sparse): time
-    # each, with its best knobs
-    choices = {json.dumps(_choice_key(a), sort_keys=True): a for a in alternatives}
-    todo_choices = [a for a in choices.values()
-                    if cache.get(tkey, "choice", _choice_key(a)) is None]
-    for alts in todo_choices:
-        if time.monotonic() - start > budget_s:
-            log("  budget spent before every strategy choice was measured")
-            break
-        ms = {}
-        for strategy, shape in alts:
-            record = cache.get(tkey, strategy, shape)
-            try:
-                ms[strategy] = time_kernel(build(strategy, shape, record and record["knobs"]),
-                                           dict(target.tvm_target))
-            except Exception as e:  # noqa: BLE001
-                log(f"  {strategy}: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
-        if len(ms) == len(alts):
+    with timer:
+        if remote is not None:
+            where += f", {timer.workers} at once"
+        log(f"tuning {len(todo)} kernels for {target.name}{where} (budget {budget_s:g} s, "
+            f"cache {cache.path})")
+        trials = Progress(log, "tuning", sum(len(p[2]) for p in plans), "trials")
+        jobs = [[(s, sh, knobs) for knobs in variants] for s, sh, variants, _ in plans]
+        finished = 0
+        for j, results in timer.run(jobs, deadline, lambda j: trials.step(
+                detail=f"kernel {j + 1}/{len(todo)} {plans[j][0]}")):
+            finished += 1
+            strategy, shape, variants, default_knobs = plans[j]
+            timings = {json.dumps(knobs, sort_keys=True): ms
+                       for knobs, ms in zip(variants, results) if ms is not None}
+            if not timings:
+                continue
+            best = min(timings, key=timings.__getitem__)
+            default = timings.get(json.dumps(default_knobs, sort_keys=True))
+            record = {"knobs": json.loads(best),
+                      "ms": {k: round(v, 5) for k, v in timings.items()}}
+            cache.put(tkey, strategy, shape, record)
+            cache.save()        # a record is kept as soon as it is measured
+            records.append({"strategy": strategy, "shape": shape, **record,
+                            "best_ms": timings[best], "default_ms": default})
+            gain = f" (default {default:.4f} ms)" if default is not None else ""
+            log(f"  [{j + 1}/{len(todo)}] {strategy} {_short(shape)}: {best} "
+                f"{timings[best]:.4f} ms{gain}")
+        trials.close()
+        if finished < len(jobs):
+            log(f"  budget spent after {finished} of {len(todo)} kernels")
+        # ops several kernels can serve (direct vs pointwise conv, dense vs block-sparse):
+        # time each, with its best knobs
+        choices = {json.dumps(_choice_key(a), sort_keys=True): a for a in alternatives}
+        todo_choices = [a for a in choices.values()
+                        if cache.get(tkey, "choice", _choice_key(a)) is None]
+        jobs = [[(s, sh, (cache.get(tkey, s, sh) or {}).get("knobs")) for s, sh in alts]
+                for alts in todo_choices]
+        finished = 0
+        for j, results in timer.run(jobs, deadline):
+            finished += 1
+            alts = todo_choices[j]
+            ms = {s: v for (s, _), v in zip(alts, results) if v is not None}
+            if len(ms) < len(alts):
+                continue
             best = min(ms, key=ms.__getitem__)
             cache.put(tkey, "choice", _choice_key(alts),
                       {"choice": best, "ms": {k: round(v, 5) for k, v in ms.items()}})
+            cache.save()
             records.append({"strategy": "choice", "choice": best, "ms": ms,
                             "alternatives": alts})
             log(f"  choice {' / '.join(ms)}: {best} "
                 f"({', '.join(f'{k} {v:.4f} ms' for k, v in ms.items())})")
+        if finished < len(jobs):
+            log("  budget spent before every strategy choice was measured")
     n_choices = sum(r["strategy"] == "choice" for r in records)
     log(f"tuned {len(records) - n_choices} kernels and measured {n_choices} strategy "
         f"choices in {time.monotonic() - start:.1f} s")
     if records and check:
-        records.append(_check_whole_model(model, target, cache, tkey, records, log))
+        records.append(_check_whole_model(model, target, cache, tkey, records, log, remote))
     cache.save()
     return records
 
@@ -228,7 +290,7 @@ KEEP_MARGIN = 0.02
 
 
 def _check_whole_model(model: "onnx.ModelProto", target: "TargetSpec", cache: Cache, tkey: str,
-                       records: list[dict], log: Callable[[str], None]) -> dict:
+                       records: list[dict], log: Callable[[str], None], remote=None) -> dict:
     """Kernels timed alone (hot caches, one at a time) are not the model: build the whole
     model with and without this session's records, time both interleaved, and keep the
     records only if the tuned model is at least ``KEEP_MARGIN`` faster. Otherwise they stay in
@@ -249,12 +311,18 @@ def _check_whole_model(model: "onnx.ModelProto", target: "TargetSpec", cache: Ca
         before.data.get(tkey, {}).pop(_key(strategy, shape), None)
     quiet = lambda _msg: None  # noqa: E731
     with tempfile.TemporaryDirectory() as work:
-        libs = {}
+        paths = {}
         for label, which in (("untuned", before), ("tuned", cache)):
-            compile_onnx(model, target, Path(work) / f"{label}.so", log=quiet, tuned=which)
-            libs[label] = load_library(Path(work) / f"{label}.so", graph_input_names(model))
+            paths[label] = Path(work) / f"{label}.so"
+            compile_onnx(model, target, paths[label], log=quiet, tuned=which)
         feeds = reference.random_inputs(load_onnx(model))
-        ms = interleaved_ms({k: (lambda r=r: r.run(feeds)) for k, r in libs.items()})
+        if remote is not None:       # timed on a device under the key
+            from sparsec.remote import whole_model_ms
+
+            ms = whole_model_ms(remote, paths, feeds, graph_input_names(model))
+        else:
+            libs = {k: load_library(p, graph_input_names(model)) for k, p in paths.items()}
+            ms = interleaved_ms({k: (lambda r=r: r.run(feeds)) for k, r in libs.items()})
     kept = ms["tuned"] <= ms["untuned"] * (1 - KEEP_MARGIN)
     if not kept:
         for strategy, shape in session:
@@ -289,5 +357,6 @@ def _short(shape: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in shape.items() if k != "dtype")
 
 
-__all__ = ["Cache", "build", "build_tuned", "cache_path", "interleaved_ms", "kernels_of",
-           "knobs_for", "measured_choice", "target_key", "time_kernel", "tune", "using"]
+__all__ = ["Cache", "LocalTimer", "build", "build_tuned", "cache_path", "interleaved_ms",
+           "kernels_of", "knobs_for", "measured_choice", "target_key", "time_kernel",
+           "time_module", "tune", "using"]
