@@ -189,14 +189,47 @@ def test_runtime_compile_callback_serves_the_prebuilt_fatbin():
     assert tvm_ffi.get_global_func("tvm_callback_cuda_compile").same_as(before)
 
 
+def _no_system_nvcc(monkeypatch, cuda_toolkit) -> None:
+    monkeypatch.setattr(cuda_toolkit, "NVCC_DIRS", ())
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+
+
 def test_cuda_compile_without_nvcc_is_a_toolchain_error(tmp_path, monkeypatch):
     from sparsec.targets import cuda_toolkit
 
-    monkeypatch.setattr(cuda_toolkit, "NVCC_DIRS", ())
-    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    _no_system_nvcc(monkeypatch, cuda_toolkit)
     with pytest.raises(ToolchainError, match="need nvcc") as info:
         api.compile(EXAMPLES / "digits_cnn.onnx", target="cuda-sm80", output_dir=tmp_path / "o")
     assert info.value.exit_code == 11 and not (tmp_path / "o").exists()
+
+
+@needs_nvcc
+@pytest.mark.parametrize("layout", ["nvidia/cuda_nvcc/bin", "nvidia/cu13/bin"])
+def test_nvcc_is_found_in_a_pip_installed_toolkit(layout, tmp_path, monkeypatch):
+    """The wheels' layouts (nvidia-cuda-nvcc-cu12, nvidia-cuda-nvcc for CUDA 13) under a
+    directory on sys.path: the nvcc there (here a script running this machine's nvcc) is found
+    with nothing on PATH, and compiles a kernel; without it the error names the wheels."""
+    from sparsec.targets import cuda_toolkit
+
+    real = cuda_toolkit.nvcc()
+    _no_system_nvcc(monkeypatch, cuda_toolkit)
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "site")] + sys.path)
+    with pytest.raises(ToolchainError, match="pip install nvidia-cuda-nvcc"):
+        cuda_toolkit.nvcc()
+    tool = tmp_path / "site" / layout / "nvcc"
+    tool.parent.mkdir(parents=True)
+    tool.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/called\nexec {real} "$@"\n')
+    with pytest.raises(ToolchainError):       # not executable: not a program
+        cuda_toolkit.nvcc()
+    tool.chmod(0o755)
+    assert cuda_toolkit.nvcc() == str(tool)
+    source = 'extern "C" __global__ void k(float* x) { x[threadIdx.x] += 1.0f; }\n'
+    cuda_toolkit.compile_fatbin(source, "sm_80", tmp_path / "k.fatbin")
+    assert "-fatbin" in (tmp_path / "called").read_text()
+    assert cuda_toolkit.fatbin_entries((tmp_path / "k.fatbin").read_bytes()) == [
+        "sm_80 SASS", "compute_80 PTX"]
 
 
 def test_run_and_tune_refuse_a_cuda_package_without_a_gpu(tmp_path):
