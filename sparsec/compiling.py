@@ -58,7 +58,7 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
             example_inputs: Sequence[Any] | None = None, command: Sequence[str] | None = None,
             tune: float = 0.0, precision: str | None = None, profile: bool = False,
             latency_budget: float | None = None, speedup: float | None = None,
-            log: Log = _quiet) -> dict:
+            keep_onnx: bool = False, log: Log = _quiet) -> dict:
     """Prune, compile for ``target`` and write a package directory (see ``sparsec.package``);
     returns its manifest. ``name`` (a C identifier; default: from the directory name) names
     the C header, the static archive and its symbols. ``round_to`` defaults to the target's
@@ -84,6 +84,11 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
     saved (``sparsec.latency``). The manifest's
     ``latency`` holds the asked, the measured (the package's own library) and the dense
     latency and every ratio tried; its recipe holds the ratio chosen.
+
+    ``keep_onnx`` puts the pruned model in the package too (``model.onnx``, its weights in
+    ``model.onnx.data`` beside it when large): a second copy of the weights, which the library
+    holds already, for ONNX Runtime and for ``validate`` on new inputs (without it,
+    ``validate`` checks the library on the package's reference pair).
 
     ``precision`` "bf16" lets kernels that round their inputs to bf16 run where they are
     faster (AMX tiles on CPUs that have them, sparse tensor cores for 2:4 weights on sm_80+);
@@ -143,7 +148,8 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(staging_dir(output_dir))
         proto = to_onnx(graph)
-        (tmp / MODEL).write_bytes(proto.SerializeToString())
+        if keep_onnx:
+            (tmp / MODEL).write_bytes(proto.SerializeToString())
         if tune > 0:
             from sparsec.targets import tuning
 
@@ -166,12 +172,10 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
                 with amx.emulated():
                     compile_onnx(proto, resolve_target("host"), emulation, log=log, tuned=False,
                                  precision="bf16")
-        else:
+        else:   # without a GPU, the library runs on its kernels' CPU twin (cpu_twin.so)
             from sparsec.targets import cuda
 
-            emulation = None if spec.runs_here else scratch / "emulation.so"
-            facts = cuda.compile_onnx(proto, spec, tmp / LIBRARY, log, emulation_lib=emulation,
-                                      precision=precision)
+            facts = cuda.compile_onnx(proto, spec, tmp / LIBRARY, log, precision=precision)
             bf16 = uses_bf16(facts)
         feeds = {s["name"]: result.sample[s["name"]] for s in inputs}
         expected = reference.run(proto, feeds)
@@ -196,17 +200,14 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
                 log(f"warning: reference pair not checked here ({e}); check it on the device "
                     f"(sparsec_check_reference)")
                 runner = None
-            else:   # no GPU or no AMX: check the same kernels' numerics on this CPU
+            else:   # no AMX: check the same tile programs' numerics on this CPU
                 from sparsec.targets.backend import load_library
 
-                what, how, where = (
-                    ("AMX code", "its tile programs are checked on this CPU with the tile ops "
-                     "emulated", "an AMX machine") if on_cpu else
-                    ("GPU code", "its schedules are checked on this CPU", "the GPU"))
-                log(f"warning: the {what} is not run here ({e}); {how}, the binary on "
-                    f"{where} with sparsec validate")
+                log(f"warning: the AMX code is not run here ({e}); its tile programs are "
+                    f"checked on this CPU with the tile ops emulated, the binary on an AMX "
+                    f"machine with sparsec validate")
                 runner = load_library(emulation, [s["name"] for s in inputs])
-                runner.via = "amx-tiles-emulated-on-cpu" if on_cpu else "cuda-schedules-on-cpu"
+                runner.via = "amx-tiles-emulated-on-cpu"
         min_cosine = BF16_MIN_COSINE if bf16 else None
         if runner is not None:
             via = runner.via
@@ -248,9 +249,8 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
             "library": {"shared": LIBRARY, "static": archive_name(name) if on_cpu else None,
                         "header": header_name(name),
                         "system_lib_prefix": prefix if on_cpu else None},
-            "reference": {"inputs": "reference/inputs.npz", "outputs": "reference/outputs.npz",
-                          "inputs_bin": "reference/inputs.bin",
-                          "outputs_bin": "reference/outputs.bin", "rtol": rtol, "atol": atol,
+            "reference": {"inputs": "reference/inputs.bin", "outputs": "reference/outputs.bin",
+                          "rtol": rtol, "atol": atol,
                           **({"min_cosine": min_cosine} if bf16 else {}),
                           "from": "calibration" if calibration is not None else "random",
                           "check": None if check is None else {
@@ -276,7 +276,7 @@ def profile(model: ModelLike, input_shapes: InputShapes | str | None = None) -> 
     from sparsec.profile import profile_model
 
     if isinstance(model, (str, os.PathLike)) and Path(model).is_dir():
-        model = Package.load(model).path / MODEL
+        model = _package_model(Package.load(model))
     return profile_model(to_onnx(load(model, input_shapes)))
 
 
@@ -295,11 +295,17 @@ def tune(model: ModelLike, *, target: str = "host", budget: float = 60.0,
     if budget <= 0:
         raise BadOptionError(f"tuning budget must be positive, got {budget}")
     if isinstance(model, (str, os.PathLike)) and Path(model).is_dir():
-        model = Path(model) / MODEL
-        if not model.is_file():
-            raise BadOptionError(f"{model.parent} is not a sparsec package (no {MODEL})")
+        model = _package_model(Package.load(model))
     proto = to_onnx(load(model, input_shapes))
     return tuning.tune(proto, spec, budget, log=log, check=check)
+
+
+def _package_model(pkg: Package) -> Path:
+    """A package's pruned model, for the commands that need one."""
+    if pkg.model is None:
+        raise BadOptionError(f"package {pkg.path} has no {MODEL}: compile it with --keep-onnx, "
+                             f"or give the model itself")
+    return pkg.model
 
 
 def check_toolchain(spec) -> None:

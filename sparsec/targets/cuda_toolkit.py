@@ -22,6 +22,8 @@ from sparsec.errors import ToolchainError
 #: the files a CUDA package carries beside its library: the kernels' source and nvcc's build
 SOURCE = "kernels.cu"
 FATBIN = "kernels.fatbin"
+#: the kernels built for the CPU, threads serialized (``cuda.emulation_module``), no weights
+TWIN = "cpu_twin.so"
 #: where the CUDA toolkit puts nvcc when it is not on PATH
 NVCC_DIRS = ("/usr/local/cuda/bin",)
 #: where NVIDIA's pip wheels put nvcc inside a site-packages directory: ``nvidia-cuda-nvcc``
