@@ -19,8 +19,8 @@ from sparsec.ir.graph import Graph
 from sparsec.ir.onnx_io import to_onnx
 from sparsec.loading import Log, ModelLike, _quiet, load
 from sparsec.package import (FORMAT, LIBRARY, MANIFEST, MODEL, Package, archive_name,
-                             check_writable_dir, file_hashes, header_name, seal, sha256,
-                             staging_dir, write_json, write_reference)
+                             check_writable_dir, file_hashes, header_name, save_onnx, seal,
+                             sha256, staging_dir, write_json, write_reference)
 from sparsec.pruning import _check_ratio, as_recipe, merge_recipe, prune
 from sparsec.reference import signature
 from sparsec.running import (BF16_MIN_COSINE, _compare, _load_runner, _raise_if_mismatch,
@@ -149,7 +149,7 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
         tmp = stack.enter_context(staging_dir(output_dir))
         proto = to_onnx(graph)
         if keep_onnx:
-            (tmp / MODEL).write_bytes(proto.SerializeToString())
+            save_onnx(proto, tmp / MODEL)
         if tune > 0:
             from sparsec.targets import tuning
 
@@ -175,7 +175,10 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
         else:   # without a GPU, the library runs on its kernels' CPU twin (cpu_twin.so)
             from sparsec.targets import cuda
 
-            facts = cuda.compile_onnx(proto, spec, tmp / LIBRARY, log, precision=precision)
+            # a host of another CPU (Jetson): the whole model's twin, for this check only
+            emulation = None if spec.native else scratch / "emulation.so"
+            facts = cuda.compile_onnx(proto, spec, tmp / LIBRARY, log, emulation_lib=emulation,
+                                      precision=precision)
             bf16 = uses_bf16(facts)
         feeds = {s["name"]: result.sample[s["name"]] for s in inputs}
         expected = reference.run(proto, feeds)
@@ -200,14 +203,17 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
                 log(f"warning: reference pair not checked here ({e}); check it on the device "
                     f"(sparsec_check_reference)")
                 runner = None
-            else:   # no AMX: check the same tile programs' numerics on this CPU
-                from sparsec.targets.backend import load_library
+            else:   # no AMX, or a GPU with another host: check the numerics on this CPU
+                from sparsec.targets.backend import VIA_TWIN, load_library
 
-                log(f"warning: the AMX code is not run here ({e}); its tile programs are "
-                    f"checked on this CPU with the tile ops emulated, the binary on an AMX "
-                    f"machine with sparsec validate")
+                what, how, where = (
+                    ("AMX code", "its tile programs are checked on this CPU with the tile ops "
+                     "emulated", "an AMX machine") if on_cpu else
+                    ("GPU code", "its schedules are checked on this CPU", "the GPU"))
+                log(f"warning: the {what} is not run here ({e}); {how}, the binary on "
+                    f"{where} with sparsec validate")
                 runner = load_library(emulation, [s["name"] for s in inputs])
-                runner.via = "amx-tiles-emulated-on-cpu"
+                runner.via = "amx-tiles-emulated-on-cpu" if on_cpu else VIA_TWIN
         min_cosine = BF16_MIN_COSINE if bf16 else None
         if runner is not None:
             via = runner.via

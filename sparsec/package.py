@@ -31,6 +31,7 @@ from typing import Iterator
 import numpy as np
 
 from sparsec.errors import BadOptionError, InputNotFoundError, InvalidModelError, OutputError
+from sparsec.frontends.external_data import data_file, external_files, save_onnx  # noqa: F401
 
 MANIFEST = "manifest.json"
 LIBRARY = "model.so"
@@ -75,6 +76,12 @@ def check_writable_file(path: str | os.PathLike, source: str | os.PathLike | Non
     p = Path(path)
     if source is not None and Path(source).exists() and p.exists() and p.samefile(source):
         raise OutputError(f"refusing to overwrite the input model {p}")
+    if source is not None and Path(source).is_file():
+        data = data_file(p)
+        for f in external_files(source):
+            if data.exists() and f.exists() and data.samefile(f):
+                raise OutputError(f"refusing to write {p}: its weights would go to {data}, "
+                                  f"the input model's external data")
     if p.is_dir():
         raise OutputError(f"output {p} is a directory")
     _check_parent(p)

@@ -224,7 +224,7 @@ def kernel_entries(source: str) -> list[str]:
 
 def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | Path,
                  log: Callable[[str], None] = print,
-                 precision: str | None = None) -> dict:
+                 emulation_lib: str | Path | None = None, precision: str | None = None) -> dict:
     """Compile ``model`` for a CUDA target: the library at ``lib_path`` and, beside it,
     ``kernels.cu``, ``kernels.fatbin`` and ``cpu_twin.so`` (module docstring). Returns the
     manifest's facts, as every back end does (:func:`sparsec.targets.backend.compile_facts`),
@@ -234,7 +234,9 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
     The twin holds the same scheduled kernels built for this CPU with their thread loops
     serialized (:func:`emulation_module`), and no weights: where no GPU is present, model.so
     runs on it, which checks the schedules' numerics (not nvcc's code, which only a GPU
-    runs)."""
+    runs). A target whose host is another CPU (a Jetson's aarch64) gets no twin: with
+    ``emulation_lib`` the whole model (weights too) is built for this CPU into that library
+    instead, for compile's check."""
     import tvm
     from tvm import relax
 
@@ -261,9 +263,12 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
     source = kernel_source(ex)
     lib_path = Path(lib_path)
     export_library(ex, target, lib_path)
-    with atomic_path(lib_path.parent / TWIN) as tmp:   # the kernels; weights stay in model.so
-        (kernels,) = twin.mod.imports        # the executable's one library: the kernels
-        kernels.export_library(str(tmp))
+    if target.native:
+        with atomic_path(lib_path.parent / TWIN) as tmp:   # kernels; weights stay in model.so
+            (kernels,) = twin.mod.imports        # the executable's one library: the kernels
+            kernels.export_library(str(tmp))
+    if emulation_lib is not None:
+        twin.export_library(str(emulation_lib))
     with atomic_path(lib_path.parent / SOURCE) as tmp:
         tmp.write_text(source)
         tmp.chmod(0o644)
@@ -283,5 +288,5 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
         "cuda": {"arch": arch, "nvcc": nvcc_version(tool), "source": SOURCE, "fatbin": FATBIN,
                  "fatbin_contents": contents,
                  "source_sha256": hashlib.sha256(source.encode()).hexdigest(),
-                 "kernels": resources, "cpu_twin": TWIN},
+                 "kernels": resources, **({"cpu_twin": TWIN} if target.native else {})},
     }
