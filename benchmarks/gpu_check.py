@@ -7,10 +7,11 @@ Here:   PYTHONPATH=. python benchmarks/gpu_check.py DIR [--target cuda-sm90]
 There:  bash DIR/run.sh   (prints, and writes $OUT/gpu_check.txt when OUT is set)
 
 DIR holds ``rt/`` (``sparsec runtime --target T``: libtvm_runtime, libtvm_ffi,
-libtvm_runtime_cuda, headers, the C API source), ``pkgs/NAME/`` (the packages: the digits
-CNN and MLP, and a 768 -> 3072 linear layer dense / 2:4 / 80 % at batch 1, 2:4 at batch 8, and dense / 2:4 at 128 rows, where the
-2:4 layer runs on sparse tensor cores, ``mma_sp_cuda``), ``check.c`` and ``run.sh``. Per
-package the program runs the reference pair (ONNX Runtime's outputs, computed here) on the GPU
+libtvm_runtime_cuda, headers, the C API source), ``pkgs/NAME/`` (the packages: the digits CNN
+and MLP, and a 768 -> 3072 linear layer dense / 2:4 / 80 % at batch 1, 2:4 at batch 8, and
+dense / 2:4 at 128 rows, where the 2:4 layer runs on sparse tensor cores, ``mma_sp_cuda``),
+``check.c`` and ``run.sh``. Per package the program runs the reference pair (ONNX Runtime's
+outputs, computed here) on the GPU
 and times ``sparsec_run`` (host buffers in and out, so the copies are counted).
 """
 
