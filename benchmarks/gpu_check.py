@@ -11,8 +11,8 @@ libtvm_runtime_cuda, headers, the C API source), ``pkgs/NAME/`` (the packages: t
 and MLP, and a 768 -> 3072 linear layer dense / 2:4 / 80 % at batch 1, 2:4 at batch 8, and
 dense / 2:4 at 128 rows, where the 2:4 layer runs on sparse tensor cores, ``mma_sp_cuda``),
 ``check.c`` and ``run.sh``. Per package the program runs the reference pair (ONNX Runtime's
-outputs, computed here) on the GPU
-and times ``sparsec_run`` (host buffers in and out, so the copies are counted).
+outputs, computed here) on the GPU and times ``sparsec_run`` (host buffers in and out, so the
+copies are counted).
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ ONNX Runtime from a file) are forced with a lower limit."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -115,6 +117,21 @@ def test_paths_of_a_model_over_two_gigabytes(exported, monkeypatch):
     small = api.prune(model, ratio=0.5)
     monkeypatch.setattr(external_data, "PROTOBUF_LIMIT", 1024)
     assert external_data.too_big(to_onnx(api.load(model)))
+    used = []       # the real helpers, counted
+
+    def counting(name):
+        real = getattr(external_data, name)
+
+        @contextlib.contextmanager
+        def wrapper(model):
+            used.append(name)
+            with real(model) as value:
+                yield value
+        return wrapper
+
+    for name in ("without_weights", "saved_with_external_data"):
+        monkeypatch.setattr(external_data, name, counting(name))
     big = api.prune(model, ratio=0.5)
+    assert {"without_weights", "saved_with_external_data"} <= set(used)
     np.testing.assert_array_equal(reference.run(big.graph, feeds)[0],
                                   reference.run(small.graph, feeds)[0])

@@ -42,16 +42,13 @@ def external_data_threshold() -> int:
 
 
 def weight_bytes(model) -> int:
-    """Bytes of an ONNX model's initializers (what decides external data)."""
-    from onnx import numpy_helper
-
+    """Bytes of an ONNX model's initializers (what decides external data): their serialized
+    size (``ByteSize``, which copies nothing), or for those in a data file the length there."""
     total = 0
     for t in model.graph.initializer:
+        total += t.ByteSize()
         if t.data_location == t.EXTERNAL:
             total += int({e.key: e.value for e in t.external_data}.get("length", 0))
-        else:
-            total += len(t.raw_data) if t.HasField("raw_data") else numpy_helper.to_array(
-                t).nbytes
     return total
 
 
@@ -78,10 +75,11 @@ def data_file(path: str | os.PathLike) -> Path:
 def save_onnx(model, path: str | os.PathLike, threshold: int | None = None) -> Path | None:
     """Write an ONNX model to ``path`` atomically; over ``threshold`` bytes of weights (by
     default :func:`external_data_threshold`; never more than protobuf holds), with every
-    tensor of 1 KiB or more in ``NAME.data`` beside it (ONNX external data). Both files are written in a temp directory beside ``path`` and moved into place,
-    the data first, so the .onnx never names a data file that is not there; a ``NAME.data``
-    left by an earlier, larger output is removed. ``model`` is left as it was. Returns the
-    data file, or ``None``."""
+    tensor of 1 KiB or more in ``NAME.data`` beside it (ONNX external data). Both files are
+    written in a temp directory beside ``path`` and moved into place, the data first, so the
+    .onnx never names a data file that is not there; a ``NAME.data`` left by an earlier,
+    larger output is removed. ``model`` is left as it was. Returns the data file, or
+    ``None``."""
     import onnx
     from onnx.external_data_helper import load_external_data_for_model
 
@@ -124,7 +122,7 @@ def without_weights(model) -> Iterator[None]:
     which reads shapes, and the values of small shape tensors only."""
     held = []
     for t in model.graph.initializer:
-        if t.HasField("raw_data") and len(t.raw_data) >= EXTERNAL_DATA_MIN_TENSOR:
+        if t.HasField("raw_data") and t.ByteSize() >= EXTERNAL_DATA_MIN_TENSOR:
             held.append((t, t.raw_data))
             t.ClearField("raw_data")
     try:

@@ -255,7 +255,8 @@ def _load_with_twin(lib_path: Path, twin_path: Path):
     try:
         lib = tvm.runtime.load_module(str(lib_path))
     finally:            # the twin stays out of later loads: they fail (or load) as before
-        tvm_ffi.register_global_func(loader, _no_cuda_runtime if previous is None else previous, override=True)
+        restore = _no_cuda_runtime if previous is None else previous
+        tvm_ffi.register_global_func(loader, restore, override=True)
     lib.clear_imports()
     lib.import_module(twin)
     return lib
