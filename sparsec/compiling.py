@@ -14,13 +14,14 @@ from typing import Any, Callable, Sequence
 
 from sparsec import reference
 from sparsec.errors import BadOptionError, ToolchainError
+from sparsec.frontends.external_data import save_onnx
 from sparsec.frontends.onnx import InputShapes
 from sparsec.ir.graph import Graph
 from sparsec.ir.onnx_io import to_onnx
 from sparsec.loading import Log, ModelLike, _quiet, load
 from sparsec.package import (FORMAT, LIBRARY, MANIFEST, MODEL, Package, archive_name,
-                             check_writable_dir, file_hashes, header_name, save_onnx, seal,
-                             sha256, staging_dir, write_json, write_reference)
+                             check_writable_dir, file_hashes, header_name, seal, sha256,
+                             staging_dir, write_json, write_reference)
 from sparsec.pruning import _check_ratio, as_recipe, merge_recipe, prune
 from sparsec.reference import signature
 from sparsec.running import (BF16_MIN_COSINE, _compare, _load_runner, _raise_if_mismatch,

@@ -31,7 +31,7 @@ from typing import Iterator
 import numpy as np
 
 from sparsec.errors import BadOptionError, InputNotFoundError, InvalidModelError, OutputError
-from sparsec.frontends.external_data import data_file, external_files, save_onnx  # noqa: F401
+from sparsec.frontends.external_data import data_file, external_files
 
 MANIFEST = "manifest.json"
 LIBRARY = "model.so"

@@ -18,11 +18,12 @@ from sparsec import reference
 from sparsec.analysis.cost import Cost, cost
 from sparsec.analysis.depgraph import DependencyGraph
 from sparsec.errors import BadOptionError
+from sparsec.frontends.external_data import save_onnx
 from sparsec.frontends.onnx import InputShapes
 from sparsec.ir.graph import Graph
 from sparsec.ir.onnx_io import to_onnx
 from sparsec.loading import Log, ModelLike, _quiet, load
-from sparsec.package import check_writable_file, read_calibration, save_onnx
+from sparsec.package import check_writable_file, read_calibration
 from sparsec.passes.channel_prune import ChannelPrune
 from sparsec.passes.criteria import CRITERIA, NEEDS_DATA, NEEDS_TORCH
 from sparsec.passes.dead_channels import RemoveDeadChannels

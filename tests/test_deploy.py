@@ -507,19 +507,21 @@ def test_aarch64_kernels_match_onnxruntime_under_qemu(zoo_files, tmp_path, case)
 
     if case == "mlp_bsr":
         m = api.compile(EXAMPLES / "digits_mlp.onnx", tmp_path / "p", target="aarch64",
-                        sparsity=0.9, sparsity_pattern="16x1", calibration=CALIB)
+                        sparsity=0.9, sparsity_pattern="16x1", calibration=CALIB,
+                        keep_onnx=True)
         assert m["compile"]["kernels"].get("bsr_dense", 0) >= 1
     elif case == "expand_dw":
         from test_targets import pointwise_dw_model
 
         onnx.save(pointwise_dw_model(n=1, k=8, c=20, h=56, stride=2, tf_pad=True),
                   tmp_path / "m.onnx")
-        m = api.compile(tmp_path / "m.onnx", tmp_path / "p", target="aarch64")
+        m = api.compile(tmp_path / "m.onnx", tmp_path / "p", target="aarch64", keep_onnx=True)
         assert m["compile"]["kernels"] == {"conv1x1_dw_nchw": 1}
     else:
-        m = api.compile(zoo_files(case), tmp_path / "p", target="aarch64", ratio=0.25)
+        m = api.compile(zoo_files(case), tmp_path / "p", target="aarch64", ratio=0.25,
+                        keep_onnx=True)
     assert m["reference"]["check"]["ok"] and m["reference"]["check"]["via"] == "qemu-aarch64"
-    report = api.validate(tmp_path / "p", seed=1)
+    report = api.validate(tmp_path / "p", seed=1)      # new inputs: the package keeps its ONNX
     assert report.ok, report.outputs
 
 

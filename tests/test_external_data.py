@@ -74,8 +74,7 @@ def test_external_data_in_prune_out_compile_validate(exported, tmp_path, monkeyp
 
     # the package keeps the pruned model as model.onnx + model.onnx.data; validate reads both
     pkg = tmp_path / "pkg"
-    proc = sparsec("-q", "compile", model, "--ratio", "0.5", "--keep-onnx", "-o", pkg)
-    assert proc.returncode == 0, proc.stderr
+    api.compile(model, pkg, ratio=0.5, keep_onnx=True)
     files = Package.load(pkg).manifest["files"]
     assert {"model.onnx", "model.onnx.data"} <= set(files)
     np.testing.assert_allclose(_ort(pkg / "model.onnx", feeds)[0], want, rtol=1e-5, atol=1e-6)

@@ -48,11 +48,11 @@ def parse_input_shapes(text: str | None) -> InputShapes:
     return shapes
 
 
-def read_model(path: str | os.PathLike, weights: bool = True) -> onnx.ModelProto:
-    """An ONNX file, its external data files (if any) read from its directory. With
-    ``weights=False`` tensors stored in external data files are left there (their names,
-    types and shapes are read): :func:`load_onnx` checks a model that way, whatever its size,
-    and reads the weights last (:func:`load_weights`)."""
+def read_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """An ONNX file. Tensors it keeps in external data files are left there (their names,
+    types and shapes are read) and the file is checked by its path: :func:`load_onnx` works on
+    such a model without its weights, whatever its size, and reads them last
+    (:func:`load_weights`, from the file's directory)."""
     p = Path(path)
     if not p.exists():
         raise InputNotFoundError(f"model file not found: {p}")
@@ -66,8 +66,6 @@ def read_model(path: str | os.PathLike, weights: bool = True) -> onnx.ModelProto
         raise InvalidModelError(f"{p} is not a valid ONNX model (no graph)")
     if has_external_data(model):
         check_proto(str(p), str(p))          # by path: the checker reads the data files there
-        if weights:
-            load_weights(model, p.parent)
     return model
 
 
@@ -234,7 +232,7 @@ def load_onnx(model: str | os.PathLike | onnx.ModelProto,
         proto = onnx.ModelProto()
         proto.CopyFrom(model)
     else:       # external data: checked by path, the graph worked on without its weights
-        proto = read_model(model, weights=False)
+        proto = read_model(model)
         base = Path(model).parent if has_external_data(proto) else None
     if proto.functions:
         proto = onnx.inliner.inline_local_functions(proto)

@@ -8,9 +8,9 @@ the VM's host code (LLVM, for the target's host CPU) and one CUDA C++ source for
 Without a GPU the schedules are still checked: :func:`emulation_module` builds the same
 scheduled kernels for the CPU with their thread loops run serially into ``cpu_twin.so`` (the
 kernels alone, no weights), and ``model.so`` itself (its VM code and its weights) runs on this
-CPU with its GPU kernels replaced by those twins (``backend.Runner``; ``via: "cpu twin of the
-cuda schedules"``): ``compile`` checks the reference pair that way, and ``validate`` and
-``run`` do the same with a package on a machine without a GPU.
+CPU with its GPU kernels replaced by those twins (``backend.Runner``, ``via:
+"cuda-schedules-on-cpu"``): ``compile`` checks the reference pair that way, and ``validate``
+and ``run`` do the same with a package on a machine without a GPU.
 
 TVM's wheel is built without the CUDA runtime: its code generator keeps the kernels as CUDA
 source inside the library, and a CUDA-enabled TVM runtime compiles that source when it loads
