@@ -412,7 +412,7 @@ def _to_budget(model: ModelLike, output, options: dict, latency_budget, speedup,
     result.latency = {**{k: v for k, v in record.items() if k != "table"},
                       "target": spec.name}
     if output is not None:
-        atomic_write_bytes(output, to_onnx(result.graph).SerializeToString())
+        save_onnx(to_onnx(result.graph), output)
         result.output = Path(output)
     return result
 

@@ -47,7 +47,7 @@ def _load_runner(spec, directory: Path, name: str, inputs: list[dict], outputs: 
     for a CUDA target, ``cuda`` its facts), or, for a cross CPU target, a program built for
     the target under its emulator. ``ToolchainError`` if nothing here can run it."""
     from sparsec.targets import cpu_flags
-    from sparsec.targets.backend import VIA_TWIN, load_library
+    from sparsec.targets.backend import load_library
 
     if spec.runs_here:
         return load_library(directory / LIBRARY, [s["name"] for s in inputs], cuda)
