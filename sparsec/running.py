@@ -44,8 +44,9 @@ def tolerance(facts: dict) -> tuple[float, float]:
 def _load_runner(spec, directory: Path, name: str, inputs: list[dict], outputs: list[dict],
                  log: Log = _quiet, cuda: dict | None = None):
     """What runs a package's library here: the library itself in this process (on the GPU
-    for a CUDA target, ``cuda`` its facts), or, for a cross CPU target, a program built for
-    the target under its emulator. ``ToolchainError`` if nothing here can run it."""
+    for a CUDA target, ``cuda`` its facts; without a GPU, on the CPU twin of its kernels when
+    the package has one), or, for a cross CPU target, a program built for the target under
+    its emulator. ``ToolchainError`` if nothing here can run it."""
     from sparsec.targets import cpu_flags
     from sparsec.targets.backend import load_library
 
