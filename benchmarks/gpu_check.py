@@ -7,12 +7,12 @@ Here:   PYTHONPATH=. python benchmarks/gpu_check.py DIR [--target cuda-sm90]
 There:  bash DIR/run.sh   (prints, and writes $OUT/gpu_check.txt when OUT is set)
 
 DIR holds ``rt/`` (``sparsec runtime --target T``: libtvm_runtime, libtvm_ffi,
-libtvm_runtime_cuda, headers, the C API source), ``pkgs/NAME/`` (each package without its
-model.onnx, which the check does not read: the digits CNN and MLP, and a 768 -> 3072 linear
-layer dense / 2:4 / 80 % at batch 1, 2:4 at batch 8, and dense / 2:4 at 128 rows, where the
-2:4 layer runs on sparse tensor cores, ``mma_sp_cuda``), ``check.c`` and ``run.sh``. Per
-package the program runs the reference pair (ONNX Runtime's outputs, computed here) on the GPU
-and times ``sparsec_run`` (host buffers in and out, so the copies are counted).
+libtvm_runtime_cuda, headers, the C API source), ``pkgs/NAME/`` (the packages: the digits CNN
+and MLP, and a 768 -> 3072 linear layer dense / 2:4 / 80 % at batch 1, 2:4 at batch 8, and
+dense / 2:4 at 128 rows, where the 2:4 layer runs on sparse tensor cores, ``mma_sp_cuda``),
+``check.c`` and ``run.sh``. Per package the program runs the reference pair (ONNX Runtime's
+outputs, computed here) on the GPU and times ``sparsec_run`` (host buffers in and out, so the
+copies are counted).
 """
 
 from __future__ import annotations
@@ -125,7 +125,6 @@ def main(argv: list[str] | None = None) -> int:
         # the 128-row 2:4 layer in bf16: on the sparse tensor cores (mma_sp_cuda)
         precision = "bf16" if name == "linear_m128_2of4" else None
         manifest = api.compile(path, pkg, target=args.target, name=name, precision=precision)
-        (pkg / "model.onnx").unlink()
         print(f"{name}: {manifest['compile']['kernels']}, checked here via "
               f"{manifest['reference']['check']['via']}")
     for path in out.glob("*.onnx"):

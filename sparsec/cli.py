@@ -211,7 +211,7 @@ def cmd_compile(args) -> int:
                            **_prune_kwargs(args), command=["sparsec", *args.argv],
                            tune=args.tune, precision=args.precision, profile=args.profile,
                            latency_budget=args.latency_budget, speedup=args.speedup,
-                           **_rpc_kwargs(args), log=_log(args))
+                           keep_onnx=args.keep_onnx, **_rpc_kwargs(args), log=_log(args))
     p = manifest["prune"]
     print(f"compiled {args.model} for {manifest['target']['name']} -> {args.output}")
     print(f"  params {p['before']['params']:,} -> {p['after']['params']:,}{_nonzero(p)}, "
@@ -319,7 +319,7 @@ def cmd_run(args) -> int:
 
     if args.outputs:
         check_writable_file(args.outputs)
-    outputs = api.run(args.package, args.inputs, **_rpc_kwargs(args))
+    outputs = api.run(args.package, args.inputs, **_rpc_kwargs(args), log=_log(args))
     for name, arr in outputs.items():
         print(f"{name}: {arr.dtype}{list(arr.shape)} mean {float(arr.mean()):.6g} "
               f"min {float(arr.min()):.6g} max {float(arr.max()):.6g}")
@@ -338,17 +338,23 @@ def cmd_validate(args) -> int:
     from sparsec import api
 
     report = api.validate(args.package, args.inputs, rtol=args.rtol, atol=args.atol,
-                          seed=args.seed, **_rpc_kwargs(args))
+                          seed=args.seed, **_rpc_kwargs(args), log=_log(args))
+    against = ("ONNX Runtime" if report.against == "onnxruntime" else
+               "the reference pair (ONNX Runtime's outputs at compile time; the package has no "
+               "model.onnx)")
+    print(f"via: {report.via}" + (" (the CPU twin of the CUDA schedules: no GPU here)"
+                                  if report.via == "cuda-schedules-on-cpu" else "")
+          + f"; against {against}")
     for o in report.outputs:
         floor = ("" if report.min_cosine is None
                  else f" (bf16 kernels: or >= {report.min_cosine})")
         print(f"{'ok  ' if o['ok'] else 'FAIL'} {o['name']}: max abs err {o['max_abs_err']:.3g} "
               f"(bound {o['bound']:.3g}), cosine {o['cosine']:.6f}{floor}")
-    print(f"via: {report.via}")
     if not report.ok:
         print(f"validation failed: max abs err {report.max_abs_err:.3g}", file=sys.stderr)
         return 10
-    print("library matches ONNX Runtime")
+    print("library matches ONNX Runtime" + (" (its reference pair)"
+                                            if report.against == "reference" else ""))
     return 0
 
 
@@ -607,6 +613,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "(targets that run here; `sparsec profile DIR` does it later)")
     budget_args(sp)
     rpc_args(sp, "with --tune: time the kernels")
+    sp.add_argument("--keep-onnx", action="store_true",
+                    help="also put the pruned model.onnx in the package (a second copy of the "
+                         "weights the library holds; for ONNX Runtime and validate on new "
+                         "inputs)")
     sp.set_defaults(func=cmd_compile)
 
     sp = command("sweep", help="fidelity against measured latency over a series of ratios: "
@@ -690,13 +700,16 @@ def build_parser() -> argparse.ArgumentParser:
     rpc_args(sp, "run the library")
     sp.set_defaults(func=cmd_run)
 
-    sp = command("validate", help="compiled library vs ONNX Runtime on the pruned model")
+    sp = command("validate", help="compiled library vs ONNX Runtime on the pruned model (its "
+                                  "reference pair, for a package without model.onnx)")
     sp.add_argument("package", metavar="DIR")
-    sp.add_argument("--inputs", metavar="X.npz", help="inputs (default: seeded random)")
+    sp.add_argument("--inputs", metavar="X.npz",
+                    help="inputs (default: seeded random; packages with model.onnx)")
     sp.add_argument("--rtol", type=float, help="relative tolerance (of max |ref|; default: "
                     "the package's, 1e-4, or 3e-2 with bf16 kernels)")
     sp.add_argument("--atol", type=float, help="absolute tolerance (default: the package's)")
-    sp.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    sp.add_argument("--seed", type=int, default=None,
+                    help="seed of the random inputs (default 0; packages with model.onnx)")
     rpc_args(sp, "run the library (ONNX Runtime runs here)")
     sp.set_defaults(func=cmd_validate)
     return p

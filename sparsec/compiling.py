@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 
 from sparsec import reference
 from sparsec.errors import BadOptionError, ToolchainError
+from sparsec.frontends.external_data import save_onnx
 from sparsec.frontends.onnx import InputShapes
 from sparsec.ir.graph import Graph
 from sparsec.ir.onnx_io import to_onnx
@@ -59,7 +60,7 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
             tune: float = 0.0, precision: str | None = None, profile: bool = False,
             latency_budget: float | None = None, speedup: float | None = None,
             rpc: str | None = None, key: str | None = None, rpc_timeout: float | None = None,
-            log: Log = _quiet) -> dict:
+            keep_onnx: bool = False, log: Log = _quiet) -> dict:
     """Prune, compile for ``target`` and write a package directory (see ``sparsec.package``);
     returns its manifest. ``name`` (a C identifier; default: from the directory name) names
     the C header, the static archive and its symbols. ``round_to`` defaults to the target's
@@ -87,6 +88,11 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
     saved (``sparsec.latency``). The manifest's
     ``latency`` holds the asked, the measured (the package's own library) and the dense
     latency and every ratio tried; its recipe holds the ratio chosen.
+
+    ``keep_onnx`` puts the pruned model in the package too (``model.onnx``, its weights in
+    ``model.onnx.data`` beside it when large): a second copy of the weights, which the library
+    holds already, for ONNX Runtime and for ``validate`` on new inputs (without it,
+    ``validate`` checks the library on the package's reference pair).
 
     ``precision`` "bf16" lets kernels that round their inputs to bf16 run where they are
     faster (AMX tiles on CPUs that have them, sparse tensor cores for 2:4 weights on sm_80+);
@@ -156,7 +162,8 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(staging_dir(output_dir))
         proto = to_onnx(graph)
-        (tmp / MODEL).write_bytes(proto.SerializeToString())
+        if keep_onnx:
+            save_onnx(proto, tmp / MODEL)
         if tune > 0:
             from sparsec.targets import tuning
 
@@ -179,10 +186,11 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
                 with amx.emulated():
                     compile_onnx(proto, resolve_target("host"), emulation, log=log, tuned=False,
                                  precision="bf16")
-        else:
+        else:   # without a GPU, the library runs on its kernels' CPU twin (cpu_twin.so)
             from sparsec.targets import cuda
 
-            emulation = None if spec.runs_here else scratch / "emulation.so"
+            # a host of another CPU (Jetson): the whole model's twin, for this check only
+            emulation = None if spec.native else scratch / "emulation.so"
             facts = cuda.compile_onnx(proto, spec, tmp / LIBRARY, log, emulation_lib=emulation,
                                       precision=precision)
             bf16 = uses_bf16(facts)
@@ -209,8 +217,8 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
                 log(f"warning: reference pair not checked here ({e}); check it on the device "
                     f"(sparsec_check_reference)")
                 runner = None
-            else:   # no GPU or no AMX: check the same kernels' numerics on this CPU
-                from sparsec.targets.backend import load_library
+            else:   # no AMX, or a GPU with another host: check the numerics on this CPU
+                from sparsec.targets.backend import VIA_TWIN, load_library
 
                 what, how, where = (
                     ("AMX code", "its tile programs are checked on this CPU with the tile ops "
@@ -219,7 +227,7 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
                 log(f"warning: the {what} is not run here ({e}); {how}, the binary on "
                     f"{where} with sparsec validate")
                 runner = load_library(emulation, [s["name"] for s in inputs])
-                runner.via = "amx-tiles-emulated-on-cpu" if on_cpu else "cuda-schedules-on-cpu"
+                runner.via = "amx-tiles-emulated-on-cpu" if on_cpu else VIA_TWIN
         min_cosine = BF16_MIN_COSINE if bf16 else None
         if runner is not None:
             via = runner.via
@@ -261,9 +269,8 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
             "library": {"shared": LIBRARY, "static": archive_name(name) if on_cpu else None,
                         "header": header_name(name),
                         "system_lib_prefix": prefix if on_cpu else None},
-            "reference": {"inputs": "reference/inputs.npz", "outputs": "reference/outputs.npz",
-                          "inputs_bin": "reference/inputs.bin",
-                          "outputs_bin": "reference/outputs.bin", "rtol": rtol, "atol": atol,
+            "reference": {"inputs": "reference/inputs.bin", "outputs": "reference/outputs.bin",
+                          "rtol": rtol, "atol": atol,
                           **({"min_cosine": min_cosine} if bf16 else {}),
                           "from": "calibration" if calibration is not None else "random",
                           "check": None if check is None else {
@@ -289,7 +296,7 @@ def profile(model: ModelLike, input_shapes: InputShapes | str | None = None) -> 
     from sparsec.profile import profile_model
 
     if isinstance(model, (str, os.PathLike)) and Path(model).is_dir():
-        model = Package.load(model).path / MODEL
+        model = _package_model(Package.load(model))
     return profile_model(to_onnx(load(model, input_shapes)))
 
 
@@ -315,11 +322,17 @@ def tune(model: ModelLike, *, target: str = "host", budget: float = 60.0,
     if budget <= 0:
         raise BadOptionError(f"tuning budget must be positive, got {budget}")
     if isinstance(model, (str, os.PathLike)) and Path(model).is_dir():
-        model = Path(model) / MODEL
-        if not model.is_file():
-            raise BadOptionError(f"{model.parent} is not a sparsec package (no {MODEL})")
+        model = _package_model(Package.load(model))
     proto = to_onnx(load(model, input_shapes))
     return tuning.tune(proto, spec, budget, log=log, check=check, remote=remote)
+
+
+def _package_model(pkg: Package) -> Path:
+    """A package's pruned model, for the commands that need one."""
+    if pkg.model is None:
+        raise BadOptionError(f"package {pkg.path} has no {MODEL}: compile it with --keep-onnx, "
+                             f"or give the model itself")
+    return pkg.model
 
 
 def check_toolchain(spec) -> None:

@@ -4,8 +4,13 @@
     model.so              shared library (Relax VM executable, weights baked in)
     libNAME.a             the same model as a static archive for system-lib linking
     NAME.h                C header: shapes, dtypes and NAME_spec for the C API (sparsec.h)
-    model.onnx            the pruned model, for ONNX Runtime
-    reference/            inputs.{npz,bin} and the outputs.{npz,bin} ONNX Runtime gives for them
+    model.onnx            the pruned model, for ONNX Runtime (only with ``keep_onnx``: the
+                          library holds the weights; over a size threshold its weights are in
+                          model.onnx.data beside it)
+    cpu_twin.so           CUDA packages: the GPU kernels built for this CPU, threads serialized
+                          (no weights): ``validate``/``run`` without a GPU run model.so on them
+    reference/            inputs.bin and the outputs.bin ONNX Runtime gives for them (raw
+                          little-endian arrays in signature order, read with the manifest)
 
 Outputs are written atomically (temp file or directory + rename), so a failed run never leaves a
 half-written output behind; every file is written deterministically (no timestamps), so the same
@@ -26,14 +31,16 @@ from typing import Iterator
 import numpy as np
 
 from sparsec.errors import BadOptionError, InputNotFoundError, InvalidModelError, OutputError
+from sparsec.frontends.external_data import data_file, external_files
 
 MANIFEST = "manifest.json"
 LIBRARY = "model.so"
 MODEL = "model.onnx"
-FORMAT = "sparsec-package/3"
+FORMAT = "sparsec-package/4"
 #: the manifest's own hash: SHA-256 of its canonical JSON without this key
 SEAL = "manifest_sha256"
-REFERENCE = {"inputs.npz", "outputs.npz", "inputs.bin", "outputs.bin"}
+#: the reference pair, under ``reference/``: raw arrays, as the C API reads them
+REFERENCE = ("inputs.bin", "outputs.bin")
 
 
 def archive_name(name: str) -> str:
@@ -69,6 +76,12 @@ def check_writable_file(path: str | os.PathLike, source: str | os.PathLike | Non
     p = Path(path)
     if source is not None and Path(source).exists() and p.exists() and p.samefile(source):
         raise OutputError(f"refusing to overwrite the input model {p}")
+    if source is not None and Path(source).is_file():
+        data = data_file(p)
+        for f in external_files(source):
+            if data.exists() and f.exists() and data.samefile(f):
+                raise OutputError(f"refusing to write {p}: its weights would go to {data}, "
+                                  f"the input model's external data")
     if p.is_dir():
         raise OutputError(f"output {p} is a directory")
     _check_parent(p)
@@ -272,28 +285,40 @@ def write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """``np.savez`` without its timestamps: the same arrays always give the same bytes."""
-    import zipfile
-
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
-        for name, arr in arrays.items():
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            with z.open(info, "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
-
-
 def write_reference(directory: Path, inputs: list[dict], outputs: list[dict],
                     feeds: dict[str, np.ndarray], results: list[np.ndarray]) -> None:
-    """The reference pair: ``.npz`` keyed by name, and ``.bin`` with the raw little-endian
-    arrays concatenated in signature order (what ``sparsec_check_reference`` reads)."""
+    """The reference pair, stored once: ``inputs.bin`` and ``outputs.bin``, the raw
+    little-endian arrays concatenated in signature order (what ``sparsec_check_reference``
+    reads; :func:`read_reference` reads them back with the manifest's signature)."""
     directory.mkdir(parents=True, exist_ok=True)
-    named_in = {s["name"]: np.ascontiguousarray(feeds[s["name"]], s["dtype"]) for s in inputs}
-    named_out = {s["name"]: np.ascontiguousarray(r, s["dtype"]) for s, r in zip(outputs, results)}
-    for kind, named in (("inputs", named_in), ("outputs", named_out)):
-        write_npz(directory / f"{kind}.npz", named)
-        (directory / f"{kind}.bin").write_bytes(
-            b"".join(a.astype(a.dtype.newbyteorder("<")).tobytes() for a in named.values()))
+    for (name, specs), arrays in zip(zip(REFERENCE, (inputs, outputs)),
+                                     ([feeds[s["name"]] for s in inputs], results)):
+        (directory / name).write_bytes(b"".join(
+            np.ascontiguousarray(a, np.dtype(s["dtype"]).newbyteorder("<")).tobytes()
+            for s, a in zip(specs, arrays)))
+
+
+def _read_arrays(path: Path, specs: list[dict]) -> dict[str, np.ndarray]:
+    data = path.read_bytes()
+    arrays, offset = {}, 0
+    for s in specs:
+        dtype = np.dtype(s["dtype"]).newbyteorder("<")
+        count = int(np.prod(s["shape"]))
+        if offset + count * dtype.itemsize > len(data):
+            raise InvalidModelError(f"{path} is shorter than the manifest's signature")
+        arrays[s["name"]] = np.frombuffer(data, dtype, count, offset).reshape(
+            s["shape"]).astype(dtype.newbyteorder("="))
+        offset += count * dtype.itemsize
+    if offset != len(data):
+        raise InvalidModelError(f"{path} is longer than the manifest's signature")
+    return arrays
+
+
+def read_reference(directory: Path, inputs: list[dict], outputs: list[dict]
+                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The reference pair :func:`write_reference` wrote: inputs and outputs keyed by name."""
+    return (_read_arrays(directory / REFERENCE[0], inputs),
+            _read_arrays(directory / REFERENCE[1], outputs))
 
 
 def file_hashes(directory: Path) -> dict[str, str]:
@@ -352,6 +377,15 @@ class Package:
 
     def read_inputs(self, npz: str | os.PathLike) -> dict[str, np.ndarray]:
         return read_npz_inputs(npz, self.inputs)
+
+    def reference(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """The reference pair (inputs, ONNX Runtime's outputs at compile time), by name."""
+        return read_reference(self.path / "reference", self.inputs, self.outputs)
+
+    @property
+    def model(self) -> Path | None:
+        """The pruned ONNX model, where the package keeps one (``keep_onnx``)."""
+        return self.path / MODEL if MODEL in self.manifest["files"] else None
 
 
 def _load_npz(path: str | os.PathLike) -> tuple[Path, dict[str, np.ndarray]]:

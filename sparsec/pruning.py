@@ -18,11 +18,12 @@ from sparsec import reference
 from sparsec.analysis.cost import Cost, cost
 from sparsec.analysis.depgraph import DependencyGraph
 from sparsec.errors import BadOptionError
+from sparsec.frontends.external_data import save_onnx
 from sparsec.frontends.onnx import InputShapes
 from sparsec.ir.graph import Graph
 from sparsec.ir.onnx_io import to_onnx
 from sparsec.loading import Log, ModelLike, _quiet, load
-from sparsec.package import atomic_write_bytes, check_writable_file, read_calibration
+from sparsec.package import check_writable_file, read_calibration
 from sparsec.passes.channel_prune import ChannelPrune
 from sparsec.passes.criteria import CRITERIA, NEEDS_DATA, NEEDS_TORCH
 from sparsec.passes.dead_channels import RemoveDeadChannels
@@ -383,7 +384,7 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, recipe=N
             f"calibration samples: a rough figure, and only for data like the calibration "
             f"data; give more (--calib) for one you can rely on")
     if output is not None:
-        atomic_write_bytes(output, to_onnx(pruned).SerializeToString())
+        save_onnx(to_onnx(pruned), output)
         result.output = Path(output)
     return result
 
@@ -411,7 +412,7 @@ def _to_budget(model: ModelLike, output, options: dict, latency_budget, speedup,
     result.latency = {**{k: v for k, v in record.items() if k != "table"},
                       "target": spec.name}
     if output is not None:
-        atomic_write_bytes(output, to_onnx(result.graph).SerializeToString())
+        save_onnx(to_onnx(result.graph), output)
         result.output = Path(output)
     return result
 
@@ -484,6 +485,6 @@ def _search_ratio(model: ModelLike, output, max_drop, metric, options: dict,
     result.recipe = recipe        # re-running it searches again, to the same ratio
     log(f"max-drop: chose ratio {hi:.4f} of {len(tried)} tried")
     if output is not None:
-        atomic_write_bytes(output, to_onnx(result.graph).SerializeToString())
+        save_onnx(to_onnx(result.graph), output)
         result.output = Path(output)
     return result

@@ -13,20 +13,29 @@ import numpy as np
 from sparsec.ir.graph import Graph
 
 
-def session(model, threads: int = 0):
-    """An ONNX Runtime CPU session for a Graph or an ONNX ModelProto."""
+def session(model, threads: int = 0, external_dir=None):
+    """An ONNX Runtime CPU session for a Graph or an ONNX ModelProto (``external_dir``: where
+    the files of its external data are). A model over protobuf's 2 GB is handed to ONNX
+    Runtime as a file with external data."""
     import onnxruntime as ort
 
+    from sparsec.frontends.external_data import saved_with_external_data, too_big
     from sparsec.ir.onnx_io import to_onnx
 
     proto = to_onnx(model) if isinstance(model, Graph) else model
     opts = ort.SessionOptions()
+    if external_dir is not None:
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                      str(external_dir))
     opts.log_severity_level = 3
     # no spin-waiting between runs: passes run numpy (least squares) between them, and idle
     # ORT threads spinning on the same cores made a 350-wide eigh 8x slower
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
+    if too_big(proto):
+        with saved_with_external_data(proto) as path:   # ORT has read it when this returns
+            return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 

@@ -44,12 +44,21 @@ def tolerance(facts: dict) -> tuple[float, float]:
 def _load_runner(spec, directory: Path, name: str, inputs: list[dict], outputs: list[dict],
                  log: Log = _quiet, cuda: dict | None = None):
     """What runs a package's library here: the library itself in this process (on the GPU
-    for a CUDA target, ``cuda`` its facts), or, for a cross CPU target, a program built for
-    the target under its emulator. ``ToolchainError`` if nothing here can run it."""
-    if spec.runs_here:
-        from sparsec.targets.backend import load_library
+    for a CUDA target, ``cuda`` its facts; without a GPU, on the CPU twin of its kernels when
+    the package has one), or, for a cross CPU target, a program built for the target under
+    its emulator. ``ToolchainError`` if nothing here can run it."""
+    from sparsec.targets import cpu_flags
+    from sparsec.targets.backend import load_library
 
+    if spec.runs_here:
         return load_library(directory / LIBRARY, [s["name"] for s in inputs], cuda)
+    twin = directory / cuda["cpu_twin"] if cuda and "cpu_twin" in cuda else None
+    if spec.device == "cuda" and spec.native and twin is not None and not (
+            spec.cpu_flags - cpu_flags()):
+        log(f"note: {spec.why_not_here}: {LIBRARY} runs on this CPU via the CPU twin of the "
+            f"CUDA schedules ({twin.name}: the same kernels, threads serialized; nvcc's "
+            f"binary runs only on a GPU)")
+        return load_library(directory / LIBRARY, [s["name"] for s in inputs], cuda, twin)
     if spec.native or spec.device != "cpu":
         raise ToolchainError(f"target {spec.name} does not run on this machine: "
                              f"{spec.why_not_here}")
@@ -58,10 +67,11 @@ def _load_runner(spec, directory: Path, name: str, inputs: list[dict], outputs: 
     return EmulatedRunner(spec, directory, name, inputs, outputs, log)
 
 
-def _runner(pkg: Package, remote=None):
+def _runner(pkg: Package, log: Log = _quiet, remote=None):
     from sparsec.targets import resolve_target
 
     spec = resolve_target(pkg.manifest["target"]["name"])
+    check_elf(pkg.path / LIBRARY)
     if remote is not None:     # a device under the key runs it: its checks are there
         if spec.device != "cpu":
             raise BadOptionError(f"running over RPC takes CPU packages; this one is for "
@@ -69,9 +79,8 @@ def _runner(pkg: Package, remote=None):
         from sparsec.remote import RemoteRunner
 
         return RemoteRunner(remote, pkg.path / LIBRARY, [s["name"] for s in pkg.inputs])
-    check_elf(pkg.path / LIBRARY)
     try:
-        return _load_runner(spec, pkg.path, pkg.name, pkg.inputs, pkg.outputs,
+        return _load_runner(spec, pkg.path, pkg.name, pkg.inputs, pkg.outputs, log,
                             cuda=pkg.manifest["compile"].get("cuda"))
     except SparsecError:
         raise
@@ -79,17 +88,15 @@ def _runner(pkg: Package, remote=None):
         raise _library_failed(pkg, e) from None
 
 
-def _run_package(pkg: Package, feeds: dict[str, np.ndarray], remote=None
-                 ) -> list[np.ndarray]:
+def _run_package(pkg: Package, feeds: dict[str, np.ndarray], log: Log = _quiet,
+                 remote=None) -> tuple[list[np.ndarray], str]:
     """The package's library on checked feeds (here, or with ``remote`` on a device under its
-    key); a library that fails on inputs matching its manifest (another model's library,
-    re-hashed into it) is refused as an invalid package."""
-    return _run_with(_runner(pkg, remote), pkg, feeds)
-
-
-def _run_with(runner, pkg: Package, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    key), and how it ran (``Runner.via``); a library that fails on inputs matching its
+    manifest (another model's library, re-hashed into it) is refused as an invalid
+    package."""
+    runner = _runner(pkg, log, remote)
     try:
-        return runner.run(feeds)
+        return runner.run(feeds), runner.via
     except SparsecError:
         raise
     except Exception as e:
@@ -106,17 +113,18 @@ def _library_failed(pkg: Package, e: Exception) -> InvalidModelError:
 
 
 def run(package_dir: str | os.PathLike, inputs: dict[str, np.ndarray] | str | os.PathLike,
-        *, rpc: str | None = None, key: str | None = None, rpc_timeout: float | None = None
-        ) -> dict[str, np.ndarray]:
-    """Run a compiled package on ``inputs`` (dict or .npz path); outputs keyed by name.
-    With ``rpc`` (a TVM RPC tracker's HOST:PORT) and ``key``, on a device server registered
-    under that key, waiting up to ``rpc_timeout`` seconds for a free one
+        *, rpc: str | None = None, key: str | None = None, rpc_timeout: float | None = None,
+        log: Log = _quiet) -> dict[str, np.ndarray]:
+    """Run a compiled package on ``inputs`` (dict or .npz path); outputs keyed by name. A CUDA
+    package on a machine without a GPU runs on the CPU twin of its schedules (``log`` says
+    so). With ``rpc`` (a TVM RPC tracker's HOST:PORT) and ``key``, on a device server
+    registered under that key, waiting up to ``rpc_timeout`` seconds for a free one
     (``sparsec.remote``)."""
     remote = _remote(rpc, key, rpc_timeout)
     pkg = Package.load(package_dir)
     feeds = reference.check_inputs(
         inputs if isinstance(inputs, dict) else pkg.read_inputs(inputs), pkg.inputs)
-    outs = _run_package(pkg, feeds, remote)
+    outs, _ = _run_package(pkg, feeds, log, remote)
     return {spec["name"]: out for spec, out in zip(pkg.outputs, outs)}
 
 
@@ -133,8 +141,12 @@ class ValidationReport:
     rtol: float = RTOL
     atol: float = ATOL
     min_cosine: float | None = None
-    #: where the library ran: ``native``, ``cuda``, the emulator's name, or ``rpc:KEY``
+    #: how the library ran (``native``, ``cuda``, ``cuda-schedules-on-cpu``: the CPU twin of
+    #: a CUDA package's schedules where no GPU is, ``qemu-...``, or ``rpc:KEY``)
     via: str = "native"
+    #: what it was compared with: ONNX Runtime on the package's model.onnx, or (a package
+    #: without one) the reference pair ONNX Runtime gave at compile time
+    against: str = "onnxruntime"
 
     @property
     def max_abs_err(self) -> float:
@@ -176,36 +188,47 @@ def _raise_if_mismatch(report: ValidationReport) -> None:
 
 
 def validate(package_dir: str | os.PathLike, inputs=None, *, rtol: float | None = None,
-             atol: float | None = None, seed: int = 0, check: bool = False,
+             atol: float | None = None, seed: int | None = None, check: bool = False,
              rpc: str | None = None, key: str | None = None,
-             rpc_timeout: float | None = None) -> ValidationReport:
+             rpc_timeout: float | None = None, log: Log = _quiet) -> ValidationReport:
     """Compiled library vs ONNX Runtime on the package's pruned ONNX model.
 
     An output matches when max|lib - ort| <= atol + rtol * max|ort| (by default the
     package's own tolerance: its manifest's ``reference``), or, for a package with bf16
     kernels, when its cosine similarity is at least the recorded ``min_cosine``. With
-    ``check=True`` a mismatch
-    raises ``ValidationError`` (the CLI's non-zero exit). With ``rpc`` (a TVM RPC tracker's
-    HOST:PORT) and ``key`` the library runs on a device server registered under that key
-    (``via`` says ``rpc:KEY``); ONNX Runtime runs here."""
-    import onnx
+    ``check=True`` a mismatch raises ``ValidationError`` (the CLI's non-zero exit).
 
+    A package with ``model.onnx`` (compiled with ``keep_onnx``) is checked on ``inputs``, or on
+    random inputs drawn with ``seed`` (default 0); one without is checked on its reference
+    pair (``against`` says which), and ``inputs`` or ``seed`` are refused. A CUDA package on
+    a machine without a GPU runs on the CPU twin of its schedules (``via``). With ``rpc`` (a
+    TVM RPC tracker's HOST:PORT) and ``key`` the library runs on a device server registered
+    under that key (``via`` says ``rpc:KEY``); ONNX Runtime runs here."""
     remote = _remote(rpc, key, rpc_timeout)
     pkg = Package.load(package_dir)
     recorded = pkg.manifest.get("reference", {})
     rtol = recorded.get("rtol", RTOL) if rtol is None else rtol
     atol = recorded.get("atol", ATOL) if atol is None else atol
     min_cosine = recorded.get("min_cosine")
-    model = onnx.load(str(pkg.path / MODEL))
-    if inputs is None:
-        feeds = reference.random_feeds(pkg.inputs, seed)
+    if pkg.model is None:
+        if inputs is not None or seed is not None:
+            raise BadOptionError(f"package {pkg.path} has no {MODEL} (compiled without "
+                                 f"--keep-onnx): it is checked on its reference pair only, "
+                                 f"not on new inputs")
+        feeds, want = pkg.reference()
+        expected, against = [want[s["name"]] for s in pkg.outputs], "reference"
     else:
-        feeds = reference.check_inputs(
-            inputs if isinstance(inputs, dict) else pkg.read_inputs(inputs), pkg.inputs)
-    runner = _runner(pkg, remote)
-    actual = _run_with(runner, pkg, feeds)
-    report = _compare(pkg.outputs, reference.run(model, feeds), actual, rtol, atol, min_cosine)
-    report.via = getattr(runner, "via", "native")
+        import onnx
+
+        if inputs is None:
+            feeds = reference.random_feeds(pkg.inputs, 0 if seed is None else seed)
+        else:
+            feeds = reference.check_inputs(
+                inputs if isinstance(inputs, dict) else pkg.read_inputs(inputs), pkg.inputs)
+        expected, against = reference.run(onnx.load(str(pkg.model)), feeds), "onnxruntime"
+    actual, via = _run_package(pkg, feeds, log, remote)
+    report = _compare(pkg.outputs, expected, actual, rtol, atol, min_cosine)
+    report.via, report.against = via, against
     if check:
         _raise_if_mismatch(report)
     return report

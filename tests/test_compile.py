@@ -13,10 +13,14 @@ import pytest
 from conftest import EXAMPLES
 from test_cli import assert_clean_error, digest, sparsec
 
+from sparsec import api as sparsec_api
 from sparsec import reference
-from sparsec.package import seal, sha256
+from sparsec.errors import BadOptionError, InvalidModelError
+from sparsec.package import Package, seal, sha256
 
 MODELS = {"cnn": EXAMPLES / "digits_cnn.onnx", "mlp": EXAMPLES / "digits_mlp.onnx"}
+#: the CNN's package is lean (the default: no model.onnx), the MLP's keeps its pruned model
+KEEP_ONNX = {"cnn": (), "mlp": ("--keep-onnx",)}
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +31,7 @@ def packages(tmp_path_factory):
         before = digest(model)
         pkg = root / name
         proc = sparsec("compile", model, "--target", "host", "--ratio", "0.3", "-o", pkg,
-                       "--calib", EXAMPLES / "digits_calib.npz")
+                       "--calib", EXAMPLES / "digits_calib.npz", *KEEP_ONNX[name])
         assert proc.returncode == 0, proc.stderr
         assert digest(model) == before
         out[name] = pkg
@@ -44,8 +48,10 @@ def test_compile_then_validate(packages, name):
 @pytest.mark.parametrize("name", MODELS)
 def test_package_contents_and_manifest(packages, name):
     pkg = packages[name]
+    onnx_file = ["model.onnx"] if KEEP_ONNX[name] else []
     assert sorted(os.listdir(pkg)) == sorted([f"{name}.h", f"lib{name}.a", "manifest.json",
-                                              "model.onnx", "model.so", "reference"])
+                                              "model.so", "reference"] + onnx_file)
+    assert sorted(os.listdir(pkg / "reference")) == ["inputs.bin", "outputs.bin"]   # once
     m = json.loads((pkg / "manifest.json").read_text())
     assert m["name"] == name          # from the directory name
     assert m["library"] == {"shared": "model.so", "static": f"lib{name}.a",
@@ -54,8 +60,8 @@ def test_package_contents_and_manifest(packages, name):
     assert m["target"]["name"] == "host" and m["target"]["tvm"]["kind"] == "llvm"
     assert m["command"][:2] == ["sparsec", "compile"] and "--ratio" in m["command"]
     assert m["source"]["sha256"] == sha256(MODELS[name])
-    files = [f"{name}.h", f"lib{name}.a", "model.onnx", "model.so"] + [
-        f"reference/{k}.{ext}" for k in ("inputs", "outputs") for ext in ("bin", "npz")]
+    files = [f"{name}.h", f"lib{name}.a", "model.so", "reference/inputs.bin",
+             "reference/outputs.bin"] + onnx_file
     assert m["files"] == {f: sha256(pkg / f) for f in sorted(files)}
     assert m["inputs"] == [{"name": "image", "shape": [1, 1, 8, 8], "dtype": "float32"}]
     assert m["outputs"][0]["shape"] == [1, 10]
@@ -63,11 +69,11 @@ def test_package_contents_and_manifest(packages, name):
     assert p["name"] == "channel-prune" and p["exact"] is False
     assert p["after"]["params"] < p["before"]["params"]
     assert p["after"]["macs"] < p["before"]["macs"]
-    # pruned ONNX in the package is what the pass report describes
-    pruned = onnx.load(str(pkg / "model.onnx"))
-    n_params = sum(int(np.prod(t.dims)) for t in pruned.graph.initializer
-                   if t.data_type == onnx.TensorProto.FLOAT)
-    assert n_params == p["after"]["params"]
+    if onnx_file:   # pruned ONNX in the package is what the pass report describes
+        pruned = onnx.load(str(pkg / "model.onnx"))
+        n_params = sum(int(np.prod(t.dims)) for t in pruned.graph.initializer
+                       if t.data_type == onnx.TensorProto.FLOAT)
+        assert n_params == p["after"]["params"]
     # the heavy ops went to scheduled kernels, not TVM's unscheduled default
     kernels = m["compile"]["kernels"]
     heavy = "conv2d_nchw_packed" if name == "cnn" else "dense_packed"
@@ -75,7 +81,7 @@ def test_package_contents_and_manifest(packages, name):
 
 
 def test_run_matches_onnxruntime_on_real_inputs(packages, tmp_path):
-    pkg = packages["cnn"]
+    pkg = packages["mlp"]
     test = np.load(EXAMPLES / "digits_test.npz")
     images = test["image"][:, None]                       # [N, 1, 1, 8, 8]
     pruned = onnx.load(str(pkg / "model.onnx"))
@@ -84,7 +90,7 @@ def test_run_matches_onnxruntime_on_real_inputs(packages, tmp_path):
     y = tmp_path / "y.npz"
     proc = sparsec("run", pkg, "--inputs", x, "--outputs", y)
     assert proc.returncode == 0, proc.stderr
-    got = np.load(y)["linear"]
+    [got] = np.load(y).values()
     want = reference.run(pruned, {"image": images[3]})[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     proc = sparsec("validate", pkg, "--inputs", x)
@@ -115,6 +121,36 @@ def test_validate_fails_when_library_and_model_disagree(packages, tmp_path):
     assert "FAIL" in proc.stdout and "max abs err" in proc.stderr
 
 
+def test_lean_package_validates_on_its_reference_pair(packages, tmp_path):
+    """A package without model.onnx (the default) is checked on its one reference pair: a
+    re-sealed pair that the library does not reproduce fails; new inputs, a seed and the
+    commands that need the model are refused with one line."""
+    pkg = packages["cnn"]
+    proc = sparsec("validate", pkg)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "against the reference pair" in proc.stdout and "via: native" in proc.stdout
+    m = json.loads((pkg / "manifest.json").read_text())
+    x, y = Package.load(pkg).reference()
+    assert list(x) == ["image"] and x["image"].shape == (1, 1, 8, 8)
+    np.testing.assert_array_equal(
+        y["linear"], np.fromfile(pkg / "reference" / "outputs.bin", "<f4").reshape(1, 10))
+    bad = tmp_path / "bad"
+    shutil.copytree(pkg, bad)
+    (bad / "reference" / "outputs.bin").write_bytes((y["linear"] + 1).astype("<f4").tobytes())
+    m["files"]["reference/outputs.bin"] = sha256(bad / "reference" / "outputs.bin")
+    (bad / "manifest.json").write_text(json.dumps(seal(m)))   # a deliberate re-seal
+    proc = sparsec("validate", bad)
+    assert proc.returncode == 10 and "FAIL" in proc.stdout, proc.stdout + proc.stderr
+    (bad / "reference" / "outputs.bin").write_bytes(b"\0" * 12)   # shorter than the signature
+    m["files"]["reference/outputs.bin"] = sha256(bad / "reference" / "outputs.bin")
+    (bad / "manifest.json").write_text(json.dumps(seal(m)))
+    with pytest.raises(InvalidModelError, match="shorter than the manifest"):
+        sparsec_api.validate(bad)
+    assert_clean_error(sparsec("validate", pkg, "--seed", "3"), 6, "--keep-onnx")
+    with pytest.raises(BadOptionError, match="--keep-onnx"):
+        sparsec_api.profile(pkg)
+
+
 def test_corrupted_package_is_refused(packages, tmp_path):
     pkg = tmp_path / "corrupt"
     shutil.copytree(packages["mlp"], pkg)
@@ -138,7 +174,7 @@ def test_recompile_replaces_package_atomically(packages, tmp_path):
 def test_same_input_and_flags_give_identical_artifacts(packages, tmp_path):
     again = tmp_path / "mlp"
     proc = sparsec("compile", MODELS["mlp"], "--target", "host", "--ratio", "0.3", "-o", again,
-                   "--calib", EXAMPLES / "digits_calib.npz")
+                   "--calib", EXAMPLES / "digits_calib.npz", *KEEP_ONNX["mlp"])
     assert proc.returncode == 0, proc.stderr
     first = json.loads((packages["mlp"] / "manifest.json").read_text())
     second = json.loads((again / "manifest.json").read_text())

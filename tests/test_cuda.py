@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from sparsec import api, reference
@@ -56,8 +57,8 @@ def test_compile_for_cuda_writes_a_checked_fatbin(target, arch, tmp_path):
     manifest = api.compile(EXAMPLES / "digits_cnn.onnx", target=target, output_dir=out,
                            log=logs.append)
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["kernels.cu", "kernels.fatbin", "manifest.json", "model.onnx", "model.so",
-                     "pkg.h", "reference"]                           # no static archive
+    assert files == ["cpu_twin.so", "kernels.cu", "kernels.fatbin", "manifest.json",
+                     "model.so", "pkg.h", "reference"]       # no static archive, no model.onnx
     facts = manifest["compile"]["cuda"]
     number = arch[len("sm_"):]
     assert fatbin_entries((out / "kernels.fatbin").read_bytes()) == [
@@ -79,7 +80,7 @@ def test_compile_for_cuda_writes_a_checked_fatbin(target, arch, tmp_path):
         assert check["via"] == "cuda"
     else:   # the schedules were checked on this CPU, the binary was not run
         assert check["via"] == "cuda-schedules-on-cpu"
-        assert any("no CUDA device" in line and "warning" in line for line in logs)
+        assert any("no CUDA device" in line and "CPU twin" in line for line in logs)
 
 
 CUDA_ZOO = ["layernorm_ffn", "matmul_add_mlp", "squeeze_excite", "group_norm_shuffle",
@@ -189,27 +190,74 @@ def test_runtime_compile_callback_serves_the_prebuilt_fatbin():
     assert tvm_ffi.get_global_func("tvm_callback_cuda_compile").same_as(before)
 
 
+def _no_system_nvcc(monkeypatch, cuda_toolkit) -> None:
+    monkeypatch.setattr(cuda_toolkit, "NVCC_DIRS", ())
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+
+
 def test_cuda_compile_without_nvcc_is_a_toolchain_error(tmp_path, monkeypatch):
     from sparsec.targets import cuda_toolkit
 
-    monkeypatch.setattr(cuda_toolkit, "NVCC_DIRS", ())
-    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    _no_system_nvcc(monkeypatch, cuda_toolkit)
     with pytest.raises(ToolchainError, match="need nvcc") as info:
         api.compile(EXAMPLES / "digits_cnn.onnx", target="cuda-sm80", output_dir=tmp_path / "o")
     assert info.value.exit_code == 11 and not (tmp_path / "o").exists()
 
 
-def test_run_and_tune_refuse_a_cuda_package_without_a_gpu(tmp_path):
+@needs_nvcc
+@pytest.mark.parametrize("layout", ["nvidia/cuda_nvcc/bin", "nvidia/cu13/bin"])
+def test_nvcc_is_found_in_a_pip_installed_toolkit(layout, tmp_path, monkeypatch):
+    """The wheels' layouts (nvidia-cuda-nvcc-cu12, nvidia-cuda-nvcc for CUDA 13) under a
+    directory on sys.path: the nvcc there (here a script running this machine's nvcc) is found
+    with nothing on PATH, and compiles a kernel; without it the error names the wheels."""
+    from sparsec.targets import cuda_toolkit
+
+    real = cuda_toolkit.nvcc()
+    _no_system_nvcc(monkeypatch, cuda_toolkit)
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "site")] + sys.path)
+    with pytest.raises(ToolchainError, match="pip install nvidia-cuda-nvcc"):
+        cuda_toolkit.nvcc()
+    tool = tmp_path / "site" / layout / "nvcc"
+    tool.parent.mkdir(parents=True)
+    tool.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/called\nexec {real} "$@"\n')
+    with pytest.raises(ToolchainError):       # not executable: not a program
+        cuda_toolkit.nvcc()
+    tool.chmod(0o755)
+    assert cuda_toolkit.nvcc() == str(tool)
+    source = 'extern "C" __global__ void k(float* x) { x[threadIdx.x] += 1.0f; }\n'
+    cuda_toolkit.compile_fatbin(source, "sm_80", tmp_path / "k.fatbin")
+    assert "-fatbin" in (tmp_path / "called").read_text()
+    assert cuda_toolkit.fatbin_entries((tmp_path / "k.fatbin").read_bytes()) == [
+        "sm_80 SASS", "compute_80 PTX"]
+
+
+def test_validate_and_run_a_cuda_package_without_a_gpu(tmp_path):
+    """No GPU: validate and run load the package's model.so (its code and its weights) with
+    its GPU kernels replaced by cpu_twin.so, the same schedules with threads serialized and no
+    weights, and say so; tuning stays refused for a GPU."""
     if cuda_available():
         pytest.skip("this machine has a GPU")
     if not HAS_NVCC:
         pytest.skip("nvcc (CUDA toolkit) not installed")
     out = tmp_path / "pkg"
-    api.compile(EXAMPLES / "digits_mlp.onnx", target="cuda-sm80", output_dir=out)
-    proc = subprocess.run([sys.executable, "-m", "sparsec", "validate", str(out)],
+    manifest = api.compile(EXAMPLES / "digits_mlp.onnx", target="cuda-sm80", output_dir=out,
+                           keep_onnx=True)
+    weights = manifest["prune"]["after"]["weight_bytes"]
+    assert manifest["compile"]["cuda"]["cpu_twin"] == "cpu_twin.so"
+    assert (out / "cpu_twin.so").stat().st_size < weights / 2    # kernels, not weights
+    proc = subprocess.run([sys.executable, "-m", "sparsec", "validate", str(out), "--seed", "3"],
                           capture_output=True, text=True)
-    assert proc.returncode == 11 and "no CUDA device" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "via: cuda-schedules-on-cpu (the CPU twin of the CUDA schedules" in proc.stdout
+    assert "against ONNX Runtime" in proc.stdout and "no CUDA device" in proc.stderr
+    report = api.validate(out, seed=4)
+    assert report.ok and report.via == "cuda-schedules-on-cpu" and report.max_abs_err < 1e-4
+    x = np.random.default_rng(0).standard_normal((1, 1, 8, 8)).astype(np.float32)
+    got = api.run(out, {"image": x})
+    want = reference.run(onnx.load(str(out / "model.onnx")), {"image": x})
+    np.testing.assert_allclose(list(got.values())[0], want[0], rtol=1e-4, atol=1e-5)
     proc = subprocess.run([sys.executable, "-m", "sparsec", "compile", str(out / "model.onnx"),
                            "--target", "cuda-sm80", "--tune", "5", "-o", str(tmp_path / "t")],
                           capture_output=True, text=True)

@@ -30,8 +30,10 @@ _CHOICES = {
 _WINDOWED = ("Conv", "ConvTranspose", "AveragePool", "MaxPool", "LpPool")
 
 
-def check_proto(model: onnx.ModelProto, where: str) -> None:
-    """The ONNX checker (structure, op schemas, attribute types) as a one-line error."""
+def check_proto(model: onnx.ModelProto | str, where: str) -> None:
+    """The ONNX checker (structure, op schemas, attribute types) as a one-line error; a path
+    is checked by path (a model with external data: the checker reads the files named, and
+    the model is never held in one protobuf message, which cannot exceed 2 GB)."""
     try:
         onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, ValueError) as e:

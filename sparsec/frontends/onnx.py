@@ -49,18 +49,39 @@ def parse_input_shapes(text: str | None) -> InputShapes:
 
 
 def read_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """An ONNX file. Tensors it keeps in external data files are left there (their names,
+    types and shapes are read) and the file is checked by its path: :func:`load_onnx` works on
+    such a model without its weights, whatever its size, and reads them last
+    (:func:`load_weights`, from the file's directory)."""
     p = Path(path)
     if not p.exists():
         raise InputNotFoundError(f"model file not found: {p}")
     if not p.is_file():
         raise InputNotFoundError(f"model path is not a file: {p}")
     try:
-        model = onnx.load(str(p))
+        model = onnx.load(str(p), load_external_data=False)
     except Exception as e:  # protobuf raises several unrelated types for garbage input
         raise InvalidModelError(f"{p} is not a valid ONNX model ({type(e).__name__})") from None
     if not model.graph.node and not model.graph.output:
         raise InvalidModelError(f"{p} is not a valid ONNX model (no graph)")
+    if has_external_data(model):
+        check_proto(str(p), str(p))          # by path: the checker reads the data files there
     return model
+
+
+def has_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def load_weights(model: onnx.ModelProto, base: Path) -> None:
+    """Read the tensors ``model`` keeps in external data files (relative to ``base``) into it."""
+    from onnx.external_data_helper import load_external_data_for_model
+
+    try:
+        load_external_data_for_model(model, str(base))
+    except Exception as e:  # noqa: BLE001 - a missing or short data file
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise InvalidModelError(f"cannot read the model's external data: {first}") from None
 
 
 def _unsupported_ops(model: onnx.ModelProto) -> dict[str, int]:
@@ -104,8 +125,10 @@ def _pin_inputs(model: onnx.ModelProto, input_shapes: InputShapes) -> None:
             f"NAME:D1xD2x... (e.g. {graph_inputs[0].name}:1x...)")
 
 
-def _fill_shapes_with_onnxruntime(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Shapes ONNX inference could not derive, read off one ONNX Runtime run of the model."""
+def _fill_shapes_with_onnxruntime(model: onnx.ModelProto, base: Path | None = None
+                                  ) -> onnx.ModelProto:
+    """Shapes ONNX inference could not derive, read off one ONNX Runtime run of the model
+    (``base``: where the files of its external data are)."""
     from sparsec import reference
 
     infos = value_infos(model)
@@ -125,7 +148,7 @@ def _fill_shapes_with_onnxruntime(model: onnx.ModelProto) -> onnx.ModelProto:
     for name in missing:
         if name not in declared:
             probe.graph.output.append(onnx.ValueInfoProto(name=name))
-    sess = reference.session(probe)
+    sess = reference.session(probe, external_dir=base)
     feeds = {}
     for vi in model.graph.input:
         if vi.name in init:
@@ -149,14 +172,29 @@ def _does_not_run(e: Exception) -> InvalidModelError:
     return InvalidModelError(f"model does not run in ONNX Runtime: {first}")
 
 
-def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Model with a concrete shape for every tensor (inputs must already be static)."""
+def infer_shapes(model: onnx.ModelProto, base: Path | None = None) -> onnx.ModelProto:
+    """Model with a concrete shape for every tensor (inputs must already be static). A model
+    over protobuf's 2 GB is inferred without its weights (shape inference reads shapes);
+    ``base``: where the files of a model's external data are."""
+    from sparsec.frontends.external_data import too_big, without_weights
+
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        if too_big(model):    # the shapes inferred go into the model, which keeps its weights
+            with without_weights(model):
+                shapes = onnx.shape_inference.infer_shapes(model, strict_mode=False,
+                                                           data_prop=True).graph
+            inferred = model
+            del inferred.graph.value_info[:]
+            inferred.graph.value_info.extend(shapes.value_info)
+            for out, shaped in zip(inferred.graph.output, shapes.output):
+                out.CopyFrom(shaped)
+        else:
+            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False,
+                                                         data_prop=True)
     except Exception as e:
         raise InvalidModelError(f"ONNX shape inference failed: {str(e).splitlines()[0]}") from None
     try:
-        return _fill_shapes_with_onnxruntime(inferred)
+        return _fill_shapes_with_onnxruntime(inferred, base)
     except Exception as e:
         raise _does_not_run(e) from None
 
@@ -189,11 +227,13 @@ def untie_constant_initializers(graph: Graph) -> Graph:
 def load_onnx(model: str | os.PathLike | onnx.ModelProto,
               input_shapes: InputShapes | None = None) -> Graph:
     """Read an ONNX file or proto into a static-shaped Graph (the input is never modified)."""
+    base = None
     if isinstance(model, onnx.ModelProto):
         proto = onnx.ModelProto()
         proto.CopyFrom(model)
-    else:
+    else:       # external data: checked by path, the graph worked on without its weights
         proto = read_model(model)
+        base = Path(model).parent if has_external_data(proto) else None
     if proto.functions:
         proto = onnx.inliner.inline_local_functions(proto)
     bad = _unsupported_ops(proto)
@@ -201,8 +241,11 @@ def load_onnx(model: str | os.PathLike | onnx.ModelProto,
         raise UnsupportedOpError(bad)
     check_attribute_values(proto)
     _pin_inputs(proto, input_shapes or {})
-    proto = infer_shapes(proto)
-    check_proto(proto, "the model")
+    proto = infer_shapes(proto, base)
+    if base is None:
+        check_proto(proto, "the model")
+    else:
+        load_weights(proto, base)
     try:
         graph = from_onnx(proto)
     except ValueError as e:

@@ -232,23 +232,59 @@ def atomic_path(path: str | Path):
 
 
 
+#: how a CUDA package's library runs on a machine without a GPU (``Runner.via``): on the CPU
+#: twin of the CUDA schedules
+VIA_TWIN = "cuda-schedules-on-cpu"
+
+
+def _load_with_twin(lib_path: Path, twin_path: Path):
+    """A CUDA library's VM executable (its code and its weights) with its GPU kernels replaced
+    by their CPU twins (``cuda.emulation_module``: the same functions, threads serialized).
+
+    This TVM has no CUDA runtime, so loading the library needs a loader for its CUDA module:
+    one is registered that answers with the twin, and the executable's imports (the host
+    code that would launch the GPU kernels) are then replaced by the twin, whose functions
+    carry the names the VM calls."""
+    import tvm
+    import tvm_ffi
+
+    twin = tvm.runtime.load_module(str(twin_path))
+    loader = "ffi.Module.load_from_bytes.cuda"
+    previous = tvm_ffi.get_global_func(loader, allow_missing=True)
+    tvm_ffi.register_global_func(loader, lambda _data: twin, override=True)
+    try:
+        lib = tvm.runtime.load_module(str(lib_path))
+    finally:            # the twin stays out of later loads: they fail (or load) as before
+        restore = _no_cuda_runtime if previous is None else previous
+        tvm_ffi.register_global_func(loader, restore, override=True)
+    lib.clear_imports()
+    lib.import_module(twin)
+    return lib
+
+
+def _no_cuda_runtime(_data):
+    raise RuntimeError("this TVM has no CUDA runtime (no CUDA device here)")
+
+
 class Runner:
     """A compiled library loaded into a Relax VM on the CPU, or with ``cuda`` (the manifest's
-    ``compile.cuda``) on the first CUDA device, its kernels from the package's fatbin."""
+    ``compile.cuda``) on the first CUDA device, its kernels from the package's fatbin; with
+    ``cuda`` and ``twin`` (where no GPU is), on the CPU with the kernels' CPU twins."""
 
     def __init__(self, lib_path: str | Path, input_names: Sequence[str],
-                 cuda: dict | None = None) -> None:
+                 cuda: dict | None = None, twin: str | Path | None = None) -> None:
         import tvm
         from tvm import relax
 
         self.lib_path = Path(lib_path)
         self.input_names = list(input_names)
-        self._on_cpu = cuda is None
+        self._on_cpu = cuda is None or twin is not None
         #: how the package's reference check says it ran
-        self.via = "native" if cuda is None else "cuda"
-        if cuda is None:
+        self.via = "native" if cuda is None else VIA_TWIN if twin is not None else "cuda"
+        if self._on_cpu:
             self._dev = tvm.cpu()
-            lib = tvm.runtime.load_module(str(self.lib_path))
+            lib = (tvm.runtime.load_module(str(self.lib_path)) if twin is None
+                   else _load_with_twin(self.lib_path, Path(twin)))
         else:
             from sparsec.targets.cuda_toolkit import serve_fatbin
 
@@ -312,12 +348,13 @@ def _flatten(value) -> list:
 
 
 def load_library(lib_path: str | Path, input_names: Sequence[str],
-                 cuda: dict | None = None) -> Runner:
+                 cuda: dict | None = None, twin: str | Path | None = None) -> Runner:
     """Load a library a back end wrote (``compile_onnx``); ``input_names`` as it reported them,
-    ``cuda`` its ``cuda`` facts for a CUDA target."""
+    ``cuda`` its ``cuda`` facts for a CUDA target, ``twin`` the CPU twin of its kernels to run
+    it on this CPU (no GPU here)."""
     if cuda is None:
         request_amx()
-    return Runner(lib_path, input_names, cuda)
+    return Runner(lib_path, input_names, cuda, twin)
 
 
 #: Linux x86-64: arch_prctl's syscall number, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA

@@ -6,8 +6,11 @@ then DLight's default GPU schedules: Matmul, GEMV, Reduction, GeneralReduction, 
 the VM's host code (LLVM, for the target's host CPU) and one CUDA C++ source for the kernels.
 
 Without a GPU the schedules are still checked: :func:`emulation_module` builds the same
-scheduled kernels for the CPU with their thread loops run serially, and the package's
-reference pair is checked on that (``via: "cuda-schedules-on-cpu"``).
+scheduled kernels for the CPU with their thread loops run serially into ``cpu_twin.so`` (the
+kernels alone, no weights), and ``model.so`` itself (its VM code and its weights) runs on this
+CPU with its GPU kernels replaced by those twins (``backend.Runner``, ``via:
+"cuda-schedules-on-cpu"``): ``compile`` checks the reference pair that way, and ``validate``
+and ``run`` do the same with a package on a machine without a GPU.
 
 TVM's wheel is built without the CUDA runtime: its code generator keeps the kernels as CUDA
 source inside the library, and a CUDA-enabled TVM runtime compiles that source when it loads
@@ -16,6 +19,7 @@ for the target's architecture (SASS, plus PTX for newer GPUs), so the package ca
 
   kernels.cu        the CUDA source of every kernel (what the library holds)
   kernels.fatbin    nvcc's build of it for the target's ``arch``
+  cpu_twin.so       the same kernels for this CPU, threads serialized (above)
 
 and :func:`serve_fatbin` answers the runtime's compile callback with the fatbin when the
 source is the one it was built from: a device needs no nvcc, and what runs is what was
@@ -35,7 +39,7 @@ from sparsec.targets import TargetSpec
 from sparsec.targets.backend import (atomic_path, compile_facts, export_library, import_onnx,
                                      native_stderr_to, rewrite_pass, safe_take_pass)
 # the toolkit's names, re-exported: the CUDA back end's public face
-from sparsec.targets.cuda_toolkit import (FATBIN, NVCC_DIRS, SOURCE, compile_callback,
+from sparsec.targets.cuda_toolkit import (FATBIN, NVCC_DIRS, SOURCE, TWIN, compile_callback,
                                           compile_fatbin, fatbin_entries, gencode, nvcc,
                                           nvcc_version, ptxas_resources, serve_fatbin)
 from sparsec.targets.kernels.common import SCHEDULED_ATTR, STRATEGY_ATTR
@@ -222,14 +226,17 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
                  log: Callable[[str], None] = print,
                  emulation_lib: str | Path | None = None, precision: str | None = None) -> dict:
     """Compile ``model`` for a CUDA target: the library at ``lib_path`` and, beside it,
-    ``kernels.cu`` and ``kernels.fatbin`` (module docstring). Returns the manifest's facts,
-    as every back end does (:func:`sparsec.targets.backend.compile_facts`), with ``cuda``:
-    arch, nvcc's version, the source's sha256 and ptxas' per-kernel resources.
+    ``kernels.cu``, ``kernels.fatbin`` and ``cpu_twin.so`` (module docstring). Returns the
+    manifest's facts, as every back end does (:func:`sparsec.targets.backend.compile_facts`),
+    with ``cuda``: arch, nvcc's version, the source's sha256, ptxas' per-kernel resources and
+    the twin's file.
 
-    With ``emulation_lib``, the same scheduled kernels are also built for this CPU with their
-    thread loops serialized (:func:`emulation_module`) into that library: where no GPU is
-    present, running it checks the schedules' numerics (not nvcc's code, which only a GPU
-    runs)."""
+    The twin holds the same scheduled kernels built for this CPU with their thread loops
+    serialized (:func:`emulation_module`), and no weights: where no GPU is present, model.so
+    runs on it, which checks the schedules' numerics (not nvcc's code, which only a GPU
+    runs). A target whose host is another CPU (a Jetson's aarch64) gets no twin: with
+    ``emulation_lib`` the whole model (weights too) is built for this CPU into that library
+    instead, for compile's check."""
     import tvm
     from tvm import relax
 
@@ -242,22 +249,26 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
     mod = import_onnx(model)
     counts: dict[str, int] = {}
     decisions: list[dict] = []
-    log(f"compiling for {target.name} ({target.description})"
-        + ("; the same schedules for this CPU, threads serialized, to check them"
-           if emulation_lib is not None else ""))
+    log(f"compiling for {target.name} ({target.description}); the same schedules for this "
+        f"CPU, threads serialized, to check them without a GPU")
     with native_stderr_to(log), progress.reporting(log), tvm_target, compile_callback(arch):
         with common.precision(precision or target.precision):   # bf16: mma.sp for 2:4
             scheduled = schedule(mod, tvm_target, counts, decisions)
         ex = relax.build(lower(scheduled, tvm_target), tvm_target, relax_pipeline=None)
-        if emulation_lib is not None:
-            relax.build(emulation_module(scheduled), tvm.target.Target({"kind": "llvm"}),
-                        relax_pipeline=None).export_library(str(emulation_lib))
+        twin = relax.build(emulation_module(scheduled), tvm.target.Target({"kind": "llvm"}),
+                           relax_pipeline=None)
     hints = [d["hint"] for d in decisions if "hint" in d]
     if hints:
         log(f"hint ({len(hints)} of the matmuls): {hints[0]}")
     source = kernel_source(ex)
     lib_path = Path(lib_path)
     export_library(ex, target, lib_path)
+    if target.native:
+        with atomic_path(lib_path.parent / TWIN) as tmp:   # kernels; weights stay in model.so
+            (kernels,) = twin.mod.imports        # the executable's one library: the kernels
+            kernels.export_library(str(tmp))
+    if emulation_lib is not None:
+        twin.export_library(str(emulation_lib))
     with atomic_path(lib_path.parent / SOURCE) as tmp:
         tmp.write_text(source)
         tmp.chmod(0o644)
@@ -277,5 +288,5 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
         "cuda": {"arch": arch, "nvcc": nvcc_version(tool), "source": SOURCE, "fatbin": FATBIN,
                  "fatbin_contents": contents,
                  "source_sha256": hashlib.sha256(source.encode()).hexdigest(),
-                 "kernels": resources},
+                 "kernels": resources, **({"cpu_twin": TWIN} if target.native else {})},
     }

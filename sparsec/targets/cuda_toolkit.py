@@ -22,20 +22,54 @@ from sparsec.errors import ToolchainError
 #: the files a CUDA package carries beside its library: the kernels' source and nvcc's build
 SOURCE = "kernels.cu"
 FATBIN = "kernels.fatbin"
+#: the kernels built for the CPU, threads serialized (``cuda.emulation_module``), no weights
+TWIN = "cpu_twin.so"
 #: where the CUDA toolkit puts nvcc when it is not on PATH
 NVCC_DIRS = ("/usr/local/cuda/bin",)
+#: where NVIDIA's pip wheels put nvcc inside a site-packages directory: ``nvidia-cuda-nvcc``
+#: (CUDA 13 and later, all toolkit wheels under ``nvidia/cu13``) and ``nvidia-cuda-nvcc-cu12``
+PIP_NVCC = ("nvidia/cu13/bin/nvcc", "nvidia/cuda_nvcc/bin/nvcc")
+#: what the missing-nvcc error tells the user to install
+PIP_PACKAGES = "pip install nvidia-cuda-nvcc (CUDA 13) or nvidia-cuda-nvcc-cu12"
+
+
+def _site_dirs() -> list[str]:
+    """The directories Python imports packages from (where pip puts wheels), in order."""
+    import site
+    import sys
+
+    dirs = list(sys.path)
+    try:
+        dirs += site.getsitepackages() + [site.getusersitepackages()]
+    except AttributeError:      # a virtualenv's old site module
+        pass
+    return list(dict.fromkeys(d for d in dirs if d))
+
+
+def find_nvcc() -> str | None:
+    """nvcc on PATH, in ``$CUDA_HOME/bin`` (or ``$CUDA_PATH``), in :data:`NVCC_DIRS`, or in a
+    pip-installed toolkit (:data:`PIP_NVCC` under any site-packages directory); ``None``."""
+    import os
+
+    found = shutil.which("nvcc")
+    if found is not None:
+        return found
+    homes = [os.environ[k] + "/bin" for k in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(k)]
+    candidates = [Path(d, "nvcc") for d in (*homes, *NVCC_DIRS)]
+    candidates += [Path(d, rel) for d in _site_dirs() for rel in PIP_NVCC]
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+    return None
 
 
 def nvcc() -> str:
     """The nvcc program (``ToolchainError``, exit 11, when it is not installed)."""
-    found = shutil.which("nvcc")
+    found = find_nvcc()
     if found is None:
-        for root in NVCC_DIRS:
-            if Path(root, "nvcc").is_file():
-                return str(Path(root, "nvcc"))
-        raise ToolchainError("CUDA targets need nvcc, which is not installed (the CUDA "
-                             "toolkit: https://developer.nvidia.com/cuda-downloads, or "
-                             "apt install nvidia-cuda-toolkit)")
+        raise ToolchainError(f"CUDA targets need nvcc, which is not installed ({PIP_PACKAGES}; "
+                             f"or the CUDA toolkit: https://developer.nvidia.com/cuda-downloads, "
+                             f"apt install nvidia-cuda-toolkit)")
     return found
 
 
