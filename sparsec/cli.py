@@ -474,8 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
                             help="unstructured, RxC blocks (e.g. 4x4) or N:M (e.g. 2:4, which "
                                  "fixes the share); default unstructured")
             sp.add_argument("--sparsity-criterion", default="magnitude",
-                            choices=["magnitude", "wanda"],
-                            help="|W|, or |W| x input activation norm on the calibration data")
+                            choices=["magnitude", "wanda", "sparsegpt"],
+                            help="|W|; |W| x input activation norm on the calibration data; or "
+                                 "SparseGPT (mask and second-order weight update from the "
+                                 "calibration data; unstructured and N:M)")
             sp.add_argument("--lamp", action="store_true",
                             help="layer-adaptive sparsity (LAMP scores, one global threshold) "
                                  "instead of the same share in every layer")

@@ -215,6 +215,9 @@ def _check_sparsity(sparsity: float, pattern: str, criterion: str, lamp: bool):
     if kind == "nm" and sparsity and abs(sparsity - (1 - nums[0] / nums[1])) > 1e-9:
         raise BadOptionError(f"pattern {pattern} fixes sparsity at {1 - nums[0] / nums[1]:g}; "
                              f"leave sparsity out")
+    if criterion == "sparsegpt" and (kind == "block" or lamp):
+        raise BadOptionError(f"sparsity criterion sparsegpt chooses unstructured and N:M masks: "
+                             f"{'lamp' if lamp else f'pattern {pattern}'} does not go with it")
     if kind == "nm" and lamp:
         raise BadOptionError("lamp allocation applies to unstructured and block patterns, "
                              "not N:M")
@@ -256,8 +259,10 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, recipe=N
     ``sparsec.passes.ffn_fusion``);
     ``sparsity`` zeros that share of the remaining weights in ``sparsity_pattern``
     (``"unstructured"``, blocks ``"RxC"`` or ``"N:M"``, which fixes the share itself) by
-    ``sparsity_criterion`` (``"magnitude"`` or ``"wanda"``), the same share in every layer or,
-    with ``lamp``, layer-adaptive (see ``sparsec.passes.sparsify``);
+    ``sparsity_criterion`` (``"magnitude"``, ``"wanda"``, or ``"sparsegpt"``, which also
+    updates the weights that stay by SparseGPT's second-order rule; unstructured and N:M), the
+    same share in every layer or, with ``lamp``, layer-adaptive (see
+    ``sparsec.passes.sparsify``);
     ``reorder`` finally permutes channel groups so nonzero weights cluster into dense 4x4
     blocks (exact; see ``sparsec.passes.reorder``);
     ``ignore`` globs leave groups whole; ``round_to`` rounds kept channel counts up to a
@@ -325,7 +330,7 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, recipe=N
     calib = _calibration(graph, calibration)
     if ((reconstruct or criterion in NEEDS_DATA) and ratio > 0 or remove_layers or rotate
             or remove_attention or fuse_ffn or (sparsity or kind == "nm") and (
-                sparsity_criterion == "wanda" or reconstruct)) \
+                sparsity_criterion in ("wanda", "sparsegpt") or reconstruct)) \
             and calibration is None:
         log("warning: fitting to random inputs; give calibration data (--calib) drawn from "
             "the real input distribution")
