@@ -192,8 +192,13 @@ def _prune_kwargs(args) -> dict:
 def cmd_prune(args) -> int:
     from sparsec import api
 
-    result = api.prune(args.model, args.output, **_prune_kwargs(args), log=_log(args))
+    result = api.prune(args.model, args.output, **_prune_kwargs(args),
+                       eval_tokens=args.eval_tokens, log=_log(args))
     print(_prune_table(result))
+    if result.perplexity:
+        p = result.perplexity
+        print(f"perplexity on {p['tokens']:,} evaluation tokens: {p['before']:.4f} -> "
+              f"{p['after']:.4f}")
     print(f"wrote {result.output}")
     return 0
 
@@ -527,6 +532,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = command("prune", help="prune a model and write the pruned ONNX")
     model_args(sp, ratio=True)
     sp.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
+    sp.add_argument("--eval-tokens", metavar="X.npy",
+                    help="for a causal language model (token ids in, logits out): evaluation "
+                         "text as token ids (.npy rows, or .npz with input_ids); reports its "
+                         "perplexity before and after pruning")
     sp.set_defaults(func=cmd_prune)
 
     sp = command("compile", help="prune + compile + package for a target")

@@ -12,7 +12,8 @@ one mean over all tokens of all sequences (not a mean of per-sequence means). A 
 than the window (``max_length``; an ONNX model with a fixed sequence length fixes it) is read in
 windows that start every ``stride`` tokens; each window scores only the tokens the window before
 it did not, with the tokens before them as context (the sliding window of the Hugging Face
-perplexity guide, summed per token). Windows are padded on the right to the window length,
+perplexity guide, summed per token). A window's first token is context only: without overlap
+(``stride`` equal to the window, the default) it is not scored at all. Windows are padded on the right to the window length,
 which a causal model cannot see (an ``attention_mask`` input, if the model has one, marks the
 padding too), and padded positions are never scored.
 """
@@ -84,6 +85,30 @@ def perplexity(model, texts_or_token_ids, *, tokenizer=None, max_length: int | N
     return Perplexity(float(math.exp(nll / count)), float(nll), int(count))
 
 
+def read_token_ids(data) -> Any:
+    """Token ids from an .npy file (a 2-D array of rows, or 1-D) or an .npz file (its array
+    ``input_ids``, or its only array); anything else is returned as it is."""
+    if not isinstance(data, (str, os.PathLike)):
+        return data
+    from sparsec.errors import InputNotFoundError
+
+    path = os.fspath(data)
+    if not os.path.isfile(path):
+        raise InputNotFoundError(f"evaluation tokens not found: {path}")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise BadOptionError(f"cannot read token ids from {path}: {e}") from None
+    if isinstance(loaded, np.ndarray):
+        return loaded
+    with loaded:
+        names = list(loaded.files)
+        if "input_ids" not in names and len(names) != 1:
+            raise BadOptionError(f"{path} holds {', '.join(names)}: name the token ids "
+                                 f"'input_ids'")
+        return loaded["input_ids" if "input_ids" in names else names[0]]
+
+
 def _token_ids(data, tokenizer) -> list[np.ndarray]:
     if isinstance(data, str):
         data = [data]
@@ -113,7 +138,7 @@ def _windows(seq: np.ndarray, window: int, stride: int) -> list[tuple[np.ndarray
     out, scored_to = [], 1                       # the first token is never predicted
     for begin in range(0, len(seq), stride):
         end = min(begin + window, len(seq))
-        out.append((seq[begin:end], scored_to - begin))
+        out.append((seq[begin:end], max(scored_to - begin, 1)))
         scored_to = end
         if end == len(seq):
             break
@@ -210,4 +235,4 @@ def _onnx_runner(model):
     return run, fixed_len, fixed_batch
 
 
-__all__ = ["Perplexity", "perplexity"]
+__all__ = ["Perplexity", "perplexity", "read_token_ids"]

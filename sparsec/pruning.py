@@ -81,6 +81,8 @@ class PruneResult:
     search: list[dict] = field(default_factory=list)
     #: the options that ran (``sparsec.recipe``), recorded in a package's manifest
     recipe: Recipe | None = None
+    #: with ``eval_tokens``: {"before", "after": perplexity, "tokens": tokens predicted}
+    perplexity: dict | None = None
 
     def report(self) -> dict:
         out = {"before": self.before.as_dict(), "after": self.after.as_dict(),
@@ -91,6 +93,8 @@ class PruneResult:
             out["search"] = self.search
         if self.recipe is not None:
             out["recipe"] = self.recipe.to_dict()
+        if self.perplexity is not None:
+            out["perplexity"] = self.perplexity
         return out
 
 
@@ -236,7 +240,7 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, recipe=N
           input_shapes: InputShapes | str | None = None,
           calibration=None, calib_mask: str | None = None, max_drop: float | None = None,
           metric: Callable[[Graph], float] | None = None, remove_dead: bool = False,
-          example_inputs: Sequence[Any] | None = None, scores=None,
+          example_inputs: Sequence[Any] | None = None, scores=None, eval_tokens=None,
           log: Log = _quiet) -> PruneResult:
     """Prune the least important channels of every channel group; optionally write ONNX.
 
@@ -289,6 +293,11 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, recipe=N
     data) the original's metric minus the pruned model's. ``result.search`` lists what was
     tried.
 
+    ``eval_tokens``: for a causal language model (token ids in, logits out), evaluation text
+    as token ids (sequences, a 2-D array of rows, or an .npy / .npz file of them): the result's
+    ``perplexity`` is the model's before and after pruning (``sparsec.evaluate.perplexity``,
+    windows of the model's sequence length), and the report shows it.
+
     ``recipe``: the options as a ``Recipe``, a dict, or a TOML file (``sparsec.recipe``);
     keywords given beside it that differ from their defaults override its keys.
     ``result.recipe`` is the recipe that ran.
@@ -298,12 +307,13 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, recipe=N
         merged = merge_recipe(recipe, given)
         return prune(model, output, **merged.options(), input_shapes=input_shapes,
                      calibration=calibration, metric=metric, example_inputs=example_inputs,
-                     scores=scores, log=log)
+                     scores=scores, eval_tokens=eval_tokens, log=log)
     if max_drop is not None:
         options = {k: v for k, v in given.items() if k != "max_drop"}
         return _search_ratio(model, output, max_drop, metric, {
             **options, "input_shapes": input_shapes, "calibration": calibration,
-            "example_inputs": example_inputs, "scores": scores}, log, Recipe.of_keywords(given))
+            "example_inputs": example_inputs, "scores": scores}, log, Recipe.of_keywords(given),
+            eval_tokens)
     if metric is not None:
         raise BadOptionError("metric is what max_drop bounds: give max_drop too")
     ratio = _check_ratio(ratio)
@@ -324,6 +334,7 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, recipe=N
     if output is not None:
         check_writable_file(output, model if isinstance(model, (str, os.PathLike)) else None)
     graph = load(model, input_shapes, example_inputs)
+    before_ppl = _perplexity(graph, eval_tokens)       # checks the model and tokens first
     _check_patterns(graph, layer_ratios, ignore)
     _check_structure(graph, remove_layers, remove_attention, fuse_ffn)
     kind, nm = _check_sparsity(sparsity, sparsity_pattern, sparsity_criterion, lamp)
@@ -365,6 +376,8 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, recipe=N
                              **given, "ratio": ratio, "head_ratio": head_ratio,
                              "hidden_ratio": hidden_ratio, "round_to": int(round_to),
                              "layer_ratios": layer_ratios, "ignore": list(ignore)}))
+    if before_ppl is not None:
+        result.perplexity = _perplexity_pair(before_ppl, pruned, eval_tokens, log)
     if not manager.held_out and any(not p.exact for p in passes):
         log("warning: one calibration sample: nothing to hold out, so the fidelity of this "
             "lossy pruning is not measured; give more calibration data (--calib)")
@@ -400,8 +413,30 @@ def ratio_scaler(options: dict) -> tuple[float, Callable[[float], dict]]:
     return top, at
 
 
+def _perplexity(graph: Graph, eval_tokens):
+    """The graph's perplexity on ``eval_tokens`` (None without them); BadOptionError if the
+    model is no causal LM sparsec can feed them to."""
+    if eval_tokens is None:
+        return None
+    from sparsec.evaluate import perplexity, read_token_ids
+
+    try:
+        return perplexity(graph, read_token_ids(eval_tokens))
+    except BadOptionError as e:
+        raise BadOptionError(f"eval tokens: {e}") from None
+
+
+def _perplexity_pair(before, pruned: Graph, eval_tokens, log: Log) -> dict:
+    from sparsec.evaluate import perplexity, read_token_ids
+
+    after = perplexity(pruned, read_token_ids(eval_tokens))
+    log(f"perplexity on {after.tokens} evaluation tokens: {before.perplexity:.4f} -> "
+        f"{after.perplexity:.4f}")
+    return {"before": before.perplexity, "after": after.perplexity, "tokens": after.tokens}
+
+
 def _search_ratio(model: ModelLike, output, max_drop, metric, options: dict,
-                  log: Log, recipe: Recipe) -> PruneResult:
+                  log: Log, recipe: Recipe, eval_tokens=None) -> PruneResult:
     """``prune(..., max_drop=...)``: bisection over the ratio (see ``prune``)."""
     try:
         max_drop = float(max_drop)
@@ -413,6 +448,7 @@ def _search_ratio(model: ModelLike, output, max_drop, metric, options: dict,
     if output is not None:
         check_writable_file(output, model if isinstance(model, (str, os.PathLike)) else None)
     graph = load(model, options.pop("input_shapes"), options.pop("example_inputs"))
+    before_ppl = _perplexity(graph, eval_tokens)
     options["calibration"] = _calibration(graph, options["calibration"])
     base = metric(graph) if metric is not None else 1.0
     tried: dict[float, PruneResult] = {}
@@ -446,6 +482,8 @@ def _search_ratio(model: ModelLike, output, max_drop, metric, options: dict,
     result.search = [r.search[0] for _, r in sorted(tried.items())]
     result.recipe = recipe        # re-running it searches again, to the same ratio
     log(f"max-drop: chose ratio {hi:.4f} of {len(tried)} tried")
+    if before_ppl is not None:
+        result.perplexity = _perplexity_pair(before_ppl, result.graph, eval_tokens, log)
     if output is not None:
         atomic_write_bytes(output, to_onnx(result.graph).SerializeToString())
         result.output = Path(output)

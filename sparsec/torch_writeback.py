@@ -38,7 +38,7 @@ def prune_module(module, example_inputs: Sequence[Any], *, recipe=None, ratio: f
                  layer_ratios: dict[str, float] | None = None, ignore: Sequence[str] = (),
                  calibration=None, calib_mask: str | None = None,
                  max_drop: float | None = None, metric=None, remove_dead: bool = False,
-                 loss_fn=None, log: Log = _quiet):
+                 loss_fn=None, eval_tokens=None, log: Log = _quiet):
     """Prune a ``torch.nn.Module``: returns ``(pruned_module, PruneResult)``.
 
     The module is captured with the FX frontend (``sparsec.frontends.fx``), so the IR's weights
@@ -64,6 +64,8 @@ def prune_module(module, example_inputs: Sequence[Any], *, recipe=None, ratio: f
     for all layers: where the pruned layers differ (``sensitivity``, ``layer_ratios``) or the
     config has no word for it (GPT-2 with fewer heads), ``save_pretrained`` raises
     ``OutputError`` saying so, and nothing is written (``torch.save`` still works).
+    ``eval_tokens`` (token ids) puts the model's perplexity before and after pruning into the
+    result (see ``sparsec.prune``).
     """
     from sparsec.frontends.fx import capture_fx
     from sparsec.passes.criteria import taylor_scores
@@ -78,7 +80,7 @@ def prune_module(module, example_inputs: Sequence[Any], *, recipe=None, ratio: f
             raise BadOptionError(f"prune_module does not take recipe key '{unsupported[0]}'")
         return prune_module(module, example_inputs, **{k: merged[k] for k in given},
                             calibration=calibration, metric=metric, loss_fn=loss_fn,
-                            log=log)
+                            eval_tokens=eval_tokens, log=log)
     config = getattr(module, "config", None)
     cached = getattr(config, "use_cache", None) is True
     if cached:                # a KV cache among the outputs cannot be captured: off meanwhile
@@ -104,7 +106,7 @@ def prune_module(module, example_inputs: Sequence[Any], *, recipe=None, ratio: f
                    remove_layers=remove_layers,
                    layer_ratios=layer_ratios, ignore=ignore, calibration=calibration,
                    calib_mask=calib_mask, max_drop=max_drop, metric=metric,
-                   remove_dead=remove_dead, scores=scores, log=log)
+                   remove_dead=remove_dead, scores=scores, eval_tokens=eval_tokens, log=log)
     maps = [m for p in result.passes for m in p.details.get("output_maps", [])]
     if maps:
         raise BadOptionError(

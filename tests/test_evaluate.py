@@ -54,6 +54,10 @@ def test_sliding_window_matches_transformers_loss():
     got = perplexity(lm, [s[0] for s in SEQS], max_length=8, stride=3, batch_size=2)
     assert got.perplexity == pytest.approx(hf_perplexity(lm, 8, 3), rel=1e-4)
     assert got.tokens == 36
+    # no overlap: a window's first token is context only, as in the guide
+    apart = perplexity(lm, [s[0] for s in SEQS], max_length=8)
+    assert apart.perplexity == pytest.approx(hf_perplexity(lm, 8, 8), rel=1e-4)
+    assert apart.tokens == 36 - 1 - 2
 
 
 def test_onnx_runtime_gives_the_torch_figure(tmp_path):
@@ -85,3 +89,37 @@ def test_texts_go_through_the_tokenizer():
         perplexity(lm, ids).nll, rel=1e-6)
     with pytest.raises(BadOptionError, match="tokenizer"):
         perplexity(lm, texts)
+
+
+def test_prune_reports_perplexity_before_and_after(tmp_path):
+    """eval_tokens: the result and its report carry the perplexity of the model before and
+    after pruning, the figures perplexity() gives; the CLI prints them (--eval-tokens .npy)."""
+    import sparsec
+    from sparsec.frontends.fx import capture_fx
+    from sparsec.ir.onnx_io import to_onnx
+    from test_cli import assert_clean_error, sparsec as cli
+
+    lm = causal_lm("gpt2")
+    lm.config.use_cache = False
+    graph = capture_fx(lm, (tokens(0, 8),))
+    evaluation = np.stack([tokens(s, 16)[0].numpy() for s in range(5, 8)])
+    calib = [{graph.inputs[0]: tokens(s, 8).numpy()} for s in range(1, 5)]
+    result = sparsec.prune(graph, ratio=0.5, head_ratio=0.0, calibration=calib,
+                           eval_tokens=evaluation)
+    ppl = result.report()["perplexity"]
+    assert ppl["before"] == pytest.approx(perplexity(graph, evaluation).perplexity, rel=1e-9)
+    assert ppl["after"] == pytest.approx(perplexity(result.graph, evaluation).perplexity,
+                                         rel=1e-9)
+    assert ppl["tokens"] == 3 * 14 and abs(ppl["after"] - ppl["before"]) > 1e-3
+
+    (tmp_path / "lm.onnx").write_bytes(to_onnx(graph).SerializeToString())
+    np.save(tmp_path / "eval.npy", evaluation)
+    proc = cli("prune", tmp_path / "lm.onnx", "--ratio", "0.5", "--head-ratio", "0",
+               "--eval-tokens", tmp_path / "eval.npy", "-o", tmp_path / "out.onnx")
+    assert proc.returncode == 0, proc.stderr
+    assert f"perplexity on 42 evaluation tokens: {ppl['before']:.4f} ->" in proc.stdout
+    np.save(tmp_path / "bad.npy", evaluation.astype(np.float32))
+    assert_clean_error(cli("prune", tmp_path / "lm.onnx", "--ratio", "0.5", "--eval-tokens",
+                           tmp_path / "bad.npy", "-o", tmp_path / "bad.onnx"),
+                       BadOptionError.exit_code, "eval tokens: token ids must be integer")
+    assert not (tmp_path / "bad.onnx").exists()
