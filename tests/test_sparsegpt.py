@@ -64,6 +64,28 @@ def test_one_layer_error_is_below_wanda_and_magnitude(pattern):
     assert errors["sparsegpt"] < 0.6 * errors["wanda"] < 0.6 * errors["magnitude"], errors
 
 
+def test_the_update_is_optimal_brain_surgeon_column_by_column():
+    """Against the textbook form, with no Cholesky and no lazy batches: for each column c in
+    turn, F = the columns from c on; a pruned weight w_c is removed with the OBS update
+    w_F -= w_c / [H_F^-1]_00 * [H_F^-1]_0,:, and the N:M choice ranks w_c^2 / [H_F^-1]_00.
+    Blocks of 4 columns (lazy updates across 5 blocks) must give the same weights."""
+    rng = np.random.default_rng(4)
+    x, w = correlated(rng, 20)(200), rng.standard_normal((6, 20))
+    h = 2 * x.T @ x / len(x)
+    got, _ = sparsegpt_layer(w, h, "nm", (2, 4, 1), 0.5, block=4)
+    hd = h + 0.01 * np.mean(np.diag(h)) * np.eye(20)
+    d = [np.linalg.inv(hd[c:, c:])[0] for c in range(20)]      # row 0 of each H_F^-1
+    want = w.copy()
+    for c in range(20):
+        if c % 4 == 0:
+            score = want[:, c: c + 4] ** 2 / np.array([d[c + i][0] for i in range(4)])
+            drop = np.argsort(np.argsort(-score, axis=1), axis=1) >= 2
+        pruned = drop[:, c % 4]
+        want[pruned, c:] -= np.outer(want[pruned, c] / d[c][0], d[c])
+    np.testing.assert_allclose(got, want, atol=1e-9)
+    assert n_of_m(got) and np.abs(got - w).max() > 0.1       # the kept weights moved
+
+
 def mlp() -> onnx.ModelProto:
     """MatMul + bias -> Relu -> Gemm(transB), 64 -> 128 -> 32 on [16, 64]."""
     r = np.random.default_rng(1)
