@@ -301,7 +301,8 @@ _FFN_IN = ("up_proj", "c_fc", "fc1")
 
 
 def _layer_sizes(model) -> dict[str, list[int]]:
-    """Per decoder layer, in order: the sizes a Hugging Face config states once for all."""
+    """Per decoder layer, in order: the sizes a Hugging Face config states once for all (an
+    MLP's own ``intermediate_size`` attribute is set to its width on the way)."""
     sizes: dict[str, list[int]] = {"num_attention_heads": [], "num_key_value_heads": [],
                                    "head_dim": [], "intermediate_size": []}
     for m in model.modules():
