@@ -116,6 +116,8 @@ def _token_ids(data, tokenizer) -> list[np.ndarray]:
         data = data.detach().cpu().numpy()
     if isinstance(data, np.ndarray):
         data = [data] if data.ndim == 1 else list(data)
+    if isinstance(data, (list, tuple)) and data and isinstance(data[0], (int, np.integer)):
+        data = [data]                                  # one sequence as a flat list
     out = []
     for item in data:
         if isinstance(item, str):

@@ -87,6 +87,7 @@ def test_texts_go_through_the_tokenizer():
     ids = [tokenizer(t)["input_ids"] for t in texts]
     assert perplexity(lm, texts, tokenizer=tokenizer).nll == pytest.approx(
         perplexity(lm, ids).nll, rel=1e-6)
+    assert perplexity(lm, ids[0]).nll == pytest.approx(perplexity(lm, ids[:1]).nll, rel=1e-9)
     with pytest.raises(BadOptionError, match="tokenizer"):
         perplexity(lm, texts)
 
