@@ -47,10 +47,11 @@ def perplexity(model, texts_or_token_ids, *, tokenizer=None, max_length: int | N
                stride: int | None = None, batch_size: int = 1, pad_id: int = 0) -> Perplexity:
     """Perplexity of ``model`` on the texts (with ``tokenizer``: a Hugging Face tokenizer or any
     ``str -> token ids`` callable) or token-id sequences (lists, 1-D arrays or tensors, or 2-D
-    ones whose rows are sequences). ``max_length`` is the window (default: the whole longest sequence, or the ONNX
-    model's fixed sequence length); ``stride`` the step between windows (default: the window,
-    no overlap; smaller gives each scored token more context). ``batch_size`` windows run
-    together (an ONNX model with a fixed batch size fixes it). See the module docstring."""
+    ones whose rows are sequences). ``max_length`` is the window (default: the whole longest
+    sequence, or the ONNX model's fixed sequence length); ``stride`` the step between windows
+    (default: the window, no overlap; smaller gives each scored token more context).
+    ``batch_size`` windows run together (an ONNX model with a fixed batch size fixes it). See
+    the module docstring."""
     sequences = _token_ids(texts_or_token_ids, tokenizer)
     run, fixed_len, fixed_batch = _runner(model, pad_id)
     longest = max(len(s) for s in sequences)
@@ -75,7 +76,13 @@ def perplexity(model, texts_or_token_ids, *, tokenizer=None, max_length: int | N
         for row, (tokens, _) in enumerate(chunk):
             ids[row, : len(tokens)] = tokens
             mask[row, : len(tokens)] = 1
-        logits = run(ids, mask)
+        try:
+            logits = run(ids, mask)
+        except BadOptionError:
+            raise
+        except Exception as e:  # noqa: BLE001 - token ids the model cannot read (out of range)
+            raise BadOptionError(f"the model does not run on the token ids: "
+                                 f"{str(e).strip().splitlines()[0]}") from None
         for row, (tokens, first) in enumerate(chunk):
             # position p's logits predict token p + 1; score tokens first .. len - 1
             nll += _nll(logits[row, first - 1: len(tokens) - 1], tokens[first:])

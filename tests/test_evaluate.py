@@ -90,6 +90,8 @@ def test_texts_go_through_the_tokenizer():
     assert perplexity(lm, ids[0]).nll == pytest.approx(perplexity(lm, ids[:1]).nll, rel=1e-9)
     with pytest.raises(BadOptionError, match="tokenizer"):
         perplexity(lm, texts)
+    with pytest.raises(BadOptionError, match="does not run on the token ids"):
+        perplexity(lm, [[1, 2, 500]])                       # beyond the vocabulary
 
 
 def test_prune_reports_perplexity_before_and_after(tmp_path):
