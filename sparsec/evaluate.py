@@ -13,9 +13,9 @@ than the window (``max_length``; an ONNX model with a fixed sequence length fixe
 windows that start every ``stride`` tokens; each window scores only the tokens the window before
 it did not, with the tokens before them as context (the sliding window of the Hugging Face
 perplexity guide, summed per token). A window's first token is context only: without overlap
-(``stride`` equal to the window, the default) it is not scored at all. Windows are padded on the right to the window length,
-which a causal model cannot see (an ``attention_mask`` input, if the model has one, marks the
-padding too), and padded positions are never scored.
+(``stride`` equal to the window, the default) it is not scored at all. Windows are padded on
+the right to the window length, which a causal model cannot see (an ``attention_mask`` input,
+if the model has one, marks the padding too), and padded positions are never scored.
 """
 
 from __future__ import annotations

@@ -49,7 +49,8 @@ def test_pruned_causal_lm_round_trips_through_save_pretrained(arch, tmp_path):
     assert cfg.num_hidden_layers == 2 and lm.config.num_hidden_layers == 3   # input untouched
     assert lm.config.use_cache is True
     if arch == "gpt2":
-        assert cfg.n_inner == 64 and tuple(pruned.transformer.h[0].mlp.c_fc.weight.shape) == (32, 64)
+        assert cfg.n_inner == 64
+        assert tuple(pruned.transformer.h[0].mlp.c_fc.weight.shape) == (32, 64)
     else:
         assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                 cfg.intermediate_size) == (2, 1, 8, 32)
