@@ -194,12 +194,16 @@ def cmd_prune(args) -> int:
 
     result = api.prune(args.model, args.output, **_prune_kwargs(args),
                        latency_budget=args.latency_budget, speedup=args.speedup,
-                       target=args.target, log=_log(args))
+                       target=args.target, eval_tokens=args.eval_tokens, log=_log(args))
     print(_prune_table(result))
     if result.latency is not None:
         lat = result.latency
         print(f"latency on {lat['target']}: {lat['ms']:.4g} ms measured for a budget of "
               f"{lat['budget_ms']:.4g} ms (dense {lat['dense_ms']:.4g} ms)")
+    if result.perplexity:
+        p = result.perplexity
+        print(f"perplexity on {p['tokens']:,} evaluation tokens: {p['before']:.4f} -> "
+              f"{p['after']:.4f}")
     print(f"wrote {result.output}")
     return 0
 
@@ -522,8 +526,10 @@ def build_parser() -> argparse.ArgumentParser:
                             help="unstructured, RxC blocks (e.g. 4x4) or N:M (e.g. 2:4, which "
                                  "fixes the share); default unstructured")
             sp.add_argument("--sparsity-criterion", default="magnitude",
-                            choices=["magnitude", "wanda"],
-                            help="|W|, or |W| x input activation norm on the calibration data")
+                            choices=["magnitude", "wanda", "sparsegpt"],
+                            help="|W|; |W| x input activation norm on the calibration data; or "
+                                 "SparseGPT (mask and second-order weight update from the "
+                                 "calibration data; unstructured and N:M)")
             sp.add_argument("--lamp", action="store_true",
                             help="layer-adaptive sparsity (LAMP scores, one global threshold) "
                                  "instead of the same share in every layer")
@@ -589,6 +595,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--target", default="host",
                     help="with --latency-budget / --speedup: the target whose builds are timed "
                          "(default host; one that runs on this machine)")
+    sp.add_argument("--eval-tokens", metavar="X.npy",
+                    help="for a causal language model (token ids in, logits out): evaluation "
+                         "text as token ids (.npy rows, or .npz with input_ids); reports its "
+                         "perplexity before and after pruning")
     sp.set_defaults(func=cmd_prune)
 
     sp = command("compile", help="prune + compile + package for a target")

@@ -84,6 +84,8 @@ class PruneResult:
     recipe: Recipe | None = None
     #: with a latency budget (``prune``): the search's record (``sparsec.latency``)
     latency: dict | None = None
+    #: with ``eval_tokens``: {"before", "after": perplexity, "tokens": tokens predicted}
+    perplexity: dict | None = None
 
     def report(self) -> dict:
         out = {"before": self.before.as_dict(), "after": self.after.as_dict(),
@@ -96,6 +98,8 @@ class PruneResult:
             out["latency"] = self.latency
         if self.recipe is not None:
             out["recipe"] = self.recipe.to_dict()
+        if self.perplexity is not None:
+            out["perplexity"] = self.perplexity
         return out
 
 
@@ -220,6 +224,9 @@ def _check_sparsity(sparsity: float, pattern: str, criterion: str, lamp: bool):
     if kind == "nm" and sparsity and abs(sparsity - (1 - nums[0] / nums[1])) > 1e-9:
         raise BadOptionError(f"pattern {pattern} fixes sparsity at {1 - nums[0] / nums[1]:g}; "
                              f"leave sparsity out")
+    if criterion == "sparsegpt" and (kind == "block" or lamp):
+        raise BadOptionError(f"sparsity criterion sparsegpt chooses unstructured and N:M masks: "
+                             f"{'lamp' if lamp else f'pattern {pattern}'} does not go with it")
     if kind == "nm" and lamp:
         raise BadOptionError("lamp allocation applies to unstructured and block patterns, "
                              "not N:M")
@@ -238,7 +245,7 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, recipe=N
           input_shapes: InputShapes | str | None = None,
           calibration=None, calib_mask: str | None = None, max_drop: float | None = None,
           metric: Callable[[Graph], float] | None = None, remove_dead: bool = False,
-          example_inputs: Sequence[Any] | None = None, scores=None,
+          example_inputs: Sequence[Any] | None = None, scores=None, eval_tokens=None,
           latency_budget: float | None = None, speedup: float | None = None,
           target: str = "host", log: Log = _quiet) -> PruneResult:
     """Prune the least important channels of every channel group; optionally write ONNX.
@@ -262,8 +269,10 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, recipe=N
     ``sparsec.passes.ffn_fusion``);
     ``sparsity`` zeros that share of the remaining weights in ``sparsity_pattern``
     (``"unstructured"``, blocks ``"RxC"`` or ``"N:M"``, which fixes the share itself) by
-    ``sparsity_criterion`` (``"magnitude"`` or ``"wanda"``), the same share in every layer or,
-    with ``lamp``, layer-adaptive (see ``sparsec.passes.sparsify``);
+    ``sparsity_criterion`` (``"magnitude"``, ``"wanda"``, or ``"sparsegpt"``, which also
+    updates the weights that stay by SparseGPT's second-order rule; unstructured and N:M), the
+    same share in every layer or, with ``lamp``, layer-adaptive (see
+    ``sparsec.passes.sparsify``);
     ``reorder`` finally permutes channel groups so nonzero weights cluster into dense 4x4
     blocks (exact; see ``sparsec.passes.reorder``);
     ``ignore`` globs leave groups whole; ``round_to`` rounds kept channel counts up to a
@@ -290,6 +299,11 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, recipe=N
     data) the original's metric minus the pruned model's. ``result.search`` lists what was
     tried.
 
+    ``eval_tokens``: for a causal language model (token ids in, logits out), evaluation text
+    as token ids (sequences, a 2-D array of rows, or an .npy / .npz file of them): the result's
+    ``perplexity`` is the model's before and after pruning (``sparsec.evaluate.perplexity``,
+    windows of the model's sequence length), and the report shows it.
+
     ``latency_budget`` (ms) or ``speedup``: instead of pruning at ``ratio``, the least pruning
     whose latency, built and measured on ``target`` (one that runs here), meets the budget,
     as ``compile`` finds it (``sparsec.latency``; ``round_to`` then defaults to the target's
@@ -304,16 +318,17 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, recipe=N
         merged = merge_recipe(recipe, given)
         return prune(model, output, **merged.options(), input_shapes=input_shapes,
                      calibration=calibration, metric=metric, example_inputs=example_inputs,
-                     scores=scores, latency_budget=latency_budget, speedup=speedup,
-                     target=target, log=log)
+                     scores=scores, eval_tokens=eval_tokens, latency_budget=latency_budget,
+                     speedup=speedup, target=target, log=log)
     if latency_budget is not None or speedup is not None:
         return _to_budget(model, output, given, latency_budget, speedup, target, metric,
-                          scores, input_shapes, calibration, example_inputs, log)
+                          scores, input_shapes, calibration, example_inputs, log, eval_tokens)
     if max_drop is not None:
         options = {k: v for k, v in given.items() if k != "max_drop"}
         return _search_ratio(model, output, max_drop, metric, {
             **options, "input_shapes": input_shapes, "calibration": calibration,
-            "example_inputs": example_inputs, "scores": scores}, log, Recipe.of_keywords(given))
+            "example_inputs": example_inputs, "scores": scores}, log, Recipe.of_keywords(given),
+            eval_tokens)
     if metric is not None:
         raise BadOptionError("metric is what max_drop bounds: give max_drop too")
     ratio = _check_ratio(ratio)
@@ -334,13 +349,14 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, recipe=N
     if output is not None:
         check_writable_file(output, model if isinstance(model, (str, os.PathLike)) else None)
     graph = load(model, input_shapes, example_inputs)
+    before_ppl = _perplexity(graph, eval_tokens)       # checks the model and tokens first
     _check_patterns(graph, layer_ratios, ignore)
     _check_structure(graph, remove_layers, remove_attention, fuse_ffn)
     kind, nm = _check_sparsity(sparsity, sparsity_pattern, sparsity_criterion, lamp)
     calib = _calibration(graph, calibration)
     if ((reconstruct or criterion in NEEDS_DATA) and ratio > 0 or remove_layers or rotate
             or remove_attention or fuse_ffn or (sparsity or kind == "nm") and (
-                sparsity_criterion == "wanda" or reconstruct)) \
+                sparsity_criterion in ("wanda", "sparsegpt") or reconstruct)) \
             and calibration is None:
         log("warning: fitting to random inputs; give calibration data (--calib) drawn from "
             "the real input distribution")
@@ -375,6 +391,8 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, recipe=N
                              **given, "ratio": ratio, "head_ratio": head_ratio,
                              "hidden_ratio": hidden_ratio, "round_to": int(round_to),
                              "layer_ratios": layer_ratios, "ignore": list(ignore)}))
+    if before_ppl is not None:
+        result.perplexity = _perplexity_pair(before_ppl, pruned, eval_tokens, log)
     if not manager.held_out and any(not p.exact for p in passes):
         log("warning: one calibration sample: nothing to hold out, so the fidelity of this "
             "lossy pruning is not measured; give more calibration data (--calib)")
@@ -391,7 +409,7 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, recipe=N
 
 def _to_budget(model: ModelLike, output, options: dict, latency_budget, speedup, target: str,
                metric, scores, input_shapes, calibration, example_inputs,
-               log: Log) -> PruneResult:
+               log: Log, eval_tokens=None) -> PruneResult:
     """``prune(..., latency_budget=...)``: ``sparsec.latency.budget_search`` on ``target``."""
     from sparsec import latency
     from sparsec.targets import resolve_target
@@ -407,10 +425,13 @@ def _to_budget(model: ModelLike, output, options: dict, latency_budget, speedup,
     if output is not None:
         check_writable_file(output, model if isinstance(model, (str, os.PathLike)) else None)
     graph = load(model, input_shapes, example_inputs)
+    before_ppl = _perplexity(graph, eval_tokens)
     result, record, _ = latency.budget_search(graph, {**options, "calibration": calibration},
                                               spec, latency_budget, speedup, log)
     result.latency = {**{k: v for k, v in record.items() if k != "table"},
                       "target": spec.name}
+    if before_ppl is not None:
+        result.perplexity = _perplexity_pair(before_ppl, result.graph, eval_tokens, log)
     if output is not None:
         save_onnx(to_onnx(result.graph), output)
         result.output = Path(output)
@@ -438,8 +459,30 @@ def ratio_scaler(options: dict) -> tuple[float, Callable[[float], dict]]:
     return top, at
 
 
+def _perplexity(graph: Graph, eval_tokens):
+    """The graph's perplexity on ``eval_tokens`` (None without them); BadOptionError if the
+    model is no causal LM sparsec can feed them to."""
+    if eval_tokens is None:
+        return None
+    from sparsec.evaluate import perplexity, read_token_ids
+
+    try:
+        return perplexity(graph, read_token_ids(eval_tokens))
+    except BadOptionError as e:
+        raise BadOptionError(f"eval tokens: {e}") from None
+
+
+def _perplexity_pair(before, pruned: Graph, eval_tokens, log: Log) -> dict:
+    from sparsec.evaluate import perplexity, read_token_ids
+
+    after = perplexity(pruned, read_token_ids(eval_tokens))
+    log(f"perplexity on {after.tokens} evaluation tokens: {before.perplexity:.4f} -> "
+        f"{after.perplexity:.4f}")
+    return {"before": before.perplexity, "after": after.perplexity, "tokens": after.tokens}
+
+
 def _search_ratio(model: ModelLike, output, max_drop, metric, options: dict,
-                  log: Log, recipe: Recipe) -> PruneResult:
+                  log: Log, recipe: Recipe, eval_tokens=None) -> PruneResult:
     """``prune(..., max_drop=...)``: bisection over the ratio (see ``prune``)."""
     try:
         max_drop = float(max_drop)
@@ -451,6 +494,7 @@ def _search_ratio(model: ModelLike, output, max_drop, metric, options: dict,
     if output is not None:
         check_writable_file(output, model if isinstance(model, (str, os.PathLike)) else None)
     graph = load(model, options.pop("input_shapes"), options.pop("example_inputs"))
+    before_ppl = _perplexity(graph, eval_tokens)
     options["calibration"] = _calibration(graph, options["calibration"])
     base = metric(graph) if metric is not None else 1.0
     tried: dict[float, PruneResult] = {}
@@ -484,6 +528,8 @@ def _search_ratio(model: ModelLike, output, max_drop, metric, options: dict,
     result.search = [r.search[0] for _, r in sorted(tried.items())]
     result.recipe = recipe        # re-running it searches again, to the same ratio
     log(f"max-drop: chose ratio {hi:.4f} of {len(tried)} tried")
+    if before_ppl is not None:
+        result.perplexity = _perplexity_pair(before_ppl, result.graph, eval_tokens, log)
     if output is not None:
         save_onnx(to_onnx(result.graph), output)
         result.output = Path(output)

@@ -38,7 +38,7 @@ def prune_module(module, example_inputs: Sequence[Any], *, recipe=None, ratio: f
                  layer_ratios: dict[str, float] | None = None, ignore: Sequence[str] = (),
                  calibration=None, calib_mask: str | None = None,
                  max_drop: float | None = None, metric=None, remove_dead: bool = False,
-                 loss_fn=None, log: Log = _quiet):
+                 loss_fn=None, eval_tokens=None, log: Log = _quiet):
     """Prune a ``torch.nn.Module``: returns ``(pruned_module, PruneResult)``.
 
     The module is captured with the FX frontend (``sparsec.frontends.fx``), so the IR's weights
@@ -55,6 +55,17 @@ def prune_module(module, example_inputs: Sequence[Any], *, recipe=None, ratio: f
     against the model's own predictions. ``remove_layers`` deletes the chosen layers from their
     ``ModuleList``. The pruned module is checked against the pruned graph in ONNX Runtime on the
     example inputs (``ValidationError`` if its code cannot follow the new sizes).
+
+    A Hugging Face causal LM (Llama, Mistral, Qwen2, GPT-2 and alike) can be passed as it is
+    (its KV cache is off while it is captured). The returned model's config follows its
+    weights: head counts, ``head_dim``, the intermediate size, ``num_hidden_layers``, and the
+    layers left count from 0 (``layer_idx``, their KV-cache slots), so ``save_pretrained`` then
+    ``from_pretrained`` gives it back and ``generate`` works. transformers states each size once
+    for all layers: where the pruned layers differ (``sensitivity``, ``layer_ratios``) or the
+    config has no word for it (GPT-2 with fewer heads), ``save_pretrained`` raises
+    ``OutputError`` saying so, and nothing is written (``torch.save`` still works).
+    ``eval_tokens`` (token ids) puts the model's perplexity before and after pruning into the
+    result (see ``sparsec.prune``).
     """
     from sparsec.frontends.fx import capture_fx
     from sparsec.passes.criteria import taylor_scores
@@ -69,8 +80,16 @@ def prune_module(module, example_inputs: Sequence[Any], *, recipe=None, ratio: f
             raise BadOptionError(f"prune_module does not take recipe key '{unsupported[0]}'")
         return prune_module(module, example_inputs, **{k: merged[k] for k in given},
                             calibration=calibration, metric=metric, loss_fn=loss_fn,
-                            log=log)
-    graph = capture_fx(module, example_inputs)
+                            eval_tokens=eval_tokens, log=log)
+    config = getattr(module, "config", None)
+    cached = getattr(config, "use_cache", None) is True
+    if cached:                # a KV cache among the outputs cannot be captured: off meanwhile
+        config.use_cache = False
+    try:
+        graph = capture_fx(module, example_inputs)
+    finally:
+        if cached:
+            config.use_cache = True
     scores = None
     if criterion in NEEDS_TORCH and ratio + (head_ratio or 0) + sum(
             (layer_ratios or {}).values()) > 0:
@@ -87,14 +106,14 @@ def prune_module(module, example_inputs: Sequence[Any], *, recipe=None, ratio: f
                    remove_layers=remove_layers,
                    layer_ratios=layer_ratios, ignore=ignore, calibration=calibration,
                    calib_mask=calib_mask, max_drop=max_drop, metric=metric,
-                   remove_dead=remove_dead, scores=scores, log=log)
+                   remove_dead=remove_dead, scores=scores, eval_tokens=eval_tokens, log=log)
     maps = [m for p in result.passes for m in p.details.get("output_maps", [])]
     if maps:
         raise BadOptionError(
             f"the module returns its hidden stream ('{maps[0]['output']}'), so hidden_ratio "
             f"would need an output map the module does not have: prune the ONNX export "
             f"(sparsec.prune), or a module whose head reads the stream")
-    pruned = write_back(module, result.graph, drop_layers=bool(remove_layers))
+    pruned = write_back(module, result.graph, drop_layers=bool(remove_layers), log=log)
     _check_write_back(pruned, result.graph, example_inputs)
     return pruned, result
 
@@ -123,16 +142,16 @@ def _check_write_back(pruned, graph: Graph, example_inputs: Sequence[Any]) -> No
                               "changed)")
 
 
-def write_back(module, graph: Graph, drop_layers: bool = False):
+def write_back(module, graph: Graph, drop_layers: bool = False, log: Log = _quiet):
     """A deep copy of ``module`` holding ``graph``'s weights (matched by state_dict name);
-    with ``drop_layers``, layers whose weights all left the graph leave their ModuleList."""
+    with ``drop_layers``, layers whose weights all left the graph leave their ModuleList.
+    Hugging Face models inside it get a config that describes the new sizes
+    (``_configs_follow_weights``), or a ``save_pretrained`` that says why none can."""
     import copy
 
     import torch
 
     new = copy.deepcopy(module)
-    if drop_layers:
-        _drop_removed_layers(new, graph)
     # tied parameters (GPT-2's lm_head is its token embedding) go by any of their names, and
     # stay one tensor
     state = {**dict(new.named_parameters(remove_duplicate=False)), **dict(new.named_buffers())}
@@ -153,6 +172,8 @@ def write_back(module, graph: Graph, drop_layers: bool = False):
         for alias in aliases.get(id(state.get(target)), [target]):   # keep ties tied
             owner_name, _, leaf = alias.rpartition(".")
             setattr(new.get_submodule(owner_name), leaf, param)
+    if drop_layers:     # after the weights: the names are the graph's, from before renumbering
+        _drop_removed_layers(new, graph)
     groups = {n.inputs[1]: int(n.attr("group", 1)) for n in graph.nodes if n.op_type == "Conv"}
     for name, m in new.named_modules():
         if isinstance(m, torch.nn.modules.conv._ConvNd):
@@ -175,6 +196,8 @@ def write_back(module, graph: Graph, drop_layers: bool = False):
     for m in new.modules():
         _heads_follow_weights(m)
         _hidden_follows_weights(m)
+    for problem in _configs_follow_weights(new):
+        log(f"warning: {problem}")
     return new
 
 
@@ -238,28 +261,136 @@ def _out_features(layer) -> int | None:
     return w.shape[1] if type(layer).__name__ == "Conv1D" else w.shape[0]
 
 
+def _head_counts(m) -> tuple[int, int | None, int] | None:
+    """(query heads, key/value heads or None, head_dim) of an attention module (transformers'
+    naming), read from its projections' widths; None for any other module."""
+    head_dim = getattr(m, "head_dim", None) or getattr(m, "attention_head_size", None)
+    if not isinstance(head_dim, int) or head_dim <= 0:
+        return None
+    q = next((getattr(m, n) for n in ("q_proj", "query", "q") if hasattr(m, n)), None)
+    k = next((getattr(m, n) for n in ("k_proj", "key", "k") if hasattr(m, n)), None)
+    if hasattr(m, "c_attn") and hasattr(m, "split_size"):             # fused QKV (GPT-2)
+        return _out_features(m.c_attn) // 3 // head_dim, None, head_dim
+    if q is None:
+        return None
+    return (_out_features(q) // head_dim,
+            _out_features(k) // head_dim if k is not None else None, head_dim)
+
+
 def _heads_follow_weights(m) -> None:
     """Attention modules (transformers' naming): head counts follow the projections' widths.
     Their forward passes size heads by ``head_dim`` (views with -1), so these attributes are
     bookkeeping, except GPT-2's ``split_size`` which splits the fused QKV projection."""
-    head_dim = getattr(m, "head_dim", None) or getattr(m, "attention_head_size", None)
-    if not isinstance(head_dim, int) or head_dim <= 0:
+    counts = _head_counts(m)
+    if counts is None:
         return
-    q = next((getattr(m, n) for n in ("q_proj", "query", "q") if hasattr(m, n)), None)
-    k = next((getattr(m, n) for n in ("k_proj", "key", "k") if hasattr(m, n)), None)
-    if hasattr(m, "c_attn") and hasattr(m, "split_size"):             # fused QKV (GPT-2)
-        width = _out_features(m.c_attn) // 3
-        m.split_size = width
-        q_heads, kv_heads = width // head_dim, None
-    elif q is not None:
-        q_heads = _out_features(q) // head_dim
-        kv_heads = _out_features(k) // head_dim if k is not None else None
-        if hasattr(m, "all_head_size"):
-            m.all_head_size = q_heads * head_dim
-    else:
-        return
+    q_heads, kv_heads, head_dim = counts
+    if hasattr(m, "c_attn") and hasattr(m, "split_size"):
+        m.split_size = q_heads * head_dim
+    elif hasattr(m, "all_head_size"):
+        m.all_head_size = q_heads * head_dim
     for attr in ("num_heads", "num_attention_heads"):
         if isinstance(getattr(m, attr, None), int):
             setattr(m, attr, q_heads)
     if kv_heads is not None and isinstance(getattr(m, "num_key_value_heads", None), int):
         m.num_key_value_heads = kv_heads
+
+
+#: an FFN's first projection (transformers' naming): its width is the intermediate size
+_FFN_IN = ("up_proj", "c_fc", "fc1")
+
+
+def _layer_sizes(model) -> dict[str, list[int]]:
+    """Per decoder layer, in order: the sizes a Hugging Face config states once for all (an
+    MLP's own ``intermediate_size`` attribute is set to its width on the way)."""
+    sizes: dict[str, list[int]] = {"num_attention_heads": [], "num_key_value_heads": [],
+                                   "head_dim": [], "intermediate_size": []}
+    for m in model.modules():
+        if (counts := _head_counts(m)) is not None:
+            for key, value in zip(("num_attention_heads", "num_key_value_heads", "head_dim"),
+                                  counts):
+                if value is not None:
+                    sizes[key].append(value)
+        ffn_in = next((getattr(m, n) for n in _FFN_IN if hasattr(m, n)), None)
+        if ffn_in is not None and (width := _out_features(ffn_in)) is not None:
+            sizes["intermediate_size"].append(int(width))
+            if isinstance(getattr(m, "intermediate_size", None), int):
+                m.intermediate_size = int(width)
+    return sizes
+
+
+def _configs_follow_weights(module) -> list[str]:
+    """Every Hugging Face model in ``module`` gets a config that builds a model of its own
+    weights' shapes: head counts, ``head_dim`` and the intermediate size, each where all layers
+    agree (transformers' Llama, Mistral, Qwen2 and GPT-2 configs state one value for every
+    layer). Checked by building the model from the config on the meta device; where the config
+    cannot say it (sizes that differ between layers, GPT-2 with fewer heads), the model's
+    ``save_pretrained`` raises ``OutputError`` with the reason instead of writing a checkpoint
+    ``from_pretrained`` cannot load. Returns those reasons."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return []
+    inner = {id(c) for m in module.modules() if isinstance(m, PreTrainedModel)
+             for c in m.modules() if c is not m}
+    problems = []
+    for hf in module.modules():
+        if not isinstance(hf, PreTrainedModel) or id(hf) in inner:
+            continue
+        config, sizes = hf.config, _layer_sizes(hf)
+        uneven = {k: v for k, v in sizes.items() if len(set(v)) > 1}
+        for key, values in sizes.items():
+            if not values or key in uneven:
+                continue
+            if key == "intermediate_size" and not hasattr(config, key):
+                key = "n_inner" if hasattr(config, "n_inner") else key     # GPT-2
+            implied = config.hidden_size // max(sizes["num_attention_heads"][:1] or [1])
+            if hasattr(config, key) or key == "head_dim" and values[0] != implied:
+                setattr(config, key, values[0])
+        mismatch = _config_mismatch(hf)
+        if mismatch is None:
+            continue
+        name = type(hf).__name__
+        if uneven:
+            key, values = next(iter(uneven.items()))
+            reason = (f"{name}'s config states one {key} for all layers, but the pruned layers "
+                      f"have {values}: prune with one ratio everywhere (no sensitivity or "
+                      f"layer_ratios) to save it with save_pretrained, or save the module with "
+                      f"torch.save")
+        else:
+            reason = (f"{name}'s config cannot describe the pruned weights ({mismatch}): save "
+                      f"the module with torch.save")
+        _refuse_save(hf, reason)
+        problems.append(f"save_pretrained refused: {reason}")
+    return problems
+
+
+def _config_mismatch(hf) -> str | None:
+    """How a model built from ``hf.config`` (on the meta device) differs from ``hf``'s
+    weights, or None; None too when the model cannot be built that way."""
+    import copy
+
+    import torch
+
+    try:
+        with torch.device("meta"):
+            fresh = type(hf)(copy.deepcopy(hf.config))
+    except Exception:  # noqa: BLE001 - a model that cannot be built on meta goes unchecked
+        return None
+    want = {k: tuple(v.shape) for k, v in hf.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    for key in sorted(want.keys() | got.keys()):
+        if want.get(key) != got.get(key):
+            return (f"{key}: {want.get(key, 'absent')} in the pruned model, "
+                    f"{got.get(key, 'absent')} from the config")
+    return None
+
+
+def _refuse_save(hf, reason: str) -> None:
+    """``hf.save_pretrained`` raises ``OutputError(reason)`` (and writes nothing)."""
+    from sparsec.errors import OutputError
+
+    def save_pretrained(*args, **kwargs):
+        raise OutputError(f"save_pretrained: {reason}")
+
+    hf.save_pretrained = save_pretrained

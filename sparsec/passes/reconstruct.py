@@ -161,35 +161,38 @@ class Design:
 def design(node: Node, xs: list[np.ndarray], ys: list[np.ndarray], masks: list,
            kernel: tuple[int, ...] = ()) -> Design:
     """The least-squares rows of ``node`` from its input and output per batch, padded positions
-    (``masks``) left out."""
+    (``masks``) left out; an output of None gives no columns of ``y``."""
     parts, first = [], 0
     for x, y, m in zip(xs, ys, masks):
         b = x.shape[0]
         if node.op_type == "Conv":
             a = _im2col(x.astype(np.float64), node, kernel)
-            t = y.transpose(0, 2, 3, 1).reshape(-1, y.shape[1])
+            t = y.transpose(0, 2, 3, 1).reshape(-1, y.shape[1]) if y is not None else None
             ids = np.repeat(np.arange(first, first + b), a.shape[0] // b)
         else:
-            a, t = rows(x, m), rows(y, m)
+            a, t = rows(x, m), rows(y, m) if y is not None else None
             lead = np.arange(first, first + b).reshape((b,) + (1,) * (x.ndim - 1))
             ids = rows(np.broadcast_to(lead, x.shape[:-1] + (1,)), m)[:, 0]
+        t = np.zeros((a.shape[0], 0)) if t is None else t
         parts.append((a.astype(np.float64), t.astype(np.float64), ids))
         first += b
     return Design(*(np.concatenate([p[i] for p in parts]) for i in range(3)))
 
 
-def refit_in_order(original: Graph, changed: Graph, select, fit, ctx: PassContext
-                   ) -> tuple[Graph, list[dict]]:
+def refit_in_order(original: Graph, changed: Graph, select, fit, ctx: PassContext,
+                   outputs: bool = True) -> tuple[Graph, list[dict]]:
     """For every refittable Conv/Gemm/MatMul that ``select(node)`` picks, in graph order:
     ``fit(graph, node, users, design, seed)`` rewrites its weights from what it receives in
     ``changed`` with the earlier refits applied and its output in ``original`` (``Design``,
-    on ``ctx.fit``)."""
+    on ``ctx.fit``; with ``outputs`` False the original outputs are not computed and
+    ``design.y`` has no columns)."""
     uses = original.consumers()
     targets = [n for n in original.nodes if n.op_type in ("Conv", "Gemm", "MatMul")
                and len(n.inputs) > 1 and select(n) and _refittable(original, n, uses)]
     if not targets:
         return changed, []
-    y_orig = reference.activations(original, ctx.fit, [n.outputs[0] for n in targets])
+    y_orig = reference.activations(original, ctx.fit, [n.outputs[0] for n in targets]) \
+        if outputs else {}
     graph = changed.copy()
     nodes = {n.name: n for n in graph.nodes}
     users = graph.consumers()
@@ -214,7 +217,8 @@ def refit_in_order(original: Graph, changed: Graph, select, fit, ctx: PassContex
             seen = probe.values(ctx.fit, [node.inputs[0]], current)
         x = seen[node.inputs[0]]
         kernel = graph.initializers[node.inputs[1]].shape[2:]
-        err = fit(graph, node, users, design(node, x, y_orig[target.outputs[0]], masks, kernel), i)
+        y = y_orig.get(target.outputs[0], [None] * len(x))
+        err = fit(graph, node, users, design(node, x, y, masks, kernel), i)
         report.append({"node": node.name, "weight": node.inputs[1], **err})
         progress.step()
     return graph, report

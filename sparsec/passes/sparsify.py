@@ -22,6 +22,19 @@ layer by one global threshold on LAMP scores: a unit's squared importance divide
 those of the units at least as important in its layer. Layers then keep what they need and the
 total is still s (counted in weights). It applies to unstructured and block patterns.
 
+``sparsegpt`` (Frantar and Alistarh, "SparseGPT: Massive Language Models Can Be Accurately
+Pruned in One-Shot") chooses the mask and updates the weights that stay together, layer by layer
+in graph order on what each layer receives in the sparse model so far (``sparsegpt``): with
+H = 2 X^T X / rows + lambda I (lambda = 1 % of mean(diag H)) from the calibration inputs X and
+the upper Cholesky factor U of H^-1, the columns (input channels) are visited in blocks of 128;
+in each block the mask is chosen on w^2 / U[c, c]^2 (unstructured: the lowest s share of the
+block's weights, so rows may differ; N:M: per row and run of M columns, chosen when the run
+starts, after the updates of the columns before it), and every zeroed (or kept) column's error
+is spread over the columns after it by the optimal brain surgeon update, within the block at
+once and to the rest of the layer in one matrix product per block. It takes unstructured and
+N:M patterns; weights it cannot refit (tied, grouped convs) get magnitude masks. The weights are
+its own reconstruction: ``reconstruct`` does not refit them again.
+
 ``reconstruct`` then refits the weights that remain, layer by layer in graph order, as
 SparseGPT does with its second-order update but solved directly: each output channel's kept
 weights (and the bias) are the ridge least-squares fit, on calibration data, of the original
@@ -44,7 +57,10 @@ from sparsec.passes.reconstruct import (MAX_ROWS, RIDGE, Design, _as_matrix, _bi
                                         _from_matrix, keep_if_better, refit_in_order)
 from sparsec.passes.reorder import weight_matrices
 
-CRITERIA = ("magnitude", "wanda")
+CRITERIA = ("magnitude", "wanda", "sparsegpt")
+#: SparseGPT's column block (lazy batched updates) and its damping, relative to mean(diag H)
+SPARSEGPT_BLOCK = 128
+SPARSEGPT_DAMP = 0.01
 ALLOCATIONS = ("uniform", "lamp")
 
 
@@ -141,6 +157,8 @@ class Sparsify:
         else:
             for w, s in scores.items():
                 masks[w] = self._uniform_mask(s, kind, nums, self.sparsity)
+        if self.criterion == "sparsegpt" and (kind == "block" or self.allocation == "lamp"):
+            raise ValueError("sparsegpt chooses unstructured and N:M masks, not blocks or lamp")
         out = graph.copy()
         layers = {}
         for w, mask in masks.items():
@@ -149,7 +167,12 @@ class Sparsify:
             out.set_initializer(w, np.where(kept, arr, np.zeros((), arr.dtype)).astype(arr.dtype))
             layers[w] = round(1.0 - float(mask.mean()), 4)
         refit, guard = [], None
-        if self.reconstruct:
+        if self.criterion == "sparsegpt":
+            if ctx is None:
+                raise ValueError("sparsegpt needs calibration data")
+            out, refit = sparsegpt(graph, out, set(masks), ctx, kind, nums, self.sparsity)
+            layers = {w: round(float((out.initializers[w] == 0).mean()), 4) for w in masks}
+        elif self.reconstruct:
             if ctx is None:
                 raise ValueError("reconstruction needs calibration data")
             fitted, refit = refit_sparse(graph, out, set(masks), ctx)
@@ -265,3 +288,79 @@ def _refit_masked(graph: Graph, node: Node, users, x: np.ndarray, y: np.ndarray,
     scale = max(float(np.sqrt(np.mean(target ** 2))), 1e-12)
     return {"rel_rmse_before": float(np.sqrt(np.mean((a @ mat + bias - target) ** 2)) / scale),
             "rel_rmse_after": float(np.sqrt(np.mean((new - target) ** 2)) / scale)}
+
+
+def sparsegpt(original: Graph, sparse: Graph, weights: set[str], ctx: PassContext, kind: str,
+              nums, sparsity: float) -> tuple[Graph, list[dict]]:
+    """SparseGPT on every refittable layer of ``weights`` (module docstring), in graph order,
+    each on its inputs in ``sparse`` with the layers before it done; the others keep the masks
+    ``sparse`` has. The report gives each layer's relative output error ||X(W' - W)|| / ||XW||
+    on the calibration rows."""
+    def fit(graph, node, users, d: Design, seed):
+        w = original.initializers[node.inputs[1]]
+        mat = _as_matrix(node, w).astype(np.float64)            # [K, N]: a @ mat
+        taps = int(np.prod(w.shape[2:])) if node.op_type == "Conv" else 1
+        # im2col columns run channel-major; N:M runs over consecutive input channels per tap
+        order = np.arange(mat.shape[0]).reshape(-1, taps).T.ravel()
+        h = (d.a.T @ d.a) * (2.0 / max(d.a.shape[0], 1))
+        rows_w, _ = sparsegpt_layer(mat[order].T, h[np.ix_(order, order)], kind, nums,
+                                    sparsity)
+        new = np.empty_like(mat)
+        new[order] = rows_w.T
+        graph.set_initializer(node.inputs[1], _from_matrix(node, new, w))
+        delta = new - mat
+        ref = max(float(np.sum((h @ mat) * mat)), 1e-30)           # ||X W||^2 (times 2/rows)
+        return {"rel_err": float(np.sqrt(max(float(np.sum((h @ delta) * delta)), 0.0) / ref))}
+
+    return refit_in_order(original, sparse, lambda n: n.inputs[1] in weights, fit, ctx,
+                          outputs=False)
+
+
+def sparsegpt_layer(w: np.ndarray, h: np.ndarray, kind: str, nums, sparsity: float,
+                    block: int = SPARSEGPT_BLOCK, damp: float = SPARSEGPT_DAMP
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """One layer's SparseGPT: ``w`` [rows, columns] (a row is one output, the columns are what
+    it reads), ``h`` [columns, columns] the Hessian 2 X^T X of its inputs. Returns (the pruned
+    and updated weights, the kept mask). ``kind`` "unstructured" (``sparsity`` of each block's
+    weights go) or "nm" (``nums`` = N, M, G: N of every M consecutive columns stay, G
+    consecutive rows sharing the choice)."""
+    w = np.array(w, dtype=np.float64)
+    h = np.array(h, dtype=np.float64)
+    dead = np.diag(h) == 0                         # inputs never active: nothing to weigh
+    h[dead, dead] = 1.0
+    h[np.diag_indices_from(h)] += damp * float(np.mean(np.diag(h)))
+    # U: the upper Cholesky factor of H^-1, whose rows give the OBS updates column by column
+    u = np.linalg.cholesky(np.linalg.inv(h)).T
+    n_rows, n_cols = w.shape
+    n, m, group = nums if kind == "nm" else (0, 1, 1)
+    block = max(block // m, 1) * m                 # N:M runs never straddle two blocks
+    keep = np.ones(w.shape, dtype=bool)
+    for start in range(0, n_cols, block):
+        stop = min(start + block, n_cols)
+        w1, u1 = w[:, start:stop].copy(), u[start:stop, start:stop]
+        err = np.zeros_like(w1)
+        diag = np.diag(u1)
+        if kind == "unstructured":
+            score = (w1 / diag) ** 2
+            n_drop = int(round(sparsity * score.size))
+            order = np.argsort(score, axis=None, kind="stable")[:n_drop]
+            keep1 = np.ones(score.size, dtype=bool)
+            keep1[order] = False
+            keep1 = keep1.reshape(score.shape)
+        else:
+            keep1 = np.ones(w1.shape, dtype=bool)
+        for j in range(stop - start):
+            if kind == "nm" and j % m == 0:
+                score = (w1[:, j: j + m] / diag[j: j + m]) ** 2
+                pooled = score.reshape(n_rows // group, group, m).sum(axis=1)
+                rank = np.argsort(np.argsort(-pooled, axis=1, kind="stable"), axis=1)
+                keep1[:, j: j + m] = np.repeat(rank < n, group, axis=0)
+            col = w1[:, j]
+            e = np.where(keep1[:, j], 0.0, col) / diag[j]
+            w1[:, j:] -= np.outer(e, u1[j, j:])
+            w1[:, j] = np.where(keep1[:, j], w1[:, j], 0.0)
+            err[:, j] = e
+        w[:, start:stop] = w1
+        keep[:, start:stop] = keep1
+        w[:, stop:] -= err @ u[start:stop, stop:]
+    return w, keep
