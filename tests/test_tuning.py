@@ -110,7 +110,7 @@ def test_tune_cli(cache_file, tmp_path):
     ok = cli("tune", str(path), "--budget", "120", "--keep-all")
     assert ok.returncode == 0, ok.stderr
     assert "tuned 4 kernels" in ok.stdout and cache_file.is_file(), ok.stdout
-    pkg = cli("compile", str(path), "-o", str(tmp_path / "pkg"))
+    pkg = cli("compile", str(path), "-o", str(tmp_path / "pkg"), "--keep-onnx")
     assert pkg.returncode == 0, pkg.stderr
     manifest = json.loads((tmp_path / "pkg" / "manifest.json").read_text())
     decisions = manifest["compile"]["decisions"]
