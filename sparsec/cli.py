@@ -205,7 +205,14 @@ def cmd_compile(args) -> int:
                            **_prune_kwargs(args), command=["sparsec", *args.argv],
                            tune=args.tune, precision=args.precision, profile=args.profile,
                            latency_budget=args.latency_budget, speedup=args.speedup,
-                           log=_log(args))
+                           dynamic=args.dynamic, log=_log(args))
+    if args.dynamic:
+        ranges = ", ".join(f"{k}={lo}..{hi}" for k, (lo, hi) in
+                           manifest["dynamic"]["ranges"].items())
+        print(f"compiled {args.model} for {manifest['target']['name']} -> {args.output} "
+              f"(dynamic: {ranges}; checked against ONNX Runtime at "
+              f"{len(manifest['dynamic']['checked'])} sizes)")
+        return 0
     p = manifest["prune"]
     print(f"compiled {args.model} for {manifest['target']['name']} -> {args.output}")
     print(f"  params {p['before']['params']:,} -> {p['after']['params']:,}{_nonzero(p)}, "
@@ -556,6 +563,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--speedup", type=float, metavar="X",
                     help="like --latency-budget, with the budget the dense model's measured "
                          "latency / X")
+    sp.add_argument("--dynamic", metavar="DIM=MIN..MAX,...",
+                    help="one package for every size in these ranges of the model's named "
+                         "input dims (its ONNX dim_params), e.g. "
+                         "batch_size=1..32,sequence_length=1..512; checked against ONNX "
+                         "Runtime at both ends and the middle; no pruning options with it yet")
     sp.set_defaults(func=cmd_compile)
 
     sp = command("sweep", help="fidelity against measured latency over a series of ratios: "

@@ -164,6 +164,11 @@ def validate(package_dir: str | os.PathLike, inputs=None, *, rtol: float | None 
     atol = recorded.get("atol", ATOL) if atol is None else atol
     min_cosine = recorded.get("min_cosine")
     model = onnx.load(str(pkg.path / MODEL))
+    if inputs is None and "dynamic" in pkg.manifest:
+        report = _validate_dynamic(pkg, model, seed, rtol, atol)
+        if check:
+            _raise_if_mismatch(report)
+        return report
     if inputs is None:
         feeds = reference.random_feeds(pkg.inputs, seed)
     else:
@@ -173,4 +178,30 @@ def validate(package_dir: str | os.PathLike, inputs=None, *, rtol: float | None 
                       atol, min_cosine)
     if check:
         _raise_if_mismatch(report)
+    return report
+
+
+def _validate_dynamic(pkg: Package, model, seed: int, rtol: float, atol: float
+                      ) -> ValidationReport:
+    """A dynamic package against ONNX Runtime at both ends of every range and in the middle
+    (``sparsec.dynamic``): one report, each output once per size."""
+    from sparsec.dynamic import at_sizes
+    from sparsec.frontends.dynamic import test_shapes
+
+    runner = _runner(pkg)
+    session = reference.session(model)
+    report = ValidationReport(ok=True, rtol=rtol, atol=atol)
+    for i, sizes in enumerate(test_shapes({k: tuple(v) for k, v in
+                                           pkg.manifest["dynamic"]["ranges"].items()})):
+        feeds = reference.random_feeds(at_sizes(pkg.inputs, sizes), seed + i)
+        try:
+            actual = runner.run(feeds)
+        except SparsecError:
+            raise
+        except Exception as e:
+            raise _library_failed(pkg, e) from None
+        part = _compare(pkg.outputs, session.run(None, feeds), actual, rtol, atol)
+        where = ",".join(f"{k}={v}" for k, v in sorted(sizes.items()))
+        report.ok &= part.ok
+        report.outputs += [{**o, "name": f"{o['name']} @ {where}"} for o in part.outputs]
     return report
