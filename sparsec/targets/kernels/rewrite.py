@@ -195,13 +195,63 @@ def _linear(a: _Analysis, call: "relax.Call") -> _Linear | None:
     return _Linear(w, xs, out, m, _dtype(x))
 
 
+def _shape_exprs(expr: "relax.Expr") -> tuple | None:
+    """The shape of ``expr``, symbolic dims as PrimExprs (None when the rank is unknown)."""
+    from tvm import relax
+
+    ty = getattr(expr, "ty", None)
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return None
+    return tuple(getattr(ty.shape, "values", None) or ()) or None
+
+
+def _match_dynamic_dense(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | None:
+    """``X[..., K] @ W[K, N]`` with W constant, K static and the rows (the leading dims of
+    X: batch x seq) symbolic: ``dense_packed`` with a run-time row count
+    (``dense.build_dynamic``), W packed here. Only in a model compiled with dynamic shapes."""
+    from tvm import relax, tirx
+
+    x, w_expr = call.args
+    w = a.const(w_expr)
+    xs, out = _shape_exprs(x), _shape_exprs(call)
+    if (w is None or w.ndim != 2 or xs is None or out is None or len(xs) < 2
+            or a.const(x) is not None or not isinstance(xs[-1], tirx.IntImm)
+            or int(xs[-1]) != w.shape[0]):
+        return None
+    if _dtype(x) not in SUPPORTED_DTYPES or str(w.dtype) != _dtype(x) or _dtype(call) != _dtype(x):
+        return None
+    k, n, dtype = int(w.shape[0]), int(w.shape[1]), _dtype(x)
+    m = xs[0]
+    for d in xs[1:-1]:
+        m = m * d
+
+    def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
+             ) -> "relax.Expr":
+        func = dense.build_dynamic(k, n, dtype, bias=bias is not None, act=act,
+                                   residual=residual is not None)
+        gv = bb.add_func(func, dense.NAME)
+        x2 = args[0] if len(xs) == 2 else bb.emit(relax.op.reshape(args[0], (m, k)))
+        call_args = [x2, relax.const(dense.pack_weight(w))] + (
+            [relax.const(bias)] if bias is not None else [])
+        if residual is not None:
+            call_args.append(residual if len(xs) == 2 else bb.emit(
+                relax.op.reshape(residual, (m, n))))
+        y = relax.call_tir(gv, call_args, relax.TensorType((m, n), dtype))
+        return y if len(xs) == 2 else relax.op.reshape(bb.emit(y), out)
+
+    info = {"op": "matmul", "shape": {"M": str(m), "K": k, "N": n}, "rows": "run time"}
+    # the cost rule compares per-row work (M is not known here)
+    return [(Plan(dense.NAME, emit, info=info, shape={"m": str(m), "k": k, "n": n,
+                                                      "dtype": dtype}), {"macs": k * n})]
+
+
 def _match_dense(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | None:
     x, w_expr = call.args
     if a.const(w_expr) is None and a.const(x) is None:
         return _match_batch_matmul(a, call)
     lin = _linear(a, call)
     if lin is None:
-        return None
+        return _match_dynamic_dense(a, call)
     w, m, k, n, dtype = lin.w, lin.m, lin.k, lin.n, lin.dtype
 
     def emitter(strategy: str):
