@@ -65,6 +65,17 @@ def _static_shape(expr: "relax.Expr") -> tuple[int, ...] | None:
     return tuple(int(d.value) for d in shape)
 
 
+def _dims(expr: "relax.Expr") -> tuple | None:
+    """``_static_shape``, with a symbolic dim (a dynamic model's) as its printed expression:
+    enough to compare two shapes (a static shape gives the same tuple as ``_static_shape``)."""
+    from tvm import tirx
+
+    shape = _shape_exprs(expr)
+    if shape is None:
+        return None
+    return tuple(int(d.value) if isinstance(d, tirx.IntImm) else str(d) for d in shape)
+
+
 def _dtype(expr: "relax.Expr") -> str:
     return str(expr.ty.dtype)
 
@@ -718,12 +729,14 @@ def _channel_bias(a: _Analysis, heavy_var: Any, add_call: "relax.Call", channel_
     if other is None:
         return None
     c = a.const(other)
-    out = _static_shape(heavy_var)
-    if c is None or out is None or _static_shape(add_call) != out or str(c.dtype) != _dtype(
+    out = _dims(heavy_var)
+    if c is None or out is None or _dims(add_call) != out or str(c.dtype) != _dtype(
             heavy_var):
         return None
     rank = len(out)
     axis = channel_axis % rank
+    if not isinstance(out[axis], int):
+        return None
     if c.ndim > rank:
         return None
     full = (1,) * (rank - c.ndim) + c.shape
@@ -746,8 +759,8 @@ def _residual(a: _Analysis, heavy_var: Any, tail: Any, add_call: "relax.Call",
     other = rhs if lhs.same_as(tail) else lhs if rhs.same_as(tail) else None
     if other is None or other.same_as(tail) or a.const(other) is not None:
         return None
-    out = _static_shape(tail)
-    if out is None or _static_shape(other) != out or _static_shape(add_call) != out or _dtype(
+    out = _dims(tail)
+    if out is None or _dims(other) != out or _dims(add_call) != out or _dtype(
             other) != _dtype(heavy_var):
         return None
     if other in params:
@@ -889,7 +902,7 @@ def plan_function(func: "relax.Function", cores: int, mod: "ir.IRModule | None" 
         if nxt and (res := _residual(a, var, tail, nxt[1], params)) is not None:
             plan.residual = res
             if anchor is not var:       # the add saw the output through reshapes
-                plan.residual_shape = _static_shape(var)
+                plan.residual_shape = _static_shape(var) or _shape_exprs(var)
             aliases[nxt[0]] = anchor
             tail = nxt[0]
         tail, anchor = _past_reshapes(a, tail, anchor)
