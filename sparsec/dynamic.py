@@ -7,7 +7,7 @@ computations as polynomials of the dims); the rewrite gives rows = batch x seq p
 (``kernels/rewrite.py``), and everything else gets the generic schedules with symbolic
 extents. Nothing is padded to the maximum.
 
-The package is checked against ONNX Runtime at several sizes (``test_shapes``: both ends of
+The package is checked against ONNX Runtime at several sizes (``check_sizes``: both ends of
 every range and the middle) before it is written. Its manifest records the ranges
 (``dynamic``) and each input's and output's dims (``dims``: a ``[name, min, max]`` per
 dynamic axis, ``null`` for a fixed one); its ``shape`` and the reference pair are one size in
@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from sparsec.errors import BadOptionError, DynamicShapeError
-from sparsec.frontends.dynamic import Ranges, parse_dynamic, test_shapes
+from sparsec.frontends.dynamic import Ranges, parse_dynamic, check_sizes
 from sparsec.loading import Log, _quiet
 
 #: compile options that the dynamic path does not take yet (pruning needs a static graph)
@@ -160,7 +160,7 @@ def compile_dynamic(model, output_dir: str | os.PathLike, dynamic, *, target: st
     proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
     log(f"dynamic dims: {', '.join(f'{k}={lo}..{hi}' for k, (lo, hi) in sorted(ranges.items()))}")
     symbolic = symbolic_shapes(proto, ranges)
-    shapes = test_shapes(ranges)
+    shapes = check_sizes(ranges)
     mid = shapes[1] if len(shapes) > 1 else shapes[0]
     init = {t.name for t in proto.graph.initializer}
     graph_inputs = [v for v in proto.graph.input if v.name not in init]

@@ -186,12 +186,12 @@ def _validate_dynamic(pkg: Package, model, seed: int, rtol: float, atol: float
     """A dynamic package against ONNX Runtime at both ends of every range and in the middle
     (``sparsec.dynamic``): one report, each output once per size."""
     from sparsec.dynamic import at_sizes
-    from sparsec.frontends.dynamic import test_shapes
+    from sparsec.frontends.dynamic import check_sizes
 
     runner = _runner(pkg)
     session = reference.session(model)
     report = ValidationReport(ok=True, rtol=rtol, atol=atol)
-    for i, sizes in enumerate(test_shapes({k: tuple(v) for k, v in
+    for i, sizes in enumerate(check_sizes({k: tuple(v) for k, v in
                                            pkg.manifest["dynamic"]["ranges"].items()})):
         feeds = reference.random_feeds(at_sizes(pkg.inputs, sizes), seed + i)
         try:

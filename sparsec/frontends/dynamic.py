@@ -121,7 +121,7 @@ class Poly:
                    for mono, c in self.terms)
 
 
-def test_shapes(ranges: Ranges) -> list[dict[str, int]]:
+def check_sizes(ranges: Ranges) -> list[dict[str, int]]:
     """The sizes a dynamic package is checked at: both ends of every range, and a size in the
     middle, dims moving together (min, mid, max) plus one mixed corner."""
     names = sorted(ranges)
