@@ -115,10 +115,16 @@ def test_bert_legacy_export_compiles_once_for_all_sizes(bert_onnx, tmp_path, cap
     assert {"batch_size": 1, "sequence_length": 1} in checked
     assert {"batch_size": 8, "sequence_length": 384} in checked
     assert manifest["inputs"][0]["dims"] == [["batch_size", 1, 8], ["sequence_length", 1, 384]]
-    # the projections and FFN matmuls run our packed kernel with a run-time row count
-    dense = [d for d in manifest["compile"]["decisions"] if d.get("rows") == "run time"]
-    assert len(dense) == 12 and all(d["chosen"] == "dense_packed" for d in dense)
-    assert any("residual" in d["epilogue"] for d in dense)
+    # every matmul on one of our kernels with run-time extents: the projections and FFN on
+    # the packed dense kernel, attention's two products on batch_matmul
+    run_time = [d for d in manifest["compile"]["decisions"] if d.get("rows") == "run time"]
+    chosen = [d["chosen"] for d in run_time]
+    assert chosen.count("dense_packed") == 12 and chosen.count("batch_matmul") == 4
+    assert len(run_time) == len([d for d in manifest["compile"]["decisions"]
+                                 if d["op"] == "matmul"])
+    assert any("residual" in d["epilogue"] for d in run_time if d["chosen"] == "dense_packed")
+    assert {"batch": "batch_size * 4", "M": "sequence_length", "K": 8,
+            "N": "sequence_length"} in [d["shape"] for d in run_time]
     _check_all_sizes(pkg, bert_onnx)
     report = api.validate(pkg)
     assert report.ok and len(report.outputs) == len(check_sizes(
@@ -141,7 +147,8 @@ def test_bert_legacy_export_compiles_once_for_all_sizes(bert_onnx, tmp_path, cap
 def test_llama_dynamo_export_prefill_logits(llama_onnx, tmp_path):
     pkg = tmp_path / "llama"
     manifest = api.compile(llama_onnx, pkg, dynamic={"batch": (1, 8), "seq": (1, 384)})
-    assert manifest["compile"]["kernels"]["dense_packed"] >= 14   # 7 per layer, + lm head
+    kernels = manifest["compile"]["kernels"]
+    assert kernels["dense_packed"] >= 14 and kernels["batch_matmul"] == 4  # 7 a layer + head
     _check_all_sizes(pkg, llama_onnx)
 
 

@@ -82,14 +82,17 @@ def import_onnx(model: "onnx.ModelProto") -> "ir.IRModule":
     1-D convolutions are imported as 2-D ones over a unit height (``conv1d_as_conv2d``)."""
     from tvm.relax.frontend.onnx import from_onnx
 
+    from sparsec.frontends.dynamic import SYMSHAPE_OP
+
     model = conv1d_as_conv2d(model)
-    with _symshape_converter():
+    dynamic = any(n.op_type == SYMSHAPE_OP for n in model.graph.node)
+    with _symshape_converter() if dynamic else contextlib.nullcontext():
         return from_onnx(model, dtype_dict=_input_dtypes(model), keep_params_in_input=False)
 
 
 @contextlib.contextmanager
 def _symshape_converter():
-    """While importing: the ``SparsecSymShape`` nodes of a dynamic model
+    """While importing a dynamic model (only then): its ``SparsecSymShape`` nodes
     (``frontends/dynamic.py``) become Relax shapes (a scalar: a ``PrimValue``) of the
     symbolic dims of the input tensors they read, so that ``Reshape``, ``Expand``,
     ``ConstantOfShape``, ``Range`` see symbolic shapes, not run-time tensors."""
@@ -143,7 +146,8 @@ def _symshape_converter():
                     values.append(x)
                 else:
                     return plain_range(bb, inputs, attr, params)
-            if not any(tvm.ir.is_prim_expr(v) for v in values):
+            if not any(tvm.ir.is_prim_expr(v) and not isinstance(v, tirx.IntImm)
+                       for v in values):
                 return plain_range(bb, inputs, attr, params)
             return relax.op.arange(*values, dtype=dtype)
 

@@ -250,10 +250,21 @@ def _match_dynamic_dense(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, d
         y = relax.call_tir(gv, call_args, relax.TensorType((m, n), dtype))
         return y if len(xs) == 2 else relax.op.reshape(bb.emit(y), out)
 
-    info = {"op": "matmul", "shape": {"M": str(m), "K": k, "N": n}, "rows": "run time"}
+    info = {"op": "matmul", "shape": {"M": _shown(m), "K": k, "N": n}, "rows": "run time"}
     # the cost rule compares per-row work (M is not known here)
-    return [(Plan(dense.NAME, emit, info=info, shape={"m": str(m), "k": k, "n": n,
+    return [(Plan(dense.NAME, emit, info=info, shape={"m": _shown(m), "k": k, "n": n,
                                                       "dtype": dtype}), {"macs": k * n})]
+
+
+def _shown(dim) -> int | str:
+    """A dim for the compile report: its value, or a symbolic one's expression."""
+    import re
+
+    from tvm import tirx
+
+    if isinstance(dim, tirx.IntImm):
+        return int(dim.value)
+    return re.sub(r"T\.int64\((\d+)\)", r"\1", str(dim))
 
 
 def _match_dense(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | None:
@@ -345,7 +356,9 @@ def _match_batch_matmul(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, di
     packs each panel itself, and the transpose kernel is gone."""
     x, y = call.args
     xs, ys, out = _static_shape(x), _static_shape(y), _static_shape(call)
-    if xs is None or ys is None or out is None or len(xs) != len(ys) or len(xs) < 2:
+    if xs is None or ys is None or out is None:
+        return _match_dynamic_batch_matmul(a, call)
+    if len(xs) != len(ys) or len(xs) < 2:
         return None
     if xs[:-2] != ys[:-2] or xs[-1] != ys[-2] or out != xs[:-1] + ys[-1:]:
         return None
@@ -382,6 +395,64 @@ def _match_batch_matmul(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, di
                            shape=kshape, inputs=inputs),
                       {"macs": batch * tiles.mp * tiles.kp * tiles.np_}))
     return plans
+
+
+def _match_dynamic_batch_matmul(a: _Analysis, call: "relax.Call"
+                                ) -> list[tuple[Plan, dict]] | None:
+    """``_match_batch_matmul`` in a model with dynamic shapes: ``batch_matmul`` with the
+    symbolic dims (batch x heads, the sequence in M, K or N) run-time extents of the kernel
+    (``batch_matmul.build_dynamic``)."""
+    from tvm import relax, tirx
+
+    x, y = call.args
+    xs, ys, out = _dims(x), _dims(y), _dims(call)
+    if xs is None or ys is None or out is None or len(xs) != len(ys) or len(xs) < 3:
+        return None
+    if xs[:-2] != ys[:-2] or xs[-1] != ys[-2] or out != xs[:-1] + ys[-1:]:
+        return None
+    dtype = _dtype(x)
+    if dtype not in SUPPORTED_DTYPES or _dtype(y) != dtype or _dtype(call) != dtype:
+        return None
+    exprs, yexprs = _shape_exprs(x), _shape_exprs(y)
+    batch = exprs[0]
+    for d in exprs[1:-2]:
+        batch = batch * d
+    m, k, n = exprs[-2], exprs[-1], yexprs[-1]
+
+    def static(v):
+        return int(v.value) if isinstance(v, tirx.IntImm) else None
+
+    yt = _transposed_operand(a, y)
+
+    def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
+             ) -> "relax.Expr":
+        func = batch_matmul.build_dynamic(
+            static(batch), static(m), static(k), static(n), dtype, bias=bias is not None,
+            act=act, residual=residual is not None, b_transposed=yt is not None)
+        gv = bb.add_func(func, batch_matmul.NAME)
+
+        def as3d(v, shape):
+            return v if len(xs) == 3 else bb.emit(relax.op.reshape(v, (batch,) + shape))
+
+        call_args = [as3d(args[0], (m, k)),
+                     as3d(args[1], (n, k) if yt is not None else (k, n))]
+        if bias is not None:
+            call_args.append(relax.const(bias))
+        if residual is not None:
+            call_args.append(as3d(residual, (m, n)))
+        y3 = relax.call_tir(gv, call_args, relax.TensorType((batch, m, n), dtype))
+        return y3 if len(xs) == 3 else relax.op.reshape(bb.emit(y3), _shape_exprs(call))
+
+    info = {"op": "matmul", "shape": {d: _shown(v) for d, v in (
+        ("batch", batch), ("M", m), ("K", k), ("N", n))}, "rows": "run time"}
+    if yt is not None:
+        info["b_transposed"] = True
+    known = [v for v in (static(m), static(k), static(n)) if v is not None]
+    return [(Plan(batch_matmul.NAME, emit, info=info, inputs=None if yt is None else [x, yt],
+                  shape={"dynamic": True, **{d: _shown(v) for d, v in
+                                             (("batch", batch), ("m", m), ("k", k),
+                                              ("n", n))}}),
+             {"macs": max(known, default=1) * 64})]
 
 
 def _emit_batch_matmul(bb: "relax.BlockBuilder", strategy: str, kshape: dict, args: list,
