@@ -64,12 +64,12 @@ def _inspect_package(args) -> int:
     if args.recipe:
         from sparsec.recipe import Recipe
 
-        print(Recipe.from_dict(m["prune"].get("recipe", {})).to_toml(), end="")
+        print(Recipe.from_dict(m.get("prune", {}).get("recipe", {})).to_toml(), end="")
         return 0
     if args.json:
         print(json.dumps(m, indent=2, sort_keys=True))
         return 0
-    p, lib, ref = m["prune"], m["library"], m["reference"]
+    p, lib, ref = m.get("prune"), m["library"], m["reference"]
     print(f"package {pkg.path}: model '{m['name']}' from {m['source']['model']}")
     print(f"  target   {m['target']['name']} {json.dumps(m['target']['tvm'])}")
     print(f"  built by sparsec {m['sparsec_version']}, apache-tvm {m['versions']['apache-tvm']}")
@@ -77,11 +77,21 @@ def _inspect_package(args) -> int:
     for kind in ("inputs", "outputs"):
         for v in m[kind]:
             print(f"  {kind[:-1]:8} {v['name']} {v['dtype']}{v['shape']}")
-    print(f"  params {p['before']['params']:,} -> {p['after']['params']:,}{_nonzero(p)}, MACs "
-          f"{p['before']['macs']:,} -> {p['after']['macs']:,}, {_fidelity(p)}")
-    print(f"  {_sparsity(p)}")
-    for r in p["passes"]:
-        print(f"  pass {r['name']}: {'exact' if r['exact'] else 'lossy'}")
+    if "dynamic" in m:      # a dynamic-shape package (sparsec.dynamic): not pruned
+        from sparsec.reference import shown_shape
+
+        dyn = m["dynamic"]
+        for v in m["inputs"] + m["outputs"]:
+            print(f"  dims     {v['name']} {shown_shape(v)}")
+        print(f"  dynamic  checked against ONNX Runtime at "
+              + "; ".join(",".join(f"{k}={n}" for k, n in c["sizes"].items()) + ": max abs err "
+                          f"{c['max_abs_err']:.3g}" for c in dyn["checked"]))
+    if p is not None:
+        print(f"  params {p['before']['params']:,} -> {p['after']['params']:,}{_nonzero(p)}, "
+              f"MACs {p['before']['macs']:,} -> {p['after']['macs']:,}, {_fidelity(p)}")
+        print(f"  {_sparsity(p)}")
+        for r in p["passes"]:
+            print(f"  pass {r['name']}: {'exact' if r['exact'] else 'lossy'}")
     print(f"  kernels  {m['compile']['kernels']}")
     if "profile" in m:
         from sparsec.profile import summary

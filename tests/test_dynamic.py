@@ -130,9 +130,12 @@ def test_bert_legacy_export_compiles_once_for_all_sizes(bert_onnx, tmp_path, cap
     assert report.ok and len(report.outputs) == len(check_sizes(
         {"batch_size": (1, 8), "sequence_length": (1, 384)}))
 
+    capsys.readouterr()
+    assert cli.main(["inspect", str(pkg)]) == 0
+    assert "input_ids [batch_size=1..8, sequence_length=1..384]" in capsys.readouterr().out
+
     # outside the range: one line, the dynamic-shape exit code, no output written
     np.savez(tmp_path / "long.npz", **_feeds(1, 385, 0))
-    capsys.readouterr()
     code = cli.main(["run", str(pkg), "--inputs", str(tmp_path / "long.npz")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == DynamicShapeError.exit_code and len(err) == 1
