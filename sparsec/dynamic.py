@@ -168,6 +168,17 @@ def compile_dynamic(model, output_dir: str | os.PathLike, dynamic, *, target: st
     outputs = _signature(proto, proto.graph.output, ranges, mid)
     prefix = f"{name}_"
     source = str(model) if isinstance(model, (str, os.PathLike)) else "<ModelProto>"
+    cases = []      # ONNX Runtime first: a size the model cannot take fails before compiling
+    session = reference.session(proto)
+    for i, sizes in enumerate(shapes):
+        feeds = reference.random_feeds(at_sizes(inputs, sizes), seed=i)
+        where = ", ".join(f"{k}={v}" for k, v in sorted(sizes.items()))
+        try:
+            cases.append((sizes, where, feeds, session.run(None, feeds)))
+        except Exception as e:  # noqa: BLE001 - ORT's errors: the model's own limits
+            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+            raise DynamicShapeError(f"the model does not run at {where} in ONNX Runtime "
+                                    f"({first}); narrow --dynamic") from None
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(staging_dir(output_dir))
         (tmp / MODEL).write_bytes(proto.SerializeToString())
@@ -176,13 +187,9 @@ def compile_dynamic(model, output_dir: str | os.PathLike, dynamic, *, target: st
                              precision="fp32")
         rtol, atol = tolerance(facts)
         runner = _load_runner(spec, tmp, name, inputs, outputs, log)
-        session = reference.session(proto)
         checked = []
-        for i, sizes in enumerate(shapes):
-            feeds = reference.random_feeds(at_sizes(inputs, sizes), seed=i)
-            expected = session.run(None, feeds)
+        for sizes, where, feeds, expected in cases:
             report = _compare(outputs, expected, runner.run(feeds), rtol, atol)
-            where = ", ".join(f"{k}={v}" for k, v in sorted(sizes.items()))
             log(f"reference check at {where}: max abs err {report.max_abs_err:.3g} vs ONNX "
                 f"Runtime")
             _raise_if_mismatch(report)

@@ -163,6 +163,10 @@ def test_dynamic_names_are_checked(bert_onnx, tmp_path):
         api.compile(bert_onnx, tmp_path / "p", dynamic={"batch_size": (1, 8)})
     with pytest.raises(BadOptionError, match="--ratio"):
         api.compile(bert_onnx, tmp_path / "p", dynamic={"batch_size": (1, 8)}, ratio=0.5)
+    # BERT has 512 positions: a range past them fails in ONNX Runtime, before compiling
+    with pytest.raises(DynamicShapeError, match="sequence_length=600 in ONNX Runtime"):
+        api.compile(bert_onnx, tmp_path / "p",
+                    dynamic={"batch_size": (1, 2), "sequence_length": (1, 600)})
     assert not (tmp_path / "p").exists()
     for bad in ("batch_size=8..1", "batch_size=0..4", "batch_size:1-8"):
         with pytest.raises(BadOptionError):

@@ -28,9 +28,9 @@ from sparsec.errors import BadOptionError, DynamicShapeError
 
 #: the custom op the importer turns into a symbolic shape (``targets/backend.py``)
 SYMSHAPE_OP, SYMSHAPE_DOMAIN = "SparsecSymShape", "ai.sparsec"
-#: probe sizes per dynamic dim: two for the fit, one to check it (primes: no coincidences)
-_FIT = (3, 5)
-_CHECK = 7
+#: probe sizes per dynamic dim: two for the fit, one to check it (primes: no coincidences
+#: with the model's own sizes; 1 is avoided, where broadcasting could hide a dim)
+_PROBES = (3, 5, 7)
 #: shape-valued tensors are small integer vectors
 _SHAPE_DTYPES = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
 
@@ -164,6 +164,18 @@ def _frontier(model: onnx.ModelProto, derived: set[str]) -> list[str]:
     return sorted(derived & used)
 
 
+def _probe_sizes(lo: int, hi: int) -> tuple[int, int, int]:
+    """Three distinct sizes to fit and check a dim's shape values at: 3, 5, 7 when the range
+    holds them, else three sizes of at least 2 inside the range, else 3, 5, 7 anyway (a
+    range too narrow to probe inside)."""
+    if lo <= _PROBES[0] and _PROBES[-1] <= hi:
+        return _PROBES
+    inside = list(range(max(lo, 2), hi + 1))
+    if len(inside) >= 3:
+        return inside[0], inside[len(inside) // 2], inside[-1]
+    return _PROBES
+
+
 def _probe(model: onnx.ModelProto, names: list[str], sizes: dict[str, int]
            ) -> list[np.ndarray]:
     from sparsec import reference
@@ -215,8 +227,10 @@ def symbolic_shapes(model: onnx.ModelProto, ranges: Ranges) -> onnx.ModelProto:
     candidates = sorted(_shape_valued(model))
     if not candidates:
         return out
-    grid = [dict(zip(names, combo)) for combo in itertools.product(_FIT, repeat=len(names))]
-    probes = grid + [{n: _CHECK for n in names}]
+    sizes = {n: _probe_sizes(*ranges[n]) for n in names}
+    grid = [dict(zip(names, combo))
+            for combo in itertools.product(*(sizes[n][:2] for n in names))]
+    probes = grid + [{n: sizes[n][2] for n in names}]
     probed = [_probe(model, candidates, sizes) for sizes in probes]
     # shape values are small integer vectors of one length at every size (a Range's output
     # or a table row gathered by position is data, computed from shape values)
