@@ -185,6 +185,12 @@ def compile_dynamic(model, output_dir: str | os.PathLike, dynamic, *, target: st
         facts = compile_onnx(symbolic, spec, tmp / LIBRARY, log=log,
                              static_lib=tmp / archive_name(name), system_lib_prefix=prefix,
                              precision="fp32")
+        slow = sorted({d["op"] for d in facts["decisions"] if d.get("chosen") == "fallback"
+                       and d["op"] in ("matmul", "nn.conv2d")})
+        if slow:
+            log(f"note: {', '.join(slow)} ops with dynamic shapes that no sparsec kernel takes "
+                f"run the generic schedule (slow; convolutions with a dynamic batch are "
+                f"among them): a fixed shape compiles them to kernels")
         rtol, atol = tolerance(facts)
         runner = _load_runner(spec, tmp, name, inputs, outputs, log)
         checked = []

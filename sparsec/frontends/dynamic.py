@@ -339,7 +339,7 @@ def _fold_constant_of_shape(model: onnx.ModelProto, nodes: list[onnx.NodeProto]
 
 def _live(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
     """``nodes`` less those whose outputs nothing reads (dead shape subgraphs)."""
-    needed = {o.name for o in model.graph.output}
+    needed = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
     keep = []
     for node in reversed(nodes):
         if any(o in needed for o in node.output):
