@@ -125,6 +125,7 @@ def test_bert_legacy_export_compiles_once_for_all_sizes(bert_onnx, tmp_path, cap
     assert any("residual" in d["epilogue"] for d in run_time if d["chosen"] == "dense_packed")
     assert {"batch": "batch_size * 4", "M": "sequence_length", "K": 8,
             "N": "sequence_length"} in [d["shape"] for d in run_time]
+    assert manifest["compile"]["kernels"]["softmax_rows"] == 2    # rows of run-time length
     _check_all_sizes(pkg, bert_onnx)
     report = api.validate(pkg)
     assert report.ok and len(report.outputs) == len(check_sizes(

@@ -761,7 +761,9 @@ def _match_softmax(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] 
     vectors (the generic row schedule vectorizes the others)."""
     x = call.args[0]
     xs = _static_shape(x)
-    if xs is None or not xs or _dtype(x) != "float32" or _dtype(call) != "float32":
+    if xs is None:
+        return _match_dynamic_softmax(call)
+    if not xs or _dtype(x) != "float32" or _dtype(call) != "float32":
         return None
     if int(call.attrs.axis) not in (-1, len(xs) - 1) or not softmax.matches(xs[-1]):
         return None
@@ -783,6 +785,36 @@ def _match_softmax(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] 
     info = {"op": "softmax", "shape": {"rows": rows, "N": n}}
     return [(Plan(softmax.NAME, emit, info=info, shape=kshape, epilogue=False),
              {"macs": rows * n})]
+
+
+def _match_dynamic_softmax(call: "relax.Call") -> list[tuple[Plan, dict]] | None:
+    """``softmax_rows`` with run-time rows and row length (``softmax.build_dynamic``) for a
+    softmax over a symbolic last axis: attention's over the sequence in a dynamic model (the
+    generic row schedule cannot vectorize a row of unknown length)."""
+    from tvm import relax, tirx
+
+    x = call.args[0]
+    xs = _shape_exprs(x)
+    if (xs is None or _dtype(x) != "float32" or _dtype(call) != "float32"
+            or int(call.attrs.axis) not in (-1, len(xs) - 1)
+            or isinstance(xs[-1], tirx.IntImm)):
+        return None
+    rows = xs[0]
+    for d in xs[1:-1]:
+        rows = rows * d
+    n = xs[-1]
+
+    def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
+             ) -> "relax.Expr":
+        gv = bb.add_func(softmax.build_dynamic(), softmax.NAME)
+        x2 = bb.emit(relax.op.reshape(args[0], (rows, n)))
+        y2 = bb.emit(relax.call_tir(gv, [x2], relax.TensorType((rows, n), "float32")))
+        return relax.op.reshape(y2, xs)
+
+    info = {"op": "softmax", "shape": {"rows": _shown(rows), "N": _shown(n)},
+            "rows": "run time"}
+    return [(Plan(softmax.NAME, emit, info=info, shape={"dynamic": True}, epilogue=False),
+             {"macs": 1024})]
 
 
 _MATCHERS = {"relax.matmul": _match_dense, "relax.nn.conv2d": _match_conv,
