@@ -83,9 +83,9 @@ def _inspect_package(args) -> int:
         dyn = m["dynamic"]
         for v in m["inputs"] + m["outputs"]:
             print(f"  dims     {v['name']} {shown_shape(v)}")
-        print(f"  dynamic  checked against ONNX Runtime at "
-              + "; ".join(",".join(f"{k}={n}" for k, n in c["sizes"].items()) + ": max abs err "
-                          f"{c['max_abs_err']:.3g}" for c in dyn["checked"]))
+        sizes = "; ".join(",".join(f"{k}={n}" for k, n in c["sizes"].items())
+                          + f": max abs err {c['max_abs_err']:.3g}" for c in dyn["checked"])
+        print(f"  dynamic  checked against ONNX Runtime at {sizes}")
     if p is not None:
         print(f"  params {p['before']['params']:,} -> {p['after']['params']:,}{_nonzero(p)}, "
               f"MACs {p['before']['macs']:,} -> {p['after']['macs']:,}, {_fidelity(p)}")
