@@ -66,6 +66,28 @@ def _signature(proto, values, ranges: Ranges, sizes: dict[str, int],
     return out
 
 
+def _output_signature(proto, ranges: Ranges, cases: list, mid: dict[str, int]) -> list[dict]:
+    """The outputs' signature at ``mid``, read off ONNX Runtime's outputs at the check sizes
+    (``cases``), so that outputs the model declares without a shape get one: an axis is the
+    dim it equals at every size, fixed when it never changes, and ``"?"`` otherwise."""
+    from sparsec.ir.onnx_io import tensor_dtype
+
+    out = []
+    for k, v in enumerate(proto.graph.output):
+        shapes = [case[3][k].shape for case in cases]
+        at_mid = next(case[3][k].shape for case in cases if case[0] == mid)
+        dims = []
+        for axis in range(len(at_mid)):
+            seen = [shape[axis] for shape in shapes]
+            name = next((n for n in sorted(ranges) if all(
+                shape[axis] == case[0][n] for shape, case in zip(shapes, cases))), None)
+            dims.append([name, *ranges[name]] if name else None if len(set(seen)) == 1
+                        else ["?", min(seen), max(seen)])
+        out.append({"name": v.name, "shape": [int(d) for d in at_mid],
+                    "dtype": tensor_dtype(v.type.tensor_type.elem_type), "dims": dims})
+    return out
+
+
 def _index_ranges(proto) -> dict[str, tuple[int, int]]:
     """Graph inputs a Gather reads as indices into a constant table: the valid values
     (``reference.index_ranges``, on the ONNX model)."""
@@ -165,7 +187,6 @@ def compile_dynamic(model, output_dir: str | os.PathLike, dynamic, *, target: st
     init = {t.name for t in proto.graph.initializer}
     graph_inputs = [v for v in proto.graph.input if v.name not in init]
     inputs = _signature(proto, graph_inputs, ranges, mid, _index_ranges(proto))
-    outputs = _signature(proto, proto.graph.output, ranges, mid)
     prefix = f"{name}_"
     source = str(model) if isinstance(model, (str, os.PathLike)) else "<ModelProto>"
     cases = []      # ONNX Runtime first: a size the model cannot take fails before compiling
@@ -179,6 +200,7 @@ def compile_dynamic(model, output_dir: str | os.PathLike, dynamic, *, target: st
             first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
             raise DynamicShapeError(f"the model does not run at {where} in ONNX Runtime "
                                     f"({first}); narrow --dynamic") from None
+    outputs = _output_signature(proto, ranges, cases, mid)
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(staging_dir(output_dir))
         (tmp / MODEL).write_bytes(proto.SerializeToString())
@@ -186,7 +208,7 @@ def compile_dynamic(model, output_dir: str | os.PathLike, dynamic, *, target: st
                              static_lib=tmp / archive_name(name), system_lib_prefix=prefix,
                              precision="fp32")
         slow = sorted({d["op"] for d in facts["decisions"] if d.get("chosen") == "fallback"
-                       and d["op"] in ("matmul", "nn.conv2d")})
+                       and d["op"] in ("matmul", "conv2d", "nn.conv2d")})
         if slow:
             log(f"note: {', '.join(slow)} ops with dynamic shapes that no sparsec kernel takes "
                 f"run the generic schedule (slow; convolutions with a dynamic batch are "

@@ -117,7 +117,8 @@ def test_bert_legacy_export_compiles_once_for_all_sizes(bert_onnx, tmp_path, cap
     assert manifest["inputs"][0]["dims"] == [["batch_size", 1, 8], ["sequence_length", 1, 384]]
     # every matmul on one of our kernels with run-time extents: the projections and FFN on
     # the packed dense kernel, attention's two products on batch_matmul
-    run_time = [d for d in manifest["compile"]["decisions"] if d.get("rows") == "run time"]
+    run_time = [d for d in manifest["compile"]["decisions"]
+                if d.get("rows") == "run time" and d["op"] == "matmul"]
     chosen = [d["chosen"] for d in run_time]
     assert chosen.count("dense_packed") == 12 and chosen.count("batch_matmul") == 4
     assert len(run_time) == len([d for d in manifest["compile"]["decisions"]
@@ -185,3 +186,27 @@ def test_fixed_shape_compile_takes_the_static_kernels(bert_onnx, tmp_path):
     assert not any(d.get("rows") == "run time" for d in decisions)
     assert [d["chosen"] for d in decisions].count("dense_packed") == 12
     assert [d["chosen"] for d in decisions].count("batch_matmul") == 4
+
+
+def test_cnn_with_dynamic_batch(tmp_path):
+    """Convolutions with a run-time batch run the packed conv kernel (bias, skip connection
+    and ReLU folded in); the output, declared without a shape, gets its dims from the runs."""
+    import zoo
+
+    model = zoo.residual_convs()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    path = tmp_path / "cnn.onnx"
+    onnx.save(model, path)
+    pkg = tmp_path / "pkg"
+    manifest = api.compile(path, pkg, dynamic="N=1..16")
+    convs = [d for d in manifest["compile"]["decisions"] if d["op"] == "conv2d"]
+    assert [d["chosen"] for d in convs] == ["conv2d_nchw_packed"] * 4
+    assert ["bias", "residual", "relu"] in [d["epilogue"] for d in convs]
+    assert manifest["outputs"][0]["dims"] == [["N", 1, 16], None, None, None]
+    session = reference.session(model)
+    for n in (1, 5, 16):
+        x = np.random.default_rng(n).standard_normal((n, 3, 6, 6)).astype(np.float32)
+        np.testing.assert_allclose(api.run(pkg, {"x": x})["y"], session.run(None, {"x": x})[0],
+                                   rtol=1e-4, atol=1e-4)
+    with pytest.raises(DynamicShapeError, match="N = 17"):
+        api.run(pkg, {"x": np.zeros((17, 3, 6, 6), np.float32)})

@@ -23,6 +23,7 @@ import contextlib
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -82,10 +83,9 @@ def import_onnx(model: "onnx.ModelProto") -> "ir.IRModule":
     1-D convolutions are imported as 2-D ones over a unit height (``conv1d_as_conv2d``)."""
     from tvm.relax.frontend.onnx import from_onnx
 
-    from sparsec.frontends.dynamic import SYMSHAPE_OP
-
     model = conv1d_as_conv2d(model)
-    dynamic = any(n.op_type == SYMSHAPE_OP for n in model.graph.node)
+    dynamic = any(not d.HasField("dim_value") for v in model.graph.input
+                  for d in v.type.tensor_type.shape.dim)
     with _symshape_converter() if dynamic else contextlib.nullcontext():
         return from_onnx(model, dtype_dict=_input_dtypes(model), keep_params_in_input=False)
 
@@ -155,7 +155,11 @@ def _symshape_converter():
     plain_range = original()["Range"].get_converter(12)
     frontend._get_convert_map = lambda: {**original(), SYMSHAPE_OP: SymShape, "Range": Range}
     try:
-        yield
+        with warnings.catch_warnings():
+            # the importer's model check warns of outputs declared without a shape, which
+            # dynamic exports have; the shapes come from the import
+            warnings.simplefilter("ignore", UserWarning)
+            yield
     finally:
         frontend._get_convert_map = original
 

@@ -483,7 +483,9 @@ def _match_conv(a: _Analysis, call: "relax.Call") -> tuple[Plan, dict] | None:
     at = call.attrs
     w = a.const(w_expr)
     xs, out = _static_shape(x), _static_shape(call)
-    if w is None or w.ndim != 4 or xs is None or out is None or len(xs) != 4:
+    if xs is None or out is None:
+        return _match_dynamic_conv(a, call)
+    if w is None or w.ndim != 4 or len(xs) != 4:
         return None
     if (str(at.data_layout), str(at.kernel_layout)) != ("NCHW", "OIHW"):
         return None
@@ -543,6 +545,56 @@ def _match_conv(a: _Analysis, call: "relax.Call") -> tuple[Plan, dict] | None:
                              **plan.info}
                 plans.append((plan, {"macs": work}))
     return plans
+
+
+def _match_dynamic_conv(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | None:
+    """A conv (groups 1, NCHW) whose batch is known only at run time, the rest static (a
+    model compiled with a dynamic batch): ``conv2d_nchw_packed`` with a symbolic N
+    (``conv2d.build_dynamic_batch``), its weight packed here."""
+    from tvm import relax, tirx
+
+    x, w_expr = call.args
+    at = call.attrs
+    w = a.const(w_expr)
+    xs, out = _shape_exprs(x), _shape_exprs(call)
+    if w is None or w.ndim != 4 or xs is None or out is None or len(xs) != 4 or len(out) != 4:
+        return None
+    if not all(isinstance(d, tirx.IntImm) for d in (*xs[1:], *out[1:])) or _dims(
+            x)[0] != _dims(call)[0]:
+        return None
+    if ((str(at.data_layout), str(at.kernel_layout)) != ("NCHW", "OIHW")
+            or str(at.out_layout) not in ("NCHW", "") or int(at.groups) != 1):
+        return None
+    dtype = _dtype(x)
+    if dtype not in SUPPORTED_DTYPES or str(w.dtype) != dtype or _dtype(call) != dtype:
+        return None
+    pad = [int(p) for p in at.padding]
+    if len(pad) == 2:
+        pad = pad * 2
+    c, h, wd = (int(d) for d in xs[1:])
+    shape = conv2d.ConvShape(
+        n=1, ic=c, h=h, w=wd, oc=w.shape[0], kh=w.shape[2], kw=w.shape[3],
+        stride=tuple(int(s) for s in at.strides), padding=tuple(pad),
+        dilation=tuple(int(d) for d in at.dilation))
+    if w.shape[1] != c or (shape.oc,) + shape.out_hw != tuple(int(d) for d in out[1:]):
+        return None
+    packed = conv2d.pack_weight(w, conv2d.LANES)
+
+    def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
+             ) -> "relax.Expr":
+        func = conv2d.build_dynamic_batch(shape, dtype, bias=bias is not None, act=act,
+                                          residual=residual is not None)
+        gv = bb.add_func(func, conv2d.NAME)
+        call_args = [args[0], relax.const(packed)] + (
+            [relax.const(bias)] if bias is not None else []) + (
+            [residual] if residual is not None else [])
+        return relax.call_tir(gv, call_args, relax.TensorType(out, dtype))
+
+    info = _conv_info(shape, [_shown(d) for d in xs], w, [_shown(d) for d in out],
+                      "oc_blocked")
+    info["rows"] = "run time"
+    macs = shape.oc * shape.out_hw[0] * shape.out_hw[1] * c * shape.kh * shape.kw
+    return [(Plan(conv2d.NAME, emit, info=info, shape={"dynamic": True}), {"macs": macs})]
 
 
 def _amx_conv(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, xs: tuple, out: tuple
