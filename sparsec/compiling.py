@@ -108,7 +108,8 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
             sparsity=sparsity, lamp=lamp, reorder=reorder, layer_ratios=layer_ratios,
             input_shapes=input_shapes, calibration=calibration, max_drop=max_drop,
             metric=metric, remove_dead=remove_dead, example_inputs=example_inputs, tune=tune,
-            profile=profile, latency_budget=latency_budget, speedup=speedup)
+            profile=profile, latency_budget=latency_budget, speedup=speedup,
+            calib_mask=calib_mask, ignore=ignore, round_to=round_to)
     from sparsec.deploy.header import check_name, default_name
     from sparsec.targets import resolve_target
 

@@ -33,12 +33,12 @@ _NOT_YET = ("ratio", "head_ratio", "hidden_ratio", "rotate", "remove_layers",
             "replace_linear", "remove_attention", "fuse_ffn", "sensitivity", "sparsity",
             "reorder", "layer_ratios", "recipe", "input_shapes", "calibration", "max_drop",
             "metric", "remove_dead", "tune", "profile", "latency_budget", "speedup",
-            "example_inputs", "reconstruct", "lamp")
+            "example_inputs", "reconstruct", "lamp", "calib_mask", "ignore", "round_to")
 
 
 def refuse_options(options: dict) -> None:
     """``BadOptionError`` naming the options given that ``--dynamic`` does not take yet."""
-    given = sorted(k for k in _NOT_YET if options.get(k) not in (None, False, 0, 0.0, {}, ()))
+    given = sorted(k for k in _NOT_YET if options.get(k))     # defaults are all falsy
     if given:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
         raise BadOptionError(f"--dynamic compiles the model as it is: {flags} not supported "
