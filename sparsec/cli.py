@@ -64,12 +64,12 @@ def _inspect_package(args) -> int:
     if args.recipe:
         from sparsec.recipe import Recipe
 
-        print(Recipe.from_dict(m["prune"].get("recipe", {})).to_toml(), end="")
+        print(Recipe.from_dict(m.get("prune", {}).get("recipe", {})).to_toml(), end="")
         return 0
     if args.json:
         print(json.dumps(m, indent=2, sort_keys=True))
         return 0
-    p, lib, ref = m["prune"], m["library"], m["reference"]
+    p, lib, ref = m.get("prune"), m["library"], m["reference"]
     print(f"package {pkg.path}: model '{m['name']}' from {m['source']['model']}")
     print(f"  target   {m['target']['name']} {json.dumps(m['target']['tvm'])}")
     print(f"  built by sparsec {m['sparsec_version']}, apache-tvm {m['versions']['apache-tvm']}")
@@ -77,11 +77,21 @@ def _inspect_package(args) -> int:
     for kind in ("inputs", "outputs"):
         for v in m[kind]:
             print(f"  {kind[:-1]:8} {v['name']} {v['dtype']}{v['shape']}")
-    print(f"  params {p['before']['params']:,} -> {p['after']['params']:,}{_nonzero(p)}, MACs "
-          f"{p['before']['macs']:,} -> {p['after']['macs']:,}, {_fidelity(p)}")
-    print(f"  {_sparsity(p)}")
-    for r in p["passes"]:
-        print(f"  pass {r['name']}: {'exact' if r['exact'] else 'lossy'}")
+    if "dynamic" in m:      # a dynamic-shape package (sparsec.dynamic): not pruned
+        from sparsec.reference import shown_shape
+
+        dyn = m["dynamic"]
+        for v in m["inputs"] + m["outputs"]:
+            print(f"  dims     {v['name']} {shown_shape(v)}")
+        sizes = "; ".join(",".join(f"{k}={n}" for k, n in c["sizes"].items())
+                          + f": max abs err {c['max_abs_err']:.3g}" for c in dyn["checked"])
+        print(f"  dynamic  checked against ONNX Runtime at {sizes}")
+    if p is not None:
+        print(f"  params {p['before']['params']:,} -> {p['after']['params']:,}{_nonzero(p)}, "
+              f"MACs {p['before']['macs']:,} -> {p['after']['macs']:,}, {_fidelity(p)}")
+        print(f"  {_sparsity(p)}")
+        for r in p["passes"]:
+            print(f"  pass {r['name']}: {'exact' if r['exact'] else 'lossy'}")
     print(f"  kernels  {m['compile']['kernels']}")
     if "profile" in m:
         from sparsec.profile import summary
@@ -215,7 +225,15 @@ def cmd_compile(args) -> int:
                            **_prune_kwargs(args), command=["sparsec", *args.argv],
                            tune=args.tune, precision=args.precision, profile=args.profile,
                            latency_budget=args.latency_budget, speedup=args.speedup,
-                           keep_onnx=args.keep_onnx, **_rpc_kwargs(args), log=_log(args))
+                           keep_onnx=args.keep_onnx, **_rpc_kwargs(args),
+                           dynamic=args.dynamic, log=_log(args))
+    if args.dynamic:
+        ranges = ", ".join(f"{k}={lo}..{hi}" for k, (lo, hi) in
+                           manifest["dynamic"]["ranges"].items())
+        print(f"compiled {args.model} for {manifest['target']['name']} -> {args.output} "
+              f"(dynamic: {ranges}; checked against ONNX Runtime at "
+              f"{len(manifest['dynamic']['checked'])} sizes)")
+        return 0
     p = manifest["prune"]
     print(f"compiled {args.model} for {manifest['target']['name']} -> {args.output}")
     print(f"  params {p['before']['params']:,} -> {p['after']['params']:,}{_nonzero(p)}, "
@@ -626,7 +644,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--keep-onnx", action="store_true",
                     help="also put the pruned model.onnx in the package (a second copy of the "
                          "weights the library holds; for ONNX Runtime and validate on new "
-                         "inputs)")
+                         "inputs; always with --dynamic)")
+    sp.add_argument("--dynamic", metavar="DIM=MIN..MAX,...",
+                    help="one package for every size in these ranges of the model's named "
+                         "input dims (its ONNX dim_params), e.g. "
+                         "batch_size=1..32,sequence_length=1..512; checked against ONNX "
+                         "Runtime at both ends and the middle; no pruning options with it yet")
     sp.set_defaults(func=cmd_compile)
 
     sp = command("sweep", help="fidelity against measured latency over a series of ratios: "

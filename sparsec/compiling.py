@@ -60,7 +60,8 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
             tune: float = 0.0, precision: str | None = None, profile: bool = False,
             latency_budget: float | None = None, speedup: float | None = None,
             rpc: str | None = None, key: str | None = None, rpc_timeout: float | None = None,
-            keep_onnx: bool = False, log: Log = _quiet) -> dict:
+            keep_onnx: bool = False, dynamic: dict[str, tuple[int, int]] | str | None = None,
+            log: Log = _quiet) -> dict:
     """Prune, compile for ``target`` and write a package directory (see ``sparsec.package``);
     returns its manifest. ``name`` (a C identifier; default: from the directory name) names
     the C header, the static archive and its symbols. ``round_to`` defaults to the target's
@@ -97,7 +98,27 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
     ``precision`` "bf16" lets kernels that round their inputs to bf16 run where they are
     faster (AMX tiles on CPUs that have them, sparse tensor cores for 2:4 weights on sm_80+);
     the default is the target's: fp32, or bf16 for ``x86-amx``. Such a package is checked
-    with the bf16 tolerance."""
+    with the bf16 tolerance.
+
+    ``dynamic`` (``{"batch_size": (1, 32), "sequence_length": (1, 512)}`` or
+    ``"batch_size=1..32,sequence_length=1..512"``; names are the model's ``dim_param``s)
+    compiles an ONNX model once for every size in those ranges (``sparsec.dynamic``); it is
+    checked against ONNX Runtime at both ends of each range and in the middle. No pruning
+    options with it yet."""
+    if dynamic is not None:
+        from sparsec.dynamic import compile_dynamic
+
+        return compile_dynamic(
+            model, output_dir, dynamic, target=target, name=name, precision=precision,
+            command=command, log=log, recipe=recipe, ratio=ratio, reconstruct=reconstruct,
+            head_ratio=head_ratio, hidden_ratio=hidden_ratio, rotate=rotate,
+            remove_layers=remove_layers, replace_linear=replace_linear,
+            remove_attention=remove_attention, fuse_ffn=fuse_ffn, sensitivity=sensitivity,
+            sparsity=sparsity, lamp=lamp, reorder=reorder, layer_ratios=layer_ratios,
+            input_shapes=input_shapes, calibration=calibration, max_drop=max_drop,
+            metric=metric, remove_dead=remove_dead, example_inputs=example_inputs, tune=tune,
+            profile=profile, latency_budget=latency_budget, speedup=speedup,
+            calib_mask=calib_mask, ignore=ignore, round_to=round_to)
     from sparsec.deploy.header import check_name, default_name
     from sparsec.targets import resolve_target
 

@@ -144,6 +144,22 @@ def index_ranges(graph: Graph) -> dict[str, tuple[int, int]]:
     return out
 
 
+def shape_fits(shape, spec: dict) -> bool:
+    """Whether ``shape`` is the signature's: equal, or for a dynamic package's signature
+    (``dims``, ``sparsec.dynamic``), equal on the fixed axes and within range on the others."""
+    dims = spec.get("dims") or [None] * len(spec["shape"])
+    return len(shape) == len(spec["shape"]) and all(
+        (lo <= n <= hi) if d else n == want
+        for n, want, d in zip(shape, spec["shape"], dims) for lo, hi in [d[1:] if d else (0, 0)])
+
+
+def shown_shape(spec: dict) -> str:
+    """``[1, 128]``, or for dynamic axes ``[batch_size=1..32, 64]``."""
+    dims = spec.get("dims") or [None] * len(spec["shape"])
+    return "[" + ", ".join(f"{d[0]}={d[1]}..{d[2]}" if d else str(n)
+                           for n, d in zip(spec["shape"], dims)) + "]"
+
+
 def check_ranges(feeds: dict[str, np.ndarray], signature: list[dict]) -> None:
     """``BadOptionError`` (exit 6) naming the first value outside its input's ``range``."""
     from sparsec.errors import BadOptionError
@@ -177,9 +193,9 @@ def cast_input(name: str, value, spec: dict) -> np.ndarray:
     if arr.dtype.kind not in "biuf":
         raise BadOptionError(f"input '{name}' is an array of {arr.dtype}, the model takes "
                              f"{want.name}")
-    if list(arr.shape) != list(spec["shape"]):
+    if not shape_fits(arr.shape, spec):
         raise BadOptionError(f"input '{name}' has shape {list(arr.shape)}, the model expects "
-                             f"{list(spec['shape'])}")
+                             f"{shown_shape(spec)}")
     if want.kind == "f":
         out = arr.astype(want, copy=False)
         if np.isnan(out).any():
@@ -218,6 +234,10 @@ def check_inputs(feeds: dict, signature: list[dict]) -> dict[str, np.ndarray]:
     if extra:
         raise BadOptionError(f"unknown input(s) {', '.join(extra)} (the model takes "
                              f"{', '.join(names)})")
+    if any(spec.get("dims") for spec in signature):   # a dynamic package: sizes in range
+        from sparsec.dynamic import sizes_of
+
+        sizes_of(feeds, signature)
     checked = {spec["name"]: cast_input(spec["name"], feeds[spec["name"]], spec)
                for spec in signature}
     check_ranges(checked, signature)

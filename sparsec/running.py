@@ -210,6 +210,14 @@ def validate(package_dir: str | os.PathLike, inputs=None, *, rtol: float | None 
     rtol = recorded.get("rtol", RTOL) if rtol is None else rtol
     atol = recorded.get("atol", ATOL) if atol is None else atol
     min_cosine = recorded.get("min_cosine")
+    if "dynamic" in pkg.manifest and pkg.model is not None and inputs is None:
+        import onnx
+
+        report = _validate_dynamic(pkg, onnx.load(str(pkg.model)),
+                                   0 if seed is None else seed, rtol, atol, remote)
+        if check:
+            _raise_if_mismatch(report)
+        return report
     if pkg.model is None:
         if inputs is not None or seed is not None:
             raise BadOptionError(f"package {pkg.path} has no {MODEL} (compiled without "
@@ -231,4 +239,34 @@ def validate(package_dir: str | os.PathLike, inputs=None, *, rtol: float | None 
     report.via, report.against = via, against
     if check:
         _raise_if_mismatch(report)
+    return report
+
+
+def _validate_dynamic(pkg: Package, model, seed: int, rtol: float, atol: float,
+                      remote=None) -> ValidationReport:
+    """A dynamic package against ONNX Runtime at both ends of every range and in the middle
+    (``sparsec.dynamic``): one report, each output once per size."""
+    from sparsec.dynamic import at_sizes
+    from sparsec.frontends.dynamic import check_sizes
+
+    runner = _runner(pkg, remote=remote)
+    session = reference.session(model)
+    report = ValidationReport(ok=True, rtol=rtol, atol=atol, via=runner.via)
+    try:
+        for i, sizes in enumerate(check_sizes({k: tuple(v) for k, v in
+                                               pkg.manifest["dynamic"]["ranges"].items()})):
+            feeds = reference.random_feeds(at_sizes(pkg.inputs, sizes), seed + i)
+            try:
+                actual = runner.run(feeds)
+            except SparsecError:
+                raise
+            except Exception as e:
+                raise _library_failed(pkg, e) from None
+            part = _compare(pkg.outputs, session.run(None, feeds), actual, rtol, atol)
+            where = ",".join(f"{k}={v}" for k, v in sorted(sizes.items()))
+            report.ok &= part.ok
+            report.outputs += [{**o, "name": f"{o['name']} @ {where}"} for o in part.outputs]
+    finally:
+        if hasattr(runner, "close"):
+            runner.close()
     return report

@@ -23,6 +23,7 @@ import contextlib
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -83,7 +84,88 @@ def import_onnx(model: "onnx.ModelProto") -> "ir.IRModule":
     from tvm.relax.frontend.onnx import from_onnx
 
     model = conv1d_as_conv2d(model)
-    return from_onnx(model, dtype_dict=_input_dtypes(model), keep_params_in_input=False)
+    dynamic = any(not d.HasField("dim_value") for v in model.graph.input
+                  for d in v.type.tensor_type.shape.dim)
+    with _symshape_converter() if dynamic else contextlib.nullcontext():
+        return from_onnx(model, dtype_dict=_input_dtypes(model), keep_params_in_input=False)
+
+
+@contextlib.contextmanager
+def _symshape_converter():
+    """While importing a dynamic model (only then): its ``SparsecSymShape`` nodes
+    (``frontends/dynamic.py``) become Relax shapes (a scalar: a ``PrimValue``) of the
+    symbolic dims of the input tensors they read, so that ``Reshape``, ``Expand``,
+    ``ConstantOfShape``, ``Range`` see symbolic shapes, not run-time tensors."""
+    import ast
+
+    import tvm
+    from tvm import relax, tirx
+    from tvm.relax.frontend.onnx import onnx_frontend as frontend
+
+    from sparsec.frontends.dynamic import SYMSHAPE_OP
+
+    class SymShape(frontend.OnnxOpConverter):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            dims = {name: inputs[i].ty.shape.values[axis]
+                    for name, (i, axis) in ast.literal_eval(_text(attr["dims"])).items()}
+            values = []
+            for terms in ast.literal_eval(_text(attr["polys"])):
+                expr = tirx.const(0, "int64")
+                for mono, coef in terms:
+                    term = tirx.const(int(coef), "int64")
+                    for name in mono:
+                        dim = dims[name]
+                        term = term * (dim if str(dim.ty) == "int64" else tirx.Cast("int64", dim))
+                    expr = expr + term
+                values.append(expr)
+            shape = relax.ShapeExpr(values)
+            if int(attr.get("tensor", 0)):
+                tensor = bb.normalize(relax.op.shape_to_tensor(shape))
+                if int(attr["scalar"]):
+                    tensor = bb.normalize(relax.op.reshape(tensor, ()))
+                dtype = _text(attr["dtype"])
+                return tensor if dtype == "int64" else relax.op.astype(tensor, dtype)
+            if int(attr["scalar"]):
+                return relax.prim_value(values[0])
+            return shape
+
+    class Range(frontend.OnnxOpConverter):
+        """ONNX Range with symbolic bounds as ``arange`` of the expressions: its length is
+        then an expression of the dims (TVM's converter makes a new variable per Range,
+        which FuseTIR cannot put two of into one function)."""
+
+        @classmethod
+        def _impl_v12(cls, bb, inputs, attr, params):
+            values, dtype = [], "int64"
+            for x in inputs:
+                if isinstance(x, tvm.ir.expr.GenericConst) and x.value.numpy().size == 1:
+                    values.append(x.value.numpy().reshape(()).item())
+                    dtype = str(x.value.numpy().dtype)
+                elif tvm.ir.is_prim_expr(x):
+                    values.append(x)
+                else:
+                    return plain_range(bb, inputs, attr, params)
+            if not any(tvm.ir.is_prim_expr(v) and not isinstance(v, tirx.IntImm)
+                       for v in values):
+                return plain_range(bb, inputs, attr, params)
+            return relax.op.arange(*values, dtype=dtype)
+
+    original = frontend._get_convert_map
+    plain_range = original()["Range"].get_converter(12)
+    frontend._get_convert_map = lambda: {**original(), SYMSHAPE_OP: SymShape, "Range": Range}
+    try:
+        with warnings.catch_warnings():
+            # the importer's model check warns of outputs declared without a shape, which
+            # dynamic exports have; the shapes come from the import
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        frontend._get_convert_map = original
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def conv1d_as_conv2d(model: "onnx.ModelProto") -> "onnx.ModelProto":

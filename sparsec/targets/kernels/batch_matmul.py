@@ -68,13 +68,47 @@ def build(batch: int, m: int, k: int, n: int, dtype: str = "float32", bias: bool
           ) -> "tirx.PrimFunc":
     """The scheduled PrimFunc ``(A[b,M,K], B[b,K,N] [, bias[N]] [, R[b,M,N]], Y[b,M,N])``;
     with ``b_transposed`` the second operand is ``B^T[b,N,K]``."""
+    rows = row_tile(m, row_tiles)
+    lanes = panel_lanes(n)
+    return _build(batch, m, k, n, rows, -(-m // rows) * rows, lanes, n % lanes != 0,
+                  -(-n // lanes), dtype, bias, act, residual, b_transposed)
+
+
+def build_dynamic(batch: int | None, m: int | None, k: int | None, n: int | None,
+                  dtype: str = "float32", bias: bool = False, act: Activation | None = None,
+                  residual: bool = False, b_transposed: bool = False) -> "tirx.PrimFunc":
+    """``build`` where the dims given as None are known only at run time (a model with
+    dynamic batch or sequence: attention's heads x batch, and the sequence in M, N or K):
+    symbolic in the PrimFunc. M is rounded up to whole 4-row tiles and a symbolic N is
+    handled as a padded last panel (``build``'s clamped reads), so nothing is padded to a
+    maximum."""
+    from tvm import tirx
+
+    def dim(value, name):
+        return tirx.Var(name, "int64") if value is None else value
+
+    batch, m, k, n = dim(batch, "batch"), dim(m, "m"), dim(k, "k"), dim(n, "n")
+    if isinstance(m, int):
+        rows = row_tile(m)
+        mp = -(-m // rows) * rows
+    else:
+        rows = ROW_TILES[0]
+        mp = (m + rows - 1) // rows * rows
+    lanes = panel_lanes(n) if isinstance(n, int) else 16
+    padded = not isinstance(n, int) or n % lanes != 0
+    panels = -(-n // lanes) if isinstance(n, int) else n // lanes + 1  # provably covers N
+    return _build(batch, m, k, n, rows, mp, lanes, padded, panels, dtype,
+                  bias, act, residual, b_transposed)
+
+
+def _build(batch, m, k, n, rows: int, mp, lanes: int, padded: bool, panels, dtype: str,
+           bias: bool, act: Activation | None, residual: bool, b_transposed: bool
+           ) -> "tirx.PrimFunc":
+    """``build``'s kernel for a row tile, padded rows ``mp``, panels of ``lanes`` (``padded``:
+    the last one partly past N); any extent may be symbolic (``build_dynamic``)."""
     from tvm import s_tir, te, tirx
 
-    rows = row_tile(m, row_tiles)
-    mp = -(-m // rows) * rows
-    lanes = panel_lanes(n)
-    padded = n % lanes != 0
-    panels = -(-n // lanes)
+    static_m = isinstance(m, int) and isinstance(mp, int)
     a = te.placeholder((batch, m, k), dtype, name="A")
     b = te.placeholder((batch, n, k) if b_transposed else (batch, k, n), dtype, name="Bm")
     bias_t = te.placeholder((n,), dtype, name="B") if bias else None
@@ -98,7 +132,7 @@ def build(batch: int, m: int, k: int, n: int, dtype: str = "float32", bias: bool
             return b[t, kk, jb * lanes + jl]
 
     def a_at(t, i, kk):     # rows past M (a padded last row tile) read row M - 1
-        return a[t, i if mp == m else tirx.min(i, m - 1), kk]
+        return a[t, i if static_m and mp == m else tirx.min(i, m - 1), kk]
     acc = te.compute(
         (batch, mp, panels, lanes),
         lambda t, i, jb, jl: te.sum(a_at(t, i, r) * b_at(t, r, jb, jl), axis=r), name="acc")
@@ -120,7 +154,9 @@ def build(batch: int, m: int, k: int, n: int, dtype: str = "float32", bias: bool
     # one task per (b, panel), its m-tiles inside, where that leaves enough tasks: the panel
     # of B stays in L1 across the m-tiles (12 heads x 128 tokens: 15-34 % faster than tasks
     # over m-tiles too); a packed panel is made once per task
-    if packed or batch * panels >= MIN_PANEL_TASKS:
+    many = not all(isinstance(v, int) for v in (batch, panels)) or (
+        batch * panels >= MIN_PANEL_TASKS)
+    if packed or many:
         task = sch.fuse(t, jb)
         sch.parallel(task)
     else:

@@ -195,7 +195,7 @@ def build(s: ConvShape, dtype: str = "float32", bias: bool = False,
     t = width_tile or pick_width_tile(ow)
     owp = -(-ow // t) * t
     ocb = -(-s.oc // LANES)
-    v = pick_oc_vecs(ocb, t, s.n * oh)
+    v = pick_oc_vecs(ocb, t, (s.n if isinstance(s.n, int) else 1) * oh)
     # rows / columns of padded input the (width-padded) output reads
     hp = max(s.h + pt + pb, (oh - 1) * sh + (s.kh - 1) * dh + 1)
     wp = max(s.w + pl + pr, (owp - 1) * sw + (s.kw - 1) * dw + 1)
@@ -238,6 +238,19 @@ def build(s: ConvShape, dtype: str = "float32", bias: bool = False,
         _schedule_pad(sch)
     sch.decompose_reduction(blk, kc)
     return vector_pad(finish(sch, NAME), s) if needs_pad else finish(sch, NAME)
+
+
+def build_dynamic_batch(s: ConvShape, dtype: str = "float32", bias: bool = False,
+                        act: Activation | None = None, residual: bool = False
+                        ) -> "tirx.PrimFunc":
+    """``build`` with the batch known only at run time (a model compiled with a dynamic
+    batch): ``s.n`` is ignored, the PrimFunc's N symbolic; the tile is chosen as for one
+    image."""
+    import dataclasses
+
+    from tvm import tirx
+
+    return build(dataclasses.replace(s, n=tirx.Var("n", "int64")), dtype, bias, act, residual)
 
 
 def build_wvec(s: ConvShape, plan: WidthPlan, dtype: str = "float32", bias: bool = False,

@@ -78,11 +78,43 @@ def build(m: int, k: int, n: int, dtype: str = "float32", bias: bool = False,
     return finish(schedule_panels(sch, m, n, lanes, rows, ku), NAME)
 
 
-def schedule_panels(sch, m: int, n: int, lanes: int, rows: tuple[int, ...], k_unroll: int):
-    """The register-tiled schedule of an ``acc[M, NB, lanes]`` reduction block and its ``Y``
-    epilogue (module docstring): shared by every kernel that walks packed column panels."""
+def build_dynamic(k: int, n: int, dtype: str = "float32", bias: bool = False,
+                  act: Activation | None = None, residual: bool = False,
+                  row_tile: int = ROW_TILES[0]) -> "tirx.PrimFunc":
+    """``build`` for a row count ``M`` known only at run time (a model with dynamic batch or
+    sequence: rows = batch x seq): the PrimFunc has a symbolic ``m``; W is packed as for
+    ``build`` (``LANES`` wide). The accumulator covers M rounded up to whole ``row_tile``
+    tiles, the rows past M reading row M - 1 (at most ``row_tile - 1`` rows computed and
+    never written: no padding to a maximum); the write-back stops at M. The register tile and
+    its loop order are ``build``'s."""
+    from tvm import s_tir, te, tirx
+
+    lanes = LANES
+    m = tirx.Var("m", "int64")
+    rows = (m + row_tile - 1) // row_tile * row_tile
     nb = -(-n // lanes)
-    mi_size = pick_row_tile(m, rows)
+    x = te.placeholder((m, k), dtype, name="X")
+    w = te.placeholder((nb, k, lanes), dtype, name="Wp")
+    b = te.placeholder((n,), dtype, name="B") if bias else None
+    res = te.placeholder((m, n), dtype, name="R") if residual else None
+    r = te.reduce_axis((0, k), name="k")
+    acc = te.compute(
+        (rows, nb, lanes),
+        lambda i, jb, jl: te.sum(x[tirx.min(i, m - 1), r] * w[jb, r, jl], axis=r), name="acc")
+    sch = s_tir.Schedule(epilogue_func(
+        [x, w], lambda i, j: acc[i, j // lanes, j % lanes], (m, n), dtype, b, res, act))
+    ku = K_UNROLL if k % K_UNROLL == 0 else 1
+    return finish(schedule_panels(sch, m, n, lanes, (row_tile,), ku, row_tile=row_tile),
+                  NAME)
+
+
+def schedule_panels(sch, m: int, n: int, lanes: int, rows: tuple[int, ...], k_unroll: int,
+                    row_tile: int | None = None):
+    """The register-tiled schedule of an ``acc[M, NB, lanes]`` reduction block and its ``Y``
+    epilogue (module docstring): shared by every kernel that walks packed column panels.
+    ``row_tile`` fixes the row tile (``build_dynamic``: M is symbolic)."""
+    nb = -(-n // lanes)
+    mi_size = row_tile or pick_row_tile(m, rows)
     blk = sch.get_sblock("acc")
     i, jb, jl, kk = sch.get_loops(blk)
     mo, mi = sch.split(i, [None, mi_size])
@@ -98,7 +130,7 @@ def schedule_panels(sch, m: int, n: int, lanes: int, rows: tuple[int, ...], k_un
     sch.vectorize(jl)
     sch.unroll(mi)
     sch.unroll(ki)
-    if nb >= 2 * 2 or m // mi_size == 1:
+    if nb >= 2 * 2 or (row_tile is None and m // mi_size == 1):
         sch.parallel(jb)
     else:  # few column panels (small N): parallelise over row tiles too
         sch.parallel(sch.fuse(jb, mo))

@@ -51,6 +51,12 @@ def _const_extent(sch: "s_tir.Schedule", loop: "s_tir.schedule.LoopRV") -> int |
     return int(ext.value) if isinstance(ext, tirx.IntImm) else None
 
 
+def _extent_key(sch: "s_tir.Schedule", loop: "s_tir.schedule.LoopRV") -> int | str:
+    """A loop's extent: its value, or a symbolic one's expression (to compare two loops)."""
+    ext = _const_extent(sch, loop)
+    return ext if ext is not None else str(sch.get(loop).extent)
+
+
 def _schedule_block(sch: "s_tir.Schedule", block: "s_tir.schedule.SBlockRV") -> None:
     """Parallel outer spatial loops + vectorized innermost spatial loop for one block."""
     from tvm import tirx
@@ -76,10 +82,13 @@ def _schedule_block(sch: "s_tir.Schedule", block: "s_tir.schedule.SBlockRV") -> 
     outer = spatial[:-1]
     if reduce:
         sch.reorder(*outer, *reduce, inner)
-    total = 1
+    total, symbolic = 1, False
     for lp in spatial:
-        total *= _const_extent(sch, lp) or 1
-    if total >= MIN_PARALLEL:
+        ext = _const_extent(sch, lp)
+        symbolic |= ext is None
+        total *= ext or 1
+    # a symbolic extent (a dynamic model's batch x seq) is taken to be large
+    if total >= MIN_PARALLEL or symbolic:
         if outer:
             par = sch.fuse(*outer) if len(outer) > 1 else outer[0]
             sch.parallel(par)
@@ -167,14 +176,15 @@ def schedule_rows(func: "tirx.PrimFunc") -> "tirx.PrimFunc | None":
     out = blocks[-1]
     out_loops = sch.get_loops(out)
     depth = len(out_loops) - 1
-    rows = [_const_extent(sch, lp) for lp in out_loops[:depth]]
-    if depth < 1 or None in rows or _const_extent(sch, out_loops[-1]) is None:
+    # a symbolic extent (a dynamic model's batch x seq) is compared as its expression
+    rows = [_extent_key(sch, lp) for lp in out_loops[:depth]]
+    if depth < 1:
         return None
     reductions = []
     for block in blocks:
         loops, ivs = sch.get_loops(block), sch.get(block).iter_vars
         if (len(loops) not in (depth, depth + 1) or len(ivs) != len(loops)
-                or [_const_extent(sch, lp) for lp in loops[:depth]] != rows
+                or [_extent_key(sch, lp) for lp in loops[:depth]] != rows
                 or any(iv.iter_type != tirx.IterVar.DataPar for iv in ivs[:depth])):
             return None
         if ivs[-1].iter_type == tirx.IterVar.CommReduce:
@@ -186,15 +196,17 @@ def schedule_rows(func: "tirx.PrimFunc") -> "tirx.PrimFunc | None":
     factored = set()
     for block in reductions:
         inner = sch.get_loops(block)[-1]
-        if (_const_extent(sch, inner) or 0) % MAX_VECTOR == 0:
+        if (_const_extent(sch, inner) or 1) % MAX_VECTOR == 0:
             _, lanes = sch.split(inner, [None, MAX_VECTOR])
             factored.add(sch.get(sch.rfactor(lanes, factor_axis=0)).name_hint)
     out_loops = sch.get_loops(out)
     row = sch.fuse(*out_loops[:depth]) if depth > 1 else out_loops[0]
     for block in reversed(sch.get_child_blocks(sch.get_sblock("root"))[:-1]):
         sch.compute_at(block, row)
-    total = math.prod(rows)
-    if total > 1 and total * (_const_extent(sch, sch.get_loops(out)[-1]) or 1) >= MIN_PARALLEL:
+    symbolic = not all(isinstance(r, int) for r in rows)
+    total = math.prod(r for r in rows if isinstance(r, int))
+    if symbolic or (total > 1 and total * (_const_extent(sch, sch.get_loops(out)[-1]) or 1)
+                    >= MIN_PARALLEL):
         sch.parallel(row)
     for block in sch.get_child_blocks(row):
         loops = sch.get_loops(block)
@@ -206,7 +218,7 @@ def schedule_rows(func: "tirx.PrimFunc") -> "tirx.PrimFunc | None":
             sch.vectorize(loops[-1])
             sch.decompose_reduction(block, loops[-2])
         elif _is_spatial(sch, block):
-            if (_const_extent(sch, loops[-1]) or 0) % MAX_VECTOR == 0:
+            if (_const_extent(sch, loops[-1]) or 1) % MAX_VECTOR == 0:
                 _, lanes = sch.split(loops[-1], [None, MAX_VECTOR])
                 sch.vectorize(lanes)
     return sch.mod["main"]

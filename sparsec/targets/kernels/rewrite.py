@@ -65,6 +65,17 @@ def _static_shape(expr: "relax.Expr") -> tuple[int, ...] | None:
     return tuple(int(d.value) for d in shape)
 
 
+def _dims(expr: "relax.Expr") -> tuple | None:
+    """``_static_shape``, with a symbolic dim (a dynamic model's) as its printed expression:
+    enough to compare two shapes (a static shape gives the same tuple as ``_static_shape``)."""
+    from tvm import tirx
+
+    shape = _shape_exprs(expr)
+    if shape is None:
+        return None
+    return tuple(int(d.value) if isinstance(d, tirx.IntImm) else str(d) for d in shape)
+
+
 def _dtype(expr: "relax.Expr") -> str:
     return str(expr.ty.dtype)
 
@@ -195,13 +206,74 @@ def _linear(a: _Analysis, call: "relax.Call") -> _Linear | None:
     return _Linear(w, xs, out, m, _dtype(x))
 
 
+def _shape_exprs(expr: "relax.Expr") -> tuple | None:
+    """The shape of ``expr``, symbolic dims as PrimExprs (None when the rank is unknown)."""
+    from tvm import relax
+
+    ty = getattr(expr, "ty", None)
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return None
+    return tuple(getattr(ty.shape, "values", None) or ()) or None
+
+
+def _match_dynamic_dense(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | None:
+    """``X[..., K] @ W[K, N]`` with W constant, K static and the rows (the leading dims of
+    X: batch x seq) symbolic: ``dense_packed`` with a run-time row count
+    (``dense.build_dynamic``), W packed here. Only in a model compiled with dynamic shapes."""
+    from tvm import relax, tirx
+
+    x, w_expr = call.args
+    w = a.const(w_expr)
+    xs, out = _shape_exprs(x), _shape_exprs(call)
+    if (w is None or w.ndim != 2 or xs is None or out is None or len(xs) < 2
+            or a.const(x) is not None or not isinstance(xs[-1], tirx.IntImm)
+            or int(xs[-1]) != w.shape[0]):
+        return None
+    if _dtype(x) not in SUPPORTED_DTYPES or str(w.dtype) != _dtype(x) or _dtype(call) != _dtype(x):
+        return None
+    k, n, dtype = int(w.shape[0]), int(w.shape[1]), _dtype(x)
+    m = xs[0]
+    for d in xs[1:-1]:
+        m = m * d
+
+    def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
+             ) -> "relax.Expr":
+        func = dense.build_dynamic(k, n, dtype, bias=bias is not None, act=act,
+                                   residual=residual is not None)
+        gv = bb.add_func(func, dense.NAME)
+        x2 = args[0] if len(xs) == 2 else bb.emit(relax.op.reshape(args[0], (m, k)))
+        call_args = [x2, relax.const(dense.pack_weight(w))] + (
+            [relax.const(bias)] if bias is not None else [])
+        if residual is not None:
+            call_args.append(residual if len(xs) == 2 else bb.emit(
+                relax.op.reshape(residual, (m, n))))
+        y = relax.call_tir(gv, call_args, relax.TensorType((m, n), dtype))
+        return y if len(xs) == 2 else relax.op.reshape(bb.emit(y), out)
+
+    info = {"op": "matmul", "shape": {"M": _shown(m), "K": k, "N": n}, "rows": "run time"}
+    # the cost rule compares per-row work (M is not known here)
+    return [(Plan(dense.NAME, emit, info=info, shape={"m": _shown(m), "k": k, "n": n,
+                                                      "dtype": dtype}), {"macs": k * n})]
+
+
+def _shown(dim) -> int | str:
+    """A dim for the compile report: its value, or a symbolic one's expression."""
+    import re
+
+    from tvm import tirx
+
+    if isinstance(dim, tirx.IntImm):
+        return int(dim.value)
+    return re.sub(r"T\.int64\((\d+)\)", r"\1", str(dim))
+
+
 def _match_dense(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | None:
     x, w_expr = call.args
     if a.const(w_expr) is None and a.const(x) is None:
         return _match_batch_matmul(a, call)
     lin = _linear(a, call)
     if lin is None:
-        return None
+        return _match_dynamic_dense(a, call)
     w, m, k, n, dtype = lin.w, lin.m, lin.k, lin.n, lin.dtype
 
     def emitter(strategy: str):
@@ -284,7 +356,9 @@ def _match_batch_matmul(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, di
     packs each panel itself, and the transpose kernel is gone."""
     x, y = call.args
     xs, ys, out = _static_shape(x), _static_shape(y), _static_shape(call)
-    if xs is None or ys is None or out is None or len(xs) != len(ys) or len(xs) < 2:
+    if xs is None or ys is None or out is None:
+        return _match_dynamic_batch_matmul(a, call)
+    if len(xs) != len(ys) or len(xs) < 2:
         return None
     if xs[:-2] != ys[:-2] or xs[-1] != ys[-2] or out != xs[:-1] + ys[-1:]:
         return None
@@ -323,6 +397,64 @@ def _match_batch_matmul(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, di
     return plans
 
 
+def _match_dynamic_batch_matmul(a: _Analysis, call: "relax.Call"
+                                ) -> list[tuple[Plan, dict]] | None:
+    """``_match_batch_matmul`` in a model with dynamic shapes: ``batch_matmul`` with the
+    symbolic dims (batch x heads, the sequence in M, K or N) run-time extents of the kernel
+    (``batch_matmul.build_dynamic``)."""
+    from tvm import relax, tirx
+
+    x, y = call.args
+    xs, ys, out = _dims(x), _dims(y), _dims(call)
+    if xs is None or ys is None or out is None or len(xs) != len(ys) or len(xs) < 3:
+        return None
+    if xs[:-2] != ys[:-2] or xs[-1] != ys[-2] or out != xs[:-1] + ys[-1:]:
+        return None
+    dtype = _dtype(x)
+    if dtype not in SUPPORTED_DTYPES or _dtype(y) != dtype or _dtype(call) != dtype:
+        return None
+    exprs, yexprs = _shape_exprs(x), _shape_exprs(y)
+    batch = exprs[0]
+    for d in exprs[1:-2]:
+        batch = batch * d
+    m, k, n = exprs[-2], exprs[-1], yexprs[-1]
+
+    def static(v):
+        return int(v.value) if isinstance(v, tirx.IntImm) else None
+
+    yt = _transposed_operand(a, y)
+
+    def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
+             ) -> "relax.Expr":
+        func = batch_matmul.build_dynamic(
+            static(batch), static(m), static(k), static(n), dtype, bias=bias is not None,
+            act=act, residual=residual is not None, b_transposed=yt is not None)
+        gv = bb.add_func(func, batch_matmul.NAME)
+
+        def as3d(v, shape):
+            return v if len(xs) == 3 else bb.emit(relax.op.reshape(v, (batch,) + shape))
+
+        call_args = [as3d(args[0], (m, k)),
+                     as3d(args[1], (n, k) if yt is not None else (k, n))]
+        if bias is not None:
+            call_args.append(relax.const(bias))
+        if residual is not None:
+            call_args.append(as3d(residual, (m, n)))
+        y3 = relax.call_tir(gv, call_args, relax.TensorType((batch, m, n), dtype))
+        return y3 if len(xs) == 3 else relax.op.reshape(bb.emit(y3), _shape_exprs(call))
+
+    info = {"op": "matmul", "shape": {d: _shown(v) for d, v in (
+        ("batch", batch), ("M", m), ("K", k), ("N", n))}, "rows": "run time"}
+    if yt is not None:
+        info["b_transposed"] = True
+    known = [v for v in (static(m), static(k), static(n)) if v is not None]
+    return [(Plan(batch_matmul.NAME, emit, info=info, inputs=None if yt is None else [x, yt],
+                  shape={"dynamic": True, **{d: _shown(v) for d, v in
+                                             (("batch", batch), ("m", m), ("k", k),
+                                              ("n", n))}}),
+             {"macs": max(known, default=1) * 64})]
+
+
 def _emit_batch_matmul(bb: "relax.BlockBuilder", strategy: str, kshape: dict, args: list,
                        bias, act: Activation | None, residual, xs: tuple, out: tuple,
                        transposed: bool) -> "relax.Expr":
@@ -351,7 +483,9 @@ def _match_conv(a: _Analysis, call: "relax.Call") -> tuple[Plan, dict] | None:
     at = call.attrs
     w = a.const(w_expr)
     xs, out = _static_shape(x), _static_shape(call)
-    if w is None or w.ndim != 4 or xs is None or out is None or len(xs) != 4:
+    if xs is None or out is None:
+        return _match_dynamic_conv(a, call)
+    if w is None or w.ndim != 4 or len(xs) != 4:
         return None
     if (str(at.data_layout), str(at.kernel_layout)) != ("NCHW", "OIHW"):
         return None
@@ -411,6 +545,56 @@ def _match_conv(a: _Analysis, call: "relax.Call") -> tuple[Plan, dict] | None:
                              **plan.info}
                 plans.append((plan, {"macs": work}))
     return plans
+
+
+def _match_dynamic_conv(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | None:
+    """A conv (groups 1, NCHW) whose batch is known only at run time, the rest static (a
+    model compiled with a dynamic batch): ``conv2d_nchw_packed`` with a symbolic N
+    (``conv2d.build_dynamic_batch``), its weight packed here."""
+    from tvm import relax, tirx
+
+    x, w_expr = call.args
+    at = call.attrs
+    w = a.const(w_expr)
+    xs, out = _shape_exprs(x), _shape_exprs(call)
+    if w is None or w.ndim != 4 or xs is None or out is None or len(xs) != 4 or len(out) != 4:
+        return None
+    if not all(isinstance(d, tirx.IntImm) for d in (*xs[1:], *out[1:])) or _dims(
+            x)[0] != _dims(call)[0]:
+        return None
+    if ((str(at.data_layout), str(at.kernel_layout)) != ("NCHW", "OIHW")
+            or str(at.out_layout) not in ("NCHW", "") or int(at.groups) != 1):
+        return None
+    dtype = _dtype(x)
+    if dtype not in SUPPORTED_DTYPES or str(w.dtype) != dtype or _dtype(call) != dtype:
+        return None
+    pad = [int(p) for p in at.padding]
+    if len(pad) == 2:
+        pad = pad * 2
+    c, h, wd = (int(d) for d in xs[1:])
+    shape = conv2d.ConvShape(
+        n=1, ic=c, h=h, w=wd, oc=w.shape[0], kh=w.shape[2], kw=w.shape[3],
+        stride=tuple(int(s) for s in at.strides), padding=tuple(pad),
+        dilation=tuple(int(d) for d in at.dilation))
+    if w.shape[1] != c or (shape.oc,) + shape.out_hw != tuple(int(d) for d in out[1:]):
+        return None
+    packed = conv2d.pack_weight(w, conv2d.LANES)
+
+    def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
+             ) -> "relax.Expr":
+        func = conv2d.build_dynamic_batch(shape, dtype, bias=bias is not None, act=act,
+                                          residual=residual is not None)
+        gv = bb.add_func(func, conv2d.NAME)
+        call_args = [args[0], relax.const(packed)] + (
+            [relax.const(bias)] if bias is not None else []) + (
+            [residual] if residual is not None else [])
+        return relax.call_tir(gv, call_args, relax.TensorType(out, dtype))
+
+    info = _conv_info(shape, [_shown(d) for d in xs], w, [_shown(d) for d in out],
+                      "oc_blocked")
+    info["rows"] = "run time"
+    macs = shape.oc * shape.out_hw[0] * shape.out_hw[1] * c * shape.kh * shape.kw
+    return [(Plan(conv2d.NAME, emit, info=info, shape={"dynamic": True}), {"macs": macs})]
 
 
 def _amx_conv(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, xs: tuple, out: tuple
@@ -629,7 +813,9 @@ def _match_softmax(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] 
     vectors (the generic row schedule vectorizes the others)."""
     x = call.args[0]
     xs = _static_shape(x)
-    if xs is None or not xs or _dtype(x) != "float32" or _dtype(call) != "float32":
+    if xs is None:
+        return _match_dynamic_softmax(call)
+    if not xs or _dtype(x) != "float32" or _dtype(call) != "float32":
         return None
     if int(call.attrs.axis) not in (-1, len(xs) - 1) or not softmax.matches(xs[-1]):
         return None
@@ -653,6 +839,36 @@ def _match_softmax(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] 
              {"macs": rows * n})]
 
 
+def _match_dynamic_softmax(call: "relax.Call") -> list[tuple[Plan, dict]] | None:
+    """``softmax_rows`` with run-time rows and row length (``softmax.build_dynamic``) for a
+    softmax over a symbolic last axis: attention's over the sequence in a dynamic model (the
+    generic row schedule cannot vectorize a row of unknown length)."""
+    from tvm import relax, tirx
+
+    x = call.args[0]
+    xs = _shape_exprs(x)
+    if (xs is None or _dtype(x) != "float32" or _dtype(call) != "float32"
+            or int(call.attrs.axis) not in (-1, len(xs) - 1)
+            or isinstance(xs[-1], tirx.IntImm)):
+        return None
+    rows = xs[0]
+    for d in xs[1:-1]:
+        rows = rows * d
+    n = xs[-1]
+
+    def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
+             ) -> "relax.Expr":
+        gv = bb.add_func(softmax.build_dynamic(), softmax.NAME)
+        x2 = bb.emit(relax.op.reshape(args[0], (rows, n)))
+        y2 = bb.emit(relax.call_tir(gv, [x2], relax.TensorType((rows, n), "float32")))
+        return relax.op.reshape(y2, xs)
+
+    info = {"op": "softmax", "shape": {"rows": _shown(rows), "N": _shown(n)},
+            "rows": "run time"}
+    return [(Plan(softmax.NAME, emit, info=info, shape={"dynamic": True}, epilogue=False),
+             {"macs": 1024})]
+
+
 _MATCHERS = {"relax.matmul": _match_dense, "relax.nn.conv2d": _match_conv,
              "relax.nn.softmax": _match_softmax}
 #: the heavy ops with a sparsec kernel per device (the rest go to the device's generic rules)
@@ -668,12 +884,14 @@ def _channel_bias(a: _Analysis, heavy_var: Any, add_call: "relax.Call", channel_
     if other is None:
         return None
     c = a.const(other)
-    out = _static_shape(heavy_var)
-    if c is None or out is None or _static_shape(add_call) != out or str(c.dtype) != _dtype(
+    out = _dims(heavy_var)
+    if c is None or out is None or _dims(add_call) != out or str(c.dtype) != _dtype(
             heavy_var):
         return None
     rank = len(out)
     axis = channel_axis % rank
+    if not isinstance(out[axis], int):
+        return None
     if c.ndim > rank:
         return None
     full = (1,) * (rank - c.ndim) + c.shape
@@ -696,8 +914,8 @@ def _residual(a: _Analysis, heavy_var: Any, tail: Any, add_call: "relax.Call",
     other = rhs if lhs.same_as(tail) else lhs if rhs.same_as(tail) else None
     if other is None or other.same_as(tail) or a.const(other) is not None:
         return None
-    out = _static_shape(tail)
-    if out is None or _static_shape(other) != out or _static_shape(add_call) != out or _dtype(
+    out = _dims(tail)
+    if out is None or _dims(other) != out or _dims(add_call) != out or _dtype(
             other) != _dtype(heavy_var):
         return None
     if other in params:
@@ -839,7 +1057,7 @@ def plan_function(func: "relax.Function", cores: int, mod: "ir.IRModule | None" 
         if nxt and (res := _residual(a, var, tail, nxt[1], params)) is not None:
             plan.residual = res
             if anchor is not var:       # the add saw the output through reshapes
-                plan.residual_shape = _static_shape(var)
+                plan.residual_shape = _static_shape(var) or _shape_exprs(var)
             aliases[nxt[0]] = anchor
             tail = nxt[0]
         tail, anchor = _past_reshapes(a, tail, anchor)

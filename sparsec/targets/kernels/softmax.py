@@ -66,18 +66,37 @@ def vector_exp(v: "tirx.PrimExpr", lanes: int) -> "tirx.PrimExpr":
 
 def build(rows: int, n: int, dtype: str = "float32") -> "tirx.PrimFunc":
     """The PrimFunc ``(X[rows, n], Y[rows, n])``, Y = softmax of each row of X."""
+    assert matches(n) and dtype == "float32", (n, dtype)
+    return _build(rows, n, dtype, "int32")
+
+
+def build_dynamic(dtype: str = "float32") -> "tirx.PrimFunc":
+    """``build`` for rows and a row length known only at run time (attention's softmax in a
+    model with a dynamic sequence): rows of at least 16 take the vector code above (a row of
+    whole vectors too: its last vector is then the last whole one, recomputed and counted
+    once), shorter ones a scalar loop."""
+    from tvm import tirx
+
+    assert dtype == "float32", dtype
+    return _build(tirx.Var("rows", "int64"), tirx.Var("n", "int64"), dtype, "int64")
+
+
+def _build(rows, n, dtype: str, i32: str) -> "tirx.PrimFunc":
+    """``build``'s kernel; ``rows`` and ``n`` may be symbolic (``i32`` is then int64)."""
     import tvm
     from tvm import s_tir, te, tirx
 
-    assert matches(n) and dtype == "float32", (n, dtype)
-    q, t = divmod(n, LANES)
+    symbolic = not isinstance(n, int)
+    q, t = (n // LANES, n % LANES) if symbolic else divmod(n, LANES)
     x = te.placeholder((rows, n), dtype, name="X")
     y = te.compute((rows, n), lambda i, j: x[i, j], name="Y")
     func = te.create_prim_func([x, y])
     sch = s_tir.Schedule(func)
     copy = sch.get(sch.get_sblock("Y"))
     xb, yb = copy.reads[0].source, copy.writes[0].source
-    i32 = "int32"
+    if symbolic:      # the PrimFunc's own size variables, as the buffers hold them
+        rows, n = xb.shape
+        q, t = n // LANES, n % LANES
     vmax = tirx.decl_buffer((LANES,), dtype, "vmax", scope="local")
     vsum = tirx.decl_buffer((LANES,), dtype, "vsum", scope="local")
     scal = tirx.decl_buffer((2,), dtype, "scalars", scope="local")   # max, 1 / sum
@@ -98,15 +117,16 @@ def build(rows: int, n: int, dtype: str = "float32") -> "tirx.PrimFunc":
 
     def loop(extent, make, name="v"):
         v = tirx.Var(name, i32)
-        return tirx.For(v, tirx.const(0, i32), tirx.const(extent, i32), tirx.ForKind.SERIAL,
-                        make(v))
+        end = tirx.const(extent, i32) if isinstance(extent, int) else extent
+        return tirx.For(v, tirx.const(0, i32), end, tirx.ForKind.SERIAL, make(v))
 
     def bcast(value):
         return tirx.Broadcast(value, LANES)
 
     zero = tirx.const(0.0, dtype)
     last = n - LANES
-    in_tail = tirx.Ramp(tirx.const(0, i32), 1, LANES) >= bcast(tirx.const(LANES - t, i32))
+    in_tail = tirx.Ramp(tirx.const(0, i32), 1, LANES) >= bcast(
+        LANES - t if symbolic else tirx.const(LANES - t, i32))
     m = tirx.BufferLoad(scal, [tirx.const(0, i32)])
     inv = tirx.BufferLoad(scal, [tirx.const(1, i32)])
 
@@ -138,15 +158,21 @@ def build(rows: int, n: int, dtype: str = "float32") -> "tirx.PrimFunc":
         # the last vector's first lanes lie in the last whole vector: already scaled
         store(yb, tirx.const(last, i32), tirx.Select(
             in_tail, vec(yb, tirx.const(last, i32)) * bcast(inv), vec(yb, tirx.const(last, i32)))),
-    ]
+    ] if not symbolic else None
+    if symbolic:
+        body = [tirx.IfThenElse(n >= LANES, tirx.SeqStmt(_vector_body(
+            xb, yb, row, n, q, in_tail, vmax, vsum, scal, lanes, dtype, reduce_lanes, loop)),
+            tirx.SeqStmt(_scalar_body(xb, yb, row, n, scal, dtype, loop)))]
 
     def region(buf):
         return tirx.BufferRegion(buf, [tvm.ir.Range.from_min_extent(row, 1),
                                        tvm.ir.Range.from_min_extent(0, n)])
 
-    block = s_tir.SBlock([], [region(xb)], [region(yb)], "softmax_row", tirx.SeqStmt(body),
+    block = s_tir.SBlock([], [region(xb)], [region(yb)], "softmax_row",
+                         tirx.SeqStmt(body) if len(body) > 1 else body[0],
                          None, [vmax, vsum, scal])
-    rows_loop = tirx.For(row, tirx.const(0, i32), tirx.const(rows, i32), tirx.ForKind.PARALLEL,
+    rows_loop = tirx.For(row, tirx.const(0, i32),
+                         rows if symbolic else tirx.const(rows, i32), tirx.ForKind.PARALLEL,
                          s_tir.SBlockRealize([], True, block))
     root = s_tir.SBlock([], [], [], "root", rows_loop)
     func = func.with_body(s_tir.SBlockRealize([], True, root))
@@ -154,3 +180,71 @@ def build(rows: int, n: int, dtype: str = "float32") -> "tirx.PrimFunc":
         func = func.without_attr("global_symbol")
     return (func.with_attr(SCHEDULED_ATTR, True).with_attr("op_pattern", OPAQUE_PATTERN)
             .with_attr(STRATEGY_ATTR, NAME))
+
+
+def _vector_body(xb, yb, row, n, q, in_tail, vmax, vsum, scal, lanes, dtype, reduce_lanes,
+                 loop) -> list:
+    """``_build``'s vector code for a row of symbolic length ``n >= LANES``."""
+    from tvm import tirx
+
+    def vec(buf, start):
+        return tirx.BufferLoad(buf, [row, tirx.Ramp(start, 1, LANES)])
+
+    def store(buf, start, value):
+        return tirx.BufferStore(buf, value, [row, tirx.Ramp(start, 1, LANES)])
+
+    def local(buf):
+        return tirx.BufferLoad(buf, [lanes])
+
+    def set_local(buf, value):
+        return tirx.BufferStore(buf, value, [lanes])
+
+    def bcast(value):
+        return tirx.Broadcast(value, LANES)
+
+    i64 = "int64"
+    m = tirx.BufferLoad(scal, [tirx.const(0, i64)])
+    inv = tirx.BufferLoad(scal, [tirx.const(1, i64)])
+    last = n - LANES
+    zero = tirx.const(0.0, dtype)
+
+    def exp_at(start):
+        return vector_exp(vec(xb, start) - bcast(m), LANES)
+
+    return [
+        set_local(vmax, vec(xb, last)),
+        loop(q, lambda k: set_local(vmax, tirx.max(local(vmax), vec(xb, k * LANES))), "k"),
+        *reduce_lanes(vmax, 0, tirx.max),
+        set_local(vsum, bcast(zero)),
+        loop(q, lambda k: tirx.SeqStmt([
+            store(yb, k * LANES, exp_at(k * LANES)),
+            set_local(vsum, local(vsum) + vec(yb, k * LANES))]), "k"),
+        store(yb, last, exp_at(last)),
+        set_local(vsum, local(vsum) + tirx.Select(in_tail, vec(yb, last), bcast(zero))),
+        *reduce_lanes(vsum, 1, lambda a, b: a + b),
+        tirx.BufferStore(scal, tirx.const(1.0, dtype) / inv, [tirx.const(1, i64)]),
+        loop(q, lambda k: store(yb, k * LANES, vec(yb, k * LANES) * bcast(inv)), "k"),
+        store(yb, last, tirx.Select(in_tail, vec(yb, last) * bcast(inv), vec(yb, last))),
+    ]
+
+
+def _scalar_body(xb, yb, row, n, scal, dtype, loop) -> list:
+    """``_build``'s code for a row shorter than one vector (symbolic ``n < LANES``)."""
+    from tvm import tirx
+
+    i64 = "int64"
+    slot = [tirx.const(0, i64)], [tirx.const(1, i64)]
+    m = tirx.BufferLoad(scal, slot[0])
+    total = tirx.BufferLoad(scal, slot[1])
+    return [
+        tirx.BufferStore(scal, tirx.BufferLoad(xb, [row, tirx.const(0, i64)]), slot[0]),
+        loop(n, lambda j: tirx.BufferStore(scal, tirx.max(m, tirx.BufferLoad(xb, [row, j])),
+                                           slot[0]), "j"),
+        tirx.BufferStore(scal, tirx.const(0.0, dtype), slot[1]),
+        loop(n, lambda j: tirx.SeqStmt([
+            tirx.BufferStore(yb, tirx.exp(tirx.BufferLoad(xb, [row, j]) - m), [row, j]),
+            tirx.BufferStore(scal, total + tirx.BufferLoad(yb, [row, j]), slot[1])]), "j"),
+        tirx.BufferStore(scal, tirx.const(1.0, dtype) / total, slot[1]),
+        loop(n, lambda j: tirx.BufferStore(yb, tirx.BufferLoad(yb, [row, j]) * total,
+                                           [row, j]), "j"),
+    ]
