@@ -36,6 +36,25 @@ def version() -> str:
         return "0.1.0"
 
 
+def manifest_head(name: str, spec, command, model, source: str, inputs: list[dict],
+                  outputs: list[dict]) -> dict:
+    """The first keys of every package's manifest: format, versions, target, command, source
+    and signature."""
+    return {
+        "format": FORMAT,
+        "name": name,
+        "sparsec_version": version(),
+        "versions": {dist: _dist_version(dist) for dist in
+                     ("apache-tvm", "onnx", "onnxruntime", "numpy", "torch")},
+        "target": {"name": spec.name, "tvm": spec.tvm_target, "triple": spec.triple},
+        "command": list(command) if command is not None else ["sparsec.compile(...)"],
+        "source": {"model": source, "sha256": sha256(model) if isinstance(
+            model, (str, os.PathLike)) else None},
+        "inputs": inputs,
+        "outputs": outputs,
+    }
+
+
 def _dist_version(name: str) -> str | None:
     try:
         return metadata.version(name)
@@ -276,17 +295,7 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
             measured = profile_model(proto)
             log(f"profile: {summary(measured)}")
         manifest = {
-            "format": FORMAT,
-            "name": name,
-            "sparsec_version": version(),
-            "versions": {dist: _dist_version(dist) for dist in
-                         ("apache-tvm", "onnx", "onnxruntime", "numpy", "torch")},
-            "target": {"name": spec.name, "tvm": spec.tvm_target, "triple": spec.triple},
-            "command": list(command) if command is not None else ["sparsec.compile(...)"],
-            "source": {"model": source, "sha256": sha256(model) if isinstance(
-                model, (str, os.PathLike)) else None},
-            "inputs": inputs,
-            "outputs": outputs,
+            **manifest_head(name, spec, command, model, source, inputs, outputs),
             "library": {"shared": LIBRARY, "static": archive_name(name) if on_cpu else None,
                         "header": header_name(name),
                         "system_lib_prefix": prefix if on_cpu else None},

@@ -145,16 +145,16 @@ def compile_dynamic(model, output_dir: str | os.PathLike, dynamic, *, target: st
     import onnx
 
     from sparsec import reference
-    from sparsec.compiling import _dist_version, check_toolchain, version
+    from sparsec.compiling import check_toolchain, manifest_head
     from sparsec.deploy.header import c_header, check_name, default_name
     from sparsec.frontends.dynamic import check_ranges, read_dynamic, symbolic_shapes
     from sparsec.frontends.onnx import _unsupported_ops
     from sparsec.errors import UnsupportedOpError
     from sparsec.ir.onnx_io import MAX_IR_VERSION
     from sparsec.frontends.external_data import save_onnx
-    from sparsec.package import (FORMAT, LIBRARY, MANIFEST, MODEL, archive_name,
-                                 check_writable_dir, file_hashes, header_name, seal, sha256,
-                                 staging_dir, write_json, write_reference)
+    from sparsec.package import (LIBRARY, MANIFEST, MODEL, archive_name, check_writable_dir,
+                                 file_hashes, header_name, seal, staging_dir, write_json,
+                                 write_reference)
     from sparsec.running import _compare, _load_runner, _raise_if_mismatch, tolerance
     from sparsec.targets import resolve_target
     from sparsec.targets.host import compile_onnx
@@ -232,17 +232,7 @@ def compile_dynamic(model, output_dir: str | os.PathLike, dynamic, *, target: st
         (tmp / header_name(name)).write_text(c_header(
             name, prefix, inputs, outputs, atol, rtol, about, spec.device, tmp / LIBRARY))
         manifest = {
-            "format": FORMAT,
-            "name": name,
-            "sparsec_version": version(),
-            "versions": {dist: _dist_version(dist) for dist in
-                         ("apache-tvm", "onnx", "onnxruntime", "numpy", "torch")},
-            "target": {"name": spec.name, "tvm": spec.tvm_target, "triple": spec.triple},
-            "command": list(command) if command is not None else ["sparsec.compile(...)"],
-            "source": {"model": source, "sha256": sha256(model) if isinstance(
-                model, (str, os.PathLike)) else None},
-            "inputs": inputs,
-            "outputs": outputs,
+            **manifest_head(name, spec, command, model, source, inputs, outputs),
             "dynamic": {"ranges": {k: list(v) for k, v in sorted(ranges.items())},
                         "reference_sizes": mid, "checked": checked},
             "library": {"shared": LIBRARY, "static": archive_name(name),
