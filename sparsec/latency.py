@@ -18,6 +18,7 @@ they will run on (targets that run here). Two ways:
   the budget (or well under), the knapsack is asked for the difference (``FEEDBACK_ROUNDS``).
   The table's levels are coarse, so a plan that still lands well under the budget is then
   scaled back as a whole (every group's cut times one factor, bisected: ``REFINE_STEPS``).
+  Of the builds within the budget the most faithful wins; near-ties go to the least pruning.
   Candidates are timed beside the dense build, so a drift of the machine's speed during the
   search does not move the budget. Heads, FFN
   widths and channel groups compete in one budget. The plan is a recipe (``layer_ratios`` by
@@ -61,7 +62,9 @@ LEVELS = (0.25, 0.5, 0.75, 0.875)
 #: per-group widths: builds of a plan after the first that measured over the budget
 FEEDBACK_ROUNDS = 3
 #: per-group widths: builds that scale a plan landing well under the budget back toward it
-REFINE_STEPS = 3
+REFINE_STEPS = 4
+#: per-group widths: held-out cosines this close count as equal (the least pruning wins)
+COSINE_TIE = 1e-4
 
 
 def time_ms(run: Callable[[dict], Any], feeds: dict, seconds: float = 0.5,
@@ -400,8 +403,9 @@ def plan_search(graph: "Graph", options: dict, timer: "Timer", table: list[dict]
                 ) -> tuple["PruneResult", dict]:
     """Per-group widths from ``table`` for ``budget``, built and timed; asks the knapsack for
     the difference more where a build measures over the budget, or less where it lands well
-    under (the table's savings need not add up). Of the builds within the budget, the one
-    closest to the original on held-out data wins. The result and the record: the plan, the
+    under (the table's savings need not add up), then scales a plan still well under back
+    (:func:`_refine`). Of the builds within the budget, the one closest to the original on
+    held-out data wins (within ``COSINE_TIE``, the least pruning). The result and the record: the plan, the
     predicted and measured latency of every build, the table."""
     from sparsec import api
 
@@ -447,7 +451,11 @@ def plan_search(graph: "Graph", options: dict, timer: "Timer", table: list[dict]
     if max(b["ms"] for b in within) < budget * (1 - 2 * CLOSE_ENOUGH):
         result = _refine(graph, options, timer, min(within, key=lambda b: -b["ms"]), dense,
                          budget, builds, log) or result
-    best = min((b for b in builds if b["ms"] <= budget), key=lambda b: -b["cosine"])
+    within = [b for b in builds if b["ms"] <= budget]
+    top = max(b["cosine"] for b in within)
+    # fidelity first; builds within COSINE_TIE of the best are a tie, and the least pruning
+    # (the slowest within the budget) wins it
+    best = max((b for b in within if b["cosine"] >= top - COSINE_TIE), key=lambda b: b["ms"])
     if best is not builds[-1]:
         result = api.prune(graph, **_group_options(options, best["plan"]))
     result.recipe = result.recipe.updated(ratio=0.0, head_ratio=None, hidden_ratio=0.0,
