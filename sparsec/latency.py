@@ -65,6 +65,9 @@ FEEDBACK_ROUNDS = 3
 REFINE_STEPS = 4
 #: per-group widths: held-out cosines this close count as equal (the least pruning wins)
 COSINE_TIE = 1e-4
+#: a scaled-back plan keeps multiples of this many channels per group (16 fp32 lanes: the
+#: width conv and dense kernels block output channels by on AVX-512)
+KEPT_MULTIPLE = 16
 
 
 def time_ms(run: Callable[[dict], Any], feeds: dict, seconds: float = 0.5,
@@ -405,8 +408,9 @@ def plan_search(graph: "Graph", options: dict, timer: "Timer", table: list[dict]
     the difference more where a build measures over the budget, or less where it lands well
     under (the table's savings need not add up), then scales a plan still well under back
     (:func:`_refine`). Of the builds within the budget, the one closest to the original on
-    held-out data wins (within ``COSINE_TIE``, the least pruning). The result and the record: the plan, the
-    predicted and measured latency of every build, the table."""
+    held-out data wins (within ``COSINE_TIE``, the least pruning). The result and the
+    record: the plan, the predicted and measured latency of every build, the table. The
+    budget is out of reach only once the deepest plan has been built and measured over it."""
     from sparsec import api
 
     need = float(np.log(dense / budget))          # log-latency to save
@@ -415,8 +419,9 @@ def plan_search(graph: "Graph", options: dict, timer: "Timer", table: list[dict]
     for _ in range(1 + FEEDBACK_ROUNDS):
         picked = knapsack(table, need, key="saved_log")
         deepest = {u["pattern"]: max(r["level"] for r in u["rows"]) for u in table}
-        if picked is None and builds and builds[-1]["plan"] != deepest:
-            # the table says nothing reaches it; a build says how far the deepest cuts go
+        if picked is None and all(b["plan"] != deepest for b in builds):
+            # the table says nothing reaches it (its savings are a sum, the model's are not):
+            # a build says how far the deepest cuts really go
             picked = deepest, sum(max(r["saved_log"] for r in u["rows"]) for u in table)
         if picked is None:
             if result is not None:
@@ -450,7 +455,7 @@ def plan_search(graph: "Graph", options: dict, timer: "Timer", table: list[dict]
                              f"{', '.join(format(b['ms'], '.4g') for b in builds)} ms")
     if max(b["ms"] for b in within) < budget * (1 - 2 * CLOSE_ENOUGH):
         result = _refine(graph, options, timer, min(within, key=lambda b: -b["ms"]), dense,
-                         budget, builds, log) or result
+                         budget, builds, log, table) or result
     within = [b for b in builds if b["ms"] <= budget]
     top = max(b["cosine"] for b in within)
     # fidelity first; builds within COSINE_TIE of the best are a tie, and the least pruning
@@ -465,14 +470,26 @@ def plan_search(graph: "Graph", options: dict, timer: "Timer", table: list[dict]
                     "table": table, "ratio": None}
 
 
+def _friendly(level: float, unit: dict) -> float:
+    """``level`` (a share of ``unit``'s channels to cut) moved down to the nearest cut that
+    keeps a multiple of ``KEPT_MULTIPLE`` channels (heads and small groups as they are)."""
+    c = unit["channels"]
+    if unit["kind"] != "channels" or c < 2 * KEPT_MULTIPLE:
+        return level
+    kept = -(-round(c * (1 - level), 6) // KEPT_MULTIPLE) * KEPT_MULTIPLE
+    return max(0.0, round(1 - kept / c, 6))
+
+
 def _refine(graph: "Graph", options: dict, timer: "Timer", start: dict, dense: float,
-            budget: float, builds: list[dict], log: Callable[[str], None]
-            ) -> "PruneResult | None":
+            budget: float, builds: list[dict], log: Callable[[str], None],
+            table: list[dict]) -> "PruneResult | None":
     """``start``'s plan (within the budget, but well under it) with every group's cut scaled
     by one factor in (0, 1), aimed at the middle of the band under the budget by regula
     falsi on log-latency between the dense model (factor 0) and the plan (factor 1); each
     build is appended to ``builds`` (``refined``: True; its prediction is the interpolation).
-    The last build's result, or None."""
+    Scaled cuts keep whole multiples of ``KEPT_MULTIPLE`` channels (:func:`_friendly`): a
+    width between two vectors' worth costs a whole vector, so latency would not fall with
+    it. The last build's result, or None."""
     from sparsec import api
 
     aim = float(np.log(budget * (1 - CLOSE_ENOUGH)))
@@ -481,7 +498,16 @@ def _refine(graph: "Graph", options: dict, timer: "Timer", start: dict, dense: f
     for _ in range(REFINE_STEPS):
         scale = lo + (hi - lo) * (lo_log - aim) / max(lo_log - hi_log, 1e-9)
         scale = min(max(scale, lo + 0.1 * (hi - lo)), hi - 0.1 * (hi - lo))
-        plan = {p: round(level * scale, 4) for p, level in start["plan"].items()}
+        units = {u["pattern"]: u for u in table}
+        plan = {p: _friendly(level * scale, units[p]) for p, level in start["plan"].items()}
+        plan = {p: level for p, level in plan.items() if level > 0}
+        seen = [b["ms"] for b in builds if b["plan"] == plan] or ([dense] if not plan else [])
+        if seen:                # built already (or the dense model): move the bracket
+            if seen[0] > budget:
+                lo, lo_log = scale, float(np.log(seen[0]))
+            else:
+                hi, hi_log = scale, float(np.log(seen[0]))
+            continue
         result = api.prune(graph, **_group_options(options, plan))
         ms = timer(result.graph)
         # the prediction: log-latency interpolated between the bracket's ends

@@ -244,6 +244,7 @@ def test_a_plan_well_under_the_budget_is_scaled_back_toward_it(monkeypatch):
     monkeypatch.setattr(latency, "Timer", MacTimer)
     monkeypatch.setattr(latency, "LEVELS", (0.75,))
     monkeypatch.setattr(latency, "FEEDBACK_ROUNDS", 0)
+    monkeypatch.setattr(latency, "KEPT_MULTIPLE", 1)   # the MAC clock has no vector width
     from sparsec.targets import resolve_target
 
     graph = api.load(EXAMPLES / "digits_cnn.onnx")
@@ -289,3 +290,14 @@ def test_scratch_of_a_killed_search_is_removed_by_the_next():
 
         shutil.rmtree(live, ignore_errors=True)
         shutil.rmtree(left, ignore_errors=True)
+
+
+def test_scaled_cuts_keep_whole_vectors_of_channels():
+    """A scaled-back cut keeps a multiple of 16 channels (never more cut than asked); heads
+    and groups under two vectors keep the level they were given."""
+    unit = {"kind": "channels", "channels": 512}
+    assert latency._friendly(0.75, unit) == 0.75                    # 128 kept already
+    assert latency._friendly(0.675, unit) == pytest.approx(1 - 176 / 512)   # 166.4 -> 176
+    assert latency._friendly(0.01, unit) == 0.0                     # 506.9 -> 512: uncut
+    assert latency._friendly(0.4, {"kind": "heads", "channels": 12}) == 0.4
+    assert latency._friendly(0.4, {"kind": "channels", "channels": 24}) == 0.4
