@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
@@ -353,14 +354,17 @@ def _live(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> list[onnx.Node
 
 
 def read_dynamic(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
-    """The ONNX model for a dynamic compile: read, model-local functions inlined (a copy)."""
-    from sparsec.frontends.onnx import read_model
+    """The ONNX model for a dynamic compile: read with its weights (external data files
+    too), model-local functions inlined (a copy)."""
+    from sparsec.frontends.onnx import has_external_data, load_weights, read_model
 
     if isinstance(model, onnx.ModelProto):
         proto = onnx.ModelProto()
         proto.CopyFrom(model)
     else:
         proto = read_model(model)
+        if has_external_data(proto):
+            load_weights(proto, Path(model).parent)
     if proto.functions:
         proto = onnx.inliner.inline_local_functions(proto)
     return proto
