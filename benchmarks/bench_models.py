@@ -10,8 +10,9 @@ Models are transformers' / torch's definitions with random weights (no model hub
 measures speed, not accuracy. Each sparsec output is checked against ONNX Runtime.
 
 Run from the repo root:  PYTHONPATH=. python benchmarks/bench_models.py [--models a,b]
-[--tune SECONDS] [--ratio R] [--rounds N]  (--tune: also tune each model from an empty cache
-and time the result; --ratio 0: dense only)
+[--tune SECONDS] [--ratio R] [--rounds N] [--keep-others]  (--tune: also tune each model from
+an empty cache and time the result; --ratio 0: dense only; --keep-others: a partial re-run
+keeps the published rows of the other models)
 Writes benchmarks/results/models.{json,md} and a plot, benchmarks/results/models.svg.
 """
 
@@ -181,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tune", type=float, default=0.0, metavar="SECONDS",
                     help="also tune each model (fresh cache, up to SECONDS) and time the tuned "
                          "library beside the untuned one")
+    ap.add_argument("--keep-others", action="store_true",
+                    help="keep the published rows of the models not named in --models (a "
+                         "partial re-run; their figures stay those of the run that made them)")
     args = ap.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
 
@@ -239,6 +243,12 @@ def main(argv: list[str] | None = None) -> int:
                                  ort_speedup=times["ort"] / times["ort_pruned"])
                 rows[-1]["pruned"] = prune_row
             print(rows[-1], flush=True)
+    if args.keep_others and (RESULTS / "models.json").is_file():
+        import json
+
+        kept = {r["model"]: r for r in json.loads((RESULTS / "models.json").read_text())["rows"]}
+        kept.update({r["model"]: r for r in rows})
+        rows = [kept[m] for m in MODELS if m in kept]
     lines = [f"# Whole models, {args.threads} threads ({host.description})", "",
              f"FMA peak assumed {peak_gflops:.0f} GFLOP/s ({args.threads} cores x 2 FMA units x "
              "8 fp32 lanes x 3 GHz). Random weights. sparsec: untuned"
