@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     peak_gflops = 2 * PEAK_MACS_PER_CORE * args.threads / 1e9
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models.split(","):
+        for name in [m for m in args.models.split(",") if m]:
             model = MODELS[name](Path(tmp) / f"{name}.onnx")
             feeds = random_feeds(model)
             ort = ort_runner(model, args.threads)
