@@ -61,11 +61,8 @@ def build(m: int, k: int, n: int, dtype: str = "float32", bias: bool = False,
 
     lanes = lanes or lanes_for(m)
 
-    nb = -(-n // lanes)
-    x = te.placeholder((m, k), dtype, name="X")
-    w = te.placeholder((nb, k, lanes), dtype, name="Wp")
-    b = te.placeholder((n,), dtype, name="B") if bias else None
-    res = te.placeholder((m, n), dtype, name="R") if residual else None
+    x, w, b, res = _operands(m, k, n, lanes, dtype, bias, residual)
+    nb = w.shape[0]
     r = te.reduce_axis((0, k), name="k")
     acc = te.compute(
         (m, nb, lanes), lambda i, jb, jl: te.sum(x[i, r] * w[jb, r, jl], axis=r), name="acc"
@@ -76,6 +73,18 @@ def build(m: int, k: int, n: int, dtype: str = "float32", bias: bool = False,
 
     ku = K_UNROLL if k % K_UNROLL == 0 else 1
     return finish(schedule_panels(sch, m, n, lanes, rows, ku), NAME)
+
+
+def _operands(m, k: int, n: int, lanes: int, dtype: str, bias: bool, residual: bool):
+    """X [m, k], the packed W [ceil(n / lanes), k, lanes], and the optional bias [n] and
+    residual [m, n] placeholders of a dense kernel (``m`` a number or a symbolic var)."""
+    from tvm import te
+
+    x = te.placeholder((m, k), dtype, name="X")
+    w = te.placeholder((-(-n // lanes), k, lanes), dtype, name="Wp")
+    b = te.placeholder((n,), dtype, name="B") if bias else None
+    res = te.placeholder((m, n), dtype, name="R") if residual else None
+    return x, w, b, res
 
 
 def build_dynamic(k: int, n: int, dtype: str = "float32", bias: bool = False,
@@ -92,11 +101,8 @@ def build_dynamic(k: int, n: int, dtype: str = "float32", bias: bool = False,
     lanes = LANES
     m = tirx.Var("m", "int64")
     rows = (m + row_tile - 1) // row_tile * row_tile
-    nb = -(-n // lanes)
-    x = te.placeholder((m, k), dtype, name="X")
-    w = te.placeholder((nb, k, lanes), dtype, name="Wp")
-    b = te.placeholder((n,), dtype, name="B") if bias else None
-    res = te.placeholder((m, n), dtype, name="R") if residual else None
+    x, w, b, res = _operands(m, k, n, lanes, dtype, bias, residual)
+    nb = w.shape[0]
     r = te.reduce_axis((0, k), name="k")
     acc = te.compute(
         (rows, nb, lanes),
