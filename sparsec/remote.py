@@ -460,10 +460,12 @@ class KernelTimer:
         from sparsec.targets.knobs import build
 
         with self._build_lock:    # one TVM compile at a time (not known to be thread-safe)
-            funcs = [build(strategy, shape, knobs) for strategy, shape, knobs in trials]
+            target = tvm.target.Target(dict(self.target.tvm_target))
+            with target:     # the tiles depend on the ISA (as when the model is compiled)
+                funcs = [build(strategy, shape, knobs) for strategy, shape, knobs in trials]
             mod = tvm.IRModule({f"k{i}": f.with_attr("global_symbol", f"k{i}")
                                 for i, f in enumerate(funcs)})
-            ex = tvm.compile(mod, target=tvm.target.Target(dict(self.target.tvm_target)))
+            ex = tvm.compile(mod, target=target)
             path = Path(self._work.name) / f"k{next(self._names)}.so"
         export_library(ex, self.target, path)     # the link, a subprocess: in parallel
         return path, funcs

@@ -21,6 +21,9 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from sparsec.errors import SparsecError, UnknownTargetError  # noqa: E402
 from sparsec.targets import KNOWN_TARGETS, TargetSpec, physical_cores, resolve_target  # noqa: E402
 
+#: the host's compile target has AVX-512 (the tile choices differ with 32 vector registers)
+HAS_AVX512 = "avx512f" in resolve_target("host").cpu_flags
+
 REPO = Path(__file__).resolve().parent.parent
 RTOL = ATOL = 1e-4
 
@@ -445,6 +448,11 @@ def test_conv2d_packed_numerics(args, host, tmp_path):
     dict(n=1, c=3, h=224, w=224, oc=32, k=3, stride=2, pad=[0, 0, 1, 1],
          clip=(0.0, 6.0)),                           # MobileNetV2's stem: rows of 7 vectors
     dict(n=1, c=3, h=20, w=128, oc=20, k=7, stride=1, pad=3),  # 7x7 stem: rows of 8 vectors
+    # ragged channel counts (a pruned conv) on wider maps, AVX-512: rows of 5 and 7 vectors
+    pytest.param(dict(n=1, c=12, h=10, w=80, oc=24, k=3, stride=1, pad=1, relu=True),
+                 marks=pytest.mark.skipif(not HAS_AVX512, reason="AVX-512 tiling")),
+    pytest.param(dict(n=1, c=10, h=12, w=112, oc=20, k=3, stride=2, pad=1),
+                 marks=pytest.mark.skipif(not HAS_AVX512, reason="AVX-512 tiling")),
 ])
 def test_conv2d_width_vectorized_numerics(args, host, tmp_path):
     """Small maps whose output width is whole vectors take the width-vectorized variant."""
@@ -454,6 +462,29 @@ def test_conv2d_width_vectorized_numerics(args, host, tmp_path):
     conv = [d for d in facts["decisions"] if d["chosen"] == "conv2d_nchw_packed"]
     assert conv[0]["shape"]["variant"] == "width_vectorized"
     assert_matches_ort(model, feeds, outs)
+
+
+def test_width_vectorized_plan_rule():
+    """Which convs take the width-vectorized variant: small maps always; with AVX-512 also
+    KxK convs whose channel count is not whole 16-lane blocks, rows of up to 8 vectors; never
+    1x1 strided ones or whole blocks on wide maps, nor on AVX2 (16 registers)."""
+    import tvm
+
+    from sparsec.targets.kernels.conv2d import ConvShape, plan_wvec
+
+    def shape(ic, oc, hw, k, stride):
+        return ConvShape(1, ic, hw, hw, oc, k, k, (stride,) * 2, (k // 2,) * 4, (1, 1))
+
+    with tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"}):
+        assert plan_wvec(shape(12, 24, 80, 3, 1)).vecs == 5
+        assert plan_wvec(shape(24, 24, 56, 3, 1)).vecs == 7          # 8 lanes
+        assert plan_wvec(shape(32, 24, 160, 3, 2)).vecs == 5
+        assert plan_wvec(shape(24, 32, 80, 3, 1)) is None            # whole blocks
+        assert plan_wvec(shape(48, 24, 80, 1, 2)) is None            # 1x1 strided
+        assert plan_wvec(shape(12, 24, 160, 3, 1)) is None           # 10 vectors
+        assert plan_wvec(shape(16, 16, 32, 3, 1)).vecs == 2          # small map, as before
+    with tvm.target.Target({"kind": "llvm", "mcpu": "haswell"}):
+        assert plan_wvec(shape(12, 24, 80, 3, 1)) is None
 
 
 @pytest.mark.parametrize("c,hw", [(24, 16), (45, 8), (32, 32)])

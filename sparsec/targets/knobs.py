@@ -194,7 +194,10 @@ def build(strategy: str, shape: dict, knobs: dict | None = None, **flags) -> "ti
     elif strategy == "conv2d_nchw_packed":
         s = _conv_shape({n: v for n, v in shape.items() if n != "variant"})
         if "variant" in shape:
-            func = conv2d.build_wvec(s, conv2d.plan_wvec(s), shape["dtype"], **flags)
+            plan = conv2d.plan_wvec(s)      # ISA-dependent: built in the target's scope
+            if plan is None:
+                raise ValueError(f"no width-vectorized tiling for {s} on this target")
+            func = conv2d.build_wvec(s, plan, shape["dtype"], **flags)
         else:
             func = conv2d.build(s, shape["dtype"], **flags,
                                 **({"width_tile": k["width_tile"]} if "width_tile" in k
