@@ -48,11 +48,22 @@ def manifest_head(name: str, spec, command, model, source: str, inputs: list[dic
                      ("apache-tvm", "onnx", "onnxruntime", "numpy", "torch")},
         "target": {"name": spec.name, "tvm": spec.tvm_target, "triple": spec.triple},
         "command": list(command) if command is not None else ["sparsec.compile(...)"],
-        "source": {"model": source, "sha256": sha256(model) if isinstance(
-            model, (str, os.PathLike)) else None},
+        "source": _source(model, source),
         "inputs": inputs,
         "outputs": outputs,
     }
+
+
+def _source(model, source: str) -> dict:
+    """The manifest's record of the input model: its path and digest, and the digest of each
+    external data file it names (the weights of a model over 2 GB live there)."""
+    if not isinstance(model, (str, os.PathLike)):
+        return {"model": source, "sha256": None}
+    from sparsec.frontends.external_data import external_files
+
+    out = {"model": source, "sha256": sha256(model)}
+    data = {p.name: sha256(p) for p in external_files(model) if p.is_file()}
+    return {**out, "external_data": data} if data else out
 
 
 def _dist_version(name: str) -> str | None:

@@ -76,8 +76,11 @@ def test_external_data_in_prune_out_compile_validate(exported, tmp_path, monkeyp
     # the package keeps the pruned model as model.onnx + model.onnx.data; validate reads both
     pkg = tmp_path / "pkg"
     api.compile(model, pkg, ratio=0.5, keep_onnx=True)
-    files = Package.load(pkg).manifest["files"]
-    assert {"model.onnx", "model.onnx.data"} <= set(files)
+    manifest = Package.load(pkg).manifest
+    assert {"model.onnx", "model.onnx.data"} <= set(manifest["files"])
+    # the source's record covers its weights too
+    assert manifest["source"]["sha256"] == digest(model)
+    assert manifest["source"]["external_data"] == {data.name: digest(data)}
     np.testing.assert_allclose(_ort(pkg / "model.onnx", feeds)[0], want, rtol=1e-5, atol=1e-6)
     report = api.validate(pkg, seed=2)
     assert report.ok and report.against == "onnxruntime"
