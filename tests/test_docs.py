@@ -86,10 +86,13 @@ def page_steps(page: str) -> tuple[list[Step], list[str]]:
 
 def line_pattern(line: str) -> re.Pattern:
     """A shown output line as a pattern: words with digits match any word, ``...`` anything,
-    runs of spaces any run of spaces."""
+    runs of spaces any run of spaces, a table rule (``-----``) a rule of any width (a column
+    widens when a timing gains a digit)."""
     words = []
     for word in line.split():
-        if "..." in word:
+        if set(word) == {"-"}:
+            words.append("-+")
+        elif "..." in word:
             words.append(".*".join(re.escape(part) for part in word.split("...")))
         elif any(c.isdigit() for c in word):
             words.append(r"\S+")
@@ -109,6 +112,9 @@ def test_output_lines_match_numbers_loosely_and_words_exactly():
     assert missing_lines(["pass channel-prune: params 1 -> 2 (-9.9%), exact, cosine 0.5"], out)
     assert not missing_lines(["pass channel-prune: ..., cosine 0.9"], out)
     assert missing_lines(["library matches ONNX Runtime"], out)
+    table = "kernel        kind\n------------  ----\ndense_packed  sparsec\n"
+    assert not missing_lines(["kernel  kind", "------  ----"], table)
+    assert missing_lines(["------  ----  ----"], table)
 
 
 def test_page_steps_reads_the_conventions(tmp_path, monkeypatch):
