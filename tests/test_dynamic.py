@@ -210,3 +210,24 @@ def test_cnn_with_dynamic_batch(tmp_path):
                                    rtol=1e-4, atol=1e-4)
     with pytest.raises(DynamicShapeError, match="N = 17"):
         api.run(pkg, {"x": np.zeros((17, 3, 6, 6), np.float32)})
+
+
+def test_depthwise_and_grouped_convs_with_dynamic_batch(tmp_path):
+    """Depthwise and grouped convs with a run-time batch take their own kernels (built with a
+    symbolic N), not the generic schedule, and match ONNX Runtime at both ends of the range."""
+    import zoo
+
+    model = zoo.grouped_and_depthwise()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    path = tmp_path / "cnn.onnx"
+    onnx.save(model, path)
+    pkg = tmp_path / "pkg"
+    manifest = api.compile(path, pkg, dynamic="N=1..9")
+    chosen = {d["chosen"] for d in manifest["compile"]["decisions"] if d["op"] == "conv2d"}
+    assert chosen == {"conv2d_nchw_packed", "depthwise_nchw", "grouped_conv2d_nchw"}, chosen
+    session = reference.session(model)
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
+    for n in (1, 9):
+        x = np.random.default_rng(n).standard_normal((n, *shape)).astype(np.float32)
+        np.testing.assert_allclose(api.run(pkg, {"x": x})["y"], session.run(None, {"x": x})[0],
+                                   rtol=1e-4, atol=1e-4)

@@ -549,8 +549,10 @@ def _match_conv(a: _Analysis, call: "relax.Call") -> tuple[Plan, dict] | None:
 
 def _match_dynamic_conv(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | None:
     """A conv (groups 1, NCHW) whose batch is known only at run time, the rest static (a
-    model compiled with a dynamic batch): ``conv2d_nchw_packed`` with a symbolic N
-    (``conv2d.build_dynamic_batch``), its weight packed here."""
+    model compiled with a dynamic batch): the static case's kernel (``conv2d_nchw_packed``,
+    ``depthwise_nchw`` or ``grouped_conv2d_nchw``) built with a symbolic N, its weight packed
+    here. Not fused with its neighbours (the fused kernels are planned per image)."""
+    import numpy as np
     from tvm import relax, tirx
 
     x, w_expr = call.args
@@ -563,8 +565,9 @@ def _match_dynamic_conv(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, di
             x)[0] != _dims(call)[0]:
         return None
     if ((str(at.data_layout), str(at.kernel_layout)) != ("NCHW", "OIHW")
-            or str(at.out_layout) not in ("NCHW", "") or int(at.groups) != 1):
+            or str(at.out_layout) not in ("NCHW", "")):
         return None
+    groups = int(at.groups)
     dtype = _dtype(x)
     if dtype not in SUPPORTED_DTYPES or str(w.dtype) != dtype or _dtype(call) != dtype:
         return None
@@ -576,25 +579,45 @@ def _match_dynamic_conv(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, di
         n=1, ic=c, h=h, w=wd, oc=w.shape[0], kh=w.shape[2], kw=w.shape[3],
         stride=tuple(int(s) for s in at.strides), padding=tuple(pad),
         dilation=tuple(int(d) for d in at.dilation))
-    if w.shape[1] != c or (shape.oc,) + shape.out_hw != tuple(int(d) for d in out[1:]):
+    if w.shape[1] * groups != c or (shape.oc,) + shape.out_hw != tuple(int(d) for d in out[1:]):
         return None
-    packed = conv2d.pack_weight(w, conv2d.LANES)
+    # the kernel of the static case, built with a symbolic N (the tiles are chosen per image)
+    dynamic = dataclasses.replace(shape, n=tirx.Var("n", "int64"))
+    if depthwise.matches(shape, groups):
+        strategy, layout, packed = depthwise.NAME, "depthwise", np.ascontiguousarray(w[:, 0])
+
+        def build(**flags):
+            return depthwise.build(dynamic, dtype, **flags)
+    elif grouped_conv.matches(shape, groups):
+        lanes = grouped_conv.pick_lanes(shape.oc // groups)
+        strategy, layout = grouped_conv.NAME, "grouped"
+        packed = grouped_conv.pack_weight(w, groups, lanes)
+
+        def build(**flags):
+            return grouped_conv.build(dynamic, groups, dtype, **flags)
+    elif groups == 1:
+        strategy, layout, packed = conv2d.NAME, "oc_blocked", conv2d.pack_weight(w, conv2d.LANES)
+
+        def build(**flags):
+            return conv2d.build_dynamic_batch(shape, dtype, **flags)
+    else:
+        return None
 
     def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
              ) -> "relax.Expr":
-        func = conv2d.build_dynamic_batch(shape, dtype, bias=bias is not None, act=act,
-                                          residual=residual is not None)
-        gv = bb.add_func(func, conv2d.NAME)
+        func = build(bias=bias is not None, act=act, residual=residual is not None)
+        gv = bb.add_func(func, strategy)
         call_args = [args[0], relax.const(packed)] + (
             [relax.const(bias)] if bias is not None else []) + (
             [residual] if residual is not None else [])
         return relax.call_tir(gv, call_args, relax.TensorType(out, dtype))
 
-    info = _conv_info(shape, [_shown(d) for d in xs], w, [_shown(d) for d in out],
-                      "oc_blocked")
+    info = _conv_info(shape, [_shown(d) for d in xs], w, [_shown(d) for d in out], layout)
     info["rows"] = "run time"
-    macs = shape.oc * shape.out_hw[0] * shape.out_hw[1] * c * shape.kh * shape.kw
-    return [(Plan(conv2d.NAME, emit, info=info, shape={"dynamic": True}), {"macs": macs})]
+    if groups > 1:
+        info["shape"]["groups"] = groups
+    macs = shape.oc * shape.out_hw[0] * shape.out_hw[1] * (c // groups) * shape.kh * shape.kw
+    return [(Plan(strategy, emit, info=info, shape={"dynamic": True}), {"macs": macs})]
 
 
 def _amx_conv(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, xs: tuple, out: tuple
@@ -1112,6 +1135,7 @@ def _fuse_depthwise_pointwise(a: _Analysis, plans: dict, aliases: dict, decision
             continue
         dw_var, dw_plan = _sole_producer(a, plans, aliases, var)
         if (dw_plan is None or dw_plan.strategy != depthwise.NAME or not _plain_epilogue(dw_plan)
+                or "conv" not in dw_plan.operands
                 or not dw_pointwise.worth_fusing(dw_plan.operands["conv"])):
             continue
         _record_fusion(plans, decision_of, var, dw_var, "fused_depthwise",
@@ -1202,7 +1226,8 @@ def _fuse_pointwise_depthwise(a: _Analysis, plans: dict, aliases: dict, decision
     :func:`pointwise_dw.worth_fusing` says so. The pointwise binding is left in place with
     no user: dead code elimination drops it."""
     for var, plan in list(plans.items()):
-        if plan.strategy != depthwise.NAME or not _plain_epilogue(plan):
+        if (plan.strategy != depthwise.NAME or not _plain_epilogue(plan)
+                or "conv" not in plan.operands):     # a dynamic batch's kernel
             continue
         pw_var, pw_plan = _sole_producer(a, plans, aliases, var)
         s = plan.operands["conv"]
