@@ -3,9 +3,9 @@ one package that runs at every size in the declared ranges.
 
 The model's named input dims stay symbolic through Relax (``frontends/dynamic.py``: shape
 computations as polynomials of the dims); the rewrite gives rows = batch x seq products to the
-``dense_packed`` kernel with a run-time row count, weights packed at compile time
-(``kernels/rewrite.py``), and everything else gets the generic schedules with symbolic
-extents. Nothing is padded to the maximum.
+``dense_packed`` kernel with a run-time row count and convolutions with a run-time batch to
+their static kernels built with a symbolic N, weights packed at compile time
+(``kernels/rewrite.py``); everything else gets the generic schedules with symbolic extents. Nothing is padded to the maximum.
 
 The package is checked against ONNX Runtime at several sizes (``check_sizes``: both ends of
 every range and the middle) before it is written. Its manifest records the ranges
@@ -212,8 +212,7 @@ def compile_dynamic(model, output_dir: str | os.PathLike, dynamic, *, target: st
                        and d["op"] in ("matmul", "conv2d", "nn.conv2d")})
         if slow:
             log(f"note: {', '.join(slow)} ops with dynamic shapes that no sparsec kernel takes "
-                f"run the generic schedule (slow; convolutions with a dynamic batch are "
-                f"among them): a fixed shape compiles them to kernels")
+                f"run the generic schedule (slow): a fixed shape compiles them to kernels")
         rtol, atol = tolerance(facts)
         runner = _load_runner(spec, tmp, name, inputs, outputs, log)
         checked = []

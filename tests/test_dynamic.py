@@ -189,8 +189,8 @@ def test_fixed_shape_compile_takes_the_static_kernels(bert_onnx, tmp_path):
 
 
 def test_cnn_with_dynamic_batch(tmp_path):
-    """Convolutions with a run-time batch run the packed conv kernel (bias, skip connection
-    and ReLU folded in); the output, declared without a shape, gets its dims from the runs."""
+    """Convolutions with a run-time batch run the packed conv kernel, the 1x1 one the pointwise
+    kernel (bias, skip connection and ReLU folded in); the output, declared without a shape, gets its dims from the runs."""
     import zoo
 
     model = zoo.residual_convs()
@@ -200,7 +200,7 @@ def test_cnn_with_dynamic_batch(tmp_path):
     pkg = tmp_path / "pkg"
     manifest = api.compile(path, pkg, dynamic="N=1..16")
     convs = [d for d in manifest["compile"]["decisions"] if d["op"] == "conv2d"]
-    assert [d["chosen"] for d in convs] == ["conv2d_nchw_packed"] * 4
+    assert [d["chosen"] for d in convs] == ["conv2d_nchw_packed"] * 3 + ["conv1x1_nchw"]
     assert ["bias", "residual", "relu"] in [d["epilogue"] for d in convs]
     assert manifest["outputs"][0]["dims"] == [["N", 1, 16], None, None, None]
     session = reference.session(model)
@@ -212,19 +212,36 @@ def test_cnn_with_dynamic_batch(tmp_path):
         api.run(pkg, {"x": np.zeros((17, 3, 6, 6), np.float32)})
 
 
-def test_depthwise_and_grouped_convs_with_dynamic_batch(tmp_path):
-    """Depthwise and grouped convs with a run-time batch take their own kernels (built with a
-    symbolic N), not the generic schedule, and match ONNX Runtime at both ends of the range."""
+@pytest.mark.parametrize("name,want", [
+    ("grouped_and_depthwise", {"conv1x1_nchw", "depthwise_nchw", "grouped_conv2d_nchw"}),
+    ("small_map_convs", {"conv2d_nchw_packed/width_vectorized"}),
+])
+def test_conv_kernels_with_dynamic_batch(name, want, tmp_path):
+    """Pointwise, depthwise, grouped and small-map convs with a run-time batch take the static
+    case's kernels (built with a symbolic N), not the generic schedule or the channel-blocked
+    conv, and match ONNX Runtime at both ends of the range."""
     import zoo
 
-    model = zoo.grouped_and_depthwise()
+    if name == "small_map_convs":     # 3x3 convs on a 16-wide map: the width-vectorized tile
+        rng = np.random.default_rng(3)
+        nodes = [onnx.helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1] * 4),
+                 onnx.helper.make_node("Relu", ["c"], ["r"]),
+                 onnx.helper.make_node("Conv", ["r", "w2"], ["y"], pads=[1] * 4, strides=[2, 2])]
+        model = zoo.make_model(nodes, [("x", [1, 6, 16, 16])], ["y"],
+                               {"w1": rng.standard_normal((8, 6, 3, 3)),
+                                "w2": rng.standard_normal((5, 8, 3, 3))})
+    else:
+        model = getattr(zoo, name)()
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
     path = tmp_path / "cnn.onnx"
     onnx.save(model, path)
     pkg = tmp_path / "pkg"
     manifest = api.compile(path, pkg, dynamic="N=1..9")
-    chosen = {d["chosen"] for d in manifest["compile"]["decisions"] if d["op"] == "conv2d"}
-    assert chosen == {"conv2d_nchw_packed", "depthwise_nchw", "grouped_conv2d_nchw"}, chosen
+    convs = [d for d in manifest["compile"]["decisions"] if d["op"] == "conv2d"]
+    chosen = {d["chosen"] + ("/width_vectorized" if d["shape"]["variant"] == "width_vectorized"
+                             else "") for d in convs}
+    assert chosen == want, chosen
+    assert all(d.get("rows") == "run time" for d in convs)
     session = reference.session(model)
     shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
     for n in (1, 9):

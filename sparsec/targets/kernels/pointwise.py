@@ -133,7 +133,7 @@ def build(n: int, ci: int, p: int, co: int, tile: Tile, dtype: str = "float32",
         res, act))
     blk = sch.get_sblock("acc")
     i, jb, jl, q, rr = sch.get_loops(blk)
-    chunk = pick_chunk(pp // px, px, n * nb)
+    chunk = pick_chunk(pp // px, px, (n if isinstance(n, int) else 1) * nb)  # N: per image
     qoo, qoi, qi = sch.split(q, [None, chunk, px])
     sch.reorder(i, qoo, jb, qoi, rr, jl, qi)
     sch.set_scope(blk, 0, "local")

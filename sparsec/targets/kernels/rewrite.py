@@ -595,10 +595,18 @@ def _match_dynamic_conv(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, di
 
         def build(**flags):
             return grouped_conv.build(dynamic, groups, dtype, **flags)
+    elif groups == 1 and ((shape.kh, shape.kw, shape.stride) == (1, 1, (1, 1))
+                          and not any(shape.padding)):
+        return [_dynamic_pointwise(shape, w, dtype, xs[0], out)]
     elif groups == 1:
-        strategy, layout, packed = conv2d.NAME, "oc_blocked", conv2d.pack_weight(w, conv2d.LANES)
+        wplan = conv2d.plan_wvec(shape)
+        strategy = conv2d.NAME
+        layout = "width_vectorized" if wplan else "oc_blocked"
+        packed = conv2d.pack_weight(w, wplan.oct if wplan else conv2d.LANES)
 
         def build(**flags):
+            if wplan:
+                return conv2d.build_wvec(dynamic, wplan, dtype, **flags)
             return conv2d.build_dynamic_batch(shape, dtype, **flags)
     else:
         return None
@@ -618,6 +626,38 @@ def _match_dynamic_conv(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, di
         info["shape"]["groups"] = groups
     macs = shape.oc * shape.out_hw[0] * shape.out_hw[1] * (c // groups) * shape.kh * shape.kw
     return [(Plan(strategy, emit, info=info, shape={"dynamic": True}), {"macs": macs})]
+
+
+def _dynamic_pointwise(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, n: Any,
+                       out: tuple) -> tuple[Plan, dict]:
+    """``conv1x1_nchw`` for a pointwise conv with a run-time batch ``n`` (a PrimExpr): the
+    static kernel with a symbolic N, X viewed as ``[N, CI, H*W]``."""
+    from tvm import relax, tirx
+
+    ci, co, p = shape.ic, shape.oc, shape.h * shape.w
+    tile = pointwise.pick_tile(co, p)
+    pp = tile.padded_pixels(p)
+    packed = pointwise.pack_weight(w[:, :, 0, 0], tile.oct)
+
+    def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
+             ) -> "relax.Expr":
+        func = pointwise.build(tirx.Var("n", "int64"), ci, p, co, tile, dtype,
+                               bias=bias is not None, act=act, residual=residual is not None)
+        gv = bb.add_func(func, pointwise.NAME)
+        x = bb.emit(relax.op.reshape(args[0], (n, ci, p)))
+        if pp != p:
+            x = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, 0, pp - p]))
+        call_args = [x, relax.const(packed)] + (
+            [relax.const(bias)] if bias is not None else []) + (
+            [bb.emit(relax.op.reshape(residual, (n, co, p)))] if residual is not None else [])
+        y = bb.emit(relax.call_tir(gv, call_args, relax.TensorType((n, co, p), dtype)))
+        return relax.op.reshape(y, out)
+
+    info = _conv_info(shape, [_shown(n), ci, shape.h, shape.w], w, [_shown(d) for d in out],
+                      "pointwise")
+    info.update(rows="run time", tile=f"{tile.oct}x{tile.pixels}")
+    macs = co * p * ci
+    return Plan(pointwise.NAME, emit, info=info, shape={"dynamic": True}), {"macs": macs}
 
 
 def _amx_conv(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, xs: tuple, out: tuple
