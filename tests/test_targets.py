@@ -1482,3 +1482,36 @@ def test_gather_with_out_of_range_ids_does_not_crash(host, tmp_path):
     wrapped = ids % 100
     assert wrapped.tolist() == [[0, 99, 0, 0, 97, 7]]
     np.testing.assert_array_equal(y, run_ort(model, {"ids": wrapped})[0])
+
+
+def test_a_shape_function_keeps_the_kernels_noalias():
+    """TVM compiles every function of a module without noalias pointers once one function
+    lacks ``tirx.noalias`` (Relax's shape function of a model with symbolic shapes): the
+    kernels' compute scopes are inlined and their accumulators spill after every FMA.
+    ``noalias_shape_func_pass`` marks the one-buffer function, and the kernel keeps noalias."""
+    import re
+
+    import tvm
+    from tvm.script import tirx as T
+
+    from sparsec.targets.host import noalias_shape_func_pass
+
+    @T.prim_func(s_tir=True)
+    def kernel(a: T.Buffer((64,), "float32"), b: T.Buffer((64,), "float32")):
+        T.func_attr({"global_symbol": "kernel", "tirx.noalias": True})
+        for i in range(64):
+            b[i] = a[i] * T.float32(2)
+
+    @T.prim_func(s_tir=True)
+    def shape_func(h: T.Buffer((T.int64(2),), "int64")):
+        T.func_attr({"global_symbol": "shape_func", "tirx.is_host_func": True})
+        h[T.int64(1)] = T.int64(3) * h[T.int64(0)]
+
+    def compute_noalias(mod) -> bool:
+        ll = tvm.tirx.build(mod, target=tvm.target.Target("llvm")).inspect_source("ll")
+        m = re.search(r"define internal [^@]*@kernel_compute_\(([^)]*)\)", ll)
+        return m is not None and "noalias" in m.group(1)
+
+    mod = tvm.IRModule({"kernel": kernel, "shape_func": shape_func})
+    assert not compute_noalias(mod)                      # TVM's behaviour the pass works around
+    assert compute_noalias(noalias_shape_func_pass()(mod))
