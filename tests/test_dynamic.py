@@ -53,16 +53,23 @@ def _example():
     return torch.ones((2, 16), dtype=torch.int64), torch.ones((2, 16), dtype=torch.int64)
 
 
-@pytest.fixture(scope="module")
-def bert_onnx(tmp_path_factory):
-    """BERT through the legacy exporter with ``dynamic_axes``."""
-    path = tmp_path_factory.mktemp("bert") / "bert.onnx"
+def export_bert(path) -> None:
+    """A small BERT (2 layers, 4 heads, hidden 32, vocabulary 120) through the legacy exporter
+    with ``dynamic_axes``: inputs input_ids and mask [batch_size, sequence_length], output
+    hidden [batch_size, sequence_length, 32]."""
     axes = {0: "batch_size", 1: "sequence_length"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(_bert(), _example(), str(path), input_names=["input_ids", "mask"],
                           output_names=["hidden"], opset_version=17, dynamo=False,
                           dynamic_axes={"input_ids": axes, "mask": axes, "hidden": axes})
+
+
+@pytest.fixture(scope="module")
+def bert_onnx(tmp_path_factory):
+    """BERT through the legacy exporter with ``dynamic_axes``."""
+    path = tmp_path_factory.mktemp("bert") / "bert.onnx"
+    export_bert(path)
     return path
 
 
