@@ -28,12 +28,14 @@ from sparsec.errors import BadOptionError, DynamicShapeError
 from sparsec.frontends.dynamic import Ranges, parse_dynamic, check_sizes
 from sparsec.loading import Log, _quiet
 
-#: compile options that the dynamic path does not take yet (pruning needs a static graph)
-_NOT_YET = ("ratio", "head_ratio", "hidden_ratio", "rotate", "remove_layers",
-            "replace_linear", "remove_attention", "fuse_ffn", "sensitivity", "sparsity",
-            "reorder", "layer_ratios", "recipe", "input_shapes", "calibration", "max_drop",
-            "metric", "remove_dead", "tune", "profile", "latency_budget", "speedup",
-            "example_inputs", "reconstruct", "lamp", "calib_mask", "ignore", "round_to")
+#: compile options that the dynamic path does not take yet
+_NOT_YET = ("input_shapes", "max_drop", "metric", "tune", "profile", "latency_budget",
+            "speedup", "example_inputs")
+#: pruning options: the model is pruned first (``sparsec.dynamic_prune``: weight-only passes)
+_PRUNE = ("ratio", "head_ratio", "hidden_ratio", "rotate", "remove_layers", "replace_linear",
+          "remove_attention", "fuse_ffn", "sensitivity", "sparsity", "sparsity_pattern",
+          "sparsity_criterion", "criterion", "reorder", "layer_ratios", "recipe", "remove_dead",
+          "reconstruct", "lamp", "calib_mask", "ignore", "round_to")
 
 
 def refuse_options(options: dict) -> None:
@@ -41,8 +43,23 @@ def refuse_options(options: dict) -> None:
     given = sorted(k for k in _NOT_YET if options.get(k))     # defaults are all falsy
     if given:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
-        raise BadOptionError(f"--dynamic compiles the model as it is: {flags} not supported "
-                             f"with dynamic shapes yet (prune at a fixed shape first)")
+        raise BadOptionError(f"--dynamic: {flags} not supported with dynamic shapes yet")
+
+
+def _prune_first(model, options: dict, log: Log):
+    """The pruning that ``options`` ask for, on the dynamic model (``None`` when they ask for
+    none): ``PruneResult`` whose ``onnx`` keeps the model's dynamic dims."""
+    from sparsec.pruning import prune
+
+    given = {k: v for k, v in options.items() if k in _PRUNE and v is not None}
+    if not any(v for k, v in given.items() if k not in ("criterion", "sparsity_pattern",
+                                                        "sparsity_criterion", "calib_mask",
+                                                        "round_to")):
+        return None
+    if options.get("calibration") is None:
+        raise BadOptionError("--dynamic prunes at the sizes of the calibration data: give "
+                             "--calib")
+    return prune(model, **given, calibration=options["calibration"], log=log)
 
 
 def _signature(proto, values, ranges: Ranges, sizes: dict[str, int],
@@ -175,7 +192,10 @@ def compile_dynamic(model, output_dir: str | os.PathLike, dynamic, *, target: st
     name = check_name(name) if name is not None else default_name(Path(output_dir).name)
     check_writable_dir(output_dir)
     check_toolchain(spec)
-    proto = read_dynamic(model)
+    if options.get("round_to") is None:
+        options["round_to"] = spec.channel_multiple
+    pruned = _prune_first(model, options, log)
+    proto = read_dynamic(model if pruned is None else pruned.onnx)
     bad = _unsupported_ops(proto)
     if bad:
         raise UnsupportedOpError(bad)
@@ -246,6 +266,8 @@ def compile_dynamic(model, output_dir: str | os.PathLike, dynamic, *, target: st
             "files": file_hashes(tmp),
             "compile": {**facts, "precision": "fp32"},
         }
+        if pruned is not None:
+            manifest["prune"] = pruned.report()
         write_json(tmp / MANIFEST, seal(manifest))
     log(f"wrote {output_dir}")
     return manifest

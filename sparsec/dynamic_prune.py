@@ -31,16 +31,13 @@ from sparsec.ir.graph import Graph
 def dynamic_dims(model) -> tuple[onnx.ModelProto, dict[str, list[tuple[str, int]]]] | None:
     """(the model's proto, its dynamic dims -> the (input, axis) places each sizes), or None
     for a model that is not an ONNX model with named dynamic input dims."""
-    from sparsec.frontends.dynamic import dim_params
-    from sparsec.frontends.onnx import read_model
+    from sparsec.frontends.dynamic import dim_params, read_dynamic
 
-    if isinstance(model, onnx.ModelProto):
-        proto = model
-    elif isinstance(model, (str, os.PathLike)) and str(model).endswith(".onnx") \
-            and os.path.isfile(model):
-        proto = read_model(model)
-    else:
+    if not isinstance(model, onnx.ModelProto) and not (
+            isinstance(model, (str, os.PathLike)) and str(model).endswith(".onnx")
+            and os.path.isfile(model)):
         return None
+    proto = read_dynamic(model)     # a copy, with its weights
     params = dim_params(proto)
     return (proto, params) if params else None
 
