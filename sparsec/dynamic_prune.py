@@ -32,14 +32,15 @@ def dynamic_dims(model) -> tuple[onnx.ModelProto, dict[str, list[tuple[str, int]
     """(the model's proto, its dynamic dims -> the (input, axis) places each sizes), or None
     for a model that is not an ONNX model with named dynamic input dims."""
     from sparsec.frontends.dynamic import dim_params, read_dynamic
+    from sparsec.frontends.onnx import read_model
 
-    if not isinstance(model, onnx.ModelProto) and not (
-            isinstance(model, (str, os.PathLike)) and str(model).endswith(".onnx")
-            and os.path.isfile(model)):
+    if isinstance(model, onnx.ModelProto):
+        params = dim_params(model)
+    elif isinstance(model, (str, os.PathLike)):
+        params = dim_params(read_model(model))
+    else:
         return None
-    proto = read_dynamic(model)     # a copy, with its weights
-    params = dim_params(proto)
-    return (proto, params) if params else None
+    return (read_dynamic(model), params) if params else None    # a copy, with its weights
 
 
 def _items(calibration, names: list[str]) -> list[dict[str, np.ndarray]]:
