@@ -23,6 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 PROGRAM = r"""
+#define _POSIX_C_SOURCE 199309L
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
@@ -68,6 +69,10 @@ int main(int argc, char** argv) {
 """
 
 
+TEXT = ("us per call: C sparsec_run_shaped 1x16 {:.1f}, 3x33 {:.1f}; C sparsec_run 3x33 {:.1f}; "
+        "Python runner 1x16 {:.1f}, 3x33 {:.1f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=2000)
@@ -100,25 +105,25 @@ def main(argv: list[str] | None = None) -> int:
                         str(rt / "lib"), "-ltvm_runtime", "-ltvm_ffi",
                         f"-Wl,-rpath,{rt / 'lib'}", "-o", exe], check=True)
         runner = load_library(pkg / LIBRARY, ["input_ids", "mask"])
-        feeds = {"input_ids": (np.arange(16) % 100).astype(np.int64)[None],
-                 "mask": np.ones((1, 16), np.int64)}
-        for _ in range(20):
-            runner.run(feeds)
+        feeds = [{"input_ids": (np.arange(b * s) % 100).astype(np.int64).reshape(b, s),
+                  "mask": np.ones((b, s), np.int64)} for b, s in ((1, 16), (3, 33))]
         rows = []
         for _ in range(args.rounds):
             c = [float(v) for v in subprocess.run(
                 [exe, str(pkg / LIBRARY), str(args.calls)], check=True, capture_output=True,
                 text=True).stdout.split()]
-            t = time.perf_counter()
-            for _ in range(args.calls):
-                runner.run(feeds)
-            rows.append([*c, (time.perf_counter() - t) / args.calls * 1e6])
-            print("C sparsec_run_shaped 1x16 {:.1f} us, 3x33 {:.1f} us; C sparsec_run 3x33 "
-                  "{:.1f} us; Python runner 1x16 {:.1f} us".format(*rows[-1]), flush=True)
+            py = []
+            for f in feeds:
+                for _ in range(20):
+                    runner.run(f)
+                t = time.perf_counter()
+                for _ in range(args.calls):
+                    runner.run(f)
+                py.append((time.perf_counter() - t) / args.calls * 1e6)
+            rows.append([*c, *py])
+            print(TEXT.format(*rows[-1]), flush=True)
         med = np.median(np.array(rows), axis=0)
-        print(f"median of {args.rounds} rounds x {args.calls} calls: " + "C sparsec_run_shaped "
-              "1x16 {:.1f} us, 3x33 {:.1f} us; C sparsec_run 3x33 {:.1f} us; Python runner "
-              "1x16 {:.1f} us".format(*med))
+        print(f"median of {args.rounds} rounds x {args.calls} calls: " + TEXT.format(*med))
     return 0
 
 
