@@ -86,6 +86,11 @@ def _inspect_package(args) -> int:
         sizes = "; ".join(",".join(f"{k}={n}" for k, n in c["sizes"].items())
                           + f": max abs err {c['max_abs_err']:.3g}" for c in dyn["checked"])
         print(f"  dynamic  checked against ONNX Runtime at {sizes}")
+        mem = m["compile"].get("memory")
+        if mem:
+            at = ", ".join(f"{k}={n}" for k, n in mem["at"].items())
+            print(f"  memory   {mem['planned_bytes']:,} bytes of intermediates planned at "
+                  f"{at}, reused by every call")
     if p is not None:
         print(f"  params {p['before']['params']:,} -> {p['after']['params']:,}{_nonzero(p)}, "
               f"MACs {p['before']['macs']:,} -> {p['after']['macs']:,}, {_fidelity(p)}")

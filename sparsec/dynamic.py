@@ -227,7 +227,8 @@ def compile_dynamic(model, output_dir: str | os.PathLike, dynamic, *, target: st
         save_onnx(proto, tmp / MODEL)   # always: validate runs it at every checked size
         facts = compile_onnx(symbolic, spec, tmp / LIBRARY, log=log,
                              static_lib=tmp / archive_name(name), system_lib_prefix=prefix,
-                             precision="fp32")
+                             precision="fp32",
+                             upper_bounds={k: hi for k, (_, hi) in ranges.items()})
         slow = sorted({d["op"] for d in facts["decisions"] if d.get("chosen") == "fallback"
                        and d["op"] in ("matmul", "conv2d", "nn.conv2d")})
         if slow:

@@ -139,9 +139,18 @@ def test_bert_legacy_export_compiles_once_for_all_sizes(bert_onnx, tmp_path, cap
     assert report.ok and len(report.outputs) == len(check_sizes(
         {"batch_size": (1, 8), "sequence_length": (1, 384)}))
 
+    # intermediates planned once at the largest sizes (Relax's planner with the ranges'
+    # upper bounds): no allocation per distinct size; attention's scores at 8 x 4 x 384 x 384
+    # floats are the largest buffer
+    memory = manifest["compile"]["memory"]
+    assert memory["at"] == {"batch_size": 8, "sequence_length": 384}
+    assert 8 * 4 * 384 * 384 * 4 <= memory["planned_bytes"] < 40 * 8 * 4 * 384 * 384
+    assert memory["per_call_allocations"] == 1                   # the output
     capsys.readouterr()
     assert cli.main(["inspect", str(pkg)]) == 0
-    assert "input_ids [batch_size=1..8, sequence_length=1..384]" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "input_ids [batch_size=1..8, sequence_length=1..384]" in out
+    assert f"memory   {memory['planned_bytes']:,} bytes" in out
 
     # outside the range: one line, the dynamic-shape exit code, no output written
     np.savez(tmp_path / "long.npz", **_feeds(1, 385, 0))
