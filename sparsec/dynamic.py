@@ -7,12 +7,20 @@ computations as polynomials of the dims); the rewrite gives rows = batch x seq p
 (``kernels/rewrite.py``), and everything else gets the generic schedules with symbolic
 extents. Nothing is padded to the maximum.
 
+The ranges' upper ends go to Relax's memory planner (``tir_var_upper_bound``): the
+intermediates live in a fixed set of buffers sized for the largest call and reused by every
+call (``compile.memory`` in the manifest), not one pooled allocation per distinct size.
+
 The package is checked against ONNX Runtime at several sizes (``check_sizes``: both ends of
 every range and the middle) before it is written. Its manifest records the ranges
 (``dynamic``) and each input's and output's dims (``dims``: a ``[name, min, max]`` per
 dynamic axis, ``null`` for a fixed one); its ``shape`` and the reference pair are one size in
-the range (the middle), which is also what the C header describes. ``run`` and ``validate``
-take any size in the ranges and refuse one outside with ``DynamicShapeError``.
+the range (the middle), the C header's ``shape`` too, beside every axis's least and largest
+size for ``sparsec_run_shaped``. ``run`` and ``validate`` take any size in the ranges and
+refuse one outside with ``DynamicShapeError``.
+
+Pruning options prune the model first (``sparsec.dynamic_prune``), at the calibration data's
+sizes; the pruned model keeps its dynamic dims.
 """
 
 from __future__ import annotations

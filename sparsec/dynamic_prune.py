@@ -151,7 +151,8 @@ def carry_back(proto: onnx.ModelProto, loaded: Graph, pruned: Graph,
     for n in graph.node:        # exporters share a deduplicated weight through Identity nodes
         if n.op_type == "Constant" or n.op_type == "Identity" and n.input[0] in consts:
             consts.add(n.output[0])
-    nodes = {n.name: n for n in graph.node if n.name}
+    # by the name the loader gives each node (``ir.onnx_io``: its own, or op type and index)
+    nodes = {n.name or f"{n.op_type}_{i}": n for i, n in enumerate(graph.node)}
     used = set(consts) | {v.name for v in graph.input} | {o for n in graph.node for o in n.output}
     added = []
     for before, after in zip(loaded.nodes, pruned.nodes):
