@@ -77,7 +77,7 @@ def _inspect_package(args) -> int:
     for kind in ("inputs", "outputs"):
         for v in m[kind]:
             print(f"  {kind[:-1]:8} {v['name']} {v['dtype']}{v['shape']}")
-    if "dynamic" in m:      # a dynamic-shape package (sparsec.dynamic): not pruned
+    if "dynamic" in m:      # a dynamic-shape package (sparsec.dynamic)
         from sparsec.reference import shown_shape
 
         dyn = m["dynamic"]
@@ -86,6 +86,11 @@ def _inspect_package(args) -> int:
         sizes = "; ".join(",".join(f"{k}={n}" for k, n in c["sizes"].items())
                           + f": max abs err {c['max_abs_err']:.3g}" for c in dyn["checked"])
         print(f"  dynamic  checked against ONNX Runtime at {sizes}")
+        mem = m["compile"].get("memory")
+        if mem:
+            at = ", ".join(f"{k}={n}" for k, n in mem["at"].items())
+            print(f"  memory   {mem['planned_bytes']:,} bytes of intermediates planned at "
+                  f"{at}, reused by every call")
     if p is not None:
         print(f"  params {p['before']['params']:,} -> {p['after']['params']:,}{_nonzero(p)}, "
               f"MACs {p['before']['macs']:,} -> {p['after']['macs']:,}, {_fidelity(p)}")
@@ -493,11 +498,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --rpc: how long to wait for a free server under the key "
                              "(default 60)")
 
-    def model_args(sp, ratio: bool):
+    def model_args(sp, ratio: bool, shapes_help: str = ""):
         sp.add_argument("model", help="ONNX model file" + ("" if ratio else
                                                             " (or a package directory)"))
         sp.add_argument("--input-shapes", metavar="NAME:D1xD2,...",
-                        help="fix dynamic input dimensions, e.g. input_ids:1x128")
+                        help="fix dynamic input dimensions, e.g. input_ids:1x128" + shapes_help)
         if ratio:
             sp.add_argument("--ratio", type=_ratio, default=0.0,
                             help="fraction of channels to remove from every prunable group, "
@@ -607,7 +612,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "measured latency / X")
 
     sp = command("prune", help="prune a model and write the pruned ONNX")
-    model_args(sp, ratio=True)
+    model_args(sp, ratio=True, shapes_help="; a model with dynamic dims is pruned at this "
+               "size (default: the calibration data's, shorter samples padded) and keeps "
+               "its dynamic dims")
     sp.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
     budget_args(sp)
     sp.add_argument("--target", default="host",
@@ -649,7 +656,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="one package for every size in these ranges of the model's named "
                          "input dims (its ONNX dim_params), e.g. "
                          "batch_size=1..32,sequence_length=1..512; checked against ONNX "
-                         "Runtime at both ends and the middle; no pruning options with it yet")
+                         "Runtime at both ends and the middle; pruning options prune it "
+                         "first at the sizes of the calibration data (--calib)")
     sp.set_defaults(func=cmd_compile)
 
     sp = command("sweep", help="fidelity against measured latency over a series of ratios: "

@@ -133,8 +133,9 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
     ``dynamic`` (``{"batch_size": (1, 32), "sequence_length": (1, 512)}`` or
     ``"batch_size=1..32,sequence_length=1..512"``; names are the model's ``dim_param``s)
     compiles an ONNX model once for every size in those ranges (``sparsec.dynamic``); it is
-    checked against ONNX Runtime at both ends of each range and in the middle. No pruning
-    options with it yet."""
+    checked against ONNX Runtime at both ends of each range and in the middle. Pruning
+    options prune it first at the calibration data's sizes, keeping its dynamic dims
+    (``sparsec.dynamic_prune``: passes that change weights only)."""
     if dynamic is not None:
         from sparsec.dynamic import compile_dynamic
 
@@ -148,7 +149,8 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
             input_shapes=input_shapes, calibration=calibration, max_drop=max_drop,
             metric=metric, remove_dead=remove_dead, example_inputs=example_inputs, tune=tune,
             profile=profile, latency_budget=latency_budget, speedup=speedup,
-            calib_mask=calib_mask, ignore=ignore, round_to=round_to)
+            calib_mask=calib_mask, ignore=ignore, round_to=round_to, criterion=criterion,
+            sparsity_pattern=sparsity_pattern, sparsity_criterion=sparsity_criterion)
     from sparsec.deploy.header import check_name, default_name
     from sparsec.targets import resolve_target
 

@@ -7,12 +7,20 @@ computations as polynomials of the dims); the rewrite gives rows = batch x seq p
 their static kernels built with a symbolic N, weights packed at compile time
 (``kernels/rewrite.py``); everything else gets the generic schedules with symbolic extents. Nothing is padded to the maximum.
 
+The ranges' upper ends go to Relax's memory planner (``tir_var_upper_bound``): the
+intermediates live in a fixed set of buffers sized for the largest call and reused by every
+call (``compile.memory`` in the manifest), not one pooled allocation per distinct size.
+
 The package is checked against ONNX Runtime at several sizes (``check_sizes``: both ends of
 every range and the middle) before it is written. Its manifest records the ranges
 (``dynamic``) and each input's and output's dims (``dims``: a ``[name, min, max]`` per
 dynamic axis, ``null`` for a fixed one); its ``shape`` and the reference pair are one size in
-the range (the middle), which is also what the C header describes. ``run`` and ``validate``
-take any size in the ranges and refuse one outside with ``DynamicShapeError``.
+the range (the middle), the C header's ``shape`` too, beside every axis's least and largest
+size for ``sparsec_run_shaped``. ``run`` and ``validate`` take any size in the ranges and
+refuse one outside with ``DynamicShapeError``.
+
+Pruning options prune the model first (``sparsec.dynamic_prune``), at the calibration data's
+sizes; the pruned model keeps its dynamic dims.
 """
 
 from __future__ import annotations
@@ -28,12 +36,14 @@ from sparsec.errors import BadOptionError, DynamicShapeError
 from sparsec.frontends.dynamic import Ranges, parse_dynamic, check_sizes
 from sparsec.loading import Log, _quiet
 
-#: compile options that the dynamic path does not take yet (pruning needs a static graph)
-_NOT_YET = ("ratio", "head_ratio", "hidden_ratio", "rotate", "remove_layers",
-            "replace_linear", "remove_attention", "fuse_ffn", "sensitivity", "sparsity",
-            "reorder", "layer_ratios", "recipe", "input_shapes", "calibration", "max_drop",
-            "metric", "remove_dead", "tune", "profile", "latency_budget", "speedup",
-            "example_inputs", "reconstruct", "lamp", "calib_mask", "ignore", "round_to")
+#: compile options that the dynamic path does not take yet
+_NOT_YET = ("input_shapes", "max_drop", "metric", "tune", "profile", "latency_budget",
+            "speedup", "example_inputs")
+#: pruning options: the model is pruned first (``sparsec.dynamic_prune``: weight-only passes)
+_PRUNE = ("ratio", "head_ratio", "hidden_ratio", "rotate", "remove_layers", "replace_linear",
+          "remove_attention", "fuse_ffn", "sensitivity", "sparsity", "sparsity_pattern",
+          "sparsity_criterion", "criterion", "reorder", "layer_ratios", "recipe", "remove_dead",
+          "reconstruct", "lamp", "calib_mask", "ignore", "round_to")
 
 
 def refuse_options(options: dict) -> None:
@@ -41,8 +51,23 @@ def refuse_options(options: dict) -> None:
     given = sorted(k for k in _NOT_YET if options.get(k))     # defaults are all falsy
     if given:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
-        raise BadOptionError(f"--dynamic compiles the model as it is: {flags} not supported "
-                             f"with dynamic shapes yet (prune at a fixed shape first)")
+        raise BadOptionError(f"--dynamic: {flags} not supported with dynamic shapes yet")
+
+
+def _prune_first(model, options: dict, log: Log):
+    """The pruning that ``options`` ask for, on the dynamic model (``None`` when they ask for
+    none): ``PruneResult`` whose ``onnx`` keeps the model's dynamic dims."""
+    from sparsec.pruning import prune
+
+    given = {k: v for k, v in options.items() if k in _PRUNE and v is not None}
+    if not any(v for k, v in given.items() if k not in ("criterion", "sparsity_pattern",
+                                                        "sparsity_criterion", "calib_mask",
+                                                        "round_to")):
+        return None
+    if options.get("calibration") is None:
+        raise BadOptionError("--dynamic prunes at the sizes of the calibration data: give "
+                             "--calib")
+    return prune(model, **given, calibration=options["calibration"], log=log)
 
 
 def _signature(proto, values, ranges: Ranges, sizes: dict[str, int],
@@ -175,7 +200,10 @@ def compile_dynamic(model, output_dir: str | os.PathLike, dynamic, *, target: st
     name = check_name(name) if name is not None else default_name(Path(output_dir).name)
     check_writable_dir(output_dir)
     check_toolchain(spec)
-    proto = read_dynamic(model)
+    if options.get("round_to") is None:
+        options["round_to"] = spec.channel_multiple
+    pruned = _prune_first(model, options, log)
+    proto = read_dynamic(model if pruned is None else pruned.onnx)
     bad = _unsupported_ops(proto)
     if bad:
         raise UnsupportedOpError(bad)
@@ -207,7 +235,8 @@ def compile_dynamic(model, output_dir: str | os.PathLike, dynamic, *, target: st
         save_onnx(proto, tmp / MODEL)   # always: validate runs it at every checked size
         facts = compile_onnx(symbolic, spec, tmp / LIBRARY, log=log,
                              static_lib=tmp / archive_name(name), system_lib_prefix=prefix,
-                             precision="fp32")
+                             precision="fp32",
+                             upper_bounds={k: hi for k, (_, hi) in ranges.items()})
         slow = sorted({d["op"] for d in facts["decisions"] if d.get("chosen") == "fallback"
                        and d["op"] in ("matmul", "conv2d", "nn.conv2d")})
         if slow:
@@ -245,6 +274,8 @@ def compile_dynamic(model, output_dir: str | os.PathLike, dynamic, *, target: st
             "files": file_hashes(tmp),
             "compile": {**facts, "precision": "fp32"},
         }
+        if pruned is not None:
+            manifest["prune"] = pruned.report()
         write_json(tmp / MANIFEST, seal(manifest))
     log(f"wrote {output_dir}")
     return manifest

@@ -17,7 +17,8 @@ import numpy as np
 from sparsec import reference
 from sparsec.analysis.cost import Cost, cost
 from sparsec.analysis.depgraph import DependencyGraph
-from sparsec.errors import BadOptionError
+from sparsec.dynamic_prune import calibration_at_one_size, carry_back, dynamic_dims
+from sparsec.errors import BadOptionError, DynamicShapeError
 from sparsec.frontends.external_data import save_onnx
 from sparsec.frontends.onnx import InputShapes
 from sparsec.ir.graph import Graph
@@ -86,6 +87,9 @@ class PruneResult:
     latency: dict | None = None
     #: with ``eval_tokens``: {"before", "after": perplexity, "tokens": tokens predicted}
     perplexity: dict | None = None
+    #: a model with dynamic dims: the pruned model with them (``sparsec.dynamic_prune``);
+    #: ``graph`` is the pruned graph at the one size it was pruned at
+    onnx: Any = None
 
     def report(self) -> dict:
         out = {"before": self.before.as_dict(), "after": self.after.as_dict(),
@@ -348,6 +352,12 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, recipe=N
         raise BadOptionError(f"round_to must be a positive integer, got {round_to}")
     if output is not None:
         check_writable_file(output, model if isinstance(model, (str, os.PathLike)) else None)
+    dynamic = dynamic_dims(model) if example_inputs is None else None
+    fixed_by_user = input_shapes is not None
+    if dynamic is not None and not fixed_by_user:     # pruned at the calibration data's size
+        calibration, input_shapes, padding = calibration_at_one_size(*dynamic, calibration,
+                                                                     calib_mask)
+        calib_mask = padding or calib_mask
     graph = load(model, input_shapes, example_inputs)
     before_ppl = _perplexity(graph, eval_tokens)       # checks the model and tokens first
     _check_patterns(graph, layer_ratios, ignore)
@@ -401,8 +411,16 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, recipe=N
         log(f"warning: fidelity measured on only {manager.samples_held_out} held-out "
             f"calibration samples: a rough figure, and only for data like the calibration "
             f"data; give more (--calib) for one you can rely on")
+    if dynamic is not None:
+        try:
+            result.onnx = carry_back(dynamic[0], graph, pruned, result.sample)
+        except DynamicShapeError:
+            if not fixed_by_user:
+                raise
+            log("note: the pruned model has the fixed shapes of --input-shapes (the passes "
+                "cannot be carried back into the model's dynamic dims)")
     if output is not None:
-        save_onnx(to_onnx(pruned), output)
+        save_onnx(result.onnx if result.onnx is not None else to_onnx(pruned), output)
         result.output = Path(output)
     return result
 
@@ -424,6 +442,12 @@ def _to_budget(model: ModelLike, output, options: dict, latency_budget, speedup,
         options = {**options, "round_to": spec.channel_multiple}
     if output is not None:
         check_writable_file(output, model if isinstance(model, (str, os.PathLike)) else None)
+    dynamic = dynamic_dims(model) if example_inputs is None else None
+    fixed_by_user = input_shapes is not None
+    if dynamic is not None and not fixed_by_user:     # pruned at the calibration data's size
+        calibration, input_shapes, padding = calibration_at_one_size(*dynamic, calibration,
+                                                                     calib_mask)
+        calib_mask = padding or calib_mask
     graph = load(model, input_shapes, example_inputs)
     before_ppl = _perplexity(graph, eval_tokens)
     result, record, _ = latency.budget_search(graph, {**options, "calibration": calibration},

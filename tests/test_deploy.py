@@ -121,7 +121,10 @@ def test_header_matches_manifest(packages):
     header = (packages / "cnn" / "cnn.h").read_text()
     assert '#define CNN_SYSTEM_LIB_PREFIX "cnn_"' in header
     assert "#define CNN_INPUT0_NUMEL 64" in header and "#define CNN_OUTPUT0_NUMEL 10" in header
-    assert "{\"image\", SPARSEC_FLOAT32, 4, cnn_input0_shape, 256, NULL}" in header
+    # a fixed shape: its least and largest sizes are that shape
+    assert ("{\"image\", SPARSEC_FLOAT32, 4, cnn_input0_shape, 256, NULL, cnn_input0_min_shape, "
+            "cnn_input0_max_shape, NULL, 256}") in header
+    assert "cnn_input0_max_shape[] = {1, 1, 8, 8};" in header and "_DIM_" not in header
     assert m["inputs"] == [{"name": "image", "shape": [1, 1, 8, 8], "dtype": "float32"}]
 
 
@@ -294,8 +297,142 @@ def test_c_api_reports_every_misuse_without_crashing(packages, host_runtime, tmp
     assert proc.returncode == 0, proc.stdout + proc.stderr     # a signal is negative
     assert "open truncated -> NULL" in proc.stdout and "bytes" in proc.stdout
     assert "open foreign -> NULL" in proc.stdout
-    assert proc.stdout.count("-> -1") == 9 and "sized run -> 0" in proc.stdout
+    assert proc.stdout.count("-> -1") == 7 and "sized run -> 0" in proc.stdout
+    assert proc.stdout.count("-> -3") == 2      # the short buffers: SPARSEC_ERROR_BUFFER
     assert "holds NaN at element 5" in proc.stdout
+
+
+DYNAMIC_PROGRAM = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include "bert.h"
+
+static int64_t ids[BERT_INPUT0_MAX_NUMEL], mask[BERT_INPUT1_MAX_NUMEL];
+static float y[BERT_OUTPUT0_MAX_NUMEL];
+
+static void report(const char* what, int rc) {
+  printf("%s -> %d '%s'\n", what, rc, sparsec_last_error());
+}
+
+int main(int argc, char** argv) {
+  /* argv[1]: the package, argv[2]: a directory with in_BxS.bin (ids, then mask) for every
+   * size BxS in argv[3..]; writes out_BxS.bin there, then makes the calls that must fail */
+  int64_t shape[2], out_shape[3], other[2] = {1, 3};
+  char path[1024], ref_out[1024];
+  sparsec_input in[2] = {{ids, sizeof ids, shape}, {mask, sizeof mask, shape}};
+  sparsec_output out[1] = {{y, sizeof y, out_shape}};
+  if (argc < 4) return 2;
+  snprintf(path, sizeof path, "%s/model.so", argv[1]);
+  sparsec_model* m = sparsec_open(&bert_spec, path);
+  if (!m) { printf("open: %s\n", sparsec_last_error()); return 2; }
+  for (int i = 3; i < argc; ++i) {
+    long long b, s;
+    if (sscanf(argv[i], "%lldx%lld", &b, &s) != 2) return 2;
+    shape[0] = b, shape[1] = s;
+    snprintf(path, sizeof path, "%s/in_%s.bin", argv[2], argv[i]);
+    FILE* f = fopen(path, "rb");
+    if (!f || fread(ids, 8, b * s, f) != (size_t)(b * s) ||
+        fread(mask, 8, b * s, f) != (size_t)(b * s)) return 3;
+    fclose(f);
+    int rc = sparsec_run_shaped(m, in, out);
+    size_t n = out_shape[0] * out_shape[1] * out_shape[2];
+    printf("%s -> %d shape %lld %lld %lld\n", argv[i], rc, (long long)out_shape[0],
+           (long long)out_shape[1], (long long)out_shape[2]);
+    snprintf(path, sizeof path, "%s/out_%s.bin", argv[2], argv[i]);
+    f = fopen(path, "wb");
+    if (rc != 0 || !f || fwrite(y, 4, n, f) != n) return 4;
+    fclose(f);
+  }
+  shape[0] = BERT_DIM_BATCH_SIZE_MAX + 1, shape[1] = 4;
+  report("batch past the range", sparsec_run_shaped(m, in, out));
+  shape[0] = 1, shape[1] = BERT_DIM_SEQUENCE_LENGTH_MAX + 1;
+  report("sequence past the range", sparsec_run_shaped(m, in, out));
+  shape[1] = 0;
+  report("empty sequence", sparsec_run_shaped(m, in, out));
+  shape[1] = 4;
+  in[1].shape = other;
+  report("inputs disagree", sparsec_run_shaped(m, in, out));
+  in[1].shape = shape;
+  in[0].nbytes = 3 * 8;
+  report("short input", sparsec_run_shaped(m, in, out));
+  in[0].nbytes = sizeof ids;
+  out[0].nbytes = 4 * 32 * 4 - 4;
+  report("short output", sparsec_run_shaped(m, in, out));
+  out[0].nbytes = 4 * 32 * 4;
+  report("exact output", sparsec_run_shaped(m, in, out));
+  /* the fixed-shape calls run the header's sizes: the reference pair */
+  double err = -1;
+  snprintf(path, sizeof path, "%s/reference/inputs.bin", argv[1]);
+  snprintf(ref_out, sizeof ref_out, "%s/reference/outputs.bin", argv[1]);
+  report("reference pair", sparsec_check_reference(m, path, ref_out, &err));
+  sparsec_close(m);
+  return 0;
+}
+"""
+
+
+def test_c_api_runs_a_dynamic_package_at_every_size(host_runtime, tmp_path):
+    """A BERT encoder compiled with dynamic batch and sequence, run from C at both ends of its
+    ranges and in between (one process, sizes changing between calls), matches ONNX Runtime;
+    sizes outside the ranges, inputs that disagree on a dim and short buffers get their own
+    status and a message; the header's fixed shape still runs the reference pair."""
+    from test_dynamic import export_bert
+
+    src = tmp_path / "bert.onnx"
+    export_bert(src)
+    pkg = tmp_path / "bert"
+    manifest = sparsec_api.compile(src, pkg, name="bert",
+                                   dynamic={"batch_size": (1, 4), "sequence_length": (1, 64)})
+    header = (pkg / "bert.h").read_text()
+    assert manifest["inputs"][1]["dims"] == [["batch_size", 1, 4], ["sequence_length", 1, 64]]
+    for line in ("#define BERT_DIM_BATCH_SIZE_MIN 1", "#define BERT_DIM_BATCH_SIZE_MAX 4",
+                 "#define BERT_DIM_SEQUENCE_LENGTH_MAX 64", "#define BERT_OUTPUT0_MAX_NUMEL 8192",
+                 "bert_output0_max_shape[] = {4, 64, 32};",
+                 'bert_output0_dims[] = {"batch_size", "sequence_length", NULL};'):
+        assert line in header, line
+    (tmp_path / "dyn.c").write_text(DYNAMIC_PROGRAM)
+    inc = ["-I", host_runtime / "include", "-I", pkg]
+    run(["gcc", "-std=c99", "-Wall", "-Wextra", "-Werror", "-c", tmp_path / "dyn.c", "-o",
+         tmp_path / "dyn.o", *inc])
+    run(["g++", "-std=c++17", "-O2", "-c", host_runtime / "src" / "sparsec_runtime.cc", "-o",
+         tmp_path / "capi.o", *inc])
+    exe = tmp_path / "dyn"
+    run(["g++", tmp_path / "dyn.o", tmp_path / "capi.o", "-L", host_runtime / "lib",
+         "-ltvm_runtime", "-ltvm_ffi", f"-Wl,-rpath,{host_runtime / 'lib'}", "-o", exe])
+    sizes = [(1, 1), (4, 64), (2, 7)]
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for b, s in sizes:
+        mask = np.ones((b, s), np.int64)
+        mask[0, : s // 3] = 0
+        feeds[b, s] = {"input_ids": rng.integers(0, 120, (b, s)).astype(np.int64),
+                       "mask": mask}
+        (tmp_path / f"in_{b}x{s}.bin").write_bytes(
+            feeds[b, s]["input_ids"].tobytes() + mask.tobytes())
+    proc = subprocess.run([exe, pkg, tmp_path, *(f"{b}x{s}" for b, s in sizes)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    session = reference.session(onnx.load(str(src)))
+    for b, s in sizes:
+        assert f"{b}x{s} -> 0 shape {b} {s} 32" in proc.stdout
+        want = session.run(None, feeds[b, s])[0]
+        got = np.fromfile(tmp_path / f"out_{b}x{s}.bin", np.float32).reshape(want.shape)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    lines = dict(line.split(" -> ", 1) for line in proc.stdout.splitlines()[len(sizes):])
+    assert lines["batch past the range"] == (
+        "-2 'input input_ids has shape [5, 4]: batch_size = 5 (axis 0) is outside the range "
+        "1..4 the model was compiled for'")
+    assert lines["sequence past the range"].startswith(
+        "-2 'input input_ids has shape [1, 65]: sequence_length = 65 (axis 1)")
+    assert lines["empty sequence"].startswith("-2 ") and "= 0 (axis 1)" in lines[
+        "empty sequence"]
+    assert lines["inputs disagree"] == ("-2 'inputs disagree on sequence_length: 4 (input_ids "
+                                        "axis 1) and 3 (mask axis 1)'")
+    assert lines["short input"] == ("-3 'input input_ids holds 24 bytes, its shape [1, 4] "
+                                    "needs 32'")
+    assert lines["short output"] == ("-3 'output hidden has room for 508 bytes, its result "
+                                     "[1, 4, 32] needs 512'")
+    assert lines["exact output"] == "0 ''" and lines["reference pair"] == "0 ''"
 
 
 def embedding_model():

@@ -53,16 +53,23 @@ def _example():
     return torch.ones((2, 16), dtype=torch.int64), torch.ones((2, 16), dtype=torch.int64)
 
 
-@pytest.fixture(scope="module")
-def bert_onnx(tmp_path_factory):
-    """BERT through the legacy exporter with ``dynamic_axes``."""
-    path = tmp_path_factory.mktemp("bert") / "bert.onnx"
+def export_bert(path) -> None:
+    """A small BERT (2 layers, 4 heads, hidden 32, vocabulary 120) through the legacy exporter
+    with ``dynamic_axes``: inputs input_ids and mask [batch_size, sequence_length], output
+    hidden [batch_size, sequence_length, 32]."""
     axes = {0: "batch_size", 1: "sequence_length"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(_bert(), _example(), str(path), input_names=["input_ids", "mask"],
                           output_names=["hidden"], opset_version=17, dynamo=False,
                           dynamic_axes={"input_ids": axes, "mask": axes, "hidden": axes})
+
+
+@pytest.fixture(scope="module")
+def bert_onnx(tmp_path_factory):
+    """BERT through the legacy exporter with ``dynamic_axes``."""
+    path = tmp_path_factory.mktemp("bert") / "bert.onnx"
+    export_bert(path)
     return path
 
 
@@ -132,9 +139,18 @@ def test_bert_legacy_export_compiles_once_for_all_sizes(bert_onnx, tmp_path, cap
     assert report.ok and len(report.outputs) == len(check_sizes(
         {"batch_size": (1, 8), "sequence_length": (1, 384)}))
 
+    # intermediates planned once at the largest sizes (Relax's planner with the ranges'
+    # upper bounds): no allocation per distinct size; attention's scores at 8 x 4 x 384 x 384
+    # floats are the largest buffer
+    memory = manifest["compile"]["memory"]
+    assert memory["at"] == {"batch_size": 8, "sequence_length": 384}
+    assert 8 * 4 * 384 * 384 * 4 <= memory["planned_bytes"] < 40 * 8 * 4 * 384 * 384
+    assert memory["per_call_allocations"] == 1                   # the output
     capsys.readouterr()
     assert cli.main(["inspect", str(pkg)]) == 0
-    assert "input_ids [batch_size=1..8, sequence_length=1..384]" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "input_ids [batch_size=1..8, sequence_length=1..384]" in out
+    assert f"memory   {memory['planned_bytes']:,} bytes" in out
 
     # outside the range: one line, the dynamic-shape exit code, no output written
     np.savez(tmp_path / "long.npz", **_feeds(1, 385, 0))
@@ -163,8 +179,10 @@ def test_dynamic_names_are_checked(bert_onnx, tmp_path):
         api.compile(bert_onnx, tmp_path / "p", dynamic="batch_size=1..8,seq=1..64")
     with pytest.raises(DynamicShapeError, match="sequence_length"):
         api.compile(bert_onnx, tmp_path / "p", dynamic={"batch_size": (1, 8)})
-    with pytest.raises(BadOptionError, match="--ratio"):
+    with pytest.raises(BadOptionError, match="give --calib"):      # prunes at its sizes
         api.compile(bert_onnx, tmp_path / "p", dynamic={"batch_size": (1, 8)}, ratio=0.5)
+    with pytest.raises(BadOptionError, match="--tune"):
+        api.compile(bert_onnx, tmp_path / "p", dynamic={"batch_size": (1, 8)}, tune=10)
     # BERT has 512 positions: a range past them fails in ONNX Runtime, before compiling
     with pytest.raises(DynamicShapeError, match="sequence_length=600 in ONNX Runtime"):
         api.compile(bert_onnx, tmp_path / "p",
@@ -248,3 +266,83 @@ def test_conv_kernels_with_dynamic_batch(name, want, tmp_path):
         x = np.random.default_rng(n).standard_normal((n, *shape)).astype(np.float32)
         np.testing.assert_allclose(api.run(pkg, {"x": x})["y"], session.run(None, {"x": x})[0],
                                    rtol=1e-4, atol=1e-4)
+
+
+def _calib(lengths, batch: int = 2) -> list[dict[str, np.ndarray]]:
+    """Calibration batches of different sequence lengths (all tokens real)."""
+    rng = np.random.default_rng(1)
+    return [{"input_ids": rng.integers(0, 120, (batch, s)).astype(np.int64),
+             "mask": np.ones((batch, s), np.int64)} for s in lengths]
+
+
+def _weight_widths(path) -> dict[str, list[int]]:
+    """The query and FFN-in weights' shapes of a BERT ONNX file (by the node reading them)."""
+    m = onnx.load(str(path))
+    init = {t.name: list(t.dims) for t in m.graph.initializer}
+    ends = ("query/MatMul", "intermediate/dense/MatMul")
+    return {n.name: init[n.input[1]] for n in m.graph.node if n.op_type == "MatMul"
+            and n.input[1] in init and n.name.endswith(ends)}
+
+
+def test_prune_dynamic_model_keeps_its_dims_then_compiles_dynamic(bert_onnx, tmp_path):
+    """Heads and FFN pruned on calibration batches of lengths 5 to 16 (padded to the longest,
+    the padding masked); the pruned ONNX keeps batch_size and sequence_length, and compiled
+    with --dynamic it matches ONNX Runtime on the pruned model at length 1 and at the maximum."""
+    before = bert_onnx.read_bytes()
+    pruned = tmp_path / "pruned.onnx"
+    calib = _calib((5, 16, 9, 12, 7, 16, 3)) + _calib((6,), batch=4)     # cut into batches of 2
+    result = api.prune(bert_onnx, pruned, ratio=0.5, calibration=calib, calib_mask="mask")
+    assert bert_onnx.read_bytes() == before
+    assert result.graph.shape("input_ids") == (2, 16)        # pruned at the longest length
+    # 9 batches of 2 (the batch of 4 cut in two), every 4th held out; the padding left out
+    assert result.measured_on.startswith("4 held-out")
+    assert "padding left out" in result.measured_on
+    model = onnx.load(str(pruned))
+    dims = [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in (*model.graph.input, *model.graph.output)]
+    assert dims == [["batch_size", "sequence_length"]] * 2 + [
+        ["batch_size", "sequence_length", 32]]
+    widths = _weight_widths(pruned)
+    assert sorted(map(tuple, widths.values())) == [(32, 16)] * 2 + [(32, 32)] * 2  # 2 of 4 heads
+    assert result.passes[0].fidelity.cosine > 0.9
+
+    pkg = tmp_path / "pkg"
+    manifest = api.compile(pruned, pkg, dynamic={"batch_size": (1, 2),
+                                                 "sequence_length": (1, 128)})
+    assert manifest["dynamic"]["checked"][0]["sizes"] == {"batch_size": 1, "sequence_length": 1}
+    session = reference.session(model)
+    for batch, seq in ((1, 1), (2, 128)):
+        feeds = _feeds(batch, seq, seq)
+        want = session.run(None, feeds)[0]
+        np.testing.assert_allclose(api.run(pkg, feeds)["hidden"], want, rtol=1e-4,
+                                   atol=1e-4 * np.abs(want).max())
+
+
+def test_compile_dynamic_with_ratio_prunes_first(bert_onnx, tmp_path, capsys):
+    """``compile --dynamic --ratio``: one step, the manifest has the pruning report."""
+    np.savez(tmp_path / "calib.npz", input_ids=_calib((8,), batch=4)[0]["input_ids"],
+             mask=np.ones((4, 8), np.int64))
+    pkg = tmp_path / "pkg"
+    assert cli.main(["compile", str(bert_onnx), "-o", str(pkg), "-q", "--ratio", "0.5",
+                     "--calib", str(tmp_path / "calib.npz"), "--calib-mask", "mask",
+                     "--dynamic", "batch_size=1..2,sequence_length=1..32"]) == 0
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    assert manifest["prune"]["after"]["params"] < 0.7 * manifest["prune"]["before"]["params"]
+    assert manifest["inputs"][0]["dims"] == [["batch_size", 1, 2], ["sequence_length", 1, 32]]
+    assert api.validate(pkg).ok        # model.onnx is the pruned dynamic model
+
+
+def test_pruning_a_dynamic_model_refuses_what_it_cannot_keep_dynamic(bert_onnx, tmp_path):
+    with pytest.raises(DynamicShapeError, match="give calibration data"):
+        api.prune(bert_onnx, ratio=0.5)
+    with pytest.raises(BadOptionError, match="sequence_length 3..9.*--calib-mask"):
+        api.prune(bert_onnx, ratio=0.5, calibration=_calib((3, 9)), calib_mask="")
+    with pytest.raises(DynamicShapeError, match="changed the graph's structure"):
+        api.prune(bert_onnx, remove_layers=1, calibration=_calib((8, 8, 8, 8)))
+    assert not (tmp_path / "p.onnx").exists()
+    # a size given with --input-shapes: such a pass still prunes, at that fixed shape
+    result = api.prune(bert_onnx, tmp_path / "p.onnx", remove_layers=1,
+                       input_shapes="input_ids:2x8,mask:2x8", calibration=_calib((8,) * 4))
+    assert result.onnx is None
+    assert [d.dim_value for d in onnx.load(str(tmp_path / "p.onnx")).graph.input[0].type
+            .tensor_type.shape.dim] == [2, 8]

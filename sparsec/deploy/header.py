@@ -1,6 +1,9 @@
 """The per-model C header of a package: ``NAME.h`` declares ``NAME_spec`` (names, dtypes,
 shapes and byte sizes of the inputs and outputs, the static archive's symbol prefix, the
-reference check's tolerance) for the C API in ``sparsec.h``."""
+reference check's tolerance) for the C API in ``sparsec.h``. A package compiled with
+``--dynamic`` also gets each tensor's per-axis least and largest sizes and the names of its
+dynamic axes (``sparsec_run_shaped`` checks a call's shapes against them), and one
+``NAME_DIM_<DIM>_MIN`` / ``_MAX`` constant pair per dynamic dim."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ C_DTYPES = {"float32": "SPARSEC_FLOAT32", "float16": "SPARSEC_FLOAT16",
             "float64": "SPARSEC_FLOAT64", "int64": "SPARSEC_INT64", "int32": "SPARSEC_INT32",
             "int8": "SPARSEC_INT8", "uint8": "SPARSEC_UINT8", "bool": "SPARSEC_BOOL"}
 #: sparsec.h's SPARSEC_API_VERSION this generator writes for
-API_VERSION = 3
+API_VERSION = 4
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -50,6 +53,18 @@ def _comment(text: str) -> str:
     return " ".join(text.replace("*/", "* /").split())
 
 
+def _bounds(spec: dict) -> tuple[list[int], list[int], list[str | None]]:
+    """Per axis of a signature entry: the least and largest size and the dynamic dim's name
+    (``None`` for a fixed axis; an output axis that varies with no dim of its own, ``"?"``
+    in the manifest, is nameless too)."""
+    shape = [int(d) for d in spec["shape"]]
+    dims = spec.get("dims") or [None] * len(shape)
+    lo = [int(d[1]) if d else n for n, d in zip(shape, dims)]
+    hi = [int(d[2]) if d else n for n, d in zip(shape, dims)]
+    names = [d[0] if d and d[0] != "?" else None for d in dims]
+    return lo, hi, names
+
+
 def _tensors(name: str, kind: str, signature: list[dict]) -> list[str]:
     lines, entries = [], []
     upper = name.upper()
@@ -58,23 +73,57 @@ def _tensors(name: str, kind: str, signature: list[dict]) -> list[str]:
             raise InvalidModelError(f"{kind} '{spec['name']}' has dtype {spec['dtype']}, which "
                                     f"the C API does not express")
         shape = [int(d) for d in spec["shape"]]
+        lo, hi, names = _bounds(spec)
+        size = np.dtype(spec["dtype"]).itemsize
         numel = int(np.prod(shape, dtype=np.int64))
-        nbytes = numel * np.dtype(spec["dtype"]).itemsize
-        dims = ", ".join(map(str, shape)) or "0"
-        lines += [f"/* {kind} {i}: {_comment(repr(spec['name']))}, {spec['dtype']} {shape} */",
+        max_numel = int(np.prod(hi, dtype=np.int64))
+        base = f"{name}_{kind}{i}"
+        sizes = "" if lo == hi else f", sizes {lo} to {hi}"
+        lines += [f"/* {kind} {i}: {_comment(repr(spec['name']))}, {spec['dtype']} {shape}"
+                  f"{_comment(sizes)} */",
                   f"#define {upper}_{kind.upper()}{i}_NUMEL {numel}",
-                  f"static const int64_t SPARSEC_UNUSED {name}_{kind}{i}_shape[] = {{{dims}}};"]
+                  f"#define {upper}_{kind.upper()}{i}_MAX_NUMEL {max_numel}"]
+        for suffix, values in (("shape", shape), ("min_shape", lo), ("max_shape", hi)):
+            lines.append(f"static const int64_t SPARSEC_UNUSED {base}_{suffix}[] = "
+                         f"{{{', '.join(map(str, values)) or '0'}}};")
+        dims = "NULL"
+        if any(names):
+            dims = f"{base}_dims"
+            listed = ", ".join(_c_string(n) if n else "NULL" for n in names)
+            lines.append(f"static const char* const SPARSEC_UNUSED {dims}[] = {{{listed}}};")
         bounds = "NULL"
         if "range" in spec:
-            lo, hi = (int(v) for v in spec["range"])
-            lines.append(f"static const int64_t SPARSEC_UNUSED {name}_{kind}{i}_range[] = "
-                         f"{{{lo}, {hi}}};")
-            bounds = f"{name}_{kind}{i}_range"
+            lo_v, hi_v = (int(v) for v in spec["range"])
+            lines.append(f"static const int64_t SPARSEC_UNUSED {base}_range[] = "
+                         f"{{{lo_v}, {hi_v}}};")
+            bounds = f"{base}_range"
         entries.append(f"    {{{_c_string(spec['name'])}, {C_DTYPES[spec['dtype']]}, "
-                       f"{len(shape)}, {name}_{kind}{i}_shape, {nbytes}, {bounds}}},")
+                       f"{len(shape)}, {base}_shape, {numel * size}, {bounds}, "
+                       f"{base}_min_shape, {base}_max_shape, {dims}, {max_numel * size}}},")
     lines += [f"static const sparsec_tensor_spec SPARSEC_UNUSED {name}_{kind}s[] = {{",
               *entries, "};", ""]
     return lines
+
+
+def _dim_constants(name: str, signature: list[dict]) -> list[str]:
+    """``#define NAME_DIM_<DIM>_MIN`` / ``_MAX`` per dynamic dim of the inputs (dim names made
+    C identifiers; two names that become the same identifier get ``_2``, ``_3``, ...)."""
+    ranges: dict[str, tuple[int, int]] = {}
+    for spec in signature:
+        for d in spec.get("dims") or []:
+            if d and d[0] != "?":
+                ranges.setdefault(d[0], (int(d[1]), int(d[2])))
+    lines, used = [], set()
+    for dim, (lo, hi) in ranges.items():
+        ident = re.sub(r"[^A-Za-z0-9_]", "_", dim).upper()
+        k, base = 2, ident
+        while ident in used:
+            ident, k = f"{base}_{k}", k + 1
+        used.add(ident)
+        lines += [f"/* dynamic dim {_comment(repr(dim))}: any size from {lo} to {hi} */",
+                  f"#define {name.upper()}_DIM_{ident}_MIN {lo}",
+                  f"#define {name.upper()}_DIM_{ident}_MAX {hi}"]
+    return lines + [""] if lines else []
 
 
 #: sparsec_model_spec.device_type per TargetSpec.device (DLPack's device types)
@@ -105,6 +154,7 @@ def c_header(name: str, prefix: str, inputs: list[dict], outputs: list[dict], at
         f"#define {upper}_NUM_OUTPUTS {len(outputs)}",
         f"#define {upper}_SYSTEM_LIB_PREFIX {_c_string(prefix)}",
         "",
+        *_dim_constants(name, inputs),
         *_tensors(name, "input", inputs),
         *_tensors(name, "output", outputs),
         f"static const sparsec_model_spec SPARSEC_UNUSED {name}_spec = {{",

@@ -149,7 +149,8 @@ def build_pipeline(target: "object", cores: int, decisions: list[dict],
 def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | Path,
                  log: Callable[[str], None] = print, *, static_lib: str | Path | None = None,
                  system_lib_prefix: str = "", tuned: "bool | Cache" = True,
-                 precision: str | None = None) -> dict:
+                 precision: str | None = None,
+                 upper_bounds: dict[str, int] | None = None) -> dict:
     """Compile a static-shaped ONNX model to a shared library at ``lib_path``, and with
     ``static_lib`` also to a static archive for system-lib linking, whose symbols and VM
     executable register under ``system_lib_prefix`` (so that several models link into one
@@ -182,6 +183,8 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
     cores = int(target.tvm_target.get("num-cores", os.cpu_count() or 1))
     log(f"importing ONNX graph ({len(model.graph.node)} nodes) into Relax")
     mod = import_onnx(model)
+    if upper_bounds:
+        mod = _with_upper_bounds(mod, upper_bounds)
     decisions: list[dict] = []
     counts: dict[str, int] = {}
     log(f"compiling for {target.name} ({target.description})")
@@ -206,6 +209,10 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
         static = None if static_lib is None else relax.build(
             _system_lib(lowered, system_lib_prefix), tvm_target, relax_pipeline=None,
             exec_mode=EXEC_MODE)
+    memory = _planned_memory(lowered, upper_bounds) if upper_bounds else None
+    if memory is not None:
+        log(f"memory: {memory['planned_bytes']:,} bytes of intermediates planned at the "
+            f"largest sizes, reused by every call")
     export_library(ex, target, lib_path)
     log(f"library {Path(lib_path).stat().st_size:,} bytes; kernels: {counts}")
     if static is not None:
@@ -213,7 +220,51 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
             _export_archive(static, tmp, target.tool("ar"))
         log(f"static archive {Path(static_lib).stat().st_size:,} bytes "
             f"(symbol prefix '{system_lib_prefix}')")
-    return compile_facts(model, target, counts, decisions)
+    facts = compile_facts(model, target, counts, decisions)
+    if memory is not None:
+        facts["memory"] = memory
+    return facts
+
+
+def _planned_memory(mod: "ir.IRModule", bounds: dict[str, int]) -> dict:
+    """What the memory planner left in ``main`` (lowered for the VM): the buffers of constant
+    size that hold the intermediates (their bytes: the workspace at the largest sizes), and
+    the allocations sized per call (the outputs, which go to the caller)."""
+    import tvm
+    from tvm import relax
+
+    sizes, per_call = [], 0
+
+    @relax.expr_functor.visitor
+    class Storage(relax.PyExprVisitor):
+        def visit_call_(self, call: "relax.Call") -> None:
+            nonlocal per_call
+            if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.vm.alloc_storage":
+                size = call.args[0]
+                if isinstance(size, relax.ShapeExpr) and all(
+                        isinstance(v, tvm.tirx.IntImm) for v in size.values):
+                    sizes.append(int(size.values[0]))
+                else:
+                    per_call += 1
+            super().visit_call_(call)
+
+    Storage().visit_expr(mod["main"])
+    return {"planned_bytes": sum(sizes), "planned_buffers": len(sizes),
+            "per_call_allocations": per_call, "at": dict(sorted(bounds.items()))}
+
+
+def _with_upper_bounds(mod: "ir.IRModule", bounds: dict[str, int]) -> "ir.IRModule":
+    """``mod`` whose Relax functions know the largest size of each dynamic dim: Relax's memory
+    planner then plans every intermediate at those sizes, as buffers of constant size that
+    each call reuses, instead of one allocation per distinct shape (which the VM's pooled
+    allocator keeps: a package run at many sizes would hold a block for each)."""
+    import tvm
+    from tvm import relax
+
+    funcs = {gv: (f.with_attr("tir_var_upper_bound", {k: int(v) for k, v in bounds.items()})
+                  .with_attr("tir_non_negative_var", list(bounds))
+                  if isinstance(f, relax.Function) else f) for gv, f in mod.functions_items()}
+    return tvm.IRModule(funcs, attrs=mod.attrs)
 
 
 def _system_lib(mod: "ir.IRModule", prefix: str) -> "ir.IRModule":

@@ -13,6 +13,15 @@
  *   if (sparsec_run(m, in, out) != 0) ...
  *   sparsec_close(m);
  *
+ * A package compiled with --dynamic runs at any shape within its header's ranges: pass each
+ * call's input shapes to sparsec_run_shaped, which returns the output shapes:
+ *
+ *   int64_t shape[2] = {1, 7};                        (batch 1, 7 tokens)
+ *   int64_t out_shape[3];
+ *   sparsec_input in[2] = {{ids, sizeof ids, shape}, {mask, sizeof mask, shape}};
+ *   sparsec_output out[1] = {{y, sizeof y, out_shape}};   (y: NAME_OUTPUT0_MAX_NUMEL floats)
+ *   int rc = sparsec_run_shaped(m, in, out);          (SPARSEC_ERROR_SHAPE: outside the ranges)
+ *
  * Buffers are dense, row-major, in the shapes and dtypes of the spec. The number of threads is
  * the TVM runtime's: TVM_NUM_THREADS in the environment, else TVM's default, which on x86 is
  * half the logical CPUs (it assumes 2-way SMT): set TVM_NUM_THREADS to the core count.
@@ -28,8 +37,20 @@ extern "C" {
 #endif
 
 /* 3: the spec names the size and SHA-256 of model.so (sparsec_open checks them), and
- * sparsec_run_sized takes buffer sizes. Headers generated for version 2 still open. */
-#define SPARSEC_API_VERSION 3
+ * sparsec_run_sized takes buffer sizes. 4: tensor specs give every axis's least and largest
+ * size (dynamic shapes), sparsec_run_shaped takes shapes per call. Headers generated for
+ * versions 2 and 3 still open (their tensors have fixed shapes). */
+#define SPARSEC_API_VERSION 4
+
+/* What the run functions return. Every error also sets sparsec_last_error. */
+#define SPARSEC_OK 0
+#define SPARSEC_ERROR (-1)         /* any other error: NULLs, a failed run, a bad input value */
+#define SPARSEC_ERROR_SHAPE (-2)   /* an input shape outside the spec's sizes (a dynamic dim
+                                    * outside its range, a fixed axis changed, a wrong rank),
+                                    * or two inputs that disagree on a dynamic dim */
+#define SPARSEC_ERROR_BUFFER (-3)  /* a buffer smaller than its tensor: an input's bytes, or
+                                    * an output's room; also an input of the wrong size in
+                                    * sparsec_run_sized */
 
 /* model headers define their specs as static data: no warning where a file does not use one */
 #if defined(__GNUC__) || defined(__clang__)
@@ -58,7 +79,28 @@ typedef struct {
   const int64_t* range;  /* NULL, or {lo, hi}: the values an index input may hold (token ids:
                           * [-rows, rows - 1] of the table it indexes); sparsec_run refuses
                           * others */
+  /* api_version >= 4 (NULL and 0 in older headers: the shape is fixed): */
+  const int64_t* min_shape;  /* per axis the least size; equal to max_shape on a fixed axis */
+  const int64_t* max_shape;  /* per axis the largest size */
+  const char* const* dims;   /* NULL, or per axis the name of its dynamic dim (NULL on a fixed
+                              * axis; an output axis that varies with no dim of its own) */
+  size_t max_nbytes;         /* bytes at max_shape: a buffer that fits every call */
 } sparsec_tensor_spec;
+
+/* A call's input for sparsec_run_shaped: dense, row-major, `shape` has the spec's ndim sizes. */
+typedef struct {
+  const void* data;
+  size_t nbytes;           /* the bytes data holds: at least the shape's */
+  const int64_t* shape;
+} sparsec_input;
+
+/* A call's output: `data` has room for `nbytes` bytes; sparsec_run_shaped writes the result
+ * there and its sizes (the spec's ndim) to `shape`. */
+typedef struct {
+  void* data;
+  size_t nbytes;
+  int64_t* shape;
+} sparsec_output;
 
 typedef struct {
   int api_version;                  /* SPARSEC_API_VERSION the header was generated for */
@@ -86,10 +128,11 @@ typedef struct sparsec_model sparsec_model;
  * before it is loaded. */
 sparsec_model* sparsec_open(const sparsec_model_spec* spec, const char* library);
 
-/* Run once: inputs[i] holds spec->inputs[i].nbytes bytes, outputs[i] receives
+/* Run once at the spec's shapes (a dynamic model: the sizes its header describes, those of the
+ * reference pair): inputs[i] holds spec->inputs[i].nbytes bytes, outputs[i] receives
  * spec->outputs[i].nbytes bytes (host memory, also for a CUDA model: the copies to and from
- * the GPU are made here). Returns 0 on success, nonzero on error: an index input with a value
- * outside its spec's range is an error (nothing runs). */
+ * the GPU are made here). Returns SPARSEC_OK (0) on success, a SPARSEC_ERROR* status (< 0) on
+ * error: an index input with a value outside its spec's range is an error (nothing runs). */
 int sparsec_run(sparsec_model* model, const void* const* inputs, void* const* outputs);
 
 /* sparsec_run with the size in bytes of every buffer: an input must hold exactly
@@ -99,6 +142,15 @@ int sparsec_run(sparsec_model* model, const void* const* inputs, void* const* ou
 int sparsec_run_sized(sparsec_model* model, const void* const* inputs,
                       const size_t* input_bytes, void* const* outputs,
                       const size_t* output_bytes);
+
+/* Run once at the shapes given: inputs[i].shape within spec->inputs[i].min_shape and
+ * max_shape on every axis, inputs agreeing on every dynamic dim they share; every buffer at
+ * least the size of its tensor. Writes each output's shape to outputs[i].shape. A shape
+ * outside the spec is SPARSEC_ERROR_SHAPE and a short input SPARSEC_ERROR_BUFFER, before
+ * anything runs; an output without room for its result is SPARSEC_ERROR_BUFFER with no output
+ * written (max_nbytes is always enough). Takes fixed-shape models too (their one shape). */
+int sparsec_run_shaped(sparsec_model* model, const sparsec_input* inputs,
+                       sparsec_output* outputs);
 
 /* Run the package's reference pair (reference/inputs.bin, reference/outputs.bin: the inputs and
  * the outputs ONNX Runtime gave for them, raw and concatenated in order) and compare with the

@@ -19,6 +19,7 @@
 #include <unistd.h>
 #endif
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -31,9 +32,9 @@ namespace {
 
 thread_local std::string last_error;
 
-int fail(const std::string& message) {
+int fail(const std::string& message, int status = SPARSEC_ERROR) {
   last_error = message;
-  return -1;
+  return status;
 }
 
 DLDataType to_dl(sparsec_dtype dtype) {
@@ -101,14 +102,14 @@ size_t element_size(sparsec_dtype dtype) {
 }
 
 /* The first value of an index input outside its spec's range, as an error message ("" if
- * all are inside). */
-std::string out_of_range(const sparsec_tensor_spec& spec, const void* data) {
+ * all are inside); `nbytes`: the bytes of this call's tensor. */
+std::string out_of_range(const sparsec_tensor_spec& spec, const void* data, size_t nbytes) {
   if (spec.dtype == SPARSEC_FLOAT32 || spec.dtype == SPARSEC_FLOAT64) {
     /* NaN: ONNX Runtime propagates it, compiled kernels may drop it (ReLU): refused, as by
      * `sparsec run` */
     const char* p = static_cast<const char*>(data);
     size_t size = element_size(spec.dtype);
-    for (size_t k = 0; k < spec.nbytes; k += size) {
+    for (size_t k = 0; k < nbytes; k += size) {
       if (std::isnan(as_double(p + k, spec.dtype))) {
         return "input " + std::string(spec.name) + " holds NaN at element " +
                std::to_string(k / size);
@@ -118,7 +119,7 @@ std::string out_of_range(const sparsec_tensor_spec& spec, const void* data) {
   if (spec.range == nullptr) return "";
   const char* p = static_cast<const char*>(data);
   size_t size = element_size(spec.dtype);
-  for (size_t k = 0; k < spec.nbytes; k += size) {
+  for (size_t k = 0; k < nbytes; k += size) {
     double v = as_double(p + k, spec.dtype);
     if (v < static_cast<double>(spec.range[0]) || v > static_cast<double>(spec.range[1])) {
       return "input " + std::string(spec.name) + " holds " +
@@ -376,39 +377,146 @@ int sparsec_run_sized(sparsec_model* model, const void* const* inputs,
   const sparsec_model_spec* spec = model->spec;
   if (inputs == nullptr && spec->num_inputs > 0) return fail("sparsec_run: inputs is NULL");
   if (outputs == nullptr) return fail("sparsec_run: outputs is NULL");
+  std::vector<sparsec_input> ins(spec->num_inputs);
+  std::vector<sparsec_output> outs(spec->num_outputs);
+  std::vector<std::vector<int64_t>> out_shapes(spec->num_outputs);
   for (int i = 0; i < spec->num_inputs; ++i) {
     const sparsec_tensor_spec& in = spec->inputs[i];
-    if (inputs[i] == nullptr) return fail("sparsec_run: input " + std::string(in.name) + " is NULL");
     if (input_bytes != nullptr && input_bytes[i] != in.nbytes) {
       return fail("sparsec_run: input " + std::string(in.name) + " has " +
-                  std::to_string(input_bytes[i]) + " bytes, the spec " + std::to_string(in.nbytes));
+                  std::to_string(input_bytes[i]) + " bytes, the spec " + std::to_string(in.nbytes),
+                  SPARSEC_ERROR_BUFFER);
     }
+    ins[i] = {inputs[i], in.nbytes, in.shape};
   }
   for (int i = 0; i < spec->num_outputs; ++i) {
     const sparsec_tensor_spec& out = spec->outputs[i];
-    if (outputs[i] == nullptr) {
-      return fail("sparsec_run: output " + std::string(out.name) + " is NULL");
-    }
     if (output_bytes != nullptr && output_bytes[i] < out.nbytes) {
       return fail("sparsec_run: output " + std::string(out.name) + " has room for " +
                   std::to_string(output_bytes[i]) + " bytes, it needs " +
-                  std::to_string(out.nbytes));
+                  std::to_string(out.nbytes), SPARSEC_ERROR_BUFFER);
+    }
+    out_shapes[i].resize(out.ndim > 0 ? out.ndim : 1);
+    outs[i] = {outputs[i], out.nbytes, out_shapes[i].data()};
+  }
+  return sparsec_run_shaped(model, ins.data(), outs.data());
+}
+
+namespace {
+
+std::string shape_text(const int64_t* shape, int ndim) {
+  std::string s = "[";
+  for (int k = 0; k < ndim; ++k) s += (k ? ", " : "") + std::to_string(shape[k]);
+  return s + "]";
+}
+
+/* The bytes of a tensor of `spec`'s dtype at `shape`. */
+size_t bytes_at(const sparsec_tensor_spec& spec, const int64_t* shape) {
+  size_t n = element_size(spec.dtype);
+  for (int k = 0; k < spec.ndim; ++k) n *= static_cast<size_t>(shape[k]);
+  return n;
+}
+
+/* Every input's shape within its spec's sizes, the inputs agreeing on every dynamic dim, and
+ * every buffer holding its shape's bytes: SPARSEC_OK, or the status of the first that is
+ * not. */
+int check_inputs(const sparsec_model_spec* spec, const sparsec_input* inputs) {
+  std::vector<std::pair<std::string, std::string>> seen;  // dim name -> "7 (input_ids axis 1)"
+  std::vector<int64_t> sizes;
+  for (int i = 0; i < spec->num_inputs; ++i) {
+    const sparsec_tensor_spec& in = spec->inputs[i];
+    const std::string name(in.name);
+    if (inputs[i].data == nullptr) return fail("sparsec_run: input " + name + " is NULL");
+    if (inputs[i].shape == nullptr && in.ndim > 0) {
+      return fail("sparsec_run: the shape of input " + name + " is NULL");
+    }
+    bool dynamic = spec->api_version >= 4 && in.min_shape != nullptr && in.max_shape != nullptr;
+    for (int k = 0; k < in.ndim; ++k) {
+      int64_t n = inputs[i].shape[k];
+      int64_t lo = dynamic ? in.min_shape[k] : in.shape[k];
+      int64_t hi = dynamic ? in.max_shape[k] : in.shape[k];
+      const char* dim = dynamic && in.dims != nullptr ? in.dims[k] : nullptr;
+      std::string where = name + " axis " + std::to_string(k);
+      if (n < lo || n > hi) {
+        return fail("input " + name + " has shape " + shape_text(inputs[i].shape, in.ndim) + ": " +
+                    (dim != nullptr ? std::string(dim) + " = " + std::to_string(n) + " (axis " +
+                                          std::to_string(k) + ") is outside the range " +
+                                          std::to_string(lo) + ".." + std::to_string(hi) +
+                                          " the model was compiled for"
+                     : lo == hi ? "axis " + std::to_string(k) + " is fixed at " + std::to_string(lo)
+                                : "axis " + std::to_string(k) + " is outside " +
+                                      std::to_string(lo) + ".." + std::to_string(hi)),
+                    SPARSEC_ERROR_SHAPE);
+      }
+      if (dim == nullptr) continue;
+      std::string here = std::to_string(n) + " (" + where + ")";
+      bool known = false;
+      for (size_t j = 0; j < seen.size(); ++j) {
+        if (seen[j].first != dim) continue;
+        known = true;
+        if (sizes[j] != n) {
+          return fail("inputs disagree on " + std::string(dim) + ": " + seen[j].second + " and " +
+                      here, SPARSEC_ERROR_SHAPE);
+        }
+      }
+      if (!known) seen.emplace_back(dim, here), sizes.push_back(n);
+    }
+    size_t need = bytes_at(in, inputs[i].shape);
+    if (inputs[i].nbytes < need) {
+      return fail("input " + name + " holds " + std::to_string(inputs[i].nbytes) + " bytes, " +
+                  "its shape " + shape_text(inputs[i].shape, in.ndim) + " needs " +
+                  std::to_string(need), SPARSEC_ERROR_BUFFER);
+    }
+  }
+  return SPARSEC_OK;
+}
+
+}  // namespace
+
+int sparsec_run_shaped(sparsec_model* model, const sparsec_input* inputs,
+                       sparsec_output* outputs) {
+  last_error.clear();
+  if (model == nullptr) return fail("sparsec_run: model is NULL");
+  const sparsec_model_spec* spec = model->spec;
+  if (inputs == nullptr && spec->num_inputs > 0) return fail("sparsec_run: inputs is NULL");
+  if (outputs == nullptr) return fail("sparsec_run: outputs is NULL");
+  int status = check_inputs(spec, inputs);
+  if (status != SPARSEC_OK) return status;
+  for (int i = 0; i < spec->num_outputs; ++i) {
+    const std::string name(spec->outputs[i].name);
+    if (outputs[i].data == nullptr) return fail("sparsec_run: output " + name + " is NULL");
+    if (outputs[i].shape == nullptr) {
+      return fail("sparsec_run: the shape of output " + name + " is NULL");
     }
   }
   try {
     std::vector<tvm::ffi::AnyView> args;
     for (int i = 0; i < spec->num_inputs; ++i) {
-      std::string bad = out_of_range(spec->inputs[i], inputs[i]);
+      size_t bytes = bytes_at(spec->inputs[i], inputs[i].shape);
+      std::string bad = out_of_range(spec->inputs[i], inputs[i].data, bytes);
       if (!bad.empty()) return fail(bad);
     }
+    DLDevice cpu{kDLCPU, 0}, gpu{kDLCUDA, 0};
     for (int i = 0; i < spec->num_inputs; ++i) {
-      if (model->on_gpu) {
-        global("runtime.TVMTensorCopyFromBytes")(model->inputs[i], const_cast<void*>(inputs[i]),
-                                                static_cast<int64_t>(spec->inputs[i].nbytes));
-      } else {
-        std::memcpy(model->inputs[i].data_ptr(), inputs[i], spec->inputs[i].nbytes);
+      const sparsec_tensor_spec& in = spec->inputs[i];
+      tvm::ffi::Tensor& t = model->inputs[i];
+      std::vector<int64_t> shape(inputs[i].shape, inputs[i].shape + in.ndim);
+      if (!std::equal(shape.begin(), shape.end(), t.shape().begin())) {
+        // another size than the last call's: a tensor of this one (kept for the next call)
+        t = model->on_gpu ? global("runtime.TVMTensorAllocWithScope")(
+                                tvm::ffi::Shape(shape), to_dl(in.dtype), gpu,
+                                tvm::ffi::Optional<tvm::ffi::String>()).cast<tvm::ffi::Tensor>()
+                          : tvm::ffi::Tensor::FromNDAlloc(AlignedAlloc(), tvm::ffi::Shape(shape),
+                                                          to_dl(in.dtype), cpu);
       }
-      args.emplace_back(model->inputs[i]);
+      size_t bytes = bytes_at(in, inputs[i].shape);
+      if (model->on_gpu) {
+        global("runtime.TVMTensorCopyFromBytes")(t, const_cast<void*>(inputs[i].data),
+                                                static_cast<int64_t>(bytes));
+      } else {
+        std::memcpy(t.data_ptr(), inputs[i].data, bytes);
+      }
+      args.emplace_back(t);
     }
     tvm::ffi::Any result;
     model->main.CallPacked(args.data(), static_cast<int>(args.size()), &result);
@@ -418,20 +526,32 @@ int sparsec_run_sized(sparsec_model* model, const void* const* inputs,
       return fail("the model returned " + std::to_string(outs.size()) + " outputs, its spec has " +
                   std::to_string(spec->num_outputs));
     }
-    for (int i = 0; i < spec->num_outputs; ++i) {
+    for (int i = 0; i < spec->num_outputs; ++i) {   // every output fits before any is written
+      const sparsec_tensor_spec& o = spec->outputs[i];
       size_t bytes = tvm::ffi::GetDataSize(outs[i]);
-      if (bytes != spec->outputs[i].nbytes) {
-        return fail("output " + std::string(spec->outputs[i].name) + " has " +
-                    std::to_string(bytes) + " bytes, its spec " +
-                    std::to_string(spec->outputs[i].nbytes));
+      if (outs[i].ndim() != o.ndim) {
+        return fail("output " + std::string(o.name) + " has " + std::to_string(outs[i].ndim()) +
+                    " axes, its spec " + std::to_string(o.ndim));
       }
-      if (model->on_gpu) {
-        global("runtime.TVMTensorCopyToBytes")(outs[i], outputs[i], static_cast<int64_t>(bytes));
-      } else {
-        std::memcpy(outputs[i], outs[i].data_ptr(), bytes);
+      if (bytes > outputs[i].nbytes) {
+        std::vector<int64_t> got(outs[i].shape().begin(), outs[i].shape().end());
+        return fail("output " + std::string(o.name) + " has room for " +
+                    std::to_string(outputs[i].nbytes) + " bytes, its result " +
+                    shape_text(got.data(), o.ndim) + " needs " + std::to_string(bytes),
+                    SPARSEC_ERROR_BUFFER);
       }
     }
-    return 0;
+    for (int i = 0; i < spec->num_outputs; ++i) {
+      size_t bytes = tvm::ffi::GetDataSize(outs[i]);
+      if (model->on_gpu) {
+        global("runtime.TVMTensorCopyToBytes")(outs[i], outputs[i].data,
+                                               static_cast<int64_t>(bytes));
+      } else {
+        std::memcpy(outputs[i].data, outs[i].data_ptr(), bytes);
+      }
+      for (int k = 0; k < spec->outputs[i].ndim; ++k) outputs[i].shape[k] = outs[i].shape()[k];
+    }
+    return SPARSEC_OK;
   } catch (const std::exception& e) {
     return fail(e.what());
   }
