@@ -350,15 +350,9 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, recipe=N
     round_to = 1 if round_to is None else round_to
     if int(round_to) < 1:
         raise BadOptionError(f"round_to must be a positive integer, got {round_to}")
-    if output is not None:
-        check_writable_file(output, model if isinstance(model, (str, os.PathLike)) else None)
-    dynamic = dynamic_dims(model) if example_inputs is None else None
+    graph, dynamic, calibration, calib_mask = _load_to_prune(
+        model, output, input_shapes, example_inputs, calibration, calib_mask)
     fixed_by_user = input_shapes is not None
-    if dynamic is not None and not fixed_by_user:     # pruned at the calibration data's size
-        calibration, input_shapes, padding = calibration_at_one_size(*dynamic, calibration,
-                                                                     calib_mask)
-        calib_mask = padding or calib_mask
-    graph = load(model, input_shapes, example_inputs)
     before_ppl = _perplexity(graph, eval_tokens)       # checks the model and tokens first
     _check_patterns(graph, layer_ratios, ignore)
     _check_structure(graph, remove_layers, remove_attention, fuse_ffn)
@@ -425,6 +419,25 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, recipe=N
     return result
 
 
+def _load_to_prune(model: ModelLike, output, input_shapes, example_inputs, calibration,
+                   calib_mask, fixed_shape_for: str | None = None):
+    """The graph to prune (the output path checked first), with ``(graph, dynamic dims or
+    None, calibration, calib_mask)``: a model with dynamic dims and no ``input_shapes`` is
+    loaded at its calibration data's size, the padding of shorter samples masked (refused
+    when ``fixed_shape_for`` names what needs one fixed shape)."""
+    if output is not None:
+        check_writable_file(output, model if isinstance(model, (str, os.PathLike)) else None)
+    dynamic = dynamic_dims(model) if example_inputs is None else None
+    if dynamic is not None and input_shapes is None and fixed_shape_for:
+        raise DynamicShapeError(f"{fixed_shape_for} is measured at one shape: give the "
+                                f"model's dynamic dims a size with --input-shapes")
+    if dynamic is not None and input_shapes is None:   # pruned at the calibration data's size
+        calibration, input_shapes, padding = calibration_at_one_size(*dynamic, calibration,
+                                                                     calib_mask)
+        calib_mask = padding or calib_mask
+    return load(model, input_shapes, example_inputs), dynamic, calibration, calib_mask
+
+
 def _to_budget(model: ModelLike, output, options: dict, latency_budget, speedup, target: str,
                metric, scores, input_shapes, calibration, example_inputs,
                log: Log, eval_tokens=None) -> PruneResult:
@@ -440,15 +453,8 @@ def _to_budget(model: ModelLike, output, options: dict, latency_budget, speedup,
     spec = resolve_target(target)
     if options.get("round_to") is None:
         options = {**options, "round_to": spec.channel_multiple}
-    if output is not None:
-        check_writable_file(output, model if isinstance(model, (str, os.PathLike)) else None)
-    dynamic = dynamic_dims(model) if example_inputs is None else None
-    fixed_by_user = input_shapes is not None
-    if dynamic is not None and not fixed_by_user:     # pruned at the calibration data's size
-        calibration, input_shapes, padding = calibration_at_one_size(*dynamic, calibration,
-                                                                     calib_mask)
-        calib_mask = padding or calib_mask
-    graph = load(model, input_shapes, example_inputs)
+    graph, _, calibration, _ = _load_to_prune(model, output, input_shapes, example_inputs,
+                                              calibration, None, "a latency budget")
     before_ppl = _perplexity(graph, eval_tokens)
     result, record, _ = latency.budget_search(graph, {**options, "calibration": calibration},
                                               spec, latency_budget, speedup, log)

@@ -339,6 +339,9 @@ def test_pruning_a_dynamic_model_refuses_what_it_cannot_keep_dynamic(bert_onnx, 
         api.prune(bert_onnx, ratio=0.5, calibration=_calib((3, 9)), calib_mask="")
     with pytest.raises(DynamicShapeError, match="changed the graph's structure"):
         api.prune(bert_onnx, remove_layers=1, calibration=_calib((8, 8, 8, 8)))
+    with pytest.raises(DynamicShapeError, match="latency budget is measured at one shape"):
+        api.prune(bert_onnx, tmp_path / "p.onnx", latency_budget=0.5,
+                  calibration=_calib((8, 8, 8, 8)))
     assert not (tmp_path / "p.onnx").exists()
     # a size given with --input-shapes: such a pass still prunes, at that fixed shape
     result = api.prune(bert_onnx, tmp_path / "p.onnx", remove_layers=1,
