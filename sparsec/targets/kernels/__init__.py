@@ -117,6 +117,14 @@ STRATEGIES: tuple[StrategyInfo, ...] = (
                  "the rule assumes, as every CUDA strategy's: it beats DLight's dense "
                  "schedules",
                  device="cuda"),
+    StrategyInfo("mma_cuda", "relax.matmul", 1.0,
+                 "CUDA sm_80+, --precision tf32 (the CUDA default) or bf16: a matmul by a "
+                 "constant W on tensor cores (mma.sync m16n8k8 tf32 or m16n8k16 bf16, fp32 "
+                 "sums): W rounded and laid out in A fragment order at compile time (one "
+                 "128-bit load per lane and K step), X rounded in the kernel; a warp per 16 or "
+                 "32 output channels x up to 32 tokens. Chosen for every dense linear layer "
+                 "(a sparse kernel first where W's zeros pay); lossy as its precision",
+                 device="cuda"),
     StrategyInfo(FALLBACK, "*", 0.02,
                  "LegalizeOps + FuseOps, then DLight rules (CPU: or a parallel+vectorize "
                  "schedule; CUDA: DLight's GPU rules, targets/cuda.py)"),

@@ -23,9 +23,9 @@ from sparsec import progress
 from sparsec.progress import Progress
 from sparsec.targets import kernels
 from sparsec.targets.kernels import (amx, batch_matmul, bsr, conv2d, dense, depthwise,
-                                     dw_pointwise, grouped_conv, mma_sp, pointwise,
+                                     dw_pointwise, grouped_conv, mma, mma_sp, pointwise,
                                      pointwise_dw, softmax, sparse_cuda)
-from sparsec.targets.kernels.common import Activation, bf16_allowed
+from sparsec.targets.kernels.common import Activation, bf16_allowed, current_precision
 from sparsec.targets.knobs import build as build_kernel
 from sparsec.targets.knobs import build_tuned, knobs_for, measured_choice
 
@@ -738,13 +738,60 @@ def _pointwise(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, out: tuple,
     return Plan(name, emit, info=info, shape=kshape, operands=operands), work
 
 
-def _match_sparse_cuda(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | None:
-    """``nm_sparse_cuda`` for a matmul by a constant sparse W with few rows, when the
-    compressed weight is at most 3/4 of the dense bytes (kernels/sparse_cuda.py); with more
-    rows, ``mma_sp_cuda`` for a 2:4 W on sm_80+ (kernels/mma_sp.py)."""
+def _match_cuda_linear(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | None:
+    """A matmul by a constant W on CUDA: a sparse kernel where W's zeros pay
+    (:func:`_match_sparse_cuda`), else ``mma_cuda`` on tensor cores in the compile's precision
+    (:func:`_match_mma`); None leaves it to DLight's fp32 schedule."""
     lin = _linear(a, call)
     if lin is None:
         return None
+    return _match_sparse_cuda(a, lin) or _match_mma(a, lin)
+
+
+def _cuda_arch() -> int | None:
+    """The compute capability of the CUDA target being compiled for (80 for sm_80), or None."""
+    import re
+
+    import tvm
+
+    target = tvm.target.Target.current(allow_none=True)
+    arch = re.fullmatch(r"sm_(\d+)[af]?", str(target.attrs.get("arch", ""))) if target else None
+    return None if arch is None else int(arch.group(1))
+
+
+def _match_mma(a: _Analysis, lin: _Linear) -> list[tuple[Plan, dict]] | None:
+    """``mma_cuda`` (kernels/mma.py) when the compile's precision is tf32 or bf16 and the GPU
+    has their tensor-core instructions (sm_80+)."""
+    precision = current_precision()
+    arch = _cuda_arch()
+    if precision not in mma.PRECISIONS or arch is None or arch < mma.MIN_ARCH:
+        return None
+    m, k, n, dtype = lin.m, lin.k, lin.n, lin.dtype
+    p = mma.plan(m, k, n, precision)
+
+    def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
+             ) -> "relax.Expr":
+        from tvm import relax
+
+        func = mma.build(m, k, n, precision, dtype, bias=bias is not None, act=act,
+                         residual=residual is not None)
+        return lin.emit(bb, func, mma.NAME, args, [relax.const(mma.pack_weight(lin.w, p))],
+                        bias, residual)
+
+    info = {"op": "matmul", "shape": {"M": m, "K": k, "N": n}, "precision": precision,
+            "tensor_cores": mma.INSTRUCTION[precision],
+            "warp_tile": f"{p.mt * mma.TILE_M} channels x {p.nt * mma.TILE_N} tokens",
+            "grid": list(p.grid),
+            "weight_bytes": {"dense": int(k * n * lin.w.itemsize), "packed": mma.weight_bytes(p)}}
+    plan = Plan(mma.NAME, emit, info=info,
+                shape={"m": m, "k": k, "n": n, "precision": precision, "dtype": dtype})
+    return [(plan, {"macs": p.mp * p.kp * p.np_})]
+
+
+def _match_sparse_cuda(a: _Analysis, lin: _Linear) -> list[tuple[Plan, dict]] | None:
+    """``nm_sparse_cuda`` for a matmul by a constant sparse W with few rows, when the
+    compressed weight is at most 3/4 of the dense bytes (kernels/sparse_cuda.py); with more
+    rows, ``mma_sp_cuda`` for a 2:4 W on sm_80+ (kernels/mma_sp.py)."""
     if lin.m > sparse_cuda.MAX_ROWS:
         return _match_mma_sp(a, lin)
     w, m, k, n, dtype = lin.w, lin.m, lin.k, lin.n, lin.dtype
@@ -776,13 +823,8 @@ def _match_sparse_cuda(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dic
 def _match_mma_sp(a: _Analysis, lin: _Linear) -> list[tuple[Plan, dict]] | None:
     """``mma_sp_cuda`` for ``lin`` when W is 2:4 along K, the GPU has sparse tensor cores
     (sm_80+) and the compile allows bf16 (else a hint that it would)."""
-    import re
-
-    import tvm
-
-    target = tvm.target.Target.current(allow_none=True)
-    arch = re.fullmatch(r"sm_(\d+)[af]?", str(target.attrs.get("arch", ""))) if target else None
-    if arch is None or int(arch.group(1)) < mma_sp.MIN_ARCH or not mma_sp.is_2_4(lin.w):
+    arch = _cuda_arch()
+    if arch is None or arch < mma_sp.MIN_ARCH or not mma_sp.is_2_4(lin.w):
         return None
     if not bf16_allowed():      # lossy: with --precision bf16 only
         a.hint = "2:4 weight: --precision bf16 runs it on sparse tensor cores (mma_sp_cuda)"
@@ -872,7 +914,7 @@ def _match_dynamic_softmax(call: "relax.Call") -> list[tuple[Plan, dict]] | None
 _MATCHERS = {"relax.matmul": _match_dense, "relax.nn.conv2d": _match_conv,
              "relax.nn.softmax": _match_softmax}
 #: the heavy ops with a sparsec kernel per device (the rest go to the device's generic rules)
-MATCHERS_BY_DEVICE = {"cpu": _MATCHERS, "cuda": {"relax.matmul": _match_sparse_cuda}}
+MATCHERS_BY_DEVICE = {"cpu": _MATCHERS, "cuda": {"relax.matmul": _match_cuda_linear}}
 
 
 def _channel_bias(a: _Analysis, heavy_var: Any, add_call: "relax.Call", channel_axis: int

@@ -1,0 +1,363 @@
+"""``mma_cuda``: Y[M, N] = X[M, K] @ W[K, N] on NVIDIA tensor cores (sm_80+) for a constant W
+(every linear layer and matmul by a weight): ``mma.sync`` with fp32 accumulation, inputs in
+
+  tf32   ``mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32`` (10 mantissa bits: the CUDA
+         default, as ONNX Runtime's and TensorRT's; ``--precision tf32``)
+  bf16   ``mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32`` (7 mantissa bits, half the
+         weight bytes; ``--precision bf16``)
+
+As in ``mma_sp_cuda`` (kernels/mma_sp.py), A is W^T (16 output channels) and B is X^T (8
+tokens), so a batch-1 call pads its one token to 8, not 16.
+
+Data:
+  Wa[OB, KS, 32, 4]  uint32: W rounded to the precision (tf32: round to nearest, ties away,
+                     as ``cvt.rna.tf32.f32``; bf16: nearest even, two per word) in the A
+                     fragment order of each lane of the warp that owns 16 output channels
+                     (tile ob) at K step ks: one 128-bit load per lane and step, coalesced.
+                     Converted and laid out at compile time.
+  X[M, K]            fp32, read as B fragments and rounded the same way in the kernel.
+  acc[MP, NP]        fp32 C, token-major; then ``Y = act(acc + bias + residual)`` (a second
+                     kernel, as every sparsec epilogue).
+
+Fragment layouts (PTX ISA 9.7.16.5.1, g = lane // 4, t = lane % 4): C element i (0..3) is
+C[g + 8 (i // 2), 2t + i % 2] for both shapes.
+  tf32 m16n8k8: A element i (one word each) is A[g + 8 (i % 2), t + 4 (i // 2)]; B element i
+  is B[t + 4 i, g].
+  bf16 m16n8k16: A element i (0..7, two per word, low half first) is A[g + 8 ((i // 2) % 2),
+  2t + i % 2 + 8 (i // 4)] (TVM's ``shared_16x16_to_ldmatrix_32x8_layout``); B element i
+  (0..3) is B[2t + i % 2 + 8 (i // 2), g].
+
+Schedule: a block of WARPS warps side by side along output channels, each warp ``mt`` A tiles
+(16 channels) x ``nt`` B tiles (8 tokens), every A fragment feeding ``nt`` mma and every B
+fragment ``mt``; ``mt`` is 2 where that still leaves a block per SM (a wide layer, many
+tokens), else 1 (batch-1 grids are small). X is read straight from global memory (L1/L2: all
+warps of a block read the same rows); staging it in shared memory with ``cp.async`` is not
+done yet.
+
+No GPU here: :func:`build` with ``emulate=True`` is the CPU twin: the same loads, roundings
+and stores, lanes as a loop, and the instruction written as TIR loops from the layouts above;
+``sparsec compile --target cuda`` checks the model on it (targets/cuda.py), the tests check it
+against numpy, and nvcc compiles the real kernel for sm_80 and sm_90.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from sparsec.targets.kernels.common import Activation, epilogue_func, finish
+from sparsec.targets.kernels.mma_sp import TWIN_ATTR   # the CPU twin's build arguments
+
+if TYPE_CHECKING:
+    import numpy as np
+    from tvm import tirx
+
+NAME = "mma_cuda"
+PRECISIONS = ("tf32", "bf16")
+TILE_M, TILE_N = 16, 8               # output channels, tokens of one mma
+TILE_K = {"tf32": 8, "bf16": 16}     # inputs of one mma
+B_WORDS = 2                          # uint32 words of a lane's B fragment (both precisions)
+LANES = 32
+WARPS = 4                            # warps of a block, side by side along output channels
+MAX_N_TILES = 4                      # token tiles per warp
+MIN_ARCH = 80                        # tf32 and bf16 mma exist from Ampere on
+#: blocks that fill a GPU (an H100 has 132 SMs): below it a warp takes one A tile, not two
+FULL_GRID = 132
+INSTRUCTION = {"tf32": "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32",
+               "bf16": "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Geometry: ``mt`` A tiles (16 channels) and ``nt`` token tiles (8) per warp; K padded to
+    whole K steps, N to whole blocks, M to whole warp tiles."""
+
+    m: int
+    k: int
+    n: int
+    precision: str
+    mt: int
+    nt: int
+
+    @property
+    def tile_k(self) -> int:
+        return TILE_K[self.precision]
+
+    @property
+    def kp(self) -> int:
+        return -(-self.k // self.tile_k) * self.tile_k
+
+    @property
+    def block_n(self) -> int:
+        return TILE_M * self.mt * WARPS
+
+    @property
+    def np_(self) -> int:
+        return -(-self.n // self.block_n) * self.block_n
+
+    @property
+    def mp(self) -> int:
+        return -(-self.m // (TILE_N * self.nt)) * TILE_N * self.nt
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.np_ // self.block_n, self.mp // (TILE_N * self.nt)
+
+
+def plan(m: int, k: int, n: int, precision: str = "tf32") -> Plan:
+    """Up to MAX_N_TILES token tiles per warp; two A tiles per warp only where the grid keeps
+    FULL_GRID blocks."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"{NAME} computes in {' or '.join(PRECISIONS)}, not {precision}")
+    nt = min(MAX_N_TILES, -(-m // TILE_N))
+    wide = Plan(m, k, n, precision, 2, nt)
+    return wide if wide.grid[0] * wide.grid[1] >= FULL_GRID else Plan(m, k, n, precision, 1, nt)
+
+
+def tf32_bits(a: "np.ndarray") -> "np.ndarray":
+    """fp32 -> the uint32 bits of its tf32 rounding (nearest, ties away from zero, as
+    ``cvt.rna.tf32.f32``; the low 13 bits zero). Infinities and NaNs are kept."""
+    import numpy as np
+
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    rounded = (u + np.uint32(0x1000)) & np.uint32(0xFFFFE000)
+    return np.where((u & np.uint32(0x7F800000)) == np.uint32(0x7F800000), u, rounded)
+
+
+def tf32_round(a: "np.ndarray") -> "np.ndarray":
+    """``a`` rounded to tf32, as fp32 values (the numbers the tensor cores multiply)."""
+    return tf32_bits(a).view("float32")
+
+
+def round_to(a: "np.ndarray", precision: str) -> "np.ndarray":
+    """``a`` rounded as the kernel rounds its inputs in ``precision``."""
+    from sparsec.targets.kernels.amx import bf16_round
+
+    return tf32_round(a) if precision == "tf32" else bf16_round(a)
+
+
+def a_position(lane, i: int, precision: str) -> tuple:
+    """(row, column) of the A tile (16 channels x TILE_K inputs) that element ``i`` of lane
+    ``lane``'s A fragment holds (module docstring); works on ints and numpy arrays."""
+    g, t = lane // 4, lane % 4
+    if precision == "tf32":
+        return g + 8 * (i % 2), t + 4 * (i // 2)
+    return g + 8 * ((i // 2) % 2), 2 * t + i % 2 + 8 * (i // 4)
+
+
+def pack_weight(w_kn: "np.ndarray", p: Plan) -> "np.ndarray":
+    """[K, N] fp32 -> Wa [OB, KS, 32, 4] uint32 (module docstring), zero padded."""
+    import numpy as np
+
+    from sparsec.targets.kernels.amx import bf16_bits
+
+    k, n = w_kn.shape
+    wt = np.zeros((p.np_, p.kp), np.float32)                 # W^T, padded
+    wt[:n, :k] = w_kn.T
+    ob, ks = p.np_ // TILE_M, p.kp // p.tile_k
+    tiles = wt.reshape(ob, TILE_M, ks, p.tile_k).transpose(0, 2, 1, 3)   # [OB, KS, 16, TK]
+    lane = np.arange(LANES)[:, None]
+    if p.precision == "tf32":
+        rows, cols = a_position(lane, np.arange(4)[None, :], "tf32")
+        words = tf32_bits(tiles[:, :, rows, cols])                         # [OB, KS, 32, 4]
+    else:
+        rows, cols = a_position(lane, np.arange(8)[None, :], "bf16")
+        bits = bf16_bits(tiles[:, :, rows, cols]).astype(np.uint32)        # [OB, KS, 32, 8]
+        words = bits[..., 0::2] | (bits[..., 1::2] << 16)
+    return np.ascontiguousarray(words.astype(np.uint32))
+
+
+def weight_bytes(p: Plan) -> int:
+    """Bytes the kernel reads for W: 16 per lane and K step of each A tile."""
+    return (p.np_ // TILE_M) * (p.kp // p.tile_k) * LANES * 16
+
+
+# --------------------------------------------------------------------------- kernel
+
+
+def _tf32_bits_expr(value: "tirx.PrimExpr") -> "tirx.PrimExpr":
+    """:func:`tf32_bits` of one fp32 TIR value, branch-free."""
+    from tvm import tirx
+
+    u = tirx.reinterpret("uint32", value)
+    special = (u & tirx.IntImm("uint32", 0x7F800000)) == tirx.IntImm("uint32", 0x7F800000)
+    return tirx.Select(special, u, (u + tirx.IntImm("uint32", 0x1000))
+                       & tirx.IntImm("uint32", 0xFFFFE000))
+
+
+def _b_word(x, m: int, k: int, tok, col, precision: str):
+    """A word of a lane's B fragment, given its first input column ``col``: X[tok, col] as
+    tf32 bits, or X[tok, col], X[tok, col + 1] as one word of bf16 bits; zero past M or K
+    (a select: the load index is clamped in bounds, so there is no branch)."""
+    from tvm import tirx
+
+    from sparsec.targets.kernels.amx import bf16_bits_expr
+
+    def value(c):
+        return tirx.Select(tirx.all(tok < m, c < k), x[tirx.min(tok, m - 1), tirx.min(c, k - 1)],
+                           tirx.FloatImm("float32", 0.0))
+
+    if precision == "tf32":
+        return _tf32_bits_expr(value(col))
+    return bf16_bits_expr(value(col)) | (bf16_bits_expr(value(col + 1)) << 16)
+
+
+def _b_column(lane, j: int, precision: str):
+    """The first input (inside the K step) of word ``j`` of lane ``lane``'s B fragment."""
+    if precision == "tf32":
+        return lane % 4 + 4 * j
+    return 2 * (lane % 4) + 8 * j
+
+
+def build(m: int, k: int, n: int, precision: str = "tf32", dtype: str = "float32",
+          bias: bool = False, act: Activation | None = None, residual: bool = False,
+          emulate: bool = False) -> "tirx.PrimFunc":
+    """The PrimFunc ``(X[M,K], Wa [, B[N]] [, R[M,N]], Y[M,N])`` of :func:`pack_weight`'s array:
+    CUDA, or with ``emulate`` its CPU twin (module docstring)."""
+    import json
+
+    from tvm import s_tir, te, tirx
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+
+    if dtype != "float32":
+        raise ValueError(f"{NAME} takes float32 tensors, not {dtype}")
+    p = plan(m, k, n, precision)
+    ob, ks = p.np_ // TILE_M, p.kp // p.tile_k
+    x = te.placeholder((m, k), dtype, name="X")
+    wa = te.placeholder((ob, ks, LANES, 4), "uint32", name="Wa")
+    b = te.placeholder((n,), dtype, name="B") if bias else None
+    res = te.placeholder((m, n), dtype, name="R") if residual else None
+    zero = tirx.FloatImm("float32", 0.0)
+
+    def b_word(xs, tok0, t, lane, step, j):
+        return _b_word(xs, m, k, tok0 + t * TILE_N + lane // 4,
+                       step * p.tile_k + _b_column(lane, j, precision), precision)
+
+    def store(accs, tile, tok0, t, lane, i, value):
+        accs[tok0 + t * TILE_N + lane % 4 * 2 + i % 2, tile * TILE_M + i // 2 * 8 + lane // 4
+             ] = value
+
+    def gpu_program(ins, outs):
+        xs, was = (T.buffer_proxy(t) for t in ins)
+        accs = T.buffer_proxy(outs[0])
+        with IRBuilder() as ib:
+            bx, by = te.thread_axis("blockIdx.x"), te.thread_axis("blockIdx.y")
+            warp, lane = te.thread_axis("threadIdx.y"), te.thread_axis("threadIdx.x")
+            with T.frame_scope([T.attr(bx, "thread_extent", p.grid[0]),
+                                T.attr(by, "thread_extent", p.grid[1]),
+                                T.attr(warp, "thread_extent", WARPS),
+                                T.attr(lane, "thread_extent", LANES)]):
+                tile0, tok0 = (bx * WARPS + warp) * p.mt, by * (TILE_N * p.nt)
+                c = T.buffer_proxy(T.decl_buffer([p.mt, p.nt, 4], "float32", scope="local"))
+                fa = T.buffer_proxy(T.decl_buffer([p.mt * 4], "uint32", scope="local"))
+                fb = T.buffer_proxy(T.decl_buffer([p.nt, B_WORDS], "uint32", scope="local"))
+                for a in range(p.mt):
+                    for t in range(p.nt):
+                        for i in range(4):
+                            c[a, t, i] = zero
+                with T.serial(0, ks) as step:
+                    for a in range(p.mt):      # one 128-bit load per lane and A tile
+                        fa[tirx.Ramp(a * 4, 1, 4)] = was[tile0 + a, step, lane,
+                                                         tirx.Ramp(0, 1, 4)]
+                    for t in range(p.nt):
+                        for j in range(B_WORDS):
+                            fb[t, j] = b_word(xs, tok0, t, lane, step, j)
+                    for a in range(p.mt):
+                        for t in range(p.nt):
+                            d = [c[a, t, i] for i in range(4)]
+                            mma = getattr(T.ptx.mma.sync.aligned,
+                                          "m16n8k8" if precision == "tf32" else "m16n8k16")
+                            op = getattr(mma.row.col.f32, precision)
+                            op = getattr(op, precision).f32
+                            T.evaluate(op(*d, *(fa[a * 4 + j] for j in range(4)),
+                                          *(fb[t, j] for j in range(B_WORDS)), *d))
+                for a in range(p.mt):
+                    for t in range(p.nt):
+                        for i in range(4):
+                            store(accs, tile0 + a, tok0, t, lane, i, c[a, t, i])
+        return ib.get()
+
+    def cpu_program(ins, outs):
+        xs, was = (T.buffer_proxy(t) for t in ins)
+        accs = T.buffer_proxy(outs[0])
+        with IRBuilder() as ib:
+            with T.serial(0, p.grid[0] * WARPS) as wid, T.serial(0, p.grid[1]) as grp:
+                tile0, tok0 = wid * p.mt, grp * (TILE_N * p.nt)
+                c = T.buffer_proxy(T.decl_buffer([p.mt, p.nt, LANES, 4], "float32"))
+                fa = T.buffer_proxy(T.decl_buffer([p.mt, LANES, 4], "uint32"))
+                fb = T.buffer_proxy(T.decl_buffer([p.nt, LANES, B_WORDS], "uint32"))
+                with T.grid(p.mt, p.nt, LANES, 4) as (a, t, ln, i):
+                    c[a, t, ln, i] = zero
+                with T.serial(0, ks) as step:
+                    with T.serial(0, LANES) as ln:
+                        for a in range(p.mt):
+                            for j in range(4):
+                                fa[a, ln, j] = was[tile0 + a, step, ln, j]
+                        for t in range(p.nt):
+                            for j in range(B_WORDS):
+                                fb[t, ln, j] = b_word(xs, tok0, t, ln, step, j)
+                    for a in range(p.mt):
+                        for t in range(p.nt):
+                            _emulate_mma(c, a, t, fa, fb, precision)
+                with T.serial(0, LANES) as ln:
+                    for a in range(p.mt):
+                        for t in range(p.nt):
+                            for i in range(4):
+                                store(accs, tile0 + a, tok0, t, ln, i, c[a, t, ln, i])
+        return ib.get()
+
+    # buffers at offset 0 (TVM's default is a free offset): the A fragments' 128-bit loads
+    # are then aligned vector loads, not gathers
+    acc = te.extern((p.mp, p.np_), [x, wa], cpu_program if emulate else gpu_program,
+                    name="acc", dtype="float32",
+                    in_buffers=[tirx.decl_buffer(t.shape, t.dtype, t.op.name) for t in (x, wa)],
+                    out_buffers=[tirx.decl_buffer((p.mp, p.np_), "float32", "acc")])
+    func = epilogue_func([x, wa], lambda i, j: acc[i, j], (m, n), dtype, b, res, act)
+    sch = s_tir.Schedule(func)
+    if not emulate:
+        i, j = sch.get_loops(sch.get_sblock("Y"))
+        bx, tx = sch.split(sch.fuse(i, j), [None, 256])
+        sch.bind(bx, "blockIdx.x")
+        sch.bind(tx, "threadIdx.x")
+    args = {"m": m, "k": k, "n": n, "precision": precision, "bias": bias,
+            "residual": residual, "act": None if act is None else [act.low, act.high,
+                                                                    act.gelu, act.silu]}
+    return finish(sch, NAME).with_attr(TWIN_ATTR, json.dumps(args, sort_keys=True))
+
+
+def twin(func: "tirx.PrimFunc") -> "tirx.PrimFunc":
+    """The CPU twin of a kernel :func:`build` made (its ``TWIN_ATTR`` arguments)."""
+    import json
+
+    args = json.loads(str(func.attrs[TWIN_ATTR]))
+    act = args.pop("act")
+    return build(**args, act=None if act is None else Activation(*act), emulate=True)
+
+
+def _emulate_mma(c, a: int, t: int, fa, fb, precision: str) -> None:
+    """The ``mma.sync`` of A tile ``a`` and token tile ``t`` on warp-wide fragments (lanes as
+    the first index after the tile), as TIR loops: each C element plus the sum over K of
+    A x B, the operands read from the lanes and elements the layouts give (module docstring).
+    The operands are tf32 or bf16 values, so their products are exact in fp32."""
+    from tvm import tirx
+    from tvm.script.ir_builder import tirx as T
+
+    def half(word, upper):
+        return tirx.reinterpret("float32", tirx.if_then_else(
+            upper, word & tirx.IntImm("uint32", 0xFFFF0000), word << 16))
+
+    with T.grid(TILE_M, TILE_N) as (r, col):
+        s = T.buffer_proxy(T.decl_buffer([1], "float32", scope="local"))
+        c_lane, c_i = (r % 8) * 4 + col // 2, (r // 8) * 2 + col % 2
+        s[0] = c[a, t, c_lane, c_i]
+        with T.serial(0, TILE_K[precision]) as kk:
+            if precision == "tf32":
+                av = tirx.reinterpret("float32", fa[a, (r % 8) * 4 + kk % 4, r // 8 + 2 * (kk // 4)])
+                bv = tirx.reinterpret("float32", fb[t, col * 4 + kk % 4, kk // 4])
+            else:
+                a_i = (kk // 8) * 4 + (r // 8) * 2 + kk % 2
+                av = half(fa[a, (r % 8) * 4 + (kk % 8) // 2, a_i // 2], a_i % 2 == 1)
+                bv = half(fb[t, col * 4 + (kk % 8) // 2, kk // 8], kk % 2 == 1)
+            s[0] = s[0] + av * bv
+        c[a, t, c_lane, c_i] = s[0]
