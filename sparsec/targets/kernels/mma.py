@@ -52,6 +52,8 @@ if TYPE_CHECKING:
     import numpy as np
     from tvm import tirx
 
+    from sparsec.targets.kernels.conv2d import ConvShape
+
 NAME = "mma_cuda"
 PRECISIONS = ("tf32", "bf16")
 TILE_M, TILE_N = 16, 8               # output channels, tokens of one mma
@@ -185,21 +187,46 @@ def _tf32_bits_expr(value: "tirx.PrimExpr") -> "tirx.PrimExpr":
                        & tirx.IntImm("uint32", 0xFFFFE000))
 
 
-def _b_word(x, m: int, k: int, tok, col, precision: str):
-    """A word of a lane's B fragment, given its first input column ``col``: X[tok, col] as
-    tf32 bits, or X[tok, col], X[tok, col + 1] as one word of bf16 bits; zero past M or K
-    (a select: the load index is clamped in bounds, so there is no branch)."""
+def _reader(x, m: int, k: int, conv: "ConvShape | None"):
+    """``value(tok, col)``: entry (tok, col) of the GEMM's [M, K] operand, zero outside it (a
+    select: the load index is clamped in bounds, so there is no branch). A linear layer reads
+    X[tok, col]; a convolution (implicit GEMM) reads the input pixel that output pixel ``tok``
+    (image, row, column) sees through filter tap ``col`` (input channel, ky, kx), zero in the
+    padding."""
     from tvm import tirx
 
+    zero = tirx.FloatImm("float32", 0.0)
+    if conv is None:
+        def value(tok, col):
+            return tirx.Select(tirx.all(tok < m, col < k),
+                               x[tirx.min(tok, m - 1), tirx.min(col, k - 1)], zero)
+        return value
+    oh, ow = conv.out_hw
+    (sh, sw), (dh, dw) = conv.stride, conv.dilation
+    pt, pl = conv.padding[:2]
+
+    def value(tok, col):
+        tok, col = tirx.min(tok, m - 1), tirx.min(col, k - 1)
+        b, oy, ox = tok // (oh * ow), tok // ow % oh, tok % ow
+        c, ky, kx = col // (conv.kh * conv.kw), col // conv.kw % conv.kh, col % conv.kw
+        iy, ix = oy * sh + ky * dh - pt, ox * sw + kx * dw - pl
+        inside = tirx.all(iy >= 0, iy < conv.h, ix >= 0, ix < conv.w)
+        clamp = tirx.max(tirx.min(iy, conv.h - 1), 0), tirx.max(tirx.min(ix, conv.w - 1), 0)
+        return tirx.Select(inside, x[b, c, clamp[0], clamp[1]], zero)
+
+    def guarded(tok, col):
+        return tirx.Select(tirx.all(tok < m, col < k), value(tok, col), zero)
+    return guarded
+
+
+def _b_word(value, tok, col, precision: str):
+    """A word of a lane's B fragment, given its first input column ``col``: value(tok, col) as
+    tf32 bits, or value(tok, col), value(tok, col + 1) as one word of bf16 bits."""
     from sparsec.targets.kernels.amx import bf16_bits_expr
 
-    def value(c):
-        return tirx.Select(tirx.all(tok < m, c < k), x[tirx.min(tok, m - 1), tirx.min(c, k - 1)],
-                           tirx.FloatImm("float32", 0.0))
-
     if precision == "tf32":
-        return _tf32_bits_expr(value(col))
-    return bf16_bits_expr(value(col)) | (bf16_bits_expr(value(col + 1)) << 16)
+        return _tf32_bits_expr(value(tok, col))
+    return bf16_bits_expr(value(tok, col)) | (bf16_bits_expr(value(tok, col + 1)) << 16)
 
 
 def _b_column(lane, j: int, precision: str):
@@ -209,11 +236,20 @@ def _b_column(lane, j: int, precision: str):
     return 2 * (lane % 4) + 8 * j
 
 
+def conv_gemm(conv: "ConvShape") -> tuple[int, int, int]:
+    """(M, K, N) of a convolution as a GEMM: output pixels, filter taps, output channels."""
+    oh, ow = conv.out_hw
+    return conv.n * oh * ow, conv.ic * conv.kh * conv.kw, conv.oc
+
+
 def build(m: int, k: int, n: int, precision: str = "tf32", dtype: str = "float32",
           bias: bool = False, act: Activation | None = None, residual: bool = False,
-          emulate: bool = False) -> "tirx.PrimFunc":
+          emulate: bool = False, conv: "ConvShape | None" = None) -> "tirx.PrimFunc":
     """The PrimFunc ``(X[M,K], Wa [, B[N]] [, R[M,N]], Y[M,N])`` of :func:`pack_weight`'s array:
-    CUDA, or with ``emulate`` its CPU twin (module docstring)."""
+    CUDA, or with ``emulate`` its CPU twin (module docstring). With ``conv`` (groups 1, NCHW;
+    ``m, k, n`` its :func:`conv_gemm`): ``(X[N,C,H,W], Wa [, B[OC]] [, R], Y[N,OC,OH,OW])``,
+    the convolution as an implicit GEMM, W ``[OC, C*KH*KW]`` packed as ``W^T``."""
+    import dataclasses
     import json
 
     from tvm import s_tir, te, tirx
@@ -224,14 +260,19 @@ def build(m: int, k: int, n: int, precision: str = "tf32", dtype: str = "float32
         raise ValueError(f"{NAME} takes float32 tensors, not {dtype}")
     p = plan(m, k, n, precision)
     ob, ks = p.np_ // TILE_M, p.kp // p.tile_k
-    x = te.placeholder((m, k), dtype, name="X")
+    if conv is None:
+        out_shape, channel_axis = (m, n), 1
+        x = te.placeholder((m, k), dtype, name="X")
+    else:
+        out_shape, channel_axis = (conv.n, conv.oc, *conv.out_hw), 1
+        x = te.placeholder((conv.n, conv.ic, conv.h, conv.w), dtype, name="X")
     wa = te.placeholder((ob, ks, LANES, 4), "uint32", name="Wa")
     b = te.placeholder((n,), dtype, name="B") if bias else None
-    res = te.placeholder((m, n), dtype, name="R") if residual else None
+    res = te.placeholder(out_shape, dtype, name="R") if residual else None
     zero = tirx.FloatImm("float32", 0.0)
 
     def b_word(xs, tok0, t, lane, step, j):
-        return _b_word(xs, m, k, tok0 + t * TILE_N + lane // 4,
+        return _b_word(_reader(xs, m, k, conv), tok0 + t * TILE_N + lane // 4,
                        step * p.tile_k + _b_column(lane, j, precision), precision)
 
     def store(accs, tile, tok0, t, lane, i, value):
@@ -313,16 +354,24 @@ def build(m: int, k: int, n: int, precision: str = "tf32", dtype: str = "float32
                     name="acc", dtype="float32",
                     in_buffers=[tirx.decl_buffer(t.shape, t.dtype, t.op.name) for t in (x, wa)],
                     out_buffers=[tirx.decl_buffer((p.mp, p.np_), "float32", "acc")])
-    func = epilogue_func([x, wa], lambda i, j: acc[i, j], (m, n), dtype, b, res, act)
+    if conv is None:
+        def value(i, j):
+            return acc[i, j]
+    else:
+        oh, ow = conv.out_hw
+
+        def value(img, o, y, xx):
+            return acc[(img * oh + y) * ow + xx, o]
+    func = epilogue_func([x, wa], value, out_shape, dtype, b, res, act, channel_axis)
     sch = s_tir.Schedule(func)
     if not emulate:
-        i, j = sch.get_loops(sch.get_sblock("Y"))
-        bx, tx = sch.split(sch.fuse(i, j), [None, 256])
+        bx, tx = sch.split(sch.fuse(*sch.get_loops(sch.get_sblock("Y"))), [None, 256])
         sch.bind(bx, "blockIdx.x")
         sch.bind(tx, "threadIdx.x")
     args = {"m": m, "k": k, "n": n, "precision": precision, "bias": bias,
             "residual": residual, "act": None if act is None else [act.low, act.high,
-                                                                    act.gelu, act.silu]}
+                                                                    act.gelu, act.silu],
+            "conv": None if conv is None else dataclasses.asdict(conv)}
     return finish(sch, NAME).with_attr(TWIN_ATTR, json.dumps(args, sort_keys=True))
 
 
@@ -330,9 +379,15 @@ def twin(func: "tirx.PrimFunc") -> "tirx.PrimFunc":
     """The CPU twin of a kernel :func:`build` made (its ``TWIN_ATTR`` arguments)."""
     import json
 
+    from sparsec.targets.kernels.conv2d import ConvShape
+
     args = json.loads(str(func.attrs[TWIN_ATTR]))
-    act = args.pop("act")
-    return build(**args, act=None if act is None else Activation(*act), emulate=True)
+    act, conv = args.pop("act"), args.pop("conv")
+    if conv is not None:
+        conv = ConvShape(**{key: tuple(v) if isinstance(v, list) else v
+                            for key, v in conv.items()})
+    return build(**args, act=None if act is None else Activation(*act), emulate=True,
+                 conv=conv)
 
 
 def _emulate_mma(c, a: int, t: int, fa, fb, precision: str) -> None:

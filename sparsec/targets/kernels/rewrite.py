@@ -479,13 +479,29 @@ def _emit_batch_matmul(bb: "relax.BlockBuilder", strategy: str, kshape: dict, ar
 
 
 def _match_conv(a: _Analysis, call: "relax.Call") -> tuple[Plan, dict] | None:
+    if _static_shape(call.args[0]) is None or _static_shape(call) is None:
+        return _match_dynamic_conv(a, call)
+    found = _static_conv(a, call)
+    if found is None:
+        return None
+    shape, groups, w, xs, out = found
+    if depthwise.matches(shape, groups):
+        return [_depthwise(shape, w, _dtype(call), xs, out)]
+    if grouped_conv.matches(shape, groups):
+        return [_grouped(shape, groups, w, _dtype(call), xs, out)]
+    if groups != 1:
+        return None
+    return _conv_plans(shape, w, _dtype(call), xs, out)
+
+
+def _static_conv(a: _Analysis, call: "relax.Call") -> tuple | None:
+    """``(ConvShape, groups, W, x shape, out shape)`` of a static NCHW/OIHW conv2d by a
+    constant W in a supported dtype, else None."""
     x, w_expr = call.args
     at = call.attrs
     w = a.const(w_expr)
     xs, out = _static_shape(x), _static_shape(call)
-    if xs is None or out is None:
-        return _match_dynamic_conv(a, call)
-    if w is None or w.ndim != 4 or len(xs) != 4:
+    if xs is None or out is None or w is None or w.ndim != 4 or len(xs) != 4:
         return None
     if (str(at.data_layout), str(at.kernel_layout)) != ("NCHW", "OIHW"):
         return None
@@ -505,15 +521,14 @@ def _match_conv(a: _Analysis, call: "relax.Call") -> tuple[Plan, dict] | None:
         dilation=tuple(int(d) for d in at.dilation))
     if (shape.n, shape.oc) + shape.out_hw != out:
         return None
-    if depthwise.matches(shape, groups):
-        return [_depthwise(shape, w, _dtype(x), xs, out)]
-    if grouped_conv.matches(shape, groups):
-        return [_grouped(shape, groups, w, _dtype(x), xs, out)]
-    if groups != 1:
-        return None
+    return shape, groups, w, xs, out
+
+
+def _conv_plans(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, xs: tuple, out: tuple
+                ) -> list[tuple[Plan, dict]]:
+    """The CPU kernels for a groups-1 conv."""
     wplan = conv2d.plan_wvec(shape)
     packed = conv2d.pack_weight(w, wplan.oct if wplan else conv2d.LANES)
-    dtype = _dtype(x)
     kshape = {**dataclasses.asdict(shape), "dtype": dtype}
     if wplan:
         kshape["variant"] = "width_vectorized"
@@ -760,13 +775,50 @@ def _cuda_arch() -> int | None:
 
 
 def _match_mma(a: _Analysis, lin: _Linear) -> list[tuple[Plan, dict]] | None:
-    """``mma_cuda`` (kernels/mma.py) when the compile's precision is tf32 or bf16 and the GPU
-    has their tensor-core instructions (sm_80+)."""
+    """``mma_cuda`` (kernels/mma.py) for a linear layer when the compile's precision is tf32
+    or bf16 and the GPU has their tensor-core instructions (sm_80+)."""
+    def call(bb: "relax.BlockBuilder", func: "tirx.PrimFunc", args: list, wa, bias, residual
+             ) -> "relax.Expr":
+        return lin.emit(bb, func, mma.NAME, args, [wa], bias, residual)
+
+    info = {"op": "matmul", "shape": {"M": lin.m, "K": lin.k, "N": lin.n}}
+    return _mma_plan(lin.m, lin.k, lin.n, lin.dtype, lin.w, info, call)
+
+
+def _match_cuda_conv(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | None:
+    """``mma_cuda`` for a groups-1 NCHW conv by a constant W, as an implicit GEMM (output
+    pixels x filter taps x output channels; kernels/mma.py); depthwise and grouped convs stay
+    on DLight's schedules."""
+    from tvm import relax
+
+    found = _static_conv(a, call)
+    if found is None or found[1] != 1:
+        return None
+    shape, _, w, xs, out = found
+    m, k, n = mma.conv_gemm(shape)
+
+    def emit(bb: "relax.BlockBuilder", func: "tirx.PrimFunc", args: list, wa, bias, residual
+             ) -> "relax.Expr":
+        gv = bb.add_func(func, mma.NAME)
+        call_args = [args[0], wa] + ([relax.const(bias)] if bias is not None else []) + (
+            [residual] if residual is not None else [])
+        return relax.call_tir(gv, call_args, relax.TensorType(out, _dtype(call)))
+
+    info = _conv_info(shape, xs, w, out, "implicit_gemm")
+    info["shape"]["gemm"] = {"M": m, "K": k, "N": n}
+    return _mma_plan(m, k, n, _dtype(call), w.reshape(n, k).T, info, emit, shape)
+
+
+def _mma_plan(m: int, k: int, n: int, dtype: str, w_kn: "np.ndarray", info: dict,
+              call: Callable, conv: conv2d.ConvShape | None = None
+              ) -> list[tuple[Plan, dict]] | None:
+    """The ``mma_cuda`` plan of an [M, K] x [K, N] GEMM by the constant ``w_kn`` (``call``
+    emits the kernel's call from ``(bb, func, args, packed W, bias, residual)``), when the
+    compile's precision is tf32 or bf16 and the GPU is sm_80+; else None."""
     precision = current_precision()
     arch = _cuda_arch()
     if precision not in mma.PRECISIONS or arch is None or arch < mma.MIN_ARCH:
         return None
-    m, k, n, dtype = lin.m, lin.k, lin.n, lin.dtype
     p = mma.plan(m, k, n, precision)
 
     def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
@@ -774,17 +826,16 @@ def _match_mma(a: _Analysis, lin: _Linear) -> list[tuple[Plan, dict]] | None:
         from tvm import relax
 
         func = mma.build(m, k, n, precision, dtype, bias=bias is not None, act=act,
-                         residual=residual is not None)
-        return lin.emit(bb, func, mma.NAME, args, [relax.const(mma.pack_weight(lin.w, p))],
-                        bias, residual)
+                         residual=residual is not None, conv=conv)
+        return call(bb, func, args, relax.const(mma.pack_weight(w_kn, p)), bias, residual)
 
-    info = {"op": "matmul", "shape": {"M": m, "K": k, "N": n}, "precision": precision,
-            "tensor_cores": mma.INSTRUCTION[precision],
+    info = {**info, "precision": precision, "tensor_cores": mma.INSTRUCTION[precision],
             "warp_tile": f"{p.mt * mma.TILE_M} channels x {p.nt * mma.TILE_N} tokens",
             "grid": list(p.grid),
-            "weight_bytes": {"dense": int(k * n * lin.w.itemsize), "packed": mma.weight_bytes(p)}}
+            "weight_bytes": {"dense": int(w_kn.nbytes), "packed": mma.weight_bytes(p)}}
     plan = Plan(mma.NAME, emit, info=info,
-                shape={"m": m, "k": k, "n": n, "precision": precision, "dtype": dtype})
+                shape={"m": m, "k": k, "n": n, "precision": precision, "dtype": dtype,
+                       **({"conv": dataclasses.asdict(conv)} if conv is not None else {})})
     return [(plan, {"macs": p.mp * p.kp * p.np_})]
 
 
@@ -914,7 +965,8 @@ def _match_dynamic_softmax(call: "relax.Call") -> list[tuple[Plan, dict]] | None
 _MATCHERS = {"relax.matmul": _match_dense, "relax.nn.conv2d": _match_conv,
              "relax.nn.softmax": _match_softmax}
 #: the heavy ops with a sparsec kernel per device (the rest go to the device's generic rules)
-MATCHERS_BY_DEVICE = {"cpu": _MATCHERS, "cuda": {"relax.matmul": _match_cuda_linear}}
+MATCHERS_BY_DEVICE = {"cpu": _MATCHERS, "cuda": {"relax.matmul": _match_cuda_linear,
+                                                  "relax.nn.conv2d": _match_cuda_conv}}
 
 
 def _channel_bias(a: _Analysis, heavy_var: Any, add_call: "relax.Call", channel_axis: int
