@@ -128,6 +128,46 @@ def test_twin_matches_numpy(precision, m, k, n, epilogue):
     assert np.abs(out.numpy() - exact).max() > 10 * err
 
 
+@pytest.mark.parametrize("precision,conv,epilogue", [
+    # stride, asymmetric padding and dilation; two images
+    ("tf32", (2, 5, 9, 7, 20, 3, 3, (2, 1), (1, 1, 1, 0), (1, 2)), "bias+relu"),
+    ("bf16", (1, 16, 6, 6, 24, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1)), "bias+residual"),
+])
+def test_conv_twin_matches_torch(precision, conv, epilogue):
+    """A convolution as an implicit GEMM: the twin against torch's conv2d (float64) on the
+    rounded inputs."""
+    import torch
+
+    from sparsec.targets.kernels.conv2d import ConvShape
+
+    cs = ConvShape(*conv)
+    m, k, n = mma.conv_gemm(cs)
+    oh, ow = cs.out_hw
+    rng = np.random.default_rng(k)
+    x = rng.standard_normal((cs.n, cs.ic, cs.h, cs.w)).astype(np.float32)
+    w = rng.standard_normal((cs.oc, cs.ic, cs.kh, cs.kw)).astype(np.float32)
+    bias = rng.standard_normal(cs.oc).astype(np.float32)
+    res = rng.standard_normal((cs.n, cs.oc, oh, ow)).astype(np.float32)
+    flags = dict(bias=True, residual="residual" in epilogue,
+                 act=RELU if "relu" in epilogue else None)
+    func = mma.twin(mma.build(m, k, n, precision, conv=cs, **flags))   # via its attributes
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                      target=tvm.target.Target({"kind": "llvm"}))
+    args = [x, mma.pack_weight(w.reshape(n, k).T, mma.plan(m, k, n, precision)), bias] + [
+        res] * flags["residual"]
+    out = tvm.runtime.tensor(np.zeros((cs.n, cs.oc, oh, ow), np.float32))
+    lib["main"](*[tvm.runtime.tensor(a) for a in args], out)
+    pt, pl, pb, pr = cs.padding
+    padded = torch.nn.functional.pad(torch.from_numpy(mma.round_to(x, precision)).double(),
+                                     (pl, pr, pt, pb))
+    want = torch.nn.functional.conv2d(
+        padded, torch.from_numpy(mma.round_to(w, precision)).double(),
+        torch.from_numpy(bias).double(), stride=cs.stride, dilation=cs.dilation).numpy()
+    want = want + (res if flags["residual"] else 0)
+    want = np.maximum(want, 0) if flags["act"] else want
+    np.testing.assert_allclose(out.numpy(), want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
 @needs_nvcc
 @pytest.mark.parametrize("precision,arch", [("tf32", "sm_80"), ("bf16", "sm_90")])
 def test_kernel_compiles_with_nvcc(precision, arch, tmp_path):
