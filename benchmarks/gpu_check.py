@@ -10,9 +10,11 @@ DIR holds ``rt/`` (``sparsec runtime --target T``: libtvm_runtime, libtvm_ffi,
 libtvm_runtime_cuda, headers, the C API source), ``pkgs/NAME/`` (the packages: the digits CNN
 and MLP, and a 768 -> 3072 linear layer dense / 2:4 / 80 % at batch 1, 2:4 at batch 8, and
 dense / 2:4 at 128 rows, where the 2:4 layer runs on sparse tensor cores, ``mma_sp_cuda``),
-``check.c`` and ``run.sh``. Per package the program runs the reference pair (ONNX Runtime's
-outputs, computed here) on the GPU and times ``sparsec_run`` (host buffers in and out, so the
-copies are counted).
+``check.c`` and ``run.sh``. The dense layers and the digits CNN come in fp32 (DLight's FMA
+schedules), tf32 and bf16 (tensor cores, ``mma_cuda``); each package's name ends in its
+precision. Per package the program runs the reference pair (ONNX Runtime's outputs, computed
+here) on the GPU and times ``sparsec_run`` (host buffers in and out, so the copies are
+counted).
 """
 
 from __future__ import annotations
@@ -120,13 +122,18 @@ def main(argv: list[str] | None = None) -> int:
         path = out / f"{name}.onnx"
         onnx.save(linear_layer(m, 768, 3072, keep), str(path))
         models[name] = path
-    for name, path in models.items():
-        pkg = out / "pkgs" / name
-        # the 128-row 2:4 layer in bf16: on the sparse tensor cores (mma_sp_cuda)
-        precision = "bf16" if name == "linear_m128_2of4" else None
-        manifest = api.compile(path, pkg, target=args.target, name=name, precision=precision)
-        print(f"{name}: {manifest['compile']['kernels']}, checked here via "
-              f"{manifest['reference']['check']['via']}")
+    # precisions per model (default: the target's, tf32): the dense layers in all three
+    # (DLight's fp32 FMA schedule, tensor cores in tf32 and bf16); the 128-row 2:4 layer in
+    # bf16, on the sparse tensor cores (mma_sp_cuda), beside its dense bf16 twin
+    precisions = {"digits_cnn": ("fp32", "tf32"), "linear_m1_dense": ("fp32", "tf32", "bf16"),
+                  "linear_m128_dense": ("fp32", "tf32", "bf16"), "linear_m128_2of4": ("bf16",)}
+    for base, path in models.items():
+        for precision in precisions.get(base, ("tf32",)):
+            name = f"{base}_{precision}"
+            manifest = api.compile(path, out / "pkgs" / name, target=args.target, name=name,
+                                   precision=precision)
+            print(f"{name}: {manifest['compile']['kernels']}, {manifest['compile']['precision']}"
+                  f", checked here via {manifest['reference']['check']['via']}")
     for path in out.glob("*.onnx"):
         path.unlink()
     (out / "check.c").write_text(CHECK)
