@@ -169,14 +169,22 @@ def test_conv_twin_matches_torch(precision, conv, epilogue):
 
 
 @needs_nvcc
-@pytest.mark.parametrize("precision,arch", [("tf32", "sm_80"), ("bf16", "sm_90")])
-def test_kernel_compiles_with_nvcc(precision, arch, tmp_path):
+@pytest.mark.parametrize("precision,arch,conv", [
+    ("tf32", "sm_80", None), ("bf16", "sm_90", None),
+    ("tf32", "sm_90", (2, 5, 9, 7, 20, 3, 3, (2, 1), (1, 1, 1, 0), (1, 2))),   # padded taps
+])
+def test_kernel_compiles_with_nvcc(precision, arch, conv, tmp_path):
     """nvcc compiles the CUDA TVM emits to SASS (ptxas checks the instruction and its
     operands for the architecture) and to PTX, which holds the tensor-core instruction for
     the precision's shape, not the other's; the weights arrive as 128-bit loads."""
     from sparsec.targets.cuda import compile_fatbin, kernel_source, nvcc
+    from sparsec.targets.kernels.conv2d import ConvShape
 
-    func = mma.build(128, 768, 768, precision, bias=True, act=RELU)
+    if conv is None:
+        func = mma.build(100, 768, 768, precision, bias=True, act=RELU)   # a partial tile
+    else:
+        cs = ConvShape(*conv)
+        func = mma.build(*mma.conv_gemm(cs), precision, bias=True, act=RELU, conv=cs)
     ex = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
                      target=tvm.target.Target({"kind": "cuda", "arch": arch}))
     source = kernel_source(ex)

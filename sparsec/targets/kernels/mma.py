@@ -219,14 +219,18 @@ def _reader(x, m: int, k: int, conv: "ConvShape | None"):
     return guarded
 
 
-def _b_word(value, tok, col, precision: str):
+def _b_word(value, tok, col, precision: str, staged) -> "tirx.PrimExpr":
     """A word of a lane's B fragment, given its first input column ``col``: value(tok, col) as
-    tf32 bits, or value(tok, col), value(tok, col + 1) as one word of bf16 bits."""
+    tf32 bits, or value(tok, col), value(tok, col + 1) as one word of bf16 bits. The values
+    are first stored to ``staged`` (2 local floats): their bits are read from there, as CUDA
+    can only reinterpret a variable, not an expression."""
     from sparsec.targets.kernels.amx import bf16_bits_expr
 
+    staged[0] = value(tok, col)
     if precision == "tf32":
-        return _tf32_bits_expr(value(tok, col))
-    return bf16_bits_expr(value(tok, col)) | (bf16_bits_expr(value(tok, col + 1)) << 16)
+        return _tf32_bits_expr(staged[0])
+    staged[1] = value(tok, col + 1)
+    return bf16_bits_expr(staged[0]) | (bf16_bits_expr(staged[1]) << 16)
 
 
 def _b_column(lane, j: int, precision: str):
@@ -271,9 +275,9 @@ def build(m: int, k: int, n: int, precision: str = "tf32", dtype: str = "float32
     res = te.placeholder(out_shape, dtype, name="R") if residual else None
     zero = tirx.FloatImm("float32", 0.0)
 
-    def b_word(xs, tok0, t, lane, step, j):
+    def b_word(xs, tok0, t, lane, step, j, staged):
         return _b_word(_reader(xs, m, k, conv), tok0 + t * TILE_N + lane // 4,
-                       step * p.tile_k + _b_column(lane, j, precision), precision)
+                       step * p.tile_k + _b_column(lane, j, precision), precision, staged)
 
     def store(accs, tile, tok0, t, lane, i, value):
         accs[tok0 + t * TILE_N + lane % 4 * 2 + i % 2, tile * TILE_M + i // 2 * 8 + lane // 4
@@ -293,6 +297,7 @@ def build(m: int, k: int, n: int, precision: str = "tf32", dtype: str = "float32
                 c = T.buffer_proxy(T.decl_buffer([p.mt, p.nt, 4], "float32", scope="local"))
                 fa = T.buffer_proxy(T.decl_buffer([p.mt * 4], "uint32", scope="local"))
                 fb = T.buffer_proxy(T.decl_buffer([p.nt, B_WORDS], "uint32", scope="local"))
+                xv = T.buffer_proxy(T.decl_buffer([2], "float32", scope="local"))
                 for a in range(p.mt):
                     for t in range(p.nt):
                         for i in range(4):
@@ -303,7 +308,7 @@ def build(m: int, k: int, n: int, precision: str = "tf32", dtype: str = "float32
                                                          tirx.Ramp(0, 1, 4)]
                     for t in range(p.nt):
                         for j in range(B_WORDS):
-                            fb[t, j] = b_word(xs, tok0, t, lane, step, j)
+                            fb[t, j] = b_word(xs, tok0, t, lane, step, j, xv)
                     for a in range(p.mt):
                         for t in range(p.nt):
                             d = [c[a, t, i] for i in range(4)]
@@ -328,6 +333,7 @@ def build(m: int, k: int, n: int, precision: str = "tf32", dtype: str = "float32
                 c = T.buffer_proxy(T.decl_buffer([p.mt, p.nt, LANES, 4], "float32"))
                 fa = T.buffer_proxy(T.decl_buffer([p.mt, LANES, 4], "uint32"))
                 fb = T.buffer_proxy(T.decl_buffer([p.nt, LANES, B_WORDS], "uint32"))
+                xv = T.buffer_proxy(T.decl_buffer([2], "float32"))
                 with T.grid(p.mt, p.nt, LANES, 4) as (a, t, ln, i):
                     c[a, t, ln, i] = zero
                 with T.serial(0, ks) as step:
@@ -337,7 +343,7 @@ def build(m: int, k: int, n: int, precision: str = "tf32", dtype: str = "float32
                                 fa[a, ln, j] = was[tile0 + a, step, ln, j]
                         for t in range(p.nt):
                             for j in range(B_WORDS):
-                                fb[t, ln, j] = b_word(xs, tok0, t, ln, step, j)
+                                fb[t, ln, j] = b_word(xs, tok0, t, ln, step, j, xv)
                     for a in range(p.mt):
                         for t in range(p.nt):
                             _emulate_mma(c, a, t, fa, fb, precision)
