@@ -63,16 +63,21 @@ LANES = 32
 WARPS = 4                            # warps of a block, side by side along output channels
 MAX_N_TILES = 4                      # token tiles per warp
 MIN_ARCH = 80                        # tf32 and bf16 mma exist from Ampere on
-#: blocks that fill a GPU (an H100 has 132 SMs): below it a warp takes one A tile, not two
+#: blocks that fill a GPU (an H100 has 132 SMs): below it a warp takes one A tile, not two,
+#: and K is split across blocks until the grid reaches it
 FULL_GRID = 132
+MAX_SPLITS = 16                      # split-K: most parts of K
+MIN_SPLIT_STEPS = 4                  # split-K: fewest K steps a part keeps
 INSTRUCTION = {"tf32": "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32",
                "bf16": "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"}
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Geometry: ``mt`` A tiles (16 channels) and ``nt`` token tiles (8) per warp; K padded to
-    whole K steps, N to whole blocks, M to whole warp tiles."""
+    """Geometry: ``mt`` A tiles (16 channels) and ``nt`` token tiles (8) per warp; K in
+    ``splits`` parts of ``split_steps`` K steps each (split-K: a block per part, the parts
+    summed by the epilogue), padded with zero weights; N padded to whole blocks, M to whole
+    warp tiles."""
 
     m: int
     k: int
@@ -80,14 +85,19 @@ class Plan:
     precision: str
     mt: int
     nt: int
+    splits: int = 1
 
     @property
     def tile_k(self) -> int:
         return TILE_K[self.precision]
 
     @property
+    def split_steps(self) -> int:
+        return -(-self.k // (self.tile_k * self.splits))
+
+    @property
     def kp(self) -> int:
-        return -(-self.k // self.tile_k) * self.tile_k
+        return self.split_steps * self.splits * self.tile_k
 
     @property
     def block_n(self) -> int:
@@ -107,13 +117,21 @@ class Plan:
 
 
 def plan(m: int, k: int, n: int, precision: str = "tf32") -> Plan:
-    """Up to MAX_N_TILES token tiles per warp; two A tiles per warp only where the grid keeps
-    FULL_GRID blocks."""
+    """Up to MAX_N_TILES token tiles per warp; two A tiles per warp where the grid keeps
+    FULL_GRID blocks, else one, and K split in up to MAX_SPLITS parts (of at least
+    MIN_SPLIT_STEPS K steps) until the grid has FULL_GRID blocks: a batch-1 layer of 768
+    outputs is 12 blocks unsplit, 132 split 11 ways."""
     if precision not in PRECISIONS:
         raise ValueError(f"{NAME} computes in {' or '.join(PRECISIONS)}, not {precision}")
     nt = min(MAX_N_TILES, -(-m // TILE_N))
     wide = Plan(m, k, n, precision, 2, nt)
-    return wide if wide.grid[0] * wide.grid[1] >= FULL_GRID else Plan(m, k, n, precision, 1, nt)
+    if wide.grid[0] * wide.grid[1] >= FULL_GRID:
+        return wide
+    p = Plan(m, k, n, precision, 1, nt)
+    blocks, steps = p.grid[0] * p.grid[1], p.kp // p.tile_k
+    splits = min(MAX_SPLITS, -(-FULL_GRID // blocks), max(1, steps // MIN_SPLIT_STEPS))
+    per = -(-steps // splits)
+    return Plan(m, k, n, precision, 1, nt, -(-steps // per))     # no part of padding only
 
 
 def tf32_bits(a: "np.ndarray") -> "np.ndarray":
@@ -279,18 +297,20 @@ def build(m: int, k: int, n: int, precision: str = "tf32", dtype: str = "float32
         return _b_word(_reader(xs, m, k, conv), tok0 + t * TILE_N + lane // 4,
                        step * p.tile_k + _b_column(lane, j, precision), precision, staged)
 
-    def store(accs, tile, tok0, t, lane, i, value):
-        accs[tok0 + t * TILE_N + lane % 4 * 2 + i % 2, tile * TILE_M + i // 2 * 8 + lane // 4
-             ] = value
+    def store(accs, part, tile, tok0, t, lane, i, value):
+        accs[part, tok0 + t * TILE_N + lane % 4 * 2 + i % 2,
+             tile * TILE_M + i // 2 * 8 + lane // 4] = value
 
     def gpu_program(ins, outs):
         xs, was = (T.buffer_proxy(t) for t in ins)
         accs = T.buffer_proxy(outs[0])
         with IRBuilder() as ib:
             bx, by = te.thread_axis("blockIdx.x"), te.thread_axis("blockIdx.y")
+            bz = te.thread_axis("blockIdx.z")
             warp, lane = te.thread_axis("threadIdx.y"), te.thread_axis("threadIdx.x")
             with T.frame_scope([T.attr(bx, "thread_extent", p.grid[0]),
                                 T.attr(by, "thread_extent", p.grid[1]),
+                                T.attr(bz, "thread_extent", p.splits),
                                 T.attr(warp, "thread_extent", WARPS),
                                 T.attr(lane, "thread_extent", LANES)]):
                 tile0, tok0 = (bx * WARPS + warp) * p.mt, by * (TILE_N * p.nt)
@@ -302,7 +322,8 @@ def build(m: int, k: int, n: int, precision: str = "tf32", dtype: str = "float32
                     for t in range(p.nt):
                         for i in range(4):
                             c[a, t, i] = zero
-                with T.serial(0, ks) as step:
+                with T.serial(0, p.split_steps) as s:
+                    step = bz * p.split_steps + s
                     for a in range(p.mt):      # one 128-bit load per lane and A tile
                         fa[tirx.Ramp(a * 4, 1, 4)] = was[tile0 + a, step, lane,
                                                          tirx.Ramp(0, 1, 4)]
@@ -321,14 +342,15 @@ def build(m: int, k: int, n: int, precision: str = "tf32", dtype: str = "float32
                 for a in range(p.mt):
                     for t in range(p.nt):
                         for i in range(4):
-                            store(accs, tile0 + a, tok0, t, lane, i, c[a, t, i])
+                            store(accs, bz, tile0 + a, tok0, t, lane, i, c[a, t, i])
         return ib.get()
 
     def cpu_program(ins, outs):
         xs, was = (T.buffer_proxy(t) for t in ins)
         accs = T.buffer_proxy(outs[0])
         with IRBuilder() as ib:
-            with T.serial(0, p.grid[0] * WARPS) as wid, T.serial(0, p.grid[1]) as grp:
+            with T.serial(0, p.grid[0] * WARPS) as wid, T.serial(0, p.grid[1]) as grp, \
+                    T.serial(0, p.splits) as part:
                 tile0, tok0 = wid * p.mt, grp * (TILE_N * p.nt)
                 c = T.buffer_proxy(T.decl_buffer([p.mt, p.nt, LANES, 4], "float32"))
                 fa = T.buffer_proxy(T.decl_buffer([p.mt, LANES, 4], "uint32"))
@@ -336,7 +358,8 @@ def build(m: int, k: int, n: int, precision: str = "tf32", dtype: str = "float32
                 xv = T.buffer_proxy(T.decl_buffer([2], "float32"))
                 with T.grid(p.mt, p.nt, LANES, 4) as (a, t, ln, i):
                     c[a, t, ln, i] = zero
-                with T.serial(0, ks) as step:
+                with T.serial(0, p.split_steps) as s:
+                    step = part * p.split_steps + s
                     with T.serial(0, LANES) as ln:
                         for a in range(p.mt):
                             for j in range(4):
@@ -351,23 +374,29 @@ def build(m: int, k: int, n: int, precision: str = "tf32", dtype: str = "float32
                     for a in range(p.mt):
                         for t in range(p.nt):
                             for i in range(4):
-                                store(accs, tile0 + a, tok0, t, ln, i, c[a, t, ln, i])
+                                store(accs, part, tile0 + a, tok0, t, ln, i, c[a, t, ln, i])
         return ib.get()
 
     # buffers at offset 0 (TVM's default is a free offset): the A fragments' 128-bit loads
     # are then aligned vector loads, not gathers
-    acc = te.extern((p.mp, p.np_), [x, wa], cpu_program if emulate else gpu_program,
-                    name="acc", dtype="float32",
+    acc = te.extern((p.splits, p.mp, p.np_), [x, wa],
+                    cpu_program if emulate else gpu_program, name="acc", dtype="float32",
                     in_buffers=[tirx.decl_buffer(t.shape, t.dtype, t.op.name) for t in (x, wa)],
-                    out_buffers=[tirx.decl_buffer((p.mp, p.np_), "float32", "acc")])
+                    out_buffers=[tirx.decl_buffer((p.splits, p.mp, p.np_), "float32", "acc")])
+
+    def summed(i, j):      # the parts of a split K, in order
+        total = acc[0, i, j]
+        for part in range(1, p.splits):
+            total = total + acc[part, i, j]
+        return total
+
     if conv is None:
-        def value(i, j):
-            return acc[i, j]
+        value = summed
     else:
         oh, ow = conv.out_hw
 
         def value(img, o, y, xx):
-            return acc[(img * oh + y) * ow + xx, o]
+            return summed((img * oh + y) * ow + xx, o)
     func = epilogue_func([x, wa], value, out_shape, dtype, b, res, act, channel_axis)
     sch = s_tir.Schedule(func)
     if not emulate:
