@@ -16,8 +16,9 @@ Data:
                      (tile ob) at K step ks: one 128-bit load per lane and step, coalesced.
                      Converted and laid out at compile time.
   X[M, K]            fp32, read as B fragments and rounded the same way in the kernel.
-  acc[MP, NP]        fp32 C, token-major; then ``Y = act(acc + bias + residual)`` (a second
-                     kernel, as every sparsec epilogue).
+  acc[S, MP, NP]     fp32 C per part of a split K (S = 1 unless split), token-major; then
+                     ``Y = act(sum of parts + bias + residual)`` (a second kernel, as every
+                     sparsec epilogue).
 
 Fragment layouts (PTX ISA 9.7.16.5.1, g = lane // 4, t = lane % 4): C element i (0..3) is
 C[g + 8 (i // 2), 2t + i % 2] for both shapes.
@@ -30,9 +31,14 @@ C[g + 8 (i // 2), 2t + i % 2] for both shapes.
 Schedule: a block of WARPS warps side by side along output channels, each warp ``mt`` A tiles
 (16 channels) x ``nt`` B tiles (8 tokens), every A fragment feeding ``nt`` mma and every B
 fragment ``mt``; ``mt`` is 2 where that still leaves a block per SM (a wide layer, many
-tokens), else 1 (batch-1 grids are small). X is read straight from global memory (L1/L2: all
-warps of a block read the same rows); staging it in shared memory with ``cp.async`` is not
-done yet.
+tokens), else 1, and a grid still short of FULL_GRID blocks splits K across blocks
+(``blockIdx.z``; acc holds one [MP, NP] part per split, which the epilogue sums in order). X
+is read straight from global memory (L1/L2: all warps of a block read the same rows); staging
+it in shared memory with ``cp.async`` is not done yet.
+
+A convolution (groups 1, NCHW) is the same kernel as an implicit GEMM: tokens are output
+pixels, K runs over (input channel, ky, kx), and a B value is the input pixel that tap sees
+(zero in the padding); no im2col buffer.
 
 No GPU here: :func:`build` with ``emulate=True`` is the CPU twin: the same loads, roundings
 and stores, lanes as a loop, and the instruction written as TIR loops from the layouts above;

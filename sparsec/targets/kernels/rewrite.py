@@ -831,7 +831,7 @@ def _mma_plan(m: int, k: int, n: int, dtype: str, w_kn: "np.ndarray", info: dict
 
     info = {**info, "precision": precision, "tensor_cores": mma.INSTRUCTION[precision],
             "warp_tile": f"{p.mt * mma.TILE_M} channels x {p.nt * mma.TILE_N} tokens",
-            "grid": list(p.grid),
+            "grid": [*p.grid, p.splits], "split_k": p.splits,
             "weight_bytes": {"dense": int(w_kn.nbytes), "packed": mma.weight_bytes(p)}}
     plan = Plan(mma.NAME, emit, info=info,
                 shape={"m": m, "k": k, "n": n, "precision": precision, "dtype": dtype,
