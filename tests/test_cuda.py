@@ -114,6 +114,9 @@ def test_zoo_models_compile_for_cuda_and_their_schedules_match_ort(zoo_models, n
     rtol, atol = api.tolerance(facts)
     assert (rtol, atol) == ((api.RTOL_TF32, api.ATOL_TF32) if "mma_cuda" in facts["kernels"]
                             else (api.RTOL, api.ATOL))
+    if name in ("hf_bert", "hf_gpt2", "matmul_add_mlp"):   # attention's matmuls too
+        matmuls = [d for d in facts["decisions"] if d["op"] == "matmul"]
+        assert matmuls and all(d["chosen"] == "mma_cuda" for d in matmuls)
     for g, w in zip(got, want):
         assert np.abs(g - w).max() <= atol + rtol * float(np.abs(w).max())
 

@@ -168,10 +168,33 @@ def test_conv_twin_matches_torch(precision, conv, epilogue):
     np.testing.assert_allclose(out.numpy(), want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("precision,batch,m,k,n,transposed", [
+    ("tf32", 6, 20, 64, 20, True),      # Q @ K^T: K read in place, untransposed
+    ("bf16", 3, 33, 40, 70, False),     # P @ V
+])
+def test_batched_twin_matches_numpy(precision, batch, m, k, n, transposed):
+    """A matmul of two run-time tensors (attention): both operands rounded in the kernel."""
+    rng = np.random.default_rng(batch)
+    x = rng.standard_normal((batch, m, k)).astype(np.float32)
+    w = rng.standard_normal((batch, n, k) if transposed else (batch, k, n)).astype(np.float32)
+    func = mma.twin(mma.build(m, k, n, precision, batch=batch, b_transposed=transposed))
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                      target=tvm.target.Target({"kind": "llvm"}))
+    out = tvm.runtime.tensor(np.zeros((batch, m, n), np.float32))
+    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
+    w_kn = np.swapaxes(w, 1, 2) if transposed else w
+    want = (mma.round_to(x, precision).astype(np.float64)
+            @ mma.round_to(w_kn, precision).astype(np.float64))
+    err = np.abs(out.numpy() - want).max()
+    assert err < 1e-6 * np.sqrt(k) * np.abs(want).max()
+    assert np.abs(out.numpy() - x.astype(np.float64) @ w_kn).max() > 10 * err
+
+
 @needs_nvcc
 @pytest.mark.parametrize("precision,arch,conv", [
     ("tf32", "sm_80", None), ("bf16", "sm_90", None),
     ("tf32", "sm_90", (2, 5, 9, 7, 20, 3, 3, (2, 1), (1, 1, 1, 0), (1, 2))),   # padded taps
+    ("bf16", "sm_80", "batched"),                                               # attention
 ])
 def test_kernel_compiles_with_nvcc(precision, arch, conv, tmp_path):
     """nvcc compiles the CUDA TVM emits to SASS (ptxas checks the instruction and its
@@ -182,13 +205,15 @@ def test_kernel_compiles_with_nvcc(precision, arch, conv, tmp_path):
 
     if conv is None:
         func = mma.build(100, 768, 768, precision, bias=True, act=RELU)   # a partial tile
+    elif conv == "batched":
+        func = mma.build(100, 64, 100, precision, batch=12, b_transposed=True)
     else:
         cs = ConvShape(*conv)
         func = mma.build(*mma.conv_gemm(cs), precision, bias=True, act=RELU, conv=cs)
     ex = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
                      target=tvm.target.Target({"kind": "cuda", "arch": arch}))
     source = kernel_source(ex)
-    assert "*(uint4*)(Wa_ptr + " in source
+    assert ("*(uint4*)(Wa_ptr + " in source) == (conv != "batched")
     resources = compile_fatbin(source, arch, tmp_path / "k.fatbin")
     assert all(r["spill_bytes"] == 0 for r in resources.values())
     (tmp_path / "k.cu").write_text(source)

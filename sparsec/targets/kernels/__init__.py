@@ -119,8 +119,9 @@ STRATEGIES: tuple[StrategyInfo, ...] = (
                  device="cuda"),
     StrategyInfo("mma_cuda", "relax.matmul|relax.nn.conv2d", 1.0,
                  "CUDA sm_80+, --precision tf32 (the CUDA default) or bf16: a matmul by a "
-                 "constant W, or a groups-1 NCHW conv as an implicit GEMM (output pixels x "
-                 "filter taps), on tensor cores (mma.sync m16n8k8 tf32 or m16n8k16 bf16, fp32 "
+                 "constant W, a groups-1 NCHW conv as an implicit GEMM (output pixels x "
+                 "filter taps), or a matmul of two run-time tensors (attention: both rounded "
+                 "per call, K^T read in place), on tensor cores (mma.sync m16n8k8 tf32 or m16n8k16 bf16, fp32 "
                  "sums): W rounded and laid out in A fragment order at compile time (one "
                  "128-bit load per lane and K step), X rounded in the kernel; a warp per 16 or "
                  "32 output channels x up to 32 tokens or pixels. Chosen for every dense "

@@ -1,5 +1,6 @@
 """``mma_cuda``: Y[M, N] = X[M, K] @ W[K, N] on NVIDIA tensor cores (sm_80+) for a constant W
-(every linear layer and matmul by a weight): ``mma.sync`` with fp32 accumulation, inputs in
+(every linear layer and matmul by a weight; convolutions as implicit GEMMs; and, with W read
+at run time, attention's batched matmuls): ``mma.sync`` with fp32 accumulation, inputs in
 
   tf32   ``mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32`` (10 mantissa bits: the CUDA
          default, as ONNX Runtime's and TensorRT's; ``--precision tf32``)
@@ -122,18 +123,21 @@ class Plan:
         return self.np_ // self.block_n, self.mp // (TILE_N * self.nt)
 
 
-def plan(m: int, k: int, n: int, precision: str = "tf32") -> Plan:
+def plan(m: int, k: int, n: int, precision: str = "tf32", batch: int = 0) -> Plan:
     """Up to MAX_N_TILES token tiles per warp; two A tiles per warp where the grid keeps
     FULL_GRID blocks, else one, and K split in up to MAX_SPLITS parts (of at least
     MIN_SPLIT_STEPS K steps) until the grid has FULL_GRID blocks: a batch-1 layer of 768
-    outputs is 12 blocks unsplit, 132 split 11 ways."""
+    outputs is 12 blocks unsplit, 132 split 11 ways. A batched product (``batch`` > 0, both
+    operands at run time) counts its batch in the grid and is not split."""
     if precision not in PRECISIONS:
         raise ValueError(f"{NAME} computes in {' or '.join(PRECISIONS)}, not {precision}")
     nt = min(MAX_N_TILES, -(-m // TILE_N))
     wide = Plan(m, k, n, precision, 2, nt)
-    if wide.grid[0] * wide.grid[1] >= FULL_GRID:
+    if wide.grid[0] * wide.grid[1] * max(batch, 1) >= FULL_GRID:
         return wide
     p = Plan(m, k, n, precision, 1, nt)
+    if batch:
+        return p
     blocks, steps = p.grid[0] * p.grid[1], p.kp // p.tile_k
     splits = min(MAX_SPLITS, -(-FULL_GRID // blocks), max(1, steps // MIN_SPLIT_STEPS))
     per = -(-steps // splits)
@@ -211,19 +215,20 @@ def _tf32_bits_expr(value: "tirx.PrimExpr") -> "tirx.PrimExpr":
                        & tirx.IntImm("uint32", 0xFFFFE000))
 
 
-def _reader(x, m: int, k: int, conv: "ConvShape | None"):
+def _reader(x, m: int, k: int, conv: "ConvShape | None", bi=None):
     """``value(tok, col)``: entry (tok, col) of the GEMM's [M, K] operand, zero outside it (a
     select: the load index is clamped in bounds, so there is no branch). A linear layer reads
     X[tok, col]; a convolution (implicit GEMM) reads the input pixel that output pixel ``tok``
     (image, row, column) sees through filter tap ``col`` (input channel, ky, kx), zero in the
-    padding."""
+    padding. A batched product reads X[bi, tok, col]."""
     from tvm import tirx
 
     zero = tirx.FloatImm("float32", 0.0)
     if conv is None:
         def value(tok, col):
+            at = (tirx.min(tok, m - 1), tirx.min(col, k - 1))
             return tirx.Select(tirx.all(tok < m, col < k),
-                               x[tirx.min(tok, m - 1), tirx.min(col, k - 1)], zero)
+                               x[at] if bi is None else x[(bi, *at)], zero)
         return value
     oh, ow = conv.out_hw
     (sh, sw), (dh, dw) = conv.stride, conv.dilation
@@ -257,6 +262,30 @@ def _b_word(value, tok, col, precision: str, staged) -> "tirx.PrimExpr":
     return bf16_bits_expr(staged[0]) | (bf16_bits_expr(staged[1]) << 16)
 
 
+def _a_word(w, bi, n: int, k: int, tile, step, lane, j: int, precision: str,
+            transposed: bool, staged) -> "tirx.PrimExpr":
+    """Word ``j`` of a lane's A fragment read at run time (a batched product's second operand,
+    W[bi, K, N], or W[bi, N, K] when ``transposed``) and rounded as :func:`pack_weight`
+    rounds a constant W; zero past N or K."""
+    from tvm import tirx
+
+    from sparsec.targets.kernels.amx import bf16_bits_expr
+
+    def value(i):
+        row, col = a_position(lane, i, precision)
+        ch, kc = tile * TILE_M + row, step * TILE_K[precision] + col
+        at = (tirx.min(ch, n - 1), tirx.min(kc, k - 1))
+        return tirx.Select(tirx.all(ch < n, kc < k),
+                           w[(bi, *at)] if transposed else w[bi, at[1], at[0]],
+                           tirx.FloatImm("float32", 0.0))
+
+    if precision == "tf32":
+        staged[0] = value(j)
+        return _tf32_bits_expr(staged[0])
+    staged[0], staged[1] = value(2 * j), value(2 * j + 1)
+    return bf16_bits_expr(staged[0]) | (bf16_bits_expr(staged[1]) << 16)
+
+
 def _b_column(lane, j: int, precision: str):
     """The first input (inside the K step) of word ``j`` of lane ``lane``'s B fragment."""
     if precision == "tf32":
@@ -272,11 +301,15 @@ def conv_gemm(conv: "ConvShape") -> tuple[int, int, int]:
 
 def build(m: int, k: int, n: int, precision: str = "tf32", dtype: str = "float32",
           bias: bool = False, act: Activation | None = None, residual: bool = False,
-          emulate: bool = False, conv: "ConvShape | None" = None) -> "tirx.PrimFunc":
+          emulate: bool = False, conv: "ConvShape | None" = None, batch: int = 0,
+          b_transposed: bool = False) -> "tirx.PrimFunc":
     """The PrimFunc ``(X[M,K], Wa [, B[N]] [, R[M,N]], Y[M,N])`` of :func:`pack_weight`'s array:
     CUDA, or with ``emulate`` its CPU twin (module docstring). With ``conv`` (groups 1, NCHW;
     ``m, k, n`` its :func:`conv_gemm`): ``(X[N,C,H,W], Wa [, B[OC]] [, R], Y[N,OC,OH,OW])``,
-    the convolution as an implicit GEMM, W ``[OC, C*KH*KW]`` packed as ``W^T``."""
+    the convolution as an implicit GEMM, W ``[OC, C*KH*KW]`` packed as ``W^T``. With ``batch``
+    (attention's matmuls of two run-time tensors): ``(X[batch,M,K], W[batch,K,N] (or
+    [batch,N,K] with b_transposed) [, B[N]] [, R], Y[batch,M,N])``, the A fragments read from
+    W and rounded in the kernel, a block row of the grid (``blockIdx.z``) per batch entry."""
     import dataclasses
     import json
 
@@ -286,22 +319,31 @@ def build(m: int, k: int, n: int, precision: str = "tf32", dtype: str = "float32
 
     if dtype != "float32":
         raise ValueError(f"{NAME} takes float32 tensors, not {dtype}")
-    p = plan(m, k, n, precision)
+    p = plan(m, k, n, precision, batch)
     ob, ks = p.np_ // TILE_M, p.kp // p.tile_k
-    if conv is None:
+    if batch:
+        out_shape, channel_axis = (batch, m, n), 2
+        x = te.placeholder((batch, m, k), dtype, name="X")
+        wa = te.placeholder((batch, n, k) if b_transposed else (batch, k, n), dtype, name="W")
+    elif conv is None:
         out_shape, channel_axis = (m, n), 1
         x = te.placeholder((m, k), dtype, name="X")
     else:
         out_shape, channel_axis = (conv.n, conv.oc, *conv.out_hw), 1
         x = te.placeholder((conv.n, conv.ic, conv.h, conv.w), dtype, name="X")
-    wa = te.placeholder((ob, ks, LANES, 4), "uint32", name="Wa")
+    if not batch:
+        wa = te.placeholder((ob, ks, LANES, 4), "uint32", name="Wa")
+    depth = batch or p.splits       # acc's first axis: batch entries, or parts of a split K
     b = te.placeholder((n,), dtype, name="B") if bias else None
     res = te.placeholder(out_shape, dtype, name="R") if residual else None
     zero = tirx.FloatImm("float32", 0.0)
 
-    def b_word(xs, tok0, t, lane, step, j, staged):
-        return _b_word(_reader(xs, m, k, conv), tok0 + t * TILE_N + lane // 4,
+    def b_word(xs, bi, tok0, t, lane, step, j, staged):
+        return _b_word(_reader(xs, m, k, conv, bi), tok0 + t * TILE_N + lane // 4,
                        step * p.tile_k + _b_column(lane, j, precision), precision, staged)
+
+    def a_word(ws, bi, tile, step, lane, j, staged):
+        return _a_word(ws, bi, n, k, tile, step, lane, j, precision, b_transposed, staged)
 
     def store(accs, part, tile, tok0, t, lane, i, value):
         accs[part, tok0 + t * TILE_N + lane % 4 * 2 + i % 2,
@@ -316,7 +358,7 @@ def build(m: int, k: int, n: int, precision: str = "tf32", dtype: str = "float32
             warp, lane = te.thread_axis("threadIdx.y"), te.thread_axis("threadIdx.x")
             with T.frame_scope([T.attr(bx, "thread_extent", p.grid[0]),
                                 T.attr(by, "thread_extent", p.grid[1]),
-                                T.attr(bz, "thread_extent", p.splits),
+                                T.attr(bz, "thread_extent", depth),
                                 T.attr(warp, "thread_extent", WARPS),
                                 T.attr(lane, "thread_extent", LANES)]):
                 tile0, tok0 = (bx * WARPS + warp) * p.mt, by * (TILE_N * p.nt)
@@ -328,14 +370,19 @@ def build(m: int, k: int, n: int, precision: str = "tf32", dtype: str = "float32
                     for t in range(p.nt):
                         for i in range(4):
                             c[a, t, i] = zero
+                bi = bz if batch else None
                 with T.serial(0, p.split_steps) as s:
-                    step = bz * p.split_steps + s
-                    for a in range(p.mt):      # one 128-bit load per lane and A tile
-                        fa[tirx.Ramp(a * 4, 1, 4)] = was[tile0 + a, step, lane,
-                                                         tirx.Ramp(0, 1, 4)]
+                    step = s if batch else bz * p.split_steps + s
+                    for a in range(p.mt):
+                        if batch:              # read and rounded here
+                            for j in range(4):
+                                fa[a * 4 + j] = a_word(was, bi, tile0 + a, step, lane, j, xv)
+                        else:                  # one 128-bit load per lane and A tile
+                            fa[tirx.Ramp(a * 4, 1, 4)] = was[tile0 + a, step, lane,
+                                                             tirx.Ramp(0, 1, 4)]
                     for t in range(p.nt):
                         for j in range(B_WORDS):
-                            fb[t, j] = b_word(xs, tok0, t, lane, step, j, xv)
+                            fb[t, j] = b_word(xs, bi, tok0, t, lane, step, j, xv)
                     for a in range(p.mt):
                         for t in range(p.nt):
                             d = [c[a, t, i] for i in range(4)]
@@ -356,7 +403,7 @@ def build(m: int, k: int, n: int, precision: str = "tf32", dtype: str = "float32
         accs = T.buffer_proxy(outs[0])
         with IRBuilder() as ib:
             with T.serial(0, p.grid[0] * WARPS) as wid, T.serial(0, p.grid[1]) as grp, \
-                    T.serial(0, p.splits) as part:
+                    T.serial(0, depth) as part:
                 tile0, tok0 = wid * p.mt, grp * (TILE_N * p.nt)
                 c = T.buffer_proxy(T.decl_buffer([p.mt, p.nt, LANES, 4], "float32"))
                 fa = T.buffer_proxy(T.decl_buffer([p.mt, LANES, 4], "uint32"))
@@ -364,15 +411,17 @@ def build(m: int, k: int, n: int, precision: str = "tf32", dtype: str = "float32
                 xv = T.buffer_proxy(T.decl_buffer([2], "float32"))
                 with T.grid(p.mt, p.nt, LANES, 4) as (a, t, ln, i):
                     c[a, t, ln, i] = zero
+                bi = part if batch else None
                 with T.serial(0, p.split_steps) as s:
-                    step = part * p.split_steps + s
+                    step = s if batch else part * p.split_steps + s
                     with T.serial(0, LANES) as ln:
                         for a in range(p.mt):
                             for j in range(4):
-                                fa[a, ln, j] = was[tile0 + a, step, ln, j]
+                                fa[a, ln, j] = (a_word(was, bi, tile0 + a, step, ln, j, xv)
+                                                if batch else was[tile0 + a, step, ln, j])
                         for t in range(p.nt):
                             for j in range(B_WORDS):
-                                fb[t, ln, j] = b_word(xs, tok0, t, ln, step, j, xv)
+                                fb[t, ln, j] = b_word(xs, bi, tok0, t, ln, step, j, xv)
                     for a in range(p.mt):
                         for t in range(p.nt):
                             _emulate_mma(c, a, t, fa, fb, precision)
@@ -385,10 +434,10 @@ def build(m: int, k: int, n: int, precision: str = "tf32", dtype: str = "float32
 
     # buffers at offset 0 (TVM's default is a free offset): the A fragments' 128-bit loads
     # are then aligned vector loads, not gathers
-    acc = te.extern((p.splits, p.mp, p.np_), [x, wa],
+    acc = te.extern((depth, p.mp, p.np_), [x, wa],
                     cpu_program if emulate else gpu_program, name="acc", dtype="float32",
                     in_buffers=[tirx.decl_buffer(t.shape, t.dtype, t.op.name) for t in (x, wa)],
-                    out_buffers=[tirx.decl_buffer((p.splits, p.mp, p.np_), "float32", "acc")])
+                    out_buffers=[tirx.decl_buffer((depth, p.mp, p.np_), "float32", "acc")])
 
     def summed(i, j):      # the parts of a split K, in order
         total = acc[0, i, j]
@@ -396,7 +445,10 @@ def build(m: int, k: int, n: int, precision: str = "tf32", dtype: str = "float32
             total = total + acc[part, i, j]
         return total
 
-    if conv is None:
+    if batch:
+        def value(bi, i, j):
+            return acc[bi, i, j]
+    elif conv is None:
         value = summed
     else:
         oh, ow = conv.out_hw
@@ -412,7 +464,8 @@ def build(m: int, k: int, n: int, precision: str = "tf32", dtype: str = "float32
     args = {"m": m, "k": k, "n": n, "precision": precision, "bias": bias,
             "residual": residual, "act": None if act is None else [act.low, act.high,
                                                                     act.gelu, act.silu],
-            "conv": None if conv is None else dataclasses.asdict(conv)}
+            "conv": None if conv is None else dataclasses.asdict(conv),
+            "batch": batch, "b_transposed": b_transposed}
     return finish(sch, NAME).with_attr(TWIN_ATTR, json.dumps(args, sort_keys=True))
 
 

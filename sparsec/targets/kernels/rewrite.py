@@ -759,7 +759,7 @@ def _match_cuda_linear(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dic
     (:func:`_match_mma`); None leaves it to DLight's fp32 schedule."""
     lin = _linear(a, call)
     if lin is None:
-        return None
+        return _match_mma_batch(a, call)
     return _match_sparse_cuda(a, lin) or _match_mma(a, lin)
 
 
@@ -809,15 +809,78 @@ def _match_cuda_conv(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]
     return _mma_plan(m, k, n, _dtype(call), w.reshape(n, k).T, info, emit, shape)
 
 
+def _mma_precision() -> str | None:
+    """The precision ``mma_cuda`` runs in for this compile: tf32 or bf16 on sm_80+, else None
+    (fp32, or a GPU without those tensor-core instructions)."""
+    precision = current_precision()
+    arch = _cuda_arch()
+    if precision not in mma.PRECISIONS or arch is None or arch < mma.MIN_ARCH:
+        return None
+    return precision
+
+
+def _match_mma_batch(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | None:
+    """``mma_cuda`` for a matmul of two run-time tensors ``[..., M, K] @ [..., K, N]`` with the
+    same batch dims (attention's Q @ K^T and P @ V), both operands rounded in the kernel; a
+    second operand that is a transpose of its last two axes (K^T) is read in place, and the
+    transpose is gone."""
+    import math
+
+    from tvm import relax
+
+    x, y = call.args
+    xs, ys, out = _static_shape(x), _static_shape(y), _static_shape(call)
+    precision = _mma_precision()
+    if (precision is None or xs is None or ys is None or out is None or len(xs) != len(ys)
+            or len(xs) < 2 or a.const(x) is not None or a.const(y) is not None):
+        return None
+    if xs[:-2] != ys[:-2] or xs[-1] != ys[-2] or out != xs[:-1] + ys[-1:]:
+        return None
+    dtype = _dtype(x)
+    if dtype not in SUPPORTED_DTYPES or _dtype(y) != dtype or _dtype(call) != dtype:
+        return None
+    (m, k), n = xs[-2:], ys[-1]
+    batch = math.prod(xs[:-2])
+    yt = _transposed_operand(a, y)
+    p = mma.plan(m, k, n, precision, batch)
+
+    def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
+             ) -> "relax.Expr":
+        func = mma.build(m, k, n, precision, dtype, bias=bias is not None, act=act,
+                         residual=residual is not None, batch=batch,
+                         b_transposed=yt is not None)
+        gv = bb.add_func(func, mma.NAME)
+
+        def as3d(v, shape):
+            return v if len(xs) == 3 else bb.emit(relax.op.reshape(v, (batch,) + shape))
+
+        call_args = [as3d(args[0], (m, k)), as3d(args[1], (n, k) if yt is not None else (k, n))]
+        if bias is not None:
+            call_args.append(relax.const(bias))
+        if residual is not None:
+            call_args.append(as3d(residual, (m, n)))
+        y3 = relax.call_tir(gv, call_args, relax.TensorType((batch, m, n), dtype))
+        return y3 if len(xs) == 3 else relax.op.reshape(bb.emit(y3), out)
+
+    info = {"op": "matmul", "shape": {"batch": batch, "M": m, "K": k, "N": n},
+            **({"b_transposed": True} if yt is not None else {}),
+            "precision": precision, "tensor_cores": mma.INSTRUCTION[precision],
+            "warp_tile": f"{p.mt * mma.TILE_M} channels x {p.nt * mma.TILE_N} tokens",
+            "grid": [*p.grid, batch], "split_k": 1}
+    plan = Plan(mma.NAME, emit, info=info, inputs=None if yt is None else [x, yt],
+                shape={"batch": batch, "m": m, "k": k, "n": n, "precision": precision,
+                       "dtype": dtype, "b_transposed": yt is not None})
+    return [(plan, {"macs": batch * p.mp * p.kp * p.np_})]
+
+
 def _mma_plan(m: int, k: int, n: int, dtype: str, w_kn: "np.ndarray", info: dict,
               call: Callable, conv: conv2d.ConvShape | None = None
               ) -> list[tuple[Plan, dict]] | None:
     """The ``mma_cuda`` plan of an [M, K] x [K, N] GEMM by the constant ``w_kn`` (``call``
     emits the kernel's call from ``(bb, func, args, packed W, bias, residual)``), when the
     compile's precision is tf32 or bf16 and the GPU is sm_80+; else None."""
-    precision = current_precision()
-    arch = _cuda_arch()
-    if precision not in mma.PRECISIONS or arch is None or arch < mma.MIN_ARCH:
+    precision = _mma_precision()
+    if precision is None:
         return None
     p = mma.plan(m, k, n, precision)
 
