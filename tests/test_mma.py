@@ -243,7 +243,7 @@ def _linear_model(m: int, k: int, n: int, path: Path) -> Path:
 
 
 @needs_nvcc
-def test_cuda_compile_runs_linear_layers_on_tensor_cores(tmp_path):
+def test_cuda_compile_runs_linear_layers_on_tensor_cores(tmp_path, capsys):
     """tf32 is the CUDA default: the linear layer runs mma_cuda, the report says so per
     kernel and in its log line, and the package takes the tf32 tolerance and passes its
     reference check through the CPU twin; bf16 when asked; fp32 and a GPU without the
@@ -265,6 +265,12 @@ def test_cuda_compile_runs_linear_layers_on_tensor_cores(tmp_path):
     assert ref["check"]["via"] == ("cuda" if cuda_available() else "cuda-schedules-on-cpu")
     assert "tensor cores: 1 of 1 matmuls and convolutions (1 mma_cuda tf32)" in logs
     assert mma.INSTRUCTION["tf32"] in (tmp_path / "tf32" / "kernels.cu").read_text()
+    from sparsec.cli import main
+
+    assert main(["inspect", str(tmp_path / "tf32")]) == 0      # the package says it too
+    shown = capsys.readouterr().out
+    assert "tensor cores 1 of 1 matmuls and convolutions (1 mma_cuda tf32)" in shown
+    assert "precision tf32 inputs, fp32 sums in 1 kernels (mma_cuda)" in shown
 
     bf16 = api.compile(model, tmp_path / "bf16", target="cuda-sm90", precision="bf16")
     assert bf16["compile"]["decisions"][0]["precision"] == "bf16"
