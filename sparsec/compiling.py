@@ -150,11 +150,13 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
         round_to = spec.channel_multiple
     _check_ratio(ratio)
     precision = precision or spec.precision
-    if precision not in PRECISIONS:
-        raise BadOptionError(f"--precision takes {', '.join(PRECISIONS)}, not '{precision}'")
-    if precision == "tf32" and spec.device != "cuda":
+    allowed = [p for p in PRECISIONS if p != "tf32" or spec.device == "cuda"]
+    if precision == "tf32" and "tf32" not in allowed:
         raise BadOptionError(f"--precision tf32 is for CUDA targets (tensor cores); target "
                              f"'{spec.name}' takes fp32 or bf16")
+    if precision not in allowed:
+        raise BadOptionError(f"--precision takes {', '.join(allowed[:-1])} or {allowed[-1]}, "
+                             f"not '{precision}'")
     if profile and not (spec.runs_here and spec.device == "cpu"):
         raise BadOptionError(f"--profile measures on this machine's CPU; target "
                              f"'{spec.name}' does not run here")
