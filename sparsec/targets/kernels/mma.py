@@ -125,17 +125,16 @@ class Plan:
 
 def plan(m: int, k: int, n: int, precision: str = "tf32", batch: int = 0) -> Plan:
     """Up to MAX_N_TILES token tiles per warp; two A tiles per warp where the grid keeps
-    FULL_GRID blocks, else one, and K split in up to MAX_SPLITS parts (of at least
+    FULL_GRID blocks and N pads no further, else one, and K split in up to MAX_SPLITS parts (of at least
     MIN_SPLIT_STEPS K steps) until the grid has FULL_GRID blocks: a batch-1 layer of 768
     outputs is 12 blocks unsplit, 132 split 11 ways. A batched product (``batch`` > 0, both
     operands at run time) counts its batch in the grid and is not split."""
     if precision not in PRECISIONS:
         raise ValueError(f"{NAME} computes in {' or '.join(PRECISIONS)}, not {precision}")
     nt = min(MAX_N_TILES, -(-m // TILE_N))
-    wide = Plan(m, k, n, precision, 2, nt)
-    if wide.grid[0] * wide.grid[1] * max(batch, 1) >= FULL_GRID:
-        return wide
-    p = Plan(m, k, n, precision, 1, nt)
+    wide, p = Plan(m, k, n, precision, 2, nt), Plan(m, k, n, precision, 1, nt)
+    if wide.grid[0] * wide.grid[1] * max(batch, 1) >= FULL_GRID and wide.np_ == p.np_:
+        return wide          # (not where its wider blocks would pad N further: 64 channels)
     if batch:
         return p
     blocks, steps = p.grid[0] * p.grid[1], p.kp // p.tile_k
