@@ -39,7 +39,10 @@ it in shared memory with ``cp.async`` is not done yet.
 
 A convolution (groups 1, NCHW) is the same kernel as an implicit GEMM: tokens are output
 pixels, K runs over (input channel, ky, kx), and a B value is the input pixel that tap sees
-(zero in the padding); no im2col buffer.
+(zero in the padding); no im2col buffer. A matmul of two run-time tensors (attention's
+Q @ K^T, P @ V) has no Wa: each lane gathers its A fragment's elements from the second operand
+(K^T read in place from K) and rounds them in the kernel; ``blockIdx.z`` is the batch entry
+(batch x heads), and K is not split.
 
 No GPU here: :func:`build` with ``emulate=True`` is the CPU twin: the same loads, roundings
 and stores, lanes as a loop, and the instruction written as TIR loops from the layouts above;
@@ -247,18 +250,24 @@ def _reader(x, m: int, k: int, conv: "ConvShape | None", bi=None):
     return guarded
 
 
-def _b_word(value, tok, col, precision: str, staged) -> "tirx.PrimExpr":
-    """A word of a lane's B fragment, given its first input column ``col``: value(tok, col) as
-    tf32 bits, or value(tok, col), value(tok, col + 1) as one word of bf16 bits. The values
-    are first stored to ``staged`` (2 local floats): their bits are read from there, as CUDA
-    can only reinterpret a variable, not an expression."""
+def _word(element, precision: str, staged) -> "tirx.PrimExpr":
+    """One fragment word from ``element(e)``, its values: e = 0 as tf32 bits, or e = 0 and 1
+    as two bf16 halves (low first). The values are first stored to ``staged`` (2 local
+    floats) and their bits read from there, as CUDA reinterprets only a variable, not an
+    expression."""
     from sparsec.targets.kernels.amx import bf16_bits_expr
 
-    staged[0] = value(tok, col)
+    staged[0] = element(0)
     if precision == "tf32":
         return _tf32_bits_expr(staged[0])
-    staged[1] = value(tok, col + 1)
+    staged[1] = element(1)
     return bf16_bits_expr(staged[0]) | (bf16_bits_expr(staged[1]) << 16)
+
+
+def _b_word(value, tok, col, precision: str, staged) -> "tirx.PrimExpr":
+    """A word of a lane's B fragment, given its first input column ``col``: value(tok, col)
+    (tf32), or value(tok, col) and value(tok, col + 1) (bf16)."""
+    return _word(lambda e: value(tok, col + e), precision, staged)
 
 
 def _a_word(w, bi, n: int, k: int, tile, step, lane, j: int, precision: str,
@@ -268,8 +277,6 @@ def _a_word(w, bi, n: int, k: int, tile, step, lane, j: int, precision: str,
     rounds a constant W; zero past N or K."""
     from tvm import tirx
 
-    from sparsec.targets.kernels.amx import bf16_bits_expr
-
     def value(i):
         row, col = a_position(lane, i, precision)
         ch, kc = tile * TILE_M + row, step * TILE_K[precision] + col
@@ -278,11 +285,7 @@ def _a_word(w, bi, n: int, k: int, tile, step, lane, j: int, precision: str,
                            w[(bi, *at)] if transposed else w[bi, at[1], at[0]],
                            tirx.FloatImm("float32", 0.0))
 
-    if precision == "tf32":
-        staged[0] = value(j)
-        return _tf32_bits_expr(staged[0])
-    staged[0], staged[1] = value(2 * j), value(2 * j + 1)
-    return bf16_bits_expr(staged[0]) | (bf16_bits_expr(staged[1]) << 16)
+    return _word(lambda e: value(j if precision == "tf32" else 2 * j + e), precision, staged)
 
 
 def _b_column(lane, j: int, precision: str):
