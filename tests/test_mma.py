@@ -20,7 +20,7 @@ import pytest
 pytest.importorskip("tvm")
 import tvm  # noqa: E402
 
-from sparsec.targets.kernels import amx, mma  # noqa: E402
+from sparsec.targets.kernels import mma  # noqa: E402
 from sparsec.targets.kernels.common import RELU, Activation  # noqa: E402
 
 HAS_NVCC = shutil.which("nvcc") is not None or Path("/usr/local/cuda/bin/nvcc").is_file()

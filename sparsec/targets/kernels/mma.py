@@ -128,10 +128,11 @@ class Plan:
 
 def plan(m: int, k: int, n: int, precision: str = "tf32", batch: int = 0) -> Plan:
     """Up to MAX_N_TILES token tiles per warp; two A tiles per warp where the grid keeps
-    FULL_GRID blocks and N pads no further, else one, and K split in up to MAX_SPLITS parts (of at least
-    MIN_SPLIT_STEPS K steps) until the grid has FULL_GRID blocks: a batch-1 layer of 768
-    outputs is 12 blocks unsplit, 132 split 11 ways. A batched product (``batch`` > 0, both
-    operands at run time) counts its batch in the grid and is not split."""
+    FULL_GRID blocks and N pads no further, else one, and K split in up to MAX_SPLITS parts
+    (of at least MIN_SPLIT_STEPS K steps) until the grid has FULL_GRID blocks: a batch-1
+    layer of 768 outputs is 12 blocks unsplit, 132 split 11 ways. A batched product
+    (``batch`` > 0, both operands at run time) counts its batch in the grid and is not
+    split."""
     if precision not in PRECISIONS:
         raise ValueError(f"{NAME} computes in {' or '.join(PRECISIONS)}, not {precision}")
     nt = min(MAX_N_TILES, -(-m // TILE_N))
@@ -504,7 +505,8 @@ def _emulate_mma(c, a: int, t: int, fa, fb, precision: str) -> None:
         s[0] = c[a, t, c_lane, c_i]
         with T.serial(0, TILE_K[precision]) as kk:
             if precision == "tf32":
-                av = tirx.reinterpret("float32", fa[a, (r % 8) * 4 + kk % 4, r // 8 + 2 * (kk // 4)])
+                av = tirx.reinterpret("float32",
+                                      fa[a, (r % 8) * 4 + kk % 4, r // 8 + 2 * (kk // 4)])
                 bv = tirx.reinterpret("float32", fb[t, col * 4 + kk % 4, kk // 4])
             else:
                 a_i = (kk // 8) * 4 + (r // 8) * 2 + kk % 2
