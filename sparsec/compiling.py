@@ -149,6 +149,7 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
     if round_to is None:
         round_to = spec.channel_multiple
     _check_ratio(ratio)
+    defaulted = precision is None
     precision = precision or spec.precision
     allowed = [p for p in PRECISIONS if p != "tf32" or spec.device == "cuda"]
     if precision == "tf32" and "tf32" not in allowed:
@@ -236,6 +237,10 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
 
             # a host of another CPU (Jetson): the whole model's twin, for this check only
             emulation = None if spec.native else scratch / "emulation.so"
+            if defaulted and precision == "tf32":
+                log("precision tf32, the CUDA default (as ONNX Runtime's and TensorRT's): "
+                    "matmuls and convolutions on tensor cores with inputs rounded to tf32, "
+                    "fp32 sums; --precision fp32 keeps every kernel exact")
             facts = cuda.compile_onnx(proto, spec, tmp / LIBRARY, log, emulation_lib=emulation,
                                       precision=precision)
         computed = kernel_precision(facts)    # what the package computes in

@@ -264,6 +264,7 @@ def test_cuda_compile_runs_linear_layers_on_tensor_cores(tmp_path, capsys):
     assert ref["check"]["ok"] and 0 < ref["check"]["max_abs_err"]
     assert ref["check"]["via"] == ("cuda" if cuda_available() else "cuda-schedules-on-cpu")
     assert "tensor cores: 1 of 1 matmuls and convolutions (1 mma_cuda tf32)" in logs
+    assert any(line.startswith("precision tf32, the CUDA default") for line in logs)
     assert mma.INSTRUCTION["tf32"] in (tmp_path / "tf32" / "kernels.cu").read_text()
     from sparsec.cli import main
 
