@@ -17,9 +17,12 @@ Data:
                      (tile ob) at K step ks: one 128-bit load per lane and step, coalesced.
                      Converted and laid out at compile time.
   X[M, K]            fp32, read as B fragments and rounded the same way in the kernel.
-  acc[S, MP, NP]     fp32 C per part of a split K (S = 1 unless split), token-major; then
-                     ``Y = act(sum of parts + bias + residual)`` (a second kernel, as every
-                     sparsec epilogue).
+  Y                  ``act(C + bias + residual)``, written by the GEMM's own stores (inside
+                     M and N) where K is not split and the activation is none, ReLU or a
+                     clip; else
+  acc[S, MP, NP]     fp32 C per part of a split K (S = 1 unless split), token-major, and
+                     ``Y = act(sum of parts + bias + residual)`` is a second kernel (GELU and
+                     SiLU as every sparsec epilogue computes them).
 
 Fragment layouts (PTX ISA 9.7.16.5.1, g = lane // 4, t = lane % 4): C element i (0..3) is
 C[g + 8 (i // 2), 2t + i % 2] for both shapes.
@@ -55,7 +58,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sparsec.targets.kernels.common import Activation, epilogue_func, finish
+from sparsec.targets.kernels.common import Activation, clip, epilogue_func, finish
 from sparsec.targets.kernels.mma_sp import TWIN_ATTR   # the CPU twin's build arguments
 
 if TYPE_CHECKING:
@@ -314,7 +317,6 @@ def build(m: int, k: int, n: int, precision: str = "tf32", dtype: str = "float32
     [batch,N,K] with b_transposed) [, B[N]] [, R], Y[batch,M,N])``, the A fragments read from
     W and rounded in the kernel, a block row of the grid (``blockIdx.z``) per batch entry."""
     import dataclasses
-    import json
 
     from tvm import s_tir, te, tirx
     from tvm.script.ir_builder import IRBuilder
@@ -337,6 +339,11 @@ def build(m: int, k: int, n: int, precision: str = "tf32", dtype: str = "float32
     if not batch:
         wa = te.placeholder((ob, ks, LANES, 4), "uint32", name="Wa")
     depth = batch or p.splits       # acc's first axis: batch entries, or parts of a split K
+    args = {"m": m, "k": k, "n": n, "precision": precision, "bias": bias,
+            "residual": residual, "act": None if act is None else [act.low, act.high,
+                                                                    act.gelu, act.silu],
+            "conv": None if conv is None else dataclasses.asdict(conv),
+            "batch": batch, "b_transposed": b_transposed}
     b = te.placeholder((n,), dtype, name="B") if bias else None
     res = te.placeholder(out_shape, dtype, name="R") if residual else None
     zero = tirx.FloatImm("float32", 0.0)
@@ -348,13 +355,47 @@ def build(m: int, k: int, n: int, precision: str = "tf32", dtype: str = "float32
     def a_word(ws, bi, tile, step, lane, j, staged):
         return _a_word(ws, bi, n, k, tile, step, lane, j, precision, b_transposed, staged)
 
-    def store(accs, part, tile, tok0, t, lane, i, value):
-        accs[part, tok0 + t * TILE_N + lane % 4 * 2 + i % 2,
-             tile * TILE_M + i // 2 * 8 + lane // 4] = value
+    # the epilogue in the GEMM's own stores where it is one (no split K to sum, no GELU or
+    # SiLU: their fast_erf / fast_exp stages are TOPI's, built for a separate kernel)
+    fused = p.splits == 1 and not (act is not None and (act.gelu or act.silu))
+
+    def out_index(bi, tok, ch) -> tuple:
+        """Y's index of GEMM element (tok, ch)."""
+        if batch:
+            return bi, tok, ch
+        if conv is None:
+            return tok, ch
+        oh, ow = conv.out_hw
+        return tok // (oh * ow), ch, tok // ow % oh, tok % ow
+
+    def store(bufs, part, tile, tok0, t, lane, i, value):
+        """C element ``i`` of token tile ``t``: into acc, or (fused) finished into Y, inside
+        M and N only."""
+        tok = tok0 + t * TILE_N + lane % 4 * 2 + i % 2
+        ch = tile * TILE_M + i // 2 * 8 + lane // 4
+        if not fused:
+            bufs["out"][part, tok, ch] = value
+            return
+        at = out_index(part if batch else None, tok, ch)
+        if bias:
+            value = value + bufs["B"][ch]
+        if residual:
+            value = value + bufs["R"][at]
+        with T.If(tirx.all(tok < m, ch < n)):
+            with T.Then():
+                bufs["out"][at] = clip(value, act, dtype)
+
+    def buffers(ins, outs) -> tuple:
+        xs, was, *rest = (T.buffer_proxy(t) for t in ins)
+        bufs = {"out": T.buffer_proxy(outs[0])}
+        if fused and bias:
+            bufs["B"] = rest.pop(0)
+        if fused and residual:
+            bufs["R"] = rest.pop(0)
+        return xs, was, bufs
 
     def gpu_program(ins, outs):
-        xs, was = (T.buffer_proxy(t) for t in ins)
-        accs = T.buffer_proxy(outs[0])
+        xs, was, accs = buffers(ins, outs)
         with IRBuilder() as ib:
             bx, by = te.thread_axis("blockIdx.x"), te.thread_axis("blockIdx.y")
             bz = te.thread_axis("blockIdx.z")
@@ -402,8 +443,7 @@ def build(m: int, k: int, n: int, precision: str = "tf32", dtype: str = "float32
         return ib.get()
 
     def cpu_program(ins, outs):
-        xs, was = (T.buffer_proxy(t) for t in ins)
-        accs = T.buffer_proxy(outs[0])
+        xs, was, accs = buffers(ins, outs)
         with IRBuilder() as ib:
             with T.serial(0, p.grid[0] * WARPS) as wid, T.serial(0, p.grid[1]) as grp, \
                     T.serial(0, depth) as part:
@@ -437,9 +477,16 @@ def build(m: int, k: int, n: int, precision: str = "tf32", dtype: str = "float32
 
     # buffers at offset 0 (TVM's default is a free offset): the A fragments' 128-bit loads
     # are then aligned vector loads, not gathers
-    acc = te.extern((depth, p.mp, p.np_), [x, wa],
-                    cpu_program if emulate else gpu_program, name="acc", dtype="float32",
-                    in_buffers=[tirx.decl_buffer(t.shape, t.dtype, t.op.name) for t in (x, wa)],
+    program = cpu_program if emulate else gpu_program
+    inputs = [x, wa] + ([b, res] if fused else [])
+    inputs = [t for t in inputs if t is not None]
+    in_buffers = [tirx.decl_buffer(t.shape, t.dtype, t.op.name) for t in inputs]
+    if fused:
+        y = te.extern(out_shape, inputs, program, name="Y", dtype=dtype, in_buffers=in_buffers,
+                      out_buffers=[tirx.decl_buffer(out_shape, dtype, "Y")])
+        return _finish(te.create_prim_func(inputs + [y]), args)
+    acc = te.extern((depth, p.mp, p.np_), inputs, program, name="acc", dtype="float32",
+                    in_buffers=in_buffers,
                     out_buffers=[tirx.decl_buffer((depth, p.mp, p.np_), "float32", "acc")])
 
     def summed(i, j):      # the parts of a split K, in order
@@ -459,17 +506,24 @@ def build(m: int, k: int, n: int, precision: str = "tf32", dtype: str = "float32
         def value(img, o, y, xx):
             return summed((img * oh + y) * ow + xx, o)
     func = epilogue_func([x, wa], value, out_shape, dtype, b, res, act, channel_axis)
+    if emulate:
+        return _finish(func, args)
     sch = s_tir.Schedule(func)
-    if not emulate:
-        bx, tx = sch.split(sch.fuse(*sch.get_loops(sch.get_sblock("Y"))), [None, 256])
-        sch.bind(bx, "blockIdx.x")
-        sch.bind(tx, "threadIdx.x")
-    args = {"m": m, "k": k, "n": n, "precision": precision, "bias": bias,
-            "residual": residual, "act": None if act is None else [act.low, act.high,
-                                                                    act.gelu, act.silu],
-            "conv": None if conv is None else dataclasses.asdict(conv),
-            "batch": batch, "b_transposed": b_transposed}
-    return finish(sch, NAME).with_attr(TWIN_ATTR, json.dumps(args, sort_keys=True))
+    bx, tx = sch.split(sch.fuse(*sch.get_loops(sch.get_sblock("Y"))), [None, 256])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+    return _finish(sch.mod["main"], args)
+
+
+def _finish(func: "tirx.PrimFunc", args: dict) -> "tirx.PrimFunc":
+    """The kernel, marked as scheduled (``finish``) and with its build arguments for the CPU
+    twin."""
+    import json
+
+    from tvm import s_tir
+
+    return finish(s_tir.Schedule(func), NAME).with_attr(TWIN_ATTR,
+                                                        json.dumps(args, sort_keys=True))
 
 
 def twin(func: "tirx.PrimFunc") -> "tirx.PrimFunc":
