@@ -281,6 +281,12 @@ def test_cuda_compile_runs_linear_layers_on_tensor_cores(tmp_path, capsys):
     assert bf16["compile"]["precision"] == "bf16" and bf16["reference"]["check"]["ok"]
     assert bf16["reference"]["rtol"] >= api.RTOL_BF16
 
+    from sparsec.targets.cuda import tensor_core_summary
+
+    # a conv none of sparsec's kernels takes keeps the Relax op's name in its decision
+    assert tensor_core_summary([{"op": "nn.conv2d", "chosen": "fallback"}] + tf32["compile"][
+        "decisions"]) == ("1 of 2 matmuls and convolutions (1 mma_cuda tf32); fp32 without "
+                          "tensor cores: 1 conv2d on DLight")
     fp32 = api.compile(model, tmp_path / "fp32", target="cuda-sm80", precision="fp32")
     assert fp32["compile"]["decisions"][0]["chosen"] == "fallback"
     assert fp32["reference"]["rtol"] == api.RTOL and "min_cosine" not in fp32["reference"]

@@ -195,10 +195,12 @@ def tensor_core_summary(decisions: list[dict]) -> str:
     with which kernel and precision, and how many in fp32 without them (by whom)."""
     from collections import Counter
 
-    heavy = [d for d in decisions if d.get("op") in ("matmul", "conv2d")]
+    # (a conv no kernel of ours took keeps the Relax op's name, "nn.conv2d")
+    heavy = [d for d in decisions if d.get("op") in ("matmul", "conv2d", "nn.conv2d")]
     on = Counter(f"{d['chosen']} {d['precision']}" for d in heavy if d.get("chosen") in (
         "mma_cuda", "mma_sp_cuda"))
-    off = Counter(f"{d['op']} on {'DLight' if d.get('chosen') == 'fallback' else d['chosen']}"
+    off = Counter(f"{d['op'].removeprefix('nn.')} on "
+                  f"{'DLight' if d.get('chosen') == 'fallback' else d['chosen']}"
                   for d in heavy if d.get("chosen") not in ("mma_cuda", "mma_sp_cuda"))
 
     def listed(counts: Counter) -> str:
