@@ -394,6 +394,10 @@ def build(m: int, k: int, n: int, precision: str = "tf32", dtype: str = "float32
             bufs["R"] = rest.pop(0)
         return xs, was, bufs
 
+    # INSTRUCTION[precision] as TVM's PTX builder spells it: d, a, b, c operands
+    shape = getattr(T.ptx.mma.sync.aligned, "m16n8k8" if precision == "tf32" else "m16n8k16")
+    instruction = getattr(getattr(shape.row.col.f32, precision), precision).f32
+
     def gpu_program(ins, outs):
         xs, was, accs = buffers(ins, outs)
         with IRBuilder() as ib:
@@ -430,12 +434,8 @@ def build(m: int, k: int, n: int, precision: str = "tf32", dtype: str = "float32
                     for a in range(p.mt):
                         for t in range(p.nt):
                             d = [c[a, t, i] for i in range(4)]
-                            mma = getattr(T.ptx.mma.sync.aligned,
-                                          "m16n8k8" if precision == "tf32" else "m16n8k16")
-                            op = getattr(mma.row.col.f32, precision)
-                            op = getattr(op, precision).f32
-                            T.evaluate(op(*d, *(fa[a * 4 + j] for j in range(4)),
-                                          *(fb[t, j] for j in range(B_WORDS)), *d))
+                            T.evaluate(instruction(*d, *(fa[a * 4 + j] for j in range(4)),
+                                                   *(fb[t, j] for j in range(B_WORDS)), *d))
                 for a in range(p.mt):
                     for t in range(p.nt):
                         for i in range(4):
