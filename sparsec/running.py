@@ -203,8 +203,8 @@ def _raise_if_mismatch(report: ValidationReport) -> None:
         worst = max(report.outputs, key=lambda o: o["max_abs_err"] - o["bound"])
         why = (f"max abs err {worst['max_abs_err']:.3g} > bound {worst['bound']:.3g}")
         if report.min_cosine is not None:
-            why += (f" and cosine {worst['cosine']:.4f} < {report.min_cosine} (bf16 kernels: "
-                    f"a target without them, e.g. x86-avx512, keeps fp32)")
+            why += (f" and cosine {worst['cosine']:.4f} < {report.min_cosine} (lossy kernels, "
+                    f"bf16 or tf32: --precision fp32 keeps every kernel exact)")
         raise ValidationError(f"output '{worst['name']}' differs from ONNX Runtime: {why}")
 
 
