@@ -250,8 +250,9 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
         write_reference(tmp / "reference", inputs, outputs, feeds, expected)
         rtol, atol = tolerance(facts)
         if precision != "fp32" and computed == "fp32":
-            log(f"note: --precision {precision}, but no kernel computes in {precision} for "
-                f"this model and target (bf16 kernels: AMX tiles on CPUs with AMX; CUDA "
+            log(f"note: {'precision' if defaulted else '--precision'} {precision}"
+                f"{' (the target default)' if defaulted else ''}, but no kernel computes in "
+                f"{precision} for this model and target (bf16 kernels: AMX tiles on CPUs with AMX; CUDA "
                 f"sm_80+: tensor cores for matmuls by a weight, tf32 or bf16); the package is "
                 f"fp32")
         about = f"{Path(source).name} compiled for {spec.name} ({facts['tvm_version']})"
