@@ -1,6 +1,8 @@
 """CUDA targets: every benchmark model and a BERT-sized linear layer (768 -> 3072, dense, 2:4
-and 80 % unstructured, batch 1 and 8) compiled for a GPU, with compile time, kernels per
-strategy, ptxas' registers and spills, and the weight bytes each sparse kernel reads.
+and 80 % unstructured, batch 1, 8 and 128) compiled for a GPU in each precision (fp32:
+DLight's FMA schedules; tf32, the default, and bf16: tensor cores, ``mma_cuda``), with
+compile time, kernels per strategy, how many matmuls and convs run on tensor cores, ptxas'
+registers and spills, and the weight bytes each sparse kernel reads.
 
 Numerics: each library is checked against ONNX Runtime (CPU): on the GPU where this machine
 has one, else through the CPU emulation of its schedules (thread loops serialized, see
@@ -9,7 +11,7 @@ already on the device), next to ONNX Runtime on the CPU for scale; without a GPU
 columns stay empty.
 
 Run from the repo root:  PYTHONPATH=. python benchmarks/bench_cuda.py [--target cuda-sm90]
-[--models mlp,bert_base] [--no-linear]
+[--models mlp,bert_base] [--no-linear] [--precisions fp32,tf32,bf16]
 Writes benchmarks/results/cuda.{json,md}.
 """
 
@@ -62,16 +64,17 @@ def gpu_ms(lib: Path, inputs: list[str], feeds: dict, cuda_facts: dict) -> float
     return float(np.median(timer(*args).results)) * 1e3
 
 
-def bench(name: str, model, spec, work: Path, ort_threads: int) -> dict:
+def bench(name: str, model, spec, work: Path, ort_threads: int, precision: str) -> dict:
     from sparsec import reference
     from sparsec.targets import cuda
     from sparsec.targets.host import load_library
 
-    lib = work / name / "model.so"
+    lib = work / f"{name} {precision}" / "model.so"
     lib.parent.mkdir(parents=True)
-    emulated = None if spec.runs_here else work / name / "emulated.so"
+    emulated = None if spec.runs_here else lib.parent / "emulated.so"
     start = time.perf_counter()
-    facts = cuda.compile_onnx(model, spec, lib, log=lambda s: None, emulation_lib=emulated)
+    facts = cuda.compile_onnx(model, spec, lib, log=lambda s: None, emulation_lib=emulated,
+                              precision=precision)
     compile_s = time.perf_counter() - start
     feeds = random_feeds(model)
     want = reference.run(model, feeds)[0]
@@ -80,7 +83,9 @@ def bench(name: str, model, spec, work: Path, ort_threads: int) -> dict:
     got = runner.run(feeds)[0]
     res = facts["cuda"]["kernels"].values()
     sparse = [d for d in facts["decisions"] if d["chosen"] == "nm_sparse_cuda"]
-    row = {"model": name, "compile_s": round(compile_s, 1), "kernels": facts["kernels"],
+    row = {"model": name, "precision": precision, "compile_s": round(compile_s, 1),
+           "kernels": facts["kernels"],
+           "tensor_cores": cuda.tensor_core_summary(facts["decisions"]),
            "max_registers": max((r["registers"] for r in res), default=0),
            "spilling_kernels": sum(bool(r["spill_bytes"]) for r in res),
            "fatbin": facts["cuda"]["fatbin_contents"],
@@ -107,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--no-linear", action="store_true", help="skip the linear-layer rows")
     ap.add_argument("--ort-threads", type=int, default=2)
+    ap.add_argument("--precisions", default="fp32,tf32,bf16",
+                    help="compile each model in each of these (default: all three)")
     args = ap.parse_args(argv)
 
     from sparsec.targets import resolve_target
@@ -115,28 +122,31 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        precisions = [p for p in args.precisions.split(",") if p]
         if not args.no_linear:
-            for m in (1, 8):
+            for m in (1, 8, 128):
                 for keep in ("dense", "2:4", "80%"):
-                    rows.append(bench(f"linear 768x3072 m={m} {keep}",
-                                      linear_layer(m, 768, 3072, keep), spec, work,
-                                      args.ort_threads))
+                    for precision in precisions:
+                        rows.append(bench(f"linear 768x3072 m={m} {keep}",
+                                          linear_layer(m, 768, 3072, keep), spec, work,
+                                          args.ort_threads, precision))
         for name in [n for n in args.models.split(",") if n]:
-            rows.append(bench(name, MODELS[name](work / f"{name}.onnx"), spec, work,
-                              args.ort_threads))
+            model = MODELS[name](work / f"{name}.onnx")
+            for precision in precisions:
+                rows.append(bench(name, model, spec, work, args.ort_threads, precision))
     where = "GPU" if spec.runs_here else f"no GPU here ({spec.why_not_here}): CPU emulation"
     lines = [f"# CUDA: {spec.name} ({spec.tvm_target['arch']})", "",
              f"Numerics checked against ONNX Runtime on: {where}. GPU latency needs a GPU; "
              "ONNX Runtime's CPU latency is for scale.", "",
-             "| model | compile s | kernels | max regs | spilling | weight bytes (sparse / "
-             "dense) | max rel err | GPU ms | ORT CPU ms |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "| model | precision | compile s | kernels | tensor cores | max regs | spilling | "
+             "weight bytes (sparse / dense) | max rel err | GPU ms | ORT CPU ms |",
+             "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         wb = r["weight_bytes"]
         lines.append(
-            f"| {r['model']} | {r['compile_s']} | "
+            f"| {r['model']} | {r['precision']} | {r['compile_s']} | "
             + ", ".join(f"{k} {v}" for k, v in r["kernels"].items())
-            + f" | {r['max_registers']} | {r['spilling_kernels']} | "
+            + f" | {r['tensor_cores']} | {r['max_registers']} | {r['spilling_kernels']} | "
             + (f"{wb['sparse'] / wb['dense']:.3f}" if wb else "-")
             + f" | {r['max_rel_err']:.1e} | "
             + (f"{r['gpu_ms']:.3f}" if r["gpu_ms"] is not None else "-")

@@ -35,10 +35,11 @@ from sparsec.pruning import (RECIPE_KEYS, SEARCH_STEPS, PruneResult,
                              _calibration, _check_patterns, _check_ratio, _check_sparsity,
                              _check_structure, _chunks, _search_ratio, as_recipe,
                              merge_recipe, prune, ratio_scaler)
-from sparsec.running import (ATOL, ATOL_BF16, BF16_MARGIN, BF16_MIN_COSINE,
-                             RTOL, RTOL_BF16, ValidationReport, _compare, _library_failed,
-                             _load_runner, _raise_if_mismatch, _run_package, _runner,
-                             device_rtol, run, tolerance, uses_bf16, validate)
+from sparsec.running import (ATOL, ATOL_BF16, ATOL_TF32, BF16_MARGIN, BF16_MIN_COSINE,
+                             RTOL, RTOL_BF16, RTOL_TF32, TF32_MIN_COSINE, ValidationReport,
+                             _compare, _library_failed, _load_runner, _raise_if_mismatch,
+                             _run_package, _runner, device_rtol, kernel_precision, run,
+                             tolerance, uses_bf16, validate)
 from sparsec.compiling import (_dist_version, check_toolchain, compile,
                                profile, tune, version)
 from sparsec.remote import devices
@@ -58,6 +59,7 @@ __all__ = [
     # running
     "run", "validate", "devices", "ValidationReport", "uses_bf16", "tolerance", "device_rtol",
     "RTOL", "ATOL", "RTOL_BF16", "ATOL_BF16", "BF16_MIN_COSINE", "BF16_MARGIN",
+    "RTOL_TF32", "ATOL_TF32", "TF32_MIN_COSINE", "kernel_precision",
     # torch modules
     "prune_module", "write_back",
     # types and errors the API's signatures name

@@ -108,13 +108,19 @@ def _inspect_package(args) -> int:
                f"{lat['predicted_ms']:.4g} ms")
         print(f"  latency  asked {lat['budget_ms']:.4g} ms, measured {lat['measured_ms']:.4g} ms "
               f"(dense {lat['dense_ms']:.4g} ms; {how})")
-    bf16 = [d["chosen"] for d in m["compile"].get("decisions", []) if d.get("precision") == "bf16"]
-    if bf16:
-        names = ", ".join(sorted(set(bf16)))
-        print(f"  precision bf16 inputs, fp32 sums in {len(bf16)} kernels ({names}); "
+    lossy: dict[str, list[str]] = {}
+    for d in m["compile"].get("decisions", []):
+        if d.get("precision") in ("bf16", "tf32"):
+            lossy.setdefault(d["precision"], []).append(d["chosen"])
+    for name, chosen in sorted(lossy.items()):
+        names = ", ".join(sorted(set(chosen)))
+        print(f"  precision {name} inputs, fp32 sums in {len(chosen)} kernels ({names}); "
               f"tolerance rtol {ref['rtol']:g}, atol {ref['atol']:g}")
     cuda = m["compile"].get("cuda")
     if cuda:
+        from sparsec.targets.cuda import tensor_core_summary
+
+        print(f"  tensor cores {tensor_core_summary(m['compile'].get('decisions', []))}")
         res = cuda["kernels"].values()
         contents = ", ".join(cuda["fatbin_contents"])
         print(f"  CUDA     {cuda['source']} -> {cuda['fatbin']} ({contents}; nvcc "
@@ -638,11 +644,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="first time the pruned model's kernel variants on this machine for up "
                          "to SECONDS and keep the fastest (tuning cache); default 0: use what "
                          "earlier tuning recorded, defaults elsewhere")
-    sp.add_argument("--precision", choices=("fp32", "bf16"),
+    sp.add_argument("--precision", choices=("fp32", "tf32", "bf16"),
                     help="bf16 lets kernels round their inputs to bf16 where that is faster: "
-                         "AMX tiles (CPUs with AMX), sparse tensor cores for 2:4 weights "
-                         "(sm_80+); lossy, checked with the bf16 tolerance. Default: the "
-                         "target's (fp32; bf16 for x86-amx)")
+                         "AMX tiles (CPUs with AMX), tensor cores and sparse tensor cores for "
+                         "2:4 weights (CUDA sm_80+); tf32 (CUDA) runs matmuls by a weight on "
+                         "tensor cores with inputs rounded to tf32; fp32 keeps every kernel "
+                         "exact. Lossy precisions are checked with their tolerance. Default: "
+                         "the target's (tf32 for CUDA targets, bf16 for x86-amx, else fp32)")
     sp.add_argument("--profile", action="store_true",
                     help="measure each kernel's share of a call on this CPU into the manifest "
                          "(targets that run here; `sparsec profile DIR` does it later)")

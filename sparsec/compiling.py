@@ -24,8 +24,8 @@ from sparsec.package import (FORMAT, LIBRARY, MANIFEST, MODEL, Package, archive_
                              staging_dir, write_json, write_reference)
 from sparsec.pruning import _check_ratio, as_recipe, merge_recipe, prune
 from sparsec.reference import signature
-from sparsec.running import (BF16_MIN_COSINE, _compare, _load_runner, _raise_if_mismatch,
-                             device_rtol, tolerance, uses_bf16)
+from sparsec.running import (_compare, _load_runner, _raise_if_mismatch, device_rtol,
+                             kernel_precision, min_cosine, tolerance, uses_bf16)
 from sparsec.targets.kernels.common import PRECISIONS
 
 
@@ -126,9 +126,10 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
     ``validate`` checks the library on the package's reference pair).
 
     ``precision`` "bf16" lets kernels that round their inputs to bf16 run where they are
-    faster (AMX tiles on CPUs that have them, sparse tensor cores for 2:4 weights on sm_80+);
-    the default is the target's: fp32, or bf16 for ``x86-amx``. Such a package is checked
-    with the bf16 tolerance.
+    faster (AMX tiles on CPUs that have them, tensor cores and sparse tensor cores on
+    sm_80+); "tf32" (CUDA targets) runs matmuls by a weight on tensor cores with inputs
+    rounded to tf32. The default is the target's: tf32 for CUDA targets, bf16 for
+    ``x86-amx``, else fp32. Such a package is checked with that precision's tolerance.
 
     ``dynamic`` (``{"batch_size": (1, 32), "sequence_length": (1, 512)}`` or
     ``"batch_size=1..32,sequence_length=1..512"``; names are the model's ``dim_param``s)
@@ -161,9 +162,15 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
     if round_to is None:
         round_to = spec.channel_multiple
     _check_ratio(ratio)
+    defaulted = precision is None
     precision = precision or spec.precision
-    if precision not in PRECISIONS:
-        raise BadOptionError(f"--precision takes {' or '.join(PRECISIONS)}, not '{precision}'")
+    allowed = [p for p in PRECISIONS if p != "tf32" or spec.device == "cuda"]
+    if precision == "tf32" and "tf32" not in allowed:
+        raise BadOptionError(f"--precision tf32 is for CUDA targets (tensor cores); target "
+                             f"'{spec.name}' takes fp32 or bf16")
+    if precision not in allowed:
+        raise BadOptionError(f"--precision takes {', '.join(allowed[:-1])} or {allowed[-1]}, "
+                             f"not '{precision}'")
     if profile and not (spec.runs_here and spec.device == "cpu"):
         raise BadOptionError(f"--profile measures on this machine's CPU; target "
                              f"'{spec.name}' does not run here")
@@ -229,8 +236,7 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
             facts = compile_onnx(proto, spec, tmp / LIBRARY, log=log,
                                  static_lib=tmp / archive_name(name), system_lib_prefix=prefix,
                                  precision=precision)
-            bf16 = uses_bf16(facts)
-            if spec.amx_emulated_here and bf16:
+            if spec.amx_emulated_here and uses_bf16(facts):
                 from sparsec.targets.kernels import amx
 
                 # the same tile programs, runnable on this CPU
@@ -244,17 +250,24 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
 
             # a host of another CPU (Jetson): the whole model's twin, for this check only
             emulation = None if spec.native else scratch / "emulation.so"
+            if defaulted and precision == "tf32":
+                log("precision tf32, the CUDA default (as ONNX Runtime's and TensorRT's): "
+                    "matmuls and convolutions on tensor cores with inputs rounded to tf32, "
+                    "fp32 sums; --precision fp32 keeps every kernel exact")
             facts = cuda.compile_onnx(proto, spec, tmp / LIBRARY, log, emulation_lib=emulation,
                                       precision=precision)
-            bf16 = uses_bf16(facts)
+        computed = kernel_precision(facts)    # what the package computes in
+        lossy = computed != "fp32"
         feeds = {s["name"]: result.sample[s["name"]] for s in inputs}
         expected = reference.run(proto, feeds)
         write_reference(tmp / "reference", inputs, outputs, feeds, expected)
         rtol, atol = tolerance(facts)
-        if precision == "bf16" and not bf16:
-            log("note: --precision bf16, but no kernel computes in bf16 for this model and "
-                "target (bf16 kernels: AMX tiles on CPUs with AMX; sparse tensor cores for 2:4 "
-                "weights with more than 8 rows, sm_80+); the package is fp32")
+        if precision != "fp32" and computed == "fp32":
+            log(f"note: {'precision' if defaulted else '--precision'} {precision}"
+                f"{' (the target default)' if defaulted else ''}, but no kernel computes in "
+                f"{precision} for this model and target (bf16 kernels: AMX tiles on CPUs with AMX; CUDA "
+                f"sm_80+: tensor cores for matmuls by a weight, tf32 or bf16); the package is "
+                f"fp32")
         about = f"{Path(source).name} compiled for {spec.name} ({facts['tvm_version']})"
 
         def write_header(rtol: float) -> None:
@@ -281,15 +294,15 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
                     f"{where} with sparsec validate")
                 runner = load_library(emulation, [s["name"] for s in inputs])
                 runner.via = "amx-tiles-emulated-on-cpu" if on_cpu else VIA_TWIN
-        min_cosine = BF16_MIN_COSINE if bf16 else None
+        cosine = min_cosine(facts)
         if runner is not None:
             via = runner.via
-            check = _compare(outputs, expected, runner.run(feeds), rtol, atol, min_cosine)
+            check = _compare(outputs, expected, runner.run(feeds), rtol, atol, cosine)
             log(f"reference check ({via}): max abs err {check.max_abs_err:.3g} vs ONNX Runtime"
-                + (f" (bf16 kernels: cosine {min(o['cosine'] for o in check.outputs):.6f})"
-                   if bf16 else ""))
+                + (f" ({computed} kernels: cosine "
+                   f"{min(o['cosine'] for o in check.outputs):.6f})" if lossy else ""))
             _raise_if_mismatch(check)
-            if bf16:    # the device check: the binary must match at the fidelity found here
+            if lossy:   # the device check: the binary must match at the fidelity found here
                 rtol = device_rtol(check)
                 write_header(rtol)
         if budget is not None:
@@ -314,17 +327,17 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
                         "system_lib_prefix": prefix if on_cpu else None},
             "reference": {"inputs": "reference/inputs.bin", "outputs": "reference/outputs.bin",
                           "rtol": rtol, "atol": atol,
-                          **({"min_cosine": min_cosine} if bf16 else {}),
+                          **({"min_cosine": cosine} if lossy else {}),
                           "from": "calibration" if calibration is not None else "random",
                           "check": None if check is None else {
                               "ok": check.ok, "max_abs_err": check.max_abs_err, "via": via,
                               "cosine": min(o["cosine"] for o in check.outputs)}},
             "files": file_hashes(tmp),
             "prune": result.report(),
-            # what the package computes in, not what was allowed: bf16 only when a kernel does
-            "compile": {**facts, "precision": "bf16" if bf16 else "fp32",
-                        **({"precision_asked": precision} if precision != (
-                            "bf16" if bf16 else "fp32") else {})},
+            # what the package computes in, not what was allowed: bf16 or tf32 only when a
+            # kernel does
+            "compile": {**facts, "precision": computed,
+                        **({"precision_asked": precision} if precision != computed else {})},
             **({"profile": measured} if measured is not None else {}),
             **({"latency": budget} if budget is not None else {}),
         }

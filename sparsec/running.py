@@ -28,17 +28,38 @@ RTOL, ATOL = 1e-4, 1e-5
 RTOL_BF16, ATOL_BF16 = 3e-2, 1e-3
 BF16_MIN_COSINE = 0.99
 BF16_MARGIN = 1.5
+#: the tolerance of a library with tf32 kernels (CUDA tensor cores): inputs rounded to 10
+#: mantissa bits (a relative error of up to 2^-11 per input, 8x less than bf16); as for bf16,
+#: an output also passes with cosine >= TF32_MIN_COSINE, and the package records the error
+#: measured here (x BF16_MARGIN) where it is wider
+RTOL_TF32, ATOL_TF32 = 5e-3, 1e-4
+TF32_MIN_COSINE = 0.999
+#: the lossy precisions, least precise first: (rtol, atol, min_cosine)
+REDUCED = {"bf16": (RTOL_BF16, ATOL_BF16, BF16_MIN_COSINE),
+           "tf32": (RTOL_TF32, ATOL_TF32, TF32_MIN_COSINE)}
+
+
+def kernel_precision(facts: dict) -> str:
+    """The least precise inputs a kernel of the compiled library computes with (its decision
+    says ``precision``): "bf16", "tf32", or "fp32" when every kernel is exact."""
+    found = {d.get("precision") for d in facts.get("decisions", [])}
+    return next((p for p in REDUCED if p in found), "fp32")
 
 
 def uses_bf16(facts: dict) -> bool:
-    """Whether a kernel of the compiled library computes in bf16 (its decision says
-    ``precision``)."""
-    return any(d.get("precision") == "bf16" for d in facts.get("decisions", []))
+    """Whether a kernel of the compiled library computes in bf16."""
+    return kernel_precision(facts) == "bf16"
 
 
 def tolerance(facts: dict) -> tuple[float, float]:
-    """(rtol, atol) a compiled library is checked with: looser when a kernel computes in bf16."""
-    return (RTOL_BF16, ATOL_BF16) if uses_bf16(facts) else (RTOL, ATOL)
+    """(rtol, atol) a compiled library is checked with: looser when a kernel computes in bf16
+    or tf32."""
+    return REDUCED.get(kernel_precision(facts), (RTOL, ATOL, None))[:2]
+
+
+def min_cosine(facts: dict) -> float | None:
+    """The cosine an output of a lossy library passes with (None: exact kernels only)."""
+    return REDUCED.get(kernel_precision(facts), (RTOL, ATOL, None))[2]
 
 
 def _load_runner(spec, directory: Path, name: str, inputs: list[dict], outputs: list[dict],
@@ -182,8 +203,8 @@ def _raise_if_mismatch(report: ValidationReport) -> None:
         worst = max(report.outputs, key=lambda o: o["max_abs_err"] - o["bound"])
         why = (f"max abs err {worst['max_abs_err']:.3g} > bound {worst['bound']:.3g}")
         if report.min_cosine is not None:
-            why += (f" and cosine {worst['cosine']:.4f} < {report.min_cosine} (bf16 kernels: "
-                    f"a target without them, e.g. x86-avx512, keeps fp32)")
+            why += (f" and cosine {worst['cosine']:.4f} < {report.min_cosine} (lossy kernels, "
+                    f"bf16 or tf32: --precision fp32 keeps every kernel exact)")
         raise ValidationError(f"output '{worst['name']}' differs from ONNX Runtime: {why}")
 
 

@@ -189,10 +189,10 @@ def test_compile_2_4_linear_for_cuda(tmp_path):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 10
     onnx.save(model, str(tmp_path / "m.onnx"))
-    # fp32 by default: the 2:4 layer stays on DLight's exact schedules, with a hint
+    # fp32: the 2:4 layer stays on DLight's exact schedules, with a hint
     logs: list[str] = []
     exact = api.compile(tmp_path / "m.onnx", tmp_path / "fp32", target="cuda-sm80",
-                        log=logs.append)
+                        precision="fp32", log=logs.append)
     assert mma_sp.NAME not in exact["compile"]["kernels"]
     assert exact["reference"]["rtol"] == api.RTOL
     assert "--precision bf16" in exact["compile"]["decisions"][0]["hint"]

@@ -38,9 +38,10 @@ class TargetSpec:
     triple: str | None = None
     #: where the kernels run: ``cpu``, or ``cuda`` (the host code then only launches them)
     device: str = "cpu"
-    #: the default precision of its kernels: "fp32", or "bf16" (kernels that round their
-    #: inputs to bf16 may be chosen: AMX tiles). ``x86-amx`` is the one bf16 target; any
-    #: other, a CPU with AMX included, takes bf16 only when asked (``--precision bf16``)
+    #: the default precision of its kernels: "fp32", "tf32" (CUDA targets: matmuls by a
+    #: weight on tensor cores, as ONNX Runtime and TensorRT default to) or "bf16" (kernels
+    #: that round their inputs to bf16 may be chosen: AMX tiles). ``x86-amx`` is the one bf16
+    #: target; any other, a CPU with AMX included, takes bf16 only when asked
     precision: str = "fp32"
 
     @property
@@ -295,7 +296,7 @@ def _cuda_spec(name: str, target: dict, description: str) -> TargetSpec:
     host = _spec_from_dict(name, json_dict(host), "")
     out["host"] = host.tvm_target
     return TargetSpec(name, out, description or f"NVIDIA GPU {arch} (CUDA, nvcc)",
-                      channel_multiple=8, triple=host.triple, device="cuda")
+                      channel_multiple=8, triple=host.triple, device="cuda", precision="tf32")
 
 
 def json_dict(value) -> dict:

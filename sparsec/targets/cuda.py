@@ -146,14 +146,16 @@ def serialize_threads(func: "tirx.PrimFunc") -> "tirx.PrimFunc":
     begins, which is what the barrier guarantees on the GPU. So the function computes what
     the kernel's schedule computes, on the CPU. TVM 0.27 has no Python statement mutator: the
     rewrite goes through TVMScript text and back, and fails loudly if a binding is left.
-    A kernel with warp-wide instructions (``mma_sp_cuda``) is replaced by its CPU twin, whose
-    lanes share one set of fragments."""
+    A kernel with warp-wide instructions (``mma_cuda``, ``mma_sp_cuda``) is replaced by its
+    CPU twin, whose lanes share one set of fragments."""
     import tvm
 
-    from sparsec.targets.kernels import mma_sp
+    from sparsec.targets.kernels import mma, mma_sp
+    from sparsec.targets.kernels.common import STRATEGY_ATTR
 
     if mma_sp.TWIN_ATTR in func.attrs:   # warp-wide instructions: the kernel's CPU twin
-        return mma_sp.twin(func)
+        kernel = {mma.NAME: mma, mma_sp.NAME: mma_sp}[str(func.attrs[STRATEGY_ATTR])]
+        return kernel.twin(func)
     text = func.script()
     text = _THREAD_LOOP.sub(lambda m: "T.serial(" + m.group(1)[:-2]
                             + (", annotations=" if m.group(2) else ""), text)
@@ -186,6 +188,27 @@ def emulation_module(scheduled: "ir.IRModule") -> "ir.IRModule":
     with target:
         return tvm.transform.Sequential(cpu.dataflow_lower_passes(target)
                                         + cpu.finalize_passes(target))(mod)
+
+
+def tensor_core_summary(decisions: list[dict]) -> str:
+    """One line of the compile report: how many matmuls and convolutions run on tensor cores,
+    with which kernel and precision, and how many in fp32 without them (by whom)."""
+    from collections import Counter
+
+    # (a conv no kernel of ours took keeps the Relax op's name, "nn.conv2d")
+    heavy = [d for d in decisions if d.get("op") in ("matmul", "conv2d", "nn.conv2d")]
+    on = Counter(f"{d['chosen']} {d['precision']}" for d in heavy if d.get("chosen") in (
+        "mma_cuda", "mma_sp_cuda"))
+    off = Counter(f"{d['op'].removeprefix('nn.')} on "
+                  f"{'DLight' if d.get('chosen') == 'fallback' else d['chosen']}"
+                  for d in heavy if d.get("chosen") not in ("mma_cuda", "mma_sp_cuda"))
+
+    def listed(counts: Counter) -> str:
+        return ", ".join(f"{n} {what}" for what, n in sorted(counts.items()))
+
+    return (f"{sum(on.values())} of {len(heavy)} matmuls and convolutions"
+            + (f" ({listed(on)})" if on else "")
+            + (f"; fp32 without tensor cores: {listed(off)}" if off else ""))
 
 
 def kernel_source(ex) -> str:
@@ -257,6 +280,7 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
         ex = relax.build(lower(scheduled, tvm_target), tvm_target, relax_pipeline=None)
         twin = relax.build(emulation_module(scheduled), tvm.target.Target({"kind": "llvm"}),
                            relax_pipeline=None)
+    log(f"tensor cores: {tensor_core_summary(decisions)}")
     hints = [d["hint"] for d in decisions if "hint" in d]
     if hints:
         log(f"hint ({len(hints)} of the matmuls): {hints[0]}")

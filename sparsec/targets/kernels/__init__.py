@@ -25,7 +25,7 @@ class StrategyInfo:
     """A registered strategy: which Relax op it serves and how well it runs."""
 
     name: str
-    op: str  # Relax op name, e.g. "relax.matmul"
+    op: str  # Relax op name, e.g. "relax.matmul" (several: "relax.matmul|relax.nn.conv2d")
     efficiency: float  # fraction of peak FMA throughput, for the cost rule
     description: str
     device: str = "cpu"  # where its kernels run (the CPU back end, or targets/cuda.py)
@@ -117,6 +117,17 @@ STRATEGIES: tuple[StrategyInfo, ...] = (
                  "the rule assumes, as every CUDA strategy's: it beats DLight's dense "
                  "schedules",
                  device="cuda"),
+    StrategyInfo("mma_cuda", "relax.matmul|relax.nn.conv2d", 1.0,
+                 "CUDA sm_80+, --precision tf32 (the CUDA default) or bf16: a matmul by a "
+                 "constant W, a groups-1 NCHW conv as an implicit GEMM (output pixels x "
+                 "filter taps), or a matmul of two run-time tensors (attention: both rounded "
+                 "per call, K^T read in place), on tensor cores (mma.sync m16n8k8 tf32 or m16n8k16 bf16, fp32 "
+                 "sums): W rounded and laid out in A fragment order at compile time (one "
+                 "128-bit load per lane and K step), X rounded in the kernel; a warp per 16 or "
+                 "32 output channels x up to 32 tokens or pixels. Chosen for every dense "
+                 "linear layer and conv (a sparse kernel first where W's zeros pay); lossy as "
+                 "its precision",
+                 device="cuda"),
     StrategyInfo(FALLBACK, "*", 0.02,
                  "LegalizeOps + FuseOps, then DLight rules (CPU: or a parallel+vectorize "
                  "schedule; CUDA: DLight's GPU rules, targets/cuda.py)"),
@@ -142,7 +153,7 @@ def choose(op: str, macs: int, cores: int, candidates: dict[str, int]) -> tuple[
     """
     est = {FALLBACK: estimate_seconds(FALLBACK, macs, cores) * 1e3}
     for name, work in candidates.items():
-        if BY_NAME[name].op == op:
+        if op in BY_NAME[name].op.split("|"):
             est[name] = estimate_seconds(name, work, cores) * 1e3
     chosen = min(est, key=est.__getitem__)
     return chosen, {"candidates": {k: round(v, 4) for k, v in est.items()}, "chosen": chosen}

@@ -23,9 +23,10 @@ OPAQUE_PATTERN = 8
 #: fp32 lanes of one AVX2 ymm register.
 VEC_LANES = 8
 
-#: the compile's precision: "fp32" (exact kernels only) or "bf16" (kernels that round their
-#: inputs to bf16 may be chosen: AMX tiles, sparse tensor cores)
-PRECISIONS = ("fp32", "bf16")
+#: the compile's precision: "fp32" (exact kernels only), "tf32" (CUDA: matmuls by a weight
+#: on tensor cores, inputs rounded to tf32) or "bf16" (kernels that round their inputs to
+#: bf16 may be chosen: AMX tiles, tensor cores, sparse tensor cores)
+PRECISIONS = ("fp32", "tf32", "bf16")
 _PRECISION: contextvars.ContextVar[str] = contextvars.ContextVar("sparsec_precision",
                                                                  default="fp32")
 
@@ -40,6 +41,11 @@ def precision(name: str):
         yield
     finally:
         _PRECISION.reset(token)
+
+
+def current_precision() -> str:
+    """The compile's precision (:func:`precision`)."""
+    return _PRECISION.get()
 
 
 def bf16_allowed() -> bool:

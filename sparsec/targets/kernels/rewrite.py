@@ -23,9 +23,9 @@ from sparsec import progress
 from sparsec.progress import Progress
 from sparsec.targets import kernels
 from sparsec.targets.kernels import (amx, batch_matmul, bsr, conv2d, dense, depthwise,
-                                     dw_pointwise, grouped_conv, mma_sp, pointwise,
+                                     dw_pointwise, grouped_conv, mma, mma_sp, pointwise,
                                      pointwise_dw, softmax, sparse_cuda)
-from sparsec.targets.kernels.common import Activation, bf16_allowed
+from sparsec.targets.kernels.common import Activation, bf16_allowed, current_precision
 from sparsec.targets.knobs import build as build_kernel
 from sparsec.targets.knobs import build_tuned, knobs_for, measured_choice
 
@@ -479,13 +479,29 @@ def _emit_batch_matmul(bb: "relax.BlockBuilder", strategy: str, kshape: dict, ar
 
 
 def _match_conv(a: _Analysis, call: "relax.Call") -> tuple[Plan, dict] | None:
+    if _static_shape(call.args[0]) is None or _static_shape(call) is None:
+        return _match_dynamic_conv(a, call)
+    found = _static_conv(a, call)
+    if found is None:
+        return None
+    shape, groups, w, xs, out = found
+    if depthwise.matches(shape, groups):
+        return [_depthwise(shape, w, _dtype(call), xs, out)]
+    if grouped_conv.matches(shape, groups):
+        return [_grouped(shape, groups, w, _dtype(call), xs, out)]
+    if groups != 1:
+        return None
+    return _conv_plans(shape, w, _dtype(call), xs, out)
+
+
+def _static_conv(a: _Analysis, call: "relax.Call") -> tuple | None:
+    """``(ConvShape, groups, W, x shape, out shape)`` of a static NCHW/OIHW conv2d by a
+    constant W in a supported dtype, else None."""
     x, w_expr = call.args
     at = call.attrs
     w = a.const(w_expr)
     xs, out = _static_shape(x), _static_shape(call)
-    if xs is None or out is None:
-        return _match_dynamic_conv(a, call)
-    if w is None or w.ndim != 4 or len(xs) != 4:
+    if xs is None or out is None or w is None or w.ndim != 4 or len(xs) != 4:
         return None
     if (str(at.data_layout), str(at.kernel_layout)) != ("NCHW", "OIHW"):
         return None
@@ -505,15 +521,14 @@ def _match_conv(a: _Analysis, call: "relax.Call") -> tuple[Plan, dict] | None:
         dilation=tuple(int(d) for d in at.dilation))
     if (shape.n, shape.oc) + shape.out_hw != out:
         return None
-    if depthwise.matches(shape, groups):
-        return [_depthwise(shape, w, _dtype(x), xs, out)]
-    if grouped_conv.matches(shape, groups):
-        return [_grouped(shape, groups, w, _dtype(x), xs, out)]
-    if groups != 1:
-        return None
+    return shape, groups, w, xs, out
+
+
+def _conv_plans(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, xs: tuple, out: tuple
+                ) -> list[tuple[Plan, dict]]:
+    """The CPU kernels for a groups-1 conv."""
     wplan = conv2d.plan_wvec(shape)
     packed = conv2d.pack_weight(w, wplan.oct if wplan else conv2d.LANES)
-    dtype = _dtype(x)
     kshape = {**dataclasses.asdict(shape), "dtype": dtype}
     if wplan:
         kshape["variant"] = "width_vectorized"
@@ -801,13 +816,159 @@ def _pointwise(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, out: tuple,
     return Plan(name, emit, info=info, shape=kshape, operands=operands), work
 
 
-def _match_sparse_cuda(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | None:
+def _match_cuda_linear(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | None:
+    """A matmul by a constant W on CUDA: a sparse kernel where W's zeros pay
+    (:func:`_match_sparse_cuda`), else ``mma_cuda`` on tensor cores in the compile's precision
+    (:func:`_match_mma`); None leaves it to DLight's fp32 schedule."""
+    lin = _linear(a, call)
+    if lin is None:
+        return _match_mma_batch(a, call)
+    return _match_sparse_cuda(a, lin) or _match_mma(a, lin)
+
+
+def _cuda_arch() -> int | None:
+    """The compute capability of the CUDA target being compiled for (80 for sm_80), or None."""
+    import re
+
+    import tvm
+
+    target = tvm.target.Target.current(allow_none=True)
+    arch = re.fullmatch(r"sm_(\d+)[af]?", str(target.attrs.get("arch", ""))) if target else None
+    return None if arch is None else int(arch.group(1))
+
+
+def _match_mma(a: _Analysis, lin: _Linear) -> list[tuple[Plan, dict]] | None:
+    """``mma_cuda`` (kernels/mma.py) for a linear layer when the compile's precision is tf32
+    or bf16 and the GPU has their tensor-core instructions (sm_80+)."""
+    def call(bb: "relax.BlockBuilder", func: "tirx.PrimFunc", args: list, wa, bias, residual
+             ) -> "relax.Expr":
+        return lin.emit(bb, func, mma.NAME, args, [wa], bias, residual)
+
+    info = {"op": "matmul", "shape": {"M": lin.m, "K": lin.k, "N": lin.n}}
+    return _mma_plan(lin.m, lin.k, lin.n, lin.dtype, lin.w, info, call)
+
+
+def _match_cuda_conv(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | None:
+    """``mma_cuda`` for a groups-1 NCHW conv by a constant W, as an implicit GEMM (output
+    pixels x filter taps x output channels; kernels/mma.py); depthwise and grouped convs stay
+    on DLight's schedules."""
+    from tvm import relax
+
+    found = _static_conv(a, call)
+    if found is None or found[1] != 1:
+        return None
+    shape, _, w, xs, out = found
+    m, k, n = mma.conv_gemm(shape)
+
+    def emit(bb: "relax.BlockBuilder", func: "tirx.PrimFunc", args: list, wa, bias, residual
+             ) -> "relax.Expr":
+        gv = bb.add_func(func, mma.NAME)
+        call_args = [args[0], wa] + ([relax.const(bias)] if bias is not None else []) + (
+            [residual] if residual is not None else [])
+        return relax.call_tir(gv, call_args, relax.TensorType(out, _dtype(call)))
+
+    info = _conv_info(shape, xs, w, out, "implicit_gemm")
+    info["shape"]["gemm"] = {"M": m, "K": k, "N": n}
+    return _mma_plan(m, k, n, _dtype(call), w.reshape(n, k).T, info, emit, shape)
+
+
+def _mma_precision() -> str | None:
+    """The precision ``mma_cuda`` runs in for this compile: tf32 or bf16 on sm_80+, else None
+    (fp32, or a GPU without those tensor-core instructions)."""
+    precision = current_precision()
+    arch = _cuda_arch()
+    if precision not in mma.PRECISIONS or arch is None or arch < mma.MIN_ARCH:
+        return None
+    return precision
+
+
+def _match_mma_batch(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | None:
+    """``mma_cuda`` for a matmul of two run-time tensors ``[..., M, K] @ [..., K, N]`` with the
+    same batch dims (attention's Q @ K^T and P @ V), both operands rounded in the kernel; a
+    second operand that is a transpose of its last two axes (K^T) is read in place, and the
+    transpose is gone."""
+    import math
+
+    from tvm import relax
+
+    x, y = call.args
+    xs, ys, out = _static_shape(x), _static_shape(y), _static_shape(call)
+    precision = _mma_precision()
+    if (precision is None or xs is None or ys is None or out is None or len(xs) != len(ys)
+            or len(xs) < 2 or a.const(x) is not None or a.const(y) is not None):
+        return None
+    if xs[:-2] != ys[:-2] or xs[-1] != ys[-2] or out != xs[:-1] + ys[-1:]:
+        return None
+    dtype = _dtype(x)
+    if dtype not in SUPPORTED_DTYPES or _dtype(y) != dtype or _dtype(call) != dtype:
+        return None
+    (m, k), n = xs[-2:], ys[-1]
+    batch = math.prod(xs[:-2])
+    yt = _transposed_operand(a, y)
+    p = mma.plan(m, k, n, precision, batch)
+
+    def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
+             ) -> "relax.Expr":
+        func = mma.build(m, k, n, precision, dtype, bias=bias is not None, act=act,
+                         residual=residual is not None, batch=batch,
+                         b_transposed=yt is not None)
+        gv = bb.add_func(func, mma.NAME)
+
+        def as3d(v, shape):
+            return v if len(xs) == 3 else bb.emit(relax.op.reshape(v, (batch,) + shape))
+
+        call_args = [as3d(args[0], (m, k)), as3d(args[1], (n, k) if yt is not None else (k, n))]
+        if bias is not None:
+            call_args.append(relax.const(bias))
+        if residual is not None:
+            call_args.append(as3d(residual, (m, n)))
+        y3 = relax.call_tir(gv, call_args, relax.TensorType((batch, m, n), dtype))
+        return y3 if len(xs) == 3 else relax.op.reshape(bb.emit(y3), out)
+
+    info = {"op": "matmul", "shape": {"batch": batch, "M": m, "K": k, "N": n},
+            **({"b_transposed": True} if yt is not None else {}),
+            "precision": precision, "tensor_cores": mma.INSTRUCTION[precision],
+            "warp_tile": f"{p.mt * mma.TILE_M} channels x {p.nt * mma.TILE_N} tokens",
+            "grid": [*p.grid, batch], "split_k": 1}
+    plan = Plan(mma.NAME, emit, info=info, inputs=None if yt is None else [x, yt],
+                shape={"batch": batch, "m": m, "k": k, "n": n, "precision": precision,
+                       "dtype": dtype, "b_transposed": yt is not None})
+    return [(plan, {"macs": batch * p.mp * p.kp * p.np_})]
+
+
+def _mma_plan(m: int, k: int, n: int, dtype: str, w_kn: "np.ndarray", info: dict,
+              call: Callable, conv: conv2d.ConvShape | None = None
+              ) -> list[tuple[Plan, dict]] | None:
+    """The ``mma_cuda`` plan of an [M, K] x [K, N] GEMM by the constant ``w_kn`` (``call``
+    emits the kernel's call from ``(bb, func, args, packed W, bias, residual)``), when the
+    compile's precision is tf32 or bf16 and the GPU is sm_80+; else None."""
+    precision = _mma_precision()
+    if precision is None:
+        return None
+    p = mma.plan(m, k, n, precision)
+
+    def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
+             ) -> "relax.Expr":
+        from tvm import relax
+
+        func = mma.build(m, k, n, precision, dtype, bias=bias is not None, act=act,
+                         residual=residual is not None, conv=conv)
+        return call(bb, func, args, relax.const(mma.pack_weight(w_kn, p)), bias, residual)
+
+    info = {**info, "precision": precision, "tensor_cores": mma.INSTRUCTION[precision],
+            "warp_tile": f"{p.mt * mma.TILE_M} channels x {p.nt * mma.TILE_N} tokens",
+            "grid": [*p.grid, p.splits], "split_k": p.splits,
+            "weight_bytes": {"dense": int(w_kn.nbytes), "packed": mma.weight_bytes(p)}}
+    plan = Plan(mma.NAME, emit, info=info,
+                shape={"m": m, "k": k, "n": n, "precision": precision, "dtype": dtype,
+                       **({"conv": dataclasses.asdict(conv)} if conv is not None else {})})
+    return [(plan, {"macs": p.mp * p.kp * p.np_})]
+
+
+def _match_sparse_cuda(a: _Analysis, lin: _Linear) -> list[tuple[Plan, dict]] | None:
     """``nm_sparse_cuda`` for a matmul by a constant sparse W with few rows, when the
     compressed weight is at most 3/4 of the dense bytes (kernels/sparse_cuda.py); with more
     rows, ``mma_sp_cuda`` for a 2:4 W on sm_80+ (kernels/mma_sp.py)."""
-    lin = _linear(a, call)
-    if lin is None:
-        return None
     if lin.m > sparse_cuda.MAX_ROWS:
         return _match_mma_sp(a, lin)
     w, m, k, n, dtype = lin.w, lin.m, lin.k, lin.n, lin.dtype
@@ -839,13 +1000,8 @@ def _match_sparse_cuda(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dic
 def _match_mma_sp(a: _Analysis, lin: _Linear) -> list[tuple[Plan, dict]] | None:
     """``mma_sp_cuda`` for ``lin`` when W is 2:4 along K, the GPU has sparse tensor cores
     (sm_80+) and the compile allows bf16 (else a hint that it would)."""
-    import re
-
-    import tvm
-
-    target = tvm.target.Target.current(allow_none=True)
-    arch = re.fullmatch(r"sm_(\d+)[af]?", str(target.attrs.get("arch", ""))) if target else None
-    if arch is None or int(arch.group(1)) < mma_sp.MIN_ARCH or not mma_sp.is_2_4(lin.w):
+    arch = _cuda_arch()
+    if arch is None or arch < mma_sp.MIN_ARCH or not mma_sp.is_2_4(lin.w):
         return None
     if not bf16_allowed():      # lossy: with --precision bf16 only
         a.hint = "2:4 weight: --precision bf16 runs it on sparse tensor cores (mma_sp_cuda)"
@@ -935,7 +1091,8 @@ def _match_dynamic_softmax(call: "relax.Call") -> list[tuple[Plan, dict]] | None
 _MATCHERS = {"relax.matmul": _match_dense, "relax.nn.conv2d": _match_conv,
              "relax.nn.softmax": _match_softmax}
 #: the heavy ops with a sparsec kernel per device (the rest go to the device's generic rules)
-MATCHERS_BY_DEVICE = {"cpu": _MATCHERS, "cuda": {"relax.matmul": _match_sparse_cuda}}
+MATCHERS_BY_DEVICE = {"cpu": _MATCHERS, "cuda": {"relax.matmul": _match_cuda_linear,
+                                                  "relax.nn.conv2d": _match_cuda_conv}}
 
 
 def _channel_bias(a: _Analysis, heavy_var: Any, add_call: "relax.Call", channel_axis: int
