@@ -59,7 +59,8 @@ class Walk:
         self._spill_root = spill_dir
         self._spill: str | None = None
         self._spilled = 0
-        #: largest bytes held in memory by kept tensors, and written to disk, over the walk
+        #: bytes of kept tensors in memory now, the most over the walk, and written to disk
+        self.held_bytes = 0
         self.peak_bytes = 0
         self.spilled_bytes = 0
         self.segments = 0
@@ -155,6 +156,7 @@ class Walk:
                 self.store[name] = [self._to_disk(v) for v in self.store[name]]
                 held -= size
                 self.spilled_bytes += size
+        self.held_bytes = held
         self.peak_bytes = max(self.peak_bytes, held)
 
     def _to_disk(self, value: np.ndarray) -> np.ndarray:

@@ -190,7 +190,10 @@ def refit_in_order(original: Graph, changed: Graph, select, fit, ctx: PassContex
     Both models are walked layer by layer (``layerwise.Walk``): the changed one up to each
     layer, running only the nodes since the previous one, with the refits so far in; the
     original one up to and through the same layer. Only the tensors crossing the two cuts are
-    held, so the whole calibration set costs one pass through each model."""
+    held (beyond ``SPARSEC_CALIBRATION_BYTES`` on disk), so the whole calibration set costs one
+    pass through each model and memory does not grow with depth. Each report entry says how
+    many bytes of calibration tensors were in memory at that layer and how many were spilled
+    so far."""
     from sparsec.layerwise import Walk
 
     uses = original.consumers()
@@ -222,7 +225,10 @@ def refit_in_order(original: Graph, changed: Graph, select, fit, ctx: PassContex
                 y = [None] * len(x)
             kernel = graph.initializers[node.inputs[1]].shape[2:]
             err = fit(graph, node, users, design(node, x, y, masks, kernel), i)
-            report.append({"node": node.name, "weight": node.inputs[1], **err})
+            report.append({"node": node.name, "weight": node.inputs[1], **err,
+                           # calibration tensors the two walks hold in memory / put on disk
+                           "held_bytes": now.held_bytes + before.held_bytes,
+                           "spilled_bytes": now.spilled_bytes + before.spilled_bytes})
             progress.step()
     return graph, report
 

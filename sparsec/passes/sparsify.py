@@ -50,7 +50,7 @@ from fnmatch import fnmatchcase
 
 import numpy as np
 
-from sparsec import reference
+from sparsec import layerwise
 from sparsec.ir.graph import Graph, Node
 from sparsec.passes.manager import PassContext, rows
 from sparsec.passes.reconstruct import (MAX_ROWS, RIDGE, Design, _as_matrix, _bias_slot,
@@ -198,13 +198,17 @@ class Sparsify:
                     x = n.inputs[0]
                     axis = len(graph.shape(x)) - 1 if n.op_type == "MatMul" else 1
                     readers[n.inputs[1]] = (x, axis)
-            acts = reference.activations(graph, ctx.fit, sorted({x for x, _ in
-                                                                 readers.values()}))
             masks = ctx.masks(ctx.fit)
-            for w, (x, axis) in readers.items():
-                sq = sum((rows(a, m, axis).astype(np.float64) ** 2).sum(axis=0)
-                         for a, m in zip(acts[x], masks))
-                norm = np.sqrt(sq)
+            sq: dict[tuple[str, int], object] = {r: 0 for r in readers.values()}
+
+            def add(x, i, value):     # one batch at a time (layerwise.collect)
+                for key in [r for r in sq if r[0] == x]:
+                    sq[key] = sq[key] + (rows(value, masks[i], key[1]).astype(np.float64)
+                                         ** 2).sum(axis=0)
+
+            layerwise.collect(graph, ctx.fit, sorted({x for x, _ in readers.values()}), add)
+            for w, reader in readers.items():
+                norm = np.sqrt(sq[reader])
                 if norm.size == scores[w].shape[1]:      # grouped convs: left to magnitude
                     scores[w] = scores[w] * norm[None, :, None]
         return scores
