@@ -347,7 +347,7 @@ def _configs_follow_weights(module) -> list[str]:
             implied = config.hidden_size // max(sizes["num_attention_heads"][:1] or [1])
             if hasattr(config, key) or key == "head_dim" and values[0] != implied:
                 setattr(config, key, values[0])
-        mismatch = _config_mismatch(hf)
+        mismatch = _config_mismatch(hf) or _config_invalid(hf.config)
         if mismatch is None:
             continue
         name = type(hf).__name__
@@ -383,6 +383,22 @@ def _config_mismatch(hf) -> str | None:
         if want.get(key) != got.get(key):
             return (f"{key}: {want.get(key, 'absent')} in the pruned model, "
                     f"{got.get(key, 'absent')} from the config")
+    return None
+
+
+def _config_invalid(config) -> str | None:
+    """Why transformers would refuse to write ``config`` (its own ``validate``, which
+    ``save_pretrained`` calls: e.g. Llama's hidden size must be a multiple of the head count,
+    even with ``head_dim`` stated), or None."""
+    validate = getattr(config, "validate", None)
+    if not callable(validate):
+        return None
+    try:
+        validate()
+    except Exception as e:  # noqa: BLE001 - any refusal is a reason not to write
+        cause = e.__cause__ or e
+        lines = str(cause).strip().splitlines()
+        return lines[-1].strip() if lines else type(cause).__name__
     return None
 
 
