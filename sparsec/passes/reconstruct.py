@@ -201,7 +201,7 @@ def refit_in_order(original: Graph, changed: Graph, select, fit, ctx: PassContex
                and len(n.inputs) > 1 and select(n) and _refittable(original, n, uses)]
     if not targets:
         return changed, []
-    graph = changed.copy()
+    graph = changed.copy(arrays=False)     # refits replace arrays, never write them
     nodes = {n.name: n for n in graph.nodes}
     users = graph.consumers()
     for target in targets:       # bias slots first: the walk needs the final structure

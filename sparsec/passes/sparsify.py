@@ -159,7 +159,7 @@ class Sparsify:
                 masks[w] = self._uniform_mask(s, kind, nums, self.sparsity)
         if self.criterion == "sparsegpt" and (kind == "block" or self.allocation == "lamp"):
             raise ValueError("sparsegpt chooses unstructured and N:M masks, not blocks or lamp")
-        out = graph.copy()
+        out = graph.copy(arrays=False)      # masked weights are new arrays
         layers = {}
         for w, mask in masks.items():
             arr = graph.initializers[w]
