@@ -21,7 +21,6 @@ from sparsec.errors import BadOptionError
 from sparsec.frontends.external_data import save_onnx
 from sparsec.frontends.onnx import InputShapes
 from sparsec.ir.graph import Graph
-from sparsec.ir.onnx_io import to_onnx
 from sparsec.loading import Log, ModelLike, _quiet, load
 from sparsec.package import check_writable_file, read_calibration
 from sparsec.passes.channel_prune import ChannelPrune
@@ -402,9 +401,15 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, recipe=N
             f"calibration samples: a rough figure, and only for data like the calibration "
             f"data; give more (--calib) for one you can rely on")
     if output is not None:
-        save_onnx(to_onnx(pruned), output)
+        _save(pruned, output)
         result.output = Path(output)
     return result
+
+
+def _save(graph: Graph, output) -> None:
+    """``graph`` as an ONNX file, its weights written from where they are (no model copy)."""
+    proto, weights = reference.skeleton(graph)
+    save_onnx(proto, output, weights=weights)
 
 
 def _to_budget(model: ModelLike, output, options: dict, latency_budget, speedup, target: str,
@@ -433,7 +438,7 @@ def _to_budget(model: ModelLike, output, options: dict, latency_budget, speedup,
     if before_ppl is not None:
         result.perplexity = _perplexity_pair(before_ppl, result.graph, eval_tokens, log)
     if output is not None:
-        save_onnx(to_onnx(result.graph), output)
+        _save(result.graph, output)
         result.output = Path(output)
     return result
 
@@ -531,6 +536,6 @@ def _search_ratio(model: ModelLike, output, max_drop, metric, options: dict,
     if before_ppl is not None:
         result.perplexity = _perplexity_pair(before_ppl, result.graph, eval_tokens, log)
     if output is not None:
-        save_onnx(to_onnx(result.graph), output)
+        _save(result.graph, output)
         result.output = Path(output)
     return result
