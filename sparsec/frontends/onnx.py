@@ -253,6 +253,7 @@ def load_onnx(model: str | os.PathLike | onnx.ModelProto,
         graph = from_onnx(proto)
     except ValueError as e:
         raise InvalidModelError(str(e)) from None
+    del proto       # ours (read or copied): the graph has the weights now, free the protobuf's
     check_attributes(graph)
     return untie_constant_initializers(normalize_exactly(graph))
 
