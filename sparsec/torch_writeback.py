@@ -151,7 +151,11 @@ def write_back(module, graph: Graph, drop_layers: bool = False, log: Log = _quie
 
     import torch
 
-    new = copy.deepcopy(module)
+    # the weights the graph gives are not copied only to be replaced (memory at scale)
+    memo = {id(p): torch.nn.Parameter(torch.empty(0), requires_grad=p.requires_grad)
+            for name, p in module.named_parameters(remove_duplicate=False)
+            if name in graph.initializers}
+    new = copy.deepcopy(module, memo)
     # tied parameters (GPT-2's lm_head is its token embedding) go by any of their names, and
     # stay one tensor
     state = {**dict(new.named_parameters(remove_duplicate=False)), **dict(new.named_buffers())}
