@@ -22,7 +22,6 @@ from sparsec.errors import BadOptionError, DynamicShapeError
 from sparsec.frontends.external_data import save_onnx
 from sparsec.frontends.onnx import InputShapes
 from sparsec.ir.graph import Graph
-from sparsec.ir.onnx_io import to_onnx
 from sparsec.loading import Log, ModelLike, _quiet, load
 from sparsec.package import check_writable_file, read_calibration
 from sparsec.passes.channel_prune import ChannelPrune
@@ -414,9 +413,18 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, recipe=N
             log("note: the pruned model has the fixed shapes of --input-shapes (the passes "
                 "cannot be carried back into the model's dynamic dims)")
     if output is not None:
-        save_onnx(result.onnx if result.onnx is not None else to_onnx(pruned), output)
+        if result.onnx is not None:         # the dynamic model, its dims kept
+            save_onnx(result.onnx, output)
+        else:
+            _save(pruned, output)
         result.output = Path(output)
     return result
+
+
+def _save(graph: Graph, output) -> None:
+    """``graph`` as an ONNX file, its weights written from where they are (no model copy)."""
+    proto, weights = reference.skeleton(graph)
+    save_onnx(proto, output, weights=weights)
 
 
 def _load_to_prune(model: ModelLike, output, input_shapes, example_inputs, calibration,
@@ -463,7 +471,7 @@ def _to_budget(model: ModelLike, output, options: dict, latency_budget, speedup,
     if before_ppl is not None:
         result.perplexity = _perplexity_pair(before_ppl, result.graph, eval_tokens, log)
     if output is not None:
-        save_onnx(to_onnx(result.graph), output)
+        _save(result.graph, output)
         result.output = Path(output)
     return result
 
@@ -561,6 +569,6 @@ def _search_ratio(model: ModelLike, output, max_drop, metric, options: dict,
     if before_ppl is not None:
         result.perplexity = _perplexity_pair(before_ppl, result.graph, eval_tokens, log)
     if output is not None:
-        save_onnx(to_onnx(result.graph), output)
+        _save(result.graph, output)
         result.output = Path(output)
     return result

@@ -13,16 +13,48 @@ import numpy as np
 from sparsec.ir.graph import Graph
 
 
-def session(model, threads: int = 0, external_dir=None):
+#: initializers of at least this many bytes reach ONNX Runtime in place (``skeleton``)
+IN_PLACE_BYTES = 1024
+
+
+def skeleton(graph: Graph, with_value_info: bool = True):
+    """``graph`` as an ONNX model whose initializers of ``IN_PLACE_BYTES`` or more are
+    placeholders (external data at no location), plus those arrays: ``session`` hands them to
+    ONNX Runtime in place (``add_external_initializers``, no copy) instead of through a
+    serialized model, which held the weights four times over (the graph's arrays, the
+    protobuf, its bytes, ONNX Runtime's copy)."""
+    import dataclasses
+
+    import onnx
+
+    from sparsec.ir.onnx_io import elem_type, to_onnx
+
+    big = {n: a for n, a in graph.initializers.items() if a.nbytes >= IN_PLACE_BYTES}
+    small = {n: a for n, a in graph.initializers.items() if n not in big}
+    proto = to_onnx(dataclasses.replace(graph, initializers=small),
+                    with_value_info=with_value_info)
+    for name, array in big.items():
+        t = proto.graph.initializer.add()
+        t.name, t.data_type = name, elem_type(array.dtype)
+        t.dims.extend(array.shape)
+        t.data_location = onnx.TensorProto.EXTERNAL
+        t.external_data.add(key="location", value="sparsec-in-memory")
+    return proto, big
+
+
+def session(model, threads: int = 0, external_dir=None, weights=None):
     """An ONNX Runtime CPU session for a Graph or an ONNX ModelProto (``external_dir``: where
-    the files of its external data are). A model over protobuf's 2 GB is handed to ONNX
-    Runtime as a file with external data."""
+    the files of its external data are; ``weights``: arrays for a ``skeleton``'s
+    placeholders). A Graph's weights go in place (``skeleton``); a ModelProto over
+    protobuf's 2 GB is handed to ONNX Runtime as a file with external data."""
     import onnxruntime as ort
 
     from sparsec.frontends.external_data import saved_with_external_data, too_big
-    from sparsec.ir.onnx_io import to_onnx
 
-    proto = to_onnx(model) if isinstance(model, Graph) else model
+    if isinstance(model, Graph):
+        proto, weights = skeleton(model)
+    else:
+        proto = model
     opts = ort.SessionOptions()
     if external_dir is not None:
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
@@ -33,10 +65,18 @@ def session(model, threads: int = 0, external_dir=None):
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
+    values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a))
+              for a in (weights or {}).values()]
+    if values:      # ORT reads these arrays where they are: they must outlive the session
+        opts.add_external_initializers(list(weights), values)
     if too_big(proto):
         with saved_with_external_data(proto) as path:   # ORT has read it when this returns
-            return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    else:
+        sess = ort.InferenceSession(proto.SerializeToString(), opts,
+                                    providers=["CPUExecutionProvider"])
+    sess.sparsec_weights = values
+    return sess
 
 
 def run(model, inputs: dict[str, np.ndarray], threads: int = 0) -> list[np.ndarray]:
@@ -65,11 +105,11 @@ class Probe:
     def __init__(self, graph: Graph, free=(), names=()):
         from onnx import helper
 
-        from sparsec.ir.onnx_io import elem_type, to_onnx
+        from sparsec.ir.onnx_io import elem_type
 
         self.graph = graph
         self.free = sorted(set(free))
-        proto = to_onnx(graph)
+        proto, weights = skeleton(graph)
         present = {o.name for o in proto.graph.output}
         for name in names:
             if name not in present:
@@ -80,11 +120,12 @@ class Probe:
             keep = [t for t in proto.graph.initializer if t.name not in set(self.free)]
             del proto.graph.initializer[:]
             proto.graph.initializer.extend(keep)
+            weights = {n: a for n, a in weights.items() if n not in set(self.free)}
             for name in self.free:
                 w = graph.initializers[name]
                 proto.graph.input.append(
                     helper.make_tensor_value_info(name, elem_type(w.dtype), list(w.shape)))
-        self.sess = session(proto)
+        self.sess = session(proto, weights=weights)
 
     def values(self, batches: list[dict[str, np.ndarray]], names=None,
                weights: dict[str, np.ndarray] | None = None) -> dict[str, list[np.ndarray]]:

@@ -151,7 +151,11 @@ def write_back(module, graph: Graph, drop_layers: bool = False, log: Log = _quie
 
     import torch
 
-    new = copy.deepcopy(module)
+    # the weights the graph gives are not copied only to be replaced (memory at scale)
+    memo = {id(p): torch.nn.Parameter(torch.empty(0), requires_grad=p.requires_grad)
+            for name, p in module.named_parameters(remove_duplicate=False)
+            if name in graph.initializers}
+    new = copy.deepcopy(module, memo)
     # tied parameters (GPT-2's lm_head is its token embedding) go by any of their names, and
     # stay one tensor
     state = {**dict(new.named_parameters(remove_duplicate=False)), **dict(new.named_buffers())}
@@ -347,7 +351,7 @@ def _configs_follow_weights(module) -> list[str]:
             implied = config.hidden_size // max(sizes["num_attention_heads"][:1] or [1])
             if hasattr(config, key) or key == "head_dim" and values[0] != implied:
                 setattr(config, key, values[0])
-        mismatch = _config_mismatch(hf)
+        mismatch = _config_mismatch(hf) or _config_invalid(hf.config)
         if mismatch is None:
             continue
         name = type(hf).__name__
@@ -383,6 +387,22 @@ def _config_mismatch(hf) -> str | None:
         if want.get(key) != got.get(key):
             return (f"{key}: {want.get(key, 'absent')} in the pruned model, "
                     f"{got.get(key, 'absent')} from the config")
+    return None
+
+
+def _config_invalid(config) -> str | None:
+    """Why transformers would refuse to write ``config`` (its own ``validate``, which
+    ``save_pretrained`` calls: e.g. Llama's hidden size must be a multiple of the head count,
+    even with ``head_dim`` stated), or None."""
+    validate = getattr(config, "validate", None)
+    if not callable(validate):
+        return None
+    try:
+        validate()
+    except Exception as e:  # noqa: BLE001 - any refusal is a reason not to write
+        cause = e.__cause__ or e
+        lines = str(cause).strip().splitlines()
+        return lines[-1].strip() if lines else type(cause).__name__
     return None
 
 

@@ -95,3 +95,19 @@ def test_gpt2_with_fewer_heads_refuses_save_pretrained(tmp_path):
     with pytest.raises(OutputError, match="c_attn"):
         pruned.save_pretrained(tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_head_count_transformers_refuses_is_refused_before_writing(tmp_path):
+    """LlamaConfig's validation wants hidden_size to be a multiple of the head count even with
+    head_dim stated (TinyLlama's 2048 with 24 of 32 heads): a clean OutputError, nothing
+    written, instead of transformers' traceback halfway through save_pretrained."""
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=64)
+    lm = tf.LlamaForCausalLM(cfg).eval()
+    pruned, _ = sparsec.prune_module(lm, (tokens(0),), head_ratio=0.25, calibration=CALIB)
+    assert pruned.config.num_attention_heads == 3
+    with pytest.raises(OutputError, match="multiple of the number of attention heads"):
+        pruned.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -72,14 +72,16 @@ def data_file(path: str | os.PathLike) -> Path:
     return p.with_name(p.name + ".data")
 
 
-def save_onnx(model, path: str | os.PathLike, threshold: int | None = None) -> Path | None:
+def save_onnx(model, path: str | os.PathLike, threshold: int | None = None,
+              weights=None) -> Path | None:
     """Write an ONNX model to ``path`` atomically; over ``threshold`` bytes of weights (by
     default :func:`external_data_threshold`; never more than protobuf holds), with every
     tensor of 1 KiB or more in ``NAME.data`` beside it (ONNX external data). Both files are
     written in a temp directory beside ``path`` and moved into place, the data first, so the
     .onnx never names a data file that is not there; a ``NAME.data`` left by an earlier,
     larger output is removed. ``model`` is left as it was. Returns the data file, or
-    ``None``."""
+    ``None``. ``weights``: the arrays of the placeholders of a ``reference.skeleton``, written
+    from where they are (no second copy of a large model's weights)."""
     import onnx
     from onnx.external_data_helper import load_external_data_for_model
 
@@ -87,12 +89,18 @@ def save_onnx(model, path: str | os.PathLike, threshold: int | None = None) -> P
     data = data_file(p)
     if threshold is None:
         threshold = external_data_threshold()
-    external = weight_bytes(model) > min(threshold, PROTOBUF_LIMIT)
+    weights = weights or {}
+    size = weight_bytes(model) + sum(a.nbytes for a in weights.values())
+    external = size > min(threshold, PROTOBUF_LIMIT)
     parent = p.absolute().parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{p.name}.", dir=parent))
     try:
-        if external:
+        if weights:
+            _save_skeleton(model, weights, tmp / p.name, data.name if external else None)
+            if external:
+                os.replace(tmp / data.name, data)
+        elif external:
             try:
                 onnx.save_model(model, str(tmp / p.name), save_as_external_data=True,
                                 all_tensors_to_one_file=True, location=data.name,
@@ -108,6 +116,37 @@ def save_onnx(model, path: str | os.PathLike, threshold: int | None = None) -> P
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return data if external else None
+
+
+def _save_skeleton(model, weights, path: Path, location: str | None) -> None:
+    """A skeleton (``reference.skeleton``) to ``path``: with ``location``, its placeholders'
+    arrays go one after another into that file beside it and the placeholders name their
+    slices; without, into a copy of the model (small enough for one message)."""
+    import numpy as np
+    import onnx
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    offset = 0
+    with contextlib.ExitStack() as stack:
+        f = stack.enter_context(open(path.with_name(location), "wb")) if location else None
+        for t in out.graph.initializer:
+            if t.name not in weights:
+                continue
+            array = np.ascontiguousarray(weights[t.name])
+            if array.dtype.byteorder == ">":
+                array = array.astype(array.dtype.newbyteorder("<"))
+            del t.external_data[:]
+            if f is None:
+                t.data_location = onnx.TensorProto.DEFAULT
+                t.raw_data = array.tobytes()
+                continue
+            f.write(memoryview(array).cast("B"))
+            for key, value in (("location", location), ("offset", offset),
+                               ("length", array.nbytes)):
+                t.external_data.add(key=key, value=str(value))
+            offset += array.nbytes
+    path.write_bytes(out.SerializeToString())
 
 
 def too_big(model) -> bool:

@@ -646,7 +646,10 @@ def lower_exported(ep) -> Graph:
     inputs, outputs = [], []
 
     def materialize(name: str, value) -> None:
-        arr = value.detach().cpu().numpy().copy()
+        # the module's own memory, read-only (passes replace arrays, never write them): a
+        # billion-parameter model is not copied
+        arr = value.detach().cpu().numpy()
+        arr.flags.writeable = False
         lw.inits[name] = arr
         lw.values[name] = Value(name, tuple(arr.shape), arr.dtype.name)
         lw.names[name] = name

@@ -91,7 +91,7 @@ class NormalizeReport:
 
 def normalize(graph: Graph) -> tuple[Graph, NormalizeReport]:
     """A normalized copy of ``graph`` and what changed (the input graph is not modified)."""
-    g = graph.copy()
+    g = graph.copy(arrays=False)       # folding replaces arrays, never writes them
     report = NormalizeReport()
     report.identities = _bypass_identities(g)
     report.merged = _merge_duplicates(g)

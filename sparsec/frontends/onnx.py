@@ -125,10 +125,11 @@ def _pin_inputs(model: onnx.ModelProto, input_shapes: InputShapes) -> None:
             f"NAME:D1xD2x... (e.g. {graph_inputs[0].name}:1x...)")
 
 
-def _fill_shapes_with_onnxruntime(model: onnx.ModelProto, base: Path | None = None
-                                  ) -> onnx.ModelProto:
+def _fill_shapes_with_onnxruntime(model: onnx.ModelProto, base: Path | None = None,
+                                  weights=None) -> onnx.ModelProto:
     """Shapes ONNX inference could not derive, read off one ONNX Runtime run of the model
-    (``base``: where the files of its external data are)."""
+    (``base``: where the files of its external data are; ``weights``: the arrays of a
+    ``reference.skeleton``'s placeholders)."""
     from sparsec import reference
 
     infos = value_infos(model)
@@ -148,7 +149,7 @@ def _fill_shapes_with_onnxruntime(model: onnx.ModelProto, base: Path | None = No
     for name in missing:
         if name not in declared:
             probe.graph.output.append(onnx.ValueInfoProto(name=name))
-    sess = reference.session(probe, external_dir=base)
+    sess = reference.session(probe, external_dir=base, weights=weights)
     feeds = {}
     for vi in model.graph.input:
         if vi.name in init:
@@ -172,10 +173,12 @@ def _does_not_run(e: Exception) -> InvalidModelError:
     return InvalidModelError(f"model does not run in ONNX Runtime: {first}")
 
 
-def infer_shapes(model: onnx.ModelProto, base: Path | None = None) -> onnx.ModelProto:
+def infer_shapes(model: onnx.ModelProto, base: Path | None = None,
+                 weights=None) -> onnx.ModelProto:
     """Model with a concrete shape for every tensor (inputs must already be static). A model
     over protobuf's 2 GB is inferred without its weights (shape inference reads shapes);
-    ``base``: where the files of a model's external data are."""
+    ``base``: where the files of a model's external data are; ``weights``: the arrays of a
+    ``reference.skeleton``'s placeholders."""
     from sparsec.frontends.external_data import too_big, without_weights
 
     try:
@@ -194,7 +197,7 @@ def infer_shapes(model: onnx.ModelProto, base: Path | None = None) -> onnx.Model
     except Exception as e:
         raise InvalidModelError(f"ONNX shape inference failed: {str(e).splitlines()[0]}") from None
     try:
-        return _fill_shapes_with_onnxruntime(inferred, base)
+        return _fill_shapes_with_onnxruntime(inferred, base, weights)
     except Exception as e:
         raise _does_not_run(e) from None
 
@@ -250,6 +253,7 @@ def load_onnx(model: str | os.PathLike | onnx.ModelProto,
         graph = from_onnx(proto)
     except ValueError as e:
         raise InvalidModelError(str(e)) from None
+    del proto       # ours (read or copied): the graph has the weights now, free the protobuf's
     check_attributes(graph)
     return untie_constant_initializers(normalize_exactly(graph))
 

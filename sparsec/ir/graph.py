@@ -101,14 +101,16 @@ class Graph:
         return (self.values[n] for n in names)
 
     # ------------------------------------------------------------------ edits
-    def copy(self) -> "Graph":
-        """Deep copy: arrays, nodes and values are all fresh, so edits never reach the original."""
+    def copy(self, arrays: bool = True) -> "Graph":
+        """Deep copy: arrays, nodes and values are all fresh, so edits never reach the original.
+        ``arrays`` False shares the weight arrays (a billion-parameter model is not copied):
+        for a copy whose weights are only ever replaced (``set_initializer``), never written."""
         return Graph(
             name=self.name,
             inputs=list(self.inputs),
             outputs=list(self.outputs),
             nodes=[_copy.deepcopy(n) for n in self.nodes],
-            initializers={k: v.copy() for k, v in self.initializers.items()},
+            initializers={k: v.copy() if arrays else v for k, v in self.initializers.items()},
             values={k: Value(v.name, tuple(v.shape), v.dtype) for k, v in self.values.items()},
             opsets=dict(self.opsets),
             ir_version=self.ir_version,

@@ -64,11 +64,14 @@ def value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     return {vi.name: vi for vi in list(g.input) + list(g.value_info) + list(g.output)}
 
 
-def from_onnx(model: onnx.ModelProto) -> Graph:
+def from_onnx(model: onnx.ModelProto, arrays: dict[str, np.ndarray] | None = None) -> Graph:
     """ONNX model (static shapes everywhere) -> Graph. Raises ``ValueError`` naming any tensor
-    whose shape is unknown; callers resolve shapes first (see ``sparsec.frontends.onnx``)."""
+    whose shape is unknown; callers resolve shapes first (see ``sparsec.frontends.onnx``).
+    ``arrays``: the values of initializers the model only names (``reference.skeleton``)."""
     g = model.graph
-    initializers = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    arrays = arrays or {}
+    initializers = {t.name: arrays[t.name] if t.name in arrays else numpy_helper.to_array(t)
+                    for t in g.initializer}
     nodes: list[Node] = []
     for i, n in enumerate(g.node):
         attrs = {a.name: _attr_value(a) for a in n.attribute}

@@ -25,7 +25,7 @@ import numpy as np
 
 from typing import Callable
 
-from sparsec import reference
+from sparsec import layerwise
 from sparsec.analysis.depgraph import Group, Member
 from sparsec.ir.graph import Graph, Node
 from sparsec.passes.manager import rows
@@ -77,16 +77,22 @@ def activation_stats(graph: Graph, groups: list[Group], batches: list[dict],
     ||X|| and the variance over samples and positions, on calibration data (``masks``, one per
     batch: positions left out as padding, see ``PassContext.masks``)."""
     wanted = {r for g in groups for m in g.consumers if (r := _reader(graph, m.name, users))}
-    names = sorted({x for x, _ in wanted})
-    acts = reference.activations(graph, batches, names) if names else {}
     masks = masks or [None] * len(batches)
+    sums: dict[tuple[str, int], list] = {key: [0, 0.0, 0.0] for key in wanted}
+
+    def add(x, i, value):     # running sums, one batch at a time (layerwise.collect)
+        for axis in sorted(a for t, a in wanted if t == x):
+            f = rows(value, masks[i], axis).astype(np.float64)
+            acc = sums[(x, axis)]
+            acc[0] += f.shape[0]
+            acc[1] = acc[1] + f.sum(axis=0)
+            acc[2] = acc[2] + (f ** 2).sum(axis=0)
+
+    layerwise.collect(graph, batches, sorted({x for x, _ in wanted}), add)
     stats = {}
-    for x, axis in wanted:
-        flat = [rows(a, m, axis).astype(np.float64) for a, m in zip(acts[x], masks)]
-        n = max(sum(f.shape[0] for f in flat), 1)
-        total = sum(f.sum(axis=0) for f in flat)
-        sq = sum((f ** 2).sum(axis=0) for f in flat)
-        stats[(x, axis)] = {"norm": np.sqrt(sq), "var": np.maximum(sq / n - (total / n) ** 2, 0)}
+    for key, (n, total, sq) in sums.items():
+        n = max(n, 1)
+        stats[key] = {"norm": np.sqrt(sq), "var": np.maximum(sq / n - (total / n) ** 2, 0)}
     return stats
 
 

@@ -185,42 +185,51 @@ def refit_in_order(original: Graph, changed: Graph, select, fit, ctx: PassContex
     ``fit(graph, node, users, design, seed)`` rewrites its weights from what it receives in
     ``changed`` with the earlier refits applied and its output in ``original`` (``Design``,
     on ``ctx.fit``; with ``outputs`` False the original outputs are not computed and
-    ``design.y`` has no columns)."""
+    ``design.y`` has no columns).
+
+    Both models are walked layer by layer (``layerwise.Walk``): the changed one up to each
+    layer, running only the nodes since the previous one, with the refits so far in; the
+    original one up to and through the same layer. Only the tensors crossing the two cuts are
+    held (beyond ``SPARSEC_CALIBRATION_BYTES`` on disk), so the whole calibration set costs one
+    pass through each model and memory does not grow with depth. Each report entry says how
+    many bytes of calibration tensors were in memory at that layer and how many were spilled
+    so far."""
+    from sparsec.layerwise import Walk
+
     uses = original.consumers()
     targets = [n for n in original.nodes if n.op_type in ("Conv", "Gemm", "MatMul")
                and len(n.inputs) > 1 and select(n) and _refittable(original, n, uses)]
     if not targets:
         return changed, []
-    y_orig = reference.activations(original, ctx.fit, [n.outputs[0] for n in targets]) \
-        if outputs else {}
-    graph = changed.copy()
+    graph = changed.copy(arrays=False)     # refits replace arrays, never write them
     nodes = {n.name: n for n in graph.nodes}
     users = graph.consumers()
-    free = []
-    for target in targets:       # bias slots first: the probe below needs the final structure
+    for target in targets:       # bias slots first: the walk needs the final structure
         node = nodes[target.name]
-        w = graph.initializers[node.inputs[1]]
-        bias = _bias_slot(graph, node, users, _as_matrix(node, w).shape[1])
-        free += [node.inputs[1]] + ([bias] if bias else [])
+        _bias_slot(graph, node, users, _as_matrix(node, graph.initializers[node.inputs[1]]).shape[1])
     users = graph.consumers()
-    probe = reference.Probe(graph, free=free, names=[nodes[t.name].inputs[0] for t in targets])
+    at_now = {n.name: i for i, n in enumerate(graph.nodes)}
+    at_before = {n.name: i for i, n in enumerate(original.nodes)}
     masks = ctx.masks(ctx.fit)
     report = []
-    seen: dict[str, list[np.ndarray]] = {}     # input tensor -> its values since the last refit
     progress = Progress(ctx.log, "reconstruct", len(targets), "layers refit")
-    for i, target in enumerate(targets):
-        node = nodes[target.name]
-        # targets reading one tensor (Q, K and V of a layer) cannot change each other's input:
-        # one run serves them all
-        if node.inputs[0] not in seen:
-            current = {n: graph.initializers[n] for n in free}
-            seen = probe.values(ctx.fit, [node.inputs[0]], current)
-        x = seen[node.inputs[0]]
-        kernel = graph.initializers[node.inputs[1]].shape[2:]
-        y = y_orig.get(target.outputs[0], [None] * len(x))
-        err = fit(graph, node, users, design(node, x, y, masks, kernel), i)
-        report.append({"node": node.name, "weight": node.inputs[1], **err})
-        progress.step()
+    with Walk(graph, ctx.fit) as now, Walk(original, ctx.fit) as before:
+        for i, target in enumerate(targets):
+            node = nodes[target.name]
+            now.advance(at_now[node.name])
+            x = now.values(node.inputs[0])
+            if outputs:
+                before.advance(at_before[target.name] + 1, keep=[target.outputs[0]])
+                y = before.values(target.outputs[0])
+            else:
+                y = [None] * len(x)
+            kernel = graph.initializers[node.inputs[1]].shape[2:]
+            err = fit(graph, node, users, design(node, x, y, masks, kernel), i)
+            report.append({"node": node.name, "weight": node.inputs[1], **err,
+                           # calibration tensors the two walks hold in memory / put on disk
+                           "held_bytes": now.held_bytes + before.held_bytes,
+                           "spilled_bytes": now.spilled_bytes + before.spilled_bytes})
+            progress.step()
     return graph, report
 
 

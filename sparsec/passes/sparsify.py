@@ -50,7 +50,7 @@ from fnmatch import fnmatchcase
 
 import numpy as np
 
-from sparsec import reference
+from sparsec import layerwise
 from sparsec.ir.graph import Graph, Node
 from sparsec.passes.manager import PassContext, rows
 from sparsec.passes.reconstruct import (MAX_ROWS, RIDGE, Design, _as_matrix, _bias_slot,
@@ -133,19 +133,28 @@ class Sparsify:
             raise ValueError(f"unknown allocation '{self.allocation}'")
         weights = {w: axes for w, axes in weight_matrices(graph).items()
                    if not any(fnmatchcase(w, p) for p in self.ignore)}
-        scores = self._scores(graph, weights, ctx)
+        score = self._scorer(graph, weights, ctx)
+        names = list(weights)
+
+        def dims(w):        # (output, input) channels of the weight's matrix view
+            shape = graph.initializers[w].shape
+            return shape[weights[w][0]], shape[weights[w][1]]
+
         masks, skipped = {}, []
         if kind != "unstructured":
             # one input channel per output (depthwise convs, a conv on a 1-channel image): no
             # kernel skips anything there, and a block would zero whole filters
-            skipped = sorted(w for w, s in scores.items() if s.shape[1] == 1)
-            scores = {w: s for w, s in scores.items() if w not in skipped}
+            skipped = sorted(w for w in names if dims(w)[1] == 1)
+            names = [w for w in names if w not in skipped]
+        # one weight's scores at a time (float64 for every weight of a billion-parameter
+        # model at once would be 8 bytes a weight), except LAMP, which ranks them all together
         if kind == "nm":
             n, m, group = nums
-            for w, s in scores.items():
-                if s.shape[1] % m or s.shape[0] % group:
+            for w in names:
+                if dims(w)[1] % m or dims(w)[0] % group:
                     skipped.append(w)
                     continue
+                s = score(w)
                 # grouped: G consecutive output channels share one pattern (summed scores)
                 pooled = s.reshape(s.shape[0] // group, group, s.shape[1] // m, m,
                                    s.shape[2]).sum(axis=1)
@@ -153,13 +162,13 @@ class Sparsify:
                 keep = np.repeat(rank < n, group, axis=0)
                 masks[w] = keep.reshape(s.shape)
         elif self.allocation == "lamp":
-            masks = self._lamp_masks(scores, kind, nums)
+            masks = self._lamp_masks({w: score(w) for w in names}, kind, nums)
         else:
-            for w, s in scores.items():
-                masks[w] = self._uniform_mask(s, kind, nums, self.sparsity)
+            for w in names:
+                masks[w] = self._uniform_mask(score(w), kind, nums, self.sparsity)
         if self.criterion == "sparsegpt" and (kind == "block" or self.allocation == "lamp"):
             raise ValueError("sparsegpt chooses unstructured and N:M masks, not blocks or lamp")
-        out = graph.copy()
+        out = graph.copy(arrays=False)      # masked weights are new arrays
         layers = {}
         for w, mask in masks.items():
             arr = graph.initializers[w]
@@ -186,9 +195,10 @@ class Sparsify:
                      "achieved": round(zeros / max(total, 1), 4), "layers": layers,
                      "skipped": skipped}
 
-    def _scores(self, graph: Graph, weights, ctx) -> dict[str, np.ndarray]:
-        scores = {w: np.abs(_view(graph.initializers[w], axes)).astype(np.float64)
-                  for w, axes in weights.items()}
+    def _scorer(self, graph: Graph, weights, ctx):
+        """``score(weight name)``: its importance as [out, in, taps] float64, computed when
+        asked (Wanda's input norms are gathered first, in one walk over the calibration data)."""
+        norms: dict[str, np.ndarray] = {}
         if self.criterion == "wanda":
             if ctx is None:
                 raise ValueError("wanda sparsification needs calibration data")
@@ -198,16 +208,25 @@ class Sparsify:
                     x = n.inputs[0]
                     axis = len(graph.shape(x)) - 1 if n.op_type == "MatMul" else 1
                     readers[n.inputs[1]] = (x, axis)
-            acts = reference.activations(graph, ctx.fit, sorted({x for x, _ in
-                                                                 readers.values()}))
             masks = ctx.masks(ctx.fit)
-            for w, (x, axis) in readers.items():
-                sq = sum((rows(a, m, axis).astype(np.float64) ** 2).sum(axis=0)
-                         for a, m in zip(acts[x], masks))
-                norm = np.sqrt(sq)
-                if norm.size == scores[w].shape[1]:      # grouped convs: left to magnitude
-                    scores[w] = scores[w] * norm[None, :, None]
-        return scores
+            sq: dict[tuple[str, int], object] = {r: 0 for r in readers.values()}
+
+            def add(x, i, value):     # one batch at a time (layerwise.collect)
+                for key in [r for r in sq if r[0] == x]:
+                    sq[key] = sq[key] + (rows(value, masks[i], key[1]).astype(np.float64)
+                                         ** 2).sum(axis=0)
+
+            layerwise.collect(graph, ctx.fit, sorted({x for x, _ in readers.values()}), add)
+            norms = {w: np.sqrt(sq[reader]) for w, reader in readers.items()}
+
+        def score(w: str) -> np.ndarray:
+            s = np.abs(_view(graph.initializers[w], weights[w])).astype(np.float64)
+            norm = norms.get(w)
+            if norm is not None and norm.size == s.shape[1]:   # grouped convs: magnitude
+                s = s * norm[None, :, None]
+            return s
+
+        return score
 
     @staticmethod
     def _uniform_mask(s: np.ndarray, kind: str, nums, sparsity: float) -> np.ndarray:

@@ -47,7 +47,7 @@ def apply_plan(graph: Graph, dg: DependencyGraph, plan: Plan) -> Graph:
     """Copy of ``graph`` with, for every group in ``plan``, only the kept channels."""
     assert dg.graph is graph, "plan must come from a dependency graph of this graph"
     keep = axis_keep(graph, dg, plan)
-    out = graph.copy()
+    out = graph.copy(arrays=False)         # kept slices are new arrays (np.take)
     for (name, axis), kept in sorted(keep.items()):
         if name in out.initializers:
             out.set_initializer(name, np.take(out.initializers[name], kept, axis=axis))
@@ -196,12 +196,15 @@ _FIXUPS = {"Conv": _conv, "Reshape": _sizes_at(1), "Expand": _sizes_at(1),
 
 def reinfer_shapes(graph: Graph) -> Graph:
     """Recompute every intermediate shape after surgery (inputs and weights are authoritative)."""
+    from sparsec import reference
     from sparsec.errors import InvalidModelError
     from sparsec.frontends.onnx import infer_shapes
-    from sparsec.ir.onnx_io import from_onnx, to_onnx
+    from sparsec.ir.onnx_io import from_onnx
 
+    # the weights stay where they are: the model inferred only names the large ones
+    proto, weights = reference.skeleton(graph, with_value_info=False)
     try:
-        fresh = from_onnx(infer_shapes(to_onnx(graph, with_value_info=False)))
+        fresh = from_onnx(infer_shapes(proto, weights=weights), weights)
     except InvalidModelError as e:   # the input ran: a graph the surgery broke is our bug
         raise RuntimeError(f"the pruned graph does not run in ONNX Runtime ({e})") from None
     fresh.name, fresh.producer, fresh.metadata = graph.name, graph.producer, graph.metadata

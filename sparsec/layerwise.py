@@ -1,0 +1,189 @@
+"""Layer-wise, memory-bounded calibration: a graph run on calibration data one segment at a time.
+
+Running a whole model once per question (the input of every refitted layer, the activations
+of every pruned channel) costs a full forward pass each time and keeps every tensor asked for,
+for every batch, at once. A :class:`Walk` instead moves a cut through the graph in node order.
+``advance(to)`` runs only the nodes between the current cut and ``to`` (one ONNX Runtime
+session of that subgraph, built with the weights as they are *now*, so refits of earlier
+layers are in), for all batches, and keeps only the tensors that cross the new cut: for a
+transformer, the residual stream between blocks plus the few tensors every block reads (the
+attention mask, rotary tables). Everything else is dropped as soon as the cut passes it.
+
+Memory bound (per :class:`Walk`): the tensors crossing the cut, for all calibration batches,
+``tokens x hidden x bytes`` for each (a decoder: the residual stream, plus whatever of the
+block's own activations the caller asks to keep), plus the weights of the one segment being
+run (ONNX Runtime's copy). With ``budget`` bytes set, kept tensors beyond it go to ``.npy``
+files in a temporary directory and are read back through memory maps, one batch at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Callable
+
+import numpy as np
+
+from sparsec.ir.graph import Graph
+
+#: ``SPARSEC_CALIBRATION_BYTES``: the default ``budget`` of every walk (bytes of kept tensors
+#: held in memory; the rest is spilled to disk). Unset: no limit.
+BUDGET_ENV = "SPARSEC_CALIBRATION_BYTES"
+
+
+def default_budget() -> int | None:
+    from sparsec.errors import BadOptionError
+
+    value = os.environ.get(BUDGET_ENV)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise BadOptionError(f"{BUDGET_ENV} must be a number of bytes, not '{value}'") from None
+
+
+class Walk:
+    """``graph`` on ``batches`` (feeds by graph input name), run segment by segment (module
+    docstring). ``position`` is the index of the first node not yet run; ``values(name)`` the
+    per-batch values of a tensor that crosses the cut (or was asked to be kept)."""
+
+    def __init__(self, graph: Graph, batches: list[dict[str, np.ndarray]],
+                 budget: int | None = None, spill_dir: str | None = None):
+        self.graph = graph
+        self.batches = batches
+        self.budget = default_budget() if budget is None else budget
+        self.position = 0
+        self.store: dict[str, list[np.ndarray]] = {}
+        self._spill_root = spill_dir
+        self._spill: str | None = None
+        self._spilled = 0
+        #: bytes of kept tensors in memory now, the most over the walk, and written to disk
+        self.held_bytes = 0
+        self.peak_bytes = 0
+        self.spilled_bytes = 0
+        self.segments = 0
+        self._last_use: dict[str, int] = {}
+        for i, node in enumerate(graph.nodes):
+            for name in node.inputs:
+                if name:
+                    self._last_use[name] = i
+
+    def index(self, name: str) -> int:
+        """Position of the node called ``name``."""
+        for i, node in enumerate(self.graph.nodes):
+            if node.name == name:
+                return i
+        raise KeyError(name)
+
+    def advance(self, to: int, keep=()) -> None:
+        """Run nodes ``[position, to)`` on every batch; afterwards hold what nodes from ``to``
+        on read, plus ``keep`` (tensors produced so far)."""
+        if to < self.position:
+            raise RuntimeError(f"a walk cannot go back (at node {self.position}, asked {to})")
+        graph, keep = self.graph, set(keep)
+        segment = graph.nodes[self.position:to]
+        made = {o for n in segment for o in n.outputs if o}
+        wanted = sorted(o for o in made if self._last_use.get(o, -1) >= to or o in keep)
+        if wanted:
+            sub = self._subgraph(segment, made, wanted)
+            from sparsec import reference
+
+            sess = reference.session(sub)
+            results = {name: [] for name in wanted}
+            for i, feeds in enumerate(self.batches):
+                inputs = {n: (feeds[n] if n in graph.inputs else np.asarray(self.store[n][i]))
+                          for n in sub.inputs}
+                for name, value in zip(wanted, sess.run(wanted, inputs)):
+                    results[name].append(value)
+            del sess
+            self.segments += 1
+        else:
+            results = {}
+        self.store = {n: v for n, v in self.store.items()
+                      if self._last_use.get(n, -1) >= to or n in keep}
+        self.store.update(results)
+        self.position = to
+        self._bound()
+
+    def values(self, name: str) -> list[np.ndarray]:
+        if name in self.graph.inputs:
+            return [feeds[name] for feeds in self.batches]
+        return self.store[name]
+
+    def close(self) -> None:
+        self.store = {}
+        if self._spill is not None:
+            shutil.rmtree(self._spill, ignore_errors=True)
+            self._spill = None
+
+    def __enter__(self) -> "Walk":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ internals
+    def _subgraph(self, segment, made: set[str], wanted: list[str]) -> Graph:
+        graph = self.graph
+        read = [i for n in segment for i in n.inputs if i and i not in made]
+        inputs = sorted({i for i in read if i not in graph.initializers})
+        missing = [i for i in inputs if i not in graph.inputs and i not in self.store]
+        if missing:
+            raise RuntimeError(f"nodes read {missing[0]}, produced later or dropped "
+                               f"(graph not in topological order?)")
+        weights = {i: graph.initializers[i] for i in read if i in graph.initializers}
+        names = set(inputs) | set(wanted) | set(weights) | made
+        return Graph(name=f"{graph.name}_segment", inputs=inputs, outputs=wanted,
+                     nodes=list(segment), initializers=weights,
+                     values={k: v for k, v in graph.values.items() if k in names},
+                     opsets=graph.opsets, ir_version=graph.ir_version)
+
+    def _bound(self) -> None:
+        """Spill the largest in-memory tensors to disk until the rest fit ``budget``."""
+        def in_memory(vals):
+            return sum(v.nbytes for v in vals if not isinstance(v, np.memmap))
+
+        held = sum(in_memory(v) for v in self.store.values())
+        if self.budget is not None and held > self.budget:
+            if self._spill is None:
+                self._spill = tempfile.mkdtemp(prefix="sparsec-calib-", dir=self._spill_root)
+            for name in sorted(self.store, key=lambda n: -in_memory(self.store[n])):
+                if held <= self.budget:
+                    break
+                size = in_memory(self.store[name])
+                self.store[name] = [self._to_disk(v) for v in self.store[name]]
+                held -= size
+                self.spilled_bytes += size
+        self.held_bytes = held
+        self.peak_bytes = max(self.peak_bytes, held)
+
+    def _to_disk(self, value: np.ndarray) -> np.ndarray:
+        if isinstance(value, np.memmap):
+            return value
+        path = os.path.join(self._spill, f"{self._spilled}.npy")
+        self._spilled += 1
+        np.save(path, value)
+        return np.load(path, mmap_mode="r")
+
+
+def collect(graph: Graph, batches: list[dict[str, np.ndarray]], names: list[str],
+            reduce: Callable[[str, int, np.ndarray], None], budget: int | None = None) -> None:
+    """Call ``reduce(name, batch index, value)`` for every tensor of ``names`` on every batch,
+    walking the graph (``Walk``): only the tensors crossing the cut and the one being reduced
+    are held, not every named tensor for every batch at once."""
+    producer = {o: i for i, n in enumerate(graph.nodes) for o in n.outputs if o}
+    by_end: dict[int, list[str]] = {}
+    for name in sorted(set(names)):
+        if name in graph.inputs:
+            for i, feeds in enumerate(batches):
+                reduce(name, i, feeds[name])
+        else:
+            by_end.setdefault(producer[name] + 1, []).append(name)
+    with Walk(graph, batches, budget) as walk:
+        for end in sorted(by_end):
+            walk.advance(end, keep=by_end[end])
+            for name in by_end[end]:
+                for i, value in enumerate(walk.values(name)):
+                    reduce(name, i, np.asarray(value))

@@ -1,0 +1,110 @@
+"""Layer-wise calibration (``sparsec.layerwise``): walking a graph segment by segment gives what a
+whole-model ONNX Runtime run gives, holds no more than what crosses the cut (the same for 2 and
+6 blocks), and spilling that to disk changes no result."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zoo
+
+import sparsec
+from sparsec import reference
+from sparsec.errors import BadOptionError
+from sparsec.frontends.onnx import load_onnx
+from sparsec.layerwise import BUDGET_ENV, Walk, collect
+
+
+def _inputs_of_weights(graph):
+    return [n for n in graph.nodes if n.op_type == "MatMul" and n.inputs[1] in graph.initializers]
+
+
+@pytest.mark.parametrize("budget", [None, 0])
+def test_a_walk_sees_what_the_whole_model_computes(zoo_models, budget):
+    """Every MatMul's input, walking from one to the next (budget 0: all of it on disk)."""
+    graph = load_onnx(zoo_models("hf_llama_gqa"))
+    batches = [reference.random_inputs(graph, seed=s) for s in range(3)]
+    layers = _inputs_of_weights(graph)
+    want = reference.activations(graph, batches, [n.inputs[0] for n in layers])
+    with Walk(graph, batches, budget=budget) as walk:
+        for node in layers:
+            walk.advance(walk.index(node.name))
+            got = walk.values(node.inputs[0])
+            assert len(got) == 3
+            for g, w in zip(got, want[node.inputs[0]]):
+                np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+        walk.advance(len(graph.nodes), keep=graph.outputs)
+        final = [walk.values(o) for o in graph.outputs]
+    for i, feeds in enumerate(batches):
+        for got, out in zip(final, reference.run(graph, feeds)):
+            np.testing.assert_allclose(got[i], out, rtol=1e-4, atol=1e-5)
+    if budget == 0:
+        assert walk.spilled_bytes > 0 and walk.peak_bytes == 0
+    else:
+        assert walk.spilled_bytes == 0 and walk.peak_bytes > 0
+
+
+def test_what_a_walk_holds_does_not_grow_with_depth():
+    """Pre-norm FFN blocks of one width: the most a walk holds (stopping at every weight) is
+    the same for 2 blocks and 6, and is the residual stream plus one block's activations."""
+    peaks = {}
+    for blocks in (2, 6):
+        graph = load_onnx(zoo.ffn_stack(blocks=blocks, hidden=(24,) * blocks))
+        batches = [reference.random_inputs(graph, seed=s) for s in range(4)]
+        with Walk(graph, batches) as walk:
+            for node in _inputs_of_weights(graph):
+                walk.advance(walk.index(node.name))
+            peaks[blocks] = walk.peak_bytes
+        x = batches[0][graph.inputs[0]]
+        per_token = x.nbytes // x.shape[-1] * len(batches)       # bytes of one channel
+    assert peaks[2] == peaks[6]
+    assert peaks[6] <= per_token * (2 * 12 + 24)      # residual + its norm + the FFN's hidden
+
+
+def test_collect_gives_every_named_tensor_once_per_batch(zoo_models):
+    graph = load_onnx(zoo_models("hf_llama_gqa"))
+    batches = [reference.random_inputs(graph, seed=s) for s in range(2)]
+    names = [n.inputs[0] for n in _inputs_of_weights(graph)] + [graph.inputs[0]]
+    want = reference.activations(graph, batches, [n for n in names if n not in graph.inputs])
+    seen = {}
+
+    def reduce(name, i, value):
+        assert (name, i) not in seen
+        seen[(name, i)] = value
+
+    collect(graph, batches, names, reduce, budget=0)
+    assert set(seen) == {(n, i) for n in set(names) for i in range(2)}
+    for name, values in want.items():
+        for i, w in enumerate(values):
+            np.testing.assert_allclose(seen[(name, i)], w, rtol=1e-4, atol=1e-5)
+
+
+def test_spilling_calibration_to_disk_changes_no_weight(zoo_models, monkeypatch):
+    """SparseGPT on a GQA Llama with every calibration tensor spilled (budget 0 bytes) gives
+    bit for bit the weights it gives in memory; the report says what was spilled."""
+    model = zoo_models("hf_llama_gqa")
+    graph = load_onnx(model)
+    calib = [reference.random_inputs(graph, seed=s) for s in range(4)]
+    runs = {}
+    for budget in (None, "0"):
+        if budget is None:
+            monkeypatch.delenv(BUDGET_ENV, raising=False)
+        else:
+            monkeypatch.setenv(BUDGET_ENV, budget)
+        runs[budget] = sparsec.prune(model, sparsity=0.5, sparsity_criterion="sparsegpt",
+                                     calibration=calib)
+    refit = {b: r.passes[-1].details["refit"] for b, r in runs.items()}
+    assert refit[None] and all(r["spilled_bytes"] == 0 and r["held_bytes"] > 0
+                               for r in refit[None])
+    assert all(r["held_bytes"] == 0 for r in refit["0"]) and refit["0"][-1]["spilled_bytes"] > 0
+    a, b = runs[None].graph.initializers, runs["0"].graph.initializers
+    assert a.keys() == b.keys()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_a_budget_that_is_not_a_number_is_refused(zoo_models, monkeypatch):
+    monkeypatch.setenv(BUDGET_ENV, "lots")
+    graph = load_onnx(zoo_models("hf_llama_gqa"))
+    with pytest.raises(BadOptionError, match=BUDGET_ENV):
+        sparsec.prune(graph, sparsity=0.5, sparsity_criterion="sparsegpt",
+                      calibration=[reference.random_inputs(graph, seed=s) for s in range(2)])
