@@ -16,8 +16,10 @@ every range and the middle) before it is written. Its manifest records the range
 (``dynamic``) and each input's and output's dims (``dims``: a ``[name, min, max]`` per
 dynamic axis, ``null`` for a fixed one); its ``shape`` and the reference pair are one size in
 the range (the middle), the C header's ``shape`` too, beside every axis's least and largest
-size for ``sparsec_run_shaped``. ``run`` and ``validate`` take any size in the ranges and
-refuse one outside with ``DynamicShapeError``.
+size for ``sparsec_run_shaped``. The pairs at the other checked sizes are stored too where
+they are small (``PAIR_BYTES``; ``dynamic.checked[i].reference`` names the directory), and
+``validate`` checks them beside ONNX Runtime. ``run`` and ``validate`` take any size in the
+ranges and refuse one outside with ``DynamicShapeError``.
 
 Pruning options prune the model first (``sparsec.dynamic_prune``), at the calibration data's
 sizes; the pruned model keeps its dynamic dims.
@@ -111,6 +113,16 @@ def _output_signature(proto, ranges: Ranges, cases: list, mid: dict[str, int]) -
         out.append({"name": v.name, "shape": [int(d) for d in at_mid],
                     "dtype": tensor_dtype(v.type.tensor_type.elem_type), "dims": dims})
     return out
+
+
+#: a checked size's reference pair (inputs and outputs) is stored in the package when it
+#: takes at most this many bytes (the middle size's always is: ``reference/``)
+PAIR_BYTES = 16 << 20
+
+
+def pair_dir(sizes: dict[str, int]) -> str:
+    """Where the reference pair at ``sizes`` lives in a package: ``reference/NAMEVALUE_...``."""
+    return "reference/" + "_".join(f"{k}{v}" for k, v in sorted(sizes.items()))
 
 
 def _index_ranges(proto) -> dict[str, tuple[int, int]]:
@@ -255,6 +267,11 @@ def compile_dynamic(model, output_dir: str | os.PathLike, dynamic, *, target: st
             if sizes == mid:
                 write_reference(tmp / "reference", inputs, outputs, feeds, expected)
                 ref_check = report
+            elif (sum(a.nbytes for a in [*feeds.values(), *expected]) <= PAIR_BYTES
+                  and all(d is None or d[0] in sizes for o in outputs for d in o["dims"])):
+                write_reference(tmp / pair_dir(sizes), at_sizes(inputs, sizes),
+                                at_sizes(outputs, sizes), feeds, expected)
+                checked[-1]["reference"] = pair_dir(sizes)
         about = (f"{Path(source).name} compiled for {spec.name} ({facts['tvm_version']}), "
                  f"dynamic dims at " + ", ".join(f"{k}={v}" for k, v in sorted(mid.items())))
         (tmp / header_name(name)).write_text(c_header(

@@ -382,6 +382,17 @@ class Package:
         """The reference pair (inputs, ONNX Runtime's outputs at compile time), by name."""
         return read_reference(self.path / "reference", self.inputs, self.outputs)
 
+    def reference_pairs(self) -> list[tuple[dict, dict[str, np.ndarray], dict[str, np.ndarray]]]:
+        """A dynamic package's reference pairs at its other checked sizes (those of at most
+        ``sparsec.dynamic.PAIR_BYTES``): ``(sizes, inputs, outputs)`` each, by name."""
+        from sparsec.dynamic import at_sizes
+
+        return [(c["sizes"], *read_reference(self.path / c["reference"],
+                                             at_sizes(self.inputs, c["sizes"]),
+                                             at_sizes(self.outputs, c["sizes"])))
+                for c in self.manifest.get("dynamic", {}).get("checked", [])
+                if c.get("reference")]
+
     @property
     def model(self) -> Path | None:
         """The pruned ONNX model, where the package keeps one (``keep_onnx``)."""

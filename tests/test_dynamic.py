@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import pytest
 
+from sparsec.package import Package
 from sparsec import api, cli, reference
 from sparsec.errors import BadOptionError, DynamicShapeError
 from sparsec.frontends.dynamic import parse_dynamic, check_sizes
@@ -135,9 +136,19 @@ def test_bert_legacy_export_compiles_once_for_all_sizes(bert_onnx, tmp_path, cap
             "N": "sequence_length"} in [d["shape"] for d in run_time]
     assert manifest["compile"]["kernels"]["softmax_rows"] == 2    # rows of run-time length
     _check_all_sizes(pkg, bert_onnx)
+    # the reference pairs of the other checked sizes are stored (a few hundred KB each)
+    stored = [c for c in manifest["dynamic"]["checked"] if c.get("reference")]
+    assert len(stored) == len(checked) - 1
+    assert {"batch_size": 8, "sequence_length": 384} in [c["sizes"] for c in stored]
+    pairs = Package.load(pkg).reference_pairs()
+    for sizes, feeds, want in pairs:
+        assert feeds["input_ids"].shape == (sizes["batch_size"], sizes["sequence_length"])
+        got = next(iter(api.run(pkg, feeds).values()))
+        np.testing.assert_allclose(got, next(iter(want.values())), rtol=1e-4, atol=1e-4)
     report = api.validate(pkg)
-    assert report.ok and len(report.outputs) == len(check_sizes(
-        {"batch_size": (1, 8), "sequence_length": (1, 384)}))
+    n_sizes = len(check_sizes({"batch_size": (1, 8), "sequence_length": (1, 384)}))
+    assert report.ok and len(report.outputs) == n_sizes + len(pairs)
+    assert sum(o["name"].endswith("(stored pair)") for o in report.outputs) == len(pairs)
 
     # intermediates planned once at the largest sizes (Relax's planner with the ranges'
     # upper bounds): no allocation per distinct size; attention's scores at 8 x 4 x 384 x 384
