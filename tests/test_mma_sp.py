@@ -143,6 +143,25 @@ def test_twin_epilogues(flags):
     np.testing.assert_allclose(arrays[-1].numpy(), ref, atol=2e-4 * np.abs(ref).max())
 
 
+def test_the_twin_of_a_kernel_keeps_its_activation():
+    """``twin`` rebuilds a CUDA kernel's CPU twin from the arguments it recorded: a SiLU
+    epilogue must survive the round trip (it was dropped, the twin computing no activation)."""
+    m, k, n = 24, 64, 48
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = sparse_2_4(k, n, seed=11)
+    func = mma_sp.build(m, k, n, act=Activation(silu=True))
+    lib = tvm.compile(tvm.IRModule({"main": mma_sp.twin(func).with_attr("global_symbol",
+                                                                          "main")}),
+                      target=tvm.target.Target({"kind": "llvm"}))
+    wa, we = mma_sp.pack_weight(w, mma_sp.plan(m, k, n))
+    arrays = [tvm.runtime.tensor(a) for a in (x, wa, we, np.zeros((m, n), np.float32))]
+    lib["main"](*arrays)
+    ref = _reference(x, w)
+    np.testing.assert_allclose(arrays[-1].numpy(), ref / (1 + np.exp(-ref)),
+                               atol=2e-4 * np.abs(ref).max())
+
+
 def test_twin_catches_wrong_metadata():
     """The twin reads the metadata: rows q and q+8 swapped in it give another product."""
     m, k, n = 16, 64, 32

@@ -268,7 +268,7 @@ def build(m: int, k: int, n: int, dtype: str = "float32", bias: bool = False,
         sch.bind(bx, "blockIdx.x")
         sch.bind(tx, "threadIdx.x")
     args = {"m": m, "k": k, "n": n, "bias": bias, "residual": residual,
-            "act": None if act is None else [act.low, act.high, act.gelu]}
+            "act": None if act is None else [act.low, act.high, act.gelu, act.silu]}
     return finish(sch, NAME).with_attr(TWIN_ATTR, json.dumps(args, sort_keys=True))
 
 
