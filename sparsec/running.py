@@ -273,34 +273,26 @@ def _validate_dynamic(pkg: Package, model, seed: int, rtol: float, atol: float,
     runner = _runner(pkg, remote=remote)
     session = reference.session(model)
     report = ValidationReport(ok=True, rtol=rtol, atol=atol, via=runner.via)
+    def check(sizes: dict, feeds: dict, expected: list, label: str = "") -> None:
+        try:
+            actual = runner.run(feeds)
+        except SparsecError:
+            raise
+        except Exception as e:
+            raise _library_failed(pkg, e) from None
+        part = _compare(pkg.outputs, expected, actual, rtol, atol)
+        where = ",".join(f"{k}={v}" for k, v in sorted(sizes.items()))
+        report.ok &= part.ok
+        report.outputs += [{**o, "name": f"{o['name']} @ {where}{label}"} for o in part.outputs]
+
     try:
         for i, sizes in enumerate(check_sizes({k: tuple(v) for k, v in
                                                pkg.manifest["dynamic"]["ranges"].items()})):
             feeds = reference.random_feeds(at_sizes(pkg.inputs, sizes), seed + i)
-            try:
-                actual = runner.run(feeds)
-            except SparsecError:
-                raise
-            except Exception as e:
-                raise _library_failed(pkg, e) from None
-            part = _compare(pkg.outputs, session.run(None, feeds), actual, rtol, atol)
-            where = ",".join(f"{k}={v}" for k, v in sorted(sizes.items()))
-            report.ok &= part.ok
-            report.outputs += [{**o, "name": f"{o['name']} @ {where}"} for o in part.outputs]
+            check(sizes, feeds, session.run(None, feeds))
         # the pairs stored at compile time: what ONNX Runtime gave then, at other sizes
         for sizes, feeds, want in pkg.reference_pairs():
-            try:
-                actual = runner.run(feeds)
-            except SparsecError:
-                raise
-            except Exception as e:
-                raise _library_failed(pkg, e) from None
-            part = _compare(pkg.outputs, [want[s["name"]] for s in pkg.outputs], actual,
-                            rtol, atol)
-            where = ",".join(f"{k}={v}" for k, v in sorted(sizes.items()))
-            report.ok &= part.ok
-            report.outputs += [{**o, "name": f"{o['name']} @ {where} (stored pair)"}
-                               for o in part.outputs]
+            check(sizes, feeds, [want[s["name"]] for s in pkg.outputs], " (stored pair)")
     finally:
         if hasattr(runner, "close"):
             runner.close()

@@ -459,12 +459,19 @@ def _emit_batch_matmul(bb: "relax.BlockBuilder", strategy: str, kshape: dict, ar
                        bias, act: Activation | None, residual, xs: tuple, out: tuple,
                        transposed: bool) -> "relax.Expr":
     """The call of a batch-matmul kernel (``strategy``) on 3-D views of its operands."""
+    func = build_tuned(strategy, kshape, bias=bias is not None, act=act,
+                              residual=residual is not None)
+    return _call_batched(bb, bb.add_func(func, strategy), kshape, args, bias, residual, xs,
+                         out, transposed)
+
+
+def _call_batched(bb: "relax.BlockBuilder", gv, kshape: dict, args: list, bias, residual,
+                  xs: tuple, out: tuple, transposed: bool) -> "relax.Expr":
+    """The call of a batched matmul kernel ``gv`` (``(X[B,M,K], Y[B,K,N] or [B,N,K]
+    [, bias] [, R[B,M,N]]) -> [B,M,N]``) on 3-D views of the op's operands."""
     from tvm import relax
 
     batch, m, k, n, dtype = (kshape[d] for d in ("batch", "m", "k", "n", "dtype"))
-    func = build_tuned(strategy, kshape, bias=bias is not None, act=act,
-                              residual=residual is not None)
-    gv = bb.add_func(func, strategy)
 
     def as3d(v, shape):
         return v if len(xs) == 3 else bb.emit(relax.op.reshape(v, (batch,) + shape))
@@ -912,18 +919,9 @@ def _match_mma_batch(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]
         func = mma.build(m, k, n, precision, dtype, bias=bias is not None, act=act,
                          residual=residual is not None, batch=batch,
                          b_transposed=yt is not None)
-        gv = bb.add_func(func, mma.NAME)
-
-        def as3d(v, shape):
-            return v if len(xs) == 3 else bb.emit(relax.op.reshape(v, (batch,) + shape))
-
-        call_args = [as3d(args[0], (m, k)), as3d(args[1], (n, k) if yt is not None else (k, n))]
-        if bias is not None:
-            call_args.append(relax.const(bias))
-        if residual is not None:
-            call_args.append(as3d(residual, (m, n)))
-        y3 = relax.call_tir(gv, call_args, relax.TensorType((batch, m, n), dtype))
-        return y3 if len(xs) == 3 else relax.op.reshape(bb.emit(y3), out)
+        kshape = {"batch": batch, "m": m, "k": k, "n": n, "dtype": dtype}
+        return _call_batched(bb, bb.add_func(func, mma.NAME), kshape, args, bias, residual,
+                             xs, out, yt is not None)
 
     info = {"op": "matmul", "shape": {"batch": batch, "M": m, "K": k, "N": n},
             **({"b_transposed": True} if yt is not None else {}),
