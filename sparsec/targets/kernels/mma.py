@@ -60,6 +60,7 @@ from typing import TYPE_CHECKING
 
 from sparsec.targets.kernels.common import Activation, clip, epilogue_func, finish
 from sparsec.targets.kernels.mma_sp import TWIN_ATTR   # the CPU twin's build arguments
+from sparsec.targets.kernels.mma_sp import half        # a packed bf16 half as fp32
 
 if TYPE_CHECKING:
     import numpy as np
@@ -548,10 +549,6 @@ def _emulate_mma(c, a: int, t: int, fa, fb, precision: str) -> None:
     The operands are tf32 or bf16 values, so their products are exact in fp32."""
     from tvm import tirx
     from tvm.script.ir_builder import tirx as T
-
-    def half(word, upper):
-        return tirx.reinterpret("float32", tirx.if_then_else(
-            upper, word & tirx.IntImm("uint32", 0xFFFF0000), word << 16))
 
     with T.grid(TILE_M, TILE_N) as (r, col):
         s = T.buffer_proxy(T.decl_buffer([1], "float32", scope="local"))

@@ -281,16 +281,21 @@ def twin(func: "tirx.PrimFunc") -> "tirx.PrimFunc":
     return build(**args, act=None if act is None else Activation(*act), emulate=True)
 
 
+def half(word, upper):
+    """The bf16 value in the upper (``upper``) or lower half of a 32-bit fragment ``word``, as
+    fp32 (TIR): how the CPU twins read packed bf16 operands."""
+    from tvm import tirx
+
+    return tirx.reinterpret("float32", tirx.if_then_else(
+        upper, word & tirx.IntImm("uint32", 0xFFFF0000), word << 16))
+
+
 def _emulate_mma_sp(c, t: int, fa, fb, fe) -> None:
     """``mma.sp ... m16n8k32 ... bf16`` on warp-wide fragments (lanes as the first index), as
     TIR loops: for each C element, the sum over its row's 16 kept values of A x the B value
     at the K position the metadata gives (module docstring's maps)."""
     from tvm import tirx
     from tvm.script.ir_builder import tirx as T
-
-    def half(word, upper):
-        return tirx.reinterpret("float32", tirx.if_then_else(
-            upper, word & tirx.IntImm("uint32", 0xFFFF0000), word << 16))
 
     with T.grid(TILE_M, TILE_N) as (r, col):
         s = T.buffer_proxy(T.decl_buffer([1], "float32", scope="local"))
