@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sparsec import reference
+from sparsec import layerwise
 from sparsec.analysis.depgraph import DependencyGraph, Group
 from sparsec.ir.graph import Graph, Node, Value
 from sparsec.passes.manager import PassContext, rows
@@ -303,13 +303,19 @@ def principal_directions(graph: Graph, r: Roles, ctx: PassContext) -> np.ndarray
     """Eigenvectors of the normalized stream's second moment over every norm and the fit
     batches (padded positions left out), strongest first (d x d)."""
     names = sorted({x for _, x, _ in r.scales})
-    values = reference.activations(graph, ctx.fit, names)
-    moment = None
-    for i, mask in enumerate(ctx.masks(ctx.fit)):
-        for name in names:
-            x = rows(np.asarray(values[name][i], np.float64), mask)
-            moment = x.T @ x if moment is None else moment + x.T @ x
-    vals, vecs = np.linalg.eigh(moment)
+    masks = ctx.masks(ctx.fit)
+    moment: list[np.ndarray] = []
+
+    def add(_name: str, batch: int, value: np.ndarray) -> None:
+        x = rows(np.asarray(value, np.float64), masks[batch])
+        if moment:
+            moment[0] += x.T @ x
+        else:
+            moment.append(x.T @ x)
+
+    # summed along a layer-wise walk: one norm's input of one batch in memory at a time
+    layerwise.collect(graph, ctx.fit, names, add)
+    vals, vecs = np.linalg.eigh(moment[0])
     return vecs[:, np.argsort(vals)[::-1]]
 
 
