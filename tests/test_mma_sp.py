@@ -43,10 +43,10 @@ def sparse_2_4(k: int, n: int, seed: int = 0) -> np.ndarray:
     return w
 
 
-def _run_twin(m, k, n, w, x, **flags):
-    p = mma_sp.plan(m, k, n)
+def _run_twin(m, k, n, w, x, mt=None, **flags):
+    p = mma_sp.plan(m, k, n, mt)
     wa, we = mma_sp.pack_weight(w, p)
-    func = mma_sp.build(m, k, n, emulate=True, **flags)
+    func = mma_sp.build(m, k, n, emulate=True, mt=mt, **flags)
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
                       target=tvm.target.Target({"kind": "llvm"}))
     return lib, [x, wa, we]
@@ -97,20 +97,26 @@ def test_packing_follows_the_fragment_and_metadata_rules():
                  for i in range(8)]
         words = [int(elems[2 * j]) | int(elems[2 * j + 1]) << 16 for j in range(4)]
         assert list(wa[0, 0, lane]) == words
-        assert we[0, 0, lane] == meta[lane // 4 * 2 + lane % 2]
+        assert we[0, 0, lane, 0] == meta[lane // 4 * 2 + lane % 2]   # tile 0, K step 0
 
 
-@pytest.mark.parametrize("m,k,n", [
-    (9, 32, 16),          # one tile of each, one row past a token tile
-    (32, 100, 40),        # K and N not whole tiles
-    (40, 96, 130),        # two token groups, a partial one
-    (128, 768, 96),       # an encoder's projection at 128 tokens
+@pytest.mark.parametrize("m,k,n,mt", [
+    (9, 32, 16, None),      # one tile of each, one row past a token tile, one stage
+    (32, 100, 40, None),    # K and N not whole tiles (16-byte copies, the last one zeros)
+    (40, 96, 130, 2),       # two token groups, a partial one; two A tiles per warp
+    (24, 162, 70, 2),       # K not a multiple of 4 (4-byte copies), three stages (odd)
+    (128, 768, 96, None),   # an encoder's projection at 128 tokens
 ])
-def test_twin_matches_numpy(m, k, n):
+def test_twin_matches_numpy(m, k, n, mt):
+    """The twin stages X as the kernel does (copies, zero fill, double buffer), reads the
+    fragments from the staged tile and runs the instruction's layouts: the product matches
+    numpy's on bf16-rounded operands."""
+    p = mma_sp.plan(m, k, n, mt)
+    assert p.vec == (4 if k % 4 == 0 else 1) and p.mt == (mt or 1)
     rng = np.random.default_rng(m)
     x = rng.standard_normal((m, k)).astype(np.float32)
     w = sparse_2_4(k, n, seed=m)
-    lib, args = _run_twin(m, k, n, w, x)
+    lib, args = _run_twin(m, k, n, w, x, mt)
     arrays = [tvm.runtime.tensor(a) for a in args + [np.zeros((m, n), np.float32)]]
     lib["main"](*arrays)
     ref = _reference(x, w)
