@@ -8,6 +8,7 @@ against its twin where this machine has a GPU."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from sparsec.targets.kernels.common import RELU, Activation  # noqa: E402
 
 HAS_NVCC = shutil.which("nvcc") is not None or Path("/usr/local/cuda/bin/nvcc").is_file()
 needs_nvcc = pytest.mark.skipif(not HAS_NVCC, reason="nvcc (CUDA toolkit) not installed")
-MMA_SP = "mma.sp.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32"
+MMA_SP = mma_sp.INSTRUCTION
 
 
 def sparse_2_4(k: int, n: int, seed: int = 0) -> np.ndarray:
@@ -102,6 +103,7 @@ def test_packing_follows_the_fragment_and_metadata_rules():
 
 @pytest.mark.parametrize("m,k,n,mt", [
     (9, 32, 16, None),      # one tile of each, one row past a token tile, one stage
+    (16, 64, 200, 4),       # four A tiles per warp, N padded to a block of 256
     (32, 100, 40, None),    # K and N not whole tiles (16-byte copies, the last one zeros)
     (40, 96, 130, 2),       # two token groups, a partial one; two A tiles per warp
     (24, 162, 70, 2),       # K not a multiple of 4 (4-byte copies), three stages (odd)
@@ -182,15 +184,25 @@ def test_twin_catches_wrong_metadata():
 
 
 @needs_nvcc
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-def test_kernel_compiles_with_nvcc(arch, tmp_path):
+@pytest.mark.parametrize("arch,m,mt", [("sm_80", 128, 1), ("sm_90", 512, 4)])
+def test_kernel_compiles_with_nvcc(arch, m, mt, tmp_path):
+    """A BERT-sized 2:4 layer (768 -> 3072) at 128 and 512 tokens: X staged with 16-byte
+    cp.async copies and barriers, a warp tile of ``mt`` A tiles x 4 token tiles (that many
+    mma.sp per K step, unrolled), and ptxas spills nothing."""
     from sparsec.targets.cuda import compile_fatbin, kernel_source
 
-    func = mma_sp.build(128, 768, 3072, bias=True, act=RELU)
+    p = mma_sp.plan(m, 768, 3072)
+    assert (p.mt, p.nt) == (mt, 4)
+    func = mma_sp.build(m, 768, 3072, bias=True, act=RELU)
     ex = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
                      target=tvm.target.Target({"kind": "cuda", "arch": arch}))
     source = kernel_source(ex)
-    assert source.count(MMA_SP) == 1                     # the instruction, once per K step
+    assert source.count(MMA_SP) == 1                     # the instruction's one helper
+    helper = re.search(r"void (\w*mma_sp\w*)\(", source).group(1)
+    assert source.count(helper + "(") - 1 == mt * p.nt * mma_sp.STEPS   # calls per stage
+    assert "cp.async.cg.shared.global" in source and "__syncthreads" in source
+    assert "*(uint4*)(Wa" in source                      # A fragments: 128-bit loads
+    assert "main_kernel_1" not in source                 # bias and ReLU in the GEMM's stores
     resources = compile_fatbin(source, arch, tmp_path / "k.fatbin")
     assert all(r["spill_bytes"] == 0 for r in resources.values())
 
@@ -227,6 +239,7 @@ def test_compile_2_4_linear_for_cuda(tmp_path):
     (decision,) = manifest["compile"]["decisions"]
     assert decision["chosen"] == mma_sp.NAME and decision["precision"] == "bf16"
     assert decision["epilogue"] == ["relu"]
+    assert decision["warp_tile"] == "16 channels x 32 tokens" and decision["grid"] == [2, 1]
     assert decision["weight_bytes"]["sparse"] < decision["weight_bytes"]["dense"] * 0.7
     ref = manifest["reference"]
     assert (ref["rtol"], ref["atol"]) == (api.RTOL_BF16, api.ATOL_BF16) and ref["check"]["ok"]

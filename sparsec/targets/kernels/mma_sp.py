@@ -16,21 +16,32 @@ Data (laid out at compile time in the order the kernel reads it):
   We[OW, S, 32, 2 mt]   uint32: the metadata words each lane hands the instruction, for the
                         ``mt`` A tiles of warp tile ow and the STEPS K steps of stage s (word
                         a * STEPS + step): one 64- or 128-bit load per lane and stage.
-  X[M, K]               fp32, staged (below) and read from shared memory as B fragments (two
-                        neighbouring inputs per word), rounded to bf16 (nearest even) there.
+  X[M, K]               fp32, staged in shared memory (below), rounded there to bf16 (nearest
+                        even) once per block, and read as B fragments (two neighbouring inputs
+                        per word).
   Y                     ``act(C + bias + residual)``, written by the GEMM's own stores (inside M
                         and N) unless the activation is GELU or SiLU; then C goes to acc[MP, NP]
                         (token-major) and the epilogue is a second kernel, as in ``mma_cuda``.
 
 Schedule: a block of WARPS warps side by side along output channels shares one tile of
 8 nt tokens; each warp computes ``mt`` A tiles (16 channels) x ``nt`` token tiles (8), every A
-fragment feeding ``nt`` mma.sp and every B fragment ``mt``. K runs in stages of STEPS K steps
-(STAGE_K inputs): the block copies the stage's X tile [8 nt tokens, STAGE_K] into shared
-memory with ``cp.async`` (16 bytes a copy where K is a multiple of 4, else 4; a copy past M or
-K writes zeros instead of reading), double-buffered: stage s + 1 is in flight while stage s is
-multiplied (``cp.async.wait_group 1``, then a barrier). Rows are padded to ROW floats so that
-the 64-bit fragment reads of a half-warp hit 32 distinct banks. ``mt`` is 2 where the grid
-still has FULL_GRID blocks (``mma_cuda``'s rule), else 1.
+fragment feeding ``nt`` mma.sp and every B fragment ``mt``. ``mt`` is 4 or 2 (the most) where
+the grid still has ``mma_cuda``'s FULL_GRID blocks, else 1. K runs in stages of STEPS K steps
+(STAGE_K inputs), one ``cp.async`` group each, double-buffered:
+
+  1. each thread copies its runs of 4 inputs of stage s + 1's X tile [8 nt tokens, STAGE_K]
+     into an fp32 buffer: one 16-byte ``cp.async`` a run where K is a multiple of 4, else four
+     of 4 bytes; a copy past M or K writes zeros instead of reading;
+  2. it loads the stage's A fragments and metadata (128-bit loads; in flight meanwhile),
+     waits for its own copies of stage s (``cp.async.wait_group 1``), rounds them to bf16 and
+     writes each word where its lane's B fragment is read (fragment order: one 128-bit
+     shared load per fragment, no bank conflicts);
+  3. a barrier, then STEPS x mt x nt ``mma.sp``, and a barrier before the bf16 tile is
+     written again.
+
+Static counts (SASS of the main loop, 768 -> 3072 at 128 tokens, sm_80): 7 global load
+instructions per 8 ``mma.sp`` with one A tile per warp, 14 per 32 with four; the kernel
+before this schedule issued 37 per 4.
 
 Fragment layouts (PTX ISA 9.7.16.6, 16-bit types; TVM's test_tir_ptx_mma_sp.py runs the same
 maps on GPUs): lane l's A element i (0..7) is compressed A[(i%4)//2*8 + l//4, i//4*8 + l%4*2 +
@@ -66,7 +77,6 @@ THREADS = WARPS * LANES
 MAX_N_TILES = 4                      # token tiles per warp: each A fragment feeds up to 4
 STEPS = 2                            # K steps of a stage (one cp.async group, one barrier pair)
 STAGE_K = STEPS * TILE_K             # inputs of a stage
-ROW = STAGE_K + 8                    # floats per staged token row: 72 = 8 mod 32 banks
 MIN_ARCH = 80                        # mma.sp exists from Ampere on
 INSTRUCTION = "mma.sp.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32"
 #: the attribute that marks a kernel for its CPU twin (targets/cuda.py): the build arguments
@@ -132,17 +142,18 @@ class Plan:
 
 def plan(m: int, k: int, n: int, mt: int | None = None) -> Plan:
     """Up to MAX_N_TILES token tiles per warp (each A fragment feeds that many ``mma.sp``);
-    two A tiles per warp where the grid keeps ``mma_cuda``'s FULL_GRID blocks and N pads no
-    further, else one (``mt`` given: that many)."""
+    four or two A tiles per warp (the most) where the grid keeps ``mma_cuda``'s FULL_GRID
+    blocks and N pads no further, else one (``mt`` given: that many)."""
     from sparsec.targets.kernels.mma import FULL_GRID
 
     nt = min(MAX_N_TILES, -(-m // TILE_N))
     if mt is not None:
         return Plan(m, k, n, nt, mt)
-    wide, p = Plan(m, k, n, nt, 2), Plan(m, k, n, nt, 1)
-    if wide.grid[0] * wide.grid[1] >= FULL_GRID and wide.np_ == p.np_:
-        return wide
-    return p
+    narrow = Plan(m, k, n, nt, 1)
+    for wide in (Plan(m, k, n, nt, 4), Plan(m, k, n, nt, 2)):
+        if wide.grid[0] * wide.grid[1] >= FULL_GRID and wide.np_ == narrow.np_:
+            return wide
+    return narrow
 
 
 def pack_weight(w_kn: "np.ndarray", p: Plan) -> tuple["np.ndarray", "np.ndarray"]:
@@ -226,26 +237,38 @@ def build(m: int, k: int, n: int, dtype: str = "float32", bias: bool = False,
     # the epilogue in the GEMM's own stores, unless GELU or SiLU (TOPI's fast_erf / fast_exp
     # stages, built for a separate kernel)
     fused = not (act is not None and (act.gelu or act.silu))
-    per_row = STAGE_K // p.vec                 # copies per staged token row
-    copies = p.block_m * per_row // THREADS    # copies per thread and stage
+    units = p.block_m * STAGE_K // 4           # runs of 4 inputs in a stage; nt per thread
 
     def stage(copy, tid, s, buf, tok0) -> None:
-        """Thread ``tid``'s copies of stage ``s`` (X[tok0 ..  tok0 + 8 nt, STAGE_K inputs])
-        into buffer ``buf``: ``copy(dst, row, col, inside)`` moves p.vec floats from
-        X[row, col] (clamped in bounds) to staged offset ``dst``, or writes zeros where the
-        run lies past M or K."""
-        for i in range(copies):
-            c = i * THREADS + tid
-            row, q = c // per_row, c % per_row
-            tok, col = tok0 + row, s * STAGE_K + q * p.vec
-            copy((buf * p.block_m + row) * ROW + q * p.vec,
-                 tirx.min(tok, m - 1), tirx.min(col, k - p.vec), tirx.all(tok < m, col < k))
+        """Thread ``tid``'s copies of stage ``s`` (X[tok0 .. tok0 + 8 nt, STAGE_K inputs]) into
+        fp32 buffer ``buf``: its runs u = i * THREADS + tid (token row u // 16, inputs
+        4 (u % 16) ..), each one 16-byte copy or four 4-byte ones (p.vec floats each):
+        ``copy(dst, row, col, inside)`` moves X[row, col ..] (clamped in bounds) to staged
+        offset ``dst``, or writes zeros where the copy lies past M or K."""
+        for i in range(nt):
+            u = i * THREADS + tid
+            tok = tok0 + u // (STAGE_K // 4)
+            for e in range(0, 4, p.vec):
+                col = s * STAGE_K + u % (STAGE_K // 4) * 4 + e
+                copy((buf * units + u) * 4 + e, tirx.min(tok, m - 1),
+                     tirx.min(col, k - p.vec), tirx.all(tok < m, col < k))
 
-    def b_offset(buf, st, t, lane, j):
-        """Staged offset of the first of the two inputs of B word ``j`` (token tile ``t``, K
-        step ``st`` of the stage in ``buf``)."""
-        return ((buf * p.block_m + t * TILE_N + lane // 4) * ROW + st * TILE_K + j * 8
-                + lane % 4 * 2)
+    def convert(read4, write, tid, buf) -> None:
+        """Thread ``tid`` rounds its own runs of fp32 buffer ``buf`` to bf16 pairs and writes
+        each word where the B fragments are read from: word j of lane l's fragment of token
+        tile t at K step st of the stage is bf16 word ((t STEPS + st) 32 + l) 4 + j, so a
+        lane reads its fragment with one 128-bit load. ``read4(offset)`` gives the run's 4
+        values (from one 128-bit load), ``write(index, word)`` stores."""
+        for i in range(nt):
+            u = i * THREADS + tid
+            row, q = u // (STAGE_K // 4), u % (STAGE_K // 4)
+            v = read4((buf * units + u) * 4)
+            for h in range(2):                 # the two pairs of the run
+                pair = 2 * q + h               # inputs 2 pair, 2 pair + 1 of the stage
+                st, pp = pair // (TILE_K // 2), pair % (TILE_K // 2)
+                lane = row % TILE_N * 4 + pp % 4
+                write(((row // TILE_N * STEPS + st) * LANES + lane) * 4 + pp // 4,
+                      _b_word((v[2 * h], v[2 * h + 1])))
 
     def out_index(tile, t, lane, i) -> tuple:
         """(token, channel) of C element ``i`` of token tile ``t`` and A tile ``tile``."""
@@ -285,13 +308,14 @@ def build(m: int, k: int, n: int, dtype: str = "float32", bias: bool = False,
                                 T.attr(lane, "thread_extent", LANES)]):
                 tok0, wt = by * p.block_m, bx * WARPS + warp      # wt: the warp's tile
                 tid = warp * LANES + lane
-                sh = T.decl_buffer([2 * p.block_m * ROW], "float32", scope="shared")
-                shp = T.buffer_proxy(sh)
+                sx = T.decl_buffer([2 * units * 4], "float32", scope="shared")   # fp32 runs
+                sb = T.buffer_proxy(T.decl_buffer([units * 2], "uint32", scope="shared"))
+                sxp = T.buffer_proxy(sx)
                 c = T.buffer_proxy(T.decl_buffer([mt, nt, 4], "float32", scope="local"))
                 fa = T.buffer_proxy(T.decl_buffer([mt * STEPS * 4], "uint32", scope="local"))
                 fe = T.buffer_proxy(T.decl_buffer([mt * STEPS], "uint32", scope="local"))
                 fb = T.buffer_proxy(T.decl_buffer([nt, 4], "uint32", scope="local"))
-                xv = T.buffer_proxy(T.decl_buffer([2], "float32", scope="local"))
+                xv = T.buffer_proxy(T.decl_buffer([4], "float32", scope="local"))
                 for a in range(mt):
                     for t in range(nt):
                         for i in range(4):
@@ -300,8 +324,15 @@ def build(m: int, k: int, n: int, dtype: str = "float32", bias: bool = False,
                 def copy(dst, row, col, inside):
                     T.evaluate(tvm.ir.Call(
                         tvm.ir.Op.get("tirx.s_tir.cp_async_raw"),
-                        [sh.data, dst, x_data, row * k + col, tirx.IntImm("int32", 4 * p.vec),
+                        [sx.data, dst, x_data, row * k + col, tirx.IntImm("int32", 4 * p.vec),
                          tirx.Cast("int32", inside)], ret_ty=tvm.ir.PrimType("float32")))
+
+                def read4(at):
+                    xv[tirx.Ramp(0, 1, 4)] = sxp[tirx.Ramp(at, 1, 4)]
+                    return [xv[e] for e in range(4)]
+
+                def write(at, word):
+                    sb[at] = word
 
                 stage(copy, tid, 0, 0, tok0)
                 T.evaluate(T.ptx.cp.async_.commit_group())
@@ -315,16 +346,16 @@ def build(m: int, k: int, n: int, dtype: str = "float32", bias: bool = False,
                         for st in range(STEPS):
                             fa[tirx.Ramp((a * STEPS + st) * 4, 1, 4)] = was[
                                 wt * mt + a, s * STEPS + st, lane, tirx.Ramp(0, 1, 4)]
-                    fe[tirx.Ramp(0, 1, mt * STEPS)] = wes[wt, s, lane,
-                                                          tirx.Ramp(0, 1, mt * STEPS)]
-                    T.evaluate(T.ptx.cp.async_.wait_group(1))       # stage s has landed
+                    for g in range(0, mt * STEPS, 4):    # 64- or 128-bit loads
+                        width = min(4, mt * STEPS)
+                        fe[tirx.Ramp(g, 1, width)] = wes[wt, s, lane, tirx.Ramp(g, 1, width)]
+                    T.evaluate(T.ptx.cp.async_.wait_group(1))   # this thread's runs of stage s
+                    convert(read4, write, tid, s % 2)
                     T.evaluate(T.tvm_storage_sync("shared"))
                     for st in range(STEPS):
-                        for t in range(nt):
-                            for j in range(4):
-                                xv[tirx.Ramp(0, 1, 2)] = shp[tirx.Ramp(
-                                    b_offset(s % 2, st, t, lane, j), 1, 2)]
-                                fb[t, j] = _b_word((xv[0], xv[1]))
+                        for t in range(nt):      # a lane's B fragment: one 128-bit load
+                            fb[t, tirx.Ramp(0, 1, 4)] = sb[tirx.Ramp(
+                                ((t * STEPS + st) * LANES + lane) * 4, 1, 4)]
                         for a in range(mt):
                             for t in range(nt):
                                 d = [c[a, t, i] for i in range(4)]
@@ -333,7 +364,7 @@ def build(m: int, k: int, n: int, dtype: str = "float32", bias: bool = False,
                                                            for j in range(4)),
                                                      *(fb[t, j] for j in range(4)), *d,
                                                      fe[a * STEPS + st], 0))
-                    T.evaluate(T.tvm_storage_sync("shared"))   # before the buffer is refilled
+                    T.evaluate(T.tvm_storage_sync("shared"))   # before sb is written again
                 for a in range(mt):
                     for t in range(nt):
                         for i in range(4):
@@ -346,17 +377,20 @@ def build(m: int, k: int, n: int, dtype: str = "float32", bias: bool = False,
         with IRBuilder() as ib:
             with T.serial(0, p.grid[0]) as bx, T.serial(0, p.grid[1]) as by:
                 tok0 = by * p.block_m
-                sh = T.buffer_proxy(T.decl_buffer([2 * p.block_m * ROW], "float32"))
+                sx = T.buffer_proxy(T.decl_buffer([2 * units * 4], "float32"))
+                sb = T.buffer_proxy(T.decl_buffer([units * 2], "uint32"))
                 c = T.buffer_proxy(T.decl_buffer([WARPS, mt, nt, LANES, 4], "float32"))
                 fa = T.buffer_proxy(T.decl_buffer([mt * STEPS, LANES, 4], "uint32"))
                 fe = T.buffer_proxy(T.decl_buffer([mt * STEPS, LANES], "uint32"))
-                fb = T.buffer_proxy(T.decl_buffer([nt, LANES, 4], "uint32"))
                 with T.grid(WARPS, mt, nt, LANES, 4) as (w, a, t, ln, i):
                     c[w, a, t, ln, i] = zero
 
                 def copy(dst, row, col, inside):
                     for e in range(p.vec):
-                        sh[dst + e] = tirx.Select(inside, xs[row, col + e], zero)
+                        sx[dst + e] = tirx.Select(inside, xs[row, col + e], zero)
+
+                def write(at, word):
+                    sb[at] = word
 
                 def all_threads(s, buf):
                     with T.serial(0, THREADS) as tid:
@@ -367,6 +401,8 @@ def build(m: int, k: int, n: int, dtype: str = "float32", bias: bool = False,
                     with T.If(s + 1 < p.stages):
                         with T.Then():
                             all_threads(s + 1, (s + 1) % 2)
+                    with T.serial(0, THREADS) as tid:
+                        convert(lambda at: [sx[at + e] for e in range(4)], write, tid, s % 2)
                     with T.serial(0, WARPS) as w:
                         wt = bx * WARPS + w
                         with T.serial(0, LANES) as ln:
@@ -377,17 +413,13 @@ def build(m: int, k: int, n: int, dtype: str = "float32", bias: bool = False,
                                                                         s * STEPS + st, ln, j]
                                     fe[a * STEPS + st, ln] = wes[wt, s, ln, a * STEPS + st]
                         for st in range(STEPS):
-                            with T.serial(0, LANES) as ln:
-                                for t in range(nt):
-                                    for j in range(4):
-                                        at = b_offset(s % 2, st, t, ln, j)
-                                        fb[t, ln, j] = _b_word((sh[at], sh[at + 1]))
                             for a in range(mt):
                                 for t in range(nt):
                                     _emulate_mma_sp(
                                         c, lambda ln, i, a=a, t=t: (w, a, t, ln, i),
                                         lambda ln, jj, a=a: fa[a * STEPS + st, ln, jj],
-                                        lambda ln, jj, t=t: fb[t, ln, jj],
+                                        lambda ln, jj, t=t: sb[
+                                            ((t * STEPS + st) * LANES + ln) * 4 + jj],
                                         lambda ln, a=a: fe[a * STEPS + st, ln])
                 with T.grid(WARPS, LANES) as (w, ln):
                     for a in range(mt):
