@@ -593,3 +593,34 @@ def test_cuda_package_holds_one_copy_of_its_weights(tmp_path):
     api.compile(tmp_path / "mlp.onnx", tmp_path / "with_onnx", target="cuda-sm80",
                 keep_onnx=True, log=lambda s: None)
     assert _package_bytes(tmp_path / "with_onnx") > bound
+
+
+@needs_nvcc
+def test_cuda_graph_package_runs_on_the_cpu_twin(tmp_path):
+    """``--cuda-graph``: TVM's RewriteCUDAGraph lifts the digits CNN's static kernel launches
+    into a region the CUDA runtime captures once and replays (counted in the manifest); the
+    kernels are the same, and without a GPU the region runs eagerly on the CPU twin, so
+    compile's check, validate and run work as for any CUDA package. A CPU target refuses the
+    flag. (The graphs' speed needs a GPU: not measured.)"""
+    out = tmp_path / "pkg"
+    proc = subprocess.run([sys.executable, "-m", "sparsec", "compile",
+                           str(EXAMPLES / "digits_cnn.onnx"), "--target", "cuda-sm80",
+                           "--cuda-graph", "-o", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "CUDA graphs: 1 region(s)" in proc.stdout + proc.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["compile"]["cuda"]["cuda_graph_regions"] == 1
+    assert manifest["reference"]["check"]["ok"]
+    report = api.validate(out)      # the reference pair, in this process too
+    assert report.ok and report.via == ("cuda" if cuda_available() else
+                                        "cuda-schedules-on-cpu")
+    if not cuda_available():     # the eager stand-ins must leave a graph-free package alone
+        plain = api.compile(EXAMPLES / "digits_cnn.onnx", tmp_path / "plain",
+                            target="cuda-sm80", log=lambda s: None)
+        assert plain["compile"]["cuda"]["cuda_graph_regions"] == 0
+        assert (plain["compile"]["cuda"]["source_sha256"]
+                == manifest["compile"]["cuda"]["source_sha256"])      # the same kernels
+        assert api.validate(tmp_path / "plain").ok
+    with pytest.raises(api.BadOptionError, match="--cuda-graph is for CUDA targets"):
+        api.compile(EXAMPLES / "digits_cnn.onnx", tmp_path / "cpu", target="host",
+                    cuda_graph=True)
