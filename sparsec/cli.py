@@ -126,6 +126,9 @@ def _inspect_package(args) -> int:
         print(f"  CUDA     {cuda['source']} -> {cuda['fatbin']} ({contents}; nvcc "
               f"{cuda['nvcc']}), max {max((r['registers'] for r in res), default=0)} "
               f"registers, {sum(bool(r['spill_bytes']) for r in res)} kernels spilling")
+        if cuda.get("cuda_graph_regions"):
+            print(f"  CUDA graphs {cuda['cuda_graph_regions']} region(s) captured at the first "
+                  f"call, replayed after")
         print(f"  C API    {lib['header']}, {lib['shared']} (with {cuda['fatbin']} beside it)")
     else:
         print(f"  C API    {lib['header']}, {lib['static']} (prefix '{lib['system_lib_prefix']}'"

@@ -596,7 +596,7 @@ def test_cuda_package_holds_one_copy_of_its_weights(tmp_path):
 
 
 @needs_nvcc
-def test_cuda_graph_package_runs_on_the_cpu_twin(tmp_path):
+def test_cuda_graph_package_runs_on_the_cpu_twin(tmp_path, capsys):
     """``--cuda-graph``: TVM's RewriteCUDAGraph lifts the digits CNN's static kernel launches
     into a region the CUDA runtime captures once and replays (counted in the manifest); the
     kernels are the same, and without a GPU the region runs eagerly on the CPU twin, so
@@ -611,6 +611,10 @@ def test_cuda_graph_package_runs_on_the_cpu_twin(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["compile"]["cuda"]["cuda_graph_regions"] == 1
     assert manifest["reference"]["check"]["ok"]
+    from sparsec import cli
+
+    assert cli.main(["inspect", str(out)]) == 0
+    assert "CUDA graphs 1 region(s)" in capsys.readouterr().out
     report = api.validate(out)      # the reference pair, in this process too
     assert report.ok and report.via == ("cuda" if cuda_available() else
                                         "cuda-schedules-on-cpu")
