@@ -184,23 +184,29 @@ def test_twin_catches_wrong_metadata():
 
 
 @needs_nvcc
-@pytest.mark.parametrize("arch,m,mt", [("sm_80", 128, 1), ("sm_90", 512, 4)])
-def test_kernel_compiles_with_nvcc(arch, m, mt, tmp_path):
-    """A BERT-sized 2:4 layer (768 -> 3072) at 128 and 512 tokens: X staged with 16-byte
-    cp.async copies and barriers, a warp tile of ``mt`` A tiles x 4 token tiles (that many
-    mma.sp per K step, unrolled), and ptxas spills nothing."""
+@pytest.mark.parametrize("arch,m,k,n,mt", [
+    ("sm_80", 128, 768, 3072, 1), ("sm_90", 512, 768, 3072, 4),
+    ("sm_80", 40, 162, 70, 1),      # copies past M and K: predicated, zero-filling, 4 bytes
+])
+def test_kernel_compiles_with_nvcc(arch, m, k, n, mt, tmp_path):
+    """A BERT-sized 2:4 layer (768 -> 3072) at 128 and 512 tokens, and a ragged one: X staged
+    with cp.async copies (16 bytes, or 4 where K is not a multiple of 4) and barriers, a warp
+    tile of ``mt`` A tiles x 4 token tiles (that many mma.sp per K step, unrolled), and
+    ptxas spills nothing. (The ragged shape's copy predicates once broke TVM's codegen,
+    which read a cast predicate as the "no predicate" constant.)"""
     from sparsec.targets.cuda import compile_fatbin, kernel_source
 
-    p = mma_sp.plan(m, 768, 3072)
+    p = mma_sp.plan(m, k, n)
     assert (p.mt, p.nt) == (mt, 4)
-    func = mma_sp.build(m, 768, 3072, bias=True, act=RELU)
+    func = mma_sp.build(m, k, n, bias=True, act=RELU)
     ex = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
                      target=tvm.target.Target({"kind": "cuda", "arch": arch}))
     source = kernel_source(ex)
     assert source.count(MMA_SP) == 1                     # the instruction's one helper
     helper = re.search(r"void (\w*mma_sp\w*)\(", source).group(1)
     assert source.count(helper + "(") - 1 == mt * p.nt * mma_sp.STEPS   # calls per stage
-    assert "cp.async.cg.shared.global" in source and "__syncthreads" in source
+    copy = "cp.async.cg.shared.global" if k % 4 == 0 else "cp.async.ca.shared.global"
+    assert copy in source and "__syncthreads" in source
     assert "*(uint4*)(Wa" in source                      # A fragments: 128-bit loads
     assert "main_kernel_1" not in source                 # bias and ReLU in the GEMM's stores
     resources = compile_fatbin(source, arch, tmp_path / "k.fatbin")

@@ -322,10 +322,13 @@ def build(m: int, k: int, n: int, dtype: str = "float32", bias: bool = False,
                             c[a, t, i] = zero
 
                 def copy(dst, row, col, inside):
+                    # the predicate as a select: TVM's codegen reads a Cast's ``value`` as
+                    # the "no predicate" constant
                     T.evaluate(tvm.ir.Call(
                         tvm.ir.Op.get("tirx.s_tir.cp_async_raw"),
                         [sx.data, dst, x_data, row * k + col, tirx.IntImm("int32", 4 * p.vec),
-                         tirx.Cast("int32", inside)], ret_ty=tvm.ir.PrimType("float32")))
+                         tirx.Select(inside, tirx.IntImm("int32", 1), tirx.IntImm("int32", 0))],
+                        ret_ty=tvm.ir.PrimType("float32")))
 
                 def read4(at):
                     xv[tirx.Ramp(0, 1, 4)] = sxp[tirx.Ramp(at, 1, 4)]
