@@ -215,9 +215,10 @@ def test_kernel_compiles_with_nvcc(arch, m, k, n, mt, tmp_path):
 
 @needs_nvcc
 def test_compile_2_4_linear_for_cuda(tmp_path):
-    """A 2:4 linear layer with 32 rows compiled for sm_80 with ``precision="bf16"`` takes the
-    sparse tensor cores; the package records bf16, takes the bf16 tolerance, and passes its
-    reference check (on the GPU, or here on the kernel's CPU twin)."""
+    """A 2:4 linear layer with 40 rows (a partial token block) compiled for sm_80 with
+    ``precision="bf16"`` takes the sparse tensor cores; the package records bf16, takes the
+    bf16 tolerance, and passes its reference check (on the GPU, or here on the kernel's CPU
+    twin)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -226,8 +227,8 @@ def test_compile_2_4_linear_for_cuda(tmp_path):
     w = sparse_2_4(128, 96, seed=5)
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [32, 128])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [32, 96])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [40, 128])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [40, 96])],
         [numpy_helper.from_array(w, "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 10
@@ -245,7 +246,7 @@ def test_compile_2_4_linear_for_cuda(tmp_path):
     (decision,) = manifest["compile"]["decisions"]
     assert decision["chosen"] == mma_sp.NAME and decision["precision"] == "bf16"
     assert decision["epilogue"] == ["relu"]
-    assert decision["warp_tile"] == "16 channels x 32 tokens" and decision["grid"] == [2, 1]
+    assert decision["warp_tile"] == "16 channels x 32 tokens" and decision["grid"] == [2, 2]
     assert decision["weight_bytes"]["sparse"] < decision["weight_bytes"]["dense"] * 0.7
     ref = manifest["reference"]
     assert (ref["rtol"], ref["atol"]) == (api.RTOL_BF16, api.ATOL_BF16) and ref["check"]["ok"]
