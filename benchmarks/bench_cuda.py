@@ -1,6 +1,7 @@
 """CUDA targets: every benchmark model and a BERT-sized linear layer (768 -> 3072, dense, 2:4
 and 80 % unstructured, batch 1, 8 and 128) compiled for a GPU in each precision (fp32:
-DLight's FMA schedules; tf32, the default, and bf16: tensor cores, ``mma_cuda``), with
+DLight's FMA schedules; tf32, the default, and bf16: tensor cores, ``mma_cuda``; 2:4 at 128
+rows in bf16: sparse tensor cores, ``mma_sp_cuda``; bf16+graph: bf16 with CUDA graphs), with
 compile time, kernels per strategy, how many matmuls and convs run on tensor cores, ptxas'
 registers and spills, and the weight bytes each sparse kernel reads.
 
@@ -11,7 +12,7 @@ already on the device), next to ONNX Runtime on the CPU for scale; without a GPU
 columns stay empty.
 
 Run from the repo root:  PYTHONPATH=. python benchmarks/bench_cuda.py [--target cuda-sm90]
-[--models mlp,bert_base] [--no-linear] [--precisions fp32,tf32,bf16]
+[--models mlp,bert_base] [--no-linear] [--precisions fp32,tf32,bf16,bf16+graph]
 Writes benchmarks/results/cuda.{json,md}.
 """
 
@@ -60,21 +61,24 @@ def gpu_ms(lib: Path, inputs: list[str], feeds: dict, cuda_facts: dict) -> float
     with serve_fatbin(lib.parent, cuda_facts):
         vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib)), dev)
     args = [tvm.runtime.tensor(feeds[n], dev) for n in inputs]
+    vm["main"](*args)                 # warm: a --cuda-graph package captures its graphs here
     timer = vm.time_evaluator("main", dev, number=20, repeat=5, min_repeat_ms=50)
     return float(np.median(timer(*args).results)) * 1e3
 
 
-def bench(name: str, model, spec, work: Path, ort_threads: int, precision: str) -> dict:
+def bench(name: str, model, spec, work: Path, ort_threads: int, variant: str) -> dict:
+    """One row: the model compiled in ``variant``, a precision, ``+graph`` for CUDA graphs."""
     from sparsec import reference
     from sparsec.targets import cuda
     from sparsec.targets.host import load_library
 
-    lib = work / f"{name} {precision}" / "model.so"
+    precision, _, graph = variant.partition("+")
+    lib = work / f"{name} {variant}" / "model.so"
     lib.parent.mkdir(parents=True)
     emulated = None if spec.runs_here else lib.parent / "emulated.so"
     start = time.perf_counter()
     facts = cuda.compile_onnx(model, spec, lib, log=lambda s: None, emulation_lib=emulated,
-                              precision=precision)
+                              precision=precision, cuda_graph=graph == "graph")
     compile_s = time.perf_counter() - start
     feeds = random_feeds(model)
     want = reference.run(model, feeds)[0]
@@ -82,8 +86,9 @@ def bench(name: str, model, spec, work: Path, ort_threads: int, precision: str) 
                           None if emulated else facts["cuda"])
     got = runner.run(feeds)[0]
     res = facts["cuda"]["kernels"].values()
-    sparse = [d for d in facts["decisions"] if d["chosen"] == "nm_sparse_cuda"]
-    row = {"model": name, "precision": precision, "compile_s": round(compile_s, 1),
+    sparse = [d for d in facts["decisions"] if d["chosen"] in ("nm_sparse_cuda", "mma_sp_cuda")]
+    row = {"model": name, "precision": variant, "compile_s": round(compile_s, 1),
+           "cuda_graph_regions": facts["cuda"]["cuda_graph_regions"],
            "kernels": facts["kernels"],
            "tensor_cores": cuda.tensor_core_summary(facts["decisions"]),
            "max_registers": max((r["registers"] for r in res), default=0),
@@ -112,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--no-linear", action="store_true", help="skip the linear-layer rows")
     ap.add_argument("--ort-threads", type=int, default=2)
-    ap.add_argument("--precisions", default="fp32,tf32,bf16",
-                    help="compile each model in each of these (default: all three)")
+    ap.add_argument("--precisions", default="fp32,tf32,bf16,bf16+graph",
+                    help="compile each model in each of these (a precision, +graph: with "
+                         "CUDA graphs; default: all three precisions and bf16 with graphs)")
     args = ap.parse_args(argv)
 
     from sparsec.targets import resolve_target

@@ -126,6 +126,9 @@ def _inspect_package(args) -> int:
         print(f"  CUDA     {cuda['source']} -> {cuda['fatbin']} ({contents}; nvcc "
               f"{cuda['nvcc']}), max {max((r['registers'] for r in res), default=0)} "
               f"registers, {sum(bool(r['spill_bytes']) for r in res)} kernels spilling")
+        if cuda.get("cuda_graph_regions"):
+            print(f"  CUDA graphs {cuda['cuda_graph_regions']} region(s) captured at the first "
+                  f"call, replayed after")
         print(f"  C API    {lib['header']}, {lib['shared']} (with {cuda['fatbin']} beside it)")
     else:
         print(f"  C API    {lib['header']}, {lib['static']} (prefix '{lib['system_lib_prefix']}'"
@@ -237,7 +240,7 @@ def cmd_compile(args) -> int:
                            tune=args.tune, precision=args.precision, profile=args.profile,
                            latency_budget=args.latency_budget, speedup=args.speedup,
                            keep_onnx=args.keep_onnx, **_rpc_kwargs(args),
-                           dynamic=args.dynamic, log=_log(args))
+                           dynamic=args.dynamic, cuda_graph=args.cuda_graph, log=_log(args))
     if args.dynamic:
         ranges = ", ".join(f"{k}={lo}..{hi}" for k, (lo, hi) in
                            manifest["dynamic"]["ranges"].items())
@@ -660,6 +663,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also put the pruned model.onnx in the package (a second copy of the "
                          "weights the library holds; for ONNX Runtime and validate on new "
                          "inputs; always with --dynamic)")
+    sp.add_argument("--cuda-graph", action="store_true",
+                    help="CUDA targets: capture the model's kernel launches as CUDA graphs at "
+                         "the first call and replay them after (one launch instead of one per "
+                         "kernel; speed-up not measured yet: no GPU lent); without a GPU the "
+                         "package's check runs them eagerly on its CPU twin")
     sp.add_argument("--dynamic", metavar="DIM=MIN..MAX,...",
                     help="one package for every size in these ranges of the model's named "
                          "input dims (its ONNX dim_params), e.g. "

@@ -91,7 +91,7 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
             latency_budget: float | None = None, speedup: float | None = None,
             rpc: str | None = None, key: str | None = None, rpc_timeout: float | None = None,
             keep_onnx: bool = False, dynamic: dict[str, tuple[int, int]] | str | None = None,
-            log: Log = _quiet) -> dict:
+            cuda_graph: bool = False, log: Log = _quiet) -> dict:
     """Prune, compile for ``target`` and write a package directory (see ``sparsec.package``);
     returns its manifest. ``name`` (a C identifier; default: from the directory name) names
     the C header, the static archive and its symbols. ``round_to`` defaults to the target's
@@ -131,6 +131,12 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
     rounded to tf32. The default is the target's: tf32 for CUDA targets, bf16 for
     ``x86-amx``, else fp32. Such a package is checked with that precision's tolerance.
 
+    ``cuda_graph`` (CUDA targets): the model's kernel launches are captured as CUDA graphs at
+    the first call and replayed after (TVM's ``RewriteCUDAGraph``; the manifest's
+    ``compile.cuda.cuda_graph_regions`` counts the regions). Without a GPU the package runs
+    those regions eagerly on its CPU twin, so the check is the same; the speed-up is not
+    measured yet.
+
     ``dynamic`` (``{"batch_size": (1, 32), "sequence_length": (1, 512)}`` or
     ``"batch_size=1..32,sequence_length=1..512"``; names are the model's ``dim_param``s)
     compiles an ONNX model once for every size in those ranges (``sparsec.dynamic``); it is
@@ -139,6 +145,10 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
     (``sparsec.dynamic_prune``: passes that change weights only)."""
     if dynamic is not None:
         from sparsec.dynamic import compile_dynamic
+
+        if cuda_graph:
+            raise BadOptionError("--cuda-graph is for CUDA targets, and --dynamic compiles "
+                                 "for this machine's CPU")
 
         return compile_dynamic(
             model, output_dir, dynamic, target=target, name=name, precision=precision,
@@ -171,6 +181,8 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
     if precision not in allowed:
         raise BadOptionError(f"--precision takes {', '.join(allowed[:-1])} or {allowed[-1]}, "
                              f"not '{precision}'")
+    if cuda_graph and spec.device != "cuda":
+        raise BadOptionError(f"--cuda-graph is for CUDA targets, not target '{spec.name}'")
     if profile and not (spec.runs_here and spec.device == "cpu"):
         raise BadOptionError(f"--profile measures on this machine's CPU; target "
                              f"'{spec.name}' does not run here")
@@ -255,7 +267,7 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
                     "matmuls and convolutions on tensor cores with inputs rounded to tf32, "
                     "fp32 sums; --precision fp32 keeps every kernel exact")
             facts = cuda.compile_onnx(proto, spec, tmp / LIBRARY, log, emulation_lib=emulation,
-                                      precision=precision)
+                                      precision=precision, cuda_graph=cuda_graph)
         computed = kernel_precision(facts)    # what the package computes in
         lossy = computed != "fp32"
         feeds = {s["name"]: result.sample[s["name"]] for s in inputs}

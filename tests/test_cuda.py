@@ -551,3 +551,80 @@ def test_cuda_compile_reports_what_the_package_is(tmp_path):
         x, w = d["shapes"]
         assert d["macs"] == int(np.prod(d["out_shape"])) * x[-1] > 0
         assert d["candidates"]["fallback"] > 0
+
+
+def _package_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+
+
+@needs_nvcc
+def test_cuda_package_holds_one_copy_of_its_weights(tmp_path):
+    """A CUDA package stores each weight once: model.so's constants are the fragment-packed
+    tf32 words only (the fp32 originals they were packed from are not kept), and cpu_twin.so
+    is the kernels without weights (it runs model.so's constants). Stated margin: the whole
+    package (library, twin, fatbin, source, header, manifest, reference pair) within the
+    weight bytes + 10 % + 1 MiB. ``keep_onnx`` is the one documented second copy (model.onnx
+    for ONNX Runtime): that package breaks the bound, which shows the bound would catch a
+    duplicate."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((256, 1024)).astype(np.float32)
+    w2 = rng.standard_normal((1024, 512)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["y"])], "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 512])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    onnx.save(model, str(tmp_path / "mlp.onnx"))
+    weights = w1.nbytes + w2.nbytes                          # 3 MiB
+    bound = 1.1 * weights + (1 << 20)
+    lean = api.compile(tmp_path / "mlp.onnx", tmp_path / "pkg", target="cuda-sm80",
+                       log=lambda s: None)
+    assert [d["chosen"] for d in lean["compile"]["decisions"]] == ["mma_cuda"] * 2
+    assert lean["reference"]["check"]["ok"]
+    size = _package_bytes(tmp_path / "pkg")
+    assert weights <= (tmp_path / "pkg" / "model.so").stat().st_size < weights * 1.1
+    assert (tmp_path / "pkg" / "cpu_twin.so").stat().st_size < weights / 4
+    assert weights < size <= bound
+    api.compile(tmp_path / "mlp.onnx", tmp_path / "with_onnx", target="cuda-sm80",
+                keep_onnx=True, log=lambda s: None)
+    assert _package_bytes(tmp_path / "with_onnx") > bound
+
+
+@needs_nvcc
+def test_cuda_graph_package_runs_on_the_cpu_twin(tmp_path, capsys):
+    """``--cuda-graph``: TVM's RewriteCUDAGraph lifts the digits CNN's static kernel launches
+    into a region the CUDA runtime captures once and replays (counted in the manifest); the
+    kernels are the same, and without a GPU the region runs eagerly on the CPU twin, so
+    compile's check, validate and run work as for any CUDA package. A CPU target refuses the
+    flag. (The graphs' speed needs a GPU: not measured.)"""
+    out = tmp_path / "pkg"
+    proc = subprocess.run([sys.executable, "-m", "sparsec", "compile",
+                           str(EXAMPLES / "digits_cnn.onnx"), "--target", "cuda-sm80",
+                           "--cuda-graph", "-o", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "CUDA graphs: 1 region(s)" in proc.stdout + proc.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["compile"]["cuda"]["cuda_graph_regions"] == 1
+    assert manifest["reference"]["check"]["ok"]
+    from sparsec import cli
+
+    assert cli.main(["inspect", str(out)]) == 0
+    assert "CUDA graphs 1 region(s)" in capsys.readouterr().out
+    report = api.validate(out)      # the reference pair, in this process too
+    assert report.ok and report.via == ("cuda" if cuda_available() else
+                                        "cuda-schedules-on-cpu")
+    if not cuda_available():     # the eager stand-ins must leave a graph-free package alone
+        plain = api.compile(EXAMPLES / "digits_cnn.onnx", tmp_path / "plain",
+                            target="cuda-sm80", log=lambda s: None)
+        assert plain["compile"]["cuda"]["cuda_graph_regions"] == 0
+        assert (plain["compile"]["cuda"]["source_sha256"]
+                == manifest["compile"]["cuda"]["source_sha256"])      # the same kernels
+        assert api.validate(tmp_path / "plain").ok
+    with pytest.raises(api.BadOptionError, match="--cuda-graph is for CUDA targets"):
+        api.compile(EXAMPLES / "digits_cnn.onnx", tmp_path / "cpu", target="host",
+                    cuda_graph=True)

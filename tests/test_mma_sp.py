@@ -8,6 +8,7 @@ against its twin where this machine has a GPU."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from sparsec.targets.kernels.common import RELU, Activation  # noqa: E402
 
 HAS_NVCC = shutil.which("nvcc") is not None or Path("/usr/local/cuda/bin/nvcc").is_file()
 needs_nvcc = pytest.mark.skipif(not HAS_NVCC, reason="nvcc (CUDA toolkit) not installed")
-MMA_SP = "mma.sp.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32"
+MMA_SP = mma_sp.INSTRUCTION
 
 
 def sparse_2_4(k: int, n: int, seed: int = 0) -> np.ndarray:
@@ -43,10 +44,10 @@ def sparse_2_4(k: int, n: int, seed: int = 0) -> np.ndarray:
     return w
 
 
-def _run_twin(m, k, n, w, x, **flags):
-    p = mma_sp.plan(m, k, n)
+def _run_twin(m, k, n, w, x, mt=None, **flags):
+    p = mma_sp.plan(m, k, n, mt)
     wa, we = mma_sp.pack_weight(w, p)
-    func = mma_sp.build(m, k, n, emulate=True, **flags)
+    func = mma_sp.build(m, k, n, emulate=True, mt=mt, **flags)
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
                       target=tvm.target.Target({"kind": "llvm"}))
     return lib, [x, wa, we]
@@ -97,20 +98,27 @@ def test_packing_follows_the_fragment_and_metadata_rules():
                  for i in range(8)]
         words = [int(elems[2 * j]) | int(elems[2 * j + 1]) << 16 for j in range(4)]
         assert list(wa[0, 0, lane]) == words
-        assert we[0, 0, lane] == meta[lane // 4 * 2 + lane % 2]
+        assert we[0, 0, lane, 0] == meta[lane // 4 * 2 + lane % 2]   # tile 0, K step 0
 
 
-@pytest.mark.parametrize("m,k,n", [
-    (9, 32, 16),          # one tile of each, one row past a token tile
-    (32, 100, 40),        # K and N not whole tiles
-    (40, 96, 130),        # two token groups, a partial one
-    (128, 768, 96),       # an encoder's projection at 128 tokens
+@pytest.mark.parametrize("m,k,n,mt", [
+    (9, 32, 16, None),      # one tile of each, one row past a token tile, one stage
+    (16, 64, 200, 4),       # four A tiles per warp, N padded to a block of 256
+    (32, 100, 40, None),    # K and N not whole tiles (16-byte copies, the last one zeros)
+    (40, 96, 130, 2),       # two token groups, a partial one; two A tiles per warp
+    (24, 162, 70, 2),       # K not a multiple of 4 (4-byte copies), three stages (odd)
+    (128, 768, 96, None),   # an encoder's projection at 128 tokens
 ])
-def test_twin_matches_numpy(m, k, n):
+def test_twin_matches_numpy(m, k, n, mt):
+    """The twin stages X as the kernel does (copies, zero fill, double buffer), reads the
+    fragments from the staged tile and runs the instruction's layouts: the product matches
+    numpy's on bf16-rounded operands."""
+    p = mma_sp.plan(m, k, n, mt)
+    assert p.vec == (4 if k % 4 == 0 else 1) and p.mt == (mt or 1)
     rng = np.random.default_rng(m)
     x = rng.standard_normal((m, k)).astype(np.float32)
     w = sparse_2_4(k, n, seed=m)
-    lib, args = _run_twin(m, k, n, w, x)
+    lib, args = _run_twin(m, k, n, w, x, mt)
     arrays = [tvm.runtime.tensor(a) for a in args + [np.zeros((m, n), np.float32)]]
     lib["main"](*arrays)
     ref = _reference(x, w)
@@ -176,24 +184,41 @@ def test_twin_catches_wrong_metadata():
 
 
 @needs_nvcc
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-def test_kernel_compiles_with_nvcc(arch, tmp_path):
+@pytest.mark.parametrize("arch,m,k,n,mt", [
+    ("sm_80", 128, 768, 3072, 1), ("sm_90", 512, 768, 3072, 4),
+    ("sm_80", 40, 162, 70, 1),      # copies past M and K: predicated, zero-filling, 4 bytes
+])
+def test_kernel_compiles_with_nvcc(arch, m, k, n, mt, tmp_path):
+    """A BERT-sized 2:4 layer (768 -> 3072) at 128 and 512 tokens, and a ragged one: X staged
+    with cp.async copies (16 bytes, or 4 where K is not a multiple of 4) and barriers, a warp
+    tile of ``mt`` A tiles x 4 token tiles (that many mma.sp per K step, unrolled), and
+    ptxas spills nothing. (The ragged shape's copy predicates once broke TVM's codegen,
+    which read a cast predicate as the "no predicate" constant.)"""
     from sparsec.targets.cuda import compile_fatbin, kernel_source
 
-    func = mma_sp.build(128, 768, 3072, bias=True, act=RELU)
+    p = mma_sp.plan(m, k, n)
+    assert (p.mt, p.nt) == (mt, 4)
+    func = mma_sp.build(m, k, n, bias=True, act=RELU)
     ex = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
                      target=tvm.target.Target({"kind": "cuda", "arch": arch}))
     source = kernel_source(ex)
-    assert source.count(MMA_SP) == 1                     # the instruction, once per K step
+    assert source.count(MMA_SP) == 1                     # the instruction's one helper
+    helper = re.search(r"void (\w*mma_sp\w*)\(", source).group(1)
+    assert source.count(helper + "(") - 1 == mt * p.nt * mma_sp.STEPS   # calls per stage
+    copy = "cp.async.cg.shared.global" if k % 4 == 0 else "cp.async.ca.shared.global"
+    assert copy in source and "__syncthreads" in source
+    assert "*(uint4*)(Wa" in source                      # A fragments: 128-bit loads
+    assert "main_kernel_1" not in source                 # bias and ReLU in the GEMM's stores
     resources = compile_fatbin(source, arch, tmp_path / "k.fatbin")
     assert all(r["spill_bytes"] == 0 for r in resources.values())
 
 
 @needs_nvcc
 def test_compile_2_4_linear_for_cuda(tmp_path):
-    """A 2:4 linear layer with 32 rows compiled for sm_80 with ``precision="bf16"`` takes the
-    sparse tensor cores; the package records bf16, takes the bf16 tolerance, and passes its
-    reference check (on the GPU, or here on the kernel's CPU twin)."""
+    """A 2:4 linear layer with 40 rows (a partial token block) compiled for sm_80 with
+    ``precision="bf16"`` takes the sparse tensor cores; the package records bf16, takes the
+    bf16 tolerance, and passes its reference check (on the GPU, or here on the kernel's CPU
+    twin)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -202,8 +227,8 @@ def test_compile_2_4_linear_for_cuda(tmp_path):
     w = sparse_2_4(128, 96, seed=5)
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [32, 128])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [32, 96])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [40, 128])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [40, 96])],
         [numpy_helper.from_array(w, "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 10
@@ -221,6 +246,7 @@ def test_compile_2_4_linear_for_cuda(tmp_path):
     (decision,) = manifest["compile"]["decisions"]
     assert decision["chosen"] == mma_sp.NAME and decision["precision"] == "bf16"
     assert decision["epilogue"] == ["relu"]
+    assert decision["warp_tile"] == "16 channels x 32 tokens" and decision["grid"] == [2, 2]
     assert decision["weight_bytes"]["sparse"] < decision["weight_bytes"]["dense"] * 0.7
     ref = manifest["reference"]
     assert (ref["rtol"], ref["atol"]) == (api.RTOL_BF16, api.ATOL_BF16) and ref["check"]["ok"]

@@ -331,6 +331,7 @@ def _load_with_twin(lib_path: Path, twin_path: Path):
     import tvm_ffi
 
     twin = tvm.runtime.load_module(str(twin_path))
+    _graphs_run_eagerly()
     loader = "ffi.Module.load_from_bytes.cuda"
     previous = tvm_ffi.get_global_func(loader, allow_missing=True)
     tvm_ffi.register_global_func(loader, lambda _data: twin, override=True)
@@ -342,6 +343,27 @@ def _load_with_twin(lib_path: Path, twin_path: Path):
     lib.clear_imports()
     lib.import_module(twin)
     return lib
+
+
+def _graphs_run_eagerly() -> None:
+    """Stand-ins for the CUDA runtime's graph builtins (a package compiled with
+    ``cuda_graph``), registered where this TVM has none: ``run_or_capture`` runs the region it
+    would capture and replay, straight away, and ``get_cached_alloc`` allocates its memory
+    (uncached), so that model.so runs on the CPU twin as it would without graphs."""
+    import tvm_ffi
+
+    invoke = tvm_ffi.get_global_func("vm.builtin.invoke_closure")
+
+    def run_or_capture(vm, func, args, _entry, _shape=None):
+        return invoke(vm, func, *args)
+
+    def get_cached_alloc(vm, alloc, _entry):
+        return invoke(vm, alloc)
+
+    for name, func in (("vm.builtin.cuda_graph.run_or_capture", run_or_capture),
+                       ("vm.builtin.cuda_graph.get_cached_alloc", get_cached_alloc)):
+        if tvm_ffi.get_global_func(name, allow_missing=True) is None:
+            tvm_ffi.register_global_func(name, func)
 
 
 def _no_cuda_runtime(_data):

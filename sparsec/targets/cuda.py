@@ -118,14 +118,34 @@ def _schedule_one(mod: "ir.IRModule", gv, func: "tirx.PrimFunc", target: "object
                                  f"DLight rule failed on it)")
 
 
-def lower(mod: "ir.IRModule", target: "object") -> "ir.IRModule":
-    """A scheduled module -> what ``relax.build`` compiles for the GPU."""
+#: the Relax functions ``RewriteCUDAGraph`` lifts out of ``main`` (``main_cuda_graph_capture``
+#: ...): regions captured as one CUDA graph at the first call and replayed after
+GRAPH_CAPTURE = "cuda_graph_capture"
+
+
+def lower(mod: "ir.IRModule", target: "object", cuda_graph: bool = False) -> "ir.IRModule":
+    """A scheduled module -> what ``relax.build`` compiles for the GPU. With ``cuda_graph``,
+    TVM's ``RewriteCUDAGraph`` (in the CUDA finalize passes, switched on by the pass config
+    ``relax.backend.use_cuda_graph``) lifts the static kernel launches and their memory into
+    functions that the VM's CUDA runtime captures as a CUDA graph at the first call and
+    replays after (``vm.builtin.cuda_graph.run_or_capture`` / ``get_cached_alloc``)."""
     import tvm
     from tvm.relax.backend.cuda import pipeline as cuda
 
-    with target:
-        return tvm.transform.Sequential(cuda.dataflow_lower_passes(target)
-                                        + cuda.finalize_passes(target))(mod)
+    passes = tvm.transform.Sequential(cuda.dataflow_lower_passes(target)
+                                      + cuda.finalize_passes(target))
+    if not cuda_graph:
+        with target:
+            return passes(mod)
+    outer = tvm.transform.PassContext.current()     # the same context, the graph pass on
+    config = {**dict(outer.config), "relax.backend.use_cuda_graph": True}
+    with target, tvm.transform.PassContext(opt_level=outer.opt_level, config=config):
+        return passes(mod)
+
+
+def graph_regions(mod: "ir.IRModule") -> int:
+    """How many regions of a lowered module run as CUDA graphs (:func:`lower`)."""
+    return sum(GRAPH_CAPTURE in gv.name_hint for gv in mod.get_global_vars())
 
 
 # ----------------------------------------------------------------------------- CPU emulation
@@ -247,7 +267,8 @@ def kernel_entries(source: str) -> list[str]:
 
 def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | Path,
                  log: Callable[[str], None] = print,
-                 emulation_lib: str | Path | None = None, precision: str | None = None) -> dict:
+                 emulation_lib: str | Path | None = None, precision: str | None = None,
+                 cuda_graph: bool = False) -> dict:
     """Compile ``model`` for a CUDA target: the library at ``lib_path`` and, beside it,
     ``kernels.cu``, ``kernels.fatbin`` and ``cpu_twin.so`` (module docstring). Returns the
     manifest's facts, as every back end does (:func:`sparsec.targets.backend.compile_facts`),
@@ -277,10 +298,15 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
     with native_stderr_to(log), progress.reporting(log), tvm_target, compile_callback(arch):
         with common.precision(precision or target.precision):   # bf16: mma.sp for 2:4
             scheduled = schedule(mod, tvm_target, counts, decisions)
-        ex = relax.build(lower(scheduled, tvm_target), tvm_target, relax_pipeline=None)
+        lowered = lower(scheduled, tvm_target, cuda_graph)
+        ex = relax.build(lowered, tvm_target, relax_pipeline=None)
         twin = relax.build(emulation_module(scheduled), tvm.target.Target({"kind": "llvm"}),
                            relax_pipeline=None)
     log(f"tensor cores: {tensor_core_summary(decisions)}")
+    regions = graph_regions(lowered)
+    if cuda_graph:
+        log(f"CUDA graphs: {regions} region(s) of main captured at the first call and replayed "
+            f"after (on a GPU; without one they run eagerly on the CPU twin)")
     hints = [d["hint"] for d in decisions if "hint" in d]
     if hints:
         log(f"hint ({len(hints)} of the matmuls): {hints[0]}")
@@ -312,5 +338,6 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
         "cuda": {"arch": arch, "nvcc": nvcc_version(tool), "source": SOURCE, "fatbin": FATBIN,
                  "fatbin_contents": contents,
                  "source_sha256": hashlib.sha256(source.encode()).hexdigest(),
-                 "kernels": resources, **({"cpu_twin": TWIN} if target.native else {})},
+                 "kernels": resources, "cuda_graph_regions": regions,
+                 **({"cpu_twin": TWIN} if target.native else {})},
     }

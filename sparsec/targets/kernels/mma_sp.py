@@ -9,15 +9,39 @@ channels), B is X^T (8 tokens): the tensor cores skip the zeros, and W is read a
 bytes plus 1/8 for the metadata. Inputs are bf16 (8 bits of mantissa; the compile report says
 ``"precision": "bf16"`` and the package takes the bf16 tolerance), sums fp32.
 
-Data:
-  Wa[OB, KS, 32, 4]  uint32: W's kept values (bf16 pairs) in the A fragment order of each lane
-                     of the warp that owns 16 output channels (tile ob) at K step ks (32
-                     inputs): one 16-byte load per lane, coalesced. Packed at compile time.
-  We[OB, KS, 32]     uint32: the metadata word each lane hands the instruction.
-  X[M, K]            fp32, read as B fragments (two neighbouring inputs per word) and rounded
-                     to bf16 in the kernel.
-  acc[MP, NP]        fp32 C, token-major; then ``Y = act(acc + bias + residual)`` (a second
-                     kernel, as every sparsec epilogue).
+Data (laid out at compile time in the order the kernel reads it):
+  Wa[OB, KS, 32, 4]     uint32: W's kept values (bf16 pairs) in the A fragment order of each
+                        lane of the warp that owns 16 output channels (tile ob) at K step ks
+                        (32 inputs): one 128-bit load per lane, coalesced.
+  We[OW, S, 32, 2 mt]   uint32: the metadata words each lane hands the instruction, for the
+                        ``mt`` A tiles of warp tile ow and the STEPS K steps of stage s (word
+                        a * STEPS + step): one 64- or 128-bit load per lane and stage.
+  X[M, K]               fp32, staged in shared memory (below), rounded there to bf16 (nearest
+                        even) once per block, and read as B fragments (two neighbouring inputs
+                        per word).
+  Y                     ``act(C + bias + residual)``, written by the GEMM's own stores (inside M
+                        and N) unless the activation is GELU or SiLU; then C goes to acc[MP, NP]
+                        (token-major) and the epilogue is a second kernel, as in ``mma_cuda``.
+
+Schedule: a block of WARPS warps side by side along output channels shares one tile of
+8 nt tokens; each warp computes ``mt`` A tiles (16 channels) x ``nt`` token tiles (8), every A
+fragment feeding ``nt`` mma.sp and every B fragment ``mt``. ``mt`` is 4 or 2 (the most) where
+the grid still has ``mma_cuda``'s FULL_GRID blocks, else 1. K runs in stages of STEPS K steps
+(STAGE_K inputs), one ``cp.async`` group each, double-buffered:
+
+  1. each thread copies its runs of 4 inputs of stage s + 1's X tile [8 nt tokens, STAGE_K]
+     into an fp32 buffer: one 16-byte ``cp.async`` a run where K is a multiple of 4, else four
+     of 4 bytes; a copy past M or K writes zeros instead of reading;
+  2. it loads the stage's A fragments and metadata (128-bit loads; in flight meanwhile),
+     waits for its own copies of stage s (``cp.async.wait_group 1``), rounds them to bf16 and
+     writes each word where its lane's B fragment is read (fragment order: one 128-bit
+     shared load per fragment, no bank conflicts);
+  3. a barrier, then STEPS x mt x nt ``mma.sp``, and a barrier before the bf16 tile is
+     written again.
+
+Static counts (SASS of the main loop, 768 -> 3072 at 128 tokens, sm_80): 7 global load
+instructions per 8 ``mma.sp`` with one A tile per warp, 14 per 32 with four; the kernel
+before this schedule issued 37 per 4.
 
 Fragment layouts (PTX ISA 9.7.16.6, 16-bit types; TVM's test_tir_ptx_mma_sp.py runs the same
 maps on GPUs): lane l's A element i (0..7) is compressed A[(i%4)//2*8 + l//4, i//4*8 + l%4*2 +
@@ -26,10 +50,12 @@ i%2]. Metadata word q*2 + h (lanes 4q and 4q+1 hand it over; selector 0) holds, 
 and q+8 (low and high 16 bits), the 2-bit positions of the kept values of K half h, 2 bits per
 kept value in order.
 
-No GPU here: :func:`build` with ``emulate=True`` is a CPU twin with the same fragment loads and
-stores, lanes as a loop, and the instruction written as TIR loops from the layouts above;
-``sparsec compile --target cuda`` checks the model on it (targets/cuda.py), the tests check
-it against numpy, and nvcc compiles the real kernel for sm_80 and sm_90.
+No GPU here: :func:`build` with ``emulate=True`` is a CPU twin with the same staging (the copy
+and its zero fill into a double buffer, in the GPU's order), fragment reads and stores, lanes
+and warps as loops, and the instruction written as TIR loops from the layouts above;
+``sparsec compile --target cuda`` checks the model on it (targets/cuda.py), the tests check it
+against numpy, and nvcc compiles the real kernel for sm_80 and sm_90 (ptxas: no spills). Its
+speed is unmeasured until a GPU is lent.
 """
 
 from __future__ import annotations
@@ -37,7 +63,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sparsec.targets.kernels.common import Activation, epilogue_func, finish
+from sparsec.targets.kernels.common import Activation, clip, epilogue_func, finish
 
 if TYPE_CHECKING:
     import numpy as np
@@ -47,8 +73,12 @@ NAME = "mma_sp_cuda"
 TILE_M, TILE_N, TILE_K = 16, 8, 32   # output channels, tokens, inputs of one mma.sp
 LANES = 32
 WARPS = 4                            # warps of a block, side by side along output channels
+THREADS = WARPS * LANES
 MAX_N_TILES = 4                      # token tiles per warp: each A fragment feeds up to 4
+STEPS = 2                            # K steps of a stage (one cp.async group, one barrier pair)
+STAGE_K = STEPS * TILE_K             # inputs of a stage
 MIN_ARCH = 80                        # mma.sp exists from Ampere on
+INSTRUCTION = "mma.sp.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32"
 #: the attribute that marks a kernel for its CPU twin (targets/cuda.py): the build arguments
 TWIN_ATTR = "sparsec.cpu_twin"
 
@@ -66,35 +96,68 @@ def is_2_4(w_kn: "np.ndarray") -> bool:
 
 @dataclass(frozen=True)
 class Plan:
-    """Geometry: ``nt`` token tiles of 8 per warp; K padded to whole K steps of 32, N (output
-    channels) to whole blocks of WARPS x 16, M (tokens) to whole warp tiles."""
+    """Geometry: ``mt`` A tiles (16 channels) and ``nt`` token tiles (8) per warp; K padded to
+    whole stages of STAGE_K inputs, N (output channels) to whole blocks of WARPS x 16 mt, M
+    (tokens) to whole token tiles of the block (8 nt)."""
 
     m: int
     k: int
     n: int
     nt: int
+    mt: int = 1
 
     @property
     def kp(self) -> int:
-        return -(-self.k // TILE_K) * TILE_K
+        return -(-self.k // STAGE_K) * STAGE_K
+
+    @property
+    def stages(self) -> int:
+        return self.kp // STAGE_K
+
+    @property
+    def block_n(self) -> int:
+        return TILE_M * self.mt * WARPS
+
+    @property
+    def block_m(self) -> int:
+        return TILE_N * self.nt
 
     @property
     def np_(self) -> int:
-        return -(-self.n // (TILE_M * WARPS)) * TILE_M * WARPS
+        return -(-self.n // self.block_n) * self.block_n
 
     @property
     def mp(self) -> int:
-        return -(-self.m // (TILE_N * self.nt)) * TILE_N * self.nt
+        return -(-self.m // self.block_m) * self.block_m
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.np_ // self.block_n, self.mp // self.block_m
+
+    @property
+    def vec(self) -> int:
+        """Floats per ``cp.async`` of X: 4 (16 bytes) where every row starts 16-byte aligned."""
+        return 4 if self.k % 4 == 0 else 1
 
 
-def plan(m: int, k: int, n: int) -> Plan:
-    """Up to MAX_N_TILES token tiles per warp: each A fragment (weights) feeds that many
-    ``mma.sp``."""
-    return Plan(m, k, n, min(MAX_N_TILES, -(-m // TILE_N)))
+def plan(m: int, k: int, n: int, mt: int | None = None) -> Plan:
+    """Up to MAX_N_TILES token tiles per warp (each A fragment feeds that many ``mma.sp``);
+    four or two A tiles per warp (the most) where the grid keeps ``mma_cuda``'s FULL_GRID
+    blocks and N pads no further, else one (``mt`` given: that many)."""
+    from sparsec.targets.kernels.mma import FULL_GRID
+
+    nt = min(MAX_N_TILES, -(-m // TILE_N))
+    if mt is not None:
+        return Plan(m, k, n, nt, mt)
+    narrow = Plan(m, k, n, nt, 1)
+    for wide in (Plan(m, k, n, nt, 4), Plan(m, k, n, nt, 2)):
+        if wide.grid[0] * wide.grid[1] >= FULL_GRID and wide.np_ == narrow.np_:
+            return wide
+    return narrow
 
 
 def pack_weight(w_kn: "np.ndarray", p: Plan) -> tuple["np.ndarray", "np.ndarray"]:
-    """[K, N] 2:4 fp32 -> (Wa [OB, KS, 32, 4], We [OB, KS, 32]) (module docstring). Each run
+    """[K, N] 2:4 fp32 -> (Wa [OB, KS, 32, 4], We [OW, S, 32, 2 mt]) (module docstring). Each run
     of 4 keeps its nonzeros and, where it has fewer than 2, its first zero positions: two
     increasing positions per run, as the instruction expects."""
     import numpy as np
@@ -124,8 +187,11 @@ def pack_weight(w_kn: "np.ndarray", p: Plan) -> tuple["np.ndarray", "np.ndarray"
     low = (where[:, :, q, 8 * h + j] << shifts).sum(axis=-1, dtype=np.uint64)
     high = (where[:, :, q + 8, 8 * h + j] << shifts).sum(axis=-1, dtype=np.uint64)
     meta = (low | (high << 16)).astype(np.uint32).reshape(ob, ks, 16)
-    lane_meta = meta[:, :, (np.arange(LANES) // 4) * 2 + np.arange(LANES) % 2]
-    return np.ascontiguousarray(words.astype(np.uint32)), np.ascontiguousarray(lane_meta)
+    lane_meta = meta[:, :, (np.arange(LANES) // 4) * 2 + np.arange(LANES) % 2]   # [OB, KS, 32]
+    # per warp tile and stage: word a * STEPS + step of each lane
+    by_stage = lane_meta.reshape(ob // p.mt, p.mt, p.stages, STEPS, LANES)
+    we = by_stage.transpose(0, 2, 4, 1, 3).reshape(ob // p.mt, p.stages, LANES, p.mt * STEPS)
+    return np.ascontiguousarray(words.astype(np.uint32)), np.ascontiguousarray(we)
 
 
 def weight_bytes(p: Plan) -> int:
@@ -137,129 +203,249 @@ def weight_bytes(p: Plan) -> int:
 # --------------------------------------------------------------------------- kernel
 
 
-def _x_word(x, m: int, k: int, tok, col):
-    """Two neighbouring inputs X[tok, col], X[tok, col + 1] as one word of bf16 bits (round to
-    nearest even; zero past M or K)."""
-    from tvm import tirx
+def _b_word(pair) -> "tirx.PrimExpr":
+    """One B fragment word from two neighbouring inputs (fp32 values that can be
+    reinterpreted: loads, or a local variable in CUDA): bf16 bits, nearest even, low first."""
+    from sparsec.targets.kernels.amx import bf16_bits_expr
 
-    from sparsec.targets.kernels.amx import bf16_or_zero
-
-    def bits(c):
-        return bf16_or_zero(x[tirx.min(tok, m - 1), tirx.min(c, k - 1)],
-                            tirx.all(tok < m, c < k))
-
-    return bits(col) | (bits(col + 1) << 16)
+    return bf16_bits_expr(pair[0]) | (bf16_bits_expr(pair[1]) << 16)
 
 
 def build(m: int, k: int, n: int, dtype: str = "float32", bias: bool = False,
-          act: Activation | None = None, residual: bool = False, emulate: bool = False
-          ) -> "tirx.PrimFunc":
+          act: Activation | None = None, residual: bool = False, emulate: bool = False,
+          mt: int | None = None) -> "tirx.PrimFunc":
     """The PrimFunc ``(X[M,K], Wa, We [, B[N]] [, R[M,N]], Y[M,N])`` of :func:`pack_weight`'s
-    arrays: CUDA (a warp per 16 output channels x 8*nt tokens), or with ``emulate`` its CPU
-    twin (module docstring)."""
+    arrays for ``plan(m, k, n, mt)``: CUDA (module docstring's schedule), or with ``emulate``
+    its CPU twin."""
     import json
 
+    import tvm
     from tvm import s_tir, te, tirx
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
 
     if dtype != "float32":
         raise ValueError(f"{NAME} takes float32 tensors, not {dtype}")
-    p = plan(m, k, n)
-    ob, ks = p.np_ // TILE_M, p.kp // TILE_K
+    p = plan(m, k, n, mt)
+    ob, ks, mt, nt = p.np_ // TILE_M, p.kp // TILE_K, p.mt, p.nt
     x = te.placeholder((m, k), dtype, name="X")
     wa = te.placeholder((ob, ks, LANES, 4), "uint32", name="Wa")
-    we = te.placeholder((ob, ks, LANES), "uint32", name="We")
+    we = te.placeholder((ob // mt, p.stages, LANES, mt * STEPS), "uint32", name="We")
     b = te.placeholder((n,), dtype, name="B") if bias else None
     res = te.placeholder((m, n), dtype, name="R") if residual else None
-    groups = (ob // WARPS, p.mp // (TILE_N * p.nt))
+    zero = tirx.FloatImm("float32", 0.0)
+    # the epilogue in the GEMM's own stores, unless GELU or SiLU (TOPI's fast_erf / fast_exp
+    # stages, built for a separate kernel)
+    fused = not (act is not None and (act.gelu or act.silu))
+    units = p.block_m * STAGE_K // 4           # runs of 4 inputs in a stage; nt per thread
 
-    def loads(xs, was, wes, tile, step, tok0, lane, a_out, e_out, b_out):
-        """One lane's fragments at K step ``step``: A words, metadata, B words per token tile."""
-        for j in range(4):
-            a_out(j, was[tile, step, lane, j])
-        e_out(wes[tile, step, lane])
-        for t in range(p.nt):
-            tok = tok0 + t * TILE_N + lane // 4
-            for j in range(4):
-                b_out(t, j, _x_word(xs, m, k, tok, step * TILE_K + j * 8 + lane % 4 * 2))
+    def stage(copy, tid, s, buf, tok0) -> None:
+        """Thread ``tid``'s copies of stage ``s`` (X[tok0 .. tok0 + 8 nt, STAGE_K inputs]) into
+        fp32 buffer ``buf``: its runs u = i * THREADS + tid (token row u // 16, inputs
+        4 (u % 16) ..), each one 16-byte copy or four 4-byte ones (p.vec floats each):
+        ``copy(dst, row, col, inside)`` moves X[row, col ..] (clamped in bounds) to staged
+        offset ``dst``, or writes zeros where the copy lies past M or K."""
+        for i in range(nt):
+            u = i * THREADS + tid
+            tok = tok0 + u // (STAGE_K // 4)
+            for e in range(0, 4, p.vec):
+                col = s * STAGE_K + u % (STAGE_K // 4) * 4 + e
+                copy((buf * units + u) * 4 + e, tirx.min(tok, m - 1),
+                     tirx.min(col, k - p.vec), tirx.all(tok < m, col < k))
 
-    def stores(accs, tile, tok0, lane, c_in):
-        """One lane's C elements into acc[token, channel]."""
-        for t in range(p.nt):
-            for i in range(4):
-                accs[tok0 + t * TILE_N + lane % 4 * 2 + i % 2,
-                     tile * TILE_M + i // 2 * 8 + lane // 4] = c_in(t, i)
+    def convert(read4, write, tid, buf) -> None:
+        """Thread ``tid`` rounds its own runs of fp32 buffer ``buf`` to bf16 pairs and writes
+        each word where the B fragments are read from: word j of lane l's fragment of token
+        tile t at K step st of the stage is bf16 word ((t STEPS + st) 32 + l) 4 + j, so a
+        lane reads its fragment with one 128-bit load. ``read4(offset)`` gives the run's 4
+        values (from one 128-bit load), ``write(index, word)`` stores."""
+        for i in range(nt):
+            u = i * THREADS + tid
+            row, q = u // (STAGE_K // 4), u % (STAGE_K // 4)
+            v = read4((buf * units + u) * 4)
+            for h in range(2):                 # the two pairs of the run
+                pair = 2 * q + h               # inputs 2 pair, 2 pair + 1 of the stage
+                st, pp = pair // (TILE_K // 2), pair % (TILE_K // 2)
+                lane = row % TILE_N * 4 + pp % 4
+                write(((row // TILE_N * STEPS + st) * LANES + lane) * 4 + pp // 4,
+                      _b_word((v[2 * h], v[2 * h + 1])))
+
+    def out_index(tile, t, lane, i) -> tuple:
+        """(token, channel) of C element ``i`` of token tile ``t`` and A tile ``tile``."""
+        return (t * TILE_N + lane % 4 * 2 + i % 2, tile * TILE_M + i // 2 * 8 + lane // 4)
+
+    def store(bufs, tok, ch, value) -> None:
+        """A C element into acc, or (fused) finished into Y, inside M and N only."""
+        if not fused:
+            bufs["out"][tok, ch] = value
+            return
+        if bias:
+            value = value + bufs["B"][ch]
+        if residual:
+            value = value + bufs["R"][tirx.min(tok, m - 1), tirx.min(ch, n - 1)]
+        with T.If(tirx.all(tok < m, ch < n)):
+            with T.Then():
+                bufs["out"][tok, ch] = clip(value, act, dtype)
+
+    def buffers(ins, outs) -> tuple:
+        xs, was, wes, *rest = (T.buffer_proxy(t) for t in ins)
+        bufs = {"out": T.buffer_proxy(outs[0])}
+        if fused and bias:
+            bufs["B"] = rest.pop(0)
+        if fused and residual:
+            bufs["R"] = rest.pop(0)
+        return xs, was, wes, bufs
 
     def gpu_program(ins, outs):
-        xs, was, wes = (T.buffer_proxy(t) for t in ins)
-        accs = T.buffer_proxy(outs[0])
+        xs, was, wes, bufs = buffers(ins, outs)
+        x_data = ins[0].data
         with IRBuilder() as ib:
             bx, by = te.thread_axis("blockIdx.x"), te.thread_axis("blockIdx.y")
             warp, lane = te.thread_axis("threadIdx.y"), te.thread_axis("threadIdx.x")
-            with T.frame_scope([T.attr(bx, "thread_extent", groups[0]),
-                                T.attr(by, "thread_extent", groups[1]),
+            with T.frame_scope([T.attr(bx, "thread_extent", p.grid[0]),
+                                T.attr(by, "thread_extent", p.grid[1]),
                                 T.attr(warp, "thread_extent", WARPS),
                                 T.attr(lane, "thread_extent", LANES)]):
-                tile, tok0 = bx * WARPS + warp, by * (TILE_N * p.nt)
-                c = T.buffer_proxy(T.decl_buffer([p.nt, 4], "float32", scope="local"))
-                fa = T.buffer_proxy(T.decl_buffer([4], "uint32", scope="local"))
-                fe = T.buffer_proxy(T.decl_buffer([1], "uint32", scope="local"))
-                fb = T.buffer_proxy(T.decl_buffer([p.nt, 4], "uint32", scope="local"))
-                for t in range(p.nt):
-                    for i in range(4):
-                        c[t, i] = tirx.FloatImm("float32", 0.0)
-                with T.serial(0, ks) as step:
-                    def set_a(j, v):
-                        fa[j] = v
+                tok0, wt = by * p.block_m, bx * WARPS + warp      # wt: the warp's tile
+                tid = warp * LANES + lane
+                sx = T.decl_buffer([2 * units * 4], "float32", scope="shared")   # fp32 runs
+                sb = T.buffer_proxy(T.decl_buffer([units * 2], "uint32", scope="shared"))
+                sxp = T.buffer_proxy(sx)
+                c = T.buffer_proxy(T.decl_buffer([mt, nt, 4], "float32", scope="local"))
+                fa = T.buffer_proxy(T.decl_buffer([mt * STEPS * 4], "uint32", scope="local"))
+                fe = T.buffer_proxy(T.decl_buffer([mt * STEPS], "uint32", scope="local"))
+                fb = T.buffer_proxy(T.decl_buffer([nt, 4], "uint32", scope="local"))
+                xv = T.buffer_proxy(T.decl_buffer([4], "float32", scope="local"))
+                for a in range(mt):
+                    for t in range(nt):
+                        for i in range(4):
+                            c[a, t, i] = zero
 
-                    def set_e(v):
-                        fe[0] = v
+                def copy(dst, row, col, inside):
+                    # the predicate as a select: TVM's codegen reads a Cast's ``value`` as
+                    # the "no predicate" constant
+                    T.evaluate(tvm.ir.Call(
+                        tvm.ir.Op.get("tirx.s_tir.cp_async_raw"),
+                        [sx.data, dst, x_data, row * k + col, tirx.IntImm("int32", 4 * p.vec),
+                         tirx.Select(inside, tirx.IntImm("int32", 1), tirx.IntImm("int32", 0))],
+                        ret_ty=tvm.ir.PrimType("float32")))
 
-                    def set_b(t, j, v):
-                        fb[t, j] = v
+                def read4(at):
+                    xv[tirx.Ramp(0, 1, 4)] = sxp[tirx.Ramp(at, 1, 4)]
+                    return [xv[e] for e in range(4)]
 
-                    loads(xs, was, wes, tile, step, tok0, lane, set_a, set_e, set_b)
-                    for t in range(p.nt):
-                        d = [c[t, i] for i in range(4)]
-                        T.evaluate(T.ptx.mma.sp.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32(
-                            *d, *(fa[j] for j in range(4)), *(fb[t, j] for j in range(4)),
-                            *d, fe[0], 0))
-                stores(accs, tile, tok0, lane, lambda t, i: c[t, i])
+                def write(at, word):
+                    sb[at] = word
+
+                stage(copy, tid, 0, 0, tok0)
+                T.evaluate(T.ptx.cp.async_.commit_group())
+                with T.serial(0, p.stages) as s:
+                    with T.If(s + 1 < p.stages):
+                        with T.Then():
+                            stage(copy, tid, s + 1, (s + 1) % 2, tok0)
+                    T.evaluate(T.ptx.cp.async_.commit_group())   # (empty at the last stage)
+                    # this stage's A and metadata: 128-bit loads, in flight during the wait
+                    for a in range(mt):
+                        for st in range(STEPS):
+                            fa[tirx.Ramp((a * STEPS + st) * 4, 1, 4)] = was[
+                                wt * mt + a, s * STEPS + st, lane, tirx.Ramp(0, 1, 4)]
+                    for g in range(0, mt * STEPS, 4):    # 64- or 128-bit loads
+                        width = min(4, mt * STEPS)
+                        fe[tirx.Ramp(g, 1, width)] = wes[wt, s, lane, tirx.Ramp(g, 1, width)]
+                    T.evaluate(T.ptx.cp.async_.wait_group(1))   # this thread's runs of stage s
+                    convert(read4, write, tid, s % 2)
+                    T.evaluate(T.tvm_storage_sync("shared"))
+                    for st in range(STEPS):
+                        for t in range(nt):      # a lane's B fragment: one 128-bit load
+                            fb[t, tirx.Ramp(0, 1, 4)] = sb[tirx.Ramp(
+                                ((t * STEPS + st) * LANES + lane) * 4, 1, 4)]
+                        for a in range(mt):
+                            for t in range(nt):
+                                d = [c[a, t, i] for i in range(4)]
+                                T.evaluate(T.ptx.mma.sp.sync.aligned.m16n8k32.row.col.f32.bf16
+                                           .bf16.f32(*d, *(fa[(a * STEPS + st) * 4 + j]
+                                                           for j in range(4)),
+                                                     *(fb[t, j] for j in range(4)), *d,
+                                                     fe[a * STEPS + st], 0))
+                    T.evaluate(T.tvm_storage_sync("shared"))   # before sb is written again
+                for a in range(mt):
+                    for t in range(nt):
+                        for i in range(4):
+                            tok, ch = out_index(wt * mt + a, t, lane, i)
+                            store(bufs, tok0 + tok, ch, c[a, t, i])
         return ib.get()
 
     def cpu_program(ins, outs):
-        xs, was, wes = (T.buffer_proxy(t) for t in ins)
-        accs = T.buffer_proxy(outs[0])
+        xs, was, wes, bufs = buffers(ins, outs)
         with IRBuilder() as ib:
-            with T.serial(0, groups[0] * WARPS) as tile, T.serial(0, groups[1]) as grp:
-                tok0 = grp * (TILE_N * p.nt)
-                c = T.buffer_proxy(T.decl_buffer([p.nt, LANES, 4], "float32"))
-                fa = T.buffer_proxy(T.decl_buffer([LANES, 4], "uint32"))
-                fe = T.buffer_proxy(T.decl_buffer([LANES], "uint32"))
-                fb = T.buffer_proxy(T.decl_buffer([p.nt, LANES, 4], "uint32"))
-                with T.grid(p.nt, LANES, 4) as (t, ln, i):
-                    c[t, ln, i] = tirx.FloatImm("float32", 0.0)
-                with T.serial(0, ks) as step:
-                    with T.serial(0, LANES) as ln:
-                        def set_a(j, v, ln=ln):
-                            fa[ln, j] = v
+            with T.serial(0, p.grid[0]) as bx, T.serial(0, p.grid[1]) as by:
+                tok0 = by * p.block_m
+                sx = T.buffer_proxy(T.decl_buffer([2 * units * 4], "float32"))
+                sb = T.buffer_proxy(T.decl_buffer([units * 2], "uint32"))
+                c = T.buffer_proxy(T.decl_buffer([WARPS, mt, nt, LANES, 4], "float32"))
+                fa = T.buffer_proxy(T.decl_buffer([mt * STEPS, LANES, 4], "uint32"))
+                fe = T.buffer_proxy(T.decl_buffer([mt * STEPS, LANES], "uint32"))
+                with T.grid(WARPS, mt, nt, LANES, 4) as (w, a, t, ln, i):
+                    c[w, a, t, ln, i] = zero
 
-                        def set_e(v, ln=ln):
-                            fe[ln] = v
+                def copy(dst, row, col, inside):
+                    for e in range(p.vec):
+                        sx[dst + e] = tirx.Select(inside, xs[row, col + e], zero)
 
-                        def set_b(t, j, v, ln=ln):
-                            fb[t, ln, j] = v
+                def write(at, word):
+                    sb[at] = word
 
-                        loads(xs, was, wes, tile, step, tok0, ln, set_a, set_e, set_b)
-                    for t in range(p.nt):
-                        _emulate_mma_sp(c, t, fa, fb, fe)
-                with T.serial(0, LANES) as ln:
-                    stores(accs, tile, tok0, ln, lambda t, i, ln=ln: c[t, ln, i])
+                def all_threads(s, buf):
+                    with T.serial(0, THREADS) as tid:
+                        stage(copy, tid, s, buf, tok0)
+
+                all_threads(0, 0)
+                with T.serial(0, p.stages) as s:
+                    with T.If(s + 1 < p.stages):
+                        with T.Then():
+                            all_threads(s + 1, (s + 1) % 2)
+                    with T.serial(0, THREADS) as tid:
+                        convert(lambda at: [sx[at + e] for e in range(4)], write, tid, s % 2)
+                    with T.serial(0, WARPS) as w:
+                        wt = bx * WARPS + w
+                        with T.serial(0, LANES) as ln:
+                            for a in range(mt):
+                                for st in range(STEPS):
+                                    for j in range(4):
+                                        fa[a * STEPS + st, ln, j] = was[wt * mt + a,
+                                                                        s * STEPS + st, ln, j]
+                                    fe[a * STEPS + st, ln] = wes[wt, s, ln, a * STEPS + st]
+                        for st in range(STEPS):
+                            for a in range(mt):
+                                for t in range(nt):
+                                    _emulate_mma_sp(
+                                        c, lambda ln, i, a=a, t=t: (w, a, t, ln, i),
+                                        lambda ln, jj, a=a: fa[a * STEPS + st, ln, jj],
+                                        lambda ln, jj, t=t: sb[
+                                            ((t * STEPS + st) * LANES + ln) * 4 + jj],
+                                        lambda ln, a=a: fe[a * STEPS + st, ln])
+                with T.grid(WARPS, LANES) as (w, ln):
+                    for a in range(mt):
+                        for t in range(nt):
+                            for i in range(4):
+                                tok, ch = out_index((bx * WARPS + w) * mt + a, t, ln, i)
+                                store(bufs, tok0 + tok, ch, c[w, a, t, ln, i])
         return ib.get()
 
-    acc = te.extern((p.mp, p.np_), [x, wa, we], cpu_program if emulate else gpu_program,
-                    name="acc", dtype="float32")
+    # buffers at offset 0 (TVM's default is a free offset): aligned vector loads and copies
+    program = cpu_program if emulate else gpu_program
+    inputs = [t for t in [x, wa, we] + ([b, res] if fused else []) if t is not None]
+    in_buffers = [tirx.decl_buffer(t.shape, t.dtype, t.op.name) for t in inputs]
+    args = {"m": m, "k": k, "n": n, "bias": bias, "residual": residual, "mt": mt,
+            "act": None if act is None else [act.low, act.high, act.gelu, act.silu]}
+    if fused:
+        y = te.extern((m, n), inputs, program, name="Y", dtype=dtype, in_buffers=in_buffers,
+                      out_buffers=[tirx.decl_buffer((m, n), dtype, "Y")])
+        func = finish(s_tir.Schedule(te.create_prim_func(inputs + [y])), NAME)
+        return func.with_attr(TWIN_ATTR, json.dumps(args, sort_keys=True))
+    acc = te.extern((p.mp, p.np_), inputs, program, name="acc", dtype="float32",
+                    in_buffers=in_buffers,
+                    out_buffers=[tirx.decl_buffer((p.mp, p.np_), "float32", "acc")])
     func = epilogue_func([x, wa, we], lambda i, j: acc[i, j], (m, n), dtype, b, res, act)
     sch = s_tir.Schedule(func)
     if not emulate:
@@ -267,8 +453,6 @@ def build(m: int, k: int, n: int, dtype: str = "float32", bias: bool = False,
         bx, tx = sch.split(sch.fuse(i, j), [None, 256])
         sch.bind(bx, "blockIdx.x")
         sch.bind(tx, "threadIdx.x")
-    args = {"m": m, "k": k, "n": n, "bias": bias, "residual": residual,
-            "act": None if act is None else [act.low, act.high, act.gelu, act.silu]}
     return finish(sch, NAME).with_attr(TWIN_ATTR, json.dumps(args, sort_keys=True))
 
 
@@ -290,23 +474,24 @@ def half(word, upper):
         upper, word & tirx.IntImm("uint32", 0xFFFF0000), word << 16))
 
 
-def _emulate_mma_sp(c, t: int, fa, fb, fe) -> None:
-    """``mma.sp ... m16n8k32 ... bf16`` on warp-wide fragments (lanes as the first index), as
-    TIR loops: for each C element, the sum over its row's 16 kept values of A x the B value
-    at the K position the metadata gives (module docstring's maps)."""
+def _emulate_mma_sp(c, c_at, a_word, b_word, e_word) -> None:
+    """``mma.sp ... m16n8k32 ... bf16`` on warp-wide fragments, as TIR loops: for each C
+    element (``c[c_at(lane, i)]``), the sum over its row's 16 kept values of A x the B value
+    at the K position the metadata gives (module docstring's maps). ``a_word(lane, j)``,
+    ``b_word(lane, j)`` and ``e_word(lane)`` read the lanes' fragment words."""
     from tvm import tirx
     from tvm.script.ir_builder import tirx as T
 
     with T.grid(TILE_M, TILE_N) as (r, col):
         s = T.buffer_proxy(T.decl_buffer([1], "float32", scope="local"))
         c_lane, c_i = (r % 8) * 4 + col // 2, (r // 8) * 2 + col % 2
-        s[0] = c[t, c_lane, c_i]
+        s[0] = c[c_at(c_lane, c_i)]
         with T.serial(0, TILE_K // 2) as v:
             a_lane, a_i = (r % 8) * 4 + (v % 8) // 2, (v // 8) * 4 + (r // 8) * 2 + v % 2
-            meta = fe[(r % 8) * 4 + v // 8]
+            meta = e_word((r % 8) * 4 + v // 8)
             shift = tirx.Cast("uint32", 2 * (v % 8) + 16 * (r // 8))
             kd = (v // 2) * 4 + tirx.Cast("int32", (meta >> shift) & tirx.IntImm("uint32", 3))
             b_lane = col * 4 + (kd % 8) // 2
-            s[0] = s[0] + half(fa[a_lane, a_i // 2], a_i % 2 == 1) * half(
-                fb[t, b_lane, kd // 8], kd % 2 == 1)
-        c[t, c_lane, c_i] = s[0]
+            s[0] = s[0] + half(a_word(a_lane, a_i // 2), a_i % 2 == 1) * half(
+                b_word(b_lane, kd // 8), kd % 2 == 1)
+        c[c_at(c_lane, c_i)] = s[0]

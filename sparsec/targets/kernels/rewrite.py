@@ -1019,7 +1019,9 @@ def _match_mma_sp(a: _Analysis, lin: _Linear) -> list[tuple[Plan, dict]] | None:
 
     dense_bytes = k * n * lin.w.itemsize
     info = {"op": "matmul", "shape": {"M": m, "K": k, "N": n}, "pattern": "2:4",
-            "precision": "bf16",
+            "precision": "bf16", "tensor_cores": mma_sp.INSTRUCTION,
+            "warp_tile": f"{p.mt * mma_sp.TILE_M} channels x {p.nt * mma_sp.TILE_N} tokens",
+            "grid": list(p.grid),
             "weight_bytes": {"dense": int(dense_bytes), "sparse": mma_sp.weight_bytes(p)}}
     plan = Plan(mma_sp.NAME, emit, info=info, shape={"m": m, "k": k, "n": n, "dtype": dtype})
     return [(plan, {"macs": p.mp * p.kp * p.np_ // 2})]
