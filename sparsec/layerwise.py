@@ -187,3 +187,32 @@ def collect(graph: Graph, batches: list[dict[str, np.ndarray]], names: list[str]
             for name in by_end[end]:
                 for i, value in enumerate(walk.values(name)):
                     reduce(name, i, np.asarray(value))
+
+
+def pairs(graph: Graph, batches: list[dict[str, np.ndarray]], wanted: list[tuple[str, str]],
+          reduce: Callable[[int, int, np.ndarray, np.ndarray], None],
+          budget: int | None = None) -> int:
+    """Call ``reduce(k, batch index, value of a, value of b)`` for every pair ``(a, b)`` of
+    ``wanted`` (k its index) on every batch, walking the graph once: a tensor is held only
+    until the last pair it belongs to has been reduced (the residual stream between two
+    consecutive layers: two tensors at a time, not every layer's for every batch). Returns
+    the most bytes of walked tensors held in memory at once."""
+    producer = {o: i for i, n in enumerate(graph.nodes) for o in n.outputs if o}
+
+    def at(name: str) -> int:
+        return -1 if name in graph.inputs else producer[name]
+
+    names = {n for pair in wanted for n in pair}
+    done_at = [max(at(a), at(b)) for a, b in wanted]        # where both values exist
+    needed_until = {n: max(d for (a, b), d in zip(wanted, done_at) if n in (a, b))
+                    for n in names}
+    with Walk(graph, batches, budget) as walk:
+        for step in sorted(set(done_at)):
+            if step >= 0:
+                walk.advance(step + 1, keep=[n for n in names
+                                             if 0 <= at(n) <= step <= needed_until[n]])
+            for k, (a, b) in enumerate(wanted):
+                if done_at[k] == step:
+                    for i, (va, vb) in enumerate(zip(walk.values(a), walk.values(b))):
+                        reduce(k, i, np.asarray(va), np.asarray(vb))
+    return walk.peak_bytes

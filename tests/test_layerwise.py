@@ -12,7 +12,7 @@ import sparsec
 from sparsec import reference
 from sparsec.errors import BadOptionError
 from sparsec.frontends.onnx import load_onnx
-from sparsec.layerwise import BUDGET_ENV, Walk, collect
+from sparsec.layerwise import BUDGET_ENV, Walk, collect, pairs
 
 
 def _inputs_of_weights(graph):
@@ -77,6 +77,37 @@ def test_collect_gives_every_named_tensor_once_per_batch(zoo_models):
     for name, values in want.items():
         for i, w in enumerate(values):
             np.testing.assert_allclose(seen[(name, i)], w, rtol=1e-4, atol=1e-5)
+
+
+def test_pairs_of_hidden_states_are_walked_two_at_a_time():
+    """``pairs`` (layer removal's angular distances) gives each (start, end) pair of layer
+    boundaries what the whole model computes, and holds no more for 6 blocks than for 4
+    (windows of two layers: three boundaries at a time), where running the model whole holds
+    every boundary of every batch."""
+    from sparsec.passes.layer_removal import find_layers
+
+    peaks = {}
+    for blocks in (4, 6):
+        graph = load_onnx(zoo.ffn_stack(blocks=blocks, hidden=(24,) * blocks))
+        batches = [reference.random_inputs(graph, seed=s) for s in range(3)]
+        layers = find_layers(graph)
+        windows = [(a.start, b.end) for a, b in zip(layers, layers[1:])]
+        names = sorted({n for w in windows for n in w if n not in graph.inputs})
+        want = reference.activations(graph, batches, names)
+        seen = {}
+
+        def reduce(k, i, a, b):
+            assert (k, i) not in seen
+            seen[(k, i)] = (a, b)
+
+        peaks[blocks] = pairs(graph, batches, windows, reduce)
+        assert set(seen) == {(k, i) for k in range(len(windows)) for i in range(3)}
+        for (k, i), (a, b) in seen.items():
+            for name, got in zip(windows[k], (a, b)):
+                w = batches[i][name] if name in graph.inputs else want[name][i]
+                np.testing.assert_allclose(got, w, rtol=1e-4, atol=1e-5)
+        one = sum(v.nbytes for v in want[names[0]])     # one boundary, every batch
+    assert len(layers) == 6 and peaks[6] == peaks[4] == 3 * one   # the whole model: 6
 
 
 def test_spilling_calibration_to_disk_changes_no_weight(zoo_models, monkeypatch):

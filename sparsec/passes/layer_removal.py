@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import networkx as nx
 import numpy as np
 
-from sparsec import reference
+from sparsec import layerwise
 from sparsec.errors import BadOptionError
 from sparsec.ir.graph import Graph
 from sparsec.passes.manager import PassContext
@@ -137,6 +137,17 @@ def angular_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(np.arccos(np.clip(cos, -1.0, 1.0)) / np.pi))
 
 
+def _mean_distances(graph: Graph, ctx: PassContext, windows: list[tuple[str, str]]
+                    ) -> list[float]:
+    """Per ``(start, end)`` window: :func:`angular_distance` between the two hidden states,
+    averaged over the fit batches, computed along one layer-wise walk (``layerwise.pairs``:
+    a hidden state is held only while a window still needs it)."""
+    dists: list[list[float]] = [[] for _ in windows]
+    layerwise.pairs(graph, ctx.fit, windows,
+                    lambda k, _i, a, b: dists[k].append(angular_distance(a, b)))
+    return [float(np.mean(d)) for d in dists]
+
+
 def remove_run(graph: Graph, start: str, end: str) -> Graph:
     """Readers of ``end`` read ``start`` instead; nodes nothing reads any more are dropped."""
     return _rewire(graph, end, start)
@@ -206,17 +217,18 @@ class RemoveLayers:
         if self.count >= len(layers):
             raise ValueError(f"cannot remove {self.count} of the {len(layers)} residual layers "
                              f"found")
-        trunk = sorted({t for lay in layers for t in (lay.start, lay.end)})
-        acts = reference.activations(graph, ctx.fit, trunk)
-        scores = []
-        for i in range(len(layers) - self.count + 1):
-            a, b = layers[i].start, layers[i + self.count - 1].end
-            scores.append(np.mean([angular_distance(x, y) for x, y in zip(acts[a], acts[b])]))
+        windows = [(layers[i].start, layers[i + self.count - 1].end)
+                   for i in range(len(layers) - self.count + 1)]
+        scores = _mean_distances(graph, ctx, windows)
         best = int(np.argmin(scores))
         run = layers[best: best + self.count]
         if self.replace_linear:
             a, b = run[0].start, run[-1].end
-            pruned = replace_run(graph, a, b, fit_linear(acts[a], acts[b]))
+            h_in: list[np.ndarray] = []
+            h_out: list[np.ndarray] = []
+            layerwise.pairs(graph, ctx.fit, [(a, b)],
+                            lambda _k, _i, x, y: (h_in.append(x), h_out.append(y)))
+            pruned = replace_run(graph, a, b, fit_linear(h_in, h_out))
         else:
             pruned = remove_run(graph, run[0].start, run[-1].end)
         return pruned, {"layers_found": len(layers), "removed": [best + k for k in
@@ -250,10 +262,7 @@ class RemoveAttention:
             where = " that follow an FFN block" if self.between_ffns else ""
             raise BadOptionError(f"cannot remove {self.count} attention blocks: the model has "
                                  f"{len(blocks)}{where}")
-        names = sorted({t for b in blocks for t in (b.start, b.end)})
-        acts = reference.activations(graph, ctx.fit, names)
-        scores = [float(np.mean([angular_distance(x, y) for x, y in
-                                 zip(acts[b.start], acts[b.end])])) for b in blocks]
+        scores = _mean_distances(graph, ctx, [(b.start, b.end) for b in blocks])
         chosen = sorted(np.argsort(scores, kind="stable")[: self.count].tolist()
                         if self.which is None else [k % len(blocks) for k in self.which])
         pruned = graph
