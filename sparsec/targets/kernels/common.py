@@ -27,6 +27,9 @@ VEC_LANES = 8
 #: on tensor cores, inputs rounded to tf32) or "bf16" (kernels that round their inputs to
 #: bf16 may be chosen: AMX tiles, tensor cores, sparse tensor cores)
 PRECISIONS = ("fp32", "tf32", "bf16")
+#: thread blocks that fill a GPU (an H100 has 132 SMs): the tensor-core kernels (``mma_cuda``,
+#: ``mma_sp_cuda``) widen warp tiles only while the grid keeps this many, and split K below it
+FULL_GRID = 132
 _PRECISION: contextvars.ContextVar[str] = contextvars.ContextVar("sparsec_precision",
                                                                  default="fp32")
 

@@ -58,7 +58,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sparsec.targets.kernels.common import Activation, clip, epilogue_func, finish
+from sparsec.targets.kernels.common import (FULL_GRID, Activation, clip, epilogue_func,
+                                            finish)
 from sparsec.targets.kernels.mma_sp import TWIN_ATTR   # the CPU twin's build arguments
 from sparsec.targets.kernels.mma_sp import half        # a packed bf16 half as fp32
 
@@ -77,9 +78,6 @@ LANES = 32
 WARPS = 4                            # warps of a block, side by side along output channels
 MAX_N_TILES = 4                      # token tiles per warp
 MIN_ARCH = 80                        # tf32 and bf16 mma exist from Ampere on
-#: blocks that fill a GPU (an H100 has 132 SMs): below it a warp takes one A tile, not two,
-#: and K is split across blocks until the grid reaches it
-FULL_GRID = 132
 MAX_SPLITS = 16                      # split-K: most parts of K
 MIN_SPLIT_STEPS = 4                  # split-K: fewest K steps a part keeps
 INSTRUCTION = {"tf32": "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32",

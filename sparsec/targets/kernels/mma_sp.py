@@ -26,7 +26,7 @@ Data (laid out at compile time in the order the kernel reads it):
 Schedule: a block of WARPS warps side by side along output channels shares one tile of
 8 nt tokens; each warp computes ``mt`` A tiles (16 channels) x ``nt`` token tiles (8), every A
 fragment feeding ``nt`` mma.sp and every B fragment ``mt``. ``mt`` is 4 or 2 (the most) where
-the grid still has ``mma_cuda``'s FULL_GRID blocks, else 1. K runs in stages of STEPS K steps
+the grid still has FULL_GRID (``common``) blocks, else 1. K runs in stages of STEPS K steps
 (STAGE_K inputs), one ``cp.async`` group each, double-buffered:
 
   1. each thread copies its runs of 4 inputs of stage s + 1's X tile [8 nt tokens, STAGE_K]
@@ -63,7 +63,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sparsec.targets.kernels.common import Activation, clip, epilogue_func, finish
+from sparsec.targets.kernels.common import (FULL_GRID, Activation, clip, epilogue_func,
+                                            finish)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -142,9 +143,8 @@ class Plan:
 
 def plan(m: int, k: int, n: int, mt: int | None = None) -> Plan:
     """Up to MAX_N_TILES token tiles per warp (each A fragment feeds that many ``mma.sp``);
-    four or two A tiles per warp (the most) where the grid keeps ``mma_cuda``'s FULL_GRID
+    four or two A tiles per warp (the most) where the grid keeps FULL_GRID (``common``)
     blocks and N pads no further, else one (``mt`` given: that many)."""
-    from sparsec.targets.kernels.mma import FULL_GRID
 
     nt = min(MAX_N_TILES, -(-m // TILE_N))
     if mt is not None:
