@@ -94,6 +94,9 @@ def child(run: str, args) -> dict:
     work = Path(args.work)
     calib = calibration(args.seqs, args.seq_len)
     start = time.perf_counter()
+
+    def log(msg: str) -> None:      # progress, with the time since the run began, to stderr
+        print(f"[{run} {time.perf_counter() - start:7.1f} s] {msg}", file=sys.stderr, flush=True)
     if run == "export":
         lm = build(args.layers)
         times["build_s"] = time.perf_counter() - start
@@ -113,7 +116,7 @@ def child(run: str, args) -> dict:
         ids = torch.from_numpy(calib[0])
         pruned, result = sparsec.prune_module(
             lm, (ids,), **STRUCTURED,
-            calibration=[{"input_ids": torch.from_numpy(c)} for c in calib])
+            calibration=[{"input_ids": torch.from_numpy(c)} for c in calib], log=log)
         times["prune_s"] = time.perf_counter() - t
         out["params"], out["params_after"] = (sum(p.numel() for p in m.parameters())
                                               for m in (lm, pruned))
@@ -138,7 +141,8 @@ def child(run: str, args) -> dict:
                                             sparsity_criterion="sparsegpt")}[run]
         pruned = work / f"{run}.onnx"
         result = sparsec.prune(work / "llama.onnx", pruned,
-                               calibration=[{"input_ids": c} for c in calib], **options)
+                               calibration=[{"input_ids": c} for c in calib], log=log,
+                               **options)
         times["prune_s"] = time.perf_counter() - start
         out["params"], out["params_after"] = result.before.params, result.after.params
         out["holdout_cosine"] = result.fidelity.cosine
@@ -174,14 +178,19 @@ def measure(run: str, args) -> dict:
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout.read().splitlines()))
     reader.start()
-    stopped = None
+    stopped, shown = None, 0.0
     while True:     # a watchdog: this machine is shared, stay under the cap
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
-        if _rss_gib(proc.pid) > args.max_rss_gib and not stopped:
+        rss = _rss_gib(proc.pid)
+        if rss > args.max_rss_gib and not stopped:
             proc.kill()
             stopped = f"killed above {args.max_rss_gib} GiB"
+        if time.perf_counter() - shown >= 30:      # resident memory over time, to stderr
+            shown = time.perf_counter()
+            print(f"[{run} {shown - start:7.1f} s] RSS {rss:.2f} GiB", file=sys.stderr,
+                  flush=True)
         time.sleep(0.5)
     reader.join()
     row = {"run": run, "layers": args.layers, "calibration": f"{args.seqs} x {args.seq_len}",
