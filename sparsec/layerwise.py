@@ -59,7 +59,6 @@ class Walk:
         self.store: dict[str, list[np.ndarray]] = {}
         self._spill_root = spill_dir
         self._spill: str | None = None
-        self._spilled = 0
         #: bytes of kept tensors in memory now, the most over the walk, and written to disk
         self.held_bytes = 0
         self.peak_bytes = 0
@@ -178,12 +177,17 @@ class Walk:
             self.spilled_bytes += size
 
     def _to_disk(self, value: np.ndarray) -> np.ndarray:
-        if isinstance(value, np.memmap):
-            return value
-        path = os.path.join(self._spill, f"{self._spilled}.npy")
-        self._spilled += 1
-        np.save(path, value)
-        return np.load(path, mmap_mode="r")
+        return to_disk(value, self._spill)
+
+
+def to_disk(value: np.ndarray, directory: str) -> np.ndarray:
+    """``value`` as a new ``.npy`` file in ``directory``, read back as a memory map."""
+    if isinstance(value, np.memmap):
+        return value
+    fd, path = tempfile.mkstemp(suffix=".npy", dir=directory)
+    with os.fdopen(fd, "wb") as f:
+        np.save(f, value)
+    return np.load(path, mmap_mode="r")
 
 
 def collect(graph: Graph, batches: list[dict[str, np.ndarray]], names: list[str],

@@ -124,3 +124,18 @@ def test_a_config_that_cannot_describe_the_pruned_model_writes_nothing(exported,
         sparsec.prune(model, out, ratio=0.5, hf_config=tmp_path / "bad.json")
     with pytest.raises(BadOptionError, match="would overwrite it"):
         sparsec.prune(model, config.parent / "pruned.onnx", ratio=0.5, hf_config=config)
+
+
+def test_sizes_that_differ_between_layers_are_listed_per_layer(exported, tmp_path):
+    model, config = exported("gpt2")
+    out = tmp_path / "pruned.onnx"
+    logged = []
+    sparsec.prune(model, out, ratio=0.5, head_ratio=0.0, layer_ratios={"*h.0.mlp*": 0.25},
+                  calibration=calibration(), hf_config=config, log=logged.append)
+    proto = onnx.load(str(out))
+    widths = [next(list(t.dims)[1] for t in proto.graph.initializer
+                   if t.name.endswith(f"h.{i}.mlp.c_fc.weight")) for i in range(3)]
+    assert widths == [96, 64, 64]
+    cfg = tf.AutoConfig.from_pretrained(tmp_path)
+    assert cfg.sparsec_layer_sizes == {"intermediate_size": widths}
+    assert any("sparsec_layer_sizes" in line for line in logged)

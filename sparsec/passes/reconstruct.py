@@ -23,7 +23,6 @@ import numpy as np
 
 from dataclasses import dataclass
 
-from sparsec import reference
 from sparsec.analysis.depgraph import DependencyGraph
 from sparsec.ir.graph import Graph, Node
 from sparsec.passes.manager import PassContext, Progress, rows
@@ -82,7 +81,7 @@ def keep_if_better(original: Graph, plain: Graph, refit: Graph, ctx: PassContext
     if not ctx.held_out:
         return refit, {"kept": True, "verified": False}
     want = ctx.holdout_outputs(original)
-    cos = {name: ctx.compare(want, reference.run_batches(graph, ctx.holdout)).cosine
+    cos = {name: ctx.compare_graph(want, graph).cosine
            for name, graph in (("without", plain), ("with", refit))}
     kept = cos["with"] >= cos["without"]
     return (refit if kept else plain), {
