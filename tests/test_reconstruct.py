@@ -224,3 +224,23 @@ def test_refit_memory_does_not_grow_with_calibration_batches(monkeypatch):
         peaks[n] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     assert peaks[16] < peaks[4] + 300_000, peaks
+
+
+@pytest.mark.parametrize("samples, per_batch, val", [(6, 2, [3]), (9, 3, [3, 7]), (3, 1, [2]),
+                                                     (3, 3, [2]), (1, 1, [])])
+def test_design_validates_every_fourth_sample_else_the_last(samples, per_batch, val):
+    """Built batch by batch, the validation half holds every 4th calibration sample (the last
+    one with fewer than 4; none with one), whichever batch each sample came in."""
+    from sparsec.ir.graph import Node
+    from sparsec.passes.reconstruct import DesignBuilder
+
+    build = DesignBuilder(Node("MatMul", ["x", "w"], ["y"]))
+    for first in range(0, samples, per_batch):      # sample s: 2 rows of value s
+        ids = np.arange(first, first + per_batch, dtype=np.float64)
+        x = np.repeat(ids[:, None, None], 2, axis=1)              # [batch, 2 rows, 1]
+        build.add(x, x, None)
+    d = build.build()
+    assert (d.val is None) == (not val)
+    if val:
+        assert d.val.rows == 2 * len(val) and d.val.sy[0] == 2 * sum(val)
+    assert d.full.rows == 2 * samples and d.full.sy[0] == 2 * sum(range(samples))

@@ -244,10 +244,19 @@ class DesignBuilder:
             ids = rows(np.broadcast_to(lead, x.shape[:-1] + (1,)), mask)[:, 0]
         t = np.zeros((a.shape[0], 0)) if t is None else t
         a = a.astype(np.float64)
+        roles: dict = {}                 # role -> the batch's samples in it
         for sample in np.unique(ids):
-            role = self._role(self.seen)
+            roles.setdefault(self._role(self.seen), []).append(sample)
             self.seen += 1
-            sel = ids == sample
+        if self.seen >= self.EVERY:      # enough samples: the ones held apart train
+            for k in range(1, self.EVERY - 1):
+                roles.setdefault("train", []).extend(roles.pop(k, []))
+                if k in self.parts:
+                    self._merge("train", self.parts.pop(k))
+        for role, samples in roles.items():
+            if not samples:
+                continue
+            sel = np.isin(ids, samples)
             part = self.parts.get(role)
             if part is None:
                 part = self.parts[role] = Normal(a.shape[1], t.shape[1])
@@ -255,10 +264,6 @@ class DesignBuilder:
 
     def _role(self, rank: int):
         every = self.EVERY
-        if rank == every - 1:          # a 4th sample: the ones held apart train
-            for k in range(1, every - 1):
-                if k in self.parts:
-                    self._merge("train", self.parts.pop(k))
         if rank == 0:
             return "train"
         if rank < every - 1:
