@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -112,7 +113,13 @@ def pruned_config(config, graph: Graph, source=None, log=lambda msg: None):
                               f"but {name} has {param.ndim} dimensions in the config's model")
         shapes[name] = shape
         _resize(model, name, shape)
-    _drop_removed_layers(model, SimpleNamespace(initializers=set(names)))
+    # a layer is gone when none of its parameters is left; a vector shared with other
+    # parameters does not count (equal norm weights, all ones in a fresh model, are one
+    # initializer after export, read by every layer still there)
+    users = Counter(names.values())
+    left = {n for n, p in model.named_parameters()
+            if n in names and (p.ndim == 2 or users[names[n]] == 1)}
+    _drop_removed_layers(model, SimpleNamespace(initializers=left))
     for m in model.modules():
         _heads_follow_weights(m)
     hidden = _hidden_size(model, shapes)
