@@ -190,15 +190,15 @@ class Sparsify:
         if self.criterion == "sparsegpt":
             out, refit = sparsegpt(graph, out, solved, ctx, kind, nums, self.sparsity)
             layers = {w: round(float((out.initializers[w] == 0).mean()), 4)
-                      for w in sorted(set(masks) | solved)}
+                      for w in weights if w in masks or w in solved}
         elif self.reconstruct:
             if ctx is None:
                 raise ValueError("reconstruction needs calibration data")
             fitted, refit = refit_sparse(graph, out, set(masks), ctx)
             out, guard = keep_if_better(graph, out, fitted, ctx)
-        masks = {**masks, **dict.fromkeys(solved)}
-        total = sum(graph.initializers[w].size for w in masks)
-        zeros = sum(int((out.initializers[w] == 0).sum()) for w in masks)
+        covered = [*masks, *solved]
+        total = sum(graph.initializers[w].size for w in covered)
+        zeros = sum(int((out.initializers[w] == 0).sum()) for w in covered)
         return out, {"refit": refit, "reconstruction": guard, "pattern": self.pattern,
                      "criterion": self.criterion,
                      "allocation": self.allocation if kind != "nm" else "fixed by N:M",
