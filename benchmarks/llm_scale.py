@@ -21,7 +21,8 @@ default (the machine is shared), the export's is reported apart. Calibration is 
 weights: this benchmark measures cost, quality is measured on all-MiniLM-L6-v2). ``--layers``
 builds fewer decoder layers for a quick check.
 
-Run from the repo root:  PYTHONPATH=. python benchmarks/llm_scale.py --layers 2
+Run from the repo root:  PYTHONPATH=. python benchmarks/llm_scale.py --layers 2 [--full]
+(``SPARSEC_CALIBRATION_BYTES=N`` in the environment: recorded with each run).
 Writes benchmarks/results/llm_scale.json and .md (``--no-publish``: print only).
 """
 
@@ -41,6 +42,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+#: ``SPARSEC_CALIBRATION_BYTES`` (``sparsec.layerwise``), recorded with a run that had it
+BUDGET = "SPARSEC_CALIBRATION_BYTES"
 RUNS = ("onnx-structured", "module-structured", "onnx-sparsegpt50", "onnx-sparsegpt24")
 #: the structured cut of both routes (module docstring)
 STRUCTURED = dict(ratio=0.25, head_ratio=0.5, reconstruct=True)
@@ -94,6 +97,9 @@ def child(run: str, args) -> dict:
     work = Path(args.work)
     calib = calibration(args.seqs, args.seq_len)
     start = time.perf_counter()
+
+    def log(msg: str) -> None:      # progress, with the time since the run began, to stderr
+        print(f"[{run} {time.perf_counter() - start:7.1f} s] {msg}", file=sys.stderr, flush=True)
     if run == "export":
         lm = build(args.layers)
         times["build_s"] = time.perf_counter() - start
@@ -113,7 +119,7 @@ def child(run: str, args) -> dict:
         ids = torch.from_numpy(calib[0])
         pruned, result = sparsec.prune_module(
             lm, (ids,), **STRUCTURED,
-            calibration=[{"input_ids": torch.from_numpy(c)} for c in calib])
+            calibration=[{"input_ids": torch.from_numpy(c)} for c in calib], log=log)
         times["prune_s"] = time.perf_counter() - t
         out["params"], out["params_after"] = (sum(p.numel() for p in m.parameters())
                                               for m in (lm, pruned))
@@ -138,7 +144,8 @@ def child(run: str, args) -> dict:
                                             sparsity_criterion="sparsegpt")}[run]
         pruned = work / f"{run}.onnx"
         result = sparsec.prune(work / "llama.onnx", pruned,
-                               calibration=[{"input_ids": c} for c in calib], **options)
+                               calibration=[{"input_ids": c} for c in calib], log=log,
+                               **options)
         times["prune_s"] = time.perf_counter() - start
         out["params"], out["params_after"] = result.before.params, result.after.params
         out["holdout_cosine"] = result.fidelity.cosine
@@ -174,17 +181,23 @@ def measure(run: str, args) -> dict:
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout.read().splitlines()))
     reader.start()
-    stopped = None
+    stopped, shown = None, 0.0
     while True:     # a watchdog: this machine is shared, stay under the cap
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
-        if _rss_gib(proc.pid) > args.max_rss_gib and not stopped:
+        rss = _rss_gib(proc.pid)
+        if rss > args.max_rss_gib and not stopped:
             proc.kill()
             stopped = f"killed above {args.max_rss_gib} GiB"
+        if time.perf_counter() - shown >= 30:      # resident memory over time, to stderr
+            shown = time.perf_counter()
+            print(f"[{run} {shown - start:7.1f} s] RSS {rss:.2f} GiB", file=sys.stderr,
+                  flush=True)
         time.sleep(0.5)
     reader.join()
     row = {"run": run, "layers": args.layers, "calibration": f"{args.seqs} x {args.seq_len}",
+           **({"calibration_bytes": int(os.environ[BUDGET])} if os.environ.get(BUDGET) else {}),
            "wall_s": round(time.perf_counter() - start, 1),
            "peak_rss_gib": round(usage.ru_maxrss * 1024 / 2**30, 2),
            "exit": os.waitstatus_to_exitcode(status)}
@@ -230,10 +243,11 @@ def main() -> int:
         from bench_host import RESULTS, publish
 
         old = RESULTS / "llm_scale.json"     # runs of other sizes stay beside these
-        key = ("run", "layers", "calibration")
+        key = ("run", "layers", "calibration", "calibration_bytes")
         rows += [r for r in (json.loads(old.read_text()) if old.exists() else [])
-                 if not any(all(r[k] == n[k] for k in key) for n in rows)]
-        rows.sort(key=lambda r: (r["layers"], r["calibration"], RUN_ORDER.index(r["run"])))
+                 if not any(all(r.get(k) == n.get(k) for k in key) for n in rows)]
+        rows.sort(key=lambda r: (r["layers"], r["calibration"], RUN_ORDER.index(r["run"]),
+                                 r.get("calibration_bytes", 0)))
         publish("llm_scale", rows, table(rows))
     return 0 if all(r["exit"] == 0 for r in rows) else 1
 
@@ -249,8 +263,11 @@ def table(rows: list[dict]) -> str:
              "|---|---:|---|---:|---:|---:|---|"]
     for r in rows:
         extra = {k: v for k, v in r.items() if k not in (
-            "run", "layers", "calibration", "wall_s", "peak_rss_gib", "prune_s", "exit")}
-        lines.append(f"| {r['run']} | {r['layers']} | {r['calibration']} | {r['wall_s']} | "
+            "run", "layers", "calibration", "calibration_bytes", "wall_s", "peak_rss_gib",
+            "prune_s", "exit")}
+        calib = r["calibration"] + (f", {BUDGET} {r['calibration_bytes'] / 2**30:g} GiB"
+                                    if "calibration_bytes" in r else "")
+        lines.append(f"| {r['run']} | {r['layers']} | {calib} | {r['wall_s']} | "
                      f"{r['peak_rss_gib']} | {r.get('prune_s', '')} | "
                      f"{json.dumps(extra)} |")
     return "\n".join(lines)

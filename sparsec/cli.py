@@ -218,8 +218,11 @@ def cmd_prune(args) -> int:
 
     result = api.prune(args.model, args.output, **_prune_kwargs(args),
                        latency_budget=args.latency_budget, speedup=args.speedup,
-                       target=args.target, eval_tokens=args.eval_tokens, log=_log(args))
+                       target=args.target, eval_tokens=args.eval_tokens,
+                       hf_config=args.hf_config, log=_log(args))
     print(_prune_table(result))
+    if result.hf_config is not None:
+        print(f"Hugging Face config of the pruned model: {result.hf_config}")
     if result.latency is not None:
         lat = result.latency
         print(f"latency on {lat['target']}: {lat['ms']:.4g} ms measured for a budget of "
@@ -633,6 +636,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="for a causal language model (token ids in, logits out): evaluation "
                          "text as token ids (.npy rows, or .npz with input_ids); reports its "
                          "perplexity before and after pruning")
+    sp.add_argument("--hf-config", metavar="config.json",
+                    help="the model's Hugging Face config (a model exported with torch.onnx): "
+                         "writes the pruned model's (head counts, intermediate and hidden "
+                         "size, layer count) as config.json beside the output")
     sp.set_defaults(func=cmd_prune)
 
     sp = command("compile", help="prune + compile + package for a target")

@@ -13,7 +13,8 @@ Memory bound (per :class:`Walk`): the tensors crossing the cut, for all calibrat
 ``tokens x hidden x bytes`` for each (a decoder: the residual stream, plus whatever of the
 block's own activations the caller asks to keep), plus the weights of the one segment being
 run (ONNX Runtime's copy). With ``budget`` bytes set, kept tensors beyond it go to ``.npy``
-files in a temporary directory and are read back through memory maps, one batch at a time.
+files in a temporary directory as each batch is run, and are read back through memory maps,
+one batch at a time.
 """
 
 from __future__ import annotations
@@ -58,7 +59,6 @@ class Walk:
         self.store: dict[str, list[np.ndarray]] = {}
         self._spill_root = spill_dir
         self._spill: str | None = None
-        self._spilled = 0
         #: bytes of kept tensors in memory now, the most over the walk, and written to disk
         self.held_bytes = 0
         self.peak_bytes = 0
@@ -97,6 +97,8 @@ class Walk:
                           for n in sub.inputs}
                 for name, value in zip(wanted, sess.run(wanted, inputs)):
                     results[name].append(value)
+                if self.budget is not None:     # over budget: to disk batch by batch
+                    self._spill_batch(results)
             del sess
             self.segments += 1
         else:
@@ -159,13 +161,33 @@ class Walk:
         self.held_bytes = held
         self.peak_bytes = max(self.peak_bytes, held)
 
+    def _spill_batch(self, results: dict[str, list[np.ndarray]]) -> None:
+        """During ``advance``: the batch just run goes to disk when what is held, with it,
+        is over ``budget`` (so a segment's outputs never all sit in memory at once; the
+        budget is passed by at most one batch's outputs, for as long as they are written)."""
+        held = sum(v.nbytes for vals in (*self.store.values(), *results.values())
+                   for v in vals if not isinstance(v, np.memmap))
+        if held <= self.budget:
+            return
+        if self._spill is None:
+            self._spill = tempfile.mkdtemp(prefix="sparsec-calib-", dir=self._spill_root)
+        for vals in results.values():
+            size = vals[-1].nbytes
+            vals[-1] = self._to_disk(vals[-1])
+            self.spilled_bytes += size
+
     def _to_disk(self, value: np.ndarray) -> np.ndarray:
-        if isinstance(value, np.memmap):
-            return value
-        path = os.path.join(self._spill, f"{self._spilled}.npy")
-        self._spilled += 1
-        np.save(path, value)
-        return np.load(path, mmap_mode="r")
+        return to_disk(value, self._spill)
+
+
+def to_disk(value: np.ndarray, directory: str) -> np.ndarray:
+    """``value`` as a new ``.npy`` file in ``directory``, read back as a memory map."""
+    if isinstance(value, np.memmap):
+        return value
+    fd, path = tempfile.mkstemp(suffix=".npy", dir=directory)
+    with os.fdopen(fd, "wb") as f:
+        np.save(f, value)
+    return np.load(path, mmap_mode="r")
 
 
 def collect(graph: Graph, batches: list[dict[str, np.ndarray]], names: list[str],

@@ -89,6 +89,8 @@ class PruneResult:
     #: a model with dynamic dims: the pruned model with them (``sparsec.dynamic_prune``);
     #: ``graph`` is the pruned graph at the one size it was pruned at
     onnx: Any = None
+    #: with ``hf_config``: the pruned model's Hugging Face config written beside ``output``
+    hf_config: Path | None = None
 
     def report(self) -> dict:
         out = {"before": self.before.as_dict(), "after": self.after.as_dict(),
@@ -250,7 +252,8 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, recipe=N
           metric: Callable[[Graph], float] | None = None, remove_dead: bool = False,
           example_inputs: Sequence[Any] | None = None, scores=None, eval_tokens=None,
           latency_budget: float | None = None, speedup: float | None = None,
-          target: str = "host", log: Log = _quiet) -> PruneResult:
+          target: str = "host", hf_config: str | os.PathLike | None = None,
+          log: Log = _quiet) -> PruneResult:
     """Prune the least important channels of every channel group; optionally write ONNX.
 
     ``layer_ratios`` {glob over group source weights: ratio} overrides the ratio per group;
@@ -315,7 +318,25 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, recipe=N
     ``recipe``: the options as a ``Recipe``, a dict, or a TOML file (``sparsec.recipe``);
     keywords given beside it that differ from their defaults override its keys.
     ``result.recipe`` is the recipe that ran.
+
+    ``hf_config``: the model's Hugging Face ``config.json`` (a model exported with
+    torch.onnx): the pruned model's config, with its head counts, intermediate and hidden
+    size and layer count, is written as ``config.json`` beside ``output``
+    (``sparsec.hf_config``; ``result.hf_config``). Nothing is written when the config cannot
+    describe the pruned weights.
     """
+    if hf_config is not None:
+        from sparsec import hf_config as companion
+
+        args = {k: v for k, v in locals().items() if k not in ("hf_config", "companion")}
+        if output is not None:
+            check_writable_file(output, model if isinstance(model, (str, os.PathLike)) else None)
+        config = companion.read(hf_config, output)
+        result = prune(**{**args, "output": None})
+        config = companion.pruned_config(config, result.graph, companion.source(model), log)
+        _write(result, output)
+        result.hf_config = companion.write(config, output)
+        return result
     given = {k: v for k, v in locals().items() if k in RECIPE_KEYS}
     if recipe is not None:
         merged = merge_recipe(recipe, given)
@@ -412,13 +433,19 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *, recipe=N
                 raise
             log("note: the pruned model has the fixed shapes of --input-shapes (the passes "
                 "cannot be carried back into the model's dynamic dims)")
-    if output is not None:
-        if result.onnx is not None:         # the dynamic model, its dims kept
-            save_onnx(result.onnx, output)
-        else:
-            _save(pruned, output)
-        result.output = Path(output)
+    _write(result, output)
     return result
+
+
+def _write(result: PruneResult, output) -> None:
+    """The pruned model as ``output`` (nothing when it is None)."""
+    if output is None:
+        return
+    if result.onnx is not None:         # the dynamic model, its dims kept
+        save_onnx(result.onnx, output)
+    else:
+        _save(result.graph, output)
+    result.output = Path(output)
 
 
 def _save(graph: Graph, output) -> None:
@@ -470,9 +497,7 @@ def _to_budget(model: ModelLike, output, options: dict, latency_budget, speedup,
                       "target": spec.name}
     if before_ppl is not None:
         result.perplexity = _perplexity_pair(before_ppl, result.graph, eval_tokens, log)
-    if output is not None:
-        _save(result.graph, output)
-        result.output = Path(output)
+    _write(result, output)
     return result
 
 
@@ -568,7 +593,5 @@ def _search_ratio(model: ModelLike, output, max_drop, metric, options: dict,
     log(f"max-drop: chose ratio {hi:.4f} of {len(tried)} tried")
     if before_ppl is not None:
         result.perplexity = _perplexity_pair(before_ppl, result.graph, eval_tokens, log)
-    if output is not None:
-        _save(result.graph, output)
-        result.output = Path(output)
+    _write(result, output)
     return result

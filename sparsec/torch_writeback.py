@@ -341,16 +341,7 @@ def _configs_follow_weights(module) -> list[str]:
     for hf in module.modules():
         if not isinstance(hf, PreTrainedModel) or id(hf) in inner:
             continue
-        config, sizes = hf.config, _layer_sizes(hf)
-        uneven = {k: v for k, v in sizes.items() if len(set(v)) > 1}
-        for key, values in sizes.items():
-            if not values or key in uneven:
-                continue
-            if key == "intermediate_size" and not hasattr(config, key):
-                key = "n_inner" if hasattr(config, "n_inner") else key     # GPT-2
-            implied = config.hidden_size // max(sizes["num_attention_heads"][:1] or [1])
-            if hasattr(config, key) or key == "head_dim" and values[0] != implied:
-                setattr(config, key, values[0])
+        uneven = _config_follows_sizes(hf)
         mismatch = _config_mismatch(hf) or _config_invalid(hf.config)
         if mismatch is None:
             continue
@@ -367,6 +358,22 @@ def _configs_follow_weights(module) -> list[str]:
         _refuse_save(hf, reason)
         problems.append(f"save_pretrained refused: {reason}")
     return problems
+
+
+def _config_follows_sizes(hf) -> dict[str, list[int]]:
+    """``hf.config`` states the head counts, ``head_dim`` and intermediate size of ``hf``'s
+    layers where they all agree; returns the sizes that differ between layers (per layer)."""
+    config, sizes = hf.config, _layer_sizes(hf)
+    uneven = {k: v for k, v in sizes.items() if len(set(v)) > 1}
+    for key, values in sizes.items():
+        if not values or key in uneven:
+            continue
+        if key == "intermediate_size" and not hasattr(config, key):
+            key = "n_inner" if hasattr(config, "n_inner") else key     # GPT-2
+        implied = config.hidden_size // max(sizes["num_attention_heads"][:1] or [1])
+        if hasattr(config, key) or key == "head_dim" and values[0] != implied:
+            setattr(config, key, values[0])
+    return uneven
 
 
 def _config_mismatch(hf) -> str | None:

@@ -19,7 +19,7 @@ from sparsec.frontends.onnx import load_onnx
 from sparsec.passes.allocation import Trials
 from sparsec.passes.criteria import keep_top, l2
 from sparsec.passes.manager import PassContext, positions, rows
-from sparsec.passes.reconstruct import _solve
+from sparsec.passes.reconstruct import Normal, _solve
 
 from conftest import EXAMPLES
 
@@ -133,8 +133,9 @@ def test_sensitivity_trials_equal_pruning(zoo_models, name):
         assert trials.exact, f"group {g.id} ({g.kind}, {g.sources[0]})"
 
 
-def test_ridge_solutions_agree_in_both_forms():
-    """Fewer rows than inputs takes the kernel form; it must be the same solution."""
+def test_ridge_solution_from_normal_equations_summed_per_batch():
+    """Fewer rows than inputs or more: the ridge solution from normal equations summed over
+    two batches is the direct one on all rows."""
     rng = np.random.default_rng(0)
     for n in (40, 400):
         a, y = rng.standard_normal((n, 120)), rng.standard_normal((n, 7))
@@ -142,8 +143,11 @@ def test_ridge_solutions_agree_in_both_forms():
         a1 = np.hstack([a, np.ones((n, 1))])
         lam = 0.01 * np.sum(a1 ** 2) / 121
         want = np.linalg.solve(a1.T @ a1 + lam * np.eye(121), a1.T @ y + lam * prior)
-        np.testing.assert_allclose(_solve(a, y, True, 0, [0.01], prior)[0], want, rtol=1e-8,
-                                   atol=1e-10)
+        normal = Normal(120, 7)
+        normal.add(a[: n // 3], y[: n // 3])
+        normal.add(a[n // 3:], y[n // 3:])
+        np.testing.assert_allclose(_solve(normal, 0.0, True, [0.01], prior)[0], want,
+                                   rtol=1e-8, atol=1e-10)
 
 
 def test_each_layer_gets_the_ridge_its_validation_samples_prefer():

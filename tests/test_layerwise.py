@@ -139,3 +139,27 @@ def test_a_budget_that_is_not_a_number_is_refused(zoo_models, monkeypatch):
     with pytest.raises(BadOptionError, match=BUDGET_ENV):
         sparsec.prune(graph, sparsity=0.5, sparsity_criterion="sparsegpt",
                       calibration=[reference.random_inputs(graph, seed=s) for s in range(2)])
+
+
+def test_held_out_outputs_past_the_budget_go_to_disk(zoo_models, monkeypatch):
+    """Budget 0: the held-out outputs a pass manager compares against are memory maps, and a
+    candidate compared batch by batch scores what it scores in memory."""
+    from sparsec.passes.manager import PassContext
+
+    graph = load_onnx(zoo_models("hf_llama_gqa"))
+    calib = [reference.random_inputs(graph, seed=s) for s in range(8)]
+    other = graph.copy(arrays=False)
+    name = next(k for k, v in graph.initializers.items() if v.ndim == 2)
+    other.set_initializer(name, graph.initializers[name] * 0.9)
+    fids = {}
+    for budget in (None, "0"):
+        if budget is None:
+            monkeypatch.delenv(BUDGET_ENV, raising=False)
+        else:
+            monkeypatch.setenv(BUDGET_ENV, budget)
+        ctx = PassContext.split(calib)
+        want = ctx.holdout_outputs(graph)
+        assert all(isinstance(o, np.memmap) == (budget == "0") for outs in want for o in outs)
+        fids[budget] = ctx.compare_graph(want, other)
+        assert fids[budget] == ctx.compare(want, reference.run_batches(other, ctx.holdout))
+    assert fids[None] == fids["0"] and fids[None].cosine < 1.0

@@ -175,3 +175,72 @@ def test_a_refit_that_hurts_held_out_data_is_dropped(zoo_models):
     assert kept is g and not info["kept"] and info["holdout_cosine_without"] == 1.0
     kept, info = keep_if_better(g, worse, g, ctx)
     assert kept is g and info["kept"]
+
+
+def relu_matmul_chain(rows: int = 512, width: int = 16, hidden: int = 64) -> onnx.ModelProto:
+    """x[rows, width] @ W1 -> Relu -> @ W2[hidden, 5] + b2: the kept hidden channels do not
+    span the pruned ones, so the refit is a genuine least-squares fit."""
+    r = np.random.default_rng(3)
+    nodes = [onnx.helper.make_node("MatMul", ["x", "w1"], ["h"]),
+             onnx.helper.make_node("Relu", ["h"], ["hr"]),
+             onnx.helper.make_node("MatMul", ["hr", "w2"], ["m"]),
+             onnx.helper.make_node("Add", ["m", "b2"], ["y"])]
+    inits = {"w1": r.standard_normal((width, hidden)), "w2": r.standard_normal((hidden, 5)),
+             "b2": r.standard_normal(5)}
+    return zoo.make_model(nodes, [("x", [rows, width])], ["y"], inits)
+
+
+def test_the_refit_is_the_least_squares_solution_over_all_batches():
+    """Summing normal equations batch by batch gives what one lstsq over every calibration
+    row (and an intercept) gives."""
+    g = load_onnx(relu_matmul_chain(rows=64))
+    ctx = PassContext(batches(g, 6), batches(g, 1))
+    pruned, details = ChannelPrune(0.5, reconstruct=True, ridge=1e-12).run(g, ctx)
+    w1, w1p = g.initializers["w1"], pruned.initializers["w1"]
+    kept = [int(np.flatnonzero((w1 == w1p[:, [j]]).all(axis=0))[0]) for j in range(w1p.shape[1])]
+    h = [np.maximum(b["x"].astype(np.float64) @ w1, 0) for b in ctx.fit]
+    a = np.vstack([np.hstack([x[:, kept], np.ones((len(x), 1))]) for x in h])
+    y = np.vstack([x @ g.initializers["w2"] + g.initializers["b2"] for x in h])
+    theta = np.linalg.lstsq(a, y, rcond=None)[0]
+    np.testing.assert_allclose(pruned.initializers["w2"], theta[:-1], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(pruned.initializers["b2"], theta[-1], rtol=1e-4, atol=1e-4)
+
+
+def test_refit_memory_does_not_grow_with_calibration_batches(monkeypatch):
+    """With the walked tensors on disk (budget 0), the refit's peak allocation is the same for
+    4 and 16 calibration batches: it holds normal equations, not every batch's rows (those
+    would add 12 x 512 x (33 + 5) x 8 bytes = 1.9 MB here)."""
+    import tracemalloc
+
+    monkeypatch.setenv("SPARSEC_CALIBRATION_BYTES", "0")
+    g = load_onnx(relu_matmul_chain())
+    holdout = batches(g, 1)
+    peaks = {}
+    for n in (4, 16):
+        calib = batches(g, n)
+        ChannelPrune(0.5, reconstruct=True).run(g, PassContext(calib, holdout))   # warm up
+        tracemalloc.start()
+        ChannelPrune(0.5, reconstruct=True).run(g, PassContext(calib, holdout))
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peaks[16] < peaks[4] + 300_000, peaks
+
+
+@pytest.mark.parametrize("samples, per_batch, val", [(6, 2, [3]), (9, 3, [3, 7]), (3, 1, [2]),
+                                                     (3, 3, [2]), (1, 1, [])])
+def test_design_validates_every_fourth_sample_else_the_last(samples, per_batch, val):
+    """Built batch by batch, the validation half holds every 4th calibration sample (the last
+    one with fewer than 4; none with one), whichever batch each sample came in."""
+    from sparsec.ir.graph import Node
+    from sparsec.passes.reconstruct import DesignBuilder
+
+    build = DesignBuilder(Node("MatMul", ["x", "w"], ["y"]))
+    for first in range(0, samples, per_batch):      # sample s: 2 rows of value s
+        ids = np.arange(first, first + per_batch, dtype=np.float64)
+        x = np.repeat(ids[:, None, None], 2, axis=1)              # [batch, 2 rows, 1]
+        build.add(x, x, None)
+    d = build.build()
+    assert (d.val is None) == (not val)
+    if val:
+        assert d.val.rows == 2 * len(val) and d.val.sy[0] == 2 * sum(val)
+    assert d.full.rows == 2 * samples and d.full.sy[0] == 2 * sum(range(samples))

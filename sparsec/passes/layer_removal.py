@@ -156,12 +156,15 @@ def remove_run(graph: Graph, start: str, end: str) -> Graph:
 def fit_linear(h_in: list[np.ndarray], h_out: list[np.ndarray], ridge: float = 1e-3
                ) -> np.ndarray:
     """T minimizing ||H_in T - H_out||^2 + ridge * mean(diag(H_in^T H_in)) ||T||^2 over all
-    positions (vectors along the last axis): ReplaceMe's linear stand-in for removed layers."""
-    a = np.concatenate([x.reshape(-1, x.shape[-1]) for x in h_in]).astype(np.float64)
-    b = np.concatenate([y.reshape(-1, y.shape[-1]) for y in h_out]).astype(np.float64)
-    gram = a.T @ a
+    positions (vectors along the last axis): ReplaceMe's linear stand-in for removed layers.
+    The normal equations are summed batch by batch (no rows of all batches at once)."""
+    gram = rhs = 0.0
+    for x, y in zip(h_in, h_out):
+        a = np.asarray(x, dtype=np.float64).reshape(-1, np.shape(x)[-1])
+        gram = gram + a.T @ a
+        rhs = rhs + a.T @ np.asarray(y, dtype=np.float64).reshape(-1, np.shape(y)[-1])
     gram[np.diag_indices_from(gram)] += ridge * max(float(np.mean(np.diag(gram))), 1e-12)
-    return np.linalg.solve(gram, a.T @ b)
+    return np.linalg.solve(gram, rhs)
 
 
 def replace_run(graph: Graph, start: str, end: str, transform: np.ndarray) -> Graph:

@@ -12,6 +12,7 @@ calibration data cannot report its own training error.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -53,6 +54,8 @@ class PassContext:
     #: the last graph ``holdout_outputs`` ran, with its outputs (a pass compares several
     #: candidates against one original)
     _last: tuple = field(default=(None, None), repr=False)
+    #: where held-out outputs over the calibration budget go (a temporary directory)
+    _spill: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
 
     @property
     def held_out(self) -> bool:
@@ -60,10 +63,36 @@ class PassContext:
 
     def holdout_outputs(self, graph: Graph) -> list[list[np.ndarray]]:
         """``graph``'s outputs on the held-out batches, run once for the graph a pass keeps
-        comparing against."""
+        comparing against. Past ``SPARSEC_CALIBRATION_BYTES`` of them (a causal LM's logits
+        are held-out tokens x vocabulary), each batch's go to disk as it is run and are read
+        back through memory maps."""
         if self._last[0] is not graph:
-            self._last = (graph, reference.run_batches(graph, self.holdout))
+            self._last = (None, None)           # the previous graph's go first
+            self._last = (graph, self._outputs(graph))
         return self._last[1]
+
+    def compare_graph(self, want: list[list[np.ndarray]], graph: Graph) -> reference.Fidelity:
+        """``compare(want, graph's held-out outputs)``, running ``graph`` one held-out batch
+        at a time: its outputs are never all held at once."""
+        sess = reference.session(graph)
+        return _worst([reference.compare(*_real(w, sess.run(None, feeds), m))
+                       for w, feeds, m in zip(want, self.holdout, self.masks(self.holdout))])
+
+    def _outputs(self, graph: Graph) -> list[list[np.ndarray]]:
+        from sparsec import layerwise
+
+        budget, held, out = layerwise.default_budget(), 0, []
+        sess = reference.session(graph)
+        for feeds in self.holdout:
+            outs = sess.run(None, feeds)
+            held += sum(o.nbytes for o in outs)
+            if budget is not None and held > budget:
+                if self._spill is None:
+                    self._spill = tempfile.TemporaryDirectory(prefix="sparsec-holdout-")
+                outs = [layerwise.to_disk(o, self._spill.name) for o in outs]
+                held -= sum(o.nbytes for o in outs)
+            out.append(outs)
+        return out
 
     def masks(self, batches: list[Feeds]) -> list[np.ndarray | None]:
         """Per batch: the boolean [batch, sequence] map of real positions, or None."""
@@ -74,10 +103,8 @@ class PassContext:
         """Worst fidelity over batches (default: the held-out ones), padded positions left out
         of outputs laid out by position."""
         batches = self.holdout if batches is None else batches
-        fids = [reference.compare(*_real(w, g, m))
-                for w, g, m in zip(want, got, self.masks(batches))]
-        return reference.Fidelity(max(f.max_abs_err for f in fids),
-                                  max(f.max_rel_err for f in fids), min(f.cosine for f in fids))
+        return _worst([reference.compare(*_real(w, g, m))
+                       for w, g, m in zip(want, got, self.masks(batches))])
 
     def distortion(self, want: list[list[np.ndarray]], got: list[list[np.ndarray]],
                    batches: list[Feeds]) -> float:
@@ -120,6 +147,11 @@ class PassContext:
             plural = "s" if self.samples_held_out != 1 else ""
             return f"{self.samples_held_out} held-out calibration sample{plural}{padding}"
         return "not measured: one calibration sample, nothing to hold out"
+
+
+def _worst(fids: list[reference.Fidelity]) -> reference.Fidelity:
+    return reference.Fidelity(max(f.max_abs_err for f in fids),
+                              max(f.max_rel_err for f in fids), min(f.cosine for f in fids))
 
 
 def positions(shape: tuple[int, ...], mask: np.ndarray) -> np.ndarray | None:

@@ -23,13 +23,11 @@ import numpy as np
 
 from dataclasses import dataclass
 
-from sparsec import reference
 from sparsec.analysis.depgraph import DependencyGraph
 from sparsec.ir.graph import Graph, Node
 from sparsec.passes.manager import PassContext, Progress, rows
 from sparsec.passes.surgery import axis_keep
 
-MAX_ROWS = 40_000          # rows of the least-squares system kept (seeded subsample)
 # Ridge, relative to the mean diagonal of A^T A. Calibration sets are small, so the refit must
 # not chase them: on the digits models (64 calibration images, held-out test accuracy)
 # 1e-3 beat 1e-8..1e-4 at every ratio and tied 1e-2 (CNN at 50 %: 95.0 % at 1e-8, 97.0 % here).
@@ -57,30 +55,18 @@ def _im2col(x: np.ndarray, node: Node, kernel: tuple[int, int]) -> np.ndarray:
     return cols.reshape(b * oh * ow, c * kh * kw)
 
 
-def _solve(a: np.ndarray, y: np.ndarray, intercept: bool, seed: int, ridges,
-           prior: np.ndarray) -> list[np.ndarray]:
-    """Ridge least squares toward ``prior``, one solution theta [K(+1), N] per relative ridge:
-    argmin ||A theta - Y||^2 + lam ||theta - prior||^2. The ridge pulls toward the layer's own
-    pruned weights rather than toward zero: where the calibration data does not determine a
-    direction (fewer rows than inputs, e.g. a few sentences for an FFN's 1536 inputs) the
-    refit keeps what the layer had instead of inventing a value.
-
-    One eigendecomposition serves every ridge, of the smaller of A^T A [K, K] and, with fewer
-    rows than inputs, A A^T [rows, rows] (then theta = prior + A^T (A A^T + lam)^-1 (Y - A
-    prior), the same solution)."""
-    if a.shape[0] > MAX_ROWS:
-        rows = np.sort(np.random.default_rng(seed).choice(a.shape[0], MAX_ROWS, replace=False))
-        a, y = a[rows], y[rows]
-    if intercept:
-        a = np.hstack([a, np.ones((a.shape[0], 1))])
-    scale = max(float(np.einsum("ij,ij->", a, a)) / a.shape[1], 1e-12)
-    if a.shape[0] < a.shape[1]:
-        e, u = np.linalg.eigh(a @ a.T)
-        proj = u.T @ (y - a @ prior)
-        return [prior + a.T @ (u @ (proj / (np.maximum(e, 0) + r * scale)[:, None]))
-                for r in ridges]
-    e, v = np.linalg.eigh(a.T @ a)
-    aty, vp = v.T @ (a.T @ y), v.T @ prior
+def _solve(n: "Normal", shift, intercept: bool, ridges, prior: np.ndarray) -> list[np.ndarray]:
+    """Ridge least squares toward ``prior`` from the normal equations ``n`` (targets ``y +
+    shift``), one solution theta [K(+1), N] per relative ridge: argmin ||A theta - Y||^2 +
+    lam ||theta - prior||^2, lam relative to the mean diagonal of A^T A. The ridge pulls toward
+    the layer's own pruned weights rather than toward zero: where the calibration data does not
+    determine a direction (fewer rows than inputs, e.g. a few sentences for an FFN's 1536
+    inputs) the refit keeps what the layer had instead of inventing a value. One
+    eigendecomposition of A^T A serves every ridge."""
+    g, b = n.gram(intercept), n.rhs(intercept, shift)
+    scale = max(float(np.trace(g)) / g.shape[0], 1e-12)
+    e, v = np.linalg.eigh(g)
+    aty, vp = v.T @ b, v.T @ prior
     return [v @ ((aty + r * scale * vp) / (np.maximum(e, 0) + r * scale)[:, None])
             for r in ridges]
 
@@ -95,7 +81,7 @@ def keep_if_better(original: Graph, plain: Graph, refit: Graph, ctx: PassContext
     if not ctx.held_out:
         return refit, {"kept": True, "verified": False}
     want = ctx.holdout_outputs(original)
-    cos = {name: ctx.compare(want, reference.run_batches(graph, ctx.holdout)).cosine
+    cos = {name: ctx.compare_graph(want, graph).cosine
            for name, graph in (("without", plain), ("with", refit))}
     kept = cos["with"] >= cos["without"]
     return (refit if kept else plain), {
@@ -135,57 +121,181 @@ def refit_consumers(original: Graph, pruned: Graph, dg: DependencyGraph,
     return graph, {"refit": refit}
 
 
+class Normal:
+    """The normal equations of a least-squares problem, summed over its rows batch by batch:
+    for rows ``a`` [rows, K] and targets ``y`` [rows, N], ``[a 1]^T [a 1]``, ``[a 1]^T y``, the
+    per-column sums of ``y`` and ``y^2``, and the row count. Memory is O((K + N)^2), whatever the
+    number of rows; everything a refit needs (solutions for any ridge, intercept, constant
+    target shift, and the squared error of any solution) is computed from them."""
+
+    def __init__(self, k: int, n: int):
+        self.ata = np.zeros((k + 1, k + 1))
+        self.aty = np.zeros((k + 1, n))
+        self.sy, self.yy = np.zeros(n), np.zeros(n)
+        self.rows = 0
+
+    def add(self, a: np.ndarray, y: np.ndarray) -> None:
+        a1 = np.empty((a.shape[0], a.shape[1] + 1))
+        a1[:, :-1], a1[:, -1] = a, 1.0
+        y = np.asarray(y, dtype=np.float64)
+        self.ata += a1.T @ a1
+        self.aty += a1.T @ y
+        self.sy += y.sum(axis=0)
+        self.yy += np.einsum("ij,ij->j", y, y)
+        self.rows += a.shape[0]
+
+    def __iadd__(self, other: "Normal") -> "Normal":
+        self.ata += other.ata
+        self.aty += other.aty
+        self.sy += other.sy
+        self.yy += other.yy
+        self.rows += other.rows
+        return self
+
+    def select(self, columns) -> "Normal":
+        """The same rows with only the target columns ``columns`` (shares ``ata``)."""
+        out = Normal.__new__(Normal)
+        out.ata, out.rows = self.ata, self.rows
+        out.aty, out.sy, out.yy = self.aty[:, columns], self.sy[columns], self.yy[columns]
+        return out
+
+    def copy(self) -> "Normal":
+        out = Normal.__new__(Normal)
+        out.ata, out.aty, out.rows = self.ata.copy(), self.aty.copy(), self.rows
+        out.sy, out.yy = self.sy.copy(), self.yy.copy()
+        return out
+
+    def gram(self, intercept: bool) -> np.ndarray:
+        """A^T A ([a 1] with ``intercept``)."""
+        return self.ata if intercept else self.ata[:-1, :-1]
+
+    def rhs(self, intercept: bool, shift=0.0) -> np.ndarray:
+        """A^T (y + shift)."""
+        shift = np.broadcast_to(np.asarray(shift, dtype=np.float64), self.sy.shape)
+        b = self.aty + np.outer(self.ata[:, -1], shift)
+        return b if intercept else b[:-1]
+
+    def sq_target(self, shift=0.0) -> float:
+        """Sum of (y + shift)^2."""
+        shift = np.broadcast_to(np.asarray(shift, dtype=np.float64), self.sy.shape)
+        return float(np.sum(self.yy + 2 * shift * self.sy + self.rows * shift ** 2))
+
+    def sq_error(self, theta: np.ndarray, intercept: bool, shift=0.0) -> float:
+        """Sum of (A theta - y - shift)^2 (never below 0: the expansion can round there)."""
+        g, b = self.gram(intercept), self.rhs(intercept, shift)
+        err = float(np.sum((g @ theta) * theta)) - 2 * float(np.sum(b * theta)) \
+            + self.sq_target(shift)
+        return max(err, 0.0)
+
+    def mean_sq(self, theta, intercept: bool, shift=0.0) -> float:
+        """Mean of (A theta - y - shift)^2 over rows and columns (theta None: of (y + shift)^2)."""
+        size = max(self.rows * self.sy.size, 1)
+        if theta is None:
+            return self.sq_target(shift) / size
+        return self.sq_error(theta, intercept, shift) / size
+
+
 @dataclass
 class Design:
-    """One layer's least-squares problem: ``a`` [rows, K] what it receives (im2col patches for
-    a conv), ``y`` [rows, N] the output to match, ``sample`` [rows] the calibration sample each
-    row comes from (so a validation split never cuts through a sequence or an image)."""
+    """One layer's least-squares problem (what it receives, im2col patches for a conv, and the
+    output to match) as normal equations, split by calibration sample so that a validation
+    split never cuts through a sequence or an image: every 4th sample that has rows validates
+    (the last one when there are fewer than 4); ``val`` is None below two samples."""
 
-    a: np.ndarray
-    y: np.ndarray
-    sample: np.ndarray
+    train: Normal
+    val: Normal | None
+
+    @property
+    def full(self) -> Normal:
+        """Both halves' rows."""
+        if self.val is None:
+            return self.train
+        out = self.train.copy()
+        out += self.val
+        return out
 
     def select(self, columns: np.ndarray) -> "Design":
-        return Design(self.a, self.y[:, columns], self.sample)
-
-    def split(self, every: int = 4) -> tuple["Design", "Design"] | None:
-        """(train, validation): every ``every``-th sample validates; None below two samples."""
-        ids = np.unique(self.sample)
-        if ids.size < 2:
-            return None
-        val = np.isin(self.sample, ids[every - 1::every] if ids.size >= every else ids[-1:])
-        return (Design(self.a[~val], self.y[~val], self.sample[~val]),
-                Design(self.a[val], self.y[val], self.sample[val]))
+        return Design(self.train.select(columns),
+                      None if self.val is None else self.val.select(columns))
 
 
-def design(node: Node, xs: list[np.ndarray], ys: list[np.ndarray], masks: list,
-           kernel: tuple[int, ...] = ()) -> Design:
-    """The least-squares rows of ``node`` from its input and output per batch, padded positions
-    (``masks``) left out; an output of None gives no columns of ``y``."""
-    parts, first = [], 0
-    for x, y, m in zip(xs, ys, masks):
+class DesignBuilder:
+    """Builds a ``Design`` one calibration batch at a time (``add``), holding only normal
+    equations: samples 1 and 2 are kept apart until a 4th sample with rows shows that they
+    train (with fewer, the last one validates)."""
+
+    EVERY = 4
+
+    def __init__(self, node: Node, kernel: tuple[int, ...] = ()):
+        self.node, self.kernel = node, kernel
+        self.parts: dict = {}          # "train", "val", or a sample rank 1..2 -> Normal
+        self.seen = 0                  # samples with rows so far
+
+    def add(self, x: np.ndarray, y: np.ndarray | None, mask) -> None:
+        node = self.node
         b = x.shape[0]
         if node.op_type == "Conv":
-            a = _im2col(x.astype(np.float64), node, kernel)
+            a = _im2col(x.astype(np.float64), node, self.kernel)
             t = y.transpose(0, 2, 3, 1).reshape(-1, y.shape[1]) if y is not None else None
-            ids = np.repeat(np.arange(first, first + b), a.shape[0] // b)
+            ids = np.repeat(np.arange(b), a.shape[0] // b)
         else:
-            a, t = rows(x, m), rows(y, m) if y is not None else None
-            lead = np.arange(first, first + b).reshape((b,) + (1,) * (x.ndim - 1))
-            ids = rows(np.broadcast_to(lead, x.shape[:-1] + (1,)), m)[:, 0]
+            a, t = rows(x, mask), rows(y, mask) if y is not None else None
+            lead = np.arange(b).reshape((b,) + (1,) * (x.ndim - 1))
+            ids = rows(np.broadcast_to(lead, x.shape[:-1] + (1,)), mask)[:, 0]
         t = np.zeros((a.shape[0], 0)) if t is None else t
-        parts.append((a.astype(np.float64), t.astype(np.float64), ids))
-        first += b
-    return Design(*(np.concatenate([p[i] for p in parts]) for i in range(3)))
+        a = a.astype(np.float64)
+        roles: dict = {}                 # role -> the batch's samples in it
+        for sample in np.unique(ids):
+            roles.setdefault(self._role(self.seen), []).append(sample)
+            self.seen += 1
+        if self.seen >= self.EVERY:      # enough samples: the ones held apart train
+            for k in range(1, self.EVERY - 1):
+                roles.setdefault("train", []).extend(roles.pop(k, []))
+                if k in self.parts:
+                    self._merge("train", self.parts.pop(k))
+        for role, samples in roles.items():
+            if not samples:
+                continue
+            sel = np.isin(ids, samples)
+            part = self.parts.get(role)
+            if part is None:
+                part = self.parts[role] = Normal(a.shape[1], t.shape[1])
+            part.add(a if sel.all() else a[sel], t if sel.all() else t[sel])
+
+    def _role(self, rank: int):
+        every = self.EVERY
+        if rank == 0:
+            return "train"
+        if rank < every - 1:
+            return rank
+        return "val" if rank % every == every - 1 else "train"
+
+    def _merge(self, role, part: Normal) -> None:
+        if role in self.parts:
+            self.parts[role] += part
+        else:
+            self.parts[role] = part
+
+    def build(self) -> Design:
+        parts = dict(self.parts)
+        if self.seen < self.EVERY and self.seen >= 2:   # few samples: the last one validates
+            parts["val"] = parts.pop(self.seen - 1)
+        for k in range(1, self.EVERY - 1):
+            if k in parts:
+                parts["train"] += parts.pop(k)
+        if "train" not in parts:       # no rows at all
+            return Design(Normal(0, 0), None)
+        return Design(parts["train"], parts.get("val"))
 
 
 def refit_in_order(original: Graph, changed: Graph, select, fit, ctx: PassContext,
                    outputs: bool = True) -> tuple[Graph, list[dict]]:
     """For every refittable Conv/Gemm/MatMul that ``select(node)`` picks, in graph order:
     ``fit(graph, node, users, design, seed)`` rewrites its weights from what it receives in
-    ``changed`` with the earlier refits applied and its output in ``original`` (``Design``,
-    on ``ctx.fit``; with ``outputs`` False the original outputs are not computed and
-    ``design.y`` has no columns).
+    ``changed`` with the earlier refits applied and its output in ``original`` (``Design``:
+    normal equations summed batch by batch over ``ctx.fit``, so a layer's fit holds
+    O((K + N)^2) numbers whatever the number of calibration tokens; with ``outputs`` False the
+    original outputs are not computed and the design has no target columns).
 
     Both models are walked layer by layer (``layerwise.Walk``): the changed one up to each
     layer, running only the nodes since the previous one, with the refits so far in; the
@@ -196,9 +306,7 @@ def refit_in_order(original: Graph, changed: Graph, select, fit, ctx: PassContex
     so far."""
     from sparsec.layerwise import Walk
 
-    uses = original.consumers()
-    targets = [n for n in original.nodes if n.op_type in ("Conv", "Gemm", "MatMul")
-               and len(n.inputs) > 1 and select(n) and _refittable(original, n, uses)]
+    targets = refit_targets(original, select)
     if not targets:
         return changed, []
     graph = changed.copy(arrays=False)     # refits replace arrays, never write them
@@ -223,14 +331,24 @@ def refit_in_order(original: Graph, changed: Graph, select, fit, ctx: PassContex
                 y = before.values(target.outputs[0])
             else:
                 y = [None] * len(x)
-            kernel = graph.initializers[node.inputs[1]].shape[2:]
-            err = fit(graph, node, users, design(node, x, y, masks, kernel), i)
+            build = DesignBuilder(node, graph.initializers[node.inputs[1]].shape[2:])
+            for xb, yb, m in zip(x, y, masks):     # normal equations, one batch at a time
+                build.add(np.asarray(xb), None if yb is None else np.asarray(yb), m)
+            err = fit(graph, node, users, build.build(), i)
             report.append({"node": node.name, "weight": node.inputs[1], **err,
                            # calibration tensors the two walks hold in memory / put on disk
                            "held_bytes": now.held_bytes + before.held_bytes,
                            "spilled_bytes": now.spilled_bytes + before.spilled_bytes})
             progress.step()
     return graph, report
+
+
+def refit_targets(graph: Graph, select) -> list[Node]:
+    """The Conv/Gemm/MatMul nodes ``refit_in_order`` refits: those ``select(node)`` picks whose
+    shapes and weights it handles, in graph order."""
+    uses = graph.consumers()
+    return [n for n in graph.nodes if n.op_type in ("Conv", "Gemm", "MatMul")
+            and len(n.inputs) > 1 and select(n) and _refittable(graph, n, uses)]
 
 
 def _refittable(graph: Graph, n: Node, uses: dict[str, list[Node]]) -> bool:
@@ -254,7 +372,7 @@ def _refit(graph: Graph, node: Node, users: dict[str, list[Node]], d: Design, se
     """Solve for the node's new weights (and intercept) and write them into ``graph``. With
     ``ridge`` None it is chosen among ``RIDGES`` (or no refit) on a validation split of ``d``."""
     w = graph.initializers[node.inputs[1]]
-    bias_name = _bias_slot(graph, node, users, d.y.shape[1])
+    bias_name = _bias_slot(graph, node, users, d.train.sy.size)
     intercept = bias_name is not None
     # a MatMul's intercept replaces the following Add's bias: match the output after it
     shift = graph.initializers[bias_name].astype(np.float64) \
@@ -264,26 +382,21 @@ def _refit(graph: Graph, node: Node, users: dict[str, list[Node]], d: Design, se
         bias = graph.initializers[bias_name].astype(np.float64).reshape(1, -1)
         prior = np.vstack([prior, np.broadcast_to(bias, (1, prior.shape[1]))])
 
-    def predict(theta, a):
-        return a @ theta[:-1] + theta[-1] if intercept else a @ theta
-
     chosen, scores = RIDGE if ridge is None else ridge, {}
-    halves = d.split() if ridge is None else None
-    if halves is not None:
-        train, val = halves
-        thetas = _solve(train.a, train.y + shift, intercept, seed, RIDGES, prior)
-        ref = max(float(np.mean((val.y + shift) ** 2)), 1e-30)
-        scores = {r: float(np.mean((predict(t, val.a) - val.y - shift) ** 2)) / ref
+    if ridge is None and d.val is not None:
+        thetas = _solve(d.train, shift, intercept, RIDGES, prior)
+        ref = max(d.val.mean_sq(None, intercept, shift), 1e-30)
+        scores = {r: d.val.mean_sq(t, intercept, shift) / ref
                   for r, t in zip((*RIDGES, None), (*thetas, prior))}
         chosen = min(scores, key=scores.get)
-    target = d.y + shift
-    theta = prior if chosen is None else _solve(d.a, target, intercept, seed, [chosen], prior)[0]
+    full = d.full
+    theta = prior if chosen is None else _solve(full, shift, intercept, [chosen], prior)[0]
     graph.set_initializer(node.inputs[1], _from_matrix(node, theta[:-1] if intercept else theta, w))
     if intercept:
         graph.set_initializer(bias_name, theta[-1].astype(w.dtype))
-    scale = max(float(np.sqrt(np.mean(target ** 2))), 1e-12)
-    out = {"rel_rmse_before": float(np.sqrt(np.mean((predict(prior, d.a) - target) ** 2)) / scale),
-           "rel_rmse_after": float(np.sqrt(np.mean((predict(theta, d.a) - target) ** 2)) / scale),
+    scale = max(float(np.sqrt(full.mean_sq(None, intercept, shift))), 1e-12)
+    out = {"rel_rmse_before": float(np.sqrt(full.mean_sq(prior, intercept, shift))) / scale,
+           "rel_rmse_after": float(np.sqrt(full.mean_sq(theta, intercept, shift))) / scale,
            "ridge": "none" if chosen is None else chosen}
     if scores:
         out["validation_rel_mse"] = {("none" if r is None else f"{r:g}"): v

@@ -53,8 +53,9 @@ import numpy as np
 from sparsec import layerwise
 from sparsec.ir.graph import Graph, Node
 from sparsec.passes.manager import PassContext, rows
-from sparsec.passes.reconstruct import (MAX_ROWS, RIDGE, Design, _as_matrix, _bias_slot,
-                                        _from_matrix, keep_if_better, refit_in_order)
+from sparsec.passes.reconstruct import (RIDGE, Design, Normal, _as_matrix, _bias_slot,
+                                        _from_matrix, keep_if_better, refit_in_order,
+                                        refit_targets)
 from sparsec.passes.reorder import weight_matrices
 
 CRITERIA = ("magnitude", "wanda", "sparsegpt")
@@ -146,14 +147,26 @@ class Sparsify:
             # kernel skips anything there, and a block would zero whole filters
             skipped = sorted(w for w in names if dims(w)[1] == 1)
             names = [w for w in names if w not in skipped]
+        if kind == "nm":
+            n, m, group = nums
+            skipped += [w for w in names if dims(w)[1] % m or dims(w)[0] % group]
+            names = [w for w in names if w not in skipped]
+        solved: set[str] = set()
+        if self.criterion == "sparsegpt":
+            if kind == "block" or self.allocation == "lamp":
+                raise ValueError("sparsegpt chooses unstructured and N:M masks, not blocks or "
+                                 "lamp")
+            if ctx is None:
+                raise ValueError("sparsegpt needs calibration data")
+            # SparseGPT chooses these masks itself: no magnitude mask and no masked copy (at
+            # LLM scale a second copy of every weight, never read)
+            chosen = set(names)
+            solved = {t.inputs[1] for t in refit_targets(graph, lambda t: t.inputs[1] in chosen)}
+            names = [w for w in names if w not in solved]
         # one weight's scores at a time (float64 for every weight of a billion-parameter
         # model at once would be 8 bytes a weight), except LAMP, which ranks them all together
         if kind == "nm":
-            n, m, group = nums
             for w in names:
-                if dims(w)[1] % m or dims(w)[0] % group:
-                    skipped.append(w)
-                    continue
                 s = score(w)
                 # grouped: G consecutive output channels share one pattern (summed scores)
                 pooled = s.reshape(s.shape[0] // group, group, s.shape[1] // m, m,
@@ -166,8 +179,6 @@ class Sparsify:
         else:
             for w in names:
                 masks[w] = self._uniform_mask(score(w), kind, nums, self.sparsity)
-        if self.criterion == "sparsegpt" and (kind == "block" or self.allocation == "lamp"):
-            raise ValueError("sparsegpt chooses unstructured and N:M masks, not blocks or lamp")
         out = graph.copy(arrays=False)      # masked weights are new arrays
         layers = {}
         for w, mask in masks.items():
@@ -177,17 +188,17 @@ class Sparsify:
             layers[w] = round(1.0 - float(mask.mean()), 4)
         refit, guard = [], None
         if self.criterion == "sparsegpt":
-            if ctx is None:
-                raise ValueError("sparsegpt needs calibration data")
-            out, refit = sparsegpt(graph, out, set(masks), ctx, kind, nums, self.sparsity)
-            layers = {w: round(float((out.initializers[w] == 0).mean()), 4) for w in masks}
+            out, refit = sparsegpt(graph, out, solved, ctx, kind, nums, self.sparsity)
+            layers = {w: round(float((out.initializers[w] == 0).mean()), 4)
+                      for w in weights if w in masks or w in solved}
         elif self.reconstruct:
             if ctx is None:
                 raise ValueError("reconstruction needs calibration data")
             fitted, refit = refit_sparse(graph, out, set(masks), ctx)
             out, guard = keep_if_better(graph, out, fitted, ctx)
-        total = sum(graph.initializers[w].size for w in masks)
-        zeros = sum(int((out.initializers[w] == 0).sum()) for w in masks)
+        covered = [*masks, *solved]
+        total = sum(graph.initializers[w].size for w in covered)
+        zeros = sum(int((out.initializers[w] == 0).sum()) for w in covered)
         return out, {"refit": refit, "reconstruction": guard, "pattern": self.pattern,
                      "criterion": self.criterion,
                      "allocation": self.allocation if kind != "nm" else "fixed by N:M",
@@ -268,45 +279,41 @@ def refit_sparse(original: Graph, sparse: Graph, weights: set[str], ctx: PassCon
                  ridge: float = RIDGE) -> tuple[Graph, list[dict]]:
     """Refit the kept weights of every sparsified layer (module docstring), in graph order."""
     def fit(graph, node, users, d: Design, seed):
-        return _refit_masked(graph, node, users, d.a, d.y, seed, ridge)
+        return _refit_masked(graph, node, users, d.full, ridge)
 
     return refit_in_order(original, sparse, lambda n: n.inputs[1] in weights, fit, ctx)
 
 
-def _refit_masked(graph: Graph, node: Node, users, x: np.ndarray, y: np.ndarray, seed: int,
-                  ridge: float) -> dict:
-    """``x`` [rows, K] and ``y`` [rows, N]: the layer's least-squares rows (``Design``)."""
+def _refit_masked(graph: Graph, node: Node, users, n: Normal, ridge: float) -> dict:
+    """``n``: the layer's least-squares problem as normal equations (``Design.full``)."""
     w = graph.initializers[node.inputs[1]]
     mat = _as_matrix(node, w).astype(np.float64)            # [K, N]: a @ mat
-    a, target = x, y
     bias_name = _bias_slot(graph, node, users, mat.shape[1])
-    if node.op_type == "MatMul" and bias_name is not None:
-        target = target + graph.initializers[bias_name].astype(np.float64)
-    bias = graph.initializers[bias_name].astype(np.float64) if bias_name else 0.0
-    if a.shape[0] > MAX_ROWS:
-        rows = np.sort(np.random.default_rng(seed).choice(a.shape[0], MAX_ROWS, replace=False))
-        a, target = a[rows], target[rows]
-    a1 = np.hstack([a, np.ones((a.shape[0], 1))]) if bias_name else a
-    gram, rhs = a1.T @ a1, a1.T @ target
+    intercept = bias_name is not None
+    shift = graph.initializers[bias_name].astype(np.float64) \
+        if node.op_type == "MatMul" and intercept else 0.0
+    bias = graph.initializers[bias_name].astype(np.float64) if bias_name else None
+    gram, rhs = n.gram(intercept), n.rhs(intercept, shift)
     lam = ridge * max(float(np.mean(np.diag(gram))), 1e-12)
     new_mat, new_bias = np.zeros_like(mat), np.zeros(mat.shape[1])
-    extra = [a.shape[1]] if bias_name else []
+    extra = [mat.shape[0]] if intercept else []
     for j in range(mat.shape[1]):
         idx = np.concatenate([np.flatnonzero(mat[:, j]), extra]).astype(np.int64)
         if idx.size == 0:
             continue
         theta = np.linalg.solve(gram[np.ix_(idx, idx)] + lam * np.eye(idx.size), rhs[idx, j])
-        if bias_name:
+        if intercept:
             new_bias[j] = theta[-1]
             theta = theta[:-1]
         new_mat[idx[: theta.size], j] = theta
     graph.set_initializer(node.inputs[1], _from_matrix(node, new_mat, w))
-    if bias_name:
+    if intercept:
         graph.set_initializer(bias_name, new_bias.astype(w.dtype))
-    new = a @ new_mat + (new_bias if bias_name else 0.0)
-    scale = max(float(np.sqrt(np.mean(target ** 2))), 1e-12)
-    return {"rel_rmse_before": float(np.sqrt(np.mean((a @ mat + bias - target) ** 2)) / scale),
-            "rel_rmse_after": float(np.sqrt(np.mean((new - target) ** 2)) / scale)}
+    before = np.vstack([mat, bias[None]]) if intercept else mat
+    after = np.vstack([new_mat, new_bias[None]]) if intercept else new_mat
+    scale = max(float(np.sqrt(n.mean_sq(None, intercept, shift))), 1e-12)
+    return {"rel_rmse_before": float(np.sqrt(n.mean_sq(before, intercept, shift))) / scale,
+            "rel_rmse_after": float(np.sqrt(n.mean_sq(after, intercept, shift))) / scale}
 
 
 def sparsegpt(original: Graph, sparse: Graph, weights: set[str], ctx: PassContext, kind: str,
@@ -321,7 +328,8 @@ def sparsegpt(original: Graph, sparse: Graph, weights: set[str], ctx: PassContex
         taps = int(np.prod(w.shape[2:])) if node.op_type == "Conv" else 1
         # im2col columns run channel-major; N:M runs over consecutive input channels per tap
         order = np.arange(mat.shape[0]).reshape(-1, taps).T.ravel()
-        h = (d.a.T @ d.a) * (2.0 / max(d.a.shape[0], 1))
+        full = d.full
+        h = full.gram(False) * (2.0 / max(full.rows, 1))
         rows_w, _ = sparsegpt_layer(mat[order].T, h[np.ix_(order, order)], kind, nums,
                                     sparsity)
         new = np.empty_like(mat)
