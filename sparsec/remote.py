@@ -458,7 +458,6 @@ class KernelTimer:
 
         from sparsec.targets.backend import export_library
         from sparsec.targets.knobs import build
-        from sparsec.targets.parallel import tir_pipeline
 
         with self._build_lock:    # one TVM compile at a time (not known to be thread-safe)
             target = tvm.target.Target(dict(self.target.tvm_target))
@@ -466,8 +465,7 @@ class KernelTimer:
                 funcs = [build(strategy, shape, knobs) for strategy, shape, knobs in trials]
             mod = tvm.IRModule({f"k{i}": f.with_attr("global_symbol", f"k{i}")
                                 for i, f in enumerate(funcs)})
-            cores = int(self.target.tvm_target.get("num-cores", 1))
-            ex = tvm.compile(mod, target=target, tir_pipeline=tir_pipeline(cores))
+            ex = tvm.compile(mod, target=target)
             path = Path(self._work.name) / f"k{next(self._names)}.so"
         export_library(ex, self.target, path)     # the link, a subprocess: in parallel
         return path, funcs

@@ -966,58 +966,6 @@ def test_small_kernels_run_serially():
     assert parallel.serialize_small(big, 1e6).same_as(big)
 
 
-def test_parallel_loops_claim_chunks_dynamically(host):
-    """Every parallel loop of a CPU build hands out chunks from an atomic counter
-    (``parallel.dynamic_parallel_pass``): a constant extent and a run-time one (0, 1, fewer
-    and more rows than chunks) compute every row exactly once, two loops in one function and
-    one in another each get their own counter, and the machine code claims with an atomic
-    add; a serial build has no atomics."""
-    import tvm
-    from tvm.script import ir as I
-    from tvm.script import tirx as T
-
-    from sparsec.targets import parallel
-
-    @I.ir_module(s_tir=True)
-    class Module:
-        @T.prim_func(s_tir=True)
-        def two(a: T.Buffer((1000, 64), "float32"), b: T.Buffer((1000, 64), "float32"),
-                n: T.int32):
-            T.func_attr({"tirx.noalias": True})
-            for i in T.parallel(n):
-                for j in T.vectorized(64):
-                    b[i, j] = a[i, j] * T.float32(2)
-            for i in T.parallel(1000):
-                for j in T.vectorized(64):
-                    b[i, j] = b[i, j] + T.float32(1)
-
-        @T.prim_func(s_tir=True)
-        def seven(a: T.Buffer((1000, 64), "float32"), b: T.Buffer((1000, 64), "float32")):
-            T.func_attr({"tirx.noalias": True})
-            for i in T.parallel(7):
-                for j in T.vectorized(64):
-                    b[i, j] = a[i, j] * T.float32(3)
-
-    target = tvm.target.Target(dict(host.tvm_target))
-    lib = tvm.compile(Module, target=target, tir_pipeline=parallel.tir_pipeline(2))
-    a = np.random.default_rng(0).standard_normal((1000, 64)).astype(np.float32)
-    for n in (0, 1, 5, 16, 17, 999, 1000):
-        b = tvm.runtime.tensor(np.zeros((1000, 64), np.float32))
-        lib["two"](tvm.runtime.tensor(a), b, n)
-        want = np.ones_like(a)
-        want[:n] += 2 * a[:n]
-        np.testing.assert_array_equal(b.numpy(), want)
-    b = tvm.runtime.tensor(np.zeros((1000, 64), np.float32))
-    lib["seven"](tvm.runtime.tensor(a), b)
-    np.testing.assert_array_equal(b.numpy()[:7], 3 * a[:7])
-    np.testing.assert_array_equal(b.numpy()[7:], 0)
-    if host.tvm_target.get("mtriple", "x86_64").startswith("x86_64"):
-        claims = re.findall(r"lock\s+xadd", lib.mod.inspect_source("asm"))
-        assert len(claims) >= 3 * 2                     # two claims a loop
-        serial = tvm.compile(Module, target=target)
-        assert "xadd" not in serial.mod.inspect_source("asm")
-
-
 @pytest.mark.parametrize("layers,m,parallel_loops", [(1, 64, True), (1, 4, False), (32, 8, False)])
 def test_threads_only_where_kernels_are_big(layers, m, parallel_loops, host):
     """Threads are per model, by the mean work of a parallel kernel call

@@ -25,17 +25,6 @@ The pass estimates work by walking each kernel's body: every buffer store counts
 count times the arithmetic nodes of the stored value (a multiply-add: 2, a fast_exp: ~40),
 times the model's calls of that kernel. Loops whose extent is not a constant count as
 unbounded work.
-
-Where threads run, their work is handed out dynamically (:func:`dynamic_parallel_pass`, run by
-every CPU build through the TIR pipeline :data:`TIR_PIPELINE`). TVM's runtime gives each thread
-one fixed, contiguous share of a parallel loop and ends the loop on a barrier, so a kernel
-lasts as long as its slowest thread. On a shared machine one vCPU is often slower than the
-others for seconds at a time (a busy neighbour on the host): ResNet-18 then ran 15-25 % slower,
-while ONNX Runtime's pool, which hands out small shards, adapted. So each parallel loop is cut
-into :data:`CHUNKS_PER_CORE` chunks per core, and the threads claim chunks one at a time from
-an atomic counter: a slow thread simply claims fewer. TVM 0.27's CPU code generator has no
-atomics; the counter is an LLVM ``atomicrmw`` in a small function imported as LLVM IR
-(``pragma_import_llvm``) and inlined.
 """
 
 from __future__ import annotations
@@ -50,11 +39,6 @@ if TYPE_CHECKING:
 MIN_PARALLEL_CALL_WORK = 1_200_000
 #: nodes counted in one stored expression before giving up (deep trees are heavy anyway)
 _MAX_NODES = 256
-#: chunks of a parallel loop per core, claimed dynamically (:func:`dynamic_parallel_pass`)
-CHUNKS_PER_CORE = 8
-#: the TIR pipelines every CPU build uses (one per core count): TVM's default, then
-#: :func:`dynamic_parallel_pass`
-TIR_PIPELINE = "sparsec_cpu"
 
 
 def _expr_ops(expr, budget: list[int]) -> int:
@@ -207,110 +191,3 @@ def serial_small_models_pass(min_call_work: float | None = None):
         return mod
 
     return _pass
-
-
-#: ``sparsec_claim(counter)``: the counter's old value, incremented atomically (relaxed order:
-#: chunks share no data, and the loop's closing barrier orders their results)
-_CLAIM_LLVM = """
-define linkonce_odr i32 @sparsec_claim(ptr %counter) alwaysinline {
-entry:
-  %old = atomicrmw add ptr %counter, i32 1 monotonic, align 4
-  ret i32 %old
-}
-"""
-
-
-def _claimed(loop: "tirx.For", chunks: int) -> "tirx.Stmt":
-    """``loop`` (a parallel loop) as ``K`` chunks of ``G`` iterations claimed from a counter:
-
-        counter = 0
-        for t in parallel(K):                 # TVM splits t statically, as before
-            c = claim(counter)
-            while c < K:                      # the first t of each thread drains the counter
-                for j in range(min(G, extent - c * G)):
-                    loop_var = c * G + j; body
-                c = claim(counter)
-
-    with ``K`` = ceil(extent / G), ``G`` = ceil(extent / chunks) (run-time values for a
-    symbolic extent). The iterations and their order within a chunk are those of ``loop``."""
-    import tvm
-    from tvm import tirx
-
-    dtype = str(loop.extent.ty.dtype)
-
-    def const(value: int):
-        return tirx.IntImm(dtype, value)
-
-    zero = tirx.IntImm("int32", 0)
-    extent = loop.extent
-    if isinstance(extent, tirx.IntImm):
-        size = -(-extent.value // chunks)
-        count = -(-extent.value // size)
-        size, count, threads = const(size), const(count), tirx.IntImm("int32", count)
-    else:
-        size = tirx.max(const(1), tirx.floordiv(extent + const(chunks - 1), const(chunks)))
-        count = tirx.floordiv(extent + size - const(1), size)
-        threads = tirx.IntImm("int32", chunks)
-    counter = tirx.decl_buffer((1,), "int32", name="sparsec_work")
-    claim = tirx.decl_buffer((1,), "int32", name="sparsec_chunk", scope="local")
-    take = tirx.BufferStore(claim, tirx.call_extern("int32", "sparsec_claim", counter.data),
-                            [zero])
-    chunk = tirx.BufferLoad(claim, [zero])
-    if dtype != "int32":
-        chunk = tirx.Cast(dtype, chunk)
-    j = tirx.Var("j", dtype)
-    run = tirx.For(j, const(0), tirx.min(size, extent - chunk * size), tirx.ForKind.SERIAL,
-                   tirx.SeqStmt([tirx.Bind(loop.loop_var, chunk * size + j), loop.body]))
-    worker = tirx.SeqStmt([tirx.AllocBuffer(claim), take,
-                           tirx.While(chunk < count, tirx.SeqStmt([run, take]))])
-    launch = tirx.SeqStmt([tirx.AllocBuffer(counter), tirx.BufferStore(counter, zero, [zero]),
-                           tirx.For(tirx.Var("t", "int32"), zero, threads,
-                                    tirx.ForKind.PARALLEL, worker)])
-    return tirx.AttrStmt(tvm.ir.StringImm("sparsec"), "pragma_import_llvm",
-                         tvm.ir.StringImm(_CLAIM_LLVM), launch)
-
-
-def dynamic_parallel_pass(cores: int):
-    """Module pass over lowered TIR (host functions, before ``LowerTVMBuiltin``): every
-    parallel loop of more than one iteration becomes :func:`_claimed` with
-    ``CHUNKS_PER_CORE * cores`` chunks (module docstring)."""
-    import tvm
-    import tvm_ffi
-    from tvm import tirx
-
-    chunks = max(2, CHUNKS_PER_CORE * cores)
-
-    def visit(loop):
-        if loop.kind != tirx.ForKind.PARALLEL or (
-                isinstance(loop.extent, tirx.IntImm) and loop.extent.value < 2):
-            return loop
-        return _claimed(loop, chunks)
-
-    @tvm.transform.module_pass(opt_level=0, name="SparsecDynamicParallel")
-    def _pass(mod: "ir.IRModule", _ctx) -> "ir.IRModule":
-        for gv, func in list(mod.functions_items()):
-            if isinstance(func, tirx.PrimFunc):
-                body = tvm_ffi.structural_map(func.body, (tirx.For, visit))
-                if not body.same_as(func.body):
-                    mod[gv] = func.with_body(body)
-        return mod
-
-    return _pass
-
-
-def tir_pipeline(cores: int) -> str:
-    """The name of TVM's default TIR pipeline with :func:`dynamic_parallel_pass` for ``cores``
-    cores first among the host's final passes (registered on first use), for
-    ``relax.build(..., tir_pipeline=)`` and ``tvm.compile``."""
-    import tvm
-    from tvm import s_tir  # noqa: F401 - registers the default pipeline
-    from tvm.tirx import compilation_pipeline
-
-    def pipeline():
-        passes, finalize_host, finalize_device = compilation_pipeline.get_tir_pipeline("default")
-        return (passes, lambda: tvm.transform.Sequential(
-            [dynamic_parallel_pass(cores), finalize_host()]), finalize_device)
-
-    name = f"{TIR_PIPELINE}{cores}"
-    compilation_pipeline.register_tir_pipeline(name, pipeline)
-    return name

@@ -91,12 +91,8 @@ def time_kernel(func: "tirx.PrimFunc", tvm_target: dict, min_ms: float = 50.0) -
 
     from sparsec.targets.backend import request_amx
 
-    from sparsec.targets.parallel import tir_pipeline
-
     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
-    cores = int(tvm_target.get("num-cores", os.cpu_count() or 1))
-    lib = tvm.compile(mod, target=tvm.target.Target(dict(tvm_target)),
-                      tir_pipeline=tir_pipeline(cores))
+    lib = tvm.compile(mod, target=tvm.target.Target(dict(tvm_target)))
     args = _random_args(func)
     request_amx()     # AMX kernels fault without the tile state
     return time_module(lib.mod, tvm.cpu(), args, min_ms)
