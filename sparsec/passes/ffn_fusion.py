@@ -409,9 +409,9 @@ class FuseFFN:
             probe = reference.Probe(candidate)
             # one batch's outputs at a time; only the best candidate's graph is kept
             scores[i] = float(np.mean([
-                angular_distance(ref[o][b], new)
+                angular_distance(ref[o][b], new[0])
                 for b, feeds in enumerate(ctx.fit)
-                for o, new in zip(graph.outputs, probe.outputs([feeds])[0])]))
+                for o, new in probe.values([feeds], list(graph.outputs)).items()]))
             del probe
             if best is None or scores[i] < scores[best]:
                 best, fused = i, candidate
