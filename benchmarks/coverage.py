@@ -98,6 +98,8 @@ def one(name: str, exporter: str, do_compile: bool) -> dict:
             row["pruned_validate_ok"] = sparsec.validate(work / "pkg_pruned").ok
             step = "latency"
             row["latency_ms"] = _latency(work / "pkg", proto, work / "pkg_pruned")
+            from bench_host import macs
+
             row["macs"] = [macs(proto), macs(onnx.load(str(work / "pruned.onnx")))]
     except Exception as e:  # noqa: BLE001 - a report: record the failing step and go on
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -128,12 +130,6 @@ def _latency(pkg_dir: Path, proto, pruned_dir: Path) -> dict:
                               "pruned": lambda: lib_pruned.run(pruned_feeds)},
                              repeats=30, block=10, drop=3, budget_s=15.0)
     return {k: round(v, 4) for k, v in ms.items()}
-
-
-def macs(model) -> int:
-    from bench_host import macs as count
-
-    return count(model)
 
 
 def share(row: dict) -> float | None:

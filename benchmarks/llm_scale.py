@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))   # zoo
 
 #: ``SPARSEC_CALIBRATION_BYTES`` (``sparsec.layerwise``), recorded with a run that had it
 BUDGET = "SPARSEC_CALIBRATION_BYTES"
@@ -69,26 +70,10 @@ def calibration(n: int, length: int) -> list[np.ndarray]:
             for _ in range(n)]
 
 
-class Logits:
-    """``LlamaForCausalLM`` -> its logits only (what the ONNX file outputs)."""
-
-    def __new__(cls, lm):
-        import torch
-
-        class _Logits(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.lm = lm
-
-            def forward(self, input_ids):
-                return self.lm(input_ids=input_ids).logits
-
-        return _Logits().eval()
-
-
 def child(run: str, args) -> dict:
     """One measured run in this process; returns its figures."""
     import torch
+    from zoo import Logits      # tests/zoo.py: a causal LM -> its logits
 
     torch.set_num_threads(os.cpu_count() or 1)
     import sparsec
@@ -106,7 +91,7 @@ def child(run: str, args) -> dict:
         out["params"] = sum(p.numel() for p in lm.parameters())
         t = time.perf_counter()
         with torch.no_grad():
-            torch.onnx.export(Logits(lm), (torch.from_numpy(calib[0]),), str(work / "llama.onnx"),
+            torch.onnx.export(Logits(lm).eval(), (torch.from_numpy(calib[0]),), str(work / "llama.onnx"),
                               dynamo=True, external_data=True, input_names=["input_ids"],
                               optimize=True, verbose=False)
         times["export_s"] = time.perf_counter() - t

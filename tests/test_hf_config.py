@@ -7,6 +7,7 @@ from collections import Counter
 import numpy as np
 import onnx
 import pytest
+import zoo
 from test_cli import sparsec as run_cli
 
 import sparsec
@@ -45,18 +46,10 @@ def export(arch: str, tmp_path):
     lm.config.use_cache = False
     lm.eval()
 
-    class Logits(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lm = lm
-
-        def forward(self, input_ids):
-            return self.lm(input_ids=input_ids).logits
-
     src = tmp_path / "src"
     src.mkdir()
     with torch.no_grad():
-        torch.onnx.export(Logits().eval(), (torch.ones(1, 8, dtype=torch.int64),),
+        torch.onnx.export(zoo.Logits(lm).eval(), (torch.ones(1, 8, dtype=torch.int64),),
                           str(src / "model.onnx"), dynamo=True, input_names=["input_ids"],
                           optimize=True, verbose=False)
     lm.config.to_json_file(src / "config.json")

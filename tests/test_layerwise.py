@@ -15,6 +15,14 @@ from sparsec.frontends.onnx import load_onnx
 from sparsec.layerwise import BUDGET_ENV, Walk, collect, pairs
 
 
+def _set_budget(monkeypatch, budget: str | None) -> None:
+    """``SPARSEC_CALIBRATION_BYTES`` set to ``budget``, or unset for None."""
+    if budget is None:
+        monkeypatch.delenv(BUDGET_ENV, raising=False)
+    else:
+        monkeypatch.setenv(BUDGET_ENV, budget)
+
+
 def _inputs_of_weights(graph):
     return [n for n in graph.nodes if n.op_type == "MatMul" and n.inputs[1] in graph.initializers]
 
@@ -118,10 +126,7 @@ def test_spilling_calibration_to_disk_changes_no_weight(zoo_models, monkeypatch)
     calib = [reference.random_inputs(graph, seed=s) for s in range(4)]
     runs = {}
     for budget in (None, "0"):
-        if budget is None:
-            monkeypatch.delenv(BUDGET_ENV, raising=False)
-        else:
-            monkeypatch.setenv(BUDGET_ENV, budget)
+        _set_budget(monkeypatch, budget)
         runs[budget] = sparsec.prune(model, sparsity=0.5, sparsity_criterion="sparsegpt",
                                      calibration=calib)
     refit = {b: r.passes[-1].details["refit"] for b, r in runs.items()}
@@ -153,10 +158,7 @@ def test_held_out_outputs_past_the_budget_go_to_disk(zoo_models, monkeypatch):
     other.set_initializer(name, graph.initializers[name] * 0.9)
     fids = {}
     for budget in (None, "0"):
-        if budget is None:
-            monkeypatch.delenv(BUDGET_ENV, raising=False)
-        else:
-            monkeypatch.setenv(BUDGET_ENV, budget)
+        _set_budget(monkeypatch, budget)
         ctx = PassContext.split(calib)
         want = ctx.holdout_outputs(graph)
         assert all(isinstance(o, np.memmap) == (budget == "0") for outs in want for o in outs)

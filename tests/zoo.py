@@ -452,16 +452,16 @@ def transformers_model(name: str) -> tuple[nn.Module, tuple]:
     if name == "hf_gpt2":
         cfg = tf.GPT2Config(vocab_size=100, n_positions=16, n_embd=32, n_layer=2, n_head=2,
                             bos_token_id=0, eos_token_id=0)
-        return _Logits(tf.GPT2LMHeadModel(cfg).eval()), (ids,)
+        return Logits(tf.GPT2LMHeadModel(cfg).eval()), (ids,)
     if name == "hf_llama_gqa":
         cfg = tf.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                              max_position_embeddings=32)
-        return _Logits(tf.LlamaForCausalLM(cfg).eval()), (ids,)
+        return Logits(tf.LlamaForCausalLM(cfg).eval()), (ids,)
     raise KeyError(name)
 
 
-class _Logits(nn.Module):
+class Logits(nn.Module):
     """Wraps a transformers language model so that it returns its logits."""
 
     def __init__(self, model):
