@@ -246,7 +246,9 @@ def test_fused_pointwise_depthwise_is_tunable(cache_file):
     assert strategy == "conv1x1_dw_nchw"
     variants = tuning._variants(strategy, shape)
     assert [v["rows"] for v in variants] == [1, 2, 4, 7, 14]
-    assert tuning._default_knobs(strategy, shape) == {"rows": 2} and {"rows": 2} in variants
+    # two bands a core: 28 output rows in 4 bands of 7 on this 2-core machine
+    default = tuning._default_knobs(strategy, shape)
+    assert default in variants and 28 // default["rows"] >= 2 * host.tvm_target["num-cores"]
     feeds = random_feeds(model)
     for knobs in (variants[0], variants[-1]):
         cache = tuning.Cache()

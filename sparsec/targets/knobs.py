@@ -100,7 +100,7 @@ def _expansion_kernel_plan(shape: dict):
     from sparsec.targets.kernels import pointwise_dw
 
     s = _conv_shape({n: v for n, v in shape.items() if n != "k"})
-    return s, pointwise_dw.plan(s.ic, s.out_hw[0], s.w)
+    return s, pointwise_dw.plan(s)
 
 
 def _row_tiles(shape: dict) -> list[dict]:
@@ -189,7 +189,7 @@ def build(strategy: str, shape: dict, knobs: dict | None = None, **flags) -> "ti
     elif strategy == "conv1x1_dw_nchw":
         s, fplan = _expansion_kernel_plan(shape)
         if "rows" in k:
-            fplan = dataclasses.replace(fplan, rows=k["rows"])
+            fplan = pointwise_dw.plan(s, k["rows"])
         func = pointwise_dw.build(s, shape["k"], fplan, shape["dtype"], **flags)
     elif strategy == "conv2d_nchw_packed":
         s = _conv_shape({n: v for n, v in shape.items() if n != "variant"})

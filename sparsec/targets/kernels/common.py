@@ -70,6 +70,33 @@ def wide_vectors() -> bool:
     return "avx512f" in llvm_features(str(target))
 
 
+def target_cores() -> int:
+    """The cores the target being compiled for runs on (its ``num-cores``; this machine's
+    outside a target scope or where the target does not say): kernels size their parallel
+    tasks by it."""
+    import os
+
+    import tvm
+
+    target = tvm.target.Target.current(allow_none=True)
+    cores = target.attrs.get("num-cores") if target is not None else None
+    return int(cores) if cores else (os.cpu_count() or 1)
+
+
+def pick_band(oh: int, cores: int, fits=lambda rows: True) -> int:
+    """Output rows per parallel task for a kernel that works in bands of whole rows (each band
+    re-reads a halo of input rows, so fewer, taller bands do less work): the most rows
+    (dividing ``oh``, and accepted by ``fits``) that leave at least two bands per core in a
+    multiple of the core count (TVM splits a parallel loop statically: 7 bands on 2 cores
+    run as 4 + 3); failing that, at least two bands per core; else one row."""
+    rows = [r for r in range(1, oh + 1) if oh % r == 0 and fits(r)]
+    for ok in (lambda t: t >= 2 * cores and t % cores == 0, lambda t: t >= 2 * cores):
+        good = [r for r in rows if ok(oh // r)]
+        if good:
+            return max(good)
+    return 1
+
+
 @dataclass(frozen=True)
 class Activation:
     """The output activation a kernel applies in its write-back: clip bounds (``None`` leaves

@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING
 
 from sparsec.targets.kernels import depthwise
 from sparsec.targets.kernels.common import (Activation, clip, epilogue_func, finish,
-                                            vector_pad, wide_vectors)
+                                            pick_band, target_cores, vector_pad,
+                                            wide_vectors)
 
 if TYPE_CHECKING:
     from tvm import tirx
@@ -38,10 +39,13 @@ NAME = "conv1x1_dw_nchw"
 #: fused only where the expanded map has at least this many pixels: smaller maps fit in
 #: cache apart, and every band would re-read the expansion weight
 MIN_PIXELS = 56 * 56
-#: bands per image at least (2 cores)
-MIN_TASKS = 8
 #: expansion channels per register tile (x one vector of the row), best first
 OCTS = (12, 8, 6, 4)
+#: the expansion buffer of one channel block (``oct`` channels x a band's rows x the row) is
+#: kept under this many bytes where an ``OCTS`` entry allows: the padding and depthwise steps
+#: re-read it channel by channel from L1 (MobileNetV2's 16 -> 96 block at 112x112, alone on
+#: one thread: 12 channels, 80 KB, 638 us; 4 channels, 27 KB, 569 us)
+L1_BYTES = 32 * 1024
 
 
 @dataclass(frozen=True)
@@ -65,15 +69,20 @@ def worth_fusing(s: "ConvShape") -> bool:
     return s.h * s.w >= MIN_PIXELS and row_lanes(s.w) is not None
 
 
-def plan(c: int, oh: int, w: int) -> Plan:
-    """Band height: the largest divisor of ``oh`` leaving ``MIN_TASKS`` bands (one row when
-    none does); the expansion tile: ``OCTS``'s entry that pads the channels least, by one
-    vector of the input row (``w`` wide)."""
-    lanes = row_lanes(w) or 8
-    rows = max((r for r in range(1, oh + 1) if oh % r == 0 and oh // r >= MIN_TASKS),
-               default=1)
-    oct_ = min(OCTS, key=lambda t: (-(-c // t) * t, OCTS.index(t)))
-    return Plan(rows, oct_, lanes)
+def plan(s: "ConvShape", rows: int | None = None) -> Plan:
+    """The plan for the depthwise conv ``s`` (its input: the expansion's ``s.ic`` channels).
+    Band height, unless given: the most rows leaving two bands a core in a multiple of the
+    target's cores (``common.pick_band``; taller bands expand fewer halo rows: the 16 -> 96
+    block, one thread, 8 bands 569 us, 4 bands 529 us). The expansion tile: of ``OCTS``'s
+    entries whose channel block keeps the band's expansion under ``L1_BYTES`` (the smallest
+    when none does), the one that pads the channels least, by one vector of the input row."""
+    oh, w = s.out_hw[0], s.w
+    if rows is None:
+        rows = pick_band(oh, target_cores())
+    hb = band_rows(s, rows)
+    fit = [t for t in OCTS if t * hb * w * 4 <= L1_BYTES] or [OCTS[-1]]
+    oct_ = min(fit, key=lambda t: (-(-s.ic // t) * t, OCTS.index(t)))
+    return Plan(rows, oct_, row_lanes(w) or 8)
 
 
 def band_rows(s: "ConvShape", rows: int) -> int:

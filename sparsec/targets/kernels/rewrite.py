@@ -1441,9 +1441,8 @@ def _fused_expansion_plan(pw_plan: Plan, dw_plan: Plan, x: Any) -> Plan:
     s = dw_plan.operands["conv"]
     k, dtype = pw_plan.shape["ci"], dw_plan.shape["dtype"]
     kshape = {**dataclasses.asdict(s), "k": k, "dtype": dtype}
-    fplan = pointwise_dw.plan(s.ic, s.out_hw[0], s.w)
-    if (knobs := knobs_for(pointwise_dw.NAME, kshape)) is not None:
-        fplan = dataclasses.replace(fplan, rows=knobs["rows"])
+    knobs = knobs_for(pointwise_dw.NAME, kshape)
+    fplan = pointwise_dw.plan(s, None if knobs is None else knobs["rows"])
     w_exp = pointwise.pack_weight(pw_plan.operands["weight"], fplan.oct)
 
     def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
