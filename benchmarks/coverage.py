@@ -8,7 +8,7 @@ by both torch exporters (TorchScript ``legacy`` and ``dynamo``), through what a 
 * compile --target host + validate: the package's library against ONNX Runtime, and its
   latency next to ONNX Runtime's (2 threads each, alternating blocks; dense models)
 * the pruned (ratio 0.5) model compiled and validated too, timed beside the dense package:
-  its speed-up as a share of its MAC reduction
+  its speed-up as a share of its MAC reduction, beside ONNX Runtime's on the same two files
 
 Each model runs in its own process (a crash in one cannot end the run).
 
@@ -97,7 +97,8 @@ def one(name: str, exporter: str, do_compile: bool) -> dict:
             sparsec.compile(work / "pruned.onnx", work / "pkg_pruned", target="host")
             row["pruned_validate_ok"] = sparsec.validate(work / "pkg_pruned").ok
             step = "latency"
-            row["latency_ms"] = _latency(work / "pkg", proto, work / "pkg_pruned")
+            row["latency_ms"] = _latency(work / "pkg", proto, work / "pkg_pruned",
+                                         onnx.load(str(work / "pruned.onnx")))
             from bench_host import macs
 
             row["macs"] = [macs(proto), macs(onnx.load(str(work / "pruned.onnx")))]
@@ -112,9 +113,9 @@ COMPILE_KEYS = ("compile_s", "validate_ok", "kernels", "latency_ms", "pruned_val
                 "macs")
 
 
-def _latency(pkg_dir: Path, proto, pruned_dir: Path) -> dict:
-    """Median ms of ONNX Runtime on the input model, of the package's library, and of the
-    pruned (ratio 0.5) package's library, timed in alternating blocks."""
+def _latency(pkg_dir: Path, proto, pruned_dir: Path, pruned_proto) -> dict:
+    """Median ms of ONNX Runtime on the input model and on the pruned (ratio 0.5) one, of the
+    package's library and of the pruned package's library, timed in alternating blocks."""
     from bench_host import interleaved_medians, ort_runner
 
     from sparsec import reference
@@ -124,22 +125,24 @@ def _latency(pkg_dir: Path, proto, pruned_dir: Path) -> dict:
     pkg, pruned = Package.load(pkg_dir), Package.load(pruned_dir)
     feeds = reference.random_feeds(pkg.inputs, 0)
     pruned_feeds = reference.random_feeds(pruned.inputs, 0)
-    ort = ort_runner(proto, 2)
+    ort, ort_pruned = ort_runner(proto, 2), ort_runner(pruned_proto, 2)
     lib, lib_pruned = _runner(pkg), _runner(pruned)
     ms = interleaved_medians({"ort": lambda: ort(feeds), "sparsec": lambda: lib.run(feeds),
-                              "pruned": lambda: lib_pruned.run(pruned_feeds)},
-                             repeats=30, block=10, drop=3, budget_s=15.0)
+                              "pruned": lambda: lib_pruned.run(pruned_feeds),
+                              "ort_pruned": lambda: ort_pruned(pruned_feeds)},
+                             repeats=30, block=10, drop=3, budget_s=20.0)
     return {k: round(v, 4) for k, v in ms.items()}
 
 
-def share(row: dict) -> float | None:
-    """The pruned package's speed-up over the dense one, as a share of the MAC reduction;
-    None where pruning took off less than 5 % of the MACs (nothing to predict: ConvNeXt-V2,
-    whose channels are all frozen)."""
+def share(row: dict, engine: str = "sparsec") -> float | None:
+    """The pruned model's speed-up over the dense one, as a share of the MAC reduction, for
+    sparsec's packages or (``engine="ort"``) ONNX Runtime; None where pruning took off less
+    than 5 % of the MACs (nothing to predict: ConvNeXt-V2, whose channels are all frozen)."""
     lat, m = row.get("latency_ms") or {}, row.get("macs")
-    if "pruned" not in lat or not m or m[0] < 1.05 * m[1]:
+    pruned = "pruned" if engine == "sparsec" else "ort_pruned"
+    if pruned not in lat or not m or m[0] < 1.05 * m[1]:
         return None
-    return (lat["sparsec"] / lat["pruned"]) / (m[0] / m[1])
+    return (lat[engine] / lat[pruned]) / (m[0] / m[1])
 
 
 def _cell_ok(flag) -> str:
@@ -150,12 +153,12 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| model | exporter | load | folded nodes | groups prunable / frozen | hidden widths "
              "| prune 0.5: params kept | hidden 0.25: params kept | compile + validate "
              "| sparsec / ORT | pruned 0.5: speed-up / MAC reduction (share) "
-             "| what stays frozen |",
-             "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|"]
+             "| ORT's share | what stays frozen |",
+             "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|"]
     for r in rows:
         if "export" in r:
             lines.append(f"| {r['model']} | {r['exporter']} | torch cannot export: "
-                         f"{r['export']} | | | | | | | | | |")
+                         f"{r['export']} | | | | | | | | | | |")
             continue
         err = r.get("error", "")
         folded = sum(r.get("normalize", {}).get("folded", {}).values())
@@ -169,12 +172,14 @@ def markdown(rows: list[dict]) -> str:
         speedup = "-" if sh is None else (
             f"{lat['sparsec'] / lat['pruned']:.2f}x / {r['macs'][0] / r['macs'][1]:.2f}x "
             f"({sh:.2f})")
+        ort_sh = share(r, "ort")
+        ort_share = "-" if ort_sh is None else f"{ort_sh:.2f}"
         frozen = "; ".join(f"{k} ({v})" for k, v in sorted(
             r.get("frozen", {}).items(), key=lambda kv: -kv[1]))
         lines.append(f"| {r['model']} | {r['exporter']} | {'ok' if 'groups' in r else 'FAIL'} | "
                      f"{folded} | {groups} | {hidden} | {kept} | {hidden_kept} | "
                      f"{_cell_ok(r.get('validate_ok')) if not err else 'FAIL: ' + err} | "
-                     f"{ratio} | {speedup} | {frozen} |")
+                     f"{ratio} | {speedup} | {ort_share} | {frozen} |")
     done = [r for r in rows if "export" not in r]
     ok = sum(1 for r in done if r.get("validate_ok"))
     pruned = sum(1 for r in done if r.get("prune_ok"))
@@ -183,11 +188,15 @@ def markdown(rows: list[dict]) -> str:
     for r in done:
         reasons.update(r.get("frozen", {}))
     shares = sorted(x for x in map(share, done) if x is not None)
+    ort_shares = sorted(x for x in (share(r, "ort") for r in done) if x is not None)
     lines += ["", f"compile + validate: {ok} / {len(done)} files; prune --ratio 0.5 runs in ONNX "
               f"Runtime: {pruned} / {len(done)}; prune --hidden-ratio 0.25 runs: {hidden_ok} / "
               f"{len(done)}" + (f"; pruned speed-up as a share of the MAC reduction: "
                                 f"{shares[0]:.2f}-{shares[-1]:.2f} over {len(shares)} files, "
-                                f"median {shares[len(shares) // 2]:.2f}" if shares else ""),
+                                f"median {shares[len(shares) // 2]:.2f}" if shares else "")
+              + (f" (ONNX Runtime on the same pruned files: {ort_shares[0]:.2f}-"
+                 f"{ort_shares[-1]:.2f}, median {ort_shares[len(ort_shares) // 2]:.2f})"
+                 if ort_shares else ""),
               "", "Frozen groups by reason, all files:", "",
               "| reason | groups |", "|---|---:|"]
     lines += [f"| {k} | {v} |" for k, v in reasons.most_common()]

@@ -1314,6 +1314,37 @@ def small_cnn(seed: int = 0) -> onnx.ModelProto:
     return make_model(nodes, [("x", [2, 3, 24, 24])], [("y", [2, 10])], inits)
 
 
+@pytest.mark.parametrize("op,attrs,kernel", [
+    ("MaxPool", dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]), "pool2d_nchw"),
+    ("MaxPool", dict(kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1), "pool2d_nchw"),
+    ("MaxPool", dict(kernel_shape=[2, 3], strides=[1, 2], dilations=[2, 1]), "pool2d_nchw"),
+    ("AveragePool", dict(kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1]),
+     "pool2d_nchw"),
+    ("AveragePool", dict(kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1],
+                         count_include_pad=1), "pool2d_nchw"),
+    ("AveragePool", dict(kernel_shape=[3, 3], strides=[2, 2], pads=[0, 1, 1, 0],
+                         ceil_mode=1), "pool2d_nchw"),
+    ("AveragePool", dict(kernel_shape=[2, 2], strides=[2, 2]), "pool2d_nchw"),
+    # counted padding past a ceil-mode edge: the generic schedule
+    ("AveragePool", dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1],
+                         ceil_mode=1, count_include_pad=1), "fallback"),
+])
+def test_pooling_kernel(host, tmp_path, op, attrs, kernel):
+    """Max and average pooling (padding, ceil mode, counted or not, dilation) run as
+    ``pool2d_nchw`` and match ONNX Runtime; what it does not take stays on the generic path."""
+    node = helper.make_node(op, ["x"], ["y"], **attrs)
+    graph = helper.make_graph([node], "pool", [helper.make_tensor_value_info(
+        "x", onnx.TensorProto.FLOAT, [2, 5, 13, 14])], [helper.make_tensor_value_info(
+            "y", onnx.TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    model.ir_version = 10
+    model = onnx.shape_inference.infer_shapes(model)
+    facts, feeds, outs = compile_and_run(model, host, tmp_path)
+    [decision] = facts["decisions"]
+    assert decision["chosen"] == kernel, decision
+    assert_matches_ort(model, feeds, outs)
+
+
 def small_mlp(seed: int = 0) -> onnx.ModelProto:
     """Gemm(64->45)+relu, MatMul(45->31)+Add+Tanh, Gemm(31->10); two outputs."""
     rng = np.random.default_rng(seed)

@@ -202,6 +202,11 @@ def build(strategy: str, shape: dict, knobs: dict | None = None, **flags) -> "ti
             func = conv2d.build(s, shape["dtype"], **flags,
                                 **({"width_tile": k["width_tile"]} if "width_tile" in k
                                    else {}))
+    elif strategy == "pool2d_nchw":
+        func = depthwise.build(_conv_shape({n: v for n, v in shape.items()
+                                            if n not in ("pool", "count_include_pad")}),
+                               shape["dtype"], pool=shape["pool"],
+                               count_include_pad=shape["count_include_pad"])
     elif strategy == "softmax_rows":
         func = softmax.build(shape["rows"], shape["n"], shape["dtype"])
     elif strategy == "grouped_conv2d_nchw":

@@ -98,6 +98,11 @@ STRATEGIES: tuple[StrategyInfo, ...] = (
                  "stays in cache, and runs depthwise_nchw's tile on it. Not chosen by the cost "
                  "rule: the rewrite fuses planned pairs on maps of 56x56 and more whose "
                  "depthwise conv is not fused with its projection"),
+    StrategyInfo("pool2d_nchw", "relax.nn.max_pool2d|relax.nn.avg_pool2d", 0.10,
+                 "NCHW max / average pooling (ceil mode too; average pooling not dilated): "
+                 "depthwise_nchw's kernel without weights, the plane padded with the lowest "
+                 "float (max) or zeros (average; divided by the window, or by its taps inside "
+                 "the input). 'MACs' = outputs x window taps"),
     StrategyInfo("softmax_rows", "relax.nn.softmax", 0.10,
                  "softmax over the last axis, rows of N >= 16 that are not whole 16-lane "
                  "vectors (attention over an odd sequence length): each row in 16-lane vector "

@@ -206,7 +206,8 @@ def finish(sch: "s_tir.Schedule", strategy: str) -> "tirx.PrimFunc":
 
 
 def vector_pad(func: "tirx.PrimFunc", s: "conv2d.ConvShape", lanes: int | None = None,
-               x_row: "Callable[..., tuple] | None" = None) -> "tirx.PrimFunc":
+               x_row: "Callable[..., tuple] | None" = None, fill: float = 0.0
+               ) -> "tirx.PrimFunc":
     """``func`` with its scheduled ``pad`` block (stride phases of the zero-padded input,
     ``P[*lead, py, px, i, j] = X[n, c, row, j*sw + px - pl]`` or 0 outside ``X``) rewritten
     as vector code: TVM scalarizes that block (its bounds test makes the vector loop
@@ -221,7 +222,8 @@ def vector_pad(func: "tirx.PrimFunc", s: "conv2d.ConvShape", lanes: int | None =
     before ``py``: ``(prefix, row[, conv_row])``, the row being ``src[*prefix, row, :]`` and
     row ``conv_row`` (default ``row``) of the conv's input, zeros outside ``[0, H)``. Without
     it the block is a plain zero pad ``P[n, c, i, j] = X[n, c, i - pt, j - pl]`` (no phase
-    axes). The block must compute what its ``x_row`` and ``s`` say: this rewrite trusts them."""
+    axes). ``fill`` is the value outside ``X`` (a max pool pads with the lowest float). The
+    block must compute what its ``x_row``, ``s`` and ``fill`` say: this rewrite trusts them."""
     from tvm import s_tir, tirx
     from tvm.tirx import analysis
 
@@ -241,7 +243,7 @@ def vector_pad(func: "tirx.PrimFunc", s: "conv2d.ConvShape", lanes: int | None =
                 lead = inner.iter_values[:len(inner.block.body.buffer.shape) - 2 - 2 * phased]
                 used = {v for e in lead for v in analysis.undefined_vars(e)}
                 if not any(stmt.loop_var.same_as(v) for v in used):   # (n, c) loops stay
-                    return _pad_block(inner, s, lanes, x_row, len(lead), phased)
+                    return _pad_block(inner, s, lanes, x_row, len(lead), phased, fill)
             return tirx.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind,
                             replace(stmt.body), stmt.thread_binding, stmt.annotations)
         if isinstance(stmt, tirx.SeqStmt):
@@ -285,7 +287,8 @@ def _seq(stmts: list) -> "tirx.Stmt":
     return stmts[0] if len(stmts) == 1 else tirx.SeqStmt(stmts)
 
 
-def _pad_block(realize, s: "conv2d.ConvShape", lanes: int, x_row, nlead: int, phased: bool):
+def _pad_block(realize, s: "conv2d.ConvShape", lanes: int, x_row, nlead: int, phased: bool,
+               fill: float):
     """The opaque block that replaces the ``pad`` loop nest (see :func:`vector_pad`)."""
     from tvm import ir, s_tir, tirx
 
@@ -295,7 +298,7 @@ def _pad_block(realize, s: "conv2d.ConvShape", lanes: int, x_row, nlead: int, ph
     lead = list(realize.iter_values[:nlead])
     hq, wq = (int(e) for e in p.shape[-2:])
     x = realize.block.reads[0].source
-    zero = tirx.const(0, p.dtype)
+    zero = tirx.const(fill, p.dtype)
     i32 = "int32"
 
     def loop(name, extent, make):

@@ -16,6 +16,12 @@ in cache and writes each output element once, with the arithmetic in vector regi
 
 The output width is padded up to whole ow-blocks inside the kernel (the padded columns read
 zeros and are never written), so no predicate sits in the FMA loop.
+
+``pool2d_nchw`` is the same kernel without weights: max pooling (the plane padded with the
+lowest float, taps combined by ``max``) and average pooling (zero padded, taps summed, then
+divided by the window size, or by the window's taps inside the input when padding does not
+count). TVM's generic schedule reads a stride-2 window as scalars: ResNet-18's 3x3 stride-2
+max pool over 32x112x112 ran 166 us alone on one thread, ONNX Runtime's 33 us.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ if TYPE_CHECKING:
     from sparsec.targets.kernels.conv2d import ConvShape
 
 NAME = "depthwise_nchw"
+POOL_NAME = "pool2d_nchw"
+POOLS = ("max", "avg")
 #: accumulator vectors per register tile: half of AVX2's 16 ymm, the rest hold input rows
 MAX_ACC = 8
 
@@ -68,13 +76,18 @@ def matches(s: "ConvShape", groups: int) -> bool:
 
 
 def build(s: "ConvShape", dtype: str = "float32", bias: bool = False,
-          act: Activation | None = None, residual: bool = False, max_acc: int = MAX_ACC
-          ) -> "tirx.PrimFunc":
-    """The scheduled PrimFunc ``(X[N,C,H,W], W[C,KH,KW] [, B[C]] [, R[N,C,OH,OW]], Y)``."""
+          act: Activation | None = None, residual: bool = False, max_acc: int = MAX_ACC,
+          pool: str | None = None, count_include_pad: bool = True) -> "tirx.PrimFunc":
+    """The scheduled PrimFunc ``(X[N,C,H,W], W[C,KH,KW] [, B[C]] [, R[N,C,OH,OW]], Y)``; with
+    ``pool`` (one of ``POOLS``) ``(X, Y)``, the pooling window being the conv's (average
+    pooling: dilation 1)."""
+    import numpy as np
     from tvm import s_tir, te, tirx
 
     (sh, sw), (dh, dw) = s.stride, s.dilation
     pt, pl, _, _ = s.padding
+    if pool not in (None, *POOLS) or (pool == "avg" and (dh, dw) != (1, 1)):
+        raise ValueError(f"no {pool} pooling with dilation {s.dilation}")
     oh, ow = s.out_hw
     p = plan(oh, ow, max_acc=max_acc)
     owp = p.padded_width(ow)
@@ -84,28 +97,48 @@ def build(s: "ConvShape", dtype: str = "float32", bias: bool = False,
     hq, wq = -(-hp // sh), -(-wp // sw)
 
     x = te.placeholder((s.n, s.ic, s.h, s.w), dtype, name="X")
-    w = te.placeholder((s.ic, s.kh, s.kw), dtype, name="W")
+    w = None if pool else te.placeholder((s.ic, s.kh, s.kw), dtype, name="W")
     b = te.placeholder((s.ic,), dtype, name="B") if bias else None
     res = te.placeholder((s.n, s.ic, oh, ow), dtype, name="R") if residual else None
-    zero = tirx.const(0, dtype)
+    fill = float(np.finfo(dtype).min) if pool == "max" else 0.0
+    outside = tirx.const(fill, dtype)
 
     def phase_value(n, c, py, px, i, j):
         r, q = i * sh + py - pt, j * sw + px - pl
-        return tirx.if_then_else(tirx.all(r >= 0, r < s.h, q >= 0, q < s.w), x[n, c, r, q], zero)
+        return tirx.if_then_else(tirx.all(r >= 0, r < s.h, q >= 0, q < s.w), x[n, c, r, q],
+                                 outside)
 
     xp = te.compute((s.n, s.ic, sh, sw, hq, wq), phase_value, name="pad")
     ry = te.reduce_axis((0, s.kh), name="ry")
     rx = te.reduce_axis((0, s.kw), name="rx")
-    # padded row i*sh + ry*dh lies in phase (ry*dh) % sh at row i + (ry*dh) // sh
-    acc = te.compute(
-        (s.n, s.ic, oh, owp),
-        lambda n, c, i, j: te.sum(
-            xp[n, c, (ry * dh) % sh, (rx * dw) % sw, i + (ry * dh) // sh, j + (rx * dw) // sw]
-            * w[c, ry, rx], axis=[ry, rx]),
-        name="acc")
+
+    def tap(n, c, i, j):   # padded row i*sh + ry*dh: phase (ry*dh) % sh, row i + (ry*dh) // sh
+        return xp[n, c, (ry * dh) % sh, (rx * dw) % sw, i + (ry * dh) // sh, j + (rx * dw) // sw]
+
+    if pool == "max":
+        acc = te.compute((s.n, s.ic, oh, owp),
+                         lambda n, c, i, j: te.max(tap(n, c, i, j), axis=[ry, rx]), name="acc")
+    else:
+        acc = te.compute(
+            (s.n, s.ic, oh, owp),
+            lambda n, c, i, j: te.sum(tap(n, c, i, j) * (1 if pool else w[c, ry, rx]),
+                                      axis=[ry, rx]),
+            name="acc")
+
+    def value(n, c, i, j):
+        if pool != "avg":
+            return acc[n, c, i, j]
+        if count_include_pad:
+            return acc[n, c, i, j] * tirx.const(1.0 / (s.kh * s.kw), dtype)
+
+        def inside(o, stride, pad, k, size):   # taps of window o inside [0, size)
+            lo = o * stride - pad
+            return tirx.min(lo + k, size) - tirx.max(lo, 0)
+        taps = inside(i, sh, pt, s.kh, s.h) * inside(j, sw, pl, s.kw, s.w)
+        return acc[n, c, i, j] / tirx.Cast(dtype, taps)
 
     sch = s_tir.Schedule(epilogue_func(
-        [x, w], lambda n, c, i, j: acc[n, c, i, j], (s.n, s.ic, oh, ow), dtype, b, res, act))
+        [x] if pool else [x, w], value, (s.n, s.ic, oh, ow), dtype, b, res, act))
     blk = sch.get_sblock("acc")
     n, c, i, j, ky, kx = sch.get_loops(blk)
     io, ii = sch.split(i, [None, p.rows])
@@ -124,8 +157,8 @@ def build(s: "ConvShape", dtype: str = "float32", bias: bool = False,
     sch.compute_at(sch.get_sblock("pad"), c)
     sch.parallel(sch.fuse(n, c))
     sch.decompose_reduction(blk, ky)
-    return vector_pad(finish(sch, NAME), s,
-                      x_row=lambda lead, py, i: (lead[:2], i * sh + py - pt))
+    return vector_pad(finish(sch, POOL_NAME if pool else NAME), s,
+                      x_row=lambda lead, py, i: (lead[:2], i * sh + py - pt), fill=fill)
 
 
 def vectorize_write_back(sch: "s_tir.Schedule", out, ow: int, p: DepthwisePlan) -> None:

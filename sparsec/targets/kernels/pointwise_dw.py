@@ -16,8 +16,8 @@ L1/L2, and the depthwise conv reads them from there:
         Y[n, c, band, :] = act_d(depthwise(...) + bd[c])                      # depthwise_nchw
 
 The band's halo rows (the kernel height minus the stride) are expanded by both bands that
-read them: 1/7 more expansion in MobileNetV2's 112x112 block (8 bands of 7 rows), 1/4 in its
-56x56 one (14 bands of 2 rows; the band height is a tuning knob).
+read them: 1/28 more expansion in MobileNetV2's 112x112 block on 2 cores (4 bands of 14 rows),
+1/14 in its 56x56 one (4 bands of 7 rows; the band height is a tuning knob).
 """
 
 from __future__ import annotations

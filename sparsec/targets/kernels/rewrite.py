@@ -1088,8 +1088,54 @@ def _match_dynamic_softmax(call: "relax.Call") -> list[tuple[Plan, dict]] | None
              {"macs": 1024})]
 
 
+def _match_pool(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | None:
+    """``pool2d_nchw`` (``depthwise.build`` without weights) for an NCHW float32 max or
+    average pool of static shape: ceil mode as extra bottom/right padding (a max pool's
+    padding never wins; an average pool's is not counted, so one that counts its padding
+    goes to the generic schedule when ceil mode adds windows); average pooling not dilated."""
+    x = call.args[0]
+    xs, out = _static_shape(x), _static_shape(call)
+    at = call.attrs
+    if (xs is None or out is None or len(xs) != 4 or _dtype(x) != "float32"
+            or _dtype(call) != "float32" or str(at.layout) != "NCHW"
+            or str(at.out_layout) != "NCHW"):
+        return None
+    pool = "max" if call.op.name == "relax.nn.max_pool2d" else "avg"
+    kh, kw = (int(k) for k in at.pool_size)
+    sh, sw = (int(v) for v in at.strides)
+    dh, dw = (int(v) for v in at.dilation)
+    pt, pl, pb0, pr0 = [int(p) for p in at.padding] * (2 if len(at.padding) == 2 else 1)
+    n, c, h, w = xs
+    oh, ow = out[2], out[3]
+    if kh > h + pt + pb0 or kw > w + pl + pr0:   # a window wider than the padded map
+        return None
+    # ceil mode: pad the bottom / right so that the floor formula gives the output's size
+    pb = max(pb0, (oh - 1) * sh + (kh - 1) * dh + 1 - h - pt)
+    pr = max(pr0, (ow - 1) * sw + (kw - 1) * dw + 1 - w - pl)
+    shape = conv2d.ConvShape(n, c, h, w, c, kh, kw, (sh, sw), (pt, pl, pb, pr), (dh, dw))
+    count_pad = bool(at.count_include_pad)
+    if shape.out_hw != (oh, ow) or (pool == "avg" and (
+            (dh, dw) != (1, 1) or (count_pad and (pb, pr) != (pb0, pr0)))):
+        return None
+    kshape = {**dataclasses.asdict(shape), "pool": pool, "count_include_pad": count_pad,
+              "dtype": "float32"}
+
+    def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
+             ) -> "relax.Expr":
+        from tvm import relax
+
+        gv = bb.add_func(build_kernel(depthwise.POOL_NAME, kshape), depthwise.POOL_NAME)
+        return relax.call_tir(gv, [args[0]], relax.TensorType(out, "float32"))
+
+    info = {"op": f"{pool}_pool2d", "shape": {"x": list(xs), "window": [kh, kw],
+                                              "stride": [sh, sw], "pad": [pt, pl, pb, pr]}}
+    return [(Plan(depthwise.POOL_NAME, emit, info=info, shape=kshape, epilogue=False),
+             {"macs": n * c * oh * ow * kh * kw})]
+
+
 _MATCHERS = {"relax.matmul": _match_dense, "relax.nn.conv2d": _match_conv,
-             "relax.nn.softmax": _match_softmax}
+             "relax.nn.softmax": _match_softmax, "relax.nn.max_pool2d": _match_pool,
+             "relax.nn.avg_pool2d": _match_pool}
 #: the heavy ops with a sparsec kernel per device (the rest go to the device's generic rules)
 MATCHERS_BY_DEVICE = {"cpu": _MATCHERS, "cuda": {"relax.matmul": _match_cuda_linear,
                                                   "relax.nn.conv2d": _match_cuda_conv}}
