@@ -110,11 +110,14 @@ WVEC_LANES = (16, 8)
 #: blocked kernel's scattered NCHW write-back, so it takes rows of up to 8 vectors too (alone:
 #: MobileNetV2's 3x3 s2 stem 365 -> 232 us, ResNet-18's 7x7 s2 stem 1599 -> 1453 us)
 WVEC_MAX_VECS_STEM = 8
-#: with AVX-512, a KxK conv (K > 1) whose output channels are not a multiple of 16 also takes
-#: rows of up to 8 vectors: the channel-blocked kernel would compute the padded block (a
-#: pruned 24-channel conv computes 32). Measured alone, interleaved (12->24, 24->24, 48->24,
-#: 8->12 and 48->40 3x3 convs on 40..160 maps): 1.25-1.45x faster. 1x1 strided convs and
-#: convs with whole 16-channel blocks stay channel-blocked (there it was 4-15 % faster)
+#: with AVX-512, a KxK conv (K > 1) whose output channels are not a multiple of 16, or of
+#: stride 1, also takes rows of up to 8 vectors. Ragged channels: the channel-blocked kernel
+#: would compute the padded block (a pruned 24-channel conv computes 32); measured alone,
+#: interleaved (12->24, 24->24, 48->24, 8->12 and 48->40 3x3 convs on 40..160 maps):
+#: 1.25-1.45x faster. Stride 1 with whole blocks, alone on one thread (3x3, 56x56 rows of 7
+#: 8-lane vectors): 16->16 159 -> 141 us, 32->32 588 -> 544, 48->48 1261 -> 1189, 96->96
+#: 4765 -> 4687, 64->64 the same; 32->32 at 112x112 2238 -> 2159. Stride 2 stays
+#: channel-blocked (32->64 3x3 from 112x112: 1218 against 1564 us)
 WVEC_MAX_VECS_RAGGED = 8
 
 
@@ -124,12 +127,13 @@ def plan_wvec(s: ConvShape) -> WidthPlan | None:
     Output rows must split into whole vectors (OW % lanes == 0) and the map must be small
     enough that a row is at most a few vectors (the case where the channel-blocked kernel's
     4-6 pixel strips leave too few accumulators and scatter their write-back), or, for a
-    stem, ``WVEC_MAX_VECS_STEM``, or, for a ragged channel count, ``WVEC_MAX_VECS_RAGGED``."""
+    stem, ``WVEC_MAX_VECS_STEM``, or, for a ragged channel count or stride 1,
+    ``WVEC_MAX_VECS_RAGGED``."""
     oh, ow = s.out_hw
     lanes = next((v for v in WVEC_LANES if ow % v == 0), None)
     if s.ic <= 4:
         max_vecs = WVEC_MAX_VECS_STEM
-    elif s.oc % LANES and s.kh * s.kw > 1 and wide_vectors():
+    elif s.kh * s.kw > 1 and wide_vectors() and (s.oc % LANES or s.stride == (1, 1)):
         max_vecs = WVEC_MAX_VECS_RAGGED
     else:
         max_vecs = 4
