@@ -298,7 +298,7 @@ def _pad_block(realize, s: "conv2d.ConvShape", lanes: int, x_row, nlead: int, ph
     lead = list(realize.iter_values[:nlead])
     hq, wq = (int(e) for e in p.shape[-2:])
     x = realize.block.reads[0].source
-    zero = tirx.const(fill, p.dtype)
+    outside = tirx.const(fill, p.dtype)
     i32 = "int32"
 
     def loop(name, extent, make):
@@ -306,14 +306,14 @@ def _pad_block(realize, s: "conv2d.ConvShape", lanes: int, x_row, nlead: int, ph
         return tirx.For(v, tirx.IntImm(i32, 0), tirx.IntImm(i32, extent),
                         tirx.ForKind.SERIAL, make(v))
 
-    def zeros(ppre, lo, hi):
+    def border(ppre, lo, hi):
         return [] if hi <= lo else [
-            loop("jz", hi - lo, lambda j: tirx.BufferStore(p, zero, [*ppre, j + lo]))]
+            loop("jz", hi - lo, lambda j: tirx.BufferStore(p, outside, [*ppre, j + lo]))]
 
     def phase_row(xpre, ppre, px):
         jlo = min(wq, max(0, -(-(pl - px) // sw)))          # first column j with q >= 0
         jhi = max(jlo, min(wq, (s.w - 1 - px + pl) // sw + 1))   # first with q >= W
-        out, j, width = zeros(ppre, 0, jlo), jlo, lanes
+        out, j, width = border(ppre, 0, jlo), jlo, lanes
         while width >= 4:
             blocks = (jhi - j) // width
             if blocks:
@@ -328,7 +328,7 @@ def _pad_block(realize, s: "conv2d.ConvShape", lanes: int, x_row, nlead: int, ph
         if jhi > j:
             out.append(loop("js", jhi - j, lambda v, j=j: tirx.BufferStore(
                 p, tirx.BufferLoad(x, [*xpre, (v + j) * sw + (px - pl)]), [*ppre, v + j])))
-        return out + zeros(ppre, jhi, wq)
+        return out + border(ppre, jhi, wq)
 
     def row(py, i):
         prefix, r, *conv_row = x_row(lead, py, i)
@@ -337,9 +337,9 @@ def _pad_block(realize, s: "conv2d.ConvShape", lanes: int, x_row, nlead: int, ph
         def at(px):   # P's indices before the column
             return [*lead, py, px, i] if phased else [*lead, i]
         inside = _seq([st for px in range(sw) for st in phase_row([*prefix, r], at(px), px)])
-        outside = _seq([st for px in range(sw) for st in zeros(at(px), 0, wq)])
+        beyond = _seq([st for px in range(sw) for st in border(at(px), 0, wq)])
         inside_x = tirx.all(conv_row >= 0, conv_row < s.h, r >= 0, r < int(x.shape[-2]))
-        return tirx.IfThenElse(inside_x, inside, outside)
+        return tirx.IfThenElse(inside_x, inside, beyond)
 
     body = loop("py", sh, lambda py: loop("i", hq, lambda i: row(py, i)))
 
