@@ -466,9 +466,9 @@ def test_conv2d_width_vectorized_numerics(args, host, tmp_path):
 
 def test_width_vectorized_plan_rule():
     """Which convs take the width-vectorized variant: small maps always; with AVX-512 also
-    KxK convs of stride 1 or whose channel count is not whole 16-lane blocks, rows of up to 8
-    vectors; never 1x1 strided ones or strided whole blocks on wide maps, nor on AVX2 (16
-    registers)."""
+    KxK convs of stride 1 with few input channels or whose channel count is not whole 16-lane
+    blocks, rows of up to 8 vectors; never 1x1 strided ones or strided (or many-input) whole
+    blocks on wide maps, nor on AVX2 (16 registers)."""
     import tvm
 
     from sparsec.targets.kernels.conv2d import ConvShape, plan_wvec
@@ -480,8 +480,9 @@ def test_width_vectorized_plan_rule():
         assert plan_wvec(shape(12, 24, 80, 3, 1)).vecs == 5
         assert plan_wvec(shape(24, 24, 56, 3, 1)).vecs == 7          # 8 lanes
         assert plan_wvec(shape(32, 24, 160, 3, 2)).vecs == 5
-        assert plan_wvec(shape(24, 32, 80, 3, 1)).vecs == 5          # stride 1
+        assert plan_wvec(shape(24, 32, 80, 3, 1)).vecs == 5          # stride 1, few inputs
         assert plan_wvec(shape(32, 32, 56, 3, 1)).vecs == 7
+        assert plan_wvec(shape(64, 64, 56, 3, 1)) is None            # many inputs
         assert plan_wvec(shape(24, 32, 160, 3, 2)) is None           # strided whole blocks
         assert plan_wvec(shape(48, 24, 80, 1, 2)) is None            # 1x1 strided
         assert plan_wvec(shape(12, 24, 160, 3, 1)) is None           # 10 vectors

@@ -8,12 +8,13 @@ The conv is the GEMM micro-kernel again, with "rows" = a strip of ``T`` output p
 output width and "columns" = 16 output channels:
   pad X once (plus extra right padding so OW rounds up to a multiple of T; no predicates inside)
   for (n, ocb pair, oh) in parallel:       # plenty of independent tasks, W panel reused per row
-    for owo in OWp/T:
-      acc[T, V, 16] = 0                    # T*V zmm (AVX2: 2*T ymm, V = 1) accumulators
-      for ic: for kh: for kw in unroll:
-        for t in unroll(T): for v in unroll(V): for oc in vectorize(16):
-          acc[t, v, oc] += Xpad[n, ic, oh*s+kh*d, (owo*T+t)*s+kw*d] * Wp[ocb*V+v, ic, kh, kw, oc]
-      Y[n, (ocb*V+v)*16 + oc, oh, owo*T + t] = epilogue(acc)   # masked at the OC / OW tails
+    row[OWp, V, 16] = 0
+    for icb in IC / IC_BLOCK:              # the block's weights stay in L1 over the row
+      for owo in OWp/T:                    # T*V zmm (AVX2: 2*T ymm, V = 1) accumulators
+        for ic in icb: for kh: for kw in unroll:
+          for t in unroll(T): for v in unroll(V): for oc in vectorize(16):
+            row[owo*T+t, v, oc] += Xpad[n, ic, oh*s+kh*d, (owo*T+t)*s+kw*d] * Wp[.., ic, kh, kw, oc]
+    Y[n, (ocb*V+v)*16 + oc, oh, :] = epilogue(row)   # each channel's row contiguous
 
 ``V`` = 2 channel blocks per tile with AVX-512 where they fit (:func:`pick_oc_vecs`), else 1.
 
@@ -111,14 +112,16 @@ WVEC_LANES = (16, 8)
 #: MobileNetV2's 3x3 s2 stem 365 -> 232 us, ResNet-18's 7x7 s2 stem 1599 -> 1453 us)
 WVEC_MAX_VECS_STEM = 8
 #: with AVX-512, a KxK conv (K > 1) whose output channels are not a multiple of 16, or of
-#: stride 1, also takes rows of up to 8 vectors. Ragged channels: the channel-blocked kernel
-#: would compute the padded block (a pruned 24-channel conv computes 32); measured alone,
-#: interleaved (12->24, 24->24, 48->24, 8->12 and 48->40 3x3 convs on 40..160 maps):
-#: 1.25-1.45x faster. Stride 1 with whole blocks, alone on one thread (3x3, 56x56 rows of 7
-#: 8-lane vectors): 16->16 159 -> 141 us, 32->32 588 -> 544, 48->48 1261 -> 1189, 96->96
-#: 4765 -> 4687, 64->64 the same; 32->32 at 112x112 2238 -> 2159. Stride 2 stays
-#: channel-blocked (32->64 3x3 from 112x112: 1218 against 1564 us)
+#: stride 1 with at most ``WVEC_MAX_K`` MACs an output, also takes rows of up to 8 vectors.
+#: Ragged channels: the channel-blocked kernel would compute the padded block (a pruned
+#: 24-channel conv computes 32); measured alone, interleaved (12->24, 24->24, 48->24, 8->12
+#: and 48->40 3x3 convs on 40..160 maps): 1.25-1.45x faster. Stride 1, whole blocks, alone on
+#: one thread against the channel-blocked kernel's input-channel passes (3x3, 56x56 rows of 7
+#: 8-lane vectors): 16->16 141 against 153 us, 48->48 1189 against 1236, 32->32 the same
+#: (544, 542); 64->64 2200 against 2065 and 96->96 4687 against 4603 the other way. Stride 2
+#: stays channel-blocked (32->64 3x3 from 112x112: 1218 against 1564 us)
 WVEC_MAX_VECS_RAGGED = 8
+WVEC_MAX_K = 48 * 9
 
 
 def plan_wvec(s: ConvShape) -> WidthPlan | None:
@@ -127,13 +130,14 @@ def plan_wvec(s: ConvShape) -> WidthPlan | None:
     Output rows must split into whole vectors (OW % lanes == 0) and the map must be small
     enough that a row is at most a few vectors (the case where the channel-blocked kernel's
     4-6 pixel strips leave too few accumulators and scatter their write-back), or, for a
-    stem, ``WVEC_MAX_VECS_STEM``, or, for a ragged channel count or stride 1,
-    ``WVEC_MAX_VECS_RAGGED``."""
+    stem, ``WVEC_MAX_VECS_STEM``, or, for a ragged channel count or a stride-1 conv of few
+    input channels, ``WVEC_MAX_VECS_RAGGED``."""
     oh, ow = s.out_hw
     lanes = next((v for v in WVEC_LANES if ow % v == 0), None)
     if s.ic <= 4:
         max_vecs = WVEC_MAX_VECS_STEM
-    elif s.kh * s.kw > 1 and wide_vectors() and (s.oc % LANES or s.stride == (1, 1)):
+    elif s.kh * s.kw > 1 and wide_vectors() and (s.oc % LANES or (
+            s.stride == (1, 1) and s.ic * s.kh * s.kw <= WVEC_MAX_K)):
         max_vecs = WVEC_MAX_VECS_RAGGED
     else:
         max_vecs = 4
@@ -186,6 +190,20 @@ def _schedule_pad(sch: "s_tir.Schedule") -> None:
     (``common.vector_pad``)."""
     loops = sch.get_loops(sch.get_sblock("pad"))
     sch.parallel(sch.fuse(loops[0], loops[1]))
+
+
+#: input channels per pass over an output row's strips: the pass's weights (16 channels x 9
+#: taps x 2 blocks x 16 lanes, 18 KB) stay in L1 while every strip of the row uses them, and
+#: the row is written back once, each channel's pixels contiguous (alone on one thread, 3x3:
+#: 64->64 at 56x56 2236 -> 2067 us, 32->32 598 -> 542, 64->128 stride 2 1105 -> 1067,
+#: 128->128 at 28x28 2084 -> 2050; at 14x14 and 7x7 the same)
+IC_BLOCK = 16
+
+
+def ic_block(ic: int) -> int:
+    """Input channels per pass: the largest divisor of ``ic`` from 8 to ``IC_BLOCK``, else
+    all of them (a stem's 3)."""
+    return max((d for d in range(8, IC_BLOCK + 1) if ic % d == 0), default=ic)
 
 
 def pick_oc_vecs(ocb: int, t: int, tasks: int) -> int:
@@ -241,10 +259,11 @@ def build(s: ConvShape, dtype: str = "float32", bias: bool = False,
     n, cb, i, j, cl, kc, ky, kx = sch.get_loops(blk)
     jo, ji = sch.split(j, [None, t])
     cbo, cbi = sch.split(cb, [None, v])
-    sch.reorder(n, cbo, i, jo, kc, ky, kx, ji, cbi, cl)
+    kco, kci = sch.split(kc, [None, ic_block(s.ic)])
+    sch.reorder(n, cbo, i, kco, jo, kci, ky, kx, ji, cbi, cl)
     sch.set_scope(blk, 0, "local")
     out = sch.get_sblock("Y")
-    sch.reverse_compute_at(out, jo)
+    sch.reverse_compute_at(out, i)
     sch.vectorize(cl)
     sch.unroll(cbi)
     sch.unroll(ji)
@@ -252,7 +271,7 @@ def build(s: ConvShape, dtype: str = "float32", bias: bool = False,
     sch.parallel(sch.fuse(n, cbo, i))
     if needs_pad:
         _schedule_pad(sch)
-    sch.decompose_reduction(blk, kc)
+    sch.decompose_reduction(blk, kco)
     return vector_pad(finish(sch, NAME), s) if needs_pad else finish(sch, NAME)
 
 
