@@ -47,7 +47,9 @@ def prune_module(module, example_inputs: Sequence[Any], *, recipe=None, ratio: f
     (``out_channels``, ``in_features``, ``groups``, ``num_features``) are made to match their
     weights. The result runs, trains, and computes what the pruned IR computes. Calibration
     batches are dicts keyed by the forward arguments' names, or tensors / tuples in argument
-    order (a DataLoader works). The input module is not modified.
+    order (a DataLoader works). The input module is not modified, and shares no memory with
+    the pruned one; ``result.graph``'s weights are the pruned module's own memory, read-only
+    (a billion-parameter model's pruned weights are not held twice).
 
     ``criterion="taylor"`` ranks channels by first-order Taylor importance from the module's
     gradients on the calibration batches (the fit share of them, see ``PassContext``);
