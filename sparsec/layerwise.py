@@ -12,9 +12,9 @@ attention mask, rotary tables). Everything else is dropped as soon as the cut pa
 Memory bound (per :class:`Walk`): the tensors crossing the cut, for all calibration batches,
 ``tokens x hidden x bytes`` for each (a decoder: the residual stream, plus whatever of the
 block's own activations the caller asks to keep), plus the weights of the one segment being
-run (ONNX Runtime's copy). With ``budget`` bytes set, kept tensors beyond it go to ``.npy``
-files in a temporary directory as each batch is run, and are read back through memory maps,
-one batch at a time.
+run. With ``budget`` bytes set, kept tensors beyond it go to ``.npy`` files in a temporary
+directory as each batch is run, and are read back through a memory map only while one batch
+is in use (``Spilled``).
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ class Walk:
     def _bound(self) -> None:
         """Spill the largest in-memory tensors to disk until the rest fit ``budget``."""
         def in_memory(vals):
-            return sum(v.nbytes for v in vals if not isinstance(v, np.memmap))
+            return sum(v.nbytes for v in vals if not isinstance(v, Spilled))
 
         held = sum(in_memory(v) for v in self.store.values())
         if self.budget is not None and held > self.budget:
@@ -166,7 +166,7 @@ class Walk:
         is over ``budget`` (so a segment's outputs never all sit in memory at once; the
         budget is passed by at most one batch's outputs, for as long as they are written)."""
         held = sum(v.nbytes for vals in (*self.store.values(), *results.values())
-                   for v in vals if not isinstance(v, np.memmap))
+                   for v in vals if not isinstance(v, Spilled))
         if held <= self.budget:
             return
         if self._spill is None:
@@ -176,18 +176,43 @@ class Walk:
             vals[-1] = self._to_disk(vals[-1])
             self.spilled_bytes += size
 
-    def _to_disk(self, value: np.ndarray) -> np.ndarray:
+    def _to_disk(self, value: np.ndarray) -> "Spilled":
         return to_disk(value, self._spill)
 
 
-def to_disk(value: np.ndarray, directory: str) -> np.ndarray:
-    """``value`` as a new ``.npy`` file in ``directory``, read back as a memory map."""
-    if isinstance(value, np.memmap):
+class Spilled:
+    """A tensor on disk (``to_disk``), read back only when it is used: ``np.asarray`` maps the
+    file, and the map goes when that array does. A memory map kept open instead counts every
+    page read through it in the process's resident memory until it is closed, so reading
+    every spilled batch once (a causal LM's held-out logits: gigabytes) looked as if they were
+    all in memory at the end. ``shape``, ``dtype``, ``ndim`` and ``nbytes`` need no read."""
+
+    __slots__ = ("path", "shape", "dtype")
+
+    def __init__(self, path: str, shape: tuple[int, ...], dtype: np.dtype):
+        self.path, self.shape, self.dtype = path, tuple(shape), np.dtype(dtype)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def __array__(self, dtype=None, copy=None):
+        arr = np.load(self.path, mmap_mode="r")
+        return arr if dtype is None or np.dtype(dtype) == arr.dtype else arr.astype(dtype)
+
+
+def to_disk(value, directory: str) -> Spilled:
+    """``value`` as a new ``.npy`` file in ``directory`` (``Spilled``)."""
+    if isinstance(value, Spilled):
         return value
     fd, path = tempfile.mkstemp(suffix=".npy", dir=directory)
     with os.fdopen(fd, "wb") as f:
         np.save(f, value)
-    return np.load(path, mmap_mode="r")
+    return Spilled(path, value.shape, value.dtype)
 
 
 def collect(graph: Graph, batches: list[dict[str, np.ndarray]], names: list[str],

@@ -15,6 +15,12 @@ from sparsec.ir.graph import Graph
 
 #: initializers of at least this many bytes reach ONNX Runtime in place (``skeleton``)
 IN_PLACE_BYTES = 1024
+#: a session whose in-place weights total at least this many bytes gets them as inputs fed
+#: with every run instead: ONNX Runtime copies every initializer it is given, in place or
+#: not (measured: a session held one more copy of the model's weights, prepacking on or
+#: off), which at a billion parameters is 4 GiB a session. Below it, constant weights let
+#: ORT pre-pack and fuse them.
+FEED_WEIGHTS_BYTES = 64 * 2**20
 
 
 def skeleton(graph: Graph, with_value_info: bool = True):
@@ -45,8 +51,10 @@ def skeleton(graph: Graph, with_value_info: bool = True):
 def session(model, threads: int = 0, external_dir=None, weights=None):
     """An ONNX Runtime CPU session for a Graph or an ONNX ModelProto (``external_dir``: where
     the files of its external data are; ``weights``: arrays for a ``skeleton``'s
-    placeholders). A Graph's weights go in place (``skeleton``); a ModelProto over
-    protobuf's 2 GB is handed to ONNX Runtime as a file with external data."""
+    placeholders). A Graph's weights go in place (``skeleton``), or past
+    ``FEED_WEIGHTS_BYTES`` as inputs fed with every run (the placeholders become inputs; the
+    session returned hides them, see ``FedSession``); a ModelProto over protobuf's 2 GB is
+    handed to ONNX Runtime as a file with external data."""
     import onnxruntime as ort
 
     from sparsec.frontends.external_data import saved_with_external_data, too_big
@@ -65,6 +73,10 @@ def session(model, threads: int = 0, external_dir=None, weights=None):
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
+    fed = {}
+    if weights and sum(a.nbytes for a in weights.values()) >= FEED_WEIGHTS_BYTES:
+        fed, weights = {n: np.ascontiguousarray(a) for n, a in weights.items()}, {}
+        _placeholders_to_inputs(proto, fed)
     values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a))
               for a in (weights or {}).values()]
     if values:      # ORT reads these arrays where they are: they must outlive the session
@@ -76,7 +88,39 @@ def session(model, threads: int = 0, external_dir=None, weights=None):
         sess = ort.InferenceSession(proto.SerializeToString(), opts,
                                     providers=["CPUExecutionProvider"])
     sess.sparsec_weights = values
-    return sess
+    return FedSession(sess, fed) if fed else sess
+
+
+def _placeholders_to_inputs(proto, weights: dict[str, np.ndarray]) -> None:
+    """The initializers of ``proto`` named in ``weights`` become graph inputs."""
+    from onnx import helper
+
+    from sparsec.ir.onnx_io import elem_type
+
+    keep = [t for t in proto.graph.initializer if t.name not in weights]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(keep)
+    for name, array in weights.items():
+        proto.graph.input.append(
+            helper.make_tensor_value_info(name, elem_type(array.dtype), list(array.shape)))
+
+
+class FedSession:
+    """An ONNX Runtime session whose large weights are graph inputs (``session``): ``run``
+    feeds them (ORT reads the arrays where they are, no copy), ``get_inputs`` leaves them
+    out; everything else is the session's."""
+
+    def __init__(self, sess, weights: dict[str, np.ndarray]):
+        self._sess, self._weights = sess, weights
+
+    def run(self, output_names, input_feed, run_options=None):
+        return self._sess.run(output_names, {**input_feed, **self._weights}, run_options)
+
+    def get_inputs(self):
+        return [i for i in self._sess.get_inputs() if i.name not in self._weights]
+
+    def __getattr__(self, name):
+        return getattr(self._sess, name)
 
 
 def run(model, inputs: dict[str, np.ndarray], threads: int = 0) -> list[np.ndarray]:

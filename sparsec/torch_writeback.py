@@ -47,7 +47,9 @@ def prune_module(module, example_inputs: Sequence[Any], *, recipe=None, ratio: f
     (``out_channels``, ``in_features``, ``groups``, ``num_features``) are made to match their
     weights. The result runs, trains, and computes what the pruned IR computes. Calibration
     batches are dicts keyed by the forward arguments' names, or tensors / tuples in argument
-    order (a DataLoader works). The input module is not modified.
+    order (a DataLoader works). The input module is not modified, and shares no memory with
+    the pruned one; ``result.graph``'s weights are the pruned module's own memory, read-only
+    (a billion-parameter model's pruned weights are not held twice).
 
     ``criterion="taylor"`` ranks channels by first-order Taylor importance from the module's
     gradients on the calibration batches (the fit share of them, see ``PassContext``);
@@ -166,7 +168,7 @@ def write_back(module, graph: Graph, drop_layers: bool = False, log: Log = _quie
         target = name if name in state else _created_bias(new, name)
         if target is None:
             continue                                   # a constant the lowering introduced
-        value = torch.from_numpy(np.array(arr)).to(
+        value = _owned(arr).to(
             state[target].dtype if target in state else torch.float32)
         owner_name, _, leaf = target.rpartition(".")
         if leaf not in new.get_submodule(owner_name)._parameters:
@@ -203,6 +205,21 @@ def write_back(module, graph: Graph, drop_layers: bool = False, log: Log = _quie
     for problem in _configs_follow_weights(new):
         log(f"warning: {problem}")
     return new
+
+
+def _owned(arr: np.ndarray):
+    """An initializer as a tensor the pruned module may own: an array a pass made (writeable)
+    is taken as it is, and from then on is read-only on the graph's side (the graph views the
+    pruned module's weights, as a captured graph views the input module's, so a
+    billion-parameter model's pruned weights are not held twice); a read-only one (a view of
+    the input module's memory, which the pruned module must not share) is copied."""
+    import torch
+
+    if not arr.flags.writeable:
+        return torch.from_numpy(np.array(arr))
+    tensor = torch.from_numpy(arr)
+    arr.flags.writeable = False
+    return tensor
 
 
 def _hidden_follows_weights(module) -> None:

@@ -94,7 +94,9 @@ def test_reconstruction_gives_biasless_convs_a_bias():
 
 def test_pruned_module_trains():
     module, _ = digits_cnn()
-    pruned, _ = sparsec.prune_module(module, (torch.randn(1, 1, 8, 8),), ratio=0.5)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    pruned, result = sparsec.prune_module(module, (torch.randn(1, 1, 8, 8),), ratio=0.5)
+    weights = {k: np.array(v) for k, v in result.graph.initializers.items()}
     pruned.train()
     opt = torch.optim.SGD(pruned.parameters(), lr=0.1)
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
@@ -107,6 +109,17 @@ def test_pruned_module_trains():
         first = first if first is not None else loss.item()
     assert np.isfinite(loss.item()) and loss.item() < first
     assert all(p.grad is not None and p.grad.shape == p.shape for p in pruned.parameters())
+    # training moved the pruned module's weights, not the input module's (no shared memory);
+    # the weights pruning made are the pruned module's memory, which the graph views
+    # (read-only on its side), the others copies
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+    state = pruned.state_dict()
+    shared = [k for k in weights if k in state and np.shares_memory(
+        result.graph.initializers[k], state[k].numpy())]
+    assert shared and all(not np.array_equal(weights[k], state[k]) for k in shared)
+    assert all(not np.shares_memory(v.numpy(), state[k].numpy())
+               for k, v in module.state_dict().items() if k in state)
+    assert not any(a.flags.writeable for a in result.graph.initializers.values())
 
 
 def test_unsupported_aten_ops_are_listed():

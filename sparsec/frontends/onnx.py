@@ -52,7 +52,7 @@ def read_model(path: str | os.PathLike) -> onnx.ModelProto:
     """An ONNX file. Tensors it keeps in external data files are left there (their names,
     types and shapes are read) and the file is checked by its path: :func:`load_onnx` works on
     such a model without its weights, whatever its size, and reads them last
-    (:func:`load_weights`, from the file's directory)."""
+    (:func:`read_weights`, from the file's directory)."""
     p = Path(path)
     if not p.exists():
         raise InputNotFoundError(f"model file not found: {p}")
@@ -82,6 +82,32 @@ def load_weights(model: onnx.ModelProto, base: Path) -> None:
     except Exception as e:  # noqa: BLE001 - a missing or short data file
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise InvalidModelError(f"cannot read the model's external data: {first}") from None
+
+
+def read_weights(model: onnx.ModelProto, base: Path) -> dict[str, np.ndarray]:
+    """The tensors ``model`` keeps in external data files (relative to ``base``), read
+    straight into arrays (``from_onnx``'s ``arrays``): the protobuf never holds them, so
+    loading a large model holds its weights once, not twice (the message's bytes and the
+    arrays made from them). The file was checked by path (``read_model``)."""
+    out = {}
+    for t in model.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        path = base / info.get("location", "")
+        count = int(np.prod(t.dims, dtype=np.int64))
+        try:
+            with open(path, "rb") as f:
+                f.seek(int(info.get("offset", 0)))
+                arr = np.fromfile(f, dtype=np.dtype(tensor_dtype(t.data_type)), count=count)
+        except (OSError, ValueError, TypeError) as e:
+            raise InvalidModelError(f"cannot read the model's external data for "
+                                    f"'{t.name}': {e}") from None
+        if arr.size != count:
+            raise InvalidModelError(f"cannot read the model's external data: {path.name} ends "
+                                    f"before the end of '{t.name}'")
+        out[t.name] = arr.reshape(tuple(t.dims))
+    return out
 
 
 def _unsupported_ops(model: onnx.ModelProto) -> dict[str, int]:
@@ -247,10 +273,9 @@ def load_onnx(model: str | os.PathLike | onnx.ModelProto,
     proto = infer_shapes(proto, base)
     if base is None:
         check_proto(proto, "the model")
-    else:
-        load_weights(proto, base)
+    arrays = None if base is None else read_weights(proto, base)
     try:
-        graph = from_onnx(proto)
+        graph = from_onnx(proto, arrays)
     except ValueError as e:
         raise InvalidModelError(str(e)) from None
     del proto       # ours (read or copied): the graph has the weights now, free the protobuf's
