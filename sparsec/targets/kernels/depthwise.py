@@ -115,15 +115,14 @@ def build(s: "ConvShape", dtype: str = "float32", bias: bool = False,
     def tap(n, c, i, j):   # padded row i*sh + ry*dh: phase (ry*dh) % sh, row i + (ry*dh) // sh
         return xp[n, c, (ry * dh) % sh, (rx * dw) % sw, i + (ry * dh) // sh, j + (rx * dw) // sw]
 
-    if pool == "max":
-        acc = te.compute((s.n, s.ic, oh, owp),
-                         lambda n, c, i, j: te.max(tap(n, c, i, j), axis=[ry, rx]), name="acc")
-    else:
-        acc = te.compute(
-            (s.n, s.ic, oh, owp),
-            lambda n, c, i, j: te.sum(tap(n, c, i, j) * (1 if pool else w[c, ry, rx]),
-                                      axis=[ry, rx]),
-            name="acc")
+    def combine(n, c, i, j):
+        if pool == "max":
+            return te.max(tap(n, c, i, j), axis=[ry, rx])
+        if pool == "avg":
+            return te.sum(tap(n, c, i, j), axis=[ry, rx])
+        return te.sum(tap(n, c, i, j) * w[c, ry, rx], axis=[ry, rx])
+
+    acc = te.compute((s.n, s.ic, oh, owp), combine, name="acc")
 
     def value(n, c, i, j):
         if pool != "avg":

@@ -501,6 +501,12 @@ def _match_conv(a: _Analysis, call: "relax.Call") -> tuple[Plan, dict] | None:
     return _conv_plans(shape, w, _dtype(call), xs, out)
 
 
+def _pads(attrs) -> tuple[int, int, int, int]:
+    """A conv's or pool's padding as (top, left, bottom, right) (Relax may give two values)."""
+    pad = [int(p) for p in attrs.padding]
+    return tuple(pad * 2 if len(pad) == 2 else pad)
+
+
 def _static_conv(a: _Analysis, call: "relax.Call") -> tuple | None:
     """``(ConvShape, groups, W, x shape, out shape)`` of a static NCHW/OIHW conv2d by a
     constant W in a supported dtype, else None."""
@@ -519,12 +525,9 @@ def _static_conv(a: _Analysis, call: "relax.Call") -> tuple | None:
     groups = int(at.groups)
     if w.shape[1] * groups != xs[1]:
         return None
-    pad = [int(p) for p in at.padding]
-    if len(pad) == 2:
-        pad = pad * 2
     shape = conv2d.ConvShape(
         n=xs[0], ic=xs[1], h=xs[2], w=xs[3], oc=w.shape[0], kh=w.shape[2], kw=w.shape[3],
-        stride=tuple(int(s) for s in at.strides), padding=tuple(pad),
+        stride=tuple(int(s) for s in at.strides), padding=_pads(at),
         dilation=tuple(int(d) for d in at.dilation))
     if (shape.n, shape.oc) + shape.out_hw != out:
         return None
@@ -593,13 +596,10 @@ def _match_dynamic_conv(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, di
     dtype = _dtype(x)
     if dtype not in SUPPORTED_DTYPES or str(w.dtype) != dtype or _dtype(call) != dtype:
         return None
-    pad = [int(p) for p in at.padding]
-    if len(pad) == 2:
-        pad = pad * 2
     c, h, wd = (int(d) for d in xs[1:])
     shape = conv2d.ConvShape(
         n=1, ic=c, h=h, w=wd, oc=w.shape[0], kh=w.shape[2], kw=w.shape[3],
-        stride=tuple(int(s) for s in at.strides), padding=tuple(pad),
+        stride=tuple(int(s) for s in at.strides), padding=_pads(at),
         dilation=tuple(int(d) for d in at.dilation))
     if w.shape[1] * groups != c or (shape.oc,) + shape.out_hw != tuple(int(d) for d in out[1:]):
         return None
@@ -1104,7 +1104,7 @@ def _match_pool(a: _Analysis, call: "relax.Call") -> list[tuple[Plan, dict]] | N
     kh, kw = (int(k) for k in at.pool_size)
     sh, sw = (int(v) for v in at.strides)
     dh, dw = (int(v) for v in at.dilation)
-    pt, pl, pb0, pr0 = [int(p) for p in at.padding] * (2 if len(at.padding) == 2 else 1)
+    pt, pl, pb0, pr0 = _pads(at)
     n, c, h, w = xs
     oh, ow = out[2], out[3]
     if kh > h + pt + pb0 or kw > w + pl + pr0:   # a window wider than the padded map
