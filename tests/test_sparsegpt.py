@@ -13,6 +13,7 @@ from onnx import helper, numpy_helper
 import sparsec
 from sparsec import reference
 from sparsec.errors import BadOptionError
+from sparsec.passes import sparsify
 from sparsec.passes.sparsify import sparsegpt_layer
 
 CRITERIA = ("magnitude", "wanda", "sparsegpt")
@@ -64,11 +65,15 @@ def test_one_layer_error_is_below_wanda_and_magnitude(pattern):
     assert errors["sparsegpt"] < 0.6 * errors["wanda"] < 0.6 * errors["magnitude"], errors
 
 
-def test_the_update_is_optimal_brain_surgeon_column_by_column():
+@pytest.mark.parametrize("rows_per_pass", [None, 2])
+def test_the_update_is_optimal_brain_surgeon_column_by_column(rows_per_pass, monkeypatch):
     """Against the textbook form, with no Cholesky and no lazy batches: for each column c in
     turn, F = the columns from c on; a pruned weight w_c is removed with the OBS update
     w_F -= w_c / [H_F^-1]_00 * [H_F^-1]_0,:, and the N:M choice ranks w_c^2 / [H_F^-1]_00.
-    Blocks of 4 columns (lazy updates across 5 blocks) must give the same weights."""
+    Blocks of 4 columns (lazy updates across 5 blocks) must give the same weights, whether
+    the rows go through the column loop at once or 2 at a time."""
+    if rows_per_pass:
+        monkeypatch.setattr(sparsify, "SPARSEGPT_ROWS", rows_per_pass)
     rng = np.random.default_rng(4)
     x, w = correlated(rng, 20)(200), rng.standard_normal((6, 20))
     h = 2 * x.T @ x / len(x)
@@ -84,6 +89,34 @@ def test_the_update_is_optimal_brain_surgeon_column_by_column():
         want[pruned, c:] -= np.outer(want[pruned, c] / d[c][0], d[c])
     np.testing.assert_allclose(got, want, atol=1e-9)
     assert n_of_m(got) and np.abs(got - w).max() > 0.1       # the kept weights moved
+
+
+@pytest.mark.parametrize("kind, nums", [("unstructured", None), ("nm", (2, 4, 4))])
+def test_rows_in_passes_give_the_same_weights(kind, nums, monkeypatch):
+    """The column loop runs over chunks of rows (``SPARSEGPT_ROWS``; grouped N:M keeps a
+    group in one chunk): 40 rows at once or 8 at a time, the same result."""
+    rng = np.random.default_rng(5)
+    x, w = correlated(rng, 48)(300), rng.standard_normal((40, 48))
+    h = 2 * x.T @ x / len(x)
+    whole, keep = sparsegpt_layer(w, h, kind, nums, 0.5, block=16)
+    monkeypatch.setattr(sparsify, "SPARSEGPT_ROWS", 8)
+    chunked, keep8 = sparsegpt_layer(w, h, kind, nums, 0.5, block=16)
+    np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-12)
+    assert (keep8 == keep).all() and (whole == 0).mean() == pytest.approx(0.5)
+    if nums:        # 4 consecutive rows share each run's choice
+        assert (keep.reshape(10, 4, 48) == keep.reshape(10, 4, 48)[:, :1]).all()
+
+
+def test_the_inverse_factor_is_the_cholesky_factor_of_the_inverse():
+    """U upper with U^T U = H^-1, from one Cholesky of the reversed H and a triangular inverse
+    by halves (600 wide: three levels of halving)."""
+    rng = np.random.default_rng(6)
+    x = correlated(rng, 600)(900)
+    h = 2 * x.T @ x / len(x) + 0.01 * np.eye(600)
+    u = sparsify.inverse_upper_factor(h)
+    assert np.abs(np.tril(u, -1)).max() == 0
+    want = np.linalg.cholesky(np.linalg.inv(h)).T
+    np.testing.assert_allclose(u, want, rtol=0, atol=1e-9 * np.abs(want).max())
 
 
 def mlp() -> onnx.ModelProto:
