@@ -329,13 +329,13 @@ def sparsegpt(original: Graph, sparse: Graph, weights: set[str], ctx: PassContex
         w = original.initializers[node.inputs[1]]
         mat = _as_matrix(node, w).astype(np.float64)            # [K, N]: a @ mat
         taps = int(np.prod(w.shape[2:])) if node.op_type == "Conv" else 1
-        # im2col columns run channel-major; N:M runs over consecutive input channels per tap
-        order = np.arange(mat.shape[0]).reshape(-1, taps).T.ravel()
         full = d.full
         h = full.gram(False) * (2.0 / max(full.rows, 1))
         if taps == 1:       # no reordering: no copies (an LM head's matrix is 250 MB and more)
             new = sparsegpt_layer(mat.T, h, kind, nums, sparsity)[0].T
         else:
+            # im2col columns run channel-major; N:M runs over consecutive input channels per tap
+            order = np.arange(mat.shape[0]).reshape(-1, taps).T.ravel()
             rows_w, _ = sparsegpt_layer(mat[order].T, h[np.ix_(order, order)], kind, nums,
                                         sparsity)
             new = np.empty_like(mat)
