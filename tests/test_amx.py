@@ -33,6 +33,21 @@ HERE = "amx_bf16" in cpu_flags() and "amx_tile" in cpu_flags()
 SPR = {"kind": "llvm", "mcpu": "sapphirerapids"}
 
 
+#: each tile program runs emulated here, and on the AMX instructions where the CPU has them
+BOTH = pytest.mark.parametrize("emulate", [
+    pytest.param(True, id="emulated"),
+    pytest.param(False, id="hardware", marks=pytest.mark.skipif(
+        not HERE, reason="this CPU has no AMX: the hardware kernel is only compiled"))])
+
+
+def _target(emulate: bool) -> dict:
+    if not emulate:
+        from sparsec.targets.host import request_amx
+
+        assert request_amx()
+    return {"kind": "llvm"} if emulate else SPR
+
+
 def _lib(func, target: dict):
     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
     return tvm.compile(mod, target=tvm.target.Target(target))
@@ -126,11 +141,12 @@ def test_plan_fits_the_tile_registers():
     (40, 96, 64, (1, 3)),
     (40, 96, 64, (2, 1)),
 ])
-def test_emulated_kernel_matches_numpy(m, k, n, tiles):
+@BOTH
+def test_tile_kernel_matches_numpy(m, k, n, tiles, emulate):
     x, w, _, _ = _operands(m, k, n)
     mt, nt = tiles or (None, None)
     p = amx.plan(m, k, n, mt, nt)
-    lib = _lib(amx.build(m, k, n, mt=mt, nt=nt, emulate=True), {"kind": "llvm"})
+    lib = _lib(amx.build(m, k, n, mt=mt, nt=nt, emulate=emulate), _target(emulate))
     out = _run(lib, x, amx.pack_weight(w, p), np.zeros((m, n), np.float32))
     ref = _reference(x, w)
     # fp32 sums of exact products: only the summation order differs from float64
@@ -145,11 +161,12 @@ def test_emulated_kernel_matches_numpy(m, k, n, tiles):
     {"act": Activation(0.0, 6.0)},
     {"bias": True, "act": Activation(gelu=True)},
 ])
-def test_emulated_kernel_epilogues(flags):
+@BOTH
+def test_tile_kernel_epilogues(flags, emulate):
     m, k, n = 20, 72, 48
     x, w, bias, res = _operands(m, k, n, seed=3)
     p = amx.plan(m, k, n)
-    lib = _lib(amx.build(m, k, n, emulate=True, **flags), {"kind": "llvm"})
+    lib = _lib(amx.build(m, k, n, emulate=emulate, **flags), _target(emulate))
     args = [x, amx.pack_weight(w, p)] + ([bias] if flags.get("bias") else []) + (
         [res] if flags.get("residual") else []) + [np.zeros((m, n), np.float32)]
     out = _run(lib, *args)
@@ -220,13 +237,14 @@ def test_tuner_times_sparse_kernels_on_a_consistent_weight():
     (16, 64, 48, 0.0),      # every tile empty: offsets all point at the zero row
     (3, 64, 200, 1.0),      # nothing to drop
 ])
-def test_emulated_sparse_kernel_matches_numpy(m, k, n, density):
+@BOTH
+def test_sparse_tile_kernel_matches_numpy(m, k, n, density, emulate):
     x, _, bias, _ = _operands(m, k, n, seed=4)
     w = _sparse_weight(k, n, density, seed=4)
     p = amx.plan(m, k, n)
     sw = amx.pack_sparse(w, p)
-    func = amx.build(m, k, n, bias=True, act=RELU, emulate=True, nnz=sw.nnz)
-    out = _run(_lib(func, {"kind": "llvm"}), x, sw.values, sw.masks, sw.offsets, bias,
+    func = amx.build(m, k, n, bias=True, act=RELU, emulate=emulate, nnz=sw.nnz)
+    out = _run(_lib(func, _target(emulate)), x, sw.values, sw.masks, sw.offsets, bias,
                np.zeros((m, n), np.float32))
     ref = _reference(x, w, bias, act=RELU)
     np.testing.assert_allclose(out, ref, atol=1e-6 * np.sqrt(k) * max(np.abs(ref).max(), 1))
@@ -251,15 +269,16 @@ def test_sparse_kernel_expands_with_vpexpandw():
     (12, 128, 128, 64, False),    # P @ V
     (3, 7, 33, 20, False),        # nothing whole
 ])
-def test_emulated_batch_matmul_matches_numpy(batch, m, k, n, transposed):
+@BOTH
+def test_tile_batch_matmul_matches_numpy(batch, m, k, n, transposed, emulate):
     rng = np.random.default_rng(batch)
     a = rng.standard_normal((batch, m, k)).astype(np.float32)
     b = rng.standard_normal((batch, k, n)).astype(np.float32)
     res = rng.standard_normal((batch, m, n)).astype(np.float32)
     func = amx.build_batch(batch, m, k, n, residual=True, b_transposed=transposed,
-                           emulate=True)
+                           emulate=emulate)
     operand = np.ascontiguousarray(b.transpose(0, 2, 1)) if transposed else b
-    out = _run(_lib(func, {"kind": "llvm"}), a, operand, res,
+    out = _run(_lib(func, _target(emulate)), a, operand, res,
                np.zeros((batch, m, n), np.float32))
     ref = amx.bf16_round(a).astype(np.float64) @ amx.bf16_round(b).astype(np.float64) + res
     assert np.abs(out - ref).max() <= 1e-6 * np.sqrt(k) * np.abs(ref).max()
@@ -274,7 +293,8 @@ def test_emulated_batch_matmul_matches_numpy(batch, m, k, n, transposed):
     (1, 24, 8, 8, 8, 1, 1, 0, 1),         # pointwise, fewer than 16 output channels
     (1, 10, 9, 9, 40, 5, 1, 4, 2),        # 5x5, dilation 2
 ])
-def test_emulated_conv_matches_torch(geometry):
+@BOTH
+def test_tile_conv_matches_torch(geometry, emulate):
     import torch
 
     from sparsec.targets.kernels.conv2d import ConvShape
@@ -287,8 +307,8 @@ def test_emulated_conv_matches_torch(geometry):
     bias = rng.standard_normal(oc).astype(np.float32)
     oh, ow = s.out_hw
     res = rng.standard_normal((n, oc, oh, ow)).astype(np.float32)
-    func = amx.build_conv(s, bias=True, residual=True, act=RELU, emulate=True)
-    out = _run(_lib(func, {"kind": "llvm"}), x, amx.pack_conv_weight(wt, amx.conv_plan(s)),
+    func = amx.build_conv(s, bias=True, residual=True, act=RELU, emulate=emulate)
+    out = _run(_lib(func, _target(emulate)), x, amx.pack_conv_weight(wt, amx.conv_plan(s)),
                bias, res, np.zeros((n, oc, oh, ow), np.float32))
     ref = torch.nn.functional.conv2d(
         torch.from_numpy(amx.bf16_round(x).astype(np.float64)),
@@ -336,6 +356,36 @@ def test_hardware_kernel_uses_amx_tiles():
     # the emulated twin is plain vector code
     assert not re.search(r"\b(tdpbf16ps|ldtilecfg)\b", _asm(amx.build(128, 768, 768,
                                                                        emulate=True)))
+
+
+def _compacted_acc_shape(func) -> list[int]:
+    """The shape TVM's buffer compaction (part of every build) leaves the C tiles' ``acc``."""
+    from tvm import s_tir
+
+    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    mod = tvm.transform.Sequential([
+        s_tir.transform.LowerInitBlock(), s_tir.transform.PlanAndUpdateBufferAllocationLocation(),
+        s_tir.transform.ConvertBlocksToOpaque(), s_tir.transform.CompactBufferAllocation()])(mod)
+    (shape,) = re.findall(r"\bacc = T\.\w+\(\(([^)]*)\)", mod["main"].script())
+    return [int(d) for d in shape.split(",")]
+
+
+@pytest.mark.parametrize("emulate", [False, True])
+def test_tile_stores_keep_the_whole_c_buffer(emulate):
+    """Tile stores write 16-row tiles with the padded row stride, so ``acc`` must keep its
+    padded shape where the epilogue reads less of it (M, N, OC or OH*OW off the tile grid).
+    The hardware ops once addressed it as ``&acc[r, c]``, and TVM shrank it to the rows and
+    columns read: wrong rows and a corrupted heap on the first AMX machine (runs anywhere)."""
+    from sparsec.targets.kernels.conv2d import ConvShape
+
+    p = amx.plan(33, 200, 50)
+    assert _compacted_acc_shape(amx.build(33, 200, 50, emulate=emulate)) == [p.mp, p.np_]
+    s = ConvShape(1, 5, 9, 9, 20, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1))
+    p = amx.conv_plan(s)
+    assert _compacted_acc_shape(amx.build_conv(s, emulate=emulate)) == [1, p.mp, p.np_]
+    p = amx.plan(20, 40, 24)
+    assert _compacted_acc_shape(amx.build_batch(3, 20, 40, 24, emulate=emulate)) == [
+        3, p.mp, p.np_]
 
 
 @pytest.mark.skipif(not HERE, reason="this CPU has no AMX: the hardware kernel is only compiled")

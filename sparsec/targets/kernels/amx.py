@@ -330,7 +330,7 @@ class _HardwareTiles:
     def load(self, t: int, buf, index, stride_bytes: int) -> None:
         from tvm import tirx
 
-        self._intrin("tileloadd64", _i8(t), _address(buf, *index),
+        self._intrin("tileloadd64", _i8(t), _flat_address(buf, index),
                      tirx.IntImm("int64", stride_bytes))
 
     def dot(self, c: int, a: int, b: int) -> None:
@@ -339,7 +339,7 @@ class _HardwareTiles:
     def store(self, t: int, buf, index, stride_bytes: int) -> None:
         from tvm import tirx
 
-        self._intrin("tilestored64", _i8(t), _address(buf, *index),
+        self._intrin("tilestored64", _i8(t), _flat_address(buf, index),
                      tirx.IntImm("int64", stride_bytes))
 
     def end(self) -> None:
@@ -433,6 +433,19 @@ def _address(buf, *index):
     from tvm import tirx
 
     return tirx.address_of(buf[tuple(index)] if len(index) > 1 else buf[index[0]])
+
+
+def _flat_address(buf, index):
+    """The address of element ``index`` of a buffer proxy, taken through a flat view of its
+    memory (:func:`_flat_view`), as the emulated tile ops address it. Not ``&buf[index]``:
+    TVM then sees one element of the buffer used, and shrinks an intermediate buffer (the C
+    tiles' ``acc``) to the region its other readers use, so a tile store 16 rows tall wrote
+    past it (found on the first AMX machine: wrong rows, then a corrupted heap, wherever N
+    was not a multiple of 16)."""
+    from tvm import tirx
+
+    b = buf.buffer if hasattr(buf, "buffer") else buf
+    return tirx.address_of(_flat_view(buf, str(b.dtype))[_flat_offset(buf, index, str(b.dtype))])
 
 
 def _flat_view(buf, dtype: str):
