@@ -128,23 +128,29 @@ def _calibration(graph: Graph, calibration) -> list[dict[str, np.ndarray]]:
         return read_calibration(calibration, signature(graph, graph.inputs))
     if isinstance(calibration, dict):
         calibration = [calibration]
+    specs = {s["name"]: s for s in signature(graph, graph.inputs)}
     batches = []
-    for item in calibration:
+    for i, item in enumerate(calibration):
         if not isinstance(item, dict):
             items = list(item) if isinstance(item, (tuple, list)) else [item]
             if len(items) < len(graph.inputs):
                 raise BadOptionError(f"a calibration batch has {len(items)} item(s), the model "
                                      f"takes {len(graph.inputs)} input(s)")
             item = dict(zip(graph.inputs, items))
-        batches.extend(_chunks(graph, item))
+        try:
+            batches.extend(_chunks(graph, item, specs))
+        except BadOptionError as e:
+            raise BadOptionError(f"calibration batch {i}: {e}") from None
     if not batches:
         raise BadOptionError("the calibration data is empty")
     return batches
 
 
-def _chunks(graph: Graph, item: dict) -> list[dict[str, np.ndarray]]:
+def _chunks(graph: Graph, item: dict, specs: dict[str, dict]) -> list[dict[str, np.ndarray]]:
     """One calibration item as feeds of the model's static shapes: a batch larger than the
-    model's (a DataLoader of 32 for a model captured at batch 1) is cut into model batches."""
+    model's (a DataLoader of 32 for a model captured at batch 1) is cut into model batches,
+    each checked as an ``--calib`` file's arrays are (``reference.cast_input``: no NaN, no
+    7.5 for an integer input)."""
     parts: dict[str, list[np.ndarray]] = {}
     for name in graph.inputs:
         if name not in item:
@@ -154,12 +160,13 @@ def _chunks(graph: Graph, item: dict) -> list[dict[str, np.ndarray]]:
         if hasattr(value, "detach"):                   # a torch tensor
             value = value.detach().cpu().numpy()
         want = graph.shape(name)
-        arr = np.asarray(value).astype(graph.value(name).dtype, copy=False)
+        arr = np.asarray(value)
         if arr.shape == want:
-            parts[name] = [arr]
+            parts[name] = [reference.cast_input(name, arr, specs[name])]
         elif (arr.ndim == len(want) and arr.shape[1:] == want[1:] and want[0] > 0
               and arr.shape[0] % want[0] == 0):
-            parts[name] = np.split(arr, arr.shape[0] // want[0])
+            parts[name] = [reference.cast_input(name, a, specs[name])
+                           for a in np.split(arr, arr.shape[0] // want[0])]
         else:
             raise BadOptionError(f"calibration input '{name}' has shape {list(arr.shape)}, "
                                  f"the model expects {list(want)} (or a multiple of its batch)")

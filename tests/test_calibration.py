@@ -273,3 +273,27 @@ def test_progress_is_a_bar_on_a_terminal_plain_lines_elsewhere_and_nothing_when_
         for _ in range(3):
             p.step()
     assert silent.getvalue() == ""
+
+
+def test_in_memory_calibration_is_checked_as_a_calib_file_is(tmp_path):
+    """NaN in calibration arrays passed to ``prune`` is refused with the CLI's error and
+    nothing is written; a large batch is cut into the model's batches and each is checked."""
+    model = EXAMPLES / "digits_cnn.onnx"
+    images = np.load(EXAMPLES / "digits_calib.npz")["image"][:8, 0]      # [8, 1, 8, 8]
+    bad = images.copy()
+    bad[5, 0, 2, 3] = np.nan
+    out = tmp_path / "pruned.onnx"
+    with pytest.raises(BadOptionError, match=r"calibration batch 0: input 'image' holds NaN "
+                                             r"at \[0, 0, 2, 3\]"):
+        sparsec.prune(model, out, ratio=0.3, calibration=[{"image": bad}])
+    assert not out.exists()
+    with pytest.raises(BadOptionError, match="calibration batch 1: input 'image' holds NaN"):
+        sparsec.prune(model, out, ratio=0.3,
+                      calibration=[torch.from_numpy(images), torch.from_numpy(bad)])
+    assert not out.exists()
+    file = tmp_path / "bad.npz"
+    np.savez(file, image=bad[:, None])
+    with pytest.raises(BadOptionError, match="holds NaN"):
+        sparsec.prune(model, out, ratio=0.3, calibration=file)
+    sparsec.prune(model, out, ratio=0.3, calibration=[torch.from_numpy(images)])
+    assert out.exists()
