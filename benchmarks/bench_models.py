@@ -10,10 +10,11 @@ Models are transformers' / torch's definitions with random weights (no model hub
 measures speed, not accuracy. Each sparsec output is checked against ONNX Runtime.
 
 Run from the repo root:  PYTHONPATH=. python benchmarks/bench_models.py [--models a,b]
-[--tune SECONDS] [--ratio R] [--rounds N] [--keep-others]  (--tune: also tune each model from
-an empty cache and time the result; --ratio 0: dense only; --keep-others: a partial re-run
-keeps the published rows of the other models)
-Writes benchmarks/results/models.{json,md} and a plot, benchmarks/results/models.svg.
+[--tune SECONDS] [--ratio R] [--rounds N] [--stem S] [--keep-others]  (--tune: also tune each
+model from an empty cache and time the result; --ratio 0: dense only; --keep-others: a partial
+re-run keeps the published rows of the other models)
+Writes benchmarks/results/models.{json,md} and a plot, benchmarks/results/models.svg (another
+stem with --stem).
 """
 
 from __future__ import annotations
@@ -182,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tune", type=float, default=0.0, metavar="SECONDS",
                     help="also tune each model (fresh cache, up to SECONDS) and time the tuned "
                          "library beside the untuned one")
+    ap.add_argument("--stem", default="models",
+                    help="write results/STEM.{json,md,svg} (another machine's run beside the "
+                         "published one: --stem models_<cpu>)")
     ap.add_argument("--keep-others", action="store_true",
                     help="keep the published rows of the models not named in --models (a "
                          "partial re-run; their figures stay those of the run that made them)")
@@ -243,10 +247,11 @@ def main(argv: list[str] | None = None) -> int:
                                  ort_speedup=times["ort"] / times["ort_pruned"])
                 rows[-1]["pruned"] = prune_row
             print(rows[-1], flush=True)
-    if args.keep_others and (RESULTS / "models.json").is_file():
+    if args.keep_others and (RESULTS / f"{args.stem}.json").is_file():
         import json
 
-        kept = {r["model"]: r for r in json.loads((RESULTS / "models.json").read_text())["rows"]}
+        kept = {r["model"]: r for r in json.loads(
+            (RESULTS / f"{args.stem}.json").read_text())["rows"]}
         kept.update({r["model"]: r for r in rows})
         rows = [kept[m] for m in MODELS if m in kept]
     lines = [f"# Whole models, {args.threads} threads ({host.description})", "",
@@ -284,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {r['model']} | {p['mac_ratio']:.2f} | {p['pruned_ms']:.2f} | "
                          f"{lo:.2f}-{hi:.2f} | {lo / p['mac_ratio']:.2f}-{hi / p['mac_ratio']:.2f}"
                          f" | {p['ort_speedup']:.2f} | {p['pruned_ms'] / p['ort_pruned_ms']:.2f} |")
-    publish("models", {"peak_gflops": peak_gflops, "threads": args.threads, "rows": rows},
+    publish(args.stem, {"peak_gflops": peak_gflops, "threads": args.threads, "rows": rows},
             "\n".join(lines))
     # the plot: each engine's time relative to ONNX Runtime's, per model (lower is faster)
     svg = bar_chart_svg(f"Latency relative to ONNX Runtime ({args.threads} threads)",
@@ -293,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                          "sparsec": [r["sparsec_ms"] / r["ort_ms"] for r in rows],
                          **({"sparsec tuned": [r["tuned_ms"] / r["ort_ms"] for r in rows]}
                             if args.tune > 0 else {})}, "x")
-    (RESULTS / "models.svg").write_text(svg)
+    (RESULTS / f"{args.stem}.svg").write_text(svg)
     return 0
 
 

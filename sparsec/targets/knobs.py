@@ -104,7 +104,7 @@ def _expansion_kernel_plan(shape: dict):
 
 
 def _row_tiles(shape: dict) -> list[dict]:
-    return [{"rows": t} for t in (1, 2, 3, 4, 5, 6) if shape["m"] % t == 0]
+    return [{"rows": t} for t in (1, 2, 3, 4, 5, 6, 8) if shape["m"] % t == 0]
 
 
 def _variants(strategy: str, shape: dict) -> list[dict]:

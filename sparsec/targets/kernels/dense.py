@@ -13,13 +13,20 @@ Schedule (per output tile of ``MI x 16``; ``MI`` divides M, 4 when it can):
       Y[rows, cols] = epilogue(acc)        # write-back, masked where N % 16 != 0
 A 4x16 tile holds 8 accumulators, leaving registers for the 2 W vectors and the broadcasts of
 AVX2's 16; wider tiles spill (measured: 8x16 and 2x16 are both slower on znver3).
+
+With AVX-512 (32 registers of 16 lanes) the blocks are 32 wide and the tile 8 rows: 16
+accumulators, 2 W loads and 8 broadcasts per 16 FMAs. A 4x16 tile there is 4 accumulators and
+5 loads per 4 FMAs, which a core with two 512-bit FMA units cannot feed (Emerald Rapids, one
+thread, against ONNX Runtime's MatMul: 32x1024x4096 4531 -> 2961 us, ORT 2857; 128x768x3072
+8329 -> 4354 us, ORT 4115; 128x3072x768 8001 -> 4354, ORT 4147).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sparsec.targets.kernels.common import Activation, epilogue_func, finish, pick_row_tile
+from sparsec.targets.kernels.common import (Activation, epilogue_func, finish, pick_row_tile,
+                                            wide_vectors)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -28,15 +35,23 @@ if TYPE_CHECKING:
 NAME = "dense_packed"
 LANES = 16  # output channels per packed block: two fp32 ymm vectors
 ROW_TILES = (4, 6, 5, 3, 2, 1)
+#: row tiles with AVX-512 (32-wide blocks: 8 rows are 16 accumulators of the 32 registers)
+ROW_TILES_AVX512 = (8, 4, 6, 5, 3, 2, 1)
 K_UNROLL = 4
 
 
 def lanes_for(m: int) -> int:
-    """Packed block width for ``m`` rows. One or two rows (batch-1 inference) give a tile
-    of one or two vectors, a single chain of dependent FMAs per vector: 32-wide blocks double
-    the independent chains (768x3072 at M=1 on znver4, 2 threads: 0.087 -> 0.058 ms; at M=4
-    no change)."""
-    return 32 if m <= 2 else LANES
+    """Packed block width for ``m`` rows (of the target being compiled for). One or two rows
+    (batch-1 inference) give a tile of one or two vectors, a single chain of dependent FMAs
+    per vector: 32-wide blocks double the independent chains (768x3072 at M=1 on znver4,
+    2 threads: 0.087 -> 0.058 ms; at M=4 no change). With AVX-512 blocks are always 32 wide
+    (module docstring)."""
+    return 32 if m <= 2 or wide_vectors() else LANES
+
+
+def row_tiles() -> tuple[int, ...]:
+    """The preferred row tiles of the target being compiled for (first dividing M wins)."""
+    return ROW_TILES_AVX512 if wide_vectors() else ROW_TILES
 
 
 def pack_weight(w_kn: "np.ndarray", lanes: int = LANES) -> "np.ndarray":
@@ -52,14 +67,16 @@ def pack_weight(w_kn: "np.ndarray", lanes: int = LANES) -> "np.ndarray":
 
 def build(m: int, k: int, n: int, dtype: str = "float32", bias: bool = False,
           act: Activation | None = None, residual: bool = False, lanes: int | None = None,
-          rows: tuple[int, ...] = ROW_TILES) -> "tirx.PrimFunc":
+          rows: tuple[int, ...] | None = None) -> "tirx.PrimFunc":
     """The scheduled PrimFunc ``(X[M,K], Wp[NB,K,lanes] [, B[N]] [, R[M,N]], Y[M,N])``.
 
     ``lanes`` is the packed block width (``lanes_for(m)`` by default: W must be packed the
-    same way); ``rows`` the preferred row-tile sizes (first that divides M wins)."""
+    same way); ``rows`` the preferred row-tile sizes (first that divides M wins; default
+    :func:`row_tiles`)."""
     from tvm import s_tir, te
 
     lanes = lanes or lanes_for(m)
+    rows = rows or row_tiles()
 
     x, w, b, res = _operands(m, k, n, lanes, dtype, bias, residual)
     nb = w.shape[0]
