@@ -176,13 +176,14 @@ def ort_runner(model, threads: int) -> Callable[[dict], list]:
     return lambda feeds: sess.run(None, feeds)
 
 
-def sparsec_runner(model, workdir: Path, name: str) -> tuple[Callable[[dict], list], dict, float]:
+def sparsec_runner(model, workdir: Path, name: str, target: str = "host"
+                   ) -> tuple[Callable[[dict], list], dict, float]:
     from sparsec.targets import resolve_target
     from sparsec.targets.host import compile_onnx, load_library
 
     t0 = time.perf_counter()
     lib = workdir / f"{name}.so"
-    facts = compile_onnx(model, resolve_target("host"), lib, log=lambda s: None)
+    facts = compile_onnx(model, resolve_target(target), lib, log=lambda s: None)
     compile_s = time.perf_counter() - t0
     runner = load_library(lib, facts["inputs"])
     return runner.run, facts, compile_s

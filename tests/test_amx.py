@@ -1,9 +1,9 @@
 """AMX bf16 tile kernels (``kernels/amx.py``) and the ``x86-amx`` target, against real TVM, numpy,
 torch's bf16 rounding and ONNX Runtime.
 
-This machine has no AMX. The hardware kernel is compiled and its instructions checked; the same
-tile program with each tile op emulated in TIR runs here against numpy (and on an AMX machine
-the hardware build runs against the emulated one)."""
+Every tile program runs twice where the CPU has AMX (Sapphire Rapids or newer): on the AMX
+instructions and with each tile op emulated in TIR, both against numpy / torch. Elsewhere the
+hardware kernel is compiled and its instructions checked, and the emulated program runs."""
 
 from __future__ import annotations
 
@@ -438,8 +438,8 @@ def amx_package(tmp_path_factory):
 
 def test_compile_for_amx_checks_the_tile_programs(amx_package):
     """A small BERT compiled for x86-amx: every linear layer on bf16 tiles, the package's
-    reference pair checked against ONNX Runtime with the tile ops emulated (no AMX here),
-    with the bf16 tolerance, which the header records too."""
+    reference pair checked against ONNX Runtime (natively where the CPU has AMX, else with
+    the tile ops emulated) with the bf16 tolerance, which the header records too."""
     from sparsec import api
 
     pkg, manifest, logs = amx_package
@@ -521,7 +521,8 @@ def test_amx_package_library_has_tile_code(amx_package):
 
 
 def test_amx_package_does_not_run_here_without_amx(amx_package, tmp_path):
-    """Without AMX, ``sparsec validate`` says why in one line (exit code, no traceback)."""
+    """Without AMX, ``sparsec validate`` says why in one line (exit code, no traceback); with
+    it, the package validates on the tiles."""
     pkg, _, _ = amx_package
     proc = subprocess.run([sys.executable, "-m", "sparsec", "validate", str(pkg)],
                           capture_output=True, text=True)
