@@ -257,3 +257,36 @@ def test_fused_pointwise_depthwise_is_tunable(cache_file):
         facts = compile_onnx(model, host, lib, log=lambda s: None, tuned=cache)
         assert facts["decisions"][1]["tuned"] == knobs
         assert_matches_ort(model, feeds, load_library(lib, facts["inputs"]).run(feeds))
+
+
+def test_a_width_vectorized_conv_can_be_tuned_to_the_channel_blocked_kernel(cache_file):
+    """A conv the heuristics give the width-vectorized kernel (a stem: 3 input channels) has
+    the channel-blocked kernel as its other variant; either record compiles (the weight is
+    packed for the kernel it names), says which kernel it used, and matches ONNX Runtime."""
+    from test_targets import random_feeds
+
+    from sparsec.targets.host import load_library
+
+    host = resolve_target("host")
+    rng = np.random.default_rng(0)
+    model = make_model([helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[7, 7],
+                                         strides=[2, 2], pads=[3] * 4)],
+                       [("x", [1, 3, 64, 64])], [("y", [1, 24, 32, 32])],
+                       {"w": rng.standard_normal((24, 3, 7, 7)) / 10})
+    [(strategy, shape)] = tuning.kernels_of(model, host)
+    assert strategy == "conv2d_nchw_packed" and shape["variant"] == "width_vectorized"
+    variants = tuning._variants(strategy, shape)
+    assert variants == [{"kernel": "width_vectorized"}, {"kernel": "oc_blocked"}]
+    assert tuning._default_knobs(strategy, shape) == variants[0]
+    feeds = random_feeds(model)
+    outs = []
+    for knobs in variants:
+        cache = tuning.Cache()
+        cache.put(tuning.target_key(host.tvm_target), strategy, shape, {"knobs": knobs, "ms": {}})
+        lib = cache_file.parent / f"stem_{knobs['kernel']}.so"
+        facts = compile_onnx(model, host, lib, log=lambda s: None, tuned=cache)
+        [d] = facts["decisions"]
+        assert d["tuned"] == knobs and d["shape"]["variant"] == knobs["kernel"]
+        outs.append(load_library(lib, facts["inputs"]).run(feeds))
+        assert_matches_ort(model, feeds, outs[-1])
+    np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)

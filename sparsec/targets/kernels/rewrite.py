@@ -538,10 +538,13 @@ def _conv_plans(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, xs: tuple,
                 ) -> list[tuple[Plan, dict]]:
     """The CPU kernels for a groups-1 conv."""
     wplan = conv2d.plan_wvec(shape)
-    packed = conv2d.pack_weight(w, wplan.oct if wplan else conv2d.LANES)
     kshape = {**dataclasses.asdict(shape), "dtype": dtype}
     if wplan:
         kshape["variant"] = "width_vectorized"
+        # the tuner may have measured the channel-blocked kernel faster on this CPU
+        if (knobs_for(conv2d.NAME, kshape) or {}).get("kernel") == "oc_blocked":
+            wplan = None
+    packed = conv2d.pack_weight(w, wplan.oct if wplan else conv2d.LANES)
 
     def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
              ) -> "relax.Expr":
