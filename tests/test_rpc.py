@@ -209,8 +209,9 @@ def test_compile_tunes_over_rpc(farm, tmp_path, monkeypatch, capsys):
     assert code == 0, err
     assert "2 at once" in err and "whole model:" in err     # both timed on the devices
     key = tuning.target_key(dict(resolve_target("host").tvm_target))
-    [entry] = json.loads(cache_file.read_text())[key].values()
-    assert len(entry["ms"]) == 8 and (out / "model.so").is_file()
+    entries = json.loads(cache_file.read_text())[key].values()
+    # the stride-2 conv's 8 width tiles; the two width-vectorized convs' 2 kernels each
+    assert sorted(len(e["ms"]) for e in entries) == [2, 2, 8] and (out / "model.so").is_file()
     farm.wait_for(2)
 
 
