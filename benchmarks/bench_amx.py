@@ -26,13 +26,6 @@ from bench_host import interleaved_medians, macs, ort_runner, publish, sparsec_r
 from bench_models import MODELS, random_feeds  # noqa: E402
 
 
-def fidelity(want: np.ndarray, got: np.ndarray) -> dict[str, float]:
-    w, g = want.astype(np.float64).ravel(), got.astype(np.float64).ravel()
-    cosine = float(w @ g / max(np.linalg.norm(w) * np.linalg.norm(g), 1e-300))
-    return {"cosine": cosine,
-            "max_rel_err": float(np.abs(g - w).max() / max(np.abs(w).max(), 1e-30))}
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(MODELS))
@@ -42,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
 
+    from sparsec.reference import compare
     from sparsec.targets import cpu_flags, resolve_target
 
     if not {"amx_tile", "amx_bf16"} <= cpu_flags():
@@ -70,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                 "amx_over_ort": [min(amx_vs_ort), max(amx_vs_ort)],
                 "amx_speedup_over_fp32": [min(amx_vs_fp32), max(amx_vs_fp32)],
                 "compile_s": {"fp32": round(fp32_s, 1), "amx": round(bf16_s, 1)},
-                "amx_kernels": tiles, "fp32": fidelity(want, fp32(feeds)[0]),
-                "bf16": fidelity(want, bf16(feeds)[0])})
+                "amx_kernels": tiles, "fp32": compare([want], [fp32(feeds)[0]]).as_dict(),
+                "bf16": compare([want], [bf16(feeds)[0]]).as_dict()})
             print(rows[-1], flush=True)
     host = resolve_target("host")
 
