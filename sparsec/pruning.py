@@ -124,11 +124,22 @@ def _calibration(graph: Graph, calibration) -> list[dict[str, np.ndarray]]:
     tuples whose first items are the inputs in order (labels after them are ignored)."""
     if calibration is None:
         return [reference.random_inputs(graph, seed=s) for s in range(2)]
-    if isinstance(calibration, (str, os.PathLike)):
-        return read_calibration(calibration, signature(graph, graph.inputs))
+    sig = signature(graph, graph.inputs)
+    batches = (read_calibration(calibration, sig)
+               if isinstance(calibration, (str, os.PathLike)) else _batches(graph, calibration, sig))
+    for i, feeds in enumerate(batches):     # token ids within their tables (ORT refuses others)
+        try:
+            reference.check_ranges(feeds, sig)
+        except BadOptionError as e:
+            raise BadOptionError(f"calibration sample {i}: {e}") from None
+    return batches
+
+
+def _batches(graph: Graph, calibration, sig: list[dict]) -> list[dict[str, np.ndarray]]:
+    """In-memory calibration (``_calibration``) as model-sized feeds, each checked."""
     if isinstance(calibration, dict):
         calibration = [calibration]
-    specs = {s["name"]: s for s in signature(graph, graph.inputs)}
+    specs = {s["name"]: s for s in sig}
     batches = []
     for i, item in enumerate(calibration):
         if not isinstance(item, dict):

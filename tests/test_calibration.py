@@ -297,3 +297,19 @@ def test_in_memory_calibration_is_checked_as_a_calib_file_is(tmp_path):
         sparsec.prune(model, out, ratio=0.3, calibration=file)
     sparsec.prune(model, out, ratio=0.3, calibration=[torch.from_numpy(images)])
     assert out.exists()
+
+
+def test_calibration_token_ids_past_the_vocabulary_are_refused(masked_bert, tmp_path):
+    """A token id outside the embedding table is a clear input error (ONNX Runtime would
+    fail inside the pruning pass), from a file or from memory, and nothing is written."""
+    batches = padded_batches(2)
+    batches[1]["input_ids"][2, 1] = 100                    # the table has 100 rows
+    out = tmp_path / "pruned.onnx"
+    with pytest.raises(BadOptionError, match=r"calibration sample 1: input 'input_ids' holds 100 "
+                                             r"at \[2, 1\], outside \[-100, 99\]"):
+        sparsec.prune(masked_bert, out, ratio=0.3, calibration=batches)
+    file = tmp_path / "calib.npz"
+    np.savez(file, **{k: np.stack([b[k] for b in batches]) for k in batches[0]})
+    with pytest.raises(BadOptionError, match="calibration sample 1: .*outside"):
+        sparsec.prune(masked_bert, out, ratio=0.3, calibration=file)
+    assert not out.exists()
