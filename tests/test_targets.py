@@ -1234,6 +1234,47 @@ def test_conv_two_channel_blocks_per_tile(args, host, tmp_path):
     assert_matches_ort(model, feeds, outs)
 
 
+def test_conv_rows_major_rule():
+    """A conv's parallel tasks run rows outermost where the rows split evenly into bands of
+    at least ``MIN_BAND_ROWS`` a core (each core then reads the band the previous conv wrote),
+    channel groups outermost otherwise; never for a batch known only at run time."""
+    import tvm
+    from tvm import tirx
+
+    from sparsec.targets.kernels import conv2d
+
+    with tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2}):
+        assert conv2d.rows_major(1, 56) and conv2d.rows_major(1, 28)
+        assert not conv2d.rows_major(1, 14)            # 7-row bands
+        assert not conv2d.rows_major(1, 7)             # 4 + 3 rows
+        assert conv2d.rows_major(4, 7)                 # whole images a core
+        assert not conv2d.rows_major(3, 7)             # 21 rows: uneven
+        assert conv2d.rows_major(1, 112, unit=2) and not conv2d.rows_major(1, 45, unit=3)
+        assert not conv2d.rows_major(tirx.Var("n", "int64"), 56)
+    with tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 4}):
+        assert conv2d.rows_major(1, 56) and not conv2d.rows_major(1, 28)
+
+
+@pytest.mark.parametrize("by_rows", [True, False])
+@pytest.mark.parametrize("args", [
+    dict(n=1, c=16, h=28, w=28, oc=40, k=3, stride=1, pad=1, relu=True),  # ragged block
+    dict(n=2, c=24, h=14, w=13, oc=32, k=3, stride=2, pad=1),     # batch 2, 7 odd rows
+    dict(n=1, c=8, h=60, w=60, oc=64, k=1, stride=2, pad=0, bias=False),  # 1x1 stride 2
+    dict(n=1, c=3, h=64, w=64, oc=24, k=3, stride=2, pad=1),      # stem: width-vectorized
+    dict(n=2, c=12, h=10, w=80, oc=24, k=3, stride=1, pad=1),     # wvec, batch 2, 10 rows
+])
+def test_conv_parallel_order_numerics(args, by_rows, host, tmp_path, monkeypatch):
+    """Both parallel orders of both direct kernels (rows outermost, or channel groups) compute
+    the same conv, on row counts that do and do not split evenly among the cores."""
+    from sparsec.targets.kernels import conv2d
+
+    monkeypatch.setattr(conv2d, "rows_major", lambda n, oh, unit=1: by_rows)
+    model = conv_model(**args)
+    facts, feeds, outs = compile_and_run(model, host, tmp_path)
+    assert facts["kernels"].get("conv2d_nchw_packed") == 1, facts["kernels"]
+    assert_matches_ort(model, feeds, outs)
+
+
 @pytest.mark.parametrize("args", [
     dict(n=1, c=12, h=15, w=15, oc=12, k=3, stride=1, pad=1, group=3, relu=True),  # 4 wide
     dict(n=1, c=16, h=8, w=8, oc=16, k=3, stride=2, pad=1, group=2),     # RegNet's 8 wide
