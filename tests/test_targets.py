@@ -1259,13 +1259,15 @@ def test_conv_rows_major_rule():
 @pytest.mark.parametrize("args", [
     dict(n=1, c=16, h=28, w=28, oc=40, k=3, stride=1, pad=1, relu=True),  # ragged block
     dict(n=2, c=24, h=14, w=13, oc=32, k=3, stride=2, pad=1),     # batch 2, 7 odd rows
+    dict(n=1, c=6, h=32, w=30, oc=16, k=3, stride=2, pad=2, dil=2),  # two padded bands, s2+dil
     dict(n=1, c=8, h=60, w=60, oc=64, k=1, stride=2, pad=0, bias=False),  # 1x1 stride 2
     dict(n=1, c=3, h=64, w=64, oc=24, k=3, stride=2, pad=1),      # stem: width-vectorized
     dict(n=2, c=12, h=10, w=80, oc=24, k=3, stride=1, pad=1),     # wvec, batch 2, 10 rows
 ])
 def test_conv_parallel_order_numerics(args, by_rows, host, tmp_path, monkeypatch):
     """Both parallel orders of both direct kernels (rows outermost, or channel groups) compute
-    the same conv, on row counts that do and do not split evenly among the cores."""
+    the same conv, on row counts that do and do not split evenly among the cores (rows-major
+    channel-blocked convs pad their input in bands, halo rows in both)."""
     from sparsec.targets.kernels import conv2d
 
     monkeypatch.setattr(conv2d, "rows_major", lambda n, oh, unit=1: by_rows)

@@ -28,6 +28,7 @@ accumulators instead of 4-6 and the NCHW write-back / residual read are contiguo
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -187,11 +188,41 @@ def _zero_pad(x, s: ConvShape, hp: int, wp: int, pt: int, pl: int, dtype: str):
         name="pad")
 
 
-def _schedule_pad(sch: "s_tir.Schedule") -> None:
-    """The "pad" stage: (n, c) in parallel; its body becomes vector copies after scheduling
-    (``common.vector_pad``)."""
+def _banded_pad(x, s: ConvShape, wp: int, oh: int, dtype: str):
+    """Stage "pad" of a rows-major conv (:func:`rows_major`): X zero-padded in bands, band
+    ``t`` being the padded rows that output rows ``[t*band, (t+1)*band)`` read, halo rows
+    copied into both bands that read them. A band a core (where the rows split evenly, else
+    one band an image): the core that computes a band's rows pads them, from the rows the
+    previous conv wrote on that core. Returns ``(P[N, bands, IC, 1, 1, rows, wp], read, band)``,
+    ``read(n, c, i, ky, j)`` reading row ``ky`` of output row ``i``'s window, column ``j``
+    (the unit phase axes are ``common.vector_pad``'s layout)."""
+    from tvm import te, tirx
+
+    (sh, _), (dh, _) = s.stride, s.dilation
+    pt, pl = s.padding[:2]
+    cores = target_cores()
+    bands = cores if oh % cores == 0 else 1
+    band = oh // bands
+    rows = (band - 1) * sh + (s.kh - 1) * dh + 1
+    zero = tirx.const(0, dtype)
+
+    def value(n, t, c, py, px, i, j):
+        r, q = t * band * sh + i - pt, j - pl
+        return tirx.if_then_else(tirx.all(r >= 0, r < s.h, q >= 0, q < s.w), x[n, c, r, q],
+                                 zero)
+
+    xp = te.compute((s.n, bands, s.ic, 1, 1, rows, wp), value, name="pad")
+
+    def read(n, c, i, ky, j):
+        return xp[n, i // band, c, 0, 0, i % band * sh + ky * dh, j]
+    return xp, read, band
+
+
+def _schedule_pad(sch: "s_tir.Schedule", lead: int = 2) -> None:
+    """The "pad" stage: its ``lead`` leading axes ((n, c), or (n, band, c)) in parallel; its
+    body becomes vector copies after scheduling (``common.vector_pad``)."""
     loops = sch.get_loops(sch.get_sblock("pad"))
-    sch.parallel(sch.fuse(loops[0], loops[1]))
+    sch.parallel(sch.fuse(*loops[:lead]))
 
 
 #: input channels per pass over an output row's strips: the pass's weights (16 channels x 9
@@ -265,14 +296,22 @@ def build(s: ConvShape, dtype: str = "float32", bias: bool = False,
     b = te.placeholder((s.oc,), dtype, name="B") if bias else None
     res = te.placeholder((s.n, s.oc, oh, ow), dtype, name="R") if residual else None
     needs_pad = (hp, wp) != (s.h, s.w)
-    xp = _zero_pad(x, s, hp, wp, pt, pl, dtype) if needs_pad else x
+    by_rows = rows_major(s.n, oh)
+    banded = needs_pad and by_rows
+    if banded:
+        xp, xin, band = _banded_pad(x, s, wp, oh, dtype)
+    else:
+        xp = _zero_pad(x, s, hp, wp, pt, pl, dtype) if needs_pad else x
+
+        def xin(n, c, i, ky, j):   # padded row ky * dh of output row i's window
+            return xp[n, c, i * sh + ky * dh, j]
     rc = te.reduce_axis((0, s.ic), name="rc")
     ry = te.reduce_axis((0, s.kh), name="ry")
     rx = te.reduce_axis((0, s.kw), name="rx")
     acc = te.compute(
         (s.n, ocb, oh, owp, LANES),
         lambda n, cb, i, j, cl: te.sum(
-            xp[n, rc, i * sh + ry * dh, j * sw + rx * dw] * w[cb, rc, ry, rx, cl],
+            xin(n, rc, i, ry, j * sw + rx * dw) * w[cb, rc, ry, rx, cl],
             axis=[rc, ry, rx]),
         name="acc",
     )
@@ -288,7 +327,6 @@ def build(s: ConvShape, dtype: str = "float32", bias: bool = False,
     # one strip a row: nothing to reuse the block's weights across (MobileNetV2's 320 -> 1280
     # 1x1 conv at 7x7 ran 455 us in one pass, 492 in passes of 16)
     kco, kci = sch.split(kc, [None, ic_block(s.ic) if owp > t else s.ic])
-    by_rows = rows_major(s.n, oh)
     if by_rows:
         sch.reorder(n, i, cbo, kco, jo, kci, ky, kx, ji, cbi, cl)
     else:
@@ -302,8 +340,12 @@ def build(s: ConvShape, dtype: str = "float32", bias: bool = False,
     sch.unroll(kx)
     sch.parallel(sch.fuse(n, i, cbo) if by_rows else sch.fuse(n, cbo, i))
     if needs_pad:
-        _schedule_pad(sch)
+        _schedule_pad(sch, 3 if banded else 2)
     sch.decompose_reduction(blk, kco)
+    if banded:
+        return vector_pad(finish(sch, NAME), dataclasses.replace(s, stride=(1, 1)),
+                          x_row=lambda lead, py, i: ([lead[0], lead[2]],
+                                                     lead[1] * band * sh + i - pt))
     return vector_pad(finish(sch, NAME), s) if needs_pad else finish(sch, NAME)
 
 
