@@ -1,6 +1,7 @@
 """Per-kernel profile of a sparsec-compiled model on the host CPU.
 
 Run from the repo root:  PYTHONPATH=. python benchmarks/profile_host.py [--model cnn|cnn50|...]
+[--threads N] [--ratio R: the model pruned at R first]
 
 Runs the model once through the Relax VM with an instrument that records every kernel call
 (symbol and arguments), then times each call on its own with TVM's ``time_evaluator`` (median of
@@ -110,10 +111,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="cnn", choices=list(_models()))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ratio", type=float, default=0.0,
+                    help="profile the model pruned at this ratio (magnitude channel groups)")
     args = ap.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     sys.path.insert(0, str(REPO))
-    rows, whole = profile(_models()[args.model]())
+    model = _models()[args.model]()
+    if args.ratio:
+        import bench_host
+
+        model = bench_host.pruned(model, args.ratio)
+    rows, whole = profile(model)
     total = sum(r["ms"] for r in rows if r["ms"] == r["ms"])
     chain = sum(r["chain_ms"] for r in rows if r["chain_ms"] == r["chain_ms"])
     print(f"{'kernel':40s} {'alone ms':>8s} {'%':>6s} {'chain ms':>8s}  shapes")

@@ -454,8 +454,12 @@ def test_conv2d_packed_numerics(args, host, tmp_path):
     pytest.param(dict(n=1, c=10, h=12, w=112, oc=20, k=3, stride=2, pad=1),
                  marks=pytest.mark.skipif(not HAS_AVX512, reason="AVX-512 tiling")),
 ])
-def test_conv2d_width_vectorized_numerics(args, host, tmp_path):
-    """Small maps whose output width is whole vectors take the width-vectorized variant."""
+def test_conv2d_width_vectorized_numerics(args, host, tmp_path, monkeypatch):
+    """Small maps whose output width is whole vectors take the width-vectorized variant (rows
+    of 8-lane vectors too, as on a CPU that runs them at the full rate)."""
+    from sparsec.targets.kernels import conv2d
+
+    monkeypatch.setattr(conv2d, "narrow_vectors_at_full_rate", lambda: True)
     model = conv_model(**args)
     facts, feeds, outs = compile_and_run(model, host, tmp_path)
     assert facts["kernels"].get("conv2d_nchw_packed") == 1, facts["kernels"]
@@ -467,8 +471,9 @@ def test_conv2d_width_vectorized_numerics(args, host, tmp_path):
 def test_width_vectorized_plan_rule():
     """Which convs take the width-vectorized variant: small maps always; with AVX-512 also
     KxK convs of stride 1 with few input channels or whose channel count is not whole 16-lane
-    blocks, rows of up to 8 vectors; never 1x1 strided ones or strided (or many-input) whole
-    blocks on wide maps, nor on AVX2 (16 registers)."""
+    blocks, rows of up to 8 vectors (of 8 lanes only where those run at the full FMA rate:
+    Zen 4's double-pumped AVX-512, not Intel's full-width units); never 1x1 strided ones or
+    strided (or many-input) whole blocks on wide maps, nor on AVX2 (16 registers)."""
     import tvm
 
     from sparsec.targets.kernels.conv2d import ConvShape, plan_wvec
@@ -476,12 +481,15 @@ def test_width_vectorized_plan_rule():
     def shape(ic, oc, hw, k, stride):
         return ConvShape(1, ic, hw, hw, oc, k, k, (stride,) * 2, (k // 2,) * 4, (1, 1))
 
+    with tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}):
+        assert plan_wvec(shape(24, 24, 56, 3, 1)).vecs == 7          # 8 lanes
+        assert plan_wvec(shape(32, 32, 56, 3, 1)).vecs == 7
     with tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"}):
         assert plan_wvec(shape(12, 24, 80, 3, 1)).vecs == 5
-        assert plan_wvec(shape(24, 24, 56, 3, 1)).vecs == 7          # 8 lanes
+        assert plan_wvec(shape(24, 24, 56, 3, 1)) is None            # 8 lanes: half rate
         assert plan_wvec(shape(32, 24, 160, 3, 2)).vecs == 5
         assert plan_wvec(shape(24, 32, 80, 3, 1)).vecs == 5          # stride 1, few inputs
-        assert plan_wvec(shape(32, 32, 56, 3, 1)).vecs == 7
+        assert plan_wvec(shape(32, 32, 56, 3, 1)) is None
         assert plan_wvec(shape(64, 64, 56, 3, 1)) is None            # many inputs
         assert plan_wvec(shape(24, 32, 160, 3, 2)) is None           # strided whole blocks
         assert plan_wvec(shape(48, 24, 80, 1, 2)) is None            # 1x1 strided

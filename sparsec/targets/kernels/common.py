@@ -70,6 +70,25 @@ def wide_vectors() -> bool:
     return "avx512f" in llvm_features(str(target))
 
 
+#: LLVM CPUs whose AVX-512 runs a 512-bit FMA as two 256-bit halves (AMD Zen 4), so that 8-lane
+#: (256-bit) vectors do as many FMAs a cycle per lane as 16-lane ones; cores with full-width
+#: 512-bit FMA units (Intel's server cores) run them at half that rate
+HALF_RATE_AVX512 = ("znver4",)
+
+
+def narrow_vectors_at_full_rate() -> bool:
+    """Whether 8-lane vectors reach the target's full FMA rate per lane: without AVX-512
+    (they are its widest), and on :data:`HALF_RATE_AVX512` CPUs. Width-vectorized conv tiles
+    of 8-lane vectors are chosen only there (Emerald Rapids, one thread, alone: 32->32 3x3 at
+    56x56 591 us in rows of 7 8-lane vectors against 331 on the channel-blocked kernel, ONNX
+    Runtime 320; on Zen 4 544 against 542)."""
+    import tvm
+
+    if not wide_vectors():
+        return True
+    return tvm.target.Target.current().attrs.get("mcpu") in HALF_RATE_AVX512
+
+
 def target_cores() -> int:
     """The cores the target being compiled for runs on (its ``num-cores``; this machine's
     outside a target scope or where the target does not say): kernels size their parallel

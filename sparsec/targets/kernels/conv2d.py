@@ -32,7 +32,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sparsec.targets.kernels.common import (Activation, epilogue_func, finish, target_cores,
+from sparsec.targets.kernels.common import (Activation, epilogue_func, finish,
+                                            narrow_vectors_at_full_rate, target_cores,
                                             vector_pad, wide_vectors)
 
 if TYPE_CHECKING:
@@ -122,7 +123,11 @@ WVEC_MAX_VECS_STEM = 8
 #: one thread against the channel-blocked kernel's input-channel passes (3x3, 56x56 rows of 7
 #: 8-lane vectors): 16->16 141 against 153 us, 48->48 1189 against 1236, 32->32 the same
 #: (544, 542); 64->64 2200 against 2065 and 96->96 4687 against 4603 the other way. Stride 2
-#: stays channel-blocked (32->64 3x3 from 112x112: 1218 against 1564 us)
+#: stays channel-blocked (32->64 3x3 from 112x112: 1218 against 1564 us). (All on Zen 4.) Rows
+#: of 8-lane vectors only where those run at the full FMA rate
+#: (``common.narrow_vectors_at_full_rate``): on Emerald Rapids' full-width 512-bit units,
+#: alone, one thread, 3x3 at 56x56: 32->32 591 against 331 us, 24->24 301 against 213, 48->48
+#: 1148 against 721 (pruned ResNet-18, whole: 1.39 -> 1.17x pruned ONNX Runtime)
 WVEC_MAX_VECS_RAGGED = 8
 WVEC_MAX_K = 48 * 9
 
@@ -140,7 +145,8 @@ def plan_wvec(s: ConvShape) -> WidthPlan | None:
     if s.ic <= 4:
         max_vecs = WVEC_MAX_VECS_STEM
     elif s.kh * s.kw > 1 and wide_vectors() and (s.oc % LANES or (
-            s.stride == (1, 1) and s.ic * s.kh * s.kw <= WVEC_MAX_K)):
+            s.stride == (1, 1) and s.ic * s.kh * s.kw <= WVEC_MAX_K)) and (
+            lanes == LANES or narrow_vectors_at_full_rate()):
         max_vecs = WVEC_MAX_VECS_RAGGED
     else:
         max_vecs = 4
