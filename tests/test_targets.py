@@ -3,6 +3,7 @@ and ONNX Runtime (no mocks)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -19,7 +20,8 @@ pytest.importorskip("tvm")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from sparsec.errors import SparsecError, UnknownTargetError  # noqa: E402
-from sparsec.targets import KNOWN_TARGETS, TargetSpec, physical_cores, resolve_target  # noqa: E402
+from sparsec.targets import (KNOWN_TARGETS, TargetSpec, cpu_flags, physical_cores,  # noqa: E402
+                             resolve_target)
 
 #: the host's compile target has AVX-512 (the tile choices differ with 32 vector registers)
 HAS_AVX512 = "avx512f" in resolve_target("host").cpu_flags
@@ -1483,8 +1485,6 @@ def test_other_targets_compile_and_run(target, tmp_path):
 
 
 def test_cpu_features_decide_where_code_runs():
-    from sparsec.targets import cpu_flags
-
     assert {"avx512f", "avx512bw", "avx512vl"} <= resolve_target("x86-avx512").cpu_flags
     assert resolve_target("x86-avx2").cpu_flags == {"avx2", "fma"}
     assert resolve_target("llvm").cpu_flags == set()
@@ -1497,20 +1497,25 @@ def test_cpu_features_decide_where_code_runs():
 
 
 def test_package_for_a_cpu_this_machine_lacks_is_written_unchecked(tmp_path):
-    """Code for CPU features this machine lacks (AMX here) is compiled, never run: running it
-    would fault. The package is written with a warning, its reference pair left to the
-    device. (A CPU named by raw JSON keeps fp32 kernels; the ``x86-amx`` target's bf16 tile
-    kernels are emulated for the check instead: test_amx.py.)"""
+    """Code for CPU features this machine lacks (AMX, or on an AMX machine Granite Rapids'
+    AMX-FP16) is compiled, never run: running it would fault. The package is written with a
+    warning, its reference pair left to the device. (A CPU named by raw JSON keeps fp32
+    kernels; the ``x86-amx`` target's bf16 tile kernels are emulated for the check instead:
+    test_amx.py.)"""
     from sparsec import api
 
-    target = '{"kind": "llvm", "mcpu": "sapphirerapids"}'
-    if resolve_target(target).runs_here:
-        pytest.skip("this CPU has AMX")
+    targets = [resolve_target(json.dumps({"kind": "llvm", "mcpu": cpu}))
+               for cpu in ("sapphirerapids", "graniterapids")]
+    lacking = [t for t in targets if not t.runs_here]
+    if not lacking:
+        pytest.skip("this CPU has every feature of Granite Rapids")
     logs: list[str] = []
-    manifest = api.compile(REPO / "examples" / "digits_mlp.onnx", tmp_path / "pkg", target=target,
-                           log=logs.append)
+    manifest = api.compile(REPO / "examples" / "digits_mlp.onnx", tmp_path / "pkg",
+                           target=lacking[0].name, log=logs.append)
     assert manifest["reference"]["check"] is None
-    assert any("warning" in line and "this CPU lacks amx" in line for line in logs)
+    missing = sorted(lacking[0].cpu_flags - cpu_flags())
+    assert missing and any("warning" in line and f"this CPU lacks {missing[0]}" in line
+                           for line in logs), logs
 
 
 def test_bool_mask_kernels_compile_and_match(host, tmp_path):

@@ -95,11 +95,15 @@ class TargetSpec:
         return f"{self.triple}-{name}" if self.triple else name
 
 
-#: LLVM's names of the x86 extensions whose absence makes code fault -> /proc/cpuinfo's names
+#: LLVM's names of the x86 extensions whose absence makes code fault -> /proc/cpuinfo's names.
+#: An ``mcpu`` lets LLVM use any of its CPU's features; these are the ones that tell the CPUs
+#: sparsec targets apart (Sapphire Rapids' AVX512-FP16 and Granite Rapids' AMX-FP16 included: a
+#: package for Granite Rapids does not run on Emerald Rapids). Not every feature LLVM knows:
+#: a VM that hides one from the guest would otherwise make its own host target "foreign".
 _X86_FLAGS = {"avx2": "avx2", "fma": "fma", "avx512f": "avx512f", "avx512bw": "avx512bw",
               "avx512dq": "avx512dq", "avx512vl": "avx512vl", "avx512vnni": "avx512_vnni",
-              "avx512bf16": "avx512_bf16", "amx-tile": "amx_tile", "amx-bf16": "amx_bf16",
-              "amx-int8": "amx_int8"}
+              "avx512bf16": "avx512_bf16", "avx512fp16": "avx512_fp16", "amx-tile": "amx_tile",
+              "amx-bf16": "amx_bf16", "amx-int8": "amx_int8", "amx-fp16": "amx_fp16"}
 
 #: the flags of the named x86 targets' CPUs, as :attr:`TargetSpec.cpu_flags` reads them from
 #: LLVM (which needs TVM, seconds to import): ``sparsec targets`` says what runs here without
@@ -108,8 +112,8 @@ MCPU_FLAGS: dict[str, frozenset[str]] = {
     "haswell": frozenset({"avx2", "fma"}),
     "skylake-avx512": frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"}),
     "sapphirerapids": frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl",
-                                 "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
-                                 "amx_int8"}),
+                                 "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
+                                 "amx_bf16", "amx_int8"}),
 }
 
 KNOWN_TARGETS: tuple[str, ...] = ("host", "x86-avx2", "x86-avx512", "x86-amx", "llvm", "aarch64",
