@@ -1263,6 +1263,12 @@ def test_conv_rows_major_rule():
         assert not conv2d.rows_major(tirx.Var("n", "int64"), 56)
     with tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 4}):
         assert conv2d.rows_major(1, 56) and not conv2d.rows_major(1, 28)
+    # the kernel follows the rule: rows-major, the input is padded in one band a core (its
+    # 14 output rows read 16 padded ones), else in one plane a channel
+    shape = conv2d.ConvShape(1, 64, 28, 28, 64, 3, 3, (1, 1), (1,) * 4, (1, 1))
+    for cores, pad in ((2, "(1, 2, 64, 1, 1, 16, 30)"), (4, "(1, 64, 30, 30)")):
+        with tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": cores}):
+            assert f"pad = T.sblock_alloc_buffer({pad})" in conv2d.build(shape).script()
 
 
 @pytest.mark.parametrize("by_rows", [True, False])
