@@ -938,6 +938,59 @@ def test_softmax_rows_numerics(shape, kernel, host, tmp_path):
     np.testing.assert_allclose(outs[0].sum(-1), 1.0, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_isnan_legalizes_to_a_bit_test(dtype):
+    """``isnan`` is legalized as an integer test of the bits (TVM's intrinsic runs one lane at
+    a time): it is true on every NaN (quiet, signalling, negative) and false on infinities,
+    zeros, subnormals and the largest finite values, for each float width."""
+    import tvm
+    from tvm import relax
+
+    from sparsec.targets.host import legalize_isnan
+
+    bits = {"float16": np.uint16, "float32": np.uint32, "float64": np.uint64}[dtype]
+    info = np.finfo(dtype)
+    special = [np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0, info.max, -info.max,
+               info.tiny, info.smallest_subnormal, 1.0, -2.5]
+    x = np.array(special, dtype=dtype)
+    # a signalling NaN: exponent all ones, quiet bit clear, a payload bit set
+    width = np.dtype(dtype).itemsize * 8
+    mantissa = {"float16": 10, "float32": 23, "float64": 52}[dtype]
+    snan = ((1 << (width - 1)) - 1) ^ (1 << (mantissa - 1))
+    x = np.concatenate([x, np.array([snan], dtype=bits).view(dtype)])
+    bb = relax.BlockBuilder()
+    v = relax.Var("x", relax.TensorType(list(x.shape), dtype))
+    with bb.function("main", [v]):
+        bb.emit_func_output(bb.emit(relax.op.isnan(v)))
+    mod = relax.transform.LegalizeOps({"relax.isnan": legalize_isnan})(bb.get())
+    assert "T.isnan" not in mod.script()
+    ex = tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"}))
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_array_equal(got, np.isnan(x))
+
+
+def test_masked_softmax_keeps_nan_semantics(host, tmp_path):
+    """The dynamo exporter's attention softmax, ``where(isnan(softmax(x)), 0, softmax(x))``,
+    over rows of one vector (16) and of several (48) gets the row schedule, matches ONNX
+    Runtime, and a row holding NaN still comes out as zeros (NaN is not folded away)."""
+    from sparsec.targets.host import load_library
+
+    n = helper.make_node
+    for width in (16, 48):
+        model = make_model([n("Softmax", ["x"], ["s"], axis=-1), n("IsNaN", ["s"], ["nan"]),
+                            n("Where", ["nan", "zero", "s"], ["y"])],
+                           [("x", [2, 8, width])], [("y", [2, 8, width])],
+                           {"zero": np.array(0.0)})
+        facts, feeds, outs = compile_and_run(model, host, tmp_path, name=f"m{width}")
+        assert_matches_ort(model, feeds, outs)
+        x = feeds["x"].copy()
+        x[1, 3, 5] = np.nan
+        out = load_library(tmp_path / f"m{width}.so", facts["inputs"]).run({"x": x})[0]
+        assert (out[1, 3] == 0).all()
+        np.testing.assert_allclose(np.delete(out.reshape(16, width), 11, 0).sum(-1), 1.0,
+                                   rtol=1e-5)
+
+
 def test_sigmoid_and_silu_run_fast_exp(host, tmp_path):
     """Sigmoid (alone, and SiLU's x * sigmoid(x) after a conv) becomes 1 / (1 + exp(-x)) with
     TOPI's vectorizable fast_exp before legalization: no sigmoid op is left, and the results
@@ -1146,6 +1199,26 @@ def test_fallback_row_reductions(op):
     np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=2e-5)
     # not row-wise: a reduction over a leading axis keeps the other rules
     assert fallback.schedule_rows(te.create_prim_func([x, topi.sum(x, axis=1)])) is None
+
+
+def test_fallback_rows_of_one_vector():
+    """A softmax over rows of exactly one vector (16: attention over 16 positions) gets the
+    row schedule too, its reductions as two half vectors, and matches numpy."""
+    import tvm
+    from tvm import te, topi
+
+    from sparsec.targets.kernels import fallback
+
+    xv = np.random.default_rng(5).standard_normal((4, 16, 16)).astype("float32") * 3
+    x = te.placeholder(xv.shape, "float32", name="x")
+    func = te.create_prim_func([x, topi.nn.fast_softmax(x, axis=-1)])
+    scheduled = fallback.schedule_rows(func)
+    assert scheduled is not None and "_rf" in scheduled.script()
+    lib = tvm.compile(tvm.IRModule({"main": scheduled}), target=tvm.target.Target({"kind": "llvm"}))
+    out = tvm.runtime.empty(xv.shape, "float32")
+    lib["main"](tvm.runtime.tensor(xv), out)
+    e = np.exp(xv - xv.max(-1, keepdims=True))
+    np.testing.assert_allclose(out.numpy(), e / e.sum(-1, keepdims=True), rtol=1e-5, atol=2e-6)
 
 
 @pytest.mark.parametrize("shape,op,lanes", [((2, 24, 20, 20), "mean", 16),

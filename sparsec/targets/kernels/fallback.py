@@ -196,8 +196,12 @@ def schedule_rows(func: "tirx.PrimFunc") -> "tirx.PrimFunc | None":
     factored = set()
     for block in reductions:
         inner = sch.get_loops(block)[-1]
-        if (_const_extent(sch, inner) or 1) % MAX_VECTOR == 0:
-            _, lanes = sch.split(inner, [None, MAX_VECTOR])
+        extent = _const_extent(sch, inner) or 1
+        if extent % MAX_VECTOR == 0:
+            # a row of one vector is two half vectors: a split of one whole vector leaves a
+            # loop of extent 1 outside the lanes, which the reorder below cannot pass
+            width = MAX_VECTOR if extent > MAX_VECTOR else MAX_VECTOR // 2
+            _, lanes = sch.split(inner, [None, width])
             factored.add(sch.get(sch.rfactor(lanes, factor_axis=0)).name_hint)
     out_loops = sch.get_loops(out)
     row = sch.fuse(*out_loops[:depth]) if depth > 1 else out_loops[0]
