@@ -5,7 +5,8 @@ Pipeline (compare ``tvm/relax/backend/cpu_generic/pipeline.py``, the "zero" defa
   from_onnx -> SparsecSafeTake (Gather wraps run-time indices: never out of bounds)
   -> SparsecKernelRewrite (our kernels, weights packed) -> DeadCodeElimination
   -> SparsecFastSigmoid (sigmoid as 1 / (1 + exp(-x)))
-  -> FastMathTransform (softmax, exp, erf, tanh) -> LegalizeOps -> AnnotateTIROpPattern
+  -> FastMathTransform (softmax, exp, erf, tanh)
+  -> LegalizeOps (ours first: isnan as a bit test, ``legalize_isnan``) -> AnnotateTIROpPattern
   -> FoldConstant -> FuseOps -> FuseTIR
   -> SparsecFallbackSchedule (every PrimFunc not already scheduled)
   -> SparsecSerialSmallModels (a model with little work runs serially: parallel.py)
