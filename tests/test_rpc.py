@@ -243,7 +243,10 @@ def test_tune_on_two_servers_survives_losing_one(farm, tmp_path, monkeypatch):
     assert any("2 at once" in ln for ln in logs)
     [timed] = [ln for ln in logs if "trials timed by each device thread" in ln]
     per_device = [int(n) for n in timed.split(":")[-1].split(",")]
-    assert len(per_device) == 2 and min(per_device) >= 1      # both servers timed trials
+    # two device threads, and server b was timing a batch when it was killed (its trials went
+    # to a): both worked at once. Under load b may not have finished a trial of that batch
+    # before a's first record triggered the kill, so b's count may be 0 (CI saw [0, 20])
+    assert len(per_device) == 2 and max(per_device) >= 1
     assert any("failed" in ln and "goes to another" in ln for ln in logs), logs
     # the first record was on disk before the kill, and none was lost after it
     [entries] = on_disk_at_kill[0].values()
