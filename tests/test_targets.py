@@ -648,7 +648,7 @@ def test_depthwise_pointwise_fused(args, host, tmp_path):
 @pytest.mark.parametrize("args", [
     dict(n=1, c=24, h=28, oc=16, extra_user=True),   # the depthwise output is also an output
     dict(n=1, c=24, h=56, oc=16, stride=2),          # stride 2: kept apart (dw_pointwise.py)
-    dict(n=1, c=24, h=14, oc=16),                    # 14x14: kept apart
+    dict(n=1, c=24, h=10, oc=16),                    # 10x10: under MIN_BAND_PIXELS
 ])
 def test_depthwise_pointwise_kept_apart(args, host, tmp_path):
     model = dw_pointwise_model(**args)
@@ -761,6 +761,43 @@ def test_pointwise_tasks_are_pixel_chunks():
                                    ((32, 196, 12), 13)):        # one panel: single tiles
             script = pointwise.build(1, ci, p, co, tile).script()
             assert re.findall(r"T.parallel\((\d+)\)", script) == [str(tasks)]
+
+
+@pytest.mark.parametrize("cores", [2, 3, 4])
+def test_small_maps_fuse_in_one_band_a_core(cores, tmp_path):
+    """Under ``MIN_PIXELS`` a depthwise -> projection pair fuses only where the rows split
+    evenly into one band a core (14x14 on 2 cores: 7 rows a task, on 3 cores apart), the
+    band's depthwise output fits, and the map has ``MIN_BAND_PIXELS``; the fused 14x14 kernel
+    (MobileNetV2's block, with its residual) matches ONNX Runtime."""
+    import tvm
+
+    from sparsec.targets.kernels import dw_pointwise
+    from sparsec.targets.kernels.conv2d import ConvShape
+
+    def shape(c, h):
+        return ConvShape(1, c, h, h, c, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1))
+
+    target = {"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": cores}
+    with tvm.target.Target(target):
+        fused = dw_pointwise.worth_fusing(shape(576, 14))
+        assert fused == (14 % cores == 0)
+        if fused:
+            assert dw_pointwise.plan(576, 96, 14, 14).rows == 14 // cores
+        assert not dw_pointwise.worth_fusing(shape(24, 10))            # 100 pixels
+        assert dw_pointwise.worth_fusing(shape(8192, 14)) is False      # D over 512 KB
+        assert dw_pointwise.plan(32, 24, 56, 56).rows == dw_pointwise.pick_band(
+            56, cores, lambda r: 32 * r * 64 * 4 <= dw_pointwise.MAX_TILE_BYTES)
+    if cores == 2:        # compiled for a 2-core target, run here
+        import dataclasses
+
+        base = resolve_target("host")
+        spec = dataclasses.replace(base, tvm_target={**base.tvm_target, "num-cores": 2})
+        for i, sparse in enumerate((0.0, 0.8)):       # dense and sparse (ELL) projections
+            model = dw_pointwise_model(n=1, c=48, h=14, oc=16, residual=True, sparse=sparse)
+            facts, feeds, outs = compile_and_run(model, spec, tmp_path, name=f"m{i}")
+            assert facts["kernels"] == {"dw_conv1x1_nchw": 1}, facts["kernels"]
+            assert facts["decisions"][1]["tile"].startswith("7 rows"), facts["decisions"][1]
+            assert_matches_ort(model, feeds, outs)
 
 
 def test_fused_depthwise_pointwise_schedule():

@@ -18,7 +18,8 @@ from sparsec.targets.host import compile_onnx
 
 
 def small_net():
-    """pointwise conv + ReLU6, depthwise conv, pointwise conv, global pool, linear."""
+    """pointwise conv + ReLU6, depthwise conv, pointwise conv, global pool, linear (12x12
+    maps: the depthwise -> pointwise pair stays apart, ``dw_pointwise.MIN_BAND_PIXELS``)."""
     rng = np.random.default_rng(0)
     n = helper.make_node
     inits = {"w1": rng.standard_normal((24, 8, 1, 1)) / 3, "wd": rng.standard_normal((24, 1, 3, 3)),
@@ -28,7 +29,7 @@ def small_net():
              n("Conv", ["r1", "wd"], ["d"], group=24, pads=[1] * 4),
              n("Conv", ["d", "w2"], ["c2"]), n("GlobalAveragePool", ["c2"], ["g"]),
              n("Flatten", ["g"], ["f"]), n("MatMul", ["f", "fc"], ["y"])]
-    return make_model(nodes, [("x", [2, 8, 14, 14])], [("y", [2, 10])], inits)
+    return make_model(nodes, [("x", [2, 8, 12, 12])], [("y", [2, 10])], inits)
 
 
 @pytest.fixture

@@ -44,20 +44,43 @@ MAX_TILE_BYTES = 512 * 1024
 OCTS = (12, 8, 6, 4)
 
 
-#: fused only where the depthwise output map has at least this many pixels: on smaller maps
-#: the activation fits in cache anyway, and a task of a few rows would re-read the whole
-#: projection weight for few pixels (alone, 14x14 pairs ran 1.3-1.6x slower fused)
+#: maps of at least this many pixels are fused in row tiles of ``common.pick_band`` (two or
+#: more a core)
 MIN_PIXELS = 28 * 28
+#: smaller maps down to this many pixels are fused in one band of rows a core, where the
+#: rows split evenly (:func:`core_band`). In tiles of one row (what ``pick_band`` leaves a
+#: 14x14 map on 2 cores) each task re-reads the whole projection weight for 14 pixels:
+#: alone, 14x14 pairs ran 1.3-1.6x slower fused. In one band a core, the projection reads
+#: the depthwise output its own core just wrote; apart, the depthwise conv splits channels
+#: between the cores and the projection pixels, so half of its input comes from the other
+#: core's cache. MobileNetV2 on a 2-core Emerald Rapids VM, two threads, interleaved with
+#: ONNX Runtime: dense 1.25 -> 1.12x ONNX Runtime, pruned at 0.5 1.30 -> 1.19 ms.
+MIN_BAND_PIXELS = 14 * 14
+
+
+def core_band(c: int, oh: int, ow: int, lanes: int | None = None) -> int | None:
+    """Rows per task for a map under ``MIN_PIXELS``: ``oh / cores`` where the target has
+    several cores, they split the rows evenly, and a band's depthwise output of ``c``
+    channels fits ``MAX_TILE_BYTES``; None otherwise (not fused)."""
+    if lanes is None:
+        lanes = 16 if wide_vectors() else 8
+    cores = target_cores()
+    if cores < 2 or oh % cores or oh * ow < MIN_BAND_PIXELS:
+        return None
+    rows = oh // cores
+    return rows if c * rows * (-(-ow // lanes) * lanes) * 4 <= MAX_TILE_BYTES else None
 
 
 def worth_fusing(s: "ConvShape") -> bool:
     """Whether the depthwise conv ``s`` and the pointwise conv reading it run faster as one
-    kernel: maps of ``MIN_PIXELS`` or more, stride 1. MobileNetV2's stride-2 pairs time the
-    same fused and apart (alone: 149 against 153 us, 232 against 222; the whole model the
-    same), and its large stride-2 depthwise convs fuse with their expansion instead
-    (``pointwise_dw``)."""
+    kernel: stride 1, maps of ``MIN_PIXELS`` or more, or smaller ones that split into one
+    band a core (:func:`core_band`). MobileNetV2's stride-2 pairs time the same fused and
+    apart (alone: 149 against 153 us, 232 against 222; the whole model the same), and its
+    large stride-2 depthwise convs fuse with their expansion instead (``pointwise_dw``)."""
     oh, ow = s.out_hw
-    return oh * ow >= MIN_PIXELS and s.stride == (1, 1)
+    if s.stride != (1, 1):
+        return False
+    return oh * ow >= MIN_PIXELS or core_band(s.ic, oh, ow) is not None
 
 
 @dataclass(frozen=True)
@@ -82,13 +105,15 @@ def plan(c: int, co: int, oh: int, ow: int, lanes: int | None = None, sparse: bo
          ) -> FusedPlan:
     """Rows per task: the most (dividing ``oh``) that keep ``D`` under ``MAX_TILE_BYTES`` and
     leave two row tiles a core of the target, in a multiple of its cores
-    (``common.pick_band``); one row when none does. The projection tile: dense,
+    (``common.pick_band``), one row when none does; on maps under ``MIN_PIXELS`` one band a
+    core (:func:`core_band`). The projection tile: dense,
     ``OCTS``'s entry that pads the output channels least by one vector of pixels; sparse
     (``bsr_conv1x1``'s 4-channel panels), 4 channels by up to 4 vectors of the row."""
     if lanes is None:
         lanes = 16 if wide_vectors() else 8
     owp = -(-ow // lanes) * lanes
-    rows = pick_band(oh, target_cores(), lambda r: c * r * owp * 4 <= MAX_TILE_BYTES)
+    rows = (pick_band(oh, target_cores(), lambda r: c * r * owp * 4 <= MAX_TILE_BYTES)
+            if oh * ow >= MIN_PIXELS else core_band(c, oh, ow, lanes) or 1)
     if sparse:
         from sparsec.targets.kernels import bsr
 
