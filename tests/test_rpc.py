@@ -25,6 +25,7 @@ from conftest import EXAMPLES
 from test_tuning import small_net
 
 from sparsec import cli
+from sparsec import remote as remote_mod
 from sparsec.errors import DeviceUnreachableError
 from sparsec.remote import Remote, devices
 
@@ -236,6 +237,19 @@ def test_tune_on_two_servers_survives_losing_one(farm, tmp_path, monkeypatch):
             on_disk_at_kill.append(json.loads(cache_file.read_text()))
             farm.kill("b")
 
+    # Whether b's device thread meets its dead server depends on who takes the next batch:
+    # after the kill, a library load waits (up to 3 s) until some device has failed over, so
+    # b's thread, polling the queue, takes a batch while a's holds one, and fails on it
+    load = remote_mod.KernelTimer._load
+
+    def load_after_a_failover(sess, path):
+        end = time.monotonic() + 3
+        while (on_disk_at_kill and time.monotonic() < end
+               and not any("goes to another" in ln for ln in logs)):
+            time.sleep(0.05)
+        return load(sess, path)
+
+    monkeypatch.setattr(remote_mod.KernelTimer, "_load", staticmethod(load_after_a_failover))
     remote = Remote.of(farm.address, KEY, timeout=30)
     t0 = time.monotonic()
     records = tuning.tune(model, host, budget_s=120, log=log, check=False, remote=remote)
@@ -243,11 +257,13 @@ def test_tune_on_two_servers_survives_losing_one(farm, tmp_path, monkeypatch):
     assert any("2 at once" in ln for ln in logs)
     [timed] = [ln for ln in logs if "trials timed by each device thread" in ln]
     per_device = [int(n) for n in timed.split(":")[-1].split(",")]
-    # two device threads, and server b was timing a batch when it was killed (its trials went
-    # to a): both worked at once. Under load b may not have finished a trial of that batch
-    # before a's first record triggered the kill, so b's count may be 0 (CI saw [0, 20])
+    # two device threads worked at once; under load b may not have finished a trial before
+    # a's first record triggered the kill, so b's count may be 0 (CI saw [0, 20])
     assert len(per_device) == 2 and max(per_device) >= 1
-    assert any("failed" in ln and "goes to another" in ln for ln in logs), logs
+    # the lost server was noticed: its batch failed over to a, or (its thread still waiting
+    # for a session from the tracker when b died) the thread gave up on it
+    assert any(("failed" in ln and "goes to another" in ln) or "one device fewer" in ln
+               for ln in logs), "\n".join(logs)
     # the first record was on disk before the kill, and none was lost after it
     [entries] = on_disk_at_kill[0].values()
     assert len(entries) == 1
