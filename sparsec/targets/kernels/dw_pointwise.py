@@ -30,6 +30,8 @@ from sparsec.targets.kernels.common import (Activation, clip, epilogue_func, fin
                                             wide_vectors)
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from tvm import tirx
 
     from sparsec.targets.kernels.conv2d import ConvShape
@@ -58,17 +60,24 @@ MIN_PIXELS = 28 * 28
 MIN_BAND_PIXELS = 14 * 14
 
 
+def _tile_fits(c: int, ow: int, lanes: int | None) -> "tuple[int, Callable[[int], bool]]":
+    """(the target's lanes, or ``lanes``; whether a task of that many rows keeps its depthwise
+    output ``D[c, rows, OWp]`` under ``MAX_TILE_BYTES``)."""
+    if lanes is None:
+        lanes = 16 if wide_vectors() else 8
+    owp = -(-ow // lanes) * lanes
+    return lanes, lambda rows: c * rows * owp * 4 <= MAX_TILE_BYTES
+
+
 def core_band(c: int, oh: int, ow: int, lanes: int | None = None) -> int | None:
     """Rows per task for a map under ``MIN_PIXELS``: ``oh / cores`` where the target has
     several cores, they split the rows evenly, and a band's depthwise output of ``c``
     channels fits ``MAX_TILE_BYTES``; None otherwise (not fused)."""
-    if lanes is None:
-        lanes = 16 if wide_vectors() else 8
     cores = target_cores()
     if cores < 2 or oh % cores or oh * ow < MIN_BAND_PIXELS:
         return None
     rows = oh // cores
-    return rows if c * rows * (-(-ow // lanes) * lanes) * 4 <= MAX_TILE_BYTES else None
+    return rows if _tile_fits(c, ow, lanes)[1](rows) else None
 
 
 def worth_fusing(s: "ConvShape") -> bool:
@@ -109,11 +118,10 @@ def plan(c: int, co: int, oh: int, ow: int, lanes: int | None = None, sparse: bo
     core (:func:`core_band`). The projection tile: dense,
     ``OCTS``'s entry that pads the output channels least by one vector of pixels; sparse
     (``bsr_conv1x1``'s 4-channel panels), 4 channels by up to 4 vectors of the row."""
-    if lanes is None:
-        lanes = 16 if wide_vectors() else 8
+    lanes, fits = _tile_fits(c, ow, lanes)
     owp = -(-ow // lanes) * lanes
-    rows = (pick_band(oh, target_cores(), lambda r: c * r * owp * 4 <= MAX_TILE_BYTES)
-            if oh * ow >= MIN_PIXELS else core_band(c, oh, ow, lanes) or 1)
+    rows = (pick_band(oh, target_cores(), fits) if oh * ow >= MIN_PIXELS
+            else core_band(c, oh, ow, lanes) or 1)
     if sparse:
         from sparsec.targets.kernels import bsr
 
