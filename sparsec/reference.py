@@ -283,6 +283,10 @@ def cast_input(name: str, value, spec: dict) -> np.ndarray:
                              f"{shown_shape(spec)}")
     if want.kind == "f":
         out = arr.astype(want, copy=False)
+        if arr.dtype.kind in "iu" and np.any(out.astype(arr.dtype) != arr):
+            bad = int(np.flatnonzero(out.astype(arr.dtype) != arr)[0])
+            raise BadOptionError(f"input '{name}' takes {want.name}, and holds "
+                                 f"{arr.flat[bad]} (not exact in {want.name})")
         if np.isnan(out).any():
             at = np.unravel_index(int(np.flatnonzero(np.isnan(out))[0]), out.shape)
             raise BadOptionError(f"input '{name}' holds NaN at {list(map(int, at))}: refused "

@@ -207,10 +207,14 @@ def test_cast_input_refuses_value_changing_casts():
 
     ids = {"name": "ids", "shape": [2], "dtype": "int64"}
     flags = {"name": "m", "shape": [2], "dtype": "bool"}
+    pixels = {"name": "x", "shape": [2], "dtype": "float32"}
     np.testing.assert_array_equal(reference.cast_input("ids", np.array([7.0, -1.0]), ids),
                                   [7, -1])
+    np.testing.assert_array_equal(reference.cast_input("x", np.array([2**24, -3]), pixels),
+                                  [2**24, -3])           # integers exact in float32 pass
     for bad, spec in ((np.array([7.5, 1.0]), ids), (np.array([np.inf, 1.0]), ids),
                       (np.array([2**40, 1], np.int64), {**ids, "dtype": "int32"}),
+                      (np.array([2**40 + 1, 1], np.int64), pixels),   # rounds in float32
                       (np.array([2, 0]), flags), (np.array(["1", "2"]), ids)):
         with pytest.raises(BadOptionError):
             reference.cast_input("x", bad, spec)
