@@ -243,7 +243,8 @@ def cmd_compile(args) -> int:
                            tune=args.tune, precision=args.precision, profile=args.profile,
                            latency_budget=args.latency_budget, speedup=args.speedup,
                            keep_onnx=args.keep_onnx, **_rpc_kwargs(args),
-                           dynamic=args.dynamic, cuda_graph=args.cuda_graph, log=_log(args))
+                           dynamic=args.dynamic, cuda_graph=args.cuda_graph,
+                           denormals=args.denormals, log=_log(args))
     if args.dynamic:
         ranges = ", ".join(f"{k}={lo}..{hi}" for k, (lo, hi) in
                            manifest["dynamic"]["ranges"].items())
@@ -661,6 +662,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "tensor cores with inputs rounded to tf32; fp32 keeps every kernel "
                          "exact. Lossy precisions are checked with their tolerance. Default: "
                          "the target's (tf32 for CUDA targets, bf16 for x86-amx, else fp32)")
+    sp.add_argument("--denormals", choices=("flush", "keep"), default="flush",
+                    help="CPU targets: flush (default) runs each call with subnormal floats "
+                         "(under 1.2e-38) read and written as zero, as TensorFlow and OpenVINO "
+                         "do, since each one costs the core a microcode assist (a model full of "
+                         "them ran 4x slower); keep leaves the CPU's float modes alone")
     sp.add_argument("--profile", action="store_true",
                     help="measure each kernel's share of a call on this CPU into the manifest "
                          "(targets that run here; `sparsec profile DIR` does it later)")

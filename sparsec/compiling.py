@@ -91,7 +91,7 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
             latency_budget: float | None = None, speedup: float | None = None,
             rpc: str | None = None, key: str | None = None, rpc_timeout: float | None = None,
             keep_onnx: bool = False, dynamic: dict[str, tuple[int, int]] | str | None = None,
-            cuda_graph: bool = False, log: Log = _quiet) -> dict:
+            cuda_graph: bool = False, denormals: str = "flush", log: Log = _quiet) -> dict:
     """Prune, compile for ``target`` and write a package directory (see ``sparsec.package``);
     returns its manifest. ``name`` (a C identifier; default: from the directory name) names
     the C header, the static archive and its symbols. ``round_to`` defaults to the target's
@@ -137,12 +137,21 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
     those regions eagerly on its CPU twin, so the check is the same; the speed-up is not
     measured yet.
 
+    ``denormals`` (CPU targets): "flush" (the default) runs each call with subnormal floats
+    (below 1.2e-38 in float32) read and written as zero, as TensorFlow and OpenVINO do: a
+    subnormal costs the core a microcode assist per operation (``targets/denormals.py``);
+    "keep" leaves the CPU's floating-point modes alone (IEEE gradual underflow).
+
     ``dynamic`` (``{"batch_size": (1, 32), "sequence_length": (1, 512)}`` or
     ``"batch_size=1..32,sequence_length=1..512"``; names are the model's ``dim_param``s)
     compiles an ONNX model once for every size in those ranges (``sparsec.dynamic``); it is
     checked against ONNX Runtime at both ends of each range and in the middle. Pruning
     options prune it first at the calibration data's sizes, keeping its dynamic dims
     (``sparsec.dynamic_prune``: passes that change weights only)."""
+    from sparsec.targets.denormals import MODES
+
+    if denormals not in MODES:
+        raise BadOptionError(f"--denormals takes {' or '.join(MODES)}, not '{denormals}'")
     if dynamic is not None:
         from sparsec.dynamic import compile_dynamic
 
@@ -152,6 +161,7 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
 
         return compile_dynamic(
             model, output_dir, dynamic, target=target, name=name, precision=precision,
+            denormals=denormals,
             command=command, log=log, recipe=recipe, ratio=ratio, reconstruct=reconstruct,
             head_ratio=head_ratio, hidden_ratio=hidden_ratio, rotate=rotate,
             remove_layers=remove_layers, replace_linear=replace_linear,
@@ -247,7 +257,7 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
         if on_cpu:
             facts = compile_onnx(proto, spec, tmp / LIBRARY, log=log,
                                  static_lib=tmp / archive_name(name), system_lib_prefix=prefix,
-                                 precision=precision)
+                                 precision=precision, denormals=denormals)
             if spec.amx_emulated_here and uses_bf16(facts):
                 from sparsec.targets.kernels import amx
 
@@ -313,7 +323,7 @@ def compile(model: ModelLike, output_dir: str | os.PathLike, *, target: str = "h
             log(f"reference check ({via}): max abs err {check.max_abs_err:.3g} vs ONNX Runtime"
                 + (f" ({computed} kernels: cosine "
                    f"{min(o['cosine'] for o in check.outputs):.6f})" if lossy else ""))
-            _raise_if_mismatch(check)
+            _raise_if_mismatch(check, flushed=facts.get("denormals") == "flush")
             if lossy:   # the device check: the binary must match at the fidelity found here
                 rtol = device_rtol(check)
                 write_header(rtol)

@@ -176,7 +176,7 @@ def sizes_of(feeds: dict[str, np.ndarray], signature: list[dict]) -> dict[str, i
 
 def compile_dynamic(model, output_dir: str | os.PathLike, dynamic, *, target: str = "host",
                     name: str | None = None, precision: str | None = None,
-                    command: Sequence[str] | None = None, log: Log = _quiet,
+                    denormals: str = "flush", command: Sequence[str] | None = None, log: Log = _quiet,
                     **options) -> dict:
     """``sparsec.compile(..., dynamic=...)``: see the module docstring."""
     import onnx
@@ -247,7 +247,7 @@ def compile_dynamic(model, output_dir: str | os.PathLike, dynamic, *, target: st
         save_onnx(proto, tmp / MODEL)   # always: validate runs it at every checked size
         facts = compile_onnx(symbolic, spec, tmp / LIBRARY, log=log,
                              static_lib=tmp / archive_name(name), system_lib_prefix=prefix,
-                             precision="fp32",
+                             precision="fp32", denormals=denormals,
                              upper_bounds={k: hi for k, (_, hi) in ranges.items()})
         slow = sorted({d["op"] for d in facts["decisions"] if d.get("chosen") == "fallback"
                        and d["op"] in ("matmul", "conv2d", "nn.conv2d")})
@@ -261,7 +261,7 @@ def compile_dynamic(model, output_dir: str | os.PathLike, dynamic, *, target: st
             report = _compare(outputs, expected, runner.run(feeds), rtol, atol)
             log(f"reference check at {where}: max abs err {report.max_abs_err:.3g} vs ONNX "
                 f"Runtime")
-            _raise_if_mismatch(report)
+            _raise_if_mismatch(report, flushed=facts.get("denormals") == "flush")
             checked.append({"sizes": sizes, "max_abs_err": report.max_abs_err,
                             "cosine": min(o["cosine"] for o in report.outputs)})
             if sizes == mid:

@@ -4,8 +4,9 @@ The model is built once more with the Relax VM in bytecode mode (its instrument 
 call; a package's compiled-mode ``main`` calls them from machine code), run once to record the
 calls, and the calls are then replayed in order on the VM's own tensors, so each kernel reads
 what the one before it wrote, as in the model. Kernels are grouped by name: sparsec's own
-strategies (``dense_packed``, ``conv1x1_nchw``, ...) and the generic schedule of everything
-else (TVM's fused elementwise / data-movement / norm functions).
+strategies (``dense_packed``, ``conv1x1_nchw``, ...), the generic schedule of everything
+else (TVM's fused elementwise / data-movement / norm functions), and the ``runtime`` functions
+that set and restore the CPU's float modes around a call (``targets/denormals.py``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def profile_model(proto, rounds: int = 30) -> dict:
 
     from sparsec import reference
     from sparsec.ir.onnx_io import from_onnx
-    from sparsec.targets import host, resolve_target
+    from sparsec.targets import denormals, host, resolve_target
 
     graph = from_onnx(proto)
     feeds = reference.random_feeds(reference.signature(graph, graph.inputs), seed=0)
@@ -62,8 +63,9 @@ def profile_model(proto, rounds: int = 30) -> dict:
     per: dict[str, dict] = {}
     for (symbol, _), ms in zip(calls, times):
         name = _base(symbol)
-        row = per.setdefault(name, {"kernel": name, "calls": 0, "ms": 0.0,
-                                    "kind": "sparsec" if name in own else "generic"})
+        kind = ("sparsec" if name in own else "runtime" if name in denormals.NAMES
+                else "generic")
+        row = per.setdefault(name, {"kernel": name, "calls": 0, "ms": 0.0, "kind": kind})
         row["calls"] += 1
         row["ms"] += ms if ms == ms else 0.0
     total = sum(r["ms"] for r in per.values()) or 1.0
@@ -99,9 +101,11 @@ def chain_times(kernels, calls: list[tuple[str, list]], rounds: int) -> list[flo
 
 
 def summary(report: dict, top: int = 3) -> str:
-    """One line: the largest kernels and what share the generic schedule takes."""
+    """One line: the model's largest kernels (not the float-mode switches) and what share
+    the generic schedule takes."""
     rows = report["kernels"]
     generic = [r for r in rows if r["kind"] == "generic"]
-    head = ", ".join(f"{r['kernel']} {100 * r['share']:.0f}%" for r in rows[:top])
+    head = ", ".join(f"{r['kernel']} {100 * r['share']:.0f}%"
+                     for r in [r for r in rows if r["kind"] != "runtime"][:top])
     return (f"{report['whole_ms']:.3f} ms a call; largest: {head}; generic schedule: "
             f"{100 * report['generic_share']:.0f}% in {len(generic)} kernel kinds")

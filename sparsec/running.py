@@ -198,13 +198,20 @@ def _compare(outputs: list[dict], expected: list[np.ndarray], actual: list[np.nd
     return report
 
 
-def _raise_if_mismatch(report: ValidationReport) -> None:
+def _raise_if_mismatch(report: ValidationReport, flushed: bool = False) -> None:
+    """``ValidationError`` naming the worst output where ``report`` failed; ``flushed``: the
+    library flushes subnormals to zero (``targets/denormals.py``), which the message names as a
+    cause to rule out."""
     if not report.ok:
         worst = max(report.outputs, key=lambda o: o["max_abs_err"] - o["bound"])
         why = (f"max abs err {worst['max_abs_err']:.3g} > bound {worst['bound']:.3g}")
         if report.min_cosine is not None:
             why += (f" and cosine {worst['cosine']:.4f} < {report.min_cosine} (lossy kernels, "
                     f"bf16 or tf32: --precision fp32 keeps every kernel exact)")
+        if flushed:
+            why += (" (subnormal floats are flushed to zero in the library: a model that "
+                    "magnifies values under 1.2e-38, by a log or a division, needs "
+                    "--denormals keep)")
         raise ValidationError(f"output '{worst['name']}' differs from ONNX Runtime: {why}")
 
 
@@ -231,13 +238,14 @@ def validate(package_dir: str | os.PathLike, inputs=None, *, rtol: float | None 
     rtol = recorded.get("rtol", RTOL) if rtol is None else rtol
     atol = recorded.get("atol", ATOL) if atol is None else atol
     min_cosine = recorded.get("min_cosine")
+    flushed = pkg.manifest.get("compile", {}).get("denormals") == "flush"
     if "dynamic" in pkg.manifest and pkg.model is not None and inputs is None:
         import onnx
 
         report = _validate_dynamic(pkg, onnx.load(str(pkg.model)),
                                    0 if seed is None else seed, rtol, atol, remote)
         if check:
-            _raise_if_mismatch(report)
+            _raise_if_mismatch(report, flushed)
         return report
     if pkg.model is None:
         if inputs is not None or seed is not None:
@@ -259,7 +267,7 @@ def validate(package_dir: str | os.PathLike, inputs=None, *, rtol: float | None 
     report = _compare(pkg.outputs, expected, actual, rtol, atol, min_cosine)
     report.via, report.against = via, against
     if check:
-        _raise_if_mismatch(report)
+        _raise_if_mismatch(report, flushed)
     return report
 
 

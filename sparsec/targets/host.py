@@ -10,6 +10,7 @@ Pipeline (compare ``tvm/relax/backend/cpu_generic/pipeline.py``, the "zero" defa
   -> FoldConstant -> FuseOps -> FuseTIR
   -> SparsecFallbackSchedule (every PrimFunc not already scheduled)
   -> SparsecSerialSmallModels (a model with little work runs serially: parallel.py)
+  -> SparsecFlushDenormals (each call with subnormals flushed to zero: denormals.py)
   -> the default dataflow-lowering and finalization passes
   -> SparsecNoaliasShapeFunc (dynamic shapes: keeps LLVM's noalias on every kernel) -> LLVM.
 """
@@ -30,6 +31,7 @@ from sparsec.targets.backend import (_ALIGN, Runner, _flatten, _input_dtypes,
                                      conv1d_as_conv2d, export_library, graph_input_names,
                                      import_onnx, load_library, native_stderr_to, request_amx,
                                      rewrite_pass, safe_take_pass)
+from sparsec.targets.denormals import arch, flush_pass, is_mode_switch
 from sparsec.targets.kernels import FALLBACK
 from sparsec.targets.kernels.common import STRATEGY_ATTR
 from sparsec.targets.knobs import Cache, using
@@ -53,7 +55,7 @@ def _count_strategies(mod: "ir.IRModule") -> dict[str, int]:
         if (isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.call_tir"
                 and isinstance(expr.args[0], relax.GlobalVar)):
             func = mod[expr.args[0]]
-            if isinstance(func, tirx.PrimFunc):
+            if isinstance(func, tirx.PrimFunc) and not is_mode_switch(func):
                 attrs = func.attrs or {}
                 counts[str(attrs[STRATEGY_ATTR]) if STRATEGY_ATTR in attrs else FALLBACK] += 1
 
@@ -136,7 +138,7 @@ def noalias_shape_func_pass():
 
 
 def build_pipeline(target: "object", cores: int, decisions: list[dict],
-                   counts: dict[str, int]):
+                   counts: dict[str, int], denormals: str = "flush"):
     """The Relax pipeline with our kernels and schedules (see module docstring)."""
     import tvm
     from tvm import relax
@@ -165,6 +167,7 @@ def build_pipeline(target: "object", cores: int, decisions: list[dict],
                 + [relax.transform.LegalizeOps({"relax.isnan": legalize_isnan})]
                 + cpu.legalize_passes(target)
                 + [fallback_pass(target), serial_small_models_pass()]
+                + ([flush_pass(target)] if denormals == "flush" else [])
                 # counted once reshapes that only relabel memory have become views
                 + cpu.dataflow_lower_passes(target)[:1] + [record]
                 + cpu.dataflow_lower_passes(target)[1:]
@@ -179,7 +182,7 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
                  log: Callable[[str], None] = print, *, static_lib: str | Path | None = None,
                  system_lib_prefix: str = "", tuned: "bool | Cache" = True,
                  precision: str | None = None,
-                 upper_bounds: dict[str, int] | None = None) -> dict:
+                 upper_bounds: dict[str, int] | None = None, denormals: str = "flush") -> dict:
     """Compile a static-shaped ONNX model to a shared library at ``lib_path``, and with
     ``static_lib`` also to a static archive for system-lib linking, whose symbols and VM
     executable register under ``system_lib_prefix`` (so that several models link into one
@@ -198,6 +201,10 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
 
     ``precision`` ("fp32", "bf16"; default: the target's, ``TargetSpec.precision``) says
     whether kernels that round their inputs to bf16 (AMX tiles) may be chosen.
+
+    ``denormals``: "flush" (the default) runs each call with subnormal floats flushed to zero
+    on x86 and AArch64 (``targets/denormals.py``: subnormals cost a microcode assist per
+    operation); "keep" leaves the CPU's floating-point modes alone.
 
     CPU targets only: a CUDA target is compiled by :func:`sparsec.targets.cuda.compile_onnx`
     (no static archive); the caller picks the back end by ``target.device``.
@@ -223,7 +230,7 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
     with native_stderr_to(log), progress.reporting(log):
         with tvm_target, using(cache, dict(target.tvm_target)), (
                 common.precision(precision or target.precision)):
-            lowered = build_pipeline(tvm_target, cores, decisions, counts)(mod)
+            lowered = build_pipeline(tvm_target, cores, decisions, counts, denormals)(mod)
         if any("tuned" in d for d in decisions):
             log(f"{sum('tuned' in d for d in decisions)} kernels built with tuned knobs "
                 f"({cache.path})")
@@ -250,6 +257,7 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
         log(f"static archive {Path(static_lib).stat().st_size:,} bytes "
             f"(symbol prefix '{system_lib_prefix}')")
     facts = compile_facts(model, target, counts, decisions)
+    facts["denormals"] = "flush" if denormals == "flush" and arch(tvm_target) else "keep"
     if memory is not None:
         facts["memory"] = memory
     return facts
