@@ -98,6 +98,10 @@ def _inspect_package(args) -> int:
         for r in p["passes"]:
             print(f"  pass {r['name']}: {'exact' if r['exact'] else 'lossy'}")
     print(f"  kernels  {m['compile']['kernels']}")
+    if "denormals" in m["compile"]:
+        print("  floats   " + ("subnormals flushed to zero during a call (--denormals keep: "
+                              "IEEE gradual underflow)" if m["compile"]["denormals"] == "flush"
+                              else "subnormals kept (IEEE gradual underflow)"))
     if "profile" in m:
         from sparsec.profile import summary
         print(f"  profile  {summary(m['profile'])}")

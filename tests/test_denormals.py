@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from test_cli import sparsec as sparsec_cli
 
 from sparsec.targets import resolve_target
 from sparsec.targets.host import compile_onnx, load_library
@@ -68,9 +69,11 @@ def test_compile_records_the_mode_and_refuses_others(tmp_path):
 
     m = sparsec.compile(_saved(halving_conv(8, 4), tmp_path), tmp_path / "p", target="host")
     assert m["compile"]["denormals"] == "flush"
+    assert "subnormals flushed to zero" in sparsec_cli("inspect", tmp_path / "p").stdout
     m = sparsec.compile(_saved(halving_conv(8, 4), tmp_path), tmp_path / "q", target="host",
                         denormals="keep")
     assert m["compile"]["denormals"] == "keep"
+    assert "subnormals kept" in sparsec_cli("inspect", tmp_path / "q").stdout
     with pytest.raises(BadOptionError, match="--denormals takes flush or keep"):
         sparsec.compile(_saved(halving_conv(8, 4), tmp_path), tmp_path / "r", target="host",
                         denormals="ftz")
