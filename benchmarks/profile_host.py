@@ -54,6 +54,12 @@ def profile(model, repeats: int = 7, number: int = 50) -> list[dict]:
     from sparsec.targets import host, resolve_target
     from sparsec.targets.host import compile_onnx, load_library
 
+    from sparsec.ir.onnx_io import to_onnx
+    from sparsec.loading import load
+
+    # what a user's compile gets: the model as loaded (load-time normalization folds what
+    # does not depend on inputs, makes whole-map pools global, ...)
+    model = to_onnx(load(model))
     with tempfile.TemporaryDirectory() as tmp:
         lib = Path(tmp) / "m.so"
         # the VM's instrument sees kernel calls in bytecode mode only (compiled mode calls
