@@ -283,8 +283,9 @@ def cast_input(name: str, value, spec: dict) -> np.ndarray:
                              f"{shown_shape(spec)}")
     if want.kind == "f":
         out = arr.astype(want, copy=False)
-        if arr.dtype.kind in "iu" and np.any(out.astype(arr.dtype) != arr):
-            bad = int(np.flatnonzero(out.astype(arr.dtype) != arr)[0])
+        lost = out.astype(arr.dtype) != arr if arr.dtype.kind in "iu" else None
+        if lost is not None and lost.any():
+            bad = int(np.flatnonzero(lost)[0])
             raise BadOptionError(f"input '{name}' takes {want.name}, and holds "
                                  f"{arr.flat[bad]} (not exact in {want.name})")
         if np.isnan(out).any():

@@ -131,17 +131,16 @@ def flush_pass(target: "object"):
     is settled (``parallel.serial_small_models_pass``): the flush sets the worker threads' modes
     only where some kernel keeps a parallel loop."""
     import tvm
-    from tvm import relax, tirx
+    from tvm import relax
 
-    from sparsec.targets.parallel import _has_parallel
+    from sparsec.targets.parallel import kernel_calls
 
     @tvm.transform.module_pass(opt_level=0, name="SparsecFlushDenormals")
     def _pass(mod: "ir.IRModule", _ctx) -> "ir.IRModule":
         kind = arch(target)
         if kind is None:
             return mod
-        parallel = any(_has_parallel(f.body) for _, f in mod.functions_items()
-                       if isinstance(f, tirx.PrimFunc))
+        parallel = any(has_parallel for _, has_parallel, _ in kernel_calls(mod))
         publics = [(gv, f) for gv, f in mod.functions_items()
                    if isinstance(f, relax.Function) and "global_symbol" in (f.attrs or {})]
         if not publics:
