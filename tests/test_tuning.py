@@ -247,9 +247,17 @@ def test_fused_pointwise_depthwise_is_tunable(cache_file):
     assert strategy == "conv1x1_dw_nchw"
     variants = tuning._variants(strategy, shape)
     assert [v["rows"] for v in variants] == [1, 2, 4, 7, 14]
-    # two bands a core: 28 output rows in 4 bands of 7 on this 2-core machine
+    # bands a multiple of the cores, the tallest whose expanded band of one channel fits
+    # PLANE_BYTES: 28 output rows in 2 bands of 14 on a 2-core machine
+    from sparsec.targets.kernels import pointwise_dw
+
     default = tuning._default_knobs(strategy, shape)
-    assert default in variants and 28 // default["rows"] >= 2 * host.tvm_target["num-cores"]
+    s = tuning._expansion_kernel_plan(shape)[0]
+    assert default in variants and (28 // default["rows"]) % host.tvm_target["num-cores"] == 0
+    assert pointwise_dw.band_rows(s, default["rows"]) * 56 * 4 <= pointwise_dw.PLANE_BYTES
+    taller = [v["rows"] for v in variants if v["rows"] > default["rows"]
+              and (28 // v["rows"]) % host.tvm_target["num-cores"] == 0]
+    assert all(pointwise_dw.band_rows(s, r) * 56 * 4 > pointwise_dw.PLANE_BYTES for r in taller)
     feeds = random_feeds(model)
     for knobs in (variants[0], variants[-1]):
         cache = tuning.Cache()

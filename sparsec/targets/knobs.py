@@ -100,7 +100,7 @@ def _expansion_kernel_plan(shape: dict):
     from sparsec.targets.kernels import pointwise_dw
 
     s = _conv_shape({n: v for n, v in shape.items() if n != "k"})
-    return s, pointwise_dw.plan(s)
+    return s, pointwise_dw.plan(s, shape["k"])
 
 
 def _row_tiles(shape: dict) -> list[dict]:
@@ -195,7 +195,7 @@ def build(strategy: str, shape: dict, knobs: dict | None = None, **flags) -> "ti
     elif strategy == "conv1x1_dw_nchw":
         s, fplan = _expansion_kernel_plan(shape)
         if "rows" in k:
-            fplan = pointwise_dw.plan(s, k["rows"])
+            fplan = pointwise_dw.plan(s, shape["k"], k["rows"])
         func = pointwise_dw.build(s, shape["k"], fplan, shape["dtype"], **flags)
     elif strategy == "conv2d_nchw_packed":
         s = _conv_shape({n: v for n, v in shape.items() if n != "variant"})

@@ -17,7 +17,7 @@ L1/L2, and the depthwise conv reads them from there:
 
 The band's halo rows (the kernel height minus the stride) are expanded by both bands that
 read them: 1/28 more expansion in MobileNetV2's 112x112 block on 2 cores (4 bands of 14 rows),
-1/14 in its 56x56 one (4 bands of 7 rows; the band height is a tuning knob).
+1/28 in its 56x56 one (2 bands of 14 rows; the band height is a tuning knob).
 """
 
 from __future__ import annotations
@@ -41,11 +41,18 @@ NAME = "conv1x1_dw_nchw"
 MIN_PIXELS = 56 * 56
 #: expansion channels per register tile (x one vector of the row), best first
 OCTS = (12, 8, 6, 4)
-#: the expansion buffer of one channel block (``oct`` channels x a band's rows x the row) is
-#: kept under this many bytes where an ``OCTS`` entry allows: the padding and depthwise steps
-#: re-read it channel by channel from L1 (MobileNetV2's 16 -> 96 block at 112x112, alone on
-#: one thread: 12 channels, 80 KB, 638 us; 4 channels, 27 KB, 569 us)
-L1_BYTES = 32 * 1024
+#: a band of one expanded channel (its rows, halo included, x the row) is kept under this
+#: many bytes: the padding and depthwise steps re-read it from L1. Alone, 2 threads, Emerald
+#: Rapids: bands of 14 output rows (a 112-wide plane of 29 rows, 13 KB) beat 28 rows (26 KB)
+#: by 8-12 % (MobileNetV2's 16 -> 96 block, and pruned 8 -> 48), and beat 7 rows at 56x56
+#: (24 -> 144: 174 -> 160 us; pruned 12 -> 72: 66 -> 55 us), where two bands a core left
+#: 7 rows and a 1-in-7 halo
+PLANE_BYTES = 16 * 1024
+#: expansion MACs per output a tile aims for (``oct`` x the expansion's input channels): a
+#: short reduction gets a wider tile, more independent accumulators per loaded row vector.
+#: 112x112, 14-row bands, alone, 2 threads, channels per tile 4 / 6 / 8: 16 -> 96 194 /
+#: - / 204 us, 12 -> 72 137 / 124 / 135, 8 -> 48 90 / 78 / 74
+TILE_MACS = 64
 
 
 @dataclass(frozen=True)
@@ -69,19 +76,22 @@ def worth_fusing(s: "ConvShape") -> bool:
     return s.h * s.w >= MIN_PIXELS and row_lanes(s.w) is not None
 
 
-def plan(s: "ConvShape", rows: int | None = None) -> Plan:
-    """The plan for the depthwise conv ``s`` (its input: the expansion's ``s.ic`` channels).
-    Band height, unless given: the most rows leaving two bands a core in a multiple of the
-    target's cores (``common.pick_band``; taller bands expand fewer halo rows: the 16 -> 96
-    block, one thread, 8 bands 569 us, 4 bands 529 us). The expansion tile: of ``OCTS``'s
-    entries whose channel block keeps the band's expansion under ``L1_BYTES`` (the smallest
-    when none does), the one that pads the channels least, by one vector of the input row."""
+def plan(s: "ConvShape", k: int, rows: int | None = None) -> Plan:
+    """The plan for the depthwise conv ``s`` (its input: the expansion's ``s.ic`` channels,
+    from ``k`` input channels). Band height, unless given: the most rows whose expanded band
+    of one channel fits ``PLANE_BYTES``, in bands a multiple of the target's cores (taller
+    bands expand fewer halo rows); else ``common.pick_band``. The expansion tile: the
+    ``OCTS`` entries of at least ``TILE_MACS / k`` channels (the widest when none is), of
+    them the one that pads the channels least, then the narrowest; one vector of the input
+    row wide."""
     oh, w = s.out_hw[0], s.w
     if rows is None:
-        rows = pick_band(oh, target_cores())
-    hb = band_rows(s, rows)
-    fit = [t for t in OCTS if t * hb * w * 4 <= L1_BYTES] or [OCTS[-1]]
-    oct_ = min(fit, key=lambda t: (-(-s.ic // t) * t, OCTS.index(t)))
+        cores = target_cores()
+        fit = [r for r in range(1, oh + 1) if oh % r == 0 and (oh // r) % cores == 0
+               and band_rows(s, r) * w * 4 <= PLANE_BYTES]
+        rows = max(fit) if fit else pick_band(oh, cores)
+    wide = [t for t in OCTS if t * k >= TILE_MACS] or [OCTS[0]]
+    oct_ = min(wide, key=lambda t: (-(-s.ic // t) * t, t))
     return Plan(rows, oct_, row_lanes(w) or 8)
 
 

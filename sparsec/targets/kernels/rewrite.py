@@ -1491,7 +1491,7 @@ def _fused_expansion_plan(pw_plan: Plan, dw_plan: Plan, x: Any) -> Plan:
     k, dtype = pw_plan.shape["ci"], dw_plan.shape["dtype"]
     kshape = {**dataclasses.asdict(s), "k": k, "dtype": dtype}
     knobs = knobs_for(pointwise_dw.NAME, kshape)
-    fplan = pointwise_dw.plan(s, None if knobs is None else knobs["rows"])
+    fplan = pointwise_dw.plan(s, k, None if knobs is None else knobs["rows"])
     w_exp = pointwise.pack_weight(pw_plan.operands["weight"], fplan.oct)
 
     def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
