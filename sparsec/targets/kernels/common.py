@@ -253,25 +253,33 @@ def vector_pad(func: "tirx.PrimFunc", s: "conv2d.ConvShape", lanes: int | None =
         def x_row(lead, py, i):
             return lead[:2], i - s.padding[0]
 
-    def replace(stmt):
+    def replace(stmt, outer=()):
         if isinstance(stmt, tirx.For):
             inner = stmt.body
             while isinstance(inner, tirx.For):
                 inner = inner.body
             if isinstance(inner, s_tir.SBlockRealize) and inner.block.name_hint == "pad":
-                lead = inner.iter_values[:len(inner.block.body.buffer.shape) - 2 - 2 * phased]
+                nlead = len(inner.block.body.buffer.shape) - 2 - 2 * phased
+                lead = inner.iter_values[:nlead]
                 used = {v for e in lead for v in analysis.undefined_vars(e)}
                 if not any(stmt.loop_var.same_as(v) for v in used):   # (n, c) loops stay
-                    return _pad_block(inner, s, lanes, x_row, len(lead), phased, fill)
+                    # a phase fused into the (n, c) loops (``pad_tasks``): that phase only
+                    py = inner.iter_values[nlead] if phased else None
+                    bound = py is not None and any(
+                        v.same_as(o) for v in analysis.undefined_vars(py) for o in outer)
+                    return _pad_block(inner, s, lanes, x_row, nlead, phased, fill,
+                                      py if bound else None)
             return tirx.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind,
-                            replace(stmt.body), stmt.thread_binding, stmt.annotations)
+                            replace(stmt.body, (*outer, stmt.loop_var)), stmt.thread_binding,
+                            stmt.annotations)
         if isinstance(stmt, tirx.SeqStmt):
-            return tirx.SeqStmt([replace(x) for x in stmt.seq])
+            return tirx.SeqStmt([replace(x, outer) for x in stmt.seq])
         if isinstance(stmt, s_tir.SBlockRealize):
-            return s_tir.SBlockRealize(stmt.iter_values, stmt.predicate, replace(stmt.block))
+            return s_tir.SBlockRealize(stmt.iter_values, stmt.predicate,
+                                       replace(stmt.block, outer))
         if isinstance(stmt, s_tir.SBlock):
             return s_tir.SBlock(stmt.iter_vars, stmt.reads, stmt.writes, stmt.name_hint,
-                                replace(stmt.body), stmt.init, stmt.alloc_buffers,
+                                replace(stmt.body, outer), stmt.init, stmt.alloc_buffers,
                                 stmt.match_buffers, stmt.annotations)
         return stmt
 
@@ -307,8 +315,9 @@ def _seq(stmts: list) -> "tirx.Stmt":
 
 
 def _pad_block(realize, s: "conv2d.ConvShape", lanes: int, x_row, nlead: int, phased: bool,
-               fill: float):
-    """The opaque block that replaces the ``pad`` loop nest (see :func:`vector_pad`)."""
+               fill: float, py_bound=None):
+    """The opaque block that replaces the ``pad`` loop nest (see :func:`vector_pad`): every
+    phase's rows, or with ``py_bound`` (the row phase, bound by an outer loop) that phase's."""
     from tvm import ir, s_tir, tirx
 
     (sh, sw), pl = s.stride if phased else (1, 1), s.padding[1]
@@ -360,11 +369,14 @@ def _pad_block(realize, s: "conv2d.ConvShape", lanes: int, x_row, nlead: int, ph
         inside_x = tirx.all(conv_row >= 0, conv_row < s.h, r >= 0, r < int(x.shape[-2]))
         return tirx.IfThenElse(inside_x, inside, beyond)
 
-    body = loop("py", sh, lambda py: loop("i", hq, lambda i: row(py, i)))
+    body = (loop("py", sh, lambda py: loop("i", hq, lambda i: row(py, i))) if py_bound is None
+            else loop("i", hq, lambda i: row(py_bound, i)))
 
     def region(buf, points):   # single points on the leading axes, whole trailing ones
         return tirx.BufferRegion(buf, [ir.Range.from_min_extent(v, 1) for v in points] + [
             ir.Range.from_min_extent(0, int(e)) for e in buf.shape[len(points):]])
 
-    block = s_tir.SBlock([], [region(x, x_row(lead, 0, 0)[0])], [region(p, lead)], "pad", body)
+    written = lead if py_bound is None else [*lead, py_bound]
+    block = s_tir.SBlock([], [region(x, x_row(lead, 0, 0)[0])], [region(p, written)], "pad",
+                         body)
     return s_tir.SBlockRealize([], True, block)

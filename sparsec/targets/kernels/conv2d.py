@@ -462,7 +462,9 @@ def build_wvec(s: ConvShape, plan: WidthPlan, dtype: str = "float32", bias: bool
     sch.unroll(kx)
     sch.parallel(sch.fuse(n, io, cb) if by_rows else sch.fuse(n, cb, io))
     if needs_pad:
-        _schedule_pad(sch)
+        # strided: a task per (image, channel, row phase), so a stem's 3 channels make 6
+        # tasks, not 3 (on 2 cores: 3 + 3, not 2 + 1)
+        _schedule_pad(sch, 3 if strided else 2)
     sch.decompose_reduction(blk, kc)
     if not needs_pad:
         return finish(sch, NAME)
