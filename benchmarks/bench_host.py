@@ -176,6 +176,44 @@ def ort_runner(model, threads: int) -> Callable[[dict], list]:
     return lambda feeds: sess.run(None, feeds)
 
 
+#: a run whose machine reference (:func:`machine_reference`) moved more than this between its
+#: start and end is flagged: this shared VM's speed moves up to ~2x within an hour, in both
+#: engines and single-threaded too, and ratios taken far apart then compare different machines
+REFERENCE_DRIFT = 0.15
+
+
+def machine_reference(threads: int, calls: int = 200) -> float:
+    """Median ms of ONNX Runtime on a fixed model (:func:`conv_model`: one 64-channel 3x3 conv
+    at 56x56, fixed weights and input), ``threads`` threads: timed at a benchmark's start and
+    end, it says how fast the machine ran meanwhile, and how this run's machine compares with
+    the one a committed results file was taken on."""
+    model = conv_model()
+    run = ort_runner(model, threads)
+    feeds = {"x": np.random.default_rng(2).standard_normal((1, 64, 56, 56)).astype(np.float32)}
+    for _ in range(20):
+        run(feeds)
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        run(feeds)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def reference_report(start_ms: float, end_ms: float) -> tuple[dict, str]:
+    """The machine reference of a run (start and end) for its JSON, and its markdown line,
+    which says so when the machine's speed moved by more than ``REFERENCE_DRIFT``."""
+    drift = round(end_ms / start_ms - 1, 4) + 0.0     # no "-0%"
+    line = (f"Machine reference (ONNX Runtime, one 64-channel 3x3 conv at 56x56, "
+            f"`bench_host.machine_reference`): {start_ms:.3f} ms at the start of this run, "
+            f"{end_ms:.3f} ms at its end ({drift:+.0%}).")
+    if abs(drift) > REFERENCE_DRIFT:
+        line += (" **The machine's speed moved during this run: its ratios were taken on "
+                 "different machines, in effect.**")
+    return {"start_ms": round(start_ms, 4), "end_ms": round(end_ms, 4),
+            "drift": round(drift, 4), "flagged": abs(drift) > REFERENCE_DRIFT}, line
+
+
 def sparsec_runner(model, workdir: Path, name: str, target: str = "host"
                    ) -> tuple[Callable[[dict], list], dict, float]:
     from sparsec.targets import resolve_target

@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_host import (RESULTS, bar_chart_svg, interleaved_medians, macs,  # noqa: E402
-                        ort_runner, pruned, publish, sparsec_runner)
+from bench_host import (RESULTS, bar_chart_svg, interleaved_medians,  # noqa: E402
+                        machine_reference, macs, ort_runner, pruned, publish, reference_report,
+                        sparsec_runner)
 
 
 def _export(module, example, path: Path, names: list[str]):
@@ -198,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     host = resolve_target("host")
     peak_gflops = 2 * PEAK_MACS_PER_CORE * args.threads / 1e9
     rows = []
+    reference_start = machine_reference(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         for name in [m for m in args.models.split(",") if m]:
             model = MODELS[name](Path(tmp) / f"{name}.onnx")
@@ -247,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
                                  ort_speedup=times["ort"] / times["ort_pruned"])
                 rows[-1]["pruned"] = prune_row
             print(rows[-1], flush=True)
+    reference, reference_line = reference_report(reference_start,
+                                                 machine_reference(args.threads))
     if args.keep_others and (RESULTS / f"{args.stem}.json").is_file():
         import json
 
@@ -260,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
              + (f"; tuned: after `sparsec tune` with a {args.tune:g} s budget from an empty "
                 "cache." if args.tune > 0 else ".")
              + f" Medians of {args.rounds} rounds; sparsec / ORT as the range over rounds.", "",
+             reference_line + (" (Rows kept from an earlier run by --keep-others were taken "
+                               "on that run's machine.)" if args.keep_others else ""), "",
              "| model | GFLOP | ORT ms | sparsec ms | sparsec / ORT | ORT GFLOP/s | "
              "sparsec GFLOP/s | compile s | fallback kernels |"
              + (" tuned ms | tuned / ORT | tune s |" if args.tune > 0 else ""),
@@ -289,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {r['model']} | {p['mac_ratio']:.2f} | {p['pruned_ms']:.2f} | "
                          f"{lo:.2f}-{hi:.2f} | {lo / p['mac_ratio']:.2f}-{hi / p['mac_ratio']:.2f}"
                          f" | {p['ort_speedup']:.2f} | {p['pruned_ms'] / p['ort_pruned_ms']:.2f} |")
-    publish(args.stem, {"peak_gflops": peak_gflops, "threads": args.threads, "rows": rows},
+    publish(args.stem, {"peak_gflops": peak_gflops, "threads": args.threads,
+                        "machine_reference": reference, "rows": rows},
             "\n".join(lines))
     # the plot: each engine's time relative to ONNX Runtime's, per model (lower is faster)
     svg = bar_chart_svg(f"Latency relative to ONNX Runtime ({args.threads} threads)",

@@ -205,7 +205,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     import realworld
-    from bench_host import publish
+    from bench_host import machine_reference, publish, reference_report
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(realworld.MODELS))
@@ -220,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         print("ROW " + json.dumps(one(name, exporter, do_compile == "1")), flush=True)
         return 0
     rows = []
+    reference_start = machine_reference(2)
     for name in args.models.split(","):
         for exporter in args.exporters.split(","):
             proc = subprocess.run(
@@ -242,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
                 if new is not None and "error" not in new:
                     new.update({k: r[k] for k in COMPILE_KEYS if k in r})
         rows = [fresh.pop((r["model"], r["exporter"]), r) for r in old] + list(fresh.values())
-    publish("coverage", rows, markdown(rows))
+    _, reference = reference_report(reference_start, machine_reference(2))
+    publish("coverage", rows, markdown(rows) + "\n" + reference + (
+        " (With --update: the rows this run re-measured.)" if args.update else "") + "\n")
     return 0
 
 
