@@ -952,6 +952,46 @@ def test_silu_folds_into_the_write_back(conv, kernel, host, tmp_path):
     assert_matches_ort(model, feeds, outs)
 
 
+@pytest.mark.parametrize("case", ["folded", "gate_first", "output_too", "batch_2",
+                                  "big_weights"])
+def test_squeeze_excitation_gate_scales_the_weights(case, host, tmp_path):
+    """An SE block's ``x * gate`` ([1, C, 1, 1]) read only by convs with our kernels (here a
+    1x1 and a 3x3, the two kinds that fold it) is not computed: each conv reads ``x`` and
+    scales its packed weight by the gate per call. Not where the product is also a graph
+    output, for a batch of 2 (a gate per image), or where the weights outweigh the
+    activation. All match ONNX Runtime, the gate's 0..1 range spanned (inputs x4)."""
+    from sparsec.targets.host import load_library
+
+    rng = np.random.default_rng(21)
+    n = helper.make_node
+    c, hw, batch = (96, 2, 1) if case == "big_weights" else (16, 12, 2 if case == "batch_2"
+                                                             else 1)
+    inits = {"w0": rng.standard_normal((c, 3, 3, 3)) / 4,
+             "s1": rng.standard_normal((4, c, 1, 1)) / 2, "s2": rng.standard_normal((c, 4, 1, 1)),
+             "wa": rng.standard_normal((24, c, 1, 1)) / 4,
+             "wb": rng.standard_normal((8, c, 3, 3)) / 8, "bb": rng.standard_normal(8)}
+    mul = ["g", "x1"] if case == "gate_first" else ["x1", "g"]
+    nodes = [n("Conv", ["x", "w0"], ["x0"], pads=[1, 1, 1, 1]), n("Relu", ["x0"], ["x1"]),
+             n("GlobalAveragePool", ["x1"], ["p"]), n("Conv", ["p", "s1"], ["q"]),
+             n("Relu", ["q"], ["r"]), n("Conv", ["r", "s2"], ["t"]),
+             n("Sigmoid", ["t"], ["g"]), n("Mul", mul, ["y"]),
+             n("Conv", ["y", "wa"], ["ya"]), n("Conv", ["y", "wb", "bb"], ["yb"], pads=[1, 1, 1, 1])]
+    outputs = [("ya", [batch, 24, hw, hw]), ("yb", [batch, 8, hw, hw])] + (
+        [("y", [batch, c, hw, hw])] if case == "output_too" else [])
+    model = make_model(nodes, [("x", [batch, 3, hw, hw])], outputs, inits)
+    facts, feeds, outs = compile_and_run(model, host, tmp_path)
+    gated = [d for d in facts["decisions"] if d.get("input_gate")]
+    readers = [d for d in facts["decisions"] if d.get("op") == "conv2d"][-2:]
+    if case in ("folded", "gate_first"):
+        assert gated == readers and len(gated) == 2, facts["decisions"]
+        assert {d["chosen"] for d in gated} == {"conv1x1_nchw", "conv2d_nchw_packed"}, gated
+    else:
+        assert not gated, facts["decisions"]
+    assert_matches_ort(model, feeds, outs)
+    feeds = {"x": (feeds["x"] * 4).astype(np.float32)}
+    assert_matches_ort(model, feeds, load_library(tmp_path / "m.so", facts["inputs"]).run(feeds))
+
+
 @pytest.mark.parametrize("shape,kernel", [([2, 4, 19], True), ([3, 37], True), ([159, 159], True),
                                           ([4, 32], False), ([6, 8], False)])
 def test_softmax_rows_numerics(shape, kernel, host, tmp_path):
