@@ -952,6 +952,39 @@ def test_silu_folds_into_the_write_back(conv, kernel, host, tmp_path):
     assert_matches_ort(model, feeds, outs)
 
 
+@pytest.mark.parametrize("case", [
+    "conv_relu", "conv_relu6", "relu", "all_inf",
+    pytest.param("clip", marks=pytest.mark.xfail(
+        strict=True, reason="a Clip no kernel absorbs stays TOPI's max(x, lo): NaN -> lo"))])
+def test_nan_stays_nan_through_relu(case, host, tmp_path):
+    """A NaN reaching a ReLU (a kernel's epilogue, ReLU6 included, or a ReLU alone) stays NaN,
+    where ONNX Runtime's does: ``max(x, 0)`` had made it 0, so a model that overflowed inside
+    (all-Inf input: Inf times weights of both signs) gave finite outputs."""
+    rng = np.random.default_rng(5)
+    n = helper.make_node
+    conv = [n("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1])]
+    nodes, oc = {"conv_relu": (conv + [n("Relu", ["c"], ["y"])], 16),
+                 "all_inf": (conv + [n("Relu", ["c"], ["y"])], 16),
+                 "conv_relu6": (conv + [n("Clip", ["c", "lo", "hi"], ["y"])], 16),
+                 "relu": ([n("Relu", ["x"], ["y"])], 8),
+                 "clip": ([n("Clip", ["x", "lo", "hi"], ["y"])], 8)}[case]
+    inits = {"w": rng.standard_normal((16, 8, 3, 3)), "lo": np.array(0.0), "hi": np.array(6.0)}
+    used = {i for nd in nodes for i in nd.input}
+    model = make_model(nodes, [("x", [1, 8, 12, 12])], [("y", [1, oc, 12, 12])],
+                       {k: v for k, v in inits.items() if k in used})
+    x = rng.standard_normal((1, 8, 12, 12)).astype(np.float32)
+    if case == "all_inf":
+        x[:] = np.inf
+    else:
+        x[0, 0, 5, 5] = x[0, 3, 0, 0] = np.nan
+    [want] = run_ort(model, {"x": x})
+    _, _, [got] = compile_and_run(model, host, tmp_path, {"x": x})
+    assert np.isnan(want).any()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    ok = ~np.isnan(want)
+    np.testing.assert_allclose(got[ok], want[ok], rtol=RTOL, atol=ATOL)
+
+
 @pytest.mark.parametrize("case", ["folded", "gate_first", "output_too", "batch_2",
                                   "big_weights"])
 def test_squeeze_excitation_gate_scales_the_weights(case, host, tmp_path):

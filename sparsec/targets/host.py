@@ -114,6 +114,18 @@ def legalize_isnan(bb: "relax.BlockBuilder", call: "relax.Call") -> "relax.Expr"
     return bb.call_te(isnan_bits, x, primfunc_name_hint="tir_isnan")
 
 
+def legalize_relu(bb: "relax.BlockBuilder", call: "relax.Call") -> "relax.Expr":
+    """ReLU as ``max(0, x)``, the bound first, so that a NaN stays NaN as in ONNX Runtime
+    (TOPI's ``max(x, 0)`` is LLVM's ``select(x > 0, x, 0)``: a NaN became 0, and a model that
+    overflowed inside gave finite outputs)."""
+    from tvm import te, tirx
+
+    x = call.args[0]
+    dtype = str(x.ty.dtype)
+    return bb.call_te(lambda t: te.compute(t.shape, lambda *i: tirx.max(
+        tirx.const(0, dtype), t(*i)), name="relu"), x, primfunc_name_hint="relu")
+
+
 def noalias_shape_func_pass():
     """Module pass: mark the PrimFuncs of one buffer that lack ``tirx.noalias`` (the shape
     function Relax writes for a model with symbolic shapes) as such; one buffer cannot alias.
@@ -164,7 +176,8 @@ def build_pipeline(target: "object", cores: int, decisions: list[dict],
                  sigmoid_pass(), relax.transform.FastMathTransform()]
                 + cpu.library_dispatch_passes(target)
                 # our legalizations first; TVM's LegalizeOps then finds the rest
-                + [relax.transform.LegalizeOps({"relax.isnan": legalize_isnan})]
+                + [relax.transform.LegalizeOps({"relax.isnan": legalize_isnan,
+                                                "relax.nn.relu": legalize_relu})]
                 + cpu.legalize_passes(target)
                 + [fallback_pass(target), serial_small_models_pass()]
                 + ([flush_pass(target)] if denormals == "flush" else [])

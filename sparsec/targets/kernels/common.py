@@ -158,13 +158,16 @@ def pick_row_tile(extent: int, prefer: tuple[int, ...] = (4, 6, 5, 3, 2, 1)) -> 
 
 
 def clip(v: "tirx.PrimExpr", act: "Activation | None", dtype: str) -> "tirx.PrimExpr":
-    """``v`` clipped to the activation's bounds (unchanged without any)."""
+    """``v`` clipped to the activation's bounds (unchanged without any). A NaN stays NaN, as
+    in ONNX Runtime: the bound is the first operand (LLVM's ``select(bound > v, bound, v)``,
+    one ``maxps``), so an unordered comparison picks ``v``. The other order turned a NaN
+    into the bound: a model that overflowed gave finite outputs."""
     from tvm import tirx
 
     if act is not None and act.low is not None:
-        v = tirx.max(v, tirx.const(act.low, dtype))
+        v = tirx.max(tirx.const(act.low, dtype), v)
     if act is not None and act.high is not None:
-        v = tirx.min(v, tirx.const(act.high, dtype))
+        v = tirx.min(tirx.const(act.high, dtype), v)
     return v
 
 
