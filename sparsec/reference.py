@@ -267,9 +267,9 @@ def cast_input(name: str, value, spec: dict) -> np.ndarray:
     """``value`` as the input ``spec`` wants it, or ``BadOptionError`` (exit 6) where that would
     change a value: strings, objects and complex numbers are refused; a float given for an
     integer or boolean input must hold whole numbers in range (7.5 is refused, not truncated);
-    float inputs must not hold NaN (ONNX Runtime propagates NaN where compiled code may not:
-    ReLUs keep it, a Clip no kernel absorbs does not; the two would disagree). The shape must
-    match exactly."""
+    float inputs must not hold NaN (ONNX Runtime propagates NaN where compiled code need not:
+    ReLU and Clip keep it, other ops are not held to that; the two could disagree). The shape
+    must match exactly."""
     from sparsec.errors import BadOptionError
 
     if hasattr(value, "detach"):                                  # a torch tensor

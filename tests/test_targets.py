@@ -952,14 +952,11 @@ def test_silu_folds_into_the_write_back(conv, kernel, host, tmp_path):
     assert_matches_ort(model, feeds, outs)
 
 
-@pytest.mark.parametrize("case", [
-    "conv_relu", "conv_relu6", "relu", "all_inf",
-    pytest.param("clip", marks=pytest.mark.xfail(
-        strict=True, reason="a Clip no kernel absorbs stays TOPI's max(x, lo): NaN -> lo"))])
+@pytest.mark.parametrize("case", ["conv_relu", "conv_relu6", "relu", "all_inf", "clip"])
 def test_nan_stays_nan_through_relu(case, host, tmp_path):
-    """A NaN reaching a ReLU (a kernel's epilogue, ReLU6 included, or a ReLU alone) stays NaN,
-    where ONNX Runtime's does: ``max(x, 0)`` had made it 0, so a model that overflowed inside
-    (all-Inf input: Inf times weights of both signs) gave finite outputs."""
+    """A NaN reaching a ReLU or a Clip (a kernel's epilogue, ReLU6 included, or alone) stays
+    NaN, as ONNX Runtime's does: ``max(x, 0)`` had made it 0, so a model that overflowed
+    inside (all-Inf input: Inf times weights of both signs) gave finite outputs."""
     rng = np.random.default_rng(5)
     n = helper.make_node
     conv = [n("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1])]

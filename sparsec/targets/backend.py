@@ -86,8 +86,71 @@ def import_onnx(model: "onnx.ModelProto") -> "ir.IRModule":
     model = conv1d_as_conv2d(model)
     dynamic = any(not d.HasField("dim_value") for v in model.graph.input
                   for d in v.type.tensor_type.shape.dim)
-    with _symshape_converter() if dynamic else contextlib.nullcontext():
+    with _symshape_converter() if dynamic else contextlib.nullcontext(), _clip_converter():
         return from_onnx(model, dtype_dict=_input_dtypes(model), keep_params_in_input=False)
+
+
+def clip_bound(x: "te.Tensor", bound, side: int) -> "te.Tensor":
+    """ONNX Clip's lower (``side`` 0) or upper (1) bound on ``x``, ``bound`` a 0-d tensor or
+    a number, as ``max(bound, x)`` / ``min(bound, x)``: the bound first, so that a NaN in
+    ``x`` stays NaN as in ONNX Runtime (TOPI's ``max(x, bound)`` made it the bound). The
+    importer's Clip (:func:`_clip_converter`) and the kernels' epilogue match
+    (``rewrite._clip_bound``) both use this."""
+    from tvm import te, tirx
+
+    op = tirx.max if side == 0 else tirx.min
+    if isinstance(bound, te.Tensor):
+        return te.compute(x.shape, lambda *i: op(bound(), x(*i)),
+                          name="T_maximum" if side == 0 else "T_minimum")
+    c = tirx.const(float(bound), x.dtype)
+    return te.compute(x.shape, lambda *i: op(c, x(*i)),
+                      name="T_maximum" if side == 0 else "T_minimum")
+
+
+@contextlib.contextmanager
+def _clip_converter():
+    """While importing: ONNX Clip through :func:`clip_bound` where its bounds are scalars
+    (TOPI's broadcasting maximum / minimum otherwise)."""
+    from tvm.relax.frontend.onnx import onnx_frontend as frontend
+
+    base = frontend._get_convert_map()["Clip"]
+
+    def bounded(bb, x, bound, side):
+        ty = getattr(bound, "ty", None)
+        if isinstance(bound, (int, float)) or (
+                ty is not None and getattr(ty, "ndim", None) == 0
+                and str(ty.dtype) == str(x.ty.dtype)):
+            return bb.emit_te(clip_bound, x, bound, side,
+                              primfunc_name_hint="maximum" if side == 0 else "minimum")
+        return None
+
+    class Clip(base):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            x = inputs[0]
+            for side, key, default in ((0, "min", -float("inf")), (1, "max", float("inf"))):
+                x = bounded(bb, x, float(attr.get(key, default)), side)
+            return x
+
+        @classmethod
+        def _impl_v13(cls, bb, inputs, attr, params):
+            x = inputs[0]
+            for side in (0, 1):
+                if inputs[side + 1] is None:
+                    continue
+                bound = cls._sanitize_nan_clip_bound(bb, inputs[side + 1], for_min=side == 0)
+                y = bounded(bb, x, bound, side)
+                if y is None:
+                    return base._impl_v13(bb, inputs, attr, params)
+                x = y
+            return x
+
+    original = frontend._get_convert_map
+    frontend._get_convert_map = lambda: {**original(), "Clip": Clip}
+    try:
+        yield
+    finally:
+        frontend._get_convert_map = original
 
 
 @contextlib.contextmanager

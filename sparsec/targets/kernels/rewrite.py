@@ -1258,11 +1258,14 @@ def _residual(a: _Analysis, heavy_var: Any, tail: Any, add_call: "relax.Call",
 def _clip_bound(a: _Analysis, mod: "ir.IRModule | None", tail: Any) -> tuple[Any, int, float
                                                                            ] | None:
     """``(binding var, side, bound)`` when ``tail``'s only user is ``call_tir(f, (tail, c))``
-    with ``f`` exactly TOPI's elementwise maximum (side 0) or minimum (side 1) and ``c`` a
-    scalar constant: ONNX Clip (ReLU6, hardtanh) as the frontend imports it. ``f`` is compared
-    structurally with the PrimFunc TOPI builds for that shape, not trusted by its name."""
+    with ``f`` exactly the importer's lower (side 0) or upper (side 1) bound and ``c`` a
+    scalar constant: ONNX Clip (ReLU6, hardtanh) as ``backend.import_onnx`` imports it. ``f``
+    is compared structurally with the PrimFunc ``backend.clip_bound`` builds for that shape,
+    not trusted by its name."""
     import tvm_ffi
-    from tvm import relax, te, topi
+    from tvm import relax, te
+
+    from sparsec.targets.backend import clip_bound
 
     nxt = a.single_user(tail)
     if nxt is None or mod is None:
@@ -1280,10 +1283,12 @@ def _clip_bound(a: _Analysis, mod: "ir.IRModule | None", tail: Any) -> tuple[Any
     if bound is None or bound.shape != () or not isinstance(ty, relax.TensorType):
         return None
     func = mod[gv]
-    for side, op in enumerate((topi.maximum, topi.minimum)):
+    for side in (0, 1):
         x = te.placeholder(ty.shape.values, str(ty.dtype))
         c = te.placeholder((), str(ty.dtype))
-        ref = te.create_prim_func([x, c, op(x, c)]).without_attr("global_symbol")
+        # as the importer's emit_te builds it (int64 indices throughout)
+        ref = te.create_prim_func([x, c, clip_bound(x, c, side)], index_dtype_override="int64"
+                                  ).without_attr("global_symbol")
         if tvm_ffi.structural_equal(func, ref, map_free_vars=True):
             return var, side, float(bound)
     return None
