@@ -90,28 +90,13 @@ def import_onnx(model: "onnx.ModelProto") -> "ir.IRModule":
         return from_onnx(model, dtype_dict=_input_dtypes(model), keep_params_in_input=False)
 
 
-def clip_bound(x: "te.Tensor", bound, side: int) -> "te.Tensor":
-    """ONNX Clip's lower (``side`` 0) or upper (1) bound on ``x``, ``bound`` a 0-d tensor or
-    a number, as ``max(bound, x)`` / ``min(bound, x)``: the bound first, so that a NaN in
-    ``x`` stays NaN as in ONNX Runtime (TOPI's ``max(x, bound)`` made it the bound). The
-    importer's Clip (:func:`_clip_converter`) and the kernels' epilogue match
-    (``rewrite._clip_bound``) both use this."""
-    from tvm import te, tirx
-
-    op = tirx.max if side == 0 else tirx.min
-    if isinstance(bound, te.Tensor):
-        return te.compute(x.shape, lambda *i: op(bound(), x(*i)),
-                          name="T_maximum" if side == 0 else "T_minimum")
-    c = tirx.const(float(bound), x.dtype)
-    return te.compute(x.shape, lambda *i: op(c, x(*i)),
-                      name="T_maximum" if side == 0 else "T_minimum")
-
-
 @contextlib.contextmanager
 def _clip_converter():
-    """While importing: ONNX Clip through :func:`clip_bound` where its bounds are scalars
+    """While importing: ONNX Clip through ``common.clip_bound`` where its bounds are scalars
     (TOPI's broadcasting maximum / minimum otherwise)."""
     from tvm.relax.frontend.onnx import onnx_frontend as frontend
+
+    from sparsec.targets.kernels.common import clip_bound
 
     base = frontend._get_convert_map()["Clip"]
 

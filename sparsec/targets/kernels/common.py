@@ -171,6 +171,23 @@ def clip(v: "tirx.PrimExpr", act: "Activation | None", dtype: str) -> "tirx.Prim
     return v
 
 
+def clip_bound(x: "te.Tensor", bound, side: int) -> "te.Tensor":
+    """ONNX Clip's lower (``side`` 0) or upper (1) bound on ``x``, ``bound`` a 0-d tensor or
+    a number, as ``max(bound, x)`` / ``min(bound, x)``: the bound first, so that a NaN in
+    ``x`` stays NaN as in ONNX Runtime (TOPI's ``max(x, bound)`` made it the bound). The
+    importer's Clip (``backend._clip_converter``) and the kernels' epilogue match
+    (``rewrite._clip_bound``) both use this."""
+    from tvm import te, tirx
+
+    op = tirx.max if side == 0 else tirx.min
+    if isinstance(bound, te.Tensor):
+        return te.compute(x.shape, lambda *i: op(bound(), x(*i)),
+                          name="T_maximum" if side == 0 else "T_minimum")
+    c = tirx.const(float(bound), x.dtype)
+    return te.compute(x.shape, lambda *i: op(c, x(*i)),
+                      name="T_maximum" if side == 0 else "T_minimum")
+
+
 def epilogue_func(inputs: list, value, shape: tuple[int, ...], dtype: str, bias=None,
                   residual=None, act: Activation | None = None, channel_axis: int = 1
                   ) -> "tirx.PrimFunc":

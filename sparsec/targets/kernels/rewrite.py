@@ -1260,12 +1260,12 @@ def _clip_bound(a: _Analysis, mod: "ir.IRModule | None", tail: Any) -> tuple[Any
     """``(binding var, side, bound)`` when ``tail``'s only user is ``call_tir(f, (tail, c))``
     with ``f`` exactly the importer's lower (side 0) or upper (side 1) bound and ``c`` a
     scalar constant: ONNX Clip (ReLU6, hardtanh) as ``backend.import_onnx`` imports it. ``f``
-    is compared structurally with the PrimFunc ``backend.clip_bound`` builds for that shape,
+    is compared structurally with the PrimFunc ``common.clip_bound`` builds for that shape,
     not trusted by its name."""
     import tvm_ffi
     from tvm import relax, te
 
-    from sparsec.targets.backend import clip_bound
+    from sparsec.targets.kernels.common import clip_bound
 
     nxt = a.single_user(tail)
     if nxt is None or mod is None:
