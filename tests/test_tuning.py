@@ -235,8 +235,9 @@ def test_fused_depthwise_pointwise_is_tunable(cache_file):
 
 
 def test_fused_pointwise_depthwise_is_tunable(cache_file):
-    """``tune`` lists the expansion+depthwise kernel; its band-height knob builds kernels
-    that compute the same numbers (one row per band: every band expands its halo)."""
+    """``tune`` lists the expansion+depthwise kernel; its band-height and tile-width knobs
+    build kernels that compute the same numbers (one row per band: every band expands its
+    halo; a 4-channel tile where the default is 8)."""
     from test_targets import pointwise_dw_model, random_feeds
 
     from sparsec.targets.host import load_library
@@ -246,7 +247,11 @@ def test_fused_pointwise_depthwise_is_tunable(cache_file):
     [(strategy, shape)] = tuning.kernels_of(model, host)
     assert strategy == "conv1x1_dw_nchw"
     variants = tuning._variants(strategy, shape)
-    assert [v["rows"] for v in variants] == [1, 2, 4, 7, 14]
+    assert [v["rows"] for v in variants if "oct" not in v] == [1, 2, 4, 7, 14]
+    fplan = tuning._expansion_kernel_plan(shape)[1]
+    assert fplan.oct == 8                        # 8 input channels: 64 MACs an output
+    assert [(v["rows"], v["oct"]) for v in variants if "oct" in v] == [
+        (fplan.rows, 12), (fplan.rows, 6), (fplan.rows, 4)]
     # bands a multiple of the cores, the tallest whose expanded band of one channel fits
     # PLANE_BYTES: 28 output rows in 2 bands of 14 on a 2-core machine
     from sparsec.targets.kernels import pointwise_dw
@@ -262,9 +267,11 @@ def test_fused_pointwise_depthwise_is_tunable(cache_file):
     for knobs in (variants[0], variants[-1]):
         cache = tuning.Cache()
         cache.put(tuning.target_key(host.tvm_target), strategy, shape, {"knobs": knobs, "ms": {}})
-        lib = cache_file.parent / f"pdw_{knobs['rows']}.so"
+        lib = cache_file.parent / f"pdw_{knobs['rows']}_{knobs.get('oct')}.so"
         facts = compile_onnx(model, host, lib, log=lambda s: None, tuned=cache)
         assert facts["decisions"][1]["tuned"] == knobs
+        assert facts["decisions"][1]["tile"].startswith(
+            f"{knobs['rows']} rows, {knobs.get('oct', fplan.oct)}x"), facts["decisions"][1]
         assert_matches_ort(model, feeds, load_library(lib, facts["inputs"]).run(feeds))
 
 

@@ -103,6 +103,19 @@ def _expansion_kernel_plan(shape: dict):
     return s, pointwise_dw.plan(s, shape["k"])
 
 
+def expansion_plan(shape: dict, knobs: dict | None):
+    """The ``conv1x1_dw_nchw`` plan for ``shape`` with ``knobs`` (``rows``, and ``oct``, the
+    expansion tile's channels) over the default plan's."""
+    from sparsec.targets.kernels import pointwise_dw
+
+    s, fplan = _expansion_kernel_plan(shape)
+    if knobs and "rows" in knobs:
+        fplan = pointwise_dw.plan(s, shape["k"], knobs["rows"])
+    if knobs and "oct" in knobs:
+        fplan = dataclasses.replace(fplan, oct=knobs["oct"])
+    return fplan
+
+
 def _row_tiles(shape: dict) -> list[dict]:
     return [{"rows": t} for t in (1, 2, 3, 4, 5, 6, 8) if shape["m"] % t == 0]
 
@@ -125,8 +138,14 @@ def _variants(strategy: str, shape: dict) -> list[dict]:
         oh = _fused_kernel_plan(shape)[0].out_hw[0]
         return [{"rows": r} for r in range(1, 9) if oh % r == 0]
     if strategy == "conv1x1_dw_nchw":
-        oh = _expansion_kernel_plan(shape)[0].out_hw[0]
-        return [{"rows": r} for r in range(1, 15) if oh % r == 0 and oh // r >= 2]
+        # band heights at the default tile, and the other tile widths at the default band
+        # (the tile rule, ``pointwise_dw.TILE_MACS``, was measured on one CPU)
+        from sparsec.targets.kernels import pointwise_dw
+
+        s, fplan = _expansion_kernel_plan(shape)
+        oh = s.out_hw[0]
+        return [{"rows": r} for r in range(1, 15) if oh % r == 0 and oh // r >= 2] + [
+            {"rows": fplan.rows, "oct": t} for t in pointwise_dw.OCTS if t != fplan.oct]
     if strategy == "conv2d_nchw_packed" and "variant" not in shape:
         from sparsec.targets.kernels import conv2d
 
@@ -193,9 +212,8 @@ def build(strategy: str, shape: dict, knobs: dict | None = None, **flags) -> "ti
         func = dw_pointwise.build(s, shape["co"], fplan, shape["dtype"], **flags,
                                   kept=shape.get("kept"))
     elif strategy == "conv1x1_dw_nchw":
-        s, fplan = _expansion_kernel_plan(shape)
-        if "rows" in k:
-            fplan = pointwise_dw.plan(s, shape["k"], k["rows"])
+        fplan = expansion_plan(shape, k)
+        s = _expansion_kernel_plan(shape)[0]
         func = pointwise_dw.build(s, shape["k"], fplan, shape["dtype"], **flags)
     elif strategy == "conv2d_nchw_packed":
         s = _conv_shape({n: v for n, v in shape.items() if n != "variant"})

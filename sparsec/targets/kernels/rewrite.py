@@ -27,7 +27,7 @@ from sparsec.targets.kernels import (amx, batch_matmul, bsr, conv2d, dense, dept
                                      pointwise_dw, softmax, sparse_cuda)
 from sparsec.targets.kernels.common import Activation, bf16_allowed, current_precision
 from sparsec.targets.knobs import build as build_kernel
-from sparsec.targets.knobs import build_tuned, knobs_for, measured_choice
+from sparsec.targets.knobs import build_tuned, expansion_plan, knobs_for, measured_choice
 
 if TYPE_CHECKING:
     import numpy as np
@@ -1557,8 +1557,7 @@ def _fused_expansion_plan(pw_plan: Plan, dw_plan: Plan, x: Any) -> Plan:
     s = dw_plan.operands["conv"]
     k, dtype = pw_plan.shape["ci"], dw_plan.shape["dtype"]
     kshape = {**dataclasses.asdict(s), "k": k, "dtype": dtype}
-    knobs = knobs_for(pointwise_dw.NAME, kshape)
-    fplan = pointwise_dw.plan(s, k, None if knobs is None else knobs["rows"])
+    fplan = expansion_plan(kshape, knobs_for(pointwise_dw.NAME, kshape))
     w_exp = pointwise.pack_weight(pw_plan.operands["weight"], fplan.oct)
 
     def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
