@@ -117,13 +117,10 @@ def legalize_isnan(bb: "relax.BlockBuilder", call: "relax.Call") -> "relax.Expr"
 def legalize_relu(bb: "relax.BlockBuilder", call: "relax.Call") -> "relax.Expr":
     """ReLU as ``max(0, x)``, the bound first, so that a NaN stays NaN as in ONNX Runtime
     (TOPI's ``max(x, 0)`` is LLVM's ``select(x > 0, x, 0)``: a NaN became 0, and a model that
-    overflowed inside gave finite outputs)."""
-    from tvm import te, tirx
+    overflowed inside gave finite outputs): Clip's lower bound at 0."""
+    from sparsec.targets.kernels.common import clip_bound
 
-    x = call.args[0]
-    dtype = str(x.ty.dtype)
-    return bb.call_te(lambda t: te.compute(t.shape, lambda *i: tirx.max(
-        tirx.const(0, dtype), t(*i)), name="relu"), x, primfunc_name_hint="relu")
+    return bb.call_te(clip_bound, call.args[0], 0, 0, primfunc_name_hint="relu")
 
 
 def noalias_shape_func_pass():

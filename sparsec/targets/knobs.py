@@ -104,8 +104,8 @@ def _expansion_kernel_plan(shape: dict):
 
 
 def expansion_plan(shape: dict, knobs: dict | None):
-    """The ``conv1x1_dw_nchw`` plan for ``shape`` with ``knobs`` (``rows``, and ``oct``, the
-    expansion tile's channels) over the default plan's."""
+    """The depthwise conv and the ``conv1x1_dw_nchw`` plan for ``shape`` with ``knobs``
+    (``rows``, and ``oct``, the expansion tile's channels) over the default plan's."""
     from sparsec.targets.kernels import pointwise_dw
 
     s, fplan = _expansion_kernel_plan(shape)
@@ -113,7 +113,7 @@ def expansion_plan(shape: dict, knobs: dict | None):
         fplan = pointwise_dw.plan(s, shape["k"], knobs["rows"])
     if knobs and "oct" in knobs:
         fplan = dataclasses.replace(fplan, oct=knobs["oct"])
-    return fplan
+    return s, fplan
 
 
 def _row_tiles(shape: dict) -> list[dict]:
@@ -212,8 +212,7 @@ def build(strategy: str, shape: dict, knobs: dict | None = None, **flags) -> "ti
         func = dw_pointwise.build(s, shape["co"], fplan, shape["dtype"], **flags,
                                   kept=shape.get("kept"))
     elif strategy == "conv1x1_dw_nchw":
-        fplan = expansion_plan(shape, k)
-        s = _expansion_kernel_plan(shape)[0]
+        s, fplan = expansion_plan(shape, k)
         func = pointwise_dw.build(s, shape["k"], fplan, shape["dtype"], **flags)
     elif strategy == "conv2d_nchw_packed":
         s = _conv_shape({n: v for n, v in shape.items() if n != "variant"})

@@ -180,11 +180,8 @@ def clip_bound(x: "te.Tensor", bound, side: int) -> "te.Tensor":
     from tvm import te, tirx
 
     op = tirx.max if side == 0 else tirx.min
-    if isinstance(bound, te.Tensor):
-        return te.compute(x.shape, lambda *i: op(bound(), x(*i)),
-                          name="T_maximum" if side == 0 else "T_minimum")
-    c = tirx.const(float(bound), x.dtype)
-    return te.compute(x.shape, lambda *i: op(c, x(*i)),
+    value = bound() if isinstance(bound, te.Tensor) else tirx.const(bound, x.dtype)
+    return te.compute(x.shape, lambda *i: op(value, x(*i)),
                       name="T_maximum" if side == 0 else "T_minimum")
 
 
@@ -283,7 +280,8 @@ def vector_pad(func: "tirx.PrimFunc", s: "conv2d.ConvShape", lanes: int | None =
                 lead = inner.iter_values[:nlead]
                 used = {v for e in lead for v in analysis.undefined_vars(e)}
                 if not any(stmt.loop_var.same_as(v) for v in used):   # (n, c) loops stay
-                    # a phase fused into the (n, c) loops (``pad_tasks``): that phase only
+                    # a row phase fused into the (n, c) loops (``conv2d._schedule_pad``
+                    # with 3 lead axes): that phase only
                     py = inner.iter_values[nlead] if phased else None
                     bound = py is not None and any(
                         v.same_as(o) for v in analysis.undefined_vars(py) for o in outer)

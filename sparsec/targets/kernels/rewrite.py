@@ -1557,7 +1557,7 @@ def _fused_expansion_plan(pw_plan: Plan, dw_plan: Plan, x: Any) -> Plan:
     s = dw_plan.operands["conv"]
     k, dtype = pw_plan.shape["ci"], dw_plan.shape["dtype"]
     kshape = {**dataclasses.asdict(s), "k": k, "dtype": dtype}
-    fplan = expansion_plan(kshape, knobs_for(pointwise_dw.NAME, kshape))
+    _, fplan = expansion_plan(kshape, knobs_for(pointwise_dw.NAME, kshape))
     w_exp = pointwise.pack_weight(pw_plan.operands["weight"], fplan.oct)
 
     def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
