@@ -458,6 +458,7 @@ class KernelTimer:
 
         from sparsec.targets.backend import export_library
         from sparsec.targets.knobs import build
+        from sparsec.targets.scratch import tir_pipeline
 
         with self._build_lock:    # one TVM compile at a time (not known to be thread-safe)
             target = tvm.target.Target(dict(self.target.tvm_target))
@@ -465,7 +466,7 @@ class KernelTimer:
                 funcs = [build(strategy, shape, knobs) for strategy, shape, knobs in trials]
             mod = tvm.IRModule({f"k{i}": f.with_attr("global_symbol", f"k{i}")
                                 for i, f in enumerate(funcs)})
-            ex = tvm.compile(mod, target=target)
+            ex = tvm.compile(mod, target=target, tir_pipeline=tir_pipeline())
             path = Path(self._work.name) / f"k{next(self._names)}.so"
         export_library(ex, self.target, path)     # the link, a subprocess: in parallel
         return path, funcs

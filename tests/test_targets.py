@@ -1792,3 +1792,89 @@ def test_a_shape_function_keeps_the_kernels_noalias():
     mod = tvm.IRModule({"kernel": kernel, "shape_func": shape_func})
     assert not compute_noalias(mod)                      # TVM's behaviour the pass works around
     assert compute_noalias(noalias_shape_func_pass()(mod))
+
+
+def _scratch_kernel(sizes: tuple[int, int, int]):
+    """A parallel task a row of ``a``; each task fills three scratch buffers of ``sizes``
+    floats (the first and last of scope "local", as our accumulator tiles are) with twice the
+    row's first values and adds them up into ``b``."""
+    from tvm.script import tirx as T
+
+    s0, s1, s2 = sizes
+    n = max(sizes)
+
+    @T.prim_func
+    def kernel(a: T.Buffer((4, n), "float32"), b: T.Buffer((4,), "float32")):
+        T.func_attr({"global_symbol": "kernel", "tirx.noalias": True})
+        for i in T.parallel(4):
+            b[i] = T.float32(0)
+            t0 = T.alloc_buffer((s0,), "float32", scope="local")
+            t1 = T.alloc_buffer((s1,), "float32")
+            t2 = T.alloc_buffer((s2,), "float32", scope="local")
+            for j in range(s0):
+                t0[j] = a[i, j] * T.float32(2)
+            for j in range(s1):
+                t1[j] = a[i, j] * T.float32(2)
+            for j in range(s2):
+                t2[j] = a[i, j] * T.float32(2)
+            for j in range(s0):
+                b[i] = b[i] + t0[j]
+            for j in range(s1):
+                b[i] = b[i] + t1[j]
+            for j in range(s2):
+                b[i] = b[i] + t2[j]
+
+    return kernel
+
+
+def _heap_sites(mod, pipeline: str):
+    """(call sites of ``TVMBackendAllocWorkspace`` in ``mod`` built with ``pipeline``, the
+    library)."""
+    import tvm
+
+    lib = tvm.tirx.build(mod, target=tvm.target.Target("llvm"), pipeline=pipeline)
+    return lib.inspect_source("ll").count("load ptr, ptr @__TVMBackendAllocWorkspace"), lib
+
+
+@pytest.mark.parametrize("sizes, budget, heap", [
+    ((192, 1024, 8192), None, 1),       # 768 B, 4 KB: stack; 32 KB (over STACK_BYTES): heap
+    ((192, 4096, 4096), None, 0),       # 768 B + 16 KB + 16 KB within the 64 KB budget
+    ((192, 4096, 4096), 20 * 1024, 1),  # the third buffer would pass the budget: heap
+])
+def test_kernel_scratch_goes_on_the_stack(sizes, budget, heap, monkeypatch):
+    """TVM's default pipeline allocates every one of these per-task buffers from the runtime's
+    workspace pool, once per task; ``scratch.tir_pipeline()`` puts those up to
+    ``STACK_BYTES`` on the stack while a function's total stays within ``STACK_BUDGET``, and
+    the results stay the same."""
+    import tvm
+
+    from sparsec.targets import scratch
+
+    if budget is not None:
+        monkeypatch.setattr(scratch, "STACK_BUDGET", budget)
+    mod = tvm.IRModule({"kernel": _scratch_kernel(sizes)})
+    a = np.random.default_rng(0).standard_normal((4, max(sizes))).astype("float32")
+    want = sum(2 * a[:, :s].astype("float64").sum(1) for s in sizes)
+    for pipeline, sites in (("default", 3), (scratch.tir_pipeline(), heap)):
+        found, lib = _heap_sites(mod, pipeline)
+        assert found == sites, pipeline
+        out = tvm.runtime.tensor(np.zeros(4, "float32"))
+        lib["kernel"](tvm.runtime.tensor(a), out)
+        np.testing.assert_allclose(out.numpy(), want, rtol=1e-4, atol=1e-2)
+
+
+def test_accumulator_tiles_stay_off_the_heap():
+    """A pointwise conv's accumulator tile (12 x 16 floats, scope "local", one a pixel tile):
+    TVM's default pipeline allocates and frees it from the workspace pool for every tile; the
+    pipeline every host library is built with keeps it on the stack (LLVM then holds it in
+    registers)."""
+    import tvm
+
+    from sparsec.targets import scratch
+    from sparsec.targets.kernels import pointwise
+
+    with tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"}):
+        func = pointwise.build(1, 16, 784, 96, pointwise.Tile(12, 16))
+    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    assert _heap_sites(mod, "default")[0] >= 1
+    assert _heap_sites(mod, scratch.tir_pipeline())[0] == 0

@@ -35,6 +35,7 @@ from sparsec.targets.denormals import arch, flush_pass, is_mode_switch
 from sparsec.targets.kernels import FALLBACK
 from sparsec.targets.kernels.common import STRATEGY_ATTR
 from sparsec.targets.knobs import Cache, using
+from sparsec.targets.scratch import tir_pipeline
 
 if TYPE_CHECKING:
     import onnx
@@ -248,13 +249,14 @@ def compile_onnx(model: "onnx.ModelProto", target: TargetSpec, lib_path: str | P
                                                 if static_lib is not None else ""))
         # "compiled": the VM's calling sequence is machine code, not bytecode the VM
         # interprets per instruction (MobileNetV2's ~280 instructions a call)
-        ex = relax.build(lowered, tvm_target, relax_pipeline=None, exec_mode=EXEC_MODE)
+        ex = relax.build(lowered, tvm_target, relax_pipeline=None, exec_mode=EXEC_MODE,
+                         tir_pipeline=tir_pipeline())
         # the module attribute alone makes codegen emit a system lib; relax.build's own
         # system_lib=True path reads the attribute back, which fails for strings shorter
         # than 8 bytes in TVM 0.27 (ffi.SmallStr is not an Object)
         static = None if static_lib is None else relax.build(
             _system_lib(lowered, system_lib_prefix), tvm_target, relax_pipeline=None,
-            exec_mode=EXEC_MODE)
+            exec_mode=EXEC_MODE, tir_pipeline=tir_pipeline())
     memory = _planned_memory(lowered, upper_bounds) if upper_bounds else None
     if memory is not None:
         log(f"memory: {memory['planned_bytes']:,} bytes of intermediates planned at the "

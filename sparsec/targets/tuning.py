@@ -90,9 +90,11 @@ def time_kernel(func: "tirx.PrimFunc", tvm_target: dict, min_ms: float = 50.0) -
     import tvm
 
     from sparsec.targets.backend import request_amx
+    from sparsec.targets.scratch import tir_pipeline
 
     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
-    lib = tvm.compile(mod, target=tvm.target.Target(dict(tvm_target)))
+    lib = tvm.compile(mod, target=tvm.target.Target(dict(tvm_target)),
+                      tir_pipeline=tir_pipeline())    # as compile_onnx builds it
     args = _random_args(func)
     request_amx()     # AMX kernels fault without the tile state
     return time_module(lib.mod, tvm.cpu(), args, min_ms)
