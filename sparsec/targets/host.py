@@ -12,7 +12,8 @@ Pipeline (compare ``tvm/relax/backend/cpu_generic/pipeline.py``, the "zero" defa
   -> SparsecSerialSmallModels (a model with little work runs serially: parallel.py)
   -> SparsecFlushDenormals (each call with subnormals flushed to zero: denormals.py)
   -> the default dataflow-lowering and finalization passes
-  -> SparsecNoaliasShapeFunc (dynamic shapes: keeps LLVM's noalias on every kernel) -> LLVM.
+  -> SparsecNoaliasShapeFunc (dynamic shapes: keeps LLVM's noalias on every kernel)
+  -> TVM's TIR pipeline, small kernel scratch buffers kept on the stack (scratch.py) -> LLVM.
 """
 
 from __future__ import annotations

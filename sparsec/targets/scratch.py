@@ -4,19 +4,19 @@ A kernel's small buffers (a register tile's accumulators, a channel's padded row
 slice of weights) are allocated where they are used: inside the task loop, often inside a
 channel or tile loop. TVM 0.27's ``LowerTVMBuiltin`` keeps only buffers of scope "global" under
 1 KB on the stack; every other one becomes a ``TVMBackendAllocWorkspace`` /
-``TVMBackendFreeWorkspace`` pair per loop iteration, a call into the runtime's workspace pool
-(~20-40 ns each way), and a heap pointer that LLVM cannot promote to registers. Our schedules
-put accumulator tiles in scope "local", so every tile paid it: pruned MobileNetV2 made 4,337
-workspace calls a run, and a 16 -> 96 pointwise conv at 28x28 (3 K MACs a tile) ran 10.1 us
-where the same kernel with a stack tile runs 7.9 us (two threads).
+``TVMBackendFreeWorkspace`` pair per loop iteration: two calls into the runtime's workspace
+pool, and a tile behind a heap pointer where a stack tile can live in registers. Our
+schedules put accumulator tiles in scope "local", so every tile paid it: pruned MobileNetV2
+made 4,337 workspace calls a run, and a 16 -> 96 pointwise conv at 28x28 (3 K MACs a tile)
+ran 10.1 us where the same kernel with a stack tile runs 7.9 us (two threads).
 
 ``tir_pipeline()`` is TVM's default TIR pipeline with one pass added before
 ``LowerTVMBuiltin``: each constant-size CPU buffer of at most ``STACK_BYTES`` is annotated
 ``disable_lower_builtin``, which code generation turns into an ``alloca`` in the function's
 entry block (the parallel task's, for a buffer inside a parallel loop), so a buffer inside a
 loop is allocated once a call, not once an iteration. A function's stack buffers total at most
-``STACK_BUDGET`` (buffers past it stay on the heap): a worker thread's stack (8 MB by default on
-Linux, 1 MB on Android) holds that many times over. Larger buffers (a fused kernel's
+``STACK_BUDGET`` (buffers past it stay on the heap), a small part of a thread's stack (8 MB
+by default on Linux, about 1 MB on Android). Larger buffers (a fused kernel's
 per-task expansion band, a conv's padded input) stay on the heap: one allocation a task.
 
 Every host library (``host.compile_onnx``), every kernel ``sparsec tune`` times, and every RPC
