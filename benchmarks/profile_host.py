@@ -7,6 +7,12 @@ Runs the model once through the Relax VM with an instrument that records every k
 (symbol and arguments), then times each call on its own with TVM's ``time_evaluator`` (median of
 several repeats, hot caches: "alone") and where it runs, the calls replayed in order ("chain"),
 and prints both per kernel, plus the whole-model time for comparison.
+
+With ``--after``, two more columns: each call timed right after the call before it, the two
+alternating ("after"), and the same with the kernel reading and writing copies of its tensors
+("after, copies"). On two threads a kernel that reads what the call before it just wrote, or
+writes memory that call just used, runs slower than alone by the cost of moving those cache
+lines between the cores; with copies it does not (on one thread the three agree).
 """
 
 from __future__ import annotations
@@ -47,7 +53,35 @@ def _models():
     }
 
 
-def profile(model, repeats: int = 7, number: int = 50) -> list[dict]:
+def after_times(fns: list, rounds: int = 300) -> list[tuple[float, float]]:
+    """Per call ``(fn, args)`` of ``fns`` (None for a non-kernel): median ms right after the
+    call before it, on the VM's tensors and on copies of its own (NaN for the first call)."""
+    import tvm
+
+    def copy(args):
+        return [tvm.runtime.tensor(a.numpy()) if isinstance(a, tvm.runtime.Tensor) else a
+                for a in args]
+
+    def timed(before, fn, args) -> float:
+        out = []
+        for _ in range(rounds):
+            before[0](*before[1])
+            t0 = time.perf_counter()
+            fn(*args)
+            out.append(time.perf_counter() - t0)
+        return statistics.median(out) * 1e3
+
+    times = []
+    for k, (fn, args) in enumerate(fns):
+        prev = fns[k - 1] if k else (None, None)
+        if fn is None or prev[0] is None:
+            times.append((float("nan"), float("nan")))
+            continue
+        times.append((timed(prev, fn, args), timed(prev, fn, copy(args))))
+    return times
+
+
+def profile(model, repeats: int = 7, number: int = 50, after: bool = False) -> list[dict]:
     import tvm
 
     from sparsec.profile import chain_times
@@ -109,6 +143,15 @@ def profile(model, repeats: int = 7, number: int = 50) -> list[dict]:
             rows.append({"kernel": sym, "ms": statistics.median(res.results) * 1e3,
                          "chain_ms": in_chain,
                          "args": " ".join("x".join(map(str, a.shape)) for a in copies)})
+        if after:
+            fns = []
+            for sym, args in calls:
+                try:
+                    fns.append((mod.get_function(sym), args))
+                except Exception:  # noqa: BLE001 - a VM builtin, not a kernel
+                    fns.append((None, args))
+            for row, (on_vm, on_copies) in zip(rows, after_times(fns)):
+                row["after_ms"], row["after_copies_ms"] = on_vm, on_copies
         # the VM's whole-call overhead (copies in/out, allocation) is the rest
         return rows, statistics.median(whole)
 
@@ -119,6 +162,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ratio", type=float, default=0.0,
                     help="profile the model pruned at this ratio (magnitude channel groups)")
+    ap.add_argument("--after", action="store_true",
+                    help="also time each kernel right after the call before it, on the VM's "
+                         "tensors and on copies (what moving data between cores costs)")
     args = ap.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     sys.path.insert(0, str(REPO))
@@ -127,14 +173,19 @@ def main(argv=None) -> int:
         import bench_host
 
         model = bench_host.pruned(model, args.ratio)
-    rows, whole = profile(model)
-    total = sum(r["ms"] for r in rows if r["ms"] == r["ms"])
-    chain = sum(r["chain_ms"] for r in rows if r["chain_ms"] == r["chain_ms"])
-    print(f"{'kernel':40s} {'alone ms':>8s} {'%':>6s} {'chain ms':>8s}  shapes")
+    rows, whole = profile(model, after=args.after)
+    cols = ["ms", "chain_ms"] + (["after_ms", "after_copies_ms"] if args.after else [])
+    sums = {c: sum(r[c] for r in rows if c in r and r[c] == r[c]) for c in cols}
+    extra = f" {'after':>8s} {'copies':>8s}" if args.after else ""
+    print(f"{'kernel':40s} {'alone ms':>8s} {'%':>6s} {'chain ms':>8s}{extra}  shapes")
     for r in rows:
+        extra = (f" {r.get('after_ms', float('nan')):8.4f} "
+                 f"{r.get('after_copies_ms', float('nan')):8.4f}" if args.after else "")
         print(f"{r['kernel']:40s} {r['ms']:8.4f} {100 * r['ms'] / whole:5.1f}% "
-              f"{r['chain_ms']:8.4f}  {r['args']}")
-    print(f"{'sum of kernels':40s} {total:8.4f} {'':6s} {chain:8.4f}")
+              f"{r['chain_ms']:8.4f}{extra}  {r['args']}")
+    extra = (f" {sums['after_ms']:8.4f} {sums['after_copies_ms']:8.4f}" if args.after
+             else "")
+    print(f"{'sum of kernels':40s} {sums['ms']:8.4f} {'':6s} {sums['chain_ms']:8.4f}{extra}")
     print(f"{'whole Runner.run':40s} {whole:8.4f}")
     return 0
 
