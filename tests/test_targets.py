@@ -1866,8 +1866,8 @@ def test_kernel_scratch_goes_on_the_stack(sizes, budget, heap, monkeypatch):
 def test_accumulator_tiles_stay_off_the_heap():
     """A pointwise conv's accumulator tile (12 x 16 floats, scope "local", one a pixel tile):
     TVM's default pipeline allocates and frees it from the workspace pool for every tile; the
-    pipeline every host library is built with keeps it on the stack (LLVM then holds it in
-    registers)."""
+    pipeline every host library is built with keeps it on the stack, where LLVM can hold it in
+    registers."""
     import tvm
 
     from sparsec.targets import scratch
