@@ -126,12 +126,14 @@ def profile(model, repeats: int = 7, number: int = 50, after: bool = False) -> l
 
         mod = tvm.runtime.load_module(str(lib)).imports[0]  # the compiled kernels
         chain = chain_times(mod, calls, repeats * number)
-        rows = []
-        for (sym, args), in_chain in zip(calls, chain):
+        fns = []                 # per call: (the kernel, or None for a VM builtin, its args)
+        for sym, args in calls:
             try:
-                fn = mod.get_function(sym)
-            except Exception:  # noqa: BLE001
-                fn = None
+                fns.append((mod.get_function(sym), args))
+            except Exception:  # noqa: BLE001 - a VM builtin, not a kernel
+                fns.append((None, args))
+        rows = []
+        for (sym, args), (fn, _), in_chain in zip(calls, fns, chain):
             if fn is None:
                 rows.append({"kernel": sym, "ms": float("nan"), "chain_ms": float("nan"),
                              "args": ""})
@@ -144,12 +146,6 @@ def profile(model, repeats: int = 7, number: int = 50, after: bool = False) -> l
                          "chain_ms": in_chain,
                          "args": " ".join("x".join(map(str, a.shape)) for a in copies)})
         if after:
-            fns = []
-            for sym, args in calls:
-                try:
-                    fns.append((mod.get_function(sym), args))
-                except Exception:  # noqa: BLE001 - a VM builtin, not a kernel
-                    fns.append((None, args))
             for row, (on_vm, on_copies) in zip(rows, after_times(fns)):
                 row["after_ms"], row["after_copies_ms"] = on_vm, on_copies
         # the VM's whole-call overhead (copies in/out, allocation) is the rest

@@ -1,8 +1,9 @@
 """Kernel scratch buffers on the stack, not on TVM's workspace heap.
 
 A kernel's small buffers (a register tile's accumulators, a channel's padded rows) are
-allocated where they are used: inside the task loop, often inside a channel or tile loop. TVM 0.27's ``LowerTVMBuiltin`` keeps only buffers of scope "global" under
-1 KB on the stack; every other one becomes a ``TVMBackendAllocWorkspace`` /
+allocated where they are used: inside the task loop, often inside a channel or tile loop.
+TVM 0.27's ``LowerTVMBuiltin`` keeps only buffers of scope "global" under 1 KB on the stack;
+every other one becomes a ``TVMBackendAllocWorkspace`` /
 ``TVMBackendFreeWorkspace`` pair per loop iteration: two calls into the runtime's workspace
 pool, and a tile behind a heap pointer where a stack tile can live in registers. Our
 schedules put accumulator tiles in scope "local", so every tile paid it: pruned MobileNetV2
