@@ -8,11 +8,14 @@ Runs the model once through the Relax VM with an instrument that records every k
 several repeats, hot caches: "alone") and where it runs, the calls replayed in order ("chain"),
 and prints both per kernel, plus the whole-model time for comparison.
 
-With ``--after``, two more columns: each call timed right after the call before it, the two
+With ``--after``, four more columns: each call timed right after the call before it, the two
 alternating ("after"), and the same with the kernel reading and writing copies of its tensors
-("after, copies"). On two threads a kernel that reads what the call before it just wrote, or
-writes memory that call just used, runs slower than alone by the cost of moving those cache
-lines between the cores; with copies it does not (on one thread the three agree).
+("copies"), with only its inputs copied ("in cp") and with only its output (the last tensor
+argument) on a copy ("out cp"). On two threads a kernel that reads what the call before it just
+wrote, or writes memory that call just used, runs slower than alone by the cost of moving those
+cache lines between the cores; with copies it does not (on one thread they all agree). "in cp"
+near "copies" says the cost was reading (read-after-write); "out cp" near it, writing into
+storage the memory plan reused (write-after-read).
 """
 
 from __future__ import annotations
@@ -53,14 +56,22 @@ def _models():
     }
 
 
-def after_times(fns: list, rounds: int = 300) -> list[tuple[float, float]]:
+#: ``after_times``' columns: which of a kernel's tensors are copies (inputs, output)
+AFTER = {"after_ms": (False, False), "after_copies_ms": (True, True),
+         "after_in_ms": (True, False), "after_out_ms": (False, True)}
+
+
+def after_times(fns: list, rounds: int = 300) -> list[dict[str, float]]:
     """Per call ``(fn, args)`` of ``fns`` (None for a non-kernel): median ms right after the
-    call before it, on the VM's tensors and on copies of its own (NaN for the first call)."""
+    call before it, per column of ``AFTER`` (NaN for the first call)."""
     import tvm
 
-    def copy(args):
-        return [tvm.runtime.tensor(a.numpy()) if isinstance(a, tvm.runtime.Tensor) else a
-                for a in args]
+    def copy(args, inputs: bool, output: bool):
+        last = max((k for k, a in enumerate(args) if isinstance(a, tvm.runtime.Tensor)),
+                   default=-1)
+        return [tvm.runtime.tensor(a.numpy())
+                if isinstance(a, tvm.runtime.Tensor) and (output if k == last else inputs)
+                else a for k, a in enumerate(args)]
 
     def timed(before, fn, args) -> float:
         out = []
@@ -75,9 +86,10 @@ def after_times(fns: list, rounds: int = 300) -> list[tuple[float, float]]:
     for k, (fn, args) in enumerate(fns):
         prev = fns[k - 1] if k else (None, None)
         if fn is None or prev[0] is None:
-            times.append((float("nan"), float("nan")))
+            times.append(dict.fromkeys(AFTER, float("nan")))
             continue
-        times.append((timed(prev, fn, args), timed(prev, fn, copy(args))))
+        times.append({col: timed(prev, fn, copy(args, *which))
+                      for col, which in AFTER.items()})
     return times
 
 
@@ -146,8 +158,8 @@ def profile(model, repeats: int = 7, number: int = 50, after: bool = False) -> l
                          "chain_ms": in_chain,
                          "args": " ".join("x".join(map(str, a.shape)) for a in copies)})
         if after:
-            for row, (on_vm, on_copies) in zip(rows, after_times(fns)):
-                row["after_ms"], row["after_copies_ms"] = on_vm, on_copies
+            for row, cols in zip(rows, after_times(fns)):
+                row.update(cols)
         # the VM's whole-call overhead (copies in/out, allocation) is the rest
         return rows, statistics.median(whole)
 
@@ -160,7 +172,8 @@ def main(argv=None) -> int:
                     help="profile the model pruned at this ratio (magnitude channel groups)")
     ap.add_argument("--after", action="store_true",
                     help="also time each kernel right after the call before it, on the VM's "
-                         "tensors and on copies (what moving data between cores costs)")
+                         "tensors and on copies of its inputs, its output or both (what "
+                         "moving data between cores costs, and in which direction)")
     args = ap.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     sys.path.insert(0, str(REPO))
@@ -170,17 +183,18 @@ def main(argv=None) -> int:
 
         model = bench_host.pruned(model, args.ratio)
     rows, whole = profile(model, after=args.after)
-    cols = ["ms", "chain_ms"] + (["after_ms", "after_copies_ms"] if args.after else [])
+    after = list(AFTER) if args.after else []
+    cols = ["ms", "chain_ms"] + after
     sums = {c: sum(r[c] for r in rows if c in r and r[c] == r[c]) for c in cols}
-    extra = f" {'after':>8s} {'copies':>8s}" if args.after else ""
+    heads = {"after_ms": "after", "after_copies_ms": "copies", "after_in_ms": "in cp",
+             "after_out_ms": "out cp"}
+    extra = "".join(f" {heads[c]:>8s}" for c in after)
     print(f"{'kernel':40s} {'alone ms':>8s} {'%':>6s} {'chain ms':>8s}{extra}  shapes")
     for r in rows:
-        extra = (f" {r.get('after_ms', float('nan')):8.4f} "
-                 f"{r.get('after_copies_ms', float('nan')):8.4f}" if args.after else "")
+        extra = "".join(f" {r.get(c, float('nan')):8.4f}" for c in after)
         print(f"{r['kernel']:40s} {r['ms']:8.4f} {100 * r['ms'] / whole:5.1f}% "
               f"{r['chain_ms']:8.4f}{extra}  {r['args']}")
-    extra = (f" {sums['after_ms']:8.4f} {sums['after_copies_ms']:8.4f}" if args.after
-             else "")
+    extra = "".join(f" {sums[c]:8.4f}" for c in after)
     print(f"{'sum of kernels':40s} {sums['ms']:8.4f} {'':6s} {sums['chain_ms']:8.4f}{extra}")
     print(f"{'whole Runner.run':40s} {whole:8.4f}")
     return 0

@@ -1878,3 +1878,83 @@ def test_accumulator_tiles_stay_off_the_heap():
     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
     assert _heap_sites(mod, "default")[0] >= 1
     assert _heap_sites(mod, scratch.tir_pipeline())[0] == 0
+
+
+def _prefetched_lines(func, task: int) -> set[int]:
+    """The 64-byte lines (of the output, its base line-aligned) that ``func``'s parallel
+    iteration ``task`` prefetches for writing (``common.prefetch_writes``)."""
+    import tvm
+    import tvm.sym.analyzer
+    import tvm_ffi
+    from tvm import tirx
+
+    loops, calls = [], []
+
+    def see_loop(loop):
+        if loop.kind == tirx.ForKind.PARALLEL:
+            loops.append(loop)
+        return loop
+
+    def see_call(stmt):
+        if "prefetch" in str(stmt.value):
+            calls.append(stmt.value)
+        return stmt
+
+    tvm_ffi.structural_map(func.body, [(tirx.For, see_loop), (tirx.Evaluate, see_call)])
+    loop = next(lp for lp in loops if any(str(lp.loop_var.name) in str(c) for c in calls))
+    analyzer = tvm.sym.analyzer.Analyzer()
+    analyzer.bind(loop.loop_var, tirx.IntImm(str(loop.extent.ty), task))
+    lines = set()
+    for call in calls:
+        load = call.args[1].args[0]          # llvm.prefetch(address_of(Y[...]), rw, ...)
+        assert int(call.args[2].value) == 1  # for writing
+        index = [int(analyzer.simplify(e).value) for e in load.indices]
+        flat = 0
+        for i, extent in zip(index, load.source.shape):
+            flat = flat * int(extent) + i
+        lines.add(flat * 4 // 64)
+    return lines
+
+
+def _lines(start: int, count: int) -> set[int]:
+    """The 64-byte lines of ``count`` floats from float ``start``."""
+    return set(range(start * 4 // 64, ((start + count) * 4 - 1) // 64 + 1))
+
+
+def test_kernels_prefetch_the_output_a_few_tasks_ahead():
+    """A task of the depthwise conv or of a generic elementwise kernel (here the zero pad a
+    pointwise conv reads) prefetches for writing exactly the cache lines the task
+    ``PREFETCH_AHEAD`` later writes (the last tasks: the last one's), and still computes what
+    numpy does; a pure reshape gets none (the VM must still see it as a view)."""
+    import tvm
+    from tvm import relax, te, topi
+
+    from sparsec.targets.kernels import common, conv2d, depthwise, fallback
+
+    ahead = common.PREFETCH_AHEAD
+    s = conv2d.ConvShape(n=1, ic=24, h=7, w=7, oc=24, kh=3, kw=3, stride=(1, 1),
+                         padding=(1, 1, 1, 1), dilation=(1, 1))
+    with tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2}):
+        func = depthwise.build(s)
+    for task in range(24):          # channel planes of 49 floats, not line-aligned
+        assert _prefetched_lines(func, task) == _lines(min(task + ahead, 23) * 49, 49), task
+    x = np.random.default_rng(1).standard_normal((1, 24, 7, 7)).astype("float32")
+    w = np.random.default_rng(2).standard_normal((24, 3, 3)).astype("float32")
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                      target={"kind": "llvm"})
+    out = tvm.runtime.empty((1, 24, 7, 7), "float32")
+    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    want = sum(xp[:, :, ky:ky + 7, kx:kx + 7] * w[None, :, ky, kx, None, None]
+               for ky in range(3) for kx in range(3))
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-5)
+
+    a = te.placeholder((1, 40, 14, 14), "float32", name="a")
+    pad = te.create_prim_func([a, topi.nn.pad(topi.reshape(a, (1, 40, 196)),
+                                              (0, 0, 0), (0, 0, 8))])
+    scheduled = fallback.schedule_generic(pad)
+    for task in range(40):          # rows of 204 floats: some end one line past a 16th float
+        assert _prefetched_lines(scheduled, task) == _lines(min(task + ahead, 39) * 204, 204)
+    reshape = te.create_prim_func([a, topi.reshape(a, (1, 40, 196))])
+    assert relax.analysis.has_reshape_pattern(reshape)
+    assert "prefetch" not in fallback.schedule_generic(reshape).script()

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from sparsec.targets.kernels.common import (Activation, epilogue_func, finish,
-                                            narrow_vectors_at_full_rate, target_cores,
-                                            vector_pad, wide_vectors)
+                                            narrow_vectors_at_full_rate, prefetch_writes,
+                                            target_cores, vector_pad, wide_vectors)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -349,10 +349,20 @@ def build(s: ConvShape, dtype: str = "float32", bias: bool = False,
         _schedule_pad(sch, 3 if banded else 2)
     sch.decompose_reduction(blk, kco)
     if banded:
-        return vector_pad(finish(sch, NAME), dataclasses.replace(s, stride=(1, 1)),
+        func = vector_pad(finish(sch, NAME), dataclasses.replace(s, stride=(1, 1)),
                           x_row=lambda lead, py, i: ([lead[0], lead[2]],
                                                      lead[1] * band * sh + i - pt))
-    return vector_pad(finish(sch, NAME), s) if needs_pad else finish(sch, NAME)
+    else:
+        func = vector_pad(finish(sch, NAME), s) if needs_pad else finish(sch, NAME)
+    ncbo = -(-ocb // v)
+
+    def box(task):     # a task's output: V*16 channels of one row
+        if by_rows:
+            cbo_, i_, n_ = task % ncbo, task // ncbo % oh, task // (ncbo * oh)
+        else:
+            i_, cbo_, n_ = task % oh, task // oh % ncbo, task // (oh * ncbo)
+        return [(n_, 1), (cbo_ * v * LANES, v * LANES), (i_, 1), (0, ow)]
+    return prefetch_writes(func, box)
 
 
 def build_dynamic_batch(s: ConvShape, dtype: str = "float32", bias: bool = False,

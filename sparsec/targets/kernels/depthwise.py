@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from sparsec.targets.kernels.common import (VEC_LANES, Activation, epilogue_func, finish,
-                                            vector_pad)
+                                            prefetch_writes, vector_pad)
 
 if TYPE_CHECKING:
     from tvm import s_tir, tirx
@@ -156,8 +156,10 @@ def build(s: "ConvShape", dtype: str = "float32", bias: bool = False,
     sch.compute_at(sch.get_sblock("pad"), c)
     sch.parallel(sch.fuse(n, c))
     sch.decompose_reduction(blk, ky)
-    return vector_pad(finish(sch, POOL_NAME if pool else NAME), s,
+    func = vector_pad(finish(sch, POOL_NAME if pool else NAME), s,
                       x_row=lambda lead, py, i: (lead[:2], i * sh + py - pt), fill=fill)
+    # a task writes one output plane
+    return prefetch_writes(func, lambda v: [(v // s.ic, 1), (v % s.ic, 1), (0, oh), (0, ow)])
 
 
 def vectorize_write_back(sch: "s_tir.Schedule", out, ow: int, p: DepthwisePlan) -> None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from sparsec.targets.kernels.common import SCHEDULED_ATTR, STRATEGY_ATTR
+from sparsec.targets.kernels.common import SCHEDULED_ATTR, STRATEGY_ATTR, prefetch_writes
 
 if TYPE_CHECKING:
     from tvm import ir, s_tir, tirx
@@ -57,26 +57,29 @@ def _extent_key(sch: "s_tir.Schedule", loop: "s_tir.schedule.LoopRV") -> int | s
     return ext if ext is not None else str(sch.get(loop).extent)
 
 
-def _schedule_block(sch: "s_tir.Schedule", block: "s_tir.schedule.SBlockRV") -> None:
-    """Parallel outer spatial loops + vectorized innermost spatial loop for one block."""
+def _schedule_block(sch: "s_tir.Schedule", block: "s_tir.schedule.SBlockRV"
+                    ) -> list[int] | None:
+    """Parallel outer spatial loops + vectorized innermost spatial loop for one block. The
+    extents of the outer loops where they became the parallel loop of an elementwise block
+    (each task then writes one run of the innermost axis), else None."""
     from tvm import tirx
 
     loops = sch.get_loops(block)
     if not loops:
-        return
+        return None
     iter_vars = sch.get(block).iter_vars
     if len(iter_vars) != len(loops):
-        return  # not the one-loop-per-block-var form that legalized ops come in
+        return None  # not the one-loop-per-block-var form that legalized ops come in
     # LegalizeOps/FuseTIR emit trivial bindings: loop i drives block var i.
     kinds = ["R" if iv.iter_type == tirx.IterVar.CommReduce else
              "S" if iv.iter_type == tirx.IterVar.DataPar else "O" for iv in iter_vars]
     if "O" in kinds:
-        return
+        return None
 
     spatial = [lp for lp, k in zip(loops, kinds) if k == "S"]
     reduce = [lp for lp, k in zip(loops, kinds) if k == "R"]
     if not spatial:
-        return
+        return None
     inner = spatial[-1]
     inner_ext = _const_extent(sch, inner)
     outer = spatial[:-1]
@@ -88,8 +91,11 @@ def _schedule_block(sch: "s_tir.Schedule", block: "s_tir.schedule.SBlockRV") -> 
         symbolic |= ext is None
         total *= ext or 1
     # a symbolic extent (a dynamic model's batch x seq) is taken to be large
+    tasks = None
     if total >= MIN_PARALLEL or symbolic:
         if outer:
+            if not reduce and not symbolic:
+                tasks = [_const_extent(sch, lp) for lp in outer]
             par = sch.fuse(*outer) if len(outer) > 1 else outer[0]
             sch.parallel(par)
         elif inner_ext is not None and inner_ext > MAX_VECTOR:
@@ -110,6 +116,7 @@ def _schedule_block(sch: "s_tir.Schedule", block: "s_tir.schedule.SBlockRV") -> 
                 pass
     if reduce:
         sch.decompose_reduction(block, reduce[0])
+    return tasks
 
 
 def _is_spatial(sch: "s_tir.Schedule", block: "s_tir.schedule.SBlockRV") -> bool:
@@ -303,7 +310,7 @@ def schedule_tail_reduction(func: "tirx.PrimFunc") -> "tirx.PrimFunc | None":
 
 def schedule_generic(func: "tirx.PrimFunc") -> "tirx.PrimFunc | None":
     """Our loop-nest rule applied to every block of ``func``; None when it does not apply."""
-    from tvm import s_tir
+    from tvm import relax, s_tir
 
     sch = s_tir.Schedule(func)
     try:
@@ -313,12 +320,28 @@ def schedule_generic(func: "tirx.PrimFunc") -> "tirx.PrimFunc | None":
     if not blocks:
         return None
     _inline_intermediates(sch)
-    for block in sch.get_child_blocks(sch.get_sblock("root")):
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    tasks = None
+    for block in blocks:
         try:  # each primitive is atomic, so a failure leaves a valid, partly scheduled block
-            _schedule_block(sch, block)
+            tasks = _schedule_block(sch, block)
         except Exception:  # noqa: BLE001
             continue
-    return sch.mod["main"]
+    # a pure reshape stays recognizable: the VM turns it into a view of its input
+    if len(blocks) != 1 or tasks is None or relax.analysis.has_reshape_pattern(func):
+        return sch.mod["main"]
+    # one elementwise block (a pad, a copy, an activation): each task writes one run of the
+    # output's last axis; prefetch it for writing a few tasks ahead (``prefetch_writes``)
+    (written,) = sch.get(blocks[0]).writes
+    extents = [int(d) for d in written.source.shape]
+
+    def box(task):
+        index = []
+        for extent in reversed(tasks):
+            index.append((task % extent, 1))
+            task = task // extent
+        return [*index[::-1], (0, extents[-1])]
+    return prefetch_writes(sch.mod["main"], box, output=written.source.name)
 
 
 def schedule_function(func: "tirx.PrimFunc", target: "Target") -> "tirx.PrimFunc":
