@@ -1958,3 +1958,87 @@ def test_kernels_prefetch_the_output_a_few_tasks_ahead():
     reshape = te.create_prim_func([a, topi.reshape(a, (1, 40, 196))])
     assert relax.analysis.has_reshape_pattern(reshape)
     assert "prefetch" not in fallback.schedule_generic(reshape).script()
+
+
+def _prefetched_reads(func) -> list:
+    """(the loaded buffer, its index expressions, the loops around the prefetch) of each read
+    prefetch in ``func`` (``common.prefetch_reads``)."""
+    from tvm import tirx
+
+    found, loops = [], []
+
+    def visit(stmt, around):
+        if isinstance(stmt, tirx.For):
+            visit(stmt.body, around + [stmt])
+        elif isinstance(stmt, tirx.SeqStmt):
+            for s in stmt.seq:
+                visit(s, around)
+        elif isinstance(stmt, tirx.Evaluate) and "prefetch" in str(stmt.value):
+            call = stmt.value
+            if int(call.args[2].value) == 0:              # for reading
+                load = call.args[1].args[0]
+                found.append((load.source, list(load.indices), list(around)))
+        else:
+            for child in _children(stmt):
+                visit(child, around)
+
+    def _children(stmt):     # a block realize's block, a block's body, ...
+        return [sub for sub in (getattr(stmt, a, None) for a in ("body", "block"))
+                if sub is not None]
+
+    visit(func.body, loops)
+    return found
+
+
+@pytest.mark.parametrize("kernel", ["conv1x1_nchw", "conv2d_nchw_packed"])
+def test_small_map_convs_prefetch_their_input_ahead(kernel):
+    """The pointwise conv prefetches each input channel's pixel tile ``READ_AHEAD`` tiles on,
+    the direct 1x1 conv on a small map the input row ``READ_AHEAD`` channels on; at every
+    corner of their loops the address stays inside the input (clamped at its end), and the
+    kernels still compute the conv."""
+    import itertools
+
+    import tvm
+    import tvm.sym.analyzer
+    from tvm import tirx
+
+    from sparsec.targets.kernels import conv2d, pointwise
+
+    rng = np.random.default_rng(3)
+    ci, co, h = 40, 36, 7
+    x = rng.standard_normal((1, ci, h, h)).astype("float32")
+    w = rng.standard_normal((co, ci)).astype("float32")
+    want = np.einsum("oc,nchw->nohw", w, x)
+    with tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2}):
+        if kernel == "conv1x1_nchw":
+            tile = pointwise.pick_tile(co, h * h)
+            func = pointwise.build(1, ci, h * h, co, tile)
+            pp = tile.padded_pixels(h * h)
+            args = [np.pad(x.reshape(1, ci, h * h), ((0, 0), (0, 0), (0, pp - h * h))),
+                    pointwise.pack_weight(w, tile.oct)]
+            out_shape = (1, co, h * h)
+        else:
+            s = conv2d.ConvShape(n=1, ic=ci, h=h, w=h, oc=co, kh=1, kw=1, stride=(1, 1),
+                                 padding=(0, 0, 0, 0), dilation=(1, 1))
+            func = conv2d.build(s)
+            args = [x, conv2d.pack_weight(w[:, :, None, None], conv2d.LANES)]
+            out_shape = (1, co, h, h)
+    reads = _prefetched_reads(func)
+    assert reads, func.script()
+    for source, index, around in reads:
+        assert source.name == "X"
+        shape = [int(d) for d in source.shape]
+        size = int(np.prod(shape))
+        for corner in itertools.product(*[(0, int(lp.extent) - 1) for lp in around]):
+            analyzer = tvm.sym.analyzer.Analyzer()
+            for lp, v in zip(around, corner):
+                analyzer.bind(lp.loop_var, tirx.IntImm(str(lp.extent.ty), v))
+            flat = 0
+            for e, extent in zip(index, shape):
+                flat = flat * extent + int(analyzer.simplify(e).value)
+            assert 0 <= flat < size, (corner, flat, size)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                      target={"kind": "llvm"})
+    out = tvm.runtime.empty(out_shape, "float32")
+    lib["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args], out)
+    np.testing.assert_allclose(out.numpy().reshape(want.shape), want, rtol=1e-4, atol=1e-4)

@@ -333,6 +333,41 @@ def prefetch_writes(func: "tirx.PrimFunc", box: "Callable[[tirx.PrimExpr], list]
     return func.with_body(tvm_ffi.structural_map(func.body, [(tirx.For, prefetch)]))
 
 
+def prefetch_reads(func: "tirx.PrimFunc", loop_var, source: str,
+                   indices: "Callable[[], list[list]]") -> "tirx.PrimFunc":
+    """``func`` with a prefetch for reading of ``source[index]`` for each index of
+    ``indices()`` at the top of the body of the loop over ``loop_var`` (expressions in the
+    loops around it)."""
+    import tvm_ffi
+    from tvm import tirx
+    from tvm.ir.expr import TensorLoad
+
+    found: list = []
+
+    def see(load):
+        if load.source.name == source and not found:
+            found.append(load.source)
+        return load
+
+    tvm_ffi.structural_map(func.body, [(TensorLoad, see)])   # what tirx.BufferLoad makes
+    if not found:
+        return func
+
+    def prefetch(loop):
+        if not loop.loop_var.same_as(loop_var):
+            return loop
+        calls = [tirx.Evaluate(tirx.call_llvm_intrin(
+            "void", "llvm.prefetch.p0",
+            tirx.call_intrin("handle", "tirx.address_of", tirx.BufferLoad(found[0], index)),
+            tirx.const(0, "int32"), tirx.const(3, "int32"), tirx.const(1, "int32")))
+            for index in indices()]
+        return tirx.For(loop.loop_var, loop.min, loop.extent, loop.kind,
+                        tirx.SeqStmt([*calls, loop.body]), loop.thread_binding,
+                        loop.annotations)
+
+    return func.with_body(tvm_ffi.structural_map(func.body, [(tirx.For, prefetch)]))
+
+
 def vector_pad(func: "tirx.PrimFunc", s: "conv2d.ConvShape", lanes: int | None = None,
                x_row: "Callable[..., tuple] | None" = None, fill: float = 0.0
                ) -> "tirx.PrimFunc":

@@ -33,8 +33,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from sparsec.targets.kernels.common import (Activation, epilogue_func, finish,
-                                            narrow_vectors_at_full_rate, prefetch_writes,
-                                            target_cores, vector_pad, wide_vectors)
+                                            narrow_vectors_at_full_rate, prefetch_reads,
+                                            prefetch_writes, target_cores, vector_pad,
+                                            wide_vectors)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -255,6 +256,9 @@ def pick_oc_vecs(ocb: int, t: int, tasks: int) -> int:
     return 2 if ocb % 2 == 0 and t * 2 <= budget and ocb // 2 * tasks >= 8 else 1
 
 
+#: input channels ahead a 1x1 conv on a small map prefetches its input row
+READ_AHEAD = 32
+
 #: output rows a core's share of a conv must span for the parallel tasks to run rows-major
 #: (see :func:`rows_major`)
 MIN_BAND_ROWS = 14
@@ -284,7 +288,7 @@ def build(s: ConvShape, dtype: str = "float32", bias: bool = False,
           width_tile: int | None = None) -> "tirx.PrimFunc":
     """The scheduled PrimFunc ``(X, Wp[OCB,IC,KH,KW,16] [, B[OC]] [, R[N,OC,OH,OW]], Y)``,
     ``V`` = :func:`pick_oc_vecs` channel blocks per register tile."""
-    from tvm import s_tir, te
+    from tvm import s_tir, te, tirx
 
     (sh, sw), (dh, dw) = s.stride, s.dilation
     pt, pl, pb, pr = s.padding
@@ -344,9 +348,12 @@ def build(s: ConvShape, dtype: str = "float32", bias: bool = False,
     sch.unroll(cbi)
     sch.unroll(ji)
     sch.unroll(kx)
-    sch.parallel(sch.fuse(n, i, cbo) if by_rows else sch.fuse(n, cbo, i))
+    task = sch.fuse(n, i, cbo) if by_rows else sch.fuse(n, cbo, i)
+    sch.parallel(task)
     if needs_pad:
         _schedule_pad(sch, 3 if banded else 2)
+    loop_vars = {"task": sch.get(task).loop_var, "kco": sch.get(kco).loop_var,
+                 "kci": sch.get(kci).loop_var}
     sch.decompose_reduction(blk, kco)
     if banded:
         func = vector_pad(finish(sch, NAME), dataclasses.replace(s, stride=(1, 1)),
@@ -362,7 +369,18 @@ def build(s: ConvShape, dtype: str = "float32", bias: bool = False,
         else:
             i_, cbo_, n_ = task % oh, task // oh % ncbo, task // (oh * ncbo)
         return [(n_, 1), (cbo_ * v * LANES, v * LANES), (i_, 1), (0, ow)]
-    return prefetch_writes(func, box)
+    func = prefetch_writes(func, box)
+    if READ_AHEAD and not needs_pad and ow <= 16 and (s.kh, s.kw) == (1, 1):
+        kb = ic_block(s.ic) if owp > t else s.ic
+
+        def ahead():    # the input row READ_AHEAD channels on: its first and last pixel
+            task = loop_vars["task"]
+            n_ = task // (ncbo * oh)
+            i_ = task // ncbo % oh if by_rows else task % oh
+            c = tirx.min(loop_vars["kco"] * kb + loop_vars["kci"] + READ_AHEAD, s.ic - 1)
+            return [[n_, c, i_ * sh, j] for j in (0, (ow - 1) * sw)]
+        func = prefetch_reads(func, loop_vars["kci"], "X", ahead)
+    return func
 
 
 def build_dynamic_batch(s: ConvShape, dtype: str = "float32", bias: bool = False,

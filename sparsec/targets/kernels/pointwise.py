@@ -26,7 +26,8 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sparsec.targets.kernels.common import Activation, epilogue_func, finish, wide_vectors
+from sparsec.targets.kernels.common import (Activation, epilogue_func, finish, prefetch_reads,
+                                            wide_vectors)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -66,6 +67,8 @@ NARROW_PENALTY = 1.25
 #: planes in runs this long, not one tile at a time (MobileNetV2 whole, interleaved with
 #: ORT: 1 tile 1.44x ORT's time, 4 tiles 1.32x, 16 tiles 1.28x, 32-64 the same)
 CHUNK_PIXELS = 256
+#: pixel tiles ahead a task prefetches each input channel's row
+READ_AHEAD = 2
 #: tasks a kernel keeps at least, where single tiles give that many (a few panels on a small
 #: map must still fill the cores)
 MIN_TASKS = 8
@@ -104,7 +107,7 @@ def build(n: int, ci: int, p: int, co: int, tile: Tile, dtype: str = "float32",
     """Dense: ``(X[N,CI,Pp], Wp[NB,CI,oct] [, B[CO]] [, R[N,CO,P]], Y[N,CO,P])``.
     Sparse (``rows`` = kept input channels per panel): ``(X, idx[NB,rows], data[NB,rows,oct],
     ...)`` as packed by ``bsr.pack_weight(W[CI, CO], oct)``."""
-    from tvm import s_tir, te
+    from tvm import s_tir, te, tirx
 
     oct_, px = tile.oct, tile.pixels
     nb = -(-co // oct_)
@@ -147,6 +150,17 @@ def build(n: int, ci: int, p: int, co: int, tile: Tile, dtype: str = "float32",
     # pixels over every output channel, so it reads the pixels it (or the fused depthwise
     # kernel's row tiles) wrote itself, where panel-major shares read half their input from
     # the other core's cache (MobileNetV2 whole, interleaved with ORT: 1.41x -> 1.37x)
-    sch.parallel(sch.fuse(i, qoo, jb))
+    task = sch.fuse(i, qoo, jb)
+    sch.parallel(task)
+    loop_vars = [sch.get(lp).loop_var for lp in (task, qoi, rr)]
     sch.decompose_reduction(blk, rr)
-    return finish(sch, name)
+    func = finish(sch, name)
+    if READ_AHEAD and rows is None:
+        nq = pp // (chunk * px)
+
+        def ahead():    # this input channel's pixel tile READ_AHEAD tiles on
+            t, qi_, r_ = loop_vars
+            tile = tirx.min((t // nb % nq * chunk + qi_ + READ_AHEAD) * px, pp - 1)
+            return [[t // (nb * nq), r_, tile]]
+        func = prefetch_reads(func, loop_vars[2], "X", ahead)
+    return func
