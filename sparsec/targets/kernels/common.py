@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import contextvars
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -253,8 +253,9 @@ def prefetch_writes(func: "tirx.PrimFunc", box: "Callable[[tirx.PrimExpr], list]
                     ahead: int = PREFETCH_AHEAD, output: str = "Y") -> "tirx.PrimFunc":
     """``func`` with a prefetch for writing (``prefetchw`` on x86, ``prfm pstl1keep`` on Arm)
     of each cache line that iteration ``v + ahead`` of the parallel loop writing ``output``
-    will write, issued at the top of iteration ``v``. ``box(v)`` is that iteration's region of ``output``:
-    ``(start, extent)`` per axis, the extents constants.
+    will write, issued at the top of iteration ``v`` (the last iterations: the last one's).
+    ``box(v)`` is that iteration's region of ``output``: ``(start, extent)`` per axis, the
+    extents constants; at most ``MAX_PREFETCH_LINES`` lines, else ``func`` is left as it is.
 
     Why: the static memory plan hands a kernel's output storage that the kernel before it has
     just used, often read by both cores (a pointwise conv split by output channels reads
@@ -316,10 +317,10 @@ def prefetch_writes(func: "tirx.PrimFunc", box: "Callable[[tirx.PrimExpr], list]
         calls = []
         for o in offsets:
             for step in steps:
-                within = []            # the step's index in the run's axes
+                within, rest = [], step     # the step's index in the run's axes
                 for d in reversed(dims):
-                    within.append(step % d)
-                    step //= d
+                    within.append(rest % d)
+                    rest //= d
                 index = [start + k for (start, _), k in zip(region, o + within[::-1])]
                 index = [tirx.const(i, dtype) if isinstance(i, int) else i for i in index]
                 addr = tirx.call_intrin("handle", "tirx.address_of", tirx.BufferLoad(buf, index))
