@@ -268,33 +268,17 @@ def prefetch_writes(func: "tirx.PrimFunc", box: "Callable[[tirx.PrimExpr], list]
     import tvm_ffi
     from tvm import tirx
 
-    found: list = []
-
-    def see(store):
-        if store.buffer.name == output and not found:
-            found.append(store.buffer)
-        return store
-
-    tvm_ffi.structural_map(func.body, [(tirx.BufferStore, see)])
-    if not found:
+    stored = _buffers(func.body, tirx.BufferStore, lambda store: store.buffer)
+    buf = next((b for b in stored if b.name == output), None)
+    if buf is None:
         return func
-    buf = found[0]
     per_line = max(1, _LINE_BYTES * 8 // tvm.DataType(buf.dtype).bits)
     done: list = []
 
-    def writes_output(stmt) -> bool:
-        hits: list = []
-
-        def hit(store):
-            if store.buffer.same_as(buf):
-                hits.append(store)
-            return store
-
-        tvm_ffi.structural_map(stmt, [(tirx.BufferStore, hit)])
-        return bool(hits)
-
     def prefetch(loop):
-        if done or loop.kind != tirx.ForKind.PARALLEL or not writes_output(loop.body):
+        if done or loop.kind != tirx.ForKind.PARALLEL or not any(
+                b.same_as(buf) for b in _buffers(loop.body, tirx.BufferStore,
+                                                  lambda store: store.buffer)):
             return loop
         done.append(loop)
         dtype = str(loop.extent.ty)
@@ -322,14 +306,9 @@ def prefetch_writes(func: "tirx.PrimFunc", box: "Callable[[tirx.PrimExpr], list]
                     within.append(rest % d)
                     rest //= d
                 index = [start + k for (start, _), k in zip(region, o + within[::-1])]
-                index = [tirx.const(i, dtype) if isinstance(i, int) else i for i in index]
-                addr = tirx.call_intrin("handle", "tirx.address_of", tirx.BufferLoad(buf, index))
-                calls.append(tirx.Evaluate(tirx.call_llvm_intrin(
-                    "void", "llvm.prefetch.p0", addr, tirx.const(1, "int32"),   # for writing,
-                    tirx.const(3, "int32"), tirx.const(1, "int32"))))           # keep, data
-        return tirx.For(loop.loop_var, loop.min, loop.extent, loop.kind,
-                        tirx.SeqStmt([*calls, loop.body]), loop.thread_binding,
-                        loop.annotations)
+                calls.append(_prefetch(buf, [tirx.const(i, dtype) if isinstance(i, int) else i
+                                             for i in index], write=True))
+        return _prepend(loop, calls)
 
     return func.with_body(tvm_ffi.structural_map(func.body, [(tirx.For, prefetch)]))
 
@@ -341,32 +320,51 @@ def prefetch_reads(func: "tirx.PrimFunc", loop_var, source: str,
     loops around it)."""
     import tvm_ffi
     from tvm import tirx
-    from tvm.ir.expr import TensorLoad
+    from tvm.ir.expr import TensorLoad     # what tirx.BufferLoad makes
 
-    found: list = []
-
-    def see(load):
-        if load.source.name == source and not found:
-            found.append(load.source)
-        return load
-
-    tvm_ffi.structural_map(func.body, [(TensorLoad, see)])   # what tirx.BufferLoad makes
-    if not found:
+    loaded = _buffers(func.body, TensorLoad, lambda load: load.source)
+    buf = next((b for b in loaded if b.name == source), None)
+    if buf is None:
         return func
 
     def prefetch(loop):
         if not loop.loop_var.same_as(loop_var):
             return loop
-        calls = [tirx.Evaluate(tirx.call_llvm_intrin(
-            "void", "llvm.prefetch.p0",
-            tirx.call_intrin("handle", "tirx.address_of", tirx.BufferLoad(found[0], index)),
-            tirx.const(0, "int32"), tirx.const(3, "int32"), tirx.const(1, "int32")))
-            for index in indices()]
-        return tirx.For(loop.loop_var, loop.min, loop.extent, loop.kind,
-                        tirx.SeqStmt([*calls, loop.body]), loop.thread_binding,
-                        loop.annotations)
+        return _prepend(loop, [_prefetch(buf, index, write=False) for index in indices()])
 
     return func.with_body(tvm_ffi.structural_map(func.body, [(tirx.For, prefetch)]))
+
+
+def _buffers(stmt, node_type, buffer_of) -> list:
+    """The buffers of the ``node_type`` nodes (stores or loads) in ``stmt``, in order."""
+    import tvm_ffi
+
+    seen: list = []
+
+    def see(node):
+        seen.append(buffer_of(node))
+        return node
+
+    tvm_ffi.structural_map(stmt, [(node_type, see)])
+    return seen
+
+
+def _prefetch(buf, index: list, write: bool) -> "tirx.Stmt":
+    """``llvm.prefetch`` of ``buf[index]``: for writing or reading, keep in all caches, data."""
+    from tvm import tirx
+
+    addr = tirx.call_intrin("handle", "tirx.address_of", tirx.BufferLoad(buf, index))
+    return tirx.Evaluate(tirx.call_llvm_intrin(
+        "void", "llvm.prefetch.p0", addr, tirx.const(int(write), "int32"),
+        tirx.const(3, "int32"), tirx.const(1, "int32")))
+
+
+def _prepend(loop, stmts: list):
+    """``loop`` with ``stmts`` at the top of its body."""
+    from tvm import tirx
+
+    return tirx.For(loop.loop_var, loop.min, loop.extent, loop.kind,
+                    tirx.SeqStmt([*stmts, loop.body]), loop.thread_binding, loop.annotations)
 
 
 def vector_pad(func: "tirx.PrimFunc", s: "conv2d.ConvShape", lanes: int | None = None,

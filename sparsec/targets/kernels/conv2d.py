@@ -365,20 +365,20 @@ def build(s: ConvShape, dtype: str = "float32", bias: bool = False,
         func = vector_pad(finish(sch, NAME), s) if needs_pad else finish(sch, NAME)
     ncbo = -(-ocb // v)
 
-    def box(task):     # a task's output: V*16 channels of one row
+    def decode(task):  # the parallel task's (image, channel-block pair, output row)
         if by_rows:
-            cbo_, i_, n_ = task % ncbo, task // ncbo % oh, task // (ncbo * oh)
-        else:
-            i_, cbo_, n_ = task % oh, task // oh % ncbo, task // (oh * ncbo)
+            return task // (ncbo * oh), task % ncbo, task // ncbo % oh
+        return task // (oh * ncbo), task // oh % ncbo, task % oh
+
+    def box(task):     # a task's output: V*16 channels of one row
+        n_, cbo_, i_ = decode(task)
         return [(n_, 1), (cbo_ * v * LANES, v * LANES), (i_, 1), (0, ow)]
     func = prefetch_writes(func, box)
     if READ_AHEAD and not needs_pad and ow <= 16 and (s.kh, s.kw) == (1, 1):
         kb = ic_block(s.ic) if owp > t else s.ic
 
         def ahead():    # the input row READ_AHEAD channels on: its first and last pixel
-            task = loop_vars["task"]
-            n_ = task // (ncbo * oh)
-            i_ = task // ncbo % oh if by_rows else task % oh
+            n_, _, i_ = decode(loop_vars["task"])
             c = tirx.min(loop_vars["kco"] * kb + loop_vars["kci"] + READ_AHEAD, s.ic - 1)
             return [[n_, c, i_ * sh, j] for j in (0, (ow - 1) * sw)]
         func = prefetch_reads(func, loop_vars["kci"], "X", ahead)
