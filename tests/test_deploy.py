@@ -650,7 +650,7 @@ def test_aarch64_kernels_match_onnxruntime_under_qemu(zoo_files, tmp_path, case)
     elif case == "expand_dw":
         from test_targets import pointwise_dw_model
 
-        onnx.save(pointwise_dw_model(n=1, k=8, c=20, h=56, stride=2, tf_pad=True),
+        onnx.save(pointwise_dw_model(n=1, k=8, c=20, h=64, stride=2, tf_pad=True),
                   tmp_path / "m.onnx")
         m = api.compile(tmp_path / "m.onnx", tmp_path / "p", target="aarch64", keep_onnx=True)
         assert m["compile"]["kernels"] == {"conv1x1_dw_nchw": 1}

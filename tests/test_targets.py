@@ -688,10 +688,10 @@ def pointwise_dw_model(n, k, c, h, ksize=3, stride=1, tf_pad=False, pw_bias=True
 
 @pytest.mark.parametrize("args", [
     dict(n=1, k=16, c=96, h=112, stride=2, tf_pad=True),   # MobileNetV2's 112x112 block
-    dict(n=1, k=24, c=144, h=56),                           # stride 1
+    dict(n=1, k=24, c=144, h=64),                           # stride 1
     dict(n=2, k=5, c=20, h=64, stride=2, pw_bias=False),    # batch 2; 20 = 12 + 8 padded
     dict(n=1, k=8, c=16, h=64, ksize=5, stride=2, dw_bias=False),   # 5x5, 2-row halo
-    dict(n=1, k=8, c=12, h=56, clip=False),                 # linear expansion
+    dict(n=1, k=8, c=12, h=64, clip=False),                 # linear expansion
 ])
 def test_pointwise_depthwise_fused(args, host, tmp_path):
     """An expansion whose (ReLU6) output only the next depthwise conv reads becomes one
@@ -709,9 +709,10 @@ def test_pointwise_depthwise_fused(args, host, tmp_path):
 
 
 @pytest.mark.parametrize("args", [
-    dict(n=1, k=16, c=32, h=56, extra_user=True),   # the expansion is also an output
+    dict(n=1, k=16, c=32, h=64, extra_user=True),   # the expansion is also an output
+    dict(n=1, k=24, c=144, h=56, stride=2),         # 56x56: faster apart (MIN_PIXELS)
     dict(n=1, k=16, c=32, h=28),                    # 28x28: fits in cache apart
-    dict(n=1, k=16, c=32, h=60),                    # rows not whole 16-lane vectors
+    dict(n=1, k=16, c=32, h=66),                    # rows not whole 8-lane vectors
 ])
 def test_pointwise_depthwise_kept_apart(args, host, tmp_path):
     model = pointwise_dw_model(**args)
@@ -724,11 +725,11 @@ def test_pointwise_depthwise_kept_apart(args, host, tmp_path):
 @pytest.mark.parametrize("target", ["x86-avx2", "llvm"])
 def test_pointwise_depthwise_fused_other_targets(target, tmp_path):
     """The fused expansion + depthwise kernel with 8-lane vectors (AVX2, generic LLVM): rows
-    of 56 are whole 8-lane vectors there too."""
+    of 64 are whole 8-lane vectors there too."""
     spec = resolve_target(target)
     if not spec.runs_here:
         pytest.skip(f"{target} does not run here: {spec.why_not_here}")
-    model = pointwise_dw_model(n=1, k=16, c=24, h=56, stride=2, tf_pad=True)
+    model = pointwise_dw_model(n=1, k=16, c=24, h=64, stride=2, tf_pad=True)
     facts, feeds, outs = compile_and_run(model, spec, tmp_path)
     assert facts["kernels"] == {"conv1x1_dw_nchw": 1}, facts["kernels"]
     assert_matches_ort(model, feeds, outs)

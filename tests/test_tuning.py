@@ -243,26 +243,26 @@ def test_fused_pointwise_depthwise_is_tunable(cache_file):
     from sparsec.targets.host import load_library
 
     host = resolve_target("host")
-    model = pointwise_dw_model(n=1, k=8, c=24, h=56, stride=2, tf_pad=True)
+    model = pointwise_dw_model(n=1, k=8, c=24, h=64, stride=2, tf_pad=True)
     [(strategy, shape)] = tuning.kernels_of(model, host)
     assert strategy == "conv1x1_dw_nchw"
     variants = tuning._variants(strategy, shape)
-    assert [v["rows"] for v in variants if "oct" not in v] == [1, 2, 4, 7, 14]
+    assert [v["rows"] for v in variants if "oct" not in v] == [1, 2, 4, 8, 16]
     fplan = tuning._expansion_kernel_plan(shape)[1]
     assert fplan.oct == 8                        # 8 input channels: 64 MACs an output
     assert [(v["rows"], v["oct"]) for v in variants if "oct" in v] == [
         (fplan.rows, 12), (fplan.rows, 6), (fplan.rows, 4)]
     # bands a multiple of the cores, the tallest whose expanded band of one channel fits
-    # PLANE_BYTES: 28 output rows in 2 bands of 14 on a 2-core machine
+    # PLANE_BYTES: 32 output rows in 2 bands of 16 on a 2-core machine
     from sparsec.targets.kernels import pointwise_dw
 
     default = tuning._default_knobs(strategy, shape)
     s = tuning._expansion_kernel_plan(shape)[0]
-    assert default in variants and (28 // default["rows"]) % host.tvm_target["num-cores"] == 0
-    assert pointwise_dw.band_rows(s, default["rows"]) * 56 * 4 <= pointwise_dw.PLANE_BYTES
+    assert default in variants and (32 // default["rows"]) % host.tvm_target["num-cores"] == 0
+    assert pointwise_dw.band_rows(s, default["rows"]) * 64 * 4 <= pointwise_dw.PLANE_BYTES
     taller = [v["rows"] for v in variants if v["rows"] > default["rows"]
-              and (28 // v["rows"]) % host.tvm_target["num-cores"] == 0]
-    assert all(pointwise_dw.band_rows(s, r) * 56 * 4 > pointwise_dw.PLANE_BYTES for r in taller)
+              and (32 // v["rows"]) % host.tvm_target["num-cores"] == 0]
+    assert all(pointwise_dw.band_rows(s, r) * 64 * 4 > pointwise_dw.PLANE_BYTES for r in taller)
     feeds = random_feeds(model)
     for knobs in (variants[0], variants[-1]):
         cache = tuning.Cache()

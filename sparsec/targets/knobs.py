@@ -144,7 +144,7 @@ def _variants(strategy: str, shape: dict) -> list[dict]:
 
         s, fplan = _expansion_kernel_plan(shape)
         oh = s.out_hw[0]
-        return [{"rows": r} for r in range(1, 15) if oh % r == 0 and oh // r >= 2] + [
+        return [{"rows": r} for r in range(1, 17) if oh % r == 0 and oh // r >= 2] + [
             {"rows": fplan.rows, "oct": t} for t in pointwise_dw.OCTS if t != fplan.oct]
     if strategy == "conv2d_nchw_packed" and "variant" not in shape:
         from sparsec.targets.kernels import conv2d
