@@ -748,6 +748,112 @@ def test_depthwise_pointwise_fused_other_targets(target, sparse, tmp_path):
     assert_matches_ort(model, feeds, outs)
 
 
+def block_model(n, k, c, oc, h, ksize=3, residual=True, clip=True, extra_user=False, seed=0):
+    """MobileNetV2's inverted-residual block: 1x1 expansion (+ bias) -> ReLU6 -> depthwise
+    conv (+ bias) -> ReLU6 -> 1x1 projection (+ bias) [+ the block's input]. ``clip``
+    False: a linear expansion; ``extra_user``: the expansion is also a graph output."""
+    rng = np.random.default_rng(seed)
+    pad = (ksize - 1) // 2
+    inits = {"we": rng.standard_normal((c, k, 1, 1)) / np.sqrt(k), "be": rng.standard_normal(c),
+             "wd": rng.standard_normal((c, 1, ksize, ksize)) / ksize,
+             "bd": rng.standard_normal(c), "wp": rng.standard_normal((oc, c, 1, 1)) / np.sqrt(c),
+             "bp": rng.standard_normal(oc), "lo": np.array(0.0), "hi": np.array(6.0)}
+    mk = helper.make_node
+    nodes = [mk("Conv", ["x", "we", "be"], ["p"]),
+             mk("Clip", ["p", "lo", "hi"], ["e"]) if clip else mk("Identity", ["p"], ["e"]),
+             mk("Conv", ["e", "wd", "bd"], ["d"], group=c, pads=[pad] * 4,
+                kernel_shape=[ksize, ksize]),
+             mk("Clip", ["d", "lo", "hi"], ["r"]),
+             mk("Conv", ["r", "wp", "bp"], ["q"])]
+    nodes.append(mk("Add", ["q", "x"], ["y"]) if residual else mk("Identity", ["q"], ["y"]))
+    outputs = [("y", [n, oc, h, h])] + ([("e", [n, c, h, h])] if extra_user else [])
+    return make_model(nodes, [("x", [n, k, h, h])], outputs, inits)
+
+
+BLOCK = "conv1x1_dw_conv1x1_nchw"
+
+
+@pytest.mark.parametrize("args", [
+    dict(n=1, k=32, c=192, oc=32, h=14),            # pruned MobileNetV2's 14x14 block
+    dict(n=1, k=16, c=96, oc=16, h=28),             # its 28x28 block: bands of 14 rows
+    dict(n=1, k=32, c=192, oc=48, h=14, residual=False),    # a widening projection
+    dict(n=1, k=8, c=20, oc=8, h=28, clip=False),   # linear expansion; 20 = 5 tiles of 4
+    dict(n=1, k=8, c=24, oc=8, h=28, ksize=5),      # 5x5: two halo rows a side
+    dict(n=2, k=16, c=48, oc=16, h=14),             # batch 2
+])
+def test_inverted_residual_block_fused(args, host, tmp_path):
+    """An expansion whose (ReLU6) output only a fused depthwise -> projection kernel reads
+    joins it: the whole block is one ``conv1x1_dw_conv1x1_nchw`` kernel, every epilogue
+    kept, and the result matches ONNX Runtime."""
+    model = block_model(**args)
+    facts, feeds, outs = compile_and_run(model, host, tmp_path)
+    assert facts["kernels"] == {BLOCK: 1}, facts["kernels"]
+    pw, dw, proj = facts["decisions"]
+    assert pw["fused_into_next"] == BLOCK and dw["fused_into_next"] == "dw_conv1x1_nchw"
+    assert proj["chosen"] == BLOCK
+    assert proj["fused_expansion"]["epilogue"] == ["bias"] + ["clip(0,6)"] * args.get("clip", True)
+    assert proj["fused_depthwise"]["epilogue"] == ["bias", "clip(0,6)"]
+    assert proj["epilogue"] == ["bias"] + ["residual"] * args.get("residual", True)
+    assert_matches_ort(model, feeds, outs)
+
+
+@pytest.mark.parametrize("args", [
+    dict(n=1, k=12, c=72, oc=12, h=56),              # 56x56: over BLOCK_MAX_PIXELS
+    dict(n=1, k=96, c=576, oc=96, h=14),             # halo rows' expansion over MAX_REDONE_MACS
+    dict(n=1, k=16, c=48, oc=16, h=14, extra_user=True),    # the expansion is an output too
+])
+def test_inverted_residual_block_kept_in_two(args, host, tmp_path):
+    """Where the whole block would cost more (large maps, expansions whose halo rows weigh)
+    or the expansion is needed elsewhere, the expansion stays a conv1x1_nchw kernel before
+    the fused depthwise -> projection one."""
+    model = block_model(**args)
+    facts, feeds, outs = compile_and_run(model, host, tmp_path)
+    assert facts["kernels"].get("dw_conv1x1_nchw") == 1 and BLOCK not in facts["kernels"], \
+        facts["kernels"]
+    assert_matches_ort(model, feeds, outs)
+
+
+@pytest.mark.parametrize("target", ["x86-avx2", "llvm"])
+def test_inverted_residual_block_other_targets(target, tmp_path):
+    """The whole-block kernel with 8-lane vectors (AVX2, generic LLVM)."""
+    spec = resolve_target(target)
+    if not spec.runs_here:
+        pytest.skip(f"{target} does not run here: {spec.why_not_here}")
+    model = block_model(n=1, k=16, c=40, oc=16, h=14)
+    facts, feeds, outs = compile_and_run(model, spec, tmp_path)
+    assert facts["kernels"] == {BLOCK: 1}, facts["kernels"]
+    assert_matches_ort(model, feeds, outs)
+
+
+def test_inverted_residual_block_bands_expand_their_own_pixels(tmp_path):
+    """Compiled for 4 cores (run here on this machine's), a 28x28 block has 4 bands of 7
+    rows, each expanding 256 pixels (9 rows of 28, in whole vectors) from its first row
+    inside the map, the last from 528 (so that it ends at the map's end, 784); the outputs
+    match ONNX Runtime, so every band read its halo rows where its expansion put them."""
+    import dataclasses
+
+    import tvm
+
+    from sparsec.targets.kernels import dw_pointwise
+    from sparsec.targets.kernels.conv2d import ConvShape
+
+    base = resolve_target("host")
+    spec = dataclasses.replace(base, tvm_target={**base.tvm_target, "num-cores": 4})
+    s = ConvShape(1, 48, 28, 28, 48, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1))
+    with tvm.target.Target(dict(spec.tvm_target)):
+        fplan, eoct = dw_pointwise.block_plan(s, 16)
+        assert (fplan.rows, eoct) == (7, 12)
+        assert dw_pointwise.expansion_pixels(s, 7, fplan.lanes) == 256
+        text = dw_pointwise.build(s, 16, fplan, expansion=dw_pointwise.Expansion(16, eoct)
+                                  ).script()
+    assert "T.min(T.max(" in text and ", 528)" in text     # the last band's start, clamped
+    model = block_model(n=1, k=16, c=48, oc=16, h=28)
+    facts, feeds, outs = compile_and_run(model, spec, tmp_path)
+    assert facts["kernels"] == {BLOCK: 1}, facts["kernels"]
+    assert facts["decisions"][2]["tile"].startswith("7 rows"), facts["decisions"][2]
+    assert_matches_ort(model, feeds, outs)
+
+
 def test_pointwise_tasks_are_pixel_chunks():
     """1x1 conv tasks: (chunk of up to 256 pixels, panel), pixel-major; smaller chunks when a
     whole-map chunk would leave fewer than 8 tasks."""

@@ -275,6 +275,33 @@ def test_fused_pointwise_depthwise_is_tunable(cache_file):
         assert_matches_ort(model, feeds, load_library(lib, facts["inputs"]).run(feeds))
 
 
+def test_whole_block_kernel_is_tunable(cache_file):
+    """``tune`` lists the whole inverted-residual block kernel with its band heights (bands a
+    multiple of the target's cores; one band a core by default); the tallest and the
+    shortest band build kernels that compute the same numbers."""
+    from test_targets import block_model, random_feeds
+
+    from sparsec.targets.host import load_library
+
+    host = resolve_target("host")
+    cores = host.tvm_target["num-cores"]
+    model = block_model(n=1, k=16, c=48, oc=16, h=28)
+    [(strategy, shape)] = tuning.kernels_of(model, host)
+    assert strategy == "conv1x1_dw_conv1x1_nchw"
+    variants = tuning._variants(strategy, shape)
+    assert variants and all((28 // v["rows"]) % cores == 0 for v in variants)
+    assert tuning._default_knobs(strategy, shape) == {"rows": 28 // cores}
+    feeds = random_feeds(model)
+    for knobs in (variants[0], variants[-1]):
+        cache = tuning.Cache()
+        cache.put(tuning.target_key(host.tvm_target), strategy, shape, {"knobs": knobs, "ms": {}})
+        lib = cache_file.parent / f"block_{knobs['rows']}.so"
+        facts = compile_onnx(model, host, lib, log=lambda s: None, tuned=cache)
+        assert facts["decisions"][2]["tuned"] == knobs
+        assert facts["decisions"][2]["tile"].startswith(f"{knobs['rows']} rows")
+        assert_matches_ort(model, feeds, load_library(lib, facts["inputs"]).run(feeds))
+
+
 def test_a_width_vectorized_conv_can_be_tuned_to_the_channel_blocked_kernel(cache_file):
     """A conv the heuristics give the width-vectorized kernel (a stem: 3 input channels) has
     the channel-blocked kernel as its other variant; either record compiles (the weight is

@@ -103,6 +103,18 @@ def _expansion_kernel_plan(shape: dict):
     return s, pointwise_dw.plan(s, shape["k"])
 
 
+def block_kernel_plan(shape: dict, knobs: dict | None = None):
+    """The depthwise conv, the plan and the expansion tile's channels of a
+    ``conv1x1_dw_conv1x1_nchw`` kernel's shape, ``knobs`` (``rows``) over the defaults."""
+    from sparsec.targets.kernels import dw_pointwise
+
+    s = _conv_shape({n: v for n, v in shape.items() if n not in ("co", "k")})
+    planned = dw_pointwise.block_plan(s, shape["co"], (knobs or {}).get("rows"))
+    if planned is None:
+        raise ValueError(f"no whole-block plan for {s} with knobs {knobs}")
+    return (s, *planned)
+
+
 def expansion_plan(shape: dict, knobs: dict | None):
     """The depthwise conv and the ``conv1x1_dw_nchw`` plan for ``shape`` with ``knobs``
     (``rows``, and ``oct``, the expansion tile's channels) over the default plan's."""
@@ -137,6 +149,14 @@ def _variants(strategy: str, shape: dict) -> list[dict]:
     if strategy == "dw_conv1x1_nchw":
         oh = _fused_kernel_plan(shape)[0].out_hw[0]
         return [{"rows": r} for r in range(1, 9) if oh % r == 0]
+    if strategy == "conv1x1_dw_conv1x1_nchw":
+        from sparsec.targets.kernels import dw_pointwise
+        from sparsec.targets.kernels.common import target_cores
+
+        s, fplan, _ = block_kernel_plan(shape)
+        oh, cores = s.out_hw[0], target_cores()
+        return [{"rows": r} for r in range(1, oh + 1) if oh % r == 0 and (oh // r) % cores == 0
+                and dw_pointwise.expansion_pixels(s, r, fplan.lanes) is not None]
     if strategy == "conv1x1_dw_nchw":
         # band heights at the default tile, and the other tile widths at the default band
         # (the tile rule, ``pointwise_dw.TILE_MACS``, was measured on one CPU)
@@ -211,6 +231,12 @@ def build(strategy: str, shape: dict, knobs: dict | None = None, **flags) -> "ti
             fplan = dataclasses.replace(fplan, rows=k["rows"])
         func = dw_pointwise.build(s, shape["co"], fplan, shape["dtype"], **flags,
                                   kept=shape.get("kept"))
+    elif strategy == "conv1x1_dw_conv1x1_nchw":
+        s, fplan, eoct = block_kernel_plan(shape, k)
+        expansion = dw_pointwise.Expansion(shape["k"], eoct, flags.pop("pw_bias", False),
+                                           flags.pop("pw_act", None))
+        func = dw_pointwise.build(s, shape["co"], fplan, shape["dtype"], **flags,
+                                  expansion=expansion)
     elif strategy == "conv1x1_dw_nchw":
         s, fplan = expansion_plan(shape, k)
         func = pointwise_dw.build(s, shape["k"], fplan, shape["dtype"], **flags)
@@ -320,6 +346,8 @@ def _default_knobs(strategy: str, shape: dict) -> dict | None:
         return {"rows": _fused_kernel_plan(shape)[1].rows}
     if strategy == "conv1x1_dw_nchw":
         return {"rows": _expansion_kernel_plan(shape)[1].rows}
+    if strategy == "conv1x1_dw_conv1x1_nchw":
+        return {"rows": block_kernel_plan(shape)[1].rows}
     if strategy == "conv2d_nchw_packed" and "variant" in shape:
         return {"kernel": "width_vectorized"}
     if strategy == "conv2d_nchw_packed":

@@ -91,6 +91,13 @@ STRATEGIES: tuple[StrategyInfo, ...] = (
                  "output of a few whole rows, every channel, into a buffer that stays in "
                  "cache, and runs conv1x1_nchw's tile on it. Not chosen by the cost rule: the "
                  "rewrite fuses planned pairs on maps of 28x28 and more"),
+    StrategyInfo("conv1x1_dw_conv1x1_nchw", "relax.nn.conv2d", 0.10,
+                 "a whole inverted-residual block (MobileNetV2's 1x1 expansion -> depthwise "
+                 "-> 1x1 projection), one kernel: dw_conv1x1_nchw where each task first "
+                 "expands the input pixels its band of rows reads, a channel block at a "
+                 "time, so no core reads the expanded activation another core wrote. Not "
+                 "chosen by the cost rule: the rewrite fuses planned dw_conv1x1_nchw kernels "
+                 "with the dense expansion that alone feeds them"),
     StrategyInfo("conv1x1_dw_nchw", "relax.nn.conv2d", 0.10,
                  "a pointwise conv and the depthwise conv that alone reads it (MobileNetV2's "
                  "expansion -> depthwise), one kernel: each task expands the input rows its "

@@ -368,8 +368,8 @@ def _prepend(loop, stmts: list):
 
 
 def vector_pad(func: "tirx.PrimFunc", s: "conv2d.ConvShape", lanes: int | None = None,
-               x_row: "Callable[..., tuple] | None" = None, fill: float = 0.0
-               ) -> "tirx.PrimFunc":
+               x_row: "Callable[..., tuple] | None" = None, fill: float = 0.0,
+               flat: bool = False) -> "tirx.PrimFunc":
     """``func`` with its scheduled ``pad`` block (stride phases of the zero-padded input,
     ``P[*lead, py, px, i, j] = X[n, c, row, j*sw + px - pl]`` or 0 outside ``X``) rewritten
     as vector code: TVM scalarizes that block (its bounds test makes the vector loop
@@ -382,8 +382,10 @@ def vector_pad(func: "tirx.PrimFunc", s: "conv2d.ConvShape", lanes: int | None =
     ``x_row(lead, py, i)`` locates phase row ``i`` of phase ``py`` in the block's source
     ``src`` (``X``, or a kernel's own stage), ``lead`` being the pad block's index values
     before ``py``: ``(prefix, row[, conv_row])``, the row being ``src[*prefix, row, :]`` and
-    row ``conv_row`` (default ``row``) of the conv's input, zeros outside ``[0, H)``. Without
-    it the block is a plain zero pad ``P[n, c, i, j] = X[n, c, i - pt, j - pl]`` (no phase
+    row ``conv_row`` (default ``row``) of the conv's input, zeros outside ``[0, H)``. With
+    ``flat`` the source's rows are not an axis: ``row`` is the offset of the row's first
+    column on the source's last axis, ``src[*prefix, row + j]``. Without ``x_row`` the block
+    is a plain zero pad ``P[n, c, i, j] = X[n, c, i - pt, j - pl]`` (no phase
     axes). ``fill`` is the value outside ``X`` (a max pool pads with the lowest float). The
     block must compute what its ``x_row``, ``s`` and ``fill`` say: this rewrite trusts them."""
     from tvm import s_tir, tirx
@@ -412,7 +414,7 @@ def vector_pad(func: "tirx.PrimFunc", s: "conv2d.ConvShape", lanes: int | None =
                     bound = py is not None and any(
                         v.same_as(o) for v in analysis.undefined_vars(py) for o in outer)
                     return _pad_block(inner, s, lanes, x_row, nlead, phased, fill,
-                                      py if bound else None)
+                                      py if bound else None, flat)
             return tirx.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind,
                             replace(stmt.body, (*outer, stmt.loop_var)), stmt.thread_binding,
                             stmt.annotations)
@@ -459,7 +461,7 @@ def _seq(stmts: list) -> "tirx.Stmt":
 
 
 def _pad_block(realize, s: "conv2d.ConvShape", lanes: int, x_row, nlead: int, phased: bool,
-               fill: float, py_bound=None):
+               fill: float, py_bound=None, flat: bool = False):
     """The opaque block that replaces the ``pad`` loop nest (see :func:`vector_pad`): every
     phase's rows, or with ``py_bound`` (the row phase, bound by an outer loop) that phase's."""
     from tvm import ir, s_tir, tirx
@@ -482,7 +484,7 @@ def _pad_block(realize, s: "conv2d.ConvShape", lanes: int, x_row, nlead: int, ph
         return [] if hi <= lo else [
             loop("jz", hi - lo, lambda j: tirx.BufferStore(p, outside, [*ppre, j + lo]))]
 
-    def phase_row(xpre, ppre, px):
+    def phase_row(xpre, base, ppre, px):
         jlo = min(wq, max(0, -(-(pl - px) // sw)))          # first column j with q >= 0
         jhi = max(jlo, min(wq, (s.w - 1 - px + pl) // sw + 1))   # first with q >= W
         out, j, width = border(ppre, 0, jlo), jlo, lanes
@@ -492,14 +494,15 @@ def _pad_block(realize, s: "conv2d.ConvShape", lanes: int, x_row, nlead: int, ph
                 def copy(b, j=j, width=width):
                     j0 = b * width + j
                     return tirx.BufferStore(
-                        p, strided_load(x, xpre, j0 * sw + (px - pl), sw, width),
+                        p, strided_load(x, xpre, base + j0 * sw + (px - pl), sw, width),
                         [*ppre, tirx.Ramp(j0, 1, width)])
                 out.append(loop("jv", blocks, copy))
                 j += blocks * width
             width //= 2
         if jhi > j:
             out.append(loop("js", jhi - j, lambda v, j=j: tirx.BufferStore(
-                p, tirx.BufferLoad(x, [*xpre, (v + j) * sw + (px - pl)]), [*ppre, v + j])))
+                p, tirx.BufferLoad(x, [*xpre, base + (v + j) * sw + (px - pl)]),
+                [*ppre, v + j])))
         return out + border(ppre, jhi, wq)
 
     def row(py, i):
@@ -508,9 +511,11 @@ def _pad_block(realize, s: "conv2d.ConvShape", lanes: int, x_row, nlead: int, ph
 
         def at(px):   # P's indices before the column
             return [*lead, py, px, i] if phased else [*lead, i]
-        inside = _seq([st for px in range(sw) for st in phase_row([*prefix, r], at(px), px)])
+        xpre, base = (list(prefix), r) if flat else ([*prefix, r], 0)
+        inside = _seq([st for px in range(sw) for st in phase_row(xpre, base, at(px), px)])
         beyond = _seq([st for px in range(sw) for st in border(at(px), 0, wq)])
-        inside_x = tirx.all(conv_row >= 0, conv_row < s.h, r >= 0, r < int(x.shape[-2]))
+        inside_x = tirx.all(conv_row >= 0, conv_row < s.h) if flat else tirx.all(
+            conv_row >= 0, conv_row < s.h, r >= 0, r < int(x.shape[-2]))
         return tirx.IfThenElse(inside_x, inside, beyond)
 
     body = (loop("py", sh, lambda py: loop("i", hq, lambda i: row(py, i))) if py_bound is None

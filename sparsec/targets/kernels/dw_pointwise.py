@@ -21,7 +21,7 @@ that no output reads (each output pixel depends on the same pixel of ``D`` only)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from sparsec.targets.kernels import depthwise
@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from sparsec.targets.kernels.conv2d import ConvShape
 
 NAME = "dw_conv1x1_nchw"
+#: the kernel with the expansion conv before the depthwise conv: a whole inverted-residual block
+EXPANDED_NAME = "conv1x1_dw_conv1x1_nchw"
 #: the per-task depthwise buffer D[C, R, OWp] is kept under this many bytes (L2 is 1 MB a
 #: core; alone on one thread, MobileNetV2's 144-channel block at 56x56 ran 358 us in 4-row
 #: tasks (147 KB), 347 us in 14-row ones (516 KB), and its 72-channel pruned twin 145 us in
@@ -131,14 +133,92 @@ def plan(c: int, co: int, oh: int, ow: int, lanes: int | None = None, sparse: bo
     return FusedPlan(rows, oct_, lanes)
 
 
+@dataclass(frozen=True)
+class Expansion:
+    """The 1x1 conv (``k`` input channels) whose output the depthwise conv reads, computed by
+    the same kernel (``conv1x1_dw_conv1x1_nchw``): tiles of ``oct`` channels x one vector
+    of pixels, a channel block at a time, before the block's depthwise step."""
+
+    k: int
+    oct: int
+    bias: bool = False
+    act: Activation | None = None
+
+
+def expansion_pixels(s: "ConvShape", rows: int, lanes: int) -> int | None:
+    """Pixels of the input map one task expands: the rows its band reads (halo included,
+    at most the map), as whole vectors of ``lanes``; None where that exceeds the map."""
+    need = min(s.h, (rows - 1) * s.stride[0] + (s.kh - 1) * s.dilation[0] + 1) * s.w
+    pixels = -(-need // lanes) * lanes
+    return pixels if pixels <= s.h * s.w else None
+
+
+#: the expansion's register tiles (channels x one vector), widest first among those that pad
+#: the channels least. Alone, 2 threads, pruned MobileNetV2's 32 -> 192 -> 32 block at 14x14:
+#: 12 channels 22.2 us, 16 22.1, 8 23.8, 6 24.2
+EXPANSION_OCTS = (12, 8, 6, 4)
+
+
+#: the whole block is fused on maps of at most this many pixels. MobileNetV2 on Emerald
+#: Rapids, 2 threads, each kernel in the model's chain (its input just written, as
+#: ``profile_host`` replays it): the 28x28 blocks fused ran 8-10 us faster than the expansion
+#: and dw_conv1x1_nchw apart (pruned 16 -> 96 -> 16: 39 -> 30 us; dense 32 -> 192 -> 32: 98
+#: -> 86-91), the 14x14 ones 2-7 us; the 56x56 ones 2-7 us slower (pruned 12 -> 72: 66 ->
+#: 68 us; dense 24 -> 144: 191 -> 198; bands of 7 or 14 rows no better than 28)
+BLOCK_MAX_PIXELS = 28 * 28
+#: ... and where the rows two bands both expand cost at most this many MACs per value of the
+#: expanded map (the extra share of pixels expanded x the expansion's input channels). On
+#: 14x14 in two bands each expands 128 pixels for its 98: 64 -> 384 -> 64 (19.6) fused 85
+#: -> 81-83 us, 96 -> 576 -> 96 (29.4) 161 -> 171
+MAX_REDONE_MACS = 24
+
+
+def worth_fusing_block(s: "ConvShape", k: int, co: int) -> bool:
+    """Whether the expansion (``k`` input channels) feeding the depthwise conv ``s`` of a
+    fused ``dw_conv1x1_nchw`` kernel joins it: small maps (``BLOCK_MAX_PIXELS``) where the
+    band's halo rows expanded twice cost little (``MAX_REDONE_MACS``)."""
+    planned = block_plan(s, co)
+    if planned is None or s.h * s.w > BLOCK_MAX_PIXELS:
+        return False
+    fplan = planned[0]
+    hw = s.h * s.w
+    expanded = expansion_pixels(s, fplan.rows, fplan.lanes) * (s.out_hw[0] // fplan.rows)
+    return (expanded - hw) * k <= MAX_REDONE_MACS * hw
+
+
+def block_plan(s: "ConvShape", co: int, rows: int | None = None
+               ) -> "tuple[FusedPlan, int] | None":
+    """The plan of ``conv1x1_dw_conv1x1_nchw`` for the depthwise conv ``s`` and a projection
+    to ``co`` channels, and its expansion tile's channels; None where a task's expansion
+    would not fit the map (:func:`expansion_pixels`). Unless ``rows`` is given, one band of
+    rows a core where the rows split evenly and the band's depthwise output fits
+    ``MAX_TILE_BYTES`` (every band expands its halo rows again: fewer bands, less of it),
+    else :func:`plan`'s rows."""
+    oh, ow = s.out_hw
+    fplan = plan(s.ic, co, oh, ow)
+    if rows is None:
+        cores = target_cores()
+        fits = _tile_fits(s.ic, ow, fplan.lanes)[1]
+        rows = oh // cores if cores > 1 and oh % cores == 0 and fits(oh // cores) \
+            else fplan.rows
+    if expansion_pixels(s, rows, fplan.lanes) is None:
+        return None
+    eoct = min(EXPANSION_OCTS, key=lambda t: (-(-s.ic // t) * t, EXPANSION_OCTS.index(t)))
+    return replace(fplan, rows=rows), eoct
+
+
 def build(s: "ConvShape", co: int, fplan: FusedPlan, dtype: str = "float32",
           dw_bias: bool = False, dw_act: Activation | None = None, bias: bool = False,
-          act: Activation | None = None, residual: bool = False, kept: int | None = None
-          ) -> "tirx.PrimFunc":
+          act: Activation | None = None, residual: bool = False, kept: int | None = None,
+          expansion: Expansion | None = None) -> "tirx.PrimFunc":
     """``(X[N,C,H,W], Wd[C,KH,KW] [, Bd[C]], Wp[NB,C,oct] [, B[CO]] [, R[N,CO,OH,OW]], Y)``:
     ``Wp`` packed by ``pointwise.pack_weight(W[CO, C], oct)``. Sparse projection (``kept``
     input channels per panel): ``idx[NB,kept], data[NB,kept,oct]`` in place of ``Wp``, as
-    ``bsr.pack_weight(W[C, CO], oct)`` packs them."""
+    ``bsr.pack_weight(W[C, CO], oct)`` packs them. With ``expansion``
+    (``conv1x1_dw_conv1x1_nchw``): ``(X[N,K,H*W], We[CB,K,oct_e] [, Be[C]], Wd, ...)``, the
+    depthwise conv reading ``act_e(We @ X + Be)``, ``We`` packed by
+    ``pointwise.pack_weight(W[C, K], oct_e)``; each task expands the pixels
+    :func:`expansion_pixels` of its band's rows, one channel block at a time."""
     from tvm import s_tir, te, tirx
 
     (sh, sw), (dh, dw) = s.stride, s.dilation
@@ -153,7 +233,15 @@ def build(s: "ConvShape", co: int, fplan: FusedPlan, dtype: str = "float32",
     # padded row (t*rows + l)*sh + phase; each task pads its own (halo rows are copied twice)
     hq = rows + ((s.kh - 1) * dh) // sh
     wq = -(-(owp + ((s.kw - 1) * dw) // sw) // lanes) * lanes   # whole vectors
-    x = te.placeholder((s.n, c, s.h, s.w), dtype, name="X")
+    if expansion is None:
+        x = te.placeholder((s.n, c, s.h, s.w), dtype, name="X")
+        sources = [x]
+
+        def source(n, t, ch, r, q):
+            return x[n, ch, r, q]
+    else:
+        sources, source, e_pixels, e_start = _expansion_stage(s, c, rows, lanes, expansion,
+                                                             dtype, tasks)
     wd = te.placeholder((c, s.kh, s.kw), dtype, name="Wd")
     bd = te.placeholder((c,), dtype, name="Bd") if dw_bias else None
     b = te.placeholder((co,), dtype, name="B") if bias else None
@@ -162,8 +250,8 @@ def build(s: "ConvShape", co: int, fplan: FusedPlan, dtype: str = "float32",
 
     def phase_value(n, t, ch, py, px, row, j):
         r, q = (t * rows + row) * sh + py - pt, j * sw + px - pl
-        return tirx.if_then_else(tirx.all(r >= 0, r < s.h, q >= 0, q < s.w), x[n, ch, r, q],
-                                 zero)
+        return tirx.if_then_else(tirx.all(r >= 0, r < s.h, q >= 0, q < s.w),
+                                 source(n, t, ch, r, q), zero)
 
     xp = te.compute((s.n, tasks, c, sh, sw, hq, wq), phase_value, name="pad")
     ry = te.reduce_axis((0, s.kh), name="ry")
@@ -204,7 +292,7 @@ def build(s: "ConvShape", co: int, fplan: FusedPlan, dtype: str = "float32",
             lambda n, jb, jl, i, j: te.sum(data[jb, r, jl] * d[n, channel(jb, r), i, j],
                                            axis=r),
             name="pacc")
-    inputs = [x, wd] + ([bd] if bd is not None else []) + weights
+    inputs = [*sources, wd] + ([bd] if bd is not None else []) + weights
     sch = s_tir.Schedule(epilogue_func(
         inputs, lambda n, o, i, j: pacc[n, o // oct_, o % oct_, i, j], (s.n, co, oh, ow),
         dtype, b, res, act))
@@ -249,13 +337,94 @@ def build(s: "ConvShape", co: int, fplan: FusedPlan, dtype: str = "float32",
         sch.unroll(lp)
     sch.unroll(kx)
     sch.unroll(ky)
+    if expansion is not None:     # blocks of the expansion's channels, each expanded first
+        dcb, dc = sch.split(dc, [None, expansion.oct])
     sch.compute_at(sch.get_sblock("pad"), dc)
+    if expansion is not None:
+        eacc = _schedule_expansion(sch, dcb, lanes)
     sch.parallel(task)
     sch.decompose_reduction(ablk, ky)
     sch.decompose_reduction(blk, rr)
-    return vector_pad(
-        finish(sch, NAME), s, lanes,
-        x_row=lambda lead, py, i: ([lead[0], lead[2]], (lead[1] * rows + i) * sh + py - pt))
+    if expansion is not None:
+        sch.decompose_reduction(eacc, sch.get_loops(eacc)[-3])
+    if expansion is None:
+        return vector_pad(
+            finish(sch, NAME), s, lanes,
+            x_row=lambda lead, py, i: ([lead[0], lead[2]], (lead[1] * rows + i) * sh + py - pt))
+    eo = expansion.oct
+
+    def e_row(lead, py, i):   # E's flat offset of input row (t*rows + i)*sh + py - pt
+        n, t, ch = lead
+        row = (t * rows + i) * sh + py - pt
+        return [n, t, ch // eo, ch % eo], row * s.w - e_start(t), row
+    return vector_pad(finish(sch, EXPANDED_NAME), s, lanes, x_row=e_row, flat=True)
+
+
+def _expansion_stage(s: "ConvShape", c: int, rows: int, lanes: int, e: Expansion,
+                     dtype: str, tasks: int):
+    """The placeholders of the expansion's operands and ``source(n, t, ch, r, q)``, the value
+    of input row ``r``, column ``q`` of expanded channel ``ch`` as task ``t`` computes it:
+    ``E[n, t, ch // oct, ch % oct, r * W + q - start(t)]``; also the pixels E holds a task
+    and ``start``. A task's pixels start at its band's first row inside the map, or earlier
+    where the map ends first, so that they stay inside X."""
+    from tvm import te, tirx
+
+    pixels = expansion_pixels(s, rows, lanes)
+    if pixels is None:
+        raise ValueError(f"a band of {rows} rows reads more than the {s.h}x{s.w} map")
+    hw = s.h * s.w
+    cb = -(-c // e.oct)
+    x = te.placeholder((s.n, e.k, hw), dtype, name="X")
+    we = te.placeholder((cb, e.k, e.oct), dtype, name="We")
+    be = te.placeholder((c,), dtype, name="Be") if e.bias else None
+
+    def start(t):
+        first = tirx.max(t * (rows * s.stride[0]) - s.padding[0], 0) * s.w
+        return tirx.min(first, hw - pixels)
+
+    rk = te.reduce_axis((0, e.k), name="k")
+    eacc = te.compute(
+        (s.n, tasks, cb, e.oct, pixels),
+        lambda n, t, jb, jl, p: te.sum(we[jb, rk, jl] * x[n, rk, start(t) + p], axis=rk),
+        name="eacc")
+
+    def e_value(n, t, jb, jl, p):
+        v = eacc[n, t, jb, jl, p]
+        if be is not None:
+            v = v + be[tirx.min(jb * e.oct + jl, c - 1)]
+        return clip(v, e.act, dtype)
+
+    ev = te.compute((s.n, tasks, cb, e.oct, pixels), e_value, name="E")
+
+    def source(n, t, ch, r, q):
+        # modulo the pixels: the identity where (r, q) is inside the map (the only reads
+        # the padding makes), and a read region of all of E's pixels for compute_at, which
+        # then computes whole vectors from one start a task (checked below)
+        at = tirx.floormod(r * s.w + q - start(t), pixels)
+        return ev[n, t, ch // e.oct, ch % e.oct, at]
+    return [x, we] + ([be] if be is not None else []), source, pixels, start
+
+
+def _schedule_expansion(sch, dcb, lanes: int):
+    """Compute each channel block's expansion at the depthwise step's block loop ``dcb``:
+    the block's channels x one vector of pixels per register tile, reducing over the input
+    channels (its outermost loop; the accumulator block is returned)."""
+    eblk = sch.get_sblock("E")
+    sch.compute_at(eblk, dcb)
+    ejl, ep = sch.get_loops(eblk)[-2:]
+    if int(sch.get(ep).extent) != int(sch.get(eblk).iter_vars[-1].dom.extent):
+        raise ValueError("the expansion's pixels are not one whole range a task")
+    epo, epl = sch.split(ep, [None, lanes])
+    sch.reorder(epo, ejl, epl)
+    sch.vectorize(epl)
+    ablk = sch.get_sblock("eacc")
+    sch.compute_at(ablk, epo)
+    sch.set_scope(ablk, 0, "local")
+    ajl, ap, ak = sch.get_loops(ablk)[-3:]
+    sch.reorder(ak, ajl, ap)
+    sch.vectorize(ap)
+    sch.unroll(ajl)
+    return ablk
 
 
 def _loops_below(sch, block, loop) -> list:

@@ -27,7 +27,8 @@ from sparsec.targets.kernels import (amx, batch_matmul, bsr, conv2d, dense, dept
                                      pointwise_dw, softmax, sparse_cuda)
 from sparsec.targets.kernels.common import Activation, bf16_allowed, current_precision
 from sparsec.targets.knobs import build as build_kernel
-from sparsec.targets.knobs import build_tuned, expansion_plan, knobs_for, measured_choice
+from sparsec.targets.knobs import (block_kernel_plan, build_tuned, expansion_plan, knobs_for,
+                                  measured_choice)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -1453,6 +1454,15 @@ def _fuse_depthwise_pointwise(a: _Analysis, plans: dict, aliases: dict, decision
             continue
         _record_fusion(plans, decision_of, var, dw_var, "fused_depthwise",
                        _fused_plan(dw_plan, plan, a.bindings[dw_var].args[0]))
+        pw_var, pw_plan = _sole_producer(a, plans, aliases, dw_var)
+        s = dw_plan.operands["conv"]
+        if (plan.strategy == pointwise.NAME and pw_plan is not None
+                and pw_plan.strategy == pointwise.NAME and _plain_epilogue(pw_plan)
+                and pw_plan.shape["n"] == s.n
+                and dw_pointwise.worth_fusing_block(s, pw_plan.shape["ci"],
+                                                    plan.operands["out"][1])):
+            _record_fusion(plans, decision_of, var, pw_var, "fused_expansion",
+                           _block_plan(pw_plan, dw_plan, plan, a.bindings[pw_var].args[0]))
 
 
 def _sole_producer(a: _Analysis, plans: dict, aliases: dict, var: Any) -> tuple[Any, Any]:
@@ -1529,6 +1539,41 @@ def _fused_plan(dw_plan: Plan, pw_plan: Plan, x: Any) -> Plan:
         info["rows_kept"] = kshape["kept"]
     return dataclasses.replace(pw_plan, strategy=dw_pointwise.NAME, emit=emit, inputs=[x],
                                shape=kshape, info=info)
+
+
+def _block_plan(pw_plan: Plan, dw_plan: Plan, proj_plan: Plan, x: Any) -> Plan:
+    """The ``conv1x1_dw_conv1x1_nchw`` plan (expansion, depthwise conv and projection: a
+    whole inverted-residual block) reading the expansion's input ``x``."""
+    s = dw_plan.operands["conv"]
+    k, (w_proj, out) = pw_plan.shape["ci"], (proj_plan.operands[n] for n in ("weight", "out"))
+    dtype = proj_plan.shape["dtype"]
+    kshape = {**dataclasses.asdict(s), "co": out[1], "k": k, "dtype": dtype}
+    _, fplan, eoct = block_kernel_plan(kshape, knobs_for(dw_pointwise.EXPANDED_NAME, kshape))
+    weights = [pointwise.pack_weight(pw_plan.operands["weight"], eoct), pw_plan.bias,
+               dw_plan.operands["weight"], dw_plan.bias,
+               pointwise.pack_weight(w_proj, fplan.oct)]
+
+    def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
+             ) -> "relax.Expr":
+        from tvm import relax
+
+        func = build_tuned(
+            dw_pointwise.EXPANDED_NAME, kshape, pw_bias=pw_plan.bias is not None,
+            pw_act=pw_plan.act, dw_bias=dw_plan.bias is not None, dw_act=dw_plan.act,
+            bias=bias is not None, act=act, residual=residual is not None)
+        gv = bb.add_func(func, dw_pointwise.EXPANDED_NAME)
+        x_flat = bb.emit(relax.op.reshape(args[0], (s.n, k, s.h * s.w)))
+        call_args = [x_flat] + [relax.const(w) for w in weights if w is not None]
+        if bias is not None:
+            call_args.append(relax.const(bias))
+        if residual is not None:
+            call_args.append(residual)
+        return relax.call_tir(gv, call_args, relax.TensorType(out, dtype))
+
+    info = {"tile": f"{fplan.rows} rows, {fplan.oct}x{fplan.tile_pixels}; expansion "
+                    f"{eoct}x{fplan.lanes}"}
+    return dataclasses.replace(proj_plan, strategy=dw_pointwise.EXPANDED_NAME, emit=emit,
+                               inputs=[x], shape=kshape, info=info)
 
 
 def _fuse_pointwise_depthwise(a: _Analysis, plans: dict, aliases: dict, decision_of: dict
