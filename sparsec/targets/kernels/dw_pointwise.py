@@ -17,6 +17,13 @@ and the projection's GEMM reads it from there:
 
 ``OWp`` is the output width rounded up to whole vectors: the padded columns compute garbage
 that no output reads (each output pixel depends on the same pixel of ``D`` only).
+
+``conv1x1_dw_conv1x1_nchw`` is the same kernel with the block's 1x1 expansion in front (the
+whole inverted-residual block): before a channel block's depthwise step, the task expands that
+block's channels over the input pixels its band reads, halo rows included, as one contiguous
+range of whole vectors (``X`` is ``[N, K, H*W]``), and pads from there. Apart, the expansion
+split its output channels between the cores and this kernel its rows, so half of each core's
+input had been written by the other core.
 """
 
 from __future__ import annotations
@@ -240,8 +247,8 @@ def build(s: "ConvShape", co: int, fplan: FusedPlan, dtype: str = "float32",
         def source(n, t, ch, r, q):
             return x[n, ch, r, q]
     else:
-        sources, source, e_pixels, e_start = _expansion_stage(s, c, rows, lanes, expansion,
-                                                             dtype, tasks)
+        sources, source, e_start = _expansion_stage(s, c, rows, lanes, expansion, dtype,
+                                                    tasks)
     wd = te.placeholder((c, s.kh, s.kw), dtype, name="Wd")
     bd = te.placeholder((c,), dtype, name="Bd") if dw_bias else None
     b = te.placeholder((co,), dtype, name="B") if bias else None
@@ -345,12 +352,11 @@ def build(s: "ConvShape", co: int, fplan: FusedPlan, dtype: str = "float32",
     sch.parallel(task)
     sch.decompose_reduction(ablk, ky)
     sch.decompose_reduction(blk, rr)
-    if expansion is not None:
-        sch.decompose_reduction(eacc, sch.get_loops(eacc)[-3])
     if expansion is None:
         return vector_pad(
             finish(sch, NAME), s, lanes,
             x_row=lambda lead, py, i: ([lead[0], lead[2]], (lead[1] * rows + i) * sh + py - pt))
+    sch.decompose_reduction(eacc, sch.get_loops(eacc)[-3])
     eo = expansion.oct
 
     def e_row(lead, py, i):   # E's flat offset of input row (t*rows + i)*sh + py - pt
@@ -362,11 +368,11 @@ def build(s: "ConvShape", co: int, fplan: FusedPlan, dtype: str = "float32",
 
 def _expansion_stage(s: "ConvShape", c: int, rows: int, lanes: int, e: Expansion,
                      dtype: str, tasks: int):
-    """The placeholders of the expansion's operands and ``source(n, t, ch, r, q)``, the value
+    """The placeholders of the expansion's operands; ``source(n, t, ch, r, q)``, the value
     of input row ``r``, column ``q`` of expanded channel ``ch`` as task ``t`` computes it:
-    ``E[n, t, ch // oct, ch % oct, r * W + q - start(t)]``; also the pixels E holds a task
-    and ``start``. A task's pixels start at its band's first row inside the map, or earlier
-    where the map ends first, so that they stay inside X."""
+    ``E[n, t, ch // oct, ch % oct, r * W + q - start(t)]``; and ``start(t)``, the first
+    pixel task ``t`` expands: its band's first row inside the map, or earlier where the map
+    ends first, so that its :func:`expansion_pixels` stay inside X."""
     from tvm import te, tirx
 
     pixels = expansion_pixels(s, rows, lanes)
@@ -402,7 +408,7 @@ def _expansion_stage(s: "ConvShape", c: int, rows: int, lanes: int, e: Expansion
         # then computes whole vectors from one start a task (checked below)
         at = tirx.floormod(r * s.w + q - start(t), pixels)
         return ev[n, t, ch // e.oct, ch % e.oct, at]
-    return [x, we] + ([be] if be is not None else []), source, pixels, start
+    return [x, we] + ([be] if be is not None else []), source, start
 
 
 def _schedule_expansion(sch, dcb, lanes: int):
