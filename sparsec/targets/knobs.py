@@ -159,7 +159,7 @@ def _variants(strategy: str, shape: dict) -> list[dict]:
                 and dw_pointwise.expansion_pixels(s, r, fplan.lanes) is not None]
     if strategy == "conv1x1_dw_nchw":
         # band heights at the default tile, and the other tile widths at the default band
-        # (the tile rule, ``pointwise_dw.TILE_MACS``, was measured on one CPU)
+        # (the tile rule, ``pointwise_dw.SHORT_K``, was measured on one CPU)
         from sparsec.targets.kernels import pointwise_dw
 
         s, fplan = _expansion_kernel_plan(shape)

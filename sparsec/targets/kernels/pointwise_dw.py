@@ -52,11 +52,17 @@ OCTS = (12, 8, 6, 4)
 #: (24 -> 144: 174 -> 160 us; pruned 12 -> 72: 66 -> 55 us), where two bands a core left
 #: 7 rows and a 1-in-7 halo
 PLANE_BYTES = 16 * 1024
-#: expansion MACs per output a tile aims for (``oct`` x the expansion's input channels): a
-#: short reduction gets a wider tile, more independent accumulators per loaded row vector.
-#: 112x112, 14-row bands, alone, 2 threads, channels per tile 4 / 6 / 8: 16 -> 96 194 /
-#: - / 204 us, 12 -> 72 137 / 124 / 135, 8 -> 48 90 / 78 / 74
-TILE_MACS = 64
+#: expansions of at most this many input channels get tiles of 4 channels, the others the
+#: widest tile that pads the channels least: each channel block re-reads the band's input
+#: rows (fewer, wider blocks read them less often), and a block's expanded rows are re-read
+#: by the padding and depthwise steps (a narrow block's stay in L1), which weighs more where
+#: the input is short. 112x112, 14-row bands, alone, 2 threads, Emerald Rapids, with the
+#: kernels' prefetches, channels per tile 4 / 6 / 8 / 12: 8 -> 48 74 / 80 / 87 / - us,
+#: 12 -> 72 151 / 167 / 131 / 127, 16 -> 96 259 / - / 203 / 195 (the whole MobileNetV2 at
+#: 4 -> 12 channels: -1.9 %; pruned at 8 -> 4: -0.3 to -1.1 %). The rule before the
+#: prefetches (at least 64 MACs an output: 8 -> 48 at 8 channels, 16 -> 96 at 4) had
+#: measured the other way round.
+SHORT_K = 8
 
 
 @dataclass(frozen=True)
@@ -84,18 +90,16 @@ def plan(s: "ConvShape", k: int, rows: int | None = None) -> Plan:
     """The plan for the depthwise conv ``s`` (its input: the expansion's ``s.ic`` channels,
     from ``k`` input channels). Band height, unless given: the most rows whose expanded band
     of one channel fits ``PLANE_BYTES``, in bands a multiple of the target's cores (taller
-    bands expand fewer halo rows); else ``common.pick_band``. The expansion tile: the
-    ``OCTS`` entries of at least ``TILE_MACS / k`` channels (the widest when none is), of
-    them the one that pads the channels least, then the narrowest; one vector of the input
-    row wide."""
+    bands expand fewer halo rows); else ``common.pick_band``. The expansion tile: 4
+    channels for ``k`` up to ``SHORT_K``, else the ``OCTS`` entry that pads the channels
+    least, then the widest; one vector of the input row wide."""
     oh, w = s.out_hw[0], s.w
     if rows is None:
         cores = target_cores()
         fit = [r for r in range(1, oh + 1) if oh % r == 0 and (oh // r) % cores == 0
                and band_rows(s, r) * w * 4 <= PLANE_BYTES]
         rows = max(fit) if fit else pick_band(oh, cores)
-    wide = [t for t in OCTS if t * k >= TILE_MACS] or [OCTS[0]]
-    oct_ = min(wide, key=lambda t: (-(-s.ic // t) * t, t))
+    oct_ = 4 if k <= SHORT_K else min(OCTS, key=lambda t: (-(-s.ic // t) * t, -t))
     return Plan(rows, oct_, row_lanes(w) or 8)
 
 
