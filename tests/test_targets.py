@@ -774,17 +774,18 @@ BLOCK = "conv1x1_dw_conv1x1_nchw"
 
 
 @pytest.mark.parametrize("args", [
-    dict(n=1, k=32, c=192, oc=32, h=14),            # pruned MobileNetV2's 14x14 block
-    dict(n=1, k=16, c=96, oc=16, h=28),             # its 28x28 block: bands of 14 rows
-    dict(n=1, k=32, c=192, oc=48, h=14, residual=False),    # a widening projection
+    dict(n=1, k=24, c=144, oc=24, h=14),            # 14x14, 144 not whole 32-channel splits
+    dict(n=1, k=16, c=96, oc=16, h=28),             # pruned MobileNetV2's 28x28 block
+    dict(n=1, k=32, c=208, oc=48, h=14, residual=False),    # a widening projection
     dict(n=1, k=8, c=20, oc=8, h=28, clip=False),   # linear expansion; 20 = 5 tiles of 4
     dict(n=1, k=8, c=24, oc=8, h=28, ksize=5),      # 5x5: two halo rows a side
     dict(n=2, k=16, c=48, oc=16, h=14),             # batch 2
 ])
 def test_inverted_residual_block_fused(args, host, tmp_path):
     """An expansion whose (ReLU6) output only a fused depthwise -> projection kernel reads
-    joins it: the whole block is one ``conv1x1_dw_conv1x1_nchw`` kernel, every epilogue
-    kept, and the result matches ONNX Runtime."""
+    joins it: the whole block is one ``conv1x1_dw_conv1x1_nchw`` kernel (where
+    ``inverted_residual_c16`` does not take it), every epilogue kept, and the result matches
+    ONNX Runtime."""
     model = block_model(**args)
     facts, feeds, outs = compile_and_run(model, host, tmp_path)
     assert facts["kernels"] == {BLOCK: 1}, facts["kernels"]
@@ -799,7 +800,7 @@ def test_inverted_residual_block_fused(args, host, tmp_path):
 
 @pytest.mark.parametrize("args", [
     dict(n=1, k=12, c=72, oc=12, h=56),              # 56x56: over BLOCK_MAX_PIXELS
-    dict(n=1, k=96, c=576, oc=96, h=14),             # halo rows' expansion over MAX_REDONE_MACS
+    dict(n=1, k=96, c=560, oc=96, h=14),             # halo rows' expansion over MAX_REDONE_MACS
     dict(n=1, k=16, c=48, oc=16, h=14, extra_user=True),    # the expansion is an output too
 ])
 def test_inverted_residual_block_kept_in_two(args, host, tmp_path):
@@ -851,6 +852,72 @@ def test_inverted_residual_block_bands_expand_their_own_pixels(tmp_path):
     facts, feeds, outs = compile_and_run(model, spec, tmp_path)
     assert facts["kernels"] == {BLOCK: 1}, facts["kernels"]
     assert facts["decisions"][2]["tile"].startswith("7 rows"), facts["decisions"][2]
+    assert_matches_ort(model, feeds, outs)
+
+
+SMALL_BLOCK = "inverted_residual_c16"
+
+
+@pytest.mark.parametrize("args", [
+    dict(n=1, k=80, c=480, oc=80, h=7),             # pruned MobileNetV2's 7x7 block
+    dict(n=1, k=32, c=192, oc=32, h=14),            # its 14x14 block
+    dict(n=1, k=32, c=64, oc=48, h=7, residual=False),      # a widening projection
+    dict(n=1, k=16, c=64, oc=16, h=7, clip=False),  # linear expansion
+    dict(n=2, k=16, c=96, oc=16, h=7),              # batch 2; 3 channel blocks a split
+])
+def test_small_map_block_is_one_kernel(args, host, tmp_path):
+    """On a map of at most 14x14, expansion -> depthwise -> projection whose expanded
+    channels split into whole 16-channel blocks a core is one ``inverted_residual_c16``
+    kernel (channel blocks inside, the cores' partial projections added), every epilogue
+    kept; the result matches ONNX Runtime."""
+    model = block_model(**args)
+    facts, feeds, outs = compile_and_run(model, host, tmp_path)
+    assert facts["kernels"] == {SMALL_BLOCK: 1}, facts["kernels"]
+    pw, dw, proj = facts["decisions"]
+    assert pw["fused_into_next"] == SMALL_BLOCK and dw["fused_into_next"] == SMALL_BLOCK
+    assert proj["chosen"] == SMALL_BLOCK
+    assert proj["fused_expansion"]["epilogue"] == ["bias"] + ["clip(0,6)"] * args.get("clip", True)
+    assert proj["fused_depthwise"]["epilogue"] == ["bias", "clip(0,6)"]
+    assert proj["epilogue"] == ["bias"] + ["residual"] * args.get("residual", True)
+    assert_matches_ort(model, feeds, outs)
+
+
+@pytest.mark.parametrize("args", [
+    dict(n=1, k=16, c=48, oc=16, h=7),              # 48 channels: not whole splits of 32
+    dict(n=1, k=16, c=64, oc=16, h=7, ksize=5),     # a 5x5 depthwise conv
+    dict(n=1, k=16, c=64, oc=16, h=7, extra_user=True),     # the expansion is an output too
+])
+def test_small_map_block_kept_apart(args, host, tmp_path):
+    model = block_model(**args)
+    facts, feeds, outs = compile_and_run(model, host, tmp_path)
+    assert SMALL_BLOCK not in facts["kernels"], facts["kernels"]
+    assert_matches_ort(model, feeds, outs)
+
+
+@pytest.mark.parametrize("target", ["x86-avx2", "llvm"])
+def test_small_map_block_other_targets(target, tmp_path):
+    """The small-map block kernel with 8-channel blocks (AVX2, generic LLVM)."""
+    spec = resolve_target(target)
+    if not spec.runs_here:
+        pytest.skip(f"{target} does not run here: {spec.why_not_here}")
+    model = block_model(n=1, k=16, c=48, oc=24, h=7, residual=False)
+    facts, feeds, outs = compile_and_run(model, spec, tmp_path)
+    assert facts["kernels"] == {SMALL_BLOCK: 1}, facts["kernels"]
+    assert_matches_ort(model, feeds, outs)
+
+
+def test_small_map_block_adds_every_cores_part(tmp_path):
+    """Compiled for 4 cores (run here on this machine's), the block's 128 expanded channels
+    split four ways, two 16-channel blocks each, and the four partial projections add up to
+    ONNX Runtime's result."""
+    import dataclasses
+
+    base = resolve_target("host")
+    spec = dataclasses.replace(base, tvm_target={**base.tvm_target, "num-cores": 4})
+    model = block_model(n=1, k=32, c=128, oc=32, h=7)
+    facts, feeds, outs = compile_and_run(model, spec, tmp_path)
+    assert facts["kernels"] == {SMALL_BLOCK: 1}, facts["kernels"]
+    assert facts["decisions"][2]["tile"].endswith("4 splits of the expanded channels")
     assert_matches_ort(model, feeds, outs)
 
 

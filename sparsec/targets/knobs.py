@@ -186,9 +186,9 @@ def _variants(strategy: str, shape: dict) -> list[dict]:
 def build(strategy: str, shape: dict, knobs: dict | None = None, **flags) -> "tirx.PrimFunc":
     """The kernel ``strategy`` for ``shape`` with ``knobs`` (defaults where absent) and the
     epilogue ``flags`` (bias, act, residual), tagged with its shape for the tuner."""
-    from sparsec.targets.kernels import (amx, batch_matmul, bsr, conv2d, dense, depthwise,
-                                         dw_pointwise, grouped_conv, pointwise, pointwise_dw,
-                                         softmax)
+    from sparsec.targets.kernels import (amx, batch_matmul, block_c16, bsr, conv2d, dense,
+                                         depthwise, dw_pointwise, grouped_conv, pointwise,
+                                         pointwise_dw, softmax)
 
     k = knobs or {}
     rows = (k["rows"],) if "rows" in k else None
@@ -231,6 +231,10 @@ def build(strategy: str, shape: dict, knobs: dict | None = None, **flags) -> "ti
             fplan = dataclasses.replace(fplan, rows=k["rows"])
         func = dw_pointwise.build(s, shape["co"], fplan, shape["dtype"], **flags,
                                   kept=shape.get("kept"))
+    elif strategy == "inverted_residual_c16":
+        func = block_c16.build(_conv_shape({n: v for n, v in shape.items()
+                                            if n not in ("co", "k")}),
+                               shape["k"], shape["co"], shape["dtype"], **flags)
     elif strategy == "conv1x1_dw_conv1x1_nchw":
         s, fplan, eoct = block_kernel_plan(shape, k)
         expansion = dw_pointwise.Expansion(shape["k"], eoct, flags.pop("pw_bias", False),

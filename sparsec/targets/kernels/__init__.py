@@ -91,6 +91,12 @@ STRATEGIES: tuple[StrategyInfo, ...] = (
                  "output of a few whole rows, every channel, into a buffer that stays in "
                  "cache, and runs conv1x1_nchw's tile on it. Not chosen by the cost rule: the "
                  "rewrite fuses planned pairs on maps of 28x28 and more"),
+    StrategyInfo("inverted_residual_c16", "relax.nn.conv2d", 0.10,
+                 "a whole inverted-residual block (1x1 expansion -> 3x3 depthwise -> 1x1 "
+                 "projection) on a map of at most 14x14, one kernel: each core expands, "
+                 "convolves and projects its share of the expanded channels in blocks of 16 "
+                 "(8) channels, vectorized along channels, and the cores add their partial "
+                 "projections. Not chosen by the cost rule: the rewrite fuses planned chains"),
     StrategyInfo("conv1x1_dw_conv1x1_nchw", "relax.nn.conv2d", 0.10,
                  "a whole inverted-residual block (MobileNetV2's 1x1 expansion -> depthwise "
                  "-> 1x1 projection), one kernel: dw_conv1x1_nchw where each task first "

@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING, Any, Callable
 from sparsec import progress
 from sparsec.progress import Progress
 from sparsec.targets import kernels
-from sparsec.targets.kernels import (amx, batch_matmul, bsr, conv2d, dense, depthwise,
-                                     dw_pointwise, grouped_conv, mma, mma_sp, pointwise,
-                                     pointwise_dw, softmax, sparse_cuda)
-from sparsec.targets.kernels.common import Activation, bf16_allowed, current_precision
+from sparsec.targets.kernels import (amx, batch_matmul, block_c16, bsr, conv2d, dense,
+                                     depthwise, dw_pointwise, grouped_conv, mma, mma_sp,
+                                     pointwise, pointwise_dw, softmax, sparse_cuda)
+from sparsec.targets.kernels.common import (Activation, bf16_allowed, current_precision,
+                                            target_cores)
 from sparsec.targets.knobs import build as build_kernel
 from sparsec.targets.knobs import (block_kernel_plan, build_tuned, expansion_plan, knobs_for,
                                   measured_choice)
@@ -564,7 +565,8 @@ def _conv_plans(shape: conv2d.ConvShape, w: "np.ndarray", dtype: str, xs: tuple,
 
     macs = out[0] * out[1] * out[2] * out[3] * shape.ic * shape.kh * shape.kw
     info = _conv_info(shape, xs, w, out, "width_vectorized" if wplan else "oc_blocked")
-    plans = [(Plan(conv2d.NAME, emit, info=info, shape=kshape), {"macs": macs})]
+    plans = [(Plan(conv2d.NAME, emit, info=info, shape=kshape,
+                   operands={"conv": shape, "weight": w, "out": out}), {"macs": macs})]
     if amx.available():
         plans.append(_amx_conv(shape, w, dtype, xs, out))
     if ((shape.kh, shape.kw, shape.stride, shape.dilation) == (1, 1, (1, 1), (1, 1))
@@ -1432,10 +1434,85 @@ def plan_function(func: "relax.Function", cores: int, mod: "ir.IRModule | None" 
         decisions.append(decision)
         decision_of[var] = decision
     if device == "cpu":
+        _fuse_small_blocks(a, plans, aliases, decision_of)
         _fuse_depthwise_pointwise(a, plans, aliases, decision_of)
         _fuse_pointwise_depthwise(a, plans, aliases, decision_of)
         _fold_gates(a, plans, decision_of)
     return plans, aliases, decisions
+
+
+def _conv1x1_weight(plan: Plan | None, inner: bool = True) -> "np.ndarray | None":
+    """``W[CO, CI]`` of a planned dense 1x1 conv (stride 1, no padding; the pointwise or the
+    direct conv kernel), for a fused kernel's ``inner`` stage only where it has a plain
+    epilogue; None for any other plan."""
+    if plan is None or plan.input_scale is not None or (inner and not _plain_epilogue(plan)):
+        return None
+    if plan.strategy == pointwise.NAME:
+        return plan.operands["weight"]
+    s = plan.operands.get("conv")
+    if plan.strategy != conv2d.NAME or s is None or (
+            (s.kh, s.kw, s.stride, s.dilation) != (1, 1, (1, 1), (1, 1)) or any(s.padding)):
+        return None
+    w = plan.operands["weight"]
+    return w.reshape(w.shape[0], w.shape[1])
+
+
+def _fuse_small_blocks(a: _Analysis, plans: dict, aliases: dict, decision_of: dict) -> None:
+    """Replace each planned 1x1 expansion -> depthwise conv -> 1x1 projection chain on a small
+    map (each output read by the next alone) with one ``inverted_residual_c16`` kernel
+    where :func:`block_c16.worth_fusing` says so; the projection keeps its own epilogue
+    (bias, residual, activation). The two inner bindings are left without users: dead code
+    elimination drops them."""
+    for var, plan in list(plans.items()):
+        w_proj = _conv1x1_weight(plan, inner=False)
+        if w_proj is None:
+            continue
+        dw_var, dw_plan = _sole_producer(a, plans, aliases, var)
+        if (dw_plan is None or dw_plan.strategy != depthwise.NAME
+                or not _plain_epilogue(dw_plan) or "conv" not in dw_plan.operands):
+            continue
+        pw_var, pw_plan = _sole_producer(a, plans, aliases, dw_var)
+        w_exp = _conv1x1_weight(pw_plan)
+        s = dw_plan.operands["conv"]
+        if w_exp is None or not block_c16.worth_fusing(s, w_exp.shape[1], w_proj.shape[0]):
+            continue
+        fused = _small_block_plan(w_exp, pw_plan, dw_plan, w_proj, plan,
+                                  a.bindings[pw_var].args[0])
+        _record_fusion(plans, decision_of, var, dw_var, "fused_depthwise", fused)
+        _record_fusion(plans, decision_of, var, pw_var, "fused_expansion", fused)
+
+
+def _small_block_plan(w_exp: "np.ndarray", pw_plan: Plan, dw_plan: Plan,
+                      w_proj: "np.ndarray", proj_plan: Plan, x: Any) -> Plan:
+    """The ``inverted_residual_c16`` plan reading the expansion's input ``x``."""
+    s = dw_plan.operands["conv"]
+    (co, k), out = (w_proj.shape[0], w_exp.shape[1]), (s.n, w_proj.shape[0], s.h, s.w)
+    dtype = proj_plan.shape["dtype"]
+    kshape = {**dataclasses.asdict(s), "co": co, "k": k, "dtype": dtype}
+    we, wd, wp = block_c16.pack_weights(w_exp, dw_plan.operands["weight"], w_proj)
+
+    def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
+             ) -> "relax.Expr":
+        from tvm import relax
+
+        func = build_tuned(
+            block_c16.NAME, kshape, pw_bias=pw_plan.bias is not None, pw_act=pw_plan.act,
+            dw_bias=dw_plan.bias is not None, dw_act=dw_plan.act, bias=bias is not None,
+            act=act, residual=residual is not None)
+        gv = bb.add_func(func, block_c16.NAME)
+        x_flat = bb.emit(relax.op.reshape(args[0], (s.n, k, s.h * s.w)))
+        call_args = [x_flat] + [relax.const(v) for v in (we, pw_plan.bias, wd, dw_plan.bias, wp)
+                                if v is not None]
+        if bias is not None:
+            call_args.append(relax.const(bias))
+        if residual is not None:
+            call_args.append(residual)
+        return relax.call_tir(gv, call_args, relax.TensorType(out, dtype))
+
+    info = {"tile": f"{block_c16.lanes()}-channel blocks, "
+                    f"{target_cores()} splits of the expanded channels"}
+    return dataclasses.replace(proj_plan, strategy=block_c16.NAME, emit=emit, inputs=[x],
+                               shape=kshape, info=info, operands={})
 
 
 def _fuse_depthwise_pointwise(a: _Analysis, plans: dict, aliases: dict, decision_of: dict
