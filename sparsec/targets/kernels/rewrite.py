@@ -1445,7 +1445,8 @@ def _conv1x1_weight(plan: Plan | None, inner: bool = True) -> "np.ndarray | None
     """``W[CO, CI]`` of a planned dense 1x1 conv (stride 1, no padding; the pointwise or the
     direct conv kernel), for a fused kernel's ``inner`` stage only where it has a plain
     epilogue; None for any other plan."""
-    if plan is None or plan.input_scale is not None or (inner and not _plain_epilogue(plan)):
+    if (plan is None or plan.input_scale is not None or (inner and not _plain_epilogue(plan))
+            or "weight" not in plan.operands):      # a dynamic batch's kernel: no operands
         return None
     if plan.strategy == pointwise.NAME:
         return plan.operands["weight"]
