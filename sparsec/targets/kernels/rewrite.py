@@ -1487,33 +1487,43 @@ def _small_block_plan(w_exp: "np.ndarray", pw_plan: Plan, dw_plan: Plan,
                       w_proj: "np.ndarray", proj_plan: Plan, x: Any) -> Plan:
     """The ``inverted_residual_c16`` plan reading the expansion's input ``x``."""
     s = dw_plan.operands["conv"]
-    (co, k), out = (w_proj.shape[0], w_exp.shape[1]), (s.n, w_proj.shape[0], s.h, s.w)
-    dtype = proj_plan.shape["dtype"]
-    kshape = {**dataclasses.asdict(s), "co": co, "k": k, "dtype": dtype}
+    co, out = w_proj.shape[0], (s.n, w_proj.shape[0], s.h, s.w)
+    kshape = {**dataclasses.asdict(s), "co": co, "k": w_exp.shape[1],
+              "dtype": proj_plan.shape["dtype"]}
     we, wd, wp = block_c16.pack_weights(w_exp, dw_plan.operands["weight"], w_proj)
+    emit = _block_emit(block_c16.NAME, kshape, pw_plan, dw_plan,
+                       [we, pw_plan.bias, wd, dw_plan.bias, wp], out)
+    info = {"tile": f"{block_c16.lanes()}-channel blocks, "
+                    f"{target_cores()} splits of the expanded channels"}
+    return dataclasses.replace(proj_plan, strategy=block_c16.NAME, emit=emit, inputs=[x],
+                               shape=kshape, info=info, operands={})
+
+
+def _block_emit(name: str, kshape: dict, pw_plan: Plan, dw_plan: Plan, weights: list,
+                out: tuple) -> Callable[..., "relax.Expr"]:
+    """The emitter of a whole-block kernel ``name``: the expansion's input as ``[N, K, H*W]``,
+    ``weights`` (the expansion's, the depthwise conv's and the projection's, packed, with the
+    biases of the inner two; None where one has none), then the projection's epilogue
+    operands; the inner epilogues from the absorbed plans."""
 
     def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
              ) -> "relax.Expr":
         from tvm import relax
 
         func = build_tuned(
-            block_c16.NAME, kshape, pw_bias=pw_plan.bias is not None, pw_act=pw_plan.act,
+            name, kshape, pw_bias=pw_plan.bias is not None, pw_act=pw_plan.act,
             dw_bias=dw_plan.bias is not None, dw_act=dw_plan.act, bias=bias is not None,
             act=act, residual=residual is not None)
-        gv = bb.add_func(func, block_c16.NAME)
-        x_flat = bb.emit(relax.op.reshape(args[0], (s.n, k, s.h * s.w)))
-        call_args = [x_flat] + [relax.const(v) for v in (we, pw_plan.bias, wd, dw_plan.bias, wp)
-                                if v is not None]
+        gv = bb.add_func(func, name)
+        n, k, h, w = kshape["n"], kshape["k"], kshape["h"], kshape["w"]
+        call_args = [bb.emit(relax.op.reshape(args[0], (n, k, h * w)))] + [
+            relax.const(v) for v in weights if v is not None]
         if bias is not None:
             call_args.append(relax.const(bias))
         if residual is not None:
             call_args.append(residual)
-        return relax.call_tir(gv, call_args, relax.TensorType(out, dtype))
-
-    info = {"tile": f"{block_c16.lanes()}-channel blocks, "
-                    f"{target_cores()} splits of the expanded channels"}
-    return dataclasses.replace(proj_plan, strategy=block_c16.NAME, emit=emit, inputs=[x],
-                               shape=kshape, info=info, operands={})
+        return relax.call_tir(gv, call_args, relax.TensorType(out, kshape["dtype"]))
+    return emit
 
 
 def _fuse_depthwise_pointwise(a: _Analysis, plans: dict, aliases: dict, decision_of: dict
@@ -1623,31 +1633,14 @@ def _block_plan(pw_plan: Plan, dw_plan: Plan, proj_plan: Plan, x: Any) -> Plan:
     """The ``conv1x1_dw_conv1x1_nchw`` plan (expansion, depthwise conv and projection: a
     whole inverted-residual block) reading the expansion's input ``x``."""
     s = dw_plan.operands["conv"]
-    k, (w_proj, out) = pw_plan.shape["ci"], (proj_plan.operands[n] for n in ("weight", "out"))
-    dtype = proj_plan.shape["dtype"]
-    kshape = {**dataclasses.asdict(s), "co": out[1], "k": k, "dtype": dtype}
+    w_proj, out = (proj_plan.operands[n] for n in ("weight", "out"))
+    kshape = {**dataclasses.asdict(s), "co": out[1], "k": pw_plan.shape["ci"],
+              "dtype": proj_plan.shape["dtype"]}
     _, fplan, eoct = block_kernel_plan(kshape, knobs_for(dw_pointwise.EXPANDED_NAME, kshape))
     weights = [pointwise.pack_weight(pw_plan.operands["weight"], eoct), pw_plan.bias,
                dw_plan.operands["weight"], dw_plan.bias,
                pointwise.pack_weight(w_proj, fplan.oct)]
-
-    def emit(bb: "relax.BlockBuilder", args: list, bias, act: Activation | None, residual
-             ) -> "relax.Expr":
-        from tvm import relax
-
-        func = build_tuned(
-            dw_pointwise.EXPANDED_NAME, kshape, pw_bias=pw_plan.bias is not None,
-            pw_act=pw_plan.act, dw_bias=dw_plan.bias is not None, dw_act=dw_plan.act,
-            bias=bias is not None, act=act, residual=residual is not None)
-        gv = bb.add_func(func, dw_pointwise.EXPANDED_NAME)
-        x_flat = bb.emit(relax.op.reshape(args[0], (s.n, k, s.h * s.w)))
-        call_args = [x_flat] + [relax.const(w) for w in weights if w is not None]
-        if bias is not None:
-            call_args.append(relax.const(bias))
-        if residual is not None:
-            call_args.append(residual)
-        return relax.call_tir(gv, call_args, relax.TensorType(out, dtype))
-
+    emit = _block_emit(dw_pointwise.EXPANDED_NAME, kshape, pw_plan, dw_plan, weights, out)
     info = {"tile": f"{fplan.rows} rows, {fplan.oct}x{fplan.tile_pixels}; expansion "
                     f"{eoct}x{fplan.lanes}"}
     return dataclasses.replace(proj_plan, strategy=dw_pointwise.EXPANDED_NAME, emit=emit,
