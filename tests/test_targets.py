@@ -780,7 +780,8 @@ BLOCK = "conv1x1_dw_conv1x1_nchw"
     dict(n=1, k=8, c=20, oc=8, h=28, clip=False),   # linear expansion; 20 = 5 tiles of 4
     dict(n=1, k=8, c=24, oc=8, h=28, ksize=5),      # 5x5: two halo rows a side
     dict(n=2, k=16, c=48, oc=16, h=14),             # batch 2
-])
+    dict(n=1, k=12, c=50, oc=20, h=14, residual=False),     # 50: the last 4-channel tile
+])                                                           # half padding (pruned widths)
 def test_inverted_residual_block_fused(args, host, tmp_path):
     """An expansion whose (ReLU6) output only a fused depthwise -> projection kernel reads
     joins it: the whole block is one ``conv1x1_dw_conv1x1_nchw`` kernel (where
