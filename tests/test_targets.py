@@ -774,9 +774,11 @@ BLOCK = "conv1x1_dw_conv1x1_nchw"
 
 
 @pytest.mark.parametrize("args", [
-    dict(n=1, k=24, c=144, oc=24, h=14),            # 14x14, 144 not whole 32-channel splits
+    dict(n=1, k=24, c=112, oc=24, h=14),            # 14x14: c16's zero channels would add
+                                                    # 30 % to the work (MAX_PADDED_WORK)
+    dict(n=1, k=19, c=116, oc=19, h=14),            # MobileNetV2 pruned at 0.7: 41 %
     dict(n=1, k=16, c=96, oc=16, h=28),             # pruned MobileNetV2's 28x28 block
-    dict(n=1, k=32, c=208, oc=48, h=14, residual=False),    # a widening projection
+    dict(n=1, k=32, c=196, oc=48, h=14, residual=False),    # a widening projection
     dict(n=1, k=8, c=20, oc=8, h=28, clip=False),   # linear expansion; 20 = 5 tiles of 4
     dict(n=1, k=8, c=24, oc=8, h=28, ksize=5),      # 5x5: two halo rows a side
     dict(n=2, k=16, c=48, oc=16, h=14),             # batch 2
@@ -801,7 +803,8 @@ def test_inverted_residual_block_fused(args, host, tmp_path):
 
 @pytest.mark.parametrize("args", [
     dict(n=1, k=12, c=72, oc=12, h=56),              # 56x56: over BLOCK_MAX_PIXELS
-    dict(n=1, k=96, c=560, oc=96, h=14),             # halo rows' expansion over MAX_REDONE_MACS
+    dict(n=1, k=96, c=40, oc=96, h=14),              # halo rows' expansion over MAX_REDONE_MACS
+                                                     # (c16's zero channels: +60 % work)
     dict(n=1, k=16, c=48, oc=16, h=14, extra_user=True),    # the expansion is an output too
 ])
 def test_inverted_residual_block_kept_in_two(args, host, tmp_path):
@@ -865,12 +868,17 @@ SMALL_BLOCK = "inverted_residual_c16"
     dict(n=1, k=32, c=64, oc=48, h=7, residual=False),      # a widening projection
     dict(n=1, k=16, c=64, oc=16, h=7, clip=False),  # linear expansion
     dict(n=2, k=16, c=96, oc=16, h=7),              # batch 2; 3 channel blocks a split
-])
+    dict(n=1, k=45, c=269, oc=45, h=14),            # MobileNetV2 pruned at 0.3: 19 zero
+                                                    # channels, the last output block 13 wide
+    dict(n=2, k=20, c=120, oc=20, h=7, clip=False),     # 8 + 12 zero channels, linear
+    dict(n=1, k=16, c=48, oc=16, h=7),              # 16 zero channels (+33 % work) against
+])                                                  # the kernels apart
 def test_small_map_block_is_one_kernel(args, host, tmp_path):
     """On a map of at most 14x14, expansion -> depthwise -> projection whose expanded
-    channels split into whole 16-channel blocks a core is one ``inverted_residual_c16``
-    kernel (channel blocks inside, the cores' partial projections added), every epilogue
-    kept; the result matches ONNX Runtime."""
+    channels split into whole 16-channel blocks a core (zero channels added where they cost at
+    most ``MAX_PADDED_WORK``) is one ``inverted_residual_c16`` kernel (channel blocks inside,
+    the cores' partial projections added), every epilogue kept; the result matches ONNX
+    Runtime."""
     model = block_model(**args)
     facts, feeds, outs = compile_and_run(model, host, tmp_path)
     assert facts["kernels"] == {SMALL_BLOCK: 1}, facts["kernels"]
@@ -884,7 +892,8 @@ def test_small_map_block_is_one_kernel(args, host, tmp_path):
 
 
 @pytest.mark.parametrize("args", [
-    dict(n=1, k=16, c=48, oc=16, h=7),              # 48 channels: not whole splits of 32
+    dict(n=1, k=20, c=36, oc=20, h=7),              # zero channels to whole blocks: 2.2x
+                                                    # the work (over MAX_PADDED_WORK)
     dict(n=1, k=16, c=64, oc=16, h=7, ksize=5),     # a 5x5 depthwise conv
     dict(n=1, k=16, c=64, oc=16, h=7, extra_user=True),     # the expansion is an output too
 ])
@@ -907,18 +916,22 @@ def test_small_map_block_other_targets(target, tmp_path):
     assert_matches_ort(model, feeds, outs)
 
 
-def test_small_map_block_adds_every_cores_part(tmp_path):
+@pytest.mark.parametrize("c, tile_tail", [
+    (128, "4 splits of the expanded channels"),
+    (120, "4 splits of the expanded channels (8 zero channels added)"),    # the last split's
+])                                                                       # last block half zero
+def test_small_map_block_adds_every_cores_part(c, tile_tail, tmp_path):
     """Compiled for 4 cores (run here on this machine's), the block's 128 expanded channels
-    split four ways, two 16-channel blocks each, and the four partial projections add up to
-    ONNX Runtime's result."""
+    (120 and 8 zero ones) split four ways, two 16-channel blocks each, and the four partial
+    projections add up to ONNX Runtime's result."""
     import dataclasses
 
     base = resolve_target("host")
     spec = dataclasses.replace(base, tvm_target={**base.tvm_target, "num-cores": 4})
-    model = block_model(n=1, k=32, c=128, oc=32, h=7)
+    model = block_model(n=1, k=32, c=c, oc=32, h=7)
     facts, feeds, outs = compile_and_run(model, spec, tmp_path)
     assert facts["kernels"] == {SMALL_BLOCK: 1}, facts["kernels"]
-    assert facts["decisions"][2]["tile"].endswith("4 splits of the expanded channels")
+    assert facts["decisions"][2]["tile"].endswith(tile_tail), facts["decisions"][2]
     assert_matches_ort(model, feeds, outs)
 
 

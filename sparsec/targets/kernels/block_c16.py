@@ -47,6 +47,14 @@ MAX_PIXELS = 14 * 14
 #: broadcast input value; one block: 27 us for the 80 -> 480 -> 80 block, two: 24). A split
 #: of an odd number of blocks computes its last pair's second block under a predicate.
 EXPANSION_BLOCKS = 2
+#: most work the zero channels of :func:`padded_widths` may add (padded MACs over real ones),
+#: against the row-band kernel (``dw_pointwise``'s ``conv1x1_dw_conv1x1_nchw``) where that
+#: would take the block, else against the block's kernels apart. Zen 4, 2 threads, alone,
+#: k -> c -> co, padded work: against row bands at 14x14, 67 -> 404 -> 67 (1.12) 147 -> 145 us,
+#: 29 -> 173 -> 29 (1.16) 41 -> 42, 19 -> 116 -> 19 (1.41) 24 -> 32; against the kernels apart,
+#: 14x14 45 -> 269 -> 45 (1.10) 110 -> 78 us, 7x7 56 -> 330 -> 56 (1.14) 61 -> 39, 19 -> 116 ->
+#: 19 (1.41) 24 -> 14
+MAX_PADDED_WORK = {"row_bands": 1.10, "apart": 1.5}
 
 
 def lanes() -> int:
@@ -54,46 +62,75 @@ def lanes() -> int:
     return 16 if wide_vectors() else 8
 
 
-def worth_fusing(s: "ConvShape", k: int, co: int) -> bool:
+def padded_widths(c: int, co: int) -> tuple[int, int]:
+    """The kernel's expanded and output channel counts for ``c`` expanded and ``co`` output
+    channels: ``c`` up to whole channel blocks one split a core, ``co`` up to whole blocks.
+    The added expanded channels have zero weights and biases everywhere, so whatever they
+    compute, their projection weights (zero) add nothing; the added output channels' partial
+    sums are computed but never written."""
+    lanes_ = lanes()
+    step = lanes_ * target_cores()
+    return -(-c // step) * step, -(-co // lanes_) * lanes_
+
+
+def padded_work(c: int, k: int, co: int) -> float:
+    """The block's multiply-adds with :func:`padded_widths`' channels over those without (per
+    pixel: expansion ``k c``, depthwise ``9 c``, projection ``c co``)."""
+    cp, cop = padded_widths(c, co)
+    return cp * (k + 9 + cop) / (c * (k + 9 + co))
+
+
+def worth_fusing(s: "ConvShape", k: int, co: int, row_bands: bool = False) -> bool:
     """Whether an expansion (``k`` input channels), the depthwise conv ``s`` that alone reads
     it and the 1x1 projection (``co`` channels) that alone reads that run as one
     ``inverted_residual_c16`` kernel: a 3x3, stride-1, same-size depthwise conv on a map of at
-    most ``MAX_PIXELS``, static batch, expanded channels that split into whole channel
-    blocks one split a core, and output channels in whole blocks."""
-    lanes_ = lanes()
+    most ``MAX_PIXELS``, static batch, and zero channels to whole channel blocks that add at
+    most ``MAX_PADDED_WORK`` (against the row-band kernel where ``row_bands``: it would take
+    the block, else against the kernels apart)."""
+    limit = MAX_PADDED_WORK["row_bands" if row_bands else "apart"]
     return (isinstance(s.n, int) and (s.kh, s.kw) == (3, 3) and s.stride == (1, 1)
             and s.dilation == (1, 1) and s.padding == (1, 1, 1, 1)
-            and s.h * s.w <= MAX_PIXELS and s.ic % (lanes_ * target_cores()) == 0
-            and co % lanes_ == 0 and k > 0)
+            and s.h * s.w <= MAX_PIXELS and k > 0 and padded_work(s.ic, k, co) <= limit)
 
 
-def pack_weights(we: "np.ndarray", wd: "np.ndarray", wp: "np.ndarray"
-                 ) -> "tuple[np.ndarray, np.ndarray, np.ndarray]":
+def pack_weights(we: "np.ndarray", wd: "np.ndarray", wp: "np.ndarray",
+                 be: "np.ndarray | None" = None, bd: "np.ndarray | None" = None) -> list:
     """The expansion ``we[C, K]``, depthwise ``wd[C, 3, 3]`` and projection ``wp[CO, C]``
-    weights in the kernel's channel blocks: ``[C/L, K, L]``, ``[C/L, 3, 3, L]``,
-    ``[CO/L, C, L]``."""
+    weights in the kernel's channel blocks, ``C`` and ``CO`` zero-padded to
+    :func:`padded_widths` ``(C', CO')``: ``[C'/L, K, L]``, ``[C'/L, 3, 3, L]``,
+    ``[CO'/L, C', L]``; with the biases ``be[C]`` and ``bd[C]`` (zero-padded to ``C'``) after
+    the weights they follow where given: ``[we, be, wd, bd, wp]``, None for a missing bias."""
     import numpy as np
 
     lanes_ = lanes()
     c, k = we.shape
     co = wp.shape[0]
-    return (np.ascontiguousarray(we.reshape(c // lanes_, lanes_, k).transpose(0, 2, 1)),
-            np.ascontiguousarray(wd.reshape(c // lanes_, lanes_, 3, 3).transpose(0, 2, 3, 1)),
-            np.ascontiguousarray(wp.reshape(co // lanes_, lanes_, c).transpose(0, 2, 1)))
+    cp, cop = padded_widths(c, co)
+
+    def pad(a, *widths):
+        return np.pad(a, [(0, w - n) for w, n in zip(widths, a.shape)] +
+                      [(0, 0)] * (a.ndim - len(widths)))
+
+    we, wd, wp = pad(we, cp), pad(wd, cp), pad(wp, cop, cp)
+    be, bd = (None if b is None else np.ascontiguousarray(pad(b, cp)) for b in (be, bd))
+    return [np.ascontiguousarray(we.reshape(cp // lanes_, lanes_, k).transpose(0, 2, 1)), be,
+            np.ascontiguousarray(wd.reshape(cp // lanes_, lanes_, 3, 3).transpose(0, 2, 3, 1)),
+            bd, np.ascontiguousarray(wp.reshape(cop // lanes_, lanes_, cp).transpose(0, 2, 1))]
 
 
 def build(s: "ConvShape", k: int, co: int, dtype: str = "float32", pw_bias: bool = False,
           pw_act: Activation | None = None, dw_bias: bool = False,
           dw_act: Activation | None = None, bias: bool = False, act: Activation | None = None,
           residual: bool = False) -> "tirx.PrimFunc":
-    """``(X[N,K,H*W], We [, Be[C]], Wd [, Bd[C]], Wp [, B[CO]] [, R[N,CO,H,W]], Y[N,CO,H,W])``,
-    the weights packed by :func:`pack_weights`; ``s`` is the depthwise conv's shape (``C`` =
-    ``s.ic``)."""
+    """``(X[N,K,H*W], We [, Be[C']], Wd [, Bd[C']], Wp [, B[CO]] [, R[N,CO,H,W]],
+    Y[N,CO,H,W])``, the weights and inner biases packed by :func:`pack_weights` (``C'``,
+    ``CO'``: :func:`padded_widths`); ``s`` is the depthwise conv's shape (``C`` = ``s.ic``)."""
     from tvm import s_tir, te, tirx
 
-    n, c, h, w = s.n, s.ic, s.h, s.w
+    n, h, w = s.n, s.h, s.w
+    c, cop = padded_widths(s.ic, co)
     lanes_, splits = lanes(), target_cores()
-    cb, cob = c // lanes_, co // lanes_
+    cb, cob = c // lanes_, cop // lanes_
     sb = cb // splits                                   # channel blocks a split
     x = te.placeholder((n, k, h * w), dtype, name="X")
     we = te.placeholder((cb, k, lanes_), dtype, name="We")

@@ -1475,7 +1475,8 @@ def _fuse_small_blocks(a: _Analysis, plans: dict, aliases: dict, decision_of: di
         pw_var, pw_plan = _sole_producer(a, plans, aliases, dw_var)
         w_exp = _conv1x1_weight(pw_plan)
         s = dw_plan.operands["conv"]
-        if w_exp is None or not block_c16.worth_fusing(s, w_exp.shape[1], w_proj.shape[0]):
+        if w_exp is None or not block_c16.worth_fusing(
+                s, w_exp.shape[1], w_proj.shape[0], _row_bands_take(pw_plan, dw_plan, plan)):
             continue
         fused = _small_block_plan(w_exp, pw_plan, dw_plan, w_proj, plan,
                                   a.bindings[pw_var].args[0])
@@ -1490,11 +1491,13 @@ def _small_block_plan(w_exp: "np.ndarray", pw_plan: Plan, dw_plan: Plan,
     co, out = w_proj.shape[0], (s.n, w_proj.shape[0], s.h, s.w)
     kshape = {**dataclasses.asdict(s), "co": co, "k": w_exp.shape[1],
               "dtype": proj_plan.shape["dtype"]}
-    we, wd, wp = block_c16.pack_weights(w_exp, dw_plan.operands["weight"], w_proj)
-    emit = _block_emit(block_c16.NAME, kshape, pw_plan, dw_plan,
-                       [we, pw_plan.bias, wd, dw_plan.bias, wp], out)
+    weights = block_c16.pack_weights(w_exp, dw_plan.operands["weight"], w_proj,
+                                     pw_plan.bias, dw_plan.bias)
+    emit = _block_emit(block_c16.NAME, kshape, pw_plan, dw_plan, weights, out)
+    padded_c = block_c16.padded_widths(s.ic, co)[0]
     info = {"tile": f"{block_c16.lanes()}-channel blocks, "
-                    f"{target_cores()} splits of the expanded channels"}
+                    f"{target_cores()} splits of the expanded channels"
+                    + (f" ({padded_c - s.ic} zero channels added)" if padded_c > s.ic else "")}
     return dataclasses.replace(proj_plan, strategy=block_c16.NAME, emit=emit, inputs=[x],
                                shape=kshape, info=info, operands={})
 
@@ -1543,14 +1546,20 @@ def _fuse_depthwise_pointwise(a: _Analysis, plans: dict, aliases: dict, decision
         _record_fusion(plans, decision_of, var, dw_var, "fused_depthwise",
                        _fused_plan(dw_plan, plan, a.bindings[dw_var].args[0]))
         pw_var, pw_plan = _sole_producer(a, plans, aliases, dw_var)
-        s = dw_plan.operands["conv"]
-        if (plan.strategy == pointwise.NAME and pw_plan is not None
-                and pw_plan.strategy == pointwise.NAME and _plain_epilogue(pw_plan)
-                and pw_plan.shape["n"] == s.n
-                and dw_pointwise.worth_fusing_block(s, pw_plan.shape["ci"],
-                                                    plan.operands["out"][1])):
+        if _row_bands_take(pw_plan, dw_plan, plan):
             _record_fusion(plans, decision_of, var, pw_var, "fused_expansion",
                            _block_plan(pw_plan, dw_plan, plan, a.bindings[pw_var].args[0]))
+
+
+def _row_bands_take(pw_plan: Plan | None, dw_plan: Plan, plan: Plan) -> bool:
+    """Whether the expansion ``pw_plan``, the depthwise conv ``dw_plan`` (plain epilogue, read
+    by ``plan`` alone) and the projection ``plan`` become one ``conv1x1_dw_conv1x1_nchw``
+    kernel (row bands, each expanding its own pixels)."""
+    s = dw_plan.operands["conv"]
+    return (plan.strategy == pointwise.NAME and dw_pointwise.worth_fusing(s)
+            and pw_plan is not None and pw_plan.strategy == pointwise.NAME
+            and _plain_epilogue(pw_plan) and pw_plan.shape["n"] == s.n
+            and dw_pointwise.worth_fusing_block(s, pw_plan.shape["ci"], plan.operands["out"][1]))
 
 
 def _sole_producer(a: _Analysis, plans: dict, aliases: dict, var: Any) -> tuple[Any, Any]:
