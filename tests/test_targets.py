@@ -872,7 +872,9 @@ SMALL_BLOCK = "inverted_residual_c16"
                                                     # channels, the last output block 13 wide
     dict(n=2, k=20, c=120, oc=20, h=7, clip=False),     # 8 + 12 zero channels, linear
     dict(n=1, k=16, c=48, oc=16, h=7),              # 16 zero channels (+33 % work) against
-])                                                  # the kernels apart
+                                                    # the kernels apart
+    dict(n=1, k=24, c=104, oc=24, h=2),             # 2x2 (MobileNetV2 at 64x64 input)
+])
 def test_small_map_block_is_one_kernel(args, host, tmp_path):
     """On a map of at most 14x14, expansion -> depthwise -> projection whose expanded
     channels split into whole 16-channel blocks a core (zero channels added where they cost at
@@ -896,6 +898,7 @@ def test_small_map_block_is_one_kernel(args, host, tmp_path):
                                                     # the work (over MAX_PADDED_WORK)
     dict(n=1, k=16, c=64, oc=16, h=7, ksize=5),     # a 5x5 depthwise conv
     dict(n=1, k=16, c=64, oc=16, h=7, extra_user=True),     # the expansion is an output too
+    dict(n=1, k=32, c=192, oc=32, h=1),             # a 1x1 map
 ])
 def test_small_map_block_kept_apart(args, host, tmp_path):
     model = block_model(**args)
