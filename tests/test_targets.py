@@ -899,6 +899,8 @@ def test_small_map_block_is_one_kernel(args, host, tmp_path):
     dict(n=1, k=16, c=64, oc=16, h=7, ksize=5),     # a 5x5 depthwise conv
     dict(n=1, k=16, c=64, oc=16, h=7, extra_user=True),     # the expansion is an output too
     dict(n=1, k=32, c=192, oc=32, h=1),             # a 1x1 map
+    dict(n=2, k=8, c=24, oc=16, h=12, residual=False),  # one channel block a split (padded)
+    dict(n=1, k=16, c=32, oc=16, h=7),              # one channel block a split (whole)
 ])
 def test_small_map_block_kept_apart(args, host, tmp_path):
     model = block_model(**args)

@@ -84,15 +84,17 @@ def worth_fusing(s: "ConvShape", k: int, co: int, row_bands: bool = False) -> bo
     """Whether an expansion (``k`` input channels), the depthwise conv ``s`` that alone reads
     it and the 1x1 projection (``co`` channels) that alone reads that run as one
     ``inverted_residual_c16`` kernel: a 3x3, stride-1, same-size depthwise conv on a map of at
-    most ``MAX_PIXELS`` and at least 2x2 (the schedule addresses the row and column loops,
-    which a side of 1 drops), static batch, and zero channels to whole channel blocks that add
-    at most ``MAX_PADDED_WORK`` (against the row-band kernel where ``row_bands``: it would
-    take the block, else against the kernels apart)."""
+    most ``MAX_PIXELS`` and at least 2x2, static batch, at least two channel blocks a split
+    (the schedule addresses the row, column and channel-block loops, which an extent of 1
+    drops), and zero channels to whole channel blocks that add at most ``MAX_PADDED_WORK``
+    (against the row-band kernel where ``row_bands``: it would take the block, else against
+    the kernels apart)."""
     limit = MAX_PADDED_WORK["row_bands" if row_bands else "apart"]
+    split_blocks = padded_widths(s.ic, co)[0] // (lanes() * target_cores())
     return (isinstance(s.n, int) and (s.kh, s.kw) == (3, 3) and s.stride == (1, 1)
             and s.dilation == (1, 1) and s.padding == (1, 1, 1, 1)
-            and s.h * s.w <= MAX_PIXELS and min(s.h, s.w) >= 2 and k > 0
-            and padded_work(s.ic, k, co) <= limit)
+            and s.h * s.w <= MAX_PIXELS and min(s.h, s.w) >= 2 and split_blocks >= 2
+            and k > 0 and padded_work(s.ic, k, co) <= limit)
 
 
 def pack_weights(we: "np.ndarray", wd: "np.ndarray", wp: "np.ndarray",
