@@ -106,20 +106,22 @@ def pack_weights(we: "np.ndarray", wd: "np.ndarray", wp: "np.ndarray",
     the weights they follow where given: ``[we, be, wd, bd, wp]``, None for a missing bias."""
     import numpy as np
 
-    lanes_ = lanes()
-    c, k = we.shape
-    co = wp.shape[0]
-    cp, cop = padded_widths(c, co)
+    from sparsec.targets.kernels import pointwise
 
-    def pad(a, *widths):
+    lanes_ = lanes()
+    c = we.shape[0]
+    cp = padded_widths(c, wp.shape[0])[0]
+
+    def pad(a, *widths):      # zeros after the end of each leading axis, up to ``widths``
         return np.pad(a, [(0, w - n) for w, n in zip(widths, a.shape)] +
                       [(0, 0)] * (a.ndim - len(widths)))
 
-    we, wd, wp = pad(we, cp), pad(wd, cp), pad(wp, cop, cp)
+    wd = pad(wd, cp)
     be, bd = (None if b is None else np.ascontiguousarray(pad(b, cp)) for b in (be, bd))
-    return [np.ascontiguousarray(we.reshape(cp // lanes_, lanes_, k).transpose(0, 2, 1)), be,
+    # pointwise.pack_weight: [CO, CI] -> [CO'/L, CI, L], zero padded on CO
+    return [pointwise.pack_weight(pad(we, cp), lanes_), be,
             np.ascontiguousarray(wd.reshape(cp // lanes_, lanes_, 3, 3).transpose(0, 2, 3, 1)),
-            bd, np.ascontiguousarray(wp.reshape(cop // lanes_, lanes_, cp).transpose(0, 2, 1))]
+            bd, pointwise.pack_weight(pad(wp, wp.shape[0], cp), lanes_)]
 
 
 def build(s: "ConvShape", k: int, co: int, dtype: str = "float32", pw_bias: bool = False,
